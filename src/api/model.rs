@@ -1,0 +1,283 @@
+//! Validated policy and registry model: what the rest of netpol sees.
+//!
+//! The parser (`api::parse`) turns files into these types; nothing here can be
+//! wrong in a way the files could express. Namespace scoping (DESIGN §4, reference
+//! §2.6) is already folded into every [`Selector`] by the parser, so compile never
+//! needs to know which kind of policy a selector came from.
+//!
+//! This module does no I/O.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// Where a document came from: file, document index (0-based) and its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 0-based index of the document within a multi-document file.
+    pub doc: usize,
+    pub kind: String,
+    /// `None` for clusterwide kinds and for Node.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+/// Label source as written before the first `:` (`k8s`, `reserved`, `container`, ...).
+pub type Source = String;
+
+/// A concrete label on an endpoint or identity: `source:key=value`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Label {
+    pub source: Source,
+    pub key: String,
+    pub value: String,
+}
+
+/// A key in a selector: with `source: None` it matches the key from any source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct LabelKey {
+    pub source: Option<Source>,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Op {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// One requirement of a selector. `matchLabels: {k: v}` becomes `k In {v}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Requirement {
+    pub key: LabelKey,
+    pub op: Op,
+    pub values: BTreeSet<String>,
+}
+
+/// A label selector: all requirements ANDed; no requirement matches every label set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Selector {
+    pub requirements: Vec<Requirement>,
+}
+
+/// Cilium's named entities (reference §1.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Entity {
+    All,
+    World,
+    WorldIpv4,
+    WorldIpv6,
+    Host,
+    RemoteNode,
+    Cluster,
+    Init,
+    Health,
+    Unmanaged,
+    Ingress,
+    KubeApiserver,
+    None,
+}
+
+/// One peer of a rule item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Peer {
+    /// fromEndpoints / toEndpoints / podSelector (+namespaceSelector): a selector over
+    /// identity labels, namespace scoping already applied.
+    Endpoints(Selector),
+    /// fromCIDR / fromCIDRSet / toCIDR / toCIDRSet / ipBlock.
+    Cidr {
+        net: IpNet,
+        except: Vec<IpNet>,
+        /// `false` for CNP CIDR rules (match only addresses outside the registry:
+        /// world); `true` for Kubernetes ipBlock, which matches any address.
+        match_endpoints: bool,
+    },
+    Entity(Entity),
+}
+
+/// The peers of a rule item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Peers {
+    /// No peer field at all in an item that has ports (CNP `toPorts`-only, or a
+    /// NetworkPolicy rule without `from`/`to`): every peer, identity 0.
+    All,
+    /// The listed peers, ORed. Empty allows (or denies) nothing.
+    List(Vec<Peer>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+    /// TCP, UDP and SCTP when a port is given; every protocol (ICMP included) for an
+    /// L3-only match.
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum PortSpec {
+    /// 0 means every port.
+    Number(u16),
+    /// A named port, resolved per destination endpoint from the registry.
+    Named(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct PortProto {
+    pub port: PortSpec,
+    /// Inclusive end of a range; `None` (or less than `port`) means the single port.
+    pub end_port: Option<u16>,
+    pub proto: Proto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct IcmpType {
+    pub family: Family,
+    pub ty: u8,
+}
+
+/// The L4 part of a rule item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum L4 {
+    /// No toPorts and no icmps: every protocol and port.
+    Any,
+    /// toPorts (flattened over every PortRule in the item).
+    Ports(Vec<PortProto>),
+    /// icmps (flattened).
+    Icmps(Vec<IcmpType>),
+}
+
+/// One item of ingress/ingressDeny/egress/egressDeny (or one NetworkPolicy rule).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct RuleItem {
+    /// Field path for explanations, e.g. `specs[1].ingress[0]`.
+    pub path: String,
+    pub peers: Peers,
+    pub l4: L4,
+}
+
+/// What a rule applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Subject {
+    /// endpointSelector / podSelector, namespace scoping applied: selects
+    /// `Endpoint`s (workloads), never HostEndpoints.
+    Endpoints(Selector),
+    /// nodeSelector (clusterwide only): selects this host's HostEndpoints by their labels.
+    Nodes(Selector),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Rule {
+    /// Field path of the rule, e.g. `spec` or `specs[2]`.
+    pub path: String,
+    pub subject: Subject,
+    pub ingress: Vec<RuleItem>,
+    pub ingress_deny: Vec<RuleItem>,
+    pub egress: Vec<RuleItem>,
+    pub egress_deny: Vec<RuleItem>,
+    /// enableDefaultDeny as written; `None` = Cilium's default (on when the
+    /// direction has any item).
+    pub default_deny_ingress: Option<bool>,
+    pub default_deny_egress: Option<bool>,
+    /// Kubernetes NetworkPolicy policyTypes: a direction listed with no items
+    /// still enables default deny. For CNP these are `false`.
+    pub isolate_ingress: bool,
+    pub isolate_egress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum PolicyKind {
+    CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy,
+    NetworkPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Policy {
+    pub origin: Origin,
+    pub kind: PolicyKind,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Interface {
+    Name(String),
+    /// The device this host routes the endpoint's (first) address through.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum EndpointKind {
+    /// A workload behind a host-side device.
+    Workload,
+    /// The host's own interface.
+    Host,
+}
+
+/// An Endpoint or HostEndpoint document.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointDef {
+    pub origin: Origin,
+    pub kind: EndpointKind,
+    pub name: String,
+    /// Always set for workloads (default `default`); HostEndpoints have none.
+    pub namespace: Option<String>,
+    /// The endpoint's own labels as written (source `k8s` for a plain key).
+    pub labels: Vec<Label>,
+    /// `None` = this host.
+    pub node: Option<String>,
+    pub interface: Option<Interface>,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<NamedPort>,
+    /// Per-endpoint audit mode (`spec.audit: true`); the config may also set it globally.
+    pub audit: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeDef {
+    pub origin: Origin,
+    pub name: String,
+    pub labels: Vec<Label>,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamespaceDef {
+    pub origin: Origin,
+    pub name: String,
+    pub labels: Vec<Label>,
+}
+
+/// Everything read from the policy directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PolicySet {
+    pub policies: Vec<Policy>,
+}
+
+/// Everything read from the endpoint directories.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RegistrySet {
+    pub endpoints: Vec<EndpointDef>,
+    pub nodes: Vec<NodeDef>,
+    pub namespaces: Vec<NamespaceDef>,
+}

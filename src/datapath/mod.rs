@@ -1,0 +1,137 @@
+//! The only code that touches BPF: skeleton, typed maps, attach (tcx with a
+//! clsact fallback), pins, the generation swap and the event reader.
+//!
+//! Everything above this module talks to the kernel through the [`Datapath`]
+//! trait; [`fake::FakeDatapath`] implements it in memory so the daemon's reconcile
+//! loop is tested without root.
+
+pub mod fake;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::policy::types::{Compiled, Direction};
+
+/// Where one local endpoint is enforced: its slot in [`Compiled::endpoints`] and the
+/// ifindex its interface resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Attachment {
+    pub slot: u32,
+    pub ifindex: u32,
+}
+
+/// Load-time and run-time settings the datapath needs from the daemon config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatapathSettings {
+    /// `true`: forward packets of established flows are judged again after a
+    /// policy change (`established = "recheck"`); `false`: kept.
+    pub recheck_established: bool,
+    /// 1 in N allowed new flows is reported as an event (0 = none).
+    pub allow_sample_rate: u32,
+    /// Maximum verdict events per second per CPU.
+    pub events_per_sec: u32,
+    pub ct_max_entries: u32,
+    pub ipcache_max_entries: u32,
+    pub policy_max_entries: u32,
+    pub endpoint_max_entries: u32,
+    /// Failsafe ports for host endpoints: (direction, proto, port).
+    pub failsafe: Vec<(Direction, u8, u16)>,
+}
+
+/// What happened to a packet, as reported by the datapath.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventVerdict {
+    Allowed,
+    Denied,
+    Audit,
+}
+
+/// Why a verdict was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventReason {
+    /// An allow entry matched.
+    PolicyAllow,
+    /// A deny entry matched.
+    PolicyDeny,
+    /// No entry matched and the direction is default-deny.
+    DefaultDeny,
+    /// Source address not registered for the sending endpoint.
+    Spoofed,
+    /// A fragment that could not be matched to its first fragment.
+    Fragment,
+    /// Malformed or unparseable headers.
+    Malformed,
+}
+
+/// One verdict event read from the ring buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerdictEvent {
+    pub ifindex: u32,
+    pub slot: u32,
+    pub direction: Direction,
+    pub verdict: EventVerdict,
+    pub reason: EventReason,
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Index into `Compiled::rules` of the deciding rule, if known.
+    pub rule: Option<u32>,
+}
+
+/// Per-endpoint counters, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied_policy: u64,
+    pub denied_default: u64,
+    pub denied_spoof: u64,
+    pub denied_other: u64,
+    pub audit: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The state does not fit a map; nothing was changed.
+    #[error("{map} needs {needed} entries but holds at most {max}; the running state was kept")]
+    Capacity { map: &'static str, needed: usize, max: usize },
+    /// A kernel call failed.
+    #[error("{op}: {source}")]
+    Kernel {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The kernel side as the daemon sees it.
+pub trait Datapath {
+    /// Fill the inactive generation completely with `state` and the given
+    /// attachments' slots, then flip. Returns the new generation number. On any
+    /// error before the flip the running generation is untouched.
+    fn apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError>;
+
+    /// Make the attached programs match `attachments` exactly: attach where missing
+    /// (ingress and egress hook), detach interfaces no longer listed.
+    fn sync_attachments(&mut self, attachments: &[Attachment]) -> Result<(), DatapathError>;
+
+    /// The active generation number (0 before the first apply).
+    fn generation(&self) -> u64;
+
+    /// Drain up to `max` pending verdict events.
+    fn poll_events(&mut self, max: usize) -> Vec<VerdictEvent>;
+
+    /// Counters per endpoint slot.
+    fn counters(&self) -> BTreeMap<u32, Counters>;
+
+    /// Remove everything: links, programs, maps, pins.
+    fn detach_all(&mut self) -> Result<(), DatapathError>;
+}

@@ -1,0 +1,9 @@
+//! netpol: label-based network policy (CiliumNetworkPolicy, Kubernetes
+//! NetworkPolicy) enforced with eBPF on Linux hosts without a Kubernetes API server.
+//!
+//! Data flows one way: files → [`api`] (parse, validate) → [`policy`] (compile,
+//! pure) → [`datapath`] (fill the inactive generation, flip).
+
+pub mod api;
+pub mod datapath;
+pub mod policy;

@@ -1,0 +1,5 @@
+//! The pure core: resolve rules against endpoints into per-endpoint L3/L4 entries
+//! (`compile`) and decide flows exactly as the datapath does (`trace`).
+//! No I/O, no root.
+
+pub mod types;

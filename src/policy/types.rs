@@ -1,0 +1,123 @@
+//! The compiled policy state: what `compile` produces, `trace` reads and the
+//! datapath loads. Designed for the kernel's lookups (DESIGN §5): an ipcache
+//! (prefix → identity), an endpoint table (slot → identity, flags) and policy
+//! entries keyed like an LPM trie (endpoint, direction, remote identity or 0,
+//! protocol or 0, port under a prefix mask).
+//!
+//! Everything here is deterministic and a function of the input files (and the
+//! node name), so two hosts with the same files compute identical state.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::api::model::{EndpointKind, Interface, Label};
+
+/// Numeric security identity. 0 is the wildcard ("any identity") in policy entries.
+pub type Identity = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress = 0,
+    Egress = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryVerdict {
+    Allow = 1,
+    Deny = 2,
+}
+
+/// IP protocol numbers used in entries; 0 = any protocol.
+pub mod proto {
+    pub const ANY: u8 = 0;
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// A security identity and its labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IdentityInfo {
+    pub id: Identity,
+    pub labels: Vec<Label>,
+}
+
+/// Address → identity, longest prefix wins; an address matching nothing is world.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct IpcacheEntry {
+    pub net: IpNet,
+    pub identity: Identity,
+    /// The endpoint slot owning this exact address (used for anti-spoofing), if any.
+    pub endpoint: Option<u32>,
+}
+
+/// One endpoint of the registry, with its compiled enforcement state. Its index in
+/// [`Compiled::endpoints`] is its slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CompiledEndpoint {
+    pub slot: u32,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub kind: EndpointKind,
+    pub identity: Identity,
+    /// Enforced on this host (its node is this host and it names an interface).
+    pub local: bool,
+    pub interface: Option<Interface>,
+    pub addresses: Vec<IpAddr>,
+    /// A miss in this direction is a drop (some selecting policy enabled default deny).
+    pub default_deny_ingress: bool,
+    pub default_deny_egress: bool,
+    /// Some policy selects this endpoint in this direction (informational).
+    pub enforced_ingress: bool,
+    pub enforced_egress: bool,
+    /// Would-be drops pass and are reported as audit.
+    pub audit: bool,
+}
+
+/// One policy entry, keyed as the kernel looks it up.
+///
+/// Key: (endpoint, direction, identity, proto, port/port_prefix). `identity` 0 is any
+/// identity; `proto` 0 is any protocol (then port must be 0 with prefix 0);
+/// `port_prefix` is how many leading bits of `port` must match (16 exact, 0 any).
+/// For ICMP/ICMPv6 the port is the ICMP type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyEntry {
+    pub endpoint: u32,
+    pub direction: Direction,
+    pub identity: Identity,
+    pub proto: u8,
+    pub port: u16,
+    pub port_prefix: u8,
+    pub verdict: EntryVerdict,
+    /// Index into [`Compiled::rules`] of the rule that decided this entry.
+    pub rule: u32,
+}
+
+/// A reference to the rule item behind an entry, for explanations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RuleRef {
+    pub file: PathBuf,
+    pub kind: String,
+    /// `namespace/name` for namespaced policies, `name` otherwise.
+    pub policy: String,
+    /// Field path of the item, e.g. `spec.ingress[0]`.
+    pub path: String,
+}
+
+/// The whole compiled state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Compiled {
+    pub identities: Vec<IdentityInfo>,
+    pub ipcache: Vec<IpcacheEntry>,
+    pub endpoints: Vec<CompiledEndpoint>,
+    /// Sorted, no duplicate keys.
+    pub entries: Vec<PolicyEntry>,
+    pub rules: Vec<RuleRef>,
+}
