@@ -5,5 +5,7 @@
 //! pure) → [`datapath`] (fill the inactive generation, flip).
 
 pub mod api;
+pub mod cli;
+pub mod config;
 pub mod datapath;
 pub mod policy;

@@ -1,1 +1,48 @@
-fn main(){}
+//! netpolctl: validate policy files, explain verdicts offline, and inspect a
+//! running netpold.
+
+use clap::{Parser, Subcommand};
+
+use netpol::cli;
+
+#[derive(Debug, Parser)]
+#[command(name = "netpolctl", version, about = "Validate, explain and inspect netpol network policy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate every policy and registry file
+    Check(cli::check::CheckArgs),
+    /// Offline verdict for a new connection
+    Trace(cli::trace::TraceArgs),
+    /// Connectivity table of all endpoints
+    Matrix(cli::matrix::MatrixArgs),
+    /// Health of the running daemon
+    Status(cli::daemonctl::DaemonArgs),
+    /// Endpoints known to the running daemon
+    Endpoints(cli::daemonctl::DaemonArgs),
+    /// Live verdict events from the running daemon
+    Monitor(cli::daemonctl::DaemonArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check(a) => cli::check::run(a),
+        Command::Trace(a) => cli::trace::run(a),
+        Command::Matrix(a) => cli::matrix::run(a),
+        Command::Status(a) => cli::daemonctl::status(a),
+        Command::Endpoints(a) => cli::daemonctl::endpoints(a),
+        Command::Monitor(a) => cli::daemonctl::monitor(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("netpolctl: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

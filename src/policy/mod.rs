@@ -2,4 +2,5 @@
 //! (`compile`) and decide flows exactly as the datapath does (`trace`).
 //! No I/O, no root.
 
+pub mod compile;
 pub mod types;
