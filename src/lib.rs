@@ -7,5 +7,9 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
+pub mod logging;
+pub mod netlink;
 pub mod policy;
+pub mod watch;
