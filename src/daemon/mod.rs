@@ -349,7 +349,9 @@ impl<D: Datapath> Reconciler<D> {
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));
                 let local = compiled.endpoints.iter().filter(|e| e.local).count();
-                slog::info!(self.log, "applied generation";
+                slog::info!(self.log, "applied generation {}: {} policies, {} endpoints ({} attached, {} pending), {} entries, {} problems, {:.1} ms",
+                    generation, pol.set.policies.len(), compiled.endpoints.len(), attachments.len(), local - attachments.len(),
+                    compiled.entries.len(), self.problems.len(), ms(t0.elapsed());
                     "generation" => generation, "cause" => cause,
                     "policies" => pol.set.policies.len(), "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
@@ -363,10 +365,11 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 self.installed = Some((compiled, attachments));
                 self.save_last_good();
+                let first = !self.ready;
+                self.ready = true;
                 self.publish();
                 let line = self.status_line();
-                if !self.ready {
-                    self.ready = true;
+                if first {
                     self.notifier.ready(&line);
                 } else {
                     self.notifier.status(&line);
