@@ -83,11 +83,29 @@ pub struct Options {
     pub pipeline: Pipeline,
     /// How often verdict events are read from the datapath.
     pub event_poll: Duration,
+    /// The channel the directory watcher reports on.
+    watch_tx: mpsc::UnboundedSender<WatchEvent>,
+    watch_rx: mpsc::UnboundedReceiver<WatchEvent>,
 }
 
 impl Options {
     pub fn new(log: Logger, notifier: Notifier, reload: mpsc::UnboundedReceiver<()>) -> Options {
-        Options { log, notifier, reload, pipeline: Pipeline::default(), event_poll: Duration::from_millis(100) }
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        Options {
+            log,
+            notifier,
+            reload,
+            pipeline: Pipeline::default(),
+            event_poll: Duration::from_millis(100),
+            watch_tx,
+            watch_rx,
+        }
+    }
+
+    /// Report watch events as the directory watcher does (tests: a lost-events
+    /// `Rescan` that no file change can provoke on demand).
+    pub fn watch_sender(&self) -> mpsc::UnboundedSender<WatchEvent> {
+        self.watch_tx.clone()
     }
 }
 
@@ -99,7 +117,7 @@ pub async fn run_with<D: Datapath, L: Links>(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let Options { log, notifier, mut reload, pipeline, event_poll } = opts;
+    let Options { log, notifier, mut reload, pipeline, event_poll, watch_tx: fs_tx, watch_rx: mut fs_rx } = opts;
     let copts = config.compile_options();
     let node = copts.node_name.clone();
     let socket_path = config.socket_path();
@@ -116,7 +134,6 @@ pub async fn run_with<D: Datapath, L: Links>(
     let _socket_guard = RemoveOnDrop(socket_path.clone(), server_task);
 
     let mut link_rx = links.subscribe(&log).await?;
-    let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut targets = vec![config.policy_dir.clone()];
     targets.extend(config.endpoint_dirs.iter().cloned());
     let watcher = DirWatcher::new(targets, fs_tx)?;
