@@ -184,15 +184,15 @@ mod tests {
         fs::write(src.join("a.yaml~"), "x").unwrap();
         let lg = LastGood::new(&tmp.path().join("state"));
         assert_eq!(lg.dirs(Kind::Policies), None);
-        assert!(lg.save(Kind::Policies, &[src.clone()], |_| true).unwrap());
+        assert!(lg.save(Kind::Policies, std::slice::from_ref(&src), |_| true).unwrap());
         let d = lg.dirs(Kind::Policies).unwrap();
         assert_eq!(fs::read_to_string(d[0].join("a.yaml")).unwrap(), "one");
         assert!(!d[0].join(".hidden.yaml").exists() && !d[0].join("a.yaml~").exists());
         fs::write(src.join("a.yaml"), "two").unwrap();
         // A copy that fails verification leaves the previous one in place.
-        assert!(!lg.save(Kind::Policies, &[src.clone()], |_| false).unwrap());
+        assert!(!lg.save(Kind::Policies, std::slice::from_ref(&src), |_| false).unwrap());
         assert_eq!(fs::read_to_string(lg.dirs(Kind::Policies).unwrap()[0].join("a.yaml")).unwrap(), "one");
-        assert!(lg.save(Kind::Policies, &[src.clone()], |_| true).unwrap());
+        assert!(lg.save(Kind::Policies, std::slice::from_ref(&src), |_| true).unwrap());
         assert_eq!(fs::read_to_string(lg.dirs(Kind::Policies).unwrap()[0].join("a.yaml")).unwrap(), "two");
         let copies = fs::read_dir(tmp.path().join("state/last-good")).unwrap().count();
         assert_eq!(copies, 2, "the symlink and one copy");
