@@ -13,9 +13,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{AsyncSocket, SocketAddr};
 use slog::Logger;
@@ -28,11 +30,19 @@ pub struct LinkTable {
     pub links: BTreeMap<String, u32>,
     /// Every address configured on any interface.
     pub addresses: BTreeSet<IpAddr>,
+    /// Unicast routes of the main table: destination → output ifindex.
+    pub routes: Vec<(IpNet, u32)>,
 }
 
 impl LinkTable {
     pub fn resolve(&self, name: &str) -> Option<u32> {
         self.links.get(name).copied()
+    }
+
+    /// The interface this host routes `ip` through (longest prefix), for
+    /// `interface: auto`.
+    pub fn route_device(&self, ip: IpAddr) -> Option<u32> {
+        self.routes.iter().filter(|(net, _)| net.contains(&ip)).max_by_key(|(net, _)| net.prefix_len()).map(|(_, i)| *i)
     }
 }
 
@@ -102,9 +112,10 @@ use futures::FutureExt as _;
 type EventStream = futures::channel::mpsc::UnboundedReceiver<(netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
 
 fn subscribe_events() -> Result<EventStream, NetlinkError> {
-    use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK};
+    use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK};
     let (mut conn, _handle, messages) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
-    let addr = SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR);
+    let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+    let addr = SocketAddr::new(0, groups);
     conn.socket_mut().socket_mut().bind(&addr).map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);
     Ok(messages)
@@ -145,6 +156,36 @@ pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError>
             }
         }
     }
+    for v6 in [false, true] {
+        let version = if v6 { rtnetlink::IpVersion::V6 } else { rtnetlink::IpVersion::V4 };
+        let mut routes = handle.route().get(version).execute();
+        while let Some(msg) = routes.try_next().await.map_err(|source| NetlinkError::Request { op: "route dump", source })? {
+            let mut table_id = u32::from(msg.header.table);
+            let (mut dst, mut oif) = (None, None);
+            for attr in &msg.attributes {
+                match attr {
+                    RouteAttribute::Table(t) => table_id = *t,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                    _ => {}
+                }
+            }
+            const RT_TABLE_MAIN: u32 = 254;
+            if table_id != RT_TABLE_MAIN || msg.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let dst = dst.unwrap_or(if v6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            });
+            if let (Some(oif), Ok(net)) = (oif, IpNet::new(dst, msg.header.destination_prefix_length)) {
+                table.routes.push((net, oif));
+            }
+        }
+    }
+    table.routes.sort();
     Ok(table)
 }
 
@@ -179,5 +220,17 @@ mod tests {
         let t = list(&handle).await.unwrap();
         assert_eq!(t.resolve("lo"), Some(1));
         assert!(t.addresses.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn route_device_takes_the_longest_prefix() {
+        let t = LinkTable {
+            routes: vec![("0.0.0.0/0".parse().unwrap(), 2), ("10.0.1.0/24".parse().unwrap(), 5), ("10.0.1.11/32".parse().unwrap(), 9)],
+            ..LinkTable::default()
+        };
+        assert_eq!(t.route_device("10.0.1.11".parse().unwrap()), Some(9));
+        assert_eq!(t.route_device("10.0.1.12".parse().unwrap()), Some(5));
+        assert_eq!(t.route_device("192.0.2.1".parse().unwrap()), Some(2));
+        assert_eq!(t.route_device("fd00::1".parse().unwrap()), None);
     }
 }

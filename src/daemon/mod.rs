@@ -487,7 +487,7 @@ impl<D: Datapath> Reconciler<D> {
     fn attachments(&self, compiled: &Compiled) -> Vec<Attachment> {
         let mut out: Vec<Attachment> = Vec::new();
         for ep in compiled.endpoints.iter().filter(|e| e.local) {
-            let Some(ifindex) = self.resolve(ep.interface.as_ref()) else { continue };
+            let Some(ifindex) = self.resolve(ep.interface.as_ref(), &ep.addresses) else { continue };
             if out.iter().any(|a| a.ifindex == ifindex) {
                 slog::warn!(self.log, "interface already enforced for another endpoint; skipped";
                     "endpoint" => display_name(&ep.namespace, &ep.name), "ifindex" => ifindex);
@@ -499,11 +499,11 @@ impl<D: Datapath> Reconciler<D> {
         out
     }
 
-    fn resolve(&self, iface: Option<&Interface>) -> Option<u32> {
+    fn resolve(&self, iface: Option<&Interface>, addresses: &[std::net::IpAddr]) -> Option<u32> {
         match iface? {
             Interface::Name(n) => self.links.resolve(n),
-            // Route lookups are not implemented yet: such an endpoint stays pending.
-            Interface::Auto => None,
+            // The device the first address is routed through (DESIGN §3.2).
+            Interface::Auto => self.links.route_device(*addresses.first()?),
         }
     }
 
