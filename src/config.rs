@@ -130,10 +130,13 @@ impl Default for EventsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ConntrackConfig {
     pub max_entries: u32,
-    pub tcp_timeout_s: u32,
+    /// TCP before the first reply.
     pub tcp_syn_timeout_s: u32,
-    pub tcp_fin_timeout_s: u32,
-    pub udp_timeout_s: u32,
+    /// Established TCP.
+    pub tcp_established_timeout_s: u32,
+    /// TCP after FIN or RST.
+    pub tcp_close_timeout_s: u32,
+    /// UDP, ICMP and every other protocol.
     pub other_timeout_s: u32,
 }
 
@@ -142,10 +145,9 @@ impl Default for ConntrackConfig {
         // Cilium's defaults: 6 h for established TCP, 60 s for SYN and non-TCP, 10 s after FIN.
         ConntrackConfig {
             max_entries: 65536,
-            tcp_timeout_s: 21600,
             tcp_syn_timeout_s: 60,
-            tcp_fin_timeout_s: 10,
-            udp_timeout_s: 60,
+            tcp_established_timeout_s: 21600,
+            tcp_close_timeout_s: 10,
             other_timeout_s: 60,
         }
     }
