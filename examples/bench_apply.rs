@@ -162,11 +162,12 @@ fn main() {
     std::fs::write(
         &guard.config,
         format!(
-            "policy_dir = \"{}\"\nendpoint_dirs = [\"{}\"]\npin_dir = \"{PIN}\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\nnode_name = \"bench\"\nlog_level = \"warn\"\nstrict_file_modes = false\n[maps]\npolicy_max_entries = 1048576\nendpoint_max_entries = 4096\n",
+            "policy_dir = \"{}\"\nendpoint_dirs = [\"{}\"]\npin_dir = \"{PIN}\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\nnode_name = \"bench\"\nlog_level = \"{}\"\nstrict_file_modes = false\n[maps]\npolicy_max_entries = 1048576\nendpoint_max_entries = 4096\n",
             t.join("netpol.d").display(),
             t.join("endpoints.d").display(),
             t.join("run").display(),
-            t.join("state").display()
+            t.join("state").display(),
+            if std::env::var("NETPOL_BENCH_LOG").is_ok() { "info" } else { "warn" },
         ),
     )
     .unwrap();
@@ -176,6 +177,10 @@ fn main() {
     let fd = node.as_raw_fd();
     let mut cmd = Command::new(&netpold);
     cmd.arg("--config").arg(&guard.config).stdin(Stdio::null()).stdout(Stdio::null());
+    // NETPOL_BENCH_LOG=FILE keeps netpold's log (at info level) for a closer look.
+    if let Ok(path) = std::env::var("NETPOL_BENCH_LOG") {
+        cmd.stderr(std::fs::File::create(path).unwrap());
+    }
     // SAFETY: setns is async-signal-safe and `node` outlives spawn.
     unsafe {
         cmd.pre_exec(move || if libc::setns(fd, libc::CLONE_NEWNET) != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
