@@ -33,7 +33,8 @@ pub struct Config {
     /// Global policy audit mode: would-be drops pass and are reported as audit.
     pub audit: bool,
     pub allow_localhost: AllowLocalhost,
-    /// Quiet time after the last file event before a reconcile.
+    /// Quiet time after the last file event before a reconcile, for a burst; a
+    /// single change waits a fifth of it (see `watch::Debouncer`).
     pub debounce_ms: u64,
     /// Full re-read even without events (safety net for a missed event); 0 = never.
     pub resync_interval_s: u64,

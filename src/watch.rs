@@ -150,12 +150,16 @@ fn is_relevant(ev: &Event, targets: &[PathBuf]) -> bool {
     ev.paths.iter().any(|p| targets.iter().any(|t| p.starts_with(t) || t.starts_with(p)))
 }
 
-/// Turns a burst of triggers into one: fires `quiet` after the last trigger, but
-/// no later than `max_delay` after the first, so a continuous stream still
+/// Turns a burst of triggers into one. A change that comes as one short flurry of
+/// events (an editor's save, a rename) fires `settle` (a fifth of `quiet`) after
+/// its last event, so it is enforced quickly; a burst that goes on longer than
+/// that (a package unpacking many files) waits for `quiet` without events. Never
+/// later than `max_delay` after the first event, so a continuous stream still
 /// reconciles.
 #[derive(Debug, Clone)]
 pub struct Debouncer {
     quiet: Duration,
+    settle: Duration,
     max_delay: Duration,
     first: Option<Instant>,
     last: Option<Instant>,
@@ -164,7 +168,8 @@ pub struct Debouncer {
 impl Debouncer {
     pub fn new(quiet: Duration) -> Debouncer {
         let max_delay = (quiet * 10).clamp(Duration::from_millis(200), Duration::from_secs(2)).max(quiet);
-        Debouncer { quiet, max_delay, first: None, last: None }
+        let settle = (quiet / 5).max(Duration::from_millis(1)).min(quiet);
+        Debouncer { quiet, settle, max_delay, first: None, last: None }
     }
 
     pub fn poke(&mut self, now: Instant) {
@@ -174,10 +179,9 @@ impl Debouncer {
 
     /// When to fire, if anything is pending.
     pub fn deadline(&self) -> Option<Instant> {
-        match (self.first, self.last) {
-            (Some(f), Some(l)) => Some((l + self.quiet).min(f + self.max_delay)),
-            _ => None,
-        }
+        let (f, l) = (self.first?, self.last?);
+        let quiet = if l.duration_since(f) < self.settle { self.settle } else { self.quiet };
+        Some((l + quiet).min(f + self.max_delay))
     }
 
     pub fn is_pending(&self) -> bool {
@@ -200,8 +204,12 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Debouncer::new(Duration::from_millis(50));
         assert_eq!(d.deadline(), None);
+        // One short flurry: 10 ms after its last event.
         d.poke(t0);
-        assert_eq!(d.deadline(), Some(t0 + Duration::from_millis(50)));
+        assert_eq!(d.deadline(), Some(t0 + Duration::from_millis(10)));
+        d.poke(t0 + Duration::from_millis(3));
+        assert_eq!(d.deadline(), Some(t0 + Duration::from_millis(13)));
+        // Still going after the settle time: wait for 50 ms of quiet.
         d.poke(t0 + Duration::from_millis(30));
         assert_eq!(d.deadline(), Some(t0 + Duration::from_millis(80)));
         // A continuous stream: never more than max_delay (500 ms) after the first.
