@@ -548,7 +548,7 @@ async fn unwritable_state_dir_is_reported_and_enforcement_goes_on() {
     write(&dirs.pol("a.yaml"), "a");
     let (mut d, fut) = start(config, stand_in(), SharedDp::default());
     run_daemon!(fut, async {
-        let s = d.wait_for("ready", |s, _| s.ready).await;
+        let s = d.wait_for("the state_dir error", |s, _| s.ready && s.state_error.is_some()).await;
         assert!(s.state_error.as_deref().unwrap_or("").contains("last-good"), "{s:?}");
         assert_eq!(d.dp.policies(), ["default/a"]);
         d.stop();

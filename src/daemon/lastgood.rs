@@ -136,10 +136,11 @@ impl LastGood {
                 }
             };
             copy_inputs(src, &dst)?;
-            sync_dir(&dst)?;
             dirs.push(dst);
         }
-        sync_dir(copy)?;
+        // One flush of the whole filesystem instead of an fsync per file: the copy
+        // is on disk before the symlink points at it.
+        syncfs(copy)?;
         Ok(verify(&dirs))
     }
 }
@@ -161,7 +162,15 @@ fn copy_inputs(src: &Path, dst: &Path) -> Result<(), LastGoodError> {
         let out = dst.join(n);
         let mut f = fs::File::create(&out).map_err(io(&out, "create"))?;
         f.write_all(&data).map_err(io(&out, "write"))?;
-        f.sync_all().map_err(io(&out, "fsync"))?;
+    }
+    Ok(())
+}
+
+fn syncfs(path: &Path) -> Result<(), LastGoodError> {
+    let f = fs::File::open(path).map_err(io(path, "open"))?;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
+        return Err(io(path, "syncfs")(std::io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -168,6 +168,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         state_error: None,
         last_apply_ms: None,
         applies: 0,
+        save_at: None,
     };
     d.reconcile("start");
 
@@ -182,6 +183,7 @@ pub async fn run_with<D: Datapath, L: Links>(
     loop {
         let debounce_at = d.debouncer.deadline().map(Instant::from_std);
         let retry_at = d.retry.map(|(at, _)| at);
+        let save_at = d.save_at;
         let cause = tokio::select! {
             _ = &mut shutdown => break,
             ev = fs_rx.recv() => {
@@ -211,6 +213,10 @@ pub async fn run_with<D: Datapath, L: Links>(
             _ = sleep_until_opt(debounce_at), if debounce_at.is_some() => "change",
             _ = sleep_until_opt(retry_at), if retry_at.is_some() => "retry",
             _ = sleep_until_opt(next_resync), if next_resync.is_some() => "resync",
+            _ = sleep_until_opt(save_at), if save_at.is_some() => {
+                d.save_last_good();
+                continue;
+            }
             _ = events.tick() => {
                 d.poll_events();
                 continue;
@@ -243,6 +249,9 @@ pub async fn run_with<D: Datapath, L: Links>(
         }
     }
     d.notifier.stopping();
+    if d.save_at.is_some() {
+        d.save_last_good();
+    }
     slog::info!(d.log, "netpold stopping; enforcement stays in place"; "generation" => d.datapath.generation());
     Ok(())
 }
@@ -300,8 +309,12 @@ struct Reconciler<D> {
     state_error: Option<String>,
     last_apply_ms: Option<f64>,
     applies: u64,
+    /// When to copy the applied files to state_dir.
+    save_at: Option<Instant>,
 }
 
+/// How long after the last apply the applied files are copied to state_dir.
+const SAVE_DELAY: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -381,7 +394,9 @@ impl<D: Datapath> Reconciler<D> {
                     }
                 }
                 self.installed = Some((compiled, attachments));
-                self.save_last_good();
+                // Saved once things have been quiet for a while: copying every file
+                // must not delay the next change.
+                self.save_at = Some(Instant::now() + SAVE_DELAY);
                 let first = !self.ready;
                 self.ready = true;
                 self.publish();
@@ -432,6 +447,7 @@ impl<D: Datapath> Reconciler<D> {
     /// Keep a copy of the live files that just applied, when they differ from the
     /// copy already kept.
     fn save_last_good(&mut self) {
+        self.save_at = None;
         let mut errors = Vec::new();
         if let Some(p) = self.policies.as_ref().filter(|p| !p.from_last_good) {
             if self.saved_policies.as_ref() != Some(&p.set) {
@@ -464,6 +480,7 @@ impl<D: Datapath> Reconciler<D> {
             }
             self.state_error = Some(msg);
         }
+        self.publish();
     }
 
     /// Log the input problems once each time the set of problems changes.
