@@ -6,6 +6,11 @@
 //! loop is tested without root.
 
 pub mod fake;
+pub mod kernel;
+pub mod layout;
+pub mod skel;
+
+pub use kernel::{Hook, KernelDatapath};
 
 use std::collections::BTreeMap;
 
@@ -37,6 +42,31 @@ pub struct DatapathSettings {
     pub endpoint_max_entries: u32,
     /// Failsafe ports for host endpoints: (direction, proto, port).
     pub failsafe: Vec<(Direction, u8, u16)>,
+    /// Conntrack timeouts in seconds: TCP before the first reply, established
+    /// TCP, TCP after FIN/RST, and every other protocol.
+    pub ct_timeout_syn_secs: u32,
+    pub ct_timeout_established_secs: u32,
+    pub ct_timeout_close_secs: u32,
+    pub ct_timeout_other_secs: u32,
+}
+
+impl Default for DatapathSettings {
+    fn default() -> Self {
+        Self {
+            recheck_established: true,
+            allow_sample_rate: 0,
+            events_per_sec: 1000,
+            ct_max_entries: 65536,
+            ipcache_max_entries: 65536,
+            policy_max_entries: 262144,
+            endpoint_max_entries: 1024,
+            failsafe: Vec::new(),
+            ct_timeout_syn_secs: 60,
+            ct_timeout_established_secs: 8000,
+            ct_timeout_close_secs: 10,
+            ct_timeout_other_secs: 60,
+        }
+    }
 }
 
 /// What happened to a packet, as reported by the datapath.
