@@ -168,11 +168,17 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     )))
 }
 
+/// Our named maps are pinned; libbpf's internal ones (.rodata, .bss) are
+/// private to one load.
+fn is_pinned_map(name: &str) -> bool {
+    name.starts_with("netpol_") && !name.contains('.')
+}
+
 fn map_names(skel: &NetpolSkel<'_>) -> Vec<String> {
     skel.object()
         .maps()
         .filter_map(|m| m.name().to_str().map(str::to_owned))
-        .filter(|n| n.starts_with("netpol_"))
+        .filter(|n| is_pinned_map(n))
         .collect()
 }
 
@@ -225,7 +231,7 @@ fn open_skel(
         if adopt {
             for mut m in open.open_object_mut().maps_mut() {
                 let Some(name) = m.name().to_str().map(str::to_owned) else { continue };
-                if !name.starts_with("netpol_") {
+                if !is_pinned_map(&name) {
                     continue;
                 }
                 let path = maps_dir.join(&name);

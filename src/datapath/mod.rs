@@ -8,6 +8,7 @@
 pub mod fake;
 pub mod kernel;
 pub mod layout;
+pub mod packet;
 pub mod skel;
 
 pub use kernel::{Hook, KernelDatapath};

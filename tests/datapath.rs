@@ -1,0 +1,561 @@
+//! Privileged datapath tests (root, a real kernel): BPF_PROG_TEST_RUN unit
+//! tests named after behaviour, and end-to-end tests with network namespaces,
+//! veth pairs and real sockets. Without root they skip with a message; under
+//! CI=true they fail instead.
+//!
+//! Everything created here uses the prefix `npd`: netns `npd-<test>-<n>`,
+//! links `npd...`, addresses 10.201.0.0/16 and fd01:201::/64, pins under
+//! /sys/fs/bpf/npd-test-*; guards remove them also on failure.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use netpol::api::model::EndpointKind;
+use netpol::datapath::packet::{PacketSpec, L4, TCP_ACK, TCP_SYN};
+use netpol::datapath::{
+    Attachment, Datapath, DatapathError, DatapathSettings, EventReason, EventVerdict, Hook,
+    KernelDatapath,
+};
+use netpol::policy::types::{
+    Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry,
+};
+
+// ---------------------------------------------------------------------------
+// Harness
+
+/// True if privileged tests can run; otherwise skip (or fail under CI=true).
+fn privileged(test: &str) -> bool {
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root")
+    } else if !std::path::Path::new("/sys/fs/bpf").is_dir() {
+        Some("/sys/fs/bpf does not exist")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: privileged datapath test cannot run under CI=true: {why}");
+            }
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}
+
+static PIN_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A KernelDatapath under its own pin dir; Drop detaches and unpins everything.
+struct Dp {
+    dp: Option<KernelDatapath>,
+    pin: PathBuf,
+}
+
+impl Dp {
+    fn open(test: &str, settings: &DatapathSettings) -> Dp {
+        let n = PIN_SEQ.fetch_add(1, Ordering::SeqCst);
+        let pin = PathBuf::from(format!("/sys/fs/bpf/npd-test-{test}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pin);
+        let dp = KernelDatapath::open(&pin, settings).expect("open the kernel datapath");
+        Dp { dp: Some(dp), pin }
+    }
+
+    fn dp(&mut self) -> &mut KernelDatapath {
+        self.dp.as_mut().expect("datapath open")
+    }
+
+    /// Drop the Rust object but keep pins (and links) in place.
+    fn forget(&mut self) {
+        self.dp = None;
+    }
+
+    fn reopen(&mut self, settings: &DatapathSettings) {
+        self.dp = Some(KernelDatapath::open(&self.pin, settings).expect("adopt the pinned datapath"));
+    }
+
+    fn run(&mut self, hook: Hook, p: &PacketSpec) -> bool {
+        self.dp().test_run(hook, &p.build(), 1).expect("test run").passed()
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        if let Some(dp) = self.dp.as_mut() {
+            let _ = dp.detach_all();
+        }
+        if self.pin.exists() {
+            if let Ok(mut dp) = KernelDatapath::open(&self.pin, &settings()) {
+                let _ = dp.detach_all();
+            }
+            let _ = std::fs::remove_dir_all(&self.pin);
+        }
+    }
+}
+
+fn settings() -> DatapathSettings {
+    DatapathSettings {
+        ct_max_entries: 4096,
+        ipcache_max_entries: 1024,
+        policy_max_entries: 4096,
+        endpoint_max_entries: 64,
+        events_per_sec: 100_000,
+        ..DatapathSettings::default()
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const ID_A: u32 = 1000;
+const ID_B: u32 = 1001;
+const ID_C: u32 = 1002;
+const A4: &str = "10.201.0.11";
+const B4: &str = "10.201.0.21";
+const C4: &str = "10.201.0.31";
+const WORLD4: &str = "10.202.7.7";
+const A6: &str = "fd01:201::11";
+const B6: &str = "fd01:201::21";
+
+fn endpoint(slot: u32, name: &str, identity: u32, addrs: &[&str]) -> CompiledEndpoint {
+    CompiledEndpoint {
+        slot,
+        name: name.into(),
+        namespace: Some("default".into()),
+        kind: EndpointKind::Workload,
+        identity,
+        local: true,
+        interface: None,
+        addresses: addrs.iter().map(|a| ip(a)).collect(),
+        default_deny_ingress: false,
+        default_deny_egress: false,
+        enforced_ingress: false,
+        enforced_egress: false,
+        audit: false,
+    }
+}
+
+/// Three workloads a (slot 0), b (slot 1), c (slot 2); `a` is the one the
+/// test runs judge (attached at ifindex 1, the device of BPF_PROG_TEST_RUN).
+fn base() -> Compiled {
+    let mut c = Compiled::default();
+    c.endpoints.push(endpoint(0, "a", ID_A, &[A4, A6]));
+    c.endpoints.push(endpoint(1, "b", ID_B, &[B4, B6]));
+    c.endpoints.push(endpoint(2, "c", ID_C, &[C4]));
+    for ep in c.endpoints.clone() {
+        for a in &ep.addresses {
+            c.ipcache.push(IpcacheEntry { net: ipnet::IpNet::from(*a), identity: ep.identity, endpoint: Some(ep.slot) });
+        }
+    }
+    c.ipcache.sort();
+    c
+}
+
+fn entry(dir: Direction, identity: u32, proto: u8, port: u16, prefix: u8, verdict: EntryVerdict, rule: u32) -> PolicyEntry {
+    PolicyEntry { endpoint: 0, direction: dir, identity, proto, port, port_prefix: prefix, verdict, rule }
+}
+
+fn allow(dir: Direction, identity: u32, proto: u8, port: u16, rule: u32) -> PolicyEntry {
+    entry(dir, identity, proto, port, if proto == 0 { 0 } else { 16 }, EntryVerdict::Allow, rule)
+}
+
+const A_ON_LO: [Attachment; 1] = [Attachment { slot: 0, ifindex: 1 }];
+
+fn apply(dp: &mut Dp, mut c: Compiled) -> u64 {
+    c.entries.sort();
+    dp.dp().apply(&c, &A_ON_LO).expect("apply")
+}
+
+use Direction::{Egress, Ingress};
+use EntryVerdict::{Allow, Deny};
+// Hook::Ingress on a's device = packets leaving a (a's egress policy);
+// Hook::Egress = packets to a (a's ingress policy).
+const FROM_A: Hook = Hook::Ingress;
+const TO_A: Hook = Hook::Egress;
+
+// ---------------------------------------------------------------------------
+// BPF_PROG_TEST_RUN: behaviour of one packet
+
+#[test]
+fn deny_wins_over_a_narrower_allow() {
+    if !privileged("deny_wins_over_a_narrower_allow") {
+        return;
+    }
+    let mut dp = Dp::open("denywins", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    // Allow b on TCP 80 exactly; deny any identity on all of TCP.
+    c.entries.push(allow(Egress, ID_B, 6, 80, 0));
+    c.entries.push(entry(Egress, 0, 6, 0, 0, Deny, 1));
+    // Allow c on all of UDP, deny c on UDP 53: the L1 deny wins on 53.
+    c.entries.push(entry(Egress, ID_C, 17, 0, 0, Allow, 2));
+    c.entries.push(entry(Egress, ID_C, 17, 53, 16, Deny, 3));
+    apply(&mut dp, c);
+    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)), "L2 deny beats L1 allow");
+    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 40000, 53)), "L1 deny on the exact port");
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 40000, 54)), "L1 allow on other UDP ports");
+    let ev = dp.dp().poll_events(100);
+    let denies: Vec<_> = ev.iter().filter(|e| e.verdict == EventVerdict::Denied).collect();
+    assert_eq!(denies.len(), 2, "{ev:?}");
+    assert_eq!(denies[0].reason, EventReason::PolicyDeny);
+    assert_eq!(denies[0].rule, Some(1), "L2's rule reported when only L2 denied");
+    assert_eq!(denies[1].rule, Some(3), "L1's rule reported when L1 denied");
+    assert_eq!(denies[0].dst_identity, ID_B);
+    assert_eq!(denies[0].src_identity, ID_A);
+    assert_eq!(denies[0].direction, Egress);
+}
+
+#[test]
+fn reply_passes_without_a_rule() {
+    if !privileged("reply_passes_without_a_rule") {
+        return;
+    }
+    let mut dp = Dp::open("reply", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 80, 0));
+    apply(&mut dp, c);
+    // Replies before the flow exists are new flows and denied.
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_SYN | TCP_ACK)));
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)));
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_SYN | TCP_ACK)), "reply passes");
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_ACK)), "established passes");
+    // Not the reply tuple: a new flow from b to a is still denied.
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 81, 40000, TCP_ACK)));
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_ACK)));
+    // A TCP non-SYN packet without an entry is judged like a new flow.
+    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40002, 81, TCP_ACK)));
+    assert!(dp.dp().conntrack_len() >= 1);
+}
+
+#[test]
+fn related_icmp_error_passes_and_unrelated_does_not() {
+    if !privileged("related_icmp_error_passes_and_unrelated_does_not") {
+        return;
+    }
+    let mut dp = Dp::open("related", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Egress, ID_B, 17, 53, 0));
+    apply(&mut dp, c);
+    let flow = PacketSpec::udp(ip(A4), ip(B4), 40000, 53);
+    let unreach = |inner: PacketSpec| PacketSpec::new(ip(B4), ip(A4), L4::IcmpError { ty: 3, code: 3, inner: Box::new(inner) });
+    assert!(!dp.run(TO_A, &unreach(flow.clone())), "no flow yet: unrelated");
+    assert!(dp.run(FROM_A, &flow));
+    assert!(dp.run(TO_A, &unreach(flow.clone())), "port unreachable about the flow");
+    let other = PacketSpec::udp(ip(A4), ip(B4), 40001, 53);
+    assert!(!dp.run(TO_A, &unreach(other)), "about another flow");
+    // Fragmentation needed always passes.
+    let fragneeded = PacketSpec::new(ip(WORLD4), ip(A4), L4::IcmpError { ty: 3, code: 4, inner: Box::new(PacketSpec::udp(ip(A4), ip(WORLD4), 1, 2)) });
+    assert!(dp.run(TO_A, &fragneeded));
+    // IPv6 packet too big about an allowed v6 flow.
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 443, 0));
+    apply(&mut dp, c);
+    let flow6 = PacketSpec::tcp(ip(A6), ip(B6), 40000, 443, TCP_SYN);
+    assert!(dp.run(FROM_A, &flow6));
+    let ptb = PacketSpec::new(ip(B6), ip(A6), L4::IcmpError { ty: 2, code: 0, inner: Box::new(flow6) });
+    assert!(dp.run(TO_A, &ptb));
+}
+
+#[test]
+fn non_first_fragment_does_not_bypass_a_port_rule() {
+    if !privileged("non_first_fragment_does_not_bypass_a_port_rule") {
+        return;
+    }
+    let mut dp = Dp::open("frag", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Ingress, ID_B, 17, 53, 0));
+    apply(&mut dp, c);
+    for (src, dst) in [(B4, A4), (B6, A6)] {
+        // Denied port: the first fragment is dropped and so are the rest.
+        let mut first = PacketSpec::udp(ip(src), ip(dst), 5000, 9999);
+        first.fragment = Some((0, true));
+        first.frag_id = 77;
+        let mut later = first.clone();
+        later.fragment = Some((185, false));
+        // The bytes where a header would be claim port 53: must not matter.
+        later.l4 = L4::Udp { sport: 5000, dport: 53 };
+        assert!(!dp.run(TO_A, &first), "{src}: first fragment to a denied port");
+        assert!(!dp.run(TO_A, &later), "{src}: its later fragment");
+        // A later fragment of an unknown datagram is dropped.
+        let mut orphan = later.clone();
+        orphan.frag_id = 78;
+        assert!(!dp.run(TO_A, &orphan), "{src}: orphan fragment");
+        // Allowed port: all fragments pass.
+        let mut ok_first = PacketSpec::udp(ip(src), ip(dst), 5001, 53);
+        ok_first.fragment = Some((0, true));
+        ok_first.frag_id = 79;
+        let mut ok_later = ok_first.clone();
+        ok_later.fragment = Some((185, false));
+        assert!(dp.run(TO_A, &ok_first), "{src}: first fragment to 53");
+        assert!(dp.run(TO_A, &ok_later), "{src}: its later fragment");
+    }
+    let ev = dp.dp().poll_events(100);
+    assert!(ev.iter().any(|e| e.reason == EventReason::Fragment), "{ev:?}");
+}
+
+#[test]
+fn vlan_tagged_frame_does_not_bypass() {
+    if !privileged("vlan_tagged_frame_does_not_bypass") {
+        return;
+    }
+    let mut dp = Dp::open("vlan", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 80, 0));
+    apply(&mut dp, c);
+    for tags in [vec![(0x8100, 10)], vec![(0x88a8, 10), (0x8100, 20)], vec![(0x8100, 1), (0x8100, 2), (0x8100, 3)]] {
+        let mut denied = PacketSpec::tcp(ip(A4), ip(B4), 40000, 22, TCP_SYN);
+        denied.vlans = tags.clone();
+        assert!(!dp.run(FROM_A, &denied), "tags {tags:?}: denied port");
+        let mut allowed = PacketSpec::tcp(ip(A4), ip(B4), 40001, 80, TCP_SYN);
+        allowed.vlans = tags.clone();
+        // Up to two tags are parsed through; a third tag is dropped outright.
+        assert_eq!(dp.run(FROM_A, &allowed), tags.len() <= 2, "tags {tags:?}: allowed port");
+    }
+}
+
+#[test]
+fn ipv6_extension_headers_do_not_hide_the_port() {
+    if !privileged("ipv6_extension_headers_do_not_hide_the_port") {
+        return;
+    }
+    let mut dp = Dp::open("v6ext", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 443, 0));
+    apply(&mut dp, c);
+    for chain in [vec![], vec![0], vec![0, 60, 43], vec![51], vec![0, 43, 60, 51]] {
+        let mut denied = PacketSpec::tcp(ip(A6), ip(B6), 40000, 22, TCP_SYN);
+        denied.ext_headers = chain.clone();
+        assert!(!dp.run(FROM_A, &denied), "chain {chain:?}: port 22");
+        let mut allowed = PacketSpec::tcp(ip(A6), ip(B6), 40000, 443, TCP_SYN);
+        allowed.ext_headers = chain.clone();
+        assert!(dp.run(FROM_A, &allowed), "chain {chain:?}: port 443");
+    }
+    // Longer chains than the datapath walks are dropped, never passed.
+    let mut long = PacketSpec::tcp(ip(A6), ip(B6), 40000, 443, TCP_SYN);
+    long.ext_headers = vec![60; 9];
+    assert!(!dp.run(FROM_A, &long));
+    // IPv4 options are skipped.
+    let mut opt = PacketSpec::tcp(ip(A4), ip(B4), 40000, 22, TCP_SYN);
+    opt.ipv4_options = 12;
+    assert!(!dp.run(FROM_A, &opt));
+}
+
+#[test]
+fn icmp_types_are_the_port_and_neighbour_discovery_passes() {
+    if !privileged("icmp_types_are_the_port_and_neighbour_discovery_passes") {
+        return;
+    }
+    let mut dp = Dp::open("icmp", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Egress, ID_B, 1, 8, 0));
+    c.entries.push(allow(Egress, ID_B, 58, 128, 1));
+    apply(&mut dp, c);
+    assert!(dp.run(FROM_A, &PacketSpec::icmp(ip(A4), ip(B4), 8, 0, 4242)), "echo request allowed");
+    assert!(dp.run(TO_A, &PacketSpec::icmp(ip(B4), ip(A4), 0, 0, 4242)), "echo reply passes via conntrack");
+    assert!(!dp.run(TO_A, &PacketSpec::icmp(ip(B4), ip(A4), 0, 0, 4243)), "unsolicited echo reply");
+    assert!(!dp.run(FROM_A, &PacketSpec::icmp(ip(A4), ip(B4), 13, 0, 1)), "timestamp not allowed");
+    assert!(dp.run(FROM_A, &PacketSpec::icmp(ip(A6), ip(B6), 128, 0, 9)), "v6 echo request");
+    assert!(dp.run(TO_A, &PacketSpec::icmp(ip(B6), ip(A6), 129, 0, 9)), "v6 echo reply");
+    for ty in 133..=137u8 {
+        assert!(dp.run(TO_A, &PacketSpec::icmp(ip("fe80::1"), ip(A6), ty, 0, 0)), "ND type {ty} in");
+        assert!(dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip("ff02::1"), ty, 0, 0)), "ND type {ty} out");
+    }
+    assert!(!dp.run(TO_A, &PacketSpec::icmp(ip(B6), ip(A6), 138, 0, 0)), "router renumbering is not ND");
+}
+
+#[test]
+fn spoofed_source_is_dropped() {
+    if !privileged("spoofed_source_is_dropped") {
+        return;
+    }
+    let mut dp = Dp::open("spoof", &settings());
+    apply(&mut dp, base()); // no policy at all: everything else passes
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 1, 2)));
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A6), ip(B6), 1, 2)));
+    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(B4), ip(C4), 1, 2)), "b's address from a");
+    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(WORLD4), ip(B4), 1, 2)), "unregistered address from a");
+    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(B6), ip(A6), 1, 2)), "v6 spoof");
+    // Toward a, any source is fine (policy decides).
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(WORLD4), ip(A4), 1, 2)));
+    let counters = dp.dp().counters();
+    assert_eq!(counters[&0].denied_spoof, 3, "{counters:?}");
+    assert_eq!(counters[&0].allowed, 3, "{counters:?}");
+    let ev = dp.dp().poll_events(10);
+    assert_eq!(ev.iter().filter(|e| e.reason == EventReason::Spoofed).count(), 3, "{ev:?}");
+    assert_eq!(ev[0].src, ip(B4));
+}
+
+#[test]
+fn audit_endpoint_passes_and_reports_would_be_drops() {
+    if !privileged("audit_endpoint_passes_and_reports_would_be_drops") {
+        return;
+    }
+    let mut dp = Dp::open("audit", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_ingress = true;
+    c.endpoints[0].audit = true;
+    c.entries.push(entry(Ingress, ID_C, 0, 0, 0, Deny, 4));
+    apply(&mut dp, c);
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 80, TCP_SYN)), "default deny audited");
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(C4), ip(A4), 5, 80, TCP_SYN)), "deny audited");
+    let ev = dp.dp().poll_events(10);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert!(ev.iter().all(|e| e.verdict == EventVerdict::Audit));
+    assert_eq!(ev[0].reason, EventReason::DefaultDeny);
+    assert_eq!((ev[1].reason, ev[1].rule), (EventReason::PolicyDeny, Some(4)));
+    assert_eq!(dp.dp().counters()[&0].audit, 2);
+}
+
+#[test]
+fn no_policy_passes_and_default_deny_drops() {
+    if !privileged("no_policy_passes_and_default_deny_drops") {
+        return;
+    }
+    let mut dp = Dp::open("defdeny", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Ingress, 0, 6, 8080, 0)); // any identity, port 8080
+    c.entries.push(entry(Ingress, ID_B, 6, 1024, 6, Allow, 1)); // b: 1024-2047
+    apply(&mut dp, c);
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 8080, TCP_SYN)), "wildcard identity");
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 8081, TCP_SYN)), "default deny");
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 1024, TCP_SYN)), "range start");
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 2047, TCP_SYN)), "range end");
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 2048, TCP_SYN)), "past the range");
+    assert!(!dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 5, 1500)), "other protocol");
+    // Egress is not default deny: anything goes out.
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(WORLD4), 5, 9, TCP_SYN)));
+    let c = dp.dp().counters();
+    assert_eq!(c[&0].denied_default, 3, "{c:?}");
+}
+
+#[test]
+fn established_flow_is_rechecked_under_recheck_and_kept_under_keep() {
+    if !privileged("established_flow_is_rechecked_under_recheck_and_kept_under_keep") {
+        return;
+    }
+    for recheck in [true, false] {
+        let s = DatapathSettings { recheck_established: recheck, ..settings() };
+        let mut dp = Dp::open(if recheck { "recheck" } else { "keep" }, &s);
+        let mut c = base();
+        c.endpoints[0].default_deny_egress = true;
+        c.entries.push(allow(Egress, ID_B, 6, 80, 0));
+        apply(&mut dp, c);
+        assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)));
+        let mut c = base();
+        c.endpoints[0].default_deny_egress = true;
+        apply(&mut dp, c);
+        let fwd = dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_ACK));
+        assert_eq!(fwd, !recheck, "recheck={recheck}: forward packet after the allow was removed");
+        // Replies pass either way.
+        assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_ACK)));
+        // A new flow is denied either way.
+        assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40001, 80, TCP_SYN)));
+    }
+}
+
+#[test]
+fn generations_flip_and_a_capacity_error_leaves_state_untouched() {
+    if !privileged("generations_flip_and_a_capacity_error_leaves_state_untouched") {
+        return;
+    }
+    let s = DatapathSettings { policy_max_entries: 4, ..settings() };
+    let mut dp = Dp::open("capacity", &s);
+    assert_eq!(dp.dp().generation(), 0);
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 80, 0));
+    assert_eq!(apply(&mut dp, c.clone()), 1);
+    let probe = PacketSpec::tcp(ip(A4), ip(B4), 40000, 81, TCP_SYN);
+    assert!(!dp.run(FROM_A, &probe));
+    let mut big = c.clone();
+    for p in 81..90 {
+        big.entries.push(allow(Egress, ID_B, 6, p, 0));
+    }
+    big.entries.sort();
+    let err = dp.dp().apply(&big, &A_ON_LO).unwrap_err();
+    assert!(matches!(err, DatapathError::Capacity { needed: 10, max: 4, .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "policy map (policy_max_entries) needs 10 entries but holds at most 4; the running state was kept"
+    );
+    assert_eq!(dp.dp().generation(), 1, "no flip");
+    assert!(!dp.run(FROM_A, &probe), "old generation still enforced");
+    let mut c2 = c.clone();
+    c2.entries.push(allow(Egress, ID_B, 6, 81, 1));
+    assert_eq!(apply(&mut dp, c2), 2);
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40002, 81, TCP_SYN)));
+    assert_eq!(apply(&mut dp, c), 3);
+    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40003, 81, TCP_SYN)));
+}
+
+#[test]
+fn adopted_pins_keep_enforcing_and_accept_the_next_apply() {
+    if !privileged("adopted_pins_keep_enforcing_and_accept_the_next_apply") {
+        return;
+    }
+    let mut dp = Dp::open("adopt", &settings());
+    assert!(!dp.dp().adopted());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 80, 0));
+    apply(&mut dp, c.clone());
+    apply(&mut dp, c.clone());
+    dp.forget();
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    assert_eq!(dp.dp().generation(), 2);
+    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 81, TCP_SYN)), "old state enforced");
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)));
+    c.entries.push(allow(Egress, ID_B, 6, 81, 1));
+    assert_eq!(apply(&mut dp, c), 3);
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40001, 81, TCP_SYN)));
+    // detach_all removes the pin dir.
+    let pin = dp.pin.clone();
+    dp.dp().detach_all().unwrap();
+    assert!(!pin.exists());
+}
+
+#[test]
+fn allow_events_are_sampled_and_drops_are_rate_limited() {
+    if !privileged("allow_events_are_sampled_and_drops_are_rate_limited") {
+        return;
+    }
+    let s = DatapathSettings { allow_sample_rate: 2, events_per_sec: 5, ..settings() };
+    // Counters and budgets are per CPU: keep this thread on one CPU.
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+    let mut dp = Dp::open("events", &s);
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 6, 80, 7));
+    apply(&mut dp, c);
+    for i in 0..4 {
+        assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 41000 + i, 80, TCP_SYN)));
+    }
+    let ev = dp.dp().poll_events(100);
+    assert_eq!(ev.len(), 2, "1 in 2 allowed new flows: {ev:?}");
+    assert!(ev.iter().all(|e| e.verdict == EventVerdict::Allowed && e.rule == Some(7)));
+    for i in 0..50 {
+        assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42000 + i, 22, TCP_SYN)));
+    }
+    let ev = dp.dp().poll_events(100);
+    // 5 per second on this CPU (2 may have gone to the allows in this
+    // second): never more than the budget.
+    assert!(ev.len() <= 5 && !ev.is_empty(), "{} events", ev.len());
+    assert_eq!(dp.dp().counters()[&0].denied_default, 50);
+}
