@@ -559,3 +559,522 @@ fn allow_events_are_sampled_and_drops_are_rate_limited() {
     assert!(ev.len() <= 5 && !ev.is_empty(), "{} events", ev.len());
     assert_eq!(dp.dp().counters()[&0].denied_default, 50);
 }
+
+// ---------------------------------------------------------------------------
+// End to end: network namespaces, veth pairs on a bridge in a "node"
+// namespace (nothing touches the host's network), real sockets.
+
+mod e2e {
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+    use std::process::Command;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    fn ip_cmd(args: &[&str]) {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Run `f` in a thread that joined network namespace `ns`.
+    pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter(ns);
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+
+    fn enter(ns: &str) {
+        let file = File::open(format!("/run/netns/{ns}")).expect("open netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    }
+
+    /// A node namespace with a bridge and one namespace per workload, each
+    /// linked by a veth pair (host side `npd-<name>` in the node). Drop deletes
+    /// the namespaces, and with them every link.
+    pub struct Topo {
+        pub node: String,
+        pub tag: String,
+        pub workloads: Vec<String>,
+    }
+
+    impl Topo {
+        /// `workloads`: (name, addresses with prefix length).
+        pub fn new(tag: &str, workloads: &[(&str, &[&str])]) -> Topo {
+            let node = format!("npd-{tag}-node");
+            let _ = Command::new("ip").args(["netns", "del", &node]).output();
+            for (w, _) in workloads {
+                let _ = Command::new("ip").args(["netns", "del", &format!("npd-{tag}-{w}")]).output();
+            }
+            let mut topo = Topo { node: node.clone(), tag: tag.into(), workloads: Vec::new() };
+            ip_cmd(&["netns", "add", &node]);
+            ip_cmd(&["-n", &node, "link", "set", "lo", "up"]);
+            ip_cmd(&["-n", &node, "link", "add", "npdbr", "type", "bridge"]);
+            ip_cmd(&["-n", &node, "link", "set", "npdbr", "up"]);
+            for (w, addrs) in workloads {
+                let ns = format!("npd-{tag}-{w}");
+                ip_cmd(&["netns", "add", &ns]);
+                topo.workloads.push(ns.clone());
+                let host = format!("npd-{w}");
+                ip_cmd(&["-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+                ip_cmd(&["-n", &node, "link", "set", &host, "master", "npdbr", "up"]);
+                ip_cmd(&["-n", &ns, "link", "set", "lo", "up"]);
+                for a in addrs.iter() {
+                    if a.contains(':') {
+                        ip_cmd(&["-n", &ns, "addr", "add", a, "dev", "eth0", "nodad"]);
+                    } else {
+                        ip_cmd(&["-n", &ns, "addr", "add", a, "dev", "eth0"]);
+                    }
+                }
+                ip_cmd(&["-n", &ns, "link", "set", "eth0", "up"]);
+            }
+            topo
+        }
+
+        pub fn ns(&self, w: &str) -> String {
+            format!("npd-{}-{w}", self.tag)
+        }
+
+        /// ifindex of workload `w`'s host-side device (in the node namespace).
+        pub fn ifindex(&self, w: &str) -> u32 {
+            let name = format!("npd-{w}");
+            in_ns(&self.node, || nix::net::if_::if_nametoindex(name.as_str()).expect("if_nametoindex"))
+        }
+    }
+
+    impl Drop for Topo {
+        fn drop(&mut self) {
+            for ns in self.workloads.iter().chain(std::iter::once(&self.node)) {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+    }
+
+    /// TCP and UDP echo servers on the given ports of a workload (all its
+    /// addresses). Drop stops them.
+    pub struct Servers {
+        stop: Arc<AtomicBool>,
+        threads: Vec<JoinHandle<()>>,
+    }
+
+    impl Servers {
+        pub fn start(ns: &str, tcp: &[u16], udp: &[u16]) -> Servers {
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut threads = Vec::new();
+            for &port in tcp {
+                for any in ["0.0.0.0", "::"] {
+                    let (ns, stop) = (ns.to_string(), stop.clone());
+                    let addr: SocketAddr = SocketAddr::new(any.parse().unwrap(), port);
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    threads.push(std::thread::spawn(move || {
+                        enter(&ns);
+                        let l = bind_tcp(addr);
+                        l.set_nonblocking(true).unwrap();
+                        tx.send(()).unwrap();
+                        while !stop.load(Ordering::Relaxed) {
+                            match l.accept() {
+                                Ok((s, _)) => {
+                                    let stop = stop.clone();
+                                    std::thread::spawn(move || echo_tcp(s, stop));
+                                }
+                                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                            }
+                        }
+                    }));
+                    rx.recv().unwrap();
+                }
+            }
+            for &port in udp {
+                for any in ["0.0.0.0", "::"] {
+                    let (ns, stop) = (ns.to_string(), stop.clone());
+                    let addr: SocketAddr = SocketAddr::new(any.parse().unwrap(), port);
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    threads.push(std::thread::spawn(move || {
+                        enter(&ns);
+                        let s = bind_udp(addr);
+                        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        tx.send(()).unwrap();
+                        let mut buf = [0u8; 1500];
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                                let _ = s.send_to(&buf[..n], from);
+                            }
+                        }
+                    }));
+                    rx.recv().unwrap();
+                }
+            }
+            Servers { stop, threads }
+        }
+    }
+
+    fn bind_tcp(addr: SocketAddr) -> TcpListener {
+        // v6 sockets only for v6, so 0.0.0.0 and :: can share a port.
+        let domain = if addr.is_ipv4() { nix::sys::socket::AddressFamily::Inet } else { nix::sys::socket::AddressFamily::Inet6 };
+        let fd = nix::sys::socket::socket(domain, nix::sys::socket::SockType::Stream, nix::sys::socket::SockFlag::empty(), None).unwrap();
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true).unwrap();
+        if addr.is_ipv6() {
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true).unwrap();
+        }
+        let sa = nix::sys::socket::SockaddrStorage::from(addr);
+        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).unwrap();
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128).unwrap()).unwrap();
+        TcpListener::from(fd)
+    }
+
+    fn bind_udp(addr: SocketAddr) -> UdpSocket {
+        let domain = if addr.is_ipv4() { nix::sys::socket::AddressFamily::Inet } else { nix::sys::socket::AddressFamily::Inet6 };
+        let fd = nix::sys::socket::socket(domain, nix::sys::socket::SockType::Datagram, nix::sys::socket::SockFlag::empty(), None).unwrap();
+        if addr.is_ipv6() {
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true).unwrap();
+        }
+        let sa = nix::sys::socket::SockaddrStorage::from(addr);
+        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).unwrap();
+        UdpSocket::from(fd)
+    }
+
+    fn echo_tcp(mut s: TcpStream, stop: Arc<AtomicBool>) {
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 4096];
+        while !stop.load(Ordering::Relaxed) {
+            match s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    impl Drop for Servers {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Open a TCP connection from namespace `ns` (optionally from `bind`).
+    pub fn tcp_connect(ns: &str, dst: IpAddr, port: u16, bind: Option<IpAddr>, timeout: Duration) -> Option<TcpStream> {
+        in_ns(ns, || {
+            let domain = if dst.is_ipv4() { nix::sys::socket::AddressFamily::Inet } else { nix::sys::socket::AddressFamily::Inet6 };
+            let fd = nix::sys::socket::socket(domain, nix::sys::socket::SockType::Stream, nix::sys::socket::SockFlag::empty(), None).ok()?;
+            if let Some(b) = bind {
+                let sa = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(b, 0));
+                nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).ok()?;
+            }
+            // Connect with a timeout through std: hand the fd over once bound.
+            let sock = socket_from_fd(fd);
+            sock.connect_timeout(&SocketAddr::new(dst, port).into(), timeout).ok()?;
+            let s: TcpStream = sock.into();
+            s.set_read_timeout(Some(timeout)).ok()?;
+            Some(s)
+        })
+    }
+
+    fn socket_from_fd(fd: std::os::fd::OwnedFd) -> Sock {
+        Sock(fd)
+    }
+
+    /// A minimal socket wrapper for connect-with-timeout on a pre-bound fd.
+    pub struct Sock(std::os::fd::OwnedFd);
+
+    impl Sock {
+        fn connect_timeout(&self, addr: &nix::sys::socket::SockaddrStorage, timeout: Duration) -> std::io::Result<()> {
+            use nix::sys::socket::{connect, setsockopt, sockopt};
+            use std::os::fd::AsRawFd;
+            // Linux bounds a blocking connect() by SO_SNDTIMEO.
+            let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+            setsockopt(&self.0, sockopt::SendTimeout, &tv).map_err(std::io::Error::from)?;
+            connect(self.0.as_raw_fd(), addr).map_err(std::io::Error::from)
+        }
+    }
+
+    impl From<Sock> for TcpStream {
+        fn from(s: Sock) -> TcpStream {
+            TcpStream::from(s.0)
+        }
+    }
+
+    /// Send a line and expect it echoed.
+    pub fn echo(s: &mut TcpStream, msg: &[u8]) -> bool {
+        if s.write_all(msg).is_err() {
+            return false;
+        }
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).is_ok() && got == msg
+    }
+
+    /// A TCP connection from `ns` that completes and echoes.
+    pub fn tcp_ok(ns: &str, dst: IpAddr, port: u16) -> bool {
+        match tcp_connect(ns, dst, port, None, Duration::from_millis(800)) {
+            Some(mut s) => echo(&mut s, b"hello"),
+            None => false,
+        }
+    }
+
+    pub fn udp_ok(ns: &str, dst: IpAddr, port: u16) -> bool {
+        in_ns(ns, || {
+            let any: IpAddr = if dst.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+            let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            for _ in 0..3 {
+                let _ = s.send_to(b"udp", SocketAddr::new(dst, port));
+                let mut buf = [0u8; 16];
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    return &buf[..n] == b"udp";
+                }
+            }
+            false
+        })
+    }
+
+    pub fn ping_ok(ns: &str, dst: IpAddr) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", &dst.to_string()])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+use e2e::{echo, ping_ok, tcp_connect, tcp_ok, udp_ok, Servers, Topo};
+use std::time::Duration;
+
+const FE1: &str = "10.201.0.11";
+const FE2: &str = "10.201.0.12";
+const BE: &str = "10.201.0.21";
+const DB: &str = "10.201.0.31";
+const FE1_6: &str = "fd01:201::11";
+const BE_6: &str = "fd01:201::21";
+const DB_6: &str = "fd01:201::31";
+const ID_FE: u32 = 2000;
+const ID_BE: u32 = 2001;
+const ID_DB: u32 = 2002;
+
+/// The seed scenario (etc/examples/seed) compiled by hand with our addresses:
+/// frontend may open only TCP 80 on backend (egress default deny); only
+/// frontend may reach backend, on TCP 80 (backend ingress default deny).
+fn seed() -> Compiled {
+    let mut c = Compiled::default();
+    c.endpoints.push(endpoint(0, "frontend-1", ID_FE, &[FE1, FE1_6]));
+    c.endpoints.push(endpoint(1, "frontend-2", ID_FE, &[FE2]));
+    c.endpoints.push(endpoint(2, "backend", ID_BE, &[BE, BE_6]));
+    c.endpoints.push(endpoint(3, "database", ID_DB, &[DB, DB_6]));
+    for ep in c.endpoints.clone() {
+        for a in &ep.addresses {
+            c.ipcache.push(IpcacheEntry { net: ipnet::IpNet::from(*a), identity: ep.identity, endpoint: Some(ep.slot) });
+        }
+    }
+    c.ipcache.push(IpcacheEntry { net: "0.0.0.0/0".parse().unwrap(), identity: 9, endpoint: None });
+    c.ipcache.push(IpcacheEntry { net: "::/0".parse().unwrap(), identity: 10, endpoint: None });
+    c.ipcache.sort();
+    for slot in [0, 1] {
+        c.endpoints[slot].default_deny_egress = true;
+        c.endpoints[slot].enforced_egress = true;
+        c.entries.push(PolicyEntry { endpoint: slot as u32, ..allow(Egress, ID_BE, 6, 80, 0) });
+    }
+    c.endpoints[2].default_deny_ingress = true;
+    c.endpoints[2].enforced_ingress = true;
+    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 6, 80, 1) });
+    c.entries.sort();
+    c
+}
+
+struct Seed {
+    topo: Topo,
+    attachments: Vec<Attachment>,
+    _servers: Vec<Servers>,
+}
+
+fn seed_topo(tag: &str) -> Seed {
+    let topo = Topo::new(
+        tag,
+        &[
+            ("fe1", &["10.201.0.11/24", "fd01:201::11/64"]),
+            ("fe2", &["10.201.0.12/24"]),
+            ("be", &["10.201.0.21/24", "fd01:201::21/64"]),
+            ("db", &["10.201.0.31/24", "fd01:201::31/64"]),
+        ],
+    );
+    let attachments = ["fe1", "fe2", "be", "db"]
+        .iter()
+        .enumerate()
+        .map(|(slot, w)| Attachment { slot: slot as u32, ifindex: topo.ifindex(w) })
+        .collect();
+    let servers = vec![
+        Servers::start(&topo.ns("be"), &[80, 81], &[53]),
+        Servers::start(&topo.ns("db"), &[5432], &[53]),
+        Servers::start(&topo.ns("fe1"), &[8080], &[]),
+    ];
+    Seed { topo, attachments, _servers: servers }
+}
+
+impl Seed {
+    fn apply(&self, dp: &mut Dp, c: &Compiled) -> u64 {
+        dp.dp().apply(c, &self.attachments).expect("apply")
+    }
+    fn sync(&self, dp: &mut Dp) {
+        let node = self.topo.node.clone();
+        let att = self.attachments.clone();
+        let k = dp.dp();
+        e2e::in_ns(&node, move || k.sync_attachments(&att)).expect("sync attachments");
+    }
+    fn ns(&self, w: &str) -> String {
+        self.topo.ns(w)
+    }
+}
+
+#[test]
+fn seed_scenario_with_real_tcp_udp_icmp_and_ipv6() {
+    if !privileged("seed_scenario_with_real_tcp_udp_icmp_and_ipv6") {
+        return;
+    }
+    let s = seed_topo("seed");
+    let (fe1, fe2, be, db) = (s.ns("fe1"), s.ns("fe2"), s.ns("be"), s.ns("db"));
+    // Before enforcement everything is open.
+    assert!(tcp_ok(&db, ip(BE), 80));
+    let mut dp = Dp::open("seed", &settings());
+    s.apply(&mut dp, &seed());
+    s.sync(&mut dp);
+    assert_eq!(dp.dp().attached().len(), 4);
+    assert!(tcp_ok(&fe1, ip(BE), 80), "frontend-1 -> backend:80");
+    assert!(tcp_ok(&fe2, ip(BE), 80), "frontend-2 -> backend:80");
+    assert!(!tcp_ok(&fe1, ip(BE), 81), "frontend-1 -> backend:81");
+    assert!(!tcp_ok(&fe1, ip(DB), 5432), "frontend-1 -> database");
+    assert!(!tcp_ok(&db, ip(BE), 80), "database -> backend:80");
+    assert!(tcp_ok(&be, ip(DB), 5432), "backend egress stays open");
+    assert!(tcp_ok(&db, ip(FE1), 8080), "frontend ingress stays open");
+    // IPv6 alike.
+    assert!(tcp_ok(&fe1, ip(BE_6), 80), "v6 frontend-1 -> backend:80");
+    assert!(!tcp_ok(&fe1, ip(BE_6), 81), "v6 frontend-1 -> backend:81");
+    assert!(!tcp_ok(&db, ip(BE_6), 80), "v6 database -> backend:80");
+    assert!(tcp_ok(&be, ip(DB_6), 5432), "v6 backend -> database");
+    // UDP and ICMP: not allowed by the seed, then allowed by added entries.
+    assert!(!udp_ok(&fe1, ip(BE), 53));
+    assert!(!ping_ok(&fe1, ip(BE)));
+    assert!(ping_ok(&be, ip(DB)), "echo replies pass back to an open endpoint");
+    assert!(udp_ok(&be, ip(DB), 53));
+    let mut c = seed();
+    c.entries.push(allow(Egress, ID_BE, 17, 53, 2));
+    c.entries.push(allow(Egress, ID_BE, 1, 8, 3));
+    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 17, 53, 4) });
+    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 1, 8, 5) });
+    c.entries.sort();
+    s.apply(&mut dp, &c);
+    assert!(udp_ok(&fe1, ip(BE), 53), "udp allowed both ways, reply without a rule");
+    assert!(ping_ok(&fe1, ip(BE)), "echo request allowed, reply via conntrack");
+    assert!(!udp_ok(&fe1, ip(DB), 53));
+    let ev = dp.dp().poll_events(1000);
+    assert!(ev.iter().any(|e| e.verdict == EventVerdict::Denied && e.dport == 81), "drop events reported");
+    let counters = dp.dp().counters();
+    assert!(counters[&0].allowed > 0 && counters[&0].denied_default > 0, "{counters:?}");
+}
+
+#[test]
+fn removed_allow_cuts_an_established_connection_only_under_recheck() {
+    if !privileged("removed_allow_cuts_an_established_connection_only_under_recheck") {
+        return;
+    }
+    for recheck in [true, false] {
+        let tag = if recheck { "rchk" } else { "keep" };
+        let s = seed_topo(tag);
+        let mut dp = Dp::open(tag, &DatapathSettings { recheck_established: recheck, ..settings() });
+        s.apply(&mut dp, &seed());
+        s.sync(&mut dp);
+        let mut conn = tcp_connect(&s.ns("fe1"), ip(BE), 80, None, Duration::from_secs(1)).expect("connect");
+        assert!(echo(&mut conn, b"before"));
+        let mut c = seed();
+        c.entries.retain(|e| e.endpoint != 2); // backend no longer admits frontend
+        s.apply(&mut dp, &c);
+        assert_eq!(echo(&mut conn, b"after"), !recheck, "recheck={recheck}");
+        assert!(!tcp_ok(&s.ns("fe1"), ip(BE), 80), "new connections are denied either way");
+    }
+}
+
+#[test]
+fn spoofed_source_address_cannot_leave_a_workload() {
+    if !privileged("spoofed_source_address_cannot_leave_a_workload") {
+        return;
+    }
+    let s = seed_topo("spoof");
+    let mut dp = Dp::open("spoofe2e", &settings());
+    s.apply(&mut dp, &Compiled { entries: vec![], ..seed() }); // no policy: only anti-spoofing
+    s.sync(&mut dp);
+    let db = s.ns("db");
+    Command::new("ip").args(["-n", &db, "addr", "add", "10.201.0.99/24", "dev", "eth0"]).status().unwrap();
+    // database -> frontend-1:8080 is open (frontend's ingress has no policy).
+    assert!(tcp_connect(&db, ip(FE1), 8080, Some(ip(DB)), Duration::from_millis(800)).is_some(), "registered source");
+    assert!(tcp_connect(&db, ip(FE1), 8080, Some(ip("10.201.0.99")), Duration::from_millis(800)).is_none(), "unregistered source");
+    assert!(dp.dp().counters()[&3].denied_spoof > 0);
+}
+use std::process::Command;
+
+#[test]
+fn pinned_links_keep_enforcing_after_the_process_object_is_dropped() {
+    if !privileged("pinned_links_keep_enforcing_after_the_process_object_is_dropped") {
+        return;
+    }
+    let s = seed_topo("adopt");
+    let fe1 = s.ns("fe1");
+    let mut dp = Dp::open("adopte2e", &settings());
+    s.apply(&mut dp, &seed());
+    s.sync(&mut dp);
+    assert!(!tcp_ok(&fe1, ip(BE), 81));
+    dp.forget(); // the Rust object and its fds are gone; pins remain
+    assert!(!tcp_ok(&fe1, ip(BE), 81), "still enforced with no process");
+    assert!(tcp_ok(&fe1, ip(BE), 80), "and still allowing");
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    s.sync(&mut dp); // nothing to do: the adopted links are live
+    assert_eq!(dp.dp().attached().len(), 4);
+    let mut c = seed();
+    c.entries.push(allow(Egress, ID_BE, 6, 81, 2));
+    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 6, 81, 3) });
+    c.entries.sort();
+    assert_eq!(s.apply(&mut dp, &c), 2);
+    assert!(tcp_ok(&fe1, ip(BE), 81), "the next apply after adoption works");
+    // Detaching an interface that is no longer listed.
+    let keep: Vec<Attachment> = s.attachments.iter().copied().filter(|a| a.slot != 3).collect();
+    let node = s.topo.node.clone();
+    let k = dp.dp();
+    e2e::in_ns(&node, || k.sync_attachments(&keep)).unwrap();
+    assert_eq!(dp.dp().attached().len(), 3);
+    dp.dp().detach_all().unwrap();
+    assert!(tcp_ok(&s.ns("db"), ip(BE), 80), "no enforcement after detach_all");
+}
+
+#[test]
+fn clsact_fallback_enforces_the_same_policy() {
+    if !privileged("clsact_fallback_enforces_the_same_policy") {
+        return;
+    }
+    let s = seed_topo("tc");
+    let mut dp = Dp::open("clsact", &settings());
+    dp.dp().set_force_clsact(true);
+    s.apply(&mut dp, &seed());
+    s.sync(&mut dp);
+    assert!(dp.dp().attached().values().all(|m| *m == netpol::datapath::kernel::AttachMode::Clsact));
+    assert!(tcp_ok(&s.ns("fe1"), ip(BE), 80));
+    assert!(!tcp_ok(&s.ns("fe1"), ip(BE), 81));
+    assert!(!tcp_ok(&s.ns("db"), ip(BE), 80));
+    dp.dp().detach_all().unwrap();
+    assert!(tcp_ok(&s.ns("db"), ip(BE), 80));
+}

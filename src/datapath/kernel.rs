@@ -120,6 +120,9 @@ pub struct KernelDatapath {
     barrier_inner: MapHandle,
     force_clsact: bool,
     adopted: bool,
+    /// Network namespace each clsact attachment was made in (tc filters are
+    /// addressed by ifindex, which is per namespace; tcx links are not).
+    clsact_netns: BTreeMap<u32, std::os::fd::OwnedFd>,
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -329,6 +332,7 @@ impl KernelDatapath {
             barrier_inner,
             force_clsact: false,
             adopted: adopt,
+            clsact_netns: BTreeMap::new(),
         };
         dp.write_failsafe()?;
         if adopt {
@@ -492,6 +496,12 @@ impl KernelDatapath {
         Ok(())
     }
 
+    fn remember_netns(&mut self, ifindex: u32) {
+        if let Ok(f) = std::fs::File::open("/proc/thread-self/ns/net") {
+            self.clsact_netns.insert(ifindex, f.into());
+        }
+    }
+
     fn detach_device(&self, ifindex: u32, mode: AttachMode) -> Result<(), DatapathError> {
         let mut first_err = None;
         for hook in [Hook::Ingress, Hook::Egress] {
@@ -508,14 +518,34 @@ impl KernelDatapath {
                         Hook::Ingress => &self.loaded.skel.progs.netpol_tc_ingress,
                         Hook::Egress => &self.loaded.skel.progs.netpol_tc_egress,
                     };
-                    let point = if hook == Hook::Ingress { TC_INGRESS } else { TC_EGRESS };
-                    let mut tc = TcHookBuilder::new(prog.as_fd())
-                        .ifindex(ifindex as i32)
-                        .handle(TC_HANDLE)
-                        .priority(TC_PRIORITY)
-                        .hook(point);
-                    // ENOENT / ENODEV: the filter or the device is gone already.
-                    let _ = tc.detach();
+                    let raw = prog.as_fd().as_raw_fd();
+                    let netns = self.clsact_netns.get(&ifindex).map(|f| f.as_raw_fd());
+                    let detach = move || {
+                        // SAFETY: the program fd stays open for this call (the
+                        // skeleton outlives it); it only seeds the builder.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+                        let point = if hook == Hook::Ingress { TC_INGRESS } else { TC_EGRESS };
+                        let mut tc = TcHookBuilder::new(fd)
+                            .ifindex(ifindex as i32)
+                            .handle(TC_HANDLE)
+                            .priority(TC_PRIORITY)
+                            .hook(point);
+                        // ENOENT / ENODEV: the filter or the device is gone already.
+                        let _ = tc.detach();
+                    };
+                    match netns {
+                        Some(ns) => std::thread::scope(|s| {
+                            s.spawn(move || {
+                                // SAFETY: the namespace fd is kept open in
+                                // `clsact_netns` until after this thread ends.
+                                let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(ns) };
+                                if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                                    detach();
+                                }
+                            });
+                        }),
+                        None => detach(),
+                    }
                 }
             }
             if path.exists() {
@@ -559,7 +589,10 @@ impl KernelDatapath {
         }
         let r = self.attach_clsact(ifindex, Hook::Ingress).and_then(|_| self.attach_clsact(ifindex, Hook::Egress));
         match r {
-            Ok(()) => Ok(AttachMode::Clsact),
+            Ok(()) => {
+                self.remember_netns(ifindex);
+                Ok(AttachMode::Clsact)
+            }
             Err(e) => {
                 let _ = self.detach_device(ifindex, AttachMode::Clsact);
                 Err(e)
@@ -773,6 +806,7 @@ impl Datapath for KernelDatapath {
                     first_err.get_or_insert(e);
                 }
                 self.attached.remove(&ifindex);
+                self.clsact_netns.remove(&ifindex);
             }
         }
         for ifindex in desired {
@@ -853,6 +887,7 @@ impl Datapath for KernelDatapath {
             }
         }
         self.attached.clear();
+        self.clsact_netns.clear();
         if self.pin_dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
                 first_err.get_or_insert(ioerr(format!("remove {}", self.pin_dir.display()))(e));
