@@ -1078,3 +1078,96 @@ fn clsact_fallback_enforces_the_same_policy() {
     dp.dp().detach_all().unwrap();
     assert!(tcp_ok(&s.ns("db"), ip(BE), 80));
 }
+
+#[test]
+fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
+    if !privileged("generation_swaps_under_load_never_drop_allowed_or_admit_denied") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    let flips: u64 = std::env::var("NETPOL_SWAP_FLIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let s = seed_topo("swap");
+    let mut dp = Dp::open("swap", &settings());
+    // Two states that agree on frontend -> backend (80 allowed, 81 denied)
+    // and differ elsewhere (database's policy, an extra CIDR identity).
+    let a = seed();
+    let mut b = seed();
+    b.endpoints[3].default_deny_ingress = true;
+    b.entries.push(PolicyEntry { endpoint: 3, ..allow(Ingress, ID_BE, 6, 5432, 2) });
+    b.ipcache.push(IpcacheEntry { net: "10.203.0.0/16".parse().unwrap(), identity: 16_777_300, endpoint: None });
+    b.entries.sort();
+    b.ipcache.sort();
+    s.apply(&mut dp, &a);
+    s.sync(&mut dp);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoes = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let mut conn = tcp_connect(&s.ns("fe1"), ip(BE), 80, None, Duration::from_secs(1)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let allowed = {
+        let (stop, echoes, failures) = (stop.clone(), echoes.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let msg = format!("message {i:012}\n");
+                if echo(&mut conn, msg.as_bytes()) {
+                    echoes.fetch_add(1, Ordering::Relaxed);
+                    // Continuous but paced: the machine is shared.
+                    std::thread::sleep(Duration::from_micros(500));
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        })
+    };
+    let denied = {
+        let (stop, admitted, attempts) = (stop.clone(), admitted.clone(), attempts.clone());
+        let (fe2, db) = (s.ns("fe2"), s.ns("db"));
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                // frontend-2 -> backend:81 (denied by frontend's egress and
+                // backend's ingress), database -> backend:80 (backend's ingress).
+                let (ns, port) = if n % 2 == 0 { (&fe2, 81) } else { (&db, 80) };
+                attempts.fetch_add(1, Ordering::Relaxed);
+                if tcp_connect(ns, ip(BE), port, None, Duration::from_millis(150)).is_some() {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    for i in 0..flips {
+        s.apply(&mut dp, if i % 2 == 0 { &b } else { &a });
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    allowed.join().unwrap();
+    denied.join().unwrap();
+    let ev = dp.dp().poll_events(1_000_000);
+    let allowed_flow_drops = ev
+        .iter()
+        .filter(|e| e.verdict == EventVerdict::Denied && (e.dport == 80 && e.src == ip(FE1) || e.sport == 80 && e.dst == ip(FE1)))
+        .count();
+    eprintln!(
+        "{flips} flips in {elapsed:?}; {} echoes, {} denied attempts, {} drop events",
+        echoes.load(Ordering::Relaxed),
+        attempts.load(Ordering::Relaxed),
+        ev.len()
+    );
+    assert_eq!(dp.dp().generation(), flips + 1);
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "the allowed connection stalled");
+    assert!(echoes.load(Ordering::Relaxed) > 0);
+    assert_eq!(allowed_flow_drops, 0, "packets of the allowed flow were dropped by policy");
+    assert_eq!(admitted.load(Ordering::Relaxed), 0, "a denied connection was established");
+    assert!(attempts.load(Ordering::Relaxed) > 0);
+    let counters = dp.dp().counters();
+    assert!(counters[&2].denied_default > 0, "backend dropped the denied attempts: {counters:?}");
+}
