@@ -420,6 +420,31 @@ fn audit_endpoint_passes_and_reports_would_be_drops() {
 }
 
 #[test]
+fn host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass() {
+    if !privileged("host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass") {
+        return;
+    }
+    let s = DatapathSettings { failsafe: vec![(Ingress, 6, 22), (Egress, 17, 53)], ..settings() };
+    let mut dp = Dp::open("hostep", &s);
+    let mut c = base();
+    c.endpoints[0].kind = EndpointKind::Host;
+    c.endpoints[0].default_deny_ingress = true;
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Ingress, ID_B, 6, 443, 0));
+    apply(&mut dp, c);
+    // For a host endpoint the device's ingress is the host's ingress.
+    assert!(dp.run(Hook::Ingress, &PacketSpec::tcp(ip(B4), ip(A4), 5, 443, TCP_SYN)));
+    assert!(!dp.run(Hook::Ingress, &PacketSpec::tcp(ip(C4), ip(A4), 5, 443, TCP_SYN)));
+    assert!(!dp.run(Hook::Egress, &PacketSpec::tcp(ip(A4), ip(B4), 5, 443, TCP_SYN)));
+    // Failsafe: ssh in and DNS out pass whatever the policy says.
+    assert!(dp.run(Hook::Ingress, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 22, TCP_SYN)));
+    assert!(dp.run(Hook::Egress, &PacketSpec::udp(ip(A4), ip(WORLD4), 5, 53)));
+    assert!(!dp.run(Hook::Egress, &PacketSpec::tcp(ip(A4), ip(WORLD4), 5, 22, TCP_SYN)));
+    // No anti-spoofing on host endpoints: the host may route others' traffic.
+    assert!(dp.run(Hook::Egress, &PacketSpec::udp(ip(WORLD4), ip(C4), 5, 53)));
+}
+
+#[test]
 fn no_policy_passes_and_default_deny_drops() {
     if !privileged("no_policy_passes_and_default_deny_drops") {
         return;
@@ -515,7 +540,8 @@ fn adopted_pins_keep_enforcing_and_accept_the_next_apply() {
     apply(&mut dp, c.clone());
     apply(&mut dp, c.clone());
     dp.forget();
-    dp.reopen(&settings());
+    // A changed conntrack size does not prevent adoption (the pinned size stays).
+    dp.reopen(&DatapathSettings { ct_max_entries: 8192, ..settings() });
     assert!(dp.dp().adopted());
     assert_eq!(dp.dp().generation(), 2);
     assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 81, TCP_SYN)), "old state enforced");

@@ -106,6 +106,12 @@ impl Drop for Loaded {
 // access goes through `&mut KernelDatapath` (or `&` for read-only syscalls).
 unsafe impl Send for Loaded {}
 
+// The daemon may move its datapath between threads.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<KernelDatapath>();
+};
+
 /// The kernel datapath of one instance (one `pin_dir`).
 pub struct KernelDatapath {
     loaded: Loaded,
@@ -238,6 +244,13 @@ fn open_skel(
                     continue;
                 }
                 let path = maps_dir.join(&name);
+                // Keep the pinned map's size: sizes from a changed config apply
+                // after a detach, not by failing to adopt.
+                if let Ok(pinned) = MapHandle::from_pinned_path(&path) {
+                    if pinned.max_entries() != m.max_entries() {
+                        let _ = m.set_max_entries(pinned.max_entries());
+                    }
+                }
                 m.reuse_pinned_map(&path).map_err(|e| DatapathError::Kernel {
                     op: format!(
                         "adopt pinned map {} (a different layout or size? detach the old instance first)",
