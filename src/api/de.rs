@@ -65,6 +65,11 @@ pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     if let Some(c) = candidates.iter().find(|c| c.to_ascii_lowercase() == lw) {
         return Some(c);
     }
+    if lw.len() >= 4 {
+        if let Some(c) = candidates.iter().find(|c| c.to_ascii_lowercase().starts_with(&lw)) {
+            return Some(c);
+        }
+    }
     candidates
         .iter()
         .map(|c| (distance(&lw, &c.to_ascii_lowercase()), *c))

@@ -123,7 +123,8 @@ pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let (docs, tree_problems) = if is_json(file) { yaml::parse_json(text) } else { yaml::parse_yaml(text) };
     for tp in tree_problems {
-        out.problems.push(problem(file, Some(tp.pos), tp.document, None, None, tp.message));
+        let object = tp.document.and_then(|n| docs.iter().find(|d| d.number == n)).and_then(|d| object_label(&d.root));
+        out.problems.push(problem(file, Some(tp.pos), tp.document, object.as_deref(), None, tp.message));
     }
     for doc in &docs {
         parse_doc(file, doc, want, out);

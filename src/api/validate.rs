@@ -158,6 +158,17 @@ pub fn cilium_port(text: &str) -> Result<PortText, String> {
             _ => Err(format!("{text:?} is out of range; a port is 0-65535")),
         };
     }
+    let has_letter = text.bytes().any(|b| b.is_ascii_alphabetic());
+    let name_chars = text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if has_letter && name_chars && text.len() > 15 {
+        return Err(format!("{text:?} is not a port number or name: a port name is at most 15 characters"));
+    }
+    if has_letter && name_chars {
+        return Err(format!("{text:?} is not a port number or name: a port name cannot start or end with '-' or contain \"--\""));
+    }
+    if has_letter {
+        return Err(format!("{text:?} is not a port number or name: a port name may contain only letters, digits and '-'"));
+    }
     Err(format!("{text:?} is not a port number or name"))
 }
 

@@ -321,11 +321,24 @@ pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
         b.problems.push(TreeProblem {
             pos: Pos { line: m.line(), col: m.col() + 1 },
             document: (b.doc_count > 0).then_some(b.doc_count),
-            message: format!("YAML syntax error: {}", e.info()),
+            message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
         });
         return (Vec::new(), b.problems);
     }
     (b.docs, b.problems)
+}
+
+/// A hint for the YAML errors people hit most, all of them indentation.
+fn syntax_hint(info: &str) -> &'static str {
+    if info.contains("did not find expected key") || info.contains("mapping values are not allowed") {
+        " (check the indentation of this line and the lines above it)"
+    } else if info.contains("found character that cannot start any token") {
+        " (tabs cannot indent YAML; use spaces)"
+    } else if info.contains("did not find expected '-' indicator") {
+        " (list items of one list must line up)"
+    } else {
+        ""
+    }
 }
 
 /// Parse a JSON file: serde_json decides whether it is valid JSON (and names the
