@@ -157,11 +157,11 @@ fn invalid_registry_fixtures() {
 
 #[test]
 fn message_format_matches_the_contract() {
-    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports:\n            - port: \"8.o\"\n";
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports:\n            - port: \"8.0\"\n";
     let e = api::parse_policies(Path::new("/etc/netpol.d/web.yaml"), text).unwrap_err();
     assert_eq!(
         lines(&e),
-        vec!["/etc/netpol.d/web.yaml:15:21: document 2 (CiliumNetworkPolicy default/web): spec.ingress[0].toPorts[0].ports[0].port: \"8.o\" is not a port number or name"]
+        vec!["/etc/netpol.d/web.yaml:15:21: document 2 (CiliumNetworkPolicy default/web): spec.ingress[0].toPorts[0].ports[0].port: \"8.0\" is not a port number or name"]
     );
     let p = &e[0];
     assert_eq!((p.line, p.column, p.document), (Some(15), Some(21), Some(2)));
@@ -449,4 +449,207 @@ fn registry_kinds() {
     assert_eq!(host.origin.kind, "HostEndpoint");
     assert_eq!(reg.nodes[0].name, "host-b");
     assert_eq!(reg.namespaces[0].labels, vec![label("k8s", "team", "payments")]);
+}
+
+// ---------------------------------------------------------------- directories
+
+const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n";
+
+fn cnp(name: &str) -> String {
+    CNP.replace("NAME", name)
+}
+
+/// Problems with the temporary directory replaced by `DIR`.
+fn dir_lines(dir: &Path, problems: &[Problem]) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    lines(problems).into_iter().map(|l| l.replace(&prefix, "DIR")).collect()
+}
+
+#[test]
+fn directory_rules_ignore_dotfiles_and_editor_leftovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("b.yaml"), cnp("b")).unwrap();
+    std::fs::write(d.join("a.yml"), cnp("a")).unwrap();
+    std::fs::write(d.join("c.json"), r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "c"}, "spec": {"endpointSelector": {}}}"#).unwrap();
+    // BOM is dropped.
+    std::fs::write(d.join("d.yaml"), format!("\u{feff}{}", cnp("d"))).unwrap();
+    // Empty documents and comment-only files are fine.
+    std::fs::write(d.join("e.yaml"), "# nothing here\n---\n---\n").unwrap();
+    for junk in [".hidden.yaml", "b.yaml~", "#b.yaml#", ".b.yaml.swp", "b.yaml.swp", "b.yaml.tmp", "README", "notes.txt"] {
+        std::fs::write(d.join(junk), "this: is: not: yaml: [").unwrap();
+    }
+    std::fs::create_dir(d.join("sub")).unwrap();
+    std::fs::write(d.join("sub/x.yaml"), "broken: [").unwrap();
+    // A symlink to a regular file is followed.
+    std::fs::write(tmp.path().join("target.txt"), cnp("linked")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("target.txt"), d.join("f.yaml")).unwrap();
+    let set = api::load_policy_dir(d).unwrap_or_else(|e| panic!("{}", dir_lines(d, &e).join("\n")));
+    let names: Vec<_> = set.policies.iter().map(|p| p.origin.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "d", "linked"]);
+}
+
+#[test]
+fn empty_and_missing_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(api::load_policy_dir(tmp.path()).unwrap(), PolicySet::default());
+    assert_eq!(api::load_endpoint_dirs(&[tmp.path().to_path_buf()]).unwrap(), RegistrySet::default());
+    let missing = tmp.path().join("nope");
+    let e = api::load_policy_dir(&missing).unwrap_err();
+    assert_eq!(dir_lines(tmp.path(), &e), ["DIR/nope: policy directory does not exist"]);
+    let e = api::load_endpoint_dirs(&[missing]).unwrap_err();
+    assert_eq!(dir_lines(tmp.path(), &e), ["DIR/nope: endpoint directory does not exist"]);
+    std::fs::write(tmp.path().join("file"), "").unwrap();
+    let e = api::load_policy_dir(&tmp.path().join("file")).unwrap_err();
+    assert_eq!(dir_lines(tmp.path(), &e), ["DIR/file: policy directory is not a directory"]);
+}
+
+#[test]
+fn oversize_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut text = cnp("big");
+    text.push_str(&format!("# {}\n", "x".repeat(api::MAX_FILE_SIZE as usize)));
+    std::fs::write(tmp.path().join("big.yaml"), &text).unwrap();
+    let e = api::load_policy_dir(tmp.path()).unwrap_err();
+    assert_eq!(
+        dir_lines(tmp.path(), &e),
+        [format!("DIR/big.yaml: file is {} bytes; the limit is 4194304 bytes (4 MiB)", text.len())]
+    );
+}
+
+#[test]
+fn special_files_are_refused_without_being_opened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // A FIFO nobody writes to: opening it for reading would block forever.
+    nix::unistd::mkfifo(&d.join("pipe.yaml"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", d.join("dangling.yaml")).unwrap();
+    std::fs::create_dir(d.join("dir.yaml")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", d.join("null.yaml")).unwrap();
+    let e = api::load_policy_dir(d).unwrap_err();
+    assert_eq!(
+        dir_lines(d, &e),
+        [
+            "DIR/dangling.yaml: symlink target cannot be read: No such file or directory (os error 2)",
+            "DIR/dir.yaml: a directory is not read: only regular files are policy or registry files",
+            "DIR/null.yaml: a device is not read: only regular files are policy or registry files",
+            "DIR/pipe.yaml: a FIFO is not read: only regular files are policy or registry files",
+        ]
+    );
+}
+
+#[test]
+fn invalid_utf8_is_refused_with_its_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = cnp("x").into_bytes();
+    bytes.extend_from_slice(b"# caf\xe9\n");
+    std::fs::write(tmp.path().join("latin1.yaml"), bytes).unwrap();
+    let e = api::load_policy_dir(tmp.path()).unwrap_err();
+    assert_eq!(dir_lines(tmp.path(), &e), ["DIR/latin1.yaml:7:6: file is not valid UTF-8"]);
+}
+
+#[test]
+fn all_or_nothing_with_every_problem_of_every_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("a.yaml"), cnp("web")).unwrap();
+    std::fs::write(d.join("b.yaml"), cnp("web")).unwrap();
+    std::fs::write(d.join("c.yaml"), cnp("c").replace("{}", "{matchLabels: {a: \"b c\"}}")).unwrap();
+    std::fs::write(d.join("d.yaml"), cnp("d")).unwrap();
+    let e = api::load_policy_dir(d).unwrap_err();
+    assert_eq!(
+        dir_lines(d, &e),
+        [
+            "DIR/b.yaml:4:9: document 1 (CiliumNetworkPolicy default/web): metadata.name: CiliumNetworkPolicy default/web is already defined at DIR/a.yaml:4:9; a policy name must be unique per kind and namespace",
+            "DIR/c.yaml:6:39: document 1 (CiliumNetworkPolicy default/c): spec.endpointSelector.matchLabels.a: \"b c\" is not a valid label value: it must be empty or consist of letters, digits, '-', '_' or '.', and start and end with a letter or digit",
+        ]
+    );
+}
+
+#[test]
+fn registry_conflicts_across_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (tmp.path().join("one"), tmp.path().join("two"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let ep = |name: &str, iface: &str, addr: &str| {
+        format!("apiVersion: netpol/v1\nkind: Endpoint\nmetadata:\n  name: {name}\nspec:\n  interface: {iface}\n  addresses: [{addr}]\n")
+    };
+    std::fs::write(d1.join("a.yaml"), ep("a", "veth-a", "10.0.0.1")).unwrap();
+    std::fs::write(d2.join("b.yaml"), ep("b", "veth-b", "10.0.0.1")).unwrap();
+    let e = api::load_endpoint_dirs(&[d1.clone(), d2.clone()]).unwrap_err();
+    assert_eq!(
+        dir_lines(tmp.path(), &e),
+        ["DIR/two/b.yaml:7:15: document 1 (Endpoint default/b): spec.addresses[0]: address 10.0.0.1 is already claimed by Endpoint default/a at DIR/one/a.yaml:7:15; an address belongs to one endpoint"]
+    );
+    std::fs::write(d2.join("b.yaml"), ep("b", "veth-b", "10.0.0.2")).unwrap();
+    let reg = api::load_endpoint_dirs(&[d1, d2]).unwrap();
+    assert_eq!(reg.endpoints.len(), 2);
+}
+
+// ---------------------------------------------------------------- netpolctl check
+
+fn netpolctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_netpolctl")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn check_passes_on_the_seed_examples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed");
+    // Paths from a config file.
+    let cfg = tmp.path().join("netpold.toml");
+    std::fs::write(
+        &cfg,
+        format!("policy_dir = {:?}\nendpoint_dirs = [{:?}]\n", root.join("netpol.d"), root.join("endpoints.d")),
+    )
+    .unwrap();
+    let (code, out, err) = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "ok: 2 policies (2 rules), 4 endpoints, 0 host endpoints, 0 nodes, 0 namespaces\n");
+    let (code, out, _) = netpolctl(&["check", "--config", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["policies"], 2);
+    assert_eq!(v["endpoints"], 4);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn check_fails_with_file_line_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pol = tmp.path().join("netpol.d");
+    let reg = tmp.path().join("endpoints.d");
+    std::fs::create_dir_all(&pol).unwrap();
+    std::fs::create_dir_all(&reg).unwrap();
+    std::fs::write(pol.join("web.yaml"), cnp("web") + "  ingress:\n    - fromEntities: [wrld]\n").unwrap();
+    std::fs::write(reg.join("eps.yaml"), "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n").unwrap();
+    let args = ["check", "--config", "/nonexistent/netpold.toml", "--policy-dir", pol.to_str().unwrap(), "--endpoint-dir", reg.to_str().unwrap()];
+    let (code, _, err) = netpolctl(&args);
+    // A config file given explicitly must exist.
+    assert_eq!(code, 2, "{err}");
+    let args = ["check", "--policy-dir", pol.to_str().unwrap(), "--endpoint-dir", reg.to_str().unwrap()];
+    let (code, out, err) = netpolctl(&args);
+    assert_eq!(code, 1, "{out}{err}");
+    let out = out.replace(&tmp.path().display().to_string(), "DIR");
+    assert_eq!(
+        out,
+        "DIR/netpol.d/web.yaml:8:22: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].fromEntities[0]: unknown entity \"wrld\" (did you mean \"world\"?); known entities: all, world, world-ipv4, world-ipv6, host, remote-node, cluster, init, health, unmanaged, ingress, kube-apiserver, none\n\
+         DIR/endpoints.d/eps.yaml:4:20: document 1 (Endpoint default/a): spec.addresses[0]: \"10.0.0.300\" is not an IP address\n"
+    );
+    assert!(err.contains("2 problems found"), "{err}");
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let (code, out, _) = netpolctl(&json_args);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["valid"], false);
+    let p = &v["problems"][0];
+    assert_eq!((p["line"].as_u64(), p["column"].as_u64(), p["document"].as_u64()), (Some(8), Some(22), Some(1)));
+    assert_eq!(p["object"], "CiliumNetworkPolicy default/web");
+    assert_eq!(p["field"], "spec.ingress[0].fromEntities[0]");
+    assert!(p["file"].as_str().unwrap().ends_with("netpol.d/web.yaml"));
+    assert!(p["message"].as_str().unwrap().starts_with("unknown entity \"wrld\""));
 }

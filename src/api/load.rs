@@ -82,6 +82,8 @@ pub struct Parsed {
     pub nodes: Vec<(NodeDef, Site)>,
     pub namespaces: Vec<(NamespaceDef, Site)>,
     pub problems: Vec<Problem>,
+    /// Files in the order they were read; problems are reported in this order.
+    pub files: Vec<PathBuf>,
 }
 
 fn is_json(file: &Path) -> bool {
@@ -120,6 +122,7 @@ fn object_label(root: &Node) -> Option<String> {
 
 /// Parse one file's text into `out`.
 pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
+    out.files.push(file.to_path_buf());
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let (docs, tree_problems) = if is_json(file) { yaml::parse_json(text) } else { yaml::parse_yaml(text) };
     for tp in tree_problems {
@@ -517,14 +520,14 @@ pub fn check_registry(parsed: &mut Parsed) {
 impl Parsed {
     pub fn into_policy_set(self) -> Result<PolicySet, Vec<Problem>> {
         if !self.problems.is_empty() {
-            return Err(sorted(self.problems));
+            return Err(sorted(self.problems, self.files));
         }
         Ok(PolicySet { policies: self.policies.into_iter().map(|(p, _)| p).collect() })
     }
 
     pub fn into_registry_set(self) -> Result<RegistrySet, Vec<Problem>> {
         if !self.problems.is_empty() {
-            return Err(sorted(self.problems));
+            return Err(sorted(self.problems, self.files));
         }
         Ok(RegistrySet {
             endpoints: self.endpoints.into_iter().map(|(e, _)| e).collect(),
@@ -535,8 +538,8 @@ impl Parsed {
 }
 
 /// Problems in file order, then position; files keep the order they were read in.
-fn sorted(problems: Vec<Problem>) -> Vec<Problem> {
-    let mut order: Vec<PathBuf> = Vec::new();
+fn sorted(problems: Vec<Problem>, files: Vec<PathBuf>) -> Vec<Problem> {
+    let mut order: Vec<PathBuf> = files;
     for p in &problems {
         if !order.contains(&p.file) {
             order.push(p.file.clone());
@@ -671,7 +674,10 @@ pub fn load_dirs(dirs: &[PathBuf], want: FileKind) -> Parsed {
                 for f in files {
                     match read_file(&f) {
                         Ok(text) => parse_text(&f, &text, want, &mut out),
-                        Err(p) => out.problems.push(p),
+                        Err(p) => {
+                            out.files.push(f);
+                            out.problems.push(p);
+                        }
                     }
                 }
             }
