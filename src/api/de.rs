@@ -454,6 +454,7 @@ mod tests {
         end_port: Option<i64>,
         port: Option<IntOrString>,
         labels: Option<BTreeMap<String, String>>,
+        #[allow(dead_code)]
         items: Option<Vec<Inner>>,
     }
     #[derive(Debug, Deserialize)]
