@@ -314,3 +314,26 @@ fn cli_matrix() {
     let f = flows.iter().find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/backend").unwrap();
     assert_eq!(f["verdict"], "allowed");
 }
+
+// ---------------------------------------------------------------- golden dump
+
+/// The compiled seed scenario, byte for byte: identity numbers, ipcache, entries
+/// and rule references. Identity numbers are a hash of the label set, so a change
+/// here means every deployed host would renumber. Regenerate deliberately with
+/// `UPDATE_GOLDEN=1 cargo test --test conformance golden`.
+#[test]
+fn golden_seed_dump() {
+    let root = repo_root();
+    let pols = api::load_policy_dir(&root.join("etc/examples/seed/netpol.d")).expect("seed policies valid");
+    let reg = api::load_endpoint_dirs(&[root.join("etc/examples/seed/endpoints.d")]).expect("seed registry valid");
+    let c = compile(&pols, &reg, &CompileOptions { node_name: "host-a".into(), ..Default::default() });
+    let prefix = format!("{}/", root.display());
+    let dump = c.dump().replace(&prefix, "");
+    let golden = root.join("tests/conformance/golden/seed.dump");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &dump).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).expect("golden file (UPDATE_GOLDEN=1 to create)");
+    assert_eq!(dump, want, "compiled seed state changed");
+}

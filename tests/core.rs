@@ -1175,3 +1175,102 @@ mod oracle {
         }
     }
 }
+
+mod oracle_cidr {
+    //! Egress with nested CIDRs, excepts, world and endpoint peers, allow and deny,
+    //! against a direct reading of the semantics (CIDR peers never match registry
+    //! endpoints; CIDR containment; deny wins).
+    use super::*;
+    use ipnet::IpNet;
+    use proptest::prelude::*;
+
+    const NETS: &[&str] = &["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.0.0/16", "10.0.0.0/30"];
+    const DSTS: &[&str] = &["10.1.2.3", "10.1.2.4", "10.1.3.1", "10.2.0.1", "192.168.1.1", "8.8.8.8", "10.0.0.1", "10.0.0.2", "10.0.0.3"];
+
+    fn endpoints() -> Vec<EndpointDef> {
+        vec![
+            ep("default", "a", &[("app", "a")], &["10.0.0.1"]),
+            ep("default", "b", &[("app", "b")], &["10.0.0.2"]),
+            ep("default", "c", &[("app", "c")], &["10.0.0.3"]),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum P {
+        Cidr(usize, Option<usize>),
+        World,
+        App(usize),
+        All,
+    }
+
+    #[derive(Debug, Clone)]
+    struct It {
+        deny: bool,
+        peer: P,
+        port: Option<u16>,
+    }
+
+    fn arb_item() -> impl Strategy<Value = It> {
+        let peer = prop_oneof![
+            4 => (0..NETS.len(), proptest::option::of(0..NETS.len())).prop_map(|(n, e)| P::Cidr(n, e)),
+            1 => Just(P::World),
+            1 => (1..3usize).prop_map(P::App),
+            1 => Just(P::All),
+        ];
+        (any::<bool>(), peer, proptest::option::of(prop_oneof![Just(80u16), Just(443u16)])).prop_map(|(deny, peer, port)| It { deny, peer, port })
+    }
+
+    fn net(i: usize) -> IpNet {
+        NETS[i].parse().unwrap()
+    }
+
+    /// The except is kept only when it lies inside the CIDR (the parser rejects others).
+    fn except_of(n: usize, e: Option<usize>) -> Option<IpNet> {
+        e.map(net).filter(|x| net(n).contains(x) && *x != net(n))
+    }
+
+    fn peer_matches(p: &P, dst: &str) -> bool {
+        let ip: IpAddr = dst.parse().unwrap();
+        let endpoint = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().position(|a| *a == dst);
+        match p {
+            P::All => true,
+            P::World => endpoint.is_none(),
+            P::App(i) => endpoint == Some(*i),
+            P::Cidr(n, e) => {
+                endpoint.is_none() && net(*n).contains(&ip) && !except_of(*n, *e).is_some_and(|x| x.contains(&ip))
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn egress_cidr_semantics(
+            items in proptest::collection::vec(arb_item(), 1..6),
+            flows in proptest::collection::vec((0..DSTS.len(), prop_oneof![Just(80u16), Just(443u16), Just(22u16)]), 20),
+        ) {
+            let mut r = R::eps(nsel("default", &[("app", "a")]));
+            for it in &items {
+                let peers = match &it.peer {
+                    P::All => Peers::All,
+                    P::World => entities(&[Entity::World]),
+                    P::App(i) => from_eps(vec![nsel("default", &[("app", ["a", "b", "c"][*i])])]),
+                    P::Cidr(n, e) => Peers::List(vec![Peer::Cidr { net: net(*n), except: except_of(*n, *e).into_iter().collect(), match_endpoints: false }]),
+                };
+                let l4 = match it.port { None => L4::Any, Some(p) => tcp(p) };
+                r = if it.deny { r.egress_deny(item(peers, l4)) } else { r.egress(item(peers, l4)) };
+            }
+            let c = build(vec![cnp("default", "p", vec![r])], endpoints());
+            for (d, port) in flows {
+                let dst = DSTS[d];
+                if dst == "10.0.0.1" { continue; }
+                let m = |it: &It| peer_matches(&it.peer, dst) && it.port.is_none_or(|p| p == port);
+                let denied = items.iter().any(|it| it.deny && m(it));
+                let allowed_ = items.iter().any(|it| !it.deny && m(it));
+                let expect = !denied && allowed_;
+                let got = allowed(&c, "a", dst, TCP, port);
+                prop_assert_eq!(got, expect, "a -> {} tcp/{}\n{}", dst, port, c.dump());
+            }
+        }
+    }
+}
