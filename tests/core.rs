@@ -486,7 +486,7 @@ fn world_entity_admits_cidr_identities_all_admits_host() {
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
     let c = build(
         vec![cidr_pol, cnp("default", "p", vec![R::eps(be()).ingress(item(entities(&[Entity::All]), L4::Any))])],
-        vec![seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat(),
+        [seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat(),
     );
     assert!(allowed(&c, "192.0.2.10", "backend", TCP, 80), "host");
     assert!(allowed(&c, "me", "backend", TCP, 80), "host endpoint by name");
@@ -959,7 +959,7 @@ fn audit_mode_passes_and_reports() {
 
 #[test]
 fn allow_localhost_option() {
-    let eps = vec![seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat();
+    let eps = [seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat();
     let c = build(vec![frontend_to_backend()], eps.clone());
     assert!(!allowed(&c, "me", "backend", TCP, 80));
     let opts = CompileOptions { allow_localhost: true, ..Default::default() };

@@ -666,36 +666,6 @@ fn build_template(
     t
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_range_80_444_is_nine_blocks() {
-        let b = port_range_blocks(80, 444);
-        assert_eq!(
-            b,
-            vec![(80, 12), (96, 11), (128, 9), (256, 9), (384, 11), (416, 12), (432, 13), (440, 14), (444, 16)]
-        );
-        assert_eq!(port_range_blocks(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
-        assert_eq!(port_range_blocks(0, 65535), vec![(0, 0)]);
-        assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
-    }
-
-    #[test]
-    fn covers() {
-        let any = ANY_KEY;
-        let tcp = PortKey { proto: 6, port: 0, prefix: 0 };
-        let p80 = PortKey { proto: 6, port: 80, prefix: 16 };
-        let r80 = PortKey { proto: 6, port: 80, prefix: 12 };
-        assert!(key_covers(&any, &p80));
-        assert!(key_covers(&tcp, &p80));
-        assert!(key_covers(&r80, &p80));
-        assert!(!key_covers(&p80, &r80));
-        assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
-    }
-}
-
 fn proto_name(p: u8) -> String {
     match p {
         proto::ANY => "any".into(),
@@ -782,5 +752,35 @@ impl Compiled {
             let _ = writeln!(s, "rule {i} {} {} {} {}", r.kind, r.policy, r.file.display(), r.path);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_80_444_is_nine_blocks() {
+        let b = port_range_blocks(80, 444);
+        assert_eq!(
+            b,
+            vec![(80, 12), (96, 11), (128, 9), (256, 9), (384, 11), (416, 12), (432, 13), (440, 14), (444, 16)]
+        );
+        assert_eq!(port_range_blocks(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
+        assert_eq!(port_range_blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
+    }
+
+    #[test]
+    fn covers() {
+        let any = ANY_KEY;
+        let tcp = PortKey { proto: 6, port: 0, prefix: 0 };
+        let p80 = PortKey { proto: 6, port: 80, prefix: 16 };
+        let r80 = PortKey { proto: 6, port: 80, prefix: 12 };
+        assert!(key_covers(&any, &p80));
+        assert!(key_covers(&tcp, &p80));
+        assert!(key_covers(&r80, &p80));
+        assert!(!key_covers(&p80, &r80));
+        assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
     }
 }
