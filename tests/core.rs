@@ -1274,3 +1274,21 @@ mod oracle_cidr {
         }
     }
 }
+
+#[test]
+fn reserved_world_selector_matches_family_worlds_and_cidrs() {
+    let s = Selector { requirements: vec![req(Some("reserved"), "world", Op::Exists, &[])] };
+    let extra = cnp("default", "c", vec![R::eps(nsel("default", &[("app", "database")])).egress(item(Peers::List(vec![cidr("198.51.100.0/24", &[])]), L4::Any))]);
+    let c = build(
+        vec![extra, cnp("default", "p", vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(from_eps(vec![s]), L4::Any))])],
+        seed_endpoints(),
+    );
+    assert!(allowed(&c, "203.0.113.1", "backend", TCP, 80));
+    assert!(allowed(&c, "2001:db8::1", "backend", TCP, 80));
+    assert!(allowed(&c, "198.51.100.1", "backend", TCP, 80));
+    assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
+    let s6 = Selector { requirements: vec![req(Some("reserved"), "world-ipv6", Op::Exists, &[])] };
+    let c = build(vec![cnp("default", "p", vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(from_eps(vec![s6]), L4::Any))])], seed_endpoints());
+    assert!(!allowed(&c, "203.0.113.1", "backend", TCP, 80));
+    assert!(allowed(&c, "2001:db8::1", "backend", TCP, 80));
+}
