@@ -1292,3 +1292,17 @@ fn reserved_world_selector_matches_family_worlds_and_cidrs() {
     assert!(!allowed(&c, "203.0.113.1", "backend", TCP, 80));
     assert!(allowed(&c, "2001:db8::1", "backend", TCP, 80));
 }
+
+#[test]
+fn retain_local_entries_keeps_slots() {
+    let mut eps = seed_endpoints();
+    eps[2].node = Some("host-b".into()); // backend is remote
+    let mut c = build(vec![frontend_to_backend(), frontend_egress_control()], eps);
+    let be = c.endpoints.iter().find(|e| e.name == "backend").unwrap().slot;
+    assert!(c.entries.iter().any(|e| e.endpoint == be));
+    let n = c.endpoints.len();
+    c.retain_local_entries();
+    assert_eq!(c.endpoints.len(), n);
+    assert!(!c.entries.iter().any(|e| e.endpoint == be));
+    assert!(!c.entries.is_empty());
+}

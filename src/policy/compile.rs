@@ -694,6 +694,14 @@ pub fn format_key(p: u8, port: u16, prefix: u8) -> String {
 }
 
 impl Compiled {
+    /// Drop the entries of endpoints that are not enforced on this host. `compile`
+    /// keeps every endpoint's entries (offline `trace` judges every endpoint as
+    /// enforced); the datapath only needs the local ones. Slots do not change.
+    pub fn retain_local_entries(&mut self) {
+        let local: Vec<bool> = self.endpoints.iter().map(|e| e.local).collect();
+        self.entries.retain(|e| local.get(e.endpoint as usize).copied().unwrap_or(false));
+    }
+
     /// A stable, line-oriented text dump of the whole state, for golden tests and
     /// debugging.
     pub fn dump(&self) -> String {
