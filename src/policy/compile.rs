@@ -779,6 +779,24 @@ mod tests {
         assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn port_range_blocks_cover_exactly(a in 0u16..=u16::MAX, b in 0u16..=u16::MAX) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let blocks = port_range_blocks(lo, hi);
+            let mut covered: u64 = 0;
+            for (base, prefix) in &blocks {
+                let size = 1u64 << (16 - u32::from(*prefix));
+                proptest::prop_assert_eq!(u64::from(*base) % size, 0, "aligned");
+                proptest::prop_assert!(u64::from(*base) >= u64::from(lo) && u64::from(*base) + size - 1 <= u64::from(hi));
+                covered += size;
+            }
+            proptest::prop_assert_eq!(covered, u64::from(hi) - u64::from(lo) + 1);
+            proptest::prop_assert!(blocks.len() <= 32);
+            proptest::prop_assert!(blocks.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+    }
+
     #[test]
     fn covers() {
         let any = ANY_KEY;
