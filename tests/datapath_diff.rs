@@ -3,10 +3,8 @@
 //! probe — verdict and deciding rule. Privileged: skips without root, fails
 //! under CI=true.
 //!
-//! The offline side is a straightforward model of the contract written in
-//! bpf/lib/netpol_maps.h (two lookups, deny first, then allow, then default
-//! deny); it is meant to be replaced by `netpol::policy::lookup` once the core
-//! lands on main (same steps, see that module's doc).
+//! The offline side is the core's `netpol::policy::lookup` (the contract
+//! written down in bpf/lib/netpol_maps.h and in that module's doc).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -17,6 +15,7 @@ use netpol::datapath::packet::{PacketSpec, L4, TCP_SYN};
 use netpol::datapath::{
     Attachment, Datapath, DatapathSettings, EventVerdict, Hook, KernelDatapath,
 };
+use netpol::policy::lookup::{self, Outcome};
 use netpol::policy::types::{
     Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry,
 };
@@ -67,39 +66,9 @@ impl Rng {
 }
 
 // ---------------------------------------------------------------------------
-// The offline model of the contract.
-
-fn covers(e: &PolicyEntry, proto: u8, port: u16) -> bool {
-    if e.proto == 0 {
-        return true;
-    }
-    if e.proto != proto {
-        return false;
-    }
-    let n = u32::from(e.port_prefix.min(16));
-    let mask: u16 = if n == 0 { 0 } else { u16::MAX << (16 - n) };
-    (port & mask) == (e.port & mask)
-}
-
-fn specificity(e: &PolicyEntry) -> u8 {
-    if e.proto == 0 { 0 } else { 8 + e.port_prefix }
-}
-
-fn longest<'a>(c: &'a Compiled, slot: u32, dir: Direction, id: u32, proto: u8, port: u16) -> Option<&'a PolicyEntry> {
-    c.entries
-        .iter()
-        .filter(|e| e.endpoint == slot && e.direction == dir && e.identity == id && covers(e, proto, port))
-        .max_by_key(|e| specificity(e))
-}
-
-fn lookup_ip(c: &Compiled, addr: IpAddr) -> (u32, Option<u32>) {
-    c.ipcache
-        .iter()
-        .filter(|e| e.net.contains(&addr))
-        .max_by_key(|e| e.net.prefix_len())
-        .map(|e| (e.identity, e.endpoint))
-        .unwrap_or((2, None))
-}
+// The offline side: the core's lookup contract (netpol::policy::lookup) for
+// the decision and the ipcache, plus what the datapath adds around it: hook to
+// direction, anti-spoofing, audit.
 
 /// (passes, reported rule of a drop or audit)
 fn model(c: &Compiled, slot: u32, hook: Hook, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> (bool, Option<u32>) {
@@ -109,28 +78,19 @@ fn model(c: &Compiled, slot: u32, hook: Hook, src: IpAddr, dst: IpAddr, proto: u
         (false, Hook::Ingress) | (true, Hook::Egress) => Direction::Egress,
         _ => Direction::Ingress,
     };
-    if !host && hook == Hook::Ingress && lookup_ip(c, src).1 != Some(slot) {
+    if !host && hook == Hook::Ingress && c.endpoint_by_ip(src) != Some(slot) {
         return (false, None); // spoofed: never audited
     }
     let remote = if dir == Direction::Egress { dst } else { src };
-    let (rid, _) = lookup_ip(c, remote);
-    let l1 = longest(c, slot, dir, rid, proto, port);
-    let l2 = longest(c, slot, dir, 0, proto, port);
-    let is = |e: Option<&PolicyEntry>, v| e.is_some_and(|e| e.verdict == v);
-    let (pass, rule) = if is(l1, EntryVerdict::Deny) {
-        (false, l1.map(|e| e.rule))
-    } else if is(l2, EntryVerdict::Deny) {
-        (false, l2.map(|e| e.rule))
-    } else if is(l1, EntryVerdict::Allow) || is(l2, EntryVerdict::Allow) {
-        (true, None)
-    } else {
-        let dd = if dir == Direction::Ingress { ep.default_deny_ingress } else { ep.default_deny_egress };
-        (!dd, None)
+    let d = lookup::decide(c, slot, dir, c.lookup_ip(remote), proto, port);
+    let rule = match d.outcome {
+        Outcome::DeniedByEntry => d.entry.map(|e| e.rule),
+        _ => None,
     };
-    if !pass && ep.audit {
+    if !d.allowed() && ep.audit {
         return (true, rule);
     }
-    (pass, rule)
+    (d.allowed(), rule)
 }
 
 // ---------------------------------------------------------------------------
