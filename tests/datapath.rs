@@ -1197,3 +1197,58 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     let counters = dp.dp().counters();
     assert!(counters[&2].denied_default > 0, "backend dropped the denied attempts: {counters:?}");
 }
+
+#[test]
+fn seed_files_compiled_by_the_core_enforce_on_real_traffic() {
+    if !privileged("seed_files_compiled_by_the_core_enforce_on_real_traffic") {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed");
+    let policies = netpol::api::load_policy_dir(&root.join("netpol.d")).expect("seed policies parse");
+    // The seed registry with this test's addresses and interface names.
+    let reg_file = root.join("endpoints.d/seed.yaml");
+    let text = std::fs::read_to_string(&reg_file)
+        .unwrap()
+        .replace("10.0.1.", "10.201.0.")
+        .replace("fd00:1::", "fd01:201::")
+        .replace("veth-", "npd-");
+    let registry = netpol::api::parse_registry(&reg_file, &text).expect("seed registry parses");
+    let opts = netpol::policy::compile::CompileOptions { node_name: "npd-node".into(), ..Default::default() };
+    let mut compiled = netpol::policy::compile::compile(&policies, &registry, &opts);
+    compiled.retain_local_entries();
+
+    let s = seed_topo("core");
+    let attachments: Vec<Attachment> = compiled
+        .endpoints
+        .iter()
+        .filter(|e| e.local)
+        .filter_map(|e| match &e.interface {
+            Some(netpol::api::model::Interface::Name(n)) => {
+                let w = n.trim_start_matches("npd-").to_string();
+                Some(Attachment { slot: e.slot, ifindex: s.topo.ifindex(&w) })
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attachments.len(), 4, "{:?}", compiled.endpoints);
+    let mut dp = Dp::open("core", &settings());
+    dp.dp().apply(&compiled, &attachments).expect("apply the compiled seed");
+    let node = s.topo.node.clone();
+    let k = dp.dp();
+    e2e::in_ns(&node, || k.sync_attachments(&attachments)).expect("attach");
+    let (fe1, fe2, be, db) = (s.ns("fe1"), s.ns("fe2"), s.ns("be"), s.ns("db"));
+    assert!(tcp_ok(&fe1, ip(BE), 80), "frontend-1 -> backend:80");
+    assert!(tcp_ok(&fe2, ip(BE), 80), "frontend-2 -> backend:80");
+    assert!(tcp_ok(&fe1, ip(BE_6), 80), "v6 frontend-1 -> backend:80");
+    assert!(!tcp_ok(&fe1, ip(BE), 81), "frontend-1 -> backend:81");
+    assert!(!tcp_ok(&fe1, ip(DB), 5432), "frontend-1 -> database");
+    assert!(!tcp_ok(&db, ip(BE), 80), "database -> backend:80");
+    assert!(tcp_ok(&be, ip(DB), 5432), "backend -> database");
+    assert!(tcp_ok(&db, ip(FE1), 8080), "database -> frontend-1");
+    assert!(!ping_ok(&fe1, ip(BE)), "no ICMP from frontend");
+    assert!(ping_ok(&be, ip(DB)));
+    // Drops name the rule behind them, or default deny.
+    let ev = dp.dp().poll_events(1000);
+    let drop81 = ev.iter().find(|e| e.verdict == EventVerdict::Denied && e.dport == 81).expect("a drop event for :81");
+    assert_eq!(drop81.reason, EventReason::DefaultDeny);
+}
