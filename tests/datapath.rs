@@ -1252,3 +1252,44 @@ fn seed_files_compiled_by_the_core_enforce_on_real_traffic() {
     let drop81 = ev.iter().find(|e| e.verdict == EventVerdict::Denied && e.dport == 81).expect("a drop event for :81");
     assert_eq!(drop81.reason, EventReason::DefaultDeny);
 }
+
+#[test]
+fn a_recreated_interface_is_attached_again_under_its_new_ifindex() {
+    if !privileged("a_recreated_interface_is_attached_again_under_its_new_ifindex") {
+        return;
+    }
+    let s = seed_topo("reif");
+    let mut dp = Dp::open("reif", &settings());
+    s.apply(&mut dp, &seed());
+    s.sync(&mut dp);
+    let fe2 = s.ns("fe2");
+    // Only frontend-2's own egress policy stops this one (database is open).
+    assert!(!tcp_ok(&fe2, ip(DB), 5432));
+    // Recreate frontend-2's veth: same name, new ifindex.
+    let old = s.topo.ifindex("fe2");
+    Command::new("ip").args(["-n", &s.topo.node, "link", "del", "npd-fe2"]).status().unwrap();
+    for args in [
+        vec!["-n", &s.topo.node, "link", "add", "npd-fe2", "type", "veth", "peer", "name", "eth0", "netns", &fe2],
+        vec!["-n", &s.topo.node, "link", "set", "npd-fe2", "master", "npdbr", "up"],
+        vec!["-n", &fe2, "addr", "add", "10.201.0.12/24", "dev", "eth0"],
+        vec!["-n", &fe2, "link", "set", "eth0", "up"],
+    ] {
+        assert!(Command::new("ip").args(&args).status().unwrap().success(), "ip {args:?}");
+    }
+    let new = s.topo.ifindex("fe2");
+    assert_ne!(old, new);
+    let attachments: Vec<Attachment> = s
+        .attachments
+        .iter()
+        .map(|a| if a.ifindex == old { Attachment { slot: a.slot, ifindex: new } } else { *a })
+        .collect();
+    dp.dp().apply(&seed(), &attachments).unwrap();
+    let node = s.topo.node.clone();
+    let k = dp.dp();
+    e2e::in_ns(&node, || k.sync_attachments(&attachments)).unwrap();
+    assert!(dp.dp().attached().contains_key(&new));
+    assert!(!dp.dp().attached().contains_key(&old));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(tcp_ok(&fe2, ip(BE), 80));
+    assert!(!tcp_ok(&fe2, ip(DB), 5432), "enforced on the new device");
+}
