@@ -145,6 +145,8 @@ impl std::fmt::Debug for KernelDatapath {
 /// Make sure `dir`'s parent is a bpf filesystem, mounting /sys/fs/bpf if needed.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    // The f_type width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)
             .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
@@ -621,9 +623,7 @@ impl KernelDatapath {
             Hook::Ingress => &self.loaded.skel.progs.netpol_tcx_ingress,
             Hook::Egress => &self.loaded.skel.progs.netpol_tcx_egress,
         };
-        let mut input = libbpf_rs::ProgramInput::default();
-        input.data_in = Some(packet);
-        input.repeat = repeat;
+        let input = libbpf_rs::ProgramInput { data_in: Some(packet), repeat, ..Default::default() };
         let out = prog.test_run(input).map_err(kerr("BPF_PROG_TEST_RUN"))?;
         Ok(TestRun { retval: out.return_value as i32, duration: out.duration })
     }
