@@ -493,6 +493,44 @@ fn established_flow_is_rechecked_under_recheck_and_kept_under_keep() {
 }
 
 #[test]
+fn conntrack_entries_expire_by_protocol_and_tcp_state() {
+    if !privileged("conntrack_entries_expire_by_protocol_and_tcp_state") {
+        return;
+    }
+    let s = DatapathSettings {
+        ct_timeout_syn_secs: 1,
+        ct_timeout_established_secs: 60,
+        ct_timeout_close_secs: 1,
+        ct_timeout_other_secs: 1,
+        ..settings()
+    };
+    let mut dp = Dp::open("cttimeout", &s);
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.endpoints[0].default_deny_ingress = true;
+    c.entries.push(allow(Egress, ID_B, 17, 53, 0));
+    c.entries.push(allow(Egress, ID_B, 6, 80, 1));
+    apply(&mut dp, c);
+    use netpol::datapath::packet::TCP_FIN;
+    // UDP: the other-protocol timeout.
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
+    // TCP answered: established timeout.
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40001, 80, TCP_SYN)));
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_SYN | TCP_ACK)));
+    // TCP never answered: SYN timeout.
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40002, 80, TCP_SYN)));
+    // TCP closed: close timeout.
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40003, 80, TCP_SYN)));
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40003, TCP_SYN | TCP_ACK)));
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40003, 80, TCP_FIN | TCP_ACK)));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)), "udp entry expired");
+    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_ACK)), "established entry lives");
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40002, TCP_SYN | TCP_ACK)), "syn entry expired");
+    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40003, TCP_FIN | TCP_ACK)), "closed entry expired");
+}
+
+#[test]
 fn generations_flip_and_a_capacity_error_leaves_state_untouched() {
     if !privileged("generations_flip_and_a_capacity_error_leaves_state_untouched") {
         return;

@@ -23,7 +23,7 @@ volatile const __u32 cfg_world_identity_v4 = 2;
 volatile const __u32 cfg_world_identity_v6 = 2;
 /* Conntrack timeouts, nanoseconds. */
 volatile const __u64 cfg_ct_syn_ns = 60ULL * 1000000000ULL;
-volatile const __u64 cfg_ct_established_ns = 8000ULL * 1000000000ULL;
+volatile const __u64 cfg_ct_established_ns = 21600ULL * 1000000000ULL;
 volatile const __u64 cfg_ct_close_ns = 10ULL * 1000000000ULL;
 volatile const __u64 cfg_ct_other_ns = 60ULL * 1000000000ULL;
 

@@ -63,7 +63,7 @@ impl Default for DatapathSettings {
             endpoint_max_entries: 1024,
             failsafe: Vec::new(),
             ct_timeout_syn_secs: 60,
-            ct_timeout_established_secs: 8000,
+            ct_timeout_established_secs: 21600,
             ct_timeout_close_secs: 10,
             ct_timeout_other_secs: 60,
         }
