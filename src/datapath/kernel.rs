@@ -125,6 +125,8 @@ pub struct KernelDatapath {
     /// The inner map put into netpol_barrier_v1 to wait for running programs.
     barrier_inner: MapHandle,
     force_clsact: bool,
+    /// The kernel has tcx; without it the tcx programs are not loaded.
+    tcx: bool,
     adopted: bool,
     /// Network namespace each clsact attachment was made in (tc filters are
     /// addressed by ifindex, which is per namespace; tcx links are not).
@@ -193,10 +195,22 @@ fn map_names(skel: &NetpolSkel<'_>) -> Vec<String> {
         .collect()
 }
 
+/// tcx (and its program types) exists from Linux 6.6 on.
+fn kernel_has_tcx() -> bool {
+    let Ok(u) = nix::sys::utsname::uname() else { return true };
+    let release = u.release().to_string_lossy().into_owned();
+    let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    match (nums.next(), nums.next()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 6),
+        _ => true,
+    }
+}
+
 fn open_skel(
     settings: &DatapathSettings,
     maps_dir: &Path,
     adopt: bool,
+    tcx: bool,
 ) -> Result<Loaded, DatapathError> {
     let storage: *mut MaybeUninit<OpenObject> = Box::into_raw(Box::new(MaybeUninit::uninit()));
     // Frees `storage` if anything below fails before `Loaded` owns it.
@@ -262,6 +276,11 @@ fn open_skel(
                 })?;
             }
         }
+        if !tcx {
+            // An older kernel refuses the tcx attach types at load time.
+            open.progs.netpol_tcx_ingress.set_autoload(false);
+            open.progs.netpol_tcx_egress.set_autoload(false);
+        }
         open.load().map_err(kerr("load the bpf programs"))?
     };
     guard.1 = true;
@@ -287,7 +306,8 @@ impl KernelDatapath {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        let mut loaded = open_skel(settings, &maps_dir, adopt)?;
+        let tcx = kernel_has_tcx();
+        let mut loaded = open_skel(settings, &maps_dir, adopt, tcx)?;
 
         let state_map = &loaded.skel.maps.netpol_state_v1;
         let mut state = read_state(state_map)?;
@@ -316,6 +336,9 @@ impl KernelDatapath {
 
         // Programs: pin this process's programs (replacing an earlier process's).
         for mut p in loaded.skel.object_mut().progs_mut() {
+            if !p.autoload() {
+                continue;
+            }
             let Some(name) = p.name().to_str().map(str::to_owned) else { continue };
             let path = progs_dir.join(&name);
             if path.exists() {
@@ -345,7 +368,8 @@ impl KernelDatapath {
             slots: BTreeSet::new(),
             generation: state.generation,
             barrier_inner,
-            force_clsact: false,
+            force_clsact: !tcx,
+            tcx,
             adopted: adopt,
             clsact_netns: BTreeMap::new(),
         };
@@ -372,7 +396,7 @@ impl KernelDatapath {
 
     /// Use the clsact/cls_bpf fallback even where tcx works (tests).
     pub fn set_force_clsact(&mut self, yes: bool) {
-        self.force_clsact = yes;
+        self.force_clsact = yes || !self.tcx;
     }
 
     fn skel(&self) -> &NetpolSkel<'static> {
@@ -619,9 +643,12 @@ impl KernelDatapath {
     /// (`repeat` times). The packet arrives on the loopback device (ifindex 1),
     /// so an endpoint attached at ifindex 1 is the one judged.
     pub fn test_run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<TestRun, DatapathError> {
-        let prog = match hook {
-            Hook::Ingress => &self.loaded.skel.progs.netpol_tcx_ingress,
-            Hook::Egress => &self.loaded.skel.progs.netpol_tcx_egress,
+        let progs = &self.loaded.skel.progs;
+        let prog = match (hook, self.tcx) {
+            (Hook::Ingress, true) => &progs.netpol_tcx_ingress,
+            (Hook::Egress, true) => &progs.netpol_tcx_egress,
+            (Hook::Ingress, false) => &progs.netpol_tc_ingress,
+            (Hook::Egress, false) => &progs.netpol_tc_egress,
         };
         let input = libbpf_rs::ProgramInput { data_in: Some(packet), repeat, ..Default::default() };
         let out = prog.test_run(input).map_err(kerr("BPF_PROG_TEST_RUN"))?;
