@@ -594,6 +594,26 @@ fn adopted_pins_keep_enforcing_and_accept_the_next_apply() {
 }
 
 #[test]
+fn adoption_refuses_pins_of_another_layout_version() {
+    if !privileged("adoption_refuses_pins_of_another_layout_version") {
+        return;
+    }
+    use libbpf_rs::MapCore;
+    let mut dp = Dp::open("layout", &settings());
+    apply(&mut dp, base());
+    dp.forget();
+    let state = libbpf_rs::MapHandle::from_pinned_path(dp.pin.join("maps/netpol_state_v1")).unwrap();
+    let mut v = state.lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY).unwrap().unwrap();
+    v[4..8].copy_from_slice(&99u32.to_ne_bytes()); // layout_version
+    state.update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY).unwrap();
+    let err = KernelDatapath::open(&dp.pin, &settings()).unwrap_err();
+    assert!(err.to_string().contains("layout version 99"), "{err}");
+    // Put it back so the guard can clean up through an adopting open.
+    v[4..8].copy_from_slice(&1u32.to_ne_bytes());
+    state.update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY).unwrap();
+}
+
+#[test]
 fn allow_events_are_sampled_and_drops_are_rate_limited() {
     if !privileged("allow_events_are_sampled_and_drops_are_rate_limited") {
         return;

@@ -108,7 +108,9 @@ pub struct VerdictEvent {
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,
     pub proto: u8,
+    /// Source port; the echo identifier for ICMP echo.
     pub sport: u16,
+    /// Destination port, or the ICMP/ICMPv6 type (what the policy matched on).
     pub dport: u16,
     pub src_identity: u32,
     pub dst_identity: u32,
