@@ -525,7 +525,11 @@ impl KernelDatapath {
             .handle(TC_HANDLE)
             .priority(TC_PRIORITY)
             .hook(point);
-        tc.create().map_err(kerr(format!("create clsact on ifindex {ifindex}")))?;
+        if hook == Hook::Ingress {
+            // One clsact qdisc serves both hooks; creating it again only makes
+            // the kernel complain (EEXIST is fine).
+            tc.create().map_err(kerr(format!("create clsact on ifindex {ifindex}")))?;
+        }
         tc.attach().map_err(kerr(format!("cls_bpf attach {} on ifindex {ifindex}", hook.name())))?;
         let path = self.link_path(AttachMode::Clsact, ifindex, hook);
         if path.exists() {
