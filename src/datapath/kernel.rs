@@ -737,7 +737,7 @@ impl KernelDatapath {
             self.settings.policy_max_entries,
             NO_PREALLOC,
         )?;
-        for e in &state.entries {
+        for e in layout::installed_entries(state, attachments) {
             let k = layout::policy_key(e);
             let v = layout::policy_value(e);
             policy

@@ -195,6 +195,16 @@ pub fn endpoint_value(state: &Compiled, slot: u32) -> Option<EndpointValue> {
     Some(EndpointValue { slot, identity: ep.identity, flags, reserved: 0 })
 }
 
+/// The policy entries a generation installs: those of attached endpoints
+/// (entries of endpoints enforced elsewhere are of no use to this kernel).
+pub fn installed_entries<'a>(
+    state: &'a Compiled,
+    attachments: &[Attachment],
+) -> impl Iterator<Item = &'a PolicyEntry> + 'a {
+    let slots: BTreeSet<u32> = attachments.iter().map(|a| a.slot).collect();
+    state.entries.iter().filter(move |e| slots.contains(&e.endpoint))
+}
+
 /// How many entries one generation needs in each map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -219,7 +229,8 @@ pub fn check_capacity(
         })
         .collect();
     let endpoints: BTreeSet<u32> = attachments.iter().map(|a| a.ifindex).collect();
-    let counts = Counts { ipcache: ipcache.len(), endpoints: endpoints.len(), policy: state.entries.len() };
+    let policy = installed_entries(state, attachments).count();
+    let counts = Counts { ipcache: ipcache.len(), endpoints: endpoints.len(), policy };
     let checks = [
         ("ipcache (ipcache_max_entries)", counts.ipcache, settings.ipcache_max_entries),
         ("endpoint table (endpoint_max_entries)", counts.endpoints, settings.endpoint_max_entries),
@@ -366,7 +377,7 @@ mod tests {
             });
         }
         for i in 0..entries {
-            c.entries.push(PolicyEntry { port: i as u16, ..entry(6, 0, 16) });
+            c.entries.push(PolicyEntry { endpoint: 0, port: i as u16, ..entry(6, 0, 16) });
         }
         c
     }
@@ -395,6 +406,16 @@ mod tests {
         assert!(matches!(e, DatapathError::Capacity { needed: 10, max: 9, .. }), "{e}");
         let e = check_capacity(&s, &att, &settings(10, 1, 20)).unwrap_err();
         assert!(matches!(e, DatapathError::Capacity { needed: 2, max: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn only_entries_of_attached_endpoints_count() {
+        let mut s = state(3, 0, 5);
+        s.entries.push(PolicyEntry { endpoint: 2, ..entry(6, 80, 16) });
+        let att = [Attachment { slot: 0, ifindex: 11 }];
+        assert_eq!(check_capacity(&s, &att, &settings(1, 2, 5)).unwrap().policy, 5);
+        let att = [Attachment { slot: 2, ifindex: 12 }];
+        assert_eq!(check_capacity(&s, &att, &settings(1, 4, 5)).unwrap().policy, 1);
     }
 
     #[test]
