@@ -206,6 +206,32 @@ fn kernel_has_tcx() -> bool {
     }
 }
 
+/// Every map's key and value sizes must be the layouts' (after adoption too:
+/// a pinned map of another build must not be read with these types).
+fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
+    use std::mem::size_of;
+    let m = &skel.maps;
+    let checks: [(&dyn MapCore, &str, usize, usize); 7] = [
+        (&m.netpol_state_v1, "netpol_state_v1", 4, size_of::<StateValue>()),
+        (&m.netpol_ct_v1, "netpol_ct_v1", size_of::<layout::CtKey>(), size_of::<layout::CtValue>()),
+        (&m.netpol_frag_v1, "netpol_frag_v1", size_of::<super::skel::types::np_frag_key>(), size_of::<super::skel::types::np_frag_value>()),
+        (&m.netpol_failsafe_v1, "netpol_failsafe_v1", size_of::<layout::FailsafeKey>(), 4),
+        (&m.netpol_counters_v1, "netpol_counters_v1", 4, size_of::<layout::CountersValue>()),
+        (&m.netpol_ratelimit_v1, "netpol_ratelimit_v1", 4, size_of::<super::skel::types::np_ratelimit>()),
+        (&m.netpol_policy_v1, "netpol_policy_v1", 4, 4),
+    ];
+    for (map, name, key, value) in checks {
+        if map.key_size() as usize != key || map.value_size() as usize != value {
+            return Err(DatapathError::Other(format!(
+                "{name}: key/value sizes {}/{} but this build expects {key}/{value}",
+                map.key_size(),
+                map.value_size()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn open_skel(
     settings: &DatapathSettings,
     maps_dir: &Path,
@@ -309,6 +335,7 @@ impl KernelDatapath {
         let tcx = kernel_has_tcx();
         let mut loaded = open_skel(settings, &maps_dir, adopt, tcx)?;
 
+        verify_layouts(&loaded.skel)?;
         let state_map = &loaded.skel.maps.netpol_state_v1;
         let mut state = read_state(state_map)?;
         if adopt {
