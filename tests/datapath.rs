@@ -1351,3 +1351,60 @@ fn a_recreated_interface_is_attached_again_under_its_new_ifindex() {
     assert!(tcp_ok(&fe2, ip(BE), 80));
     assert!(!tcp_ok(&fe2, ip(DB), 5432), "enforced on the new device");
 }
+
+/// Not a test on its own: the child process of
+/// `enforcement_survives_the_exit_of_the_process_that_attached`, run with
+/// `--ignored --exact`; it attaches the seed scenario and exits.
+#[test]
+#[ignore = "helper process of enforcement_survives_the_exit_of_the_process_that_attached"]
+fn child_attaches_and_exits() {
+    let pin = PathBuf::from(std::env::var("NPD_CHILD_PIN").expect("NPD_CHILD_PIN"));
+    let node = std::env::var("NPD_CHILD_NODE").expect("NPD_CHILD_NODE");
+    let att: Vec<Attachment> = std::env::var("NPD_CHILD_ATT")
+        .expect("NPD_CHILD_ATT")
+        .split(',')
+        .map(|p| {
+            let (slot, ifindex) = p.split_once(':').unwrap();
+            Attachment { slot: slot.parse().unwrap(), ifindex: ifindex.parse().unwrap() }
+        })
+        .collect();
+    let mut dp = KernelDatapath::open(&pin, &settings()).expect("open");
+    dp.apply(&seed(), &att).expect("apply");
+    e2e::in_ns(&node, || dp.sync_attachments(&att)).expect("attach");
+    // Exit without detaching: the pins hold everything.
+    std::process::exit(0);
+}
+
+#[test]
+fn enforcement_survives_the_exit_of_the_process_that_attached() {
+    if !privileged("enforcement_survives_the_exit_of_the_process_that_attached") {
+        return;
+    }
+    let s = seed_topo("exit");
+    let fe1 = s.ns("fe1");
+    // The guard owns the pin dir; the child process fills it.
+    let mut dp = Dp::open("exit", &settings());
+    dp.dp().detach_all().unwrap();
+    dp.forget();
+    let att = s.attachments.iter().map(|a| format!("{}:{}", a.slot, a.ifindex)).collect::<Vec<_>>().join(",");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_attaches_and_exits", "--nocapture"])
+        .env("NPD_CHILD_PIN", &dp.pin)
+        .env("NPD_CHILD_NODE", &s.topo.node)
+        .env("NPD_CHILD_ATT", &att)
+        .output()
+        .expect("run the child process");
+    assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(dp.pin.join("links").read_dir().unwrap().count() == 8, "4 devices x 2 tcx links pinned");
+    assert!(!tcp_ok(&fe1, ip(BE), 81), "enforced after the attaching process exited");
+    assert!(tcp_ok(&fe1, ip(BE), 80));
+    assert!(!tcp_ok(&s.ns("db"), ip(BE), 80));
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    assert_eq!(dp.dp().generation(), 1);
+    assert_eq!(dp.dp().attached().len(), 4);
+    let mut c = seed();
+    c.endpoints[2].default_deny_ingress = false;
+    assert_eq!(s.apply(&mut dp, &c), 2);
+    assert!(tcp_ok(&s.ns("db"), ip(BE), 80), "the adopting process's apply takes effect");
+}
