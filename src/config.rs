@@ -340,6 +340,10 @@ impl Config {
             policy_max_entries: self.maps.policy_max_entries,
             endpoint_max_entries: self.maps.endpoint_max_entries,
             failsafe,
+            ct_timeout_syn_secs: self.conntrack.tcp_syn_timeout_s,
+            ct_timeout_established_secs: self.conntrack.tcp_established_timeout_s,
+            ct_timeout_close_secs: self.conntrack.tcp_close_timeout_s,
+            ct_timeout_other_secs: self.conntrack.other_timeout_s,
         }
     }
 

@@ -32,7 +32,7 @@ fn input_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
-    v.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(netpol::daemon::lastgood::is_input_file));
+    v.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(netpol::api::load::wanted_name));
     v.sort();
     v
 }

@@ -96,10 +96,5 @@ fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
 
 /// The kernel datapath of this instance: adopts what is pinned under pin_dir.
 fn open_datapath(config: &Config) -> anyhow::Result<impl Datapath> {
-    let _ = config;
-    // Replaced by KernelDatapath::open(&config.pin_dir, &config.datapath_settings())
-    // once the kernel datapath lands.
-    anyhow::bail!("the kernel datapath is not part of this build yet");
-    #[allow(unreachable_code)]
-    Ok(netpol::datapath::fake::FakeDatapath::new())
+    Ok(netpol::datapath::kernel::KernelDatapath::open(&config.pin_dir, &config.datapath_settings())?)
 }

@@ -44,13 +44,6 @@ impl Kind {
     }
 }
 
-/// The same file naming rules as the loaders (DESIGN §1): `*.yaml`, `*.yml`,
-/// `*.json`, no dotfiles or editor leftovers.
-pub fn is_input_file(name: &str) -> bool {
-    let ext_ok = name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json");
-    ext_ok && !name.starts_with('.') && !name.starts_with('#') && !name.ends_with('~')
-}
-
 pub struct LastGood {
     root: PathBuf,
 }
@@ -155,7 +148,7 @@ fn copy_inputs(src: &Path, dst: &Path) -> Result<(), LastGoodError> {
     for e in entries.filter_map(|e| e.ok()) {
         let name = e.file_name();
         let Some(n) = name.to_str() else { continue };
-        if !is_input_file(n) || !e.path().is_file() {
+        if !crate::api::load::wanted_name(n) || !e.path().is_file() {
             continue;
         }
         let data = fs::read(e.path()).map_err(io(&e.path(), "read"))?;

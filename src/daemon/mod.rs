@@ -355,6 +355,8 @@ impl<D: Datapath> Reconciler<D> {
             self.publish();
             return;
         };
+        // This host's addresses are identity host, whatever interface they are on.
+        self.copts.host_addresses = self.links.addresses.iter().copied().collect();
         let t1 = std::time::Instant::now();
         let compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
         let compile = t1.elapsed();
