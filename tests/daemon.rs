@@ -678,3 +678,65 @@ fn shipped_config_file_loads_as_the_defaults() {
     let e = Config::load(&bad).unwrap_err().to_string();
     assert!(e.starts_with(&format!("{}:2:15: conntrack.max_entries: invalid value", bad.display())), "{e}");
 }
+
+// ---------------------------------------------------------------- the real parser and core
+
+fn seed(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed").join(path)
+}
+
+#[tokio::test]
+async fn seed_scenario_through_the_real_parser_and_core() {
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    let dp = SharedDp::default();
+    let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), dp.clone());
+    run_daemon!(fut, async {
+        let s = d.wait_for("ready", |s, _| s.ready).await;
+        assert_eq!((s.endpoints, s.attached, s.pending, s.policies), (4, 0, 4, 0));
+        let table = LinkTable {
+            links: [("lo", 1), ("veth-fe1", 11), ("veth-fe2", 12), ("veth-be", 13), ("veth-db", 14)]
+                .iter()
+                .map(|(n, i)| (n.to_string(), *i))
+                .collect(),
+            ..LinkTable::default()
+        };
+        d.links.send(table).unwrap();
+        d.wait_for("all attached", |s, _| s.attached == 4).await;
+
+        std::fs::copy(seed("netpol.d/frontend-to-backend.yaml"), dirs.pol("frontend-to-backend.yaml")).unwrap();
+        d.wait_for("frontend-to-backend", |s, _| s.policies == 1).await;
+        let eps = d.endpoints().await;
+        let by_name = |n: &str| eps.iter().find(|e| e.name == n).unwrap().clone();
+        assert!(by_name("backend").ingress_default_deny && !by_name("backend").egress_default_deny);
+        assert!(!by_name("frontend-1").ingress_default_deny && !by_name("frontend-1").egress_default_deny);
+        assert_eq!(by_name("backend").state, "attached");
+        assert_eq!(by_name("backend").ifindex, Some(13));
+        {
+            let dp = dp.0.lock().unwrap();
+            let c = dp.active.as_ref().unwrap();
+            assert_eq!(c.rules.len(), 1);
+            assert_eq!(c.rules[0].policy, "default/frontend-to-backend");
+            assert_eq!(c.rules[0].file, dirs.pol("frontend-to-backend.yaml"));
+            let backend = c.endpoints.iter().find(|e| e.name == "backend").unwrap().slot;
+            assert!(c.entries.iter().any(|e| e.endpoint == backend && e.direction == Direction::Ingress && e.port == 80));
+        }
+
+        // A broken file: named with line and column, nothing applied, last set kept.
+        let applies = d.dp.applies();
+        write(&dirs.pol("broken.yaml"), "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  ingres: []\n");
+        let s = d.wait_for("the broken file", |s, _| !s.errors.is_empty()).await;
+        assert!(s.degraded);
+        assert_eq!(s.errors[0].file, dirs.pol("broken.yaml").display().to_string());
+        assert!(s.errors[0].message.starts_with(&format!("{}:6:3:", dirs.pol("broken.yaml").display())), "{:?}", s.errors);
+        assert_eq!(d.dp.applies(), applies);
+        std::fs::remove_file(dirs.pol("broken.yaml")).unwrap();
+
+        std::fs::copy(seed("netpol.d/frontend-egress-control.yaml"), dirs.pol("frontend-egress-control.yaml")).unwrap();
+        let s = d.wait_for("both policies", |s, _| s.policies == 2 && s.errors.is_empty()).await;
+        assert!(!s.degraded);
+        let eps = d.endpoints().await;
+        assert!(eps.iter().find(|e| e.name == "frontend-2").unwrap().egress_default_deny);
+        d.stop();
+    });
+}
