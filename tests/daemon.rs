@@ -16,7 +16,7 @@ use netpol::api::Problem;
 use netpol::config::Config;
 use netpol::daemon::sdnotify::Notifier;
 use netpol::daemon::status::{EndpointView, Status};
-use netpol::daemon::{run_with, Options, Pipeline};
+use netpol::daemon::{run_with, Loader, Options, Pipeline};
 use netpol::datapath::fake::FakeDatapath;
 use netpol::datapath::{Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent};
 use netpol::netlink::{fake_links, LinkTable};
@@ -142,7 +142,7 @@ fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Compiled
 }
 
 fn stand_in() -> Pipeline {
-    Pipeline { load_policies: fake_load_policies, load_registry: fake_load_registry, compile: fake_compile }
+    Pipeline { loader: Loader::Custom(fake_load_policies, fake_load_registry), compile: fake_compile }
 }
 
 // ---------------------------------------------------------------- harness

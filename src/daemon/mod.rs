@@ -13,6 +13,7 @@
 //! the kernel other than through [`Datapath`] and [`Links`], or tear enforcement
 //! down on exit (pins stay; `netpold --detach` removes them).
 
+pub mod cache;
 pub mod lastgood;
 pub mod sdnotify;
 pub mod server;
@@ -55,21 +56,41 @@ pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
 pub type LoadRegistry = fn(&[PathBuf]) -> Result<RegistrySet, Vec<Problem>>;
 pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Compiled;
 
-/// The pure stages the loop runs: the real parser and core by default; tests may
-/// put simpler ones in.
+/// How the input files are read.
+#[derive(Clone, Copy)]
+pub enum Loader {
+    /// The real parser, re-parsing only files that changed ([`cache::LoadCache`]).
+    Parser,
+    /// Other functions (tests put simpler stand-ins here).
+    Custom(LoadPolicies, LoadRegistry),
+}
+
+/// The pure stages the loop runs: the real parser and core by default.
 #[derive(Clone, Copy)]
 pub struct Pipeline {
-    pub load_policies: LoadPolicies,
-    pub load_registry: LoadRegistry,
+    pub loader: Loader,
     pub compile: CompileFn,
 }
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline {
-            load_policies: crate::api::load_policy_dir,
-            load_registry: crate::api::load_endpoint_dirs,
-            compile: crate::policy::compile::compile,
+        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::compile }
+    }
+}
+
+impl Pipeline {
+    /// Load without the cache (saved copies, verification).
+    fn load_policies(&self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
+        match self.loader {
+            Loader::Parser => crate::api::load_policy_dir(dir),
+            Loader::Custom(p, _) => p(dir),
+        }
+    }
+
+    fn load_registry(&self, dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
+        match self.loader {
+            Loader::Parser => crate::api::load_endpoint_dirs(dirs),
+            Loader::Custom(_, r) => r(dirs),
         }
     }
 }
@@ -144,6 +165,7 @@ pub async fn run_with<D: Datapath, L: Links>(
     let mut d = Reconciler {
         copts,
         last_good: LastGood::new(&config.state_dir),
+        cache: cache::LoadCache::default(),
         debouncer: Debouncer::new(Duration::from_millis(config.debounce_ms)),
         resync: Duration::from_secs(config.resync_interval_s),
         config,
@@ -290,6 +312,7 @@ struct Reconciler<D> {
     status_tx: watch::Sender<Status>,
     events_tx: broadcast::Sender<Arc<str>>,
     last_good: LastGood,
+    cache: cache::LoadCache,
     debouncer: Debouncer,
     resync: Duration,
     links: LinkTable,
@@ -325,7 +348,12 @@ impl<D: Datapath> Reconciler<D> {
             slog::warn!(self.log, "cannot watch a directory; relying on the periodic resync"; "error" => %e);
         }
         let mut problems = Vec::new();
-        match (self.pipeline.load_policies)(&self.config.policy_dir) {
+        let policies = match self.pipeline.loader {
+            Loader::Parser => self.cache.policies(&self.config.policy_dir),
+            Loader::Custom(p, _) => p(&self.config.policy_dir),
+        };
+        let parsed = self.cache.last_parsed;
+        match policies {
             Ok(set) => self.policies = Some(Input { set, from_last_good: false }),
             Err(p) => {
                 problems.extend(p);
@@ -334,7 +362,12 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
-        match (self.pipeline.load_registry)(&self.config.endpoint_dirs) {
+        let registry = match self.pipeline.loader {
+            Loader::Parser => self.cache.registry(&self.config.endpoint_dirs),
+            Loader::Custom(_, r) => r(&self.config.endpoint_dirs),
+        };
+        let parsed = parsed + self.cache.last_parsed;
+        match registry {
             Ok(set) => self.registry = Some(Input { set, from_last_good: false }),
             Err(p) => {
                 problems.extend(p);
@@ -364,7 +397,7 @@ impl<D: Datapath> Reconciler<D> {
         let unchanged =
             self.installed.as_ref().is_some_and(|(c, a)| *c == compiled && *a == attachments) && self.retry.is_none();
         if unchanged {
-            slog::debug!(self.log, "nothing changed"; "cause" => cause, "load_ms" => ms(load));
+            slog::debug!(self.log, "nothing changed"; "cause" => cause, "load_ms" => ms(load), "files_parsed" => parsed);
             self.publish();
             return;
         }
@@ -388,7 +421,7 @@ impl<D: Datapath> Reconciler<D> {
                     "policies" => pol.set.policies.len(), "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
                     "entries" => compiled.entries.len(), "problems" => self.problems.len(),
-                    "load_ms" => ms(load), "compile_ms" => ms(compile), "apply_ms" => ms(apply));
+                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply));
                 for a in &attachments {
                     if let Some(ep) = compiled.endpoints.get(a.slot as usize) {
                         slog::debug!(self.log, "attached"; "endpoint" => display_name(&ep.namespace, &ep.name),
@@ -425,7 +458,7 @@ impl<D: Datapath> Reconciler<D> {
 
     fn load_last_good_policies(&self) -> Option<Input<PolicySet>> {
         let dirs = self.last_good.dirs(Kind::Policies)?;
-        match (self.pipeline.load_policies)(&dirs[0]) {
+        match self.pipeline.load_policies(&dirs[0]) {
             Ok(set) => {
                 slog::warn!(self.log, "policy files are invalid; enforcing the last valid copy"; "dir" => %dirs[0].display());
                 Some(Input { set, from_last_good: true })
@@ -436,7 +469,7 @@ impl<D: Datapath> Reconciler<D> {
 
     fn load_last_good_registry(&self) -> Option<Input<RegistrySet>> {
         let dirs = self.last_good.dirs(Kind::Endpoints)?;
-        match (self.pipeline.load_registry)(&dirs) {
+        match self.pipeline.load_registry(&dirs) {
             Ok(set) => {
                 slog::warn!(self.log, "registry files are invalid; using the last valid copy";
                     "dir" => %dirs.first().map(|d| d.display().to_string()).unwrap_or_default());
@@ -453,8 +486,8 @@ impl<D: Datapath> Reconciler<D> {
         let mut errors = Vec::new();
         if let Some(p) = self.policies.as_ref().filter(|p| !p.from_last_good) {
             if self.saved_policies.as_ref() != Some(&p.set) {
-                let load = self.pipeline.load_policies;
-                match self.last_good.save(Kind::Policies, std::slice::from_ref(&self.config.policy_dir), |d| load(&d[0]).is_ok()) {
+                let pipeline = self.pipeline;
+                match self.last_good.save(Kind::Policies, std::slice::from_ref(&self.config.policy_dir), |d| pipeline.load_policies(&d[0]).is_ok()) {
                     Ok(true) => self.saved_policies = Some(p.set.clone()),
                     Ok(false) => slog::debug!(self.log, "policy files changed while being saved; keeping the older copy"),
                     Err(e) => errors.push(e.to_string()),
@@ -463,8 +496,8 @@ impl<D: Datapath> Reconciler<D> {
         }
         if let Some(r) = self.registry.as_ref().filter(|r| !r.from_last_good) {
             if self.saved_registry.as_ref() != Some(&r.set) {
-                let load = self.pipeline.load_registry;
-                match self.last_good.save(Kind::Endpoints, &self.config.endpoint_dirs, |d| load(d).is_ok()) {
+                let pipeline = self.pipeline;
+                match self.last_good.save(Kind::Endpoints, &self.config.endpoint_dirs, |d| pipeline.load_registry(d).is_ok()) {
                     Ok(true) => self.saved_registry = Some(r.set.clone()),
                     Ok(false) => slog::debug!(self.log, "registry files changed while being saved; keeping the older copy"),
                     Err(e) => errors.push(e.to_string()),
