@@ -189,7 +189,6 @@ pub async fn run_with<D: Datapath, L: Links>(
         datapath_error: None,
         state_error: None,
         last_apply_ms: None,
-        applies: 0,
         save_at: None,
     };
     d.reconcile("start");
@@ -197,6 +196,7 @@ pub async fn run_with<D: Datapath, L: Links>(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut links_open = true;
     let mut reload_open = true;
+    let mut queries_open = true;
     let mut next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
     let mut events = tokio::time::interval(event_poll);
     events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,9 +247,10 @@ pub async fn run_with<D: Datapath, L: Links>(
                 d.notifier.watchdog();
                 continue;
             }
-            Some(q) = query_rx.recv() => {
+            q = query_rx.recv(), if queries_open => {
                 match q {
-                    Query::Endpoints(tx) => { let _ = tx.send(d.endpoint_views()); }
+                    Some(Query::Endpoints(tx)) => { let _ = tx.send(d.endpoint_views()); }
+                    None => queries_open = false,
                 }
                 continue;
             }
@@ -331,7 +332,6 @@ struct Reconciler<D> {
     datapath_error: Option<String>,
     state_error: Option<String>,
     last_apply_ms: Option<f64>,
-    applies: u64,
     /// When to copy the applied files to state_dir.
     save_at: Option<Instant>,
 }
@@ -409,7 +409,6 @@ impl<D: Datapath> Reconciler<D> {
         let apply = t2.elapsed();
         match result {
             Ok(generation) => {
-                self.applies += 1;
                 self.retry = None;
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));
@@ -674,9 +673,10 @@ impl<D: Datapath> Reconciler<D> {
             .collect()
     }
 
-    /// Drain the datapath's events and hand them to monitor clients.
+    /// Drain the datapath's events (a bounded amount per tick, so a flood cannot
+    /// hold the loop) and hand them to monitor clients.
     fn poll_events(&mut self) {
-        loop {
+        for _ in 0..16 {
             let batch = self.datapath.poll_events(1024);
             if batch.is_empty() {
                 return;
