@@ -740,3 +740,66 @@ async fn seed_scenario_through_the_real_parser_and_core() {
         d.stop();
     });
 }
+
+// ---------------------------------------------------------------- the binary
+
+/// The netpold binary's signal and systemd wiring, with the in-memory datapath
+/// (`--fake-datapath`) so it needs no root.
+#[test]
+fn netpold_binary_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::os::unix::net::UnixDatagram;
+
+    let dirs = Dirs::new();
+    let cfg_path = dirs.root.join("netpold.toml");
+    let c = &dirs.config;
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "policy_dir = \"{}\"\nendpoint_dirs = [\"{}\"]\npin_dir = \"/sys/fs/bpf/npe-test-unused\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\nlog_format = \"json\"\n",
+            c.policy_dir.display(),
+            c.endpoint_dirs[0].display(),
+            c.runtime_dir.display(),
+            c.state_dir.display()
+        ),
+    )
+    .unwrap();
+    let notify_path = dirs.root.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_netpold"))
+        .args(["--fake-datapath", "--config"])
+        .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("JOURNAL_STREAM")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let mut buf = [0u8; 4096];
+    let mut next = || {
+        let n = notify.recv(&mut buf).expect("a notification from netpold");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=generation 1: 0 endpoints"), "{ready}");
+    kill(pid, Signal::SIGHUP).unwrap();
+    assert!(next().starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    assert!(next().starts_with("READY=1\nSTATUS=generation 1"));
+    kill(pid, Signal::SIGTERM).unwrap();
+    assert_eq!(next(), "STOPPING=1\n");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let log = String::from_utf8_lossy(&out.stderr);
+    // JSON lines on request, one info line per applied generation.
+    let applied: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["msg"].as_str().is_some_and(|m| m.starts_with("applied generation")))
+        .collect();
+    assert_eq!(applied.len(), 1, "{log}");
+    assert_eq!(applied[0]["generation"], 1);
+    assert!(log.contains("\"signal\":\"SIGTERM\""), "{log}");
+    assert!(!dirs.config.socket_path().exists());
+}

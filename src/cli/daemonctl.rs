@@ -252,3 +252,67 @@ pub fn format_event(ev: &MonitorEvent) -> String {
         why
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::status::{CountersView, FileError};
+
+    #[test]
+    fn status_text_says_degraded_and_lists_problems() {
+        let s = Status {
+            ready: true,
+            generation: 4,
+            degraded: true,
+            errors: vec![FileError {
+                file: "/etc/netpol.d/a.yaml".into(),
+                line: Some(3),
+                column: Some(5),
+                message: "/etc/netpol.d/a.yaml:3:5: spec: unknown field".into(),
+            }],
+            endpoints: 4,
+            attached: 3,
+            pending: 1,
+            policies: 2,
+            node: "host-a".into(),
+            last_apply_ms: Some(1.25),
+            policies_from_last_good: true,
+            ..Status::default()
+        };
+        assert_eq!(
+            format_status(&s),
+            "netpold on host-a: ready, DEGRADED, generation 4\n\
+             \x20 4 endpoints (3 attached, 1 pending), 2 policies, last apply 1.2 ms\n\
+             \x20 enforcing the last valid policy files saved in state_dir (the live ones are invalid)\n\
+             \x20 1 problem(s) in the input files; the last valid set stays in force:\n\
+             \x20   /etc/netpol.d/a.yaml:3:5: spec: unknown field\n"
+        );
+    }
+
+    #[test]
+    fn endpoints_table_is_aligned() {
+        let ep = |name: &str, state: &str, ifindex: Option<u32>| EndpointView {
+            slot: 0,
+            name: name.into(),
+            namespace: Some("default".into()),
+            kind: "workload".into(),
+            identity: 4242,
+            interface: Some("veth-be".into()),
+            ifindex,
+            addresses: vec![],
+            local: true,
+            state: state.into(),
+            ingress_default_deny: true,
+            egress_default_deny: false,
+            audit: false,
+            counters: CountersView { allowed: 7, denied_default: 2, denied_policy: 1, ..CountersView::default() },
+        };
+        let t = format_endpoints(&[ep("backend", "attached", Some(13)), ep("db", "pending", None)]);
+        assert_eq!(
+            t,
+            "ENDPOINT         KIND      IDENTITY  INTERFACE  IFINDEX  STATE     INGRESS       EGRESS  ALLOWED  DENIED\n\
+             default/backend  workload  4242      veth-be    13       attached  default-deny  open    7        3\n\
+             default/db       workload  4242      veth-be    -        pending   default-deny  open    7        3\n"
+        );
+    }
+}

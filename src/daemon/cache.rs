@@ -205,6 +205,6 @@ mod tests {
         let mut c = LoadCache::default();
         let missing = tmp.path().join("nope");
         assert_eq!(c.policies(&missing), crate::api::load_policy_dir(&missing));
-        assert_eq!(c.registry(&[missing.clone()]), crate::api::load_endpoint_dirs(&[missing]));
+        assert_eq!(c.registry(std::slice::from_ref(&missing)), crate::api::load_endpoint_dirs(&[missing]));
     }
 }
