@@ -803,3 +803,27 @@ fn netpold_binary_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
     assert!(log.contains("\"signal\":\"SIGTERM\""), "{log}");
     assert!(!dirs.config.socket_path().exists());
 }
+
+#[tokio::test]
+async fn socket_group_makes_the_socket_group_readable() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dirs = Dirs::new();
+    let gid = nix::unistd::getgid();
+    let group = nix::unistd::Group::from_gid(gid).unwrap().expect("the primary group has a name");
+    let mut config = dirs.config.clone();
+    config.socket_group = group.name.clone();
+    let (mut d, fut) = start(config.clone(), stand_in(), SharedDp::default());
+    run_daemon!(fut, async {
+        d.wait_for("ready", |s, _| s.ready).await;
+        let m = std::fs::metadata(&d.socket).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        assert_eq!(m.gid(), gid.as_raw());
+        d.stop();
+    });
+    config.socket_group = "npe-no-such-group".into();
+    std::fs::remove_dir_all(&config.runtime_dir).ok();
+    let (_d, fut) = start(config, stand_in(), SharedDp::default());
+    let e = fut.await.unwrap_err().to_string();
+    assert_eq!(e, "runtime socket: socket_group \"npe-no-such-group\": no such group");
+    assert!(!dirs.config.socket_path().exists());
+}

@@ -32,6 +32,9 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    // Everything netpold creates (socket, saved copies) starts private; the socket is
+    // opened to socket_group explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

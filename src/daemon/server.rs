@@ -70,19 +70,28 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ServerError> {
         }
         std::fs::remove_file(path).map_err(io("remove stale socket"))?;
     }
-    let listener = UnixListener::bind(path).map_err(io("bind"))?;
-    let mode = if group.is_empty() {
-        0o600
-    } else {
-        let g = nix::unistd::Group::from_name(group)
-            .ok()
-            .flatten()
-            .ok_or_else(|| ServerError::NoGroup { group: group.to_string() })?;
-        nix::unistd::chown(path, None, Some(g.gid))
-            .map_err(|e| ServerError::Io { path: path.to_path_buf(), op: "chown", source: e.into() })?;
-        0o660
+    let gid = match group {
+        "" => None,
+        g => Some(
+            nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ServerError::NoGroup { group: g.to_string() })?
+                .gid,
+        ),
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))?;
+    let listener = UnixListener::bind(path).map_err(io("bind"))?;
+    let secured = gid
+        .map_or(Ok(()), |gid| nix::unistd::chown(path, None, Some(gid)).map_err(std::io::Error::from))
+        .map_err(io("chown"))
+        .and_then(|()| {
+            let mode = if gid.is_some() { 0o660 } else { 0o600 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))
+        });
+    if let Err(e) = secured {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(listener)
 }
 
