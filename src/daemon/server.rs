@@ -61,8 +61,11 @@ pub struct Shared {
 /// stale socket file is replaced; a live one is an error.
 pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ServerError> {
     let io = |op: &'static str| move |source| ServerError::Io { path: path.to_path_buf(), op, source };
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::create_dir_all(dir).map_err(io("create runtime directory"))?;
+        // Traversable, so socket_group members reach the socket; the socket's own
+        // mode decides who may connect.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod runtime directory"))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
