@@ -333,14 +333,16 @@ async fn burst_of_writes_is_one_reconcile() {
     run_daemon!(fut, async {
         d.wait_for("the first generation", |s, _| s.ready).await;
         assert_eq!(d.dp.applies(), 1);
+        // A burst spread over ~100 ms, longer than the settle time of a single change.
         for i in 0..50 {
             write(&dirs.pol(&format!("p{i:02}.yaml")), &format!("p{i:02}"));
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let s = d.wait_for("50 policies", |s, dp| s.policies == 50 && dp.policies().len() == 50).await;
         // Let any straggling reconcile happen before counting.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let n = d.dp.applies();
-        assert!(n <= 3, "50 writes gave {n} applies");
+        assert!(n <= 5, "50 writes gave {n} applies");
         assert_eq!(s.generation as usize, d.dp.applies().min(s.generation as usize));
         assert!(!s.degraded && s.errors.is_empty());
         // Nothing changed: a resync or reload applies nothing.
