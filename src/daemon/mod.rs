@@ -717,7 +717,7 @@ impl<D: Datapath> Reconciler<D> {
             },
             src: ev.src.to_string(),
             dst: ev.dst.to_string(),
-            proto: status::proto_name(ev.proto),
+            proto: crate::policy::trace::proto_name(ev.proto),
             sport: ev.sport,
             dport: ev.dport,
             endpoint,

@@ -116,18 +116,6 @@ pub struct MonitorEvent {
     pub rule: Option<RuleView>,
 }
 
-/// Protocol number → name as users write it.
-pub fn proto_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
-    }
-}
-
 /// `2026-11-26T06:17:00.123Z` for a time since the Unix epoch.
 pub fn rfc3339(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
