@@ -770,7 +770,7 @@ fn netpold_binary_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
     let notify_path = dirs.root.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_netpold"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_netpold"))
         .args(["--fake-datapath", "--config"])
         .arg(&cfg_path)
         .env("NOTIFY_SOCKET", &notify_path)
