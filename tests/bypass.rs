@@ -826,3 +826,43 @@ spec:
         assert!(ev.iter().any(|e| e.verdict == EventVerdict::Denied && e.dport == 22 && e.reason == EventReason::PolicyDeny), "{ev:?}");
     }
 }
+
+/// What passes on purpose, measured rather than assumed: ICMPv4
+/// "fragmentation needed" (Cilium's allow-icmp-frag-needed) and ICMPv6
+/// neighbour discovery pass whatever the policy, so a workload can reach a
+/// denied destination with those messages (a narrow covert channel to that
+/// host's kernel or raw sockets). They create no conntrack entry and open
+/// nothing: the denied port stays closed after them.
+#[test]
+fn frag_needed_and_neighbour_discovery_pass_by_design_and_open_nothing() {
+    if !privileged("frag_needed_and_neighbour_discovery_pass_by_design_and_open_nothing") {
+        return;
+    }
+    let lab = Lab::new("bydesign", policy(Mode::Egress));
+    let mut batch = Batch::default();
+    let sp = sport();
+    // Frag-needed "about" a flow b:22 -> a:sp, then a's SYN on that very tuple.
+    for v6 in [false, true] {
+        let (a, b) = addrs(v6);
+        let quoted = wire::ip(b, a, 6, &wire::tcp(b, a, DENIED, sp, TCP_SYN | TCP_ACK, 7, 2, &[]));
+        let m = marker();
+        let mut body = quoted[..if v6 { 48 } else { 28 }].to_vec();
+        body.extend_from_slice(&m);
+        if v6 {
+            // A neighbour solicitation carrying extra bytes.
+            let mut ns = wire::v6(b).octets().to_vec();
+            ns.extend_from_slice(&m);
+            let mut pkt = wire::ip(a, b, 58, &wire::icmp(a, b, 135, 0, [0; 4], &ns));
+            pkt[7] = 255; // ND hop limit
+            lab.send("a", "b", &[], &pkt);
+            batch.allowed.push(("ICMPv6 neighbour solicitation from a to b".into(), m));
+        } else {
+            lab.send("a", "b", &[], &wire::ip(a, b, 1, &wire::icmp(a, b, 3, 4, [0, 0, 5, 0xdc], &body)));
+            batch.allowed.push(("ICMPv4 fragmentation-needed from a to b".into(), m));
+        }
+        let m = marker();
+        lab.send("a", "b", &[], &wire::ip(a, b, 6, &wire::tcp(a, b, sp, DENIED, TCP_SYN, 1, 0, &m)));
+        batch.denied.push((format!("SYN to {b}:{DENIED} after the ICMP message"), m));
+    }
+    batch.verify(&lab, "b");
+}
