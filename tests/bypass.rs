@@ -11,7 +11,7 @@
 //! policy (the egress hook of `b`'s host-side veth, after the bridge).
 //!
 //! Privileged: root and bpffs; skipped with a message otherwise, failed
-//! under CI=true. Prefix `npy`: netns `npy-<test>-*`, addresses
+//! under CI=true. Prefix `npy`: netns `npy-<pid>-<test>-*`, addresses
 //! 10.207.0.0/16 and fd01:207::/64, pins /sys/fs/bpf/npy-test-*.
 
 mod common;
@@ -865,4 +865,126 @@ fn frag_needed_and_neighbour_discovery_pass_by_design_and_open_nothing() {
         batch.denied.push((format!("SYN to {b}:{DENIED} after the ICMP message"), m));
     }
     batch.verify(&lab, "b");
+}
+
+/// The failsafe opens exactly (direction, protocol, destination port):
+/// source-port tricks, the other protocol or direction of a failsafe entry,
+/// tags, fragments and extension headers do not reach another port of a
+/// locked-down host. Detection is the host's own IP stack (raw sockets see
+/// every TCP segment delivered locally, after reassembly).
+#[test]
+fn host_failsafe_cannot_be_abused_to_reach_other_host_ports() {
+    if !privileged("host_failsafe_cannot_be_abused_to_reach_other_host_ports") {
+        return;
+    }
+    let registry = r#"
+apiVersion: netpol/v1
+kind: HostEndpoint
+metadata: {name: node, labels: {role: node}}
+spec: {interface: npybr, addresses: [10.207.0.1, "fd01:207::1"]}
+"#;
+    let pol = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host-lockdown}
+spec:
+  nodeSelector: {matchLabels: {role: node}}
+  ingressDeny:
+  - fromEntities: [all]
+  egressDeny:
+  - toEntities: [all]
+"#;
+    let topo = Topo::new(
+        "fsabuse",
+        &["10.207.0.1/24", "fd01:207::1/64"],
+        &[Workload { name: "cl", addrs: &["10.207.0.50/24", "fd01:207::50/64"] }],
+    );
+    let _listeners = Listeners::start(&topo.node, &[22, 2222, 68, 53]);
+    let compiled = compile_yaml(pol, registry);
+    use Direction::{Egress, Ingress};
+    let defaults = vec![(Ingress, 6, 22), (Ingress, 17, 68), (Egress, 17, 53), (Egress, 17, 67), (Egress, 6, 53)];
+    let mut dp = Dp::open("fsabuse", &netpol::datapath::DatapathSettings { failsafe: defaults, ..settings() });
+    enforce(&mut dp, &topo, &compiled);
+    let stack = Sniffer::stack(&topo.node, libc::IPPROTO_TCP);
+    let inject = Injector::open(&topo.ns("cl"), "eth0");
+    let cl_mac = topo.mac("cl");
+    let send = |vlans: &[(u16, u16)], pkt: &[u8]| inject.send(&wire::ether(common::NODE_MAC, cl_mac, vlans, wire::ethertype_of(pkt), pkt));
+    let mut denied: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut allowed: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut id = 0x6000u16;
+    for v6 in [false, true] {
+        let (c, n): (IpAddr, IpAddr) = if v6 { (ip("fd01:207::50"), ip("fd01:207::1")) } else { (ip("10.207.0.50"), ip("10.207.0.1")) };
+        let syn = |sp: u16, dp: u16, flags: u8, m: &[u8]| wire::tcp(c, n, sp, dp, flags, 1, 0, m);
+        // (name, tags, source port, destination port, flags, reaches the stack)
+        let cases: [(&str, Vec<(u16, u16)>, u16, u16, u8, bool); 11] = [
+            ("SYN to :22 (failsafe)", vec![], sport(), 22, TCP_SYN, true),
+            ("priority-tagged SYN to :22", vec![(TPID_8021Q, 0)], sport(), 22, TCP_SYN, true),
+            ("SYN to :2222", vec![], sport(), 2222, TCP_SYN, false),
+            ("SYN from source port 22 to :2222", vec![], 22, 2222, TCP_SYN, false),
+            ("SYN from source port 53 to :2222", vec![], 53, 2222, TCP_SYN, false),
+            ("SYN from source port 68 to :2222", vec![], 68, 2222, TCP_SYN, false),
+            ("TCP SYN to :68 (the failsafe is UDP 68)", vec![], sport(), 68, TCP_SYN, false),
+            ("TCP SYN to :53 inbound (the failsafe is outbound)", vec![], sport(), 53, TCP_SYN, false),
+            ("priority-tagged SYN to :2222", vec![(TPID_8021Q, 0)], sport(), 2222, TCP_SYN, false),
+            ("QinQ priority-tagged SYN to :2222", vec![(TPID_8021AD, 0), (TPID_8021Q, 0)], sport(), 2222, TCP_SYN, false),
+            ("ACK to :2222", vec![], sport(), 2222, TCP_ACK, false),
+        ];
+        for (name, tags, sp, dport, flags, reaches) in cases {
+            let m = marker();
+            send(&tags, &wire::ip(c, n, 6, &syn(sp, dport, flags, &m)));
+            let what = format!("{n}: {name}");
+            if reaches {
+                allowed.push((what, m));
+            } else {
+                denied.push((what, m));
+            }
+        }
+        // Fragmented SYNs: the ports first, the rest (with the marker) after.
+        for (dport, reaches) in [(22u16, true), (2222, false)] {
+            let m = marker();
+            let mut payload = vec![0x44; 32 - m.len()];
+            payload.extend_from_slice(&m);
+            let seg = syn(sport(), dport, TCP_SYN, &payload);
+            id += 1;
+            let frag = |off: u16, more: bool, bytes: &[u8]| -> Vec<u8> {
+                if v6 {
+                    wire::ipv6(wire::v6(c), wire::v6(n), &[Ext::Fragment { offset: off, more, id: u32::from(id), nh: None }], 6, bytes)
+                } else {
+                    wire::ipv4(wire::v4(c), wire::v4(n), 6, id, (off, more), &[], bytes)
+                }
+            };
+            // IPv6 receivers discard a first fragment without the whole
+            // upper-layer header (RFC 8200 section 4.5): 24 bytes there.
+            let cut = if v6 { 24 } else { 8 };
+            send(&[], &frag(0, true, &seg[..cut]));
+            send(&[], &frag(cut as u16 / 8, false, &seg[cut..]));
+            let what = format!("{n}: fragmented SYN to :{dport}");
+            if reaches {
+                allowed.push((what, m));
+            } else {
+                denied.push((what, m));
+            }
+        }
+        if v6 {
+            for (dport, reaches) in [(22u16, true), (2222, false)] {
+                let m = marker();
+                let chain = [Ext::HopByHop(1), Ext::DestOpts(2)];
+                send(&[], &wire::ipv6(wire::v6(c), wire::v6(n), &chain, 6, &syn(sport(), dport, TCP_SYN, &m)));
+                let what = format!("{n}: SYN behind hop-by-hop + destination options to :{dport}");
+                if reaches {
+                    allowed.push((what, m));
+                } else {
+                    denied.push((what, m));
+                }
+            }
+        }
+    }
+    for (what, m) in &allowed {
+        assert!(stack.seen(m, SOON), "contrast: {what} did not reach the host's stack");
+    }
+    std::thread::sleep(NEVER);
+    let bypasses: Vec<&str> = denied.iter().filter(|(_, m)| stack.seen(m, Duration::ZERO)).map(|(w, _)| w.as_str()).collect();
+    assert!(bypasses.is_empty(), "BYPASS: reached the host's stack:\n  {}", bypasses.join("\n  "));
+    let c = dp.dp().counters()[&slot(&compiled, "node")].clone();
+    assert!(c.denied_policy as usize >= denied.len(), "{} denied attempts, counters {c:?}", denied.len());
 }

@@ -5,8 +5,10 @@
 //! TCP listeners. Everything it creates is removed by Drop guards, also when
 //! a test fails. It never touches the host's own network namespace.
 //!
-//! Names: netns `<prefix>-<tag>-<name>`, host-side devices `<prefix>-<name>`
-//! inside the test's own node namespace, pins `/sys/fs/bpf/<prefix>-test-*`.
+//! Names: netns `<prefix>-<pid>-<tag>-<name>` (the pid: several people or
+//! agents may run the same test binary at once on one machine), host-side
+//! devices `<prefix>-<name>` inside the test's own node namespace, pins
+//! `/sys/fs/bpf/<prefix>-test-*`.
 
 #![allow(dead_code)]
 
@@ -149,13 +151,14 @@ pub const NODE_MAC: [u8; 6] = [0x02, 0x07, 0, 0, 0, 0xfe];
 
 impl Topo {
     pub fn new(tag: &str, node_addrs: &[&str], workloads: &[Workload]) -> Topo {
+        let tag = format!("{}-{tag}", std::process::id());
         let node = format!("{PREFIX}-{tag}-node");
         let _ = Command::new("ip").args(["netns", "del", &node]).output();
         for w in workloads {
             let _ = Command::new("ip").args(["netns", "del", &format!("{PREFIX}-{tag}-{}", w.name)]).output();
         }
         // The guard exists before the first namespace so a failure cleans up.
-        let mut topo = Topo { node: node.clone(), tag: tag.into(), names: Vec::new(), namespaces: Vec::new() };
+        let mut topo = Topo { node: node.clone(), tag: tag.clone(), names: Vec::new(), namespaces: Vec::new() };
         ip_cmd(&["netns", "add", &node]);
         topo.namespaces.push(node.clone());
         ip_cmd(&["-n", &node, "link", "set", "lo", "up"]);
@@ -332,33 +335,68 @@ pub struct Sniffer {
 impl Sniffer {
     pub fn open(ns: &str, dev: &str) -> Sniffer {
         let (fd, _) = packet_socket(ns, dev, ETH_P_ALL);
+        Sniffer::run(vec![fd], true)
+    }
+
+    /// What the IP stack of a namespace delivers locally for `proto` (raw
+    /// IPv4 and IPv6 sockets): packets that got past every tc hook, after
+    /// reassembly, whether or not a socket would take them. Unlike an
+    /// AF_PACKET tap (which runs before tc ingress) this sees only what the
+    /// datapath let in.
+    pub fn stack(ns: &str, proto: i32) -> Sniffer {
+        let fds = in_ns(ns, || {
+            [libc::AF_INET, libc::AF_INET6]
+                .iter()
+                .map(|&af| {
+                    // SAFETY: plain socket(2) call; the result is checked before use.
+                    let fd = unsafe { libc::socket(af, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+                    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                    // SAFETY: fd is a fresh descriptor we own.
+                    unsafe { OwnedFd::from_raw_fd(fd) }
+                })
+                .collect::<Vec<_>>()
+        });
+        Sniffer::run(fds, false)
+    }
+
+    fn run(fds: Vec<OwnedFd>, packet: bool) -> Sniffer {
         let frames = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (f2, s2) = (frames.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s2.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&mut pfd, 1, 10) } <= 0 {
+                let mut pfds: Vec<libc::pollfd> = fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+                // SAFETY: a valid array of pollfds and its length.
+                if unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 10) } <= 0 {
                     continue;
                 }
-                // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-                // SAFETY: buf, sll and len are valid for the call and sized as passed.
-                let n = unsafe {
-                    libc::recvfrom(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr() as *mut libc::c_void,
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                        &mut sll as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-                        &mut len,
-                    )
-                };
-                if n > 0 && sll.sll_pkttype != PACKET_OUTGOING {
-                    f2.lock().unwrap().push(buf[..n as usize].to_vec());
+                for fd in &fds {
+                    loop {
+                        // SAFETY: sockaddr_ll is plain old data; all-zero is
+                        // valid, and it is big enough for sockaddr_in/in6 too.
+                        let mut sll: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+                        // SAFETY: buf, sll and len are valid for the call and sized as passed.
+                        let n = unsafe {
+                            libc::recvfrom(
+                                fd.as_raw_fd(),
+                                buf.as_mut_ptr() as *mut libc::c_void,
+                                buf.len(),
+                                libc::MSG_DONTWAIT,
+                                &mut sll as *mut libc::sockaddr_storage as *mut libc::sockaddr,
+                                &mut len,
+                            )
+                        };
+                        if n <= 0 {
+                            break;
+                        }
+                        // SAFETY: for an AF_PACKET socket the kernel filled a sockaddr_ll.
+                        let outgoing = packet && unsafe { (*(&sll as *const libc::sockaddr_storage as *const libc::sockaddr_ll)).sll_pkttype } == PACKET_OUTGOING;
+                        if !outgoing {
+                            f2.lock().unwrap().push(buf[..n as usize].to_vec());
+                        }
+                    }
                 }
             }
         });
