@@ -419,9 +419,12 @@ fn ipv6_extension_header_chains_do_not_hide_the_port() {
     }
 }
 
-/// IPv4: a first fragment holding only the first 8 bytes of the TCP header,
-/// or none of it (the ports then lie in an Ethernet trailer the receiver
-/// trims), and a rest that follows.
+/// First fragments too short for the L4 header: IPv4 with only the first 8
+/// bytes of TCP (judged by its real ports) or with none of it, and IPv6 with
+/// only an extension header, the TCP header following in the second
+/// fragment. Where the first fragment has no L4 header, an Ethernet trailer
+/// (bytes after the datagram, which the receiver trims) pretends one for the
+/// allowed port: the datapath must not read it.
 #[test]
 fn tiny_first_fragments_do_not_bypass_policy() {
     if !privileged("tiny_first_fragments_do_not_bypass_policy") {
