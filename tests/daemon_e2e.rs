@@ -3,30 +3,16 @@
 //! daemon enforcing the seed scenario on real TCP between network namespaces.
 //!
 //! Needs root and bpffs. Without them the tests skip with a message, unless
-//! `CI=true`, where they fail. Every namespace, link and pin is named with the
-//! `npe` prefix and removed by a guard, also on failure.
+//! `CI=true`, where they fail (`common::privileged`). Every namespace, link and
+//! pin is named with the `npe` prefix and removed by a guard, also on failure.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use netpol::netlink::{Links, NetlinkLinks};
 
-/// Whether privileged tests can run here; under CI they must.
-fn privileged(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let bpffs = std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")))
-        .unwrap_or(false);
-    if root && bpffs {
-        return true;
-    }
-    let why = if !root { "not root" } else { "no bpffs at /sys/fs/bpf" };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: cannot run under CI: {why}");
-    }
-    eprintln!("{test}: skipped: {why}");
-    false
-}
+mod common;
+use common::{enter, in_ns, privileged};
 
 /// Run `f` on a thread of its own in a fresh, private network namespace (gone when
 /// the thread ends), with a current-thread tokio runtime.
@@ -117,12 +103,6 @@ use netpol::daemon::status::Status;
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Enter `netns` on the calling thread.
-fn enter(netns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
 }
 
 /// Everything one e2e run creates; Drop removes it in reverse order.
@@ -230,12 +210,7 @@ impl Lab {
     fn connects(&self, from: &str, to: &str, port: u16) -> bool {
         let ns = self.workloads.iter().find(|w| w.1 == from).unwrap().0.clone();
         let dst = SocketAddr::from((self.addr(to), port));
-        std::thread::spawn(move || {
-            enter(&ns);
-            TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok()
-        })
-        .join()
-        .unwrap()
+        in_ns(&ns, || TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok())
     }
 
     /// Wait (10 s at most) until every expectation holds; panic naming the ones that do not.
