@@ -390,6 +390,16 @@ impl Lab {
         (rss, fds)
     }
 
+    /// What the daemon's open descriptors point at, for messages.
+    pub fn fd_targets(&self) -> Vec<String> {
+        let pid = self.pid();
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.flatten().filter_map(|e| std::fs::read_link(e.path()).ok()).map(|p| p.display().to_string()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// ifindexes of the node's devices now.
     pub fn node_ifindexes(&self) -> Vec<u32> {
         in_ns(&self.node, || {
