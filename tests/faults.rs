@@ -21,6 +21,14 @@ use std::time::{Duration, Instant};
 
 use lab::{ip_batch, privileged, sh, Lab, Rng};
 
+/// The tests of this file run one at a time: each measures timings (status
+/// latency, kill delays) that a neighbour's flood would distort.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const THREE: [(&str, &str, &str, u8); 3] =
     [("fe", "frontend", "frontend", 11), ("be", "backend", "backend", 21), ("db", "database", "database", 31)];
 
@@ -67,6 +75,7 @@ fn bpffs_missing_is_mounted_or_named() {
     if !privileged("bpffs_missing_is_mounted_or_named") {
         return;
     }
+    let _serial = serial();
     let mut lab = Lab::new("bpf", &THREE);
     lab.write_policy("fe.yaml", &allow("fe", "frontend", "backend", 80));
 
@@ -103,6 +112,7 @@ fn map_creation_refused_keeps_the_running_state() {
     if !privileged("map_creation_refused_keeps_the_running_state") {
         return;
     }
+    let _serial = serial();
     let mut lab = Lab::new("map", &THREE);
     lab.write_policy("sw.yaml", &allow("sw", "frontend", "backend", 80));
     lab.start_daemon();
@@ -136,6 +146,7 @@ fn map_creation_refused_keeps_the_running_state() {
     let _ = std::fs::remove_dir_all(&other_pins);
     let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{err}");
+    eprintln!("map creation refused (fresh instance): {}", err.lines().last().unwrap_or(""));
     assert!(err.contains("load the bpf programs") || err.contains("netpol_ct_v1"), "unclear error: {err}");
     let s = lab.status().expect("the first instance still answers");
     assert_eq!(s.generation, gen, "the first instance's state changed: {s:?}");
@@ -150,6 +161,7 @@ fn map_creation_refused_keeps_the_running_state() {
     lab.spawn_daemon(&[]);
     let s = lab.wait_status("datapath error reported", |s| s.datapath_error.is_some());
     let msg = s.datapath_error.clone().unwrap();
+    eprintln!("map creation refused (adopting instance): {msg}");
     assert!(msg.contains("np_endpoints"), "{msg}");
     assert!(s.degraded && !s.ready, "{s:?}");
     std::thread::sleep(Duration::from_millis(1500));
@@ -175,6 +187,7 @@ fn netlink_flood_resyncs_to_the_right_attachments() {
     if !privileged("netlink_flood_resyncs_to_the_right_attachments") {
         return;
     }
+    let _serial = serial();
     let mut lab = Lab::new("nl", &THREE);
     // A large state, so the daemon is busy applying (not reading netlink) while
     // the flood arrives.
@@ -248,6 +261,7 @@ fn interface_flapped_a_thousand_times_ends_attached_and_flat() {
     if !privileged("interface_flapped_a_thousand_times_ends_attached_and_flat") {
         return;
     }
+    let _serial = serial();
     let mut lab = Lab::new("flap", &THREE);
     lab.write_policy("fe.yaml", &allow("fe", "frontend", "backend", 80));
     lab.start_daemon();
@@ -353,6 +367,7 @@ fn sigkill_while_filling_a_generation_leaves_old_or_new() {
     if !privileged("sigkill_while_filling_a_generation_leaves_old_or_new") {
         return;
     }
+    let _serial = serial();
     let seed = std::env::var("NETPOL_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
@@ -395,6 +410,7 @@ fn state_dir_unwritable_or_full_keeps_enforcing() {
     if !privileged("state_dir_unwritable_or_full_keeps_enforcing") {
         return;
     }
+    let _serial = serial();
     let mut lab = Lab::new("state", &THREE);
     lab.write_policy("sw.yaml", &allow("sw", "frontend", "backend", 80));
     let cases: Vec<(&str, std::path::PathBuf, Option<String>)> = {
@@ -448,6 +464,7 @@ fn runtime_socket_abuse_does_not_block_status() {
     if !privileged("runtime_socket_abuse_does_not_block_status") {
         return;
     }
+    let _serial = serial();
     let mut lab = Lab::new("sock", &[]);
     lab.start_daemon();
     let sock = lab.socket();
