@@ -147,7 +147,11 @@ fn map_creation_refused_keeps_the_running_state() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{err}");
     eprintln!("map creation refused (fresh instance): {}", err.lines().last().unwrap_or(""));
-    assert!(err.contains("load the bpf programs") || err.contains("netpol_ct_v1"), "unclear error: {err}");
+    assert!(
+        err.contains("the kernel refuses a map of the configured size")
+            && err.contains(&format!("{}: conntrack.max_entries = 4000000000", cfg2_path.display())),
+        "unclear error: {err}"
+    );
     let s = lab.status().expect("the first instance still answers");
     assert_eq!(s.generation, gen, "the first instance's state changed: {s:?}");
     lab.expect("first instance untouched", &FE_ONLY);
