@@ -161,7 +161,7 @@ fn registry(lab: &Lab, rng: &mut Rng, marker: u32) -> String {
             "apiVersion: netpol/v1\nkind: Endpoint\nmetadata:\n  name: remote-{i}\n  labels:\n    app: {}\n    tier: {}\nspec:\n  node: node-b\n  addresses: [10.209.2.{}]\n---\n",
             rng.pick(&APPS),
             rng.pick(&TIERS),
-            10 + rng.below(200)
+            10 + i * 50 + rng.below(50)
         );
     }
     let _ = write!(
