@@ -563,5 +563,17 @@ fn runtime_socket_abuse_does_not_block_status() {
     eprintln!("runtime socket abuse: {asked} status requests, slowest {worst_ms:.1} ms, {} failed", failures.load(Ordering::Relaxed));
     assert_eq!(failures.load(Ordering::Relaxed), 0, "status requests failed during the abuse");
     assert!(worst_ms < 200.0, "a status answer took {worst_ms} ms");
+
+    // Beyond MAX_CONNECTIONS (256) clients at once: the extra ones are told so at
+    // once rather than left waiting.
+    let held: Vec<UnixStream> = (0..256).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let mut extra = UnixStream::connect(&sock).unwrap();
+    let a = lab::read_all(&mut extra, Duration::from_secs(2));
+    assert!(a.contains("too many clients"), "client 257 got {a:?}");
+    assert!(t.elapsed() < Duration::from_millis(500), "client 257 waited {:?}", t.elapsed());
+    drop(held);
+    lab.wait_status_for("status answers again", Duration::from_secs(8), |s| s.ready);
     assert!(lab.exited().is_none());
 }
