@@ -95,11 +95,14 @@ uninstall:
 	    $(DESTDIR)$(MANDIR)/man8/netpold.8 $(DESTDIR)$(MANDIR)/man8/netpolctl.8
 	rm -rf $(DESTDIR)$(DOCDIR)
 
-# `systemd-analyze verify` of the unit as installed (binaries and all).
+# `systemd-analyze verify` of the unit as installed (into dist/verify, with the
+# paths in the unit pointing there so its binaries exist), and its exposure score.
+VERIFY_ROOT := $(CURDIR)/$(DIST)/verify
 check-unit:
-	rm -rf $(DIST)/verify && $(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/$(DIST)/verify PREFIX=/usr >/dev/null
-	systemd-analyze verify --man=no --root=$(CURDIR)/$(DIST)/verify /usr/lib/systemd/system/netpold.service
-	systemd-analyze security --offline=true --threshold=25 $(CURDIR)/$(DIST)/verify/usr/lib/systemd/system/netpold.service | tail -n1
+	rm -rf $(VERIFY_ROOT)
+	$(MAKE) --no-print-directory install DESTDIR= PREFIX=$(VERIFY_ROOT)/usr SYSCONFDIR=$(VERIFY_ROOT)/etc >/dev/null
+	systemd-analyze verify --man=no $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service
+	systemd-analyze security --offline=true --threshold=25 $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service | tail -n1
 
 # Debian package. dpkg-buildpackage writes next to the source tree (..); the
 # results are moved to dist/. NETPOL_PROFILE reaches debian/rules.
