@@ -782,14 +782,14 @@ fn deb_lifecycle_under_systemd() {
     let broken = policies.join(format!("{FILE_PREFIX}broken.yaml"));
     lab.put(
         &broken,
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts: [{ports: [{port: \"8o\"}]}]\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts: [{ports: [{port: \"99999\", protocol: TCP}]}]\n",
     );
     let sd = lab.sd();
     let reload = sd.exec(&["systemctl", "reload", "netpold.service"]);
     assert!(!reload.status.success(), "systemctl reload succeeded with a broken file:\n{}", text(&reload));
     let journal = sd.journal();
     assert!(
-        journal.contains("npk-broken.yaml") && journal.contains("8o"),
+        journal.contains("npk-broken.yaml") && journal.contains("99999"),
         "the journal does not say why the reload failed:\n{journal}"
     );
     assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
