@@ -1,6 +1,6 @@
 #!/bin/sh
 # Becomes PID 1 (a real systemd) of the packaging test's private PID, mount and
-# UTS namespaces. Run it as
+# UTS namespaces (systemd sets the hostname from /etc/hostname: only in there). Run it as
 #
 #   nsenter --net=/run/netns/NODE unshare --fork --pid --mount --uts --mount-proc \
 #       --propagation private tests/packaging/boot-systemd.sh UNITS_DIR
@@ -32,8 +32,6 @@ if [ -e /usr/sbin/policy-rc.d ]; then
 	chmod 0755 /run/npk-policy-rc.d
 	mount --bind /run/npk-policy-rc.d /usr/sbin/policy-rc.d
 fi
-
-hostname npk-node
 
 export SYSTEMD_UNIT_PATH=/run/npk-units:/etc/systemd/system
 export SYSTEMD_GENERATOR_PATH=/run/npk-empty
