@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 const NODE: &str = "npk-node";
 const BRIDGE: &str = "npk-br0";
 const PIN_DIR: &str = "/sys/fs/bpf/netpol";
+/// Where the sandbox probe pins (tests/packaging/bpf-probe.sh).
+const PROBE_PIN_DIR: &str = "/sys/fs/bpf/npk-probe";
 /// Files the test puts under /etc carry this prefix, so the guard finds them.
 const FILE_PREFIX: &str = "npk-";
 
@@ -217,9 +219,12 @@ fn normalize(path: &str) -> String {
     p.strip_suffix(".gz").map(str::to_string).unwrap_or(p)
 }
 
-/// Debian-only documents (dpkg's changelog and copyright file).
+/// Debian-only files (dpkg's changelog and copyright file, lintian's overrides).
 fn debian_only(path: &str) -> bool {
-    matches!(path, "/usr/share/doc/netpol/changelog" | "/usr/share/doc/netpol/copyright")
+    matches!(
+        path,
+        "/usr/share/doc/netpol/changelog" | "/usr/share/doc/netpol/copyright" | "/usr/share/lintian/overrides/netpol"
+    )
 }
 
 /// (files and links, directories) of the .deb.
@@ -629,6 +634,7 @@ impl Drop for Lab {
             }
             let _ = fs::remove_dir_all(PIN_DIR);
         }
+        let _ = fs::remove_dir_all(PROBE_PIN_DIR);
         self.remove_files();
         self.systemd = None; // kills it
         for mut l in self.listeners.drain(..) {
@@ -874,7 +880,8 @@ fn deb_lifecycle_under_systemd() {
 // ---------------------------------------------------------------- the sandbox allows BPF
 
 /// The installed unit, with only ExecStart= replaced by tests/packaging/bpf-probe.sh,
-/// creates its pin directory, loads and pins a tc program with the daemon's map
+/// creates a pin directory (/sys/fs/bpf/npk-probe: the daemon's own pins stay where
+/// it left them when the package's start ran it), loads and pins a tc program with the daemon's map
 /// types, updates a map and attaches with clsact: the hardening leaves BPF working.
 /// Independent of the daemon, so it holds the unit to account on its own.
 #[test]
@@ -906,6 +913,7 @@ fn unit_sandbox_allows_bpf() {
     assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
     let sd = lab.sd();
     let _ = sd.exec(&["systemctl", "stop", "netpold.service"]);
+    let _ = fs::remove_dir_all(PROBE_PIN_DIR);
 
     // In systemd's private /run: the service has PrivateTmp= and ProtectHome=.
     let setup = format!(

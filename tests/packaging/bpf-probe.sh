@@ -3,13 +3,13 @@
 # unit's sandbox — capabilities, ProtectSystem=strict with ReadWritePaths=/sys/fs/bpf,
 # the system call filter, RestrictAddressFamilies= — let a BPF datapath work?
 #   bpf-probe.sh OBJECT DEVICE
-# Creates /sys/fs/bpf/netpol, loads and pins OBJECT's program and maps there
+# Creates /sys/fs/bpf/npk-probe, loads and pins OBJECT's program and maps there
 # (bpftool, when installed), updates a map, attaches the program with clsact on
 # DEVICE, then removes it all again. Prints "probe: ok" when everything worked.
 set -eu
 obj=$1
 dev=$2
-pin=/sys/fs/bpf/netpol
+pin=/sys/fs/bpf/npk-probe
 step() { echo "probe: $*"; }
 
 step "capabilities $(grep CapEff /proc/self/status | tr -s '\t ' ' ')"
