@@ -145,7 +145,8 @@ fn privileged_blocker(extra_tools: &[&str]) -> Option<String> {
         return Some("bpffs is not mounted on /sys/fs/bpf".to_string());
     }
     let status = run(&mut cmd("dpkg-query", &["-W", "-f=${Status}", "netpol"]));
-    if String::from_utf8_lossy(&status.stdout).contains(" installed") || Path::new(PIN_DIR).exists() {
+    let by_rpm = have("rpm") && run(&mut cmd("rpm", &["-q", "netpol"])).status.success();
+    if String::from_utf8_lossy(&status.stdout).contains(" installed") || by_rpm || Path::new(PIN_DIR).exists() {
         return Some("netpol is already installed (or /sys/fs/bpf/netpol exists) on this host; not touching it".to_string());
     }
     None
@@ -532,6 +533,8 @@ struct Lab {
     systemd: Option<Systemd>,
     /// dpkg -i was attempted: purge in Drop.
     installed: bool,
+    /// rpm -i was attempted: erase in Drop.
+    installed_rpm: bool,
     netns: Vec<String>,
     listeners: Vec<Child>,
     files: Vec<PathBuf>,
@@ -539,7 +542,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        Lab { systemd: None, installed: false, netns: Vec::new(), listeners: Vec::new(), files: Vec::new() }
+        Lab { systemd: None, installed: false, installed_rpm: false, netns: Vec::new(), listeners: Vec::new(), files: Vec::new() }
     }
 
     fn sd(&self) -> &Systemd {
@@ -614,6 +617,16 @@ impl Lab {
         }
     }
 
+    fn rpm_erase(&mut self) -> Output {
+        self.remove_files();
+        let out = match &self.systemd {
+            Some(sd) if sd.alive() => sd.exec(&["rpm", "-e", "netpol"]),
+            _ => run(&mut cmd("rpm", &["-e", "netpol"])),
+        };
+        self.installed_rpm = false;
+        out
+    }
+
     fn purge(&mut self) -> Output {
         self.remove_files();
         let out = match &self.systemd {
@@ -633,6 +646,16 @@ impl Drop for Lab {
                 eprintln!("cleanup: dpkg -P netpol failed:\n{}", text(&out));
             }
             let _ = fs::remove_dir_all(PIN_DIR);
+        }
+        if self.installed_rpm {
+            let out = self.rpm_erase();
+            if !out.status.success() {
+                eprintln!("cleanup: rpm -e netpol failed:\n{}", text(&out));
+            }
+            let _ = fs::remove_dir_all(PIN_DIR);
+            for dir in ["/etc/netpol/endpoints.d", "/etc/netpol", "/etc/netpol.d"] {
+                let _ = fs::remove_dir(dir); // only when empty
+            }
         }
         let _ = fs::remove_dir_all(PROBE_PIN_DIR);
         self.remove_files();
@@ -937,4 +960,69 @@ fn unit_sandbox_allows_bpf() {
         sd.diagnose()
     );
     eprintln!("{log}");
+}
+
+// ---------------------------------------------------------------- the .rpm's scriptlets, for real
+
+/// `rpm -i` under the same systemd: %post registers the unit with systemd (preset),
+/// the daemon starts and enforces; `rpm -e` stops it (%preun), detaches and removes
+/// the pins and state (%preun, %postun), and leaves nothing behind.
+#[test]
+fn rpm_lifecycle_under_systemd() {
+    const TEST: &str = "rpm_lifecycle_under_systemd";
+    let _host = host_lock();
+    if let Some(reason) = privileged_blocker(&["rpm", "rpmbuild"]) {
+        return cannot_run(TEST, &reason);
+    }
+    let rpm = rpm();
+    let mut lab = Lab::new();
+    lab.node();
+    run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", "npk-r0", "type", "veth", "peer", "name", "npk-r1"]));
+    run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", "npk-r0", "up"]));
+    lab.systemd = Some(Systemd::boot());
+    lab.installed_rpm = true;
+    let rpm_path = rpm.to_string_lossy().into_owned();
+    // --nodeps: Debian's rpm database knows none of the system's libraries.
+    let sd = lab.sd();
+    let out = sd.exec(&["rpm", "-i", "--nodeps", &rpm_path]);
+    assert!(out.status.success(), "rpm -i failed:\n{}", text(&out));
+    let enabled = String::from_utf8_lossy(&sd.exec(&["systemctl", "is-enabled", "netpold.service"]).stdout).trim().to_string();
+    assert!(
+        enabled == "enabled" || enabled == "disabled",
+        "%post did not hand the unit to systemd's presets (is-enabled: {enabled:?})"
+    );
+    sd.exec_ok(&["systemctl", "start", "netpold.service"]);
+    assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
+
+    // One endpoint on npk-r0 under a default-deny policy: something to detach.
+    let g = sd.generation();
+    lab.put(
+        Path::new("/etc/netpol/endpoints.d/npk-r.yaml"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: npk-r, labels: {app: npk-r}}\nspec:\n  interface: npk-r0\n  addresses: [10.203.9.1]\n",
+    );
+    lab.put(
+        Path::new("/etc/netpol.d/npk-r.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: npk-r}\nspec:\n  endpointSelector: {matchLabels: {app: npk-r}}\n  ingress: [{}]\n",
+    );
+    let sd = lab.sd();
+    sd.wait_generation(g);
+    let endpoints = text(&sd.exec(&["netpolctl", "endpoints"]));
+    assert!(endpoints.contains("npk-r0") && endpoints.contains("attached"), "npk-r0 is not enforced:\n{endpoints}\n{}", sd.diagnose());
+    assert!(Path::new(PIN_DIR).exists(), "no pins under {PIN_DIR} while enforcing");
+
+    let out = lab.rpm_erase();
+    assert!(out.status.success(), "rpm -e failed:\n{}", text(&out));
+    let sd = lab.sd();
+    let state = sd.is_active("netpold.service");
+    assert!(state == "inactive" || state == "unknown" || state == "failed", "netpold.service is {state} after rpm -e");
+    let procs = text(&sd.exec(&["ps", "-e", "-o", "comm="]));
+    assert!(!procs.lines().any(|l| l.trim() == "netpold"), "netpold still runs after rpm -e:\n{procs}");
+    for path in [PIN_DIR, "/var/lib/netpol", "/usr/sbin/netpold", "/usr/lib/systemd/system/netpold.service", "/etc/netpol/netpold.toml"] {
+        assert!(!Path::new(path).exists(), "{path} is left after rpm -e");
+    }
+    let qdisc = run_ok(&mut cmd("tc", &["-n", NODE, "qdisc", "show", "dev", "npk-r0"]));
+    assert!(!qdisc.contains("clsact"), "npk-r0 keeps a clsact qdisc after rpm -e:\n{qdisc}");
+    for dir in ["/etc/netpol/endpoints.d", "/etc/netpol", "/etc/netpol.d"] {
+        let _ = fs::remove_dir(dir);
+    }
 }
