@@ -14,11 +14,18 @@
 //! also when the test fails. The test refuses to run where netpol is already
 //! installed rather than touch an administrator's installation.
 //!
+//! `rpm_lifecycle_under_systemd` does the same with `rpm -i` / `rpm -e`: the
+//! .rpm's scriptlets hand the unit to systemd, stop it, detach and clean up.
+//! `unit_sandbox_allows_bpf` runs tests/packaging/bpf-probe.sh *as* the installed
+//! netpold.service (a drop-in replaces only ExecStart=): the hardening leaves BPF
+//! (pinning, maps, tc attach) working, whatever the daemon does.
 //! `rpm_matches_deb` builds the .rpm with `make rpm` and holds its file list,
-//! conffiles, dependencies and scriptlets to the .deb's.
+//! conffiles, dependencies and scriptlets to the .deb's (no root needed).
 //!
-//! Both need root or packaging tools: when they cannot run they skip with a message,
-//! unless CI is set, and then they fail.
+//! The privileged tests install the same package on the same host, so they run one
+//! at a time. A test that cannot run here (not root, tools missing, bpffs not
+//! mounted, netpol already installed) skips with a message, unless CI is set: then
+//! it fails.
 //!
 //! The packages are built from the `dev` profile by default, reusing the build
 //! `cargo test` just made (a release build would double CI's compile time);
