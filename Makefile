@@ -104,15 +104,17 @@ check-unit:
 	systemd-analyze verify --man=no $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service
 	systemd-analyze security --offline=true --threshold=25 $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service | tail -n1
 
-# Debian package. dpkg-buildpackage writes next to the source tree (..); the
-# results are moved to dist/. NETPOL_PROFILE reaches debian/rules.
+# Debian package, into dist/: the .deb, .buildinfo and .changes that
+# dpkg-buildpackage would put next to the source tree (..) go to dist/ instead.
+# NETPOL_PROFILE reaches debian/rules.
 DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
+DEB_BASE := $(CURDIR)/$(DIST)/netpol_$(VERSION)_$(DEB_ARCH)
 deb:
 	mkdir -p $(DIST)
-	rm -f ../netpol_$(VERSION)_$(DEB_ARCH).deb ../netpol_$(VERSION)_$(DEB_ARCH).buildinfo ../netpol_$(VERSION)_$(DEB_ARCH).changes
-	NETPOL_PROFILE=$(PROFILE) dpkg-buildpackage -b -us -uc
-	mv -f ../netpol_$(VERSION)_$(DEB_ARCH).deb ../netpol_$(VERSION)_$(DEB_ARCH).buildinfo \
-	    ../netpol_$(VERSION)_$(DEB_ARCH).changes $(DIST)/
+	rm -f $(DEB_BASE).deb $(DEB_BASE).buildinfo $(DEB_BASE).changes
+	NETPOL_PROFILE=$(PROFILE) NETPOL_DEB_DESTDIR=$(CURDIR)/$(DIST) dpkg-buildpackage -b -us -uc \
+	    --buildinfo-option=-u$(CURDIR)/$(DIST) --buildinfo-option=-O$(DEB_BASE).buildinfo \
+	    --changes-option=-u$(CURDIR)/$(DIST) --changes-option=-O$(DEB_BASE).changes
 	@echo "built $(DIST)/netpol_$(VERSION)_$(DEB_ARCH).deb"
 
 # RPM package from the binaries `make build` made, installed by `make install`
