@@ -72,15 +72,7 @@ install:
 	chmod 0644 $(DESTDIR)$(UNITDIR)/netpold.service
 	$(INSTALL) -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/netpol $(DESTDIR)$(SYSCONFDIR)/netpol/endpoints.d \
 	    $(DESTDIR)$(SYSCONFDIR)/netpol.d
-	@if [ -f etc/netpol/netpold.toml ]; then \
-	  echo "$(INSTALL) -m 0644 etc/netpol/netpold.toml $(DESTDIR)$(SYSCONFDIR)/netpol/netpold.toml"; \
-	  $(INSTALL) -m 0644 etc/netpol/netpold.toml $(DESTDIR)$(SYSCONFDIR)/netpol/netpold.toml; \
-	else \
-	  echo "make install: etc/netpol/netpold.toml not in the tree yet; installing a defaults-only file" >&2; \
-	  printf '%s\n' '# netpold configuration (see netpold(8)). Every key is optional;' \
-	    '# an empty file means the built-in defaults.' > $(DESTDIR)$(SYSCONFDIR)/netpol/netpold.toml; \
-	  chmod 0644 $(DESTDIR)$(SYSCONFDIR)/netpol/netpold.toml; \
-	fi
+	$(INSTALL) -m 0644 etc/netpol/netpold.toml $(DESTDIR)$(SYSCONFDIR)/netpol/netpold.toml
 	$(INSTALL) -d -m 0755 $(DESTDIR)$(MANDIR)/man8
 	$(INSTALL) -m 0644 man/netpold.8 man/netpolctl.8 $(DESTDIR)$(MANDIR)/man8/
 	$(INSTALL) -d -m 0755 $(DESTDIR)$(DOCDIR)
