@@ -21,6 +21,8 @@
 //! (pinning, maps, tc attach) working, whatever the daemon does.
 //! `rpm_matches_deb` builds the .rpm with `make rpm` and holds its file list,
 //! conffiles, dependencies and scriptlets to the .deb's (no root needed).
+//! `man_pages_match_the_cli` holds the hand-written man pages to the binaries'
+//! --help: the same commands and options, none missing, none invented.
 //!
 //! The privileged tests install the same package on the same host, so they run one
 //! at a time. A test that cannot run here (not root, tools missing, bpffs not
@@ -1032,4 +1034,98 @@ fn rpm_lifecycle_under_systemd() {
     for dir in ["/etc/netpol/endpoints.d", "/etc/netpol", "/etc/netpol.d"] {
         let _ = fs::remove_dir(dir);
     }
+}
+
+// ---------------------------------------------------------------- man pages vs the CLI
+
+/// Long options (`--name`) in a clap help text, without --help and --version.
+fn help_options(help: &str) -> Vec<String> {
+    let mut out: Vec<String> = help
+        .lines()
+        .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == ',' || c == '['))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string())
+        .filter(|w| w != "--help" && w != "--version")
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Long options a roff page mentions (`\-\-name`).
+fn man_options(page: &str) -> Vec<String> {
+    let mut out: Vec<String> = page
+        .split("\\-\\-")
+        .skip(1)
+        .map(|rest| {
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '\\' || *c == '-').collect();
+            format!("--{}", name.replace("\\-", "-"))
+        })
+        .filter(|o| o != "--help" && o != "--version" && o.len() > 2)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn help_of(bin: &str, args: &[&str]) -> String {
+    run_ok(Command::new(bin).args(args).arg("--help"))
+}
+
+/// man/netpolctl.8 and man/netpold.8 are hand-written: hold them to the binaries'
+/// own --help, both ways (no command or option missing, none invented).
+#[test]
+fn man_pages_match_the_cli() {
+    let ctl = env!("CARGO_BIN_EXE_netpolctl");
+    let daemon = env!("CARGO_BIN_EXE_netpold");
+    let ctl_page = fs::read_to_string(src_dir().join("man/netpolctl.8")).expect("man/netpolctl.8");
+    let daemon_page = fs::read_to_string(src_dir().join("man/netpold.8")).expect("man/netpold.8");
+
+    // Subcommands: `netpolctl --help` vs the SYNOPSIS lines `.B netpolctl NAME`.
+    let top = help_of(ctl, &[]);
+    let mut commands: Vec<String> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    commands.sort();
+    let mut documented: Vec<String> = ctl_page
+        .lines()
+        .filter_map(|l| l.strip_prefix(".B netpolctl "))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect();
+    documented.sort();
+    documented.dedup();
+    assert_eq!(commands, documented, "netpolctl's commands vs the SYNOPSIS of man/netpolctl.8");
+
+    // Options of every command (registry: of its subcommands).
+    let mut options = Vec::new();
+    for c in &commands {
+        let help = help_of(ctl, &[c]);
+        if help.contains("Commands:") {
+            for sub in help
+                .lines()
+                .skip_while(|l| !l.starts_with("Commands:"))
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|s| *s != "help")
+            {
+                options.extend(help_options(&help_of(ctl, &[c, sub])));
+            }
+        } else {
+            options.extend(help_options(&help));
+        }
+    }
+    options.sort();
+    options.dedup();
+    assert_eq!(options, man_options(&ctl_page), "netpolctl's options vs man/netpolctl.8");
+    assert_eq!(
+        help_options(&help_of(daemon, &[])),
+        man_options(&daemon_page),
+        "netpold's options vs man/netpold.8"
+    );
 }
