@@ -5,8 +5,8 @@
 //! namespace `npk-node` (tests/packaging/boot-systemd.sh), installs the package
 //! there with `dpkg -i`, and checks what a user relies on: the unit is active;
 //! workloads in network namespaces get the seed scenario's verdicts; a reload with
-//! a broken file fails, says why, and changes nothing; a restart keeps enforcement
-//! throughout; the journal has the daemon's lines; `dpkg -P` stops it and leaves no
+//! a broken file fails, says why, and changes nothing; a restart and an upgrade
+//! keep enforcement throughout; the journal has the daemon's lines; `dpkg -P` stops it and leaves no
 //! pins, programs or qdiscs.
 //!
 //! The file system is the host's, so the install is real: a guard purges the
@@ -737,6 +737,43 @@ fn verdict(allowed: bool) -> &'static str {
     }
 }
 
+/// While `action` runs (and a second after), new connections keep their verdicts:
+/// database -> backend:80 never connects, frontend-1 -> backend:80 always does; and
+/// the action replaced the daemon process.
+fn enforcement_holds_across(sd: &Systemd, what: &str, action: impl FnOnce()) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut probes, mut leaked, mut refused) = (0u32, 0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                probes += 1;
+                if connects("database", "backend", 80, false, Duration::from_millis(300)) {
+                    leaked += 1;
+                }
+                if !connects("frontend-1", "backend", 80, false, Duration::from_millis(1000)) {
+                    refused += 1;
+                }
+            }
+            (probes, leaked, refused)
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let main_pid = || sd.exec_ok(&["systemctl", "show", "-p", "MainPID", "--value", "netpold.service"]).trim().to_string();
+    let old_pid = main_pid();
+    action();
+    let active = wait_for("netpold to be active again", Duration::from_secs(30), || sd.is_active("netpold.service") == "active");
+    thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (probes, leaked, refused) = prober.join().expect("prober");
+    assert!(active, "netpold.service is not active after {what}\n{}", sd.diagnose());
+    assert_ne!(old_pid, main_pid(), "netpold was not restarted by {what}");
+    assert!(probes >= 3, "only {probes} probes ran across {what}");
+    assert_eq!(leaked, 0, "database reached backend:80 {leaked} times out of {probes} during {what}");
+    assert_eq!(refused, 0, "frontend-1 could not reach backend:80 {refused} times out of {probes} during {what}");
+    check_verdicts(sd, &format!("after {what}"), &SEED_VERDICTS);
+}
+
 /// The shipped seed registry with this test's interfaces and addresses.
 fn seed_registry() -> String {
     let shipped = fs::read_to_string(src_dir().join("etc/examples/seed/endpoints.d/seed.yaml")).expect("seed registry");
@@ -839,36 +876,16 @@ fn deb_lifecycle_under_systemd() {
     check_verdicts(sd, "after a good reload", &SEED_VERDICTS);
 
     // ---- a restart keeps enforcement throughout
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let (mut probes, mut leaked, mut refused) = (0u32, 0u32, 0u32);
-            while !stop.load(Ordering::Relaxed) {
-                probes += 1;
-                if connects("database", "backend", 80, false, Duration::from_millis(300)) {
-                    leaked += 1;
-                }
-                if !connects("frontend-1", "backend", 80, false, Duration::from_millis(1000)) {
-                    refused += 1;
-                }
-            }
-            (probes, leaked, refused)
-        })
-    };
-    thread::sleep(Duration::from_millis(500));
-    let old_pid = sd.exec_ok(&["systemctl", "show", "-p", "MainPID", "--value", "netpold.service"]);
-    sd.exec_ok(&["systemctl", "restart", "netpold.service"]);
-    let new_pid = sd.exec_ok(&["systemctl", "show", "-p", "MainPID", "--value", "netpold.service"]);
-    thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    let (probes, leaked, refused) = prober.join().expect("prober");
-    assert_ne!(old_pid.trim(), new_pid.trim(), "netpold was not restarted");
-    assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
-    assert!(probes >= 3, "only {probes} probes ran across the restart");
-    assert_eq!(leaked, 0, "database reached backend:80 {leaked} times out of {probes} during the restart");
-    assert_eq!(refused, 0, "frontend-1 could not reach backend:80 {refused} times out of {probes} during the restart");
-    check_verdicts(sd, "after the restart", &SEED_VERDICTS);
+    enforcement_holds_across(sd, "systemctl restart", || {
+        sd.exec_ok(&["systemctl", "restart", "netpold.service"]);
+    });
+
+    // ---- so does an upgrade (the same package again: prerm upgrade, postinst
+    // configure with the old version, which restarts the daemon)
+    enforcement_holds_across(sd, "an upgrade with dpkg -i", || {
+        let out = sd.dpkg(&["-i", &deb_path]);
+        assert!(out.status.success(), "dpkg -i (upgrade) failed:\n{}", text(&out));
+    });
 
     // ---- the journal has the daemon's own lines (not only systemd's)
     let own = sd.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "_SYSTEMD_UNIT=netpold.service", "_COMM=netpold"]);
