@@ -10,5 +10,6 @@ pub mod config;
 pub mod datapath;
 pub mod identity;
 pub mod labels;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
