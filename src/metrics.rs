@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::datapath::Counters;
+use crate::api::Problem;
+use crate::datapath::{Attachment, Counters, EventVerdict, VerdictEvent};
+use crate::policy::types::Compiled;
 
 /// The address the docs suggest for `metrics_listen` (loopback); the daemon
 /// serves nothing unless the key is set.
@@ -29,7 +31,7 @@ pub const APPLY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("metrics_listen {addr}: {source}")]
+    #[error("metrics_listen {addr}: cannot listen")]
     Bind {
         addr: String,
         #[source]
@@ -37,6 +39,14 @@ pub enum MetricsError {
     },
     #[error("metrics_listen {0:?} is not an address:port")]
     Address(String),
+}
+
+/// Capacities of the maps whose fill level is exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapLimits {
+    pub ipcache: u64,
+    pub policy: u64,
+    pub endpoints: u64,
 }
 
 /// A cumulative histogram with fixed upper bounds (+Inf implied).
@@ -145,6 +155,71 @@ impl Metrics {
 
     pub fn apply_failed(&self) {
         self.update(|s| s.apply_errors += 1);
+    }
+
+    /// After an apply: map fill levels and endpoint states. `limits` are the
+    /// configured capacities of the ipcache, policy and endpoint maps. Only the
+    /// entries of attached endpoints are installed, so only those count.
+    pub fn record_state(&self, c: &Compiled, attachments: &[Attachment], limits: MapLimits) {
+        let attached: std::collections::BTreeSet<u32> = attachments.iter().map(|a| a.slot).collect();
+        let policy = c.entries.iter().filter(|e| attached.contains(&e.endpoint)).count() as u64;
+        let local = c.endpoints.iter().filter(|e| e.local).count() as u64;
+        self.update(|s| {
+            s.maps.insert("ipcache".into(), MapFill { entries: c.ipcache.len() as u64, max_entries: limits.ipcache });
+            s.maps.insert("policy".into(), MapFill { entries: policy, max_entries: limits.policy });
+            s.maps.insert("endpoints".into(), MapFill { entries: attached.len() as u64, max_entries: limits.endpoints });
+            s.endpoints.insert("attached".into(), attached.len() as u64);
+            s.endpoints.insert("pending".into(), local - attached.len() as u64);
+            s.endpoints.insert("remote".into(), c.endpoints.len() as u64 - local);
+        });
+    }
+
+    /// The datapath's per-slot counters, named by the endpoints of `c`.
+    pub fn record_counters(&self, c: &Compiled, counters: &BTreeMap<u32, Counters>) {
+        let named: BTreeMap<String, Counters> = counters
+            .iter()
+            .filter_map(|(slot, n)| {
+                let e = c.endpoints.get(*slot as usize)?;
+                let name = match &e.namespace {
+                    Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => format!("{ns}/{}", e.name),
+                    _ => e.name.clone(),
+                };
+                Some((name, n.clone()))
+            })
+            .collect();
+        self.update(|s| s.verdicts = named);
+    }
+
+    /// Health and the problems of the last read: every file that ever had a
+    /// problem stays listed (at 0 once fixed), so a fix is visible as a drop to 0.
+    pub fn record_status(&self, ready: bool, degraded: bool, problems: &[Problem]) {
+        self.update(|s| {
+            s.ready = ready;
+            s.degraded = degraded;
+            for v in s.file_errors.values_mut() {
+                *v = 0;
+            }
+            for p in problems {
+                *s.file_errors.entry(p.file.display().to_string()).or_default() += 1;
+            }
+        });
+    }
+
+    /// Verdict events read from the ring buffer.
+    pub fn record_events(&self, events: &[VerdictEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        self.update(|s| {
+            for e in events {
+                let v = match e.verdict {
+                    EventVerdict::Allowed => "allowed",
+                    EventVerdict::Denied => "denied",
+                    EventVerdict::Audit => "audit",
+                };
+                *s.events.entry(v.to_string()).or_default() += 1;
+            }
+        });
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -9,7 +9,7 @@
 //!       │             │           │          │
 //!  ┌────┴─────────────┴───────────┴──────────┴──── npn-kind ─────────────────────┐
 //!  │ vethXXXXXXXX (10.206.64.1/32 on each)   route 10.206.64.N/32 dev vethXXXXXXXX │
-//!  │ eth0 (dummy) 10.206.65.2/24: the node's own address                          │
+//!  │ eth0 (veth)  10.206.65.2/24: the node's own address                           │
 //!  │ netpold, node_name = npn-kind-worker, every endpoint `interface: auto`       │
 //!  └──────────────────────────────────────────────────────────────────────────────┘
 //! ```
@@ -22,6 +22,8 @@
 
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/prom.rs"]
+mod prom;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -122,7 +124,8 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
     let mut net = Netns::default();
     let pin = net.pin_dir("npn-kind");
     let cfg = root.join("netpold.toml");
-    netns::write_config(&cfg, NODE, &root, &pin, "");
+    // Metrics on the node's loopback (inside its network namespace).
+    netns::write_config(&cfg, NODE, &root, &pin, "metrics_listen = \"127.0.0.1:9962\"\n");
 
     // The registry, exactly as an operator makes it.
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kubectl/kindnode.json");
@@ -139,7 +142,9 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
 
     // The node: routed /32 veths, no bridge.
     net.add(NODE_NS);
-    netns::ip(&["-n", NODE_NS, "link", "add", "eth0", "type", "dummy"]);
+    // The node's uplink (a veth: this kernel may have no dummy driver).
+    netns::ip(&["-n", NODE_NS, "link", "add", "eth0", "type", "veth", "peer", "name", "npn-kup"]);
+    netns::ip(&["-n", NODE_NS, "link", "set", "npn-kup", "up"]);
     netns::ip(&["-n", NODE_NS, "addr", "add", "10.206.65.2/24", "dev", "eth0"]);
     netns::ip(&["-n", NODE_NS, "link", "set", "eth0", "up"]);
     netns::netns_exec(NODE_NS, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -235,5 +240,32 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
         .collect();
     assert!(diffs.is_empty(), "{} of {} flows differ:\n{}\nlog:\n{}", diffs.len(), jobs.len(), diffs.join("\n"), d.log_text());
     eprintln!("{} flows on the kind-style node match ({} allowed)", jobs.len(), want.iter().filter(|w| **w).count());
+
+    // The kernel's counters, through the Prometheus endpoint (refreshed once a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let fams = loop {
+        let text = netns::in_netns(NODE_NS, || prom::scrape("127.0.0.1:9962".parse().unwrap()))
+            .unwrap_or_else(|e| panic!("scrape: {e}\nlog:\n{}", d.log_text()));
+        let f = prom::parse_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"));
+        let v = |ep: &str, reason: &str| prom::value(&f, "netpol_verdicts_total", &[("endpoint", ep), ("reason", reason)]).unwrap_or(0.0);
+        if v("shop/intruder-0", "policy-deny") > 0.0 && v("default/web-5c8d7-h7j2m", "default-deny") > 0.0 && v("default/web-5c8d7-h7j2m", "policy") > 0.0 {
+            break f;
+        }
+        assert!(std::time::Instant::now() < deadline, "verdict counters never showed the drops:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(prom::value(&fams, "netpol_ready", &[]), Some(1.0));
+    assert_eq!(prom::value(&fams, "netpol_endpoints", &[("state", "attached")]), Some(4.0));
+    assert_eq!(prom::value(&fams, "netpol_endpoints", &[("state", "remote")]), Some(1.0));
+    assert_eq!(prom::value(&fams, "netpol_map_entries", &[("map", "endpoints")]), Some(4.0));
+    // client has no policy: no policy verdict ever denies it (its IPv6 link-local
+    // chatter may count as `spoofed`: it has no IPv6 address in the registry)
+    let client_denied: f64 = fams["netpol_verdicts_total"]
+        .1
+        .iter()
+        .filter(|s| s.labels["endpoint"] == "default/client-6b7f9-x2k4q" && ["policy-deny", "default-deny"].contains(&s.labels["reason"].as_str()))
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(client_denied, 0.0);
     d.stop();
 }

@@ -5,6 +5,10 @@
 
 #[path = "support/nodegen.rs"]
 mod nodegen;
+#[path = "support/prom.rs"]
+mod prom;
+
+use prom::{parse_exposition, scrape, value, Sample};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -138,7 +142,9 @@ fn diff_with_invalid_new_files_prints_problems_and_exits_2() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-fn layout_names() -> ([(&'static str, &'static str); 2], impl Fn(usize, usize) -> String, impl Fn(usize, usize) -> String) {
+type NodeNames = [(&'static str, &'static str); 2];
+
+fn layout_names() -> (NodeNames, impl Fn(usize, usize) -> String, impl Fn(usize, usize) -> String) {
     (
         [("node-a", "10.206.255.1"), ("node-b", "10.206.255.2")],
         |n: usize, i: usize| format!("10.206.{}.{}", n + 1, i + 10),
@@ -547,213 +553,6 @@ impl TapMkdir for PathBuf {
 
 // ------------------------------------------------------------------ Prometheus exposition
 
-/// One parsed sample: metric name, labels, value.
-#[derive(Debug, Clone, PartialEq)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn is_metric_name(n: &str) -> bool {
-    let mut c = n.chars();
-    matches!(c.next(), Some(x) if x.is_ascii_alphabetic() || x == '_' || x == ':')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
-}
-
-fn is_label_name(n: &str) -> bool {
-    let mut c = n.chars();
-    matches!(c.next(), Some(x) if x.is_ascii_alphabetic() || x == '_')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
-        && !n.starts_with("__")
-}
-
-fn parse_value(v: &str) -> Result<f64, String> {
-    match v {
-        "+Inf" | "Inf" => Ok(f64::INFINITY),
-        "-Inf" => Ok(f64::NEG_INFINITY),
-        "NaN" => Ok(f64::NAN),
-        _ => v.parse::<f64>().map_err(|_| format!("{v:?} is not a float")),
-    }
-}
-
-/// Parse `{a="x",b="y"}` at the start of `s`; returns the labels and the rest.
-fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s.strip_prefix('{').ok_or("expected {")?;
-    loop {
-        rest = rest.trim_start();
-        if let Some(r) = rest.strip_prefix('}') {
-            return Ok((out, r));
-        }
-        let eq = rest.find('=').ok_or("label without =")?;
-        let name = rest[..eq].trim();
-        if !is_label_name(name) {
-            return Err(format!("bad label name {name:?}"));
-        }
-        let mut chars = rest[eq + 1..].char_indices();
-        if chars.next().map(|(_, c)| c) != Some('"') {
-            return Err(format!("label {name}: value not quoted"));
-        }
-        let mut value = String::new();
-        let mut end = None;
-        let body = &rest[eq + 1..];
-        let mut it = body.char_indices().skip(1);
-        while let Some((i, c)) = it.next() {
-            match c {
-                '\\' => match it.next() {
-                    Some((_, '\\')) => value.push('\\'),
-                    Some((_, '"')) => value.push('"'),
-                    Some((_, 'n')) => value.push('\n'),
-                    other => return Err(format!("label {name}: bad escape {other:?}")),
-                },
-                '"' => {
-                    end = Some(i);
-                    break;
-                }
-                '\n' => return Err(format!("label {name}: raw newline")),
-                c => value.push(c),
-            }
-        }
-        let end = end.ok_or_else(|| format!("label {name}: unterminated value"))?;
-        if out.insert(name.to_string(), value).is_some() {
-            return Err(format!("duplicate label {name}"));
-        }
-        rest = &body[end + 1..];
-        rest = rest.trim_start();
-        if let Some(r) = rest.strip_prefix(',') {
-            rest = r;
-        } else if !rest.starts_with('}') {
-            return Err(format!("expected , or }} after label {name}"));
-        }
-    }
-}
-
-/// Validate a text exposition (format 0.0.4) and return its samples by family.
-fn parse_exposition(text: &str) -> Result<BTreeMap<String, (String, Vec<Sample>)>, String> {
-    let mut families: BTreeMap<String, (String, Vec<Sample>)> = BTreeMap::new();
-    let mut helps: BTreeSet<String> = BTreeSet::new();
-    let mut finished: BTreeSet<String> = BTreeSet::new();
-    let mut current: Option<String> = None;
-    let mut series: BTreeSet<String> = BTreeSet::new();
-    if !text.ends_with('\n') {
-        return Err("the exposition must end with a newline".into());
-    }
-    for (n, line) in text.lines().enumerate() {
-        let at = |m: String| format!("line {}: {m}: {line:?}", n + 1);
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let name = rest.split(' ').next().unwrap_or("");
-            if !is_metric_name(name) || !helps.insert(name.to_string()) {
-                return Err(at("bad or repeated HELP".into()));
-            }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut w = rest.split(' ');
-            let (name, kind) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
-            if !is_metric_name(name) || w.next().is_some() {
-                return Err(at("bad TYPE line".into()));
-            }
-            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
-                return Err(at(format!("unknown type {kind}")));
-            }
-            if families.contains_key(name) {
-                return Err(at("second TYPE for a family".into()));
-            }
-            if let Some(c) = current.replace(name.to_string()) {
-                finished.insert(c);
-            }
-            families.insert(name.to_string(), (kind.to_string(), Vec::new()));
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(|c: char| c == '{' || c == ' ').ok_or_else(|| at("no value".into()))?;
-        let name = &line[..name_end];
-        if !is_metric_name(name) {
-            return Err(at(format!("bad metric name {name:?}")));
-        }
-        let (labels, rest) = if line[name_end..].starts_with('{') {
-            parse_labels(&line[name_end..]).map_err(at)?
-        } else {
-            (BTreeMap::new(), &line[name_end..])
-        };
-        let mut w = rest.split_whitespace();
-        let value = parse_value(w.next().ok_or_else(|| at("no value".into()))?).map_err(at)?;
-        if let Some(ts) = w.next() {
-            ts.parse::<i64>().map_err(|_| at("bad timestamp".into()))?;
-        }
-        if w.next().is_some() {
-            return Err(at("trailing text".into()));
-        }
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|b| families.get(*b).is_some_and(|f| f.0 == "histogram")))
-            .unwrap_or(name)
-            .to_string();
-        let Some((kind, samples)) = families.get_mut(&family) else {
-            return Err(at(format!("sample of {family} before its TYPE")));
-        };
-        if current.as_deref() != Some(family.as_str()) || finished.contains(&family) {
-            return Err(at(format!("samples of {family} are not grouped under its TYPE")));
-        }
-        if kind == "counter" && !(value >= 0.0) {
-            return Err(at("negative or NaN counter".into()));
-        }
-        if kind == "histogram" && name.ends_with("_bucket") != labels.contains_key("le") {
-            return Err(at("le belongs to _bucket samples only".into()));
-        }
-        let key = format!("{name}{labels:?}");
-        if !series.insert(key) {
-            return Err(at("duplicate series".into()));
-        }
-        samples.push(Sample { name: name.to_string(), labels, value });
-    }
-    // Histograms: per label set, buckets ascending by le, cumulative, ending +Inf = _count.
-    for (fname, (kind, samples)) in &families {
-        if kind != "histogram" {
-            continue;
-        }
-        let mut groups: BTreeMap<String, (Vec<(f64, f64)>, Option<f64>, Option<f64>)> = BTreeMap::new();
-        for s in samples {
-            let mut l = s.labels.clone();
-            let le = l.remove("le");
-            let g = groups.entry(format!("{l:?}")).or_default();
-            if s.name.ends_with("_bucket") {
-                g.0.push((parse_value(le.as_deref().unwrap_or("")).map_err(|e| format!("{fname}: le: {e}"))?, s.value));
-            } else if s.name.ends_with("_sum") {
-                g.1 = Some(s.value);
-            } else if s.name.ends_with("_count") {
-                g.2 = Some(s.value);
-            }
-        }
-        for (l, (buckets, sum, count)) in groups {
-            let (Some(_), Some(count)) = (sum, count) else {
-                return Err(format!("{fname}{l}: _sum or _count missing"));
-            };
-            if buckets.is_empty() || buckets.last().unwrap().0 != f64::INFINITY {
-                return Err(format!("{fname}{l}: buckets must end with le=\"+Inf\""));
-            }
-            for w in buckets.windows(2) {
-                if !(w[0].0 < w[1].0) {
-                    return Err(format!("{fname}{l}: le not ascending: {} then {}", w[0].0, w[1].0));
-                }
-                if w[0].1 > w[1].1 {
-                    return Err(format!("{fname}{l}: buckets not cumulative"));
-                }
-            }
-            if buckets.last().unwrap().1 != count {
-                return Err(format!("{fname}{l}: +Inf bucket {} != _count {count}", buckets.last().unwrap().1));
-            }
-        }
-    }
-    Ok(families)
-}
-
 #[test]
 fn exposition_checker_rejects_what_prometheus_would() {
     let ok = "# HELP a_total x\n# TYPE a_total counter\na_total{x=\"1\"} 3\n";
@@ -803,4 +602,146 @@ fn rendered_metrics_are_valid_exposition() {
     assert_eq!(dd.value, 2.0);
     assert_eq!(fams["netpol_generation"].1[0].value, 2.0);
     assert_eq!(fams["netpol_file_errors"].1[0].labels["file"], "/etc/netpol.d/a.yaml");
+}
+
+// ------------------------------------------------------------------ metrics from the daemon
+
+/// The datapath for the scrape test: the in-memory fake, plus counters the test sets.
+#[derive(Clone, Default)]
+struct CountingDp(std::sync::Arc<std::sync::Mutex<(netpol::datapath::fake::FakeDatapath, BTreeMap<u32, netpol::datapath::Counters>)>>);
+
+impl netpol::datapath::Datapath for CountingDp {
+    fn apply(&mut self, s: &Compiled, a: &[netpol::datapath::Attachment]) -> Result<u64, netpol::datapath::DatapathError> {
+        self.0.lock().unwrap().0.apply(s, a)
+    }
+    fn sync_attachments(&mut self, a: &[netpol::datapath::Attachment]) -> Result<(), netpol::datapath::DatapathError> {
+        self.0.lock().unwrap().0.sync_attachments(a)
+    }
+    fn generation(&self) -> u64 {
+        self.0.lock().unwrap().0.generation()
+    }
+    fn poll_events(&mut self, max: usize) -> Vec<netpol::datapath::VerdictEvent> {
+        self.0.lock().unwrap().0.poll_events(max)
+    }
+    fn counters(&self) -> BTreeMap<u32, netpol::datapath::Counters> {
+        self.0.lock().unwrap().1.clone()
+    }
+    fn detach_all(&mut self) -> Result<(), netpol::datapath::DatapathError> {
+        self.0.lock().unwrap().0.detach_all()
+    }
+}
+
+#[tokio::test]
+async fn daemon_serves_prometheus_metrics_when_configured() {
+    use netpol::datapath::{Counters, EventReason, EventVerdict, VerdictEvent};
+    let (pol, eps) = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, e) = (tmp.path().join("pol"), tmp.path().join("ep"));
+    copy_dir(&pol, &p);
+    copy_dir(&eps, &e);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = netpol::config::Config {
+        policy_dir: p.clone(),
+        endpoint_dirs: vec![e.clone()],
+        pin_dir: "/sys/fs/bpf/npn-unused".into(),
+        runtime_dir: tmp.path().join("run"),
+        state_dir: tmp.path().join("state"),
+        node_name: "host-a".into(),
+        resync_interval_s: 0,
+        strict_file_modes: false,
+        metrics_listen: addr.to_string(),
+        ..netpol::config::Config::default()
+    };
+    let mut links = netpol::netlink::LinkTable::default();
+    for (i, n) in ["veth-fe1", "veth-fe2", "veth-be", "veth-db"].iter().enumerate() {
+        links.links.insert(n.to_string(), 11 + i as u32);
+    }
+    let dp = CountingDp::default();
+    {
+        let mut g = dp.0.lock().unwrap();
+        for slot in 0..4u32 {
+            g.1.insert(slot, Counters { allowed: 100 + u64::from(slot), denied_default: u64::from(slot), ..Default::default() });
+        }
+        let ev = |verdict| VerdictEvent {
+            ifindex: 11,
+            slot: 2,
+            direction: netpol::policy::types::Direction::Egress,
+            verdict,
+            reason: EventReason::DefaultDeny,
+            src: "10.0.1.11".parse().unwrap(),
+            dst: "10.0.1.31".parse().unwrap(),
+            proto: 6,
+            sport: 40000,
+            dport: 5432,
+            src_identity: 0,
+            dst_identity: 0,
+            rule: None,
+        };
+        g.0.events = vec![ev(EventVerdict::Denied), ev(EventVerdict::Denied), ev(EventVerdict::Allowed)];
+    }
+    let (_links_tx, fake) = netpol::netlink::fake_links(links);
+    let (_reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut opts = netpol::daemon::Options::new(netpol::logging::discard(), netpol::daemon::sdnotify::Notifier::recorder().0, reload_rx);
+    opts.event_poll = std::time::Duration::from_millis(20);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(netpol::daemon::run_with(config, dp.clone(), fake, opts, async move {
+        let _ = stop_rx.await;
+    }));
+
+    // Scrape until `f` holds (5 s at most); every answer must be valid exposition.
+    async fn until(addr: std::net::SocketAddr, what: &str, f: impl Fn(&BTreeMap<String, (String, Vec<Sample>)>) -> bool) -> BTreeMap<String, (String, Vec<Sample>)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut last = String::new();
+        loop {
+            if let Ok(Ok(text)) = tokio::task::spawn_blocking(move || scrape(addr)).await {
+                let fams = parse_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"));
+                if f(&fams) {
+                    return fams;
+                }
+                last = text;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}; last scrape:\n{last}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    let f = until(addr, "the first apply and the counters", |f| {
+        value(f, "netpol_generation", &[]) == Some(1.0)
+            && value(f, "netpol_events_total", &[("verdict", "denied")]) == Some(2.0)
+            && f.get("netpol_verdicts_total").is_some_and(|v| !v.1.is_empty())
+    })
+    .await;
+    assert_eq!(value(&f, "netpol_ready", &[]), Some(1.0));
+    assert_eq!(value(&f, "netpol_degraded", &[]), Some(0.0));
+    assert_eq!(value(&f, "netpol_applies_total", &[]), Some(1.0));
+    assert_eq!(value(&f, "netpol_apply_duration_seconds_count", &[]), Some(1.0));
+    assert_eq!(value(&f, "netpol_events_total", &[("verdict", "allowed")]), Some(1.0));
+    assert_eq!(value(&f, "netpol_endpoints", &[("state", "attached")]), Some(4.0));
+    assert_eq!(value(&f, "netpol_map_entries", &[("map", "endpoints")]), Some(4.0));
+    assert_eq!(value(&f, "netpol_map_max_entries", &[("map", "policy")]), Some(262144.0));
+    assert!(value(&f, "netpol_map_entries", &[("map", "policy")]).unwrap() > 0.0);
+    assert!(value(&f, "netpol_map_entries", &[("map", "ipcache")]).unwrap() >= 8.0, "4 endpoints × 2 addresses");
+    let verdicts = &f["netpol_verdicts_total"].1;
+    let names: BTreeSet<&str> = verdicts.iter().map(|s| s.labels["endpoint"].as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["default/backend", "default/database", "default/frontend-1", "default/frontend-2"]));
+    let allowed: f64 = verdicts.iter().filter(|s| s.labels["verdict"] == "allowed").map(|s| s.value).sum();
+    let default_deny: f64 = verdicts.iter().filter(|s| s.labels["reason"] == "default-deny").map(|s| s.value).sum();
+    assert_eq!((allowed, default_deny), (406.0, 6.0));
+    assert!(f.get("netpol_file_errors").is_some_and(|v| v.1.is_empty()), "no file has had a problem yet");
+
+    // An invalid file: degraded, counted against that file; fixed: back to 0.
+    let bad = p.join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingres: []\n").unwrap();
+    let bad_name = bad.display().to_string();
+    let f = until(addr, "the invalid file", |f| value(f, "netpol_file_errors", &[("file", &bad_name)]) == Some(1.0)).await;
+    assert_eq!(value(&f, "netpol_degraded", &[]), Some(1.0));
+    assert_eq!(value(&f, "netpol_generation", &[]), Some(1.0), "the last valid set stays");
+    std::fs::remove_file(&bad).unwrap();
+    let f = until(addr, "the fix", |f| value(f, "netpol_file_errors", &[("file", &bad_name)]) == Some(0.0)).await;
+    assert_eq!(value(&f, "netpol_degraded", &[]), Some(0.0));
+
+    let _ = stop_tx.send(());
+    daemon.await.unwrap().expect("daemon loop");
+    assert!(std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).is_err(), "metrics server stopped with the daemon");
 }

@@ -118,6 +118,9 @@ fn entry_range(e: &PolicyEntry) -> (u32, u32) {
     (base, base + size - 1)
 }
 
+/// (endpoint, direction, identity, proto, verdict, rule) of an entry.
+type GroupKey = (u32, u8, u32, u8, u8, u32);
+
 /// The probes that decide every flow for both compiled states (see the module doc).
 pub fn probes(states: &[&Compiled]) -> Vec<Probe> {
     // Per protocol: the port blocks named by entries, merged per (endpoint,
@@ -125,7 +128,7 @@ pub fn probes(states: &[&Compiled]) -> Vec<Probe> {
     // not add breakpoints inside it.
     let mut blocks: BTreeMap<u8, BTreeSet<(u32, u32)>> = BTreeMap::new();
     for c in states {
-        let mut groups: BTreeMap<(u32, u8, u32, u8, u8, u32), Vec<(u32, u32)>> = BTreeMap::new();
+        let mut groups: BTreeMap<GroupKey, Vec<(u32, u32)>> = BTreeMap::new();
         for e in &c.entries {
             if e.proto == proto::ANY || e.port_prefix == 0 {
                 continue; // covers every port of the protocol: no breakpoint
@@ -157,7 +160,7 @@ pub fn probes(states: &[&Compiled]) -> Vec<Probe> {
             points.insert(hi + 1);
         }
         for pt in points {
-            if pt <= 65535 && covered(pt) && !(pt == 0 && !is_icmp(*p)) {
+            if pt <= 65535 && covered(pt) && (pt != 0 || is_icmp(*p)) {
                 out.insert(Probe { proto: *p, port: pt as u16, other: false });
             }
         }

@@ -271,7 +271,7 @@ pub fn generate(seed: u64, layout: &Layout<'_>, n_endpoints: usize, n_policies: 
 
 /// `n` policies (one file each); depends only on `seed`, not on the endpoints.
 pub fn policies(seed: u64, n: usize) -> Vec<(String, String)> {
-    let mut rng = Rng::new(seed ^ 0x5eed_0f_9011c1e5);
+    let mut rng = Rng::new(seed ^ 0x005e_ed0f_9011_c1e5);
     let mut out = Vec::new();
     for i in 0..n {
         let roll = rng.below(10);
