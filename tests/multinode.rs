@@ -2,7 +2,9 @@
 //! nodes, connects over real TCP exactly when `netpolctl matrix --json` (computed
 //! offline from the same files) says it may.
 //!
-//! Topology (privileged; everything named `npn*`, addresses in 10.206.0.0/16):
+//! Topology (privileged; everything named `npn*`, addresses in 10.206.0.0/16 and
+//! fd01:206::/64: workloads also have fd01:206::a:N / fd01:206::b:N, the link
+//! fd01:206::ff:1-2, and every probe runs over IPv4 and IPv6):
 //!
 //! ```text
 //!  npn-a00 … (10.206.1.10+)            npn-b00 … (10.206.2.10+)
@@ -47,6 +49,10 @@ fn address(n: usize, i: usize) -> String {
     format!("10.206.{}.{}", n + 1, i + 10)
 }
 
+fn address6(n: usize, i: usize) -> String {
+    format!("fd01:206::{}:{}", LETTER[n], i + 10)
+}
+
 fn interface(n: usize, i: usize) -> String {
     format!("npn{}{i:02}", LETTER[n])
 }
@@ -56,7 +62,12 @@ fn workload_ns(e: &GenEndpoint) -> String {
 }
 
 fn layout() -> Layout<'static> {
-    Layout { nodes: [(NODES[0].0, NODES[0].2), (NODES[1].0, NODES[1].2)], address: &address, interface: &interface }
+    Layout {
+        nodes: [(NODES[0].0, NODES[0].2), (NODES[1].0, NODES[1].2)],
+        address: &address,
+        address6: Some(&address6),
+        interface: &interface,
+    }
 }
 
 /// Everything one scenario runs on. Field order is drop order: daemons stop
@@ -74,20 +85,28 @@ impl Cluster {
         let mut net = Netns::default();
         for (n, (_, ns, link_addr)) in NODES.iter().enumerate() {
             net.add(ns);
-            netns::ip(&["-n", ns, "link", "add", "npn-br", "type", "bridge"]);
+            // No multicast snooping: IPv6 neighbour solicitations must not wait
+            // for MLD reports to reach the bridge.
+            netns::ip(&["-n", ns, "link", "add", "npn-br", "type", "bridge", "mcast_snooping", "0"]);
             netns::ip(&["-n", ns, "addr", "add", &format!("10.206.{}.1/24", n + 1), "dev", "npn-br"]);
+            netns::ip(&["-n", ns, "addr", "add", &format!("fd01:206::{}:1/112", LETTER[n]), "dev", "npn-br", "nodad"]);
             netns::ip(&["-n", ns, "link", "set", "npn-br", "up"]);
             netns::netns_exec(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            netns::netns_exec(ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
             let _ = link_addr;
         }
         // The link between the nodes and the routes over it.
         netns::ip(&["-n", NODES[0].1, "link", "add", "npn-lab", "type", "veth", "peer", "name", "npn-lba", "netns", NODES[1].1]);
         netns::ip(&["-n", NODES[0].1, "addr", "add", "10.206.255.1/30", "dev", "npn-lab"]);
         netns::ip(&["-n", NODES[1].1, "addr", "add", "10.206.255.2/30", "dev", "npn-lba"]);
+        netns::ip(&["-n", NODES[0].1, "addr", "add", "fd01:206::ff:1/126", "dev", "npn-lab", "nodad"]);
+        netns::ip(&["-n", NODES[1].1, "addr", "add", "fd01:206::ff:2/126", "dev", "npn-lba", "nodad"]);
         netns::ip(&["-n", NODES[0].1, "link", "set", "npn-lab", "up"]);
         netns::ip(&["-n", NODES[1].1, "link", "set", "npn-lba", "up"]);
         netns::ip(&["-n", NODES[0].1, "route", "add", "10.206.2.0/24", "via", "10.206.255.2"]);
         netns::ip(&["-n", NODES[1].1, "route", "add", "10.206.1.0/24", "via", "10.206.255.1"]);
+        netns::ip(&["-n", NODES[0].1, "-6", "route", "add", "fd01:206::b:0/112", "via", "fd01:206::ff:2"]);
+        netns::ip(&["-n", NODES[1].1, "-6", "route", "add", "fd01:206::a:0/112", "via", "fd01:206::ff:1"]);
         // Workloads behind veths on their node's bridge.
         for e in &sc.endpoints {
             let (node_ns, wl) = (NODES[e.node_index].1, workload_ns(e));
@@ -97,15 +116,29 @@ impl Cluster {
             netns::ip(&["-n", &wl, "addr", "add", &format!("{}/24", e.address), "dev", "eth0"]);
             netns::ip(&["-n", &wl, "link", "set", "eth0", "up"]);
             netns::ip(&["-n", &wl, "route", "add", "default", "via", &format!("10.206.{}.1", e.node_index + 1)]);
+            if let Some(v6) = &e.address6 {
+                netns::ip(&["-n", &wl, "addr", "add", &format!("{v6}/112"), "dev", "eth0", "nodad"]);
+                netns::ip(&["-n", &wl, "-6", "route", "add", "default", "via", &format!("fd01:206::{}:1", LETTER[e.node_index])]);
+            }
             netns::drain(netns::listen(&wl, &nodegen::PROBE_PORTS));
         }
         // The harness itself: with nothing enforced yet, every pair connects.
         let jobs: Vec<(String, IpAddr, u16)> = sc
             .endpoints
             .iter()
-            .flat_map(|s| sc.endpoints.iter().filter(move |d| d.name != s.name).map(move |d| (workload_ns(s), d.address.parse().unwrap(), 80)))
+            .flat_map(|s| sc.endpoints.iter().filter(move |d| d.name != s.name).map(move |d| (s, d)))
+            .flat_map(|(s, d)| addresses(d).into_iter().map(move |a| (workload_ns(s), a, 80)))
             .collect();
-        let got = netns::probe_all(&jobs, Duration::from_secs(2), 96);
+        let mut got = netns::probe_all(&jobs, Duration::from_secs(2), 96);
+        // A first packet may wait for neighbour discovery on three links: once more.
+        let again: Vec<usize> = (0..jobs.len()).filter(|&i| got[i] != Probe::Connected).collect();
+        let retry: Vec<(String, IpAddr, u16)> = again.iter().map(|&i| jobs[i].clone()).collect();
+        if !retry.is_empty() {
+            eprintln!("network check: {} of {} first connects were slow, trying again: {:?}", retry.len(), jobs.len(), again.iter().map(|&i| got[i]).collect::<Vec<_>>());
+        }
+        for (k, r) in netns::probe_all(&retry, Duration::from_secs(3), 96).into_iter().enumerate() {
+            got[again[k]] = r;
+        }
         let broken: Vec<String> =
             jobs.iter().zip(&got).filter(|(_, g)| **g != Probe::Connected).map(|(j, g)| format!("{j:?}: {g:?}")).collect();
         assert!(broken.is_empty(), "the test network is broken before any policy:\n{}", broken.join("\n"));
@@ -166,6 +199,11 @@ fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool> {
         .collect()
 }
 
+/// Every address of a workload: IPv4, and IPv6 when it has one.
+fn addresses(e: &GenEndpoint) -> Vec<IpAddr> {
+    std::iter::once(&e.address).chain(e.address6.as_ref()).map(|a| a.parse().unwrap()).collect()
+}
+
 fn full_name(e: &GenEndpoint) -> String {
     format!("{}/{}", e.namespace, e.name)
 }
@@ -190,12 +228,11 @@ fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
             for &port in &nodegen::PROBE_PORTS {
                 let key = (full_name(s), full_name(d));
                 let allowed = *expected[&port].get(&key).unwrap_or_else(|| panic!("matrix lacks {key:?}"));
-                jobs.push((workload_ns(s), d.address.parse::<IpAddr>().unwrap(), port));
-                want.push(allowed);
-                labels.push(format!(
-                    "{} ({}) → {} ({}) tcp/{port}",
-                    key.0, s.node, key.1, d.node
-                ));
+                for a in addresses(d) {
+                    jobs.push((workload_ns(s), a, port));
+                    want.push(allowed);
+                    labels.push(format!("{} ({}) → {} ({}) {a} tcp/{port}", key.0, s.node, key.1, d.node));
+                }
             }
         }
     }
@@ -213,7 +250,7 @@ fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
             diffs.push(format!("  {}: expected {}, got {:?}", labels[i], if want[i] { "connect" } else { "drop" }, got[i]));
         }
         allowed += usize::from(want[i]);
-        cross += usize::from(labels[i].contains("(node-a) →") && labels[i].contains("(node-b) tcp"));
+        cross += usize::from(labels[i].contains("(node-a) →") && labels[i].contains("(node-b) "));
     }
     eprintln!("{} probes ({allowed} allowed, {cross} a→b) in {:?}", jobs.len(), t0.elapsed());
     assert!(diffs.is_empty(), "{} of {} flows differ from the offline matrix:\n{}\n{}", diffs.len(), jobs.len(), diffs.join("\n"), c.logs());

@@ -167,7 +167,7 @@ fn load(pol: &Path, eps: &Path, node: &str) -> Compiled {
 #[test]
 fn diff_probe_ports_represent_every_port() {
     let (nodes, addr, iface) = layout_names();
-    let layout = nodegen::Layout { nodes, address: &addr, interface: &iface };
+    let layout = nodegen::Layout { nodes, address: &addr, address6: None, interface: &iface };
     let old = nodegen::generate(11, &layout, 12, 20);
     let mut new = old.clone();
     new.policies = nodegen::policies(12, 20);
@@ -508,7 +508,7 @@ fn assert_node_invariant(pol: &Path, eps: &Path, node_addrs: &BTreeMap<&str, &st
 #[test]
 fn seed_spread_over_two_nodes_compiles_the_same_on_each() {
     let (nodes, addr, iface) = layout_names();
-    let layout = nodegen::Layout { nodes, address: &addr, interface: &iface };
+    let layout = nodegen::Layout { nodes, address: &addr, address6: None, interface: &iface };
     let sc = nodegen::seed_spread(&layout, &repo());
     let tmp = tempfile::tempdir().unwrap();
     let (pol, eps) = (tmp.path().join("pol"), tmp.path().join("eps"));
@@ -527,7 +527,7 @@ fn seed_spread_over_two_nodes_compiles_the_same_on_each() {
 #[test]
 fn generated_two_node_scenarios_compile_the_same_on_each_node() {
     let (nodes, addr, iface) = layout_names();
-    let layout = nodegen::Layout { nodes, address: &addr, interface: &iface };
+    let layout = nodegen::Layout { nodes, address: &addr, address6: None, interface: &iface };
     for seed in [1u64, 2, 3] {
         let sc = nodegen::generate(seed, &layout, 22, 24);
         let tmp = tempfile::tempdir().unwrap();

@@ -67,6 +67,9 @@ impl Netns {
         ip(&["netns", "add", name]);
         self.names.push(name.to_string());
         ip(&["-n", name, "link", "set", "lo", "up"]);
+        // No duplicate address detection on links made later: a tentative
+        // link-local address delays IPv6 neighbour discovery by seconds.
+        netns_exec(name, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
     }
 
     /// A pin directory under /sys/fs/bpf that is removed on drop (and now, if left over).
@@ -107,7 +110,7 @@ fn enter(path: &str) {
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
 }
 
-/// TCP listeners on every `port` of every address in namespace `ns` (kept open
+/// TCP listeners (IPv4 and IPv6) on every `port` of every address in namespace `ns` (kept open
 /// while the returned sockets live; connections wait in the backlog).
 pub fn listen(ns: &str, ports: &[u16]) -> Vec<TcpListener> {
     let ports = ports.to_vec();
@@ -115,7 +118,8 @@ pub fn listen(ns: &str, ports: &[u16]) -> Vec<TcpListener> {
     in_netns(ns, move || {
         ports
             .iter()
-            .map(|p| TcpListener::bind(("0.0.0.0", *p)).unwrap_or_else(|e| panic!("{ns2}: listen on {p}: {e}")))
+            // [::] with the kernel's default bindv6only=0: IPv4 and IPv6 alike
+            .map(|p| TcpListener::bind(("::", *p)).unwrap_or_else(|e| panic!("{ns2}: listen on {p}: {e}")))
             .collect()
     })
 }

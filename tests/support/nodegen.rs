@@ -48,6 +48,8 @@ pub struct GenEndpoint {
     /// Index of the endpoint on its node (0-based).
     pub index: usize,
     pub address: String,
+    /// The IPv6 address, when the layout gives one.
+    pub address6: Option<String>,
     pub interface: String,
     pub labels: Vec<(String, String)>,
 }
@@ -66,6 +68,8 @@ pub struct Layout<'a> {
     pub nodes: [(&'a str, &'a str); 2],
     /// (node index, index on node) → IPv4 address.
     pub address: &'a dyn Fn(usize, usize) -> String,
+    /// (node index, index on node) → IPv6 address, if workloads have one.
+    pub address6: Option<&'a dyn Fn(usize, usize) -> String>,
     /// (node index, index on node) → host-side interface name.
     pub interface: &'a dyn Fn(usize, usize) -> String,
 }
@@ -96,7 +100,11 @@ fn registry_text(layout: &Layout<'_>, eps: &[GenEndpoint]) -> String {
         for (k, v) in &e.labels {
             let _ = writeln!(s, "    {k}: {v}");
         }
-        let _ = write!(s, "spec:\n  node: {}\n  interface: {}\n  addresses: [{}]\n", e.node, e.interface, e.address);
+        let addrs = match &e.address6 {
+            Some(v6) => format!("{}, \"{v6}\"", e.address),
+            None => e.address.clone(),
+        };
+        let _ = write!(s, "spec:\n  node: {}\n  interface: {}\n  addresses: [{addrs}]\n", e.node, e.interface);
     }
     s
 }
@@ -120,6 +128,7 @@ pub fn endpoints(rng: &mut Rng, layout: &Layout<'_>, n: usize) -> Vec<GenEndpoin
                 node_index,
                 index,
                 address: (layout.address)(node_index, index),
+                address6: layout.address6.map(|f| f(node_index, index)),
                 interface: (layout.interface)(node_index, index),
                 labels: vec![("app".into(), app.into()), ("tier".into(), tier.into()), ("env".into(), env.into())],
             }
@@ -304,6 +313,7 @@ pub fn seed_spread(layout: &Layout<'_>, repo: &Path) -> Scenario {
                 node_index: *n,
                 index,
                 address: (layout.address)(*n, index),
+                address6: layout.address6.map(|f| f(*n, index)),
                 interface: (layout.interface)(*n, index),
                 labels: vec![("app".into(), app.to_string())],
             }
