@@ -745,3 +745,17 @@ async fn daemon_serves_prometheus_metrics_when_configured() {
     daemon.await.unwrap().expect("daemon loop");
     assert!(std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).is_err(), "metrics server stopped with the daemon");
 }
+
+#[test]
+fn netpold_refuses_a_metrics_listen_that_is_not_an_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("netpold.toml");
+    std::fs::write(&cfg, "metrics_listen = \"localhost\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_netpold")).arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!("netpold: {}: metrics_listen: \"localhost\" is not an address:port such as \"127.0.0.1:9962\"", cfg.display())
+    );
+}
