@@ -122,6 +122,8 @@ impl Cluster {
             }
             netns::drain(netns::listen(&wl, &nodegen::PROBE_PORTS));
         }
+        // node-b itself listens too: traffic from and to a Node's own address.
+        netns::drain(netns::listen(NODES[1].1, &nodegen::PROBE_PORTS));
         // The harness itself: with nothing enforced yet, every pair connects.
         let jobs: Vec<(String, IpAddr, u16)> = sc
             .endpoints
@@ -304,6 +306,49 @@ fn run(test: &str, sc: &Scenario) {
     eprintln!("{test}: {} endpoints on two nodes ready in {:?}", sc.endpoints.len(), t0.elapsed());
     check_endpoint_identities(&c, sc);
     check_against_matrix(&c, sc);
+    check_node_peers(&c, sc);
+}
+
+/// `netpolctl trace` with node `n`'s config: allowed?
+fn offline_trace(cfg: &Path, from: &str, to: &str, port: u16) -> bool {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"))
+        .args(["trace", "--from", from, "--to", to, "--port", &port.to_string(), "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    match o.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("netpolctl trace {from} {to} {port}: {}", String::from_utf8_lossy(&o.stderr)),
+    }
+}
+
+/// The Node documents at work in the kernel: node-b's own address (10.206.255.2,
+/// the source of what node-b itself sends over the link) is `remote-node` on
+/// node-a. Connections from node-b's host to node-a's workloads (judged by their
+/// ingress on node-a) and from node-a's workloads to node-b's host (their egress)
+/// follow `netpolctl trace` with node-a's config.
+fn check_node_peers(c: &Cluster, sc: &Scenario) {
+    let node_b = NODES[1].2;
+    let cfg = c.config(0);
+    let (mut jobs, mut want, mut what) = (Vec::new(), Vec::new(), Vec::new());
+    for e in sc.endpoints.iter().filter(|e| e.node_index == 0) {
+        for &port in &nodegen::PROBE_PORTS {
+            jobs.push((NODES[1].1.to_string(), e.address.parse::<IpAddr>().unwrap(), port));
+            want.push(offline_trace(&cfg, node_b, &e.address, port));
+            what.push(format!("node-b ({node_b}) → {} tcp/{port}", full_name(e)));
+            jobs.push((workload_ns(e), node_b.parse::<IpAddr>().unwrap(), port));
+            want.push(offline_trace(&cfg, &e.address, node_b, port));
+            what.push(format!("{} → node-b ({node_b}) tcp/{port}", full_name(e)));
+        }
+    }
+    let got = netns::probe_checked(&jobs, &want, Duration::from_millis(300), Duration::from_millis(1500), 96);
+    let diffs: Vec<String> = (0..jobs.len())
+        .filter(|&i| !matches!((got[i], want[i]), (Probe::Connected, true) | (Probe::TimedOut, false)))
+        .map(|i| format!("  {}: expected {}, got {:?}", what[i], if want[i] { "connect" } else { "drop" }, got[i]))
+        .collect();
+    eprintln!("{} flows between node-a's workloads and node-b's own address ({} allowed)", jobs.len(), want.iter().filter(|w| **w).count());
+    assert!(diffs.is_empty(), "{} of {} flows differ from netpolctl trace:\n{}\n{}", diffs.len(), jobs.len(), diffs.join("\n"), c.logs());
 }
 
 #[test]
