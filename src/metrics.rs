@@ -169,8 +169,8 @@ impl Metrics {
             s.maps.insert("policy".into(), MapFill { entries: policy, max_entries: limits.policy });
             s.maps.insert("endpoints".into(), MapFill { entries: attached.len() as u64, max_entries: limits.endpoints });
             s.endpoints.insert("attached".into(), attached.len() as u64);
-            s.endpoints.insert("pending".into(), local - attached.len() as u64);
-            s.endpoints.insert("remote".into(), c.endpoints.len() as u64 - local);
+            s.endpoints.insert("pending".into(), local.saturating_sub(attached.len() as u64));
+            s.endpoints.insert("remote".into(), (c.endpoints.len() as u64).saturating_sub(local));
         });
     }
 
