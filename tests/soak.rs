@@ -270,8 +270,11 @@ fn churn_soak() {
                     break;
                 }
                 if let Some(s) = lab.status() {
-                    if s.degraded {
+                    if !s.errors.is_empty() {
                         panic!("seed {seed}: the generator wrote invalid files: {s:?}");
+                    }
+                    if let Some(e) = &s.datapath_error {
+                        panic!("seed {seed}: the datapath refused a generated state: {e}\n{}", lab.log_tail(40));
                     }
                 }
                 assert!(Instant::now() < deadline, "seed {seed}: marker {want} never applied\n{}", lab.log_tail(40));
