@@ -224,6 +224,13 @@ fn main() {
     println!("identities:     {}", compiled.identities.len());
     println!("ipcache:        {}", compiled.ipcache.len());
     println!("entries:        {}", compiled.entries.len());
+    let mut per_ep = vec![0usize; compiled.endpoints.len()];
+    for e in &compiled.entries {
+        per_ep[e.endpoint as usize] += 1;
+    }
+    let local: usize = compiled.endpoints.iter().filter(|e| e.local).map(|e| per_ep[e.slot as usize]).sum();
+    println!("local entries:  {local} (endpoints enforced on this host)");
+    println!("max/endpoint:   {}", per_ep.iter().max().copied().unwrap_or(0));
     println!("compile time:   {:.3} s", elapsed.as_secs_f64());
     println!("peak RSS:       {:.1} MiB (before compile {:.1} MiB)", rss_after as f64 / 1024.0, rss_before as f64 / 1024.0);
 }

@@ -22,7 +22,9 @@
 //!   carries explicit `0.0.0.0/0 → 9` and `::/0 → 10` entries so the datapath never
 //!   misses; identity 2 (`world`) is kept for a datapath that does miss. The entity
 //!   `world` therefore means {2, 9, 10} and every CIDR identity; `world-ipv4` means
-//!   {9} and the IPv4 CIDR identities; `world-ipv6` {10} and the IPv6 ones.
+//!   {9} and the IPv4 CIDR identities; `world-ipv6` {10} and the IPv6 ones. Identities
+//!   9 and 10 carry `reserved:world` besides their own label, so a `reserved:world`
+//!   selector matches every address outside the registry.
 
 use std::collections::{BTreeMap, HashSet};
 

@@ -103,9 +103,15 @@ pub fn workload_labels(own: &[Label], namespace: &str, ns_def: Option<&Namespace
     map.into_iter().map(|((source, key), value)| Label { source, key, value }).collect()
 }
 
-/// The label set of a reserved identity: `{reserved:<name>}`.
+/// The label set of a reserved identity: `{reserved:<name>}`. The family-specific
+/// world identities also carry `reserved:world`: netpol's ipcache resolves every
+/// unknown address to them (never to identity 2), so a selector on
+/// `reserved:world` must select them, as it selects CIDR identities.
 pub fn reserved_labels(name: &str) -> Vec<Label> {
-    vec![label(SOURCE_RESERVED, name, "")]
+    match name {
+        "world-ipv4" | "world-ipv6" => vec![label(SOURCE_RESERVED, "world", ""), label(SOURCE_RESERVED, name, "")],
+        _ => vec![label(SOURCE_RESERVED, name, "")],
+    }
 }
 
 /// Canonical text of a sorted label set, used for hashing and display.

@@ -221,3 +221,119 @@ fn splitting_and_kinds() {
     assert_eq!(kind_of(&docs[1]), "B");
     assert_eq!(parse_proto_port("icmpv6/128").unwrap(), (proto::ICMPV6, 128));
 }
+
+// ---------------------------------------------------------------- netpolctl trace / matrix
+
+fn netpolctl(args: &[&str]) -> (i32, String, String) {
+    let root = repo_root();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"))
+        .current_dir(&root)
+        .args(args)
+        .output()
+        .expect("run netpolctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const SEED: &[&str] = &["--policy-dir", "etc/examples/seed/netpol.d", "--endpoint-dir", "etc/examples/seed/endpoints.d"];
+
+#[test]
+fn cli_trace_allowed_denied_and_error_exit_codes() {
+    let mut args = vec!["trace", "--from", "frontend-1", "--to", "backend", "--port", "80"];
+    args.extend_from_slice(SEED);
+    let (code, out, _) = netpolctl(&args);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("frontend-1 (default) -> backend (default) tcp/80: ALLOWED"), "{out}");
+    assert!(out.contains("ingress backend: allowed by CiliumNetworkPolicy default/frontend-to-backend"), "{out}");
+    assert!(out.contains("spec.ingress[0]"), "{out}");
+
+    let mut args = vec!["trace", "--from", "frontend-1", "--to", "database", "--port", "5432"];
+    args.extend_from_slice(SEED);
+    let (code, out, _) = netpolctl(&args);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("DENIED") && out.contains("default deny"), "{out}");
+
+    let mut args = vec!["trace", "--from", "10.0.1.11", "--to", "10.0.1.21", "--port", "81", "--json"];
+    args.extend_from_slice(SEED);
+    let (code, out, _) = netpolctl(&args);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["verdict"], "denied");
+    assert_eq!(v["egress"]["verdict"], "denied");
+
+    let mut args = vec!["trace", "--from", "frontend-1", "--to", "backend", "--proto", "icmp"];
+    args.extend_from_slice(SEED);
+    let (code, out, _) = netpolctl(&args);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("icmp/8"), "{out}");
+
+    let mut args = vec!["trace", "--from", "nosuch", "--to", "backend", "--port", "80"];
+    args.extend_from_slice(SEED);
+    let (code, _, err) = netpolctl(&args);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown endpoint \"nosuch\""), "{err}");
+}
+
+#[test]
+fn cli_trace_invalid_files_exit_2_with_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("netpol.d");
+    std::fs::create_dir(&pol).unwrap();
+    std::fs::write(
+        pol.join("bad.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bad\nspec:\n  endpointSelector: {}\n  bogusField: 1\n",
+    )
+    .unwrap();
+    let pol_s = pol.to_str().unwrap();
+    let (code, out, err) = netpolctl(&[
+        "trace", "--policy-dir", pol_s, "--endpoint-dir", "etc/examples/seed/endpoints.d", "--from", "frontend-1", "--to", "backend", "--port", "80",
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("bad.yaml"), "{err}");
+}
+
+#[test]
+fn cli_matrix() {
+    let mut args = vec!["matrix", "--port", "80"];
+    args.extend_from_slice(SEED);
+    let (code, out, _) = netpolctl(&args);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("default/frontend-1") && out.contains('✓') && out.contains('✗'), "{out}");
+    let mut args = vec!["matrix", "--json"];
+    args.extend_from_slice(SEED);
+    let (code, out, _) = netpolctl(&args);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let flows = v["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 16);
+    let f = flows.iter().find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/database").unwrap();
+    assert_eq!(f["verdict"], "denied");
+    let f = flows.iter().find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/backend").unwrap();
+    assert_eq!(f["verdict"], "allowed");
+}
+
+// ---------------------------------------------------------------- golden dump
+
+/// The compiled seed scenario, byte for byte: identity numbers, ipcache, entries
+/// and rule references. Identity numbers are a hash of the label set, so a change
+/// here means every deployed host would renumber. Regenerate deliberately with
+/// `UPDATE_GOLDEN=1 cargo test --test conformance golden`.
+#[test]
+fn golden_seed_dump() {
+    let root = repo_root();
+    let pols = api::load_policy_dir(&root.join("etc/examples/seed/netpol.d")).expect("seed policies valid");
+    let reg = api::load_endpoint_dirs(&[root.join("etc/examples/seed/endpoints.d")]).expect("seed registry valid");
+    let c = compile(&pols, &reg, &CompileOptions { node_name: "host-a".into(), ..Default::default() });
+    let prefix = format!("{}/", root.display());
+    let dump = c.dump().replace(&prefix, "");
+    let golden = root.join("tests/conformance/golden/seed.dump");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &dump).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).expect("golden file (UPDATE_GOLDEN=1 to create)");
+    assert_eq!(dump, want, "compiled seed state changed");
+}

@@ -486,7 +486,7 @@ fn world_entity_admits_cidr_identities_all_admits_host() {
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
     let c = build(
         vec![cidr_pol, cnp("default", "p", vec![R::eps(be()).ingress(item(entities(&[Entity::All]), L4::Any))])],
-        vec![seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat(),
+        [seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat(),
     );
     assert!(allowed(&c, "192.0.2.10", "backend", TCP, 80), "host");
     assert!(allowed(&c, "me", "backend", TCP, 80), "host endpoint by name");
@@ -959,7 +959,7 @@ fn audit_mode_passes_and_reports() {
 
 #[test]
 fn allow_localhost_option() {
-    let eps = vec![seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat();
+    let eps = [seed_endpoints(), vec![hep("me", &[], &["192.0.2.10"])]].concat();
     let c = build(vec![frontend_to_backend()], eps.clone());
     assert!(!allowed(&c, "me", "backend", TCP, 80));
     let opts = CompileOptions { allow_localhost: true, ..Default::default() };
@@ -1174,4 +1174,135 @@ mod oracle {
             }
         }
     }
+}
+
+mod oracle_cidr {
+    //! Egress with nested CIDRs, excepts, world and endpoint peers, allow and deny,
+    //! against a direct reading of the semantics (CIDR peers never match registry
+    //! endpoints; CIDR containment; deny wins).
+    use super::*;
+    use ipnet::IpNet;
+    use proptest::prelude::*;
+
+    const NETS: &[&str] = &["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.0.0/16", "10.0.0.0/30"];
+    const DSTS: &[&str] = &["10.1.2.3", "10.1.2.4", "10.1.3.1", "10.2.0.1", "192.168.1.1", "8.8.8.8", "10.0.0.1", "10.0.0.2", "10.0.0.3"];
+
+    fn endpoints() -> Vec<EndpointDef> {
+        vec![
+            ep("default", "a", &[("app", "a")], &["10.0.0.1"]),
+            ep("default", "b", &[("app", "b")], &["10.0.0.2"]),
+            ep("default", "c", &[("app", "c")], &["10.0.0.3"]),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum P {
+        Cidr(usize, Option<usize>),
+        World,
+        App(usize),
+        All,
+    }
+
+    #[derive(Debug, Clone)]
+    struct It {
+        deny: bool,
+        peer: P,
+        port: Option<u16>,
+    }
+
+    fn arb_item() -> impl Strategy<Value = It> {
+        let peer = prop_oneof![
+            4 => (0..NETS.len(), proptest::option::of(0..NETS.len())).prop_map(|(n, e)| P::Cidr(n, e)),
+            1 => Just(P::World),
+            1 => (1..3usize).prop_map(P::App),
+            1 => Just(P::All),
+        ];
+        (any::<bool>(), peer, proptest::option::of(prop_oneof![Just(80u16), Just(443u16)])).prop_map(|(deny, peer, port)| It { deny, peer, port })
+    }
+
+    fn net(i: usize) -> IpNet {
+        NETS[i].parse().unwrap()
+    }
+
+    /// The except is kept only when it lies inside the CIDR (the parser rejects others).
+    fn except_of(n: usize, e: Option<usize>) -> Option<IpNet> {
+        e.map(net).filter(|x| net(n).contains(x) && *x != net(n))
+    }
+
+    fn peer_matches(p: &P, dst: &str) -> bool {
+        let ip: IpAddr = dst.parse().unwrap();
+        let endpoint = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().position(|a| *a == dst);
+        match p {
+            P::All => true,
+            P::World => endpoint.is_none(),
+            P::App(i) => endpoint == Some(*i),
+            P::Cidr(n, e) => {
+                endpoint.is_none() && net(*n).contains(&ip) && !except_of(*n, *e).is_some_and(|x| x.contains(&ip))
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn egress_cidr_semantics(
+            items in proptest::collection::vec(arb_item(), 1..6),
+            flows in proptest::collection::vec((0..DSTS.len(), prop_oneof![Just(80u16), Just(443u16), Just(22u16)]), 20),
+        ) {
+            let mut r = R::eps(nsel("default", &[("app", "a")]));
+            for it in &items {
+                let peers = match &it.peer {
+                    P::All => Peers::All,
+                    P::World => entities(&[Entity::World]),
+                    P::App(i) => from_eps(vec![nsel("default", &[("app", ["a", "b", "c"][*i])])]),
+                    P::Cidr(n, e) => Peers::List(vec![Peer::Cidr { net: net(*n), except: except_of(*n, *e).into_iter().collect(), match_endpoints: false }]),
+                };
+                let l4 = match it.port { None => L4::Any, Some(p) => tcp(p) };
+                r = if it.deny { r.egress_deny(item(peers, l4)) } else { r.egress(item(peers, l4)) };
+            }
+            let c = build(vec![cnp("default", "p", vec![r])], endpoints());
+            for (d, port) in flows {
+                let dst = DSTS[d];
+                if dst == "10.0.0.1" { continue; }
+                let m = |it: &It| peer_matches(&it.peer, dst) && it.port.is_none_or(|p| p == port);
+                let denied = items.iter().any(|it| it.deny && m(it));
+                let allowed_ = items.iter().any(|it| !it.deny && m(it));
+                let expect = !denied && allowed_;
+                let got = allowed(&c, "a", dst, TCP, port);
+                prop_assert_eq!(got, expect, "a -> {} tcp/{}\n{}", dst, port, c.dump());
+            }
+        }
+    }
+}
+
+#[test]
+fn reserved_world_selector_matches_family_worlds_and_cidrs() {
+    let s = Selector { requirements: vec![req(Some("reserved"), "world", Op::Exists, &[])] };
+    let extra = cnp("default", "c", vec![R::eps(nsel("default", &[("app", "database")])).egress(item(Peers::List(vec![cidr("198.51.100.0/24", &[])]), L4::Any))]);
+    let c = build(
+        vec![extra, cnp("default", "p", vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(from_eps(vec![s]), L4::Any))])],
+        seed_endpoints(),
+    );
+    assert!(allowed(&c, "203.0.113.1", "backend", TCP, 80));
+    assert!(allowed(&c, "2001:db8::1", "backend", TCP, 80));
+    assert!(allowed(&c, "198.51.100.1", "backend", TCP, 80));
+    assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
+    let s6 = Selector { requirements: vec![req(Some("reserved"), "world-ipv6", Op::Exists, &[])] };
+    let c = build(vec![cnp("default", "p", vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(from_eps(vec![s6]), L4::Any))])], seed_endpoints());
+    assert!(!allowed(&c, "203.0.113.1", "backend", TCP, 80));
+    assert!(allowed(&c, "2001:db8::1", "backend", TCP, 80));
+}
+
+#[test]
+fn retain_local_entries_keeps_slots() {
+    let mut eps = seed_endpoints();
+    eps[2].node = Some("host-b".into()); // backend is remote
+    let mut c = build(vec![frontend_to_backend(), frontend_egress_control()], eps);
+    let be = c.endpoints.iter().find(|e| e.name == "backend").unwrap().slot;
+    assert!(c.entries.iter().any(|e| e.endpoint == be));
+    let n = c.endpoints.len();
+    c.retain_local_entries();
+    assert_eq!(c.endpoints.len(), n);
+    assert!(!c.entries.iter().any(|e| e.endpoint == be));
+    assert!(!c.entries.is_empty());
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::common::FileArgs;
 use super::trace::{load_compiled, ProtoArg};
-use crate::policy::trace::{resolve_side, trace, Side, Verdict};
+use crate::policy::trace::{endpoint_side, trace, Side, Verdict};
 use crate::policy::types::Compiled;
 
 const MATRIX_EXAMPLES: &str = "\
@@ -51,12 +51,12 @@ struct MatrixJson {
 fn sides(c: &Compiled) -> Vec<Side> {
     c.endpoints
         .iter()
-        .filter_map(|e| {
+        .map(|e| {
             let name = match &e.namespace {
                 Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => format!("{ns}/{}", e.name),
                 _ => e.name.clone(),
             };
-            resolve_side(c, &name).ok()
+            endpoint_side(c, &name, e.slot)
         })
         .collect()
 }

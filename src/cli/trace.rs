@@ -105,7 +105,7 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         return Ok(None);
     };
     let node_name = if cfg.node_name.is_empty() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
     } else {
         cfg.node_name.clone()
     };

@@ -666,36 +666,6 @@ fn build_template(
     t
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_range_80_444_is_nine_blocks() {
-        let b = port_range_blocks(80, 444);
-        assert_eq!(
-            b,
-            vec![(80, 12), (96, 11), (128, 9), (256, 9), (384, 11), (416, 12), (432, 13), (440, 14), (444, 16)]
-        );
-        assert_eq!(port_range_blocks(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
-        assert_eq!(port_range_blocks(0, 65535), vec![(0, 0)]);
-        assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
-    }
-
-    #[test]
-    fn covers() {
-        let any = ANY_KEY;
-        let tcp = PortKey { proto: 6, port: 0, prefix: 0 };
-        let p80 = PortKey { proto: 6, port: 80, prefix: 16 };
-        let r80 = PortKey { proto: 6, port: 80, prefix: 12 };
-        assert!(key_covers(&any, &p80));
-        assert!(key_covers(&tcp, &p80));
-        assert!(key_covers(&r80, &p80));
-        assert!(!key_covers(&p80, &r80));
-        assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
-    }
-}
-
 fn proto_name(p: u8) -> String {
     match p {
         proto::ANY => "any".into(),
@@ -724,6 +694,14 @@ pub fn format_key(p: u8, port: u16, prefix: u8) -> String {
 }
 
 impl Compiled {
+    /// Drop the entries of endpoints that are not enforced on this host. `compile`
+    /// keeps every endpoint's entries (offline `trace` judges every endpoint as
+    /// enforced); the datapath only needs the local ones. Slots do not change.
+    pub fn retain_local_entries(&mut self) {
+        let local: Vec<bool> = self.endpoints.iter().map(|e| e.local).collect();
+        self.entries.retain(|e| local.get(e.endpoint as usize).copied().unwrap_or(false));
+    }
+
     /// A stable, line-oriented text dump of the whole state, for golden tests and
     /// debugging.
     pub fn dump(&self) -> String {
@@ -782,5 +760,53 @@ impl Compiled {
             let _ = writeln!(s, "rule {i} {} {} {} {}", r.kind, r.policy, r.file.display(), r.path);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_80_444_is_nine_blocks() {
+        let b = port_range_blocks(80, 444);
+        assert_eq!(
+            b,
+            vec![(80, 12), (96, 11), (128, 9), (256, 9), (384, 11), (416, 12), (432, 13), (440, 14), (444, 16)]
+        );
+        assert_eq!(port_range_blocks(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
+        assert_eq!(port_range_blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn port_range_blocks_cover_exactly(a in 0u16..=u16::MAX, b in 0u16..=u16::MAX) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let blocks = port_range_blocks(lo, hi);
+            let mut covered: u64 = 0;
+            for (base, prefix) in &blocks {
+                let size = 1u64 << (16 - u32::from(*prefix));
+                proptest::prop_assert_eq!(u64::from(*base) % size, 0, "aligned");
+                proptest::prop_assert!(u64::from(*base) >= u64::from(lo) && u64::from(*base) + size - 1 <= u64::from(hi));
+                covered += size;
+            }
+            proptest::prop_assert_eq!(covered, u64::from(hi) - u64::from(lo) + 1);
+            proptest::prop_assert!(blocks.len() <= 32);
+            proptest::prop_assert!(blocks.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+    }
+
+    #[test]
+    fn covers() {
+        let any = ANY_KEY;
+        let tcp = PortKey { proto: 6, port: 0, prefix: 0 };
+        let p80 = PortKey { proto: 6, port: 80, prefix: 16 };
+        let r80 = PortKey { proto: 6, port: 80, prefix: 12 };
+        assert!(key_covers(&any, &p80));
+        assert!(key_covers(&tcp, &p80));
+        assert!(key_covers(&r80, &p80));
+        assert!(!key_covers(&p80, &r80));
+        assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
     }
 }

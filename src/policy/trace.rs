@@ -185,7 +185,8 @@ pub fn resolve_side(c: &Compiled, input: &str) -> Result<Side, TraceError> {
     }
 }
 
-fn endpoint_side(c: &Compiled, input: &str, slot: u32) -> Side {
+/// The side for the endpoint in `slot` (`input` is what the user wrote).
+pub fn endpoint_side(c: &Compiled, input: &str, slot: u32) -> Side {
     let ep = &c.endpoints[slot as usize];
     Side {
         input: input.to_string(),
