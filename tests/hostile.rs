@@ -449,9 +449,9 @@ fn group_or_world_writable_files_are_refused() {
     assert_eq!(
         got,
         [
-            format!("g.yaml: file is writable by group (mode 0664), so someone other than its owner could change what netpol enforces; run chmod go-w g.yaml"),
-            format!("go.yaml: file is writable by group and others (mode 0666), so someone other than its owner could change what netpol enforces; run chmod go-w go.yaml"),
-            format!("o.yaml: file is writable by others (mode 0646), so someone other than its owner could change what netpol enforces; run chmod go-w o.yaml"),
+            "g.yaml: file is writable by group (mode 0664), so someone other than its owner could change what netpol enforces; run chmod go-w g.yaml".to_string(),
+            "go.yaml: file is writable by group and others (mode 0666), so someone other than its owner could change what netpol enforces; run chmod go-w go.yaml".to_string(),
+            "o.yaml: file is writable by others (mode 0646), so someone other than its owner could change what netpol enforces; run chmod go-w o.yaml".to_string(),
         ]
     );
     // The same files pass with the check turned off (strict_file_modes = false).
@@ -463,9 +463,7 @@ fn group_or_world_writable_files_are_refused() {
     fs::rename(d.join("r.yaml"), r.path().join("r.yaml")).unwrap();
     assert_eq!(
         outcome(r.path(), Kind::Registry, LoadOptions::default()),
-        [format!(
-            "r.yaml: file is writable by group (mode 0620), so someone other than its owner could change what netpol enforces; run chmod go-w r.yaml"
-        )]
+        ["r.yaml: file is writable by group (mode 0620), so someone other than its owner could change what netpol enforces; run chmod go-w r.yaml"]
     );
     assert_eq!(outcome(r.path(), Kind::Registry, LoadOptions { strict_modes: false }), ["ok: 0 endpoints, 0 nodes, 1 namespaces"]);
 }
@@ -515,7 +513,7 @@ fn files_owned_by_another_user_are_refused() {
     let p = d.display().to_string();
     assert_eq!(
         outcome(d, Kind::Policy, LoadOptions::default()),
-        [format!("b.yaml: file is owned by uid 1000, which is neither root nor the user reading it (uid 0); run chown root b.yaml")]
+        ["b.yaml: file is owned by uid 1000, which is neither root nor the user reading it (uid 0); run chown root b.yaml"]
     );
     // Both at once: two problems for one file.
     chmod(&d.join("b.yaml"), 0o666);
@@ -643,6 +641,71 @@ fn the_whole_set_is_invalid_when_one_file_is_untrusted() {
     assert!(api::load_policy_dir(d).is_err());
     assert!(api::load_policy_dir_with(d, &LoadOptions::default()).is_err());
     assert_eq!(LoadOptions::default(), LoadOptions { strict_modes: true });
+}
+
+// ---------------------------------------------------------------- fuzz corpus replay
+
+/// The committed, minimized fuzz corpora (`fuzz/corpus/<target>/`), replayed
+/// on stable in every `cargo test`: whatever the fuzzers once found interesting
+/// keeps parsing (and compiling) without a panic.
+fn corpus_files(target: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let mut out: Vec<Vec<u8>> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(out.len() > 10, "{}: only {} inputs", dir.display(), out.len());
+    out.sort();
+    out
+}
+
+#[test]
+fn fuzz_corpus_replays_without_panic() {
+    let policies = corpus_files("parse_policies");
+    let registries = corpus_files("parse_registry");
+    let configs = corpus_files("parse_config");
+    let n = policies.len() + registries.len() + configs.len();
+    bounded_by("fuzz corpus replay (parsers)", Duration::from_secs(30), move || {
+        for data in &policies {
+            if let Ok(text) = std::str::from_utf8(data) {
+                let _ = api::parse_policies(Path::new("fuzz.yaml"), text);
+                let _ = api::parse_policies(Path::new("fuzz.json"), text);
+            }
+        }
+        for data in &registries {
+            if let Ok(text) = std::str::from_utf8(data) {
+                let _ = api::parse_registry(Path::new("fuzz.yaml"), text);
+                let _ = api::parse_registry(Path::new("fuzz.json"), text);
+            }
+        }
+        for data in &configs {
+            if let Ok(text) = std::str::from_utf8(data) {
+                let _ = toml::from_str::<netpol::config::Config>(text);
+            }
+        }
+    });
+    eprintln!("replayed {n} parser inputs");
+}
+
+#[test]
+fn fuzz_corpus_compiles_and_traces_without_panic() {
+    use netpol::api::model::PolicySet;
+    use netpol::policy::compile::{compile, CompileOptions};
+    use netpol::policy::trace::trace_str;
+    let inputs = corpus_files("compile_trace");
+    let reg_text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml")).unwrap();
+    let reg = api::parse_registry(Path::new("seed.yaml"), &reg_text).unwrap();
+    bounded_by("fuzz corpus replay (compile, trace)", Duration::from_secs(60), move || {
+        for data in inputs.iter().filter(|d| d.len() >= 2) {
+            let Ok(text) = std::str::from_utf8(&data[2..]) else { continue };
+            let Ok(policies) = api::parse_policies(Path::new("fuzz.yaml"), text) else { continue };
+            let opts = CompileOptions { node_name: "host-a".into(), audit: data[0] & 1 != 0, ..CompileOptions::default() };
+            let c = compile(&PolicySet { policies }, &reg, &opts);
+            for (s, d) in [("default/frontend-1", "backend"), ("backend", "10.0.1.31"), ("8.8.8.8", "fd00:1::12")] {
+                let _ = trace_str(&c, s, d, 6, u16::from(data[1]) * 257);
+            }
+        }
+    });
 }
 
 // ---------------------------------------------------------------- properties
@@ -859,4 +922,52 @@ fn recursive_load_overflows_the_stack() {
         .unwrap()
         .join();
     eprintln!("survived: {r:?}");
+}
+
+/// The problem sort before it used a map: a list search per comparison.
+/// `cargo test --test hostile old_sort -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn old_sort_was_quadratic() {
+    let files: Vec<PathBuf> = (0..10_000).map(|i| PathBuf::from(format!("/etc/netpol.d/p{i:05}.yaml"))).collect();
+    let mut problems: Vec<Problem> = files
+        .iter()
+        .rev()
+        .map(|f| Problem { file: f.clone(), line: Some(2), column: Some(1), document: Some(1), object: None, field: None, message: "x".into() })
+        .collect();
+    let t = Instant::now();
+    let order = files.clone();
+    problems.sort_by(|a, b| {
+        let fa = order.iter().position(|f| *f == a.file);
+        let fb = order.iter().position(|f| *f == b.file);
+        (fa, a.line).cmp(&(fb, b.line))
+    });
+    eprintln!("old sort of 10,000 problems: {:?}", t.elapsed());
+}
+
+/// Compile cost of a valid but large policy (CIDRs × port ranges), for the report.
+/// `cargo test --test hostile measure_compile -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_compile_blowup() {
+    use netpol::api::model::PolicySet;
+    use netpol::policy::compile::{compile, CompileOptions};
+    let reg_text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml")).unwrap();
+    let reg = api::parse_registry(Path::new("seed.yaml"), &reg_text).unwrap();
+    for n in [100usize, 1000, 5000] {
+        let cidrs: Vec<String> = (0..n).map(|i| format!("\"11.{}.{}.0/24\"", i / 256, i % 256)).collect();
+        let ports: Vec<String> = (0..40).map(|i| format!("{{port: \"{}\", endPort: {}}}", 1 + i, 65534 - i)).collect();
+        let text = format!(
+            "{}  ingress:\n    - fromCIDR: [{}]\n      toPorts: [{{ports: [{}]}}]\n",
+            cnp("big"),
+            cidrs.join(", "),
+            ports.join(", ")
+        );
+        let t = Instant::now();
+        let policies = api::parse_policies(Path::new("big.yaml"), &text).unwrap();
+        let parsed = t.elapsed();
+        let t = Instant::now();
+        let c = compile(&PolicySet { policies }, &reg, &CompileOptions::default());
+        eprintln!("{n} CIDRs x 40 ranges ({} bytes): parse {parsed:?}, compile {:?}, {} entries", text.len(), t.elapsed(), c.entries.len());
+    }
 }

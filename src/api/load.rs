@@ -734,7 +734,7 @@ pub fn read_file(path: &Path) -> Result<String, Problem> {
 pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Problem>> {
     let lmeta = fs::symlink_metadata(path).map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
     let is_link = lmeta.file_type().is_symlink();
-    let f = open_regular(path, lmeta)?;
+    let f = open_regular(path, lmeta).map_err(|p| vec![p])?;
     if opts.strict_modes {
         let euid = euid();
         let fmeta = f.metadata().map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
@@ -768,11 +768,7 @@ pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Pro
 
 /// Open `path` (whose `symlink_metadata` is `lmeta`) for reading if it is, or
 /// leads to, a regular file under the size limit.
-fn open_regular(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Vec<Problem>> {
-    open_regular_inner(path, lmeta).map_err(|p| vec![p])
-}
-
-fn open_regular_inner(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Problem> {
+fn open_regular(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Problem> {
     let meta = if lmeta.file_type().is_symlink() {
         fs::metadata(path).map_err(|e| file_problem(path, format!("symlink target cannot be read: {e}")))?
     } else {

@@ -536,14 +536,14 @@ mod tests {
     #[test]
     fn alias_expansion_is_capped() {
         // 10 aliases of a 1,001-node list: 10,010 nodes, just over the cap.
-        let list = format!("a: &l [{}]\nb: [{}]\n", vec!["x"; 1000].join(", "), vec!["*l"; 10].join(", "));
+        let list = format!("a: &l [{}]\nb: [{}]\n", ["x"; 1000].join(", "), ["*l"; 10].join(", "));
         let (docs, problems) = parse_yaml(&list);
         assert!(docs.is_empty());
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].pos, Pos { line: 2, col: 41 }); // the tenth alias
         assert!(problems[0].message.starts_with("aliases expand to more than 10000 nodes"));
         // Nine are fine, and the copies are real copies.
-        let list = format!("a: &l [{}]\nb: [{}]\n", vec!["x"; 1000].join(", "), vec!["*l"; 9].join(", "));
+        let list = format!("a: &l [{}]\nb: [{}]\n", ["x"; 1000].join(", "), ["*l"; 9].join(", "));
         let (docs, problems) = parse_yaml(&list);
         assert!(problems.is_empty());
         match &docs[0].root.get("b").unwrap().value {
