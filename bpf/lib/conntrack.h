@@ -67,6 +67,14 @@ static __always_inline void np_ct_touch(struct np_ct_value *v, struct np_pkt *p,
 	v->expires_ns = now + np_ct_timeout(p->proto, st);
 }
 
+/* Addresses in struct np_pkt are 4-byte aligned (it starts with them). */
+static __always_inline int np_addr_eq(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+}
+
 /*
  * Classify a packet at (ifindex, hook). For ICMP errors the inner tuple is
  * checked against both orientations of the flows at this point.
@@ -79,6 +87,17 @@ static __always_inline int np_ct_classify(struct np_pkt *p, __u32 ifindex, __u8 
 	__u8 other = hook ^ 1;
 
 	if (p->is_icmp_error) {
+		/*
+		 * An error goes back to the sender of the packet it quotes: its
+		 * destination is the inner source. Without this check a workload
+		 * with any tracked flow (a -> c:80) could send "errors" quoting
+		 * that flow (c:80 -> a) to any destination its policy denies, with
+		 * any payload after the quote, and they passed as related
+		 * (tests/bypass.rs icmp_error_quoting_a_tracked_flow_reaches_only_
+		 * that_flows_peer). Linux conntrack applies the same rule.
+		 */
+		if (!np_addr_eq(p->daddr, p->in_saddr))
+			return NP_CT_NEW;
 		/* Inner packet was sent by the peer of this hook's original direction... */
 		np_ct_key_fill(&k, ifindex, other, p->family, p->in_proto, p->in_saddr,
 			       p->in_daddr, p->in_sport, p->in_dport);

@@ -5,7 +5,8 @@
  * tag is malformed), ARP, IPv4 (options), IPv6 with a bounded walk over
  * extension headers (hop-by-hop, routing, destination options, fragment, AH),
  * TCP/UDP/SCTP ports, ICMP/ICMPv6 type, code, echo id, and the inner tuple of
- * ICMP errors. Everything is read with bpf_skb_load_bytes.
+ * ICMP errors. Everything is read with bpf_skb_load_bytes, and nothing past
+ * the end of the IP datagram (see np_l3_end).
  */
 #ifndef NETPOL_PARSE_H
 #define NETPOL_PARSE_H
@@ -85,6 +86,24 @@ static __always_inline int np_is_echo(__u8 family, __u8 type)
 	return type == 128 || type == 129;
 }
 
+/*
+ * End of the IP datagram: `off` + the length its header declares. A frame may
+ * carry bytes after the datagram (Ethernet padding, or a trailer an attacker
+ * appends to a raw frame) that the receiving stack trims before it looks at
+ * L4. Reading ports there let a first fragment without an L4 header be
+ * judged by forged "ports" in the trailer (say 80), and its later fragments,
+ * which carry the real TCP header (say port 22), inherit those ports
+ * (tests/bypass.rs tiny_first_fragments_do_not_bypass_policy). So every L4
+ * read is bounded by the datagram's end. A declared length of 0 (IPv4 BIG TCP
+ * GSO packets, IPv6 jumbograms) means "up to the end of the frame".
+ */
+static __always_inline __u32 np_l3_end(struct __sk_buff *skb, __u32 off, __u32 len)
+{
+	if (len == 0)
+		return skb->len;
+	return off + len;
+}
+
 /* Ports of an L4 header at `off` (TCP, UDP, SCTP share the first 4 bytes). */
 static __always_inline int np_load_ports(struct __sk_buff *skb, __u32 off, __u16 *sport, __u16 *dport)
 {
@@ -97,13 +116,14 @@ static __always_inline int np_load_ports(struct __sk_buff *skb, __u32 off, __u16
 }
 
 /* Inner tuple of an ICMP error whose inner IP header starts at `off`. */
-static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt *p, __u32 off)
+static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt *p, __u32 off,
+					   __u32 end)
 {
 	__u32 l4;
 	__u8 b[40];
 
 	if (p->family == 4) {
-		if (bpf_skb_load_bytes(skb, off, b, 20) < 0)
+		if (off + 20 > end || bpf_skb_load_bytes(skb, off, b, 20) < 0)
 			return;
 		if ((b[0] >> 4) != 4)
 			return;
@@ -112,7 +132,7 @@ static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt 
 		__builtin_memcpy(p->in_saddr, &b[12], 4);
 		__builtin_memcpy(p->in_daddr, &b[16], 4);
 	} else {
-		if (bpf_skb_load_bytes(skb, off, b, 40) < 0)
+		if (off + 40 > end || bpf_skb_load_bytes(skb, off, b, 40) < 0)
 			return;
 		if ((b[0] >> 4) != 6)
 			return;
@@ -123,11 +143,11 @@ static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt 
 	}
 	if (p->in_proto == NP_IPPROTO_TCP || p->in_proto == NP_IPPROTO_UDP ||
 	    p->in_proto == NP_IPPROTO_SCTP) {
-		if (np_load_ports(skb, l4, &p->in_sport, &p->in_dport) < 0)
+		if (l4 + 4 > end || np_load_ports(skb, l4, &p->in_sport, &p->in_dport) < 0)
 			return;
 	} else if (p->in_proto == NP_IPPROTO_ICMP || p->in_proto == NP_IPPROTO_ICMPV6) {
 		__u8 ih[8];
-		if (bpf_skb_load_bytes(skb, l4, ih, sizeof(ih)) < 0)
+		if (l4 + sizeof(ih) > end || bpf_skb_load_bytes(skb, l4, ih, sizeof(ih)) < 0)
 			return;
 		if (!np_is_echo(p->family, ih[0]))
 			return;
@@ -140,16 +160,18 @@ static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt 
 }
 
 /* The L4 header at `off`: ports, TCP flags, ICMP type/code/echo id. */
-static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, __u32 off)
+static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, __u32 off,
+				       __u32 end)
 {
 	if (p->frag_later)
 		return NP_PARSE_OK;
 	switch (p->proto) {
 	case NP_IPPROTO_TCP: {
-		__u8 fl;
-		if (np_load_ports(skb, off, &p->sport, &p->dport) < 0)
+		__u8 fl = 0;
+		if (off + 4 > end || np_load_ports(skb, off, &p->sport, &p->dport) < 0)
 			return NP_PARSE_MALFORMED;
-		if (bpf_skb_load_bytes(skb, off + 13, &fl, 1) < 0)
+		/* A tiny first fragment may hold the ports but not the flags. */
+		if (off + 14 <= end && bpf_skb_load_bytes(skb, off + 13, &fl, 1) < 0)
 			return NP_PARSE_MALFORMED;
 		p->tcp_flags = fl;
 		p->policy_port = p->dport;
@@ -158,7 +180,7 @@ static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, 
 	}
 	case NP_IPPROTO_UDP:
 	case NP_IPPROTO_SCTP:
-		if (np_load_ports(skb, off, &p->sport, &p->dport) < 0)
+		if (off + 4 > end || np_load_ports(skb, off, &p->sport, &p->dport) < 0)
 			return NP_PARSE_MALFORMED;
 		p->policy_port = p->dport;
 		p->has_l4 = 1;
@@ -168,7 +190,7 @@ static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, 
 		__u8 h[8];
 		if ((p->proto == NP_IPPROTO_ICMP) != (p->family == 4))
 			return NP_PARSE_MALFORMED;
-		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+		if (off + sizeof(h) > end || bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
 			return NP_PARSE_MALFORMED;
 		p->icmp_type = h[0];
 		p->icmp_code = h[1];
@@ -178,7 +200,7 @@ static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, 
 			p->sport = ((__u16)h[4] << 8) | h[5];
 			p->dport = p->sport;
 		} else if (p->family == 4 ? np_is_icmp4_error(h[0]) : np_is_icmp6_error(h[0])) {
-			np_parse_inner(skb, p, off + 8);
+			np_parse_inner(skb, p, off + 8, end);
 		}
 		break;
 	}
@@ -193,7 +215,7 @@ static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p
 {
 	__u8 h[20];
 	__u16 frag;
-	__u32 ihl;
+	__u32 ihl, tot, end;
 
 	if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
 		return NP_PARSE_MALFORMED;
@@ -202,6 +224,10 @@ static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p
 	ihl = (__u32)(h[0] & 0xf) << 2;
 	if (ihl < 20)
 		return NP_PARSE_MALFORMED;
+	tot = ((__u32)h[2] << 8) | h[3];
+	if (tot != 0 && tot < ihl)
+		return NP_PARSE_MALFORMED;
+	end = np_l3_end(skb, off, tot);
 	p->family = 4;
 	p->proto = h[9];
 	__builtin_memcpy(p->saddr, &h[12], 4);
@@ -212,13 +238,14 @@ static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p
 		p->frag_later = 1;
 	else if (frag & 0x2000)
 		p->frag_first = 1;
-	return np_parse_l4(skb, p, off + ihl);
+	return np_parse_l4(skb, p, off + ihl, end);
 }
 
 static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p, __u32 off)
 {
 	__u8 h[40];
 	__u8 nh;
+	__u32 end;
 	int i;
 
 	if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
@@ -229,6 +256,7 @@ static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p
 	__builtin_memcpy(p->saddr, &h[8], 16);
 	__builtin_memcpy(p->daddr, &h[24], 16);
 	nh = h[6];
+	end = np_l3_end(skb, off + 40, ((__u32)h[4] << 8) | h[5]);
 	off += 40;
 
 	for (i = 0; i < NP_MAX_EXTHDR; i++) {
@@ -238,7 +266,7 @@ static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p
 		    nh != NP_IPPROTO_DSTOPTS && nh != NP_IPPROTO_FRAGMENT &&
 		    nh != NP_IPPROTO_AH)
 			break;
-		if (bpf_skb_load_bytes(skb, off, e, sizeof(e)) < 0)
+		if (off + sizeof(e) > end || bpf_skb_load_bytes(skb, off, e, sizeof(e)) < 0)
 			return NP_PARSE_MALFORMED;
 		if (nh == NP_IPPROTO_FRAGMENT) {
 			__u16 fo = ((__u16)e[2] << 8) | e[3];
@@ -265,7 +293,7 @@ static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p
 	     nh == NP_IPPROTO_FRAGMENT || nh == NP_IPPROTO_AH))
 		return NP_PARSE_MALFORMED; /* more extension headers than we walk */
 	p->proto = nh;
-	return np_parse_l4(skb, p, off);
+	return np_parse_l4(skb, p, off, end);
 }
 
 static __always_inline int np_parse(struct __sk_buff *skb, struct np_pkt *p)
