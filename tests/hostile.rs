@@ -394,6 +394,16 @@ fn skip(why: &str) {
     eprintln!("skipped: {why}");
 }
 
+/// A copy of `netpolctl` in `dir` (made 0755), so that uid 65534 can run it
+/// whatever the modes of the checkout it was built in.
+fn netpolctl_for_anyone(dir: &Path) -> PathBuf {
+    chmod(dir, 0o755);
+    let bin = dir.join("netpolctl");
+    fs::copy(env!("CARGO_BIN_EXE_netpolctl"), &bin).unwrap();
+    chmod(&bin, 0o755);
+    bin
+}
+
 #[test]
 fn unreadable_file_is_reported_not_fatal() {
     // Root reads any file, so read it as another user: `netpolctl check` run
@@ -409,7 +419,7 @@ fn unreadable_file_is_reported_not_fatal() {
     fs::write(pol.join("ok.yaml"), cnp("ok")).unwrap();
     fs::write(pol.join("secret.yaml"), cnp("secret")).unwrap();
     fs::set_permissions(pol.join("secret.yaml"), fs::Permissions::from_mode(0o000)).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"));
+    let mut cmd = std::process::Command::new(netpolctl_for_anyone(tmp.path()));
     cmd.args(["check", "--policy-dir", pol.to_str().unwrap(), "--endpoint-dir", reg.to_str().unwrap()]);
     if nix::unistd::geteuid().is_root() {
         use std::os::unix::process::CommandExt;
@@ -550,7 +560,7 @@ fn files_owned_by_the_reading_user_are_trusted() {
         chown(p, 65534);
     }
     let run = |as_nobody: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"));
+        let mut cmd = std::process::Command::new(netpolctl_for_anyone(tmp.path()));
         cmd.args(["check", "--policy-dir", pol.to_str().unwrap(), "--endpoint-dir", reg.to_str().unwrap()]);
         if as_nobody {
             use std::os::unix::process::CommandExt;
