@@ -2,7 +2,7 @@
 //! datapath, real TCP between network namespaces): bpffs missing, map creation
 //! refused, a netlink event flood, an interface flapped a thousand times,
 //! SIGKILL in the middle of an apply, an unwritable or full state_dir, and
-//! abusive runtime-socket clients. docs/reliability-faults.md lists what each
+//! abusive runtime-socket clients. docs/reliability.md lists what each
 //! one shows.
 //!
 //! Needs root, bpffs, iproute2 and util-linux's `unshare`. Without them the

@@ -895,7 +895,7 @@ mod props {
     }
 }
 
-/// Throughput of the YAML scanner alone, for docs/reliability-files.md:
+/// Throughput of the YAML scanner alone, for docs/reliability.md:
 /// `cargo test --test hostile measure -- --ignored --nocapture`.
 #[test]
 #[ignore]
