@@ -3,6 +3,11 @@
 //! process), pinning under `pin_dir/{maps,progs,links}`, attaching (tcx, with a
 //! clsact/cls_bpf fallback), the two-generation swap and the event reader.
 //!
+//! Each generation keeps its inner maps; an apply writes only the keys that
+//! differ from the inactive generation's shadow, flips, and waits for the RCU
+//! grace period that makes the old generation writable again on a background
+//! thread that the next apply joins (see bpf/README.md, "Generations and pins").
+//!
 //! Interface indexes are resolved in the network namespace of the calling
 //! thread: call `sync_attachments` from the namespace the devices live in.
 
