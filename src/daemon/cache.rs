@@ -67,6 +67,10 @@ impl Piece {
     }
 }
 
+/// Each directory's files with their identity at listing time, or why it
+/// could not be listed.
+type Listing = Vec<Result<Vec<(PathBuf, Option<FileId>)>, Box<Problem>>>;
+
 /// The files a load saw, and whether its result was valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
@@ -103,7 +107,9 @@ impl LoadCache {
         let dirs = vec![dir.to_path_buf()];
         let parsed = self.load_if_changed(&dirs, FileKind::Policy)?;
         let r = parsed.into_policy_set();
-        self.seen[0].as_mut().map(|s| s.ok = r.is_ok());
+        if let Some(s) = self.seen[0].as_mut() {
+            s.ok = r.is_ok();
+        }
         Some(r)
     }
 
@@ -112,7 +118,9 @@ impl LoadCache {
     pub fn registry_if_changed(&mut self, dirs: &[PathBuf]) -> Option<Result<RegistrySet, Vec<Problem>>> {
         let parsed = self.load_if_changed(dirs, FileKind::Registry)?;
         let r = parsed.into_registry_set();
-        self.seen[1].as_mut().map(|s| s.ok = r.is_ok());
+        if let Some(s) = self.seen[1].as_mut() {
+            s.ok = r.is_ok();
+        }
         Some(r)
     }
 
@@ -174,21 +182,26 @@ impl LoadCache {
     }
 
     /// Each directory's files with their identity now (`None`: cannot stat).
-    #[allow(clippy::type_complexity)]
-    fn list(dirs: &[PathBuf], want: FileKind) -> Vec<Result<Vec<(PathBuf, Option<FileId>)>, Problem>> {
+    fn list(dirs: &[PathBuf], want: FileKind) -> Listing {
         let what = match want {
             FileKind::Policy => "policy directory",
             FileKind::Registry => "endpoint directory",
         };
         dirs.iter()
-            .map(|dir| load::list_dir(dir, what).map(|fs| fs.into_iter().map(|f| { let id = FileId::of(&f); (f, id) }).collect()))
+            .map(|dir| {
+                let files = load::list_dir(dir, what).map_err(Box::new)?;
+                Ok(files.into_iter().map(|f| {
+                    let id = FileId::of(&f);
+                    (f, id)
+                }).collect())
+            })
             .collect()
     }
 
     fn load_listed(
         &mut self,
         dirs: &[PathBuf],
-        listing: Vec<Result<Vec<(PathBuf, Option<FileId>)>, Problem>>,
+        listing: Listing,
         want: FileKind,
     ) -> Parsed {
         let mut out = Parsed::default();
@@ -198,7 +211,7 @@ impl LoadCache {
             let files = match files {
                 Ok(f) => f,
                 Err(p) => {
-                    out.problems.push(p);
+                    out.problems.push(*p);
                     continue;
                 }
             };

@@ -80,7 +80,7 @@ pub fn diff<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(
     let mut upserts: Vec<(K, V)> =
         new.iter().filter(|(k, v)| old.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
     deletes.sort();
-    upserts.sort_by(|a, b| a.0.cmp(&b.0));
+    upserts.sort_by_key(|e| e.0);
     (deletes, upserts)
 }
 
