@@ -8,7 +8,7 @@
 //! writes one policy per endpoint; runs the real netpold there. Then flips a
 //! toggle policy `--changes` times (allow client → server TCP 80, then not) by
 //! renaming a file in, and measures until a fresh TCP connection shows the new
-//! verdict. Everything is named `npe-bench-*` and removed at the end.
+//! verdict. Everything is named `npl-bench-*` and removed at the end.
 //!
 //! cargo build --bins --examples && sudo target/debug/examples/bench_apply [--endpoints N] [--policies N] [--changes N]
 
@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use netpol::daemon::status::Status;
 
-const NODE: &str = "npe-bench-node";
-const CLIENT: &str = "npe-bench-cli";
-const SERVER: &str = "npe-bench-srv";
-const PIN: &str = "/sys/fs/bpf/npe-test-bench";
+const NODE: &str = "npl-bench-node";
+const CLIENT: &str = "npl-bench-cli";
+const SERVER: &str = "npl-bench-srv";
+const PIN: &str = "/sys/fs/bpf/npl-bench";
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
@@ -97,14 +97,14 @@ fn main() {
     // veth pairs that stay inside the node namespace.
     let t0 = Instant::now();
     sh(&["ip", "netns", "add", NODE]);
-    let mut batch = String::from("link set lo up\nlink add br0 type bridge\naddr add 10.202.0.1/16 dev br0\nlink set br0 up\n");
+    let mut batch = String::from("link set lo up\nlink add br0 type bridge\naddr add 10.208.0.1/16 dev br0\nlink set br0 up\n");
     for i in 0..endpoints - 2 {
         batch.push_str(&format!("link add vb{i} type veth peer name vp{i}\nlink set vb{i} up\nlink set vp{i} up\n"));
     }
     std::fs::write(t.join("batch"), batch).unwrap();
     sh(&["ip", "-n", NODE, "-batch", t.join("batch").to_str().unwrap()]);
-    let server_ip = Ipv4Addr::new(10, 202, 255, 2);
-    for (ns, host, ip) in [(CLIENT, "veth-cli", Ipv4Addr::new(10, 202, 255, 1)), (SERVER, "veth-srv", server_ip)] {
+    let server_ip = Ipv4Addr::new(10, 208, 255, 2);
+    for (ns, host, ip) in [(CLIENT, "veth-cli", Ipv4Addr::new(10, 208, 255, 1)), (SERVER, "veth-srv", server_ip)] {
         sh(&["ip", "netns", "add", ns]);
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", NODE, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns]);
@@ -137,10 +137,10 @@ fn main() {
     let ep = |name: &str, app: &str, iface: &str, ip: Ipv4Addr| {
         format!("apiVersion: netpol/v1\nkind: Endpoint\nmetadata:\n  name: {name}\n  labels: {{app: {app}}}\nspec:\n  interface: {iface}\n  addresses: [{ip}]\n---\n")
     };
-    reg.push_str(&ep("client", "client", "veth-cli", Ipv4Addr::new(10, 202, 255, 1)));
+    reg.push_str(&ep("client", "client", "veth-cli", Ipv4Addr::new(10, 208, 255, 1)));
     reg.push_str(&ep("server", "server", "veth-srv", server_ip));
     for i in 0..endpoints - 2 {
-        let ip = Ipv4Addr::new(10, 202, (i / 250) as u8, (i % 250 + 2) as u8);
+        let ip = Ipv4Addr::new(10, 208, (i / 250) as u8, (i % 250 + 2) as u8);
         reg.push_str(&ep(&format!("ep-{i}"), &format!("ep-{i}"), &format!("vb{i}"), ip));
     }
     std::fs::write(t.join("endpoints.d/bench.yaml"), reg).unwrap();

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use netpol::api::model::EndpointKind;
+use netpol::datapath::generation::Contents;
 use netpol::datapath::packet::{PacketSpec, L4, TCP_ACK, TCP_SYN};
 use netpol::datapath::{
     Attachment, Datapath, DatapathError, DatapathSettings, EventReason, EventVerdict, Hook,
@@ -611,6 +612,99 @@ fn adopted_pins_keep_enforcing_and_accept_the_next_apply() {
     let pin = dp.pin.clone();
     dp.dp().detach_all().unwrap();
     assert!(!pin.exists());
+}
+
+/// `c` with a's egress default-deny and allows to b on `ports`, minus the
+/// ipcache entries of c when `drop_c`.
+fn egress_state(ports: &[u16], drop_c: bool) -> Compiled {
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    for (i, p) in ports.iter().enumerate() {
+        c.entries.push(allow(Egress, ID_B, 6, *p, i as u32));
+    }
+    if drop_c {
+        c.ipcache.retain(|e| e.identity != ID_C);
+    }
+    c.entries.sort();
+    c
+}
+
+fn expected(c: &Compiled) -> Contents {
+    Contents::build(c, &A_ON_LO).expect("build contents")
+}
+
+#[test]
+fn diff_applies_leave_each_generation_exactly_equal_to_its_state() {
+    if !privileged("diff_applies_leave_each_generation_exactly_equal_to_its_state") {
+        return;
+    }
+    let mut dp = Dp::open("diffgen", &settings());
+    let a = egress_state(&[80], false);
+    let b = egress_state(&[80, 81, 8080], true);
+    let c = egress_state(&[443], false);
+    let mut prev: Option<Compiled> = None;
+    for (i, state) in [a.clone(), b, a, c].into_iter().enumerate() {
+        assert_eq!(apply(&mut dp, state.clone()), i as u64 + 1);
+        let active = dp.dp().active_slot().unwrap();
+        let got = dp.dp().dump_generation(active).unwrap().expect("active generation installed");
+        assert_eq!(got, expected(&state), "apply {i}: active generation");
+        if let Some(p) = &prev {
+            let other = dp.dp().dump_generation(active ^ 1).unwrap().expect("inactive generation installed");
+            assert_eq!(other, expected(p), "apply {i}: inactive generation keeps the previous state");
+        }
+        let port = state.entries[0].port;
+        assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 41000 + i as u16, port, TCP_SYN)), "apply {i}: allowed port");
+        assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 41100 + i as u16, 9, TCP_SYN)), "apply {i}: denied port");
+        prev = Some(state);
+    }
+}
+
+#[test]
+fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
+    if !privileged("apply_after_adoption_converges_to_exactly_the_compiled_state") {
+        return;
+    }
+    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    let mut dp = Dp::open("adoptdiff", &settings());
+    let a = egress_state(&[80], false);
+    let b = egress_state(&[80, 81], true);
+    apply(&mut dp, a);
+    apply(&mut dp, b.clone());
+    let inactive = dp.dp().active_slot().unwrap() ^ 1;
+    dp.forget();
+    // Tamper with the inactive generation behind the datapath's back: a stray
+    // policy key and a missing ipcache entry. The adopting process knows
+    // nothing of its content and must converge anyway.
+    let inner = |outer: &str| {
+        let o = MapHandle::from_pinned_path(dp.pin.join("maps").join(outer)).unwrap();
+        let id = o.lookup(&inactive.to_ne_bytes(), MapFlags::ANY).unwrap().unwrap();
+        MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).unwrap()
+    };
+    let stray = netpol::datapath::layout::policy_key(&allow(Egress, ID_B, 17, 53, 9));
+    let value = netpol::datapath::layout::policy_value(&allow(Egress, ID_B, 17, 53, 9));
+    inner("netpol_policy_v1")
+        .update(netpol::datapath::layout::bytes_of(&stray), netpol::datapath::layout::bytes_of(&value), MapFlags::ANY)
+        .unwrap();
+    let ipc = inner("netpol_ipcache_v1");
+    let first = ipc.keys().next().expect("ipcache has entries");
+    ipc.delete(&first).unwrap();
+
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    let c = egress_state(&[443], false);
+    apply(&mut dp, c.clone());
+    let active = dp.dp().active_slot().unwrap();
+    assert_eq!(active, inactive, "the tampered generation was the one written");
+    assert_eq!(dp.dp().dump_generation(active).unwrap().unwrap(), expected(&c));
+    assert_eq!(dp.dp().dump_generation(active ^ 1).unwrap().unwrap(), expected(&b), "running state untouched");
+    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42000, 53, 0x02)), "stray entry gone");
+    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42001, 443, TCP_SYN)));
+    // The other (adopted, never written by this process) generation converges too.
+    let d = egress_state(&[22, 80], true);
+    apply(&mut dp, d.clone());
+    let active = dp.dp().active_slot().unwrap();
+    assert_eq!(dp.dp().dump_generation(active).unwrap().unwrap(), expected(&d));
+    assert_eq!(dp.dp().dump_generation(active ^ 1).unwrap().unwrap(), expected(&c));
 }
 
 #[test]

@@ -14,12 +14,13 @@
  * -----------
  * A policy state is three maps: ipcache, endpoint table, policy. Each exists in
  * two generations, held by ARRAY_OF_MAPS outer maps with two slots
- * (netpol_ipcache_v1, netpol_endpoints_v1, netpol_policy_v1). Userspace creates
- * fresh inner maps, fills them completely, stores them in the inactive slot and
- * then flips `netpol_state_v1[0].active`, which each packet reads exactly ONCE.
- * An update of netpol_barrier_v1 (a map-in-map; its updates wait for an RCU
- * grace period) after the flip guarantees no packet still uses the old slot
- * before the next change reuses it.
+ * (netpol_ipcache_v1, netpol_endpoints_v1, netpol_policy_v1). Each slot keeps
+ * its inner maps; userspace brings the inactive slot's maps to exactly the new
+ * state (writing only the keys that differ) and then flips
+ * `netpol_state_v1[0].active`, which each packet reads exactly ONCE. An update
+ * of netpol_barrier_v1 (a map-in-map; its updates wait for an RCU grace period)
+ * after the flip, completed before the next change writes to the old slot,
+ * guarantees no packet still uses that slot while it is rewritten.
  */
 #ifndef NETPOL_MAPS_H
 #define NETPOL_MAPS_H

@@ -67,9 +67,23 @@ impl Piece {
     }
 }
 
+/// Each directory's files with their identity at listing time, or why it
+/// could not be listed.
+type Listing = Vec<Result<Vec<(PathBuf, Option<FileId>)>, Box<Problem>>>;
+
+/// The files a load saw, and whether its result was valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    dirs: Vec<PathBuf>,
+    files: Vec<(PathBuf, FileId)>,
+    ok: bool,
+}
+
 #[derive(Debug)]
 pub struct LoadCache {
     files: HashMap<PathBuf, (FileId, Piece)>,
+    /// What the last load of each kind saw (policies, registry).
+    seen: [Option<Seen>; 2],
     /// Parsed in the last load (for logs and tests).
     pub last_parsed: usize,
     settled: Duration,
@@ -84,7 +98,73 @@ impl Default for LoadCache {
 impl LoadCache {
     /// A cache that keeps a file once its timestamps are `settled` old.
     pub fn with_margin(settled: Duration) -> LoadCache {
-        LoadCache { files: HashMap::new(), last_parsed: 0, settled }
+        LoadCache { files: HashMap::new(), seen: [None, None], last_parsed: 0, settled }
+    }
+
+    /// Like [`LoadCache::policies`], but `None` when the last call returned a
+    /// valid set and no file changed since (the caller keeps that set).
+    pub fn policies_if_changed(&mut self, dir: &Path) -> Option<Result<PolicySet, Vec<Problem>>> {
+        let dirs = vec![dir.to_path_buf()];
+        let parsed = self.load_if_changed(&dirs, FileKind::Policy)?;
+        let r = parsed.into_policy_set();
+        if let Some(s) = self.seen[0].as_mut() {
+            s.ok = r.is_ok();
+        }
+        Some(r)
+    }
+
+    /// Like [`LoadCache::registry`], but `None` when the last call returned a
+    /// valid set and no file changed since.
+    pub fn registry_if_changed(&mut self, dirs: &[PathBuf]) -> Option<Result<RegistrySet, Vec<Problem>>> {
+        let parsed = self.load_if_changed(dirs, FileKind::Registry)?;
+        let r = parsed.into_registry_set();
+        if let Some(s) = self.seen[1].as_mut() {
+            s.ok = r.is_ok();
+        }
+        Some(r)
+    }
+
+    fn load_if_changed(&mut self, dirs: &[PathBuf], want: FileKind) -> Option<Parsed> {
+        let kind = match want {
+            FileKind::Policy => 0,
+            FileKind::Registry => 1,
+        };
+        let listing = Self::list(dirs, want);
+        // Every file listed, stat'ed, and a kept parse with that identity.
+        let now: Option<Vec<(PathBuf, FileId)>> = listing
+            .iter()
+            .map(|d| d.as_ref().ok())
+            .collect::<Option<Vec<_>>>()
+            .and_then(|ds| {
+                ds.into_iter()
+                    .flatten()
+                    .map(|(f, id)| {
+                        let id = (*id)?;
+                        matches!(self.files.get(f), Some((c, _)) if *c == id).then(|| (f.clone(), id))
+                    })
+                    .collect()
+            });
+        if let (Some(now), Some(seen)) = (&now, &self.seen[kind]) {
+            if seen.ok && seen.dirs == dirs && seen.files == *now {
+                self.last_parsed = 0;
+                return None;
+            }
+        }
+        let snapshot: Option<Vec<(PathBuf, Option<FileId>)>> =
+            listing.iter().map(|d| d.as_ref().ok().cloned()).collect::<Option<Vec<_>>>().map(|v| v.concat());
+        let out = self.load_listed(dirs, listing, want);
+        // Only a load made entirely of kept parses can be recognised later (the
+        // caller records whether it was valid).
+        let files: Option<Vec<(PathBuf, FileId)>> = snapshot.and_then(|fs| {
+            fs.into_iter()
+                .map(|(f, id)| {
+                    let id = id?;
+                    matches!(self.files.get(&f), Some((c, _)) if *c == id).then_some((f, id))
+                })
+                .collect()
+        });
+        self.seen[kind] = files.map(|files| Seen { dirs: dirs.to_vec(), files, ok: false });
+        Some(out)
     }
 
     pub fn policies(&mut self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
@@ -97,24 +177,46 @@ impl LoadCache {
 
     /// `api::load::load_dirs`, reusing the parse of unchanged files.
     fn load(&mut self, dirs: &[PathBuf], want: FileKind) -> Parsed {
+        let listing = Self::list(dirs, want);
+        self.load_listed(dirs, listing, want)
+    }
+
+    /// Each directory's files with their identity now (`None`: cannot stat).
+    fn list(dirs: &[PathBuf], want: FileKind) -> Listing {
         let what = match want {
             FileKind::Policy => "policy directory",
             FileKind::Registry => "endpoint directory",
         };
+        dirs.iter()
+            .map(|dir| {
+                let files = load::list_dir(dir, what).map_err(Box::new)?;
+                Ok(files.into_iter().map(|f| {
+                    let id = FileId::of(&f);
+                    (f, id)
+                }).collect())
+            })
+            .collect()
+    }
+
+    fn load_listed(
+        &mut self,
+        dirs: &[PathBuf],
+        listing: Listing,
+        want: FileKind,
+    ) -> Parsed {
         let mut out = Parsed::default();
         let mut parsed = 0;
         let mut live = std::collections::HashSet::new();
-        for dir in dirs {
-            let files = match load::list_dir(dir, what) {
+        for files in listing {
+            let files = match files {
                 Ok(f) => f,
                 Err(p) => {
-                    out.problems.push(p);
+                    out.problems.push(*p);
                     continue;
                 }
             };
-            for f in files {
+            for (f, id) in files {
                 live.insert(f.clone());
-                let id = FileId::of(&f);
                 if let (Some(id), Some((cached, piece))) = (id, self.files.get(&f)) {
                     if *cached == id {
                         piece.append_to(&mut out);
@@ -187,6 +289,31 @@ mod tests {
         std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b")).unwrap();
         assert_eq!(c.policies(d), crate::api::load_policy_dir(d));
         assert_eq!(c.last_parsed, 1);
+    }
+
+    #[test]
+    fn if_changed_reports_unchanged_only_after_a_valid_load_of_the_same_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("a.yaml"), POLICY.replace("NAME", "a")).unwrap();
+        let mut c = LoadCache::with_margin(Duration::ZERO);
+        assert!(c.policies_if_changed(d).unwrap().is_ok());
+        assert!(c.policies_if_changed(d).is_none(), "nothing changed");
+        std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b")).unwrap();
+        assert_eq!(c.policies_if_changed(d).unwrap(), crate::api::load_policy_dir(d), "a new file");
+        assert!(c.policies_if_changed(d).is_none());
+        std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "a")).unwrap();
+        let e = c.policies_if_changed(d).unwrap();
+        assert!(e.is_err(), "duplicate name");
+        assert_eq!(c.policies_if_changed(d).unwrap(), e, "an invalid set is always loaded again");
+        std::fs::remove_file(d.join("b.yaml")).unwrap();
+        assert!(c.policies_if_changed(d).unwrap().is_ok(), "a removed file");
+        assert!(c.policies_if_changed(d).is_none());
+        // Unsettled files are never taken as unchanged.
+        let mut fresh = LoadCache::default();
+        std::fs::write(d.join("c.yaml"), POLICY.replace("NAME", "c")).unwrap();
+        assert!(fresh.policies_if_changed(d).is_some());
+        assert!(fresh.policies_if_changed(d).is_some());
     }
 
     #[test]

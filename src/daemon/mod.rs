@@ -367,28 +367,42 @@ impl<D: Datapath> Reconciler<D> {
             slog::warn!(self.log, "cannot watch a directory; relying on the periodic resync"; "error" => %e);
         }
         let mut problems = Vec::new();
+        // A set whose files did not change since it loaded valid is kept as is
+        // (no clone, no cross-file checks).
+        let keep_policies = self.policies.as_ref().is_some_and(|p| !p.from_last_good);
         let policies = match self.pipeline.loader {
-            Loader::Parser => self.cache.policies(&self.config.policy_dir),
-            Loader::Custom(p, _) => p(&self.config.policy_dir),
+            Loader::Parser => match self.cache.policies_if_changed(&self.config.policy_dir) {
+                None if keep_policies => None,
+                None => Some(self.cache.policies(&self.config.policy_dir)),
+                r => r,
+            },
+            Loader::Custom(p, _) => Some(p(&self.config.policy_dir)),
         };
         let parsed = self.cache.last_parsed;
         match policies {
-            Ok(set) => self.policies = Some(Input { set, from_last_good: false }),
-            Err(p) => {
+            None => {}
+            Some(Ok(set)) => self.policies = Some(Input { set, from_last_good: false }),
+            Some(Err(p)) => {
                 problems.extend(p);
                 if self.policies.is_none() {
                     self.policies = self.load_last_good_policies();
                 }
             }
         }
+        let keep_registry = self.registry.as_ref().is_some_and(|r| !r.from_last_good);
         let registry = match self.pipeline.loader {
-            Loader::Parser => self.cache.registry(&self.config.endpoint_dirs),
-            Loader::Custom(_, r) => r(&self.config.endpoint_dirs),
+            Loader::Parser => match self.cache.registry_if_changed(&self.config.endpoint_dirs) {
+                None if keep_registry => None,
+                None => Some(self.cache.registry(&self.config.endpoint_dirs)),
+                r => r,
+            },
+            Loader::Custom(_, r) => Some(r(&self.config.endpoint_dirs)),
         };
         let parsed = parsed + self.cache.last_parsed;
         match registry {
-            Ok(set) => self.registry = Some(Input { set, from_last_good: false }),
-            Err(p) => {
+            None => {}
+            Some(Ok(set)) => self.registry = Some(Input { set, from_last_good: false }),
+            Some(Err(p)) => {
                 problems.extend(p);
                 if self.registry.is_none() {
                     self.registry = self.load_last_good_registry();

@@ -3,6 +3,11 @@
 //! process), pinning under `pin_dir/{maps,progs,links}`, attaching (tcx, with a
 //! clsact/cls_bpf fallback), the two-generation swap and the event reader.
 //!
+//! Each generation keeps its inner maps; an apply writes only the keys that
+//! differ from the inactive generation's shadow, flips, and waits for the RCU
+//! grace period that makes the old generation writable again on a background
+//! thread that the next apply joins (see bpf/README.md, "Generations and pins").
+//!
 //! Interface indexes are resolved in the network namespace of the calling
 //! thread: call `sync_attachments` from the namespace the devices live in.
 
@@ -11,6 +16,8 @@ use std::mem::{ManuallyDrop, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use libbpf_rs::query::LinkTypeInfo;
@@ -20,6 +27,7 @@ use libbpf_rs::{
     RingBufferBuilder, TcHookBuilder, TC_EGRESS, TC_INGRESS,
 };
 
+use super::generation::{self, Contents, Table};
 use super::layout::{self, EventRecord, StateValue, LAYOUT_VERSION};
 use super::skel::{NetpolSkel, NetpolSkelBuilder};
 use super::{
@@ -112,6 +120,19 @@ const _: fn() = || {
     assert_send::<KernelDatapath>();
 };
 
+/// The inner maps of one generation (one slot of the outer maps).
+struct Generation {
+    ipcache: MapHandle,
+    endpoints: MapHandle,
+    policy: MapHandle,
+    /// The maps sit in the outer maps' slot (fresh ones are put there on
+    /// their first fill).
+    installed: bool,
+    /// Exactly what the maps hold; `None` when unknown (adopted, or a write
+    /// failed half way): read back from the kernel before the next diff.
+    shadow: Option<Contents>,
+}
+
 /// The kernel datapath of one instance (one `pin_dir`).
 pub struct KernelDatapath {
     loaded: Loaded,
@@ -122,8 +143,15 @@ pub struct KernelDatapath {
     /// Endpoint slots of the last applied state (for `counters`).
     slots: BTreeSet<u32>,
     generation: u64,
-    /// The inner map put into netpol_barrier_v1 to wait for running programs.
-    barrier_inner: MapHandle,
+    /// netpol_barrier_v1 and the inner map put into it to wait for running
+    /// programs (shared with the thread that waits).
+    barrier: Arc<(MapHandle, MapHandle)>,
+    /// The wait for a grace period after the last flip, running in the
+    /// background; joined before the generation it protects is written.
+    pending_barrier: Option<JoinHandle<Result<(), DatapathError>>>,
+    /// The persistent inner maps of generation 0 and 1 with a shadow of
+    /// their content (`None`: not created yet, or to be replaced).
+    gens: [Option<Generation>; 2],
     force_clsact: bool,
     /// The kernel has tcx; without it the tcx programs are not loaded.
     tcx: bool,
@@ -141,6 +169,16 @@ impl std::fmt::Debug for KernelDatapath {
             .field("generation", &self.generation)
             .field("adopted", &self.adopted)
             .finish()
+    }
+}
+
+impl Drop for KernelDatapath {
+    fn drop(&mut self) {
+        // The background grace-period wait holds a reference to our maps; let
+        // it end (at most one grace period) so nothing outlives the datapath.
+        if let Some(h) = self.pending_barrier.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -374,6 +412,8 @@ impl KernelDatapath {
             p.pin(&path).map_err(kerr(format!("pin {}", path.display())))?;
         }
 
+        let barrier_outer = MapHandle::from_pinned_path(maps_dir.join("netpol_barrier_v1"))
+            .map_err(kerr("open netpol_barrier_v1"))?;
         let barrier_inner = MapHandle::create(
             MapType::Array,
             Some("np_barrier"),
@@ -394,7 +434,9 @@ impl KernelDatapath {
             attached: BTreeMap::new(),
             slots: BTreeSet::new(),
             generation: state.generation,
-            barrier_inner,
+            barrier: Arc::new((barrier_outer, barrier_inner)),
+            pending_barrier: None,
+            gens: [None, None],
             force_clsact: !tcx,
             tcx,
             adopted: adopt,
@@ -403,6 +445,10 @@ impl KernelDatapath {
         dp.write_failsafe()?;
         if adopt {
             dp.adopt_links()?;
+            dp.adopt_generations()?;
+            // The earlier process may have flipped just before it ended: wait a
+            // grace period before the first write to the inactive generation.
+            dp.start_barrier();
         }
         Ok(dp)
     }
@@ -724,84 +770,196 @@ impl KernelDatapath {
             .map_err(kerr(format!("create map {name}")))
     }
 
-    fn try_apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError> {
-        layout::check_capacity(state, attachments, &self.settings)?;
+    /// Fresh, empty inner maps of one generation, sized by the settings.
+    fn create_generation(&self) -> Result<Generation, DatapathError> {
         const NO_PREALLOC: u32 = libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC;
+        Ok(Generation {
+            ipcache: self.create_inner(
+                MapType::LpmTrie,
+                "np_ipcache",
+                generation::IPCACHE_KEY,
+                generation::IPCACHE_VALUE,
+                self.settings.ipcache_max_entries,
+                NO_PREALLOC,
+            )?,
+            endpoints: self.create_inner(
+                MapType::Hash,
+                "np_endpoints",
+                generation::ENDPOINT_KEY,
+                generation::ENDPOINT_VALUE,
+                self.settings.endpoint_max_entries,
+                0,
+            )?,
+            policy: self.create_inner(
+                MapType::LpmTrie,
+                "np_policy",
+                generation::POLICY_KEY,
+                generation::POLICY_VALUE,
+                self.settings.policy_max_entries,
+                NO_PREALLOC,
+            )?,
+            installed: false,
+            shadow: Some(Contents::default()),
+        })
+    }
 
-        let ipcache = self.create_inner(
-            MapType::LpmTrie,
-            "np_ipcache",
-            std::mem::size_of::<layout::IpcacheKey>(),
-            std::mem::size_of::<layout::IpcacheValue>(),
-            self.settings.ipcache_max_entries,
-            NO_PREALLOC,
-        )?;
-        for e in &state.ipcache {
-            let k = layout::ipcache_key(&e.net);
-            let v = layout::ipcache_value(e);
-            ipcache
-                .update(layout::bytes_of(&k), layout::bytes_of(&v), MapFlags::ANY)
-                .map_err(kerr(format!("fill ipcache ({})", e.net)))?;
-        }
-
-        let endpoints = self.create_inner(
-            MapType::Hash,
-            "np_endpoints",
-            4,
-            std::mem::size_of::<layout::EndpointValue>(),
-            self.settings.endpoint_max_entries,
-            0,
-        )?;
-        for a in attachments {
-            let v = layout::endpoint_value(state, a.slot)
-                .ok_or_else(|| DatapathError::Other(format!("no endpoint in slot {}", a.slot)))?;
-            endpoints
-                .update(&a.ifindex.to_ne_bytes(), layout::bytes_of(&v), MapFlags::ANY)
-                .map_err(kerr(format!("fill endpoint table (ifindex {})", a.ifindex)))?;
-        }
-
-        let policy = self.create_inner(
-            MapType::LpmTrie,
-            "np_policy",
-            std::mem::size_of::<layout::PolicyKey>(),
-            std::mem::size_of::<layout::PolicyValue>(),
-            self.settings.policy_max_entries,
-            NO_PREALLOC,
-        )?;
-        for e in layout::installed_entries(state, attachments) {
-            let k = layout::policy_key(e);
-            let v = layout::policy_value(e);
-            policy
-                .update(layout::bytes_of(&k), layout::bytes_of(&v), MapFlags::ANY)
-                .map_err(kerr("fill policy map"))?;
-        }
-
-        // Install into the inactive slot. Nothing reads it until the flip; the
-        // barrier after the previous flip guarantees no packet still does.
+    /// The inner maps an earlier process left in the outer maps' slots. A slot
+    /// whose maps are missing or sized otherwise than the settings gets fresh
+    /// maps when it is next written. Their content is read back lazily.
+    fn adopt_generations(&mut self) -> Result<(), DatapathError> {
         let maps = &self.loaded.skel.maps;
-        let cur = read_state(&maps.netpol_state_v1)?;
-        let inactive = (cur.active & 1) ^ 1;
-        for (outer, inner, name) in [
-            (&maps.netpol_ipcache_v1, &ipcache, "netpol_ipcache_v1"),
-            (&maps.netpol_endpoints_v1, &endpoints, "netpol_endpoints_v1"),
-            (&maps.netpol_policy_v1, &policy, "netpol_policy_v1"),
-        ] {
+        let want = [
+            (MapType::LpmTrie, generation::IPCACHE_KEY, generation::IPCACHE_VALUE, self.settings.ipcache_max_entries),
+            (MapType::Hash, generation::ENDPOINT_KEY, generation::ENDPOINT_VALUE, self.settings.endpoint_max_entries),
+            (MapType::LpmTrie, generation::POLICY_KEY, generation::POLICY_VALUE, self.settings.policy_max_entries),
+        ];
+        for slot in 0..2u32 {
+            let mut inner = Vec::new();
+            for (i, (outer, name)) in [
+                (&maps.netpol_ipcache_v1, "netpol_ipcache_v1"),
+                (&maps.netpol_endpoints_v1, "netpol_endpoints_v1"),
+                (&maps.netpol_policy_v1, "netpol_policy_v1"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let id = outer
+                    .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(kerr(format!("read {name}[{slot}]")))?
+                    .and_then(|v| v.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
+                let Some(id) = id else { break };
+                let Ok(m) = MapHandle::from_map_id(id) else { break };
+                let (ty, k, v, max) = want[i];
+                if m.map_type() != ty || m.key_size() as usize != k || m.value_size() as usize != v || m.max_entries() != max.max(1) {
+                    break;
+                }
+                inner.push(m);
+            }
+            if inner.len() == 3 {
+                let policy = inner.pop().expect("three maps");
+                let endpoints = inner.pop().expect("three maps");
+                let ipcache = inner.pop().expect("three maps");
+                self.gens[slot as usize] = Some(Generation { ipcache, endpoints, policy, installed: true, shadow: None });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts waiting, in the background, for every program that may still
+    /// use the generation that was active before the last flip (an update of
+    /// a map-in-map returns after an RCU grace period).
+    fn start_barrier(&mut self) {
+        let barrier = Arc::clone(&self.barrier);
+        self.pending_barrier = Some(std::thread::spawn(move || {
+            let (outer, inner) = &*barrier;
             let fd = inner.as_fd().as_raw_fd() as u32;
             outer
-                .update(&inactive.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-                .map_err(kerr(format!("install generation into {name}[{inactive}]")))?;
+                .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                .map_err(kerr("wait for running programs (netpol_barrier_v1)"))
+        }));
+    }
+
+    /// Returns once no program can still use the generation that was active
+    /// before the last flip.
+    fn wait_barrier(&mut self) -> Result<(), DatapathError> {
+        let Some(h) = self.pending_barrier.take() else { return Ok(()) };
+        match h.join() {
+            Ok(Ok(())) => Ok(()),
+            // The background wait failed or died: wait here instead.
+            _ => {
+                self.start_barrier();
+                match self.pending_barrier.take().map(JoinHandle::join) {
+                    Some(Ok(r)) => r,
+                    _ => Err(DatapathError::Other("the grace-period wait (netpol_barrier_v1) panicked".into())),
+                }
+            }
+        }
+    }
+
+    /// Contents of the generation in `slot` (0 or 1) as the kernel holds it,
+    /// `None` if that slot is empty (tests, diagnostics).
+    pub fn dump_generation(&self, slot: u32) -> Result<Option<Contents>, DatapathError> {
+        let maps = &self.loaded.skel.maps;
+        let mut handles = Vec::new();
+        for (outer, name) in [
+            (&maps.netpol_ipcache_v1, "netpol_ipcache_v1"),
+            (&maps.netpol_endpoints_v1, "netpol_endpoints_v1"),
+            (&maps.netpol_policy_v1, "netpol_policy_v1"),
+        ] {
+            let id = outer
+                .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
+                .map_err(kerr(format!("read {name}[{slot}]")))?
+                .and_then(|v| v.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
+            let Some(id) = id else { return Ok(None) };
+            handles.push(MapHandle::from_map_id(id).map_err(kerr(format!("open the inner map of {name}[{slot}]")))?);
+        }
+        Ok(Some(Contents {
+            ipcache: dump_table(&handles[0], "ipcache")?,
+            endpoints: dump_table(&handles[1], "endpoint table")?,
+            policy: dump_table(&handles[2], "policy map")?,
+        }))
+    }
+
+    /// The slot (0 or 1) packets use now.
+    pub fn active_slot(&self) -> Result<u32, DatapathError> {
+        Ok(read_state(&self.loaded.skel.maps.netpol_state_v1)?.active & 1)
+    }
+
+    /// Writes `want` into the inactive generation (only the keys that differ
+    /// from what it holds), then flips. Running state is untouched on any error
+    /// before the flip.
+    fn try_apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError> {
+        layout::check_capacity(state, attachments, &self.settings)?;
+        let want = Contents::build(state, attachments)?;
+
+        // No program may still use the generation we are about to write.
+        self.wait_barrier()?;
+        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
+        let inactive = (cur.active & 1) ^ 1;
+        let idx = inactive as usize;
+        if self.gens[idx].is_none() {
+            self.gens[idx] = Some(self.create_generation()?);
+        }
+        let g = self.gens[idx].as_mut().expect("created above");
+        let mut shadow = match g.shadow.take() {
+            Some(s) => s,
+            None => Contents {
+                ipcache: dump_table(&g.ipcache, "ipcache")?,
+                endpoints: dump_table(&g.endpoints, "endpoint table")?,
+                policy: dump_table(&g.policy, "policy map")?,
+            },
+        };
+        // Deletes before writes in each map, so a full map never overflows
+        // half way. `shadow` follows every successful write; on an error it
+        // is dropped (unknown) and read back next time.
+        sync_table(&g.ipcache, &mut shadow.ipcache, &want.ipcache, "ipcache")?;
+        sync_table(&g.endpoints, &mut shadow.endpoints, &want.endpoints, "endpoint table")?;
+        sync_table(&g.policy, &mut shadow.policy, &want.policy, "policy map")?;
+        g.shadow = Some(shadow);
+
+        if !g.installed {
+            // Fresh maps go into the inactive slot (each update waits a grace
+            // period; this happens once per slot and process at most).
+            let maps = &self.loaded.skel.maps;
+            for (outer, inner, name) in [
+                (&maps.netpol_ipcache_v1, &g.ipcache, "netpol_ipcache_v1"),
+                (&maps.netpol_endpoints_v1, &g.endpoints, "netpol_endpoints_v1"),
+                (&maps.netpol_policy_v1, &g.policy, "netpol_policy_v1"),
+            ] {
+                let fd = inner.as_fd().as_raw_fd() as u32;
+                outer
+                    .update(&inactive.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(kerr(format!("install generation into {name}[{inactive}]")))?;
+            }
+            g.installed = true;
         }
 
         // The flip: one word every packet reads once.
         let next = StateValue { active: inactive, layout_version: LAYOUT_VERSION, generation: cur.generation + 1 };
-        write_state(&maps.netpol_state_v1, &next)?;
-
-        // Wait for programs that may still use the old slot (an update of a
-        // map-in-map returns after an RCU grace period).
-        let fd = self.barrier_inner.as_fd().as_raw_fd() as u32;
-        maps.netpol_barrier_v1
-            .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-            .map_err(kerr("wait for running programs (netpol_barrier_v1)"))?;
+        write_state(&self.loaded.skel.maps.netpol_state_v1, &next)?;
+        // The generation that was active is written next time; the grace
+        // period that protects it runs meanwhile, off this path.
+        self.start_barrier();
 
         self.generation = next.generation;
         self.slots = attachments.iter().map(|a| a.slot).collect();
@@ -848,6 +1006,48 @@ fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
             op: format!("pin {}", path.display()),
             source: std::io::Error::from_raw_os_error(-r),
         });
+    }
+    Ok(())
+}
+
+/// Everything `map` holds, read key by key.
+fn dump_table<const K: usize, const V: usize>(map: &MapHandle, what: &str) -> Result<Table<K, V>, DatapathError> {
+    let mut out = Table::<K, V>::new();
+    for k in map.keys() {
+        let (Ok(key), Some(v)) = (
+            <[u8; K]>::try_from(k.as_slice()),
+            map.lookup(&k, MapFlags::ANY).map_err(kerr(format!("read back the {what}")))?,
+        ) else {
+            continue;
+        };
+        let v = <[u8; V]>::try_from(v.as_slice())
+            .map_err(|_| DatapathError::Other(format!("{what}: value of {} bytes, expected {V}", v.len())))?;
+        out.insert(key, v);
+    }
+    Ok(out)
+}
+
+/// Makes `map` (whose content is `shadow`) hold exactly `want`, keeping
+/// `shadow` equal to what the map holds after every successful write.
+fn sync_table<const K: usize, const V: usize>(
+    map: &MapHandle,
+    shadow: &mut Table<K, V>,
+    want: &Table<K, V>,
+    what: &str,
+) -> Result<(), DatapathError> {
+    let (deletes, upserts) = generation::diff(shadow, want);
+    for k in deletes {
+        match map.delete(&k) {
+            Ok(()) => {}
+            // Already gone: what we want.
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+            Err(e) => return Err(kerr(format!("update the {what}"))(e)),
+        }
+        shadow.remove(&k);
+    }
+    for (k, v) in upserts {
+        map.update(&k, &v, MapFlags::ANY).map_err(kerr(format!("fill the {what}")))?;
+        shadow.insert(k, v);
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! loop is tested without root.
 
 pub mod fake;
+pub mod generation;
 pub mod kernel;
 pub mod layout;
 pub mod packet;

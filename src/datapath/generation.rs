@@ -1,0 +1,113 @@
+//! The content of one generation (ipcache, endpoint table, policy) as the raw
+//! key/value bytes the kernel maps hold, and the difference between two such
+//! contents. The kernel datapath keeps one [`Contents`] per generation as a
+//! shadow of its inner maps, so an apply writes only the keys that changed.
+//! Pure: no syscalls, unit-tested without root.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::mem::size_of;
+
+use super::layout::{self, EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue};
+use super::{Attachment, DatapathError};
+use crate::policy::types::Compiled;
+
+pub const IPCACHE_KEY: usize = size_of::<IpcacheKey>();
+pub const IPCACHE_VALUE: usize = size_of::<IpcacheValue>();
+pub const ENDPOINT_KEY: usize = 4;
+pub const ENDPOINT_VALUE: usize = size_of::<EndpointValue>();
+pub const POLICY_KEY: usize = size_of::<PolicyKey>();
+pub const POLICY_VALUE: usize = size_of::<PolicyValue>();
+
+/// One map's content: key bytes → value bytes.
+pub type Table<const K: usize, const V: usize> = HashMap<[u8; K], [u8; V]>;
+
+/// Everything one generation holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents {
+    pub ipcache: Table<IPCACHE_KEY, IPCACHE_VALUE>,
+    pub endpoints: Table<ENDPOINT_KEY, ENDPOINT_VALUE>,
+    pub policy: Table<POLICY_KEY, POLICY_VALUE>,
+}
+
+fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(b);
+    out
+}
+
+impl Contents {
+    /// What a generation must hold for `state` enforced on `attachments`
+    /// (the same entries a full fill writes; a later duplicate key wins).
+    pub fn build(state: &Compiled, attachments: &[Attachment]) -> Result<Contents, DatapathError> {
+        let mut c = Contents::default();
+        c.ipcache.reserve(state.ipcache.len());
+        for e in &state.ipcache {
+            let k = layout::ipcache_key(&e.net);
+            let v = layout::ipcache_value(e);
+            c.ipcache.insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
+        }
+        for a in attachments {
+            let v = layout::endpoint_value(state, a.slot)
+                .ok_or_else(|| DatapathError::Other(format!("no endpoint in slot {}", a.slot)))?;
+            c.endpoints.insert(a.ifindex.to_ne_bytes(), arr(layout::bytes_of(&v)));
+        }
+        for e in layout::installed_entries(state, attachments) {
+            let k = layout::policy_key(e);
+            let v = layout::policy_value(e);
+            c.policy.insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
+        }
+        Ok(c)
+    }
+
+    /// Number of writes (deletes + upserts) turning `self` into `want`.
+    pub fn changes_to(&self, want: &Contents) -> usize {
+        fn n<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(a: &HashMap<K, V>, b: &HashMap<K, V>) -> usize {
+            let (d, u) = diff(a, b);
+            d.len() + u.len()
+        }
+        n(&self.ipcache, &want.ipcache) + n(&self.endpoints, &want.endpoints) + n(&self.policy, &want.policy)
+    }
+}
+
+/// Keys to delete (in `old`, not in `new`) and entries to write (new, or
+/// with another value), each sorted so the kernel sees a deterministic order.
+pub fn diff<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(
+    old: &HashMap<K, V>,
+    new: &HashMap<K, V>,
+) -> (Vec<K>, Vec<(K, V)>) {
+    let mut deletes: Vec<K> = old.keys().filter(|k| !new.contains_key(k)).copied().collect();
+    let mut upserts: Vec<(K, V)> =
+        new.iter().filter(|(k, v)| old.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+    deletes.sort();
+    upserts.sort_by_key(|e| e.0);
+    (deletes, upserts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_deletes_missing_and_writes_new_or_changed() {
+        let old: HashMap<u8, u8> = [(1, 1), (2, 2), (3, 3)].into_iter().collect();
+        let new: HashMap<u8, u8> = [(2, 2), (3, 4), (5, 5)].into_iter().collect();
+        let (del, up) = diff(&old, &new);
+        assert_eq!(del, vec![1]);
+        assert_eq!(up, vec![(3, 4), (5, 5)]);
+        assert_eq!(diff(&new, &new), (vec![], vec![]));
+    }
+
+    #[test]
+    fn empty_state_builds_empty_contents() {
+        let c = Contents::build(&Compiled::default(), &[]).unwrap();
+        assert_eq!(c, Contents::default());
+        assert_eq!(c.changes_to(&c), 0);
+    }
+
+    #[test]
+    fn attachment_of_a_missing_slot_is_an_error() {
+        let e = Contents::build(&Compiled::default(), &[Attachment { slot: 3, ifindex: 7 }]).unwrap_err();
+        assert!(e.to_string().contains("slot 3"), "{e}");
+    }
+}
