@@ -743,6 +743,45 @@ async fn seed_scenario_through_the_real_parser_and_core() {
     });
 }
 
+/// `strict_file_modes` (on by default): a group-writable policy file is refused
+/// with a message naming it and the fix, and the set in force stays; with the key
+/// off the same file applies.
+#[tokio::test]
+async fn group_writable_policy_file_is_refused_unless_strict_modes_are_off() {
+    use std::os::unix::fs::PermissionsExt;
+    for strict in [true, false] {
+        let dirs = Dirs::new();
+        std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+        let mut config = dirs.config.clone();
+        config.strict_file_modes = strict;
+        let (mut d, fut) = start(config, Pipeline::default(), SharedDp::default());
+        run_daemon!(fut, async {
+            d.wait_for("ready", |s, _| s.ready).await;
+            // Made group-writable before it enters the directory, so no load sees it trusted.
+            let staged = dirs.root.join("staged.yaml");
+            std::fs::copy(seed("netpol.d/frontend-to-backend.yaml"), &staged).unwrap();
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o664)).unwrap();
+            let f = dirs.pol("frontend-to-backend.yaml");
+            std::fs::rename(&staged, &f).unwrap();
+            if strict {
+                let s = d.wait_for("the group-writable file refused", |s, _| !s.errors.is_empty()).await;
+                assert_eq!(s.policies, 0, "{s:?}");
+                assert_eq!(
+                    s.errors[0].message,
+                    format!(
+                        "{}: file is writable by group (mode 0664), so someone other than its owner could change what netpol enforces; run chmod go-w {}",
+                        f.display(),
+                        f.display()
+                    )
+                );
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+            d.wait_for("the policy applied", |s, _| s.policies == 1 && s.errors.is_empty()).await;
+            d.stop();
+        });
+    }
+}
+
 // ---------------------------------------------------------------- the binary
 
 /// The netpold binary's signal and systemd wiring, with the in-memory datapath

@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::api::load::{self, FileKind, Parsed};
+use crate::api::load::{self, FileKind, LoadOptions, Parsed};
 use crate::api::model::{PolicySet, RegistrySet};
 use crate::api::Problem;
 
@@ -68,8 +68,8 @@ impl Piece {
 }
 
 /// Each directory's files with their identity at listing time, or why it
-/// could not be listed.
-type Listing = Vec<Result<Vec<(PathBuf, Option<FileId>)>, Box<Problem>>>;
+/// could not be listed (or, with strict modes, cannot be trusted).
+type Listing = Vec<Result<Vec<(PathBuf, Option<FileId>)>, Vec<Problem>>>;
 
 /// The files a load saw, and whether its result was valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +87,8 @@ pub struct LoadCache {
     /// Parsed in the last load (for logs and tests).
     pub last_parsed: usize,
     settled: Duration,
+    /// How files are read: `strict_modes` as in the config's `strict_file_modes`.
+    opts: LoadOptions,
 }
 
 impl Default for LoadCache {
@@ -98,7 +100,14 @@ impl Default for LoadCache {
 impl LoadCache {
     /// A cache that keeps a file once its timestamps are `settled` old.
     pub fn with_margin(settled: Duration) -> LoadCache {
-        LoadCache { files: HashMap::new(), seen: [None, None], last_parsed: 0, settled }
+        LoadCache { files: HashMap::new(), seen: [None, None], last_parsed: 0, settled, opts: LoadOptions::default() }
+    }
+
+    /// Read files with `opts` (the config's `strict_file_modes`), exactly as
+    /// `api::load_policy_dir_with` / `load_endpoint_dirs_with` do.
+    pub fn with_options(mut self, opts: LoadOptions) -> LoadCache {
+        self.opts = opts;
+        self
     }
 
     /// Like [`LoadCache::policies`], but `None` when the last call returned a
@@ -129,7 +138,7 @@ impl LoadCache {
             FileKind::Policy => 0,
             FileKind::Registry => 1,
         };
-        let listing = Self::list(dirs, want);
+        let listing = self.list(dirs, want);
         // Every file listed, stat'ed, and a kept parse with that identity.
         let now: Option<Vec<(PathBuf, FileId)>> = listing
             .iter()
@@ -177,19 +186,25 @@ impl LoadCache {
 
     /// `api::load::load_dirs`, reusing the parse of unchanged files.
     fn load(&mut self, dirs: &[PathBuf], want: FileKind) -> Parsed {
-        let listing = Self::list(dirs, want);
+        let listing = self.list(dirs, want);
         self.load_listed(dirs, listing, want)
     }
 
     /// Each directory's files with their identity now (`None`: cannot stat).
-    fn list(dirs: &[PathBuf], want: FileKind) -> Listing {
+    fn list(&self, dirs: &[PathBuf], want: FileKind) -> Listing {
         let what = match want {
             FileKind::Policy => "policy directory",
             FileKind::Registry => "endpoint directory",
         };
         dirs.iter()
             .map(|dir| {
-                let files = load::list_dir(dir, what).map_err(Box::new)?;
+                let files = load::list_dir(dir, what).map_err(|p| vec![p])?;
+                if self.opts.strict_modes {
+                    let distrust = load::check_dir_trust(dir, what);
+                    if !distrust.is_empty() {
+                        return Err(distrust);
+                    }
+                }
                 Ok(files.into_iter().map(|f| {
                     let id = FileId::of(&f);
                     (f, id)
@@ -210,8 +225,8 @@ impl LoadCache {
         for files in listing {
             let files = match files {
                 Ok(f) => f,
-                Err(p) => {
-                    out.problems.push(*p);
+                Err(ps) => {
+                    out.problems.extend(ps);
                     continue;
                 }
             };
@@ -225,11 +240,11 @@ impl LoadCache {
                 }
                 let read_at = SystemTime::now();
                 let mut piece = Piece::default();
-                match load::read_file(&f) {
+                match load::read_file_with(&f, &self.opts) {
                     Ok(text) => load::parse_text(&f, &text, want, &mut piece.parsed),
-                    Err(p) => {
+                    Err(ps) => {
                         piece.parsed.files.push(f.clone());
-                        piece.parsed.problems.push(p);
+                        piece.parsed.problems.extend(ps);
                     }
                 }
                 parsed += 1;

@@ -178,7 +178,7 @@ pub async fn run_with<D: Datapath, L: Links>(
     let mut d = Reconciler {
         copts,
         last_good: LastGood::new(&config.state_dir),
-        cache: cache::LoadCache::default(),
+        cache: cache::LoadCache::default().with_options(config.load_options()),
         debouncer: Debouncer::new(Duration::from_millis(config.debounce_ms)),
         resync: Duration::from_secs(config.resync_interval_s),
         config,
