@@ -251,7 +251,10 @@ def write_docs(path, docs):
     os.rename(tmp, path)
 
 
-LOCAL_EPS = [endpoint_doc("bench-client", {"app": "bench-client"}, [CLI_IP], interface=IF_RC),
+REMOTE_NODE = {"apiVersion": "netpol/v1", "kind": "Node", "metadata": {"name": "npb-remote"},
+               "spec": {"addresses": ["10.204.250.1"]}}
+
+LOCAL_EPS = [REMOTE_NODE, endpoint_doc("bench-client", {"app": "bench-client"}, [CLI_IP], interface=IF_RC),
              endpoint_doc("bench-server", {"app": "bench-server"}, [SRV_IP], interface=IF_RS)]
 
 
@@ -1163,7 +1166,7 @@ def machine_meta(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one repetition, 2 s per measurement, 20 changes")
+    ap.add_argument("--quick", action="store_true", help="two repetitions, 2 s per measurement, 20 changes")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--secs", type=int)
     ap.add_argument("--changes", type=int)
@@ -1175,7 +1178,7 @@ def main():
     ap.add_argument("--no-page", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--netpol-unavailable", help="record netpol as unavailable with this reason")
     args = ap.parse_args()
-    args.reps = args.reps or (1 if args.quick else 3)
+    args.reps = args.reps or (2 if args.quick else 3)
     args.secs = args.secs or (2 if args.quick else 5)
     args.changes = args.changes or (20 if args.quick else 100)
     args.rules = [int(x) for x in args.rules.split(",")] if args.rules else [0, 100, 1000, 10000, 100000]
