@@ -8,4 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod identity;
+pub mod labels;
 pub mod policy;
+pub mod registry;

@@ -2,8 +2,20 @@
 //! parsing with `file:line:column` errors, and validation into [`model`] types.
 //!
 //! Does no I/O beyond reading the files it is pointed at; never touches the kernel.
+//!
+//! Layout: [`yaml`] builds a positioned document tree, [`de`] deserializes the
+//! `Raw*` types of [`raw`] from it with located errors, [`policy`] and
+//! [`registry`] validate and translate into [`model`], [`load`] reads files and
+//! directories and runs the cross-document checks.
 
+pub mod de;
+pub mod load;
 pub mod model;
+pub mod policy;
+pub mod raw;
+pub mod registry;
+pub mod validate;
+pub mod yaml;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -53,29 +65,35 @@ impl fmt::Display for Problem {
 
 use std::path::Path;
 
+use load::{FileKind, Parsed};
 use model::{Policy, PolicySet, RegistrySet};
+
+pub use load::MAX_FILE_SIZE;
 
 /// Read every policy file in `dir` (DESIGN §1 naming rules). Returns the valid set
 /// only when every file is valid; otherwise every problem found.
 pub fn load_policy_dir(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
-    let _ = dir;
-    Ok(PolicySet::default()) // replaced by the parser
+    load::load_dirs(&[dir.to_path_buf()], FileKind::Policy).into_policy_set()
 }
 
 /// Read every registry file in `dirs`. Same all-or-nothing rule as policies.
 pub fn load_endpoint_dirs(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
-    let _ = dirs;
-    Ok(RegistrySet::default()) // replaced by the parser
+    load::load_dirs(dirs, FileKind::Registry).into_registry_set()
 }
 
-/// Parse one policy file's text (`file` is only used in messages).
+/// Parse one policy file's text (`file` is only used in messages, and its
+/// extension picks JSON or YAML).
 pub fn parse_policies(file: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
-    let _ = (file, text);
-    Ok(Vec::new()) // replaced by the parser
+    let mut out = Parsed::default();
+    load::parse_text(file, text, FileKind::Policy, &mut out);
+    load::check_policies(&mut out);
+    out.into_policy_set().map(|s| s.policies)
 }
 
 /// Parse one registry file's text.
 pub fn parse_registry(file: &Path, text: &str) -> Result<RegistrySet, Vec<Problem>> {
-    let _ = (file, text);
-    Ok(RegistrySet::default()) // replaced by the parser
+    let mut out = Parsed::default();
+    load::parse_text(file, text, FileKind::Registry, &mut out);
+    load::check_registry(&mut out);
+    out.into_registry_set()
 }

@@ -26,6 +26,8 @@ enum Command {
     Endpoints(cli::daemonctl::DaemonArgs),
     /// Live verdict events from the running daemon
     Monitor(cli::daemonctl::DaemonArgs),
+    /// Registry tools (import from kubectl JSON)
+    Registry(cli::registry::RegistryArgs),
 }
 
 fn main() {
@@ -37,6 +39,7 @@ fn main() {
         Command::Status(a) => cli::daemonctl::status(a),
         Command::Endpoints(a) => cli::daemonctl::endpoints(a),
         Command::Monitor(a) => cli::daemonctl::monitor(a),
+        Command::Registry(a) => cli::registry::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

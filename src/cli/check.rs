@@ -1,8 +1,16 @@
-//! `netpolctl check`.
+//! `netpolctl check`: validate the policy directory and the endpoint registry
+//! exactly as the daemon would, and report every problem.
+//!
+//! Output goes to stdout (it is the command's result, and scripts capture it):
+//! `ok: ...` and exit 0 when everything is valid; otherwise one
+//! `file:line:column: ...` line per problem and exit 1 (a count goes to stderr). `--json` prints one
+//! object: `{"valid", "problems": [...], "policies", "rules", "endpoints", ...}`.
 
 use clap::Args;
+use serde::Serialize;
 
 use super::common::FileArgs;
+use crate::api::{self, Problem};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -10,7 +18,102 @@ pub struct CheckArgs {
     pub files: FileArgs,
 }
 
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub policies: usize,
+    pub rules: usize,
+    pub endpoints: usize,
+    pub host_endpoints: usize,
+    pub nodes: usize,
+    pub namespaces: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonProblem<'a> {
+    file: String,
+    line: Option<usize>,
+    column: Option<usize>,
+    document: Option<usize>,
+    object: Option<&'a str>,
+    field: Option<&'a str>,
+    message: &'a str,
+    /// The problem as one line, as printed without `--json`.
+    text: String,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    valid: bool,
+    problems: Vec<JsonProblem<'a>>,
+    #[serde(flatten)]
+    summary: &'a Summary,
+}
+
+/// Validate everything; returns the summary of what was valid and all problems.
+pub fn check(policy_dir: &std::path::Path, endpoint_dirs: &[std::path::PathBuf]) -> (Summary, Vec<Problem>) {
+    let mut summary = Summary::default();
+    let mut problems = Vec::new();
+    match api::load_policy_dir(policy_dir) {
+        Ok(set) => {
+            summary.policies = set.policies.len();
+            summary.rules = set.policies.iter().map(|p| p.rules.len()).sum();
+        }
+        Err(p) => problems.extend(p),
+    }
+    match api::load_endpoint_dirs(endpoint_dirs) {
+        Ok(reg) => {
+            summary.host_endpoints = reg.endpoints.iter().filter(|e| e.kind == api::model::EndpointKind::Host).count();
+            summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
+            summary.nodes = reg.nodes.len();
+            summary.namespaces = reg.namespaces.len();
+        }
+        Err(p) => problems.extend(p),
+    }
+    (summary, problems)
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
-    let _ = args;
-    anyhow::bail!("not implemented yet")
+    let cfg = args.files.resolve()?;
+    let (summary, problems) = check(&cfg.policy_dir, &cfg.endpoint_dirs);
+    let valid = problems.is_empty();
+    if args.files.json {
+        let report = JsonReport {
+            valid,
+            problems: problems
+                .iter()
+                .map(|p| JsonProblem {
+                    file: p.file.display().to_string(),
+                    line: p.line,
+                    column: p.column,
+                    document: p.document,
+                    object: p.object.as_deref(),
+                    field: p.field.as_deref(),
+                    message: &p.message,
+                    text: p.to_string(),
+                })
+                .collect(),
+            summary: &summary,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if valid {
+        println!(
+            "ok: {} ({}), {}, {}, {}, {}",
+            plural(summary.policies, "policy", "policies"),
+            plural(summary.rules, "rule", "rules"),
+            plural(summary.endpoints, "endpoint", "endpoints"),
+            plural(summary.host_endpoints, "host endpoint", "host endpoints"),
+            plural(summary.nodes, "node", "nodes"),
+            plural(summary.namespaces, "namespace", "namespaces"),
+        );
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        eprintln!("netpolctl check: {} found; nothing would be applied", plural(problems.len(), "problem", "problems"));
+    }
+    Ok(if valid { 0 } else { 1 })
 }

@@ -7,4 +7,5 @@ pub mod check;
 pub mod common;
 pub mod daemonctl;
 pub mod matrix;
+pub mod registry;
 pub mod trace;

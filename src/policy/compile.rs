@@ -1,10 +1,53 @@
-//! Rules × endpoints → per-endpoint entries (DESIGN §4, reference §2).
+//! Rules × endpoints → identities, ipcache and per-endpoint entries (DESIGN §4,
+//! reference §2). The entries are built so that the lookup contract in
+//! [`super::lookup`] returns the policy's answer for every flow: in particular deny
+//! precedence (reference §2.3) is materialised here, because a longest-prefix
+//! lookup would otherwise let a narrower allow shadow a broader deny of the same
+//! identity.
+//!
+//! Owns: which rules select which endpoint, enforcement and default deny per
+//! direction, peer expansion (selectors, CIDRs, entities, named ports), port range
+//! decomposition, deny precedence and the rule references behind entries. Pure and
+//! deterministic: no I/O, no clock, no randomness, no hash-map iteration order in
+//! the output.
+//!
+//! Performance: endpoints are grouped by the list of rules selecting them (and
+//! their named ports), and the entries of a group are computed once and stamped
+//! per endpoint; selectors are evaluated once each over the identities, through an
+//! index of `(key, value)` → identities.
+//!
+//! Decisions (documented for users in the policy reference):
+//! - Workload identities come from the label set only (`crate::identity`).
+//! - HostEndpoints of this node have identity host (1); those of other nodes (and
+//!   Node documents) remote-node (6). A Node document named like this host maps to
+//!   host (1). `nodeSelector` rules are compiled for every HostEndpoint (offline
+//!   trace judges each as enforced); the datapath attaches only local ones.
+//! - Kubernetes ipBlock (`match_endpoints`) also matches the identities of workload
+//!   endpoints with an address inside the block (and outside its excepts). Since
+//!   policy works on identities, every endpoint sharing that identity is matched.
+//! - `allow_localhost`: an allow entry host (1) → every workload's ingress, subject
+//!   to deny rules like any allow (as Cilium inserts it).
 
-use super::types::Compiled;
-use crate::api::model::{PolicySet, RegistrySet};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use ipnet::IpNet;
+
+use super::types::{
+    proto, Compiled, CompiledEndpoint, Direction, EntryVerdict, Identity, IdentityInfo, IpcacheEntry, PolicyEntry,
+    RuleRef,
+};
+use crate::api::model::{
+    EndpointKind, Entity, Family, Label, NamedPort, Op, Peer, Peers, PolicySet, PortSpec, Proto, RegistrySet, RuleItem,
+    Selector, Subject, L4,
+};
+use crate::identity;
+use crate::labels;
+use crate::registry::{self, ResolvedEndpoint};
 
 /// Inputs to compile that come from the daemon config rather than the files.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CompileOptions {
     /// This host's node name: endpoints whose `node` is another host are remote.
     pub node_name: String,
@@ -12,16 +55,758 @@ pub struct CompileOptions {
     pub audit: bool,
     /// `allow_localhost = "always"`: host → local workload is always allowed.
     pub allow_localhost: bool,
+    /// Extra addresses of this host (from netlink) that map to identity host (1).
+    pub host_addresses: Vec<IpAddr>,
 }
 
-impl Default for CompileOptions {
-    fn default() -> Self {
-        CompileOptions { node_name: String::new(), audit: false, allow_localhost: false }
+/// One port key: protocol (0 = any), port, port prefix bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PortKey {
+    proto: u8,
+    port: u16,
+    prefix: u8,
+}
+
+const ANY_KEY: PortKey = PortKey { proto: 0, port: 0, prefix: 0 };
+
+/// An entry of a group template (no endpoint slot yet). Field order = sort order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TEntry {
+    dir: Direction,
+    id: Identity,
+    key: PortKey,
+    verdict: EntryVerdict,
+    rule: u32,
+}
+
+#[derive(Debug, Default)]
+struct Template {
+    entries: Vec<TEntry>,
+    enforced_ingress: bool,
+    enforced_egress: bool,
+    default_deny_ingress: bool,
+    default_deny_egress: bool,
+}
+
+/// One item of one rule, flattened.
+struct ItemInfo<'a> {
+    item: &'a RuleItem,
+    dir: Direction,
+    verdict: EntryVerdict,
+}
+
+/// One rule, flattened, with the indexes of its items (= their rule refs).
+struct RuleInfo<'a> {
+    rule: &'a crate::api::model::Rule,
+    items: Vec<u32>,
+}
+
+/// Protocols of a `Proto` when a port is given.
+fn protos(p: Proto) -> &'static [u8] {
+    match p {
+        Proto::Tcp => &[proto::TCP],
+        Proto::Udp => &[proto::UDP],
+        Proto::Sctp => &[proto::SCTP],
+        Proto::Any => &[proto::TCP, proto::UDP, proto::SCTP],
     }
+}
+
+/// Decompose `start..=end` into aligned prefix blocks (reference §2.4).
+pub fn port_range_blocks(start: u16, end: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let end = u32::from(end.max(start));
+    let mut s = u32::from(start);
+    while s <= end {
+        let mut k = 16u32;
+        loop {
+            let size = 1u32 << k;
+            if s % size == 0 && s + size - 1 <= end {
+                break;
+            }
+            k -= 1;
+        }
+        out.push((s as u16, (16 - k) as u8));
+        s += 1 << k;
+    }
+    out
+}
+
+fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) {
+    let end = end.filter(|e| *e > p);
+    for &pr in protos(proto_) {
+        if p == 0 && end.is_none() {
+            out.push(PortKey { proto: pr, port: 0, prefix: 0 });
+            continue;
+        }
+        for (base, prefix) in port_range_blocks(p, end.unwrap_or(p)) {
+            out.push(PortKey { proto: pr, port: base, prefix });
+        }
+    }
+}
+
+/// Keys of a named port resolved against one destination's declared ports.
+fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<PortKey>) {
+    for np in declared.iter().filter(|np| np.name.eq_ignore_ascii_case(name)) {
+        let ps: &[u8] = match (want, np.proto) {
+            (Proto::Any, p) => protos(p),
+            (w, Proto::Any) => protos(w),
+            (w, p) if w == p => protos(w),
+            _ => &[],
+        };
+        for &pr in ps {
+            out.push(PortKey { proto: pr, port: np.port, prefix: 16 });
+        }
+    }
+}
+
+fn net_contains(outer: &IpNet, inner: &IpNet) -> bool {
+    match (outer, inner) {
+        (IpNet::V4(o), IpNet::V4(i)) => o.contains(i),
+        (IpNet::V6(o), IpNet::V6(i)) => o.contains(i),
+        _ => false,
+    }
+}
+
+fn host_net(a: IpAddr) -> IpNet {
+    IpNet::from(a)
+}
+
+/// Selector evaluation over every identity, with an index and a memo.
+struct SelectorIndex<'a> {
+    /// (identity, labels), sorted by identity.
+    ids: Vec<(Identity, &'a [Label])>,
+    /// (key, value) → positions in `ids`, source ignored (checked afterwards).
+    by_kv: HashMap<(&'a str, &'a str), Vec<u32>>,
+    memo: HashMap<&'a Selector, Rc<Vec<Identity>>>,
+}
+
+impl<'a> SelectorIndex<'a> {
+    fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
+        let mut by_kv: HashMap<(&'a str, &'a str), Vec<u32>> = HashMap::new();
+        for (pos, (_, ls)) in ids.iter().enumerate() {
+            for l in ls.iter() {
+                let v = by_kv.entry((l.key.as_str(), l.value.as_str())).or_default();
+                if v.last() != Some(&(pos as u32)) {
+                    v.push(pos as u32);
+                }
+            }
+        }
+        SelectorIndex { ids, by_kv, memo: HashMap::new() }
+    }
+
+    fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
+        if let Some(r) = self.memo.get(sel) {
+            return r.clone();
+        }
+        // The smallest candidate set among the `In` requirements.
+        let mut best: Option<Vec<u32>> = None;
+        for req in &sel.requirements {
+            if req.op != Op::In {
+                continue;
+            }
+            let mut cand: Vec<u32> = Vec::new();
+            for v in &req.values {
+                if let Some(p) = self.by_kv.get(&(req.key.key.as_str(), v.as_str())) {
+                    cand.extend_from_slice(p);
+                }
+            }
+            if best.as_ref().is_none_or(|b| cand.len() < b.len()) {
+                best = Some(cand);
+            }
+        }
+        let mut out: Vec<Identity> = match best {
+            Some(mut cand) => {
+                cand.sort_unstable();
+                cand.dedup();
+                cand.into_iter()
+                    .map(|p| self.ids[p as usize])
+                    .filter(|(_, ls)| labels::selector_matches(sel, ls))
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+            None => self.ids.iter().filter(|(_, ls)| labels::selector_matches(sel, ls)).map(|(id, _)| *id).collect(),
+        };
+        out.sort_unstable();
+        let rc = Rc::new(out);
+        self.memo.insert(sel, rc.clone());
+        rc
+    }
+}
+
+struct Ctx<'a> {
+    items: Vec<ItemInfo<'a>>,
+    index: SelectorIndex<'a>,
+    cidr_ids: BTreeMap<IpNet, Identity>,
+    workload_ids: Vec<Identity>,
+    /// (address, identity) of every workload endpoint, for ipBlock.
+    workload_addrs: Vec<(IpAddr, Identity)>,
+    /// Named ports declared by endpoints with each identity.
+    ports_by_id: HashMap<Identity, Vec<NamedPort>>,
+    all_ports: Vec<NamedPort>,
+    peer_memo: Vec<Option<Rc<Vec<Identity>>>>,
+}
+
+impl<'a> Ctx<'a> {
+    fn peer_ids(&mut self, idx: usize) -> Rc<Vec<Identity>> {
+        if let Some(r) = &self.peer_memo[idx] {
+            return r.clone();
+        }
+        let item = self.items[idx].item;
+        let mut ids: Vec<Identity> = Vec::new();
+        match &item.peers {
+            Peers::All => ids.push(identity::ANY),
+            Peers::List(list) => {
+                for p in list {
+                    match p {
+                        Peer::Endpoints(sel) => ids.extend(self.index.select(sel).iter().copied()),
+                        Peer::Cidr { net, except, match_endpoints } => {
+                            let net = net.trunc();
+                            if net.prefix_len() == 0 {
+                                ids.push(match net {
+                                    IpNet::V4(_) => identity::WORLD_IPV4,
+                                    IpNet::V6(_) => identity::WORLD_IPV6,
+                                });
+                            }
+                            for (p, id) in &self.cidr_ids {
+                                if net_contains(&net, p) && !except.iter().any(|e| net_contains(e, p)) {
+                                    ids.push(*id);
+                                }
+                            }
+                            if *match_endpoints {
+                                for (a, id) in &self.workload_addrs {
+                                    if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
+                                        ids.push(*id);
+                                    }
+                                }
+                            }
+                        }
+                        Peer::Entity(e) => match identity::entity_reserved(*e) {
+                            None => ids.push(identity::ANY),
+                            Some(r) => {
+                                ids.extend(r);
+                                match e {
+                                    Entity::World => ids.extend(self.cidr_ids.values().copied()),
+                                    Entity::WorldIpv4 => ids.extend(
+                                        self.cidr_ids.iter().filter(|(n, _)| matches!(n, IpNet::V4(_))).map(|(_, i)| *i),
+                                    ),
+                                    Entity::WorldIpv6 => ids.extend(
+                                        self.cidr_ids.iter().filter(|(n, _)| matches!(n, IpNet::V6(_))).map(|(_, i)| *i),
+                                    ),
+                                    Entity::Cluster => ids.extend(self.workload_ids.iter().copied()),
+                                    _ => {}
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.first() == Some(&identity::ANY) {
+            ids.truncate(1);
+        }
+        let rc = Rc::new(ids);
+        self.peer_memo[idx] = Some(rc.clone());
+        rc
+    }
+
+    /// Raw entries of one item for a subject with the given declared ports.
+    fn expand(&mut self, idx: usize, subject_ports: &[NamedPort], out: &mut Vec<TEntry>) {
+        let ids = self.peer_ids(idx);
+        if ids.is_empty() {
+            return;
+        }
+        let info = &self.items[idx];
+        let (dir, verdict, rule) = (info.dir, info.verdict, idx as u32);
+        let mut keys: Vec<PortKey> = Vec::new();
+        let push = |id: Identity, keys: &[PortKey], out: &mut Vec<TEntry>| {
+            for k in keys {
+                out.push(TEntry { dir, id, key: *k, verdict, rule });
+            }
+        };
+        match &info.item.l4 {
+            L4::Any => keys.push(ANY_KEY),
+            L4::Icmps(list) => {
+                for t in list {
+                    let p = match t.family {
+                        Family::V4 => proto::ICMP,
+                        Family::V6 => proto::ICMPV6,
+                    };
+                    keys.push(PortKey { proto: p, port: u16::from(t.ty), prefix: 16 });
+                }
+            }
+            L4::Ports(list) => {
+                for pp in list {
+                    match &pp.port {
+                        PortSpec::Number(n) => number_keys(*n, pp.end_port, pp.proto, &mut keys),
+                        PortSpec::Named(name) => match dir {
+                            // Ingress: the destination is the subject itself.
+                            Direction::Ingress => named_keys(name, pp.proto, subject_ports, &mut keys),
+                            // Egress: the destination is each peer; per-identity keys.
+                            Direction::Egress => {
+                                for &id in ids.iter() {
+                                    let mut k = Vec::new();
+                                    let declared: &[NamedPort] = if id == identity::ANY {
+                                        &self.all_ports
+                                    } else {
+                                        self.ports_by_id.get(&id).map(Vec::as_slice).unwrap_or(&[])
+                                    };
+                                    named_keys(name, pp.proto, declared, &mut k);
+                                    push(id, &k, out);
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        for &id in ids.iter() {
+            push(id, &keys, out);
+        }
+    }
+}
+
+/// Deduplicate keys (deny wins, then the lowest rule) and drop allows that a deny of
+/// the same identity covers (they would shadow it under longest-prefix match).
+fn finish_entries(raw: &mut Vec<TEntry>) {
+    raw.sort_unstable_by(|a, b| {
+        (a.dir, a.id, a.key, std::cmp::Reverse(a.verdict), a.rule).cmp(&(b.dir, b.id, b.key, std::cmp::Reverse(b.verdict), b.rule))
+    });
+    raw.dedup_by(|b, a| a.dir == b.dir && a.id == b.id && a.key == b.key);
+    // Per (dir, id) group: remove allows covered by a deny of the same group.
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let mut j = i;
+        while j < raw.len() && raw[j].dir == raw[i].dir && raw[j].id == raw[i].id {
+            j += 1;
+        }
+        let group = &raw[i..j];
+        let denies: Vec<PortKey> = group.iter().filter(|e| e.verdict == EntryVerdict::Deny).map(|e| e.key).collect();
+        for e in group {
+            if e.verdict == EntryVerdict::Allow && denies.iter().any(|d| key_covers(d, &e.key)) {
+                continue;
+            }
+            out.push(*e);
+        }
+        i = j;
+    }
+    *raw = out;
+}
+
+/// Does key `outer` cover every packet key `inner` covers?
+fn key_covers(outer: &PortKey, inner: &PortKey) -> bool {
+    if outer.proto == 0 {
+        return true;
+    }
+    if outer.proto != inner.proto || outer.prefix > inner.prefix {
+        return false;
+    }
+    super::lookup::prefix_covers(outer.port, outer.prefix, inner.port)
 }
 
 /// Compile the whole state. Pure and deterministic.
 pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Compiled {
-    let _ = (policies, registry, opts);
-    Compiled::default() // replaced by the policy core
+    let resolved: Vec<ResolvedEndpoint<'_>> = registry::resolve(registry, &opts.node_name);
+
+    // --- rules and items, in policy order: an item's index is its rule ref.
+    let mut rule_refs: Vec<RuleRef> = Vec::new();
+    let mut items: Vec<ItemInfo<'_>> = Vec::new();
+    let mut rules: Vec<RuleInfo<'_>> = Vec::new();
+    let mut cidr_prefixes: Vec<IpNet> = Vec::new();
+    for pol in &policies.policies {
+        let pname = match &pol.origin.namespace {
+            Some(ns) => format!("{ns}/{}", pol.origin.name),
+            None => pol.origin.name.clone(),
+        };
+        for rule in &pol.rules {
+            let mut idxs = Vec::new();
+            let dirs: [(&Vec<RuleItem>, Direction, EntryVerdict); 4] = [
+                (&rule.ingress, Direction::Ingress, EntryVerdict::Allow),
+                (&rule.ingress_deny, Direction::Ingress, EntryVerdict::Deny),
+                (&rule.egress, Direction::Egress, EntryVerdict::Allow),
+                (&rule.egress_deny, Direction::Egress, EntryVerdict::Deny),
+            ];
+            for (list, dir, verdict) in dirs {
+                for item in list {
+                    if let Peers::List(ps) = &item.peers {
+                        for p in ps {
+                            if let Peer::Cidr { net, except, .. } = p {
+                                if net.prefix_len() > 0 {
+                                    cidr_prefixes.push(net.trunc());
+                                }
+                                cidr_prefixes.extend(except.iter().filter(|e| e.prefix_len() > 0).map(|e| e.trunc()));
+                            }
+                        }
+                    }
+                    idxs.push(items.len() as u32);
+                    items.push(ItemInfo { item, dir, verdict });
+                    rule_refs.push(RuleRef {
+                        file: pol.origin.file.clone(),
+                        kind: pol.origin.kind.clone(),
+                        policy: pname.clone(),
+                        path: item.path.clone(),
+                    });
+                }
+            }
+            rules.push(RuleInfo { rule, items: idxs });
+        }
+    }
+    let localhost_rule = if opts.allow_localhost {
+        rule_refs.push(RuleRef {
+            file: Default::default(),
+            kind: "config".into(),
+            policy: "allow_localhost".into(),
+            path: "allow_localhost".into(),
+        });
+        Some((rule_refs.len() - 1) as u32)
+    } else {
+        None
+    };
+
+    // --- identities.
+    let wl_map = identity::allocate_workloads(
+        resolved.iter().filter(|r| r.def.kind == EndpointKind::Workload).map(|r| r.labels.as_slice()),
+    );
+    let ep_ids: Vec<Identity> = resolved
+        .iter()
+        .map(|r| match r.def.kind {
+            EndpointKind::Workload => wl_map[&labels::canonical(&r.labels)],
+            EndpointKind::Host if r.this_node => identity::HOST,
+            EndpointKind::Host => identity::REMOTE_NODE,
+        })
+        .collect();
+    let cidr_ids = identity::allocate_cidrs(cidr_prefixes);
+
+    let reserved_labels: Vec<(Identity, Vec<Label>)> =
+        identity::RESERVED.iter().map(|(id, n)| (*id, labels::reserved_labels(n))).collect();
+    let mut wl_labels: BTreeMap<Identity, &[Label]> = BTreeMap::new();
+    for (r, id) in resolved.iter().zip(&ep_ids) {
+        if r.def.kind == EndpointKind::Workload {
+            wl_labels.entry(*id).or_insert(r.labels.as_slice());
+        }
+    }
+    let cidr_labels: Vec<(Identity, Vec<Label>)> = cidr_ids.iter().map(|(n, id)| (*id, identity::cidr_labels(n))).collect();
+
+    let mut identities: Vec<IdentityInfo> = Vec::new();
+    let mut sel_ids: Vec<(Identity, &[Label])> = Vec::new();
+    for (id, ls) in &reserved_labels {
+        sel_ids.push((*id, ls.as_slice()));
+    }
+    for (id, ls) in &wl_labels {
+        sel_ids.push((*id, ls));
+    }
+    for (id, ls) in &cidr_labels {
+        sel_ids.push((*id, ls.as_slice()));
+    }
+    sel_ids.sort_by_key(|(id, _)| *id);
+    for (id, ls) in &sel_ids {
+        identities.push(IdentityInfo { id: *id, labels: ls.to_vec() });
+    }
+
+    // --- ipcache: priority endpoint > host address > node > CIDR > /0.
+    let mut ipc: BTreeMap<IpNet, (u8, Identity, Option<u32>)> = BTreeMap::new();
+    let mut put = |net: IpNet, prio: u8, id: Identity, slot: Option<u32>| {
+        let e = ipc.entry(net).or_insert((prio, id, slot));
+        if prio > e.0 {
+            *e = (prio, id, slot);
+        }
+    };
+    put("0.0.0.0/0".parse().expect("static prefix"), 0, identity::WORLD_IPV4, None);
+    put("::/0".parse().expect("static prefix"), 0, identity::WORLD_IPV6, None);
+    for (n, id) in &cidr_ids {
+        put(*n, 1, *id, None);
+    }
+    for node in &registry.nodes {
+        let id = if !opts.node_name.is_empty() && node.name == opts.node_name { identity::HOST } else { identity::REMOTE_NODE };
+        for a in &node.addresses {
+            put(host_net(*a), 2, id, None);
+        }
+    }
+    for a in &opts.host_addresses {
+        put(host_net(*a), 3, identity::HOST, None);
+    }
+    for (slot, (r, id)) in resolved.iter().zip(&ep_ids).enumerate() {
+        for a in &r.def.addresses {
+            put(host_net(*a), 4, *id, Some(slot as u32));
+        }
+    }
+    let ipcache: Vec<IpcacheEntry> =
+        ipc.into_iter().map(|(net, (_, identity, endpoint))| IpcacheEntry { net, identity, endpoint }).collect();
+
+    // --- peer lookup structures.
+    let mut ports_by_id: HashMap<Identity, Vec<NamedPort>> = HashMap::new();
+    let mut all_ports: Vec<NamedPort> = Vec::new();
+    let mut workload_addrs = Vec::new();
+    for (r, id) in resolved.iter().zip(&ep_ids) {
+        if !r.def.ports.is_empty() {
+            ports_by_id.entry(*id).or_default().extend(r.def.ports.iter().cloned());
+            all_ports.extend(r.def.ports.iter().cloned());
+        }
+        if r.def.kind == EndpointKind::Workload {
+            workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
+        }
+    }
+    let n_items = items.len();
+    let mut ctx = Ctx {
+        items,
+        index: SelectorIndex::new(sel_ids.clone()),
+        cidr_ids,
+        workload_ids: wl_labels.keys().copied().collect(),
+        workload_addrs,
+        ports_by_id,
+        all_ports,
+        peer_memo: vec![None; n_items],
+    };
+
+    // --- which rules select which endpoint.
+    let mut rules_by_wl_id: HashMap<Identity, Vec<u32>> = HashMap::new();
+    let mut rules_by_slot: Vec<Vec<u32>> = vec![Vec::new(); resolved.len()];
+    for (ri, info) in rules.iter().enumerate() {
+        match &info.rule.subject {
+            Subject::Endpoints(sel) => {
+                for id in ctx.index.select(sel).iter() {
+                    if (identity::WORKLOAD_MIN..identity::WORKLOAD_END).contains(id) {
+                        rules_by_wl_id.entry(*id).or_default().push(ri as u32);
+                    }
+                }
+            }
+            Subject::Nodes(sel) => {
+                for (slot, r) in resolved.iter().enumerate() {
+                    if r.def.kind == EndpointKind::Host && labels::selector_matches(sel, &r.labels) {
+                        rules_by_slot[slot].push(ri as u32);
+                    }
+                }
+            }
+        }
+    }
+
+    // --- templates, one per (rules, declared ports, kind).
+    type TKey = (Vec<u32>, Vec<NamedPort>, bool);
+    let mut templates: HashMap<TKey, Rc<Template>> = HashMap::new();
+    let mut endpoints: Vec<CompiledEndpoint> = Vec::with_capacity(resolved.len());
+    let mut entries: Vec<PolicyEntry> = Vec::new();
+    for (slot, (r, id)) in resolved.iter().zip(&ep_ids).enumerate() {
+        let is_wl = r.def.kind == EndpointKind::Workload;
+        let rule_list = if is_wl { rules_by_wl_id.get(id).cloned().unwrap_or_default() } else { rules_by_slot[slot].clone() };
+        let key: TKey = (rule_list, r.def.ports.clone(), is_wl);
+        let t = match templates.get(&key) {
+            Some(t) => t.clone(),
+            None => {
+                let t = Rc::new(build_template(&mut ctx, &rules, &key.0, &r.def.ports, is_wl, localhost_rule));
+                templates.insert(key, t.clone());
+                t
+            }
+        };
+        let slot = slot as u32;
+        entries.extend(t.entries.iter().map(|e| PolicyEntry {
+            endpoint: slot,
+            direction: e.dir,
+            identity: e.id,
+            proto: e.key.proto,
+            port: e.key.port,
+            port_prefix: e.key.prefix,
+            verdict: e.verdict,
+            rule: e.rule,
+        }));
+        endpoints.push(CompiledEndpoint {
+            slot,
+            name: r.def.name.clone(),
+            namespace: r.def.namespace.clone(),
+            kind: r.def.kind,
+            identity: *id,
+            local: r.local,
+            interface: r.def.interface.clone(),
+            addresses: r.def.addresses.clone(),
+            default_deny_ingress: t.default_deny_ingress,
+            default_deny_egress: t.default_deny_egress,
+            enforced_ingress: t.enforced_ingress,
+            enforced_egress: t.enforced_egress,
+            audit: opts.audit || r.def.audit,
+        });
+    }
+    debug_assert!(entries.windows(2).all(|w| w[0] < w[1]));
+
+    Compiled { identities, ipcache, endpoints, entries, rules: rule_refs }
+}
+
+fn build_template(
+    ctx: &mut Ctx<'_>,
+    rules: &[RuleInfo<'_>],
+    rule_list: &[u32],
+    ports: &[NamedPort],
+    is_workload: bool,
+    localhost_rule: Option<u32>,
+) -> Template {
+    let mut t = Template::default();
+    let mut raw = Vec::new();
+    for &ri in rule_list {
+        let info = &rules[ri as usize];
+        let r = info.rule;
+        let has_in = !r.ingress.is_empty() || !r.ingress_deny.is_empty() || r.isolate_ingress;
+        let has_eg = !r.egress.is_empty() || !r.egress_deny.is_empty() || r.isolate_egress;
+        if has_in {
+            t.enforced_ingress = true;
+            t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
+        }
+        if has_eg {
+            t.enforced_egress = true;
+            t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
+        }
+        for &idx in &info.items {
+            ctx.expand(idx as usize, ports, &mut raw);
+        }
+    }
+    if let (true, Some(rule)) = (is_workload, localhost_rule) {
+        raw.push(TEntry { dir: Direction::Ingress, id: identity::HOST, key: ANY_KEY, verdict: EntryVerdict::Allow, rule });
+    }
+    finish_entries(&mut raw);
+    t.entries = raw;
+    t
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::ANY => "any".into(),
+        proto::ICMP => "icmp".into(),
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMPV6 => "icmpv6".into(),
+        proto::SCTP => "sctp".into(),
+        n => format!("proto{n}"),
+    }
+}
+
+/// `tcp/80`, `tcp/80-95` (a port block), `tcp` (every port), `any`.
+pub fn format_key(p: u8, port: u16, prefix: u8) -> String {
+    if p == proto::ANY {
+        return "any".into();
+    }
+    if prefix == 0 {
+        return proto_name(p);
+    }
+    if prefix >= 16 {
+        return format!("{}/{port}", proto_name(p));
+    }
+    let last = u32::from(port) + (1u32 << (16 - u32::from(prefix))) - 1;
+    format!("{}/{port}-{last}", proto_name(p))
+}
+
+impl Compiled {
+    /// Drop the entries of endpoints that are not enforced on this host. `compile`
+    /// keeps every endpoint's entries (offline `trace` judges every endpoint as
+    /// enforced); the datapath only needs the local ones. Slots do not change.
+    pub fn retain_local_entries(&mut self) {
+        let local: Vec<bool> = self.endpoints.iter().map(|e| e.local).collect();
+        self.entries.retain(|e| local.get(e.endpoint as usize).copied().unwrap_or(false));
+    }
+
+    /// A stable, line-oriented text dump of the whole state, for golden tests and
+    /// debugging.
+    pub fn dump(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        for i in &self.identities {
+            let ls: Vec<String> = i.labels.iter().map(labels::format_label).collect();
+            let _ = writeln!(s, "identity {} {}", i.id, ls.join(","));
+        }
+        for e in &self.ipcache {
+            match e.endpoint {
+                Some(slot) => {
+                    let _ = writeln!(s, "ipcache {} -> {} (endpoint {slot})", e.net, e.identity);
+                }
+                None => {
+                    let _ = writeln!(s, "ipcache {} -> {}", e.net, e.identity);
+                }
+            }
+        }
+        for ep in &self.endpoints {
+            let name = match &ep.namespace {
+                Some(ns) if ep.kind == EndpointKind::Workload => format!("{ns}/{}", ep.name),
+                _ => ep.name.clone(),
+            };
+            let dir = |enf: bool, dd: bool| match (enf, dd) {
+                (false, _) => "open",
+                (true, false) => "enforced",
+                (true, true) => "default-deny",
+            };
+            let _ = writeln!(
+                s,
+                "endpoint {} {} {} identity={} {} ingress={} egress={}{}",
+                ep.slot,
+                if ep.kind == EndpointKind::Host { "host" } else { "workload" },
+                name,
+                ep.identity,
+                if ep.local { "local" } else { "remote" },
+                dir(ep.enforced_ingress, ep.default_deny_ingress),
+                dir(ep.enforced_egress, ep.default_deny_egress),
+                if ep.audit { " audit" } else { "" },
+            );
+        }
+        for e in &self.entries {
+            let _ = writeln!(
+                s,
+                "entry {} {} id={} {} {} rule={}",
+                e.endpoint,
+                if e.direction == Direction::Ingress { "ingress" } else { "egress" },
+                e.identity,
+                format_key(e.proto, e.port, e.port_prefix),
+                if e.verdict == EntryVerdict::Allow { "allow" } else { "deny" },
+                e.rule
+            );
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let _ = writeln!(s, "rule {i} {} {} {} {}", r.kind, r.policy, r.file.display(), r.path);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_80_444_is_nine_blocks() {
+        let b = port_range_blocks(80, 444);
+        assert_eq!(
+            b,
+            vec![(80, 12), (96, 11), (128, 9), (256, 9), (384, 11), (416, 12), (432, 13), (440, 14), (444, 16)]
+        );
+        assert_eq!(port_range_blocks(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
+        assert_eq!(port_range_blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn port_range_blocks_cover_exactly(a in 0u16..=u16::MAX, b in 0u16..=u16::MAX) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let blocks = port_range_blocks(lo, hi);
+            let mut covered: u64 = 0;
+            for (base, prefix) in &blocks {
+                let size = 1u64 << (16 - u32::from(*prefix));
+                proptest::prop_assert_eq!(u64::from(*base) % size, 0, "aligned");
+                proptest::prop_assert!(u64::from(*base) >= u64::from(lo) && u64::from(*base) + size - 1 <= u64::from(hi));
+                covered += size;
+            }
+            proptest::prop_assert_eq!(covered, u64::from(hi) - u64::from(lo) + 1);
+            proptest::prop_assert!(blocks.len() <= 32);
+            proptest::prop_assert!(blocks.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+    }
+
+    #[test]
+    fn covers() {
+        let any = ANY_KEY;
+        let tcp = PortKey { proto: 6, port: 0, prefix: 0 };
+        let p80 = PortKey { proto: 6, port: 80, prefix: 16 };
+        let r80 = PortKey { proto: 6, port: 80, prefix: 12 };
+        assert!(key_covers(&any, &p80));
+        assert!(key_covers(&tcp, &p80));
+        assert!(key_covers(&r80, &p80));
+        assert!(!key_covers(&p80, &r80));
+        assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
+    }
 }

@@ -1,0 +1,691 @@
+//! Files and directories → documents → model, with every problem located.
+//!
+//! Directory rules (DESIGN §1): `*.yaml`, `*.yml`, `*.json`; dotfiles and editor
+//! leftovers (`*~`, `*.swp`, `*.tmp`, `#*#`) ignored; files read in sorted order;
+//! only regular files (a symlink is followed when its target is one), at most
+//! [`MAX_FILE_SIZE`] bytes, valid UTF-8 (a BOM is dropped). Everything is checked
+//! before anything is returned: one problem anywhere means no result.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::net::IpAddr;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::de::{from_node, suggest, DeError};
+use super::model::{
+    EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind, PolicySet, RegistrySet,
+};
+use super::policy::{self, Ctx};
+use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, RawNode};
+use super::registry;
+use super::validate as v;
+use super::yaml::{self, Doc, Node, Pos};
+use super::Problem;
+
+/// Largest file read, in bytes.
+pub const MAX_FILE_SIZE: u64 = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Policy,
+    Registry,
+}
+
+const POLICY_KINDS: &[(&str, &str)] = &[
+    ("CiliumNetworkPolicy", "cilium.io/v2"),
+    ("CiliumClusterwideNetworkPolicy", "cilium.io/v2"),
+    ("NetworkPolicy", "networking.k8s.io/v1"),
+];
+const REGISTRY_KINDS: &[(&str, &str)] =
+    &[("Endpoint", "netpol/v1"), ("HostEndpoint", "netpol/v1"), ("Node", "netpol/v1"), ("Namespace", "netpol/v1")];
+
+/// Where an object was defined, for cross-document messages.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub file: PathBuf,
+    pub doc: usize,
+    pub object: String,
+    pub name_pos: Pos,
+    /// Positions of `spec.addresses[i]`.
+    pub addr_pos: Vec<Pos>,
+    pub iface_pos: Pos,
+}
+
+impl Site {
+    fn at(&self, pos: Pos) -> String {
+        match pos.known() {
+            Some((l, c)) => format!("{}:{l}:{c}", self.file.display()),
+            None => format!("{} (document {})", self.file.display(), self.doc),
+        }
+    }
+    fn problem(&self, pos: Pos, field: &str, message: String) -> Problem {
+        let k = pos.known();
+        Problem {
+            file: self.file.clone(),
+            line: k.map(|x| x.0),
+            column: k.map(|x| x.1),
+            document: Some(self.doc),
+            object: Some(self.object.clone()),
+            field: Some(field.to_string()),
+            message,
+        }
+    }
+}
+
+/// Everything parsed so far, with sites, before cross-document checks.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub policies: Vec<(Policy, Site)>,
+    pub endpoints: Vec<(EndpointDef, Site)>,
+    pub nodes: Vec<(NodeDef, Site)>,
+    pub namespaces: Vec<(NamespaceDef, Site)>,
+    pub problems: Vec<Problem>,
+    /// Files in the order they were read; problems are reported in this order.
+    pub files: Vec<PathBuf>,
+}
+
+fn is_json(file: &Path) -> bool {
+    file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+fn problem(file: &Path, pos: Option<Pos>, document: Option<usize>, object: Option<&str>, field: Option<&str>, msg: String) -> Problem {
+    let k = pos.and_then(Pos::known);
+    Problem {
+        file: file.to_path_buf(),
+        line: k.map(|x| x.0),
+        column: k.map(|x| x.1),
+        document,
+        object: object.map(str::to_string),
+        field: field.filter(|f| !f.is_empty()).map(str::to_string),
+        message: msg,
+    }
+}
+
+fn namespaced(kind: &str) -> bool {
+    matches!(kind, "CiliumNetworkPolicy" | "NetworkPolicy" | "Endpoint")
+}
+
+/// `Kind namespace/name` or `Kind name`, from the tree (best effort, before validation).
+fn object_label(root: &Node) -> Option<String> {
+    let kind = root.get("kind")?.as_str()?.to_string();
+    let meta = root.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(Node::as_str);
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(Node::as_str).unwrap_or("default");
+    Some(match name {
+        Some(n) if namespaced(&kind) => format!("{kind} {ns}/{n}"),
+        Some(n) => format!("{kind} {n}"),
+        None => kind,
+    })
+}
+
+/// Parse one file's text into `out`.
+pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
+    out.files.push(file.to_path_buf());
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let (docs, tree_problems) = if is_json(file) { yaml::parse_json(text) } else { yaml::parse_yaml(text) };
+    for tp in tree_problems {
+        let object = tp.document.and_then(|n| docs.iter().find(|d| d.number == n)).and_then(|d| object_label(&d.root));
+        out.problems.push(problem(file, Some(tp.pos), tp.document, object.as_deref(), None, tp.message));
+    }
+    for doc in &docs {
+        parse_doc(file, doc, want, out);
+    }
+}
+
+fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
+    let root = &doc.root;
+    let n = doc.number;
+    let object = object_label(root);
+    let obj = object.as_deref();
+    let push = |out: &mut Parsed, pos: Pos, field: &str, msg: String| {
+        out.problems.push(problem(file, Some(pos), Some(n), obj, Some(field), msg));
+    };
+    let (expected, other, dir_name) = match want {
+        FileKind::Policy => (POLICY_KINDS, REGISTRY_KINDS, "an endpoint registry directory (/etc/netpol/endpoints.d)"),
+        FileKind::Registry => (REGISTRY_KINDS, POLICY_KINDS, "the policy directory (/etc/netpol.d)"),
+    };
+    let kinds_list = expected.iter().map(|(k, _)| *k).collect::<Vec<_>>();
+    let what = match want {
+        FileKind::Policy => "a policy file holds",
+        FileKind::Registry => "a registry file holds",
+    };
+    if !matches!(root.value, yaml::Value::Map(_)) {
+        push(
+            out,
+            root.pos,
+            "",
+            format!("a document must be a mapping with apiVersion, kind and metadata, found {}", super::de::describe(root)),
+        );
+        return;
+    }
+    let kind = match root.get("kind").map(|k| (k, k.as_str())) {
+        None | Some((_, None)) => {
+            push(out, root.pos_of("kind"), "kind", format!("kind is required; {what} {}", kinds_list.join(", ")));
+            return;
+        }
+        Some((_, Some(k))) => k,
+    };
+    let api_version = root.get("apiVersion").and_then(Node::as_str);
+    let Some((_, want_api)) = expected.iter().find(|(k, _)| *k == kind) else {
+        if let Some((k, _)) = other.iter().find(|(k, _)| *k == kind) {
+            push(out, root.pos_of("kind"), "kind", format!("{k} does not belong here; put it in {dir_name}"));
+        } else {
+            let hint = match suggest(kind, &kinds_list) {
+                Some(s) => format!(" (did you mean {s:?}?)"),
+                None => String::new(),
+            };
+            push(out, root.pos_of("kind"), "kind", format!("unknown kind {kind:?}{hint}; {what} {}", kinds_list.join(", ")));
+        }
+        return;
+    };
+    match api_version {
+        Some(a) if a == *want_api => {}
+        Some(a) => {
+            push(out, root.pos_of("apiVersion"), "apiVersion", format!("apiVersion {a:?} is not supported for {kind}; use {want_api}"));
+            return;
+        }
+        None => {
+            push(out, root.pos_of("apiVersion"), "apiVersion", format!("apiVersion is required; use {want_api}"));
+            return;
+        }
+    }
+
+    let de_problem = |out: &mut Parsed, e: DeError| {
+        let pos = e.pos.unwrap_or(root.pos);
+        let field = e.path.unwrap_or_default();
+        out.problems.push(problem(file, Some(pos), Some(n), obj, Some(&field), e.message));
+    };
+    let mut ctx = Ctx::default();
+    let origin_of = |ns: Option<&str>, name: &str| Origin {
+        file: file.to_path_buf(),
+        doc: n - 1,
+        kind: kind.to_string(),
+        namespace: ns.map(str::to_string),
+        name: name.to_string(),
+    };
+    let site = |root: &Node| Site {
+        file: file.to_path_buf(),
+        doc: n,
+        object: object.clone().unwrap_or_else(|| kind.to_string()),
+        name_pos: root.pos_of("metadata.name"),
+        addr_pos: match root.get("spec").and_then(|s| s.get("addresses")).map(|a| &a.value) {
+            Some(yaml::Value::Seq(items)) => items.iter().map(|i| i.pos).collect(),
+            _ => Vec::new(),
+        },
+        iface_pos: root.pos_of("spec.interface"),
+    };
+
+    match kind {
+        "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
+            let raw: RawCnp = match from_node(root, "") {
+                Ok(r) => r,
+                Err(e) => return de_problem(out, e),
+            };
+            let clusterwide = kind == "CiliumClusterwideNetworkPolicy";
+            let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), if clusterwide { Scope::Cluster } else { Scope::Namespaced });
+            if raw.spec.is_none() && raw.specs.is_none() {
+                ctx.err("spec", format!("a {kind} needs spec (one rule) or specs (a list of rules)"));
+            }
+            let mut rules = Vec::new();
+            if let Some(spec) = &raw.spec {
+                rules.extend(policy::cilium_rule(&mut ctx, "spec", spec, ns.as_deref()));
+            }
+            for (i, spec) in raw.specs.iter().flatten().enumerate() {
+                rules.extend(policy::cilium_rule(&mut ctx, &yaml::join_index("specs", i), spec, ns.as_deref()));
+            }
+            if ctx.errors.is_empty() {
+                let policy = Policy {
+                    origin: origin_of(ns.as_deref(), &name),
+                    kind: if clusterwide { PolicyKind::CiliumClusterwideNetworkPolicy } else { PolicyKind::CiliumNetworkPolicy },
+                    rules,
+                };
+                out.policies.push((policy, site(root)));
+            }
+        }
+        "NetworkPolicy" => {
+            let raw: RawNetworkPolicy = match from_node(root, "") {
+                Ok(r) => r,
+                Err(e) => return de_problem(out, e),
+            };
+            let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), Scope::Namespaced);
+            let ns = ns.unwrap_or_else(|| "default".into());
+            let rule = match &raw.spec {
+                Some(spec) => policy::network_policy_rule(&mut ctx, spec, &ns),
+                None => {
+                    ctx.err("spec", "spec is required (spec: {podSelector: {}} selects every pod of the namespace)");
+                    None
+                }
+            };
+            if ctx.errors.is_empty() {
+                let policy = Policy {
+                    origin: origin_of(Some(&ns), &name),
+                    kind: PolicyKind::NetworkPolicy,
+                    rules: rule.into_iter().collect(),
+                };
+                out.policies.push((policy, site(root)));
+            }
+        }
+        "Endpoint" | "HostEndpoint" => {
+            let raw: RawEndpoint = match from_node(root, "") {
+                Ok(r) => r,
+                Err(e) => return de_problem(out, e),
+            };
+            let host = kind == "HostEndpoint";
+            let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), if host { Scope::None } else { Scope::Namespaced });
+            let labels = registry::labels(&mut ctx, "metadata.labels", raw.metadata.as_ref().and_then(|m| m.labels.as_ref()), true);
+            let spec = match &raw.spec {
+                Some(s) => Some(registry::endpoint_spec(&mut ctx, s, host)),
+                None => {
+                    ctx.err(
+                        "spec",
+                        if host { "spec is required (with interface and addresses)" } else { "spec is required (with addresses, and interface for a local endpoint)" },
+                    );
+                    None
+                }
+            };
+            if let (true, Some(spec)) = (ctx.errors.is_empty(), spec) {
+                let def = EndpointDef {
+                    origin: origin_of(ns.as_deref(), &name),
+                    kind: if host { EndpointKind::Host } else { EndpointKind::Workload },
+                    name: name.clone(),
+                    namespace: ns,
+                    labels,
+                    node: spec.node,
+                    interface: spec.interface,
+                    addresses: spec.addresses,
+                    ports: spec.ports,
+                    audit: spec.audit,
+                };
+                out.endpoints.push((def, site(root)));
+            }
+        }
+        "Node" => {
+            let raw: RawNode = match from_node(root, "") {
+                Ok(r) => r,
+                Err(e) => return de_problem(out, e),
+            };
+            let (name, _) = meta(&mut ctx, raw.metadata.as_ref(), Scope::None);
+            let labels = registry::labels(&mut ctx, "metadata.labels", raw.metadata.as_ref().and_then(|m| m.labels.as_ref()), true);
+            let addresses = match &raw.spec {
+                Some(s) => registry::addresses(&mut ctx, "spec.addresses", s.addresses.as_ref(), "a Node needs at least one address"),
+                None => {
+                    ctx.err("spec", "spec with addresses is required");
+                    Vec::new()
+                }
+            };
+            if ctx.errors.is_empty() {
+                let def = NodeDef { origin: origin_of(None, &name), name: name.clone(), labels, addresses };
+                out.nodes.push((def, site(root)));
+            }
+        }
+        "Namespace" => {
+            let raw: RawNamespace = match from_node(root, "") {
+                Ok(r) => r,
+                Err(e) => return de_problem(out, e),
+            };
+            let (name, _) = meta(&mut ctx, raw.metadata.as_ref(), Scope::None);
+            if !name.is_empty() && !v::dns_label(&name) {
+                ctx.err(
+                    "metadata.name",
+                    format!("{name:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63 characters)"),
+                );
+            }
+            let labels = registry::labels(&mut ctx, "metadata.labels", raw.metadata.as_ref().and_then(|m| m.labels.as_ref()), false);
+            if ctx.errors.is_empty() {
+                let def = NamespaceDef { origin: origin_of(None, &name), name: name.clone(), labels };
+                out.namespaces.push((def, site(root)));
+            }
+        }
+        _ => unreachable!("kind checked above"),
+    }
+    for (path, msg) in ctx.errors {
+        let pos = root.pos_of(&path);
+        out.problems.push(problem(file, Some(pos), Some(n), obj, Some(&path), msg));
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// CNP, NetworkPolicy, Endpoint: namespace defaults to `default`.
+    Namespaced,
+    /// CCNP: a namespace would make Cilium read it as a CNP; refused.
+    Cluster,
+    /// HostEndpoint, Node, Namespace: no namespace.
+    None,
+}
+
+/// Validate metadata; returns (name, namespace). Errors go to `ctx`.
+fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<String>) {
+    let Some(m) = m else {
+        ctx.err("metadata", "metadata with a name is required");
+        return (String::new(), (scope == Scope::Namespaced).then(|| "default".into()));
+    };
+    let name = match m.name.as_deref() {
+        None | Some("") => {
+            ctx.err("metadata.name", "metadata.name is required");
+            String::new()
+        }
+        Some(n) => {
+            if let Err(e) = registry::object_name(n) {
+                ctx.err("metadata.name", e);
+            }
+            n.to_string()
+        }
+    };
+    let ns = match (scope, m.namespace.as_deref()) {
+        (Scope::Namespaced, None | Some("")) => Some("default".to_string()),
+        (Scope::Namespaced, Some(ns)) => {
+            if !v::dns_label(ns) {
+                ctx.err(
+                    "metadata.namespace",
+                    format!("{ns:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63 characters)"),
+                );
+            }
+            Some(ns.to_string())
+        }
+        (Scope::Cluster, Some(ns)) if !ns.is_empty() => {
+            ctx.err(
+                "metadata.namespace",
+                "a CiliumClusterwideNetworkPolicy has no namespace; remove metadata.namespace (or make it a CiliumNetworkPolicy)",
+            );
+            None
+        }
+        (Scope::None, Some(ns)) if !ns.is_empty() => {
+            ctx.err("metadata.namespace", "this kind has no namespace; remove metadata.namespace");
+            None
+        }
+        _ => None,
+    };
+    (name, ns)
+}
+
+// ---------------------------------------------------------------- cross-document checks
+
+/// Two policies of one kind with one namespace and name.
+pub fn check_policies(parsed: &mut Parsed) {
+    let mut seen: HashMap<(String, Option<String>, String), usize> = HashMap::new();
+    for (i, (p, site)) in parsed.policies.iter().enumerate() {
+        let key = (p.origin.kind.clone(), p.origin.namespace.clone(), p.origin.name.clone());
+        if let Some(&first) = seen.get(&key) {
+            let fsite = &parsed.policies[first].1;
+            parsed.problems.push(site.problem(
+                site.name_pos,
+                "metadata.name",
+                format!(
+                    "{} is already defined at {}; a policy name must be unique per kind and namespace",
+                    site.object,
+                    fsite.at(fsite.name_pos)
+                ),
+            ));
+        } else {
+            seen.insert(key, i);
+        }
+    }
+}
+
+/// Duplicate names, addresses claimed twice, interfaces enforced twice.
+pub fn check_registry(parsed: &mut Parsed) {
+    let mut problems = Vec::new();
+    // Names.
+    let mut names: HashMap<(String, Option<String>, String), &Site> = HashMap::new();
+    let all_sites = parsed
+        .endpoints
+        .iter()
+        .map(|(e, s)| (&e.origin, s))
+        .chain(parsed.nodes.iter().map(|(n, s)| (&n.origin, s)))
+        .chain(parsed.namespaces.iter().map(|(n, s)| (&n.origin, s)));
+    for (o, site) in all_sites {
+        let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
+        if let Some(first) = names.get(&key) {
+            problems.push(site.problem(
+                site.name_pos,
+                "metadata.name",
+                format!("{} is already defined at {}; names must be unique per kind and namespace", site.object, first.at(first.name_pos)),
+            ));
+        } else {
+            names.insert(key, site);
+        }
+    }
+    // Addresses: an address identifies one endpoint. A HostEndpoint may share
+    // its address with the Node entry of its own host.
+    struct Claim<'a> {
+        site: &'a Site,
+        pos: Pos,
+        host_of: Option<Option<&'a str>>, // Some(node) for HostEndpoints
+        node_name: Option<&'a str>,       // Some(name) for Nodes
+    }
+    let mut claims: HashMap<IpAddr, Claim> = HashMap::new();
+    let mut entries: Vec<(IpAddr, Claim, usize)> = Vec::new();
+    for (e, site) in &parsed.endpoints {
+        let host_of = (e.kind == EndpointKind::Host).then_some(e.node.as_deref());
+        for (i, a) in e.addresses.iter().enumerate() {
+            let pos = site.addr_pos.get(i).copied().unwrap_or(site.name_pos);
+            entries.push((*a, Claim { site, pos, host_of, node_name: None }, i));
+        }
+    }
+    for (n, site) in &parsed.nodes {
+        for (i, a) in n.addresses.iter().enumerate() {
+            let pos = site.addr_pos.get(i).copied().unwrap_or(site.name_pos);
+            entries.push((*a, Claim { site, pos, host_of: None, node_name: Some(&n.name) }, i));
+        }
+    }
+    for (addr, claim, i) in entries {
+        if let Some(first) = claims.get(&addr) {
+            let shared_ok = |h: &Claim, n: &Claim| match (h.host_of, n.node_name) {
+                (Some(None), Some(_)) => true,
+                (Some(Some(hn)), Some(nn)) => hn == nn,
+                _ => false,
+            };
+            if shared_ok(first, &claim) || shared_ok(&claim, first) {
+                continue;
+            }
+            problems.push(claim.site.problem(
+                claim.pos,
+                &format!("spec.addresses[{i}]"),
+                format!(
+                    "address {addr} is already claimed by {} at {}; an address belongs to one endpoint",
+                    first.site.object,
+                    first.site.at(first.pos)
+                ),
+            ));
+        } else {
+            claims.insert(addr, claim);
+        }
+    }
+    // Interfaces: one enforcement point per (node, interface).
+    let mut ifaces: HashMap<(Option<&str>, &str), &Site> = HashMap::new();
+    for (e, site) in &parsed.endpoints {
+        if let Some(Interface::Name(name)) = &e.interface {
+            let key = (e.node.as_deref(), name.as_str());
+            if let Some(first) = ifaces.get(&key) {
+                problems.push(site.problem(
+                    site.iface_pos,
+                    "spec.interface",
+                    format!(
+                        "interface {name} is already used by {} at {}; one interface enforces one endpoint",
+                        first.object,
+                        first.at(first.iface_pos)
+                    ),
+                ));
+            } else {
+                ifaces.insert(key, site);
+            }
+        }
+    }
+    parsed.problems.extend(problems);
+}
+
+impl Parsed {
+    pub fn into_policy_set(self) -> Result<PolicySet, Vec<Problem>> {
+        if !self.problems.is_empty() {
+            return Err(sorted(self.problems, self.files));
+        }
+        Ok(PolicySet { policies: self.policies.into_iter().map(|(p, _)| p).collect() })
+    }
+
+    pub fn into_registry_set(self) -> Result<RegistrySet, Vec<Problem>> {
+        if !self.problems.is_empty() {
+            return Err(sorted(self.problems, self.files));
+        }
+        Ok(RegistrySet {
+            endpoints: self.endpoints.into_iter().map(|(e, _)| e).collect(),
+            nodes: self.nodes.into_iter().map(|(n, _)| n).collect(),
+            namespaces: self.namespaces.into_iter().map(|(n, _)| n).collect(),
+        })
+    }
+}
+
+/// Problems in file order, then position; files keep the order they were read in.
+fn sorted(problems: Vec<Problem>, files: Vec<PathBuf>) -> Vec<Problem> {
+    let mut order: Vec<PathBuf> = files;
+    for p in &problems {
+        if !order.contains(&p.file) {
+            order.push(p.file.clone());
+        }
+    }
+    let mut problems = problems;
+    problems.sort_by(|a, b| {
+        let fa = order.iter().position(|f| *f == a.file);
+        let fb = order.iter().position(|f| *f == b.file);
+        (fa, a.line.unwrap_or(0), a.column.unwrap_or(0), a.document).cmp(&(fb, b.line.unwrap_or(0), b.column.unwrap_or(0), b.document))
+    });
+    problems.dedup();
+    problems
+}
+
+// ---------------------------------------------------------------- files and directories
+
+/// Whether a directory entry name is one netpol reads.
+pub fn wanted_name(name: &str) -> bool {
+    if name.starts_with('.') || name.ends_with('~') || (name.starts_with('#') && name.ends_with('#')) {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with(".swp") || lower.ends_with(".tmp") {
+        return false;
+    }
+    lower.ends_with(".yaml") || lower.ends_with(".yml") || lower.ends_with(".json")
+}
+
+fn file_problem(file: &Path, msg: String) -> Problem {
+    problem(file, None, None, None, None, msg)
+}
+
+/// The files of `dir` netpol reads, sorted.
+pub fn list_dir(dir: &Path, what: &str) -> Result<Vec<PathBuf>, Problem> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(file_problem(dir, format!("{what} does not exist")));
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Err(file_problem(dir, format!("{what} is not a directory")));
+        }
+        Err(e) => return Err(file_problem(dir, format!("cannot read {what}: {e}"))),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| file_problem(dir, format!("cannot read {what}: {e}")))?;
+        let name = entry.file_name();
+        if wanted_name(&name.to_string_lossy()) {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn kind_of(ft: &fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Read one file under the size limit; only regular files, never blocking on a FIFO.
+pub fn read_file(path: &Path) -> Result<String, Problem> {
+    let lmeta = fs::symlink_metadata(path).map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    let meta = if lmeta.file_type().is_symlink() {
+        fs::metadata(path).map_err(|e| file_problem(path, format!("symlink target cannot be read: {e}")))?
+    } else {
+        lmeta
+    };
+    if !meta.is_file() {
+        return Err(file_problem(path, format!("{} is not read: only regular files are policy or registry files", kind_of(&meta.file_type()))));
+    }
+    if meta.len() > MAX_FILE_SIZE {
+        return Err(file_problem(path, format!("file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)", meta.len())));
+    }
+    // O_NONBLOCK: if the file was swapped for a FIFO since the check, open must not hang.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| file_problem(path, format!("cannot open: {e}")))?;
+    let fmeta = f.metadata().map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    if !fmeta.is_file() {
+        return Err(file_problem(path, format!("{} is not read: only regular files are policy or registry files", kind_of(&fmeta.file_type()))));
+    }
+    let mut buf = Vec::new();
+    (&mut f).take(MAX_FILE_SIZE + 1).read_to_end(&mut buf).map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    if buf.len() as u64 > MAX_FILE_SIZE {
+        return Err(file_problem(path, format!("file is larger than the limit of {MAX_FILE_SIZE} bytes (4 MiB)")));
+    }
+    match String::from_utf8(buf) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let col = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
+            Err(Problem {
+                file: path.to_path_buf(),
+                line: Some(line),
+                column: Some(col),
+                document: None,
+                object: None,
+                field: None,
+                message: "file is not valid UTF-8".into(),
+            })
+        }
+    }
+}
+
+/// Read and parse every file of `dirs` into one [`Parsed`].
+pub fn load_dirs(dirs: &[PathBuf], want: FileKind) -> Parsed {
+    let what = match want {
+        FileKind::Policy => "policy directory",
+        FileKind::Registry => "endpoint directory",
+    };
+    let mut out = Parsed::default();
+    for dir in dirs {
+        match list_dir(dir, what) {
+            Err(p) => out.problems.push(p),
+            Ok(files) => {
+                for f in files {
+                    match read_file(&f) {
+                        Ok(text) => parse_text(&f, &text, want, &mut out),
+                        Err(p) => {
+                            out.files.push(f);
+                            out.problems.push(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    match want {
+        FileKind::Policy => check_policies(&mut out),
+        FileKind::Registry => check_registry(&mut out),
+    }
+    out
+}

@@ -1,0 +1,437 @@
+//! A YAML (and JSON) document tree that remembers where every node was written.
+//!
+//! Built from yaml-rust2's marked event parser, so that both deserialization
+//! errors and later validation errors can name `line:column`. Plain scalars keep
+//! their text; their type (null, bool, int, string) is decided on demand by the
+//! deserializer (`api::de`), which is why `port: 80` and `port: "80"` both work.
+//!
+//! Pure: no I/O.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+/// 1-based line and column; `line == 0` means unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+impl Pos {
+    pub fn known(self) -> Option<(usize, usize)> {
+        (self.line > 0).then_some((self.line, self.col))
+    }
+    fn from_marker(m: &Marker) -> Pos {
+        Pos { line: m.line(), col: m.col() + 1 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Value {
+    /// `~`, `null`, or nothing at all.
+    Null,
+    /// A scalar; `plain` is false for quoted or `!!str`-tagged scalars, which are
+    /// always strings.
+    Scalar { text: String, plain: bool },
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub pos: Pos,
+    pub value: Value,
+}
+
+impl Node {
+    /// Text of a scalar node (quoted or not), `None` otherwise.
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Scalar { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The value of `key` in a mapping node.
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Position of the node at `path` (as produced by [`join_key`] / [`join_index`]),
+    /// or of its deepest existing ancestor.
+    pub fn pos_of(&self, path: &str) -> Pos {
+        let mut node = self;
+        let mut best = self.pos;
+        for seg in split_path(path) {
+            let next = match (&seg, &node.value) {
+                (Seg::Key(k), Value::Map(entries)) => entries.iter().find(|(kn, _)| kn.as_str() == Some(k)).map(|(kn, v)| {
+                    // A null value has no useful position of its own: point at its key.
+                    if matches!(v.value, Value::Null) {
+                        (kn, v)
+                    } else {
+                        (v, v)
+                    }
+                }),
+                (Seg::Index(i), Value::Seq(items)) => items.get(*i).map(|v| (v, v)),
+                _ => None,
+            };
+            match next {
+                Some((posnode, v)) => {
+                    if posnode.pos.line > 0 {
+                        best = posnode.pos;
+                    }
+                    node = v;
+                }
+                None => break,
+            }
+        }
+        best
+    }
+
+    /// Position of the key `key` in this mapping (for errors about the key itself).
+    pub fn key_pos(&self, key: &str) -> Option<Pos> {
+        match &self.value {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, _)| k.pos),
+            _ => None,
+        }
+    }
+}
+
+/// One document of a file: its 1-based number and its root node.
+#[derive(Debug)]
+pub struct Doc {
+    pub number: usize,
+    pub root: Node,
+}
+
+/// A problem found while building the tree: position and message.
+#[derive(Debug, Clone)]
+pub struct TreeProblem {
+    pub pos: Pos,
+    pub document: Option<usize>,
+    pub message: String,
+}
+
+/// Append a mapping key to a field path, quoting keys that are not plain words.
+pub fn join_key(path: &str, key: &str) -> String {
+    let simple = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    match (path.is_empty(), simple) {
+        (true, true) => key.to_string(),
+        (false, true) => format!("{path}.{key}"),
+        (_, false) => format!("{path}[{key:?}]"),
+    }
+}
+
+pub fn join_index(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn split_path(path: &str) -> Vec<Seg> {
+    let mut out = Vec::new();
+    let b: Vec<char> = path.chars().collect();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            '.' => i += 1,
+            '[' => {
+                if b.get(i + 1) == Some(&'"') {
+                    // quoted key, Rust Debug escaping
+                    let mut j = i + 2;
+                    let mut s = String::new();
+                    while j < b.len() && b[j] != '"' {
+                        if b[j] == '\\' && j + 1 < b.len() {
+                            j += 1;
+                        }
+                        s.push(b[j]);
+                        j += 1;
+                    }
+                    out.push(Seg::Key(s));
+                    i = j + 2; // skip `"]`
+                } else {
+                    let mut j = i + 1;
+                    let mut n = String::new();
+                    while j < b.len() && b[j] != ']' {
+                        n.push(b[j]);
+                        j += 1;
+                    }
+                    out.push(Seg::Index(n.parse().unwrap_or(usize::MAX)));
+                    i = j + 1;
+                }
+            }
+            _ => {
+                let mut j = i;
+                let mut s = String::new();
+                while j < b.len() && b[j] != '.' && b[j] != '[' {
+                    s.push(b[j]);
+                    j += 1;
+                }
+                out.push(Seg::Key(s));
+                i = j;
+            }
+        }
+    }
+    out
+}
+
+enum Frame {
+    Seq { pos: Pos, anchor: usize, items: Vec<Node> },
+    Map { pos: Pos, anchor: usize, entries: Vec<(Node, Node)>, key: Option<Node> },
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    anchors: HashMap<usize, Node>,
+    docs: Vec<Doc>,
+    doc_count: usize,
+    root: Option<Node>,
+    problems: Vec<TreeProblem>,
+}
+
+fn is_null(text: &str) -> bool {
+    matches!(text, "" | "~" | "null" | "Null" | "NULL")
+}
+
+impl Builder {
+    fn insert(&mut self, node: Node) {
+        match self.stack.last_mut() {
+            None => self.root = Some(node),
+            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Map { entries, key, .. }) => match key.take() {
+                None => *key = Some(node),
+                Some(k) => entries.push((k, node)),
+            },
+        }
+    }
+
+    fn check_duplicates(&mut self, entries: &[(Node, Node)]) {
+        let mut seen: HashMap<&str, Pos> = HashMap::new();
+        for (k, _) in entries {
+            match &k.value {
+                Value::Scalar { text, .. } => {
+                    if let Some(first) = seen.get(text.as_str()) {
+                        self.problems.push(TreeProblem {
+                            pos: k.pos,
+                            document: Some(self.doc_count),
+                            message: format!(
+                                "duplicate key {text:?} (first written at line {} column {}); each key may appear once",
+                                first.line, first.col
+                            ),
+                        });
+                    } else {
+                        seen.insert(text, k.pos);
+                    }
+                }
+                Value::Null => {}
+                _ => self.problems.push(TreeProblem {
+                    pos: k.pos,
+                    document: Some(self.doc_count),
+                    message: "a mapping key must be a plain string, not a list or mapping".into(),
+                }),
+            }
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = Pos::from_marker(&mark);
+        match ev {
+            Event::DocumentStart => {
+                self.doc_count += 1;
+                self.root = None;
+                self.anchors.clear();
+            }
+            Event::DocumentEnd => {
+                if let Some(root) = self.root.take() {
+                    if !matches!(root.value, Value::Null) {
+                        self.docs.push(Doc { number: self.doc_count, root });
+                    }
+                }
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                let str_tag = tag.as_ref().is_some_and(|t| t.suffix == "str");
+                let plain = style == TScalarStyle::Plain && !str_tag;
+                let value = if plain && is_null(&text) { Value::Null } else { Value::Scalar { text, plain } };
+                let node = Node { pos, value };
+                if anchor > 0 {
+                    self.anchors.insert(anchor, node.clone());
+                }
+                self.insert(node);
+            }
+            Event::Alias(id) => {
+                let node = match self.anchors.get(&id) {
+                    Some(n) => Node { pos, value: n.value.clone() },
+                    None => Node { pos, value: Value::Null },
+                };
+                self.insert(node);
+            }
+            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq { pos, anchor, items: Vec::new() }),
+            Event::MappingStart(anchor, _) => {
+                self.stack.push(Frame::Map { pos, anchor, entries: Vec::new(), key: None })
+            }
+            Event::SequenceEnd => {
+                if let Some(Frame::Seq { pos, anchor, items }) = self.stack.pop() {
+                    let node = Node { pos, value: Value::Seq(items) };
+                    if anchor > 0 {
+                        self.anchors.insert(anchor, node.clone());
+                    }
+                    self.insert(node);
+                }
+            }
+            Event::MappingEnd => {
+                if let Some(Frame::Map { pos, anchor, entries, .. }) = self.stack.pop() {
+                    self.check_duplicates(&entries);
+                    // A block mapping's start mark lies after its first key; the
+                    // first key is where a reader looks for it.
+                    let pos = match entries.first() {
+                        Some((k, _)) if k.pos.line > 0 && (k.pos.line, k.pos.col) < (pos.line, pos.col) => k.pos,
+                        _ => pos,
+                    };
+                    let node = Node { pos, value: Value::Map(entries) };
+                    if anchor > 0 {
+                        self.anchors.insert(anchor, node.clone());
+                    }
+                    self.insert(node);
+                }
+            }
+            Event::StreamStart | Event::StreamEnd | Event::Nothing => {}
+        }
+    }
+}
+
+/// Parse YAML text (one or more documents) into trees. Empty documents are
+/// skipped but still counted, so document numbers match what a reader counts.
+/// A syntax error ends parsing and is returned alone with the documents' problems.
+pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
+    let mut b = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    if let Err(e) = parser.load(&mut b, true) {
+        let m = e.marker();
+        b.problems.push(TreeProblem {
+            pos: Pos { line: m.line(), col: m.col() + 1 },
+            document: (b.doc_count > 0).then_some(b.doc_count),
+            message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
+        });
+        return (Vec::new(), b.problems);
+    }
+    (b.docs, b.problems)
+}
+
+/// A hint for the YAML errors people hit most, all of them indentation.
+fn syntax_hint(info: &str) -> &'static str {
+    if info.contains("did not find expected key") || info.contains("mapping values are not allowed") {
+        " (check the indentation of this line and the lines above it)"
+    } else if info.contains("found character that cannot start any token") {
+        " (tabs cannot indent YAML; use spaces)"
+    } else if info.contains("did not find expected '-' indicator") {
+        " (list items of one list must line up)"
+    } else {
+        ""
+    }
+}
+
+/// Parse a JSON file: serde_json decides whether it is valid JSON (and names the
+/// position of a syntax error); the tree with positions comes from the YAML
+/// parser, since JSON is YAML. A file holds one document.
+pub fn parse_json(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
+        let msg = e.to_string();
+        let msg = match msg.rfind(" at line ") {
+            Some(i) => msg[..i].to_string(),
+            None => msg,
+        };
+        return (
+            Vec::new(),
+            vec![TreeProblem {
+                pos: Pos { line: e.line(), col: e.column() },
+                document: None,
+                message: format!("JSON syntax error: {msg}"),
+            }],
+        );
+    }
+    let (docs, problems) = parse_yaml(text);
+    if problems.iter().any(|p| p.message.starts_with("YAML syntax error")) {
+        // Valid JSON the YAML parser cannot read: fall back to a tree without positions.
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => {
+                let root = from_json(&v);
+                let docs = if matches!(root.value, Value::Null) { Vec::new() } else { vec![Doc { number: 1, root }] };
+                return (docs, Vec::new());
+            }
+            Err(_) => return (docs, problems),
+        }
+    }
+    (docs, problems)
+}
+
+fn from_json(v: &serde_json::Value) -> Node {
+    let value = match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Scalar { text: b.to_string(), plain: true },
+        serde_json::Value::Number(n) => Value::Scalar { text: n.to_string(), plain: true },
+        serde_json::Value::String(s) => Value::Scalar { text: s.clone(), plain: false },
+        serde_json::Value::Array(a) => Value::Seq(a.iter().map(from_json).collect()),
+        serde_json::Value::Object(o) => Value::Map(
+            o.iter()
+                .map(|(k, v)| (Node { pos: Pos::default(), value: Value::Scalar { text: k.clone(), plain: false } }, from_json(v)))
+                .collect(),
+        ),
+    };
+    Node { pos: Pos::default(), value }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_and_paths() {
+        let text = "a: 1\nb:\n  c: \"x\"\n  d: [1, 2]\n---\n---\n- k: v\n";
+        let (docs, problems) = parse_yaml(text);
+        assert!(problems.is_empty());
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].number, 1);
+        assert_eq!(docs[1].number, 3);
+        let root = &docs[0].root;
+        assert_eq!(root.pos_of("b.d[1]"), Pos { line: 4, col: 10 });
+        assert_eq!(root.pos_of("b.c"), Pos { line: 3, col: 6 });
+        assert_eq!(root.pos_of("b"), Pos { line: 3, col: 3 });
+        assert_eq!(root.pos_of("b.zz"), Pos { line: 3, col: 3 });
+    }
+
+    #[test]
+    fn quoted_keys_in_paths() {
+        let text = "m:\n  app.kubernetes.io/name: x\n";
+        let (docs, _) = parse_yaml(text);
+        let p = join_key("m", "app.kubernetes.io/name");
+        assert_eq!(p, "m[\"app.kubernetes.io/name\"]");
+        assert_eq!(docs[0].root.pos_of(&p), Pos { line: 2, col: 27 });
+    }
+
+    #[test]
+    fn duplicate_keys() {
+        let (_, problems) = parse_yaml("a: 1\na: 2\n");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].pos, Pos { line: 2, col: 1 });
+    }
+
+    #[test]
+    fn json_positions() {
+        let (docs, problems) = parse_json("{\n\t\"a\": {\"b\": [1, 2]}\n}\n");
+        assert!(problems.is_empty());
+        assert_eq!(docs[0].root.pos_of("a.b[1]"), Pos { line: 2, col: 17 });
+        let (_, problems) = parse_json("{\n  \"a\": 1,\n}\n");
+        assert_eq!(problems[0].pos, Pos { line: 3, col: 1 });
+    }
+}
