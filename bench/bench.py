@@ -270,7 +270,9 @@ def netpol_datapath_files(n):
     for (k, _, port) in rules:
         by_peer.setdefault(k, []).append(port)
     ingress = [{"fromEndpoints": [{"matchLabels": {"bench-peer": f"p{k}"}}],
-                "toPorts": [{"ports": [{"port": str(p), "protocol": "TCP"} for p in ports]}]}
+                # Cilium allows at most 40 ports in one toPorts entry
+                "toPorts": [{"ports": [{"port": str(p), "protocol": "TCP"} for p in ports[i:i + 40]]}
+                            for i in range(0, len(ports), 40)]}
                for k, ports in sorted(by_peer.items())]
     ingress.append({"fromEndpoints": [{"matchLabels": {"app": "bench-client"}}],
                     "toPorts": [{"ports": [{"port": str(port), "protocol": proto.upper()}
