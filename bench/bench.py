@@ -500,17 +500,23 @@ def iperf(args, secs):
     return d
 
 
-def measure_tcp(secs):
-    d = iperf([], secs)
-    return d["end"]["sum_received"]["bits_per_second"] / 1e9
+def measure_tcp(secs, runs):
+    """Best of `runs`: background load on a shared machine only ever lowers a figure, so the
+    best run is the closest to what the datapath itself allows."""
+    return max(iperf([], secs)["end"]["sum_received"]["bits_per_second"] / 1e9 for _ in range(runs))
 
 
-def measure_udp(secs):
-    d = iperf(["-u", "-l", "64", "-b", "0", "-w", "4M"], secs)
-    s = d["end"]["sum"]
-    received = s["packets"] - s["lost_packets"]
-    return {"rx_pps": received / s["seconds"], "tx_pps": s["packets"] / s["seconds"],
-            "loss_pct": s.get("lost_percent")}
+def measure_udp(secs, runs):
+    best = None
+    for _ in range(runs):
+        d = iperf(["-u", "-l", "64", "-b", "0", "-w", "4M"], secs)
+        s = d["end"]["sum"]
+        received = s["packets"] - s["lost_packets"]
+        r = {"rx_pps": received / s["seconds"], "tx_pps": s["packets"] / s["seconds"],
+             "loss_pct": s.get("lost_percent")}
+        if best is None or r["rx_pps"] > best["rx_pps"]:
+            best = r
+    return best
 
 
 def measure_rr(secs):
@@ -544,8 +550,8 @@ def run_datapath(args, contenders, unavailable, raw):
                     rec["install_s"] = time.monotonic() - t0
                     servers = Servers()
                     check_flow(None if (c.name == "nofilter" or n == 0) else False)
-                    rec["tcp_gbps"] = measure_tcp(secs)
-                    udp = measure_udp(secs)
+                    rec["tcp_gbps"] = measure_tcp(args.run_secs, 2)
+                    udp = measure_udp(args.run_secs, 3)
                     rec["udp_pps"] = udp["rx_pps"]
                     rec["udp_tx_pps"] = udp["tx_pps"]
                     rr = measure_rr(secs)
@@ -1039,6 +1045,7 @@ def write_page(raw, summary, agg, unavailable, args):
                  "`bench/run` without `--quick` repeats more.\n")
     L.append("## Machine\n")
     L.append(f"- CPU: {meta['cpu']} — {meta['nproc']} cores (`nproc`)")
+    L.append(f"- netpol built from: {meta.get('commit')} (release profile)")
     L.append(f"- kernel: {meta['kernel']}; iptables: {meta['iptables_version']}; nft: {meta['nft_version']}; "
              f"iperf3: {meta['iperf3_version']}")
     L.append(f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')} — the machine is shared "
@@ -1064,8 +1071,9 @@ def write_page(raw, summary, agg, unavailable, args):
     L.append("- **nftables**: one forward chain, policy DROP, two lookups in one concatenated set "
              "`saddr . daddr . l4proto . dport` (and its reverse for replies) holding the same N tuples — "
              "the strongest conventional layout. N = 0: an empty chain with policy accept.\n")
-    L.append(f"Per block: TCP throughput (`iperf3`, one stream, {meta['secs']} s), small-packet rate "
-             f"(`iperf3 -u -l 64 -b 0 -w 4M`, {meta['secs']} s, packets *received* per second = sent − lost), "
+    L.append(f"Per block: TCP throughput (`iperf3`, one stream, best of 2 runs of {meta['run_secs']} s), "
+             f"small-packet rate (`iperf3 -u -l 64 -b 0 -w 4M`, best of 3 runs of {meta['run_secs']} s, packets "
+             "*received* per second = sent − lost; best-of because background load only ever lowers a figure), "
              f"request/response latency (`bench/pingpong.c`, 64-byte request and response over one TCP "
              f"connection, {meta['secs']} s, p50 and p99). Before measuring, each block checks that the "
              f"measured flow passes and, when a filter holds rules, that a closed-by-policy port "
@@ -1084,6 +1092,13 @@ def write_page(raw, summary, agg, unavailable, args):
             L.append(f"- **{LABELS.get(c, c)}**: {why}")
         L.append("")
     L.append("## Targets\n")
+    base = [r["udp_pps"] for r in raw.get("datapath", []) if r["contender"] == "nofilter" and r.get("udp_pps")]
+    if len(base) >= 2:
+        spread = (max(base) - min(base)) / statistics.median(base)
+        L.append(f"Noise: the no-filter baseline — the same configuration in every block — spread over "
+                 f"{spread:.0%} of its median small-packet rate in this run ({min(base) / 1e3:.0f}–"
+                 f"{max(base) / 1e3:.0f} kpps over {len(base)} blocks). A ratio between two contenders is only "
+                 "meaningful beyond that spread; a ratio above 1 against no filter is noise.\n")
     L.append("| target | measured | verdict |\n| --- | --- | --- |")
     for key, op, thr, text in TARGETS:
         v = summary.get(key)
@@ -1178,11 +1193,13 @@ def machine_meta(args):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"quick": args.quick, "reps": args.reps, "secs": args.secs, "rules": args.rules,
+    return {"quick": args.quick, "reps": args.reps, "secs": args.secs, "run_secs": args.run_secs, "rules": args.rules,
             "nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu,
             "iptables_version": tool_version(["iptables", "-V"]), "nft_version": tool_version(["nft", "-v"]),
             "iperf3_version": tool_version(["iperf3", "-v"]),
             "load_start": " ".join(open("/proc/loadavg").read().split()[:3]),
+            "commit": (args.netpol_source or subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                                             capture_output=True, text=True).stdout.strip()),
             "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -1192,6 +1209,7 @@ def main():
     ap.add_argument("--reps", type=int)
     ap.add_argument("--secs", type=int)
     ap.add_argument("--changes", type=int)
+    ap.add_argument("--run-secs", type=int, help="seconds per iperf3 run (TCP best of 2, UDP best of 3)")
     ap.add_argument("--rules", help="comma-separated rule counts (default 0,100,1000,10000,100000)")
     ap.add_argument("--only", help="comma-separated contenders (default all)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,lookup,control")
@@ -1199,10 +1217,12 @@ def main():
                     "the daemon's default)")
     ap.add_argument("--no-page", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--netpol-unavailable", help="record netpol as unavailable with this reason")
+    ap.add_argument("--netpol-source", help="what netpol was built from, for the page (default: git HEAD)")
     args = ap.parse_args()
     args.reps = args.reps or (2 if args.quick else 3)
     args.secs = args.secs or (2 if args.quick else 5)
     args.changes = args.changes or (20 if args.quick else 100)
+    args.run_secs = args.run_secs or (1 if args.quick else 3)
     args.rules = [int(x) for x in args.rules.split(",")] if args.rules else [0, 100, 1000, 10000, 100000]
     skip = set(filter(None, args.skip.split(",")))
     only = set(args.only.split(",")) if args.only else set(CONTENDERS)
