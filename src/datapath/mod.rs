@@ -6,6 +6,12 @@
 //! loop is tested without root.
 
 pub mod fake;
+pub mod kernel;
+pub mod layout;
+pub mod packet;
+pub mod skel;
+
+pub use kernel::{Hook, KernelDatapath};
 
 use std::collections::BTreeMap;
 
@@ -37,6 +43,31 @@ pub struct DatapathSettings {
     pub endpoint_max_entries: u32,
     /// Failsafe ports for host endpoints: (direction, proto, port).
     pub failsafe: Vec<(Direction, u8, u16)>,
+    /// Conntrack timeouts in seconds: TCP before the first reply, established
+    /// TCP, TCP after FIN/RST, and every other protocol.
+    pub ct_timeout_syn_secs: u32,
+    pub ct_timeout_established_secs: u32,
+    pub ct_timeout_close_secs: u32,
+    pub ct_timeout_other_secs: u32,
+}
+
+impl Default for DatapathSettings {
+    fn default() -> Self {
+        Self {
+            recheck_established: true,
+            allow_sample_rate: 0,
+            events_per_sec: 1000,
+            ct_max_entries: 65536,
+            ipcache_max_entries: 65536,
+            policy_max_entries: 262144,
+            endpoint_max_entries: 1024,
+            failsafe: Vec::new(),
+            ct_timeout_syn_secs: 60,
+            ct_timeout_established_secs: 21600,
+            ct_timeout_close_secs: 10,
+            ct_timeout_other_secs: 60,
+        }
+    }
 }
 
 /// What happened to a packet, as reported by the datapath.
@@ -77,7 +108,9 @@ pub struct VerdictEvent {
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,
     pub proto: u8,
+    /// Source port; the echo identifier for ICMP echo.
     pub sport: u16,
+    /// Destination port, or the ICMP/ICMPv6 type (what the policy matched on).
     pub dport: u16,
     pub src_identity: u32,
     pub dst_identity: u32,

@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * lookup.h — the generation-scoped lookups: ipcache (address -> identity,
+ * owning endpoint) and the policy decision. The precedence implemented by
+ * np_policy_decide is documented with struct np_policy_key in netpol_maps.h
+ * and is the contract shared with src/policy/lookup.rs.
+ */
+#ifndef NETPOL_LOOKUP_H
+#define NETPOL_LOOKUP_H
+
+#include "netpol_maps.h"
+#include "config.h"
+#include "parse.h"
+
+/* The three maps of the generation a packet uses, fetched once. */
+struct np_gen {
+	void *ipcache;
+	void *endpoints;
+	void *policy;
+};
+
+static __always_inline int np_gen_get(struct np_gen *g)
+{
+	__u32 zero = 0, active;
+	struct np_state *st;
+
+	st = bpf_map_lookup_elem(&netpol_state_v1, &zero);
+	if (!st)
+		return -1;
+	/* Read the active word exactly once. */
+	active = *(volatile __u32 *)&st->active;
+	active &= 1;
+	g->ipcache = bpf_map_lookup_elem(&netpol_ipcache_v1, &active);
+	g->endpoints = bpf_map_lookup_elem(&netpol_endpoints_v1, &active);
+	g->policy = bpf_map_lookup_elem(&netpol_policy_v1, &active);
+	if (!g->ipcache || !g->endpoints || !g->policy)
+		return -1;
+	return 0;
+}
+
+struct np_ident {
+	__u32 identity;
+	__u32 endpoint; /* NP_SLOT_NONE if the address belongs to no endpoint */
+};
+
+static __always_inline void np_ipcache_lookup(void *ipcache, __u8 family, const __u8 *addr,
+					      struct np_ident *out)
+{
+	struct np_ipcache_key k = {};
+	struct np_ipcache_value *v;
+
+	k.family = family;
+	if (family == 4) {
+		k.prefixlen = NP_IPCACHE_STATIC_PREFIX + 32;
+		__builtin_memcpy(k.addr, addr, 4);
+	} else {
+		k.prefixlen = NP_IPCACHE_STATIC_PREFIX + 128;
+		__builtin_memcpy(k.addr, addr, 16);
+	}
+	v = bpf_map_lookup_elem(ipcache, &k);
+	if (v) {
+		out->identity = v->identity;
+		out->endpoint = v->endpoint;
+	} else {
+		out->identity = family == 4 ? cfg_world_identity_v4 : cfg_world_identity_v6;
+		out->endpoint = NP_SLOT_NONE;
+	}
+}
+
+/* Outcome of a policy decision. */
+#define NP_DECIDE_ALLOW 0        /* an allow entry matched */
+#define NP_DECIDE_DENY 1         /* a deny entry matched */
+#define NP_DECIDE_DEFAULT_DENY 2 /* nothing matched, default deny */
+#define NP_DECIDE_NO_POLICY 3    /* nothing matched, not default deny: pass */
+
+static __always_inline struct np_policy_value *
+np_policy_lookup(void *policy, __u32 slot, __u8 dir, __u32 identity, __u8 proto, __u16 port)
+{
+	struct np_policy_key k = {};
+
+	k.prefixlen = NP_POLICY_FULL_PREFIX;
+	k.slot = slot;
+	k.identity = identity;
+	k.direction = dir;
+	k.proto = proto;
+	k.port = bpf_htons(port);
+	return bpf_map_lookup_elem(policy, &k);
+}
+
+static __always_inline int np_policy_decide(void *policy, __u32 slot, __u32 ep_flags, __u8 dir,
+					    __u32 remote, __u8 proto, __u16 port, __u32 *rule)
+{
+	struct np_policy_value *l1, *l2;
+	__u32 deny_flag;
+
+	l1 = np_policy_lookup(policy, slot, dir, remote, proto, port);
+	l2 = np_policy_lookup(policy, slot, dir, 0, proto, port);
+	*rule = NP_RULE_NONE;
+	if (l1 && l1->verdict == NP_VERDICT_DENY) {
+		*rule = l1->rule;
+		return NP_DECIDE_DENY;
+	}
+	if (l2 && l2->verdict == NP_VERDICT_DENY) {
+		*rule = l2->rule;
+		return NP_DECIDE_DENY;
+	}
+	if (l1 && l1->verdict == NP_VERDICT_ALLOW) {
+		*rule = l1->rule;
+		return NP_DECIDE_ALLOW;
+	}
+	if (l2 && l2->verdict == NP_VERDICT_ALLOW) {
+		*rule = l2->rule;
+		return NP_DECIDE_ALLOW;
+	}
+	deny_flag = dir == NP_DIR_INGRESS ? NP_EP_F_DENY_INGRESS : NP_EP_F_DENY_EGRESS;
+	return (ep_flags & deny_flag) ? NP_DECIDE_DEFAULT_DENY : NP_DECIDE_NO_POLICY;
+}
+
+#endif

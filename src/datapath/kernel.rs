@@ -1,0 +1,969 @@
+//! [`KernelDatapath`]: the real [`Datapath`] on top of the libbpf-cargo
+//! skeleton. It owns loading (fresh, or adopting the pins of an earlier
+//! process), pinning under `pin_dir/{maps,progs,links}`, attaching (tcx, with a
+//! clsact/cls_bpf fallback), the two-generation swap and the event reader.
+//!
+//! Interface indexes are resolved in the network namespace of the calling
+//! thread: call `sync_attachments` from the namespace the devices live in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::mem::{ManuallyDrop, MaybeUninit};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use libbpf_rs::query::LinkTypeInfo;
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{
+    AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, MapType, OpenObject,
+    RingBufferBuilder, TcHookBuilder, TC_EGRESS, TC_INGRESS,
+};
+
+use super::layout::{self, EventRecord, StateValue, LAYOUT_VERSION};
+use super::skel::{NetpolSkel, NetpolSkelBuilder};
+use super::{
+    Attachment, Counters, Datapath, DatapathError, DatapathSettings, EventReason, EventVerdict,
+    VerdictEvent,
+};
+use crate::policy::types::{Compiled, Direction};
+
+/// BPF_FS_MAGIC from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// Handle and priority of our cls_bpf filters in the clsact fallback.
+const TC_HANDLE: u32 = 0x4e50;
+const TC_PRIORITY: u32 = 0x4e50;
+
+/// A tc hook of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+}
+
+/// How a device is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx links (kernel 6.6+), pinned under `links/tcx-<ifindex>-<hook>`.
+    Tcx,
+    /// clsact qdisc + cls_bpf filter; the program is pinned under
+    /// `links/tc-<ifindex>-<hook>` to remember it.
+    Clsact,
+}
+
+/// The result of one BPF_PROG_TEST_RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value: -1 pass (TCX_NEXT), 2 drop.
+    pub retval: i32,
+    /// Average time per run as measured by the kernel.
+    pub duration: Duration,
+}
+
+impl TestRun {
+    pub fn passed(&self) -> bool {
+        self.retval != 2
+    }
+}
+
+fn kerr(op: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> DatapathError {
+    let op = op.into();
+    move |e| DatapathError::Kernel { op, source: std::io::Error::other(format!("{e:#}")) }
+}
+
+fn ioerr(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let op = op.into();
+    move |source| DatapathError::Kernel { op, source }
+}
+
+/// The loaded skeleton together with the storage it borrows.
+struct Loaded {
+    skel: ManuallyDrop<NetpolSkel<'static>>,
+    storage: *mut MaybeUninit<OpenObject>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        // SAFETY: `skel` borrows `*storage`, so it is dropped first; `storage`
+        // came from Box::into_raw in `open_skel` and is freed exactly once.
+        unsafe {
+            ManuallyDrop::drop(&mut self.skel);
+            drop(Box::from_raw(self.storage));
+        }
+    }
+}
+
+// SAFETY: libbpf objects are not tied to the thread that created them; all
+// access goes through `&mut KernelDatapath` (or `&` for read-only syscalls).
+unsafe impl Send for Loaded {}
+
+// The daemon may move its datapath between threads.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<KernelDatapath>();
+};
+
+/// The kernel datapath of one instance (one `pin_dir`).
+pub struct KernelDatapath {
+    loaded: Loaded,
+    pin_dir: PathBuf,
+    settings: DatapathSettings,
+    /// Attached devices: ifindex → how.
+    attached: BTreeMap<u32, AttachMode>,
+    /// Endpoint slots of the last applied state (for `counters`).
+    slots: BTreeSet<u32>,
+    generation: u64,
+    /// The inner map put into netpol_barrier_v1 to wait for running programs.
+    barrier_inner: MapHandle,
+    force_clsact: bool,
+    /// The kernel has tcx; without it the tcx programs are not loaded.
+    tcx: bool,
+    adopted: bool,
+    /// Network namespace each clsact attachment was made in (tc filters are
+    /// addressed by ifindex, which is per namespace; tcx links are not).
+    clsact_netns: BTreeMap<u32, std::os::fd::OwnedFd>,
+}
+
+impl std::fmt::Debug for KernelDatapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelDatapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("attached", &self.attached)
+            .field("generation", &self.generation)
+            .field("adopted", &self.adopted)
+            .finish()
+    }
+}
+
+/// Make sure `dir`'s parent is a bpf filesystem, mounting /sys/fs/bpf if needed.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    // The f_type width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    if parent == Path::new("/sys/fs/bpf") {
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| DatapathError::Kernel {
+            op: "mount -t bpf bpf /sys/fs/bpf".into(),
+            source: std::io::Error::from(e),
+        })?;
+        if is_bpffs(parent) {
+            return Ok(());
+        }
+    }
+    Err(DatapathError::Other(format!(
+        "{}: not a bpf filesystem (pin_dir {} must live on bpffs; mount -t bpf bpf {})",
+        parent.display(),
+        pin_dir.display(),
+        parent.display()
+    )))
+}
+
+/// Our named maps are pinned; libbpf's internal ones (.rodata, .bss) are
+/// private to one load.
+fn is_pinned_map(name: &str) -> bool {
+    name.starts_with("netpol_") && !name.contains('.')
+}
+
+fn map_names(skel: &NetpolSkel<'_>) -> Vec<String> {
+    skel.object()
+        .maps()
+        .filter_map(|m| m.name().to_str().map(str::to_owned))
+        .filter(|n| is_pinned_map(n))
+        .collect()
+}
+
+/// tcx (and its program types) exists from Linux 6.6 on.
+fn kernel_has_tcx() -> bool {
+    let Ok(u) = nix::sys::utsname::uname() else { return true };
+    let release = u.release().to_string_lossy().into_owned();
+    let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    match (nums.next(), nums.next()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 6),
+        _ => true,
+    }
+}
+
+/// Every map's key and value sizes must be the layouts' (after adoption too:
+/// a pinned map of another build must not be read with these types).
+fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
+    use std::mem::size_of;
+    let m = &skel.maps;
+    let checks: [(&dyn MapCore, &str, usize, usize); 7] = [
+        (&m.netpol_state_v1, "netpol_state_v1", 4, size_of::<StateValue>()),
+        (&m.netpol_ct_v1, "netpol_ct_v1", size_of::<layout::CtKey>(), size_of::<layout::CtValue>()),
+        (&m.netpol_frag_v1, "netpol_frag_v1", size_of::<super::skel::types::np_frag_key>(), size_of::<super::skel::types::np_frag_value>()),
+        (&m.netpol_failsafe_v1, "netpol_failsafe_v1", size_of::<layout::FailsafeKey>(), 4),
+        (&m.netpol_counters_v1, "netpol_counters_v1", 4, size_of::<layout::CountersValue>()),
+        (&m.netpol_ratelimit_v1, "netpol_ratelimit_v1", 4, size_of::<super::skel::types::np_ratelimit>()),
+        (&m.netpol_policy_v1, "netpol_policy_v1", 4, 4),
+    ];
+    for (map, name, key, value) in checks {
+        if map.key_size() as usize != key || map.value_size() as usize != value {
+            return Err(DatapathError::Other(format!(
+                "{name}: key/value sizes {}/{} but this build expects {key}/{value}",
+                map.key_size(),
+                map.value_size()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn open_skel(
+    settings: &DatapathSettings,
+    maps_dir: &Path,
+    adopt: bool,
+    tcx: bool,
+) -> Result<Loaded, DatapathError> {
+    let storage: *mut MaybeUninit<OpenObject> = Box::into_raw(Box::new(MaybeUninit::uninit()));
+    // Frees `storage` if anything below fails before `Loaded` owns it.
+    struct Guard(*mut MaybeUninit<OpenObject>, bool);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if !self.1 {
+                // SAFETY: allocated above and not yet owned by a `Loaded`;
+                // whatever borrowed it has been dropped by now.
+                unsafe { drop(Box::from_raw(self.0)) }
+            }
+        }
+    }
+    let mut guard = Guard(storage, false);
+    let skel = {
+        // SAFETY: `storage` stays allocated until `Loaded::drop`, which drops
+        // the skeleton borrowing it first.
+        let storage_ref: &'static mut MaybeUninit<OpenObject> = unsafe { &mut *storage };
+        let mut open = NetpolSkelBuilder::default()
+            .open(storage_ref)
+            .map_err(kerr("open the bpf object"))?;
+        let ro = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .ok_or_else(|| DatapathError::Other("bpf object has no .rodata".into()))?;
+        let secs = |s: u32| u64::from(s) * 1_000_000_000;
+        ro.cfg_recheck_established = u32::from(settings.recheck_established);
+        ro.cfg_allow_sample_rate = settings.allow_sample_rate;
+        ro.cfg_events_per_sec = settings.events_per_sec;
+        ro.cfg_ct_syn_ns = secs(settings.ct_timeout_syn_secs);
+        ro.cfg_ct_established_ns = secs(settings.ct_timeout_established_secs);
+        ro.cfg_ct_close_ns = secs(settings.ct_timeout_close_secs);
+        ro.cfg_ct_other_ns = secs(settings.ct_timeout_other_secs);
+        open.maps
+            .netpol_ct_v1
+            .set_max_entries(settings.ct_max_entries.max(1))
+            .map_err(kerr("size netpol_ct_v1"))?;
+        open.maps
+            .netpol_counters_v1
+            .set_max_entries(settings.endpoint_max_entries.max(1))
+            .map_err(kerr("size netpol_counters_v1"))?;
+        if adopt {
+            for mut m in open.open_object_mut().maps_mut() {
+                let Some(name) = m.name().to_str().map(str::to_owned) else { continue };
+                if !is_pinned_map(&name) {
+                    continue;
+                }
+                let path = maps_dir.join(&name);
+                // Keep the pinned map's size: sizes from a changed config apply
+                // after a detach, not by failing to adopt.
+                if let Ok(pinned) = MapHandle::from_pinned_path(&path) {
+                    if pinned.max_entries() != m.max_entries() {
+                        let _ = m.set_max_entries(pinned.max_entries());
+                    }
+                }
+                m.reuse_pinned_map(&path).map_err(|e| DatapathError::Kernel {
+                    op: format!(
+                        "adopt pinned map {} (a different layout or size? detach the old instance first)",
+                        path.display()
+                    ),
+                    source: std::io::Error::other(format!("{e:#}")),
+                })?;
+            }
+        }
+        if !tcx {
+            // An older kernel refuses the tcx attach types at load time.
+            open.progs.netpol_tcx_ingress.set_autoload(false);
+            open.progs.netpol_tcx_egress.set_autoload(false);
+        }
+        open.load().map_err(kerr("load the bpf programs"))?
+    };
+    guard.1 = true;
+    Ok(Loaded { skel: ManuallyDrop::new(skel), storage })
+}
+
+impl KernelDatapath {
+    /// Opens the datapath pinned at `pin_dir`: adopts the pinned maps and
+    /// links of an earlier process (same layout version) so enforcement never
+    /// lapses, or loads everything fresh and pins it.
+    pub fn open(pin_dir: &Path, settings: &DatapathSettings) -> Result<KernelDatapath, DatapathError> {
+        ensure_bpffs(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let progs_dir = pin_dir.join("progs");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &progs_dir, &links_dir] {
+            std::fs::create_dir_all(d).map_err(ioerr(format!("create {}", d.display())))?;
+        }
+        let adopt = maps_dir.join("netpol_state_v1").exists();
+        if !adopt {
+            // Leftovers of a load that died before pinning its state map.
+            for entry in std::fs::read_dir(&maps_dir).map_err(ioerr(format!("read {}", maps_dir.display())))?.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let tcx = kernel_has_tcx();
+        let mut loaded = open_skel(settings, &maps_dir, adopt, tcx)?;
+
+        verify_layouts(&loaded.skel)?;
+        let state_map = &loaded.skel.maps.netpol_state_v1;
+        let mut state = read_state(state_map)?;
+        if adopt {
+            if state.layout_version != LAYOUT_VERSION {
+                return Err(DatapathError::Other(format!(
+                    "{}: pinned maps have layout version {}, this netpol supports {}; detach the old instance first",
+                    maps_dir.display(),
+                    state.layout_version,
+                    LAYOUT_VERSION
+                )));
+            }
+        } else {
+            state = StateValue { active: 0, layout_version: LAYOUT_VERSION, generation: 0 };
+            write_state(state_map, &state)?;
+            let names = map_names(&loaded.skel);
+            for mut m in loaded.skel.object_mut().maps_mut() {
+                let Some(name) = m.name().to_str().map(str::to_owned) else { continue };
+                if !names.contains(&name) {
+                    continue;
+                }
+                let path = maps_dir.join(&name);
+                m.pin(&path).map_err(kerr(format!("pin {}", path.display())))?;
+            }
+        }
+
+        // Programs: pin this process's programs (replacing an earlier process's).
+        for mut p in loaded.skel.object_mut().progs_mut() {
+            if !p.autoload() {
+                continue;
+            }
+            let Some(name) = p.name().to_str().map(str::to_owned) else { continue };
+            let path = progs_dir.join(&name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(ioerr(format!("unpin {}", path.display())))?;
+            }
+            p.pin(&path).map_err(kerr(format!("pin {}", path.display())))?;
+        }
+
+        let barrier_inner = MapHandle::create(
+            MapType::Array,
+            Some("np_barrier"),
+            4,
+            4,
+            1,
+            &libbpf_rs::libbpf_sys::bpf_map_create_opts {
+                sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+                ..Default::default()
+            },
+        )
+        .map_err(kerr("create the barrier map"))?;
+
+        let mut dp = KernelDatapath {
+            loaded,
+            pin_dir: pin_dir.to_path_buf(),
+            settings: settings.clone(),
+            attached: BTreeMap::new(),
+            slots: BTreeSet::new(),
+            generation: state.generation,
+            barrier_inner,
+            force_clsact: !tcx,
+            tcx,
+            adopted: adopt,
+            clsact_netns: BTreeMap::new(),
+        };
+        dp.write_failsafe()?;
+        if adopt {
+            dp.adopt_links()?;
+        }
+        Ok(dp)
+    }
+
+    /// True if this instance took over pins of an earlier process.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Devices attached now, and how.
+    pub fn attached(&self) -> &BTreeMap<u32, AttachMode> {
+        &self.attached
+    }
+
+    /// Use the clsact/cls_bpf fallback even where tcx works (tests).
+    pub fn set_force_clsact(&mut self, yes: bool) {
+        self.force_clsact = yes || !self.tcx;
+    }
+
+    fn skel(&self) -> &NetpolSkel<'static> {
+        &self.loaded.skel
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+
+    fn link_path(&self, mode: AttachMode, ifindex: u32, hook: Hook) -> PathBuf {
+        let kind = match mode {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "tc",
+        };
+        self.links_dir().join(format!("{kind}-{ifindex}-{}", hook.name()))
+    }
+
+    fn write_failsafe(&mut self) -> Result<(), DatapathError> {
+        let map = &self.loaded.skel.maps.netpol_failsafe_v1;
+        let existing: Vec<Vec<u8>> = map.keys().collect();
+        for k in existing {
+            let _ = map.delete(&k);
+        }
+        for (dir, proto, port) in &self.settings.failsafe {
+            let k = layout::FailsafeKey { direction: *dir as u8, proto: *proto, port: *port };
+            map.update(layout::bytes_of(&k), &1u32.to_ne_bytes(), MapFlags::ANY)
+                .map_err(kerr("write netpol_failsafe_v1"))?;
+        }
+        Ok(())
+    }
+
+    /// Take over the links an earlier process pinned, and switch them to this
+    /// process's programs (so new code and settings apply without a gap).
+    fn adopt_links(&mut self) -> Result<(), DatapathError> {
+        let dir = self.links_dir();
+        let entries = std::fs::read_dir(&dir).map_err(ioerr(format!("read {}", dir.display())))?;
+        let mut found: BTreeMap<u32, AttachMode> = BTreeMap::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let mut parts = name.splitn(3, '-');
+            let (Some(kind), Some(idx), Some(hook)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(ifindex) = idx.parse::<u32>() else { continue };
+            let hook = match hook {
+                "ingress" => Hook::Ingress,
+                "egress" => Hook::Egress,
+                _ => continue,
+            };
+            let mode = match kind {
+                "tcx" => AttachMode::Tcx,
+                "tc" => AttachMode::Clsact,
+                _ => continue,
+            };
+            match mode {
+                AttachMode::Tcx => {
+                    let mut link = Link::open(e.path()).map_err(kerr(format!("open {}", e.path().display())))?;
+                    let prog = match hook {
+                        Hook::Ingress => &self.loaded.skel.progs.netpol_tcx_ingress,
+                        Hook::Egress => &self.loaded.skel.progs.netpol_tcx_egress,
+                    };
+                    // A defunct link (device gone) cannot be updated; sync re-attaches.
+                    let _ = link.update_prog(prog);
+                    link.disconnect();
+                }
+                AttachMode::Clsact => {
+                    // Replace the filter with this process's program.
+                    let _ = self.attach_clsact(ifindex, hook);
+                }
+            }
+            found.insert(ifindex, mode);
+        }
+        self.attached = found;
+        Ok(())
+    }
+
+    fn attach_tcx(&self, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
+        let prog = match hook {
+            Hook::Ingress => &self.loaded.skel.progs.netpol_tcx_ingress,
+            Hook::Egress => &self.loaded.skel.progs.netpol_tcx_egress,
+        };
+        let path = self.link_path(AttachMode::Tcx, ifindex, hook);
+        if path.exists() {
+            let _ = std::fs::remove_file(&path);
+        }
+        // SAFETY: the program pointer is valid while the skeleton lives; a
+        // NULL opts pointer is allowed by libbpf.
+        let raw = unsafe {
+            libbpf_rs::libbpf_sys::bpf_program__attach_tcx(
+                prog.as_libbpf_object().as_ptr(),
+                ifindex as i32,
+                std::ptr::null(),
+            )
+        };
+        let Some(raw) = NonNull::new(raw) else {
+            return Err(DatapathError::Kernel {
+                op: format!("tcx attach {} on ifindex {ifindex}", hook.name()),
+                source: std::io::Error::last_os_error(),
+            });
+        };
+        // SAFETY: `raw` is a fresh link owned by nobody else.
+        let mut link = unsafe { Link::from_ptr(raw) };
+        let pinned = link.pin(&path);
+        if let Err(e) = pinned {
+            let _ = link.detach();
+            return Err(kerr(format!("pin {}", path.display()))(e));
+        }
+        // The pin keeps the link (and enforcement) alive after we exit.
+        link.disconnect();
+        Ok(())
+    }
+
+    fn attach_clsact(&self, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
+        let prog = match hook {
+            Hook::Ingress => &self.loaded.skel.progs.netpol_tc_ingress,
+            Hook::Egress => &self.loaded.skel.progs.netpol_tc_egress,
+        };
+        let point = match hook {
+            Hook::Ingress => TC_INGRESS,
+            Hook::Egress => TC_EGRESS,
+        };
+        let mut tc = TcHookBuilder::new(prog.as_fd())
+            .ifindex(ifindex as i32)
+            .replace(true)
+            .handle(TC_HANDLE)
+            .priority(TC_PRIORITY)
+            .hook(point);
+        if hook == Hook::Ingress {
+            // One clsact qdisc serves both hooks; creating it again only makes
+            // the kernel complain (EEXIST is fine).
+            tc.create().map_err(kerr(format!("create clsact on ifindex {ifindex}")))?;
+        }
+        tc.attach().map_err(kerr(format!("cls_bpf attach {} on ifindex {ifindex}", hook.name())))?;
+        let path = self.link_path(AttachMode::Clsact, ifindex, hook);
+        if path.exists() {
+            let _ = std::fs::remove_file(&path);
+        }
+        pin_fd(prog.as_fd().as_raw_fd(), &path)?;
+        Ok(())
+    }
+
+    fn remember_netns(&mut self, ifindex: u32) {
+        if let Ok(f) = std::fs::File::open("/proc/thread-self/ns/net") {
+            self.clsact_netns.insert(ifindex, f.into());
+        }
+    }
+
+    fn detach_device(&self, ifindex: u32, mode: AttachMode) -> Result<(), DatapathError> {
+        let mut first_err = None;
+        for hook in [Hook::Ingress, Hook::Egress] {
+            let path = self.link_path(mode, ifindex, hook);
+            match mode {
+                AttachMode::Tcx => {
+                    if let Ok(link) = Link::open(&path) {
+                        // A defunct link (device gone) reports an error: fine.
+                        let _ = link.detach();
+                    }
+                }
+                AttachMode::Clsact => {
+                    let prog = match hook {
+                        Hook::Ingress => &self.loaded.skel.progs.netpol_tc_ingress,
+                        Hook::Egress => &self.loaded.skel.progs.netpol_tc_egress,
+                    };
+                    let raw = prog.as_fd().as_raw_fd();
+                    let netns = self.clsact_netns.get(&ifindex).map(|f| f.as_raw_fd());
+                    let detach = move || {
+                        // SAFETY: the program fd stays open for this call (the
+                        // skeleton outlives it); it only seeds the builder.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+                        let point = if hook == Hook::Ingress { TC_INGRESS } else { TC_EGRESS };
+                        let mut tc = TcHookBuilder::new(fd)
+                            .ifindex(ifindex as i32)
+                            .handle(TC_HANDLE)
+                            .priority(TC_PRIORITY)
+                            .hook(point);
+                        // ENOENT / ENODEV: the filter or the device is gone already.
+                        let _ = tc.detach();
+                    };
+                    match netns {
+                        Some(ns) => std::thread::scope(|s| {
+                            s.spawn(move || {
+                                // SAFETY: the namespace fd is kept open in
+                                // `clsact_netns` until after this thread ends.
+                                let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(ns) };
+                                if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                                    detach();
+                                }
+                            });
+                        }),
+                        None => detach(),
+                    }
+                }
+            }
+            if path.exists() {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    first_err.get_or_insert(ioerr(format!("unpin {}", path.display()))(e));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// True if the device's attachment is still in force.
+    fn attachment_live(&self, ifindex: u32, mode: AttachMode) -> bool {
+        match mode {
+            AttachMode::Tcx => [Hook::Ingress, Hook::Egress].iter().all(|h| {
+                Link::open(self.link_path(mode, ifindex, *h))
+                    .and_then(|l| l.info())
+                    .map(|i| matches!(i.info, LinkTypeInfo::Tcx(t) if t.ifindex == ifindex))
+                    .unwrap_or(false)
+            }),
+            AttachMode::Clsact => [Hook::Ingress, Hook::Egress]
+                .iter()
+                .all(|h| self.link_path(mode, ifindex, *h).exists()),
+        }
+    }
+
+    fn attach_device(&mut self, ifindex: u32) -> Result<AttachMode, DatapathError> {
+        if !self.force_clsact {
+            match self.attach_tcx(ifindex, Hook::Ingress).and_then(|_| self.attach_tcx(ifindex, Hook::Egress)) {
+                Ok(()) => return Ok(AttachMode::Tcx),
+                Err(e) => {
+                    let _ = self.detach_device(ifindex, AttachMode::Tcx);
+                    // No such device is not something clsact can fix.
+                    if let DatapathError::Kernel { source, .. } = &e {
+                        if source.raw_os_error() == Some(libc::ENODEV) {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        let r = self.attach_clsact(ifindex, Hook::Ingress).and_then(|_| self.attach_clsact(ifindex, Hook::Egress));
+        match r {
+            Ok(()) => {
+                self.remember_netns(ifindex);
+                Ok(AttachMode::Clsact)
+            }
+            Err(e) => {
+                let _ = self.detach_device(ifindex, AttachMode::Clsact);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one packet through the tcx program of `hook` with BPF_PROG_TEST_RUN
+    /// (`repeat` times). The packet arrives on the loopback device (ifindex 1),
+    /// so an endpoint attached at ifindex 1 is the one judged.
+    pub fn test_run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<TestRun, DatapathError> {
+        let progs = &self.loaded.skel.progs;
+        let prog = match (hook, self.tcx) {
+            (Hook::Ingress, true) => &progs.netpol_tcx_ingress,
+            (Hook::Egress, true) => &progs.netpol_tcx_egress,
+            (Hook::Ingress, false) => &progs.netpol_tc_ingress,
+            (Hook::Egress, false) => &progs.netpol_tc_egress,
+        };
+        let input = libbpf_rs::ProgramInput { data_in: Some(packet), repeat, ..Default::default() };
+        let out = prog.test_run(input).map_err(kerr("BPF_PROG_TEST_RUN"))?;
+        Ok(TestRun { retval: out.return_value as i32, duration: out.duration })
+    }
+
+    /// Removes every conntrack and fragment entry (tests).
+    pub fn clear_conntrack(&mut self) -> Result<(), DatapathError> {
+        for map in [&self.loaded.skel.maps.netpol_ct_v1, &self.loaded.skel.maps.netpol_frag_v1] {
+            let keys: Vec<Vec<u8>> = map.keys().collect();
+            for k in keys {
+                let _ = map.delete(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of live conntrack entries (diagnostics, tests).
+    pub fn conntrack_len(&self) -> usize {
+        self.loaded.skel.maps.netpol_ct_v1.keys().count()
+    }
+
+    fn create_inner(
+        &self,
+        ty: MapType,
+        name: &str,
+        key: usize,
+        value: usize,
+        max: u32,
+        flags: u32,
+    ) -> Result<MapHandle, DatapathError> {
+        let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+            map_flags: flags,
+            ..Default::default()
+        };
+        MapHandle::create(ty, Some(name), key as u32, value as u32, max.max(1), &opts)
+            .map_err(kerr(format!("create map {name}")))
+    }
+
+    fn try_apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError> {
+        layout::check_capacity(state, attachments, &self.settings)?;
+        const NO_PREALLOC: u32 = libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC;
+
+        let ipcache = self.create_inner(
+            MapType::LpmTrie,
+            "np_ipcache",
+            std::mem::size_of::<layout::IpcacheKey>(),
+            std::mem::size_of::<layout::IpcacheValue>(),
+            self.settings.ipcache_max_entries,
+            NO_PREALLOC,
+        )?;
+        for e in &state.ipcache {
+            let k = layout::ipcache_key(&e.net);
+            let v = layout::ipcache_value(e);
+            ipcache
+                .update(layout::bytes_of(&k), layout::bytes_of(&v), MapFlags::ANY)
+                .map_err(kerr(format!("fill ipcache ({})", e.net)))?;
+        }
+
+        let endpoints = self.create_inner(
+            MapType::Hash,
+            "np_endpoints",
+            4,
+            std::mem::size_of::<layout::EndpointValue>(),
+            self.settings.endpoint_max_entries,
+            0,
+        )?;
+        for a in attachments {
+            let v = layout::endpoint_value(state, a.slot)
+                .ok_or_else(|| DatapathError::Other(format!("no endpoint in slot {}", a.slot)))?;
+            endpoints
+                .update(&a.ifindex.to_ne_bytes(), layout::bytes_of(&v), MapFlags::ANY)
+                .map_err(kerr(format!("fill endpoint table (ifindex {})", a.ifindex)))?;
+        }
+
+        let policy = self.create_inner(
+            MapType::LpmTrie,
+            "np_policy",
+            std::mem::size_of::<layout::PolicyKey>(),
+            std::mem::size_of::<layout::PolicyValue>(),
+            self.settings.policy_max_entries,
+            NO_PREALLOC,
+        )?;
+        for e in layout::installed_entries(state, attachments) {
+            let k = layout::policy_key(e);
+            let v = layout::policy_value(e);
+            policy
+                .update(layout::bytes_of(&k), layout::bytes_of(&v), MapFlags::ANY)
+                .map_err(kerr("fill policy map"))?;
+        }
+
+        // Install into the inactive slot. Nothing reads it until the flip; the
+        // barrier after the previous flip guarantees no packet still does.
+        let maps = &self.loaded.skel.maps;
+        let cur = read_state(&maps.netpol_state_v1)?;
+        let inactive = (cur.active & 1) ^ 1;
+        for (outer, inner, name) in [
+            (&maps.netpol_ipcache_v1, &ipcache, "netpol_ipcache_v1"),
+            (&maps.netpol_endpoints_v1, &endpoints, "netpol_endpoints_v1"),
+            (&maps.netpol_policy_v1, &policy, "netpol_policy_v1"),
+        ] {
+            let fd = inner.as_fd().as_raw_fd() as u32;
+            outer
+                .update(&inactive.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                .map_err(kerr(format!("install generation into {name}[{inactive}]")))?;
+        }
+
+        // The flip: one word every packet reads once.
+        let next = StateValue { active: inactive, layout_version: LAYOUT_VERSION, generation: cur.generation + 1 };
+        write_state(&maps.netpol_state_v1, &next)?;
+
+        // Wait for programs that may still use the old slot (an update of a
+        // map-in-map returns after an RCU grace period).
+        let fd = self.barrier_inner.as_fd().as_raw_fd() as u32;
+        maps.netpol_barrier_v1
+            .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(kerr("wait for running programs (netpol_barrier_v1)"))?;
+
+        self.generation = next.generation;
+        self.slots = attachments.iter().map(|a| a.slot).collect();
+        Ok(next.generation)
+    }
+
+    fn event_from_record(r: &EventRecord) -> VerdictEvent {
+        VerdictEvent {
+            ifindex: r.ifindex,
+            slot: r.slot,
+            direction: if r.direction == 1 { Direction::Egress } else { Direction::Ingress },
+            verdict: match r.verdict {
+                0 => EventVerdict::Allowed,
+                2 => EventVerdict::Audit,
+                _ => EventVerdict::Denied,
+            },
+            reason: match r.reason {
+                0 => EventReason::PolicyAllow,
+                1 => EventReason::PolicyDeny,
+                2 => EventReason::DefaultDeny,
+                3 => EventReason::Spoofed,
+                4 => EventReason::Fragment,
+                _ => EventReason::Malformed,
+            },
+            src: layout::addr_from_bytes(r.family, &r.saddr),
+            dst: layout::addr_from_bytes(r.family, &r.daddr),
+            proto: r.proto,
+            sport: r.sport,
+            dport: r.dport,
+            src_identity: r.src_identity,
+            dst_identity: r.dst_identity,
+            rule: (r.rule != layout::RULE_NONE).then_some(r.rule),
+        }
+    }
+}
+
+fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| DatapathError::Other(format!("{}: path contains a NUL byte", path.display())))?;
+    // SAFETY: `fd` is a valid BPF object fd and `c` a NUL-terminated path.
+    let r = unsafe { libbpf_rs::libbpf_sys::bpf_obj_pin(fd, c.as_ptr()) };
+    if r < 0 {
+        return Err(DatapathError::Kernel {
+            op: format!("pin {}", path.display()),
+            source: std::io::Error::from_raw_os_error(-r),
+        });
+    }
+    Ok(())
+}
+
+fn read_state(map: &impl MapCore) -> Result<StateValue, DatapathError> {
+    let raw = map
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .map_err(kerr("read netpol_state_v1"))?
+        .ok_or_else(|| DatapathError::Other("netpol_state_v1 has no entry 0".into()))?;
+    layout::from_bytes::<StateValue>(&raw)
+        .ok_or_else(|| DatapathError::Other("netpol_state_v1: unexpected value size".into()))
+}
+
+fn write_state(map: &impl MapCore, s: &StateValue) -> Result<(), DatapathError> {
+    map.update(&0u32.to_ne_bytes(), layout::bytes_of(s), MapFlags::ANY)
+        .map_err(kerr("flip netpol_state_v1"))
+}
+
+impl Datapath for KernelDatapath {
+    fn apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError> {
+        self.try_apply(state, attachments)
+    }
+
+    fn sync_attachments(&mut self, attachments: &[Attachment]) -> Result<(), DatapathError> {
+        let desired: BTreeSet<u32> = attachments.iter().map(|a| a.ifindex).collect();
+        let current: Vec<(u32, AttachMode)> = self.attached.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut first_err = None;
+        for (ifindex, mode) in current {
+            if !desired.contains(&ifindex) || !self.attachment_live(ifindex, mode) {
+                if let Err(e) = self.detach_device(ifindex, mode) {
+                    first_err.get_or_insert(e);
+                }
+                self.attached.remove(&ifindex);
+                self.clsact_netns.remove(&ifindex);
+            }
+        }
+        for ifindex in desired {
+            if self.attached.contains_key(&ifindex) {
+                continue;
+            }
+            match self.attach_device(ifindex) {
+                Ok(mode) => {
+                    self.attached.insert(ifindex, mode);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn poll_events(&mut self, max: usize) -> Vec<VerdictEvent> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return out;
+        }
+        let mut builder = RingBufferBuilder::new();
+        let added = builder.add(&self.skel().maps.netpol_events_v1, |data: &[u8]| {
+            if let Some(r) = layout::from_bytes::<EventRecord>(data) {
+                out.push(Self::event_from_record(&r));
+            }
+            0
+        });
+        if added.is_err() {
+            return Vec::new();
+        }
+        if let Ok(rb) = builder.build() {
+            let _ = rb.consume_raw_n(max);
+        }
+        out
+    }
+
+    fn counters(&self) -> BTreeMap<u32, Counters> {
+        let map = &self.skel().maps.netpol_counters_v1;
+        let mut out = BTreeMap::new();
+        let slots: Vec<u32> = if self.slots.is_empty() {
+            (0..self.settings.endpoint_max_entries).collect()
+        } else {
+            self.slots.iter().copied().collect()
+        };
+        for slot in slots {
+            let Ok(Some(per_cpu)) = map.lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY) else { continue };
+            let mut c = Counters::default();
+            for raw in per_cpu {
+                if let Some(v) = layout::from_bytes::<layout::CountersValue>(&raw) {
+                    c.allowed += v.allowed;
+                    c.denied_policy += v.denied_policy;
+                    c.denied_default += v.denied_default;
+                    c.denied_spoof += v.denied_spoof;
+                    c.denied_other += v.denied_other;
+                    c.audit += v.audit;
+                }
+            }
+            if self.slots.contains(&slot) || c != Counters::default() {
+                out.insert(slot, c);
+            }
+        }
+        out
+    }
+
+    fn detach_all(&mut self) -> Result<(), DatapathError> {
+        let mut first_err = None;
+        let current: Vec<(u32, AttachMode)> = self.attached.iter().map(|(k, v)| (*k, *v)).collect();
+        for (ifindex, mode) in current {
+            if let Err(e) = self.detach_device(ifindex, mode) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.attached.clear();
+        self.clsact_netns.clear();
+        if self.pin_dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+                first_err.get_or_insert(ioerr(format!("remove {}", self.pin_dir.display()))(e));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
