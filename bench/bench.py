@@ -545,18 +545,23 @@ def run_datapath(args, contenders, unavailable, raw):
                 topo_up()
                 servers = None
                 try:
+                    servers = Servers()
+                    # paired baseline: the same topology with no filter, seconds before the
+                    # contender's own figure (for "nofilter" itself: the noise floor of pairing)
+                    rec["udp_pps_base"] = measure_udp(args.run_secs, args.udp_runs)["rx_pps"]
                     t0 = time.monotonic()
                     c.install(n)
                     rec["install_s"] = time.monotonic() - t0
-                    servers = Servers()
                     check_flow(None if (c.name == "nofilter" or n == 0) else False)
-                    rec["tcp_gbps"] = measure_tcp(args.run_secs, 2)
-                    udp = measure_udp(args.run_secs, 3)
+                    udp = measure_udp(args.run_secs, args.udp_runs)
                     rec["udp_pps"] = udp["rx_pps"]
                     rec["udp_tx_pps"] = udp["tx_pps"]
+                    rec["udp_rel"] = rec["udp_pps"] / rec["udp_pps_base"] if rec["udp_pps_base"] else None
+                    rec["tcp_gbps"] = measure_tcp(args.run_secs, args.tcp_runs)
                     rr = measure_rr(secs)
                     rec["rr_p50_us"], rec["rr_p99_us"], rec["rr_count"] = rr["p50_us"], rr["p99_us"], rr["count"]
-                    log(f"  tcp {rec['tcp_gbps']:.2f} Gbit/s, udp {rec['udp_pps'] / 1e3:.1f} kpps rx, "
+                    log(f"  tcp {rec['tcp_gbps']:.2f} Gbit/s, udp {rec['udp_pps'] / 1e3:.1f} kpps rx "
+                        f"(x{rec['udp_rel']:.2f} of {rec['udp_pps_base'] / 1e3:.1f} unfiltered just before), "
                         f"rr p50 {rec['rr_p50_us']:.0f} us p99 {rec['rr_p99_us']:.0f} us")
                 except Exception as e:  # one failed block must not lose the run
                     rec["error"] = str(e)[:600]
@@ -884,7 +889,8 @@ def aggregate(raw):
         if "error" in rec:
             continue
         a = agg.setdefault((rec["contender"], rec["rules"]), {"tcp_gbps": [], "udp_pps": [], "rr_p50_us": [],
-                                                              "rr_p99_us": []})
+                                                              "rr_p99_us": [], "udp_rel": [],
+                                                              "udp_pps_base": []})
         for k in a:
             a[k].append(rec.get(k))
     return {key: {k: median(v) for k, v in m.items()} | {"reps": len(m["udp_pps"])} for key, m in agg.items()}
@@ -913,13 +919,33 @@ def summarize(raw, unavailable):
         else:
             s[key] = va / vb
 
-    ratio("udp_pps_ratio_vs_nofilter_10k", "netpol", "nofilter", "udp_pps")
-    ratio("udp_pps_ratio_vs_iptables_10k", "netpol", "iptables", "udp_pps")
-    ratio("udp_pps_ratio_vs_nftables_10k", "netpol", "nftables", "udp_pps")
+    # Small-packet ratios are paired: each block measures the unfiltered rate on the same
+    # topology seconds before the contender's (udp_rel = contender / that baseline); the ratio
+    # to no filter is netpol's median udp_rel, and the ratio to another contender is the ratio
+    # of their median udp_rel. Ratios of plain medians are kept as *_unpaired.
+    def paired(key, a, b, n=10000):
+        ra = agg.get((a, n), {}).get("udp_rel")
+        rb = 1.0 if b == "nofilter" else agg.get((b, n), {}).get("udp_rel")
+        if ra is None or not rb:
+            missing = a if ra is None else b
+            errs = sorted(set(e[:160] for e in errors_for(raw, missing, n)))
+            s[key] = None
+            s[key + "_reason"] = f"{missing} at N={n}: " + (unavailable.get(missing) or "; ".join(errs)
+                                                             or "not measured")
+        else:
+            s[key] = ra / rb
+
+    paired("udp_pps_ratio_vs_nofilter_10k", "netpol", "nofilter")
+    paired("udp_pps_ratio_vs_iptables_10k", "netpol", "iptables")
+    paired("udp_pps_ratio_vs_nftables_10k", "netpol", "nftables")
+    ratio("udp_pps_ratio_vs_nofilter_10k_unpaired", "netpol", "nofilter", "udp_pps")
+    ratio("udp_pps_ratio_vs_iptables_10k_unpaired", "netpol", "iptables", "udp_pps")
+    ratio("udp_pps_ratio_vs_nftables_10k_unpaired", "netpol", "nftables", "udp_pps")
+    s["nofilter_paired_udp_ratio_10k"] = agg.get(("nofilter", 10000), {}).get("udp_rel")
     ratio("tcp_gbps_ratio_vs_nofilter_10k", "netpol", "nofilter", "tcp_gbps")
     # the same ratios for the conventional contenders, for context
-    ratio("iptables_udp_pps_ratio_vs_nofilter_10k", "iptables", "nofilter", "udp_pps")
-    ratio("nftables_udp_pps_ratio_vs_nofilter_10k", "nftables", "nofilter", "udp_pps")
+    paired("iptables_udp_pps_ratio_vs_nofilter_10k", "iptables", "nofilter")
+    paired("nftables_udp_pps_ratio_vs_nofilter_10k", "nftables", "nofilter")
 
     lk = raw.get("lookup", {})
     pts = lk.get("ns_per_packet") or {}
@@ -1071,8 +1097,9 @@ def write_page(raw, summary, agg, unavailable, args):
     L.append("- **nftables**: one forward chain, policy DROP, two lookups in one concatenated set "
              "`saddr . daddr . l4proto . dport` (and its reverse for replies) holding the same N tuples — "
              "the strongest conventional layout. N = 0: an empty chain with policy accept.\n")
-    L.append(f"Per block: TCP throughput (`iperf3`, one stream, best of 2 runs of {meta['run_secs']} s), "
-             f"small-packet rate (`iperf3 -u -l 64 -b 0 -w 4M`, best of 3 runs of {meta['run_secs']} s, packets "
+    L.append(f"Per block: TCP throughput (`iperf3`, one stream, best of {meta['tcp_runs']} run(s) of "
+             f"{meta['run_secs']} s), small-packet rate (`iperf3 -u -l 64 -b 0 -w 4M`, best of {meta['udp_runs']} "
+             f"runs of {meta['run_secs']} s, packets "
              "*received* per second = sent − lost; best-of because background load only ever lowers a figure), "
              f"request/response latency (`bench/pingpong.c`, 64-byte request and response over one TCP "
              f"connection, {meta['secs']} s, p50 and p99). Before measuring, each block checks that the "
@@ -1111,23 +1138,31 @@ def write_page(raw, summary, agg, unavailable, args):
     L.append("")
     L.append("## Datapath\n")
     L.append("![UDP small-packet rate and TCP throughput against rule count](benchmarks.svg)\n")
-    L.append("| N rules | contender | UDP 64 B rx kpps | TCP Gbit/s | RR p50 µs | RR p99 µs | reps |")
-    L.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    L.append("| N rules | contender | UDP 64 B rx kpps | UDP vs unfiltered just before | TCP Gbit/s | RR p50 µs | "
+             "RR p99 µs | reps |")
+    L.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in rules:
         for c in CONTENDERS:
             a = agg.get((c, n))
             if a is None:
                 errs = errors_for(raw, c, n)
                 why = unavailable.get(c) and "not available" or (errs and f"failed: {errs[0][:120]}") or "—"
-                L.append(f"| {n:,} | {LABELS[c]} | {why} | | | | 0 |")
+                L.append(f"| {n:,} | {LABELS[c]} | {why} | | | | | 0 |")
                 continue
             L.append(f"| {n:,} | {LABELS[c]} | {fmt(a['udp_pps'] / 1e3 if a['udp_pps'] else None, 1)} | "
-                     f"{fmt(a['tcp_gbps'])} | {fmt(a['rr_p50_us'], 0)} | {fmt(a['rr_p99_us'], 0)} | {a['reps']} |")
+                     f"{fmt(a.get('udp_rel'), 2)} | {fmt(a['tcp_gbps'])} | {fmt(a['rr_p50_us'], 0)} | {fmt(a['rr_p99_us'], 0)} | {a['reps']} |")
     L.append("")
     L.append("Ratios at N = 10,000 (same run):\n")
+    L.append("Small-packet ratios are *paired*: every block first measures the unfiltered rate on its fresh "
+             "topology, then installs the contender and measures again; a contender's figure is the median of "
+             "its own/unfiltered quotients, and netpol against another contender is the quotient of the two. "
+             "`nofilter_paired_udp_ratio_10k` (no filter against itself) shows how far from 1 pairing alone "
+             "lands. The `_unpaired` ratios divide plain medians across blocks.\n")
     for k in ("udp_pps_ratio_vs_nofilter_10k", "udp_pps_ratio_vs_iptables_10k", "udp_pps_ratio_vs_nftables_10k",
               "tcp_gbps_ratio_vs_nofilter_10k", "iptables_udp_pps_ratio_vs_nofilter_10k",
-              "nftables_udp_pps_ratio_vs_nofilter_10k"):
+              "nftables_udp_pps_ratio_vs_nofilter_10k", "nofilter_paired_udp_ratio_10k",
+              "udp_pps_ratio_vs_nofilter_10k_unpaired", "udp_pps_ratio_vs_iptables_10k_unpaired",
+              "udp_pps_ratio_vs_nftables_10k_unpaired"):
         v = summary.get(k)
         L.append(f"- `{k}`: {fmt(v, 3)}" + (f" ({summary.get(k + '_reason')})" if v is None else ""))
     L.append("")
@@ -1193,7 +1228,8 @@ def machine_meta(args):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"quick": args.quick, "reps": args.reps, "secs": args.secs, "run_secs": args.run_secs, "rules": args.rules,
+    return {"quick": args.quick, "reps": args.reps, "secs": args.secs, "run_secs": args.run_secs,
+            "udp_runs": args.udp_runs, "tcp_runs": args.tcp_runs, "rules": args.rules,
             "nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu,
             "iptables_version": tool_version(["iptables", "-V"]), "nft_version": tool_version(["nft", "-v"]),
             "iperf3_version": tool_version(["iperf3", "-v"]),
@@ -1209,7 +1245,7 @@ def main():
     ap.add_argument("--reps", type=int)
     ap.add_argument("--secs", type=int)
     ap.add_argument("--changes", type=int)
-    ap.add_argument("--run-secs", type=int, help="seconds per iperf3 run (TCP best of 2, UDP best of 3)")
+    ap.add_argument("--run-secs", type=int, help="seconds per iperf3 run (best of 3 UDP and 2 TCP runs; 2 and 1 with --quick)")
     ap.add_argument("--rules", help="comma-separated rule counts (default 0,100,1000,10000,100000)")
     ap.add_argument("--only", help="comma-separated contenders (default all)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,lookup,control")
@@ -1223,6 +1259,8 @@ def main():
     args.secs = args.secs or (2 if args.quick else 5)
     args.changes = args.changes or (20 if args.quick else 100)
     args.run_secs = args.run_secs or (1 if args.quick else 3)
+    args.udp_runs = 2 if args.quick else 3
+    args.tcp_runs = 1 if args.quick else 2
     args.rules = [int(x) for x in args.rules.split(",")] if args.rules else [0, 100, 1000, 10000, 100000]
     skip = set(filter(None, args.skip.split(",")))
     only = set(args.only.split(",")) if args.only else set(CONTENDERS)
