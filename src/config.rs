@@ -1,12 +1,23 @@
-//! `netpold.toml` (DESIGN §3.3): every key optional, defaults in code.
+//! `netpold.toml` (DESIGN §3.3): every key optional, defaults in code, unknown keys
+//! and wrong values are errors naming the file, the position and the key.
+//!
+//! This module only reads and validates the file and derives the settings other
+//! modules take ([`DatapathSettings`], [`CompileOptions`]); it starts nothing.
+//! The shipped `etc/netpol/netpold.toml` lists every key commented out with its
+//! default, and a test keeps it equal to [`Config::default`].
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::DatapathSettings;
+use crate::policy::compile::CompileOptions;
+use crate::policy::types::{proto, Direction};
 
 pub const DEFAULT_CONFIG: &str = "/etc/netpol/netpold.toml";
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub policy_dir: PathBuf,
@@ -16,6 +27,25 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Empty = the hostname.
     pub node_name: String,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    pub established: Established,
+    /// Global policy audit mode: would-be drops pass and are reported as audit.
+    pub audit: bool,
+    pub allow_localhost: AllowLocalhost,
+    /// Quiet time after the last file event before a reconcile, for a burst; a
+    /// single change waits a fifth of it (see `watch::Debouncer`).
+    pub debounce_ms: u64,
+    /// Full re-read even without events (safety net for a missed event); 0 = never.
+    pub resync_interval_s: u64,
+    /// Group allowed to use the runtime socket (mode 0660); empty = root only (0600).
+    pub socket_group: String,
+    /// Refuse policy and registry files that are group/world-writable or not owned by root.
+    pub strict_file_modes: bool,
+    pub events: EventsConfig,
+    pub conntrack: ConntrackConfig,
+    pub maps: MapsConfig,
+    pub failsafe: FailsafeConfig,
 }
 
 impl Default for Config {
@@ -27,16 +57,206 @@ impl Default for Config {
             runtime_dir: "/run/netpol".into(),
             state_dir: "/var/lib/netpol".into(),
             node_name: String::new(),
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Auto,
+            established: Established::Recheck,
+            audit: false,
+            allow_localhost: AllowLocalhost::Policy,
+            debounce_ms: 50,
+            resync_interval_s: 60,
+            socket_group: String::new(),
+            strict_file_modes: true,
+            events: EventsConfig::default(),
+            conntrack: ConntrackConfig::default(),
+            maps: MapsConfig::default(),
+            failsafe: FailsafeConfig::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when started by systemd (`JOURNAL_STREAM` set), terminal otherwise.
+    Auto,
+    Terminal,
+    Json,
+    Journald,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Established {
+    /// Established connections are judged again after a policy change.
+    Recheck,
+    /// Established connections survive a policy change.
+    Keep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllowLocalhost {
+    /// Host → local workload is subject to policy (`fromEntities: [host]`).
+    Policy,
+    /// Host → local workload always passes.
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Report 1 in N allowed new flows (0 = none); drops are always reported.
+    pub allow_sample_rate: u32,
+    /// At most this many verdict events per second per CPU.
+    pub events_per_sec: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { allow_sample_rate: 0, events_per_sec: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConntrackConfig {
+    pub max_entries: u32,
+    /// TCP before the first reply.
+    pub tcp_syn_timeout_s: u32,
+    /// Established TCP.
+    pub tcp_established_timeout_s: u32,
+    /// TCP after FIN or RST.
+    pub tcp_close_timeout_s: u32,
+    /// UDP, ICMP and every other protocol.
+    pub other_timeout_s: u32,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        // Cilium's defaults: 6 h for established TCP, 60 s for SYN and non-TCP, 10 s after FIN.
+        ConntrackConfig {
+            max_entries: 65536,
+            tcp_syn_timeout_s: 60,
+            tcp_established_timeout_s: 21600,
+            tcp_close_timeout_s: 10,
+            other_timeout_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapsConfig {
+    pub ipcache_max_entries: u32,
+    pub policy_max_entries: u32,
+    pub endpoint_max_entries: u32,
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        MapsConfig { ipcache_max_entries: 65536, policy_max_entries: 262144, endpoint_max_entries: 4096 }
+    }
+}
+
+/// Ports a host endpoint always passes, whatever the host policy says (Calico's
+/// failsafe ports), written `"tcp:22"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailsafeConfig {
+    pub inbound: Vec<ProtoPort>,
+    pub outbound: Vec<ProtoPort>,
+}
+
+impl Default for FailsafeConfig {
+    fn default() -> Self {
+        let pp = |proto, port| ProtoPort { proto, port };
+        FailsafeConfig {
+            inbound: vec![pp(proto::TCP, 22), pp(proto::UDP, 68)],
+            outbound: vec![pp(proto::UDP, 53), pp(proto::UDP, 67), pp(proto::TCP, 53)],
+        }
+    }
+}
+
+/// `"tcp:22"`, `"udp:53"`, `"sctp:9"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProtoPort {
+    pub proto: u8,
+    pub port: u16,
+}
+
+impl TryFrom<String> for ProtoPort {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not PROTOCOL:PORT with PROTOCOL tcp, udp or sctp (e.g. \"tcp:22\")");
+        let (p, port) = s.split_once(':').ok_or_else(bad)?;
+        let proto = match p.to_ascii_lowercase().as_str() {
+            "tcp" => proto::TCP,
+            "udp" => proto::UDP,
+            "sctp" => proto::SCTP,
+            _ => return Err(bad()),
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(ProtoPort { proto, port })
+    }
+}
+
+impl From<ProtoPort> for String {
+    fn from(p: ProtoPort) -> String {
+        p.to_string()
+    }
+}
+
+impl fmt::Display for ProtoPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.proto {
+            proto::TCP => "tcp",
+            proto::UDP => "udp",
+            proto::SCTP => "sctp",
+            _ => "?",
+        };
+        write!(f, "{name}:{}", self.port)
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `path:line:column: key: message`, the parts known.
+    #[error("{}", fmt_parse(.path, *.line, *.column, .key.as_deref(), .message))]
+    Parse { path: PathBuf, line: Option<usize>, column: Option<usize>, key: Option<String>, message: String },
+}
+
+fn fmt_parse(path: &Path, line: Option<usize>, column: Option<usize>, key: Option<&str>, message: &str) -> String {
+    let mut s = path.display().to_string();
+    if let (Some(l), Some(c)) = (line, column) {
+        s.push_str(&format!(":{l}:{c}"));
+    }
+    s.push_str(": ");
+    if let Some(k) = key {
+        s.push_str(k);
+        s.push_str(": ");
+    }
+    s.push_str(message);
+    s
 }
 
 impl Config {
@@ -49,10 +269,236 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
         };
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+        Config::parse(path, &text)
+    }
+
+    /// Parse config text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            column: None,
+            key: Some(key.to_string()),
+            message,
+        };
+        for (key, p) in [("policy_dir", &self.policy_dir), ("pin_dir", &self.pin_dir), ("runtime_dir", &self.runtime_dir), ("state_dir", &self.state_dir)] {
+            if p.as_os_str().is_empty() {
+                return Err(err(key, "must not be empty".into()));
+            }
+        }
+        if self.endpoint_dirs.iter().any(|d| d.as_os_str().is_empty()) {
+            return Err(err("endpoint_dirs", "an entry is empty".into()));
+        }
+        if self.debounce_ms > 10_000 {
+            return Err(err("debounce_ms", format!("{} is more than 10000", self.debounce_ms)));
+        }
+        for (key, v) in [
+            ("conntrack.max_entries", self.conntrack.max_entries),
+            ("maps.ipcache_max_entries", self.maps.ipcache_max_entries),
+            ("maps.policy_max_entries", self.maps.policy_max_entries),
+            ("maps.endpoint_max_entries", self.maps.endpoint_max_entries),
+        ] {
+            if v == 0 {
+                return Err(err(key, "must be at least 1".into()));
+            }
+        }
+        Ok(())
     }
 
     pub fn socket_path(&self) -> PathBuf {
         self.runtime_dir.join("netpold.sock")
+    }
+
+    /// `node_name`, or the hostname when it is empty.
+    pub fn node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        hostname()
+    }
+
+    pub fn datapath_settings(&self) -> DatapathSettings {
+        let mut failsafe = Vec::new();
+        for p in &self.failsafe.inbound {
+            failsafe.push((Direction::Ingress, p.proto, p.port));
+        }
+        for p in &self.failsafe.outbound {
+            failsafe.push((Direction::Egress, p.proto, p.port));
+        }
+        DatapathSettings {
+            recheck_established: self.established == Established::Recheck,
+            allow_sample_rate: self.events.allow_sample_rate,
+            events_per_sec: self.events.events_per_sec,
+            ct_max_entries: self.conntrack.max_entries,
+            ipcache_max_entries: self.maps.ipcache_max_entries,
+            policy_max_entries: self.maps.policy_max_entries,
+            endpoint_max_entries: self.maps.endpoint_max_entries,
+            failsafe,
+            ct_timeout_syn_secs: self.conntrack.tcp_syn_timeout_s,
+            ct_timeout_established_secs: self.conntrack.tcp_established_timeout_s,
+            ct_timeout_close_secs: self.conntrack.tcp_close_timeout_s,
+            ct_timeout_other_secs: self.conntrack.other_timeout_s,
+        }
+    }
+
+    #[allow(clippy::needless_update)] // the core may add fields with defaults
+    pub fn compile_options(&self) -> CompileOptions {
+        CompileOptions {
+            node_name: self.node_name(),
+            audit: self.audit,
+            allow_localhost: self.allow_localhost == AllowLocalhost::Always,
+            ..CompileOptions::default()
+        }
+    }
+}
+
+/// The host's name as the kernel reports it (UTS namespace).
+pub fn hostname() -> String {
+    match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// Turn a toml error into `file:line:col: key: message`. The key is the dotted path
+/// of the table and key on the line the error points at.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let (mut line, mut column, mut key) = (None, None, None);
+    if let Some(span) = e.span() {
+        let start = span.start.min(text.len());
+        let before = &text[..start];
+        let l = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        line = Some(l);
+        column = Some(before[line_start..].chars().count() + 1);
+        let line_text = text[line_start..].lines().next().unwrap_or("");
+        let table = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('[') && l.ends_with(']'))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        if let Some((k, _)) = line_text.split_once('=') {
+            let k = k.trim().trim_matches('"');
+            if !k.is_empty() && !k.starts_with('#') {
+                key = Some(match &table {
+                    Some(t) => format!("{t}.{k}"),
+                    None => k.to_string(),
+                });
+            }
+        }
+    }
+    let message = e.message().trim().to_string();
+    // serde names an unknown key itself ("unknown field `x`"); qualify it by its table.
+    ConfigError::Parse { path: path.to_path_buf(), line, column, key, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("/etc/netpol/netpold.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let e = parse("policy_dir = \"/x\"\npolicy_dri = \"/y\"\n").unwrap_err();
+        assert!(e.starts_with("/etc/netpol/netpold.toml:2:1: policy_dri: unknown field `policy_dri`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_table_is_named() {
+        let e = parse("[maps]\npolicy_entries = 3\n").unwrap_err();
+        assert!(e.starts_with("/etc/netpol/netpold.toml:2:1: maps.policy_entries: unknown field `policy_entries`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_value_is_named() {
+        let e = parse("log_level = \"loud\"\n").unwrap_err();
+        assert!(e.starts_with("/etc/netpol/netpold.toml:1:13: log_level: unknown variant `loud`"), "{e}");
+        let e = parse("debounce_ms = \"fast\"\n").unwrap_err();
+        assert!(e.contains(": debounce_ms: invalid type: string \"fast\""), "{e}");
+        let e = parse("[failsafe]\ninbound = [\"tcp:22\", \"icmp:1\"]\n").unwrap_err();
+        assert!(e.contains("failsafe.inbound: \"icmp:1\" is not PROTOCOL:PORT"), "{e}");
+        let e = parse("[maps]\nipcache_max_entries = 0\n").unwrap_err();
+        assert_eq!(e, "/etc/netpol/netpold.toml: maps.ipcache_max_entries: must be at least 1");
+    }
+
+    #[test]
+    fn failsafe_may_be_emptied() {
+        let c = parse("[failsafe]\ninbound = []\noutbound = []\n").unwrap();
+        assert!(c.datapath_settings().failsafe.is_empty());
+        let d = Config::default().datapath_settings();
+        assert_eq!(
+            d.failsafe,
+            vec![
+                (Direction::Ingress, proto::TCP, 22),
+                (Direction::Ingress, proto::UDP, 68),
+                (Direction::Egress, proto::UDP, 53),
+                (Direction::Egress, proto::UDP, 67),
+                (Direction::Egress, proto::TCP, 53),
+            ]
+        );
+        assert!(d.recheck_established);
+    }
+
+    #[test]
+    fn settings_follow_the_keys() {
+        let c = parse("established = \"keep\"\naudit = true\nallow_localhost = \"always\"\nnode_name = \"n1\"\n[events]\nallow_sample_rate = 7\n").unwrap();
+        let d = c.datapath_settings();
+        assert!(!d.recheck_established);
+        assert_eq!(d.allow_sample_rate, 7);
+        let o = c.compile_options();
+        assert_eq!((o.node_name.as_str(), o.audit, o.allow_localhost), ("n1", true, true));
+        assert!(!parse("").unwrap().node_name().is_empty());
+    }
+
+    /// The shipped file, with its `#key = value` lines uncommented, is exactly the
+    /// defaults, and names every key.
+    #[test]
+    fn shipped_file_lists_every_key_with_its_default() {
+        let shipped = include_str!("../etc/netpol/netpold.toml");
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with(' ') && !rest.starts_with('#') && !rest.is_empty() => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let parsed = parse(&uncommented).unwrap();
+        assert_eq!(parsed, Config::default());
+        // Every key of the defaults appears in the file (serde fills missing ones).
+        let written: toml::Table = toml::from_str(&uncommented).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        fn keys(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let name = format!("{prefix}{k}");
+                if let toml::Value::Table(sub) = v {
+                    keys(sub, &format!("{name}."), out);
+                }
+                out.push(name);
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys(&defaults, "", &mut want);
+        keys(&written, "", &mut have);
+        want.sort();
+        have.sort();
+        assert_eq!(have, want);
+        // And nothing in it is live: the shipped file itself parses to the defaults too.
+        assert_eq!(parse(shipped).unwrap(), Config::default());
     }
 }

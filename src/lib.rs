@@ -7,8 +7,12 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod identity;
 pub mod labels;
+pub mod logging;
+pub mod netlink;
 pub mod policy;
 pub mod registry;
+pub mod watch;

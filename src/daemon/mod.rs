@@ -1,0 +1,756 @@
+//! netpold's reconcile loop: level-triggered, one task, owns the datapath.
+//!
+//! Every trigger — a file event (debounced), a link event, a reload, the resync
+//! timer, a datapath retry — re-reads both input sets, compiles, and when the
+//! result (state and attachments) differs from what is installed, applies it and
+//! syncs the attachments. Invalid input keeps the last valid set of that kind
+//! (DESIGN §4.1); the last applied files are saved under `state_dir` and used at
+//! start when the live files are invalid. Datapath errors are retried with backoff
+//! and never stop the loop. Shutdown and reload are parameters, so tests drive the
+//! real loop ([`run_with`]) with fakes.
+//!
+//! Must not: block on a client (the socket server runs in its own tasks), touch
+//! the kernel other than through [`Datapath`] and [`Links`], or tear enforcement
+//! down on exit (pins stay; `netpold --detach` removes them).
+
+pub mod cache;
+pub mod lastgood;
+pub mod sdnotify;
+pub mod server;
+pub mod status;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use slog::Logger;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::api::model::{Interface, PolicySet, RegistrySet};
+use crate::api::Problem;
+use crate::config::Config;
+use crate::datapath::{Attachment, Datapath, VerdictEvent};
+use crate::netlink::{LinkTable, Links, NetlinkError};
+use crate::policy::compile::CompileOptions;
+use crate::policy::types::{Compiled, Direction};
+use crate::watch::{Debouncer, DirWatcher, WatchError, WatchEvent};
+
+use lastgood::{Kind, LastGood};
+use sdnotify::Notifier;
+use server::{Query, ServerError, Shared};
+use status::{CountersView, EndpointView, FileError, MonitorEvent, RuleView, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("runtime socket: {0}")]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("interfaces: {0}")]
+    Netlink(#[from] NetlinkError),
+}
+
+pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
+pub type LoadRegistry = fn(&[PathBuf]) -> Result<RegistrySet, Vec<Problem>>;
+pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Compiled;
+
+/// How the input files are read.
+#[derive(Clone, Copy)]
+pub enum Loader {
+    /// The real parser, re-parsing only files that changed ([`cache::LoadCache`]).
+    Parser,
+    /// Other functions (tests put simpler stand-ins here).
+    Custom(LoadPolicies, LoadRegistry),
+}
+
+/// The pure stages the loop runs: the real parser and core by default.
+#[derive(Clone, Copy)]
+pub struct Pipeline {
+    pub loader: Loader,
+    pub compile: CompileFn,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::compile }
+    }
+}
+
+impl Pipeline {
+    /// Load without the cache (saved copies, verification).
+    fn load_policies(&self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
+        match self.loader {
+            Loader::Parser => crate::api::load_policy_dir(dir),
+            Loader::Custom(p, _) => p(dir),
+        }
+    }
+
+    fn load_registry(&self, dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
+        match self.loader {
+            Loader::Parser => crate::api::load_endpoint_dirs(dirs),
+            Loader::Custom(_, r) => r(dirs),
+        }
+    }
+}
+
+/// Everything [`run_with`] takes besides the config, the kernel sides and shutdown.
+pub struct Options {
+    pub log: Logger,
+    pub notifier: Notifier,
+    /// One message per reload request (SIGHUP in the binary).
+    pub reload: mpsc::UnboundedReceiver<()>,
+    pub pipeline: Pipeline,
+    /// How often verdict events are read from the datapath.
+    pub event_poll: Duration,
+    /// The channel the directory watcher reports on.
+    watch_tx: mpsc::UnboundedSender<WatchEvent>,
+    watch_rx: mpsc::UnboundedReceiver<WatchEvent>,
+}
+
+impl Options {
+    pub fn new(log: Logger, notifier: Notifier, reload: mpsc::UnboundedReceiver<()>) -> Options {
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        Options {
+            log,
+            notifier,
+            reload,
+            pipeline: Pipeline::default(),
+            event_poll: Duration::from_millis(100),
+            watch_tx,
+            watch_rx,
+        }
+    }
+
+    /// Report watch events as the directory watcher does (tests: a lost-events
+    /// `Rescan` that no file change can provoke on demand).
+    pub fn watch_sender(&self) -> mpsc::UnboundedSender<WatchEvent> {
+        self.watch_tx.clone()
+    }
+}
+
+/// Run the daemon until `shutdown` resolves. Enforcement stays in place afterwards.
+pub async fn run_with<D: Datapath, L: Links>(
+    config: Config,
+    datapath: D,
+    mut links: L,
+    opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let Options { log, notifier, mut reload, pipeline, event_poll, watch_tx: fs_tx, watch_rx: mut fs_rx } = opts;
+    let copts = config.compile_options();
+    let node = copts.node_name.clone();
+    let socket_path = config.socket_path();
+    let listener = server::bind(&socket_path, &config.socket_group)?;
+    let (status_tx, status_rx) = watch::channel(Status { node: node.clone(), ..Status::default() });
+    let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
+    let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        Shared { status: status_rx, events: events_tx.clone(), queries: query_tx },
+        log.new(slog::o!("component" => "socket")),
+    ));
+    // From here on the socket must go away whatever happens.
+    let _socket_guard = RemoveOnDrop(socket_path.clone(), server_task);
+
+    let mut link_rx = links.subscribe(&log).await?;
+    let mut targets = vec![config.policy_dir.clone()];
+    targets.extend(config.endpoint_dirs.iter().cloned());
+    let watcher = DirWatcher::new(targets, fs_tx)?;
+
+    let log = log.new(slog::o!("component" => "reconcile"));
+    slog::info!(log, "netpold starting"; "node" => &node, "policy_dir" => %config.policy_dir.display(),
+        "pin_dir" => %config.pin_dir.display(), "socket" => %socket_path.display(), "generation" => datapath.generation());
+    let mut d = Reconciler {
+        copts,
+        last_good: LastGood::new(&config.state_dir),
+        cache: cache::LoadCache::default(),
+        debouncer: Debouncer::new(Duration::from_millis(config.debounce_ms)),
+        resync: Duration::from_secs(config.resync_interval_s),
+        config,
+        pipeline,
+        log,
+        datapath,
+        notifier,
+        watcher,
+        status_tx,
+        events_tx,
+        links: link_rx.borrow_and_update().clone(),
+        policies: None,
+        registry: None,
+        saved_policies: None,
+        saved_registry: None,
+        installed: None,
+        problems: Vec::new(),
+        logged_problems: Vec::new(),
+        ready: false,
+        retry: None,
+        datapath_error: None,
+        state_error: None,
+        last_apply_ms: None,
+        save_at: None,
+    };
+    d.reconcile("start");
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut links_open = true;
+    let mut reload_open = true;
+    let mut queries_open = true;
+    let mut next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
+    let mut events = tokio::time::interval(event_poll);
+    events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watchdog_every = d.notifier.watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        let debounce_at = d.debouncer.deadline().map(Instant::from_std);
+        let retry_at = d.retry.map(|(at, _)| at);
+        let save_at = d.save_at;
+        let cause = tokio::select! {
+            _ = &mut shutdown => break,
+            ev = fs_rx.recv() => {
+                if ev == Some(WatchEvent::Rescan) {
+                    slog::info!(d.log, "file events were lost; rescanning");
+                }
+                d.debouncer.poke(std::time::Instant::now());
+                continue;
+            }
+            r = link_rx.changed(), if links_open => {
+                match r {
+                    Ok(()) => {
+                        d.links = link_rx.borrow_and_update().clone();
+                        d.debouncer.poke(std::time::Instant::now());
+                    }
+                    Err(_) => links_open = false,
+                }
+                continue;
+            }
+            r = reload.recv(), if reload_open => {
+                if r.is_none() {
+                    reload_open = false;
+                    continue;
+                }
+                "reload"
+            }
+            _ = sleep_until_opt(debounce_at), if debounce_at.is_some() => "change",
+            _ = sleep_until_opt(retry_at), if retry_at.is_some() => "retry",
+            _ = sleep_until_opt(next_resync), if next_resync.is_some() => "resync",
+            _ = sleep_until_opt(save_at), if save_at.is_some() => {
+                d.save_last_good();
+                continue;
+            }
+            _ = events.tick() => {
+                d.poll_events();
+                continue;
+            }
+            _ = watchdog.tick(), if watchdog_every.is_some() => {
+                d.notifier.watchdog();
+                continue;
+            }
+            q = query_rx.recv(), if queries_open => {
+                match q {
+                    Some(Query::Endpoints(tx)) => { let _ = tx.send(d.endpoint_views()); }
+                    None => queries_open = false,
+                }
+                continue;
+            }
+        };
+        if cause == "reload" {
+            d.notifier.reloading();
+        }
+        d.debouncer.clear();
+        // Every reconcile is a full read: the safety net restarts from here.
+        next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
+        d.reconcile(cause);
+        if cause == "reload" {
+            let line = d.status_line();
+            if d.ready {
+                d.notifier.ready(&line);
+            } else {
+                d.notifier.status(&line);
+            }
+        }
+    }
+    d.notifier.stopping();
+    if d.save_at.is_some() {
+        d.save_last_good();
+    }
+    slog::info!(d.log, "netpold stopping; enforcement stays in place"; "generation" => d.datapath.generation());
+    Ok(())
+}
+
+/// Removes the socket file and stops the server when the loop ends, however it ends.
+struct RemoveOnDrop(PathBuf, tokio::task::JoinHandle<()>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.1.abort();
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A valid input set and where it came from.
+struct Input<T> {
+    set: T,
+    from_last_good: bool,
+}
+
+struct Reconciler<D> {
+    config: Config,
+    copts: CompileOptions,
+    pipeline: Pipeline,
+    log: Logger,
+    datapath: D,
+    notifier: Notifier,
+    watcher: DirWatcher,
+    status_tx: watch::Sender<Status>,
+    events_tx: broadcast::Sender<Arc<str>>,
+    last_good: LastGood,
+    cache: cache::LoadCache,
+    debouncer: Debouncer,
+    resync: Duration,
+    links: LinkTable,
+    policies: Option<Input<PolicySet>>,
+    registry: Option<Input<RegistrySet>>,
+    /// What was last written to state_dir (live files only).
+    saved_policies: Option<PolicySet>,
+    saved_registry: Option<RegistrySet>,
+    /// The state and attachments the datapath holds.
+    installed: Option<(Compiled, Vec<Attachment>)>,
+    problems: Vec<Problem>,
+    logged_problems: Vec<Problem>,
+    ready: bool,
+    /// When to try the datapath again, and the backoff that got us there.
+    retry: Option<(Instant, Duration)>,
+    datapath_error: Option<String>,
+    state_error: Option<String>,
+    last_apply_ms: Option<f64>,
+    /// When to copy the applied files to state_dir.
+    save_at: Option<Instant>,
+}
+
+/// How long after the last apply the applied files are copied to state_dir.
+const SAVE_DELAY: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl<D: Datapath> Reconciler<D> {
+    fn reconcile(&mut self, cause: &str) {
+        let t0 = std::time::Instant::now();
+        if let Err(e) = self.watcher.refresh() {
+            slog::warn!(self.log, "cannot watch a directory; relying on the periodic resync"; "error" => %e);
+        }
+        let mut problems = Vec::new();
+        let policies = match self.pipeline.loader {
+            Loader::Parser => self.cache.policies(&self.config.policy_dir),
+            Loader::Custom(p, _) => p(&self.config.policy_dir),
+        };
+        let parsed = self.cache.last_parsed;
+        match policies {
+            Ok(set) => self.policies = Some(Input { set, from_last_good: false }),
+            Err(p) => {
+                problems.extend(p);
+                if self.policies.is_none() {
+                    self.policies = self.load_last_good_policies();
+                }
+            }
+        }
+        let registry = match self.pipeline.loader {
+            Loader::Parser => self.cache.registry(&self.config.endpoint_dirs),
+            Loader::Custom(_, r) => r(&self.config.endpoint_dirs),
+        };
+        let parsed = parsed + self.cache.last_parsed;
+        match registry {
+            Ok(set) => self.registry = Some(Input { set, from_last_good: false }),
+            Err(p) => {
+                problems.extend(p);
+                if self.registry.is_none() {
+                    self.registry = self.load_last_good_registry();
+                }
+            }
+        }
+        problems.sort();
+        problems.dedup();
+        self.problems = problems;
+        self.log_problems();
+        let load = t0.elapsed();
+
+        let (Some(pol), Some(reg)) = (&self.policies, &self.registry) else {
+            slog::error!(self.log, "no valid policy set or registry and none saved; nothing applied";
+                "problems" => self.problems.len(), "cause" => cause);
+            self.publish();
+            return;
+        };
+        // This host's addresses are identity host, whatever interface they are on.
+        self.copts.host_addresses = self.links.addresses.iter().copied().collect();
+        let t1 = std::time::Instant::now();
+        let compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
+        let compile = t1.elapsed();
+        let attachments = self.attachments(&compiled);
+        let unchanged =
+            self.installed.as_ref().is_some_and(|(c, a)| *c == compiled && *a == attachments) && self.retry.is_none();
+        if unchanged {
+            slog::debug!(self.log, "nothing changed"; "cause" => cause, "load_ms" => ms(load), "files_parsed" => parsed);
+            self.publish();
+            return;
+        }
+        let t2 = std::time::Instant::now();
+        let result = self
+            .datapath
+            .apply(&compiled, &attachments)
+            .and_then(|g| self.datapath.sync_attachments(&attachments).map(|()| g));
+        let apply = t2.elapsed();
+        match result {
+            Ok(generation) => {
+                self.retry = None;
+                self.datapath_error = None;
+                self.last_apply_ms = Some(ms(t0.elapsed()));
+                let local = compiled.endpoints.iter().filter(|e| e.local).count();
+                slog::info!(self.log, "applied generation {}: {} policies, {} endpoints ({} attached, {} pending), {} entries, {} problems, {:.1} ms",
+                    generation, pol.set.policies.len(), compiled.endpoints.len(), attachments.len(), local - attachments.len(),
+                    compiled.entries.len(), self.problems.len(), ms(t0.elapsed());
+                    "generation" => generation, "cause" => cause,
+                    "policies" => pol.set.policies.len(), "endpoints" => compiled.endpoints.len(),
+                    "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
+                    "entries" => compiled.entries.len(), "problems" => self.problems.len(),
+                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply));
+                for a in &attachments {
+                    if let Some(ep) = compiled.endpoints.get(a.slot as usize) {
+                        slog::debug!(self.log, "attached"; "endpoint" => display_name(&ep.namespace, &ep.name),
+                            "ifindex" => a.ifindex, "identity" => ep.identity, "generation" => generation);
+                    }
+                }
+                self.installed = Some((compiled, attachments));
+                // Saved once things have been quiet for a while: copying every file
+                // must not delay the next change.
+                self.save_at = Some(Instant::now() + SAVE_DELAY);
+                let first = !self.ready;
+                self.ready = true;
+                self.publish();
+                let line = self.status_line();
+                if first {
+                    self.notifier.ready(&line);
+                } else {
+                    self.notifier.status(&line);
+                }
+            }
+            Err(e) => {
+                let backoff = self.retry.map(|(_, b)| (b * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+                self.retry = Some((Instant::now() + backoff, backoff));
+                slog::error!(self.log, "datapath refused the new state; the running state is kept";
+                    "error" => %e, "retry_in_ms" => backoff.as_millis() as u64, "cause" => cause);
+                self.datapath_error = Some(e.to_string());
+                // What the kernel holds now is unknown after a failed sync: apply again next time.
+                self.installed = None;
+                self.publish();
+                self.notifier.status(&self.status_line());
+            }
+        }
+    }
+
+    fn load_last_good_policies(&self) -> Option<Input<PolicySet>> {
+        let dirs = self.last_good.dirs(Kind::Policies)?;
+        match self.pipeline.load_policies(&dirs[0]) {
+            Ok(set) => {
+                slog::warn!(self.log, "policy files are invalid; enforcing the last valid copy"; "dir" => %dirs[0].display());
+                Some(Input { set, from_last_good: true })
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn load_last_good_registry(&self) -> Option<Input<RegistrySet>> {
+        let dirs = self.last_good.dirs(Kind::Endpoints)?;
+        match self.pipeline.load_registry(&dirs) {
+            Ok(set) => {
+                slog::warn!(self.log, "registry files are invalid; using the last valid copy";
+                    "dir" => %dirs.first().map(|d| d.display().to_string()).unwrap_or_default());
+                Some(Input { set, from_last_good: true })
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Keep a copy of the live files that just applied, when they differ from the
+    /// copy already kept.
+    fn save_last_good(&mut self) {
+        self.save_at = None;
+        let mut errors = Vec::new();
+        if let Some(p) = self.policies.as_ref().filter(|p| !p.from_last_good) {
+            if self.saved_policies.as_ref() != Some(&p.set) {
+                let pipeline = self.pipeline;
+                match self.last_good.save(Kind::Policies, std::slice::from_ref(&self.config.policy_dir), |d| pipeline.load_policies(&d[0]).is_ok()) {
+                    Ok(true) => self.saved_policies = Some(p.set.clone()),
+                    Ok(false) => slog::debug!(self.log, "policy files changed while being saved; keeping the older copy"),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        if let Some(r) = self.registry.as_ref().filter(|r| !r.from_last_good) {
+            if self.saved_registry.as_ref() != Some(&r.set) {
+                let pipeline = self.pipeline;
+                match self.last_good.save(Kind::Endpoints, &self.config.endpoint_dirs, |d| pipeline.load_registry(d).is_ok()) {
+                    Ok(true) => self.saved_registry = Some(r.set.clone()),
+                    Ok(false) => slog::debug!(self.log, "registry files changed while being saved; keeping the older copy"),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        if errors.is_empty() {
+            if self.state_error.take().is_some() {
+                slog::info!(self.log, "state_dir is writable again");
+            }
+        } else {
+            let msg = errors.join("; ");
+            if self.state_error.as_deref() != Some(&msg) {
+                slog::warn!(self.log, "cannot keep the last valid files; enforcement continues"; "error" => &msg);
+            }
+            self.state_error = Some(msg);
+        }
+        self.publish();
+    }
+
+    /// Log the input problems once each time the set of problems changes.
+    fn log_problems(&mut self) {
+        if self.problems == self.logged_problems {
+            return;
+        }
+        for p in &self.problems {
+            slog::error!(self.log, "{}", p; "file" => %p.file.display());
+        }
+        if self.problems.is_empty() && !self.logged_problems.is_empty() {
+            slog::info!(self.log, "input files are valid again");
+        } else if !self.problems.is_empty() {
+            slog::warn!(self.log, "invalid input; the last valid set stays in force"; "problems" => self.problems.len());
+        }
+        self.logged_problems = self.problems.clone();
+    }
+
+    /// Local endpoints whose interface exists now, by slot. An interface claimed
+    /// twice goes to the first endpoint.
+    fn attachments(&self, compiled: &Compiled) -> Vec<Attachment> {
+        let mut out: Vec<Attachment> = Vec::new();
+        for ep in compiled.endpoints.iter().filter(|e| e.local) {
+            let Some(ifindex) = self.resolve(ep.interface.as_ref(), &ep.addresses) else { continue };
+            if out.iter().any(|a| a.ifindex == ifindex) {
+                slog::warn!(self.log, "interface already enforced for another endpoint; skipped";
+                    "endpoint" => display_name(&ep.namespace, &ep.name), "ifindex" => ifindex);
+                continue;
+            }
+            out.push(Attachment { slot: ep.slot, ifindex });
+        }
+        out.sort();
+        out
+    }
+
+    fn resolve(&self, iface: Option<&Interface>, addresses: &[std::net::IpAddr]) -> Option<u32> {
+        match iface? {
+            Interface::Name(n) => self.links.resolve(n),
+            // The device the first address is routed through (DESIGN §3.2).
+            Interface::Auto => self.links.route_device(*addresses.first()?),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let (endpoints, attached, local) = match &self.installed {
+            Some((c, a)) => (c.endpoints.len(), a.len(), c.endpoints.iter().filter(|e| e.local).count()),
+            None => (0, 0, 0),
+        };
+        let policies_from_last_good = self.policies.as_ref().is_some_and(|p| p.from_last_good);
+        let registry_from_last_good = self.registry.as_ref().is_some_and(|r| r.from_last_good);
+        Status {
+            ready: self.ready,
+            generation: self.datapath.generation(),
+            degraded: !self.problems.is_empty()
+                || self.datapath_error.is_some()
+                || self.policies.is_none()
+                || self.registry.is_none()
+                || policies_from_last_good
+                || registry_from_last_good,
+            errors: self
+                .problems
+                .iter()
+                .map(|p| FileError {
+                    file: p.file.display().to_string(),
+                    line: p.line,
+                    column: p.column,
+                    message: p.to_string(),
+                })
+                .collect(),
+            endpoints,
+            attached,
+            pending: local - attached,
+            policies: self.policies.as_ref().map(|p| p.set.policies.len()).unwrap_or(0),
+            node: self.copts.node_name.clone(),
+            last_apply_ms: self.last_apply_ms,
+            policies_from_last_good,
+            registry_from_last_good,
+            datapath_error: self.datapath_error.clone(),
+            state_error: self.state_error.clone(),
+        }
+    }
+
+    fn publish(&self) {
+        let s = self.status();
+        self.status_tx.send_if_modified(|cur| {
+            if *cur != s {
+                *cur = s;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The systemd STATUS= line.
+    fn status_line(&self) -> String {
+        let s = self.status();
+        let mut line = format!(
+            "generation {}: {} endpoints ({} attached, {} pending), {} policies, {} problems",
+            s.generation,
+            s.endpoints,
+            s.attached,
+            s.pending,
+            s.policies,
+            s.errors.len()
+        );
+        if s.degraded {
+            line.push_str(" (degraded)");
+        }
+        line
+    }
+
+    fn endpoint_views(&self) -> Vec<EndpointView> {
+        let Some((compiled, attachments)) = &self.installed else { return Vec::new() };
+        let counters = self.datapath.counters();
+        compiled
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let att = attachments.iter().find(|a| a.slot == ep.slot);
+                let c = counters.get(&ep.slot).cloned().unwrap_or_default();
+                EndpointView {
+                    slot: ep.slot,
+                    name: ep.name.clone(),
+                    namespace: ep.namespace.clone(),
+                    kind: match ep.kind {
+                        crate::api::model::EndpointKind::Workload => "workload".into(),
+                        crate::api::model::EndpointKind::Host => "host".into(),
+                    },
+                    identity: ep.identity,
+                    interface: ep.interface.as_ref().map(|i| match i {
+                        Interface::Name(n) => n.clone(),
+                        Interface::Auto => "auto".into(),
+                    }),
+                    ifindex: att.map(|a| a.ifindex),
+                    addresses: ep.addresses.iter().map(|a| a.to_string()).collect(),
+                    local: ep.local,
+                    state: match (ep.local, att) {
+                        (false, _) => "remote".into(),
+                        (true, Some(_)) => "attached".into(),
+                        (true, None) => "pending".into(),
+                    },
+                    ingress_default_deny: ep.default_deny_ingress,
+                    egress_default_deny: ep.default_deny_egress,
+                    audit: ep.audit,
+                    counters: CountersView {
+                        allowed: c.allowed,
+                        denied_policy: c.denied_policy,
+                        denied_default: c.denied_default,
+                        denied_spoof: c.denied_spoof,
+                        denied_other: c.denied_other,
+                        audit: c.audit,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Drain the datapath's events (a bounded amount per tick, so a flood cannot
+    /// hold the loop) and hand them to monitor clients.
+    fn poll_events(&mut self) {
+        for _ in 0..16 {
+            let batch = self.datapath.poll_events(1024);
+            if batch.is_empty() {
+                return;
+            }
+            if self.events_tx.receiver_count() == 0 {
+                continue;
+            }
+            let now = SystemTime::now();
+            for ev in &batch {
+                let line = serde_json::to_string(&self.monitor_event(ev, now)).unwrap_or_default();
+                let _ = self.events_tx.send(line.into());
+            }
+            if batch.len() < 1024 {
+                return;
+            }
+        }
+    }
+
+    fn monitor_event(&self, ev: &VerdictEvent, now: SystemTime) -> MonitorEvent {
+        let compiled = self.installed.as_ref().map(|(c, _)| c);
+        let endpoint = compiled
+            .and_then(|c| c.endpoints.get(ev.slot as usize))
+            .map(|e| display_name(&e.namespace, &e.name));
+        let rule = ev.rule.and_then(|r| compiled?.rules.get(r as usize)).map(|r| RuleView {
+            file: r.file.display().to_string(),
+            kind: r.kind.clone(),
+            policy: r.policy.clone(),
+            path: r.path.clone(),
+        });
+        let json_name = |v: &dyn erased::Name| v.name();
+        MonitorEvent {
+            time: status::rfc3339(now),
+            verdict: json_name(&ev.verdict),
+            reason: json_name(&ev.reason),
+            direction: match ev.direction {
+                Direction::Ingress => "ingress".into(),
+                Direction::Egress => "egress".into(),
+            },
+            src: ev.src.to_string(),
+            dst: ev.dst.to_string(),
+            proto: crate::policy::trace::proto_name(ev.proto),
+            sport: ev.sport,
+            dport: ev.dport,
+            endpoint,
+            ifindex: ev.ifindex,
+            src_identity: ev.src_identity,
+            dst_identity: ev.dst_identity,
+            rule,
+        }
+    }
+}
+
+/// The serde names of the datapath's event enums, so the wire text has one source.
+mod erased {
+    pub trait Name {
+        fn name(&self) -> String;
+    }
+    impl<T: serde::Serialize> Name for T {
+        fn name(&self) -> String {
+            match serde_json::to_value(self) {
+                Ok(serde_json::Value::String(s)) => s,
+                _ => String::new(),
+            }
+        }
+    }
+}
+
+fn display_name(namespace: &Option<String>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
