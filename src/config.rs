@@ -42,6 +42,8 @@ pub struct Config {
     pub socket_group: String,
     /// Refuse policy and registry files that are group/world-writable or not owned by root.
     pub strict_file_modes: bool,
+    /// Serve Prometheus metrics on this address ("127.0.0.1:9962"); empty = off.
+    pub metrics_listen: String,
     pub events: EventsConfig,
     pub conntrack: ConntrackConfig,
     pub maps: MapsConfig,
@@ -66,6 +68,7 @@ impl Default for Config {
             resync_interval_s: 60,
             socket_group: String::new(),
             strict_file_modes: true,
+            metrics_listen: String::new(),
             events: EventsConfig::default(),
             conntrack: ConntrackConfig::default(),
             maps: MapsConfig::default(),
@@ -294,6 +297,9 @@ impl Config {
         }
         if self.endpoint_dirs.iter().any(|d| d.as_os_str().is_empty()) {
             return Err(err("endpoint_dirs", "an entry is empty".into()));
+        }
+        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(err("metrics_listen", format!("{:?} is not an address:port such as \"127.0.0.1:9962\"", self.metrics_listen)));
         }
         if self.debounce_ms > 10_000 {
             return Err(err("debounce_ms", format!("{} is more than 10000", self.debounce_ms)));

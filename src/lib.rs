@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod identity;
 pub mod labels;
 pub mod logging;
+pub mod metrics;
 pub mod netlink;
 pub mod policy;
 pub mod registry;

@@ -285,6 +285,13 @@ impl Lab {
         }
     }
 
+    /// The ifindex the daemon enforces `name` on.
+    fn ifindex(&self, name: &str) -> Option<u32> {
+        let sock = self.tmp.path().join("run/netpold.sock");
+        let (eps, _) = netpol::cli::daemonctl::query::<Vec<netpol::daemon::status::EndpointView>>(&sock, "endpoints").unwrap();
+        eps.into_iter().find(|e| e.name == name).and_then(|e| e.ifindex)
+    }
+
     fn netpolctl(&self, args: &[&str]) -> (i32, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_netpolctl"))
             .args(args)
@@ -413,6 +420,24 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     let s = lab.wait_status("restarted", |s| s.ready);
     assert!(s.degraded && s.policies_from_last_good, "{s:?}");
     lab.expect("restarted with a broken file: the last valid set", &seed2);
+
+    // backend's interface goes away and comes back with a new ifindex: released,
+    // then enforced again on the new device.
+    let old_ifindex = lab.ifindex("backend");
+    let be_ns = lab.workloads.iter().find(|w| w.1 == "backend").unwrap().0.clone();
+    sh(&["ip", "-n", &lab.node, "link", "del", "veth-be"]);
+    lab.wait_status("backend pending", |s| s.pending == 1 && s.attached == 2);
+    sh(&["ip", "-n", &lab.node, "link", "add", "veth-be", "type", "veth", "peer", "name", "eth0", "netns", &be_ns]);
+    sh(&["ip", "-n", &lab.node, "link", "set", "veth-be", "master", "br0", "up"]);
+    sh(&["ip", "-n", &be_ns, "addr", "add", "10.202.1.21/24", "dev", "eth0"]);
+    sh(&["ip", "-n", &be_ns, "link", "set", "eth0", "up"]);
+    // The peers' ARP caches still hold the old device's MAC address.
+    for (ns, _, _) in &lab.workloads {
+        sh(&["ip", "-n", ns, "neigh", "flush", "all"]);
+    }
+    lab.wait_status("backend attached again", |s| s.pending == 0 && s.attached == 3);
+    assert_ne!(lab.ifindex("backend"), old_ifindex);
+    lab.expect("the recreated interface is enforced", &seed2);
 
     for f in ["broken.yaml", "frontend-to-backend.yaml", "frontend-egress-control.yaml"] {
         std::fs::remove_file(lab.tmp.path().join("netpol.d").join(f)).unwrap();

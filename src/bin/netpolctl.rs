@@ -20,6 +20,8 @@ enum Command {
     Trace(cli::trace::TraceArgs),
     /// Connectivity table of all endpoints
     Matrix(cli::matrix::MatrixArgs),
+    /// Flows whose verdict would change if NEWDIR's policies replaced the current ones
+    Diff(cli::diff::DiffArgs),
     /// Health of the running daemon
     Status(cli::daemonctl::DaemonArgs),
     /// Endpoints known to the running daemon
@@ -36,6 +38,7 @@ fn main() {
         Command::Check(a) => cli::check::run(a),
         Command::Trace(a) => cli::trace::run(a),
         Command::Matrix(a) => cli::matrix::run(a),
+        Command::Diff(a) => cli::diff::run(a),
         Command::Status(a) => cli::daemonctl::status(a),
         Command::Endpoints(a) => cli::daemonctl::endpoints(a),
         Command::Monitor(a) => cli::daemonctl::monitor(a),

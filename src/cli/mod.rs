@@ -6,6 +6,7 @@
 pub mod check;
 pub mod common;
 pub mod daemonctl;
+pub mod diff;
 pub mod matrix;
 pub mod registry;
 pub mod trace;

@@ -50,6 +50,8 @@ pub enum DaemonError {
     Watch(#[from] WatchError),
     #[error("interfaces: {0}")]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
@@ -154,6 +156,17 @@ pub async fn run_with<D: Datapath, L: Links>(
     // From here on the socket must go away whatever happens.
     let _socket_guard = RemoveOnDrop(socket_path.clone(), server_task);
 
+    // Prometheus metrics (opt-in): the server thread stops when this is dropped.
+    let (metrics, _metrics_server) = match config.metrics_listen.as_str() {
+        "" => (None, None),
+        addr => {
+            let m = crate::metrics::Metrics::new();
+            let s = crate::metrics::serve(crate::metrics::parse_listen(addr)?, m.clone())?;
+            slog::info!(log, "serving metrics"; "url" => format!("http://{}/metrics", s.local_addr()));
+            (Some(m), Some(s))
+        }
+    };
+
     let mut link_rx = links.subscribe(&log).await?;
     let mut targets = vec![config.policy_dir.clone()];
     targets.extend(config.endpoint_dirs.iter().cloned());
@@ -190,6 +203,8 @@ pub async fn run_with<D: Datapath, L: Links>(
         state_error: None,
         last_apply_ms: None,
         save_at: None,
+        metrics,
+        counters_at: None,
     };
     d.reconcile("start");
 
@@ -334,6 +349,10 @@ struct Reconciler<D> {
     last_apply_ms: Option<f64>,
     /// When to copy the applied files to state_dir.
     save_at: Option<Instant>,
+    /// Prometheus metrics, when `metrics_listen` is set.
+    metrics: Option<crate::metrics::Metrics>,
+    /// When the datapath counters were last copied into the metrics.
+    counters_at: Option<Instant>,
 }
 
 /// How long after the last apply the applied files are copied to state_dir.
@@ -427,6 +446,15 @@ impl<D: Datapath> Reconciler<D> {
                             "ifindex" => a.ifindex, "identity" => ep.identity, "generation" => generation);
                     }
                 }
+                if let Some(m) = &self.metrics {
+                    m.applied(generation, t0.elapsed().as_secs_f64());
+                    let limits = crate::metrics::MapLimits {
+                        ipcache: self.config.maps.ipcache_max_entries.into(),
+                        policy: self.config.maps.policy_max_entries.into(),
+                        endpoints: self.config.maps.endpoint_max_entries.into(),
+                    };
+                    m.record_state(&compiled, &attachments, limits);
+                }
                 self.installed = Some((compiled, attachments));
                 // Saved once things have been quiet for a while: copying every file
                 // must not delay the next change.
@@ -447,6 +475,9 @@ impl<D: Datapath> Reconciler<D> {
                 slog::error!(self.log, "datapath refused the new state; the running state is kept";
                     "error" => %e, "retry_in_ms" => backoff.as_millis() as u64, "cause" => cause);
                 self.datapath_error = Some(e.to_string());
+                if let Some(m) = &self.metrics {
+                    m.apply_failed();
+                }
                 // What the kernel holds now is unknown after a failed sync: apply again next time.
                 self.installed = None;
                 self.publish();
@@ -599,6 +630,9 @@ impl<D: Datapath> Reconciler<D> {
 
     fn publish(&self) {
         let s = self.status();
+        if let Some(m) = &self.metrics {
+            m.record_status(s.ready, s.degraded, &self.problems);
+        }
         self.status_tx.send_if_modified(|cur| {
             if *cur != s {
                 *cur = s;
@@ -676,8 +710,18 @@ impl<D: Datapath> Reconciler<D> {
     /// Drain the datapath's events (a bounded amount per tick, so a flood cannot
     /// hold the loop) and hand them to monitor clients.
     fn poll_events(&mut self) {
+        if let (Some(m), Some((c, _))) = (&self.metrics, &self.installed) {
+            // The counters are per-CPU map reads: at most once a second.
+            if self.counters_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                m.record_counters(c, &self.datapath.counters());
+                self.counters_at = Some(Instant::now());
+            }
+        }
         for _ in 0..16 {
             let batch = self.datapath.poll_events(1024);
+            if let Some(m) = &self.metrics {
+                m.record_events(&batch);
+            }
             if batch.is_empty() {
                 return;
             }
