@@ -48,6 +48,11 @@ NETPOLCTL = os.path.join(REPO, "target", "release", "netpolctl")
 
 _children = []  # Popen objects to stop on exit
 
+# The load generators and the probe run at a high CFS priority: the machine is shared with
+# compilers, and a traffic generator that loses its CPU to them measures them, not the filter.
+# (Not real-time: the other processes keep running.) The filters and netpold run as usual.
+HI = ["nice", "-n", "-15"]
+
 
 def log(msg):
     ts = datetime.datetime.now().strftime("%H:%M:%S")
@@ -152,9 +157,9 @@ class Servers:
         if probe_ports:
             ports.append(f"{PROBE_BASE}-{PROBE_BASE + probe_ports - 1}")
         self.logf = open(os.path.join(OUT, "servers.log"), "a")
-        self.procs.append(spawn(nsx(NS_SRV, "iperf3", "-s", "-p", str(IPERF_PORT)),
+        self.procs.append(spawn(nsx(NS_SRV, *HI, "iperf3", "-s", "-p", str(IPERF_PORT)),
                                 stdout=self.logf, stderr=self.logf))
-        self.procs.append(spawn(nsx(NS_SRV, PINGPONG, "server", *ports), stdout=self.logf, stderr=self.logf))
+        self.procs.append(spawn(nsx(NS_SRV, *HI, PINGPONG, "server", *ports), stdout=self.logf, stderr=self.logf))
         deadline = time.time() + 10
         while time.time() < deadline:
             r = sh(nsx(NS_SRV, "ss", "-ltnH"), check=False)
@@ -492,7 +497,7 @@ def iperf(args, secs):
     # The iperf3 server reopens its listening socket after each test: a test that follows
     # another within milliseconds may find it closed, so "unable to connect" is retried.
     for attempt in range(6):
-        r = sh(nsx(NS_CLI, "iperf3", "-c", SRV_IP, "-p", str(IPERF_PORT), "-t", str(secs), "-J",
+        r = sh(nsx(NS_CLI, *HI, "iperf3", "-c", SRV_IP, "-p", str(IPERF_PORT), "-t", str(secs), "-J",
                    "--connect-timeout", "3000", *args), check=False, timeout=secs + 60)
         try:
             d = json.loads(r.stdout)
@@ -526,7 +531,7 @@ def measure_udp(secs, runs):
 
 
 def measure_rr(secs):
-    r = sh(nsx(NS_CLI, PINGPONG, "client", SRV_IP, str(RR_PORT), "64", str(secs), "2000000"),
+    r = sh(nsx(NS_CLI, *HI, PINGPONG, "client", SRV_IP, str(RR_PORT), "64", str(secs), "2000000"),
            check=False, timeout=secs + 30)
     d = json.loads(r.stdout)
     if "error" in d:
@@ -706,7 +711,7 @@ def probe_policy(k):
 
 
 def start_probe(port, timeout=20):
-    p = spawn(nsenter(NS_CLI, PINGPONG, "probe", SRV_IP, str(port), str(timeout), "500"),
+    p = spawn(nsenter(NS_CLI, *HI, PINGPONG, "probe", SRV_IP, str(port), str(timeout), "500"),
               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = p.stdout.readline().split()
     if not first or first[0] != "armed":
@@ -1109,6 +1114,8 @@ def write_page(raw, summary, agg, unavailable, args):
              f"{meta['run_secs']} s), small-packet rate (`iperf3 -u -l 64 -b 0 -w 4M`, best of {meta['udp_runs']} "
              f"runs of {meta['run_secs']} s, packets "
              "*received* per second = sent − lost; best-of because background load only ever lowers a figure), "
+             "the load generators and servers at `nice -n -15` so the compilers sharing the machine "
+             "disturb them less, "
              f"request/response latency (`bench/pingpong.c`, 64-byte request and response over one TCP "
              f"connection, {meta['secs']} s, p50 and p99). Before measuring, each block checks that the "
              f"measured flow passes and, when a filter holds rules, that a closed-by-policy port "
@@ -1134,6 +1141,13 @@ def write_page(raw, summary, agg, unavailable, args):
                  f"{spread:.0%} of its median small-packet rate in this run ({min(base) / 1e3:.0f}–"
                  f"{max(base) / 1e3:.0f} kpps over {len(base)} blocks). A ratio between two contenders is only "
                  "meaningful beyond that spread; a ratio above 1 against no filter is noise.\n")
+    # Pairing error: no filter measured against itself in the same block should give 1.
+    rels = [r["udp_rel"] for r in raw.get("datapath", []) if r["contender"] == "nofilter" and r.get("udp_rel")]
+    pair_noise = max(abs(x - 1) for x in rels) if rels else None
+    if pair_noise is not None:
+        L.append(f"Pairing error: no filter measured against itself within a block gave quotients of "
+                 f"{min(rels):.2f}–{max(rels):.2f}, so a paired small-packet ratio is uncertain by about "
+                 f"±{pair_noise:.0%}; a verdict closer to its threshold than that is marked inconclusive.\n")
     L.append("| target | measured | verdict |\n| --- | --- | --- |")
     for key, op, thr, text in TARGETS:
         v = summary.get(key)
@@ -1142,6 +1156,9 @@ def write_page(raw, summary, agg, unavailable, args):
         else:
             ok = {">=": v >= thr, "<=": v <= thr, "<": v < thr}[op]
             verdict = "met" if ok else f"**MISSED** (target {op} {thr:g})"
+            if key.startswith("udp_pps_ratio") and pair_noise is not None and abs(v / thr - 1) < pair_noise:
+                verdict = (f"inconclusive: {'met' if ok else 'missed'} by less than this run's pairing error "
+                           f"(±{pair_noise:.0%})")
         L.append(f"| {text} | {fmt(v)} | {verdict} |")
     L.append("")
     L.append("## Datapath\n")
@@ -1267,6 +1284,8 @@ def main():
     ap.add_argument("--debounce-ms", type=int, help="netpold debounce_ms for the control-plane run (default: "
                     "the daemon's default)")
     ap.add_argument("--no-page", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--page-only", action="store_true",
+                    help="only rewrite summary.json and docs/benchmarks.md from target/bench/raw.json")
     ap.add_argument("--netpol-unavailable", help="record netpol as unavailable with this reason")
     ap.add_argument("--netpol-source", help="what netpol was built from, for the page (default: git HEAD)")
     args = ap.parse_args()
@@ -1280,6 +1299,17 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     only = set(args.only.split(",")) if args.only else set(CONTENDERS)
 
+    if args.page_only:
+        # rewrite summary.json and the page from target/bench/raw.json (no measurement)
+        with open(os.path.join(OUT, "raw.json")) as f:
+            raw = json.load(f)
+        args.rules = raw["meta"]["rules"]
+        unavailable = raw.get("unavailable", {})
+        summary, agg = summarize(raw, unavailable)
+        with open(os.path.join(OUT, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
+        write_page(raw, summary, agg, unavailable, args)
+        return
     if os.geteuid() != 0:
         sys.exit("bench: must run as root (network namespaces, filters, BPF)")
     os.makedirs(OUT, exist_ok=True)
