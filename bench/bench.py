@@ -1141,13 +1141,22 @@ def write_page(raw, summary, agg, unavailable, args):
                  f"{spread:.0%} of its median small-packet rate in this run ({min(base) / 1e3:.0f}–"
                  f"{max(base) / 1e3:.0f} kpps over {len(base)} blocks). A ratio between two contenders is only "
                  "meaningful beyond that spread; a ratio above 1 against no filter is noise.\n")
-    # Pairing error: no filter measured against itself in the same block should give 1.
+    # Pairing error: no filter measured against itself in the same block should give 1. Its
+    # spread (sigma) gives the uncertainty of a median of `reps` quotients (~1.25 sigma/sqrt(reps)),
+    # and of a quotient of two such medians (sqrt(2) times that); twice that is the margin under
+    # which a verdict is called inconclusive.
     rels = [r["udp_rel"] for r in raw.get("datapath", []) if r["contender"] == "nofilter" and r.get("udp_rel")]
-    pair_noise = max(abs(x - 1) for x in rels) if rels else None
-    if pair_noise is not None:
+    tol_nofilter = tol_other = None
+    if len(rels) >= 3:
+        sigma = statistics.stdev(rels)
+        reps = max(1, raw["meta"]["reps"])
+        tol_nofilter = 2 * 1.2533 * sigma / math.sqrt(reps)
+        tol_other = tol_nofilter * math.sqrt(2)
         L.append(f"Pairing error: no filter measured against itself within a block gave quotients of "
-                 f"{min(rels):.2f}–{max(rels):.2f}, so a paired small-packet ratio is uncertain by about "
-                 f"±{pair_noise:.0%}; a verdict closer to its threshold than that is marked inconclusive.\n")
+                 f"{min(rels):.2f}–{max(rels):.2f} (σ = {sigma:.2f} over {len(rels)} blocks), so a median over "
+                 f"{reps} repetitions is uncertain by about ±{tol_nofilter:.0%} against no filter and "
+                 f"±{tol_other:.0%} between two filters (two standard errors); a small-packet verdict closer "
+                 "to its threshold than that is marked inconclusive.\n")
     L.append("| target | measured | verdict |\n| --- | --- | --- |")
     for key, op, thr, text in TARGETS:
         v = summary.get(key)
@@ -1156,9 +1165,10 @@ def write_page(raw, summary, agg, unavailable, args):
         else:
             ok = {">=": v >= thr, "<=": v <= thr, "<": v < thr}[op]
             verdict = "met" if ok else f"**MISSED** (target {op} {thr:g})"
-            if key.startswith("udp_pps_ratio") and pair_noise is not None and abs(v / thr - 1) < pair_noise:
-                verdict = (f"inconclusive: {'met' if ok else 'missed'} by less than this run's pairing error "
-                           f"(±{pair_noise:.0%})")
+            tol = tol_nofilter if key == "udp_pps_ratio_vs_nofilter_10k" else tol_other
+            if key.startswith("udp_pps_ratio") and tol is not None and abs(v / thr - 1) < tol:
+                verdict = (f"inconclusive: {'met' if ok else 'missed'} by less than this run's "
+                           f"uncertainty (±{tol:.0%})")
         L.append(f"| {text} | {fmt(v)} | {verdict} |")
     L.append("")
     L.append("## Datapath\n")
