@@ -1326,6 +1326,9 @@ def main():
     os.makedirs(DOCS, exist_ok=True)
 
     def on_signal(signum, _frame):
+        # one interruption is enough: a second signal must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(f"bench: interrupted by signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
