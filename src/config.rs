@@ -263,6 +263,12 @@ fn fmt_parse(path: &Path, line: Option<usize>, column: Option<usize>, key: Optio
 }
 
 impl Config {
+    /// How files are loaded: `strict_file_modes` refuses files and directories
+    /// writable by group or others or owned by another user.
+    pub fn load_options(&self) -> crate::api::LoadOptions {
+        crate::api::LoadOptions { strict_modes: self.strict_file_modes }
+    }
+
     /// Load `path`; a missing file at the default path gives the defaults.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {

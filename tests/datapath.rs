@@ -377,6 +377,26 @@ fn icmp_types_are_the_port_and_neighbour_discovery_passes() {
 }
 
 #[test]
+fn multicast_listener_reports_to_link_scoped_groups_are_not_spoofing() {
+    if !privileged("multicast_listener_reports_to_link_scoped_groups_are_not_spoofing") {
+        return;
+    }
+    let mut dp = Dp::open("mld", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    apply(&mut dp, c);
+    for ty in [130u8, 131, 132, 143] {
+        assert!(dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip("ff02::16"), ty, 0, 0)), "MLD type {ty}");
+        assert!(dp.run(FROM_A, &PacketSpec::icmp(ip("::"), ip("ff02::16"), ty, 0, 0)), "MLD type {ty} from ::");
+    }
+    // Only to link-scoped groups, and only MLD: the same source elsewhere is spoofing.
+    assert!(!dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip("ff05::16"), 143, 0, 0)), "site-scoped group");
+    assert!(!dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip(B6), 143, 0, 0)), "unicast");
+    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip("fe80::2"), ip("ff02::16"), 1, 2)), "not ICMPv6");
+    assert_eq!(dp.dp().counters()[&0].denied_spoof, 3);
+}
+
+#[test]
 fn spoofed_source_is_dropped() {
     if !privileged("spoofed_source_is_dropped") {
         return;

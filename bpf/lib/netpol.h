@@ -87,6 +87,17 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	    p.icmp_type >= 133 && p.icmp_type <= 137)
 		return NP_PASS;
 
+	/* Multicast listener reports and queries (MLD, RFC 2710/3810: ICMPv6 130,
+	 * 131, 132, 143) go from a link-local or unspecified source to a
+	 * link-scoped group (ff02::/16). The kernel sends them on every IPv6
+	 * interface, also of an IPv4-only workload; they never leave the link,
+	 * so they pass before anti-spoofing instead of counting as spoofed. */
+	if (p.family == 6 && p.proto == NP_IPPROTO_ICMPV6 && p.has_l4 &&
+	    (p.icmp_type == 130 || p.icmp_type == 131 || p.icmp_type == 132 ||
+	     p.icmp_type == 143) &&
+	    p.daddr[0] == 0xff && p.daddr[1] == 0x02)
+		return NP_PASS;
+
 	if (!is_host && hook == NP_HOOK_INGRESS) {
 		struct np_ident src;
 

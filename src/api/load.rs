@@ -3,8 +3,16 @@
 //! Directory rules (DESIGN §1): `*.yaml`, `*.yml`, `*.json`; dotfiles and editor
 //! leftovers (`*~`, `*.swp`, `*.tmp`, `#*#`) ignored; files read in sorted order;
 //! only regular files (a symlink is followed when its target is one), at most
-//! [`MAX_FILE_SIZE`] bytes, valid UTF-8 (a BOM is dropped). Everything is checked
-//! before anything is returned: one problem anywhere means no result.
+//! [`MAX_FILE_SIZE`] bytes, valid UTF-8 (a BOM is dropped), no NUL byte. Everything
+//! is checked before anything is returned: one problem anywhere means no result.
+//!
+//! File trust ([`LoadOptions::strict_modes`], on by default, like sshd's
+//! StrictModes): a directory read, a file read, and for a symlink its target and
+//! the directory holding the target, must be owned by root or by the reading user
+//! and not be writable by group or others; otherwise the file is refused with
+//! the fix to apply (`chmod go-w` / `chown root`). A symlink may point outside the
+//! directory: its target passes the same checks as a file in the directory.
+//! Parent directories above the one read are not checked.
 
 use std::collections::HashMap;
 use std::fs;
@@ -26,6 +34,27 @@ use super::Problem;
 
 /// Largest file read, in bytes.
 pub const MAX_FILE_SIZE: u64 = 4 * 1024 * 1024;
+
+/// Longest message kept in a [`Problem`], in characters: a problem that quotes
+/// a 3 MB line is cut to a readable length. Field paths and object names are
+/// cut at [`MAX_PROBLEM_NAME`].
+pub const MAX_PROBLEM_TEXT: usize = 1000;
+pub const MAX_PROBLEM_NAME: usize = 200;
+
+/// How directories are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Refuse files and directories that someone other than root or the reading
+    /// user owns or could write (group- or world-writable). On by default; the
+    /// daemon turns it off only when its config says `strict_file_modes = false`.
+    pub strict_modes: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { strict_modes: true }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -123,6 +152,25 @@ fn object_label(root: &Node) -> Option<String> {
 /// Parse one file's text into `out`.
 pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
     out.files.push(file.to_path_buf());
+    if text.len() as u64 > MAX_FILE_SIZE {
+        out.problems.push(file_problem(file, format!("file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)", text.len())));
+        return;
+    }
+    // The YAML scanner takes NUL for the end of the input: whatever follows one
+    // would be dropped without a word, and a reviewer would still see it.
+    if let Some(i) = text.find('\0') {
+        let (line, col) = line_col(text.as_bytes(), i);
+        out.problems.push(Problem {
+            file: file.to_path_buf(),
+            line: Some(line),
+            column: Some(col),
+            document: None,
+            object: None,
+            field: None,
+            message: "file contains a NUL byte; policy and registry files are text".into(),
+        });
+        return;
+    }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let (docs, tree_problems) = if is_json(file) { yaml::parse_json(text) } else { yaml::parse_yaml(text) };
     for tp in tree_problems {
@@ -517,6 +565,24 @@ pub fn check_registry(parsed: &mut Parsed) {
     parsed.problems.extend(problems);
 }
 
+/// 1-based line and column (in characters) of byte offset `at`, which must lie
+/// on a character boundary of valid UTF-8 up to it.
+fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
+    let before = &bytes[..at];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    (line, String::from_utf8_lossy(&before[line_start..]).chars().count() + 1)
+}
+
+/// Cut `text` to `max` characters, saying how much was left out.
+fn clip(text: &mut String, max: usize) {
+    if let Some((cut, _)) = text.char_indices().nth(max) {
+        let rest = text[cut..].chars().count();
+        text.truncate(cut);
+        text.push_str(&format!("... ({rest} more characters)"));
+    }
+}
+
 impl Parsed {
     pub fn into_policy_set(self) -> Result<PolicySet, Vec<Problem>> {
         if !self.problems.is_empty() {
@@ -539,18 +605,25 @@ impl Parsed {
 
 /// Problems in file order, then position; files keep the order they were read in.
 fn sorted(problems: Vec<Problem>, files: Vec<PathBuf>) -> Vec<Problem> {
-    let mut order: Vec<PathBuf> = files;
+    // A map, not a list search: with 10,000 files all broken, a search per
+    // comparison made this quadratic.
+    let mut order: HashMap<PathBuf, usize> = HashMap::new();
+    for f in files {
+        let n = order.len();
+        order.entry(f).or_insert(n);
+    }
     for p in &problems {
-        if !order.contains(&p.file) {
-            order.push(p.file.clone());
-        }
+        let n = order.len();
+        order.entry(p.file.clone()).or_insert(n);
     }
     let mut problems = problems;
-    problems.sort_by(|a, b| {
-        let fa = order.iter().position(|f| *f == a.file);
-        let fb = order.iter().position(|f| *f == b.file);
-        (fa, a.line.unwrap_or(0), a.column.unwrap_or(0), a.document).cmp(&(fb, b.line.unwrap_or(0), b.column.unwrap_or(0), b.document))
-    });
+    for p in &mut problems {
+        clip(&mut p.message, MAX_PROBLEM_TEXT);
+        for name in [&mut p.field, &mut p.object].into_iter().flatten() {
+            clip(name, MAX_PROBLEM_NAME);
+        }
+    }
+    problems.sort_by_cached_key(|p| (order.get(&p.file).copied(), p.line.unwrap_or(0), p.column.unwrap_or(0), p.document));
     problems.dedup();
     problems
 }
@@ -611,9 +684,91 @@ fn kind_of(ft: &fs::FileType) -> &'static str {
     }
 }
 
+/// Why `meta` (of `shown`, called `what` in the message) cannot be trusted, if it
+/// cannot: owned by someone other than root or `euid`, or writable by group or others.
+fn distrust(what: &str, shown: &Path, meta: &fs::Metadata, euid: u32) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mode = meta.mode() & 0o7777;
+    let writers = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => Some("group and others"),
+        (true, false) => Some("group"),
+        (false, true) => Some("others"),
+        (false, false) => None,
+    };
+    if let Some(w) = writers {
+        out.push(format!(
+            "{what} is writable by {w} (mode {mode:04o}), so someone other than its owner could change what netpol enforces; run chmod go-w {}",
+            shown.display()
+        ));
+    }
+    let uid = meta.uid();
+    if uid != 0 && uid != euid {
+        out.push(format!(
+            "{what} is owned by uid {uid}, which is neither root nor the user reading it (uid {euid}); run chown root {}",
+            shown.display()
+        ));
+    }
+    out
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Trust problems of a directory read (`what`: "policy directory", ...).
+pub fn check_dir_trust(dir: &Path, what: &str) -> Vec<Problem> {
+    match fs::metadata(dir) {
+        Ok(meta) => distrust(what, dir, &meta, euid()).into_iter().map(|m| file_problem(dir, m)).collect(),
+        Err(_) => Vec::new(), // listing the directory reports it
+    }
+}
+
 /// Read one file under the size limit; only regular files, never blocking on a FIFO.
+/// Strict: the file must pass the trust check (see the module doc).
 pub fn read_file(path: &Path) -> Result<String, Problem> {
-    let lmeta = fs::symlink_metadata(path).map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    read_file_with(path, &LoadOptions::default()).map_err(|mut v| v.remove(0))
+}
+
+/// [`read_file`] with options; returns every problem of the file (at least one on error).
+pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Problem>> {
+    let lmeta = fs::symlink_metadata(path).map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
+    let is_link = lmeta.file_type().is_symlink();
+    let f = open_regular(path, lmeta).map_err(|p| vec![p])?;
+    if opts.strict_modes {
+        let euid = euid();
+        let fmeta = f.metadata().map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
+        let mut problems = Vec::new();
+        if is_link {
+            match fs::canonicalize(path) {
+                Ok(target) => {
+                    problems.extend(distrust(&format!("symlink target {}", target.display()), &target, &fmeta, euid));
+                    if let Some(parent) = target.parent() {
+                        if let Ok(pmeta) = fs::metadata(parent) {
+                            problems.extend(distrust(
+                                &format!("directory {} holding the symlink target", parent.display()),
+                                parent,
+                                &pmeta,
+                                euid,
+                            ));
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("symlink target cannot be resolved: {e}")),
+            }
+        } else {
+            problems.extend(distrust("file", path, &fmeta, euid));
+        }
+        if !problems.is_empty() {
+            return Err(problems.into_iter().map(|m| file_problem(path, m)).collect());
+        }
+    }
+    read_open(path, f).map_err(|p| vec![p])
+}
+
+/// Open `path` (whose `symlink_metadata` is `lmeta`) for reading if it is, or
+/// leads to, a regular file under the size limit.
+fn open_regular(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Problem> {
     let meta = if lmeta.file_type().is_symlink() {
         fs::metadata(path).map_err(|e| file_problem(path, format!("symlink target cannot be read: {e}")))?
     } else {
@@ -626,7 +781,7 @@ pub fn read_file(path: &Path) -> Result<String, Problem> {
         return Err(file_problem(path, format!("file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)", meta.len())));
     }
     // O_NONBLOCK: if the file was swapped for a FIFO since the check, open must not hang.
-    let mut f = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
@@ -635,18 +790,23 @@ pub fn read_file(path: &Path) -> Result<String, Problem> {
     if !fmeta.is_file() {
         return Err(file_problem(path, format!("{} is not read: only regular files are policy or registry files", kind_of(&fmeta.file_type()))));
     }
+    Ok(f)
+}
+
+/// Read an opened regular file: size limit, UTF-8.
+fn read_open(path: &Path, f: fs::File) -> Result<String, Problem> {
     let mut buf = Vec::new();
-    (&mut f).take(MAX_FILE_SIZE + 1).read_to_end(&mut buf).map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    f.take(MAX_FILE_SIZE + 1).read_to_end(&mut buf).map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
     if buf.len() as u64 > MAX_FILE_SIZE {
         return Err(file_problem(path, format!("file is larger than the limit of {MAX_FILE_SIZE} bytes (4 MiB)")));
+    }
+    if buf.starts_with(&[0xff, 0xfe]) || buf.starts_with(&[0xfe, 0xff]) {
+        return Err(file_problem(path, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8".into()));
     }
     match String::from_utf8(buf) {
         Ok(s) => Ok(s),
         Err(e) => {
-            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            let col = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
+            let (line, col) = line_col(e.as_bytes(), e.utf8_error().valid_up_to());
             Err(Problem {
                 file: path.to_path_buf(),
                 line: Some(line),
@@ -660,8 +820,13 @@ pub fn read_file(path: &Path) -> Result<String, Problem> {
     }
 }
 
-/// Read and parse every file of `dirs` into one [`Parsed`].
+/// Read and parse every file of `dirs` into one [`Parsed`], strictly.
 pub fn load_dirs(dirs: &[PathBuf], want: FileKind) -> Parsed {
+    load_dirs_with(dirs, want, &LoadOptions::default())
+}
+
+/// [`load_dirs`] with options.
+pub fn load_dirs_with(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> Parsed {
     let what = match want {
         FileKind::Policy => "policy directory",
         FileKind::Registry => "endpoint directory",
@@ -671,12 +836,19 @@ pub fn load_dirs(dirs: &[PathBuf], want: FileKind) -> Parsed {
         match list_dir(dir, what) {
             Err(p) => out.problems.push(p),
             Ok(files) => {
+                if opts.strict_modes {
+                    let ps = check_dir_trust(dir, what);
+                    if !ps.is_empty() {
+                        out.files.push(dir.clone()); // reported before its files
+                        out.problems.extend(ps);
+                    }
+                }
                 for f in files {
-                    match read_file(&f) {
+                    match read_file_with(&f, opts) {
                         Ok(text) => parse_text(&f, &text, want, &mut out),
-                        Err(p) => {
+                        Err(ps) => {
                             out.files.push(f);
-                            out.problems.push(p);
+                            out.problems.extend(ps);
                         }
                     }
                 }

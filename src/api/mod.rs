@@ -68,7 +68,7 @@ use std::path::Path;
 use load::{FileKind, Parsed};
 use model::{Policy, PolicySet, RegistrySet};
 
-pub use load::MAX_FILE_SIZE;
+pub use load::{LoadOptions, MAX_FILE_SIZE};
 
 /// Read every policy file in `dir` (DESIGN §1 naming rules). Returns the valid set
 /// only when every file is valid; otherwise every problem found.
@@ -79,6 +79,18 @@ pub fn load_policy_dir(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
 /// Read every registry file in `dirs`. Same all-or-nothing rule as policies.
 pub fn load_endpoint_dirs(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
     load::load_dirs(dirs, FileKind::Registry).into_registry_set()
+}
+
+/// [`load_policy_dir`] with options: `LoadOptions { strict_modes: false }` skips
+/// the file trust check (config `strict_file_modes = false`, for tests).
+/// [`load_policy_dir`] is this with the default options (strict).
+pub fn load_policy_dir_with(dir: &Path, opts: &LoadOptions) -> Result<PolicySet, Vec<Problem>> {
+    load::load_dirs_with(&[dir.to_path_buf()], FileKind::Policy, opts).into_policy_set()
+}
+
+/// [`load_endpoint_dirs`] with options, as [`load_policy_dir_with`].
+pub fn load_endpoint_dirs_with(dirs: &[PathBuf], opts: &LoadOptions) -> Result<RegistrySet, Vec<Problem>> {
+    load::load_dirs_with(dirs, FileKind::Registry, opts).into_registry_set()
 }
 
 /// Parse one policy file's text (`file` is only used in messages, and its

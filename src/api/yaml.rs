@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// 1-based line and column; `line == 0` means unknown.
@@ -183,19 +183,35 @@ fn split_path(path: &str) -> Vec<Seg> {
     out
 }
 
+/// Deepest nesting of lists and mappings accepted. Real policies nest about ten
+/// levels; the cap keeps every recursive walk of the tree (deserializer, drop)
+/// far from the stack's end, whatever the input.
+pub const MAX_DEPTH: usize = 64;
+
+/// Most nodes that aliases (`*name`) may add to one file, counting every node of
+/// every copy. Without a cap a few hundred bytes of nested aliases ("billion
+/// laughs") expand to billions of nodes.
+pub const MAX_ALIAS_NODES: usize = 10_000;
+
 enum Frame {
-    Seq { pos: Pos, anchor: usize, items: Vec<Node> },
-    Map { pos: Pos, anchor: usize, entries: Vec<(Node, Node)>, key: Option<Node> },
+    /// `size`: nodes in the frame so far, itself included.
+    Seq { pos: Pos, anchor: usize, items: Vec<Node>, size: usize },
+    Map { pos: Pos, anchor: usize, entries: Vec<(Node, Node)>, key: Option<Node>, size: usize },
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with their size in nodes.
+    anchors: HashMap<usize, (Node, usize)>,
     docs: Vec<Doc>,
     doc_count: usize,
     root: Option<Node>,
     problems: Vec<TreeProblem>,
+    /// Nodes added by aliases in this file so far.
+    alias_nodes: usize,
+    /// Set when the input broke a limit: parsing stops, and this problem alone is reported.
+    fatal: Option<TreeProblem>,
 }
 
 fn is_null(text: &str) -> bool {
@@ -203,15 +219,57 @@ fn is_null(text: &str) -> bool {
 }
 
 impl Builder {
-    fn insert(&mut self, node: Node) {
+    fn insert(&mut self, node: Node, node_size: usize) {
         match self.stack.last_mut() {
             None => self.root = Some(node),
-            Some(Frame::Seq { items, .. }) => items.push(node),
-            Some(Frame::Map { entries, key, .. }) => match key.take() {
-                None => *key = Some(node),
-                Some(k) => entries.push((k, node)),
+            Some(Frame::Seq { items, size, .. }) => {
+                *size += node_size;
+                items.push(node)
+            }
+            Some(Frame::Map { entries, key, size, .. }) => match key.take() {
+                                None => {
+                    *size += node_size;
+                    *key = Some(node)
+                }
+                Some(k) => {
+                    *size += node_size;
+                    entries.push((k, node))
+                }
             },
         }
+    }
+
+    fn limit(&mut self, pos: Pos, message: String) {
+        if self.fatal.is_none() {
+            self.fatal = Some(TreeProblem { pos, document: Some(self.doc_count), message });
+        }
+    }
+
+    /// Tags change what a value means to other YAML readers (`!!binary` is
+    /// base64 to Kubernetes, text here), so only `!!str` is accepted.
+    fn check_tag(&mut self, tag: Option<&Tag>, pos: Pos, scalar: bool) {
+        let Some(t) = tag else { return };
+        let core = t.handle == "tag:yaml.org,2002:";
+        if scalar && core && t.suffix == "str" {
+            return;
+        }
+        let written = if core { format!("!!{}", t.suffix) } else { format!("{}{}", t.handle, t.suffix) };
+        self.problems.push(TreeProblem {
+            pos,
+            document: Some(self.doc_count),
+            message: format!("YAML tag {written:?} is not supported (only !!str is); remove it"),
+        });
+    }
+
+    fn start(&mut self, frame: Frame, pos: Pos) {
+        if self.stack.len() >= MAX_DEPTH {
+            self.limit(
+                pos,
+                format!("lists and mappings nest deeper than {MAX_DEPTH} levels; a policy or registry file needs far fewer"),
+            );
+            return;
+        }
+        self.stack.push(frame);
     }
 
     fn check_duplicates(&mut self, entries: &[(Node, Node)]) {
@@ -260,37 +318,52 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
+                self.check_tag(tag.as_ref(), pos, true);
                 let str_tag = tag.as_ref().is_some_and(|t| t.suffix == "str");
                 let plain = style == TScalarStyle::Plain && !str_tag;
                 let value = if plain && is_null(&text) { Value::Null } else { Value::Scalar { text, plain } };
                 let node = Node { pos, value };
                 if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
+                    self.anchors.insert(anchor, (node.clone(), 1));
                 }
-                self.insert(node);
+                self.insert(node, 1);
             }
             Event::Alias(id) => {
-                let node = match self.anchors.get(&id) {
-                    Some(n) => Node { pos, value: n.value.clone() },
-                    None => Node { pos, value: Value::Null },
+                let (value, size) = match self.anchors.get(&id) {
+                    Some((n, size)) => (n.value.clone(), *size),
+                    None => (Value::Null, 1),
                 };
-                self.insert(node);
+                self.alias_nodes = self.alias_nodes.saturating_add(size);
+                if self.alias_nodes > MAX_ALIAS_NODES {
+                    self.limit(
+                        pos,
+                        format!(
+                            "aliases expand to more than {MAX_ALIAS_NODES} nodes (nested aliases, as in a \"billion laughs\" file?); write the repeated parts out"
+                        ),
+                    );
+                    return;
+                }
+                self.insert(Node { pos, value }, size);
             }
-            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq { pos, anchor, items: Vec::new() }),
-            Event::MappingStart(anchor, _) => {
-                self.stack.push(Frame::Map { pos, anchor, entries: Vec::new(), key: None })
+            Event::SequenceStart(anchor, tag) => {
+                self.check_tag(tag.as_ref(), pos, false);
+                self.start(Frame::Seq { pos, anchor, items: Vec::new(), size: 1 }, pos)
+            }
+            Event::MappingStart(anchor, tag) => {
+                self.check_tag(tag.as_ref(), pos, false);
+                self.start(Frame::Map { pos, anchor, entries: Vec::new(), key: None, size: 1 }, pos)
             }
             Event::SequenceEnd => {
-                if let Some(Frame::Seq { pos, anchor, items }) = self.stack.pop() {
+                if let Some(Frame::Seq { pos, anchor, items, size }) = self.stack.pop() {
                     let node = Node { pos, value: Value::Seq(items) };
                     if anchor > 0 {
-                        self.anchors.insert(anchor, node.clone());
+                        self.anchors.insert(anchor, (node.clone(), size));
                     }
-                    self.insert(node);
+                    self.insert(node, size);
                 }
             }
             Event::MappingEnd => {
-                if let Some(Frame::Map { pos, anchor, entries, .. }) = self.stack.pop() {
+                if let Some(Frame::Map { pos, anchor, entries, size, .. }) = self.stack.pop() {
                     self.check_duplicates(&entries);
                     // A block mapping's start mark lies after its first key; the
                     // first key is where a reader looks for it.
@@ -300,9 +373,9 @@ impl MarkedEventReceiver for Builder {
                     };
                     let node = Node { pos, value: Value::Map(entries) };
                     if anchor > 0 {
-                        self.anchors.insert(anchor, node.clone());
+                        self.anchors.insert(anchor, (node.clone(), size));
                     }
-                    self.insert(node);
+                    self.insert(node, size);
                 }
             }
             Event::StreamStart | Event::StreamEnd | Event::Nothing => {}
@@ -316,14 +389,26 @@ impl MarkedEventReceiver for Builder {
 pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
     let mut b = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut b, true) {
-        let m = e.marker();
-        b.problems.push(TreeProblem {
-            pos: Pos { line: m.line(), col: m.col() + 1 },
-            document: (b.doc_count > 0).then_some(b.doc_count),
-            message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
-        });
-        return (Vec::new(), b.problems);
+    // Events are pulled one by one rather than through `Parser::load`, which
+    // recurses once per nesting level and so overflows the stack on deeply
+    // nested input before any limit of ours could step in.
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => break,
+            Ok((ev, mark)) => b.on_event(ev, mark),
+            Err(e) => {
+                let m = e.marker();
+                b.problems.push(TreeProblem {
+                    pos: Pos { line: m.line(), col: m.col() + 1 },
+                    document: (b.doc_count > 0).then_some(b.doc_count),
+                    message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
+                });
+                return (Vec::new(), b.problems);
+            }
+        }
+        if let Some(p) = b.fatal.take() {
+            return (Vec::new(), vec![p]);
+        }
     }
     (b.docs, b.problems)
 }
@@ -354,7 +439,8 @@ pub fn parse_json(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
         return (
             Vec::new(),
             vec![TreeProblem {
-                pos: Pos { line: e.line(), col: e.column() },
+                // serde_json counts columns from 0 at the very end of the input.
+                pos: Pos { line: e.line(), col: e.column().max(1) },
                 document: None,
                 message: format!("JSON syntax error: {msg}"),
             }],
@@ -364,6 +450,18 @@ pub fn parse_json(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
     if problems.iter().any(|p| p.message.starts_with("YAML syntax error")) {
         // Valid JSON the YAML parser cannot read: fall back to a tree without positions.
         match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) if json_depth(&v) > MAX_DEPTH => {
+                return (
+                    Vec::new(),
+                    vec![TreeProblem {
+                        pos: Pos::default(),
+                        document: None,
+                        message: format!(
+                            "lists and mappings nest deeper than {MAX_DEPTH} levels; a policy or registry file needs far fewer"
+                        ),
+                    }],
+                );
+            }
             Ok(v) => {
                 let root = from_json(&v);
                 let docs = if matches!(root.value, Value::Null) { Vec::new() } else { vec![Doc { number: 1, root }] };
@@ -373,6 +471,15 @@ pub fn parse_json(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
         }
     }
     (docs, problems)
+}
+
+/// Nesting depth of a JSON value (serde_json itself stops at 128 levels).
+fn json_depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn from_json(v: &serde_json::Value) -> Node {
@@ -424,6 +531,52 @@ mod tests {
         let (_, problems) = parse_yaml("a: 1\na: 2\n");
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].pos, Pos { line: 2, col: 1 });
+    }
+
+    #[test]
+    fn alias_expansion_is_capped() {
+        // 10 aliases of a 1,001-node list: 10,010 nodes, just over the cap.
+        let list = format!("a: &l [{}]\nb: [{}]\n", ["x"; 1000].join(", "), ["*l"; 10].join(", "));
+        let (docs, problems) = parse_yaml(&list);
+        assert!(docs.is_empty());
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].pos, Pos { line: 2, col: 41 }); // the tenth alias
+        assert!(problems[0].message.starts_with("aliases expand to more than 10000 nodes"));
+        // Nine are fine, and the copies are real copies.
+        let list = format!("a: &l [{}]\nb: [{}]\n", ["x"; 1000].join(", "), ["*l"; 9].join(", "));
+        let (docs, problems) = parse_yaml(&list);
+        assert!(problems.is_empty());
+        match &docs[0].root.get("b").unwrap().value {
+            Value::Seq(items) => assert!(items.iter().all(|i| matches!(&i.value, Value::Seq(v) if v.len() == 1000))),
+            _ => panic!("not a list"),
+        }
+    }
+
+    #[test]
+    fn depth_is_capped_without_recursion() {
+        let ok = format!("{}x\n", "- ".repeat(MAX_DEPTH));
+        assert!(parse_yaml(&ok).1.is_empty());
+        let deep = format!("{}x\n", "- ".repeat(MAX_DEPTH + 1));
+        let (_, problems) = parse_yaml(&deep);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].pos, Pos { line: 1, col: 2 * MAX_DEPTH + 1 });
+        // Deeper than any stack would take through a recursive loader.
+        let (_, problems) = parse_yaml(&"- ".repeat(1_000_000));
+        assert_eq!(problems.len(), 1);
+    }
+
+    #[test]
+    fn tags_other_than_str_are_refused() {
+        let (_, problems) = parse_yaml("a: !!str 1\nb: !!binary aGk=\nc: !x {}\nd: !!int 1\n");
+        let msgs: Vec<_> = problems.iter().map(|p| (p.pos.line, p.message.as_str())).collect();
+        assert_eq!(
+            msgs,
+            [
+                (2, "YAML tag \"!!binary\" is not supported (only !!str is); remove it"),
+                (3, "YAML tag \"!x\" is not supported (only !!str is); remove it"),
+                (4, "YAML tag \"!!int\" is not supported (only !!str is); remove it"),
+            ]
+        );
     }
 
     #[test]

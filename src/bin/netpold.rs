@@ -57,7 +57,7 @@ fn main() {
 fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if args.detach {
-        let mut dp = open_datapath(&config)?;
+        let mut dp = open_datapath(&config, &args.config)?;
         dp.detach_all()?;
         let _ = std::fs::remove_file(config.socket_path());
         slog::info!(log, "detached: nothing is enforced by this instance any more"; "pin_dir" => %config.pin_dir.display());
@@ -90,7 +90,7 @@ fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
             let dp = netpol::datapath::fake::FakeDatapath::new();
             daemon::run_with(config, dp, NetlinkLinks, opts, shutdown).await?;
         } else {
-            let dp = open_datapath(&config)?;
+            let dp = open_datapath(&config, &args.config)?;
             daemon::run_with(config, dp, NetlinkLinks, opts, shutdown).await?;
         }
         Ok(())
@@ -98,6 +98,23 @@ fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
 }
 
 /// The kernel datapath of this instance: adopts what is pinned under pin_dir.
-fn open_datapath(config: &Config) -> anyhow::Result<impl Datapath> {
-    Ok(netpol::datapath::kernel::KernelDatapath::open(&config.pin_dir, &config.datapath_settings())?)
+fn open_datapath(config: &Config, path: &std::path::Path) -> anyhow::Result<impl Datapath> {
+    netpol::datapath::kernel::KernelDatapath::open(&config.pin_dir, &config.datapath_settings())
+        .map_err(|e| map_size_hint(e, config, path))
+}
+
+/// A map the kernel will not create (E2BIG: too many entries for its type;
+/// ENOMEM: cannot allocate it) comes from a size in netpold.toml: say which.
+fn map_size_hint(e: netpol::datapath::DatapathError, config: &Config, path: &std::path::Path) -> anyhow::Error {
+    let text = e.to_string();
+    if text.contains("(os error 7)") || text.contains("(os error 12)") {
+        anyhow::anyhow!(
+            "{text}: the kernel refuses a map of the configured size; {}: conntrack.max_entries = {}, maps.endpoint_max_entries = {}",
+            path.display(),
+            config.conntrack.max_entries,
+            config.maps.endpoint_max_entries
+        )
+    } else {
+        e.into()
+    }
 }

@@ -50,17 +50,22 @@ struct JsonReport<'a> {
 }
 
 /// Validate everything; returns the summary of what was valid and all problems.
-pub fn check(policy_dir: &std::path::Path, endpoint_dirs: &[std::path::PathBuf]) -> (Summary, Vec<Problem>) {
+/// `opts` carries the config's `strict_file_modes`, so `check` agrees with the daemon.
+pub fn check(
+    policy_dir: &std::path::Path,
+    endpoint_dirs: &[std::path::PathBuf],
+    opts: &api::LoadOptions,
+) -> (Summary, Vec<Problem>) {
     let mut summary = Summary::default();
     let mut problems = Vec::new();
-    match api::load_policy_dir(policy_dir) {
+    match api::load_policy_dir_with(policy_dir, opts) {
         Ok(set) => {
             summary.policies = set.policies.len();
             summary.rules = set.policies.iter().map(|p| p.rules.len()).sum();
         }
         Err(p) => problems.extend(p),
     }
-    match api::load_endpoint_dirs(endpoint_dirs) {
+    match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
         Ok(reg) => {
             summary.host_endpoints = reg.endpoints.iter().filter(|e| e.kind == api::model::EndpointKind::Host).count();
             summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
@@ -78,7 +83,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
-    let (summary, problems) = check(&cfg.policy_dir, &cfg.endpoint_dirs);
+    let (summary, problems) = check(&cfg.policy_dir, &cfg.endpoint_dirs, &cfg.load_options());
     let valid = problems.is_empty();
     if args.files.json {
         let report = JsonReport {

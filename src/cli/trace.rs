@@ -79,14 +79,14 @@ pub struct TraceArgs {
 pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
     let cfg = files.resolve()?;
     let mut problems: Vec<String> = Vec::new();
-    let policies = match crate::api::load_policy_dir(&cfg.policy_dir) {
+    let policies = match crate::api::load_policy_dir_with(&cfg.policy_dir, &cfg.load_options()) {
         Ok(p) => Some(p),
         Err(ps) => {
             problems.extend(ps.iter().map(ToString::to_string));
             None
         }
     };
-    let registry = match crate::api::load_endpoint_dirs(&cfg.endpoint_dirs) {
+    let registry = match crate::api::load_endpoint_dirs_with(&cfg.endpoint_dirs, &cfg.load_options()) {
         Ok(r) => {
             problems.extend(crate::registry::validate(&r).iter().map(ToString::to_string));
             Some(r)

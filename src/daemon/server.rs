@@ -24,8 +24,10 @@ use super::status::{EndpointView, Request, Status};
 pub const MAX_REQUEST: u64 = 4096;
 /// Time a client has to send its request, and to take each answer line.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the listen queue.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once; more are answered `{"error": "too many clients"}`
+/// and closed at once (never left waiting in the listen queue, where they would
+/// keep a `status` behind idle clients until those time out).
+pub const MAX_CONNECTIONS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -102,9 +104,15 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ServerError> {
 pub async fn serve(listener: UnixListener, shared: Shared, log: Logger) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tokio::spawn(async move {
+                        let (_, mut w) = stream.into_split();
+                        let _ = tokio::time::timeout(Duration::from_millis(100), write_line(&mut w, &error_line("too many clients"))).await;
+                    });
+                    continue;
+                };
                 let shared = shared.clone();
                 let log = log.clone();
                 tokio::spawn(async move {
@@ -139,12 +147,15 @@ fn error_line(msg: &str) -> String {
 async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r.take(MAX_REQUEST + 1));
-    let mut line = String::new();
-    match tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await {
+    let mut raw = Vec::new();
+    match tokio::time::timeout(IO_TIMEOUT, reader.read_until(b'\n', &mut raw)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(e),
         Err(_) => return write_line(&mut w, &error_line("no request within 5 s")).await,
     }
+    let Ok(line) = String::from_utf8(raw) else {
+        return write_line(&mut w, &error_line("bad request: not UTF-8")).await;
+    };
     if line.len() as u64 > MAX_REQUEST || !line.ends_with('\n') && line.len() as u64 == MAX_REQUEST + 1 {
         return write_line(&mut w, &error_line("request longer than 4096 bytes")).await;
     }

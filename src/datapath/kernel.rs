@@ -488,7 +488,10 @@ impl KernelDatapath {
                     };
                     // A defunct link (device gone) cannot be updated; sync re-attaches.
                     let _ = link.update_prog(prog);
-                    link.disconnect();
+                    // Dropping closes our fd only: for an fd-based link libbpf's
+                    // "detach" is close(), and the pin keeps the link attached.
+                    // (disconnect() would skip that close and leak the fd.)
+                    drop(link);
                 }
                 AttachMode::Clsact => {
                     // Replace the filter with this process's program.
@@ -532,8 +535,9 @@ impl KernelDatapath {
             let _ = link.detach();
             return Err(kerr(format!("pin {}", path.display()))(e));
         }
-        // The pin keeps the link (and enforcement) alive after we exit.
-        link.disconnect();
+        // The pin keeps the link (and enforcement) alive after we exit and
+        // after this drop, which closes only our fd (see adopt_links).
+        drop(link);
         Ok(())
     }
 

@@ -1,0 +1,1148 @@
+//! Packaging end to end (DESIGN §7, tier 3).
+//!
+//! `deb_lifecycle_under_systemd` builds the .deb with `make deb`, boots a real
+//! systemd as PID 1 of private PID, mount and UTS namespaces inside network
+//! namespace `npk-node` (tests/packaging/boot-systemd.sh), installs the package
+//! there with `dpkg -i`, and checks what a user relies on: the unit is active;
+//! workloads in network namespaces get the seed scenario's verdicts; a reload with
+//! a broken file fails, says why, and changes nothing; a restart and an upgrade
+//! keep enforcement throughout; the journal has the daemon's lines; `dpkg -P` stops it and leaves no
+//! pins, programs or qdiscs.
+//!
+//! The file system is the host's, so the install is real: a guard purges the
+//! package and removes everything the test made (namespaces, links, files, pins),
+//! also when the test fails. The test refuses to run where netpol is already
+//! installed rather than touch an administrator's installation.
+//!
+//! `rpm_lifecycle_under_systemd` does the same with `rpm -i` / `rpm -e`: the
+//! .rpm's scriptlets hand the unit to systemd, stop it, detach and clean up.
+//! `unit_sandbox_allows_bpf` runs tests/packaging/bpf-probe.sh *as* the installed
+//! netpold.service (a drop-in replaces only ExecStart=): the hardening leaves BPF
+//! (pinning, maps, tc attach) working, whatever the daemon does.
+//! `rpm_matches_deb` builds the .rpm with `make rpm` and holds its file list,
+//! conffiles, dependencies and scriptlets to the .deb's (no root needed).
+//! `man_pages_match_the_cli` holds the hand-written man pages to the binaries'
+//! --help: the same commands and options, none missing, none invented.
+//!
+//! The privileged tests install the same package on the same host, so they run one
+//! at a time. A test that cannot run here (not root, tools missing, bpffs not
+//! mounted, netpol already installed) skips with a message, unless CI is set: then
+//! it fails.
+//!
+//! The packages are built from the `dev` profile by default, reusing the build
+//! `cargo test` just made (a release build would double CI's compile time);
+//! NETPOL_PKG_PROFILE=release builds them as shipped.
+
+use std::fs;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const NODE: &str = "npk-node";
+const BRIDGE: &str = "npk-br0";
+const PIN_DIR: &str = "/sys/fs/bpf/netpol";
+/// Where the sandbox probe pins (tests/packaging/bpf-probe.sh).
+const PROBE_PIN_DIR: &str = "/sys/fs/bpf/npk-probe";
+/// Files the test puts under /etc carry this prefix, so the guard finds them.
+const FILE_PREFIX: &str = "npk-";
+
+/// The seed scenario's workloads, with this test's names and addresses:
+/// (short name = netns and host-side link, endpoint name, IPv4, IPv6).
+const WORKLOADS: [(&str, &str, &str, &str); 4] = [
+    ("npk-fe1", "frontend-1", "10.203.1.11", "fd00:203::11"),
+    ("npk-fe2", "frontend-2", "10.203.1.12", "fd00:203::12"),
+    ("npk-be", "backend", "10.203.1.21", "fd00:203::21"),
+    ("npk-db", "database", "10.203.1.31", "fd00:203::31"),
+];
+const PORTS: [u16; 3] = [80, 81, 5432];
+
+// ---------------------------------------------------------------- gating, helpers
+
+fn ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
+/// A test that cannot run: skip with the reason, or fail under CI.
+fn cannot_run(test: &str, reason: &str) {
+    if ci() {
+        panic!("{test}: cannot run: {reason} (CI is set: failing instead of skipping)");
+    }
+    eprintln!("{test}: skipped: {reason}");
+}
+
+fn have(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return Path::new(tool).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn missing_tools(tools: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")))
+}
+
+fn src_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn profile() -> String {
+    std::env::var("NETPOL_PKG_PROFILE").unwrap_or_else(|_| "dev".to_string())
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Run, and panic with the output unless it succeeds.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("timed out after {timeout:?} waiting for {what}");
+    false
+}
+
+/// The privileged tests install the same package on the same host: one at a time.
+fn host_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a privileged test cannot run here, if it cannot.
+fn privileged_blocker(extra_tools: &[&str]) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root".to_string());
+    }
+    let mut tools = BUILD_TOOLS.to_vec();
+    tools.extend(["/lib/systemd/systemd", "unshare", "nsenter", "ip", "tc", "dpkg", "systemctl", "journalctl"]);
+    tools.extend_from_slice(extra_tools);
+    if let Some(reason) = missing_tools(&tools) {
+        return Some(reason);
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+        return Some("bpffs is not mounted on /sys/fs/bpf".to_string());
+    }
+    let status = run(&mut cmd("dpkg-query", &["-W", "-f=${Status}", "netpol"]));
+    let by_rpm = have("rpm") && run(&mut cmd("rpm", &["-q", "netpol"])).status.success();
+    if String::from_utf8_lossy(&status.stdout).contains(" installed") || by_rpm || Path::new(PIN_DIR).exists() {
+        return Some("netpol is already installed (or /sys/fs/bpf/netpol exists) on this host; not touching it".to_string());
+    }
+    None
+}
+
+// ---------------------------------------------------------------- package builds
+
+/// `make TARGET PROFILE=…` in the source tree; the packages land in dist/.
+fn make(target: &str) -> Result<(), String> {
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(src_dir())
+        .arg(target)
+        .arg(format!("PROFILE={}", profile()))
+        .output()
+        .map_err(|e| format!("cannot run make: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("make {target} failed ({}):\n{}", out.status, text(&out)))
+    }
+}
+
+fn find_in_dist(pred: impl Fn(&str) -> bool) -> Result<PathBuf, String> {
+    let dist = src_dir().join("dist");
+    let mut found: Vec<PathBuf> = fs::read_dir(&dist)
+        .map_err(|e| format!("{}: {e}", dist.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pred))
+        .collect();
+    found.sort();
+    found.pop().ok_or_else(|| format!("no package in {}", dist.display()))
+}
+
+/// The .deb, built once per test binary.
+fn deb() -> PathBuf {
+    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DEB.get_or_init(|| {
+        make("deb")?;
+        let version = env!("CARGO_PKG_VERSION");
+        find_in_dist(|n| n.starts_with(&format!("netpol_{version}_")) && n.ends_with(".deb"))
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn rpm() -> PathBuf {
+    static RPM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    RPM.get_or_init(|| {
+        make("rpm")?;
+        let version = env!("CARGO_PKG_VERSION");
+        find_in_dist(|n| n.starts_with(&format!("netpol-{version}-")) && n.ends_with(".rpm"))
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+const BUILD_TOOLS: [&str; 5] = ["make", "cargo", "dpkg-buildpackage", "dh", "dpkg-deb"];
+
+// ---------------------------------------------------------------- .rpm vs .deb
+
+/// A package path as both formats should agree on it: merged /usr, manual pages
+/// and documents compressed or not.
+fn normalize(path: &str) -> String {
+    let p = path.trim_start_matches('.');
+    let p = match p.strip_prefix("/lib/") {
+        Some(rest) => format!("/usr/lib/{rest}"),
+        None => p.to_string(),
+    };
+    p.strip_suffix(".gz").map(str::to_string).unwrap_or(p)
+}
+
+/// Debian-only files (dpkg's changelog and copyright file, lintian's overrides).
+fn debian_only(path: &str) -> bool {
+    matches!(
+        path,
+        "/usr/share/doc/netpol/changelog" | "/usr/share/doc/netpol/copyright" | "/usr/share/lintian/overrides/netpol"
+    )
+}
+
+/// (files and links, directories) of the .deb.
+fn deb_contents(deb: &Path) -> (Vec<String>, Vec<String>) {
+    let listing = run_ok(Command::new("dpkg-deb").arg("-c").arg(deb));
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 6 {
+            continue;
+        }
+        let path = fields[5];
+        if fields[0].starts_with('d') {
+            dirs.push(normalize(path.trim_end_matches('/')));
+        } else {
+            files.push(normalize(path));
+        }
+    }
+    files.retain(|f| !debian_only(f));
+    files.sort();
+    dirs.sort();
+    (files, dirs)
+}
+
+fn rpm_contents(rpm: &Path) -> (Vec<String>, Vec<String>) {
+    let listing = run_ok(Command::new("rpm").args(["-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]"]).arg(rpm));
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    for line in listing.lines() {
+        let Some((mode, path)) = line.split_once(' ') else { continue };
+        if mode.starts_with('d') {
+            dirs.push(normalize(path));
+        } else {
+            files.push(normalize(path));
+        }
+    }
+    files.sort();
+    dirs.sort();
+    (files, dirs)
+}
+
+fn deb_control_file(deb: &Path, name: &str) -> String {
+    run_ok(Command::new("dpkg-deb").arg("-I").arg(deb).arg(name))
+}
+
+/// The rpm's scriptlets, by name ("postinstall", "preuninstall", "postuninstall").
+fn rpm_scriptlet(all: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in all.lines() {
+        if line.ends_with("scriptlet (using /bin/sh):") {
+            inside = line.starts_with(&format!("{name} scriptlet"));
+            continue;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn assert_contains_any(what: &str, script: &str, needles: &[&str]) {
+    assert!(
+        needles.iter().any(|n| script.contains(n)),
+        "{what}: expected one of {needles:?} in:\n{script}"
+    );
+}
+
+#[test]
+fn rpm_matches_deb() {
+    const TEST: &str = "rpm_matches_deb";
+    let mut tools = BUILD_TOOLS.to_vec();
+    tools.extend(["rpmbuild", "rpm"]);
+    if let Some(reason) = missing_tools(&tools) {
+        return cannot_run(TEST, &reason);
+    }
+    let deb = deb();
+    let rpm = rpm();
+
+    // Same files, same owned configuration directories.
+    let (deb_files, deb_dirs) = deb_contents(&deb);
+    let (rpm_files, rpm_dirs) = rpm_contents(&rpm);
+    assert_eq!(deb_files, rpm_files, "files of {} vs {}", deb.display(), rpm.display());
+    for dir in ["/etc/netpol", "/etc/netpol.d", "/etc/netpol/endpoints.d", "/usr/share/doc/netpol/examples"] {
+        assert!(deb_dirs.iter().any(|d| d == dir), "the .deb lacks directory {dir}: {deb_dirs:?}");
+        assert!(rpm_dirs.iter().any(|d| d == dir), "the .rpm lacks directory {dir}: {rpm_dirs:?}");
+    }
+    for must in [
+        "/usr/sbin/netpold",
+        "/usr/bin/netpolctl",
+        "/usr/lib/systemd/system/netpold.service",
+        "/etc/netpol/netpold.toml",
+        "/usr/share/man/man8/netpold.8",
+        "/usr/share/man/man8/netpolctl.8",
+        "/usr/share/doc/netpol/examples/seed/endpoints.d/seed.yaml",
+    ] {
+        assert!(deb_files.iter().any(|f| f == must), "{must} missing from the packages: {deb_files:?}");
+    }
+
+    // /etc files are conffiles / %config(noreplace).
+    let mut deb_conf: Vec<String> = deb_control_file(&deb, "conffiles").lines().map(str::to_string).collect();
+    let mut rpm_conf: Vec<String> = run_ok(Command::new("rpm").arg("-qpc").arg(&rpm)).lines().map(str::to_string).collect();
+    deb_conf.sort();
+    rpm_conf.sort();
+    assert_eq!(deb_conf, rpm_conf, "conffiles");
+    assert_eq!(deb_conf, vec!["/etc/netpol/netpold.toml".to_string()]);
+    let noreplace = run_ok(Command::new("rpm").args(["-qp", "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]"]).arg(&rpm));
+    assert!(
+        noreplace.lines().any(|l| l.ends_with(" /etc/netpol/netpold.toml") && l.contains('c') && l.contains('n')),
+        "/etc/netpol/netpold.toml is not %config(noreplace):\n{noreplace}"
+    );
+
+    // Runtime dependencies: libelf and zlib on both.
+    let control = deb_control_file(&deb, "control");
+    let depends = control.lines().find(|l| l.starts_with("Depends:")).unwrap_or_default().to_string();
+    for d in ["libelf1", "zlib1g"] {
+        assert!(depends.contains(d), "the .deb does not depend on {d}: {depends}");
+    }
+    let requires = run_ok(Command::new("rpm").arg("-qpR").arg(&rpm));
+    for r in ["elfutils-libelf", "zlib"] {
+        assert!(requires.lines().any(|l| l.trim() == r), "the .rpm does not require {r}:\n{requires}");
+    }
+
+    // Scriptlets: the same life cycle in each format's idiom.
+    let postinst = deb_control_file(&deb, "postinst");
+    let prerm = deb_control_file(&deb, "prerm");
+    let postrm = deb_control_file(&deb, "postrm");
+    let scripts = run_ok(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm));
+    let post = rpm_scriptlet(&scripts, "postinstall");
+    let preun = rpm_scriptlet(&scripts, "preuninstall");
+    let postun = rpm_scriptlet(&scripts, "postuninstall");
+
+    // Install: the unit is registered with systemd (enabled / preset).
+    assert_contains_any("deb postinst enables", &postinst, &["deb-systemd-helper enable 'netpold.service'"]);
+    assert_contains_any("deb postinst starts", &postinst, &["deb-systemd-invoke $_dh_action 'netpold.service'"]);
+    assert_contains_any(
+        "rpm %post registers",
+        &post,
+        &["preset netpold.service", "install-system-units netpold.service"],
+    );
+    // Removal: stopped.
+    assert_contains_any("deb prerm stops", &prerm, &["deb-systemd-invoke stop 'netpold.service'"]);
+    assert_contains_any(
+        "rpm %preun stops",
+        &preun,
+        &["disable --now netpold.service", "remove-system-units netpold.service"],
+    );
+    // Upgrade: restarted, not stopped.
+    assert_contains_any("deb postinst restarts on upgrade", &postinst, &["_dh_action=restart"]);
+    assert_contains_any(
+        "rpm %postun restarts on upgrade",
+        &postun,
+        &["try-restart netpold.service", "mark-restart-system-units netpold.service"],
+    );
+    // Removal: enforcement detached, pins and state removed.
+    for (what, script) in [("deb prerm", &prerm), ("rpm %preun", &preun)] {
+        assert_contains_any(&format!("{what} detaches"), script, &["/usr/sbin/netpold --detach"]);
+    }
+    for (what, script) in [("deb postrm", &postrm), ("rpm %postun", &postun)] {
+        assert_contains_any(&format!("{what} removes pins"), script, &["/sys/fs/bpf/netpol"]);
+        assert_contains_any(&format!("{what} removes state"), script, &["/var/lib/netpol"]);
+    }
+}
+
+// ---------------------------------------------------------------- systemd in namespaces
+
+/// A real systemd, PID 1 of its own PID/mount/UTS namespaces, in netns `npk-node`.
+struct Systemd {
+    unshare: Child,
+    /// systemd's PID as the host sees it.
+    pid: u32,
+    log: PathBuf,
+}
+
+impl Systemd {
+    fn boot() -> Systemd {
+        let log = std::env::temp_dir().join(format!("npk-systemd-{}.log", std::process::id()));
+        let logf = fs::File::create(&log).expect("create systemd log");
+        let tests = src_dir().join("tests/packaging");
+        let mut unshare = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NODE}"))
+            .args(["unshare", "--fork", "--pid", "--mount", "--uts", "--mount-proc", "--propagation", "private"])
+            .arg(tests.join("boot-systemd.sh"))
+            .arg(tests.join("units"))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log"))
+            .stderr(logf)
+            .spawn()
+            .expect("spawn unshare");
+        let upid = unshare.id();
+        let mut pid = None;
+        wait_for("unshare's child", Duration::from_secs(10), || {
+            pid = fs::read_to_string(format!("/proc/{upid}/task/{upid}/children"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()));
+            pid.is_some()
+        });
+        let Some(pid) = pid else {
+            let _ = unshare.kill();
+            let _ = unshare.wait();
+            panic!("systemd did not start:\n{}", fs::read_to_string(&log).unwrap_or_default());
+        };
+        let sd = Systemd { unshare, pid, log };
+        let up = wait_for("systemd to be running", Duration::from_secs(30), || {
+            let out = sd.exec(&["systemctl", "is-system-running"]);
+            matches!(String::from_utf8_lossy(&out.stdout).trim(), "running" | "degraded")
+        });
+        assert!(
+            up,
+            "systemd in the namespaces did not come up:\n{}\n{}",
+            fs::read_to_string(&sd.log).unwrap_or_default(),
+            text(&sd.exec(&["systemctl", "list-jobs", "--no-pager"]))
+        );
+        sd
+    }
+
+    /// A command inside systemd's namespaces (mount: its /run; PID: its processes).
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t").arg(self.pid.to_string()).args(["-m", "-p", "--"]).args(args);
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        c.env("SYSTEMD_PAGER", "");
+        c
+    }
+
+    fn exec(&self, args: &[&str]) -> Output {
+        run(&mut self.command(args))
+    }
+
+    fn exec_ok(&self, args: &[&str]) -> String {
+        run_ok(&mut self.command(args))
+    }
+
+    fn is_active(&self, unit: &str) -> String {
+        String::from_utf8_lossy(&self.exec(&["systemctl", "is-active", unit]).stdout).trim().to_string()
+    }
+
+    fn journal(&self) -> String {
+        text(&self.exec(&["journalctl", "--no-pager", "-u", "netpold.service"]))
+    }
+
+    /// What to show when something about the service is wrong.
+    fn diagnose(&self) -> String {
+        format!(
+            "--- systemctl status netpold\n{}\n--- journalctl -u netpold\n{}",
+            text(&self.exec(&["systemctl", "status", "--no-pager", "-l", "netpold.service"])),
+            self.journal()
+        )
+    }
+
+    /// dpkg, retrying while another dpkg/apt holds the lock.
+    fn dpkg(&self, args: &[&str]) -> Output {
+        let mut full = vec!["dpkg"];
+        full.extend_from_slice(args);
+        let start = Instant::now();
+        loop {
+            let out = self.exec(&full);
+            let locked = !out.status.success() && text(&out).contains("lock");
+            if !locked || start.elapsed() > Duration::from_secs(180) {
+                return out;
+            }
+            thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
+    /// netpolctl status --json as the daemon answers it.
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = self.exec(&["netpolctl", "status", "--json"]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn generation(&self) -> Option<u64> {
+        self.status().and_then(|s| s.get("generation").and_then(|g| g.as_u64()))
+    }
+
+    /// Wait until the daemon applies a generation newer than `after`.
+    fn wait_generation(&self, after: Option<u64>) {
+        let ok = wait_for("a new generation", Duration::from_secs(20), || match (self.generation(), after) {
+            (Some(g), Some(a)) => g > a,
+            (Some(_), None) => true,
+            _ => false,
+        });
+        assert!(ok, "netpold applied no new generation (status: {:?})\n{}", self.status(), self.diagnose());
+    }
+}
+
+impl Drop for Systemd {
+    fn drop(&mut self) {
+        // SIGKILL to a PID namespace's init ends every process in it.
+        let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+// ---------------------------------------------------------------- the lab
+
+/// Everything the lifecycle test makes, removed again in Drop (also on failure).
+struct Lab {
+    systemd: Option<Systemd>,
+    /// dpkg -i was attempted: purge in Drop.
+    installed: bool,
+    /// rpm -i was attempted: erase in Drop.
+    installed_rpm: bool,
+    netns: Vec<String>,
+    listeners: Vec<Child>,
+    files: Vec<PathBuf>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        Lab { systemd: None, installed: false, installed_rpm: false, netns: Vec::new(), listeners: Vec::new(), files: Vec::new() }
+    }
+
+    fn sd(&self) -> &Systemd {
+        self.systemd.as_ref().expect("systemd is running")
+    }
+
+    fn add_netns(&mut self, name: &str) {
+        let _ = Command::new("ip").args(["netns", "del", name]).output(); // a leftover of a killed run
+        run_ok(&mut cmd("ip", &["netns", "add", name]));
+        self.netns.push(name.to_string());
+        run_ok(&mut cmd("ip", &["-n", name, "link", "set", "lo", "up"]));
+    }
+
+    /// Only npk-node, where systemd and the daemon run.
+    fn node(&mut self) {
+        self.add_netns(NODE);
+    }
+
+    /// npk-node with bridge npk-br0; each workload in its own netns behind a veth
+    /// whose host side (the enforcement point) is in npk-node; TCP listeners on
+    /// every port of the scenario.
+    fn network(&mut self) {
+        self.node();
+        run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", BRIDGE, "type", "bridge"]));
+        run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", BRIDGE, "up"]));
+        for (ns, _, v4, v6) in WORKLOADS {
+            self.add_netns(ns);
+            run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns", ns]));
+            run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", ns, "master", BRIDGE, "up"]));
+            run_ok(&mut cmd("ip", &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]));
+            run_ok(&mut cmd("ip", &["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]));
+            run_ok(&mut cmd("ip", &["-n", ns, "link", "set", "eth0", "up"]));
+            for port in PORTS {
+                for listen in [format!("TCP4-LISTEN:{port},fork,reuseaddr"), format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=1")] {
+                    let child = Command::new("ip")
+                        .args(["netns", "exec", ns, "socat", &listen, "OPEN:/dev/null"])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("spawn socat");
+                    self.listeners.push(child);
+                }
+            }
+        }
+    }
+
+    /// Write a file under /etc (through the guard, which removes it again).
+    fn put(&mut self, path: &Path, content: &str) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(name.starts_with(FILE_PREFIX), "test files are named {FILE_PREFIX}*: {}", path.display());
+        // Written aside and renamed in, as an editor or package manager does.
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        let mut f = fs::File::create(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+        f.write_all(content.as_bytes()).expect("write");
+        drop(f);
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).expect("chmod");
+        fs::rename(&tmp, path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if !self.files.contains(&path.to_path_buf()) {
+            self.files.push(path.to_path_buf());
+        }
+    }
+
+    fn remove(&mut self, path: &Path) {
+        let _ = fs::remove_file(path);
+        self.files.retain(|f| f != path);
+    }
+
+    fn remove_files(&mut self) {
+        for f in self.files.drain(..) {
+            let _ = fs::remove_file(f);
+        }
+    }
+
+    fn rpm_erase(&mut self) -> Output {
+        self.remove_files();
+        let out = match &self.systemd {
+            Some(sd) if sd.alive() => sd.exec(&["rpm", "-e", "netpol"]),
+            _ => run(&mut cmd("rpm", &["-e", "netpol"])),
+        };
+        self.installed_rpm = false;
+        out
+    }
+
+    fn purge(&mut self) -> Output {
+        self.remove_files();
+        let out = match &self.systemd {
+            Some(sd) if sd.alive() => sd.dpkg(&["-P", "netpol"]),
+            _ => run(&mut cmd("dpkg", &["-P", "netpol"])),
+        };
+        self.installed = false;
+        out
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.installed {
+            let out = self.purge();
+            if !out.status.success() {
+                eprintln!("cleanup: dpkg -P netpol failed:\n{}", text(&out));
+            }
+            let _ = fs::remove_dir_all(PIN_DIR);
+        }
+        if self.installed_rpm {
+            let out = self.rpm_erase();
+            if !out.status.success() {
+                eprintln!("cleanup: rpm -e netpol failed:\n{}", text(&out));
+            }
+            let _ = fs::remove_dir_all(PIN_DIR);
+            for dir in ["/etc/netpol/endpoints.d", "/etc/netpol", "/etc/netpol.d"] {
+                let _ = fs::remove_dir(dir); // only when empty
+            }
+        }
+        let _ = fs::remove_dir_all(PROBE_PIN_DIR);
+        self.remove_files();
+        self.systemd = None; // kills it
+        for mut l in self.listeners.drain(..) {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        for ns in self.netns.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- traffic
+
+fn workload(name: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+    *WORKLOADS.iter().find(|w| w.1 == name).unwrap_or_else(|| panic!("no workload {name}"))
+}
+
+/// Does a TCP connection from workload `from` to `to`:`port` get established?
+/// Connects from a thread that entered the source's network namespace.
+fn connects(from: &str, to: &str, port: u16, v6: bool, timeout: Duration) -> bool {
+    let (ns, ..) = workload(from);
+    let (_, _, v4, v6addr) = workload(to);
+    let ip: IpAddr = if v6 { v6addr } else { v4 }.parse().expect("address");
+    let nsfile = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let f = fs::File::open(&nsfile).unwrap_or_else(|e| panic!("{nsfile}: {e}"));
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout).is_ok()
+    })
+    .join()
+    .expect("probe thread")
+}
+
+/// (from, to, port, expected) after both seed policies are in force.
+const SEED_VERDICTS: [(&str, &str, u16, bool); 8] = [
+    ("frontend-1", "backend", 80, true),
+    ("frontend-2", "backend", 80, true),
+    ("frontend-1", "backend", 81, false),
+    ("database", "backend", 80, false),
+    ("frontend-1", "database", 5432, false),
+    ("frontend-2", "database", 80, false),
+    ("database", "frontend-1", 80, true),
+    ("backend", "database", 5432, true),
+];
+
+fn check_verdicts(sd: &Systemd, when: &str, verdicts: &[(&str, &str, u16, bool)]) {
+    let mut wrong = Vec::new();
+    for &(from, to, port, expected) in verdicts {
+        for v6 in [false, true] {
+            // Allowed: generous timeout; denied: a dropped SYN just times out.
+            let timeout = Duration::from_millis(if expected { 3000 } else { 700 });
+            let got = connects(from, to, port, v6, timeout);
+            if got != expected {
+                let fam = if v6 { "IPv6" } else { "IPv4" };
+                wrong.push(format!("{from} -> {to}:{port} ({fam}): expected {}, got {}", verdict(expected), verdict(got)));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{when}: wrong verdicts:\n  {}\n{}", wrong.join("\n  "), sd.diagnose());
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed {
+        "allowed"
+    } else {
+        "denied"
+    }
+}
+
+/// While `action` runs (and a second after), new connections keep their verdicts:
+/// database -> backend:80 never connects, frontend-1 -> backend:80 always does; and
+/// the action replaced the daemon process.
+fn enforcement_holds_across(sd: &Systemd, what: &str, action: impl FnOnce()) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut probes, mut leaked, mut refused) = (0u32, 0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                probes += 1;
+                if connects("database", "backend", 80, false, Duration::from_millis(300)) {
+                    leaked += 1;
+                }
+                if !connects("frontend-1", "backend", 80, false, Duration::from_millis(1000)) {
+                    refused += 1;
+                }
+            }
+            (probes, leaked, refused)
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let main_pid = || sd.exec_ok(&["systemctl", "show", "-p", "MainPID", "--value", "netpold.service"]).trim().to_string();
+    let old_pid = main_pid();
+    action();
+    let active = wait_for("netpold to be active again", Duration::from_secs(30), || sd.is_active("netpold.service") == "active");
+    thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (probes, leaked, refused) = prober.join().expect("prober");
+    assert!(active, "netpold.service is not active after {what}\n{}", sd.diagnose());
+    assert_ne!(old_pid, main_pid(), "netpold was not restarted by {what}");
+    assert!(probes >= 3, "only {probes} probes ran across {what}");
+    assert_eq!(leaked, 0, "database reached backend:80 {leaked} times out of {probes} during {what}");
+    assert_eq!(refused, 0, "frontend-1 could not reach backend:80 {refused} times out of {probes} during {what}");
+    check_verdicts(sd, &format!("after {what}"), &SEED_VERDICTS);
+}
+
+/// The shipped seed registry with this test's interfaces and addresses.
+fn seed_registry() -> String {
+    let shipped = fs::read_to_string(src_dir().join("etc/examples/seed/endpoints.d/seed.yaml")).expect("seed registry");
+    let mut out = shipped;
+    for (from, to) in [
+        ("veth-fe1", "npk-fe1"),
+        ("veth-fe2", "npk-fe2"),
+        ("veth-be", "npk-be"),
+        ("veth-db", "npk-db"),
+        ("10.0.1.", "10.203.1."),
+        ("fd00:1::", "fd00:203::"),
+    ] {
+        out = out.replace(from, to);
+    }
+    for (ns, _, v4, _) in WORKLOADS {
+        assert!(out.contains(ns) && out.contains(v4), "seed registry changed shape: {ns} {v4} not found in\n{out}");
+    }
+    out
+}
+
+// ---------------------------------------------------------------- the lifecycle
+
+#[test]
+fn deb_lifecycle_under_systemd() {
+    const TEST: &str = "deb_lifecycle_under_systemd";
+    let _host = host_lock();
+    if let Some(reason) = privileged_blocker(&["socat"]) {
+        return cannot_run(TEST, &reason);
+    }
+
+    let deb = deb();
+    let mut lab = Lab::new();
+    lab.network();
+    lab.systemd = Some(Systemd::boot());
+
+    // ---- install: enabled, started, active, the unit verifies
+    lab.installed = true;
+    let deb_path = deb.to_string_lossy().into_owned();
+    let out = lab.sd().dpkg(&["-i", &deb_path]);
+    assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+    let sd = lab.sd();
+    assert_eq!(
+        String::from_utf8_lossy(&sd.exec(&["systemctl", "is-enabled", "netpold.service"]).stdout).trim(),
+        "enabled"
+    );
+    let active = wait_for("netpold to be active", Duration::from_secs(30), || sd.is_active("netpold.service") == "active");
+    assert!(active, "netpold.service is not active after dpkg -i\n{}", sd.diagnose());
+    sd.exec_ok(&["systemd-analyze", "verify", "--man=no", "/lib/systemd/system/netpold.service"]);
+    let security = text(&sd.exec(&["systemd-analyze", "security", "--no-pager", "netpold.service"]));
+    let score: f64 = security
+        .lines()
+        .find_map(|l| l.split("netpold.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{security}"));
+    eprintln!("systemd-analyze security netpold.service: {score}");
+    assert!(score <= 2.5, "exposure level {score} > 2.5:\n{security}");
+
+    // ---- no policy yet: everything connects
+    let endpoints = PathBuf::from("/etc/netpol/endpoints.d/npk-seed.yaml");
+    let policies = PathBuf::from("/etc/netpol.d");
+    let g0 = sd.generation();
+    lab.put(&endpoints, &seed_registry());
+    let sd = lab.sd();
+    sd.wait_generation(g0);
+    check_verdicts(sd, "registry only, no policy", &[("database", "backend", 80, true), ("frontend-1", "database", 5432, true)]);
+
+    // ---- the seed policies
+    let g1 = sd.generation();
+    for p in ["frontend-to-backend.yaml", "frontend-egress-control.yaml"] {
+        let content = fs::read_to_string(src_dir().join("etc/examples/seed/netpol.d").join(p)).expect("seed policy");
+        lab.put(&policies.join(format!("{FILE_PREFIX}{p}")), &content);
+    }
+    let sd = lab.sd();
+    sd.wait_generation(g1);
+    // Both files may land in one generation or two: wait until nothing is pending.
+    thread::sleep(Duration::from_millis(500));
+    check_verdicts(sd, "seed policies", &SEED_VERDICTS);
+
+    // ---- a reload with a broken file fails, says why, and changes nothing
+    let broken = policies.join(format!("{FILE_PREFIX}broken.yaml"));
+    lab.put(
+        &broken,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts: [{ports: [{port: \"99999\", protocol: TCP}]}]\n",
+    );
+    let sd = lab.sd();
+    let reload = sd.exec(&["systemctl", "reload", "netpold.service"]);
+    assert!(!reload.status.success(), "systemctl reload succeeded with a broken file:\n{}", text(&reload));
+    let journal = sd.journal();
+    assert!(
+        journal.contains("npk-broken.yaml") && journal.contains("99999"),
+        "the journal does not say why the reload failed:\n{journal}"
+    );
+    assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
+    check_verdicts(sd, "after the failed reload", &SEED_VERDICTS);
+    lab.remove(&broken);
+    let sd = lab.sd();
+    let reload = sd.exec(&["systemctl", "reload", "netpold.service"]);
+    assert!(reload.status.success(), "systemctl reload failed with valid files:\n{}\n{}", text(&reload), sd.diagnose());
+    check_verdicts(sd, "after a good reload", &SEED_VERDICTS);
+
+    // ---- a restart keeps enforcement throughout
+    enforcement_holds_across(sd, "systemctl restart", || {
+        sd.exec_ok(&["systemctl", "restart", "netpold.service"]);
+    });
+
+    // ---- so does an upgrade (the same package again: prerm upgrade, postinst
+    // configure with the old version, which restarts the daemon)
+    enforcement_holds_across(sd, "an upgrade with dpkg -i", || {
+        let out = sd.dpkg(&["-i", &deb_path]);
+        assert!(out.status.success(), "dpkg -i (upgrade) failed:\n{}", text(&out));
+    });
+
+    // ---- the journal has the daemon's own lines (not only systemd's)
+    let own = sd.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "_SYSTEMD_UNIT=netpold.service", "_COMM=netpold"]);
+    assert!(
+        own.lines().any(|l| !l.trim().is_empty() && !l.starts_with("-- ")),
+        "no lines from netpold itself in the journal:\n{}",
+        sd.journal()
+    );
+
+    // ---- purge: stopped, nothing left in the kernel or on disk
+    let out = lab.purge();
+    assert!(out.status.success(), "dpkg -P failed:\n{}", text(&out));
+    let sd = lab.sd();
+    let state = sd.is_active("netpold.service");
+    assert!(state == "inactive" || state == "unknown" || state == "failed", "netpold.service is {state} after purge");
+    let procs = text(&sd.exec(&["ps", "-e", "-o", "comm="]));
+    assert!(!procs.lines().any(|l| l.trim() == "netpold"), "netpold still runs after purge:\n{procs}");
+    assert!(!Path::new(PIN_DIR).exists(), "{PIN_DIR} is left after purge");
+    for path in ["/etc/netpol", "/etc/netpol.d", "/var/lib/netpol", "/usr/sbin/netpold", "/lib/systemd/system/netpold.service"] {
+        assert!(!Path::new(path).exists(), "{path} is left after purge");
+    }
+    assert!(
+        fs::symlink_metadata("/etc/systemd/system/multi-user.target.wants/netpold.service").is_err(),
+        "the enable symlink is left after purge"
+    );
+    for (ns, ..) in WORKLOADS {
+        let qdisc = run_ok(&mut cmd("tc", &["-n", NODE, "qdisc", "show", "dev", ns]));
+        assert!(!qdisc.contains("clsact"), "{ns} keeps a clsact qdisc after purge:\n{qdisc}");
+        if have("bpftool") {
+            let net = run_ok(&mut cmd("ip", &["netns", "exec", NODE, "bpftool", "net", "show", "dev", ns]));
+            assert!(!net.contains("tcx/") && !net.contains("clsact/"), "{ns} keeps BPF programs after purge:\n{net}");
+        }
+    }
+    check_verdicts(
+        sd,
+        "after purge (nothing enforced)",
+        &[("database", "backend", 80, true), ("frontend-1", "database", 5432, true), ("frontend-1", "backend", 81, true)],
+    );
+}
+
+// ---------------------------------------------------------------- the sandbox allows BPF
+
+/// The installed unit, with only ExecStart= replaced by tests/packaging/bpf-probe.sh,
+/// creates a pin directory (/sys/fs/bpf/npk-probe: the daemon's own pins stay where
+/// it left them when the package's start ran it), loads and pins a tc program with the daemon's map
+/// types, updates a map and attaches with clsact: the hardening leaves BPF working.
+/// Independent of the daemon, so it holds the unit to account on its own.
+#[test]
+fn unit_sandbox_allows_bpf() {
+    const TEST: &str = "unit_sandbox_allows_bpf";
+    let _host = host_lock();
+    if let Some(reason) = privileged_blocker(&["clang"]) {
+        return cannot_run(TEST, &reason);
+    }
+    let tests = src_dir().join("tests/packaging");
+    let obj = std::env::temp_dir().join(format!("npk-bpf-probe-{}.o", std::process::id()));
+    run_ok(
+        Command::new("clang")
+            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c"])
+            .arg(tests.join("bpf-probe.bpf.c"))
+            .arg("-o")
+            .arg(&obj),
+    );
+
+    let deb = deb();
+    let mut lab = Lab::new();
+    lab.node();
+    run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", "npk-pb0", "type", "veth", "peer", "name", "npk-pb1"]));
+    run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", "npk-pb0", "up"]));
+    lab.systemd = Some(Systemd::boot());
+    lab.installed = true;
+    let deb_path = deb.to_string_lossy().into_owned();
+    let out = lab.sd().dpkg(&["-i", &deb_path]);
+    assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+    let sd = lab.sd();
+    let _ = sd.exec(&["systemctl", "stop", "netpold.service"]);
+    let _ = fs::remove_dir_all(PROBE_PIN_DIR);
+
+    // In systemd's private /run: the service has PrivateTmp= and ProtectHome=.
+    let setup = format!(
+        "set -e; mkdir -p /run/npk-probe /run/npk-units/netpold.service.d; \
+         cp '{obj}' /run/npk-probe/probe.o; cp '{script}' /run/npk-probe/bpf-probe.sh; \
+         printf '[Service]\\nType=oneshot\\nExecStart=\\nExecStart=/run/npk-probe/bpf-probe.sh /run/npk-probe/probe.o npk-pb0\\nExecReload=\\nRestart=no\\nWatchdogSec=0\\n' \
+           > /run/npk-units/netpold.service.d/probe.conf",
+        obj = obj.display(),
+        script = tests.join("bpf-probe.sh").display()
+    );
+    sd.exec_ok(&["sh", "-c", &setup]);
+    let _ = fs::remove_file(&obj);
+    sd.exec_ok(&["systemctl", "daemon-reload"]);
+    let start = sd.exec(&["systemctl", "start", "netpold.service"]);
+    // A fresh systemd: the unit's journal holds only this test's runs.
+    let log = text(&sd.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", "netpold.service"]));
+    assert!(
+        start.status.success() && log.lines().any(|l| l.trim() == "probe: ok"),
+        "BPF does not work inside netpold.service's sandbox:\n{}\n{log}\n{}",
+        text(&start),
+        sd.diagnose()
+    );
+    eprintln!("{log}");
+}
+
+// ---------------------------------------------------------------- the .rpm's scriptlets, for real
+
+/// `rpm -i` under the same systemd: %post registers the unit with systemd (preset),
+/// the daemon starts and enforces; `rpm -e` stops it (%preun), detaches and removes
+/// the pins and state (%preun, %postun), and leaves nothing behind.
+#[test]
+fn rpm_lifecycle_under_systemd() {
+    const TEST: &str = "rpm_lifecycle_under_systemd";
+    let _host = host_lock();
+    if let Some(reason) = privileged_blocker(&["rpm", "rpmbuild"]) {
+        return cannot_run(TEST, &reason);
+    }
+    let rpm = rpm();
+    let mut lab = Lab::new();
+    lab.node();
+    run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", "npk-r0", "type", "veth", "peer", "name", "npk-r1"]));
+    run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", "npk-r0", "up"]));
+    lab.systemd = Some(Systemd::boot());
+    lab.installed_rpm = true;
+    let rpm_path = rpm.to_string_lossy().into_owned();
+    // --nodeps: Debian's rpm database knows none of the system's libraries.
+    let sd = lab.sd();
+    let out = sd.exec(&["rpm", "-i", "--nodeps", &rpm_path]);
+    assert!(out.status.success(), "rpm -i failed:\n{}", text(&out));
+    let enabled = String::from_utf8_lossy(&sd.exec(&["systemctl", "is-enabled", "netpold.service"]).stdout).trim().to_string();
+    assert!(
+        enabled == "enabled" || enabled == "disabled",
+        "%post did not hand the unit to systemd's presets (is-enabled: {enabled:?})"
+    );
+    sd.exec_ok(&["systemctl", "start", "netpold.service"]);
+    assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
+
+    // One endpoint on npk-r0 under a default-deny policy: something to detach.
+    let g = sd.generation();
+    lab.put(
+        Path::new("/etc/netpol/endpoints.d/npk-r.yaml"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: npk-r, labels: {app: npk-r}}\nspec:\n  interface: npk-r0\n  addresses: [10.203.9.1]\n",
+    );
+    lab.put(
+        Path::new("/etc/netpol.d/npk-r.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: npk-r}\nspec:\n  endpointSelector: {matchLabels: {app: npk-r}}\n  ingress: [{}]\n",
+    );
+    let sd = lab.sd();
+    sd.wait_generation(g);
+    let endpoints = text(&sd.exec(&["netpolctl", "endpoints"]));
+    assert!(endpoints.contains("npk-r0") && endpoints.contains("attached"), "npk-r0 is not enforced:\n{endpoints}\n{}", sd.diagnose());
+    assert!(Path::new(PIN_DIR).exists(), "no pins under {PIN_DIR} while enforcing");
+
+    let out = lab.rpm_erase();
+    assert!(out.status.success(), "rpm -e failed:\n{}", text(&out));
+    let sd = lab.sd();
+    let state = sd.is_active("netpold.service");
+    assert!(state == "inactive" || state == "unknown" || state == "failed", "netpold.service is {state} after rpm -e");
+    let procs = text(&sd.exec(&["ps", "-e", "-o", "comm="]));
+    assert!(!procs.lines().any(|l| l.trim() == "netpold"), "netpold still runs after rpm -e:\n{procs}");
+    for path in [PIN_DIR, "/var/lib/netpol", "/usr/sbin/netpold", "/usr/lib/systemd/system/netpold.service", "/etc/netpol/netpold.toml"] {
+        assert!(!Path::new(path).exists(), "{path} is left after rpm -e");
+    }
+    let qdisc = run_ok(&mut cmd("tc", &["-n", NODE, "qdisc", "show", "dev", "npk-r0"]));
+    assert!(!qdisc.contains("clsact"), "npk-r0 keeps a clsact qdisc after rpm -e:\n{qdisc}");
+    for dir in ["/etc/netpol/endpoints.d", "/etc/netpol", "/etc/netpol.d"] {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+// ---------------------------------------------------------------- man pages vs the CLI
+
+/// Long options (`--name`) in a clap help text, without --help and --version.
+fn help_options(help: &str) -> Vec<String> {
+    let mut out: Vec<String> = help
+        .lines()
+        .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == ',' || c == '['))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string())
+        .filter(|w| w != "--help" && w != "--version")
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Long options a roff page mentions (`\-\-name`).
+fn man_options(page: &str) -> Vec<String> {
+    let mut out: Vec<String> = page
+        .split("\\-\\-")
+        .skip(1)
+        .map(|rest| {
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '\\' || *c == '-').collect();
+            format!("--{}", name.replace("\\-", "-"))
+        })
+        .filter(|o| o != "--help" && o != "--version" && o.len() > 2)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn help_of(bin: &str, args: &[&str]) -> String {
+    run_ok(Command::new(bin).args(args).arg("--help"))
+}
+
+/// man/netpolctl.8 and man/netpold.8 are hand-written: hold them to the binaries'
+/// own --help, both ways (no command or option missing, none invented).
+#[test]
+fn man_pages_match_the_cli() {
+    let ctl = env!("CARGO_BIN_EXE_netpolctl");
+    let daemon = env!("CARGO_BIN_EXE_netpold");
+    let ctl_page = fs::read_to_string(src_dir().join("man/netpolctl.8")).expect("man/netpolctl.8");
+    let daemon_page = fs::read_to_string(src_dir().join("man/netpold.8")).expect("man/netpold.8");
+
+    // Subcommands: `netpolctl --help` vs the SYNOPSIS lines `.B netpolctl NAME`.
+    let top = help_of(ctl, &[]);
+    let mut commands: Vec<String> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    commands.sort();
+    let mut documented: Vec<String> = ctl_page
+        .lines()
+        .filter_map(|l| l.strip_prefix(".B netpolctl "))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect();
+    documented.sort();
+    documented.dedup();
+    assert_eq!(commands, documented, "netpolctl's commands vs the SYNOPSIS of man/netpolctl.8");
+
+    // Options of every command (registry: of its subcommands).
+    let mut options = Vec::new();
+    for c in &commands {
+        let help = help_of(ctl, &[c]);
+        if help.contains("Commands:") {
+            for sub in help
+                .lines()
+                .skip_while(|l| !l.starts_with("Commands:"))
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|s| *s != "help")
+            {
+                options.extend(help_options(&help_of(ctl, &[c, sub])));
+            }
+        } else {
+            options.extend(help_options(&help));
+        }
+    }
+    options.sort();
+    options.dedup();
+    assert_eq!(options, man_options(&ctl_page), "netpolctl's options vs man/netpolctl.8");
+    assert_eq!(
+        help_options(&help_of(daemon, &[])),
+        man_options(&daemon_page),
+        "netpold's options vs man/netpold.8"
+    );
+}
