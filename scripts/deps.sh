@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(
   # build: BPF C with clang, libbpf-sys's vendored libbpf needs libelf and zlib
-  clang llvm libelf-dev zlib1g-dev pkg-config libbpf-dev make gcc
+  clang llvm libelf-dev zlib1g-dev pkg-config libbpf-dev make gcc libc6-dev python3
   # datapath and end-to-end tests: namespaces, veth, bridges, traffic
   iproute2 iputils-ping socat procps kmod util-linux bpftool
   # packaging: .deb and .rpm, a real systemd for the package test
