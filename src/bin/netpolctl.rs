@@ -33,6 +33,13 @@ enum Command {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`netpolctl matrix | head`) like other Unix
+    // tools, instead of panicking in println!.
+    // SAFETY: called first thing, before any other thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Check(a) => cli::check::run(a),
