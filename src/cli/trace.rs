@@ -104,12 +104,7 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         let _ = writeln!(err, "netpolctl: {} problem(s) in the policy or registry files", problems.len());
         return Ok(None);
     };
-    let node_name = if cfg.node_name.is_empty() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
-    } else {
-        cfg.node_name.clone()
-    };
-    let opts = CompileOptions { node_name, ..Default::default() };
+    let opts = CompileOptions { node_name: cfg.node_name(), ..Default::default() };
     Ok(Some(compile(&policies, &registry, &opts)))
 }
 
