@@ -199,7 +199,7 @@ fn main() {
                 r.ingress_deny.push(item("spec.ingressDeny[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("version", "v2")]))]), ports(&[(0, None, Proto::Udp)])));
             }
         }
-        policies.push(Policy { origin: origin("CiliumNetworkPolicy", Some(&ns), &name), kind: PolicyKind::CiliumNetworkPolicy, rules: vec![r] });
+        policies.push(Policy { origin: origin("CiliumNetworkPolicy", Some(&ns), &name), kind: PolicyKind::CiliumNetworkPolicy, rules: vec![r].into() });
     }
     policies.push(Policy {
         origin: origin("CiliumClusterwideNetworkPolicy", None, "host-fw"),
@@ -208,7 +208,8 @@ fn main() {
             subject: Subject::Nodes(Selector::default()),
             ingress: vec![item("spec.ingress[0]".into(), Peers::All, ports(&[(22, None, Proto::Tcp), (6443, None, Proto::Tcp)]))],
             ..rule(Selector::default())
-        }],
+        }]
+        .into(),
     });
 
     let policies = PolicySet { policies };

@@ -112,7 +112,11 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// The preferred number of a workload label set (before collision probing).
 pub fn preferred_workload_id(labels: &[Label]) -> Identity {
-    let text = labels::canonical(labels);
+    preferred_id_of_text(&labels::canonical(labels))
+}
+
+/// [`preferred_workload_id`] of a canonical label text.
+fn preferred_id_of_text(text: &str) -> Identity {
     let span = u64::from(WORKLOAD_END - WORKLOAD_MIN);
     WORKLOAD_MIN + (fnv1a64(text.as_bytes()) % span) as Identity
 }
@@ -120,14 +124,17 @@ pub fn preferred_workload_id(labels: &[Label]) -> Identity {
 /// Assign numbers to distinct workload label sets (each sorted). Returns the
 /// identity of each canonical label text.
 pub fn allocate_workloads<'a>(sets: impl IntoIterator<Item = &'a [Label]>) -> BTreeMap<String, Identity> {
-    let mut by_text: BTreeMap<String, &'a [Label]> = BTreeMap::new();
-    for s in sets {
-        by_text.entry(labels::canonical(s)).or_insert(s);
-    }
+    let texts: Vec<String> = sets.into_iter().map(labels::canonical).collect();
+    allocate_workload_texts(texts.iter().map(String::as_str))
+}
+
+/// [`allocate_workloads`] of label sets given by their canonical texts.
+pub fn allocate_workload_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, Identity> {
+    let by_text: std::collections::BTreeSet<&str> = texts.into_iter().collect();
     let mut used: HashSet<Identity> = HashSet::new();
     let mut out = BTreeMap::new();
-    for (text, set) in by_text {
-        let mut id = preferred_workload_id(set);
+    for text in by_text {
+        let mut id = preferred_id_of_text(text);
         while used.contains(&id) {
             id += 1;
             if id >= WORKLOAD_END {
@@ -135,7 +142,7 @@ pub fn allocate_workloads<'a>(sets: impl IntoIterator<Item = &'a [Label]>) -> BT
             }
         }
         used.insert(id);
-        out.insert(text, id);
+        out.insert(text.to_string(), id);
     }
     out
 }

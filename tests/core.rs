@@ -186,7 +186,7 @@ fn ccnp(name: &str, rules: Vec<R>) -> Policy {
     }
 }
 fn knp(ns: &str, name: &str, rule: R) -> Policy {
-    Policy { origin: origin("NetworkPolicy", Some(ns), name), kind: PolicyKind::NetworkPolicy, rules: vec![rule.0] }
+    Policy { origin: origin("NetworkPolicy", Some(ns), name), kind: PolicyKind::NetworkPolicy, rules: vec![rule.0].into() }
 }
 
 fn build(policies: Vec<Policy>, endpoints: Vec<EndpointDef>) -> Compiled {

@@ -65,7 +65,7 @@ fn fake_load_policies(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
         set.policies.push(Policy {
             origin: origin(&f, "CiliumNetworkPolicy", &name),
             kind: PolicyKind::CiliumNetworkPolicy,
-            rules: vec![],
+            rules: vec![].into(),
         });
     }
     if problems.is_empty() {

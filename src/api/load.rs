@@ -287,7 +287,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 let policy = Policy {
                     origin: origin_of(ns.as_deref(), &name),
                     kind: if clusterwide { PolicyKind::CiliumClusterwideNetworkPolicy } else { PolicyKind::CiliumNetworkPolicy },
-                    rules,
+                    rules: rules.into(),
                 };
                 out.policies.push((policy, site(root)));
             }
@@ -453,12 +453,13 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
 
 /// Two policies of one kind with one namespace and name.
 pub fn check_policies(parsed: &mut Parsed) {
-    let mut seen: HashMap<(String, Option<String>, String), usize> = HashMap::new();
+    let mut seen: HashMap<(&str, Option<&str>, &str), usize> = HashMap::with_capacity(parsed.policies.len());
+    let mut problems = Vec::new();
     for (i, (p, site)) in parsed.policies.iter().enumerate() {
-        let key = (p.origin.kind.clone(), p.origin.namespace.clone(), p.origin.name.clone());
+        let key = (p.origin.kind.as_str(), p.origin.namespace.as_deref(), p.origin.name.as_str());
         if let Some(&first) = seen.get(&key) {
             let fsite = &parsed.policies[first].1;
-            parsed.problems.push(site.problem(
+            problems.push(site.problem(
                 site.name_pos,
                 "metadata.name",
                 format!(
@@ -471,6 +472,7 @@ pub fn check_policies(parsed: &mut Parsed) {
             seen.insert(key, i);
         }
     }
+    parsed.problems.extend(problems);
 }
 
 /// Duplicate names, addresses claimed twice, interfaces enforced twice.

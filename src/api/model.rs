@@ -209,7 +209,9 @@ pub enum PolicyKind {
 pub struct Policy {
     pub origin: Origin,
     pub kind: PolicyKind,
-    pub rules: Vec<Rule>,
+    /// Shared: a set is rebuilt from kept parses on every change, and cloning a
+    /// policy must not copy its rules.
+    pub rules: std::sync::Arc<[Rule]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

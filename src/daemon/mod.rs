@@ -3,7 +3,8 @@
 //! Every trigger — a file event (debounced), a link event, a reload, the resync
 //! timer, a datapath retry — re-reads both input sets, compiles, and when the
 //! result (state and attachments) differs from what is installed, applies it and
-//! syncs the attachments. Invalid input keeps the last valid set of that kind
+//! syncs the attachments (checked against the kernel link by link unless the
+//! trigger was only a file change that left them as they were). Invalid input keeps the last valid set of that kind
 //! (DESIGN §4.1); the last applied files are saved under `state_dir` and used at
 //! start when the live files are invalid. Datapath errors are retried with backoff
 //! and never stop the loop. Shutdown and reload are parameters, so tests drive the
@@ -190,6 +191,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         status_tx,
         events_tx,
         links: link_rx.borrow_and_update().clone(),
+        links_changed: true,
         policies: None,
         registry: None,
         saved_policies: None,
@@ -224,16 +226,18 @@ pub async fn run_with<D: Datapath, L: Links>(
         let cause = tokio::select! {
             _ = &mut shutdown => break,
             ev = fs_rx.recv() => {
-                if ev == Some(WatchEvent::Rescan) {
+                let ev = ev.unwrap_or(WatchEvent::Changed);
+                if ev == WatchEvent::Rescan {
                     slog::info!(d.log, "file events were lost; rescanning");
                 }
-                d.debouncer.poke(std::time::Instant::now());
+                d.debouncer.event(std::time::Instant::now(), &ev);
                 continue;
             }
             r = link_rx.changed(), if links_open => {
                 match r {
                     Ok(()) => {
                         d.links = link_rx.borrow_and_update().clone();
+                        d.links_changed = true;
                         d.debouncer.poke(std::time::Instant::now());
                     }
                     Err(_) => links_open = false,
@@ -273,7 +277,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         if cause == "reload" {
             d.notifier.reloading();
         }
-        d.debouncer.clear();
+        d.debouncer.fired(std::time::Instant::now());
         // Every reconcile is a full read: the safety net restarts from here.
         next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
         d.reconcile(cause);
@@ -332,6 +336,8 @@ struct Reconciler<D> {
     debouncer: Debouncer,
     resync: Duration,
     links: LinkTable,
+    /// The link table changed since attachments were last checked.
+    links_changed: bool,
     policies: Option<Input<PolicySet>>,
     registry: Option<Input<RegistrySet>>,
     /// What was last written to state_dir (live files only).
@@ -434,14 +440,25 @@ impl<D: Datapath> Reconciler<D> {
             self.publish();
             return;
         }
+        // Attachments are checked against the kernel (a link per device and
+        // hook) when they or the interfaces changed, and on every trigger other
+        // than a file change (reload, resync, retry, start).
+        let check_links = self.links_changed
+            || cause != "change"
+            || self.installed.as_ref().is_none_or(|(_, a)| *a != attachments);
         let t2 = std::time::Instant::now();
-        let result = self
-            .datapath
-            .apply(&compiled, &attachments)
-            .and_then(|g| self.datapath.sync_attachments(&attachments).map(|()| g));
+        let result = self.datapath.apply(&compiled, &attachments).and_then(|g| {
+            if check_links {
+                self.datapath.sync_attachments(&attachments)?;
+            }
+            Ok(g)
+        });
         let apply = t2.elapsed();
         match result {
             Ok(generation) => {
+                if check_links {
+                    self.links_changed = false;
+                }
                 self.retry = None;
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));

@@ -177,7 +177,9 @@ struct SelectorIndex<'a> {
     ids: Vec<(Identity, &'a [Label])>,
     /// (key, value) → positions in `ids`, source ignored (checked afterwards).
     by_kv: HashMap<(&'a str, &'a str), Vec<u32>>,
-    memo: HashMap<&'a Selector, Rc<Vec<Identity>>>,
+    /// By the selector's address: selectors live in the policy set for the
+    /// whole compile, and hashing one by content costs more than selecting.
+    memo: HashMap<*const Selector, Rc<Vec<Identity>>>,
 }
 
 impl<'a> SelectorIndex<'a> {
@@ -195,7 +197,7 @@ impl<'a> SelectorIndex<'a> {
     }
 
     fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
-        if let Some(r) = self.memo.get(sel) {
+        if let Some(r) = self.memo.get(&(sel as *const Selector)) {
             return r.clone();
         }
         // The smallest candidate set among the `In` requirements.
@@ -228,7 +230,7 @@ impl<'a> SelectorIndex<'a> {
         };
         out.sort_unstable();
         let rc = Rc::new(out);
-        self.memo.insert(sel, rc.clone());
+        self.memo.insert(sel as *const Selector, rc.clone());
         rc
     }
 }
@@ -420,7 +422,7 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
             Some(ns) => format!("{ns}/{}", pol.origin.name),
             None => pol.origin.name.clone(),
         };
-        for rule in &pol.rules {
+        for rule in pol.rules.iter() {
             let mut idxs = Vec::new();
             let dirs: [(&Vec<RuleItem>, Direction, EntryVerdict); 4] = [
                 (&rule.ingress, Direction::Ingress, EntryVerdict::Allow),
@@ -466,13 +468,19 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
     };
 
     // --- identities.
-    let wl_map = identity::allocate_workloads(
-        resolved.iter().filter(|r| r.def.kind == EndpointKind::Workload).map(|r| r.labels.as_slice()),
+    // Each workload's canonical label text, computed once.
+    let texts: Vec<String> = resolved
+        .iter()
+        .map(|r| if r.def.kind == EndpointKind::Workload { labels::canonical(&r.labels) } else { String::new() })
+        .collect();
+    let wl_map = identity::allocate_workload_texts(
+        resolved.iter().zip(&texts).filter(|(r, _)| r.def.kind == EndpointKind::Workload).map(|(_, t)| t.as_str()),
     );
     let ep_ids: Vec<Identity> = resolved
         .iter()
-        .map(|r| match r.def.kind {
-            EndpointKind::Workload => wl_map[&labels::canonical(&r.labels)],
+        .zip(&texts)
+        .map(|(r, text)| match r.def.kind {
+            EndpointKind::Workload => wl_map[text],
             EndpointKind::Host if r.this_node => identity::HOST,
             EndpointKind::Host => identity::REMOTE_NODE,
         })
