@@ -20,7 +20,7 @@ use netpol::daemon::{run_with, Loader, Options, Pipeline};
 use netpol::datapath::fake::FakeDatapath;
 use netpol::datapath::{Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent};
 use netpol::netlink::{fake_links, LinkTable};
-use netpol::policy::compile::CompileOptions;
+use netpol::policy::compile::{CompileError, CompileOptions};
 use netpol::policy::types::{Compiled, CompiledEndpoint, Direction, RuleRef};
 use netpol::watch::WatchEvent;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -105,8 +105,8 @@ fn fake_load_registry(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
     }
 }
 
-fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Compiled {
-    Compiled {
+fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Result<Compiled, CompileError> {
+    Ok(Compiled {
         endpoints: r
             .endpoints
             .iter()
@@ -138,7 +138,7 @@ fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Compiled
             })
             .collect(),
         ..Compiled::default()
-    }
+    })
 }
 
 fn stand_in() -> Pipeline {

@@ -335,7 +335,7 @@ fn cilium_examples() {
     let multi = named(&ps, "l4-rules");
     assert_eq!(multi.rules[0].ingress[1].peers, Peers::All);
     let deny = named(&ps, "deny-all-egress");
-    assert_eq!(deny.rules[0].egress, vec![RuleItem { path: "spec.egress[0]".into(), peers: Peers::List(vec![]), l4: L4::Any }]);
+    assert_eq!(deny.rules[0].egress, vec![RuleItem { path: "spec.egress[0]".into(), pos: Some((41, 5)), peers: Peers::List(vec![]), l4: L4::Any }]);
     let range = named(&ps, "l4-port-range-rule");
     assert_eq!(range.rules[0].egress[0].l4, L4::Ports(vec![port(80, Some(444), Proto::Tcp)]));
     let icmp = named(&ps, "icmp-rule");

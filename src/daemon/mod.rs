@@ -33,7 +33,7 @@ use crate::api::Problem;
 use crate::config::Config;
 use crate::datapath::{Attachment, Datapath, VerdictEvent};
 use crate::netlink::{LinkTable, Links, NetlinkError};
-use crate::policy::compile::CompileOptions;
+use crate::policy::compile::{CompileError, CompileOptions};
 use crate::policy::types::{Compiled, Direction};
 use crate::watch::{Debouncer, DirWatcher, WatchError, WatchEvent};
 
@@ -56,7 +56,7 @@ pub enum DaemonError {
 
 pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
 pub type LoadRegistry = fn(&[PathBuf]) -> Result<RegistrySet, Vec<Problem>>;
-pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Compiled;
+pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Result<Compiled, CompileError>;
 
 /// How the input files are read.
 #[derive(Clone, Copy)]
@@ -76,7 +76,7 @@ pub struct Pipeline {
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::compile }
+        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::try_compile }
     }
 }
 
@@ -412,10 +412,10 @@ impl<D: Datapath> Reconciler<D> {
         problems.sort();
         problems.dedup();
         self.problems = problems;
-        self.log_problems();
         let load = t0.elapsed();
 
         let (Some(pol), Some(reg)) = (&self.policies, &self.registry) else {
+            self.log_problems();
             slog::error!(self.log, "no valid policy set or registry and none saved; nothing applied";
                 "problems" => self.problems.len(), "cause" => cause);
             self.publish();
@@ -426,6 +426,21 @@ impl<D: Datapath> Reconciler<D> {
         let t1 = std::time::Instant::now();
         let compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
         let compile = t1.elapsed();
+        let n_policies = pol.set.policies.len();
+        if let Err(e) = &compiled {
+            // A set that would not fit the maps is invalid input, like a parse
+            // error: nothing is applied and the running state stays in force.
+            self.problems.push(e.problem.clone());
+            self.problems.sort();
+            // The files in place now must not become the saved last valid copy.
+            self.save_at = None;
+        }
+        self.log_problems();
+        let Ok(compiled) = compiled else {
+            self.publish();
+            self.notifier.status(&self.status_line());
+            return;
+        };
         let attachments = self.attachments(&compiled);
         let unchanged =
             self.installed.as_ref().is_some_and(|(c, a)| *c == compiled && *a == attachments) && self.retry.is_none();
@@ -447,10 +462,10 @@ impl<D: Datapath> Reconciler<D> {
                 self.last_apply_ms = Some(ms(t0.elapsed()));
                 let local = compiled.endpoints.iter().filter(|e| e.local).count();
                 slog::info!(self.log, "applied generation {}: {} policies, {} endpoints ({} attached, {} pending), {} entries, {} problems, {:.1} ms",
-                    generation, pol.set.policies.len(), compiled.endpoints.len(), attachments.len(), local - attachments.len(),
+                    generation, n_policies, compiled.endpoints.len(), attachments.len(), local - attachments.len(),
                     compiled.entries.len(), self.problems.len(), ms(t0.elapsed());
                     "generation" => generation, "cause" => cause,
-                    "policies" => pol.set.policies.len(), "endpoints" => compiled.endpoints.len(),
+                    "policies" => n_policies, "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
                     "entries" => compiled.entries.len(), "problems" => self.problems.len(),
                     "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply));
