@@ -743,6 +743,68 @@ async fn seed_scenario_through_the_real_parser_and_core() {
     });
 }
 
+/// A valid policy whose compiled state would not fit the policy map
+/// (`maps.policy_max_entries`) is invalid input like a parse error: refused before
+/// anything is applied, named in the status with its file, the running state
+/// kept, and applied once fixed.
+#[tokio::test]
+async fn set_over_the_map_budget_keeps_the_running_state_until_fixed() {
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    std::fs::copy(seed("netpol.d/frontend-to-backend.yaml"), dirs.pol("frontend-to-backend.yaml")).unwrap();
+    let mut config = dirs.config.clone();
+    config.maps.policy_max_entries = 20;
+    let dp = SharedDp::default();
+    let (mut d, fut) = start(config, Pipeline::default(), dp.clone());
+    // `n` TCP ports to backend from anyone: n entries for backend.
+    let big = |n: u16| {
+        let ports: Vec<String> = (0..n).map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i)).collect();
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        )
+    };
+    run_daemon!(fut, async {
+        d.wait_for("ready", |s, _| s.ready && s.policies == 1).await;
+        let applies = d.dp.applies();
+        let f = dirs.pol("big.yaml");
+        write(&f, &big(30));
+        let s = d.wait_for("the refusal", |s, _| !s.errors.is_empty()).await;
+        assert!(s.degraded && s.ready, "{s:?}");
+        assert_eq!(s.errors.len(), 1);
+        assert_eq!(s.errors[0].file, f.display().to_string());
+        assert_eq!((s.errors[0].line, s.errors[0].column), (Some(7), Some(5)));
+        assert_eq!(
+            s.errors[0].message,
+            format!(
+                "{}:7:5: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, endpoint \
+                 default/backend would need more than 20 policy entries; the policy map holds 20 \
+                 (maps.policy_max_entries); narrow the rule or raise maps.policy_max_entries in netpold.toml",
+                f.display()
+            )
+        );
+        assert_eq!(d.dp.applies(), applies, "nothing applied while over the budget");
+        assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
+        // Another reconcile changes nothing: still refused, still the old state.
+        d.reload.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = d.status().await;
+        assert!(s.degraded && s.errors.len() == 1, "{s:?}");
+        assert_eq!(d.dp.applies(), applies);
+        // Not saved as the last valid copy either.
+        assert!(!dirs.config.state_dir.join("last-good/policies/big.yaml").exists());
+        // Fixed: applied.
+        write(&f, &big(3));
+        let s = d
+            .wait_for("the fixed set", |s, dp| {
+                s.errors.is_empty() && dp.policies() == ["default/big", "default/frontend-to-backend"]
+            })
+            .await;
+        assert!(!s.degraded, "{s:?}");
+        d.stop();
+    });
+}
+
 /// `strict_file_modes` (on by default): a group-writable policy file is refused
 /// with a message naming it and the fix, and the set in force stays; with the key
 /// off the same file applies.

@@ -653,3 +653,45 @@ fn check_fails_with_file_line_column() {
     assert!(p["file"].as_str().unwrap().ends_with("netpol.d/web.yaml"));
     assert!(p["message"].as_str().unwrap().starts_with("unknown entity \"wrld\""));
 }
+
+/// A valid set whose compiled state would not fit the config's policy map is a
+/// problem for `check` (exit 1) and `trace` (exit 2), named like a parse problem;
+/// with a larger `maps.policy_max_entries` it passes.
+#[test]
+fn check_and_trace_refuse_a_set_over_the_map_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pol = tmp.path().join("netpol.d");
+    std::fs::create_dir_all(&pol).unwrap();
+    let ports: Vec<String> = (0..30).map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i)).collect();
+    std::fs::write(
+        pol.join("big.yaml"),
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        ),
+    )
+    .unwrap();
+    let reg = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d");
+    let cfg = tmp.path().join("netpold.toml");
+    let config = |max: u32| {
+        std::fs::write(&cfg, format!("policy_dir = {pol:?}\nendpoint_dirs = [{reg:?}]\n[maps]\npolicy_max_entries = {max}\n")).unwrap();
+    };
+    config(20);
+    let (code, out, err) = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = format!(
+        "{}:7:5: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, endpoint default/backend \
+         would need more than 20 policy entries; the policy map holds 20 (maps.policy_max_entries); narrow the rule or \
+         raise maps.policy_max_entries in netpold.toml",
+        pol.join("big.yaml").display()
+    );
+    assert_eq!(out, format!("{expected}\n"));
+    assert!(err.contains("1 problem found"), "{err}");
+    let (code, out, err) =
+        netpolctl(&["trace", "--config", cfg.to_str().unwrap(), "--from", "default/frontend-1", "--to", "default/backend", "--port", "1000"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.starts_with(&format!("{expected}\n")), "{err}");
+    config(30);
+    let (code, out, err) = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -1120,4 +1120,138 @@ mod tests {
         assert!(!key_covers(&p80, &r80));
         assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
     }
+
+    // ------------------------------------------------------------ map budget
+
+    const REG: &str = "\
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+spec: {interface: veth-w1, addresses: [10.0.0.1]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: web-2, namespace: default, labels: {app: web}}
+spec: {node: node-b, interface: veth-w2, addresses: [10.0.0.2]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: api-1, namespace: default, labels: {app: api}}
+spec: {interface: veth-a1, addresses: [10.0.1.1]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: api-2, namespace: default, labels: {app: api}}
+spec: {interface: veth-a2, addresses: [10.0.1.2]}
+";
+
+    /// 2 CIDR identities × 3 ports: 6 entries for each web endpoint (one on this
+    /// host, one on node-b).
+    const WEB: &str = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromCIDR: [10.1.0.0/16, 10.2.0.0/16]
+    toPorts: [{ports: [{port: \"80\", protocol: TCP}, {port: \"81\", protocol: TCP}, {port: \"82\", protocol: TCP}]}]
+";
+
+    /// 1 identity × 3 ports: 3 entries for each api endpoint, both on this host.
+    const API: &str = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: \"80\", protocol: TCP}, {port: \"81\", protocol: TCP}, {port: \"82\", protocol: TCP}]}]
+";
+
+    fn inputs(policies: &[(&str, &str)]) -> (PolicySet, RegistrySet) {
+        let mut set = PolicySet::default();
+        for (file, text) in policies {
+            set.policies.extend(crate::api::parse_policies(std::path::Path::new(file), text).expect("valid policy"));
+        }
+        (set, crate::api::parse_registry(std::path::Path::new("reg.yaml"), REG).expect("valid registry"))
+    }
+
+    fn with_limits(policy_entries: usize, ipcache_entries: usize) -> CompileOptions {
+        CompileOptions { node_name: "node-a".into(), limits: Limits { policy_entries, ipcache_entries }, ..Default::default() }
+    }
+
+    fn refusal(p: &PolicySet, r: &RegistrySet, o: &CompileOptions) -> String {
+        try_compile(p, r, o).expect_err("over the budget").to_string()
+    }
+
+    #[test]
+    fn one_endpoint_exactly_at_the_policy_budget_passes_and_one_over_is_refused() {
+        let (p, r) = inputs(&[("web.yaml", WEB)]);
+        let c = try_compile(&p, &r, &with_limits(6, 100)).expect("6 entries per host fit 6");
+        // Each host's map holds 6; together they are 12.
+        assert_eq!(c.entries.len(), 12);
+        assert_eq!(c, compile(&p, &r, &with_limits(6, 100)));
+        let e = try_compile(&p, &r, &with_limits(5, 100)).unwrap_err();
+        assert_eq!((e.key, e.limit), (POLICY_KEY, 5));
+        assert_eq!(
+            e.to_string(),
+            "web.yaml:7:5: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0]: with this rule, endpoint \
+             default/web-1 would need more than 5 policy entries; the policy map holds 5 (maps.policy_max_entries); \
+             narrow the rule or raise maps.policy_max_entries in netpold.toml"
+        );
+    }
+
+    #[test]
+    fn endpoints_of_one_host_share_its_policy_budget() {
+        let (p, r) = inputs(&[("api.yaml", API)]);
+        let c = try_compile(&p, &r, &with_limits(6, 100)).expect("3 + 3 entries fit 6");
+        assert_eq!(c.entries.len(), 6);
+        assert_eq!(
+            refusal(&p, &r, &with_limits(5, 100)),
+            "api.yaml:7:5: document 1 (CiliumNetworkPolicy default/api): spec.ingress[0]: with this rule, the \
+             endpoints of this host would need more than 5 policy entries (it gives endpoint default/api-2 3); the \
+             policy map holds 5 (maps.policy_max_entries); narrow the rule or raise maps.policy_max_entries in \
+             netpold.toml"
+        );
+        // web-2 is node-b's: this host has web-1 (6) + api-1 (3) + api-2 (3).
+        let (p, r) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        assert!(try_compile(&p, &r, &with_limits(12, 100)).is_ok());
+        assert!(refusal(&p, &r, &with_limits(11, 100)).contains("the endpoints of this host would need more than 11"));
+    }
+
+    #[test]
+    fn ipcache_exactly_at_its_budget_passes_and_one_over_is_refused() {
+        // 2 × /0, 4 registry addresses, 2 CIDR prefixes.
+        let (p, r) = inputs(&[("web.yaml", WEB)]);
+        let c = try_compile(&p, &r, &with_limits(100, 8)).expect("8 ipcache entries fit 8");
+        assert_eq!(c.ipcache.len(), 8);
+        let e = try_compile(&p, &r, &with_limits(100, 7)).unwrap_err();
+        assert_eq!((e.key, e.limit), (IPCACHE_KEY, 7));
+        assert_eq!(
+            e.to_string(),
+            "web.yaml:7:5: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0]: with this rule, the \
+             policies' CIDR prefixes and the registry's addresses would need more than 7 ipcache entries; the ipcache \
+             holds 7 (maps.ipcache_max_entries); narrow the rule or raise maps.ipcache_max_entries in netpold.toml"
+        );
+        // The registry alone over the limit names the address that pushed it over.
+        assert_eq!(
+            refusal(&p, &r, &with_limits(100, 5)),
+            "reg.yaml: document 4 (Endpoint default/api-2): spec.addresses[0]: with this address, the registry would \
+             need more than 5 ipcache entries; the ipcache holds 5 (maps.ipcache_max_entries); raise \
+             maps.ipcache_max_entries in netpold.toml"
+        );
+    }
+
+    #[test]
+    fn duplicate_rules_alone_never_refuse_a_set() {
+        // The same item three times: 18 raw entries per web endpoint, 6 distinct.
+        let item = &WEB[WEB.find("  - fromCIDR").expect("item")..];
+        let dup = format!("{WEB}{item}{item}").replace("name: web,", "name: dup,");
+        let (p, r) = inputs(&[("dup.yaml", &dup)]);
+        assert_eq!(p.policies[0].rules[0].ingress.len(), 3);
+        let c = try_compile(&p, &r, &with_limits(6, 100)).expect("6 distinct entries fit 6");
+        assert_eq!(c, compile(&p, &r, &CompileOptions { node_name: "node-a".into(), ..Default::default() }));
+    }
 }
