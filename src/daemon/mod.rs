@@ -193,6 +193,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         policies: None,
         registry: None,
         saved_policies: None,
+        fitting_policies: None,
         saved_registry: None,
         installed: None,
         problems: Vec::new(),
@@ -336,6 +337,9 @@ struct Reconciler<D> {
     registry: Option<Input<RegistrySet>>,
     /// What was last written to state_dir (live files only).
     saved_policies: Option<PolicySet>,
+    /// The last policy set that compiled within the map sizes: in force while a
+    /// newer one is refused for not fitting.
+    fitting_policies: Option<PolicySet>,
     saved_registry: Option<RegistrySet>,
     /// The state and attachments the datapath holds.
     installed: Option<(Compiled, Vec<Attachment>)>,
@@ -424,17 +428,29 @@ impl<D: Datapath> Reconciler<D> {
         // This host's addresses are identity host, whatever interface they are on.
         self.copts.host_addresses = self.links.addresses.iter().copied().collect();
         let t1 = std::time::Instant::now();
-        let compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
-        let compile = t1.elapsed();
-        let n_policies = pol.set.policies.len();
+        let mut compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
+        let mut n_policies = pol.set.policies.len();
+        let refused = compiled.is_err();
         if let Err(e) = &compiled {
             // A set that would not fit the maps is invalid input, like a parse
-            // error: nothing is applied and the running state stays in force.
+            // error: the last policy set that fit stays in force, with the registry
+            // as it is now when that fits (else nothing is applied), and the files
+            // in place are not saved as the last valid copy.
             self.problems.push(e.problem.clone());
             self.problems.sort();
-            // The files in place now must not become the saved last valid copy.
             self.save_at = None;
+            if self.fitting_policies.is_none() {
+                self.fitting_policies = self.load_last_good_policies().map(|i| i.set);
+            }
+            if let Some(old) = self.fitting_policies.as_ref().filter(|old| **old != pol.set) {
+                if let Ok(c) = (self.pipeline.compile)(old, &reg.set, &self.copts) {
+                    (compiled, n_policies) = (Ok(c), old.policies.len());
+                }
+            }
+        } else if self.fitting_policies.as_ref() != Some(&pol.set) {
+            self.fitting_policies = Some(pol.set.clone());
         }
+        let compile = t1.elapsed();
         self.log_problems();
         let Ok(compiled) = compiled else {
             self.publish();
@@ -487,7 +503,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.installed = Some((compiled, attachments));
                 // Saved once things have been quiet for a while: copying every file
                 // must not delay the next change.
-                self.save_at = Some(Instant::now() + SAVE_DELAY);
+                self.save_at = (!refused).then(|| Instant::now() + SAVE_DELAY);
                 let first = !self.ready;
                 self.ready = true;
                 self.publish();
