@@ -436,7 +436,7 @@ impl<D: Datapath> Reconciler<D> {
             // error: the last policy set that fit stays in force, with the registry
             // as it is now when that fits (else nothing is applied), and the files
             // in place are not saved as the last valid copy.
-            self.problems.push(e.problem.clone());
+            self.problems.push((*e.problem).clone());
             self.problems.sort();
             self.save_at = None;
             if self.fitting_policies.is_none() {

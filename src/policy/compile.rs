@@ -48,7 +48,7 @@ use crate::labels;
 use crate::registry::{self, ResolvedEndpoint};
 
 /// Inputs to compile that come from the daemon config rather than the files.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CompileOptions {
     /// This host's node name: endpoints whose `node` is another host are remote.
     pub node_name: String,
@@ -61,18 +61,6 @@ pub struct CompileOptions {
     /// The map sizes the state must fit; [`try_compile`] refuses a set that would
     /// need more. The default is the config's defaults.
     pub limits: Limits,
-}
-
-impl Default for CompileOptions {
-    fn default() -> Self {
-        CompileOptions {
-            node_name: String::new(),
-            audit: false,
-            allow_localhost: false,
-            host_addresses: Vec::new(),
-            limits: Limits::default(),
-        }
-    }
 }
 
 /// The map sizes a compiled state must fit (config `maps.*`). Compile checks them
@@ -121,12 +109,13 @@ pub struct CompileError {
     pub key: &'static str,
     /// Its value.
     pub limit: usize,
-    pub problem: Problem,
+    /// Boxed: a `Result` carrying it stays small.
+    pub problem: Box<Problem>,
 }
 
 impl From<CompileError> for Problem {
     fn from(e: CompileError) -> Problem {
-        e.problem
+        *e.problem
     }
 }
 
@@ -525,11 +514,8 @@ fn key_covers(outer: &PortKey, inner: &PortKey) -> bool {
 /// for tests and callers whose input is already bounded. Whatever reads user
 /// files uses [`try_compile`].
 pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Compiled {
-    match try_compile(policies, registry, &CompileOptions { limits: Limits::UNLIMITED, ..opts.clone() }) {
-        Ok(c) => c,
-        // Unreachable: no count exceeds usize::MAX. An empty state is the safe answer.
-        Err(_) => Compiled::default(),
-    }
+    // Never an error (no count exceeds usize::MAX); an empty state would be the safe answer.
+    try_compile(policies, registry, &CompileOptions { limits: Limits::UNLIMITED, ..opts.clone() }).unwrap_or_default()
 }
 
 /// Compile the whole state within `opts.limits` (see [`Limits`] for what
@@ -889,7 +875,7 @@ fn over_endpoint(items: &[ItemInfo<'_>], item: Option<u32>, r: &ResolvedEndpoint
             format!("endpoint {ep} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
         ),
     };
-    CompileError { key: POLICY_KEY, limit, problem }
+    CompileError { key: POLICY_KEY, limit, problem: Box::new(problem) }
 }
 
 /// The endpoints of one node together exceed that node's policy map; `entries`
@@ -920,7 +906,7 @@ fn over_node(
             format!("with this endpoint, the endpoints of {host} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
         ),
     };
-    CompileError { key: POLICY_KEY, limit, problem }
+    CompileError { key: POLICY_KEY, limit, problem: Box::new(problem) }
 }
 
 /// Count the ipcache as compile will fill it, stopping at the first prefix
@@ -944,11 +930,11 @@ fn check_ipcache(
     let registry_over = |origin: &Origin, i: usize| CompileError {
         key: IPCACHE_KEY,
         limit,
-        problem: endpoint_problem(
+        problem: Box::new(endpoint_problem(
             origin,
             Some(format!("spec.addresses[{i}]")),
             format!("with this address, the registry would need more than {limit} ipcache entries; {holds}; raise {IPCACHE_KEY} in netpold.toml"),
-        ),
+        )),
     };
     for node in &registry.nodes {
         for (i, a) in node.addresses.iter().enumerate() {
@@ -970,7 +956,7 @@ fn check_ipcache(
                 let msg = format!(
                     "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or raise {IPCACHE_KEY} in netpold.toml"
                 );
-                return Err(CompileError { key: IPCACHE_KEY, limit, problem: item_problem(info, msg) });
+                return Err(CompileError { key: IPCACHE_KEY, limit, problem: Box::new(item_problem(info, msg)) });
             }
         }
     }
