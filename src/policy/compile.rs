@@ -317,7 +317,7 @@ struct Ctx<'a> {
     index: SelectorIndex<'a>,
     cidr_ids: BTreeMap<IpNet, Identity>,
     workload_ids: Vec<Identity>,
-    /// (address, identity) of every workload endpoint, for ipBlock.
+    /// (address, identity) of every workload endpoint, for ipBlock; sorted.
     workload_addrs: Vec<(IpAddr, Identity)>,
     /// Named ports declared by endpoints with each identity.
     ports_by_id: HashMap<Identity, Vec<NamedPort>>,
@@ -355,7 +355,11 @@ impl<'a> Ctx<'a> {
                                 }
                             }
                             if *match_endpoints {
-                                for (a, id) in &self.workload_addrs {
+                                // The addresses are sorted: those from the net's first
+                                // to its last address, not a scan per peer.
+                                let (lo, hi) = (net.network(), net.broadcast());
+                                let start = self.workload_addrs.partition_point(|(a, _)| *a < lo);
+                                for (a, id) in self.workload_addrs[start..].iter().take_while(|(a, _)| *a <= hi) {
                                     if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
                                         ids.push(*id);
                                     }
@@ -666,6 +670,7 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
             workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
         }
     }
+    workload_addrs.sort_unstable();
     let n_items = items.len();
     let mut ctx = Ctx {
         items,
@@ -1105,6 +1110,24 @@ mod tests {
         assert!(key_covers(&r80, &p80));
         assert!(!key_covers(&p80, &r80));
         assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
+    }
+
+    #[test]
+    fn prefixes_inside_a_net_are_found_by_range_as_by_scan() {
+        let nets: Vec<IpNet> = [
+            "0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/16", "10.0.0.0/32", "10.1.0.0/16", "10.1.2.0/24", "10.255.255.255/32",
+            "11.0.0.0/8", "9.255.255.255/32", "192.168.0.0/16", "::/0", "fd00::/8", "fd00:1::/32", "fd00:1::1/128",
+            "fe00::/8", "2001:db8::/32",
+        ]
+        .iter()
+        .map(|n| n.parse::<IpNet>().unwrap().trunc())
+        .collect();
+        let map: BTreeMap<IpNet, Identity> = nets.iter().enumerate().map(|(i, n)| (*n, i as Identity)).collect();
+        for q in &nets {
+            let by_scan: Vec<IpNet> = map.keys().filter(|p| net_contains(q, p)).copied().collect();
+            let by_range: Vec<IpNet> = map.range(within(q)).map(|(p, _)| *p).filter(|p| net_contains(q, p)).collect();
+            assert_eq!(by_range, by_scan, "inside {q}");
+        }
     }
 
     // ------------------------------------------------------------ map budget
