@@ -6,7 +6,9 @@
 //!
 //! Every case runs on its own thread with the default 2 MiB stack (so a
 //! recursion that would overflow the daemon's stack overflows here too), must
-//! finish within [`LIMIT`], and must not panic.
+//! finish within [`LIMIT`], and must not panic. The compile budget case
+//! (`compile_blowup_is_refused_by_the_map_budget`) is not timed: it asserts the
+//! refusal, and only has to finish.
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
