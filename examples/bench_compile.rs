@@ -34,7 +34,7 @@ fn nsel(ns: &str, pairs: &[(&str, &str)]) -> Selector {
 }
 
 fn item(path: String, peers: Peers, l4: L4) -> RuleItem {
-    RuleItem { path, peers, l4 }
+    RuleItem { path, pos: None, peers, l4 }
 }
 
 fn ports(list: &[(u16, Option<u16>, Proto)]) -> L4 {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::DatapathSettings;
-use crate::policy::compile::CompileOptions;
+use crate::policy::compile::{CompileOptions, Limits};
 use crate::policy::types::{proto, Direction};
 
 pub const DEFAULT_CONFIG: &str = "/etc/netpol/netpold.toml";
@@ -365,7 +365,17 @@ impl Config {
             node_name: self.node_name(),
             audit: self.audit,
             allow_localhost: self.allow_localhost == AllowLocalhost::Always,
+            limits: self.compile_limits(),
             ..CompileOptions::default()
+        }
+    }
+
+    /// The map sizes compile keeps a state within: a set that would need more is
+    /// refused before anything is applied.
+    pub fn compile_limits(&self) -> Limits {
+        Limits {
+            policy_entries: self.maps.policy_max_entries as usize,
+            ipcache_entries: self.maps.ipcache_max_entries as usize,
         }
     }
 }

@@ -86,7 +86,7 @@ fn csel(pairs: &[(&str, &str)]) -> Selector {
 }
 
 fn item(peers: Peers, l4: L4) -> RuleItem {
-    RuleItem { path: String::new(), peers, l4 }
+    RuleItem { path: String::new(), pos: None, peers, l4 }
 }
 fn from_eps(s: Vec<Selector>) -> Peers {
     Peers::List(s.into_iter().map(Peer::Endpoints).collect())

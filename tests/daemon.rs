@@ -20,7 +20,7 @@ use netpol::daemon::{run_with, Loader, Options, Pipeline};
 use netpol::datapath::fake::FakeDatapath;
 use netpol::datapath::{Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent};
 use netpol::netlink::{fake_links, LinkTable};
-use netpol::policy::compile::CompileOptions;
+use netpol::policy::compile::{CompileError, CompileOptions};
 use netpol::policy::types::{Compiled, CompiledEndpoint, Direction, RuleRef};
 use netpol::watch::WatchEvent;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -105,8 +105,8 @@ fn fake_load_registry(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
     }
 }
 
-fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Compiled {
-    Compiled {
+fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Result<Compiled, CompileError> {
+    Ok(Compiled {
         endpoints: r
             .endpoints
             .iter()
@@ -138,7 +138,7 @@ fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Compiled
             })
             .collect(),
         ..Compiled::default()
-    }
+    })
 }
 
 fn stand_in() -> Pipeline {
@@ -739,6 +739,87 @@ async fn seed_scenario_through_the_real_parser_and_core() {
         assert!(!s.degraded);
         let eps = d.endpoints().await;
         assert!(eps.iter().find(|e| e.name == "frontend-2").unwrap().egress_default_deny);
+        d.stop();
+    });
+}
+
+/// A valid policy whose compiled state would not fit the policy map
+/// (`maps.policy_max_entries`) is invalid input like a parse error: refused,
+/// named in the status with its file, the last policy set that fit stays in force
+/// (also across a restart, from the saved copy) while registry changes still
+/// apply, and the fixed file is applied.
+#[tokio::test]
+async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    std::fs::copy(seed("netpol.d/frontend-to-backend.yaml"), dirs.pol("frontend-to-backend.yaml")).unwrap();
+    let mut config = dirs.config.clone();
+    config.maps.policy_max_entries = 20;
+    // `n` TCP ports to backend from anyone: n entries for backend.
+    let big = |n: u16| {
+        let ports: Vec<String> = (0..n).map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i)).collect();
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        )
+    };
+    let f = dirs.pol("big.yaml");
+    let expected = format!(
+        "{}:7:5: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, endpoint \
+         default/backend would need more than 20 policy entries; the policy map holds 20 \
+         (maps.policy_max_entries); narrow the rule or raise maps.policy_max_entries in netpold.toml",
+        f.display()
+    );
+    let saved = |name: &str| dirs.config.state_dir.join("last-good/policies").join(name);
+    let (mut d, fut) = start(config.clone(), Pipeline::default(), SharedDp::default());
+    run_daemon!(fut, async {
+        d.wait_for("ready", |s, _| s.ready && s.policies == 1).await;
+        d.wait_for("the saved copy", |_, _| saved("frontend-to-backend.yaml").exists()).await;
+        let applies = d.dp.applies();
+        write(&f, &big(30));
+        let s = d.wait_for("the refusal", |s, _| !s.errors.is_empty()).await;
+        assert!(s.degraded && s.ready, "{s:?}");
+        assert_eq!(s.errors.len(), 1);
+        assert_eq!(s.errors[0].file, f.display().to_string());
+        assert_eq!((s.errors[0].line, s.errors[0].column), (Some(7), Some(5)));
+        assert_eq!(s.errors[0].message, expected);
+        assert_eq!(d.dp.applies(), applies, "nothing applied while over the budget");
+        assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
+        // A registry change still applies, with the last policy set that fit.
+        write(
+            &dirs.ep("extra.yaml"),
+            "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: extra}\nspec: {interface: veth-extra, addresses: [10.0.9.9]}\n",
+        );
+        let s = d.wait_for("the new endpoint", |s, _| s.endpoints == 5).await;
+        assert_eq!(s.errors.len(), 1, "{s:?}");
+        assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
+        assert_eq!(d.dp.applies(), applies + 1);
+        // Another reconcile changes nothing: still refused, still the same state.
+        d.reload.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let s = d.status().await;
+        assert!(s.degraded && s.errors.len() == 1, "{s:?}");
+        assert_eq!(d.dp.applies(), applies + 1);
+        // The refused file is not saved as part of the last valid copy.
+        assert!(!saved("big.yaml").exists());
+        d.stop();
+    });
+
+    // Restarted with the file still too big: the saved copy is enforced.
+    let (mut d, fut) = start(config, Pipeline::default(), SharedDp::default());
+    run_daemon!(fut, async {
+        let s = d.wait_for("ready", |s, _| s.ready).await;
+        assert!(s.degraded, "{s:?}");
+        assert_eq!(s.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), [expected.as_str()]);
+        assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
+        // Fixed: applied.
+        write(&f, &big(3));
+        let s = d
+            .wait_for("the fixed set", |s, dp| {
+                s.errors.is_empty() && dp.policies() == ["default/big", "default/frontend-to-backend"]
+            })
+            .await;
+        assert!(!s.degraded, "{s:?}");
         d.stop();
     });
 }

@@ -335,7 +335,7 @@ fn cilium_examples() {
     let multi = named(&ps, "l4-rules");
     assert_eq!(multi.rules[0].ingress[1].peers, Peers::All);
     let deny = named(&ps, "deny-all-egress");
-    assert_eq!(deny.rules[0].egress, vec![RuleItem { path: "spec.egress[0]".into(), peers: Peers::List(vec![]), l4: L4::Any }]);
+    assert_eq!(deny.rules[0].egress, vec![RuleItem { path: "spec.egress[0]".into(), pos: Some((41, 5)), peers: Peers::List(vec![]), l4: L4::Any }]);
     let range = named(&ps, "l4-port-range-rule");
     assert_eq!(range.rules[0].egress[0].l4, L4::Ports(vec![port(80, Some(444), Proto::Tcp)]));
     let icmp = named(&ps, "icmp-rule");
@@ -652,4 +652,46 @@ fn check_fails_with_file_line_column() {
     assert_eq!(p["field"], "spec.ingress[0].fromEntities[0]");
     assert!(p["file"].as_str().unwrap().ends_with("netpol.d/web.yaml"));
     assert!(p["message"].as_str().unwrap().starts_with("unknown entity \"wrld\""));
+}
+
+/// A valid set whose compiled state would not fit the config's policy map is a
+/// problem for `check` (exit 1) and `trace` (exit 2), named like a parse problem;
+/// with a larger `maps.policy_max_entries` it passes.
+#[test]
+fn check_and_trace_refuse_a_set_over_the_map_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pol = tmp.path().join("netpol.d");
+    std::fs::create_dir_all(&pol).unwrap();
+    let ports: Vec<String> = (0..30).map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i)).collect();
+    std::fs::write(
+        pol.join("big.yaml"),
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        ),
+    )
+    .unwrap();
+    let reg = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d");
+    let cfg = tmp.path().join("netpold.toml");
+    let config = |max: u32| {
+        std::fs::write(&cfg, format!("policy_dir = {pol:?}\nendpoint_dirs = [{reg:?}]\n[maps]\npolicy_max_entries = {max}\n")).unwrap();
+    };
+    config(20);
+    let (code, out, err) = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = format!(
+        "{}:7:5: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, endpoint default/backend \
+         would need more than 20 policy entries; the policy map holds 20 (maps.policy_max_entries); narrow the rule or \
+         raise maps.policy_max_entries in netpold.toml",
+        pol.join("big.yaml").display()
+    );
+    assert_eq!(out, format!("{expected}\n"));
+    assert!(err.contains("1 problem found"), "{err}");
+    let (code, out, err) =
+        netpolctl(&["trace", "--config", cfg.to_str().unwrap(), "--from", "default/frontend-1", "--to", "default/backend", "--port", "1000"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.starts_with(&format!("{expected}\n")), "{err}");
+    config(30);
+    let (code, out, err) = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
 }

@@ -1,6 +1,7 @@
 //! A policy file (arbitrary text) against the seed registry: whatever parses
-//! must compile and trace without panicking, and the compiled state must be
-//! consistent (trace = lookup on both directions).
+//! must compile (within the default map sizes, or be refused with an error) and
+//! trace without panicking, and the compiled state must be consistent (trace =
+//! lookup on both directions).
 #![no_main]
 
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use netpol::api::model::{PolicySet, RegistrySet};
-use netpol::policy::compile::{compile, CompileOptions};
+use netpol::policy::compile::{try_compile, CompileOptions};
 use netpol::policy::trace::trace_str;
 
 const REGISTRY: &str = include_str!("../../etc/examples/seed/endpoints.d/seed.yaml");
@@ -70,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
         allow_localhost: sel[0] & 2 != 0,
         ..CompileOptions::default()
     };
-    let c = compile(&set, registry(), &opts);
+    let Ok(c) = try_compile(&set, registry(), &opts) else { return };
     let ports = [0u16, 1, 53, 80, 443, 5432, 8080, 65535, u16::from(sel[1]) * 257];
     let protos = [6u8, 17, 132, 1, 58, 0];
     for (i, src) in SIDES.iter().enumerate() {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use super::de::{from_node, suggest, DeError};
 use super::model::{
-    EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind, PolicySet, RegistrySet,
+    EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind, PolicySet, RegistrySet, Rule,
 };
 use super::policy::{self, Ctx};
 use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, RawNode};
@@ -284,6 +284,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 rules.extend(policy::cilium_rule(&mut ctx, &yaml::join_index("specs", i), spec, ns.as_deref()));
             }
             if ctx.errors.is_empty() {
+                locate_items(&mut rules, root);
                 let policy = Policy {
                     origin: origin_of(ns.as_deref(), &name),
                     kind: if clusterwide { PolicyKind::CiliumClusterwideNetworkPolicy } else { PolicyKind::CiliumNetworkPolicy },
@@ -307,11 +308,9 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 }
             };
             if ctx.errors.is_empty() {
-                let policy = Policy {
-                    origin: origin_of(Some(&ns), &name),
-                    kind: PolicyKind::NetworkPolicy,
-                    rules: rule.into_iter().collect(),
-                };
+                let mut rules: Vec<Rule> = rule.into_iter().collect();
+                locate_items(&mut rules, root);
+                let policy = Policy { origin: origin_of(Some(&ns), &name), kind: PolicyKind::NetworkPolicy, rules };
                 out.policies.push((policy, site(root)));
             }
         }
@@ -391,6 +390,16 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
     for (path, msg) in ctx.errors {
         let pos = root.pos_of(&path);
         out.problems.push(problem(file, Some(pos), Some(n), obj, Some(&path), msg));
+    }
+}
+
+/// Record where each rule item was written, for messages about it that only
+/// compile can give (the map budget, `policy::compile::try_compile`).
+fn locate_items(rules: &mut [Rule], root: &Node) {
+    for r in rules {
+        for it in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
+            it.pos = root.pos_of(&it.path).known();
+        }
     }
 }
 

@@ -165,6 +165,9 @@ pub enum L4 {
 pub struct RuleItem {
     /// Field path for explanations, e.g. `specs[1].ingress[0]`.
     pub path: String,
+    /// Line and column (1-based) of the item in its file, when known: messages
+    /// about a valid item found after parsing (compile's map budget) point here.
+    pub pos: Option<(usize, usize)>,
     pub peers: Peers,
     pub l4: L4,
 }

@@ -465,7 +465,7 @@ fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matc
     if ctx.errors.len() != before {
         return None;
     }
-    Some(RuleItem { path: path.to_string(), peers, l4 })
+    Some(RuleItem { path: path.to_string(), pos: None, peers, l4 })
 }
 
 fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto> {
@@ -700,7 +700,7 @@ fn np_item(
     if ctx.errors.len() != before {
         return None;
     }
-    Some(RuleItem { path: path.to_string(), peers, l4 })
+    Some(RuleItem { path: path.to_string(), pos: None, peers, l4 })
 }
 
 fn np_peer(ctx: &mut Ctx, path: &str, peer: &RawNpPeer, ns: &str) -> Option<Peer> {

@@ -1,5 +1,6 @@
 //! `netpolctl check`: validate the policy directory and the endpoint registry
-//! exactly as the daemon would, and report every problem.
+//! exactly as the daemon would (including compiling them within the config's map
+//! sizes), and report every problem.
 //!
 //! Output goes to stdout (it is the command's result, and scripts capture it):
 //! `ok: ...` and exit 0 when everything is valid; otherwise one
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use super::common::FileArgs;
 use crate::api::{self, Problem};
+use crate::policy::compile::{try_compile, CompileOptions};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -50,29 +52,45 @@ struct JsonReport<'a> {
 }
 
 /// Validate everything; returns the summary of what was valid and all problems.
-/// `opts` carries the config's `strict_file_modes`, so `check` agrees with the daemon.
+/// `opts` carries the config's `strict_file_modes` and `copts` its node name and
+/// map sizes, so `check` agrees with the daemon: when both sets are valid they
+/// are compiled, and a set that would not fit the maps is a problem too.
 pub fn check(
     policy_dir: &std::path::Path,
     endpoint_dirs: &[std::path::PathBuf],
     opts: &api::LoadOptions,
+    copts: &CompileOptions,
 ) -> (Summary, Vec<Problem>) {
     let mut summary = Summary::default();
     let mut problems = Vec::new();
-    match api::load_policy_dir_with(policy_dir, opts) {
+    let policies = match api::load_policy_dir_with(policy_dir, opts) {
         Ok(set) => {
             summary.policies = set.policies.len();
             summary.rules = set.policies.iter().map(|p| p.rules.len()).sum();
+            Some(set)
         }
-        Err(p) => problems.extend(p),
-    }
-    match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
+    let registry = match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
         Ok(reg) => {
             summary.host_endpoints = reg.endpoints.iter().filter(|e| e.kind == api::model::EndpointKind::Host).count();
             summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
             summary.nodes = reg.nodes.len();
             summary.namespaces = reg.namespaces.len();
+            Some(reg)
         }
-        Err(p) => problems.extend(p),
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
+    if let (Some(p), Some(r)) = (&policies, &registry) {
+        if let Err(e) = try_compile(p, r, copts) {
+            problems.push(e.into());
+        }
     }
     (summary, problems)
 }
@@ -83,7 +101,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
-    let (summary, problems) = check(&cfg.policy_dir, &cfg.endpoint_dirs, &cfg.load_options());
+    let (summary, problems) = check(&cfg.policy_dir, &cfg.endpoint_dirs, &cfg.load_options(), &cfg.compile_options());
     let valid = problems.is_empty();
     if args.files.json {
         let report = JsonReport {

@@ -1,13 +1,14 @@
 //! `netpolctl trace`: the offline verdict for a new connection, explained.
 //! Also the loading helper `matrix` shares: read the files, report every
-//! problem, compile with the config's node name.
+//! problem, compile with the config's node name and map sizes (a set that would
+//! not fit them is a problem like any other).
 
 use std::io::Write as _;
 
 use clap::{Args, ValueEnum};
 
 use super::common::FileArgs;
-use crate::policy::compile::{compile, CompileOptions};
+use crate::policy::compile::{try_compile, CompileOptions};
 use crate::policy::trace::{resolve_side, trace, Verdict};
 use crate::policy::types::{proto, Compiled};
 
@@ -104,8 +105,16 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         let _ = writeln!(err, "netpolctl: {} problem(s) in the policy or registry files", problems.len());
         return Ok(None);
     };
-    let opts = CompileOptions { node_name: cfg.node_name(), ..Default::default() };
-    Ok(Some(compile(&policies, &registry, &opts)))
+    let opts = CompileOptions { node_name: cfg.node_name(), limits: cfg.compile_limits(), ..Default::default() };
+    match try_compile(&policies, &registry, &opts) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{e}");
+            let _ = writeln!(err, "netpolctl: 1 problem(s) in the policy or registry files");
+            Ok(None)
+        }
+    }
 }
 
 pub fn run(args: &TraceArgs) -> anyhow::Result<i32> {

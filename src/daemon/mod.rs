@@ -34,7 +34,7 @@ use crate::api::Problem;
 use crate::config::Config;
 use crate::datapath::{Attachment, Datapath, VerdictEvent};
 use crate::netlink::{LinkTable, Links, NetlinkError};
-use crate::policy::compile::CompileOptions;
+use crate::policy::compile::{CompileError, CompileOptions};
 use crate::policy::types::{Compiled, Direction};
 use crate::watch::{Debouncer, DirWatcher, WatchError, WatchEvent};
 
@@ -57,7 +57,7 @@ pub enum DaemonError {
 
 pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
 pub type LoadRegistry = fn(&[PathBuf]) -> Result<RegistrySet, Vec<Problem>>;
-pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Compiled;
+pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Result<Compiled, CompileError>;
 
 /// How the input files are read.
 #[derive(Clone, Copy)]
@@ -77,7 +77,7 @@ pub struct Pipeline {
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::compile }
+        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::try_compile }
     }
 }
 
@@ -195,6 +195,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         policies: None,
         registry: None,
         saved_policies: None,
+        fitting_policies: None,
         saved_registry: None,
         installed: None,
         problems: Vec::new(),
@@ -342,6 +343,9 @@ struct Reconciler<D> {
     registry: Option<Input<RegistrySet>>,
     /// What was last written to state_dir (live files only).
     saved_policies: Option<PolicySet>,
+    /// The last policy set that compiled within the map sizes: in force while a
+    /// newer one is refused for not fitting.
+    fitting_policies: Option<PolicySet>,
     saved_registry: Option<RegistrySet>,
     /// The state and attachments the datapath holds.
     installed: Option<(Compiled, Vec<Attachment>)>,
@@ -418,10 +422,10 @@ impl<D: Datapath> Reconciler<D> {
         problems.sort();
         problems.dedup();
         self.problems = problems;
-        self.log_problems();
         let load = t0.elapsed();
 
         let (Some(pol), Some(reg)) = (&self.policies, &self.registry) else {
+            self.log_problems();
             slog::error!(self.log, "no valid policy set or registry and none saved; nothing applied";
                 "problems" => self.problems.len(), "cause" => cause);
             self.publish();
@@ -430,8 +434,35 @@ impl<D: Datapath> Reconciler<D> {
         // This host's addresses are identity host, whatever interface they are on.
         self.copts.host_addresses = self.links.addresses.iter().copied().collect();
         let t1 = std::time::Instant::now();
-        let compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
+        let mut compiled = (self.pipeline.compile)(&pol.set, &reg.set, &self.copts);
+        let mut n_policies = pol.set.policies.len();
+        let refused = compiled.is_err();
+        if let Err(e) = &compiled {
+            // A set that would not fit the maps is invalid input, like a parse
+            // error: the last policy set that fit stays in force, with the registry
+            // as it is now when that fits (else nothing is applied), and the files
+            // in place are not saved as the last valid copy.
+            self.problems.push((*e.problem).clone());
+            self.problems.sort();
+            self.save_at = None;
+            if self.fitting_policies.is_none() {
+                self.fitting_policies = self.load_last_good_policies().map(|i| i.set);
+            }
+            if let Some(old) = self.fitting_policies.as_ref().filter(|old| **old != pol.set) {
+                if let Ok(c) = (self.pipeline.compile)(old, &reg.set, &self.copts) {
+                    (compiled, n_policies) = (Ok(c), old.policies.len());
+                }
+            }
+        } else if self.fitting_policies.as_ref() != Some(&pol.set) {
+            self.fitting_policies = Some(pol.set.clone());
+        }
         let compile = t1.elapsed();
+        self.log_problems();
+        let Ok(compiled) = compiled else {
+            self.publish();
+            self.notifier.status(&self.status_line());
+            return;
+        };
         let attachments = self.attachments(&compiled);
         let unchanged =
             self.installed.as_ref().is_some_and(|(c, a)| *c == compiled && *a == attachments) && self.retry.is_none();
@@ -464,10 +495,10 @@ impl<D: Datapath> Reconciler<D> {
                 self.last_apply_ms = Some(ms(t0.elapsed()));
                 let local = compiled.endpoints.iter().filter(|e| e.local).count();
                 slog::info!(self.log, "applied generation {}: {} policies, {} endpoints ({} attached, {} pending), {} entries, {} problems, {:.1} ms",
-                    generation, pol.set.policies.len(), compiled.endpoints.len(), attachments.len(), local - attachments.len(),
+                    generation, n_policies, compiled.endpoints.len(), attachments.len(), local - attachments.len(),
                     compiled.entries.len(), self.problems.len(), ms(t0.elapsed());
                     "generation" => generation, "cause" => cause,
-                    "policies" => pol.set.policies.len(), "endpoints" => compiled.endpoints.len(),
+                    "policies" => n_policies, "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
                     "entries" => compiled.entries.len(), "problems" => self.problems.len(),
                     "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply));
@@ -489,7 +520,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.installed = Some((compiled, attachments));
                 // Saved once things have been quiet for a while: copying every file
                 // must not delay the next change.
-                self.save_at = Some(Instant::now() + SAVE_DELAY);
+                self.save_at = (!refused).then(|| Instant::now() + SAVE_DELAY);
                 let first = !self.ready;
                 self.ready = true;
                 self.publish();

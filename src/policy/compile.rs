@@ -39,9 +39,10 @@ use super::types::{
     RuleRef,
 };
 use crate::api::model::{
-    EndpointKind, Entity, Family, Label, NamedPort, Op, Peer, Peers, PolicySet, PortSpec, Proto, RegistrySet, RuleItem,
-    Selector, Subject, L4,
+    EndpointKind, Entity, Family, Label, NamedPort, Op, Origin, Peer, Peers, PolicySet, PortSpec, Proto, RegistrySet,
+    RuleItem, Selector, Subject, L4,
 };
+use crate::api::Problem;
 use crate::identity;
 use crate::labels;
 use crate::registry::{self, ResolvedEndpoint};
@@ -57,6 +58,65 @@ pub struct CompileOptions {
     pub allow_localhost: bool,
     /// Extra addresses of this host (from netlink) that map to identity host (1).
     pub host_addresses: Vec<IpAddr>,
+    /// The map sizes the state must fit; [`try_compile`] refuses a set that would
+    /// need more. The default is the config's defaults.
+    pub limits: Limits,
+}
+
+/// The map sizes a compiled state must fit (config `maps.*`). Compile checks them
+/// while it expands, so a policy that would need millions of entries is refused
+/// after at most about twice the limit's worth of work, never materialised.
+///
+/// What counts (each checked as compile goes, the first one exceeded refuses the set):
+/// - the ipcache: distinct prefixes of `/0`, this host's, the registry's addresses
+///   and the policies' CIDR prefixes (one CIDR identity each) ≤ `ipcache_entries`;
+/// - one endpoint's own entries ≤ `policy_entries` (no host could hold them);
+/// - the entries of the endpoints of one node ≤ `policy_entries`: the policy map
+///   of that host, counted for every node of the registry so that every host
+///   given the same files (and map sizes) gives the same answer. Endpoints
+///   without `node` (or with this host's name) are this host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `maps.policy_max_entries`.
+    pub policy_entries: usize,
+    /// `maps.ipcache_max_entries`.
+    pub ipcache_entries: usize,
+}
+
+impl Limits {
+    /// No budget: [`compile`], for callers whose input is already bounded.
+    pub const UNLIMITED: Limits = Limits { policy_entries: usize::MAX, ipcache_entries: usize::MAX };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let m = crate::config::MapsConfig::default();
+        Limits { policy_entries: m.policy_max_entries as usize, ipcache_entries: m.ipcache_max_entries as usize }
+    }
+}
+
+/// Config key behind [`Limits::policy_entries`].
+pub const POLICY_KEY: &str = "maps.policy_max_entries";
+/// Config key behind [`Limits::ipcache_entries`].
+pub const IPCACHE_KEY: &str = "maps.ipcache_max_entries";
+
+/// The set would need more map entries than the config allows. Displayed as a
+/// [`Problem`] naming the file, document, policy and rule item that pushed it over.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{problem}")]
+pub struct CompileError {
+    /// The config key to raise ([`POLICY_KEY`] or [`IPCACHE_KEY`]).
+    pub key: &'static str,
+    /// Its value.
+    pub limit: usize,
+    /// Boxed: a `Result` carrying it stays small.
+    pub problem: Box<Problem>,
+}
+
+impl From<CompileError> for Problem {
+    fn from(e: CompileError) -> Problem {
+        *e.problem
+    }
 }
 
 /// One port key: protocol (0 = any), port, port prefix bits.
@@ -91,6 +151,8 @@ struct Template {
 /// One item of one rule, flattened.
 struct ItemInfo<'a> {
     item: &'a RuleItem,
+    /// The policy it belongs to, for a refusal naming the item.
+    origin: &'a Origin,
     dir: Direction,
     verdict: EntryVerdict,
 }
@@ -171,6 +233,23 @@ fn host_net(a: IpAddr) -> IpNet {
     IpNet::from(a)
 }
 
+/// The keys of a map sorted by `IpNet` (address, then prefix length) that can be
+/// inside `net`: those from its first to its last address.
+fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
+    match net {
+        IpNet::V4(n) => {
+            let lo = ipnet::Ipv4Net::new(n.network(), 0).unwrap_or(*n);
+            let hi = ipnet::Ipv4Net::new(n.broadcast(), 32).unwrap_or(*n);
+            IpNet::V4(lo)..=IpNet::V4(hi)
+        }
+        IpNet::V6(n) => {
+            let lo = ipnet::Ipv6Net::new(n.network(), 0).unwrap_or(*n);
+            let hi = ipnet::Ipv6Net::new(n.broadcast(), 128).unwrap_or(*n);
+            IpNet::V6(lo)..=IpNet::V6(hi)
+        }
+    }
+}
+
 /// Selector evaluation over every identity, with an index and a memo.
 struct SelectorIndex<'a> {
     /// (identity, labels), sorted by identity.
@@ -240,7 +319,7 @@ struct Ctx<'a> {
     index: SelectorIndex<'a>,
     cidr_ids: BTreeMap<IpNet, Identity>,
     workload_ids: Vec<Identity>,
-    /// (address, identity) of every workload endpoint, for ipBlock.
+    /// (address, identity) of every workload endpoint, for ipBlock; sorted.
     workload_addrs: Vec<(IpAddr, Identity)>,
     /// Named ports declared by endpoints with each identity.
     ports_by_id: HashMap<Identity, Vec<NamedPort>>,
@@ -269,13 +348,20 @@ impl<'a> Ctx<'a> {
                                     IpNet::V6(_) => identity::WORLD_IPV6,
                                 });
                             }
-                            for (p, id) in &self.cidr_ids {
+                            // Only prefixes whose network address lies in `net` can be
+                            // inside it: a range of the sorted map, not a scan (thousands
+                            // of CIDR peers against thousands of prefixes is quadratic).
+                            for (p, id) in self.cidr_ids.range(within(&net)) {
                                 if net_contains(&net, p) && !except.iter().any(|e| net_contains(e, p)) {
                                     ids.push(*id);
                                 }
                             }
                             if *match_endpoints {
-                                for (a, id) in &self.workload_addrs {
+                                // The addresses are sorted: those from the net's first
+                                // to its last address, not a scan per peer.
+                                let (lo, hi) = (net.network(), net.broadcast());
+                                let start = self.workload_addrs.partition_point(|(a, _)| *a < lo);
+                                for (a, id) in self.workload_addrs[start..].iter().take_while(|(a, _)| *a <= hi) {
                                     if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
                                         ids.push(*id);
                                     }
@@ -313,19 +399,22 @@ impl<'a> Ctx<'a> {
         rc
     }
 
-    /// Raw entries of one item for a subject with the given declared ports.
-    fn expand(&mut self, idx: usize, subject_ports: &[NamedPort], out: &mut Vec<TEntry>) {
+    /// Raw entries of one item for a subject with the given declared ports,
+    /// appended to `out`. `Err` as soon as `out`, deduplicated, holds more than
+    /// `limit` entries.
+    fn expand(&mut self, idx: usize, subject_ports: &[NamedPort], out: &mut Vec<TEntry>, limit: usize) -> Result<(), Over> {
         let ids = self.peer_ids(idx);
         if ids.is_empty() {
-            return;
+            return Ok(());
         }
         let info = &self.items[idx];
         let (dir, verdict, rule) = (info.dir, info.verdict, idx as u32);
         let mut keys: Vec<PortKey> = Vec::new();
-        let push = |id: Identity, keys: &[PortKey], out: &mut Vec<TEntry>| {
+        let push = |id: Identity, keys: &[PortKey], out: &mut Vec<TEntry>| -> Result<(), Over> {
             for k in keys {
                 out.push(TEntry { dir, id, key: *k, verdict, rule });
             }
+            check_raw(out, limit)
         };
         match &info.item.l4 {
             L4::Any => keys.push(ANY_KEY),
@@ -355,7 +444,7 @@ impl<'a> Ctx<'a> {
                                         self.ports_by_id.get(&id).map(Vec::as_slice).unwrap_or(&[])
                                     };
                                     named_keys(name, pp.proto, declared, &mut k);
-                                    push(id, &k, out);
+                                    push(id, &k, out)?;
                                 }
                             }
                         },
@@ -364,9 +453,28 @@ impl<'a> Ctx<'a> {
             }
         }
         for &id in ids.iter() {
-            push(id, &keys, out);
+            push(id, &keys, out)?;
+        }
+        Ok(())
+    }
+}
+
+/// A template went over the entry limit.
+#[derive(Debug)]
+struct Over;
+
+/// Compact `out` (as [`finish_entries`] does at the end) once it holds twice the
+/// limit, so duplicates alone never refuse a set; `Err` when even the compacted
+/// entries exceed the limit. Compacting only at twice the limit keeps the cost
+/// amortised: at least `limit` pushes separate two compactions.
+fn check_raw(out: &mut Vec<TEntry>, limit: usize) -> Result<(), Over> {
+    if out.len() > limit.saturating_mul(2) {
+        finish_entries(out);
+        if out.len() > limit {
+            return Err(Over);
         }
     }
+    Ok(())
 }
 
 /// Deduplicate keys (deny wins, then the lowest rule) and drop allows that a deny of
@@ -408,15 +516,27 @@ fn key_covers(outer: &PortKey, inner: &PortKey) -> bool {
     super::lookup::prefix_covers(outer.port, outer.prefix, inner.port)
 }
 
-/// Compile the whole state. Pure and deterministic.
+/// Compile the whole state without the map budget ([`Limits::UNLIMITED`]):
+/// for tests and callers whose input is already bounded. Whatever reads user
+/// files uses [`try_compile`].
 pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Compiled {
+    // Never an error (no count exceeds usize::MAX); an empty state would be the safe answer.
+    try_compile(policies, registry, &CompileOptions { limits: Limits::UNLIMITED, ..opts.clone() }).unwrap_or_default()
+}
+
+/// Compile the whole state within `opts.limits` (see [`Limits`] for what
+/// counts). Pure and deterministic; a refused set costs at most about twice the
+/// limit's worth of entries in time and memory.
+pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Result<Compiled, CompileError> {
+    let limits = opts.limits;
     let resolved: Vec<ResolvedEndpoint<'_>> = registry::resolve(registry, &opts.node_name);
 
     // --- rules and items, in policy order: an item's index is its rule ref.
     let mut rule_refs: Vec<RuleRef> = Vec::new();
     let mut items: Vec<ItemInfo<'_>> = Vec::new();
     let mut rules: Vec<RuleInfo<'_>> = Vec::new();
-    let mut cidr_prefixes: Vec<IpNet> = Vec::new();
+    // Each CIDR prefix with the item that names it (for the ipcache budget).
+    let mut cidr_prefixes: Vec<(IpNet, u32)> = Vec::new();
     for pol in &policies.policies {
         let pname = match &pol.origin.namespace {
             Some(ns) => format!("{ns}/{}", pol.origin.name),
@@ -435,15 +555,16 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
                     if let Peers::List(ps) = &item.peers {
                         for p in ps {
                             if let Peer::Cidr { net, except, .. } = p {
+                                let at = items.len() as u32;
                                 if net.prefix_len() > 0 {
-                                    cidr_prefixes.push(net.trunc());
+                                    cidr_prefixes.push((net.trunc(), at));
                                 }
-                                cidr_prefixes.extend(except.iter().filter(|e| e.prefix_len() > 0).map(|e| e.trunc()));
+                                cidr_prefixes.extend(except.iter().filter(|e| e.prefix_len() > 0).map(|e| (e.trunc(), at)));
                             }
                         }
                     }
                     idxs.push(items.len() as u32);
-                    items.push(ItemInfo { item, dir, verdict });
+                    items.push(ItemInfo { item, origin: &pol.origin, dir, verdict });
                     rule_refs.push(RuleRef {
                         file: pol.origin.file.clone(),
                         kind: pol.origin.kind.clone(),
@@ -485,7 +606,8 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
             EndpointKind::Host => identity::REMOTE_NODE,
         })
         .collect();
-    let cidr_ids = identity::allocate_cidrs(cidr_prefixes);
+    check_ipcache(&items, &cidr_prefixes, registry, opts)?;
+    let cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
 
     let reserved_labels: Vec<(Identity, Vec<Label>)> =
         identity::RESERVED.iter().map(|(id, n)| (*id, labels::reserved_labels(n))).collect();
@@ -556,6 +678,7 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
             workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
         }
     }
+    workload_addrs.sort_unstable();
     let n_items = items.len();
     let mut ctx = Ctx {
         items,
@@ -595,6 +718,8 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
     let mut templates: HashMap<TKey, Rc<Template>> = HashMap::new();
     let mut endpoints: Vec<CompiledEndpoint> = Vec::with_capacity(resolved.len());
     let mut entries: Vec<PolicyEntry> = Vec::new();
+    // Entries per node (`None` = this host): each is one host's policy map.
+    let mut per_node: HashMap<Option<&str>, usize> = HashMap::new();
     for (slot, (r, id)) in resolved.iter().zip(&ep_ids).enumerate() {
         let is_wl = r.def.kind == EndpointKind::Workload;
         let rule_list = if is_wl { rules_by_wl_id.get(id).cloned().unwrap_or_default() } else { rules_by_slot[slot].clone() };
@@ -602,11 +727,19 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
         let t = match templates.get(&key) {
             Some(t) => t.clone(),
             None => {
-                let t = Rc::new(build_template(&mut ctx, &rules, &key.0, &r.def.ports, is_wl, localhost_rule));
+                let t = build_template(&mut ctx, &rules, &key.0, &r.def.ports, is_wl, localhost_rule, limits.policy_entries)
+                    .map_err(|item| over_endpoint(&ctx.items, item, r, limits.policy_entries))?;
+                let t = Rc::new(t);
                 templates.insert(key, t.clone());
                 t
             }
         };
+        let node = if r.this_node { None } else { r.def.node.as_deref() };
+        let on_node = per_node.entry(node).or_insert(0);
+        *on_node += t.entries.len();
+        if *on_node > limits.policy_entries {
+            return Err(over_node(&ctx.items, &t.entries, r, node, limits.policy_entries));
+        }
         let slot = slot as u32;
         entries.extend(t.entries.iter().map(|e| PolicyEntry {
             endpoint: slot,
@@ -636,9 +769,12 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
     }
     debug_assert!(entries.windows(2).all(|w| w[0] < w[1]));
 
-    Compiled { identities, ipcache, endpoints, entries, rules: rule_refs }
+    Ok(Compiled { identities, ipcache, endpoints, entries, rules: rule_refs })
 }
 
+/// The entries of one group of endpoints. `Err(item)` when they would exceed
+/// `limit`: the item being expanded then, or the one with the most entries.
+#[allow(clippy::too_many_arguments)]
 fn build_template(
     ctx: &mut Ctx<'_>,
     rules: &[RuleInfo<'_>],
@@ -646,7 +782,8 @@ fn build_template(
     ports: &[NamedPort],
     is_workload: bool,
     localhost_rule: Option<u32>,
-) -> Template {
+    limit: usize,
+) -> Result<Template, Option<u32>> {
     let mut t = Template::default();
     let mut raw = Vec::new();
     for &ri in rule_list {
@@ -663,15 +800,180 @@ fn build_template(
             t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
         }
         for &idx in &info.items {
-            ctx.expand(idx as usize, ports, &mut raw);
+            ctx.expand(idx as usize, ports, &mut raw, limit).map_err(|Over| Some(idx))?;
         }
     }
     if let (true, Some(rule)) = (is_workload, localhost_rule) {
         raw.push(TEntry { dir: Direction::Ingress, id: identity::HOST, key: ANY_KEY, verdict: EntryVerdict::Allow, rule });
     }
     finish_entries(&mut raw);
+    if raw.len() > limit {
+        return Err(top_item(&raw, ctx.items.len()).map(|(i, _)| i));
+    }
     t.entries = raw;
-    t
+    Ok(t)
+}
+
+/// The rule item with the most entries (ties: the first), leaving out the
+/// config's allow_localhost (numbered after every item), with its count.
+fn top_item(entries: &[TEntry], n_items: usize) -> Option<(u32, usize)> {
+    let mut counts = vec![0usize; n_items];
+    for e in entries {
+        if let Some(c) = counts.get_mut(e.rule as usize) {
+            *c += 1;
+        }
+    }
+    let mut best: Option<(u32, usize)> = None;
+    for (i, &c) in counts.iter().enumerate() {
+        if c > 0 && best.is_none_or(|(_, b)| c > b) {
+            best = Some((i as u32, c));
+        }
+    }
+    best
+}
+
+/// `Kind namespace/name` or `Kind name`, as parse problems name a document.
+fn object_of(o: &Origin) -> String {
+    match &o.namespace {
+        Some(ns) => format!("{} {ns}/{}", o.kind, o.name),
+        None => format!("{} {}", o.kind, o.name),
+    }
+}
+
+/// A problem at one rule item.
+fn item_problem(info: &ItemInfo<'_>, message: String) -> Problem {
+    Problem {
+        file: info.origin.file.clone(),
+        line: info.item.pos.map(|p| p.0),
+        column: info.item.pos.map(|p| p.1),
+        document: Some(info.origin.doc + 1),
+        object: Some(object_of(info.origin)),
+        field: Some(info.item.path.clone()),
+        message,
+    }
+}
+
+/// A problem at a registry document (when no rule item is to blame).
+fn endpoint_problem(origin: &Origin, field: Option<String>, message: String) -> Problem {
+    Problem {
+        file: origin.file.clone(),
+        line: None,
+        column: None,
+        document: Some(origin.doc + 1),
+        object: Some(object_of(origin)),
+        field,
+        message,
+    }
+}
+
+/// `the policy map holds N (maps.policy_max_entries)`.
+fn holds(what: &str, key: &str, limit: usize) -> String {
+    format!("the {what} holds {limit} ({key})")
+}
+
+/// One endpoint's own entries exceed the policy map.
+fn over_endpoint(items: &[ItemInfo<'_>], item: Option<u32>, r: &ResolvedEndpoint<'_>, limit: usize) -> CompileError {
+    let ep = r.display_name();
+    let holds = holds("policy map", POLICY_KEY, limit);
+    let problem = match item.and_then(|i| items.get(i as usize)) {
+        Some(info) => item_problem(
+            info,
+            format!(
+                "with this rule, endpoint {ep} would need more than {limit} policy entries; {holds}; narrow the rule or raise {POLICY_KEY} in netpold.toml"
+            ),
+        ),
+        None => endpoint_problem(
+            &r.def.origin,
+            None,
+            format!("endpoint {ep} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
+        ),
+    };
+    CompileError { key: POLICY_KEY, limit, problem: Box::new(problem) }
+}
+
+/// The endpoints of one node together exceed that node's policy map; `entries`
+/// are those of the endpoint that pushed the count over.
+fn over_node(
+    items: &[ItemInfo<'_>],
+    entries: &[TEntry],
+    r: &ResolvedEndpoint<'_>,
+    node: Option<&str>,
+    limit: usize,
+) -> CompileError {
+    let ep = r.display_name();
+    let host = match node {
+        None => "this host".to_string(),
+        Some(n) => format!("node {n}"),
+    };
+    let holds = holds("policy map", POLICY_KEY, limit);
+    let problem = match top_item(entries, items.len()).and_then(|(i, n)| Some((items.get(i as usize)?, n))) {
+        Some((info, n)) => item_problem(
+            info,
+            format!(
+                "with this rule, the endpoints of {host} would need more than {limit} policy entries (it gives endpoint {ep} {n}); {holds}; narrow the rule or raise {POLICY_KEY} in netpold.toml"
+            ),
+        ),
+        None => endpoint_problem(
+            &r.def.origin,
+            None,
+            format!("with this endpoint, the endpoints of {host} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
+        ),
+    };
+    CompileError { key: POLICY_KEY, limit, problem: Box::new(problem) }
+}
+
+/// Count the ipcache as compile will fill it, stopping at the first prefix
+/// over the limit: `/0`, this host's addresses, then the registry's, then the
+/// policies' CIDR prefixes in policy order (each one CIDR identity).
+fn check_ipcache(
+    items: &[ItemInfo<'_>],
+    cidr_prefixes: &[(IpNet, u32)],
+    registry: &RegistrySet,
+    opts: &CompileOptions,
+) -> Result<(), CompileError> {
+    let limit = opts.limits.ipcache_entries;
+    if limit == usize::MAX {
+        return Ok(());
+    }
+    let mut nets: std::collections::BTreeSet<IpNet> = std::collections::BTreeSet::new();
+    nets.insert("0.0.0.0/0".parse().expect("static prefix"));
+    nets.insert("::/0".parse().expect("static prefix"));
+    nets.extend(opts.host_addresses.iter().map(|a| host_net(*a)));
+    let holds = holds("ipcache", IPCACHE_KEY, limit);
+    let registry_over = |origin: &Origin, i: usize| CompileError {
+        key: IPCACHE_KEY,
+        limit,
+        problem: Box::new(endpoint_problem(
+            origin,
+            Some(format!("spec.addresses[{i}]")),
+            format!("with this address, the registry would need more than {limit} ipcache entries; {holds}; raise {IPCACHE_KEY} in netpold.toml"),
+        )),
+    };
+    for node in &registry.nodes {
+        for (i, a) in node.addresses.iter().enumerate() {
+            if nets.insert(host_net(*a)) && nets.len() > limit {
+                return Err(registry_over(&node.origin, i));
+            }
+        }
+    }
+    for ep in &registry.endpoints {
+        for (i, a) in ep.addresses.iter().enumerate() {
+            if nets.insert(host_net(*a)) && nets.len() > limit {
+                return Err(registry_over(&ep.origin, i));
+            }
+        }
+    }
+    for (net, item) in cidr_prefixes {
+        if nets.insert(*net) && nets.len() > limit {
+            if let Some(info) = items.get(*item as usize) {
+                let msg = format!(
+                    "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or raise {IPCACHE_KEY} in netpold.toml"
+                );
+                return Err(CompileError { key: IPCACHE_KEY, limit, problem: Box::new(item_problem(info, msg)) });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn proto_name(p: u8) -> String {
@@ -816,5 +1118,157 @@ mod tests {
         assert!(key_covers(&r80, &p80));
         assert!(!key_covers(&p80, &r80));
         assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
+    }
+
+    #[test]
+    fn prefixes_inside_a_net_are_found_by_range_as_by_scan() {
+        let nets: Vec<IpNet> = [
+            "0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/16", "10.0.0.0/32", "10.1.0.0/16", "10.1.2.0/24", "10.255.255.255/32",
+            "11.0.0.0/8", "9.255.255.255/32", "192.168.0.0/16", "::/0", "fd00::/8", "fd00:1::/32", "fd00:1::1/128",
+            "fe00::/8", "2001:db8::/32",
+        ]
+        .iter()
+        .map(|n| n.parse::<IpNet>().unwrap().trunc())
+        .collect();
+        let map: BTreeMap<IpNet, Identity> = nets.iter().enumerate().map(|(i, n)| (*n, i as Identity)).collect();
+        for q in &nets {
+            let by_scan: Vec<IpNet> = map.keys().filter(|p| net_contains(q, p)).copied().collect();
+            let by_range: Vec<IpNet> = map.range(within(q)).map(|(p, _)| *p).filter(|p| net_contains(q, p)).collect();
+            assert_eq!(by_range, by_scan, "inside {q}");
+        }
+    }
+
+    // ------------------------------------------------------------ map budget
+
+    const REG: &str = "\
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+spec: {interface: veth-w1, addresses: [10.0.0.1]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: web-2, namespace: default, labels: {app: web}}
+spec: {node: node-b, interface: veth-w2, addresses: [10.0.0.2]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: api-1, namespace: default, labels: {app: api}}
+spec: {interface: veth-a1, addresses: [10.0.1.1]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: api-2, namespace: default, labels: {app: api}}
+spec: {interface: veth-a2, addresses: [10.0.1.2]}
+";
+
+    /// 2 CIDR identities × 3 ports: 6 entries for each web endpoint (one on this
+    /// host, one on node-b).
+    const WEB: &str = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromCIDR: [10.1.0.0/16, 10.2.0.0/16]
+    toPorts: [{ports: [{port: \"80\", protocol: TCP}, {port: \"81\", protocol: TCP}, {port: \"82\", protocol: TCP}]}]
+";
+
+    /// 1 identity × 3 ports: 3 entries for each api endpoint, both on this host.
+    const API: &str = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: \"80\", protocol: TCP}, {port: \"81\", protocol: TCP}, {port: \"82\", protocol: TCP}]}]
+";
+
+    fn inputs(policies: &[(&str, &str)]) -> (PolicySet, RegistrySet) {
+        let mut set = PolicySet::default();
+        for (file, text) in policies {
+            set.policies.extend(crate::api::parse_policies(std::path::Path::new(file), text).expect("valid policy"));
+        }
+        (set, crate::api::parse_registry(std::path::Path::new("reg.yaml"), REG).expect("valid registry"))
+    }
+
+    fn with_limits(policy_entries: usize, ipcache_entries: usize) -> CompileOptions {
+        CompileOptions { node_name: "node-a".into(), limits: Limits { policy_entries, ipcache_entries }, ..Default::default() }
+    }
+
+    fn refusal(p: &PolicySet, r: &RegistrySet, o: &CompileOptions) -> String {
+        try_compile(p, r, o).expect_err("over the budget").to_string()
+    }
+
+    #[test]
+    fn one_endpoint_exactly_at_the_policy_budget_passes_and_one_over_is_refused() {
+        let (p, r) = inputs(&[("web.yaml", WEB)]);
+        let c = try_compile(&p, &r, &with_limits(6, 100)).expect("6 entries per host fit 6");
+        // Each host's map holds 6; together they are 12.
+        assert_eq!(c.entries.len(), 12);
+        assert_eq!(c, compile(&p, &r, &with_limits(6, 100)));
+        let e = try_compile(&p, &r, &with_limits(5, 100)).unwrap_err();
+        assert_eq!((e.key, e.limit), (POLICY_KEY, 5));
+        assert_eq!(
+            e.to_string(),
+            "web.yaml:7:5: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0]: with this rule, endpoint \
+             default/web-1 would need more than 5 policy entries; the policy map holds 5 (maps.policy_max_entries); \
+             narrow the rule or raise maps.policy_max_entries in netpold.toml"
+        );
+    }
+
+    #[test]
+    fn endpoints_of_one_host_share_its_policy_budget() {
+        let (p, r) = inputs(&[("api.yaml", API)]);
+        let c = try_compile(&p, &r, &with_limits(6, 100)).expect("3 + 3 entries fit 6");
+        assert_eq!(c.entries.len(), 6);
+        assert_eq!(
+            refusal(&p, &r, &with_limits(5, 100)),
+            "api.yaml:7:5: document 1 (CiliumNetworkPolicy default/api): spec.ingress[0]: with this rule, the \
+             endpoints of this host would need more than 5 policy entries (it gives endpoint default/api-2 3); the \
+             policy map holds 5 (maps.policy_max_entries); narrow the rule or raise maps.policy_max_entries in \
+             netpold.toml"
+        );
+        // web-2 is node-b's: this host has web-1 (6) + api-1 (3) + api-2 (3).
+        let (p, r) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        assert!(try_compile(&p, &r, &with_limits(12, 100)).is_ok());
+        assert!(refusal(&p, &r, &with_limits(11, 100)).contains("the endpoints of this host would need more than 11"));
+    }
+
+    #[test]
+    fn ipcache_exactly_at_its_budget_passes_and_one_over_is_refused() {
+        // 2 × /0, 4 registry addresses, 2 CIDR prefixes.
+        let (p, r) = inputs(&[("web.yaml", WEB)]);
+        let c = try_compile(&p, &r, &with_limits(100, 8)).expect("8 ipcache entries fit 8");
+        assert_eq!(c.ipcache.len(), 8);
+        let e = try_compile(&p, &r, &with_limits(100, 7)).unwrap_err();
+        assert_eq!((e.key, e.limit), (IPCACHE_KEY, 7));
+        assert_eq!(
+            e.to_string(),
+            "web.yaml:7:5: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0]: with this rule, the \
+             policies' CIDR prefixes and the registry's addresses would need more than 7 ipcache entries; the ipcache \
+             holds 7 (maps.ipcache_max_entries); narrow the rule or raise maps.ipcache_max_entries in netpold.toml"
+        );
+        // The registry alone over the limit names the address that pushed it over.
+        assert_eq!(
+            refusal(&p, &r, &with_limits(100, 5)),
+            "reg.yaml: document 4 (Endpoint default/api-2): spec.addresses[0]: with this address, the registry would \
+             need more than 5 ipcache entries; the ipcache holds 5 (maps.ipcache_max_entries); raise \
+             maps.ipcache_max_entries in netpold.toml"
+        );
+    }
+
+    #[test]
+    fn duplicate_rules_alone_never_refuse_a_set() {
+        // The same item three times: 18 raw entries per web endpoint, 6 distinct.
+        let item = &WEB[WEB.find("  - fromCIDR").expect("item")..];
+        let dup = format!("{WEB}{item}{item}").replace("name: web,", "name: dup,");
+        let (p, r) = inputs(&[("dup.yaml", &dup)]);
+        assert_eq!(p.policies[0].rules[0].ingress.len(), 3);
+        let c = try_compile(&p, &r, &with_limits(6, 100)).expect("6 distinct entries fit 6");
+        assert_eq!(c, compile(&p, &r, &CompileOptions { node_name: "node-a".into(), ..Default::default() }));
     }
 }
