@@ -310,7 +310,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             if ctx.errors.is_empty() {
                 let mut rules: Vec<Rule> = rule.into_iter().collect();
                 locate_items(&mut rules, root);
-                let policy = Policy { origin: origin_of(Some(&ns), &name), kind: PolicyKind::NetworkPolicy, rules };
+                let policy = Policy { origin: origin_of(Some(&ns), &name), kind: PolicyKind::NetworkPolicy, rules: rules.into() };
                 out.policies.push((policy, site(root)));
             }
         }
