@@ -8,8 +8,15 @@
 //! timestamps are at least [`SETTLED`] older than the moment it was read. The
 //! result is always exactly what `api::load_policy_dir` / `load_endpoint_dirs`
 //! would return; the cross-file checks always run on the whole set.
+//!
+//! Between full looks, the daemon can say which files its watch events named
+//! since the last load (`touched`): then only those files (and symlinks, whose
+//! targets change without an event here) are looked at again, and every other
+//! file keeps its parse without even a stat. A full look (list and stat every
+//! file) happens whenever no such list is given: at start, on a reload, on the
+//! resync timer, and when events were lost.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,6 +60,9 @@ impl FileId {
 #[derive(Debug, Default)]
 struct Piece {
     parsed: Parsed,
+    /// Its timestamps told it apart from a later write when it was read, so a
+    /// full look may keep it when its identity is unchanged.
+    settled: bool,
 }
 
 impl Piece {
@@ -79,11 +89,26 @@ struct Seen {
     ok: bool,
 }
 
+/// The listing of the last load, kept up to date by loads that look only at
+/// the touched files.
+#[derive(Debug, Clone, Default)]
+struct Listed {
+    dirs: Vec<PathBuf>,
+    /// Per directory, sorted as `load::list_dir` lists them.
+    files: Vec<Vec<PathBuf>>,
+    /// Entries that are symlinks.
+    links: HashSet<PathBuf>,
+    /// The load's result was valid.
+    ok: bool,
+}
+
 #[derive(Debug)]
 pub struct LoadCache {
     files: HashMap<PathBuf, (FileId, Piece)>,
     /// What the last load of each kind saw (policies, registry).
     seen: [Option<Seen>; 2],
+    /// The last listing of each kind, for loads given the touched files.
+    listed: [Option<Listed>; 2],
     /// Parsed in the last load (for logs and tests).
     pub last_parsed: usize,
     settled: Duration,
@@ -100,7 +125,14 @@ impl Default for LoadCache {
 impl LoadCache {
     /// A cache that keeps a file once its timestamps are `settled` old.
     pub fn with_margin(settled: Duration) -> LoadCache {
-        LoadCache { files: HashMap::new(), seen: [None, None], last_parsed: 0, settled, opts: LoadOptions::default() }
+        LoadCache {
+            files: HashMap::new(),
+            seen: [None, None],
+            listed: [None, None],
+            last_parsed: 0,
+            settled,
+            opts: LoadOptions::default(),
+        }
     }
 
     /// Read files with `opts` (the config's `strict_file_modes`), exactly as
@@ -113,32 +145,114 @@ impl LoadCache {
     /// Like [`LoadCache::policies`], but `None` when the last call returned a
     /// valid set and no file changed since (the caller keeps that set).
     pub fn policies_if_changed(&mut self, dir: &Path) -> Option<Result<PolicySet, Vec<Problem>>> {
+        self.policies_if_touched(dir, None)
+    }
+
+    /// [`LoadCache::policies_if_changed`] when only the files in `touched` can
+    /// have changed since the last call (`None`: any file may have).
+    pub fn policies_if_touched(
+        &mut self,
+        dir: &Path,
+        touched: Option<&BTreeSet<PathBuf>>,
+    ) -> Option<Result<PolicySet, Vec<Problem>>> {
         let dirs = vec![dir.to_path_buf()];
-        let parsed = self.load_if_changed(&dirs, FileKind::Policy)?;
+        let parsed = self.load_if_changed(&dirs, FileKind::Policy, touched)?;
         let r = parsed.into_policy_set();
-        if let Some(s) = self.seen[0].as_mut() {
-            s.ok = r.is_ok();
-        }
+        self.record_ok(0, r.is_ok());
         Some(r)
     }
 
     /// Like [`LoadCache::registry`], but `None` when the last call returned a
     /// valid set and no file changed since.
     pub fn registry_if_changed(&mut self, dirs: &[PathBuf]) -> Option<Result<RegistrySet, Vec<Problem>>> {
-        let parsed = self.load_if_changed(dirs, FileKind::Registry)?;
+        self.registry_if_touched(dirs, None)
+    }
+
+    /// [`LoadCache::registry_if_changed`] when only the files in `touched` can
+    /// have changed since the last call (`None`: any file may have).
+    pub fn registry_if_touched(
+        &mut self,
+        dirs: &[PathBuf],
+        touched: Option<&BTreeSet<PathBuf>>,
+    ) -> Option<Result<RegistrySet, Vec<Problem>>> {
+        let parsed = self.load_if_changed(dirs, FileKind::Registry, touched)?;
         let r = parsed.into_registry_set();
-        if let Some(s) = self.seen[1].as_mut() {
-            s.ok = r.is_ok();
-        }
+        self.record_ok(1, r.is_ok());
         Some(r)
     }
 
-    fn load_if_changed(&mut self, dirs: &[PathBuf], want: FileKind) -> Option<Parsed> {
+    fn record_ok(&mut self, kind: usize, ok: bool) {
+        if let Some(s) = self.seen[kind].as_mut() {
+            s.ok = ok;
+        }
+        if let Some(l) = self.listed[kind].as_mut() {
+            l.ok = ok;
+        }
+    }
+
+    /// Only the touched files (and symlinks) looked at again: `None` when that
+    /// cannot answer (no valid load of the same directories to start from), else
+    /// `Some(None)` for "nothing changed" or the new parse.
+    fn load_touched(&mut self, dirs: &[PathBuf], want: FileKind, touched: &BTreeSet<PathBuf>) -> Option<Option<Parsed>> {
+        let kind = match want {
+            FileKind::Policy => 0,
+            FileKind::Registry => 1,
+        };
+        let prev = self.listed[kind].as_ref().filter(|l| l.ok && l.dirs == dirs)?;
+        let mine: Vec<(usize, &PathBuf)> = touched
+            .iter()
+            .filter_map(|p| Some((dirs.iter().position(|d| Some(d.as_path()) == p.parent())?, p)))
+            .collect();
+        if mine.is_empty() && prev.links.is_empty() {
+            self.last_parsed = 0;
+            return Some(None);
+        }
+        let mut listed = prev.clone();
+        let mut reread: HashSet<PathBuf> = listed.links.clone();
+        for (di, p) in mine {
+            let list = &mut listed.files[di];
+            match std::fs::symlink_metadata(p) {
+                Ok(m) => {
+                    if let Err(i) = list.binary_search(p) {
+                        list.insert(i, p.clone());
+                    }
+                    if m.file_type().is_symlink() {
+                        listed.links.insert(p.clone());
+                    } else {
+                        listed.links.remove(p);
+                    }
+                    reread.insert(p.clone());
+                }
+                Err(_) => {
+                    if let Ok(i) = list.binary_search(p) {
+                        list.remove(i);
+                    }
+                    listed.links.remove(p);
+                }
+            }
+        }
+        let listing: Listing = listed
+            .files
+            .iter()
+            .map(|fs| Ok(fs.iter().map(|f| (f.clone(), None)).collect()))
+            .collect();
+        let out = self.load_listed(dirs, listing, want, Some(&reread));
+        // Symlinks are read again every time: without a change there is nothing to report.
+        self.seen[kind] = None;
+        self.listed[kind] = Some(listed);
+        Some(Some(out))
+    }
+
+    fn load_if_changed(&mut self, dirs: &[PathBuf], want: FileKind, touched: Option<&BTreeSet<PathBuf>>) -> Option<Parsed> {
+        if let Some(r) = touched.and_then(|t| self.load_touched(dirs, want, t)) {
+            return r;
+        }
         let kind = match want {
             FileKind::Policy => 0,
             FileKind::Registry => 1,
         };
         let listing = self.list(dirs, want);
+        self.listed[kind] = Self::listed_of(dirs, &listing);
         // Every file listed, stat'ed, and a kept parse with that identity.
         let now: Option<Vec<(PathBuf, FileId)>> = listing
             .iter()
@@ -149,26 +263,29 @@ impl LoadCache {
                     .flatten()
                     .map(|(f, id)| {
                         let id = (*id)?;
-                        matches!(self.files.get(f), Some((c, _)) if *c == id).then(|| (f.clone(), id))
+                        matches!(self.files.get(f), Some((c, p)) if *c == id && p.settled).then(|| (f.clone(), id))
                     })
                     .collect()
             });
         if let (Some(now), Some(seen)) = (&now, &self.seen[kind]) {
             if seen.ok && seen.dirs == dirs && seen.files == *now {
                 self.last_parsed = 0;
+                if let Some(l) = self.listed[kind].as_mut() {
+                    l.ok = true;
+                }
                 return None;
             }
         }
         let snapshot: Option<Vec<(PathBuf, Option<FileId>)>> =
             listing.iter().map(|d| d.as_ref().ok().cloned()).collect::<Option<Vec<_>>>().map(|v| v.concat());
-        let out = self.load_listed(dirs, listing, want);
+        let out = self.load_listed(dirs, listing, want, None);
         // Only a load made entirely of kept parses can be recognised later (the
         // caller records whether it was valid).
         let files: Option<Vec<(PathBuf, FileId)>> = snapshot.and_then(|fs| {
             fs.into_iter()
                 .map(|(f, id)| {
                     let id = id?;
-                    matches!(self.files.get(&f), Some((c, _)) if *c == id).then_some((f, id))
+                    matches!(self.files.get(&f), Some((c, p)) if *c == id && p.settled).then_some((f, id))
                 })
                 .collect()
         });
@@ -177,17 +294,43 @@ impl LoadCache {
     }
 
     pub fn policies(&mut self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
-        self.load(std::slice::from_ref(&dir.to_path_buf()), FileKind::Policy).into_policy_set()
+        let r = self.load(std::slice::from_ref(&dir.to_path_buf()), FileKind::Policy).into_policy_set();
+        self.record_ok(0, r.is_ok());
+        r
     }
 
     pub fn registry(&mut self, dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
-        self.load(dirs, FileKind::Registry).into_registry_set()
+        let r = self.load(dirs, FileKind::Registry).into_registry_set();
+        self.record_ok(1, r.is_ok());
+        r
     }
 
     /// `api::load::load_dirs`, reusing the parse of unchanged files.
     fn load(&mut self, dirs: &[PathBuf], want: FileKind) -> Parsed {
         let listing = self.list(dirs, want);
-        self.load_listed(dirs, listing, want)
+        let kind = match want {
+            FileKind::Policy => 0,
+            FileKind::Registry => 1,
+        };
+        self.listed[kind] = Self::listed_of(dirs, &listing);
+        self.load_listed(dirs, listing, want, None)
+    }
+
+    /// The listing to start loads given the touched files from (`None` when a
+    /// directory could not be listed).
+    fn listed_of(dirs: &[PathBuf], listing: &Listing) -> Option<Listed> {
+        let mut files = Vec::new();
+        let mut links = HashSet::new();
+        for d in listing {
+            let d = d.as_ref().ok()?;
+            for (f, _) in d {
+                if std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()) {
+                    links.insert(f.clone());
+                }
+            }
+            files.push(d.iter().map(|(f, _)| f.clone()).collect());
+        }
+        Some(Listed { dirs: dirs.to_vec(), files, links, ok: false })
     }
 
     /// Each directory's files with their identity now (`None`: cannot stat).
@@ -213,11 +356,16 @@ impl LoadCache {
             .collect()
     }
 
+    /// Assemble the parse of the listed files. With `reread`, the listing came
+    /// from the touched files: those in `reread` are read again and the others
+    /// keep their parse unseen (no stat); without it, a kept parse is used only
+    /// when its file's identity is unchanged and it was settled when read.
     fn load_listed(
         &mut self,
         dirs: &[PathBuf],
         listing: Listing,
         want: FileKind,
+        reread: Option<&HashSet<PathBuf>>,
     ) -> Parsed {
         let mut out = Parsed::default();
         let mut parsed = 0;
@@ -232,12 +380,19 @@ impl LoadCache {
             };
             for (f, id) in files {
                 live.insert(f.clone());
-                if let (Some(id), Some((cached, piece))) = (id, self.files.get(&f)) {
-                    if *cached == id {
-                        piece.append_to(&mut out);
-                        continue;
-                    }
+                let kept = match (reread, id, self.files.get(&f)) {
+                    (Some(again), _, Some((_, piece))) if !again.contains(&f) => Some(piece),
+                    (None, Some(id), Some((cached, piece))) if *cached == id && piece.settled => Some(piece),
+                    _ => None,
+                };
+                if let Some(piece) = kept {
+                    piece.append_to(&mut out);
+                    continue;
                 }
+                let id = match reread {
+                    Some(_) => FileId::of(&f),
+                    None => id,
+                };
                 let read_at = SystemTime::now();
                 let mut piece = Piece::default();
                 match load::read_file_with(&f, &self.opts) {
@@ -249,10 +404,13 @@ impl LoadCache {
                 }
                 parsed += 1;
                 piece.append_to(&mut out);
-                // Only a file that did not change while it was read, and whose
-                // timestamps tell it apart from a later write, is kept.
+                // Only a file that did not change while it was read is kept; a
+                // full look uses it again only if its timestamps also tell it
+                // apart from a later write (loads given the touched files rely on
+                // the events instead).
                 match (id, FileId::of(&f)) {
-                    (Some(before), Some(after)) if before == after && after.settled(read_at, self.settled) => {
+                    (Some(before), Some(after)) if before == after => {
+                        piece.settled = after.settled(read_at, self.settled);
                         self.files.insert(f, (after, piece));
                     }
                     _ => {
@@ -329,6 +487,62 @@ mod tests {
         std::fs::write(d.join("c.yaml"), POLICY.replace("NAME", "c")).unwrap();
         assert!(fresh.policies_if_changed(d).is_some());
         assert!(fresh.policies_if_changed(d).is_some());
+    }
+
+    #[test]
+    fn touched_files_are_read_again_and_the_others_kept_unseen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for n in ["a", "b"] {
+            std::fs::write(d.join(format!("{n}.yaml")), POLICY.replace("NAME", n)).unwrap();
+        }
+        let mut c = LoadCache::default();
+        let none = BTreeSet::new();
+        let only = |p: &str| BTreeSet::from([d.join(p)]);
+        assert!(c.policies_if_touched(d, None).unwrap().is_ok());
+        assert!(c.policies_if_touched(d, Some(&none)).is_none(), "nothing named: nothing changed");
+        assert_eq!(c.last_parsed, 0);
+        // A touched file is read again even when written within the same tick.
+        std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "a")).unwrap();
+        let r = c.policies_if_touched(d, Some(&only("b.yaml"))).unwrap();
+        assert_eq!(c.last_parsed, 1);
+        assert!(r.is_err(), "duplicate name");
+        assert_eq!(r, crate::api::load_policy_dir(d));
+        // After an invalid load, everything is looked at again.
+        std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b")).unwrap();
+        assert_eq!(c.policies_if_touched(d, Some(&none)).unwrap(), crate::api::load_policy_dir(d));
+        // New and removed files.
+        std::fs::write(d.join("c.yaml"), POLICY.replace("NAME", "c")).unwrap();
+        std::fs::remove_file(d.join("a.yaml")).unwrap();
+        let touched = BTreeSet::from([d.join("c.yaml"), d.join("a.yaml"), d.join("elsewhere/x.yaml")]);
+        let r = c.policies_if_touched(d, Some(&touched)).unwrap();
+        assert_eq!(c.last_parsed, 1, "only c.yaml is read");
+        assert_eq!(r, crate::api::load_policy_dir(d));
+        assert_eq!(r.unwrap().policies.len(), 2);
+        // A change no event named is not seen until a full look.
+        std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b2")).unwrap();
+        assert!(c.policies_if_touched(d, Some(&none)).is_none());
+        let r = c.policies_if_touched(d, None).unwrap();
+        assert_eq!(r, crate::api::load_policy_dir(d));
+        assert!(r.unwrap().policies.iter().any(|p| p.origin.name == "b2"));
+    }
+
+    #[test]
+    fn symlinked_files_are_read_again_without_events() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("netpol.d");
+        std::fs::create_dir(&d).unwrap();
+        let target = tmp.path().join("real.yaml");
+        std::fs::write(&target, POLICY.replace("NAME", "one")).unwrap();
+        std::os::unix::fs::symlink(&target, d.join("l.yaml")).unwrap();
+        std::fs::write(d.join("a.yaml"), POLICY.replace("NAME", "a")).unwrap();
+        let mut c = LoadCache::default();
+        assert!(c.policies_if_touched(&d, None).unwrap().is_ok());
+        std::fs::write(&target, POLICY.replace("NAME", "two")).unwrap();
+        let r = c.policies_if_touched(&d, Some(&BTreeSet::new())).unwrap();
+        assert_eq!(c.last_parsed, 1, "the symlink only");
+        assert_eq!(r, crate::api::load_policy_dir(&d));
+        assert!(r.unwrap().policies.iter().any(|p| p.origin.name == "two"));
     }
 
     #[test]

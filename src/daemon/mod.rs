@@ -20,6 +20,7 @@ pub mod sdnotify;
 pub mod server;
 pub mod status;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +37,7 @@ use crate::datapath::{Attachment, Datapath, VerdictEvent};
 use crate::netlink::{LinkTable, Links, NetlinkError};
 use crate::policy::compile::{CompileError, CompileOptions};
 use crate::policy::types::{Compiled, Direction};
-use crate::watch::{Debouncer, DirWatcher, WatchError, WatchEvent};
+use crate::watch::{Debouncer, DirWatcher, FileChange, WatchError, WatchEvent};
 
 use lastgood::{Kind, LastGood};
 use sdnotify::Notifier;
@@ -192,6 +193,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         events_tx,
         links: link_rx.borrow_and_update().clone(),
         links_changed: true,
+        touched: None,
         policies: None,
         registry: None,
         saved_policies: None,
@@ -231,6 +233,7 @@ pub async fn run_with<D: Datapath, L: Links>(
                 if ev == WatchEvent::Rescan {
                     slog::info!(d.log, "file events were lost; rescanning");
                 }
+                d.note_touched(&ev);
                 d.debouncer.event(std::time::Instant::now(), &ev);
                 continue;
             }
@@ -279,8 +282,11 @@ pub async fn run_with<D: Datapath, L: Links>(
             d.notifier.reloading();
         }
         d.debouncer.fired(std::time::Instant::now());
-        // Every reconcile is a full read: the safety net restarts from here.
-        next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
+        // A full read restarts the safety net's period (a file change reads only
+        // the files its events named).
+        if cause != "change" || d.touched.is_none() {
+            next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
+        }
         d.reconcile(cause);
         if cause == "reload" {
             let line = d.status_line();
@@ -337,6 +343,10 @@ struct Reconciler<D> {
     debouncer: Debouncer,
     resync: Duration,
     links: LinkTable,
+    /// The files watch events named since the last reconcile; `None` when an
+    /// event did not name one (or events were lost): the next read looks at
+    /// every file.
+    touched: Option<BTreeSet<PathBuf>>,
     /// The link table changed since attachments were last checked.
     links_changed: bool,
     policies: Option<Input<PolicySet>>,
@@ -370,9 +380,29 @@ const SAVE_DELAY: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// At most this many touched files are remembered; more is a full read.
+const MAX_TOUCHED: usize = 4096;
+
 impl<D: Datapath> Reconciler<D> {
+    fn note_touched(&mut self, ev: &WatchEvent) {
+        match ev {
+            WatchEvent::File(FileChange::Writing(p) | FileChange::Written(p) | FileChange::Gone(p)) => {
+                if let Some(t) = self.touched.as_mut() {
+                    t.insert(p.clone());
+                    if t.len() > MAX_TOUCHED {
+                        self.touched = None;
+                    }
+                }
+            }
+            WatchEvent::Changed | WatchEvent::Rescan => self.touched = None,
+        }
+    }
+
     fn reconcile(&mut self, cause: &str) {
         let t0 = std::time::Instant::now();
+        // A file change reads only the files the events named; every other
+        // trigger (start, reload, resync, retry, lost events) reads everything.
+        let touched = std::mem::replace(&mut self.touched, Some(BTreeSet::new())).filter(|_| cause == "change");
         if let Err(e) = self.watcher.refresh() {
             slog::warn!(self.log, "cannot watch a directory; relying on the periodic resync"; "error" => %e);
         }
@@ -381,7 +411,7 @@ impl<D: Datapath> Reconciler<D> {
         // (no clone, no cross-file checks).
         let keep_policies = self.policies.as_ref().is_some_and(|p| !p.from_last_good);
         let policies = match self.pipeline.loader {
-            Loader::Parser => match self.cache.policies_if_changed(&self.config.policy_dir) {
+            Loader::Parser => match self.cache.policies_if_touched(&self.config.policy_dir, touched.as_ref()) {
                 None if keep_policies => None,
                 None => Some(self.cache.policies(&self.config.policy_dir)),
                 r => r,
@@ -401,7 +431,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         let keep_registry = self.registry.as_ref().is_some_and(|r| !r.from_last_good);
         let registry = match self.pipeline.loader {
-            Loader::Parser => match self.cache.registry_if_changed(&self.config.endpoint_dirs) {
+            Loader::Parser => match self.cache.registry_if_touched(&self.config.endpoint_dirs, touched.as_ref()) {
                 None if keep_registry => None,
                 None => Some(self.cache.registry(&self.config.endpoint_dirs)),
                 r => r,
