@@ -17,9 +17,11 @@ use crate::labels;
 #[derive(Debug, Clone)]
 pub struct ResolvedEndpoint<'a> {
     pub def: &'a EndpointDef,
+    /// Where `def` is in the registry's `endpoints`.
+    pub index: usize,
     /// Workloads: the identity labels (own + namespace + cluster labels, sorted).
     /// HostEndpoints: their own labels, matched by `nodeSelector`.
-    pub labels: Vec<Label>,
+    pub labels: std::sync::Arc<[Label]>,
     /// The endpoint lives on this host (`node` absent or equal to the node name).
     pub this_node: bool,
     /// Enforced here: on this host and it names an interface.
@@ -57,14 +59,14 @@ pub fn namespace_of(def: &EndpointDef) -> &str {
 /// host endpoints, each sorted by namespace, name and origin.
 pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoint<'a>> {
     let namespaces: HashMap<&str, &NamespaceDef> = reg.namespaces.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut defs: Vec<&EndpointDef> = reg.endpoints.iter().collect();
-    defs.sort_by(|a, b| {
+    let mut defs: Vec<(usize, &EndpointDef)> = reg.endpoints.iter().enumerate().collect();
+    defs.sort_by(|(_, a), (_, b)| {
         let ka = (a.kind == EndpointKind::Host, namespace_of(a), &a.name, &a.origin);
         let kb = (b.kind == EndpointKind::Host, namespace_of(b), &b.name, &b.origin);
         ka.cmp(&kb)
     });
     defs.into_iter()
-        .map(|def| {
+        .map(|(index, def)| {
             let this_node = is_this_node(&def.node, node_name);
             let labels = match def.kind {
                 EndpointKind::Workload => {
@@ -78,7 +80,7 @@ pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoin
                     l
                 }
             };
-            ResolvedEndpoint { def, labels, this_node, local: this_node && def.interface.is_some() }
+            ResolvedEndpoint { def, index, labels: labels.into(), this_node, local: this_node && def.interface.is_some() }
         })
         .collect()
 }

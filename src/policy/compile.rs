@@ -14,7 +14,9 @@
 //! Performance: endpoints are grouped by the list of rules selecting them (and
 //! their named ports), and the entries of a group are computed once and stamped
 //! per endpoint; selectors are evaluated once each over the identities, through an
-//! index of `(key, value)` → identities.
+//! index of `(key, value)` → identities. The registry's share (resolution and
+//! identity numbering) is kept between calls while the registry and node name
+//! stay equal (see `RegistryPart`).
 //!
 //! Decisions (documented for users in the policy reference):
 //! - Workload identities come from the label set only (`crate::identity`).
@@ -279,22 +281,17 @@ impl<'a> SelectorIndex<'a> {
         if let Some(r) = self.memo.get(&(sel as *const Selector)) {
             return r.clone();
         }
-        // The smallest candidate set among the `In` requirements.
-        let mut best: Option<Vec<u32>> = None;
-        for req in &sel.requirements {
-            if req.op != Op::In {
-                continue;
-            }
-            let mut cand: Vec<u32> = Vec::new();
-            for v in &req.values {
-                if let Some(p) = self.by_kv.get(&(req.key.key.as_str(), v.as_str())) {
-                    cand.extend_from_slice(p);
-                }
-            }
-            if best.as_ref().is_none_or(|b| cand.len() < b.len()) {
-                best = Some(cand);
-            }
-        }
+        // The smallest candidate set among the `In` requirements (sized before
+        // any is gathered: a namespace requirement names nearly every identity).
+        let postings = |req: &'a crate::api::model::Requirement| {
+            req.values.iter().filter_map(|v| self.by_kv.get(&(req.key.key.as_str(), v.as_str())))
+        };
+        let smallest = sel
+            .requirements
+            .iter()
+            .filter(|r| r.op == Op::In)
+            .min_by_key(|r| postings(r).map(Vec::len).sum::<usize>());
+        let best: Option<Vec<u32>> = smallest.map(|req| postings(req).flatten().copied().collect());
         let mut out: Vec<Identity> = match best {
             Some(mut cand) => {
                 cand.sort_unstable();
@@ -529,7 +526,7 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
 /// limit's worth of entries in time and memory.
 pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Result<Compiled, CompileError> {
     let limits = opts.limits;
-    let resolved: Vec<ResolvedEndpoint<'_>> = registry::resolve(registry, &opts.node_name);
+    let (resolved, ep_ids) = registry_part(registry, &opts.node_name);
 
     // --- rules and items, in policy order: an item's index is its rule ref.
     let mut rule_refs: Vec<RuleRef> = Vec::new();
@@ -589,23 +586,6 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     };
 
     // --- identities.
-    // Each workload's canonical label text, computed once.
-    let texts: Vec<String> = resolved
-        .iter()
-        .map(|r| if r.def.kind == EndpointKind::Workload { labels::canonical(&r.labels) } else { String::new() })
-        .collect();
-    let wl_map = identity::allocate_workload_texts(
-        resolved.iter().zip(&texts).filter(|(r, _)| r.def.kind == EndpointKind::Workload).map(|(_, t)| t.as_str()),
-    );
-    let ep_ids: Vec<Identity> = resolved
-        .iter()
-        .zip(&texts)
-        .map(|(r, text)| match r.def.kind {
-            EndpointKind::Workload => wl_map[text],
-            EndpointKind::Host if r.this_node => identity::HOST,
-            EndpointKind::Host => identity::REMOTE_NODE,
-        })
-        .collect();
     check_ipcache(&items, &cidr_prefixes, registry, opts)?;
     let cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
 
@@ -614,7 +594,7 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     let mut wl_labels: BTreeMap<Identity, &[Label]> = BTreeMap::new();
     for (r, id) in resolved.iter().zip(&ep_ids) {
         if r.def.kind == EndpointKind::Workload {
-            wl_labels.entry(*id).or_insert(r.labels.as_slice());
+            wl_labels.entry(*id).or_insert(&r.labels[..]);
         }
     }
     let cidr_labels: Vec<(Identity, Vec<Label>)> = cidr_ids.iter().map(|(n, id)| (*id, identity::cidr_labels(n))).collect();
@@ -775,6 +755,72 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
 /// The entries of one group of endpoints. `Err(item)` when they would exceed
 /// `limit`: the item being expanded then, or the one with the most entries.
 #[allow(clippy::too_many_arguments)]
+/// The registry's share of a compile: each endpoint resolved for this node, in
+/// slot order, and its identity. It depends only on the registry and the node
+/// name, and the daemon compiles again on every policy change while the
+/// registry rarely changes, so the last one is kept (per thread) and used again
+/// while both are equal; the result is the same as computing it anew.
+struct RegistryPart {
+    registry: RegistrySet,
+    node_name: String,
+    /// (index in `registry.endpoints`, labels, this node, local) in slot order.
+    eps: Vec<(usize, std::sync::Arc<[Label]>, bool, bool)>,
+    ids: Vec<Identity>,
+}
+
+thread_local! {
+    static REGISTRY_PART: std::cell::RefCell<Option<Rc<RegistryPart>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn registry_part<'a>(registry: &'a RegistrySet, node_name: &str) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
+    let kept = REGISTRY_PART
+        .with(|k| k.borrow().clone())
+        .filter(|p| p.node_name == node_name && p.registry == *registry);
+    let part = match kept {
+        Some(p) => p,
+        None => {
+            let resolved = registry::resolve(registry, node_name);
+            // Each workload's canonical label text, computed once.
+            let texts: Vec<String> = resolved
+                .iter()
+                .map(|r| if r.def.kind == EndpointKind::Workload { labels::canonical(&r.labels) } else { String::new() })
+                .collect();
+            let wl_map = identity::allocate_workload_texts(
+                resolved.iter().zip(&texts).filter(|(r, _)| r.def.kind == EndpointKind::Workload).map(|(_, t)| t.as_str()),
+            );
+            let ids = resolved
+                .iter()
+                .zip(&texts)
+                .map(|(r, text)| match r.def.kind {
+                    EndpointKind::Workload => wl_map[text],
+                    EndpointKind::Host if r.this_node => identity::HOST,
+                    EndpointKind::Host => identity::REMOTE_NODE,
+                })
+                .collect();
+            let p = Rc::new(RegistryPart {
+                registry: registry.clone(),
+                node_name: node_name.to_string(),
+                eps: resolved.iter().map(|r| (r.index, r.labels.clone(), r.this_node, r.local)).collect(),
+                ids,
+            });
+            REGISTRY_PART.with(|k| *k.borrow_mut() = Some(p.clone()));
+            p
+        }
+    };
+    let resolved = part
+        .eps
+        .iter()
+        .map(|(index, labels, this_node, local)| ResolvedEndpoint {
+            def: &registry.endpoints[*index],
+            index: *index,
+            labels: labels.clone(),
+            this_node: *this_node,
+            local: *local,
+        })
+        .collect();
+    (resolved, part.ids.clone())
+}
+
 fn build_template(
     ctx: &mut Ctx<'_>,
     rules: &[RuleInfo<'_>],
