@@ -207,8 +207,7 @@ impl LoadCache {
             self.last_parsed = 0;
             return Some(None);
         }
-        let mut listed = prev.clone();
-        let mut reread: HashSet<PathBuf> = listed.links.clone();
+        let mut listed = self.listed[kind].take().expect("checked above");
         for (di, p) in mine {
             let list = &mut listed.files[di];
             match std::fs::symlink_metadata(p) {
@@ -221,22 +220,36 @@ impl LoadCache {
                     } else {
                         listed.links.remove(p);
                     }
-                    reread.insert(p.clone());
                 }
                 Err(_) => {
                     if let Ok(i) = list.binary_search(p) {
                         list.remove(i);
                     }
                     listed.links.remove(p);
+                    self.files.remove(p);
                 }
             }
         }
-        let listing: Listing = listed
-            .files
-            .iter()
-            .map(|fs| Ok(fs.iter().map(|f| (f.clone(), None)).collect()))
-            .collect();
-        let out = self.load_listed(dirs, listing, want, Some(&reread));
+        // Every listed file from its kept parse, except the touched ones and
+        // symlinks (read again) and any without one.
+        let mut out = Parsed::default();
+        let mut parsed = 0;
+        for f in listed.files.iter().flatten() {
+            if !touched.contains(f) && !listed.links.contains(f) {
+                if let Some((_, piece)) = self.files.get(f) {
+                    piece.append_to(&mut out);
+                    continue;
+                }
+            }
+            let id = FileId::of(f);
+            self.read_into(f, id, want, &mut out);
+            parsed += 1;
+        }
+        self.last_parsed = parsed;
+        match want {
+            FileKind::Policy => load::check_policies(&mut out),
+            FileKind::Registry => load::check_registry(&mut out),
+        }
         // Symlinks are read again every time: without a change there is nothing to report.
         self.seen[kind] = None;
         self.listed[kind] = Some(listed);
@@ -278,7 +291,7 @@ impl LoadCache {
         }
         let snapshot: Option<Vec<(PathBuf, Option<FileId>)>> =
             listing.iter().map(|d| d.as_ref().ok().cloned()).collect::<Option<Vec<_>>>().map(|v| v.concat());
-        let out = self.load_listed(dirs, listing, want, None);
+        let out = self.load_listed(dirs, listing, want);
         // Only a load made entirely of kept parses can be recognised later (the
         // caller records whether it was valid).
         let files: Option<Vec<(PathBuf, FileId)>> = snapshot.and_then(|fs| {
@@ -313,7 +326,7 @@ impl LoadCache {
             FileKind::Registry => 1,
         };
         self.listed[kind] = Self::listed_of(dirs, &listing);
-        self.load_listed(dirs, listing, want, None)
+        self.load_listed(dirs, listing, want)
     }
 
     /// The listing to start loads given the touched files from (`None` when a
@@ -360,13 +373,7 @@ impl LoadCache {
     /// from the touched files: those in `reread` are read again and the others
     /// keep their parse unseen (no stat); without it, a kept parse is used only
     /// when its file's identity is unchanged and it was settled when read.
-    fn load_listed(
-        &mut self,
-        dirs: &[PathBuf],
-        listing: Listing,
-        want: FileKind,
-        reread: Option<&HashSet<PathBuf>>,
-    ) -> Parsed {
+    fn load_listed(&mut self, dirs: &[PathBuf], listing: Listing, want: FileKind) -> Parsed {
         let mut out = Parsed::default();
         let mut parsed = 0;
         let mut live = std::collections::HashSet::new();
@@ -380,43 +387,14 @@ impl LoadCache {
             };
             for (f, id) in files {
                 live.insert(f.clone());
-                let kept = match (reread, id, self.files.get(&f)) {
-                    (Some(again), _, Some((_, piece))) if !again.contains(&f) => Some(piece),
-                    (None, Some(id), Some((cached, piece))) if *cached == id && piece.settled => Some(piece),
-                    _ => None,
-                };
-                if let Some(piece) = kept {
-                    piece.append_to(&mut out);
-                    continue;
-                }
-                let id = match reread {
-                    Some(_) => FileId::of(&f),
-                    None => id,
-                };
-                let read_at = SystemTime::now();
-                let mut piece = Piece::default();
-                match load::read_file_with(&f, &self.opts) {
-                    Ok(text) => load::parse_text(&f, &text, want, &mut piece.parsed),
-                    Err(ps) => {
-                        piece.parsed.files.push(f.clone());
-                        piece.parsed.problems.extend(ps);
+                if let (Some(id), Some((cached, piece))) = (id, self.files.get(&f)) {
+                    if *cached == id && piece.settled {
+                        piece.append_to(&mut out);
+                        continue;
                     }
                 }
+                self.read_into(&f, id, want, &mut out);
                 parsed += 1;
-                piece.append_to(&mut out);
-                // Only a file that did not change while it was read is kept; a
-                // full look uses it again only if its timestamps also tell it
-                // apart from a later write (loads given the touched files rely on
-                // the events instead).
-                match (id, FileId::of(&f)) {
-                    (Some(before), Some(after)) if before == after => {
-                        piece.settled = after.settled(read_at, self.settled);
-                        self.files.insert(f, (after, piece));
-                    }
-                    _ => {
-                        self.files.remove(&f);
-                    }
-                }
             }
         }
         // Forget files that are gone (of this kind: the same cache serves both).
@@ -428,6 +406,33 @@ impl LoadCache {
             FileKind::Registry => load::check_registry(&mut out),
         }
         out
+    }
+
+    /// Read and parse `f` (whose identity was `id` before), add it to `out`,
+    /// and keep its parse when the file did not change while it was read.
+    fn read_into(&mut self, f: &Path, id: Option<FileId>, want: FileKind, out: &mut Parsed) {
+        let read_at = SystemTime::now();
+        let mut piece = Piece::default();
+        match load::read_file_with(f, &self.opts) {
+            Ok(text) => load::parse_text(f, &text, want, &mut piece.parsed),
+            Err(ps) => {
+                piece.parsed.files.push(f.to_path_buf());
+                piece.parsed.problems.extend(ps);
+            }
+        }
+        piece.append_to(out);
+        // A full look uses a kept parse again only if the file's timestamps also
+        // tell it apart from a later write (loads given the touched files rely
+        // on the events instead).
+        match (id, FileId::of(f)) {
+            (Some(before), Some(after)) if before == after => {
+                piece.settled = after.settled(read_at, self.settled);
+                self.files.insert(f.to_path_buf(), (after, piece));
+            }
+            _ => {
+                self.files.remove(f);
+            }
+        }
     }
 }
 

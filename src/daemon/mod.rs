@@ -198,6 +198,8 @@ pub async fn run_with<D: Datapath, L: Links>(
         registry: None,
         saved_policies: None,
         fitting_policies: None,
+        policies_fit: false,
+        retired: Vec::new(),
         saved_registry: None,
         installed: None,
         problems: Vec::new(),
@@ -288,6 +290,7 @@ pub async fn run_with<D: Datapath, L: Links>(
             next_resync = (d.resync > Duration::ZERO).then(|| Instant::now() + d.resync);
         }
         d.reconcile(cause);
+        d.retired.clear();
         if cause == "reload" {
             let line = d.status_line();
             if d.ready {
@@ -356,6 +359,11 @@ struct Reconciler<D> {
     /// The last policy set that compiled within the map sizes: in force while a
     /// newer one is refused for not fitting.
     fitting_policies: Option<PolicySet>,
+    /// The policy set in `policies` compiled within the map sizes.
+    policies_fit: bool,
+    /// Sets replaced during a reconcile, dropped after it (freeing thousands of
+    /// policies is not on the way to enforcement).
+    retired: Vec<Box<dyn std::any::Any + Send>>,
     saved_registry: Option<RegistrySet>,
     /// The state and attachments the datapath holds.
     installed: Option<(Compiled, Vec<Attachment>)>,
@@ -398,6 +406,20 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
+    /// A policy set replaced by a newer one: kept as the last that fit when it
+    /// did (and nothing older is kept), else dropped after the reconcile.
+    fn retire_policies(&mut self, old: Option<PolicySet>) {
+        let Some(old) = old else { return };
+        if self.policies_fit {
+            if let Some(older) = self.fitting_policies.replace(old) {
+                self.retired.push(Box::new(older));
+            }
+        } else {
+            self.retired.push(Box::new(old));
+        }
+        self.policies_fit = false;
+    }
+
     fn reconcile(&mut self, cause: &str) {
         let t0 = std::time::Instant::now();
         // A file change reads only the files the events named; every other
@@ -421,11 +443,15 @@ impl<D: Datapath> Reconciler<D> {
         let parsed = self.cache.last_parsed;
         match policies {
             None => {}
-            Some(Ok(set)) => self.policies = Some(Input { set, from_last_good: false }),
+            Some(Ok(set)) => {
+                let old = self.policies.replace(Input { set, from_last_good: false });
+                self.retire_policies(old.map(|i| i.set));
+            }
             Some(Err(p)) => {
                 problems.extend(p);
                 if self.policies.is_none() {
                     self.policies = self.load_last_good_policies();
+                    self.policies_fit = false;
                 }
             }
         }
@@ -441,7 +467,11 @@ impl<D: Datapath> Reconciler<D> {
         let parsed = parsed + self.cache.last_parsed;
         match registry {
             None => {}
-            Some(Ok(set)) => self.registry = Some(Input { set, from_last_good: false }),
+            Some(Ok(set)) => {
+                if let Some(old) = self.registry.replace(Input { set, from_last_good: false }) {
+                    self.retired.push(Box::new(old.set));
+                }
+            }
             Some(Err(p)) => {
                 problems.extend(p);
                 if self.registry.is_none() {
@@ -475,16 +505,21 @@ impl<D: Datapath> Reconciler<D> {
             self.problems.push((*e.problem).clone());
             self.problems.sort();
             self.save_at = None;
-            if self.fitting_policies.is_none() {
+            // The set in place fit before (the registry or host grew): there is
+            // no other set to fall back to.
+            if self.fitting_policies.is_none() && !self.policies_fit {
                 self.fitting_policies = self.load_last_good_policies().map(|i| i.set);
             }
-            if let Some(old) = self.fitting_policies.as_ref().filter(|old| **old != pol.set) {
+            if let Some(old) = self.fitting_policies.as_ref().filter(|_| !self.policies_fit) {
                 if let Ok(c) = (self.pipeline.compile)(old, &reg.set, &self.copts) {
                     (compiled, n_policies) = (Ok(c), old.policies.len());
                 }
             }
-        } else if self.fitting_policies.as_ref() != Some(&pol.set) {
-            self.fitting_policies = Some(pol.set.clone());
+        } else {
+            self.policies_fit = true;
+            if let Some(old) = self.fitting_policies.take() {
+                self.retired.push(Box::new(old));
+            }
         }
         let compile = t1.elapsed();
         self.log_problems();

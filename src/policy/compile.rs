@@ -589,31 +589,23 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     check_ipcache(&items, &cidr_prefixes, registry, opts)?;
     let cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
 
-    let reserved_labels: Vec<(Identity, Vec<Label>)> =
-        identity::RESERVED.iter().map(|(id, n)| (*id, labels::reserved_labels(n))).collect();
-    let mut wl_labels: BTreeMap<Identity, &[Label]> = BTreeMap::new();
+    // Every identity's labels, shared (not copied) into the output.
+    let mut id_labels: BTreeMap<Identity, std::sync::Arc<[Label]>> =
+        identity::RESERVED.iter().map(|(id, n)| (*id, labels::reserved_labels(n).into())).collect();
+    let mut workload_ids: Vec<Identity> = Vec::new();
     for (r, id) in resolved.iter().zip(&ep_ids) {
-        if r.def.kind == EndpointKind::Workload {
-            wl_labels.entry(*id).or_insert(&r.labels[..]);
+        if r.def.kind == EndpointKind::Workload && !id_labels.contains_key(id) {
+            id_labels.insert(*id, r.labels.clone());
+            workload_ids.push(*id);
         }
     }
-    let cidr_labels: Vec<(Identity, Vec<Label>)> = cidr_ids.iter().map(|(n, id)| (*id, identity::cidr_labels(n))).collect();
-
-    let mut identities: Vec<IdentityInfo> = Vec::new();
-    let mut sel_ids: Vec<(Identity, &[Label])> = Vec::new();
-    for (id, ls) in &reserved_labels {
-        sel_ids.push((*id, ls.as_slice()));
+    workload_ids.sort_unstable();
+    for (n, id) in &cidr_ids {
+        id_labels.insert(*id, identity::cidr_labels(n).into());
     }
-    for (id, ls) in &wl_labels {
-        sel_ids.push((*id, ls));
-    }
-    for (id, ls) in &cidr_labels {
-        sel_ids.push((*id, ls.as_slice()));
-    }
-    sel_ids.sort_by_key(|(id, _)| *id);
-    for (id, ls) in &sel_ids {
-        identities.push(IdentityInfo { id: *id, labels: ls.to_vec() });
-    }
+    let sel_ids: Vec<(Identity, &[Label])> = id_labels.iter().map(|(id, ls)| (*id, &ls[..])).collect();
+    let identities: Vec<IdentityInfo> =
+        id_labels.iter().map(|(id, ls)| IdentityInfo { id: *id, labels: ls.clone() }).collect();
 
     // --- ipcache: priority endpoint > host address > node > CIDR > /0.
     let mut ipc: BTreeMap<IpNet, (u8, Identity, Option<u32>)> = BTreeMap::new();
@@ -664,7 +656,7 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
         items,
         index: SelectorIndex::new(sel_ids.clone()),
         cidr_ids,
-        workload_ids: wl_labels.keys().copied().collect(),
+        workload_ids,
         workload_addrs,
         ports_by_id,
         all_ports,

@@ -46,7 +46,8 @@ pub mod proto {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IdentityInfo {
     pub id: Identity,
-    pub labels: Vec<Label>,
+    /// Shared with the registry's resolution (see `compile`).
+    pub labels: std::sync::Arc<[Label]>,
 }
 
 /// Address → identity, longest prefix wins; an address matching nothing is world.
