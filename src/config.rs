@@ -34,7 +34,8 @@ pub struct Config {
     pub audit: bool,
     pub allow_localhost: AllowLocalhost,
     /// Quiet time after the last file event before a reconcile, for a burst; a
-    /// single change waits a fifth of it (see `watch::Debouncer`).
+    /// single change waits a fifth of it, or 1 ms when its files are complete
+    /// (renamed into place or closed after writing; see `watch::Debouncer`).
     pub debounce_ms: u64,
     /// Full re-read even without events (safety net for a missed event); 0 = never.
     pub resync_interval_s: u64,

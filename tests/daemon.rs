@@ -743,6 +743,46 @@ async fn seed_scenario_through_the_real_parser_and_core() {
     });
 }
 
+/// How files are saved, through the real parser: written aside and renamed into
+/// place, replaced the way vim does (the old file moved away, a new one written),
+/// and rewritten where inotify cannot see it (through a hard link elsewhere),
+/// which a file event does not pick up (it reads only the files its events
+/// name) but a reload does.
+#[tokio::test]
+async fn saves_by_rename_or_replacement_are_applied_and_unseen_writes_wait_for_a_full_read() {
+    let cnp = |name: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{}}\n  ingress: [{{}}]\n")
+    };
+    let dirs = Dirs::new();
+    write(&dirs.pol("a.yaml"), &cnp("a"));
+    let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), SharedDp::default());
+    run_daemon!(fut, async {
+        d.wait_for("ready", |s, dp| s.ready && dp.policies() == ["default/a"]).await;
+        // Staged under a name netpol never reads, then renamed into place.
+        write(&dirs.pol(".b.yaml.new"), &cnp("b"));
+        std::fs::rename(dirs.pol(".b.yaml.new"), dirs.pol("b.yaml")).unwrap();
+        d.wait_for("b", |_, dp| dp.policies() == ["default/a", "default/b"]).await;
+        // vim without backupcopy: move the old file away, write the new one, drop the backup.
+        std::fs::rename(dirs.pol("a.yaml"), dirs.pol("a.yaml~")).unwrap();
+        write(&dirs.pol("a.yaml"), &cnp("a2"));
+        std::fs::remove_file(dirs.pol("a.yaml~")).unwrap();
+        d.wait_for("a2", |_, dp| dp.policies() == ["default/a2", "default/b"]).await;
+        // A write inotify does not see, then one it does: only the named file is read.
+        write_unseen(&dirs, &dirs.pol("a.yaml"), &cnp("a3"));
+        write(&dirs.pol("c.yaml"), &cnp("c"));
+        let s = d.wait_for("c", |_, dp| dp.policies().len() == 3).await;
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(d.dp.policies(), ["default/a2", "default/b", "default/c"]);
+        // A reload reads every file.
+        d.reload.send(()).unwrap();
+        d.wait_for("a3 after the reload", |_, dp| dp.policies() == ["default/a3", "default/b", "default/c"]).await;
+        // Removal.
+        std::fs::remove_file(dirs.pol("b.yaml")).unwrap();
+        d.wait_for("b removed", |_, dp| dp.policies() == ["default/a3", "default/c"]).await;
+        d.stop();
+    });
+}
+
 /// A valid policy whose compiled state would not fit the policy map
 /// (`maps.policy_max_entries`) is invalid input like a parse error: refused,
 /// named in the status with its file, the last policy set that fit stays in force

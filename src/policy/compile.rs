@@ -252,20 +252,62 @@ fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
     }
 }
 
+/// A small, fast hasher for compile's internal maps (keys are label strings,
+/// identities and rule lists from the local files; none is iterated for output).
+/// The multiply-rotate scheme of rustc's FxHasher.
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        }
+        for b in chunks.remainder() {
+            self.add(u64::from(*b));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// Selector evaluation over every identity, with an index and a memo.
 struct SelectorIndex<'a> {
     /// (identity, labels), sorted by identity.
     ids: Vec<(Identity, &'a [Label])>,
     /// (key, value) → positions in `ids`, source ignored (checked afterwards).
-    by_kv: HashMap<(&'a str, &'a str), Vec<u32>>,
+    by_kv: FastMap<(&'a str, &'a str), Vec<u32>>,
     /// By the selector's address: selectors live in the policy set for the
     /// whole compile, and hashing one by content costs more than selecting.
-    memo: HashMap<*const Selector, Rc<Vec<Identity>>>,
+    memo: FastMap<*const Selector, Rc<Vec<Identity>>>,
 }
 
 impl<'a> SelectorIndex<'a> {
     fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
-        let mut by_kv: HashMap<(&'a str, &'a str), Vec<u32>> = HashMap::new();
+        let mut by_kv: FastMap<(&'a str, &'a str), Vec<u32>> = FastMap::default();
         for (pos, (_, ls)) in ids.iter().enumerate() {
             for l in ls.iter() {
                 let v = by_kv.entry((l.key.as_str(), l.value.as_str())).or_default();
@@ -274,7 +316,7 @@ impl<'a> SelectorIndex<'a> {
                 }
             }
         }
-        SelectorIndex { ids, by_kv, memo: HashMap::new() }
+        SelectorIndex { ids, by_kv, memo: FastMap::default() }
     }
 
     fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
@@ -319,7 +361,7 @@ struct Ctx<'a> {
     /// (address, identity) of every workload endpoint, for ipBlock; sorted.
     workload_addrs: Vec<(IpAddr, Identity)>,
     /// Named ports declared by endpoints with each identity.
-    ports_by_id: HashMap<Identity, Vec<NamedPort>>,
+    ports_by_id: FastMap<Identity, Vec<NamedPort>>,
     all_ports: Vec<NamedPort>,
     peer_memo: Vec<Option<Rc<Vec<Identity>>>>,
 }
@@ -638,7 +680,7 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
         ipc.into_iter().map(|(net, (_, identity, endpoint))| IpcacheEntry { net, identity, endpoint }).collect();
 
     // --- peer lookup structures.
-    let mut ports_by_id: HashMap<Identity, Vec<NamedPort>> = HashMap::new();
+    let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
     let mut all_ports: Vec<NamedPort> = Vec::new();
     let mut workload_addrs = Vec::new();
     for (r, id) in resolved.iter().zip(&ep_ids) {
@@ -664,7 +706,7 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     };
 
     // --- which rules select which endpoint.
-    let mut rules_by_wl_id: HashMap<Identity, Vec<u32>> = HashMap::new();
+    let mut rules_by_wl_id: FastMap<Identity, Vec<u32>> = FastMap::default();
     let mut rules_by_slot: Vec<Vec<u32>> = vec![Vec::new(); resolved.len()];
     for (ri, info) in rules.iter().enumerate() {
         match &info.rule.subject {
@@ -687,7 +729,7 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
 
     // --- templates, one per (rules, declared ports, kind).
     type TKey = (Vec<u32>, Vec<NamedPort>, bool);
-    let mut templates: HashMap<TKey, Rc<Template>> = HashMap::new();
+    let mut templates: FastMap<TKey, Rc<Template>> = FastMap::default();
     let mut endpoints: Vec<CompiledEndpoint> = Vec::with_capacity(resolved.len());
     let mut entries: Vec<PolicyEntry> = Vec::new();
     // Entries per node (`None` = this host): each is one host's policy map.
