@@ -825,6 +825,7 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
         assert_eq!(s.errors[0].message, expected);
         assert_eq!(d.dp.applies(), applies, "nothing applied while over the budget");
         assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
+        assert_eq!(s.policies, 1, "the status counts the set in force, not the refused one");
         // A registry change still applies, with the last policy set that fit.
         write(
             &dirs.ep("extra.yaml"),
@@ -832,6 +833,7 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
         );
         let s = d.wait_for("the new endpoint", |s, _| s.endpoints == 5).await;
         assert_eq!(s.errors.len(), 1, "{s:?}");
+        assert_eq!(s.policies, 1);
         assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
         assert_eq!(d.dp.applies(), applies + 1);
         // Another reconcile changes nothing: still refused, still the same state.

@@ -695,3 +695,46 @@ fn check_and_trace_refuse_a_set_over_the_map_budget() {
     let (code, out, err) = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// `netpolctl trace` compiles as netpold does with the same config: `audit` and
+/// `allow_localhost` change its answers the way they change the datapath's.
+#[test]
+fn trace_honours_the_configs_audit_and_allow_localhost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed");
+    let pol = tmp.path().join("netpol.d");
+    let extra = tmp.path().join("nodes.d");
+    std::fs::create_dir_all(&pol).unwrap();
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::copy(seed.join("netpol.d/frontend-to-backend.yaml"), pol.join("frontend-to-backend.yaml")).unwrap();
+    // This host, by node name: its address is identity host.
+    std::fs::write(
+        extra.join("node.yaml"),
+        "apiVersion: netpol/v1\nkind: Node\nmetadata: {name: trace-node}\nspec: {addresses: [192.0.2.1]}\n",
+    )
+    .unwrap();
+    let cfg = tmp.path().join("netpold.toml");
+    let trace = |settings: &str, from: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "policy_dir = {pol:?}\nendpoint_dirs = [{:?}, {extra:?}]\nnode_name = \"trace-node\"\n{settings}",
+                seed.join("endpoints.d")
+            ),
+        )
+        .unwrap();
+        let (code, out, err) = netpolctl(&[
+            "trace", "--config", cfg.to_str().unwrap(), "--from", from, "--to", "default/backend", "--port", "80", "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        let verdict = v["verdict"].as_str().unwrap().to_string();
+        assert_eq!(code, if verdict == "allowed" { 0 } else { 1 }, "{out}{err}");
+        (verdict, v["audit"].as_bool().unwrap())
+    };
+    // The host is not among backend's allowed peers.
+    assert_eq!(trace("", "192.0.2.1"), ("denied".to_string(), false));
+    assert_eq!(trace("allow_localhost = \"always\"\n", "192.0.2.1"), ("allowed".to_string(), false));
+    // database is not allowed either; in audit mode it passes and says so.
+    assert_eq!(trace("", "default/database"), ("denied".to_string(), false));
+    assert_eq!(trace("audit = true\n", "default/database"), ("allowed".to_string(), true));
+}

@@ -8,7 +8,7 @@ use crate::config::{Config, DEFAULT_CONFIG};
 
 #[derive(Debug, Clone, Args)]
 pub struct FileArgs {
-    /// netpold.toml to take default paths from
+    /// netpold.toml to take default paths, node name, audit, allow_localhost and map sizes from
     #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Policy directory (default: the config's policy_dir)

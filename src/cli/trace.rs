@@ -8,7 +8,7 @@ use std::io::Write as _;
 use clap::{Args, ValueEnum};
 
 use super::common::FileArgs;
-use crate::policy::compile::{try_compile, CompileOptions};
+use crate::policy::compile::try_compile;
 use crate::policy::trace::{resolve_side, trace, Verdict};
 use crate::policy::types::{proto, Compiled};
 
@@ -105,7 +105,9 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         let _ = writeln!(err, "netpolctl: {} problem(s) in the policy or registry files", problems.len());
         return Ok(None);
     };
-    let opts = CompileOptions { node_name: cfg.node_name(), limits: cfg.compile_limits(), ..Default::default() };
+    // As netpold compiles (node name, audit, allow_localhost, map sizes); only the
+    // host's own addresses, which netpold learns from netlink, are not known here.
+    let opts = cfg.compile_options();
     match try_compile(&policies, &registry, &opts) {
         Ok(c) => Ok(Some(c)),
         Err(e) => {

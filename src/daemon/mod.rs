@@ -202,6 +202,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         retired: Vec::new(),
         saved_registry: None,
         installed: None,
+        installed_policies: None,
         problems: Vec::new(),
         logged_problems: Vec::new(),
         ready: false,
@@ -365,6 +366,8 @@ struct Reconciler<D> {
     /// policies is not on the way to enforcement).
     retired: Vec<Box<dyn std::any::Any + Send>>,
     saved_registry: Option<RegistrySet>,
+    /// How many policies the set behind `installed` has.
+    installed_policies: Option<usize>,
     /// The state and attachments the datapath holds.
     installed: Option<(Compiled, Vec<Attachment>)>,
     problems: Vec<Problem>,
@@ -532,6 +535,7 @@ impl<D: Datapath> Reconciler<D> {
         let unchanged =
             self.installed.as_ref().is_some_and(|(c, a)| *c == compiled && *a == attachments) && self.retry.is_none();
         if unchanged {
+            self.installed_policies = Some(n_policies);
             slog::debug!(self.log, "nothing changed"; "cause" => cause, "load_ms" => ms(load), "files_parsed" => parsed);
             self.publish();
             return;
@@ -555,6 +559,7 @@ impl<D: Datapath> Reconciler<D> {
                 if check_links {
                     self.links_changed = false;
                 }
+                self.installed_policies = Some(n_policies);
                 self.retry = None;
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));
@@ -745,7 +750,13 @@ impl<D: Datapath> Reconciler<D> {
             endpoints,
             attached,
             pending: local - attached,
-            policies: self.policies.as_ref().map(|p| p.set.policies.len()).unwrap_or(0),
+            // The set in force: while a newer set is refused for not fitting the
+            // maps, the last one that fit.
+            policies: self
+                .installed_policies
+                .filter(|_| self.installed.is_some())
+                .or(self.policies.as_ref().map(|p| p.set.policies.len()))
+                .unwrap_or(0),
             node: self.copts.node_name.clone(),
             last_apply_ms: self.last_apply_ms,
             policies_from_last_good,
