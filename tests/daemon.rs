@@ -505,6 +505,61 @@ async fn last_valid_files_are_used_at_start_when_the_live_ones_are_invalid() {
     assert_eq!(std::fs::read_to_string(dirs.config.state_dir.join("last-good/policies/a.yaml")).unwrap(), "a-fixed");
 }
 
+/// Set while a test holds the saving of the last valid copy.
+static HOLD_SAVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set once a held save has begun verifying its copy.
+static SAVE_HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The stand-in loader, except that verifying a copy in `last-good` waits while
+/// `HOLD_SAVE` is set (at most 10 s: a loop that saved on its own thread would
+/// otherwise hang the test rather than fail it).
+fn held_load_policies(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
+    use std::sync::atomic::Ordering;
+    if dir.to_string_lossy().contains("last-good") {
+        let t0 = std::time::Instant::now();
+        while HOLD_SAVE.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+            SAVE_HELD.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    fake_load_policies(dir)
+}
+
+/// Saving the last valid copy (copy, flush, verify: a tenth of a second or
+/// more for a thousand files) happens beside the loop: a change that arrives
+/// meanwhile is applied at once, and the copy that began before it is dropped
+/// rather than saved, then the newer files are saved.
+#[tokio::test]
+async fn a_slow_save_of_the_last_valid_copy_does_not_hold_up_changes() {
+    use std::sync::atomic::Ordering;
+    let dirs = Dirs::new();
+    write(&dirs.pol("a.yaml"), "a");
+    let saved = dirs.config.state_dir.join("last-good/policies");
+    let pipeline = Pipeline { loader: Loader::Custom(held_load_policies, fake_load_registry), compile: fake_compile };
+    HOLD_SAVE.store(true, Ordering::SeqCst);
+    let (mut d, fut) = start(dirs.config.clone(), pipeline, SharedDp::default());
+    run_daemon!(fut, async {
+        d.wait_for("ready", |s, dp| s.ready && dp.policies() == ["default/a"]).await;
+        // The first save is under way and held.
+        let t0 = tokio::time::Instant::now();
+        while !SAVE_HELD.load(Ordering::SeqCst) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the save did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        write(&dirs.pol("b.yaml"), "b");
+        d.wait_for("b, while the save is held", |_, dp| dp.policies() == ["default/a", "default/b"]).await;
+        assert!(HOLD_SAVE.load(Ordering::SeqCst) && !saved.exists(), "nothing saved yet");
+        HOLD_SAVE.store(false, Ordering::SeqCst);
+        let t0 = tokio::time::Instant::now();
+        while !saved.join("b.yaml").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the newer files were not saved");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(saved.join("a.yaml").exists());
+        d.stop();
+    });
+}
+
 #[tokio::test]
 async fn nothing_valid_and_nothing_saved_applies_nothing() {
     let dirs = Dirs::new();

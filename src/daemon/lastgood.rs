@@ -44,8 +44,16 @@ impl Kind {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct LastGood {
     root: PathBuf,
+}
+
+/// A complete, verified copy not yet made the saved one ([`LastGood::commit`]).
+#[derive(Debug)]
+pub struct Prepared {
+    kind: Kind,
+    stamp: String,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -76,38 +84,70 @@ impl LastGood {
 
     /// Save copies of the input files of `sources`, then check the copy with
     /// `verify` (a file may have changed since it was validated) before it replaces
-    /// the previous copy.
+    /// the previous copy. [`LastGood::prepare`], [`LastGood::commit`] and
+    /// [`LastGood::remove_old`] in one.
     pub fn save(
         &self,
         kind: Kind,
         sources: &[PathBuf],
         verify: impl FnOnce(&[PathBuf]) -> bool,
     ) -> Result<bool, LastGoodError> {
+        let Some(p) = self.prepare(kind, sources, verify)? else { return Ok(false) };
+        self.commit(&p)?;
+        self.remove_old(kind);
+        Ok(true)
+    }
+
+    /// Write a complete copy of the input files of `sources` and check it with
+    /// `verify`: `None` (and nothing left behind) when the check fails. The slow
+    /// part of a save (copy, flush, verify); it does not touch the saved copy.
+    pub fn prepare(
+        &self,
+        kind: Kind,
+        sources: &[PathBuf],
+        verify: impl FnOnce(&[PathBuf]) -> bool,
+    ) -> Result<Option<Prepared>, LastGoodError> {
         fs::create_dir_all(&self.root).map_err(io(&self.root, "create directory"))?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let stamp = format!("{}.{nanos}-{}-{}", kind.name(), std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let copy = self.root.join(&stamp);
-        let result = self.write_copy(kind, sources, &copy, verify);
-        if !matches!(result, Ok(true)) {
-            let _ = fs::remove_dir_all(&copy);
-            return result;
+        match self.write_copy(kind, sources, &copy, verify) {
+            Ok(true) => Ok(Some(Prepared { kind, stamp })),
+            other => {
+                let _ = fs::remove_dir_all(&copy);
+                other.map(|_| None)
+            }
         }
-        // Point the symlink at the new copy atomically, then drop the older copies.
-        let link = self.root.join(kind.name());
-        let tmp_link = self.root.join(format!(".{}.link", stamp));
-        symlink(&stamp, &tmp_link).map_err(io(&tmp_link, "create symlink"))?;
+    }
+
+    /// Make a prepared copy the saved one: the symlink is replaced by rename, so
+    /// a crash leaves the old copy or this one. Quick (no file is copied).
+    pub fn commit(&self, p: &Prepared) -> Result<(), LastGoodError> {
+        let link = self.root.join(p.kind.name());
+        let tmp_link = self.root.join(format!(".{}.link", p.stamp));
+        symlink(&p.stamp, &tmp_link).map_err(io(&tmp_link, "create symlink"))?;
         fs::rename(&tmp_link, &link).map_err(io(&link, "replace symlink"))?;
-        sync_dir(&self.root)?;
+        sync_dir(&self.root)
+    }
+
+    /// Remove a prepared copy that will not be committed.
+    pub fn discard(&self, p: Prepared) {
+        let _ = fs::remove_dir_all(self.root.join(&p.stamp));
+    }
+
+    /// Remove the copies of `kind` other than the saved one (and any left by an
+    /// interrupted save).
+    pub fn remove_old(&self, kind: Kind) {
+        let current = fs::read_link(self.root.join(kind.name())).ok();
         if let Ok(entries) = fs::read_dir(&self.root) {
             let prefix = format!("{}.", kind.name());
             for e in entries.filter_map(|e| e.ok()) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&prefix) && name != stamp {
+                let name = e.file_name();
+                if name.to_string_lossy().starts_with(&prefix) && current.as_deref() != Some(Path::new(&name)) {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
         }
-        Ok(true)
     }
 
     fn write_copy(

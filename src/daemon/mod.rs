@@ -211,6 +211,8 @@ pub async fn run_with<D: Datapath, L: Links>(
         state_error: None,
         last_apply_ms: None,
         save_at: None,
+        save_job: None,
+        save_epoch: 0,
         metrics,
         counters_at: None,
     };
@@ -262,7 +264,14 @@ pub async fn run_with<D: Datapath, L: Links>(
             _ = sleep_until_opt(retry_at), if retry_at.is_some() => "retry",
             _ = sleep_until_opt(next_resync), if next_resync.is_some() => "resync",
             _ = sleep_until_opt(save_at), if save_at.is_some() => {
-                d.save_last_good();
+                d.start_save();
+                continue;
+            }
+            r = save_result(&mut d.save_job), if d.save_job.is_some() => {
+                let (epoch, _) = d.save_job.take().expect("polled above");
+                if let Ok(r) = r {
+                    d.save_done(epoch, r);
+                }
                 continue;
             }
             _ = events.tick() => {
@@ -302,8 +311,13 @@ pub async fn run_with<D: Datapath, L: Links>(
         }
     }
     d.notifier.stopping();
+    if let Some((epoch, rx)) = d.save_job.take() {
+        if let Ok(r) = rx.await {
+            d.save_done(epoch, r);
+        }
+    }
     if d.save_at.is_some() {
-        d.save_last_good();
+        d.save_now();
     }
     slog::info!(d.log, "netpold stopping; enforcement stays in place"; "generation" => d.datapath.generation());
     Ok(())
@@ -316,6 +330,53 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         self.1.abort();
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The set a prepared copy holds, recorded as saved once it is committed.
+enum SavedSet {
+    Policies(PolicySet),
+    Registry(RegistrySet),
+}
+
+/// What a save thread prepared, per kind (`None`: that kind was not saved).
+struct Saves {
+    policies: Option<(Result<Option<lastgood::Prepared>, String>, SavedSet)>,
+    registry: Option<(Result<Option<lastgood::Prepared>, String>, SavedSet)>,
+}
+
+/// Copy and verify the inputs of each wanted kind (after removing older
+/// copies: saves run one at a time, so none is in progress).
+fn prepare_saves(
+    last_good: &LastGood,
+    pipeline: Pipeline,
+    policy_dir: &Path,
+    endpoint_dirs: &[PathBuf],
+    policies: Option<PolicySet>,
+    registry: Option<RegistrySet>,
+) -> Saves {
+    let policies = policies.map(|set| {
+        last_good.remove_old(Kind::Policies);
+        let r = last_good
+            .prepare(Kind::Policies, &[policy_dir.to_path_buf()], |d| pipeline.load_policies(&d[0]).is_ok())
+            .map_err(|e| e.to_string());
+        (r, SavedSet::Policies(set))
+    });
+    let registry = registry.map(|set| {
+        last_good.remove_old(Kind::Endpoints);
+        let r = last_good
+            .prepare(Kind::Endpoints, endpoint_dirs, |d| pipeline.load_registry(d).is_ok())
+            .map_err(|e| e.to_string());
+        (r, SavedSet::Registry(set))
+    });
+    Saves { policies, registry }
+}
+
+/// The result of the save in progress.
+async fn save_result(job: &mut Option<(u64, tokio::sync::oneshot::Receiver<Saves>)>) -> Result<Saves, tokio::sync::oneshot::error::RecvError> {
+    match job {
+        Some((_, rx)) => rx.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -380,6 +441,11 @@ struct Reconciler<D> {
     last_apply_ms: Option<f64>,
     /// When to copy the applied files to state_dir.
     save_at: Option<Instant>,
+    /// The save in progress: the epoch it began in, and its result.
+    save_job: Option<(u64, tokio::sync::oneshot::Receiver<Saves>)>,
+    /// Counts applies and refusals: a save that began in an earlier epoch is
+    /// not committed.
+    save_epoch: u64,
     /// Prometheus metrics, when `metrics_listen` is set.
     metrics: Option<crate::metrics::Metrics>,
     /// When the datapath counters were last copied into the metrics.
@@ -508,6 +574,7 @@ impl<D: Datapath> Reconciler<D> {
             self.problems.push((*e.problem).clone());
             self.problems.sort();
             self.save_at = None;
+            self.save_epoch += 1;
             // The set in place fit before (the registry or host grew): there is
             // no other set to fall back to.
             if self.fitting_policies.is_none() && !self.policies_fit {
@@ -591,6 +658,7 @@ impl<D: Datapath> Reconciler<D> {
                 // Saved once things have been quiet for a while: copying every file
                 // must not delay the next change.
                 self.save_at = (!refused).then(|| Instant::now() + SAVE_DELAY);
+                self.save_epoch += 1;
                 let first = !self.ready;
                 self.ready = true;
                 self.publish();
@@ -641,31 +709,88 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Keep a copy of the live files that just applied, when they differ from the
-    /// copy already kept.
-    fn save_last_good(&mut self) {
+    /// What to save: the live sets that differ from the copies already kept.
+    fn save_wanted(&self) -> (Option<PolicySet>, Option<RegistrySet>) {
+        let policies = self
+            .policies
+            .as_ref()
+            .filter(|p| !p.from_last_good && self.saved_policies.as_ref() != Some(&p.set))
+            .map(|p| p.set.clone());
+        let registry = self
+            .registry
+            .as_ref()
+            .filter(|r| !r.from_last_good && self.saved_registry.as_ref() != Some(&r.set))
+            .map(|r| r.set.clone());
+        (policies, registry)
+    }
+
+    /// Keep a copy of the live files that applied, when they differ from the copy
+    /// already kept. The copy is written and verified on a thread of its own (a
+    /// thousand files take a tenth of a second or more, which must not hold up
+    /// the next change); the loop makes it the saved one ([`Self::save_done`]),
+    /// and only when nothing was applied or refused since it began.
+    fn start_save(&mut self) {
+        if self.save_job.is_some() {
+            // One at a time: try again once this one is done.
+            self.save_at = Some(Instant::now() + SAVE_DELAY);
+            return;
+        }
         self.save_at = None;
+        let (policies, registry) = self.save_wanted();
+        if policies.is_none() && registry.is_none() {
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (last_good, pipeline) = (self.last_good.clone(), self.pipeline);
+        let (policy_dir, endpoint_dirs) = (self.config.policy_dir.clone(), self.config.endpoint_dirs.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(prepare_saves(&last_good, pipeline, &policy_dir, &endpoint_dirs, policies, registry));
+        });
+        self.save_job = Some((self.save_epoch, rx));
+    }
+
+    /// A save thread finished: commit its copies if nothing changed meanwhile.
+    fn save_done(&mut self, epoch: u64, r: Saves) {
+        let current = epoch == self.save_epoch;
         let mut errors = Vec::new();
-        if let Some(p) = self.policies.as_ref().filter(|p| !p.from_last_good) {
-            if self.saved_policies.as_ref() != Some(&p.set) {
-                let pipeline = self.pipeline;
-                match self.last_good.save(Kind::Policies, std::slice::from_ref(&self.config.policy_dir), |d| pipeline.load_policies(&d[0]).is_ok()) {
-                    Ok(true) => self.saved_policies = Some(p.set.clone()),
-                    Ok(false) => slog::debug!(self.log, "policy files changed while being saved; keeping the older copy"),
-                    Err(e) => errors.push(e.to_string()),
+        for (kind, outcome) in [(Kind::Policies, r.policies), (Kind::Endpoints, r.registry)] {
+            match outcome {
+                None => {}
+                Some((Err(e), _)) => errors.push(e),
+                Some((Ok(None), _)) => slog::debug!(self.log, "files changed while being saved; keeping the older copy"; "kind" => ?kind),
+                Some((Ok(Some(p)), _)) if !current => {
+                    slog::debug!(self.log, "inputs changed while being saved; the copy is dropped"; "kind" => ?kind);
+                    self.last_good.discard(p);
                 }
+                Some((Ok(Some(p)), set)) => match (self.last_good.commit(&p), set) {
+                    (Err(e), _) => {
+                        errors.push(e.to_string());
+                        self.last_good.discard(p);
+                    }
+                    (Ok(()), SavedSet::Policies(set)) => self.saved_policies = Some(set),
+                    (Ok(()), SavedSet::Registry(set)) => self.saved_registry = Some(set),
+                },
             }
         }
-        if let Some(r) = self.registry.as_ref().filter(|r| !r.from_last_good) {
-            if self.saved_registry.as_ref() != Some(&r.set) {
-                let pipeline = self.pipeline;
-                match self.last_good.save(Kind::Endpoints, &self.config.endpoint_dirs, |d| pipeline.load_registry(d).is_ok()) {
-                    Ok(true) => self.saved_registry = Some(r.set.clone()),
-                    Ok(false) => slog::debug!(self.log, "registry files changed while being saved; keeping the older copy"),
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
+        self.record_state_errors(errors);
+    }
+
+    /// The same, all on this thread (shutdown).
+    fn save_now(&mut self) {
+        self.save_at = None;
+        let (policies, registry) = self.save_wanted();
+        let r = prepare_saves(
+            &self.last_good,
+            self.pipeline,
+            &self.config.policy_dir,
+            &self.config.endpoint_dirs,
+            policies,
+            registry,
+        );
+        self.save_done(self.save_epoch, r);
+    }
+
+    fn record_state_errors(&mut self, errors: Vec<String>) {
         if errors.is_empty() {
             if self.state_error.take().is_some() {
                 slog::info!(self.log, "state_dir is writable again");
