@@ -659,6 +659,12 @@ fn file_problem(file: &Path, msg: String) -> Problem {
 
 /// The files of `dir` netpol reads, sorted.
 pub fn list_dir(dir: &Path, what: &str) -> Result<Vec<PathBuf>, Problem> {
+    Ok(list_dir_entries(dir, what)?.into_iter().map(|(f, _)| f).collect())
+}
+
+/// [`list_dir`], with whether each entry is a symlink (from the directory
+/// listing itself, no extra system call where the filesystem reports types).
+pub fn list_dir_entries(dir: &Path, what: &str) -> Result<Vec<(PathBuf, bool)>, Problem> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -674,7 +680,8 @@ pub fn list_dir(dir: &Path, what: &str) -> Result<Vec<PathBuf>, Problem> {
         let entry = entry.map_err(|e| file_problem(dir, format!("cannot read {what}: {e}")))?;
         let name = entry.file_name();
         if wanted_name(&name.to_string_lossy()) {
-            files.push(entry.path());
+            let link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            files.push((entry.path(), link));
         }
     }
     files.sort();

@@ -102,6 +102,14 @@ struct Listed {
     ok: bool,
 }
 
+/// Index of a kind in the per-kind arrays (`seen`, `listed`).
+fn slot(want: FileKind) -> usize {
+    match want {
+        FileKind::Policy => 0,
+        FileKind::Registry => 1,
+    }
+}
+
 #[derive(Debug)]
 pub struct LoadCache {
     files: HashMap<PathBuf, (FileId, Piece)>,
@@ -194,10 +202,7 @@ impl LoadCache {
     /// cannot answer (no valid load of the same directories to start from), else
     /// `Some(None)` for "nothing changed" or the new parse.
     fn load_touched(&mut self, dirs: &[PathBuf], want: FileKind, touched: &BTreeSet<PathBuf>) -> Option<Option<Parsed>> {
-        let kind = match want {
-            FileKind::Policy => 0,
-            FileKind::Registry => 1,
-        };
+        let kind = slot(want);
         let prev = self.listed[kind].as_ref().filter(|l| l.ok && l.dirs == dirs)?;
         let mine: Vec<(usize, &PathBuf)> = touched
             .iter()
@@ -245,11 +250,7 @@ impl LoadCache {
             self.read_into(f, id, want, &mut out);
             parsed += 1;
         }
-        self.last_parsed = parsed;
-        match want {
-            FileKind::Policy => load::check_policies(&mut out),
-            FileKind::Registry => load::check_registry(&mut out),
-        }
+        self.finish(&mut out, parsed, want);
         // Symlinks are read again every time: without a change there is nothing to report.
         self.seen[kind] = None;
         self.listed[kind] = Some(listed);
@@ -260,12 +261,9 @@ impl LoadCache {
         if let Some(r) = touched.and_then(|t| self.load_touched(dirs, want, t)) {
             return r;
         }
-        let kind = match want {
-            FileKind::Policy => 0,
-            FileKind::Registry => 1,
-        };
-        let listing = self.list(dirs, want);
-        self.listed[kind] = Self::listed_of(dirs, &listing);
+        let kind = slot(want);
+        let (listing, listed) = self.list(dirs, want);
+        self.listed[kind] = listed;
         // Every file listed, stat'ed, and a kept parse with that identity.
         let now: Option<Vec<(PathBuf, FileId)>> = listing
             .iter()
@@ -320,53 +318,46 @@ impl LoadCache {
 
     /// `api::load::load_dirs`, reusing the parse of unchanged files.
     fn load(&mut self, dirs: &[PathBuf], want: FileKind) -> Parsed {
-        let listing = self.list(dirs, want);
-        let kind = match want {
-            FileKind::Policy => 0,
-            FileKind::Registry => 1,
-        };
-        self.listed[kind] = Self::listed_of(dirs, &listing);
+        let (listing, listed) = self.list(dirs, want);
+        self.listed[slot(want)] = listed;
         self.load_listed(dirs, listing, want)
     }
 
-    /// The listing to start loads given the touched files from (`None` when a
-    /// directory could not be listed).
-    fn listed_of(dirs: &[PathBuf], listing: &Listing) -> Option<Listed> {
-        let mut files = Vec::new();
-        let mut links = HashSet::new();
-        for d in listing {
-            let d = d.as_ref().ok()?;
-            for (f, _) in d {
-                if std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()) {
-                    links.insert(f.clone());
-                }
-            }
-            files.push(d.iter().map(|(f, _)| f.clone()).collect());
-        }
-        Some(Listed { dirs: dirs.to_vec(), files, links, ok: false })
-    }
-
-    /// Each directory's files with their identity now (`None`: cannot stat).
-    fn list(&self, dirs: &[PathBuf], want: FileKind) -> Listing {
+    /// Each directory's files with their identity now (`None`: cannot stat),
+    /// and the same listing to start loads given the touched files from (`None`
+    /// when a directory could not be listed).
+    fn list(&self, dirs: &[PathBuf], want: FileKind) -> (Listing, Option<Listed>) {
         let what = match want {
             FileKind::Policy => "policy directory",
             FileKind::Registry => "endpoint directory",
         };
-        dirs.iter()
+        let mut links = HashSet::new();
+        let listing: Listing = dirs
+            .iter()
             .map(|dir| {
-                let files = load::list_dir(dir, what).map_err(|p| vec![p])?;
+                let files = load::list_dir_entries(dir, what).map_err(|p| vec![p])?;
                 if self.opts.strict_modes {
                     let distrust = load::check_dir_trust(dir, what);
                     if !distrust.is_empty() {
                         return Err(distrust);
                     }
                 }
-                Ok(files.into_iter().map(|f| {
-                    let id = FileId::of(&f);
-                    (f, id)
-                }).collect())
+                Ok(files
+                    .into_iter()
+                    .map(|(f, link)| {
+                        if link {
+                            links.insert(f.clone());
+                        }
+                        let id = FileId::of(&f);
+                        (f, id)
+                    })
+                    .collect())
             })
-            .collect()
+            .collect();
+        let files: Option<Vec<Vec<PathBuf>>> =
+            listing.iter().map(|d| Some(d.as_ref().ok()?.iter().map(|(f, _)| f.clone()).collect())).collect();
+        let listed = files.map(|files| Listed { dirs: dirs.to_vec(), files, links, ok: false });
+        (listing, listed)
     }
 
     /// Assemble the parse of the listed files. With `reread`, the listing came
@@ -400,12 +391,17 @@ impl LoadCache {
         // Forget files that are gone (of this kind: the same cache serves both).
         let prefix_dirs = dirs.to_vec();
         self.files.retain(|p, _| live.contains(p) || !prefix_dirs.iter().any(|d| p.starts_with(d)));
+        self.finish(&mut out, parsed, want);
+        out
+    }
+
+    /// The end of every load: how many files were parsed, then the cross-file checks.
+    fn finish(&mut self, out: &mut Parsed, parsed: usize, want: FileKind) {
         self.last_parsed = parsed;
         match want {
-            FileKind::Policy => load::check_policies(&mut out),
-            FileKind::Registry => load::check_registry(&mut out),
+            FileKind::Policy => load::check_policies(out),
+            FileKind::Registry => load::check_registry(out),
         }
-        out
     }
 
     /// Read and parse `f` (whose identity was `id` before), add it to `out`,
