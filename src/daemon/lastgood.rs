@@ -85,7 +85,9 @@ impl LastGood {
     /// Save copies of the input files of `sources`, then check the copy with
     /// `verify` (a file may have changed since it was validated) before it replaces
     /// the previous copy. [`LastGood::prepare`], [`LastGood::commit`] and
-    /// [`LastGood::remove_old`] in one.
+    /// [`LastGood::remove_old`] in one. The daemon runs those steps apart (the
+    /// copy on a thread, the commit on its loop); this is for tests.
+    #[cfg(test)]
     pub fn save(
         &self,
         kind: Kind,
