@@ -11,7 +11,9 @@ use libbpf_cargo::SkeletonBuilder;
 
 fn rerun_for_dir(dir: &Path) {
     println!("cargo:rerun-if-changed={}", dir.display());
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -48,7 +50,9 @@ fn main() {
     }
 
     let mut builder = SkeletonBuilder::new();
-    builder.source(bpf_dir.join("netpol.bpf.c")).clang_args(args);
+    builder
+        .source(bpf_dir.join("netpol.bpf.c"))
+        .clang_args(args);
     if let Ok(clang) = env::var("NETPOL_CLANG") {
         builder.clang(clang);
     }

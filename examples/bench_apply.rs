@@ -29,8 +29,15 @@ const SERVER: &str = "npl-bench-srv";
 const PIN: &str = "/sys/fs/bpf/npl-bench";
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn enter(netns: &str) {
@@ -51,17 +58,29 @@ impl Drop for Cleanup {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new(&self.netpold).arg("--config").arg(&self.config).arg("--detach").stderr(Stdio::null()).status();
+        let _ = Command::new(&self.netpold)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--detach")
+            .stderr(Stdio::null())
+            .status();
         self.stop.store(true, Ordering::Relaxed);
         for ns in [CLIENT, SERVER, NODE] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(PIN);
     }
 }
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn connects(dst: SocketAddr, timeout: Duration) -> bool {
@@ -90,8 +109,12 @@ fn main() {
     let netpold = bin.join("netpold");
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let mut guard =
-        Cleanup { daemon: None, netpold: netpold.clone(), config: t.join("netpold.toml"), stop: Arc::new(AtomicBool::new(false)) };
+    let mut guard = Cleanup {
+        daemon: None,
+        netpold: netpold.clone(),
+        config: t.join("netpold.toml"),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
 
     // Network: node with br0; client and server behind it; the other endpoints on
     // veth pairs that stay inside the node namespace.
@@ -99,17 +122,40 @@ fn main() {
     sh(&["ip", "netns", "add", NODE]);
     let mut batch = String::from("link set lo up\nlink add br0 type bridge\naddr add 10.208.0.1/16 dev br0\nlink set br0 up\n");
     for i in 0..endpoints - 2 {
-        batch.push_str(&format!("link add vb{i} type veth peer name vp{i}\nlink set vb{i} up\nlink set vp{i} up\n"));
+        batch.push_str(&format!(
+            "link add vb{i} type veth peer name vp{i}\nlink set vb{i} up\nlink set vp{i} up\n"
+        ));
     }
     std::fs::write(t.join("batch"), batch).unwrap();
-    sh(&["ip", "-n", NODE, "-batch", t.join("batch").to_str().unwrap()]);
+    sh(&[
+        "ip",
+        "-n",
+        NODE,
+        "-batch",
+        t.join("batch").to_str().unwrap(),
+    ]);
     let server_ip = Ipv4Addr::new(10, 208, 255, 2);
-    for (ns, host, ip) in [(CLIENT, "veth-cli", Ipv4Addr::new(10, 208, 255, 1)), (SERVER, "veth-srv", server_ip)] {
+    for (ns, host, ip) in [
+        (CLIENT, "veth-cli", Ipv4Addr::new(10, 208, 255, 1)),
+        (SERVER, "veth-srv", server_ip),
+    ] {
         sh(&["ip", "netns", "add", ns]);
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", NODE, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+        sh(&[
+            "ip", "-n", NODE, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns",
+            ns,
+        ]);
         sh(&["ip", "-n", NODE, "link", "set", host, "master", "br0", "up"]);
-        sh(&["ip", "-n", ns, "addr", "add", &format!("{ip}/16"), "dev", "eth0"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/16"),
+            "dev",
+            "eth0",
+        ]);
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
     }
     let stop = guard.stop.clone();
@@ -137,11 +183,21 @@ fn main() {
     let ep = |name: &str, app: &str, iface: &str, ip: Ipv4Addr| {
         format!("apiVersion: netpol/v1\nkind: Endpoint\nmetadata:\n  name: {name}\n  labels: {{app: {app}}}\nspec:\n  interface: {iface}\n  addresses: [{ip}]\n---\n")
     };
-    reg.push_str(&ep("client", "client", "veth-cli", Ipv4Addr::new(10, 208, 255, 1)));
+    reg.push_str(&ep(
+        "client",
+        "client",
+        "veth-cli",
+        Ipv4Addr::new(10, 208, 255, 1),
+    ));
     reg.push_str(&ep("server", "server", "veth-srv", server_ip));
     for i in 0..endpoints - 2 {
         let ip = Ipv4Addr::new(10, 208, (i / 250) as u8, (i % 250 + 2) as u8);
-        reg.push_str(&ep(&format!("ep-{i}"), &format!("ep-{i}"), &format!("vb{i}"), ip));
+        reg.push_str(&ep(
+            &format!("ep-{i}"),
+            &format!("ep-{i}"),
+            &format!("vb{i}"),
+            ip,
+        ));
     }
     std::fs::write(t.join("endpoints.d/bench.yaml"), reg).unwrap();
     let n_eps = endpoints - 2;
@@ -176,30 +232,50 @@ fn main() {
     let node = std::fs::File::open(format!("/run/netns/{NODE}")).unwrap();
     let fd = node.as_raw_fd();
     let mut cmd = Command::new(&netpold);
-    cmd.arg("--config").arg(&guard.config).stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.arg("--config")
+        .arg(&guard.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
     // NETPOL_BENCH_LOG=FILE keeps netpold's log (at info level) for a closer look.
     if let Ok(path) = std::env::var("NETPOL_BENCH_LOG") {
         cmd.stderr(std::fs::File::create(path).unwrap());
     }
     // SAFETY: setns is async-signal-safe and `node` outlives spawn.
     unsafe {
-        cmd.pre_exec(move || if libc::setns(fd, libc::CLONE_NEWNET) != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
     }
     let started = Instant::now();
     guard.daemon = Some(cmd.spawn().unwrap());
     let sock = t.join("run/netpold.sock");
-    let status = || netpol::cli::daemonctl::query::<Status>(&sock, "status").ok().map(|(s, _)| s);
+    let status = || {
+        netpol::cli::daemonctl::query::<Status>(&sock, "status")
+            .ok()
+            .map(|(s, _)| s)
+    };
     let s = loop {
         if let Some(s) = status().filter(|s| s.ready) {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "netpold did not become ready: {:?}", status());
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "netpold did not become ready: {:?}",
+            status()
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let ready_s = started.elapsed().as_secs_f64();
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     let dst = SocketAddr::from((server_ip, 80));
-    assert!(!connects(dst, Duration::from_millis(200)), "the toggle starts closed");
+    assert!(
+        !connects(dst, Duration::from_millis(200)),
+        "the toggle starts closed"
+    );
 
     let mut lat = Vec::new();
     let mut allow = false;
@@ -215,7 +291,10 @@ fn main() {
             if connects(dst, Duration::from_millis(3)) == allow {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "change {i} not enforced after 30 s");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "change {i} not enforced after 30 s"
+            );
         }
         lat.push(t0.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(20));
@@ -223,12 +302,22 @@ fn main() {
     let pid = guard.daemon.as_ref().unwrap().id();
     let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |k: &str| {
-        proc_status.lines().find(|l| l.starts_with(k)).map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()).unwrap_or_default()
+        proc_status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+            .unwrap_or_default()
     };
     let s = status().unwrap();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("bench_apply: {endpoints} endpoints ({} attached), {policies} policies, {changes} changes", s.attached);
-    println!("  setup: network {net_s:.1} s, netpold ready after {ready_s:.1} s, last apply {:.1} ms", s.last_apply_ms.unwrap_or(0.0));
+    println!(
+        "bench_apply: {endpoints} endpoints ({} attached), {policies} policies, {changes} changes",
+        s.attached
+    );
+    println!(
+        "  setup: network {net_s:.1} s, netpold ready after {ready_s:.1} s, last apply {:.1} ms",
+        s.last_apply_ms.unwrap_or(0.0)
+    );
     if !lat.is_empty() {
         println!(
             "  rename -> enforced: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms)",

@@ -11,16 +11,29 @@ use netpol::api::model::*;
 use netpol::policy::compile::{compile, CompileOptions};
 
 fn origin(kind: &str, ns: Option<&str>, name: &str) -> Origin {
-    Origin { file: format!("/etc/netpol.d/{name}.yaml").into(), doc: 0, kind: kind.into(), namespace: ns.map(Into::into), name: name.into() }
+    Origin {
+        file: format!("/etc/netpol.d/{name}.yaml").into(),
+        doc: 0,
+        kind: kind.into(),
+        namespace: ns.map(Into::into),
+        name: name.into(),
+    }
 }
 
 fn k8s(k: &str, v: &str) -> Label {
-    Label { source: "k8s".into(), key: k.into(), value: v.into() }
+    Label {
+        source: "k8s".into(),
+        key: k.into(),
+        value: v.into(),
+    }
 }
 
 fn req(source: Option<&str>, key: &str, op: Op, vals: &[&str]) -> Requirement {
     Requirement {
-        key: LabelKey { source: source.map(Into::into), key: key.into() },
+        key: LabelKey {
+            source: source.map(Into::into),
+            key: key.into(),
+        },
         op,
         values: vals.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
     }
@@ -28,17 +41,38 @@ fn req(source: Option<&str>, key: &str, op: Op, vals: &[&str]) -> Requirement {
 
 /// A namespaced selector, as the parser scopes CNP selectors.
 fn nsel(ns: &str, pairs: &[(&str, &str)]) -> Selector {
-    let mut r: Vec<Requirement> = pairs.iter().map(|(k, v)| req(None, k, Op::In, &[v])).collect();
-    r.push(req(Some("k8s"), "io.kubernetes.pod.namespace", Op::In, &[ns]));
+    let mut r: Vec<Requirement> = pairs
+        .iter()
+        .map(|(k, v)| req(None, k, Op::In, &[v]))
+        .collect();
+    r.push(req(
+        Some("k8s"),
+        "io.kubernetes.pod.namespace",
+        Op::In,
+        &[ns],
+    ));
     Selector { requirements: r }
 }
 
 fn item(path: String, peers: Peers, l4: L4) -> RuleItem {
-    RuleItem { path, pos: None, peers, l4 }
+    RuleItem {
+        path,
+        pos: None,
+        peers,
+        l4,
+    }
 }
 
 fn ports(list: &[(u16, Option<u16>, Proto)]) -> L4 {
-    L4::Ports(list.iter().map(|(p, e, pr)| PortProto { port: PortSpec::Number(*p), end_port: *e, proto: *pr }).collect())
+    L4::Ports(
+        list.iter()
+            .map(|(p, e, pr)| PortProto {
+                port: PortSpec::Number(*p),
+                end_port: *e,
+                proto: *pr,
+            })
+            .collect(),
+    )
 }
 
 fn rule(subject: Selector) -> Rule {
@@ -60,11 +94,19 @@ const TIERS: [&str; 3] = ["frontend", "backend", "db"];
 
 fn peak_rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let n_endpoints = args.first().copied().unwrap_or(10_000);
     let n_policies = args.get(1).copied().unwrap_or(1_000);
     let apps_per_ns = 20usize;
@@ -88,8 +130,13 @@ fn main() {
                 }
                 let i = endpoints.len();
                 let name = format!("app-{a}-{r}");
-                let addr4: std::net::IpAddr = format!("10.{}.{}.{}", n / 250, n % 250, a * replicas + r + 1).parse().unwrap();
-                let addr6: std::net::IpAddr = format!("fd00:{n:x}::{:x}", a * replicas + r + 1).parse().unwrap();
+                let addr4: std::net::IpAddr =
+                    format!("10.{}.{}.{}", n / 250, n % 250, a * replicas + r + 1)
+                        .parse()
+                        .unwrap();
+                let addr6: std::net::IpAddr = format!("fd00:{n:x}::{:x}", a * replicas + r + 1)
+                    .parse()
+                    .unwrap();
                 endpoints.push(EndpointDef {
                     origin: origin("Endpoint", Some(&ns), &name),
                     kind: EndpointKind::Workload,
@@ -100,12 +147,24 @@ fn main() {
                         k8s("tier", TIERS[a % 3]),
                         k8s("version", if r % 2 == 0 { "v1" } else { "v2" }),
                     ],
-                    node: if i % 4 == 0 { None } else { Some(format!("host-{}", i % 4)) },
+                    node: if i % 4 == 0 {
+                        None
+                    } else {
+                        Some(format!("host-{}", i % 4))
+                    },
                     interface: Some(Interface::Name(format!("veth{i}"))),
                     addresses: vec![addr4, addr6],
                     ports: vec![
-                        NamedPort { name: "http".into(), port: 8080 + (a % 3) as u16, proto: Proto::Tcp },
-                        NamedPort { name: "metrics".into(), port: 9100, proto: Proto::Tcp },
+                        NamedPort {
+                            name: "http".into(),
+                            port: 8080 + (a % 3) as u16,
+                            proto: Proto::Tcp,
+                        },
+                        NamedPort {
+                            name: "metrics".into(),
+                            port: 9100,
+                            proto: Proto::Tcp,
+                        },
                     ],
                     audit: false,
                 });
@@ -147,40 +206,98 @@ fn main() {
         match kind {
             0 => {
                 r.subject = Subject::Endpoints(nsel(&ns, &[("tier", "backend")]));
-                r.ingress.push(item("spec.ingress[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("tier", "frontend")]))]), ports(&[(8080, None, Proto::Tcp)])));
+                r.ingress.push(item(
+                    "spec.ingress[0]".into(),
+                    Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("tier", "frontend")]))]),
+                    ports(&[(8080, None, Proto::Tcp)]),
+                ));
             }
             1 => {
                 r.subject = Subject::Endpoints(nsel(&ns, &[("tier", "db")]));
-                r.ingress.push(item("spec.ingress[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("tier", "backend")]))]), ports(&[(5432, None, Proto::Tcp), (6379, None, Proto::Tcp)])));
+                r.ingress.push(item(
+                    "spec.ingress[0]".into(),
+                    Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("tier", "backend")]))]),
+                    ports(&[(5432, None, Proto::Tcp), (6379, None, Proto::Tcp)]),
+                ));
             }
             2 => {
-                r.ingress.push(item("spec.ingress[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("app", &next)]))]), ports(&[(8000, Some(8100), Proto::Tcp)])));
+                r.ingress.push(item(
+                    "spec.ingress[0]".into(),
+                    Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("app", &next)]))]),
+                    ports(&[(8000, Some(8100), Proto::Tcp)]),
+                ));
             }
             3 => {
                 let dns = Selector {
                     requirements: vec![
                         req(None, "app", Op::In, &["app-0"]),
-                        req(Some("k8s"), "io.kubernetes.pod.namespace", Op::In, &["ns-0"]),
+                        req(
+                            Some("k8s"),
+                            "io.kubernetes.pod.namespace",
+                            Op::In,
+                            &["ns-0"],
+                        ),
                     ],
                 };
-                r.egress.push(item("spec.egress[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("tier", "backend")]))]), ports(&[(8080, None, Proto::Tcp)])));
-                r.egress.push(item("spec.egress[1]".into(), Peers::List(vec![Peer::Endpoints(dns)]), ports(&[(53, None, Proto::Any)])));
+                r.egress.push(item(
+                    "spec.egress[0]".into(),
+                    Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("tier", "backend")]))]),
+                    ports(&[(8080, None, Proto::Tcp)]),
+                ));
+                r.egress.push(item(
+                    "spec.egress[1]".into(),
+                    Peers::List(vec![Peer::Endpoints(dns)]),
+                    ports(&[(53, None, Proto::Any)]),
+                ));
             }
             4 => {
                 let net = format!("172.{}.0.0/16", 16 + n % 16).parse().unwrap();
-                let ex = format!("172.{}.{}.0/24", 16 + n % 16, p % 256).parse().unwrap();
-                r.egress.push(item("spec.egress[0]".into(), Peers::List(vec![Peer::Cidr { net, except: vec![ex], match_endpoints: false }]), ports(&[(443, None, Proto::Tcp)])));
+                let ex = format!("172.{}.{}.0/24", 16 + n % 16, p % 256)
+                    .parse()
+                    .unwrap();
+                r.egress.push(item(
+                    "spec.egress[0]".into(),
+                    Peers::List(vec![Peer::Cidr {
+                        net,
+                        except: vec![ex],
+                        match_endpoints: false,
+                    }]),
+                    ports(&[(443, None, Proto::Tcp)]),
+                ));
             }
             5 => {
-                r.ingress_deny.push(item("spec.ingressDeny[0]".into(), Peers::List(vec![Peer::Entity(Entity::World)]), ports(&[(22, None, Proto::Tcp)])));
-                r.ingress.push(item("spec.ingress[0]".into(), Peers::List(vec![Peer::Entity(Entity::Cluster)]), L4::Any));
+                r.ingress_deny.push(item(
+                    "spec.ingressDeny[0]".into(),
+                    Peers::List(vec![Peer::Entity(Entity::World)]),
+                    ports(&[(22, None, Proto::Tcp)]),
+                ));
+                r.ingress.push(item(
+                    "spec.ingress[0]".into(),
+                    Peers::List(vec![Peer::Entity(Entity::Cluster)]),
+                    L4::Any,
+                ));
             }
             6 => {
-                r.ingress.push(item("spec.ingress[0]".into(), Peers::List(vec![Peer::Entity(Entity::Host), Peer::Entity(Entity::RemoteNode)]), L4::Any));
+                r.ingress.push(item(
+                    "spec.ingress[0]".into(),
+                    Peers::List(vec![
+                        Peer::Entity(Entity::Host),
+                        Peer::Entity(Entity::RemoteNode),
+                    ]),
+                    L4::Any,
+                ));
             }
             7 => {
                 let net = format!("192.168.{}.0/24", p % 256).parse().unwrap();
-                r.egress_deny.push(item("spec.egressDeny[0]".into(), Peers::List(vec![Peer::Cidr { net, except: vec![], match_endpoints: false }]), L4::Any));
+                r.egress_deny.push(item(
+                    "spec.egressDeny[0]".into(),
+                    Peers::List(vec![Peer::Cidr {
+                        net,
+                        except: vec![],
+                        match_endpoints: false,
+                    }]),
+                    L4::Any,
+                ));
                 r.default_deny_egress = Some(false);
             }
             8 => {
@@ -188,33 +305,73 @@ fn main() {
                     "spec.ingress[0]".into(),
                     Peers::List(vec![Peer::Endpoints(nsel(&ns, &[]))]),
                     L4::Ports(vec![
-                        PortProto { port: PortSpec::Named("http".into()), end_port: None, proto: Proto::Tcp },
-                        PortProto { port: PortSpec::Named("metrics".into()), end_port: None, proto: Proto::Any },
+                        PortProto {
+                            port: PortSpec::Named("http".into()),
+                            end_port: None,
+                            proto: Proto::Tcp,
+                        },
+                        PortProto {
+                            port: PortSpec::Named("metrics".into()),
+                            end_port: None,
+                            proto: Proto::Any,
+                        },
                     ]),
                 ));
             }
             _ => {
                 r.subject = Subject::Endpoints(nsel(&ns, &[]));
-                r.ingress.push(item("spec.ingress[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("version", "v1")]))]), L4::Icmps(vec![IcmpType { family: Family::V4, ty: 8 }, IcmpType { family: Family::V6, ty: 128 }])));
-                r.ingress_deny.push(item("spec.ingressDeny[0]".into(), Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("version", "v2")]))]), ports(&[(0, None, Proto::Udp)])));
+                r.ingress.push(item(
+                    "spec.ingress[0]".into(),
+                    Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("version", "v1")]))]),
+                    L4::Icmps(vec![
+                        IcmpType {
+                            family: Family::V4,
+                            ty: 8,
+                        },
+                        IcmpType {
+                            family: Family::V6,
+                            ty: 128,
+                        },
+                    ]),
+                ));
+                r.ingress_deny.push(item(
+                    "spec.ingressDeny[0]".into(),
+                    Peers::List(vec![Peer::Endpoints(nsel(&ns, &[("version", "v2")]))]),
+                    ports(&[(0, None, Proto::Udp)]),
+                ));
             }
         }
-        policies.push(Policy { origin: origin("CiliumNetworkPolicy", Some(&ns), &name), kind: PolicyKind::CiliumNetworkPolicy, rules: vec![r].into() });
+        policies.push(Policy {
+            origin: origin("CiliumNetworkPolicy", Some(&ns), &name),
+            kind: PolicyKind::CiliumNetworkPolicy,
+            rules: vec![r].into(),
+        });
     }
     policies.push(Policy {
         origin: origin("CiliumClusterwideNetworkPolicy", None, "host-fw"),
         kind: PolicyKind::CiliumClusterwideNetworkPolicy,
         rules: vec![Rule {
             subject: Subject::Nodes(Selector::default()),
-            ingress: vec![item("spec.ingress[0]".into(), Peers::All, ports(&[(22, None, Proto::Tcp), (6443, None, Proto::Tcp)]))],
+            ingress: vec![item(
+                "spec.ingress[0]".into(),
+                Peers::All,
+                ports(&[(22, None, Proto::Tcp), (6443, None, Proto::Tcp)]),
+            )],
             ..rule(Selector::default())
         }]
         .into(),
     });
 
     let policies = PolicySet { policies };
-    let registry = RegistrySet { endpoints, nodes, namespaces };
-    let opts = CompileOptions { node_name: "host-0".into(), ..Default::default() };
+    let registry = RegistrySet {
+        endpoints,
+        nodes,
+        namespaces,
+    };
+    let opts = CompileOptions {
+        node_name: "host-0".into(),
+        ..Default::default()
+    };
     let rss_before = peak_rss_kib().unwrap_or(0);
     let t = Instant::now();
     let compiled = compile(&policies, &registry, &opts);
@@ -229,9 +386,21 @@ fn main() {
     for e in &compiled.entries {
         per_ep[e.endpoint as usize] += 1;
     }
-    let local: usize = compiled.endpoints.iter().filter(|e| e.local).map(|e| per_ep[e.slot as usize]).sum();
+    let local: usize = compiled
+        .endpoints
+        .iter()
+        .filter(|e| e.local)
+        .map(|e| per_ep[e.slot as usize])
+        .sum();
     println!("local entries:  {local} (endpoints enforced on this host)");
-    println!("max/endpoint:   {}", per_ep.iter().max().copied().unwrap_or(0));
+    println!(
+        "max/endpoint:   {}",
+        per_ep.iter().max().copied().unwrap_or(0)
+    );
     println!("compile time:   {:.3} s", elapsed.as_secs_f64());
-    println!("peak RSS:       {:.1} MiB (before compile {:.1} MiB)", rss_after as f64 / 1024.0, rss_before as f64 / 1024.0);
+    println!(
+        "peak RSS:       {:.1} MiB (before compile {:.1} MiB)",
+        rss_after as f64 / 1024.0,
+        rss_before as f64 / 1024.0
+    );
 }

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use netpol::api::model::EndpointKind;
 use netpol::datapath::packet::{PacketSpec, TCP_ACK};
 use netpol::datapath::{Attachment, Datapath, DatapathSettings, Hook, KernelDatapath};
-use netpol::policy::types::{Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry};
+use netpol::policy::types::{
+    Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry,
+};
 
 fn state(n: usize) -> Compiled {
     let mut c = Compiled::default();
@@ -29,13 +31,21 @@ fn state(n: usize) -> Compiled {
             enforced_egress: true,
             audit: false,
         });
-        c.ipcache.push(IpcacheEntry { net: a.into(), identity: 1000 + slot, endpoint: Some(slot) });
+        c.ipcache.push(IpcacheEntry {
+            net: a.into(),
+            identity: 1000 + slot,
+            endpoint: Some(slot),
+        });
     }
     // n entries of endpoint 0: identities 1001.. with 100 ports each, both directions.
     for i in 0..n {
         c.entries.push(PolicyEntry {
             endpoint: 0,
-            direction: if i % 2 == 0 { Direction::Egress } else { Direction::Ingress },
+            direction: if i % 2 == 0 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
             identity: 1001 + (i / 200) as u32,
             proto: 6,
             port: 1000 + ((i / 2) % 100) as u16,
@@ -45,7 +55,10 @@ fn state(n: usize) -> Compiled {
         });
     }
     c.entries.sort();
-    c.entries.dedup_by(|a, b| (a.endpoint, a.direction, a.identity, a.proto, a.port) == (b.endpoint, b.direction, b.identity, b.proto, b.port));
+    c.entries.dedup_by(|a, b| {
+        (a.endpoint, a.direction, a.identity, a.proto, a.port)
+            == (b.endpoint, b.direction, b.identity, b.proto, b.port)
+    });
     c
 }
 
@@ -54,7 +67,10 @@ fn main() {
         eprintln!("bench_lookup needs root (BPF_PROG_TEST_RUN)");
         std::process::exit(2);
     }
-    let repeat: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let repeat: u32 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200_000);
     let pin = PathBuf::from(format!("/sys/fs/bpf/npd-bench-{}", std::process::id()));
     let settings = DatapathSettings {
         policy_max_entries: 200_000,
@@ -70,7 +86,14 @@ fn main() {
     let mut results = Vec::new();
     for n in [10usize, 1_000, 10_000, 100_000] {
         let c = state(n);
-        dp.apply(&c, &[Attachment { slot: 0, ifindex: 1 }]).expect("apply");
+        dp.apply(
+            &c,
+            &[Attachment {
+                slot: 0,
+                ifindex: 1,
+            }],
+        )
+        .expect("apply");
         let mut best = f64::MAX;
         for _ in 0..7 {
             let r = dp.test_run(Hook::Ingress, &pkt, repeat).expect("test run");

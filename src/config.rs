@@ -127,7 +127,10 @@ pub struct EventsConfig {
 
 impl Default for EventsConfig {
     fn default() -> Self {
-        EventsConfig { allow_sample_rate: 0, events_per_sec: 1000 }
+        EventsConfig {
+            allow_sample_rate: 0,
+            events_per_sec: 1000,
+        }
     }
 }
 
@@ -168,7 +171,11 @@ pub struct MapsConfig {
 
 impl Default for MapsConfig {
     fn default() -> Self {
-        MapsConfig { ipcache_max_entries: 65536, policy_max_entries: 262144, endpoint_max_entries: 4096 }
+        MapsConfig {
+            ipcache_max_entries: 65536,
+            policy_max_entries: 262144,
+            endpoint_max_entries: 4096,
+        }
     }
 }
 
@@ -202,7 +209,9 @@ pub struct ProtoPort {
 impl TryFrom<String> for ProtoPort {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not PROTOCOL:PORT with PROTOCOL tcp, udp or sctp (e.g. \"tcp:22\")");
+        let bad = || {
+            format!("{s:?} is not PROTOCOL:PORT with PROTOCOL tcp, udp or sctp (e.g. \"tcp:22\")")
+        };
         let (p, port) = s.split_once(':').ok_or_else(bad)?;
         let proto = match p.to_ascii_lowercase().as_str() {
             "tcp" => proto::TCP,
@@ -246,10 +255,22 @@ pub enum ConfigError {
     },
     /// `path:line:column: key: message`, the parts known.
     #[error("{}", fmt_parse(.path, *.line, *.column, .key.as_deref(), .message))]
-    Parse { path: PathBuf, line: Option<usize>, column: Option<usize>, key: Option<String>, message: String },
+    Parse {
+        path: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
 }
 
-fn fmt_parse(path: &Path, line: Option<usize>, column: Option<usize>, key: Option<&str>, message: &str) -> String {
+fn fmt_parse(
+    path: &Path,
+    line: Option<usize>,
+    column: Option<usize>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
     let mut s = path.display().to_string();
     if let (Some(l), Some(c)) = (line, column) {
         s.push_str(&format!(":{l}:{c}"));
@@ -267,17 +288,27 @@ impl Config {
     /// How files are loaded: `strict_file_modes` refuses files and directories
     /// writable by group or others or owned by another user.
     pub fn load_options(&self) -> crate::api::LoadOptions {
-        crate::api::LoadOptions { strict_modes: self.strict_file_modes }
+        crate::api::LoadOptions {
+            strict_modes: self.strict_file_modes,
+        }
     }
 
     /// Load `path`; a missing file at the default path gives the defaults.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG) =>
+            {
                 return Ok(Config::default())
             }
-            Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
         Config::parse(path, &text)
     }
@@ -297,7 +328,12 @@ impl Config {
             key: Some(key.to_string()),
             message,
         };
-        for (key, p) in [("policy_dir", &self.policy_dir), ("pin_dir", &self.pin_dir), ("runtime_dir", &self.runtime_dir), ("state_dir", &self.state_dir)] {
+        for (key, p) in [
+            ("policy_dir", &self.policy_dir),
+            ("pin_dir", &self.pin_dir),
+            ("runtime_dir", &self.runtime_dir),
+            ("state_dir", &self.state_dir),
+        ] {
             if p.as_os_str().is_empty() {
                 return Err(err(key, "must not be empty".into()));
             }
@@ -305,11 +341,22 @@ impl Config {
         if self.endpoint_dirs.iter().any(|d| d.as_os_str().is_empty()) {
             return Err(err("endpoint_dirs", "an entry is empty".into()));
         }
-        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(err("metrics_listen", format!("{:?} is not an address:port such as \"127.0.0.1:9962\"", self.metrics_listen)));
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(err(
+                "metrics_listen",
+                format!(
+                    "{:?} is not an address:port such as \"127.0.0.1:9962\"",
+                    self.metrics_listen
+                ),
+            ));
         }
         if self.debounce_ms > 10_000 {
-            return Err(err("debounce_ms", format!("{} is more than 10000", self.debounce_ms)));
+            return Err(err(
+                "debounce_ms",
+                format!("{} is more than 10000", self.debounce_ms),
+            ));
         }
         for (key, v) in [
             ("conntrack.max_entries", self.conntrack.max_entries),
@@ -419,7 +466,13 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     }
     let message = e.message().trim().to_string();
     // serde names an unknown key itself ("unknown field `x`"); qualify it by its table.
-    ConfigError::Parse { path: path.to_path_buf(), line, column, key, message }
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        key,
+        message,
+    }
 }
 
 #[cfg(test)]
@@ -438,25 +491,45 @@ mod tests {
     #[test]
     fn unknown_key_is_named_with_the_file() {
         let e = parse("policy_dir = \"/x\"\npolicy_dri = \"/y\"\n").unwrap_err();
-        assert!(e.starts_with("/etc/netpol/netpold.toml:2:1: policy_dri: unknown field `policy_dri`"), "{e}");
+        assert!(
+            e.starts_with("/etc/netpol/netpold.toml:2:1: policy_dri: unknown field `policy_dri`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_key_in_a_table_is_named() {
         let e = parse("[maps]\npolicy_entries = 3\n").unwrap_err();
-        assert!(e.starts_with("/etc/netpol/netpold.toml:2:1: maps.policy_entries: unknown field `policy_entries`"), "{e}");
+        assert!(
+            e.starts_with(
+                "/etc/netpol/netpold.toml:2:1: maps.policy_entries: unknown field `policy_entries`"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn wrong_value_is_named() {
         let e = parse("log_level = \"loud\"\n").unwrap_err();
-        assert!(e.starts_with("/etc/netpol/netpold.toml:1:13: log_level: unknown variant `loud`"), "{e}");
+        assert!(
+            e.starts_with("/etc/netpol/netpold.toml:1:13: log_level: unknown variant `loud`"),
+            "{e}"
+        );
         let e = parse("debounce_ms = \"fast\"\n").unwrap_err();
-        assert!(e.contains(": debounce_ms: invalid type: string \"fast\""), "{e}");
+        assert!(
+            e.contains(": debounce_ms: invalid type: string \"fast\""),
+            "{e}"
+        );
         let e = parse("[failsafe]\ninbound = [\"tcp:22\", \"icmp:1\"]\n").unwrap_err();
-        assert!(e.contains("failsafe.inbound: \"icmp:1\" is not PROTOCOL:PORT"), "{e}");
+        assert!(
+            e.contains("failsafe.inbound: \"icmp:1\" is not PROTOCOL:PORT"),
+            "{e}"
+        );
         let e = parse("[maps]\nipcache_max_entries = 0\n").unwrap_err();
-        assert_eq!(e, "/etc/netpol/netpold.toml: maps.ipcache_max_entries: must be at least 1");
+        assert_eq!(
+            e,
+            "/etc/netpol/netpold.toml: maps.ipcache_max_entries: must be at least 1"
+        );
     }
 
     #[test]
@@ -484,7 +557,10 @@ mod tests {
         assert!(!d.recheck_established);
         assert_eq!(d.allow_sample_rate, 7);
         let o = c.compile_options();
-        assert_eq!((o.node_name.as_str(), o.audit, o.allow_localhost), ("n1", true, true));
+        assert_eq!(
+            (o.node_name.as_str(), o.audit, o.allow_localhost),
+            ("n1", true, true)
+        );
         assert!(!parse("").unwrap().node_name().is_empty());
     }
 
@@ -496,7 +572,11 @@ mod tests {
         let uncommented: String = shipped
             .lines()
             .map(|l| match l.strip_prefix('#') {
-                Some(rest) if !rest.starts_with(' ') && !rest.starts_with('#') && !rest.is_empty() => rest,
+                Some(rest)
+                    if !rest.starts_with(' ') && !rest.starts_with('#') && !rest.is_empty() =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .map(|l| format!("{l}\n"))

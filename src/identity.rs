@@ -78,7 +78,15 @@ pub fn is_cidr(id: Identity) -> bool {
 
 /// The identities of the cluster's reserved members (entity `cluster` without the
 /// workloads, reference §1.6).
-pub const CLUSTER_RESERVED: &[Identity] = &[HOST, UNMANAGED, HEALTH, INIT, REMOTE_NODE, KUBE_APISERVER, INGRESS];
+pub const CLUSTER_RESERVED: &[Identity] = &[
+    HOST,
+    UNMANAGED,
+    HEALTH,
+    INIT,
+    REMOTE_NODE,
+    KUBE_APISERVER,
+    INGRESS,
+];
 
 /// Reserved identities an entity stands for (without the CIDR or workload identities
 /// that `world` / `cluster` also cover, and `None` for `all` = the wildcard 0).
@@ -123,13 +131,17 @@ fn preferred_id_of_text(text: &str) -> Identity {
 
 /// Assign numbers to distinct workload label sets (each sorted). Returns the
 /// identity of each canonical label text.
-pub fn allocate_workloads<'a>(sets: impl IntoIterator<Item = &'a [Label]>) -> BTreeMap<String, Identity> {
+pub fn allocate_workloads<'a>(
+    sets: impl IntoIterator<Item = &'a [Label]>,
+) -> BTreeMap<String, Identity> {
     let texts: Vec<String> = sets.into_iter().map(labels::canonical).collect();
     allocate_workload_texts(texts.iter().map(String::as_str))
 }
 
 /// [`allocate_workloads`] of label sets given by their canonical texts.
-pub fn allocate_workload_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, Identity> {
+pub fn allocate_workload_texts<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, Identity> {
     let by_text: std::collections::BTreeSet<&str> = texts.into_iter().collect();
     let mut used: HashSet<Identity> = HashSet::new();
     let mut out = BTreeMap::new();
@@ -152,7 +164,10 @@ pub fn allocate_cidrs(prefixes: impl IntoIterator<Item = IpNet>) -> BTreeMap<IpN
     let mut v: Vec<IpNet> = prefixes.into_iter().map(|n| n.trunc()).collect();
     v.sort();
     v.dedup();
-    v.into_iter().enumerate().map(|(i, n)| (n, CIDR_SCOPE | (i as Identity + 1))).collect()
+    v.into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, CIDR_SCOPE | (i as Identity + 1)))
+        .collect()
 }
 
 /// Labels of a CIDR identity: `cidr:<prefix>` (`:` written as `-` for IPv6, as
@@ -183,7 +198,11 @@ mod tests {
         let ida = m1[&labels::canonical(&a)];
         let idb = m1[&labels::canonical(&b)];
         assert_ne!(ida, idb);
-        assert_eq!(idb, m2[&labels::canonical(&b)], "a set keeps its number when others change");
+        assert_eq!(
+            idb,
+            m2[&labels::canonical(&b)],
+            "a set keeps its number when others change"
+        );
         for id in [ida, idb] {
             assert!((WORKLOAD_MIN..WORKLOAD_END).contains(&id));
         }
@@ -194,8 +213,9 @@ mod tests {
     #[test]
     fn collisions_probe_deterministically() {
         // Many sets: all distinct numbers.
-        let sets: Vec<Vec<Label>> =
-            (0..5000).map(|i| vec![labels::label("k8s", "app", &format!("a{i}"))]).collect();
+        let sets: Vec<Vec<Label>> = (0..5000)
+            .map(|i| vec![labels::label("k8s", "app", &format!("a{i}"))])
+            .collect();
         let m = allocate_workloads(sets.iter().map(|s| s.as_slice()));
         let ids: HashSet<_> = m.values().collect();
         assert_eq!(ids.len(), 5000);
@@ -203,7 +223,11 @@ mod tests {
 
     #[test]
     fn cidr_ids() {
-        let m = allocate_cidrs(["10.0.0.0/8".parse().unwrap(), "192.0.2.0/24".parse().unwrap(), "10.0.0.0/8".parse().unwrap()]);
+        let m = allocate_cidrs([
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ]);
         assert_eq!(m.len(), 2);
         assert_eq!(m[&"10.0.0.0/8".parse::<IpNet>().unwrap()], 0x0100_0001);
         assert!(is_cidr(0x0100_0002));

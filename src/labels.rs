@@ -37,7 +37,11 @@ pub const SOURCE_ANY: &str = "any";
 
 /// Build a label.
 pub fn label(source: &str, key: &str, value: &str) -> Label {
-    Label { source: source.to_string(), key: key.to_string(), value: value.to_string() }
+    Label {
+        source: source.to_string(),
+        key: key.to_string(),
+        value: value.to_string(),
+    }
 }
 
 /// `source:key=value` (or `source:key` when the value is empty).
@@ -74,7 +78,9 @@ pub fn requirement_matches(req: &Requirement, labels: &[Label]) -> bool {
 /// Does the selector select this label set? All requirements are ANDed; the empty
 /// selector matches every label set.
 pub fn selector_matches(sel: &Selector, labels: &[Label]) -> bool {
-    sel.requirements.iter().all(|r| requirement_matches(r, labels))
+    sel.requirements
+        .iter()
+        .all(|r| requirement_matches(r, labels))
 }
 
 /// The labels of a workload endpoint as Cilium gives them to a pod: its own labels,
@@ -83,7 +89,11 @@ pub fn selector_matches(sel: &Selector, labels: &[Label]) -> bool {
 /// (present even without a Namespace document), and the cluster label. Sorted,
 /// without duplicates (a later label with the same source and key replaces an
 /// earlier one, so a user cannot forge a second namespace label).
-pub fn workload_labels(own: &[Label], namespace: &str, ns_def: Option<&NamespaceDef>) -> Vec<Label> {
+pub fn workload_labels(
+    own: &[Label],
+    namespace: &str,
+    ns_def: Option<&NamespaceDef>,
+) -> Vec<Label> {
     let mut map: BTreeMap<(String, String), String> = BTreeMap::new();
     for l in own {
         map.insert((l.source.clone(), l.key.clone()), l.value.clone());
@@ -96,11 +106,25 @@ pub fn workload_labels(own: &[Label], namespace: &str, ns_def: Option<&Namespace
     }
     ns_labels.insert(METADATA_NAME.to_string(), namespace.to_string());
     for (k, v) in ns_labels {
-        map.insert((SOURCE_K8S.to_string(), format!("{NAMESPACE_LABELS_PREFIX}{k}")), v);
+        map.insert(
+            (
+                SOURCE_K8S.to_string(),
+                format!("{NAMESPACE_LABELS_PREFIX}{k}"),
+            ),
+            v,
+        );
     }
-    map.insert((SOURCE_K8S.to_string(), POD_NAMESPACE.to_string()), namespace.to_string());
-    map.insert((SOURCE_K8S.to_string(), POLICY_CLUSTER.to_string()), CLUSTER_NAME.to_string());
-    map.into_iter().map(|((source, key), value)| Label { source, key, value }).collect()
+    map.insert(
+        (SOURCE_K8S.to_string(), POD_NAMESPACE.to_string()),
+        namespace.to_string(),
+    );
+    map.insert(
+        (SOURCE_K8S.to_string(), POLICY_CLUSTER.to_string()),
+        CLUSTER_NAME.to_string(),
+    );
+    map.into_iter()
+        .map(|((source, key), value)| Label { source, key, value })
+        .collect()
 }
 
 /// The label set of a reserved identity: `{reserved:<name>}`. The family-specific
@@ -109,7 +133,10 @@ pub fn workload_labels(own: &[Label], namespace: &str, ns_def: Option<&Namespace
 /// `reserved:world` must select them, as it selects CIDR identities.
 pub fn reserved_labels(name: &str) -> Vec<Label> {
     match name {
-        "world-ipv4" | "world-ipv6" => vec![label(SOURCE_RESERVED, "world", ""), label(SOURCE_RESERVED, name, "")],
+        "world-ipv4" | "world-ipv6" => vec![
+            label(SOURCE_RESERVED, "world", ""),
+            label(SOURCE_RESERVED, name, ""),
+        ],
         _ => vec![label(SOURCE_RESERVED, name, "")],
     }
 }
@@ -128,9 +155,15 @@ mod tests {
 
     fn req(source: Option<&str>, key: &str, op: Op, values: &[&str]) -> Requirement {
         Requirement {
-            key: LabelKey { source: source.map(str::to_string), key: key.to_string() },
+            key: LabelKey {
+                source: source.map(str::to_string),
+                key: key.to_string(),
+            },
             op,
-            values: values.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+            values: values
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<_>>(),
         }
     }
 
@@ -141,16 +174,31 @@ mod tests {
     #[test]
     fn empty_selector_matches_everything() {
         assert!(selector_matches(&Selector::default(), &[]));
-        assert!(selector_matches(&Selector::default(), &[label("k8s", "app", "x")]));
+        assert!(selector_matches(
+            &Selector::default(),
+            &[label("k8s", "app", "x")]
+        ));
     }
 
     #[test]
     fn source_none_matches_any_source_concrete_source_must_match() {
         let ls = vec![label("container", "app", "web")];
-        assert!(selector_matches(&sel(vec![req(None, "app", Op::In, &["web"])]), &ls));
-        assert!(selector_matches(&sel(vec![req(Some("any"), "app", Op::In, &["web"])]), &ls));
-        assert!(!selector_matches(&sel(vec![req(Some("k8s"), "app", Op::In, &["web"])]), &ls));
-        assert!(selector_matches(&sel(vec![req(Some("container"), "app", Op::In, &["web"])]), &ls));
+        assert!(selector_matches(
+            &sel(vec![req(None, "app", Op::In, &["web"])]),
+            &ls
+        ));
+        assert!(selector_matches(
+            &sel(vec![req(Some("any"), "app", Op::In, &["web"])]),
+            &ls
+        ));
+        assert!(!selector_matches(
+            &sel(vec![req(Some("k8s"), "app", Op::In, &["web"])]),
+            &ls
+        ));
+        assert!(selector_matches(
+            &sel(vec![req(Some("container"), "app", Op::In, &["web"])]),
+            &ls
+        ));
     }
 
     #[test]
@@ -161,7 +209,10 @@ mod tests {
         assert!(!m(req(None, "app", Op::In, &["db"])));
         assert!(m(req(None, "app", Op::NotIn, &["db"])));
         assert!(!m(req(None, "app", Op::NotIn, &["web"])));
-        assert!(m(req(None, "missing", Op::NotIn, &["web"])), "NotIn is true when absent");
+        assert!(
+            m(req(None, "missing", Op::NotIn, &["web"])),
+            "NotIn is true when absent"
+        );
         assert!(m(req(None, "tier", Op::Exists, &[])));
         assert!(!m(req(None, "missing", Op::Exists, &[])));
         assert!(m(req(None, "missing", Op::DoesNotExist, &[])));
@@ -171,7 +222,10 @@ mod tests {
     #[test]
     fn requirements_are_anded() {
         let ls = vec![label("k8s", "app", "web")];
-        let s = sel(vec![req(None, "app", Op::In, &["web"]), req(None, "env", Op::Exists, &[])]);
+        let s = sel(vec![
+            req(None, "app", Op::In, &["web"]),
+            req(None, "env", Op::Exists, &[]),
+        ]);
         assert!(!selector_matches(&s, &ls));
     }
 
@@ -189,20 +243,32 @@ mod tests {
             labels: vec![label("k8s", "team", "payments")],
         };
         let ls = workload_labels(&[label("k8s", "app", "web")], "prod", Some(&ns));
-        let has = |k: &str, v: &str| ls.iter().any(|l| l.source == "k8s" && l.key == k && l.value == v);
+        let has = |k: &str, v: &str| {
+            ls.iter()
+                .any(|l| l.source == "k8s" && l.key == k && l.value == v)
+        };
         assert!(has("app", "web"));
         assert!(has(POD_NAMESPACE, "prod"));
         assert!(has("io.cilium.k8s.namespace.labels.team", "payments"));
-        assert!(has("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name", "prod"));
+        assert!(has(
+            "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name",
+            "prod"
+        ));
         assert!(has(POLICY_CLUSTER, "default"));
         // Without a Namespace document the metadata name label is still there.
         let ls2 = workload_labels(&[], "dev", None);
-        assert!(ls2.iter().any(|l| l.key == "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name" && l.value == "dev"));
+        assert!(ls2.iter().any(|l| l.key
+            == "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name"
+            && l.value == "dev"));
     }
 
     #[test]
     fn own_label_cannot_forge_namespace() {
-        let ls = workload_labels(&[label("k8s", POD_NAMESPACE, "kube-system")], "default", None);
+        let ls = workload_labels(
+            &[label("k8s", POD_NAMESPACE, "kube-system")],
+            "default",
+            None,
+        );
         let ns: Vec<_> = ls.iter().filter(|l| l.key == POD_NAMESPACE).collect();
         assert_eq!(ns.len(), 1);
         assert_eq!(ns[0].value, "default");

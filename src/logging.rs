@@ -30,17 +30,25 @@ pub fn slog_level(level: LogLevel) -> Level {
 /// systemd set up (`JOURNAL_STREAM` names its device and inode), terminal otherwise.
 pub fn effective_format(format: LogFormat) -> LogFormat {
     match format {
-        LogFormat::Auto if stderr_is_journal() && std::path::Path::new(JOURNAL_SOCKET).exists() => LogFormat::Journald,
+        LogFormat::Auto if stderr_is_journal() && std::path::Path::new(JOURNAL_SOCKET).exists() => {
+            LogFormat::Journald
+        }
         LogFormat::Auto => LogFormat::Terminal,
         f => f,
     }
 }
 
 fn stderr_is_journal() -> bool {
-    let Ok(v) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Some((dev, ino)) = v.split_once(':') else { return false };
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
     match nix::sys::stat::fstat(2) {
-        Ok(st) => dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino),
+        Ok(st) => {
+            dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+        }
         Err(_) => false,
     }
 }
@@ -54,8 +62,13 @@ pub fn build(level: LogLevel, format: LogFormat) -> Logger {
             Err(_) => terminal(level),
         },
         LogFormat::Json => {
-            let d = slog_json::Json::new(std::io::stderr()).add_default_keys().build();
-            Logger::root(std::sync::Mutex::new(d).filter_level(level).ignore_res(), slog::o!())
+            let d = slog_json::Json::new(std::io::stderr())
+                .add_default_keys()
+                .build();
+            Logger::root(
+                std::sync::Mutex::new(d).filter_level(level).ignore_res(),
+                slog::o!(),
+            )
         }
         _ => terminal(level),
     }
@@ -89,11 +102,15 @@ impl JournaldDrain {
 
     /// Send to another socket path (tests).
     pub fn with_socket(identifier: &str, path: PathBuf) -> std::io::Result<Self> {
-        Ok(JournaldDrain { socket: UnixDatagram::unbound()?, path, identifier: identifier.to_string() })
+        Ok(JournaldDrain {
+            socket: UnixDatagram::unbound()?,
+            path,
+            identifier: identifier.to_string(),
+        })
     }
 
     /// The datagram for one record.
-    pub fn encode(&self, record: &Record, values: &OwnedKVList) -> Vec<u8> {
+    pub fn encode(&self, record: &Record<'_>, values: &OwnedKVList) -> Vec<u8> {
         // slog hands pairs over last first; put them back in written order, the
         // record's before the logger's.
         let mut own = FieldCollector::default();
@@ -101,7 +118,12 @@ impl JournaldDrain {
         let mut inherited = FieldCollector::default();
         let _ = values.serialize(record, &mut inherited);
         let mut fields = FieldCollector::default();
-        for (k, v) in own.pairs.into_iter().rev().chain(inherited.pairs.into_iter().rev()) {
+        for (k, v) in own
+            .pairs
+            .into_iter()
+            .rev()
+            .chain(inherited.pairs.into_iter().rev())
+        {
             if !fields.pairs.iter().any(|(fk, _)| *fk == k) {
                 fields.pairs.push((k, v));
             }
@@ -127,7 +149,7 @@ impl Drain for JournaldDrain {
     type Ok = ();
     type Err = std::io::Error;
 
-    fn log(&self, record: &Record, values: &OwnedKVList) -> Result<(), std::io::Error> {
+    fn log(&self, record: &Record<'_>, values: &OwnedKVList) -> Result<(), std::io::Error> {
         let buf = self.encode(record, values);
         self.socket.send_to(&buf, &self.path).map(|_| ())
     }
@@ -160,8 +182,16 @@ fn push_field(buf: &mut Vec<u8>, key: &str, value: &str) {
 /// journald field names: upper-case letters, digits and `_`, not starting with `_`
 /// or a digit.
 fn journal_key(key: &str) -> String {
-    let mut k: String =
-        key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let mut k: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
     while k.starts_with('_') || k.starts_with(|c: char| c.is_ascii_digit()) {
         k.remove(0);
     }
@@ -177,7 +207,7 @@ struct FieldCollector {
 }
 
 impl slog::Serializer for FieldCollector {
-    fn emit_arguments(&mut self, key: Key, val: &fmt::Arguments) -> slog::Result {
+    fn emit_arguments(&mut self, key: Key, val: &fmt::Arguments<'_>) -> slog::Result {
         self.pairs.push((key.to_string(), val.to_string()));
         Ok(())
     }
@@ -199,14 +229,21 @@ mod tests {
         let n = server.recv(&mut buf).unwrap();
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
         assert!(text.contains("MESSAGE\n"), "{text}");
-        assert!(text.contains("applied generation=7 file=/etc/netpol.d/a.yaml multi=a\nb component=reconcile\n"), "{text}");
+        assert!(
+            text.contains(
+                "applied generation=7 file=/etc/netpol.d/a.yaml multi=a\nb component=reconcile\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("PRIORITY=4\n"), "{text}");
         assert!(text.contains("GENERATION=7\n"), "{text}");
         assert!(text.contains("FILE=/etc/netpol.d/a.yaml\n"), "{text}");
         assert!(text.contains("COMPONENT=reconcile\n"), "{text}");
         assert!(text.contains("SYSLOG_IDENTIFIER=netpold\n"), "{text}");
         // The value with a newline uses the binary form.
-        assert!(buf[..n].windows(b"MULTI\n\x03\0\0\0\0\0\0\0a\nb\n".len()).any(|w| w == b"MULTI\n\x03\0\0\0\0\0\0\0a\nb\n"));
+        assert!(buf[..n]
+            .windows(b"MULTI\n\x03\0\0\0\0\0\0\0a\nb\n".len())
+            .any(|w| w == b"MULTI\n\x03\0\0\0\0\0\0\0a\nb\n"));
     }
 
     #[test]

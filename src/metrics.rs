@@ -27,7 +27,9 @@ use crate::policy::types::Compiled;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9962";
 
 /// Upper bounds of the apply latency histogram, in seconds.
-pub const APPLY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+pub const APPLY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -61,7 +63,12 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn new(bounds: &[f64]) -> Histogram {
-        Histogram { bounds: bounds.to_vec(), counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+        Histogram {
+            bounds: bounds.to_vec(),
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     pub fn observe(&mut self, v: f64) {
@@ -144,7 +151,10 @@ impl Metrics {
 
     /// A successful apply of `generation` that took `seconds`.
     pub fn applied(&self, generation: u64, seconds: f64) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).ok();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .ok();
         self.update(|s| {
             s.generation = generation;
             s.applies += 1;
@@ -161,16 +171,45 @@ impl Metrics {
     /// configured capacities of the ipcache, policy and endpoint maps. Only the
     /// entries of attached endpoints are installed, so only those count.
     pub fn record_state(&self, c: &Compiled, attachments: &[Attachment], limits: MapLimits) {
-        let attached: std::collections::BTreeSet<u32> = attachments.iter().map(|a| a.slot).collect();
-        let policy = c.entries.iter().filter(|e| attached.contains(&e.endpoint)).count() as u64;
+        let attached: std::collections::BTreeSet<u32> =
+            attachments.iter().map(|a| a.slot).collect();
+        let policy = c
+            .entries
+            .iter()
+            .filter(|e| attached.contains(&e.endpoint))
+            .count() as u64;
         let local = c.endpoints.iter().filter(|e| e.local).count() as u64;
         self.update(|s| {
-            s.maps.insert("ipcache".into(), MapFill { entries: c.ipcache.len() as u64, max_entries: limits.ipcache });
-            s.maps.insert("policy".into(), MapFill { entries: policy, max_entries: limits.policy });
-            s.maps.insert("endpoints".into(), MapFill { entries: attached.len() as u64, max_entries: limits.endpoints });
+            s.maps.insert(
+                "ipcache".into(),
+                MapFill {
+                    entries: c.ipcache.len() as u64,
+                    max_entries: limits.ipcache,
+                },
+            );
+            s.maps.insert(
+                "policy".into(),
+                MapFill {
+                    entries: policy,
+                    max_entries: limits.policy,
+                },
+            );
+            s.maps.insert(
+                "endpoints".into(),
+                MapFill {
+                    entries: attached.len() as u64,
+                    max_entries: limits.endpoints,
+                },
+            );
             s.endpoints.insert("attached".into(), attached.len() as u64);
-            s.endpoints.insert("pending".into(), local.saturating_sub(attached.len() as u64));
-            s.endpoints.insert("remote".into(), (c.endpoints.len() as u64).saturating_sub(local));
+            s.endpoints.insert(
+                "pending".into(),
+                local.saturating_sub(attached.len() as u64),
+            );
+            s.endpoints.insert(
+                "remote".into(),
+                (c.endpoints.len() as u64).saturating_sub(local),
+            );
         });
     }
 
@@ -181,7 +220,9 @@ impl Metrics {
             .filter_map(|(slot, n)| {
                 let e = c.endpoints.get(*slot as usize)?;
                 let name = match &e.namespace {
-                    Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => format!("{ns}/{}", e.name),
+                    Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => {
+                        format!("{ns}/{}", e.name)
+                    }
                     _ => e.name.clone(),
                 };
                 Some((name, n.clone()))
@@ -200,7 +241,9 @@ impl Metrics {
                 *v = 0;
             }
             for p in problems {
-                *s.file_errors.entry(p.file.display().to_string()).or_default() += 1;
+                *s.file_errors
+                    .entry(p.file.display().to_string())
+                    .or_default() += 1;
             }
         });
     }
@@ -248,7 +291,11 @@ pub fn escape_label(v: &str) -> String {
 /// A float as the exposition format writes it.
 fn num(v: f64) -> String {
     if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else if v.is_nan() {
         "NaN".into()
     } else {
@@ -265,45 +312,106 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     if pairs.is_empty() {
         return String::new();
     }
-    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", escape_label(v))).collect();
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+        .collect();
     format!("{{{}}}", inner.join(","))
 }
 
 /// The snapshot in the Prometheus text exposition format.
 pub fn render(s: &Snapshot) -> String {
     let mut o = String::new();
-    family(&mut o, "netpol_build_info", "gauge", "netpold build information");
-    let _ = writeln!(o, "netpol_build_info{} 1", labels(&[("version", env!("CARGO_PKG_VERSION"))]));
+    family(
+        &mut o,
+        "netpol_build_info",
+        "gauge",
+        "netpold build information",
+    );
+    let _ = writeln!(
+        o,
+        "netpol_build_info{} 1",
+        labels(&[("version", env!("CARGO_PKG_VERSION"))])
+    );
 
-    family(&mut o, "netpol_ready", "gauge", "1 once the first policy generation has been applied");
+    family(
+        &mut o,
+        "netpol_ready",
+        "gauge",
+        "1 once the first policy generation has been applied",
+    );
     let _ = writeln!(o, "netpol_ready {}", u8::from(s.ready));
-    family(&mut o, "netpol_degraded", "gauge", "1 while some file is invalid and the last valid set is enforced");
+    family(
+        &mut o,
+        "netpol_degraded",
+        "gauge",
+        "1 while some file is invalid and the last valid set is enforced",
+    );
     let _ = writeln!(o, "netpol_degraded {}", u8::from(s.degraded));
-    family(&mut o, "netpol_generation", "gauge", "Active datapath generation number");
+    family(
+        &mut o,
+        "netpol_generation",
+        "gauge",
+        "Active datapath generation number",
+    );
     let _ = writeln!(o, "netpol_generation {}", s.generation);
 
-    family(&mut o, "netpol_applies_total", "counter", "Policy generations applied");
+    family(
+        &mut o,
+        "netpol_applies_total",
+        "counter",
+        "Policy generations applied",
+    );
     let _ = writeln!(o, "netpol_applies_total {}", s.applies);
-    family(&mut o, "netpol_apply_errors_total", "counter", "Applies that failed before the flip (running state kept)");
+    family(
+        &mut o,
+        "netpol_apply_errors_total",
+        "counter",
+        "Applies that failed before the flip (running state kept)",
+    );
     let _ = writeln!(o, "netpol_apply_errors_total {}", s.apply_errors);
 
     let h = &s.apply_seconds;
-    family(&mut o, "netpol_apply_duration_seconds", "histogram", "Time to compile and apply a generation");
+    family(
+        &mut o,
+        "netpol_apply_duration_seconds",
+        "histogram",
+        "Time to compile and apply a generation",
+    );
     let mut cum = 0u64;
     for (b, c) in h.bounds.iter().zip(&h.counts) {
         cum += c;
-        let _ = writeln!(o, "netpol_apply_duration_seconds_bucket{} {cum}", labels(&[("le", &num(*b))]));
+        let _ = writeln!(
+            o,
+            "netpol_apply_duration_seconds_bucket{} {cum}",
+            labels(&[("le", &num(*b))])
+        );
     }
-    let _ = writeln!(o, "netpol_apply_duration_seconds_bucket{} {}", labels(&[("le", "+Inf")]), h.count);
+    let _ = writeln!(
+        o,
+        "netpol_apply_duration_seconds_bucket{} {}",
+        labels(&[("le", "+Inf")]),
+        h.count
+    );
     let _ = writeln!(o, "netpol_apply_duration_seconds_sum {}", num(h.sum));
     let _ = writeln!(o, "netpol_apply_duration_seconds_count {}", h.count);
 
     if let Some(t) = s.last_apply_unix {
-        family(&mut o, "netpol_last_apply_timestamp_seconds", "gauge", "Unix time of the last successful apply");
+        family(
+            &mut o,
+            "netpol_last_apply_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful apply",
+        );
         let _ = writeln!(o, "netpol_last_apply_timestamp_seconds {}", num(t));
     }
 
-    family(&mut o, "netpol_verdicts_total", "counter", "Packets judged by the datapath, by endpoint, verdict and reason");
+    family(
+        &mut o,
+        "netpol_verdicts_total",
+        "counter",
+        "Packets judged by the datapath, by endpoint, verdict and reason",
+    );
     for (ep, c) in &s.verdicts {
         let rows: [(&str, &str, u64); 6] = [
             ("allowed", "policy", c.allowed),
@@ -319,31 +427,80 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
 
-    family(&mut o, "netpol_events_total", "counter", "Verdict events read from the ring buffer, by verdict");
+    family(
+        &mut o,
+        "netpol_events_total",
+        "counter",
+        "Verdict events read from the ring buffer, by verdict",
+    );
     for (v, n) in &s.events {
         let _ = writeln!(o, "netpol_events_total{} {n}", labels(&[("verdict", v)]));
     }
 
-    family(&mut o, "netpol_map_entries", "gauge", "Entries in the active generation of each BPF map");
+    family(
+        &mut o,
+        "netpol_map_entries",
+        "gauge",
+        "Entries in the active generation of each BPF map",
+    );
     for (m, f) in &s.maps {
-        let _ = writeln!(o, "netpol_map_entries{} {}", labels(&[("map", m)]), f.entries);
+        let _ = writeln!(
+            o,
+            "netpol_map_entries{} {}",
+            labels(&[("map", m)]),
+            f.entries
+        );
     }
-    family(&mut o, "netpol_map_max_entries", "gauge", "Capacity of each BPF map");
+    family(
+        &mut o,
+        "netpol_map_max_entries",
+        "gauge",
+        "Capacity of each BPF map",
+    );
     for (m, f) in &s.maps {
-        let _ = writeln!(o, "netpol_map_max_entries{} {}", labels(&[("map", m)]), f.max_entries);
+        let _ = writeln!(
+            o,
+            "netpol_map_max_entries{} {}",
+            labels(&[("map", m)]),
+            f.max_entries
+        );
     }
-    family(&mut o, "netpol_map_fill_ratio", "gauge", "entries / max_entries of each BPF map");
+    family(
+        &mut o,
+        "netpol_map_fill_ratio",
+        "gauge",
+        "entries / max_entries of each BPF map",
+    );
     for (m, f) in &s.maps {
-        let r = if f.max_entries == 0 { 0.0 } else { f.entries as f64 / f.max_entries as f64 };
-        let _ = writeln!(o, "netpol_map_fill_ratio{} {}", labels(&[("map", m)]), num(r));
+        let r = if f.max_entries == 0 {
+            0.0
+        } else {
+            f.entries as f64 / f.max_entries as f64
+        };
+        let _ = writeln!(
+            o,
+            "netpol_map_fill_ratio{} {}",
+            labels(&[("map", m)]),
+            num(r)
+        );
     }
 
-    family(&mut o, "netpol_file_errors", "gauge", "Problems found in each policy or registry file (0 = valid)");
+    family(
+        &mut o,
+        "netpol_file_errors",
+        "gauge",
+        "Problems found in each policy or registry file (0 = valid)",
+    );
     for (f, n) in &s.file_errors {
         let _ = writeln!(o, "netpol_file_errors{} {n}", labels(&[("file", f)]));
     }
 
-    family(&mut o, "netpol_endpoints", "gauge", "Registry endpoints by state (attached, pending, remote)");
+    family(
+        &mut o,
+        "netpol_endpoints",
+        "gauge",
+        "Registry endpoints by state (attached, pending, remote)",
+    );
     for (st, n) in &s.endpoints {
         let _ = writeln!(o, "netpol_endpoints{} {n}", labels(&[("state", st)]));
     }
@@ -392,8 +549,14 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, MetricsError> {
 
 /// Bind `addr` and serve `metrics` on a background thread.
 pub fn serve(addr: SocketAddr, metrics: Metrics) -> Result<MetricsServer, MetricsError> {
-    let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })?;
-    let bound = listener.local_addr().map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })?;
+    let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
@@ -408,8 +571,15 @@ pub fn serve(addr: SocketAddr, metrics: Metrics) -> Result<MetricsServer, Metric
                 }
             }
         })
-        .map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })?;
-    Ok(MetricsServer { addr: bound, stop, thread: Some(thread) })
+        .map_err(|source| MetricsError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(MetricsServer {
+        addr: bound,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 const MAX_HEAD: usize = 8192;
@@ -424,7 +594,13 @@ fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
             break;
         }
         if buf.len() >= MAX_HEAD {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", b"request head too large\n", true);
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                b"request head too large\n",
+                true,
+            );
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
@@ -441,7 +617,13 @@ fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
             let body = metrics.render();
-            respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", body.as_bytes(), with_body)
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                body.as_bytes(),
+                with_body,
+            )
         }
         ("GET" | "HEAD", "/") => respond(
             &mut stream,
@@ -450,12 +632,30 @@ fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
             b"netpold metrics: GET /metrics\n",
             with_body,
         ),
-        ("GET" | "HEAD", _) => respond(&mut stream, "404 Not Found", "text/plain", b"not found\n", with_body),
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n", true),
+        ("GET" | "HEAD", _) => respond(
+            &mut stream,
+            "404 Not Found",
+            "text/plain",
+            b"not found\n",
+            with_body,
+        ),
+        _ => respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            b"only GET and HEAD\n",
+            true,
+        ),
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &[u8], with_body: bool) -> std::io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &[u8],
+    with_body: bool,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -478,10 +678,22 @@ mod tests {
         m.applied(4, 0.2);
         m.applied(5, 10.0);
         let t = m.render();
-        assert!(t.contains("netpol_apply_duration_seconds_bucket{le=\"0.0025\"} 1\n"), "{t}");
-        assert!(t.contains("netpol_apply_duration_seconds_bucket{le=\"0.25\"} 2\n"), "{t}");
-        assert!(t.contains("netpol_apply_duration_seconds_bucket{le=\"2.5\"} 2\n"), "{t}");
-        assert!(t.contains("netpol_apply_duration_seconds_bucket{le=\"+Inf\"} 3\n"), "{t}");
+        assert!(
+            t.contains("netpol_apply_duration_seconds_bucket{le=\"0.0025\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("netpol_apply_duration_seconds_bucket{le=\"0.25\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("netpol_apply_duration_seconds_bucket{le=\"2.5\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("netpol_apply_duration_seconds_bucket{le=\"+Inf\"} 3\n"),
+            "{t}"
+        );
         assert!(t.contains("netpol_apply_duration_seconds_count 3\n"), "{t}");
         assert!(t.contains("netpol_generation 5\n"), "{t}");
     }
@@ -493,7 +705,9 @@ mod tests {
         m.update(|s| {
             s.file_errors.insert("/etc/netpol.d/we\"ird.yaml".into(), 2);
         });
-        assert!(m.render().contains("netpol_file_errors{file=\"/etc/netpol.d/we\\\"ird.yaml\"} 2\n"));
+        assert!(m
+            .render()
+            .contains("netpol_file_errors{file=\"/etc/netpol.d/we\\\"ird.yaml\"} 2\n"));
     }
 
     #[test]
@@ -516,9 +730,15 @@ mod tests {
         assert!(get("GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         let head = get("HEAD /metrics HTTP/1.1\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
         let addr = srv.local_addr();
         srv.stop();
-        assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(), "stopped server still listens");
+        assert!(
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+            "stopped server still listens"
+        );
     }
 }

@@ -42,7 +42,11 @@ impl LinkTable {
     /// The interface this host routes `ip` through (longest prefix), for
     /// `interface: auto`.
     pub fn route_device(&self, ip: IpAddr) -> Option<u32> {
-        self.routes.iter().filter(|(net, _)| net.contains(&ip)).max_by_key(|(net, _)| net.prefix_len()).map(|(_, i)| *i)
+        self.routes
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, i)| *i)
     }
 }
 
@@ -62,7 +66,10 @@ pub enum NetlinkError {
 pub trait Links {
     /// Start following the kernel; the receiver always holds the latest table
     /// (the first one already listed). Called once, inside the tokio runtime.
-    fn subscribe(&mut self, log: &Logger) -> impl std::future::Future<Output = Result<watch::Receiver<LinkTable>, NetlinkError>>;
+    fn subscribe(
+        &mut self,
+        log: &Logger,
+    ) -> impl std::future::Future<Output = Result<watch::Receiver<LinkTable>, NetlinkError>>;
 }
 
 /// The real thing: rtnetlink in the current network namespace.
@@ -70,7 +77,10 @@ pub trait Links {
 pub struct NetlinkLinks;
 
 impl Links for NetlinkLinks {
-    async fn subscribe(&mut self, log: &Logger) -> Result<watch::Receiver<LinkTable>, NetlinkError> {
+    async fn subscribe(
+        &mut self,
+        log: &Logger,
+    ) -> Result<watch::Receiver<LinkTable>, NetlinkError> {
         // Two sockets: one bound to the multicast groups that only receives (an
         // overrun there must not be taken for the answer to a request), one for
         // the dumps.
@@ -87,7 +97,9 @@ impl Links for NetlinkLinks {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     match subscribe_events() {
                         Ok(e) => events = e,
-                        Err(e) => slog::error!(log, "cannot reopen the netlink event socket"; "error" => %e),
+                        Err(e) => {
+                            slog::error!(log, "cannot reopen the netlink event socket"; "error" => %e)
+                        }
                     }
                     relist(&handle, &tx, &log).await;
                     continue;
@@ -109,14 +121,27 @@ impl Links for NetlinkLinks {
 
 use futures::FutureExt as _;
 
-type EventStream = futures::channel::mpsc::UnboundedReceiver<(netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
+type EventStream = futures::channel::mpsc::UnboundedReceiver<(
+    netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    SocketAddr,
+)>;
 
 fn subscribe_events() -> Result<EventStream, NetlinkError> {
-    use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK};
-    let (mut conn, _handle, messages) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
-    let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+    use rtnetlink::constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+    };
+    let (mut conn, _handle, messages) =
+        rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    let groups = RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV6_ROUTE;
     let addr = SocketAddr::new(0, groups);
-    conn.socket_mut().socket_mut().bind(&addr).map_err(NetlinkError::Socket)?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&addr)
+        .map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);
     Ok(messages)
 }
@@ -141,7 +166,14 @@ async fn relist(handle: &rtnetlink::Handle, tx: &watch::Sender<LinkTable>, log: 
 pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError> {
     let mut table = LinkTable::default();
     let mut links = handle.link().get().execute();
-    while let Some(msg) = links.try_next().await.map_err(|source| NetlinkError::Request { op: "link dump", source })? {
+    while let Some(msg) = links
+        .try_next()
+        .await
+        .map_err(|source| NetlinkError::Request {
+            op: "link dump",
+            source,
+        })?
+    {
         for attr in &msg.attributes {
             if let LinkAttribute::IfName(name) = attr {
                 table.links.insert(name.clone(), msg.header.index);
@@ -149,7 +181,14 @@ pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError>
         }
     }
     let mut addrs = handle.address().get().execute();
-    while let Some(msg) = addrs.try_next().await.map_err(|source| NetlinkError::Request { op: "address dump", source })? {
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .map_err(|source| NetlinkError::Request {
+            op: "address dump",
+            source,
+        })?
+    {
         for attr in &msg.attributes {
             if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr {
                 table.addresses.insert(*ip);
@@ -157,17 +196,32 @@ pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError>
         }
     }
     for v6 in [false, true] {
-        let version = if v6 { rtnetlink::IpVersion::V6 } else { rtnetlink::IpVersion::V4 };
+        let version = if v6 {
+            rtnetlink::IpVersion::V6
+        } else {
+            rtnetlink::IpVersion::V4
+        };
         let mut routes = handle.route().get(version).execute();
-        while let Some(msg) = routes.try_next().await.map_err(|source| NetlinkError::Request { op: "route dump", source })? {
+        while let Some(msg) = routes
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "route dump",
+                source,
+            })?
+        {
             let mut table_id = u32::from(msg.header.table);
             let (mut dst, mut oif) = (None, None);
             for attr in &msg.attributes {
                 match attr {
                     RouteAttribute::Table(t) => table_id = *t,
                     RouteAttribute::Oif(i) => oif = Some(*i),
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(*a))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(*a))
+                    }
                     _ => {}
                 }
             }
@@ -180,7 +234,9 @@ pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError>
             } else {
                 IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
             });
-            if let (Some(oif), Ok(net)) = (oif, IpNet::new(dst, msg.header.destination_prefix_length)) {
+            if let (Some(oif), Ok(net)) =
+                (oif, IpNet::new(dst, msg.header.destination_prefix_length))
+            {
                 table.routes.push((net, oif));
             }
         }
@@ -203,7 +259,10 @@ pub fn fake_links(initial: LinkTable) -> (watch::Sender<LinkTable>, FakeLinks) {
 }
 
 impl Links for FakeLinks {
-    async fn subscribe(&mut self, _log: &Logger) -> Result<watch::Receiver<LinkTable>, NetlinkError> {
+    async fn subscribe(
+        &mut self,
+        _log: &Logger,
+    ) -> Result<watch::Receiver<LinkTable>, NetlinkError> {
         Ok(self.rx.take().expect("FakeLinks::subscribe called twice"))
     }
 }
@@ -219,13 +278,19 @@ mod tests {
         tokio::spawn(conn);
         let t = list(&handle).await.unwrap();
         assert_eq!(t.resolve("lo"), Some(1));
-        assert!(t.addresses.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(t
+            .addresses
+            .contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
     }
 
     #[test]
     fn route_device_takes_the_longest_prefix() {
         let t = LinkTable {
-            routes: vec![("0.0.0.0/0".parse().unwrap(), 2), ("10.0.1.0/24".parse().unwrap(), 5), ("10.0.1.11/32".parse().unwrap(), 9)],
+            routes: vec![
+                ("0.0.0.0/0".parse().unwrap(), 2),
+                ("10.0.1.0/24".parse().unwrap(), 5),
+                ("10.0.1.11/32".parse().unwrap(), 9),
+            ],
             ..LinkTable::default()
         };
         assert_eq!(t.route_device("10.0.1.11".parse().unwrap()), Some(9));

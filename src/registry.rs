@@ -58,11 +58,25 @@ pub fn namespace_of(def: &EndpointDef) -> &str {
 /// Resolve every endpoint of the registry, in slot order: workloads first, then
 /// host endpoints, each sorted by namespace, name and origin.
 pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoint<'a>> {
-    let namespaces: HashMap<&str, &NamespaceDef> = reg.namespaces.iter().map(|n| (n.name.as_str(), n)).collect();
+    let namespaces: HashMap<&str, &NamespaceDef> = reg
+        .namespaces
+        .iter()
+        .map(|n| (n.name.as_str(), n))
+        .collect();
     let mut defs: Vec<(usize, &EndpointDef)> = reg.endpoints.iter().enumerate().collect();
     defs.sort_by(|(_, a), (_, b)| {
-        let ka = (a.kind == EndpointKind::Host, namespace_of(a), &a.name, &a.origin);
-        let kb = (b.kind == EndpointKind::Host, namespace_of(b), &b.name, &b.origin);
+        let ka = (
+            a.kind == EndpointKind::Host,
+            namespace_of(a),
+            &a.name,
+            &a.origin,
+        );
+        let kb = (
+            b.kind == EndpointKind::Host,
+            namespace_of(b),
+            &b.name,
+            &b.origin,
+        );
         ka.cmp(&kb)
     });
     defs.into_iter()
@@ -80,7 +94,13 @@ pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoin
                     l
                 }
             };
-            ResolvedEndpoint { def, index, labels: labels.into(), this_node, local: this_node && def.interface.is_some() }
+            ResolvedEndpoint {
+                def,
+                index,
+                labels: labels.into(),
+                this_node,
+                local: this_node && def.interface.is_some(),
+            }
         })
         .collect()
 }
@@ -102,10 +122,22 @@ pub fn validate(reg: &RegistrySet) -> Vec<Problem> {
     // address -> (object description, file)
     let mut addrs: HashMap<IpAddr, (String, String)> = HashMap::new();
     for ep in &reg.endpoints {
-        let kind = if ep.kind == EndpointKind::Host { "HostEndpoint" } else { "Endpoint" };
-        let ns = if ep.kind == EndpointKind::Host { None } else { Some(namespace_of(ep)) };
+        let kind = if ep.kind == EndpointKind::Host {
+            "HostEndpoint"
+        } else {
+            "Endpoint"
+        };
+        let ns = if ep.kind == EndpointKind::Host {
+            None
+        } else {
+            Some(namespace_of(ep))
+        };
         let obj = object(kind, ns, &ep.name);
-        let key = (ep.kind == EndpointKind::Host, ns.unwrap_or("").to_string(), ep.name.clone());
+        let key = (
+            ep.kind == EndpointKind::Host,
+            ns.unwrap_or("").to_string(),
+            ep.name.clone(),
+        );
         if let Some(prev) = names.get(&key) {
             problems.push(Problem {
                 file: ep.origin.file.clone(),
@@ -114,7 +146,11 @@ pub fn validate(reg: &RegistrySet) -> Vec<Problem> {
                 document: Some(ep.origin.doc + 1),
                 object: Some(obj.clone()),
                 field: Some("metadata.name".into()),
-                message: format!("{kind} {} is already defined in {}", display_name(ep), prev.origin.file.display()),
+                message: format!(
+                    "{kind} {} is already defined in {}",
+                    display_name(ep),
+                    prev.origin.file.display()
+                ),
             });
         } else {
             names.insert(key, ep);
@@ -146,7 +182,11 @@ pub fn validate(reg: &RegistrySet) -> Vec<Problem> {
                 document: Some(n.origin.doc + 1),
                 object: Some(obj.clone()),
                 field: Some("metadata.name".into()),
-                message: format!("Node {} is already defined in {}", n.name, prev.origin.file.display()),
+                message: format!(
+                    "Node {} is already defined in {}",
+                    n.name,
+                    prev.origin.file.display()
+                ),
             });
         } else {
             node_names.insert(&n.name, n);
@@ -178,7 +218,13 @@ mod tests {
 
     fn ep(name: &str, ns: &str, addr: &str, node: Option<&str>) -> EndpointDef {
         EndpointDef {
-            origin: Origin { file: "reg.yaml".into(), doc: 0, kind: "Endpoint".into(), namespace: Some(ns.into()), name: name.into() },
+            origin: Origin {
+                file: "reg.yaml".into(),
+                doc: 0,
+                kind: "Endpoint".into(),
+                namespace: Some(ns.into()),
+                name: name.into(),
+            },
             kind: EndpointKind::Workload,
             name: name.into(),
             namespace: Some(ns.into()),
@@ -194,7 +240,10 @@ mod tests {
     #[test]
     fn local_and_remote() {
         let reg = RegistrySet {
-            endpoints: vec![ep("a", "default", "10.0.0.1", None), ep("b", "default", "10.0.0.2", Some("host-b"))],
+            endpoints: vec![
+                ep("a", "default", "10.0.0.1", None),
+                ep("b", "default", "10.0.0.2", Some("host-b")),
+            ],
             ..Default::default()
         };
         let r = resolve(&reg, "host-a");
@@ -207,12 +256,17 @@ mod tests {
     #[test]
     fn duplicate_address_and_name() {
         let reg = RegistrySet {
-            endpoints: vec![ep("a", "default", "10.0.0.1", None), ep("a", "default", "10.0.0.1", None)],
+            endpoints: vec![
+                ep("a", "default", "10.0.0.1", None),
+                ep("a", "default", "10.0.0.1", None),
+            ],
             ..Default::default()
         };
         let p = validate(&reg);
         assert_eq!(p.len(), 2);
-        assert!(p.iter().any(|p| p.message.contains("address 10.0.0.1 is already used by Endpoint default/a")));
+        assert!(p.iter().any(|p| p
+            .message
+            .contains("address 10.0.0.1 is already used by Endpoint default/a")));
         assert!(p.iter().any(|p| p.message.contains("is already defined")));
     }
 }

@@ -66,7 +66,10 @@ pub struct DirWatcher {
 
 impl DirWatcher {
     /// Watch `targets` (directories, existing or not); events go to `tx`.
-    pub fn new(targets: Vec<PathBuf>, tx: mpsc::UnboundedSender<WatchEvent>) -> Result<DirWatcher, WatchError> {
+    pub fn new(
+        targets: Vec<PathBuf>,
+        tx: mpsc::UnboundedSender<WatchEvent>,
+    ) -> Result<DirWatcher, WatchError> {
         let filter_targets = targets.clone();
         let stale = Arc::new(AtomicBool::new(false));
         let stale_flag = stale.clone();
@@ -74,15 +77,21 @@ impl DirWatcher {
             // A watched directory (or one on the way to it) removed or renamed: its
             // watch is dead even if a new directory reuses the inode number.
             if let Ok(ev) = &res {
-                if matches!(ev.kind, EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_)))
-                    && ev.paths.iter().any(|p| filter_targets.iter().any(|t| t.starts_with(p)))
+                if matches!(
+                    ev.kind,
+                    EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+                ) && ev
+                    .paths
+                    .iter()
+                    .any(|p| filter_targets.iter().any(|t| t.starts_with(p)))
                 {
                     stale_flag.store(true, Ordering::SeqCst);
                 }
             }
             let ev = match res {
                 Ok(ev) if ev.need_rescan() => WatchEvent::Rescan,
-                Ok(ev) if is_relevant(&ev, &filter_targets) => match classify(&ev, &filter_targets) {
+                Ok(ev) if is_relevant(&ev, &filter_targets) => match classify(&ev, &filter_targets)
+                {
                     Some(ev) => ev,
                     None => return,
                 },
@@ -92,7 +101,12 @@ impl DirWatcher {
             let _ = tx.send(ev);
         };
         let inner = notify::recommended_watcher(handler).map_err(WatchError::Start)?;
-        let mut w = DirWatcher { inner, targets, watching: BTreeMap::new(), stale };
+        let mut w = DirWatcher {
+            inner,
+            targets,
+            watching: BTreeMap::new(),
+            stale,
+        };
         w.refresh()?;
         Ok(w)
     }
@@ -112,8 +126,12 @@ impl DirWatcher {
                 want.insert(p, id);
             }
         }
-        let stale: Vec<PathBuf> =
-            self.watching.iter().filter(|(p, id)| want.get(*p) != Some(*id)).map(|(p, _)| p.clone()).collect();
+        let stale: Vec<PathBuf> = self
+            .watching
+            .iter()
+            .filter(|(p, id)| want.get(*p) != Some(*id))
+            .map(|(p, _)| p.clone())
+            .collect();
         for p in stale {
             let _ = self.inner.unwatch(&p);
             self.watching.remove(&p);
@@ -128,7 +146,8 @@ impl DirWatcher {
                 }
                 // Gone between the stat and the watch: the next refresh tries again.
                 Err(e) if matches!(&e.kind, notify::ErrorKind::PathNotFound) => {}
-                Err(e) if matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) => {}
+                Err(e) if matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) =>
+                    {}
                 Err(source) => return Err(WatchError::Watch { path: p, source }),
             }
         }
@@ -158,13 +177,19 @@ fn watch_point(target: &Path) -> Option<(PathBuf, (u64, u64))> {
 /// An event matters when it is inside a target directory, or on a path leading
 /// to one (a parent watched while the target does not exist yet).
 fn is_relevant(ev: &Event, targets: &[PathBuf]) -> bool {
-    if matches!(ev.kind, EventKind::Access(notify::event::AccessKind::Open(_)) | EventKind::Access(notify::event::AccessKind::Read)) {
+    if matches!(
+        ev.kind,
+        EventKind::Access(notify::event::AccessKind::Open(_))
+            | EventKind::Access(notify::event::AccessKind::Read)
+    ) {
         return false;
     }
     if ev.paths.is_empty() {
         return true;
     }
-    ev.paths.iter().any(|p| targets.iter().any(|t| p.starts_with(t) || t.starts_with(p)))
+    ev.paths
+        .iter()
+        .any(|p| targets.iter().any(|t| p.starts_with(t) || t.starts_with(p)))
 }
 
 /// What a relevant event says about a file netpol reads directly inside a
@@ -175,18 +200,32 @@ fn is_relevant(ev: &Event, targets: &[PathBuf]) -> bool {
 fn classify(ev: &Event, targets: &[PathBuf]) -> Option<WatchEvent> {
     use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
     let in_target = |p: &PathBuf| p.parent().is_some_and(|d| targets.iter().any(|t| t == d));
-    let wanted = |p: &PathBuf| in_target(p) && p.file_name().and_then(|n| n.to_str()).is_some_and(crate::api::load::wanted_name);
-    let ignored = |p: &PathBuf| in_target(p) && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !crate::api::load::wanted_name(n));
+    let wanted = |p: &PathBuf| {
+        in_target(p)
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(crate::api::load::wanted_name)
+    };
+    let ignored = |p: &PathBuf| {
+        in_target(p)
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !crate::api::load::wanted_name(n))
+    };
     if !ev.paths.is_empty() && ev.paths.iter().all(ignored) {
         return None;
     }
     let first = ev.paths.first().filter(|p| wanted(p)).cloned();
     let last = ev.paths.last().filter(|p| wanted(p)).cloned();
     let change = match ev.kind {
-        EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => first.map(FileChange::Writing),
+        EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
+            first.map(FileChange::Writing)
+        }
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => first.map(FileChange::Written),
         EventKind::Modify(ModifyKind::Name(RenameMode::To)) => first.map(FileChange::Written),
-        EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => first.map(FileChange::Gone),
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
+            first.map(FileChange::Gone)
+        }
         // The pair of a rename: From and To came as their own events already.
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => last.map(FileChange::Written),
         _ => None,
@@ -230,7 +269,9 @@ const MAX_WRITING: usize = 4096;
 
 impl Debouncer {
     pub fn new(quiet: Duration) -> Debouncer {
-        let max_delay = (quiet * 10).clamp(Duration::from_millis(200), Duration::from_secs(2)).max(quiet);
+        let max_delay = (quiet * 10)
+            .clamp(Duration::from_millis(200), Duration::from_secs(2))
+            .max(quiet);
         let settle = (quiet / 5).max(Duration::from_millis(1)).min(quiet);
         Debouncer {
             quiet,
@@ -291,7 +332,11 @@ impl Debouncer {
             (Some(fired), Some(first)) => first.saturating_duration_since(fired) >= self.settle,
             _ => true,
         };
-        after_quiet && self.last_written && !self.saturated && self.writing.is_empty() && self.gone.is_empty()
+        after_quiet
+            && self.last_written
+            && !self.saturated
+            && self.writing.is_empty()
+            && self.gone.is_empty()
     }
 
     /// When to fire, if anything is pending.
@@ -373,7 +418,11 @@ mod tests {
         // A save that moves the old file away first (vim without backupcopy).
         let t0 = next(&mut d);
         d.event(t0, &file(FileChange::Gone(f("a.yaml"))));
-        assert_eq!(d.deadline(), Some(t0 + ms(10)), "removed: maybe half a replacement");
+        assert_eq!(
+            d.deadline(),
+            Some(t0 + ms(10)),
+            "removed: maybe half a replacement"
+        );
         d.event(t0, &file(FileChange::Writing(f("a.yaml"))));
         d.event(t0, &file(FileChange::Written(f("a.yaml"))));
         assert_eq!(d.deadline(), Some(t0 + FAST));
@@ -441,15 +490,29 @@ mod tests {
         std::fs::rename(dir.join(".a.yaml.new"), &target).unwrap();
         settle().await;
         let ev = drain(&mut rx);
-        assert_eq!(ev.last(), Some(&WatchEvent::File(FileChange::Written(target.clone()))), "{ev:?}");
+        assert_eq!(
+            ev.last(),
+            Some(&WatchEvent::File(FileChange::Written(target.clone()))),
+            "{ev:?}"
+        );
         std::fs::write(&target, "y").unwrap();
         settle().await;
         let ev = drain(&mut rx);
-        assert!(ev.contains(&WatchEvent::File(FileChange::Writing(target.clone()))), "{ev:?}");
-        assert_eq!(ev.last(), Some(&WatchEvent::File(FileChange::Written(target.clone()))), "{ev:?}");
+        assert!(
+            ev.contains(&WatchEvent::File(FileChange::Writing(target.clone()))),
+            "{ev:?}"
+        );
+        assert_eq!(
+            ev.last(),
+            Some(&WatchEvent::File(FileChange::Written(target.clone()))),
+            "{ev:?}"
+        );
         std::fs::remove_file(&target).unwrap();
         settle().await;
-        assert_eq!(drain(&mut rx), vec![WatchEvent::File(FileChange::Gone(target.clone()))]);
+        assert_eq!(
+            drain(&mut rx),
+            vec![WatchEvent::File(FileChange::Gone(target.clone()))]
+        );
     }
 
     #[tokio::test]
@@ -460,32 +523,54 @@ mod tests {
         let mut w = DirWatcher::new(vec![target.clone()], tx).unwrap();
         assert_eq!(w.watching(), vec![tmp.path().to_path_buf()]);
         std::fs::create_dir_all(&target).unwrap();
-        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
-        assert!(matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))), "{ev:?}");
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(
+            matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))),
+            "{ev:?}"
+        );
         w.refresh().unwrap();
         assert_eq!(w.watching(), vec![target.clone()]);
         while rx.try_recv().is_ok() {}
         std::fs::write(target.join("x.yaml"), "a").unwrap();
-        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
-        assert!(matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))), "{ev:?}");
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(
+            matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))),
+            "{ev:?}"
+        );
         // Replaced directory: the watch follows the new inode.
         std::fs::remove_dir_all(&target).unwrap();
         std::fs::create_dir(&target).unwrap();
         // The loop refreshes after the removal's event, as here.
-        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
-        assert!(matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))), "{ev:?}");
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(
+            matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))),
+            "{ev:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         w.refresh().unwrap();
         while rx.try_recv().is_ok() {}
         std::fs::write(target.join("y.yaml"), "a").unwrap();
-        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
-        assert!(matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))), "{ev:?}");
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(
+            matches!(ev, Some(WatchEvent::Changed | WatchEvent::File(_))),
+            "{ev:?}"
+        );
     }
 
     #[test]
     fn unrelated_siblings_are_ignored() {
         let targets = vec![PathBuf::from("/etc/netpol.d")];
-        let ev = |p: &str| Event::new(EventKind::Create(notify::event::CreateKind::File)).add_path(p.into());
+        let ev = |p: &str| {
+            Event::new(EventKind::Create(notify::event::CreateKind::File)).add_path(p.into())
+        };
         assert!(is_relevant(&ev("/etc/netpol.d/a.yaml"), &targets));
         assert!(is_relevant(&ev("/etc/netpol.d"), &targets));
         assert!(is_relevant(&ev("/etc"), &targets));

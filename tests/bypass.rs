@@ -20,8 +20,13 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use common::wire::{self, Ext, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TPID_8021AD, TPID_8021Q};
-use common::{compile_yaml, enforce, marker, privileged, settings, slot, Dp, Injector, Listeners, Sniffer, Topo, Workload};
+use common::wire::{
+    self, Ext, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TPID_8021AD, TPID_8021Q,
+};
+use common::{
+    compile_yaml, enforce, marker, privileged, settings, slot, Dp, Injector, Listeners, Sniffer,
+    Topo, Workload,
+};
 use netpol::datapath::{Datapath, EventReason, EventVerdict};
 use netpol::policy::types::{Compiled, Direction};
 
@@ -133,9 +138,18 @@ impl Lab {
             tag,
             &[],
             &[
-                Workload { name: "a", addrs: &["10.207.0.11/24", "fd01:207::11/64"] },
-                Workload { name: "b", addrs: &["10.207.0.21/24", "fd01:207::21/64"] },
-                Workload { name: "c", addrs: &["10.207.0.31/24", "fd01:207::31/64"] },
+                Workload {
+                    name: "a",
+                    addrs: &["10.207.0.11/24", "fd01:207::11/64"],
+                },
+                Workload {
+                    name: "b",
+                    addrs: &["10.207.0.21/24", "fd01:207::21/64"],
+                },
+                Workload {
+                    name: "c",
+                    addrs: &["10.207.0.31/24", "fd01:207::31/64"],
+                },
             ],
         );
         let mut dp = Dp::open(tag, &settings());
@@ -180,14 +194,26 @@ impl Lab {
 
     /// Send an IP packet from workload `from` to `to`'s MAC, under `vlans`.
     fn send(&self, from: &str, to: &str, vlans: &[(u16, u16)], ip_packet: &[u8]) {
-        let f = wire::ether(self.topo.mac(to), self.topo.mac(from), vlans, wire::ethertype_of(ip_packet), ip_packet);
+        let f = wire::ether(
+            self.topo.mac(to),
+            self.topo.mac(from),
+            vlans,
+            wire::ethertype_of(ip_packet),
+            ip_packet,
+        );
         self.injector(from).send(&f);
     }
 
     /// Like `send`, with extra bytes after the IP packet (an Ethernet
     /// trailer: on the wire, not part of the datagram).
     fn send_with_trailer(&self, from: &str, to: &str, ip_packet: &[u8], trailer: &[u8]) {
-        let mut f = wire::ether(self.topo.mac(to), self.topo.mac(from), &[], wire::ethertype_of(ip_packet), ip_packet);
+        let mut f = wire::ether(
+            self.topo.mac(to),
+            self.topo.mac(from),
+            &[],
+            wire::ethertype_of(ip_packet),
+            ip_packet,
+        );
         f.truncate(14 + ip_packet.len());
         f.extend_from_slice(trailer);
         self.injector(from).send(&f);
@@ -197,7 +223,9 @@ impl Lab {
     fn drops(&mut self, name: &str) -> u64 {
         let s = slot(&self.compiled, name);
         let c = self.dp.dp().counters();
-        c.get(&s).map(|c| c.denied_policy + c.denied_default + c.denied_spoof + c.denied_other).unwrap_or(0)
+        c.get(&s)
+            .map(|c| c.denied_policy + c.denied_default + c.denied_spoof + c.denied_other)
+            .unwrap_or(0)
     }
 
     /// The endpoint whose policy denies port 22 in `mode`.
@@ -228,19 +256,31 @@ impl Batch {
     /// after `NEVER` no denied marker has.
     fn verify(&self, lab: &Lab, to: &str) {
         for (what, m) in &self.allowed {
-            assert!(lab.sniffer(to).seen(m, SOON), "contrast: {what} did not arrive at {to}");
+            assert!(
+                lab.sniffer(to).seen(m, SOON),
+                "contrast: {what} did not arrive at {to}"
+            );
         }
         std::thread::sleep(NEVER);
         let mut bypasses = Vec::new();
         for (what, m) in &self.denied {
             if lab.sniffer(to).seen(m, Duration::ZERO) {
-                for f in lab.sniffer(to).frames().iter().filter(|f| common::contains(f, m)) {
+                for f in lab
+                    .sniffer(to)
+                    .frames()
+                    .iter()
+                    .filter(|f| common::contains(f, m))
+                {
                     eprintln!("{what}: received {} bytes: {:02x?}", f.len(), f);
                 }
                 bypasses.push(what.as_str());
             }
         }
-        assert!(bypasses.is_empty(), "BYPASS: arrived at {to}:\n  {}", bypasses.join("\n  "));
+        assert!(
+            bypasses.is_empty(),
+            "BYPASS: arrived at {to}:\n  {}",
+            bypasses.join("\n  ")
+        );
     }
 }
 
@@ -263,10 +303,27 @@ fn vlan_and_qinq_tagged_frames_do_not_bypass_policy() {
     let tag_sets: [(&str, Vec<(u16, u16)>); 6] = [
         ("802.1Q vid 10", vec![(TPID_8021Q, 10)]),
         ("802.1Q priority tag (vid 0)", vec![(TPID_8021Q, 0)]),
-        ("QinQ 802.1ad+802.1Q", vec![(TPID_8021AD, 100), (TPID_8021Q, 10)]),
-        ("QinQ priority tags", vec![(TPID_8021AD, 0), (TPID_8021Q, 0)]),
-        ("three priority tags", vec![(TPID_8021Q, 0), (TPID_8021Q, 0), (TPID_8021Q, 0)]),
-        ("four tags", vec![(TPID_8021AD, 0), (TPID_8021Q, 0), (TPID_8021Q, 0), (TPID_8021Q, 0)]),
+        (
+            "QinQ 802.1ad+802.1Q",
+            vec![(TPID_8021AD, 100), (TPID_8021Q, 10)],
+        ),
+        (
+            "QinQ priority tags",
+            vec![(TPID_8021AD, 0), (TPID_8021Q, 0)],
+        ),
+        (
+            "three priority tags",
+            vec![(TPID_8021Q, 0), (TPID_8021Q, 0), (TPID_8021Q, 0)],
+        ),
+        (
+            "four tags",
+            vec![
+                (TPID_8021AD, 0),
+                (TPID_8021Q, 0),
+                (TPID_8021Q, 0),
+                (TPID_8021Q, 0),
+            ],
+        ),
     ];
     for mode in MODES {
         lab.set_policy(policy(mode));
@@ -278,32 +335,64 @@ fn vlan_and_qinq_tagged_frames_do_not_bypass_policy() {
                 let (src, dst) = addrs(v6);
                 let m = marker();
                 let sp = sport();
-                lab.send("a", "b", tags, &wire::ip(src, dst, 6, &wire::tcp(src, dst, sp, DENIED, TCP_SYN, 1, 0, &m)));
-                batch.denied.push((format!("{mode:?}: {name} SYN to {dst}:{DENIED}"), m));
+                lab.send(
+                    "a",
+                    "b",
+                    tags,
+                    &wire::ip(
+                        src,
+                        dst,
+                        6,
+                        &wire::tcp(src, dst, sp, DENIED, TCP_SYN, 1, 0, &m),
+                    ),
+                );
+                batch
+                    .denied
+                    .push((format!("{mode:?}: {name} SYN to {dst}:{DENIED}"), m));
                 let m = marker();
                 let sp = sport();
-                lab.send("a", "b", tags, &wire::ip(src, dst, 6, &wire::tcp(src, dst, sp, ALLOWED, TCP_SYN, 1, 0, &m)));
+                lab.send(
+                    "a",
+                    "b",
+                    tags,
+                    &wire::ip(
+                        src,
+                        dst,
+                        6,
+                        &wire::tcp(src, dst, sp, ALLOWED, TCP_SYN, 1, 0, &m),
+                    ),
+                );
                 // Four tags are malformed to the datapath (three remain after
                 // the kernel takes the outer one off): dropped even to port 80.
                 if tags.len() < 4 {
-                    batch.allowed.push((format!("{mode:?}: {name} SYN to {dst}:{ALLOWED}"), m));
+                    batch
+                        .allowed
+                        .push((format!("{mode:?}: {name} SYN to {dst}:{ALLOWED}"), m));
                     if tags.iter().all(|t| t.1 == 0) {
                         answered.push((name.to_string(), sp));
                     }
                 } else {
-                    batch.denied.push((format!("{mode:?}: {name} SYN to {dst}:{ALLOWED}"), m));
+                    batch
+                        .denied
+                        .push((format!("{mode:?}: {name} SYN to {dst}:{ALLOWED}"), m));
                 }
             }
         }
         batch.verify(&lab, "b");
         // Priority-tagged frames are real traffic: b's stack answers them.
         for (name, sp) in answered {
-            assert!(lab.answered("a", sp), "{mode:?}: {name}: b's stack did not answer the allowed SYN");
+            assert!(
+                lab.answered("a", sp),
+                "{mode:?}: {name}: b's stack did not answer the allowed SYN"
+            );
         }
         // Four tags are dropped as malformed at a's interface whatever the
         // policy; the rest by the enforcing side.
         let dropped = lab.drops("a") + lab.drops("b") - before;
-        assert!(dropped >= 14, "{mode:?}: {dropped} drops counted for 14 denied frames");
+        assert!(
+            dropped >= 14,
+            "{mode:?}: {dropped} drops counted for 14 denied frames"
+        );
     }
 }
 
@@ -320,7 +409,10 @@ fn ipv4_options_do_not_hide_the_port() {
         ("4 NOPs (IHL 6)", vec![1, 1, 1, 1]),
         ("40 NOPs (IHL 15)", vec![1; 40]),
         ("record route (IHL 15)", rr),
-        ("timestamp (IHL 8)", vec![68, 12, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        (
+            "timestamp (IHL 8)",
+            vec![68, 12, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ),
     ];
     let (src, dst) = (wire::v4(ip(A4)), wire::v4(ip(B4)));
     for mode in MODES {
@@ -334,7 +426,12 @@ fn ipv4_options_do_not_hide_the_port() {
                 let m = marker();
                 let sp = sport();
                 let seg = wire::tcp(src.into(), dst.into(), sp, port, TCP_SYN, 1, 0, &m);
-                lab.send("a", "b", &[], &wire::ipv4(src, dst, 6, 0x77, (0, false), opts, &seg));
+                lab.send(
+                    "a",
+                    "b",
+                    &[],
+                    &wire::ipv4(src, dst, 6, 0x77, (0, false), opts, &seg),
+                );
                 let what = format!("{mode:?}: SYN with {name} to port {port}");
                 if allowed {
                     batch.allowed.push((what, m));
@@ -346,9 +443,15 @@ fn ipv4_options_do_not_hide_the_port() {
         }
         batch.verify(&lab, "b");
         for (name, sp) in answered {
-            assert!(lab.answered("a", sp), "{mode:?}: {name}: b's stack did not answer the allowed SYN");
+            assert!(
+                lab.answered("a", sp),
+                "{mode:?}: {name}: b's stack did not answer the allowed SYN"
+            );
         }
-        assert!(lab.drops(enforcer) - before >= 4, "{mode:?}: drops not counted");
+        assert!(
+            lab.drops(enforcer) - before >= 4,
+            "{mode:?}: drops not counted"
+        );
     }
 }
 
@@ -358,20 +461,48 @@ fn ipv6_extension_header_chains_do_not_hide_the_port() {
         return;
     }
     let mut lab = Lab::new("v6ext", policy(Mode::Egress));
-    let frag0 = || Ext::Fragment { offset: 0, more: false, id: 0x5151, nh: None };
+    let frag0 = || Ext::Fragment {
+        offset: 0,
+        more: false,
+        id: 0x5151,
+        nh: None,
+    };
     let chains: Vec<(&str, Vec<Ext>, bool)> = vec![
         // (name, chain, b's stack processes it)
         ("hop-by-hop", vec![Ext::HopByHop(1)], true),
         ("destination options", vec![Ext::DestOpts(2)], true),
-        ("routing (type 0, segments left 0)", vec![Ext::Routing], true),
+        (
+            "routing (type 0, segments left 0)",
+            vec![Ext::Routing],
+            true,
+        ),
         ("atomic fragment", vec![frag0()], true),
         ("AH", vec![Ext::Ah], false),
         (
             "hop-by-hop, dstopts, routing, fragment, dstopts",
-            vec![Ext::HopByHop(1), Ext::DestOpts(1), Ext::Routing, frag0(), Ext::DestOpts(1)],
+            vec![
+                Ext::HopByHop(1),
+                Ext::DestOpts(1),
+                Ext::Routing,
+                frag0(),
+                Ext::DestOpts(1),
+            ],
             true,
         ),
-        ("8 headers (the walk's bound)", vec![Ext::HopByHop(1), Ext::DestOpts(1), Ext::DestOpts(1), Ext::DestOpts(1), Ext::DestOpts(1), Ext::DestOpts(1), Ext::DestOpts(1), Ext::DestOpts(1)], false),
+        (
+            "8 headers (the walk's bound)",
+            vec![
+                Ext::HopByHop(1),
+                Ext::DestOpts(1),
+                Ext::DestOpts(1),
+                Ext::DestOpts(1),
+                Ext::DestOpts(1),
+                Ext::DestOpts(1),
+                Ext::DestOpts(1),
+                Ext::DestOpts(1),
+            ],
+            false,
+        ),
     ];
     let (src, dst) = (wire::v6(ip(A6)), wire::v6(ip(B6)));
     for mode in MODES {
@@ -400,22 +531,34 @@ fn ipv6_extension_header_chains_do_not_hide_the_port() {
         for port in [DENIED, ALLOWED] {
             let m = marker();
             let seg = wire::tcp(src.into(), dst.into(), sport(), port, TCP_SYN, 1, 0, &m);
-            let long: Vec<Ext> = std::iter::once(Ext::HopByHop(1)).chain((0..8).map(|_| Ext::DestOpts(1))).collect();
+            let long: Vec<Ext> = std::iter::once(Ext::HopByHop(1))
+                .chain((0..8).map(|_| Ext::DestOpts(1)))
+                .collect();
             lab.send("a", "b", &[], &wire::ipv6(src, dst, &long, 6, &seg));
-            batch.denied.push((format!("{mode:?}: SYN behind 9 extension headers to port {port}"), m));
+            batch.denied.push((
+                format!("{mode:?}: SYN behind 9 extension headers to port {port}"),
+                m,
+            ));
         }
         batch.verify(&lab, "b");
         for (name, sp) in answered {
-            assert!(lab.answered("a", sp), "{mode:?}: {name}: b's stack did not answer the allowed SYN");
+            assert!(
+                lab.answered("a", sp),
+                "{mode:?}: {name}: b's stack did not answer the allowed SYN"
+            );
         }
         let ev = lab.dp.dp().poll_events(10_000);
         assert!(
-            ev.iter().any(|e| e.verdict == EventVerdict::Denied && e.reason == EventReason::Malformed),
+            ev.iter()
+                .any(|e| e.verdict == EventVerdict::Denied && e.reason == EventReason::Malformed),
             "{mode:?}: the over-long chain is reported as malformed: {ev:?}"
         );
         // The over-long chains are malformed: dropped at a's interface
         // whatever the policy.
-        assert!(lab.drops("a") + lab.drops("b") - before >= 9, "{mode:?}: drops not counted");
+        assert!(
+            lab.drops("a") + lab.drops("b") - before >= 9,
+            "{mode:?}: drops not counted"
+        );
     }
 }
 
@@ -444,8 +587,18 @@ fn tiny_first_fragments_do_not_bypass_policy() {
             payload.resize(32, 0);
             let seg = wire::tcp(s4.into(), d4.into(), sport(), port, TCP_SYN, 1, 0, &payload);
             id += 1;
-            lab.send("a", "b", &[], &wire::ipv4(s4, d4, 6, id, (0, true), &[], &seg[..8]));
-            lab.send("a", "b", &[], &wire::ipv4(s4, d4, 6, id, (1, false), &[], &seg[8..]));
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv4(s4, d4, 6, id, (0, true), &[], &seg[..8]),
+            );
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv4(s4, d4, 6, id, (1, false), &[], &seg[8..]),
+            );
             let what = format!("{mode:?}: v4 8-byte first fragment + rest, to port {port}");
             if allowed {
                 batch.allowed.push((what, m));
@@ -460,14 +613,39 @@ fn tiny_first_fragments_do_not_bypass_policy() {
             let (m1, m2) = (marker(), marker());
             let mut payload = m2.clone();
             payload.resize(24, 0);
-            let seg = wire::tcp(s4.into(), d4.into(), sport(), DENIED, TCP_SYN, 1, 0, &payload);
+            let seg = wire::tcp(
+                s4.into(),
+                d4.into(),
+                sport(),
+                DENIED,
+                TCP_SYN,
+                1,
+                0,
+                &payload,
+            );
             id += 1;
             let mut fake = wire::tcp(s4.into(), d4.into(), 1, ALLOWED, TCP_SYN, 1, 0, &[]);
             fake.extend_from_slice(&m1);
-            lab.send_with_trailer("a", "b", &wire::ipv4(s4, d4, 6, id, (0, true), &[], &[]), &fake);
-            lab.send("a", "b", &[], &wire::ipv4(s4, d4, 6, id, (1, false), &[], &seg[8..]));
-            batch.denied.push((format!("{mode:?}: v4 empty first fragment whose trailer claims :80"), m1));
-            batch.denied.push((format!("{mode:?}: v4 second fragment after an empty first fragment"), m2));
+            lab.send_with_trailer(
+                "a",
+                "b",
+                &wire::ipv4(s4, d4, 6, id, (0, true), &[], &[]),
+                &fake,
+            );
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv4(s4, d4, 6, id, (1, false), &[], &seg[8..]),
+            );
+            batch.denied.push((
+                format!("{mode:?}: v4 empty first fragment whose trailer claims :80"),
+                m1,
+            ));
+            batch.denied.push((
+                format!("{mode:?}: v4 second fragment after an empty first fragment"),
+                m2,
+            ));
         }
         // IPv6: the first fragment holds a destination-options header and
         // no TCP header; the real TCP header (port 22) comes in the second
@@ -480,7 +658,15 @@ fn tiny_first_fragments_do_not_bypass_policy() {
             let fid = 0x7700_0000 + u32::from(id) + u32::from(trailer);
             let seg = wire::tcp(s6.into(), d6.into(), sport(), DENIED, TCP_SYN, 1, 0, &m);
             let (_, dst_opts) = wire::ext_chain(&[Ext::DestOpts(1)], 6);
-            let (first_nh, first) = wire::ext_chain(&[Ext::Fragment { offset: 0, more: true, id: fid, nh: None }], 60);
+            let (first_nh, first) = wire::ext_chain(
+                &[Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                    id: fid,
+                    nh: None,
+                }],
+                60,
+            );
             let mut p1 = first.clone();
             p1.extend_from_slice(&dst_opts);
             let pkt1 = wire::ipv6_raw(s6, d6, first_nh, &p1);
@@ -489,11 +675,24 @@ fn tiny_first_fragments_do_not_bypass_policy() {
                 let mut fake = wire::tcp(s6.into(), d6.into(), 1, ALLOWED, TCP_SYN, 1, 0, &[]);
                 fake.extend_from_slice(&m1);
                 lab.send_with_trailer("a", "b", &pkt1, &fake);
-                batch.denied.push((format!("{mode:?}: v6 first fragment without TCP header whose trailer claims :80"), m1));
+                batch.denied.push((
+                    format!(
+                        "{mode:?}: v6 first fragment without TCP header whose trailer claims :80"
+                    ),
+                    m1,
+                ));
             } else {
                 lab.send("a", "b", &[], &pkt1);
             }
-            let (_, second) = wire::ext_chain(&[Ext::Fragment { offset: 1, more: false, id: fid, nh: Some(6) }], 6);
+            let (_, second) = wire::ext_chain(
+                &[Ext::Fragment {
+                    offset: 1,
+                    more: false,
+                    id: fid,
+                    nh: Some(6),
+                }],
+                6,
+            );
             let mut p2 = second.clone();
             p2.extend_from_slice(&seg);
             lab.send("a", "b", &[], &wire::ipv6_raw(s6, d6, 44, &p2));
@@ -504,19 +703,85 @@ fn tiny_first_fragments_do_not_bypass_policy() {
             let m = marker();
             let mut payload = vec![0x55; 40 - m.len()];
             payload.extend_from_slice(&m);
-            let seg = wire::tcp(s4.into(), d4.into(), sport(), ALLOWED, TCP_SYN, 1, 0, &payload);
+            let seg = wire::tcp(
+                s4.into(),
+                d4.into(),
+                sport(),
+                ALLOWED,
+                TCP_SYN,
+                1,
+                0,
+                &payload,
+            );
             id += 1;
-            lab.send("a", "b", &[], &wire::ipv4(s4, d4, 6, id, (0, true), &[], &seg[..32]));
-            lab.send("a", "b", &[], &wire::ipv4(s4, d4, 6, id, (4, false), &[], &seg[32..]));
-            batch.allowed.push((format!("{mode:?}: v4 fragmented SYN to :80 (marker in the second fragment)"), m[..].to_vec()));
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv4(s4, d4, 6, id, (0, true), &[], &seg[..32]),
+            );
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv4(s4, d4, 6, id, (4, false), &[], &seg[32..]),
+            );
+            batch.allowed.push((
+                format!("{mode:?}: v4 fragmented SYN to :80 (marker in the second fragment)"),
+                m[..].to_vec(),
+            ));
             let m = marker();
             let mut payload = vec![0x55; 40 - m.len()];
             payload.extend_from_slice(&m);
-            let seg = wire::tcp(s6.into(), d6.into(), sport(), ALLOWED, TCP_SYN, 1, 0, &payload);
+            let seg = wire::tcp(
+                s6.into(),
+                d6.into(),
+                sport(),
+                ALLOWED,
+                TCP_SYN,
+                1,
+                0,
+                &payload,
+            );
             let fid = 0x7800_0000 + u32::from(id);
-            lab.send("a", "b", &[], &wire::ipv6(s6, d6, &[Ext::Fragment { offset: 0, more: true, id: fid, nh: None }], 6, &seg[..32]));
-            lab.send("a", "b", &[], &wire::ipv6(s6, d6, &[Ext::Fragment { offset: 4, more: false, id: fid, nh: None }], 6, &seg[32..]));
-            batch.allowed.push((format!("{mode:?}: v6 fragmented SYN to :80 (marker in the second fragment)"), m));
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv6(
+                    s6,
+                    d6,
+                    &[Ext::Fragment {
+                        offset: 0,
+                        more: true,
+                        id: fid,
+                        nh: None,
+                    }],
+                    6,
+                    &seg[..32],
+                ),
+            );
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ipv6(
+                    s6,
+                    d6,
+                    &[Ext::Fragment {
+                        offset: 4,
+                        more: false,
+                        id: fid,
+                        nh: None,
+                    }],
+                    6,
+                    &seg[32..],
+                ),
+            );
+            batch.allowed.push((
+                format!("{mode:?}: v6 fragmented SYN to :80 (marker in the second fragment)"),
+                m,
+            ));
         }
         batch.verify(&lab, "b");
     }
@@ -553,7 +818,18 @@ fn overlapping_fragments_cannot_rewrite_the_port() {
                 last.resize(16, 0x77);
                 let frag = |off: u16, more: bool, bytes: &[u8]| -> Vec<u8> {
                     if v6 {
-                        wire::ipv6(wire::v6(src), wire::v6(dst), &[Ext::Fragment { offset: off, more, id: u32::from(id), nh: None }], 6, bytes)
+                        wire::ipv6(
+                            wire::v6(src),
+                            wire::v6(dst),
+                            &[Ext::Fragment {
+                                offset: off,
+                                more,
+                                id: u32::from(id),
+                                nh: None,
+                            }],
+                            6,
+                            bytes,
+                        )
                     } else {
                         wire::ipv4(wire::v4(src), wire::v4(dst), 6, id, (off, more), &[], bytes)
                     }
@@ -562,7 +838,9 @@ fn overlapping_fragments_cannot_rewrite_the_port() {
                 lab.send("a", "b", &[], &frag(0, true, &evil[..48]));
                 lab.send("a", "b", &[], &frag(6, false, &last));
                 let fam = if v6 { "v6" } else { "v4" };
-                batch.allowed.push((format!("{mode:?}: {fam} first fragment to :80"), m_first));
+                batch
+                    .allowed
+                    .push((format!("{mode:?}: {fam} first fragment to :80"), m_first));
                 let what = format!("{mode:?}: {fam} overlapping offset-0 fragment rewriting the port to {rewrite_to}");
                 if rewrite_to == DENIED {
                     batch.denied.push((what, m_rewrite));
@@ -571,12 +849,18 @@ fn overlapping_fragments_cannot_rewrite_the_port() {
                     // is dropped too: fail closed, no assertion either way.
                 } else {
                     batch.allowed.push((what, m_rewrite));
-                    batch.allowed.push((format!("{mode:?}: {fam} last fragment of the :80 datagram"), m_last));
+                    batch.allowed.push((
+                        format!("{mode:?}: {fam} last fragment of the :80 datagram"),
+                        m_last,
+                    ));
                 }
             }
         }
         batch.verify(&lab, "b");
-        assert!(lab.drops(enforcer) - before >= 2, "{mode:?}: drops not counted");
+        assert!(
+            lab.drops(enforcer) - before >= 2,
+            "{mode:?}: drops not counted"
+        );
     }
 }
 
@@ -604,7 +888,17 @@ fn tcp_without_syn_does_not_open_a_denied_port() {
                 let (src, dst) = addrs(v6);
                 for (port, allowed) in [(DENIED, false), (ALLOWED, true)] {
                     let m = marker();
-                    lab.send("a", "b", &[], &wire::ip(src, dst, 6, &wire::tcp(src, dst, sport(), port, flags, 1000, 2000, &m)));
+                    lab.send(
+                        "a",
+                        "b",
+                        &[],
+                        &wire::ip(
+                            src,
+                            dst,
+                            6,
+                            &wire::tcp(src, dst, sport(), port, flags, 1000, 2000, &m),
+                        ),
+                    );
                     let what = format!("{mode:?}: {name} to {dst}:{port} with no flow");
                     if allowed {
                         batch.allowed.push((what, m));
@@ -616,9 +910,16 @@ fn tcp_without_syn_does_not_open_a_denied_port() {
         }
         batch.verify(&lab, "b");
         let dropped = lab.drops(enforcer) - before;
-        assert!(dropped >= 12, "{mode:?}: {dropped} drops counted for 12 denied segments");
+        assert!(
+            dropped >= 12,
+            "{mode:?}: {dropped} drops counted for 12 denied segments"
+        );
         let ev = lab.dp.dp().poll_events(10_000);
-        assert!(ev.iter().any(|e| e.verdict == EventVerdict::Denied && e.dport == DENIED && e.proto == 6), "{mode:?}: {ev:?}");
+        assert!(
+            ev.iter()
+                .any(|e| e.verdict == EventVerdict::Denied && e.dport == DENIED && e.proto == 6),
+            "{mode:?}: {ev:?}"
+        );
     }
 }
 
@@ -652,26 +953,66 @@ spec:
             let sp = sport();
             let (m_syn, m_synack, m_ack) = (marker(), marker(), marker());
             // 1. a's SYN.
-            lab.send("a", "b", &[], &wire::ip(a, b, 6, &wire::tcp(a, b, sp, port, TCP_SYN, 100, 0, &m_syn)));
-            assert_eq!(lab.sniff_b.seen(&m_syn, if allowed { SOON } else { NEVER }), allowed, "{a} SYN to :{port}");
-            // 2. b's (forged, for :22) SYN-ACK.
-            lab.send("b", "a", &[], &wire::ip(b, a, 6, &wire::tcp(b, a, port, sp, TCP_SYN | TCP_ACK, 500, 101, &m_synack)));
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ip(a, b, 6, &wire::tcp(a, b, sp, port, TCP_SYN, 100, 0, &m_syn)),
+            );
             assert_eq!(
-                lab.sniff_a.seen(&m_synack, if allowed { SOON } else { NEVER }),
+                lab.sniff_b.seen(&m_syn, if allowed { SOON } else { NEVER }),
+                allowed,
+                "{a} SYN to :{port}"
+            );
+            // 2. b's (forged, for :22) SYN-ACK.
+            lab.send(
+                "b",
+                "a",
+                &[],
+                &wire::ip(
+                    b,
+                    a,
+                    6,
+                    &wire::tcp(b, a, port, sp, TCP_SYN | TCP_ACK, 500, 101, &m_synack),
+                ),
+            );
+            assert_eq!(
+                lab.sniff_a
+                    .seen(&m_synack, if allowed { SOON } else { NEVER }),
                 allowed,
                 "{b}:{port} SYN-ACK to a ({})",
-                if allowed { "a reply" } else { "forged: a never got to send the SYN" }
+                if allowed {
+                    "a reply"
+                } else {
+                    "forged: a never got to send the SYN"
+                }
             );
             // 3. a's ACK with data, "continuing" the connection.
-            lab.send("a", "b", &[], &wire::ip(a, b, 6, &wire::tcp(a, b, sp, port, TCP_ACK | TCP_PSH, 101, 501, &m_ack)));
-            assert_eq!(lab.sniff_b.seen(&m_ack, if allowed { SOON } else { NEVER }), allowed, "{a} ACK to :{port} after the SYN-ACK");
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ip(
+                    a,
+                    b,
+                    6,
+                    &wire::tcp(a, b, sp, port, TCP_ACK | TCP_PSH, 101, 501, &m_ack),
+                ),
+            );
+            assert_eq!(
+                lab.sniff_b.seen(&m_ack, if allowed { SOON } else { NEVER }),
+                allowed,
+                "{a} ACK to :{port} after the SYN-ACK"
+            );
         }
     }
     assert!(lab.drops("a") - before >= 6, "a counted the drops");
     // The forged SYN-ACKs were judged by a's ingress policy (default deny).
     let ev = lab.dp.dp().poll_events(10_000);
     assert!(
-        ev.iter().any(|e| e.direction == Direction::Ingress && e.sport == DENIED && e.reason == EventReason::DefaultDeny),
+        ev.iter().any(|e| e.direction == Direction::Ingress
+            && e.sport == DENIED
+            && e.reason == EventReason::DefaultDeny),
         "{ev:?}"
     );
 }
@@ -693,33 +1034,95 @@ spec:
   - fromEndpoints: [{matchLabels: {app: c}}]
 "#;
     let mut lab = Lab::new("spoof", pol);
-    let before = lab.dp.dp().counters().get(&slot(&lab.compiled, "a")).map(|c| c.denied_spoof).unwrap_or(0);
+    let before = lab
+        .dp
+        .dp()
+        .counters()
+        .get(&slot(&lab.compiled, "a"))
+        .map(|c| c.denied_spoof)
+        .unwrap_or(0);
     let mut batch = Batch::default();
     for v6 in [false, true] {
-        let (c, b) = if v6 { (ip(C6), ip(B6)) } else { (ip(C4), ip(B4)) };
-        let other: IpAddr = if v6 { ip("fd01:207::99") } else { ip("10.207.0.99") };
-        for (name, vlans) in [("untagged", vec![]), ("802.1Q priority tag", vec![(TPID_8021Q, 0)])] {
+        let (c, b) = if v6 {
+            (ip(C6), ip(B6))
+        } else {
+            (ip(C4), ip(B4))
+        };
+        let other: IpAddr = if v6 {
+            ip("fd01:207::99")
+        } else {
+            ip("10.207.0.99")
+        };
+        for (name, vlans) in [
+            ("untagged", vec![]),
+            ("802.1Q priority tag", vec![(TPID_8021Q, 0)]),
+        ] {
             let m = marker();
-            lab.send("a", "b", &vlans, &wire::ip(c, b, 6, &wire::tcp(c, b, sport(), ALLOWED, TCP_SYN, 1, 0, &m)));
-            batch.denied.push((format!("{name} SYN from a with c's address {c}"), m));
+            lab.send(
+                "a",
+                "b",
+                &vlans,
+                &wire::ip(
+                    c,
+                    b,
+                    6,
+                    &wire::tcp(c, b, sport(), ALLOWED, TCP_SYN, 1, 0, &m),
+                ),
+            );
+            batch
+                .denied
+                .push((format!("{name} SYN from a with c's address {c}"), m));
             let m = marker();
-            lab.send("a", "b", &vlans, &wire::ip(c, b, 17, &wire::udp(c, b, sport(), 53, &m)));
-            batch.denied.push((format!("{name} UDP from a with c's address {c}"), m));
+            lab.send(
+                "a",
+                "b",
+                &vlans,
+                &wire::ip(c, b, 17, &wire::udp(c, b, sport(), 53, &m)),
+            );
+            batch
+                .denied
+                .push((format!("{name} UDP from a with c's address {c}"), m));
         }
         let m = marker();
-        lab.send("a", "b", &[], &wire::ip(other, b, 6, &wire::tcp(other, b, sport(), ALLOWED, TCP_SYN, 1, 0, &m)));
-        batch.denied.push((format!("SYN from a with the unregistered address {other}"), m));
+        lab.send(
+            "a",
+            "b",
+            &[],
+            &wire::ip(
+                other,
+                b,
+                6,
+                &wire::tcp(other, b, sport(), ALLOWED, TCP_SYN, 1, 0, &m),
+            ),
+        );
+        batch.denied.push((
+            format!("SYN from a with the unregistered address {other}"),
+            m,
+        ));
         // Contrast: the very same frame from c passes.
         let m = marker();
         let sp = sport();
-        lab.send("c", "b", &[], &wire::ip(c, b, 6, &wire::tcp(c, b, sp, ALLOWED, TCP_SYN, 1, 0, &m)));
+        lab.send(
+            "c",
+            "b",
+            &[],
+            &wire::ip(c, b, 6, &wire::tcp(c, b, sp, ALLOWED, TCP_SYN, 1, 0, &m)),
+        );
         batch.allowed.push((format!("SYN from c itself ({c})"), m));
     }
     batch.verify(&lab, "b");
     let after = lab.dp.dp().counters()[&slot(&lab.compiled, "a")].denied_spoof;
-    assert!(after - before >= 10, "a counted {} spoofed frames", after - before);
+    assert!(
+        after - before >= 10,
+        "a counted {} spoofed frames",
+        after - before
+    );
     let ev = lab.dp.dp().poll_events(10_000);
-    assert!(ev.iter().any(|e| e.reason == EventReason::Spoofed && e.src == ip(C4)), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.reason == EventReason::Spoofed && e.src == ip(C4)),
+        "{ev:?}"
+    );
 }
 
 /// An ICMP error is "related" to the flow it quotes, but only on its way to
@@ -745,14 +1148,28 @@ spec:
     let mut batch_b = Batch::default();
     let mut batch_c = Batch::default();
     for v6 in [false, true] {
-        let (a, b, c) = if v6 { (ip(A6), ip(B6), ip(C6)) } else { (ip(A4), ip(B4), ip(C4)) };
+        let (a, b, c) = if v6 {
+            (ip(A6), ip(B6), ip(C6))
+        } else {
+            (ip(A4), ip(B4), ip(C4))
+        };
         // An allowed flow a -> c:80 (tracked at a's interface).
         let sp = sport();
         let m = marker();
-        lab.send("a", "c", &[], &wire::ip(a, c, 6, &wire::tcp(a, c, sp, ALLOWED, TCP_SYN, 1, 0, &m)));
+        lab.send(
+            "a",
+            "c",
+            &[],
+            &wire::ip(a, c, 6, &wire::tcp(a, c, sp, ALLOWED, TCP_SYN, 1, 0, &m)),
+        );
         assert!(lab.sniff_c.seen(&m, SOON), "the allowed flow to c");
         // "c's reply", as an ICMP error would quote it: c:80 -> a:sp.
-        let quoted = wire::ip(c, a, 6, &wire::tcp(c, a, ALLOWED, sp, TCP_SYN | TCP_ACK, 7, 2, &[]));
+        let quoted = wire::ip(
+            c,
+            a,
+            6,
+            &wire::tcp(c, a, ALLOWED, sp, TCP_SYN | TCP_ACK, 7, 2, &[]),
+        );
         let (ty, code, proto) = if v6 { (1u8, 4u8, 58u8) } else { (3, 3, 1) };
         let error = |dst: IpAddr, m: &[u8]| {
             let mut body = quoted[..if v6 { 48 } else { 28 }].to_vec();
@@ -761,11 +1178,17 @@ spec:
         };
         let m = marker();
         lab.send("a", "b", &[], &error(b, &m));
-        batch_b.denied.push((format!("ICMP error from a to {b} quoting a's flow with c"), m));
+        batch_b.denied.push((
+            format!("ICMP error from a to {b} quoting a's flow with c"),
+            m,
+        ));
         // Contrast: to c, the peer of the quoted flow, it is related.
         let m = marker();
         lab.send("a", "c", &[], &error(c, &m));
-        batch_c.allowed.push((format!("ICMP error from a to {c} quoting a's flow with c"), m));
+        batch_c.allowed.push((
+            format!("ICMP error from a to {c} quoting a's flow with c"),
+            m,
+        ));
     }
     batch_c.verify(&lab, "c");
     batch_b.verify(&lab, "b");
@@ -775,7 +1198,9 @@ spec:
 /// with the failsafe list emptied they do not.
 #[test]
 fn host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not() {
-    if !privileged("host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not") {
+    if !privileged(
+        "host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not",
+    ) {
         return;
     }
     let registry = r#"
@@ -798,35 +1223,73 @@ spec:
     let topo = Topo::new(
         "failsafe",
         &["10.207.0.1/24", "fd01:207::1/64"],
-        &[Workload { name: "cl", addrs: &["10.207.0.50/24", "fd01:207::50/64"] }],
+        &[Workload {
+            name: "cl",
+            addrs: &["10.207.0.50/24", "fd01:207::50/64"],
+        }],
     );
     let _listeners = Listeners::start(&topo.node, &[22, 2222]);
     let cl = topo.ns("cl");
     let node4 = ip("10.207.0.1");
     let node6 = ip("fd01:207::1");
-    assert!(common::tcp_connects(&cl, node4, 22, SOON), "before enforcement");
+    assert!(
+        common::tcp_connects(&cl, node4, 22, SOON),
+        "before enforcement"
+    );
     let compiled = compile_yaml(pol, registry);
     // The documented defaults: in TCP 22, UDP 68; out UDP 53, UDP 67, TCP 53.
     use Direction::{Egress, Ingress};
-    let defaults = vec![(Ingress, 6, 22), (Ingress, 17, 68), (Egress, 17, 53), (Egress, 17, 67), (Egress, 6, 53)];
+    let defaults = vec![
+        (Ingress, 6, 22),
+        (Ingress, 17, 68),
+        (Egress, 17, 53),
+        (Egress, 17, 67),
+        (Egress, 6, 53),
+    ];
     {
-        let mut dp = Dp::open("failsafe", &netpol::datapath::DatapathSettings { failsafe: defaults, ..settings() });
+        let mut dp = Dp::open(
+            "failsafe",
+            &netpol::datapath::DatapathSettings {
+                failsafe: defaults,
+                ..settings()
+            },
+        );
         enforce(&mut dp, &topo, &compiled);
         for node in [node4, node6] {
-            assert!(common::tcp_connects(&cl, node, 22, SOON), "ssh to {node} through the failsafe");
-            assert!(!common::tcp_connects(&cl, node, 2222, NEVER), "{node}:2222 is denied by the host policy");
+            assert!(
+                common::tcp_connects(&cl, node, 22, SOON),
+                "ssh to {node} through the failsafe"
+            );
+            assert!(
+                !common::tcp_connects(&cl, node, 2222, NEVER),
+                "{node}:2222 is denied by the host policy"
+            );
         }
         let c = dp.dp().counters()[&slot(&compiled, "node")].clone();
         assert!(c.denied_policy >= 2, "{c:?}");
     }
     {
-        let mut dp = Dp::open("nofailsafe", &netpol::datapath::DatapathSettings { failsafe: vec![], ..settings() });
+        let mut dp = Dp::open(
+            "nofailsafe",
+            &netpol::datapath::DatapathSettings {
+                failsafe: vec![],
+                ..settings()
+            },
+        );
         enforce(&mut dp, &topo, &compiled);
         for node in [node4, node6] {
-            assert!(!common::tcp_connects(&cl, node, 22, NEVER), "ssh to {node} with no failsafe ports");
+            assert!(
+                !common::tcp_connects(&cl, node, 22, NEVER),
+                "ssh to {node} with no failsafe ports"
+            );
         }
         let ev = dp.dp().poll_events(1000);
-        assert!(ev.iter().any(|e| e.verdict == EventVerdict::Denied && e.dport == 22 && e.reason == EventReason::PolicyDeny), "{ev:?}");
+        assert!(
+            ev.iter().any(|e| e.verdict == EventVerdict::Denied
+                && e.dport == 22
+                && e.reason == EventReason::PolicyDeny),
+            "{ev:?}"
+        );
     }
 }
 
@@ -847,7 +1310,12 @@ fn frag_needed_and_neighbour_discovery_pass_by_design_and_open_nothing() {
     // Frag-needed "about" a flow b:22 -> a:sp, then a's SYN on that very tuple.
     for v6 in [false, true] {
         let (a, b) = addrs(v6);
-        let quoted = wire::ip(b, a, 6, &wire::tcp(b, a, DENIED, sp, TCP_SYN | TCP_ACK, 7, 2, &[]));
+        let quoted = wire::ip(
+            b,
+            a,
+            6,
+            &wire::tcp(b, a, DENIED, sp, TCP_SYN | TCP_ACK, 7, 2, &[]),
+        );
         let m = marker();
         let mut body = quoted[..if v6 { 48 } else { 28 }].to_vec();
         body.extend_from_slice(&m);
@@ -858,14 +1326,30 @@ fn frag_needed_and_neighbour_discovery_pass_by_design_and_open_nothing() {
             let mut pkt = wire::ip(a, b, 58, &wire::icmp(a, b, 135, 0, [0; 4], &ns));
             pkt[7] = 255; // ND hop limit
             lab.send("a", "b", &[], &pkt);
-            batch.allowed.push(("ICMPv6 neighbour solicitation from a to b".into(), m));
+            batch
+                .allowed
+                .push(("ICMPv6 neighbour solicitation from a to b".into(), m));
         } else {
-            lab.send("a", "b", &[], &wire::ip(a, b, 1, &wire::icmp(a, b, 3, 4, [0, 0, 5, 0xdc], &body)));
-            batch.allowed.push(("ICMPv4 fragmentation-needed from a to b".into(), m));
+            lab.send(
+                "a",
+                "b",
+                &[],
+                &wire::ip(a, b, 1, &wire::icmp(a, b, 3, 4, [0, 0, 5, 0xdc], &body)),
+            );
+            batch
+                .allowed
+                .push(("ICMPv4 fragmentation-needed from a to b".into(), m));
         }
         let m = marker();
-        lab.send("a", "b", &[], &wire::ip(a, b, 6, &wire::tcp(a, b, sp, DENIED, TCP_SYN, 1, 0, &m)));
-        batch.denied.push((format!("SYN to {b}:{DENIED} after the ICMP message"), m));
+        lab.send(
+            "a",
+            "b",
+            &[],
+            &wire::ip(a, b, 6, &wire::tcp(a, b, sp, DENIED, TCP_SYN, 1, 0, &m)),
+        );
+        batch
+            .denied
+            .push((format!("SYN to {b}:{DENIED} after the ICMP message"), m));
     }
     batch.verify(&lab, "b");
 }
@@ -900,36 +1384,120 @@ spec:
     let topo = Topo::new(
         "fsabuse",
         &["10.207.0.1/24", "fd01:207::1/64"],
-        &[Workload { name: "cl", addrs: &["10.207.0.50/24", "fd01:207::50/64"] }],
+        &[Workload {
+            name: "cl",
+            addrs: &["10.207.0.50/24", "fd01:207::50/64"],
+        }],
     );
     let _listeners = Listeners::start(&topo.node, &[22, 2222, 68, 53]);
     let compiled = compile_yaml(pol, registry);
     use Direction::{Egress, Ingress};
-    let defaults = vec![(Ingress, 6, 22), (Ingress, 17, 68), (Egress, 17, 53), (Egress, 17, 67), (Egress, 6, 53)];
-    let mut dp = Dp::open("fsabuse", &netpol::datapath::DatapathSettings { failsafe: defaults, ..settings() });
+    let defaults = vec![
+        (Ingress, 6, 22),
+        (Ingress, 17, 68),
+        (Egress, 17, 53),
+        (Egress, 17, 67),
+        (Egress, 6, 53),
+    ];
+    let mut dp = Dp::open(
+        "fsabuse",
+        &netpol::datapath::DatapathSettings {
+            failsafe: defaults,
+            ..settings()
+        },
+    );
     enforce(&mut dp, &topo, &compiled);
     let stack = Sniffer::stack(&topo.node, libc::IPPROTO_TCP);
     let inject = Injector::open(&topo.ns("cl"), "eth0");
     let cl_mac = topo.mac("cl");
-    let send = |vlans: &[(u16, u16)], pkt: &[u8]| inject.send(&wire::ether(common::NODE_MAC, cl_mac, vlans, wire::ethertype_of(pkt), pkt));
+    let send = |vlans: &[(u16, u16)], pkt: &[u8]| {
+        inject.send(&wire::ether(
+            common::NODE_MAC,
+            cl_mac,
+            vlans,
+            wire::ethertype_of(pkt),
+            pkt,
+        ))
+    };
     let mut denied: Vec<(String, Vec<u8>)> = Vec::new();
     let mut allowed: Vec<(String, Vec<u8>)> = Vec::new();
     let mut id = 0x6000u16;
     for v6 in [false, true] {
-        let (c, n): (IpAddr, IpAddr) = if v6 { (ip("fd01:207::50"), ip("fd01:207::1")) } else { (ip("10.207.0.50"), ip("10.207.0.1")) };
+        let (c, n): (IpAddr, IpAddr) = if v6 {
+            (ip("fd01:207::50"), ip("fd01:207::1"))
+        } else {
+            (ip("10.207.0.50"), ip("10.207.0.1"))
+        };
         let syn = |sp: u16, dp: u16, flags: u8, m: &[u8]| wire::tcp(c, n, sp, dp, flags, 1, 0, m);
         // (name, tags, source port, destination port, flags, reaches the stack)
-        let cases: [(&str, Vec<(u16, u16)>, u16, u16, u8, bool); 11] = [
+        type Case = (&'static str, Vec<(u16, u16)>, u16, u16, u8, bool);
+        let cases: [Case; 11] = [
             ("SYN to :22 (failsafe)", vec![], sport(), 22, TCP_SYN, true),
-            ("priority-tagged SYN to :22", vec![(TPID_8021Q, 0)], sport(), 22, TCP_SYN, true),
+            (
+                "priority-tagged SYN to :22",
+                vec![(TPID_8021Q, 0)],
+                sport(),
+                22,
+                TCP_SYN,
+                true,
+            ),
             ("SYN to :2222", vec![], sport(), 2222, TCP_SYN, false),
-            ("SYN from source port 22 to :2222", vec![], 22, 2222, TCP_SYN, false),
-            ("SYN from source port 53 to :2222", vec![], 53, 2222, TCP_SYN, false),
-            ("SYN from source port 68 to :2222", vec![], 68, 2222, TCP_SYN, false),
-            ("TCP SYN to :68 (the failsafe is UDP 68)", vec![], sport(), 68, TCP_SYN, false),
-            ("TCP SYN to :53 inbound (the failsafe is outbound)", vec![], sport(), 53, TCP_SYN, false),
-            ("priority-tagged SYN to :2222", vec![(TPID_8021Q, 0)], sport(), 2222, TCP_SYN, false),
-            ("QinQ priority-tagged SYN to :2222", vec![(TPID_8021AD, 0), (TPID_8021Q, 0)], sport(), 2222, TCP_SYN, false),
+            (
+                "SYN from source port 22 to :2222",
+                vec![],
+                22,
+                2222,
+                TCP_SYN,
+                false,
+            ),
+            (
+                "SYN from source port 53 to :2222",
+                vec![],
+                53,
+                2222,
+                TCP_SYN,
+                false,
+            ),
+            (
+                "SYN from source port 68 to :2222",
+                vec![],
+                68,
+                2222,
+                TCP_SYN,
+                false,
+            ),
+            (
+                "TCP SYN to :68 (the failsafe is UDP 68)",
+                vec![],
+                sport(),
+                68,
+                TCP_SYN,
+                false,
+            ),
+            (
+                "TCP SYN to :53 inbound (the failsafe is outbound)",
+                vec![],
+                sport(),
+                53,
+                TCP_SYN,
+                false,
+            ),
+            (
+                "priority-tagged SYN to :2222",
+                vec![(TPID_8021Q, 0)],
+                sport(),
+                2222,
+                TCP_SYN,
+                false,
+            ),
+            (
+                "QinQ priority-tagged SYN to :2222",
+                vec![(TPID_8021AD, 0), (TPID_8021Q, 0)],
+                sport(),
+                2222,
+                TCP_SYN,
+                false,
+            ),
             ("ACK to :2222", vec![], sport(), 2222, TCP_ACK, false),
         ];
         for (name, tags, sp, dport, flags, reaches) in cases {
@@ -951,7 +1519,18 @@ spec:
             id += 1;
             let frag = |off: u16, more: bool, bytes: &[u8]| -> Vec<u8> {
                 if v6 {
-                    wire::ipv6(wire::v6(c), wire::v6(n), &[Ext::Fragment { offset: off, more, id: u32::from(id), nh: None }], 6, bytes)
+                    wire::ipv6(
+                        wire::v6(c),
+                        wire::v6(n),
+                        &[Ext::Fragment {
+                            offset: off,
+                            more,
+                            id: u32::from(id),
+                            nh: None,
+                        }],
+                        6,
+                        bytes,
+                    )
                 } else {
                     wire::ipv4(wire::v4(c), wire::v4(n), 6, id, (off, more), &[], bytes)
                 }
@@ -972,7 +1551,16 @@ spec:
             for (dport, reaches) in [(22u16, true), (2222, false)] {
                 let m = marker();
                 let chain = [Ext::HopByHop(1), Ext::DestOpts(2)];
-                send(&[], &wire::ipv6(wire::v6(c), wire::v6(n), &chain, 6, &syn(sport(), dport, TCP_SYN, &m)));
+                send(
+                    &[],
+                    &wire::ipv6(
+                        wire::v6(c),
+                        wire::v6(n),
+                        &chain,
+                        6,
+                        &syn(sport(), dport, TCP_SYN, &m),
+                    ),
+                );
                 let what = format!("{n}: SYN behind hop-by-hop + destination options to :{dport}");
                 if reaches {
                     allowed.push((what, m));
@@ -983,11 +1571,26 @@ spec:
         }
     }
     for (what, m) in &allowed {
-        assert!(stack.seen(m, SOON), "contrast: {what} did not reach the host's stack");
+        assert!(
+            stack.seen(m, SOON),
+            "contrast: {what} did not reach the host's stack"
+        );
     }
     std::thread::sleep(NEVER);
-    let bypasses: Vec<&str> = denied.iter().filter(|(_, m)| stack.seen(m, Duration::ZERO)).map(|(w, _)| w.as_str()).collect();
-    assert!(bypasses.is_empty(), "BYPASS: reached the host's stack:\n  {}", bypasses.join("\n  "));
+    let bypasses: Vec<&str> = denied
+        .iter()
+        .filter(|(_, m)| stack.seen(m, Duration::ZERO))
+        .map(|(w, _)| w.as_str())
+        .collect();
+    assert!(
+        bypasses.is_empty(),
+        "BYPASS: reached the host's stack:\n  {}",
+        bypasses.join("\n  ")
+    );
     let c = dp.dp().counters()[&slot(&compiled, "node")].clone();
-    assert!(c.denied_policy as usize >= denied.len(), "{} denied attempts, counters {c:?}", denied.len());
+    assert!(
+        c.denied_policy as usize >= denied.len(),
+        "{} denied attempts, counters {c:?}",
+        denied.len()
+    );
 }

@@ -62,7 +62,12 @@ fn split_docs(text: &str) -> Vec<String> {
             d.push('\n');
         }
     }
-    docs.into_iter().filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))).collect()
+    docs.into_iter()
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
 }
 
 fn kind_of(doc: &str) -> String {
@@ -73,7 +78,9 @@ fn kind_of(doc: &str) -> String {
 }
 
 fn parse_proto_port(s: &str) -> Result<(u8, u16), String> {
-    let (p, port) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected PROTO/PORT"))?;
+    let (p, port) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected PROTO/PORT"))?;
     let p = match p {
         "tcp" => proto::TCP,
         "udp" => proto::UDP,
@@ -82,7 +89,10 @@ fn parse_proto_port(s: &str) -> Result<(u8, u16), String> {
         "icmpv6" => proto::ICMPV6,
         other => return Err(format!("{other:?}: unknown protocol")),
     };
-    Ok((p, port.parse().map_err(|_| format!("{port:?}: not a port"))?))
+    Ok((
+        p,
+        port.parse().map_err(|_| format!("{port:?}: not a port"))?,
+    ))
 }
 
 fn repo_root() -> PathBuf {
@@ -91,14 +101,18 @@ fn repo_root() -> PathBuf {
 
 /// Run one case; returns the failures (empty = pass).
 fn run_case(path: &Path) -> Result<usize, Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     let mut pol_text = String::new();
     let mut reg_text = String::new();
     let mut expect: Option<Expect> = None;
     for doc in split_docs(&text) {
         let kind = kind_of(&doc);
         if kind == "Expect" {
-            expect = Some(serde_norway::from_str(&doc).map_err(|e| vec![format!("{}: Expect: {e}", path.display())])?);
+            expect = Some(
+                serde_norway::from_str(&doc)
+                    .map_err(|e| vec![format!("{}: Expect: {e}", path.display())])?,
+            );
         } else if REGISTRY_KINDS.contains(&kind.as_str()) {
             reg_text.push_str("---\n");
             reg_text.push_str(&doc);
@@ -111,10 +125,11 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
     let mut problems = Vec::new();
     let mut policies = PolicySet::default();
     let mut registry = RegistrySet::default();
-    let mut add_pol = |file: &Path, t: &str, problems: &mut Vec<String>| match api::parse_policies(file, t) {
-        Ok(ps) => policies.policies.extend(ps),
-        Err(ps) => problems.extend(ps.iter().map(|p| p.to_string())),
-    };
+    let mut add_pol =
+        |file: &Path, t: &str, problems: &mut Vec<String>| match api::parse_policies(file, t) {
+            Ok(ps) => policies.policies.extend(ps),
+            Err(ps) => problems.extend(ps.iter().map(|p| p.to_string())),
+        };
     if !pol_text.is_empty() {
         add_pol(path, &pol_text, &mut problems);
     }
@@ -123,14 +138,15 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
         let t = std::fs::read_to_string(&f).map_err(|e| vec![format!("{}: {e}", f.display())])?;
         add_pol(&f, &t, &mut problems);
     }
-    let mut add_reg = |file: &Path, t: &str, problems: &mut Vec<String>| match api::parse_registry(file, t) {
-        Ok(r) => {
-            registry.endpoints.extend(r.endpoints);
-            registry.nodes.extend(r.nodes);
-            registry.namespaces.extend(r.namespaces);
-        }
-        Err(ps) => problems.extend(ps.iter().map(|p| p.to_string())),
-    };
+    let mut add_reg =
+        |file: &Path, t: &str, problems: &mut Vec<String>| match api::parse_registry(file, t) {
+            Ok(r) => {
+                registry.endpoints.extend(r.endpoints);
+                registry.nodes.extend(r.nodes);
+                registry.namespaces.extend(r.namespaces);
+            }
+            Err(ps) => problems.extend(ps.iter().map(|p| p.to_string())),
+        };
     if !reg_text.is_empty() {
         add_reg(path, &reg_text, &mut problems);
     }
@@ -139,12 +155,19 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
         let t = std::fs::read_to_string(&f).map_err(|e| vec![format!("{}: {e}", f.display())])?;
         add_reg(&f, &t, &mut problems);
     }
-    problems.extend(netpol::registry::validate(&registry).iter().map(|p| p.to_string()));
+    problems.extend(
+        netpol::registry::validate(&registry)
+            .iter()
+            .map(|p| p.to_string()),
+    );
     if !problems.is_empty() {
         return Err(problems);
     }
     if registry.endpoints.is_empty() {
-        return Err(vec![format!("{}: the registry parsed to no endpoints (parser not merged?)", path.display())]);
+        return Err(vec![format!(
+            "{}: the registry parsed to no endpoints (parser not merged?)",
+            path.display()
+        )]);
     }
     let opts = CompileOptions {
         node_name: expect.node_name.clone().unwrap_or_else(|| "host-a".into()),
@@ -156,7 +179,10 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
     for flow in &expect.flows {
         let f: Vec<&str> = flow.split_whitespace().collect();
         if f.len() != 4 {
-            failures.push(format!("{}: flow {flow:?}: expected `SRC DST PROTO/PORT allowed|denied`", path.display()));
+            failures.push(format!(
+                "{}: flow {flow:?}: expected `SRC DST PROTO/PORT allowed|denied`",
+                path.display()
+            ));
             continue;
         }
         let (p, port) = match parse_proto_port(f[2]) {
@@ -170,13 +196,20 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
             "allowed" => Verdict::Allowed,
             "denied" => Verdict::Denied,
             other => {
-                failures.push(format!("{}: flow {flow:?}: {other:?} is not allowed|denied", path.display()));
+                failures.push(format!(
+                    "{}: flow {flow:?}: {other:?} is not allowed|denied",
+                    path.display()
+                ));
                 continue;
             }
         };
         match trace_str(&c, f[0], f[1], p, port) {
             Ok(r) if r.verdict == want => {}
-            Ok(r) => failures.push(format!("{}: flow {flow:?}: got {:?}\n{r}", path.display(), r.verdict)),
+            Ok(r) => failures.push(format!(
+                "{}: flow {flow:?}: got {:?}\n{r}",
+                path.display(),
+                r.verdict
+            )),
             Err(e) => failures.push(format!("{}: flow {flow:?}: {e}", path.display())),
         }
     }
@@ -201,7 +234,11 @@ fn cases() -> Vec<PathBuf> {
 #[test]
 fn conformance_cases() {
     let cases = cases();
-    assert!(cases.len() >= 40, "at least 40 cases, found {}", cases.len());
+    assert!(
+        cases.len() >= 40,
+        "at least 40 cases, found {}",
+        cases.len()
+    );
     let mut failures = Vec::new();
     let mut flows = 0;
     for c in &cases {
@@ -211,7 +248,12 @@ fn conformance_cases() {
         }
     }
     eprintln!("{} conformance cases, {flows} flows checked", cases.len());
-    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -219,7 +261,10 @@ fn splitting_and_kinds() {
     let docs = split_docs("# c\n---\nkind: A\n---\n\n---\nkind: \"B\"\nx: 1\n");
     assert_eq!(docs.len(), 2);
     assert_eq!(kind_of(&docs[1]), "B");
-    assert_eq!(parse_proto_port("icmpv6/128").unwrap(), (proto::ICMPV6, 128));
+    assert_eq!(
+        parse_proto_port("icmpv6/128").unwrap(),
+        (proto::ICMPV6, 128)
+    );
 }
 
 // ---------------------------------------------------------------- netpolctl trace / matrix
@@ -238,25 +283,64 @@ fn netpolctl(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-const SEED: &[&str] = &["--policy-dir", "etc/examples/seed/netpol.d", "--endpoint-dir", "etc/examples/seed/endpoints.d"];
+const SEED: &[&str] = &[
+    "--policy-dir",
+    "etc/examples/seed/netpol.d",
+    "--endpoint-dir",
+    "etc/examples/seed/endpoints.d",
+];
 
 #[test]
 fn cli_trace_allowed_denied_and_error_exit_codes() {
-    let mut args = vec!["trace", "--from", "frontend-1", "--to", "backend", "--port", "80"];
+    let mut args = vec![
+        "trace",
+        "--from",
+        "frontend-1",
+        "--to",
+        "backend",
+        "--port",
+        "80",
+    ];
     args.extend_from_slice(SEED);
     let (code, out, _) = netpolctl(&args);
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("frontend-1 (default) -> backend (default) tcp/80: ALLOWED"), "{out}");
-    assert!(out.contains("ingress backend: allowed by CiliumNetworkPolicy default/frontend-to-backend"), "{out}");
+    assert!(
+        out.starts_with("frontend-1 (default) -> backend (default) tcp/80: ALLOWED"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ingress backend: allowed by CiliumNetworkPolicy default/frontend-to-backend"),
+        "{out}"
+    );
     assert!(out.contains("spec.ingress[0]"), "{out}");
 
-    let mut args = vec!["trace", "--from", "frontend-1", "--to", "database", "--port", "5432"];
+    let mut args = vec![
+        "trace",
+        "--from",
+        "frontend-1",
+        "--to",
+        "database",
+        "--port",
+        "5432",
+    ];
     args.extend_from_slice(SEED);
     let (code, out, _) = netpolctl(&args);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("DENIED") && out.contains("default deny"), "{out}");
+    assert!(
+        out.contains("DENIED") && out.contains("default deny"),
+        "{out}"
+    );
 
-    let mut args = vec!["trace", "--from", "10.0.1.11", "--to", "10.0.1.21", "--port", "81", "--json"];
+    let mut args = vec![
+        "trace",
+        "--from",
+        "10.0.1.11",
+        "--to",
+        "10.0.1.21",
+        "--port",
+        "81",
+        "--json",
+    ];
     args.extend_from_slice(SEED);
     let (code, out, _) = netpolctl(&args);
     assert_eq!(code, 1);
@@ -264,13 +348,23 @@ fn cli_trace_allowed_denied_and_error_exit_codes() {
     assert_eq!(v["verdict"], "denied");
     assert_eq!(v["egress"]["verdict"], "denied");
 
-    let mut args = vec!["trace", "--from", "frontend-1", "--to", "backend", "--proto", "icmp"];
+    let mut args = vec![
+        "trace",
+        "--from",
+        "frontend-1",
+        "--to",
+        "backend",
+        "--proto",
+        "icmp",
+    ];
     args.extend_from_slice(SEED);
     let (code, out, _) = netpolctl(&args);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("icmp/8"), "{out}");
 
-    let mut args = vec!["trace", "--from", "nosuch", "--to", "backend", "--port", "80"];
+    let mut args = vec![
+        "trace", "--from", "nosuch", "--to", "backend", "--port", "80",
+    ];
     args.extend_from_slice(SEED);
     let (code, _, err) = netpolctl(&args);
     assert_eq!(code, 2);
@@ -289,7 +383,17 @@ fn cli_trace_invalid_files_exit_2_with_problems() {
     .unwrap();
     let pol_s = pol.to_str().unwrap();
     let (code, out, err) = netpolctl(&[
-        "trace", "--policy-dir", pol_s, "--endpoint-dir", "etc/examples/seed/endpoints.d", "--from", "frontend-1", "--to", "backend", "--port", "80",
+        "trace",
+        "--policy-dir",
+        pol_s,
+        "--endpoint-dir",
+        "etc/examples/seed/endpoints.d",
+        "--from",
+        "frontend-1",
+        "--to",
+        "backend",
+        "--port",
+        "80",
     ]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("bad.yaml"), "{err}");
@@ -301,7 +405,10 @@ fn cli_matrix() {
     args.extend_from_slice(SEED);
     let (code, out, _) = netpolctl(&args);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("default/frontend-1") && out.contains('✓') && out.contains('✗'), "{out}");
+    assert!(
+        out.contains("default/frontend-1") && out.contains('✓') && out.contains('✗'),
+        "{out}"
+    );
     let mut args = vec!["matrix", "--json"];
     args.extend_from_slice(SEED);
     let (code, out, _) = netpolctl(&args);
@@ -309,9 +416,15 @@ fn cli_matrix() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let flows = v["flows"].as_array().unwrap();
     assert_eq!(flows.len(), 16);
-    let f = flows.iter().find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/database").unwrap();
+    let f = flows
+        .iter()
+        .find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/database")
+        .unwrap();
     assert_eq!(f["verdict"], "denied");
-    let f = flows.iter().find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/backend").unwrap();
+    let f = flows
+        .iter()
+        .find(|f| f["from"] == "default/frontend-1" && f["to"] == "default/backend")
+        .unwrap();
     assert_eq!(f["verdict"], "allowed");
 }
 
@@ -324,9 +437,18 @@ fn cli_matrix() {
 #[test]
 fn golden_seed_dump() {
     let root = repo_root();
-    let pols = api::load_policy_dir(&root.join("etc/examples/seed/netpol.d")).expect("seed policies valid");
-    let reg = api::load_endpoint_dirs(&[root.join("etc/examples/seed/endpoints.d")]).expect("seed registry valid");
-    let c = compile(&pols, &reg, &CompileOptions { node_name: "host-a".into(), ..Default::default() });
+    let pols = api::load_policy_dir(&root.join("etc/examples/seed/netpol.d"))
+        .expect("seed policies valid");
+    let reg = api::load_endpoint_dirs(&[root.join("etc/examples/seed/endpoints.d")])
+        .expect("seed registry valid");
+    let c = compile(
+        &pols,
+        &reg,
+        &CompileOptions {
+            node_name: "host-a".into(),
+            ..Default::default()
+        },
+    );
     let prefix = format!("{}/", root.display());
     let dump = c.dump().replace(&prefix, "");
     let golden = root.join("tests/conformance/golden/seed.dump");

@@ -11,14 +11,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netpol::api::model::{EndpointDef, EndpointKind, Interface, Origin, Policy, PolicyKind, PolicySet, RegistrySet};
+use netpol::api::model::{
+    EndpointDef, EndpointKind, Interface, Origin, Policy, PolicyKind, PolicySet, RegistrySet,
+};
 use netpol::api::Problem;
 use netpol::config::Config;
 use netpol::daemon::sdnotify::Notifier;
 use netpol::daemon::status::{EndpointView, Status};
 use netpol::daemon::{run_with, Loader, Options, Pipeline};
 use netpol::datapath::fake::FakeDatapath;
-use netpol::datapath::{Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent};
+use netpol::datapath::{
+    Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent,
+};
 use netpol::netlink::{fake_links, LinkTable};
 use netpol::policy::compile::{CompileError, CompileOptions};
 use netpol::policy::types::{Compiled, CompiledEndpoint, Direction, RuleRef};
@@ -32,7 +36,11 @@ fn input_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
-    v.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(netpol::api::load::wanted_name));
+    v.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(netpol::api::load::wanted_name)
+    });
     v.sort();
     v
 }
@@ -50,7 +58,13 @@ fn problem(file: &Path, message: &str) -> Problem {
 }
 
 fn origin(file: &Path, kind: &str, name: &str) -> Origin {
-    Origin { file: file.to_path_buf(), doc: 0, kind: kind.into(), namespace: Some("default".into()), name: name.into() }
+    Origin {
+        file: file.to_path_buf(),
+        doc: 0,
+        kind: kind.into(),
+        namespace: Some("default".into()),
+        name: name.into(),
+    }
 }
 
 fn fake_load_policies(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
@@ -105,7 +119,11 @@ fn fake_load_registry(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
     }
 }
 
-fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Result<Compiled, CompileError> {
+fn fake_compile(
+    p: &PolicySet,
+    r: &RegistrySet,
+    _o: &CompileOptions,
+) -> Result<Compiled, CompileError> {
     Ok(Compiled {
         endpoints: r
             .endpoints
@@ -142,7 +160,10 @@ fn fake_compile(p: &PolicySet, r: &RegistrySet, _o: &CompileOptions) -> Result<C
 }
 
 fn stand_in() -> Pipeline {
-    Pipeline { loader: Loader::Custom(fake_load_policies, fake_load_registry), compile: fake_compile }
+    Pipeline {
+        loader: Loader::Custom(fake_load_policies, fake_load_registry),
+        compile: fake_compile,
+    }
 }
 
 // ---------------------------------------------------------------- harness
@@ -179,8 +200,11 @@ impl SharedDp {
     /// Policy names in the active state, sorted.
     fn policies(&self) -> Vec<String> {
         let dp = self.0.lock().unwrap();
-        let mut v: Vec<String> =
-            dp.active.as_ref().map(|c| c.rules.iter().map(|r| r.policy.clone()).collect()).unwrap_or_default();
+        let mut v: Vec<String> = dp
+            .active
+            .as_ref()
+            .map(|c| c.rules.iter().map(|r| r.policy.clone()).collect())
+            .unwrap_or_default();
         v.sort();
         v
     }
@@ -212,7 +236,11 @@ impl Dirs {
             resync_interval_s: 0,
             ..Config::default()
         };
-        Dirs { _tmp: tmp, root, config }
+        Dirs {
+            _tmp: tmp,
+            root,
+            config,
+        }
     }
     fn pol(&self, name: &str) -> PathBuf {
         self.config.policy_dir.join(name)
@@ -238,7 +266,10 @@ fn start(
     config: Config,
     pipeline: Pipeline,
     dp: SharedDp,
-) -> (Daemon, impl std::future::Future<Output = Result<(), netpol::daemon::DaemonError>>) {
+) -> (
+    Daemon,
+    impl std::future::Future<Output = Result<(), netpol::daemon::DaemonError>>,
+) {
     let (links, fake) = fake_links(LinkTable::default());
     let (notifier, notes) = Notifier::recorder();
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
@@ -251,7 +282,18 @@ fn start(
     let fut = run_with(config, dp.clone(), fake, opts, async move {
         let _ = stop_rx.await;
     });
-    (Daemon { dp, links, notes, reload: reload_tx, watch_events, stop: Some(stop_tx), socket }, fut)
+    (
+        Daemon {
+            dp,
+            links,
+            notes,
+            reload: reload_tx,
+            watch_events,
+            stop: Some(stop_tx),
+            socket,
+        },
+        fut,
+    )
 }
 
 impl Daemon {
@@ -262,9 +304,13 @@ impl Daemon {
     }
 
     async fn ask(&self, request: &str) -> String {
-        let s = tokio::net::UnixStream::connect(&self.socket).await.expect("connect to the runtime socket");
+        let s = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .expect("connect to the runtime socket");
         let (r, mut w) = s.into_split();
-        w.write_all(format!("{{\"request\":\"{request}\"}}\n").as_bytes()).await.unwrap();
+        w.write_all(format!("{{\"request\":\"{request}\"}}\n").as_bytes())
+            .await
+            .unwrap();
         let mut line = String::new();
         BufReader::new(r).read_line(&mut line).await.unwrap();
         line
@@ -288,7 +334,10 @@ impl Daemon {
                     return s;
                 }
                 if tokio::time::Instant::now() > deadline {
-                    panic!("timed out waiting for {what}; status: {s:?}; policies {:?}", self.dp.policies());
+                    panic!(
+                        "timed out waiting for {what}; status: {s:?}; policies {:?}",
+                        self.dp.policies()
+                    );
                 }
             } else if tokio::time::Instant::now() > deadline {
                 panic!("timed out waiting for {what}: no socket");
@@ -338,12 +387,19 @@ async fn burst_of_writes_is_one_reconcile() {
             write(&dirs.pol(&format!("p{i:02}.yaml")), &format!("p{i:02}"));
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let s = d.wait_for("50 policies", |s, dp| s.policies == 50 && dp.policies().len() == 50).await;
+        let s = d
+            .wait_for("50 policies", |s, dp| {
+                s.policies == 50 && dp.policies().len() == 50
+            })
+            .await;
         // Let any straggling reconcile happen before counting.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let n = d.dp.applies();
         assert!(n <= 5, "50 writes gave {n} applies");
-        assert_eq!(s.generation as usize, d.dp.applies().min(s.generation as usize));
+        assert_eq!(
+            s.generation as usize,
+            d.dp.applies().min(s.generation as usize)
+        );
         assert!(!s.degraded && s.errors.is_empty());
         // Nothing changed: a resync or reload applies nothing.
         d.reload.send(()).unwrap();
@@ -362,13 +418,21 @@ async fn file_renamed_into_the_directory_is_applied_and_editor_leftovers_ignored
         let staging = dirs.root.join("staging.yaml");
         write(&staging, "renamed");
         std::fs::rename(&staging, dirs.pol("renamed.yaml")).unwrap();
-        d.wait_for("the renamed policy", |_, dp| dp.policies() == ["default/renamed"]).await;
+        d.wait_for("the renamed policy", |_, dp| {
+            dp.policies() == ["default/renamed"]
+        })
+        .await;
         write(&dirs.pol(".hidden.yaml"), "INVALID");
         write(&dirs.pol("renamed.yaml~"), "INVALID");
         write(&dirs.pol("b.yaml"), "b");
-        d.wait_for("b", |_, dp| dp.policies() == ["default/b", "default/renamed"]).await;
+        d.wait_for("b", |_, dp| {
+            dp.policies() == ["default/b", "default/renamed"]
+        })
+        .await;
         std::fs::remove_file(dirs.pol("renamed.yaml")).unwrap();
-        let s = d.wait_for("removal", |_, dp| dp.policies() == ["default/b"]).await;
+        let s = d
+            .wait_for("removal", |_, dp| dp.policies() == ["default/b"])
+            .await;
         assert!(s.errors.is_empty());
         d.stop();
     });
@@ -380,12 +444,18 @@ async fn lost_events_are_recovered_by_a_rescan_and_by_the_resync_timer() {
     write(&dirs.pol("a.yaml"), "a");
     let (mut d, fut) = start(dirs.config.clone(), stand_in(), SharedDp::default());
     run_daemon!(fut, async {
-        d.wait_for("ready", |_, dp| dp.policies() == ["default/a"]).await;
+        d.wait_for("ready", |_, dp| dp.policies() == ["default/a"])
+            .await;
         write_unseen(&dirs, &dirs.pol("a.yaml"), "a2");
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(d.dp.policies(), ["default/a"], "the change should not have been seen");
+        assert_eq!(
+            d.dp.policies(),
+            ["default/a"],
+            "the change should not have been seen"
+        );
         d.watch_events.send(WatchEvent::Rescan).unwrap();
-        d.wait_for("the rescan", |_, dp| dp.policies() == ["default/a2"]).await;
+        d.wait_for("the rescan", |_, dp| dp.policies() == ["default/a2"])
+            .await;
         d.stop();
     });
 
@@ -393,9 +463,13 @@ async fn lost_events_are_recovered_by_a_rescan_and_by_the_resync_timer() {
     config.resync_interval_s = 1;
     let (mut d, fut) = start(config, stand_in(), SharedDp::default());
     run_daemon!(fut, async {
-        d.wait_for("ready", |_, dp| dp.policies() == ["default/a2"]).await;
+        d.wait_for("ready", |_, dp| dp.policies() == ["default/a2"])
+            .await;
         write_unseen(&dirs, &dirs.pol("a.yaml"), "a3");
-        d.wait_for("the periodic resync", |_, dp| dp.policies() == ["default/a3"]).await;
+        d.wait_for("the periodic resync", |_, dp| {
+            dp.policies() == ["default/a3"]
+        })
+        .await;
         d.stop();
     });
 }
@@ -415,22 +489,32 @@ async fn invalid_file_keeps_the_last_valid_set_until_fixed() {
         assert!(s.degraded && s.ready);
         assert_eq!(s.errors.len(), 1);
         assert_eq!(s.errors[0].file, dirs.pol("b.yaml").display().to_string());
-        assert_eq!(s.errors[0].message, format!("{}:1:1: not a policy", dirs.pol("b.yaml").display()));
+        assert_eq!(
+            s.errors[0].message,
+            format!("{}:1:1: not a policy", dirs.pol("b.yaml").display())
+        );
         assert_eq!(d.dp.policies(), ["default/a"]);
         assert_eq!(d.dp.applies(), applies, "nothing applied while invalid");
         // The registry on its own: a valid registry change applies with the last valid policies.
         write(&dirs.ep("eps.yaml"), "web veth-web\ndb veth-db\n");
-        d.wait_for("the new endpoint", |s, _| s.endpoints == 2).await;
+        d.wait_for("the new endpoint", |s, _| s.endpoints == 2)
+            .await;
         assert_eq!(d.dp.policies(), ["default/a"]);
         // An invalid registry keeps the last registry while policies are fixed.
         write(&dirs.ep("eps.yaml"), "INVALID\n");
         write(&dirs.pol("b.yaml"), "b");
-        let s = d.wait_for("b applied", |_, dp| dp.policies() == ["default/a", "default/b"]).await;
+        let s = d
+            .wait_for("b applied", |_, dp| {
+                dp.policies() == ["default/a", "default/b"]
+            })
+            .await;
         assert_eq!(s.endpoints, 2);
         assert!(s.degraded);
         assert_eq!(s.errors[0].file, dirs.ep("eps.yaml").display().to_string());
         write(&dirs.ep("eps.yaml"), "web veth-web\n");
-        let s = d.wait_for("all valid", |s, _| s.errors.is_empty() && s.endpoints == 1).await;
+        let s = d
+            .wait_for("all valid", |s, _| s.errors.is_empty() && s.endpoints == 1)
+            .await;
         assert!(!s.degraded);
         d.stop();
     });
@@ -446,7 +530,10 @@ async fn interfaces_are_attached_when_they_appear_and_follow_recreation() {
         assert_eq!((s.endpoints, s.attached, s.pending), (2, 0, 2));
         assert!(d.dp.attached().is_empty());
         let eps = d.endpoints().await;
-        assert_eq!(eps.iter().map(|e| e.state.as_str()).collect::<Vec<_>>(), ["pending", "pending"]);
+        assert_eq!(
+            eps.iter().map(|e| e.state.as_str()).collect::<Vec<_>>(),
+            ["pending", "pending"]
+        );
 
         let table = |links: &[(&str, u32)]| LinkTable {
             links: links.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
@@ -454,11 +541,31 @@ async fn interfaces_are_attached_when_they_appear_and_follow_recreation() {
         };
         d.links.send(table(&[("lo", 1), ("veth-db", 7)])).unwrap();
         d.wait_for("db attached", |s, _| s.attached == 1).await;
-        assert_eq!(d.dp.attached(), [Attachment { slot: 1, ifindex: 7 }]);
+        assert_eq!(
+            d.dp.attached(),
+            [Attachment {
+                slot: 1,
+                ifindex: 7
+            }]
+        );
 
-        d.links.send(table(&[("lo", 1), ("veth-db", 7), ("veth-web", 8)])).unwrap();
+        d.links
+            .send(table(&[("lo", 1), ("veth-db", 7), ("veth-web", 8)]))
+            .unwrap();
         d.wait_for("web attached", |s, _| s.attached == 2).await;
-        assert_eq!(d.dp.attached(), [Attachment { slot: 0, ifindex: 8 }, Attachment { slot: 1, ifindex: 7 }]);
+        assert_eq!(
+            d.dp.attached(),
+            [
+                Attachment {
+                    slot: 0,
+                    ifindex: 8
+                },
+                Attachment {
+                    slot: 1,
+                    ifindex: 7
+                }
+            ]
+        );
         let eps = d.endpoints().await;
         assert_eq!(eps[0].ifindex, Some(8));
         assert_eq!(eps[0].state, "attached");
@@ -466,7 +573,15 @@ async fn interfaces_are_attached_when_they_appear_and_follow_recreation() {
 
         // veth-db recreated with another ifindex, veth-web gone.
         d.links.send(table(&[("lo", 1), ("veth-db", 12)])).unwrap();
-        let s = d.wait_for("re-attached", |_, dp| dp.attached() == [Attachment { slot: 1, ifindex: 12 }]).await;
+        let s = d
+            .wait_for("re-attached", |_, dp| {
+                dp.attached()
+                    == [Attachment {
+                        slot: 1,
+                        ifindex: 12,
+                    }]
+            })
+            .await;
         assert_eq!((s.attached, s.pending), (1, 1));
         d.stop();
     });
@@ -482,7 +597,11 @@ async fn last_valid_files_are_used_at_start_when_the_live_ones_are_invalid() {
         d.wait_for("ready", |s, _| s.ready).await;
         d.stop();
     });
-    assert!(dirs.config.state_dir.join("last-good/policies/a.yaml").exists());
+    assert!(dirs
+        .config
+        .state_dir
+        .join("last-good/policies/a.yaml")
+        .exists());
 
     // Broken while the daemon was down.
     write(&dirs.pol("a.yaml"), "INVALID");
@@ -490,19 +609,33 @@ async fn last_valid_files_are_used_at_start_when_the_live_ones_are_invalid() {
     let (mut d, fut) = start(dirs.config.clone(), stand_in(), SharedDp::default());
     run_daemon!(fut, async {
         let s = d.wait_for("ready", |s, _| s.ready).await;
-        assert!(s.degraded && s.policies_from_last_good && s.registry_from_last_good, "{s:?}");
+        assert!(
+            s.degraded && s.policies_from_last_good && s.registry_from_last_good,
+            "{s:?}"
+        );
         assert_eq!(s.errors.len(), 2);
         assert_eq!(d.dp.policies(), ["default/a"]);
         assert_eq!(s.endpoints, 1);
         // The saved copy is not overwritten by the broken files.
-        assert_eq!(std::fs::read_to_string(dirs.config.state_dir.join("last-good/policies/a.yaml")).unwrap(), "a");
+        assert_eq!(
+            std::fs::read_to_string(dirs.config.state_dir.join("last-good/policies/a.yaml"))
+                .unwrap(),
+            "a"
+        );
         write(&dirs.pol("a.yaml"), "a-fixed");
         write(&dirs.ep("eps.yaml"), "web veth-web\n");
-        let s = d.wait_for("fixed", |s, dp| s.errors.is_empty() && dp.policies() == ["default/a-fixed"]).await;
+        let s = d
+            .wait_for("fixed", |s, dp| {
+                s.errors.is_empty() && dp.policies() == ["default/a-fixed"]
+            })
+            .await;
         assert!(!s.degraded && !s.policies_from_last_good && !s.registry_from_last_good);
         d.stop();
     });
-    assert_eq!(std::fs::read_to_string(dirs.config.state_dir.join("last-good/policies/a.yaml")).unwrap(), "a-fixed");
+    assert_eq!(
+        std::fs::read_to_string(dirs.config.state_dir.join("last-good/policies/a.yaml")).unwrap(),
+        "a-fixed"
+    );
 }
 
 /// Set while a test holds the saving of the last valid copy.
@@ -535,24 +668,40 @@ async fn a_slow_save_of_the_last_valid_copy_does_not_hold_up_changes() {
     let dirs = Dirs::new();
     write(&dirs.pol("a.yaml"), "a");
     let saved = dirs.config.state_dir.join("last-good/policies");
-    let pipeline = Pipeline { loader: Loader::Custom(held_load_policies, fake_load_registry), compile: fake_compile };
+    let pipeline = Pipeline {
+        loader: Loader::Custom(held_load_policies, fake_load_registry),
+        compile: fake_compile,
+    };
     HOLD_SAVE.store(true, Ordering::SeqCst);
     let (mut d, fut) = start(dirs.config.clone(), pipeline, SharedDp::default());
     run_daemon!(fut, async {
-        d.wait_for("ready", |s, dp| s.ready && dp.policies() == ["default/a"]).await;
+        d.wait_for("ready", |s, dp| s.ready && dp.policies() == ["default/a"])
+            .await;
         // The first save is under way and held.
         let t0 = tokio::time::Instant::now();
         while !SAVE_HELD.load(Ordering::SeqCst) {
-            assert!(t0.elapsed() < Duration::from_secs(5), "the save did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the save did not start"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         write(&dirs.pol("b.yaml"), "b");
-        d.wait_for("b, while the save is held", |_, dp| dp.policies() == ["default/a", "default/b"]).await;
-        assert!(HOLD_SAVE.load(Ordering::SeqCst) && !saved.exists(), "nothing saved yet");
+        d.wait_for("b, while the save is held", |_, dp| {
+            dp.policies() == ["default/a", "default/b"]
+        })
+        .await;
+        assert!(
+            HOLD_SAVE.load(Ordering::SeqCst) && !saved.exists(),
+            "nothing saved yet"
+        );
         HOLD_SAVE.store(false, Ordering::SeqCst);
         let t0 = tokio::time::Instant::now();
         while !saved.join("b.yaml").exists() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "the newer files were not saved");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the newer files were not saved"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(saved.join("a.yaml").exists());
@@ -585,11 +734,17 @@ async fn datapath_errors_are_retried_and_keep_the_loop_running() {
         d.wait_for("ready", |s, _| s.ready).await;
         dp.0.lock().unwrap().fail_next_apply = Some("map full".into());
         write(&dirs.pol("a.yaml"), "a");
-        let s = d.wait_for("the failure", |s, _| s.datapath_error.is_some()).await;
+        let s = d
+            .wait_for("the failure", |s, _| s.datapath_error.is_some())
+            .await;
         assert_eq!(s.datapath_error.as_deref(), Some("map full"));
         assert!(s.degraded);
         // Retried after the backoff without any new event.
-        let s = d.wait_for("the retry", |s, dp| s.datapath_error.is_none() && dp.policies() == ["default/a"]).await;
+        let s = d
+            .wait_for("the retry", |s, dp| {
+                s.datapath_error.is_none() && dp.policies() == ["default/a"]
+            })
+            .await;
         assert!(!s.degraded);
         d.stop();
     });
@@ -605,8 +760,15 @@ async fn unwritable_state_dir_is_reported_and_enforcement_goes_on() {
     write(&dirs.pol("a.yaml"), "a");
     let (mut d, fut) = start(config, stand_in(), SharedDp::default());
     run_daemon!(fut, async {
-        let s = d.wait_for("the state_dir error", |s, _| s.ready && s.state_error.is_some()).await;
-        assert!(s.state_error.as_deref().unwrap_or("").contains("last-good"), "{s:?}");
+        let s = d
+            .wait_for("the state_dir error", |s, _| {
+                s.ready && s.state_error.is_some()
+            })
+            .await;
+        assert!(
+            s.state_error.as_deref().unwrap_or("").contains("last-good"),
+            "{s:?}"
+        );
         assert_eq!(d.dp.policies(), ["default/a"]);
         d.stop();
     });
@@ -620,24 +782,42 @@ async fn systemd_is_told_ready_status_reloading_and_stopping() {
         d.wait_for("ready", |s, _| s.ready).await;
         let notes = d.notes();
         assert_eq!(notes.len(), 1);
-        assert!(notes[0].starts_with("READY=1\nSTATUS=generation 1: 0 endpoints"), "{notes:?}");
+        assert!(
+            notes[0].starts_with("READY=1\nSTATUS=generation 1: 0 endpoints"),
+            "{notes:?}"
+        );
         d.reload.send(()).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while d.notes().len() < 3 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let notes = d.notes();
-        assert!(notes[1].starts_with("RELOADING=1\nMONOTONIC_USEC="), "{notes:?}");
-        assert!(notes[2].starts_with("READY=1\nSTATUS=generation 1"), "{notes:?}");
+        assert!(
+            notes[1].starts_with("RELOADING=1\nMONOTONIC_USEC="),
+            "{notes:?}"
+        );
+        assert!(
+            notes[2].starts_with("READY=1\nSTATUS=generation 1"),
+            "{notes:?}"
+        );
         write(&dirs.pol("a.yaml"), "a");
         d.wait_for("generation 2", |s, _| s.generation == 2).await;
         d.stop();
     });
     let notes = d.notes();
-    assert!(notes.iter().any(|n| n.starts_with("STATUS=generation 2: 0 endpoints (0 attached, 0 pending), 1 policies, 0 problems")), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.starts_with(
+            "STATUS=generation 2: 0 endpoints (0 attached, 0 pending), 1 policies, 0 problems"
+        )),
+        "{notes:?}"
+    );
     assert_eq!(notes.last().map(String::as_str), Some("STOPPING=1"));
     assert!(!d.socket.exists(), "the socket is removed on exit");
-    assert_eq!(d.dp.policies(), ["default/a"], "enforcement stays after stop");
+    assert_eq!(
+        d.dp.policies(),
+        ["default/a"],
+        "enforcement stays after stop"
+    );
 }
 
 #[tokio::test]
@@ -668,10 +848,18 @@ async fn monitor_streams_events_with_the_rule_resolved() {
             dst_identity: 1000,
             rule,
         };
-        dp.0.lock().unwrap().events.push(ev(EventVerdict::Allowed, EventReason::PolicyAllow, Some(0)));
-        dp.0.lock().unwrap().events.push(ev(EventVerdict::Denied, EventReason::DefaultDeny, None));
+        dp.0.lock().unwrap().events.push(ev(
+            EventVerdict::Allowed,
+            EventReason::PolicyAllow,
+            Some(0),
+        ));
+        dp.0.lock()
+            .unwrap()
+            .events
+            .push(ev(EventVerdict::Denied, EventReason::DefaultDeny, None));
         let mut lines = BufReader::new(r).lines();
-        let a: serde_json::Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let a: serde_json::Value =
+            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
         assert_eq!(a["verdict"], "allowed");
         assert_eq!(a["endpoint"], "default/web");
         assert_eq!(a["proto"], "tcp");
@@ -679,7 +867,10 @@ async fn monitor_streams_events_with_the_rule_resolved() {
         assert_eq!(a["rule"]["policy"], "default/a");
         let b: netpol::daemon::status::MonitorEvent =
             serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-        assert_eq!((b.verdict.as_str(), b.reason.as_str(), b.rule.is_none()), ("denied", "default-deny", true));
+        assert_eq!(
+            (b.verdict.as_str(), b.reason.as_str(), b.rule.is_none()),
+            ("denied", "default-deny", true)
+        );
         let text = netpol::cli::daemonctl::format_event(&b);
         assert!(text.ends_with(" denied   10.202.0.2:40000 -> 10.202.0.3:80 tcp/80 default/web (ingress) default deny"), "{text}");
         d.stop();
@@ -696,7 +887,10 @@ async fn socket_is_private_and_rejects_bad_requests() {
         let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let unknown: serde_json::Value = serde_json::from_str(&d.ask("reboot").await).unwrap();
-        assert_eq!(unknown["error"], "unknown request \"reboot\"; expected status, endpoints or monitor");
+        assert_eq!(
+            unknown["error"],
+            "unknown request \"reboot\"; expected status, endpoints or monitor"
+        );
         // An oversized request is refused without reading it all.
         let s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
         let (r, mut w) = s.into_split();
@@ -722,7 +916,13 @@ fn netpolctl_status_without_a_daemon_names_the_socket() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with(&format!("netpolctl: no netpold answers on {}:", dirs.config.socket_path().display())), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "netpolctl: no netpold answers on {}:",
+            dirs.config.socket_path().display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]
@@ -733,13 +933,21 @@ fn shipped_config_file_loads_as_the_defaults() {
     let bad = dirs.root.join("bad.toml");
     write(&bad, "[conntrack]\nmax_entries = -1\n");
     let e = Config::load(&bad).unwrap_err().to_string();
-    assert!(e.starts_with(&format!("{}:2:15: conntrack.max_entries: invalid value", bad.display())), "{e}");
+    assert!(
+        e.starts_with(&format!(
+            "{}:2:15: conntrack.max_entries: invalid value",
+            bad.display()
+        )),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------- the real parser and core
 
 fn seed(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("etc/examples/seed")
+        .join(path)
 }
 
 #[tokio::test]
@@ -750,23 +958,40 @@ async fn seed_scenario_through_the_real_parser_and_core() {
     let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), dp.clone());
     run_daemon!(fut, async {
         let s = d.wait_for("ready", |s, _| s.ready).await;
-        assert_eq!((s.endpoints, s.attached, s.pending, s.policies), (4, 0, 4, 0));
+        assert_eq!(
+            (s.endpoints, s.attached, s.pending, s.policies),
+            (4, 0, 4, 0)
+        );
         let table = LinkTable {
-            links: [("lo", 1), ("veth-fe1", 11), ("veth-fe2", 12), ("veth-be", 13), ("veth-db", 14)]
-                .iter()
-                .map(|(n, i)| (n.to_string(), *i))
-                .collect(),
+            links: [
+                ("lo", 1),
+                ("veth-fe1", 11),
+                ("veth-fe2", 12),
+                ("veth-be", 13),
+                ("veth-db", 14),
+            ]
+            .iter()
+            .map(|(n, i)| (n.to_string(), *i))
+            .collect(),
             ..LinkTable::default()
         };
         d.links.send(table).unwrap();
         d.wait_for("all attached", |s, _| s.attached == 4).await;
 
-        std::fs::copy(seed("netpol.d/frontend-to-backend.yaml"), dirs.pol("frontend-to-backend.yaml")).unwrap();
-        d.wait_for("frontend-to-backend", |s, _| s.policies == 1).await;
+        std::fs::copy(
+            seed("netpol.d/frontend-to-backend.yaml"),
+            dirs.pol("frontend-to-backend.yaml"),
+        )
+        .unwrap();
+        d.wait_for("frontend-to-backend", |s, _| s.policies == 1)
+            .await;
         let eps = d.endpoints().await;
         let by_name = |n: &str| eps.iter().find(|e| e.name == n).unwrap().clone();
         assert!(by_name("backend").ingress_default_deny && !by_name("backend").egress_default_deny);
-        assert!(!by_name("frontend-1").ingress_default_deny && !by_name("frontend-1").egress_default_deny);
+        assert!(
+            !by_name("frontend-1").ingress_default_deny
+                && !by_name("frontend-1").egress_default_deny
+        );
         assert_eq!(by_name("backend").state, "attached");
         assert_eq!(by_name("backend").ifindex, Some(13));
         {
@@ -775,25 +1000,56 @@ async fn seed_scenario_through_the_real_parser_and_core() {
             assert_eq!(c.rules.len(), 1);
             assert_eq!(c.rules[0].policy, "default/frontend-to-backend");
             assert_eq!(c.rules[0].file, dirs.pol("frontend-to-backend.yaml"));
-            let backend = c.endpoints.iter().find(|e| e.name == "backend").unwrap().slot;
-            assert!(c.entries.iter().any(|e| e.endpoint == backend && e.direction == Direction::Ingress && e.port == 80));
+            let backend = c
+                .endpoints
+                .iter()
+                .find(|e| e.name == "backend")
+                .unwrap()
+                .slot;
+            assert!(c.entries.iter().any(|e| e.endpoint == backend
+                && e.direction == Direction::Ingress
+                && e.port == 80));
         }
 
         // A broken file: named with line and column, nothing applied, last set kept.
         let applies = d.dp.applies();
         write(&dirs.pol("broken.yaml"), "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  ingres: []\n");
-        let s = d.wait_for("the broken file", |s, _| !s.errors.is_empty()).await;
+        let s = d
+            .wait_for("the broken file", |s, _| !s.errors.is_empty())
+            .await;
         assert!(s.degraded);
-        assert_eq!(s.errors[0].file, dirs.pol("broken.yaml").display().to_string());
-        assert!(s.errors[0].message.starts_with(&format!("{}:6:3:", dirs.pol("broken.yaml").display())), "{:?}", s.errors);
+        assert_eq!(
+            s.errors[0].file,
+            dirs.pol("broken.yaml").display().to_string()
+        );
+        assert!(
+            s.errors[0]
+                .message
+                .starts_with(&format!("{}:6:3:", dirs.pol("broken.yaml").display())),
+            "{:?}",
+            s.errors
+        );
         assert_eq!(d.dp.applies(), applies);
         std::fs::remove_file(dirs.pol("broken.yaml")).unwrap();
 
-        std::fs::copy(seed("netpol.d/frontend-egress-control.yaml"), dirs.pol("frontend-egress-control.yaml")).unwrap();
-        let s = d.wait_for("both policies", |s, _| s.policies == 2 && s.errors.is_empty()).await;
+        std::fs::copy(
+            seed("netpol.d/frontend-egress-control.yaml"),
+            dirs.pol("frontend-egress-control.yaml"),
+        )
+        .unwrap();
+        let s = d
+            .wait_for("both policies", |s, _| {
+                s.policies == 2 && s.errors.is_empty()
+            })
+            .await;
         assert!(!s.degraded);
         let eps = d.endpoints().await;
-        assert!(eps.iter().find(|e| e.name == "frontend-2").unwrap().egress_default_deny);
+        assert!(
+            eps.iter()
+                .find(|e| e.name == "frontend-2")
+                .unwrap()
+                .egress_default_deny
+        );
         d.stop();
     });
 }
@@ -810,18 +1066,25 @@ async fn saves_by_rename_or_replacement_are_applied_and_unseen_writes_wait_for_a
     };
     let dirs = Dirs::new();
     write(&dirs.pol("a.yaml"), &cnp("a"));
-    let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), SharedDp::default());
+    let (mut d, fut) = start(
+        dirs.config.clone(),
+        Pipeline::default(),
+        SharedDp::default(),
+    );
     run_daemon!(fut, async {
-        d.wait_for("ready", |s, dp| s.ready && dp.policies() == ["default/a"]).await;
+        d.wait_for("ready", |s, dp| s.ready && dp.policies() == ["default/a"])
+            .await;
         // Staged under a name netpol never reads, then renamed into place.
         write(&dirs.pol(".b.yaml.new"), &cnp("b"));
         std::fs::rename(dirs.pol(".b.yaml.new"), dirs.pol("b.yaml")).unwrap();
-        d.wait_for("b", |_, dp| dp.policies() == ["default/a", "default/b"]).await;
+        d.wait_for("b", |_, dp| dp.policies() == ["default/a", "default/b"])
+            .await;
         // vim without backupcopy: move the old file away, write the new one, drop the backup.
         std::fs::rename(dirs.pol("a.yaml"), dirs.pol("a.yaml~")).unwrap();
         write(&dirs.pol("a.yaml"), &cnp("a2"));
         std::fs::remove_file(dirs.pol("a.yaml~")).unwrap();
-        d.wait_for("a2", |_, dp| dp.policies() == ["default/a2", "default/b"]).await;
+        d.wait_for("a2", |_, dp| dp.policies() == ["default/a2", "default/b"])
+            .await;
         // A write inotify does not see, then one it does: only the named file is read.
         write_unseen(&dirs, &dirs.pol("a.yaml"), &cnp("a3"));
         write(&dirs.pol("c.yaml"), &cnp("c"));
@@ -830,10 +1093,16 @@ async fn saves_by_rename_or_replacement_are_applied_and_unseen_writes_wait_for_a
         assert_eq!(d.dp.policies(), ["default/a2", "default/b", "default/c"]);
         // A reload reads every file.
         d.reload.send(()).unwrap();
-        d.wait_for("a3 after the reload", |_, dp| dp.policies() == ["default/a3", "default/b", "default/c"]).await;
+        d.wait_for("a3 after the reload", |_, dp| {
+            dp.policies() == ["default/a3", "default/b", "default/c"]
+        })
+        .await;
         // Removal.
         std::fs::remove_file(dirs.pol("b.yaml")).unwrap();
-        d.wait_for("b removed", |_, dp| dp.policies() == ["default/a3", "default/c"]).await;
+        d.wait_for("b removed", |_, dp| {
+            dp.policies() == ["default/a3", "default/c"]
+        })
+        .await;
         d.stop();
     });
 }
@@ -847,12 +1116,18 @@ async fn saves_by_rename_or_replacement_are_applied_and_unseen_writes_wait_for_a
 async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
     let dirs = Dirs::new();
     std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
-    std::fs::copy(seed("netpol.d/frontend-to-backend.yaml"), dirs.pol("frontend-to-backend.yaml")).unwrap();
+    std::fs::copy(
+        seed("netpol.d/frontend-to-backend.yaml"),
+        dirs.pol("frontend-to-backend.yaml"),
+    )
+    .unwrap();
     let mut config = dirs.config.clone();
     config.maps.policy_max_entries = 20;
     // `n` TCP ports to backend from anyone: n entries for backend.
     let big = |n: u16| {
-        let ports: Vec<String> = (0..n).map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i)).collect();
+        let ports: Vec<String> = (0..n)
+            .map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i))
+            .collect();
         format!(
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
             ports.join(", ")
@@ -869,7 +1144,10 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
     let (mut d, fut) = start(config.clone(), Pipeline::default(), SharedDp::default());
     run_daemon!(fut, async {
         d.wait_for("ready", |s, _| s.ready && s.policies == 1).await;
-        d.wait_for("the saved copy", |_, _| saved("frontend-to-backend.yaml").exists()).await;
+        d.wait_for("the saved copy", |_, _| {
+            saved("frontend-to-backend.yaml").exists()
+        })
+        .await;
         let applies = d.dp.applies();
         write(&f, &big(30));
         let s = d.wait_for("the refusal", |s, _| !s.errors.is_empty()).await;
@@ -878,15 +1156,24 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
         assert_eq!(s.errors[0].file, f.display().to_string());
         assert_eq!((s.errors[0].line, s.errors[0].column), (Some(7), Some(5)));
         assert_eq!(s.errors[0].message, expected);
-        assert_eq!(d.dp.applies(), applies, "nothing applied while over the budget");
+        assert_eq!(
+            d.dp.applies(),
+            applies,
+            "nothing applied while over the budget"
+        );
         assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
-        assert_eq!(s.policies, 1, "the status counts the set in force, not the refused one");
+        assert_eq!(
+            s.policies, 1,
+            "the status counts the set in force, not the refused one"
+        );
         // A registry change still applies, with the last policy set that fit.
         write(
             &dirs.ep("extra.yaml"),
             "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: extra}\nspec: {interface: veth-extra, addresses: [10.0.9.9]}\n",
         );
-        let s = d.wait_for("the new endpoint", |s, _| s.endpoints == 5).await;
+        let s = d
+            .wait_for("the new endpoint", |s, _| s.endpoints == 5)
+            .await;
         assert_eq!(s.errors.len(), 1, "{s:?}");
         assert_eq!(s.policies, 1);
         assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
@@ -907,13 +1194,20 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
     run_daemon!(fut, async {
         let s = d.wait_for("ready", |s, _| s.ready).await;
         assert!(s.degraded, "{s:?}");
-        assert_eq!(s.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), [expected.as_str()]);
+        assert_eq!(
+            s.errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>(),
+            [expected.as_str()]
+        );
         assert_eq!(d.dp.policies(), ["default/frontend-to-backend"]);
         // Fixed: applied.
         write(&f, &big(3));
         let s = d
             .wait_for("the fixed set", |s, dp| {
-                s.errors.is_empty() && dp.policies() == ["default/big", "default/frontend-to-backend"]
+                s.errors.is_empty()
+                    && dp.policies() == ["default/big", "default/frontend-to-backend"]
             })
             .await;
         assert!(!s.degraded, "{s:?}");
@@ -942,7 +1236,11 @@ async fn group_writable_policy_file_is_refused_unless_strict_modes_are_off() {
             let f = dirs.pol("frontend-to-backend.yaml");
             std::fs::rename(&staged, &f).unwrap();
             if strict {
-                let s = d.wait_for("the group-writable file refused", |s, _| !s.errors.is_empty()).await;
+                let s = d
+                    .wait_for("the group-writable file refused", |s, _| {
+                        !s.errors.is_empty()
+                    })
+                    .await;
                 assert_eq!(s.policies, 0, "{s:?}");
                 assert_eq!(
                     s.errors[0].message,
@@ -954,7 +1252,10 @@ async fn group_writable_policy_file_is_refused_unless_strict_modes_are_off() {
                 );
                 std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
             }
-            d.wait_for("the policy applied", |s, _| s.policies == 1 && s.errors.is_empty()).await;
+            d.wait_for("the policy applied", |s, _| {
+                s.policies == 1 && s.errors.is_empty()
+            })
+            .await;
             d.stop();
         });
     }
@@ -986,7 +1287,9 @@ fn netpold_binary_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
     .unwrap();
     let notify_path = dirs.root.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_netpold"))
         .args(["--fake-datapath", "--config"])
         .arg(&cfg_path)
@@ -1002,7 +1305,10 @@ fn netpold_binary_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let ready = next();
-    assert!(ready.starts_with("READY=1\nSTATUS=generation 1: 0 endpoints"), "{ready}");
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=generation 1: 0 endpoints"),
+        "{ready}"
+    );
     kill(pid, Signal::SIGHUP).unwrap();
     assert!(next().starts_with("RELOADING=1\nMONOTONIC_USEC="));
     assert!(next().starts_with("READY=1\nSTATUS=generation 1"));
@@ -1015,7 +1321,11 @@ fn netpold_binary_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
     let applied: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["msg"].as_str().is_some_and(|m| m.starts_with("applied generation")))
+        .filter(|v| {
+            v["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("applied generation"))
+        })
         .collect();
     assert_eq!(applied.len(), 1, "{log}");
     assert_eq!(applied[0]["generation"], 1);
@@ -1028,7 +1338,9 @@ async fn socket_group_makes_the_socket_group_readable() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dirs = Dirs::new();
     let gid = nix::unistd::getgid();
-    let group = nix::unistd::Group::from_gid(gid).unwrap().expect("the primary group has a name");
+    let group = nix::unistd::Group::from_gid(gid)
+        .unwrap()
+        .expect("the primary group has a name");
     let mut config = dirs.config.clone();
     config.socket_group = group.name.clone();
     let (mut d, fut) = start(config.clone(), stand_in(), SharedDp::default());
@@ -1043,6 +1355,9 @@ async fn socket_group_makes_the_socket_group_readable() {
     std::fs::remove_dir_all(&config.runtime_dir).ok();
     let (_d, fut) = start(config, stand_in(), SharedDp::default());
     let e = fut.await.unwrap_err().to_string();
-    assert_eq!(e, "runtime socket: socket_group \"npe-no-such-group\": no such group");
+    assert_eq!(
+        e,
+        "runtime socket: socket_group \"npe-no-such-group\": no such group"
+    );
     assert!(!dirs.config.socket_path().exists());
 }

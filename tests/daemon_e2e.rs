@@ -31,12 +31,18 @@ fn netlink_follows_links_appearing_going_and_coming_back() {
         return;
     }
     in_private_netns(|| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let log = netpol::logging::discard();
             let mut links = NetlinkLinks;
             let mut rx = links.subscribe(&log).await.unwrap();
-            assert_eq!(rx.borrow().links.keys().cloned().collect::<Vec<_>>(), ["lo"]);
+            assert_eq!(
+                rx.borrow().links.keys().cloned().collect::<Vec<_>>(),
+                ["lo"]
+            );
             let (conn, handle, _) = rtnetlink::new_connection().unwrap();
             tokio::spawn(conn);
 
@@ -51,25 +57,45 @@ fn netlink_follows_links_appearing_going_and_coming_back() {
                     if f(&cur) {
                         return cur;
                     }
-                    if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    if tokio::time::timeout_at(deadline, rx.changed())
+                        .await
+                        .is_err()
+                    {
                         panic!("timed out waiting for {what}; links: {cur:?}");
                     }
                 }
             }
 
-            handle.link().add().veth("npe-d0".into(), "npe-d0p".into()).execute().await.unwrap();
+            handle
+                .link()
+                .add()
+                .veth("npe-d0".into(), "npe-d0p".into())
+                .execute()
+                .await
+                .unwrap();
             let t = wait_until(&mut rx, "npe-d0 to appear", |l| l.contains_key("npe-d0")).await;
             let first = t["npe-d0"];
             handle.link().del(first).execute().await.unwrap();
             wait_until(&mut rx, "npe-d0 to go", |l| !l.contains_key("npe-d0")).await;
-            handle.link().add().veth("npe-d0".into(), "npe-d0p".into()).execute().await.unwrap();
+            handle
+                .link()
+                .add()
+                .veth("npe-d0".into(), "npe-d0p".into())
+                .execute()
+                .await
+                .unwrap();
             let t = wait_until(&mut rx, "npe-d0 to come back", |l| l.contains_key("npe-d0")).await;
             assert_ne!(t["npe-d0"], first, "a recreated link has a new ifindex");
 
             // Addresses and routes follow too (interface: auto, host addresses).
             let idx = t["npe-d0"];
             handle.link().set(idx).up().execute().await.unwrap();
-            handle.address().add(idx, "10.202.9.1".parse().unwrap(), 24).execute().await.unwrap();
+            handle
+                .address()
+                .add(idx, "10.202.9.1".parse().unwrap(), 24)
+                .execute()
+                .await
+                .unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             loop {
                 {
@@ -80,8 +106,14 @@ fn netlink_follows_links_appearing_going_and_coming_back() {
                         break;
                     }
                 }
-                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                    panic!("timed out waiting for the address and route: {:?}", rx.borrow());
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    panic!(
+                        "timed out waiting for the address and route: {:?}",
+                        rx.borrow()
+                    );
                 }
             }
         });
@@ -101,8 +133,15 @@ use std::sync::Arc;
 use netpol::daemon::status::Status;
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Everything one e2e run creates; Drop removes it in reverse order.
@@ -133,18 +172,45 @@ impl Lab {
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &node, "addr", "add", "10.202.1.1/24", "dev", "br0"]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "10.202.1.1/24",
+            "dev",
+            "br0",
+        ]);
         sh(&["ip", "-n", &node, "link", "set", "br0", "up"]);
-        for (short, name, last) in [("fe1", "frontend-1", 11u8), ("be", "backend", 21), ("db", "database", 31)] {
+        for (short, name, last) in [
+            ("fe1", "frontend-1", 11u8),
+            ("be", "backend", 21),
+            ("db", "database", 31),
+        ] {
             let ns = format!("npe-{short}-{}", lab.tag);
             let addr = Ipv4Addr::new(10, 202, 1, last);
             lab.workloads.push((ns.clone(), name.to_string(), addr));
             sh(&["ip", "netns", "add", &ns]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             let host = format!("veth-{short}");
-            sh(&["ip", "-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-            sh(&["ip", "-n", &node, "link", "set", &host, "master", "br0", "up"]);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            sh(&[
+                "ip", "-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            sh(&[
+                "ip", "-n", &node, "link", "set", &host, "master", "br0", "up",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             for port in [80u16, 5432] {
                 lab.listen(&ns, port);
@@ -208,9 +274,17 @@ impl Lab {
 
     /// Whether a TCP connection from `from` to `to:port` is established within 1 s.
     fn connects(&self, from: &str, to: &str, port: u16) -> bool {
-        let ns = self.workloads.iter().find(|w| w.1 == from).unwrap().0.clone();
+        let ns = self
+            .workloads
+            .iter()
+            .find(|w| w.1 == from)
+            .unwrap()
+            .0
+            .clone();
         let dst = SocketAddr::from((self.addr(to), port));
-        in_ns(&ns, || TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok())
+        in_ns(&ns, || {
+            TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok()
+        })
     }
 
     /// Wait (10 s at most) until every expectation holds; panic naming the ones that do not.
@@ -220,7 +294,12 @@ impl Lab {
             let wrong: Vec<String> = flows
                 .iter()
                 .filter(|(f, t, p, want)| self.connects(f, t, *p) != *want)
-                .map(|(f, t, p, want)| format!("{f} -> {t}:{p} should {}", if *want { "connect" } else { "be refused" }))
+                .map(|(f, t, p, want)| {
+                    format!(
+                        "{f} -> {t}:{p} should {}",
+                        if *want { "connect" } else { "be refused" }
+                    )
+                })
                 .collect();
             if wrong.is_empty() {
                 return;
@@ -238,9 +317,17 @@ impl Lab {
 
     fn start_daemon(&mut self) {
         let netns = std::fs::File::open(format!("/run/netns/{}", self.node)).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.tmp.path().join("netpold.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("netpold.log"))
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_netpold"));
-        cmd.arg("--config").arg(self.config()).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.arg("--config")
+            .arg(self.config())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         // Only the network namespace changes: `ip netns exec` would also remount
         // /sys, hiding /sys/fs/bpf and with it the pins that must outlive the daemon.
         let fd = netns.as_raw_fd();
@@ -260,7 +347,9 @@ impl Lab {
 
     fn status(&self) -> Option<Status> {
         let sock = self.tmp.path().join("run/netpold.sock");
-        netpol::cli::daemonctl::query::<Status>(&sock, "status").ok().map(|(s, _)| s)
+        netpol::cli::daemonctl::query::<Status>(&sock, "status")
+            .ok()
+            .map(|(s, _)| s)
     }
 
     fn wait_status(&self, what: &str, f: impl Fn(&Status) -> bool) -> Status {
@@ -272,7 +361,11 @@ impl Lab {
                 }
             }
             if std::time::Instant::now() > deadline {
-                panic!("timed out waiting for {what}: {:?}\ndaemon log:\n{}", self.status(), self.log());
+                panic!(
+                    "timed out waiting for {what}: {:?}\ndaemon log:\n{}",
+                    self.status(),
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -288,8 +381,14 @@ impl Lab {
     /// The ifindex the daemon enforces `name` on.
     fn ifindex(&self, name: &str) -> Option<u32> {
         let sock = self.tmp.path().join("run/netpold.sock");
-        let (eps, _) = netpol::cli::daemonctl::query::<Vec<netpol::daemon::status::EndpointView>>(&sock, "endpoints").unwrap();
-        eps.into_iter().find(|e| e.name == name).and_then(|e| e.ifindex)
+        let (eps, _) = netpol::cli::daemonctl::query::<Vec<netpol::daemon::status::EndpointView>>(
+            &sock,
+            "endpoints",
+        )
+        .unwrap();
+        eps.into_iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.ifindex)
     }
 
     fn netpolctl(&self, args: &[&str]) -> (i32, String) {
@@ -299,11 +398,16 @@ impl Lab {
             .arg(self.config())
             .output()
             .unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     fn add_policy(&self, name: &str) {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/netpol.d").join(name);
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("etc/examples/seed/netpol.d")
+            .join(name);
         // Written beside, then renamed in, as a package manager would.
         let tmp = self.tmp.path().join(format!("netpol.d/.{name}.new"));
         std::fs::copy(src, &tmp).unwrap();
@@ -314,7 +418,10 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Some(mut c) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = c.wait();
         }
         let _ = Command::new(env!("CARGO_BIN_EXE_netpold"))
@@ -327,7 +434,9 @@ impl Drop for Lab {
         for (ns, _, _) in &self.workloads {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.node]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
@@ -347,11 +456,17 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     lab.expect("no policy: everything connects", &open);
     let (code, table) = lab.netpolctl(&["endpoints"]);
     assert_eq!(code, 0);
-    assert_eq!(table.lines().filter(|l| l.contains("attached")).count(), 3, "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains("attached")).count(),
+        3,
+        "{table}"
+    );
 
     let g = lab.status().unwrap().generation;
     lab.add_policy("frontend-to-backend.yaml");
-    lab.wait_status("frontend-to-backend applied", |s| s.generation > g && s.policies == 1);
+    lab.wait_status("frontend-to-backend applied", |s| {
+        s.generation > g && s.policies == 1
+    });
     let seed1 = [
         ("database", "backend", 80, false),
         ("frontend-1", "backend", 80, true),
@@ -381,7 +496,9 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let event = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no denied event from netpolctl monitor\n{}", lab.log()));
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no denied event from netpolctl monitor\n{}", lab.log()));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["verdict"] == "denied" && v["dst"] == "10.202.1.21" {
             break v;
@@ -392,7 +509,11 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     assert_eq!(event["endpoint"], "default/backend", "{event}");
     assert_eq!(event["reason"], "default-deny", "{event}");
     assert_eq!(event["src"], "10.202.1.31", "{event}");
-    assert_eq!((event["proto"].as_str(), event["dport"].as_u64()), (Some("tcp"), Some(80)), "{event}");
+    assert_eq!(
+        (event["proto"].as_str(), event["dport"].as_u64()),
+        (Some("tcp"), Some(80)),
+        "{event}"
+    );
 
     lab.add_policy("frontend-egress-control.yaml");
     lab.wait_status("frontend-egress-control applied", |s| s.policies == 2);
@@ -405,11 +526,17 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
 
     let broken = lab.tmp.path().join("netpol.d/broken.yaml");
     std::fs::write(&broken, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  ingres: []\n").unwrap();
-    lab.wait_status("the broken file reported", |s| s.degraded && !s.errors.is_empty());
+    lab.wait_status("the broken file reported", |s| {
+        s.degraded && !s.errors.is_empty()
+    });
     let (code, json) = lab.netpolctl(&["status", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v["errors"][0]["file"], broken.display().to_string(), "{json}");
+    assert_eq!(
+        v["errors"][0]["file"],
+        broken.display().to_string(),
+        "{json}"
+    );
     assert_eq!(v["degraded"], true);
     lab.expect("a broken file changes nothing", &seed2);
 
@@ -424,22 +551,48 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     // backend's interface goes away and comes back with a new ifindex: released,
     // then enforced again on the new device.
     let old_ifindex = lab.ifindex("backend");
-    let be_ns = lab.workloads.iter().find(|w| w.1 == "backend").unwrap().0.clone();
+    let be_ns = lab
+        .workloads
+        .iter()
+        .find(|w| w.1 == "backend")
+        .unwrap()
+        .0
+        .clone();
     sh(&["ip", "-n", &lab.node, "link", "del", "veth-be"]);
     lab.wait_status("backend pending", |s| s.pending == 1 && s.attached == 2);
-    sh(&["ip", "-n", &lab.node, "link", "add", "veth-be", "type", "veth", "peer", "name", "eth0", "netns", &be_ns]);
-    sh(&["ip", "-n", &lab.node, "link", "set", "veth-be", "master", "br0", "up"]);
-    sh(&["ip", "-n", &be_ns, "addr", "add", "10.202.1.21/24", "dev", "eth0"]);
+    sh(&[
+        "ip", "-n", &lab.node, "link", "add", "veth-be", "type", "veth", "peer", "name", "eth0",
+        "netns", &be_ns,
+    ]);
+    sh(&[
+        "ip", "-n", &lab.node, "link", "set", "veth-be", "master", "br0", "up",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &be_ns,
+        "addr",
+        "add",
+        "10.202.1.21/24",
+        "dev",
+        "eth0",
+    ]);
     sh(&["ip", "-n", &be_ns, "link", "set", "eth0", "up"]);
     // The peers' ARP caches still hold the old device's MAC address.
     for (ns, _, _) in &lab.workloads {
         sh(&["ip", "-n", ns, "neigh", "flush", "all"]);
     }
-    lab.wait_status("backend attached again", |s| s.pending == 0 && s.attached == 3);
+    lab.wait_status("backend attached again", |s| {
+        s.pending == 0 && s.attached == 3
+    });
     assert_ne!(lab.ifindex("backend"), old_ifindex);
     lab.expect("the recreated interface is enforced", &seed2);
 
-    for f in ["broken.yaml", "frontend-to-backend.yaml", "frontend-egress-control.yaml"] {
+    for f in [
+        "broken.yaml",
+        "frontend-to-backend.yaml",
+        "frontend-egress-control.yaml",
+    ] {
         std::fs::remove_file(lab.tmp.path().join("netpol.d").join(f)).unwrap();
     }
     lab.wait_status("policies removed", |s| s.policies == 0 && !s.degraded);

@@ -57,7 +57,10 @@ struct Dp {
 impl Dp {
     fn open(test: &str, settings: &DatapathSettings) -> Dp {
         let n = PIN_SEQ.fetch_add(1, Ordering::SeqCst);
-        let pin = PathBuf::from(format!("/sys/fs/bpf/npd-test-{test}-{}-{n}", std::process::id()));
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/npd-test-{test}-{}-{n}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&pin);
         let dp = KernelDatapath::open(&pin, settings).expect("open the kernel datapath");
         Dp { dp: Some(dp), pin }
@@ -73,11 +76,15 @@ impl Dp {
     }
 
     fn reopen(&mut self, settings: &DatapathSettings) {
-        self.dp = Some(KernelDatapath::open(&self.pin, settings).expect("adopt the pinned datapath"));
+        self.dp =
+            Some(KernelDatapath::open(&self.pin, settings).expect("adopt the pinned datapath"));
     }
 
     fn run(&mut self, hook: Hook, p: &PacketSpec) -> bool {
-        self.dp().test_run(hook, &p.build(), 1).expect("test run").passed()
+        self.dp()
+            .test_run(hook, &p.build(), 1)
+            .expect("test run")
+            .passed()
     }
 }
 
@@ -147,22 +154,54 @@ fn base() -> Compiled {
     c.endpoints.push(endpoint(2, "c", ID_C, &[C4]));
     for ep in c.endpoints.clone() {
         for a in &ep.addresses {
-            c.ipcache.push(IpcacheEntry { net: ipnet::IpNet::from(*a), identity: ep.identity, endpoint: Some(ep.slot) });
+            c.ipcache.push(IpcacheEntry {
+                net: ipnet::IpNet::from(*a),
+                identity: ep.identity,
+                endpoint: Some(ep.slot),
+            });
         }
     }
     c.ipcache.sort();
     c
 }
 
-fn entry(dir: Direction, identity: u32, proto: u8, port: u16, prefix: u8, verdict: EntryVerdict, rule: u32) -> PolicyEntry {
-    PolicyEntry { endpoint: 0, direction: dir, identity, proto, port, port_prefix: prefix, verdict, rule }
+fn entry(
+    dir: Direction,
+    identity: u32,
+    proto: u8,
+    port: u16,
+    prefix: u8,
+    verdict: EntryVerdict,
+    rule: u32,
+) -> PolicyEntry {
+    PolicyEntry {
+        endpoint: 0,
+        direction: dir,
+        identity,
+        proto,
+        port,
+        port_prefix: prefix,
+        verdict,
+        rule,
+    }
 }
 
 fn allow(dir: Direction, identity: u32, proto: u8, port: u16, rule: u32) -> PolicyEntry {
-    entry(dir, identity, proto, port, if proto == 0 { 0 } else { 16 }, EntryVerdict::Allow, rule)
+    entry(
+        dir,
+        identity,
+        proto,
+        port,
+        if proto == 0 { 0 } else { 16 },
+        Allow,
+        rule,
+    )
 }
 
-const A_ON_LO: [Attachment; 1] = [Attachment { slot: 0, ifindex: 1 }];
+const A_ON_LO: [Attachment; 1] = [Attachment {
+    slot: 0,
+    ifindex: 1,
+}];
 
 fn apply(dp: &mut Dp, mut c: Compiled) -> u64 {
     c.entries.sort();
@@ -194,14 +233,30 @@ fn deny_wins_over_a_narrower_allow() {
     c.entries.push(entry(Egress, ID_C, 17, 0, 0, Allow, 2));
     c.entries.push(entry(Egress, ID_C, 17, 53, 16, Deny, 3));
     apply(&mut dp, c);
-    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)), "L2 deny beats L1 allow");
-    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 40000, 53)), "L1 deny on the exact port");
-    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 40000, 54)), "L1 allow on other UDP ports");
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)),
+        "L2 deny beats L1 allow"
+    );
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 40000, 53)),
+        "L1 deny on the exact port"
+    );
+    assert!(
+        dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 40000, 54)),
+        "L1 allow on other UDP ports"
+    );
     let ev = dp.dp().poll_events(100);
-    let denies: Vec<_> = ev.iter().filter(|e| e.verdict == EventVerdict::Denied).collect();
+    let denies: Vec<_> = ev
+        .iter()
+        .filter(|e| e.verdict == EventVerdict::Denied)
+        .collect();
     assert_eq!(denies.len(), 2, "{ev:?}");
     assert_eq!(denies[0].reason, EventReason::PolicyDeny);
-    assert_eq!(denies[0].rule, Some(1), "L2's rule reported when only L2 denied");
+    assert_eq!(
+        denies[0].rule,
+        Some(1),
+        "L2's rule reported when only L2 denied"
+    );
     assert_eq!(denies[1].rule, Some(3), "L1's rule reported when L1 denied");
     assert_eq!(denies[0].dst_identity, ID_B);
     assert_eq!(denies[0].src_identity, ID_A);
@@ -220,10 +275,22 @@ fn reply_passes_without_a_rule() {
     c.entries.push(allow(Egress, ID_B, 6, 80, 0));
     apply(&mut dp, c);
     // Replies before the flow exists are new flows and denied.
-    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_SYN | TCP_ACK)));
+    assert!(!dp.run(
+        TO_A,
+        &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_SYN | TCP_ACK)
+    ));
     assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)));
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_SYN | TCP_ACK)), "reply passes");
-    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_ACK)), "established passes");
+    assert!(
+        dp.run(
+            TO_A,
+            &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_SYN | TCP_ACK)
+        ),
+        "reply passes"
+    );
+    assert!(
+        dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_ACK)),
+        "established passes"
+    );
     // Not the reply tuple: a new flow from b to a is still denied.
     assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 81, 40000, TCP_ACK)));
     assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_ACK)));
@@ -244,14 +311,38 @@ fn related_icmp_error_passes_and_unrelated_does_not() {
     c.entries.push(allow(Egress, ID_B, 17, 53, 0));
     apply(&mut dp, c);
     let flow = PacketSpec::udp(ip(A4), ip(B4), 40000, 53);
-    let unreach = |inner: PacketSpec| PacketSpec::new(ip(B4), ip(A4), L4::IcmpError { ty: 3, code: 3, inner: Box::new(inner) });
-    assert!(!dp.run(TO_A, &unreach(flow.clone())), "no flow yet: unrelated");
+    let unreach = |inner: PacketSpec| {
+        PacketSpec::new(
+            ip(B4),
+            ip(A4),
+            L4::IcmpError {
+                ty: 3,
+                code: 3,
+                inner: Box::new(inner),
+            },
+        )
+    };
+    assert!(
+        !dp.run(TO_A, &unreach(flow.clone())),
+        "no flow yet: unrelated"
+    );
     assert!(dp.run(FROM_A, &flow));
-    assert!(dp.run(TO_A, &unreach(flow.clone())), "port unreachable about the flow");
+    assert!(
+        dp.run(TO_A, &unreach(flow.clone())),
+        "port unreachable about the flow"
+    );
     let other = PacketSpec::udp(ip(A4), ip(B4), 40001, 53);
     assert!(!dp.run(TO_A, &unreach(other)), "about another flow");
     // Fragmentation needed always passes.
-    let fragneeded = PacketSpec::new(ip(WORLD4), ip(A4), L4::IcmpError { ty: 3, code: 4, inner: Box::new(PacketSpec::udp(ip(A4), ip(WORLD4), 1, 2)) });
+    let fragneeded = PacketSpec::new(
+        ip(WORLD4),
+        ip(A4),
+        L4::IcmpError {
+            ty: 3,
+            code: 4,
+            inner: Box::new(PacketSpec::udp(ip(A4), ip(WORLD4), 1, 2)),
+        },
+    );
     assert!(dp.run(TO_A, &fragneeded));
     // IPv6 packet too big about an allowed v6 flow.
     let mut c = base();
@@ -261,7 +352,15 @@ fn related_icmp_error_passes_and_unrelated_does_not() {
     apply(&mut dp, c);
     let flow6 = PacketSpec::tcp(ip(A6), ip(B6), 40000, 443, TCP_SYN);
     assert!(dp.run(FROM_A, &flow6));
-    let ptb = PacketSpec::new(ip(B6), ip(A6), L4::IcmpError { ty: 2, code: 0, inner: Box::new(flow6) });
+    let ptb = PacketSpec::new(
+        ip(B6),
+        ip(A6),
+        L4::IcmpError {
+            ty: 2,
+            code: 0,
+            inner: Box::new(flow6),
+        },
+    );
     assert!(dp.run(TO_A, &ptb));
 }
 
@@ -283,8 +382,14 @@ fn non_first_fragment_does_not_bypass_a_port_rule() {
         let mut later = first.clone();
         later.fragment = Some((185, false));
         // The bytes where a header would be claim port 53: must not matter.
-        later.l4 = L4::Udp { sport: 5000, dport: 53 };
-        assert!(!dp.run(TO_A, &first), "{src}: first fragment to a denied port");
+        later.l4 = L4::Udp {
+            sport: 5000,
+            dport: 53,
+        };
+        assert!(
+            !dp.run(TO_A, &first),
+            "{src}: first fragment to a denied port"
+        );
         assert!(!dp.run(TO_A, &later), "{src}: its later fragment");
         // A later fragment of an unknown datagram is dropped.
         let mut orphan = later.clone();
@@ -300,7 +405,10 @@ fn non_first_fragment_does_not_bypass_a_port_rule() {
         assert!(dp.run(TO_A, &ok_later), "{src}: its later fragment");
     }
     let ev = dp.dp().poll_events(100);
-    assert!(ev.iter().any(|e| e.reason == EventReason::Fragment), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| e.reason == EventReason::Fragment),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -313,14 +421,22 @@ fn vlan_tagged_frame_does_not_bypass() {
     c.endpoints[0].default_deny_egress = true;
     c.entries.push(allow(Egress, ID_B, 6, 80, 0));
     apply(&mut dp, c);
-    for tags in [vec![(0x8100, 10)], vec![(0x88a8, 10), (0x8100, 20)], vec![(0x8100, 1), (0x8100, 2), (0x8100, 3)]] {
+    for tags in [
+        vec![(0x8100, 10)],
+        vec![(0x88a8, 10), (0x8100, 20)],
+        vec![(0x8100, 1), (0x8100, 2), (0x8100, 3)],
+    ] {
         let mut denied = PacketSpec::tcp(ip(A4), ip(B4), 40000, 22, TCP_SYN);
         denied.vlans = tags.clone();
         assert!(!dp.run(FROM_A, &denied), "tags {tags:?}: denied port");
         let mut allowed = PacketSpec::tcp(ip(A4), ip(B4), 40001, 80, TCP_SYN);
         allowed.vlans = tags.clone();
         // Up to two tags are parsed through; a third tag is dropped outright.
-        assert_eq!(dp.run(FROM_A, &allowed), tags.len() <= 2, "tags {tags:?}: allowed port");
+        assert_eq!(
+            dp.run(FROM_A, &allowed),
+            tags.len() <= 2,
+            "tags {tags:?}: allowed port"
+        );
     }
 }
 
@@ -334,7 +450,13 @@ fn ipv6_extension_headers_do_not_hide_the_port() {
     c.endpoints[0].default_deny_egress = true;
     c.entries.push(allow(Egress, ID_B, 6, 443, 0));
     apply(&mut dp, c);
-    for chain in [vec![], vec![0], vec![0, 60, 43], vec![51], vec![0, 43, 60, 51]] {
+    for chain in [
+        vec![],
+        vec![0],
+        vec![0, 60, 43],
+        vec![51],
+        vec![0, 43, 60, 51],
+    ] {
         let mut denied = PacketSpec::tcp(ip(A6), ip(B6), 40000, 22, TCP_SYN);
         denied.ext_headers = chain.clone();
         assert!(!dp.run(FROM_A, &denied), "chain {chain:?}: port 22");
@@ -364,17 +486,47 @@ fn icmp_types_are_the_port_and_neighbour_discovery_passes() {
     c.entries.push(allow(Egress, ID_B, 1, 8, 0));
     c.entries.push(allow(Egress, ID_B, 58, 128, 1));
     apply(&mut dp, c);
-    assert!(dp.run(FROM_A, &PacketSpec::icmp(ip(A4), ip(B4), 8, 0, 4242)), "echo request allowed");
-    assert!(dp.run(TO_A, &PacketSpec::icmp(ip(B4), ip(A4), 0, 0, 4242)), "echo reply passes via conntrack");
-    assert!(!dp.run(TO_A, &PacketSpec::icmp(ip(B4), ip(A4), 0, 0, 4243)), "unsolicited echo reply");
-    assert!(!dp.run(FROM_A, &PacketSpec::icmp(ip(A4), ip(B4), 13, 0, 1)), "timestamp not allowed");
-    assert!(dp.run(FROM_A, &PacketSpec::icmp(ip(A6), ip(B6), 128, 0, 9)), "v6 echo request");
-    assert!(dp.run(TO_A, &PacketSpec::icmp(ip(B6), ip(A6), 129, 0, 9)), "v6 echo reply");
+    assert!(
+        dp.run(FROM_A, &PacketSpec::icmp(ip(A4), ip(B4), 8, 0, 4242)),
+        "echo request allowed"
+    );
+    assert!(
+        dp.run(TO_A, &PacketSpec::icmp(ip(B4), ip(A4), 0, 0, 4242)),
+        "echo reply passes via conntrack"
+    );
+    assert!(
+        !dp.run(TO_A, &PacketSpec::icmp(ip(B4), ip(A4), 0, 0, 4243)),
+        "unsolicited echo reply"
+    );
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::icmp(ip(A4), ip(B4), 13, 0, 1)),
+        "timestamp not allowed"
+    );
+    assert!(
+        dp.run(FROM_A, &PacketSpec::icmp(ip(A6), ip(B6), 128, 0, 9)),
+        "v6 echo request"
+    );
+    assert!(
+        dp.run(TO_A, &PacketSpec::icmp(ip(B6), ip(A6), 129, 0, 9)),
+        "v6 echo reply"
+    );
     for ty in 133..=137u8 {
-        assert!(dp.run(TO_A, &PacketSpec::icmp(ip("fe80::1"), ip(A6), ty, 0, 0)), "ND type {ty} in");
-        assert!(dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip("ff02::1"), ty, 0, 0)), "ND type {ty} out");
+        assert!(
+            dp.run(TO_A, &PacketSpec::icmp(ip("fe80::1"), ip(A6), ty, 0, 0)),
+            "ND type {ty} in"
+        );
+        assert!(
+            dp.run(
+                FROM_A,
+                &PacketSpec::icmp(ip("fe80::2"), ip("ff02::1"), ty, 0, 0)
+            ),
+            "ND type {ty} out"
+        );
     }
-    assert!(!dp.run(TO_A, &PacketSpec::icmp(ip(B6), ip(A6), 138, 0, 0)), "router renumbering is not ND");
+    assert!(
+        !dp.run(TO_A, &PacketSpec::icmp(ip(B6), ip(A6), 138, 0, 0)),
+        "router renumbering is not ND"
+    );
 }
 
 #[test]
@@ -387,13 +539,40 @@ fn multicast_listener_reports_to_link_scoped_groups_are_not_spoofing() {
     c.endpoints[0].default_deny_egress = true;
     apply(&mut dp, c);
     for ty in [130u8, 131, 132, 143] {
-        assert!(dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip("ff02::16"), ty, 0, 0)), "MLD type {ty}");
-        assert!(dp.run(FROM_A, &PacketSpec::icmp(ip("::"), ip("ff02::16"), ty, 0, 0)), "MLD type {ty} from ::");
+        assert!(
+            dp.run(
+                FROM_A,
+                &PacketSpec::icmp(ip("fe80::2"), ip("ff02::16"), ty, 0, 0)
+            ),
+            "MLD type {ty}"
+        );
+        assert!(
+            dp.run(
+                FROM_A,
+                &PacketSpec::icmp(ip("::"), ip("ff02::16"), ty, 0, 0)
+            ),
+            "MLD type {ty} from ::"
+        );
     }
     // Only to link-scoped groups, and only MLD: the same source elsewhere is spoofing.
-    assert!(!dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip("ff05::16"), 143, 0, 0)), "site-scoped group");
-    assert!(!dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip(B6), 143, 0, 0)), "unicast");
-    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip("fe80::2"), ip("ff02::16"), 1, 2)), "not ICMPv6");
+    assert!(
+        !dp.run(
+            FROM_A,
+            &PacketSpec::icmp(ip("fe80::2"), ip("ff05::16"), 143, 0, 0)
+        ),
+        "site-scoped group"
+    );
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::icmp(ip("fe80::2"), ip(B6), 143, 0, 0)),
+        "unicast"
+    );
+    assert!(
+        !dp.run(
+            FROM_A,
+            &PacketSpec::udp(ip("fe80::2"), ip("ff02::16"), 1, 2)
+        ),
+        "not ICMPv6"
+    );
     assert_eq!(dp.dp().counters()[&0].denied_spoof, 3);
 }
 
@@ -406,16 +585,31 @@ fn spoofed_source_is_dropped() {
     apply(&mut dp, base()); // no policy at all: everything else passes
     assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 1, 2)));
     assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A6), ip(B6), 1, 2)));
-    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(B4), ip(C4), 1, 2)), "b's address from a");
-    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(WORLD4), ip(B4), 1, 2)), "unregistered address from a");
-    assert!(!dp.run(FROM_A, &PacketSpec::udp(ip(B6), ip(A6), 1, 2)), "v6 spoof");
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::udp(ip(B4), ip(C4), 1, 2)),
+        "b's address from a"
+    );
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::udp(ip(WORLD4), ip(B4), 1, 2)),
+        "unregistered address from a"
+    );
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::udp(ip(B6), ip(A6), 1, 2)),
+        "v6 spoof"
+    );
     // Toward a, any source is fine (policy decides).
     assert!(dp.run(TO_A, &PacketSpec::udp(ip(WORLD4), ip(A4), 1, 2)));
     let counters = dp.dp().counters();
     assert_eq!(counters[&0].denied_spoof, 3, "{counters:?}");
     assert_eq!(counters[&0].allowed, 3, "{counters:?}");
     let ev = dp.dp().poll_events(10);
-    assert_eq!(ev.iter().filter(|e| e.reason == EventReason::Spoofed).count(), 3, "{ev:?}");
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.reason == EventReason::Spoofed)
+            .count(),
+        3,
+        "{ev:?}"
+    );
     assert_eq!(ev[0].src, ip(B4));
 }
 
@@ -430,13 +624,22 @@ fn audit_endpoint_passes_and_reports_would_be_drops() {
     c.endpoints[0].audit = true;
     c.entries.push(entry(Ingress, ID_C, 0, 0, 0, Deny, 4));
     apply(&mut dp, c);
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 80, TCP_SYN)), "default deny audited");
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(C4), ip(A4), 5, 80, TCP_SYN)), "deny audited");
+    assert!(
+        dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 80, TCP_SYN)),
+        "default deny audited"
+    );
+    assert!(
+        dp.run(TO_A, &PacketSpec::tcp(ip(C4), ip(A4), 5, 80, TCP_SYN)),
+        "deny audited"
+    );
     let ev = dp.dp().poll_events(10);
     assert_eq!(ev.len(), 2, "{ev:?}");
     assert!(ev.iter().all(|e| e.verdict == EventVerdict::Audit));
     assert_eq!(ev[0].reason, EventReason::DefaultDeny);
-    assert_eq!((ev[1].reason, ev[1].rule), (EventReason::PolicyDeny, Some(4)));
+    assert_eq!(
+        (ev[1].reason, ev[1].rule),
+        (EventReason::PolicyDeny, Some(4))
+    );
     assert_eq!(dp.dp().counters()[&0].audit, 2);
 }
 
@@ -445,7 +648,10 @@ fn host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass() {
     if !privileged("host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass") {
         return;
     }
-    let s = DatapathSettings { failsafe: vec![(Ingress, 6, 22), (Egress, 17, 53)], ..settings() };
+    let s = DatapathSettings {
+        failsafe: vec![(Ingress, 6, 22), (Egress, 17, 53)],
+        ..settings()
+    };
     let mut dp = Dp::open("hostep", &s);
     let mut c = base();
     c.endpoints[0].kind = EndpointKind::Host;
@@ -454,13 +660,28 @@ fn host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass() {
     c.entries.push(allow(Ingress, ID_B, 6, 443, 0));
     apply(&mut dp, c);
     // For a host endpoint the device's ingress is the host's ingress.
-    assert!(dp.run(Hook::Ingress, &PacketSpec::tcp(ip(B4), ip(A4), 5, 443, TCP_SYN)));
-    assert!(!dp.run(Hook::Ingress, &PacketSpec::tcp(ip(C4), ip(A4), 5, 443, TCP_SYN)));
-    assert!(!dp.run(Hook::Egress, &PacketSpec::tcp(ip(A4), ip(B4), 5, 443, TCP_SYN)));
+    assert!(dp.run(
+        Hook::Ingress,
+        &PacketSpec::tcp(ip(B4), ip(A4), 5, 443, TCP_SYN)
+    ));
+    assert!(!dp.run(
+        Hook::Ingress,
+        &PacketSpec::tcp(ip(C4), ip(A4), 5, 443, TCP_SYN)
+    ));
+    assert!(!dp.run(
+        Hook::Egress,
+        &PacketSpec::tcp(ip(A4), ip(B4), 5, 443, TCP_SYN)
+    ));
     // Failsafe: ssh in and DNS out pass whatever the policy says.
-    assert!(dp.run(Hook::Ingress, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 22, TCP_SYN)));
+    assert!(dp.run(
+        Hook::Ingress,
+        &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 22, TCP_SYN)
+    ));
     assert!(dp.run(Hook::Egress, &PacketSpec::udp(ip(A4), ip(WORLD4), 5, 53)));
-    assert!(!dp.run(Hook::Egress, &PacketSpec::tcp(ip(A4), ip(WORLD4), 5, 22, TCP_SYN)));
+    assert!(!dp.run(
+        Hook::Egress,
+        &PacketSpec::tcp(ip(A4), ip(WORLD4), 5, 22, TCP_SYN)
+    ));
     // No anti-spoofing on host endpoints: the host may route others' traffic.
     assert!(dp.run(Hook::Egress, &PacketSpec::udp(ip(WORLD4), ip(C4), 5, 53)));
 }
@@ -476,12 +697,30 @@ fn no_policy_passes_and_default_deny_drops() {
     c.entries.push(allow(Ingress, 0, 6, 8080, 0)); // any identity, port 8080
     c.entries.push(entry(Ingress, ID_B, 6, 1024, 6, Allow, 1)); // b: 1024-2047
     apply(&mut dp, c);
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 8080, TCP_SYN)), "wildcard identity");
-    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 8081, TCP_SYN)), "default deny");
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 1024, TCP_SYN)), "range start");
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 2047, TCP_SYN)), "range end");
-    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 2048, TCP_SYN)), "past the range");
-    assert!(!dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 5, 1500)), "other protocol");
+    assert!(
+        dp.run(TO_A, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 8080, TCP_SYN)),
+        "wildcard identity"
+    );
+    assert!(
+        !dp.run(TO_A, &PacketSpec::tcp(ip(WORLD4), ip(A4), 5, 8081, TCP_SYN)),
+        "default deny"
+    );
+    assert!(
+        dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 1024, TCP_SYN)),
+        "range start"
+    );
+    assert!(
+        dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 2047, TCP_SYN)),
+        "range end"
+    );
+    assert!(
+        !dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 5, 2048, TCP_SYN)),
+        "past the range"
+    );
+    assert!(
+        !dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 5, 1500)),
+        "other protocol"
+    );
     // Egress is not default deny: anything goes out.
     assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(WORLD4), 5, 9, TCP_SYN)));
     let c = dp.dp().counters();
@@ -494,7 +733,10 @@ fn established_flow_is_rechecked_under_recheck_and_kept_under_keep() {
         return;
     }
     for recheck in [true, false] {
-        let s = DatapathSettings { recheck_established: recheck, ..settings() };
+        let s = DatapathSettings {
+            recheck_established: recheck,
+            ..settings()
+        };
         let mut dp = Dp::open(if recheck { "recheck" } else { "keep" }, &s);
         let mut c = base();
         c.endpoints[0].default_deny_egress = true;
@@ -505,7 +747,10 @@ fn established_flow_is_rechecked_under_recheck_and_kept_under_keep() {
         c.endpoints[0].default_deny_egress = true;
         apply(&mut dp, c);
         let fwd = dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_ACK));
-        assert_eq!(fwd, !recheck, "recheck={recheck}: forward packet after the allow was removed");
+        assert_eq!(
+            fwd, !recheck,
+            "recheck={recheck}: forward packet after the allow was removed"
+        );
         // Replies pass either way.
         assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40000, TCP_ACK)));
         // A new flow is denied either way.
@@ -537,18 +782,45 @@ fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
     // TCP answered: established timeout.
     assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40001, 80, TCP_SYN)));
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_SYN | TCP_ACK)));
+    assert!(dp.run(
+        TO_A,
+        &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_SYN | TCP_ACK)
+    ));
     // TCP never answered: SYN timeout.
     assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40002, 80, TCP_SYN)));
     // TCP closed: close timeout.
     assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40003, 80, TCP_SYN)));
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40003, TCP_SYN | TCP_ACK)));
-    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40003, 80, TCP_FIN | TCP_ACK)));
+    assert!(dp.run(
+        TO_A,
+        &PacketSpec::tcp(ip(B4), ip(A4), 80, 40003, TCP_SYN | TCP_ACK)
+    ));
+    assert!(dp.run(
+        FROM_A,
+        &PacketSpec::tcp(ip(A4), ip(B4), 40003, 80, TCP_FIN | TCP_ACK)
+    ));
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(!dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)), "udp entry expired");
-    assert!(dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_ACK)), "established entry lives");
-    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40002, TCP_SYN | TCP_ACK)), "syn entry expired");
-    assert!(!dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40003, TCP_FIN | TCP_ACK)), "closed entry expired");
+    assert!(
+        !dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)),
+        "udp entry expired"
+    );
+    assert!(
+        dp.run(TO_A, &PacketSpec::tcp(ip(B4), ip(A4), 80, 40001, TCP_ACK)),
+        "established entry lives"
+    );
+    assert!(
+        !dp.run(
+            TO_A,
+            &PacketSpec::tcp(ip(B4), ip(A4), 80, 40002, TCP_SYN | TCP_ACK)
+        ),
+        "syn entry expired"
+    );
+    assert!(
+        !dp.run(
+            TO_A,
+            &PacketSpec::tcp(ip(B4), ip(A4), 80, 40003, TCP_FIN | TCP_ACK)
+        ),
+        "closed entry expired"
+    );
 }
 
 #[test]
@@ -556,7 +828,10 @@ fn generations_flip_and_a_capacity_error_leaves_state_untouched() {
     if !privileged("generations_flip_and_a_capacity_error_leaves_state_untouched") {
         return;
     }
-    let s = DatapathSettings { policy_max_entries: 4, ..settings() };
+    let s = DatapathSettings {
+        policy_max_entries: 4,
+        ..settings()
+    };
     let mut dp = Dp::open("capacity", &s);
     assert_eq!(dp.dp().generation(), 0);
     let mut c = base();
@@ -571,7 +846,17 @@ fn generations_flip_and_a_capacity_error_leaves_state_untouched() {
     }
     big.entries.sort();
     let err = dp.dp().apply(&big, &A_ON_LO).unwrap_err();
-    assert!(matches!(err, DatapathError::Capacity { needed: 10, max: 4, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DatapathError::Capacity {
+                needed: 10,
+                max: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
         "policy map (policy_max_entries) needs 10 entries but holds at most 4; the running state was kept"
@@ -600,10 +885,16 @@ fn adopted_pins_keep_enforcing_and_accept_the_next_apply() {
     apply(&mut dp, c.clone());
     dp.forget();
     // A changed conntrack size does not prevent adoption (the pinned size stays).
-    dp.reopen(&DatapathSettings { ct_max_entries: 8192, ..settings() });
+    dp.reopen(&DatapathSettings {
+        ct_max_entries: 8192,
+        ..settings()
+    });
     assert!(dp.dp().adopted());
     assert_eq!(dp.dp().generation(), 2);
-    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 81, TCP_SYN)), "old state enforced");
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 81, TCP_SYN)),
+        "old state enforced"
+    );
     assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN)));
     c.entries.push(allow(Egress, ID_B, 6, 81, 1));
     assert_eq!(apply(&mut dp, c), 3);
@@ -646,15 +937,39 @@ fn diff_applies_leave_each_generation_exactly_equal_to_its_state() {
     for (i, state) in [a.clone(), b, a, c].into_iter().enumerate() {
         assert_eq!(apply(&mut dp, state.clone()), i as u64 + 1);
         let active = dp.dp().active_slot().unwrap();
-        let got = dp.dp().dump_generation(active).unwrap().expect("active generation installed");
+        let got = dp
+            .dp()
+            .dump_generation(active)
+            .unwrap()
+            .expect("active generation installed");
         assert_eq!(got, expected(&state), "apply {i}: active generation");
         if let Some(p) = &prev {
-            let other = dp.dp().dump_generation(active ^ 1).unwrap().expect("inactive generation installed");
-            assert_eq!(other, expected(p), "apply {i}: inactive generation keeps the previous state");
+            let other = dp
+                .dp()
+                .dump_generation(active ^ 1)
+                .unwrap()
+                .expect("inactive generation installed");
+            assert_eq!(
+                other,
+                expected(p),
+                "apply {i}: inactive generation keeps the previous state"
+            );
         }
         let port = state.entries[0].port;
-        assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 41000 + i as u16, port, TCP_SYN)), "apply {i}: allowed port");
-        assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 41100 + i as u16, 9, TCP_SYN)), "apply {i}: denied port");
+        assert!(
+            dp.run(
+                FROM_A,
+                &PacketSpec::tcp(ip(A4), ip(B4), 41000 + i as u16, port, TCP_SYN)
+            ),
+            "apply {i}: allowed port"
+        );
+        assert!(
+            !dp.run(
+                FROM_A,
+                &PacketSpec::tcp(ip(A4), ip(B4), 41100 + i as u16, 9, TCP_SYN)
+            ),
+            "apply {i}: denied port"
+        );
         prev = Some(state);
     }
 }
@@ -677,13 +992,20 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     // nothing of its content and must converge anyway.
     let inner = |outer: &str| {
         let o = MapHandle::from_pinned_path(dp.pin.join("maps").join(outer)).unwrap();
-        let id = o.lookup(&inactive.to_ne_bytes(), MapFlags::ANY).unwrap().unwrap();
+        let id = o
+            .lookup(&inactive.to_ne_bytes(), MapFlags::ANY)
+            .unwrap()
+            .unwrap();
         MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).unwrap()
     };
     let stray = netpol::datapath::layout::policy_key(&allow(Egress, ID_B, 17, 53, 9));
     let value = netpol::datapath::layout::policy_value(&allow(Egress, ID_B, 17, 53, 9));
     inner("netpol_policy_v1")
-        .update(netpol::datapath::layout::bytes_of(&stray), netpol::datapath::layout::bytes_of(&value), MapFlags::ANY)
+        .update(
+            netpol::datapath::layout::bytes_of(&stray),
+            netpol::datapath::layout::bytes_of(&value),
+            MapFlags::ANY,
+        )
         .unwrap();
     let ipc = inner("netpol_ipcache_v1");
     let first = ipc.keys().next().expect("ipcache has entries");
@@ -694,17 +1016,39 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     let c = egress_state(&[443], false);
     apply(&mut dp, c.clone());
     let active = dp.dp().active_slot().unwrap();
-    assert_eq!(active, inactive, "the tampered generation was the one written");
-    assert_eq!(dp.dp().dump_generation(active).unwrap().unwrap(), expected(&c));
-    assert_eq!(dp.dp().dump_generation(active ^ 1).unwrap().unwrap(), expected(&b), "running state untouched");
-    assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42000, 53, 0x02)), "stray entry gone");
-    assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42001, 443, TCP_SYN)));
+    assert_eq!(
+        active, inactive,
+        "the tampered generation was the one written"
+    );
+    assert_eq!(
+        dp.dp().dump_generation(active).unwrap().unwrap(),
+        expected(&c)
+    );
+    assert_eq!(
+        dp.dp().dump_generation(active ^ 1).unwrap().unwrap(),
+        expected(&b),
+        "running state untouched"
+    );
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42000, 53, 0x02)),
+        "stray entry gone"
+    );
+    assert!(dp.run(
+        FROM_A,
+        &PacketSpec::tcp(ip(A4), ip(B4), 42001, 443, TCP_SYN)
+    ));
     // The other (adopted, never written by this process) generation converges too.
     let d = egress_state(&[22, 80], true);
     apply(&mut dp, d.clone());
     let active = dp.dp().active_slot().unwrap();
-    assert_eq!(dp.dp().dump_generation(active).unwrap().unwrap(), expected(&d));
-    assert_eq!(dp.dp().dump_generation(active ^ 1).unwrap().unwrap(), expected(&c));
+    assert_eq!(
+        dp.dp().dump_generation(active).unwrap().unwrap(),
+        expected(&d)
+    );
+    assert_eq!(
+        dp.dp().dump_generation(active ^ 1).unwrap().unwrap(),
+        expected(&c)
+    );
 }
 
 #[test]
@@ -716,15 +1060,23 @@ fn adoption_refuses_pins_of_another_layout_version() {
     let mut dp = Dp::open("layout", &settings());
     apply(&mut dp, base());
     dp.forget();
-    let state = libbpf_rs::MapHandle::from_pinned_path(dp.pin.join("maps/netpol_state_v1")).unwrap();
-    let mut v = state.lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY).unwrap().unwrap();
+    let state =
+        libbpf_rs::MapHandle::from_pinned_path(dp.pin.join("maps/netpol_state_v1")).unwrap();
+    let mut v = state
+        .lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+        .unwrap()
+        .unwrap();
     v[4..8].copy_from_slice(&99u32.to_ne_bytes()); // layout_version
-    state.update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY).unwrap();
+    state
+        .update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY)
+        .unwrap();
     let err = KernelDatapath::open(&dp.pin, &settings()).unwrap_err();
     assert!(err.to_string().contains("layout version 99"), "{err}");
     // Put it back so the guard can clean up through an adopting open.
     v[4..8].copy_from_slice(&1u32.to_ne_bytes());
-    state.update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY).unwrap();
+    state
+        .update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY)
+        .unwrap();
 }
 
 #[test]
@@ -732,7 +1084,11 @@ fn allow_events_are_sampled_and_drops_are_rate_limited() {
     if !privileged("allow_events_are_sampled_and_drops_are_rate_limited") {
         return;
     }
-    let s = DatapathSettings { allow_sample_rate: 2, events_per_sec: 5, ..settings() };
+    let s = DatapathSettings {
+        allow_sample_rate: 2,
+        events_per_sec: 5,
+        ..settings()
+    };
     // Counters and budgets are per CPU: keep this thread on one CPU.
     let mut cpus = nix::sched::CpuSet::new();
     cpus.set(0).unwrap();
@@ -743,13 +1099,21 @@ fn allow_events_are_sampled_and_drops_are_rate_limited() {
     c.entries.push(allow(Egress, ID_B, 6, 80, 7));
     apply(&mut dp, c);
     for i in 0..4 {
-        assert!(dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 41000 + i, 80, TCP_SYN)));
+        assert!(dp.run(
+            FROM_A,
+            &PacketSpec::tcp(ip(A4), ip(B4), 41000 + i, 80, TCP_SYN)
+        ));
     }
     let ev = dp.dp().poll_events(100);
     assert_eq!(ev.len(), 2, "1 in 2 allowed new flows: {ev:?}");
-    assert!(ev.iter().all(|e| e.verdict == EventVerdict::Allowed && e.rule == Some(7)));
+    assert!(ev
+        .iter()
+        .all(|e| e.verdict == EventVerdict::Allowed && e.rule == Some(7)));
     for i in 0..50 {
-        assert!(!dp.run(FROM_A, &PacketSpec::tcp(ip(A4), ip(B4), 42000 + i, 22, TCP_SYN)));
+        assert!(!dp.run(
+            FROM_A,
+            &PacketSpec::tcp(ip(A4), ip(B4), 42000 + i, 22, TCP_SYN)
+        ));
     }
     let ev = dp.dp().poll_events(100);
     // 5 per second on this CPU (2 may have gone to the allows in this
@@ -814,9 +1178,15 @@ mod e2e {
             let node = format!("npd-{tag}-node");
             let _ = Command::new("ip").args(["netns", "del", &node]).output();
             for (w, _) in workloads {
-                let _ = Command::new("ip").args(["netns", "del", &format!("npd-{tag}-{w}")]).output();
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &format!("npd-{tag}-{w}")])
+                    .output();
             }
-            let mut topo = Topo { node: node.clone(), tag: tag.into(), workloads: Vec::new() };
+            let mut topo = Topo {
+                node: node.clone(),
+                tag: tag.into(),
+                workloads: Vec::new(),
+            };
             ip_cmd(&["netns", "add", &node]);
             ip_cmd(&["-n", &node, "link", "set", "lo", "up"]);
             ip_cmd(&["-n", &node, "link", "add", "npdbr", "type", "bridge"]);
@@ -826,7 +1196,10 @@ mod e2e {
                 ip_cmd(&["netns", "add", &ns]);
                 topo.workloads.push(ns.clone());
                 let host = format!("npd-{w}");
-                ip_cmd(&["-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+                ip_cmd(&[
+                    "-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0",
+                    "netns", &ns,
+                ]);
                 ip_cmd(&["-n", &node, "link", "set", &host, "master", "npdbr", "up"]);
                 ip_cmd(&["-n", &ns, "link", "set", "lo", "up"]);
                 for a in addrs.iter() {
@@ -848,7 +1221,9 @@ mod e2e {
         /// ifindex of workload `w`'s host-side device (in the node namespace).
         pub fn ifindex(&self, w: &str) -> u32 {
             let name = format!("npd-{w}");
-            in_ns(&self.node, || nix::net::if_::if_nametoindex(name.as_str()).expect("if_nametoindex"))
+            in_ns(&self.node, || {
+                nix::net::if_::if_nametoindex(name.as_str()).expect("if_nametoindex")
+            })
         }
     }
 
@@ -920,11 +1295,22 @@ mod e2e {
 
     fn bind_tcp(addr: SocketAddr) -> TcpListener {
         // v6 sockets only for v6, so 0.0.0.0 and :: can share a port.
-        let domain = if addr.is_ipv4() { nix::sys::socket::AddressFamily::Inet } else { nix::sys::socket::AddressFamily::Inet6 };
-        let fd = nix::sys::socket::socket(domain, nix::sys::socket::SockType::Stream, nix::sys::socket::SockFlag::empty(), None).unwrap();
+        let domain = if addr.is_ipv4() {
+            nix::sys::socket::AddressFamily::Inet
+        } else {
+            nix::sys::socket::AddressFamily::Inet6
+        };
+        let fd = nix::sys::socket::socket(
+            domain,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true).unwrap();
         if addr.is_ipv6() {
-            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true).unwrap();
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+                .unwrap();
         }
         let sa = nix::sys::socket::SockaddrStorage::from(addr);
         nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).unwrap();
@@ -933,10 +1319,21 @@ mod e2e {
     }
 
     fn bind_udp(addr: SocketAddr) -> UdpSocket {
-        let domain = if addr.is_ipv4() { nix::sys::socket::AddressFamily::Inet } else { nix::sys::socket::AddressFamily::Inet6 };
-        let fd = nix::sys::socket::socket(domain, nix::sys::socket::SockType::Datagram, nix::sys::socket::SockFlag::empty(), None).unwrap();
+        let domain = if addr.is_ipv4() {
+            nix::sys::socket::AddressFamily::Inet
+        } else {
+            nix::sys::socket::AddressFamily::Inet6
+        };
+        let fd = nix::sys::socket::socket(
+            domain,
+            nix::sys::socket::SockType::Datagram,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
         if addr.is_ipv6() {
-            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true).unwrap();
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+                .unwrap();
         }
         let sa = nix::sys::socket::SockaddrStorage::from(addr);
         nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).unwrap();
@@ -944,7 +1341,8 @@ mod e2e {
     }
 
     fn echo_tcp(mut s: TcpStream, stop: Arc<AtomicBool>) {
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let mut buf = [0u8; 4096];
         while !stop.load(Ordering::Relaxed) {
             match s.read(&mut buf) {
@@ -954,7 +1352,11 @@ mod e2e {
                         return;
                     }
                 }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => return,
             }
         }
@@ -970,17 +1372,34 @@ mod e2e {
     }
 
     /// Open a TCP connection from namespace `ns` (optionally from `bind`).
-    pub fn tcp_connect(ns: &str, dst: IpAddr, port: u16, bind: Option<IpAddr>, timeout: Duration) -> Option<TcpStream> {
+    pub fn tcp_connect(
+        ns: &str,
+        dst: IpAddr,
+        port: u16,
+        bind: Option<IpAddr>,
+        timeout: Duration,
+    ) -> Option<TcpStream> {
         in_ns(ns, || {
-            let domain = if dst.is_ipv4() { nix::sys::socket::AddressFamily::Inet } else { nix::sys::socket::AddressFamily::Inet6 };
-            let fd = nix::sys::socket::socket(domain, nix::sys::socket::SockType::Stream, nix::sys::socket::SockFlag::empty(), None).ok()?;
+            let domain = if dst.is_ipv4() {
+                nix::sys::socket::AddressFamily::Inet
+            } else {
+                nix::sys::socket::AddressFamily::Inet6
+            };
+            let fd = nix::sys::socket::socket(
+                domain,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::empty(),
+                None,
+            )
+            .ok()?;
             if let Some(b) = bind {
                 let sa = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(b, 0));
                 nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).ok()?;
             }
             // Connect with a timeout through std: hand the fd over once bound.
             let sock = socket_from_fd(fd);
-            sock.connect_timeout(&SocketAddr::new(dst, port).into(), timeout).ok()?;
+            sock.connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
+                .ok()?;
             let s: TcpStream = sock.into();
             s.set_read_timeout(Some(timeout)).ok()?;
             Some(s)
@@ -995,11 +1414,16 @@ mod e2e {
     pub struct Sock(std::os::fd::OwnedFd);
 
     impl Sock {
-        fn connect_timeout(&self, addr: &nix::sys::socket::SockaddrStorage, timeout: Duration) -> std::io::Result<()> {
+        fn connect_timeout(
+            &self,
+            addr: &nix::sys::socket::SockaddrStorage,
+            timeout: Duration,
+        ) -> std::io::Result<()> {
             use nix::sys::socket::{connect, setsockopt, sockopt};
             use std::os::fd::AsRawFd;
             // Linux bounds a blocking connect() by SO_SNDTIMEO.
-            let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+            let tv =
+                nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
             setsockopt(&self.0, sockopt::SendTimeout, &tv).map_err(std::io::Error::from)?;
             connect(self.0.as_raw_fd(), addr).map_err(std::io::Error::from)
         }
@@ -1030,9 +1454,14 @@ mod e2e {
 
     pub fn udp_ok(ns: &str, dst: IpAddr, port: u16) -> bool {
         in_ns(ns, || {
-            let any: IpAddr = if dst.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+            let any: IpAddr = if dst.is_ipv4() {
+                "0.0.0.0".parse().unwrap()
+            } else {
+                "::".parse().unwrap()
+            };
             let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
             for _ in 0..3 {
                 let _ = s.send_to(b"udp", SocketAddr::new(dst, port));
                 let mut buf = [0u8; 16];
@@ -1046,7 +1475,17 @@ mod e2e {
 
     pub fn ping_ok(ns: &str, dst: IpAddr) -> bool {
         Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", &dst.to_string()])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                &dst.to_string(),
+            ])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
@@ -1072,26 +1511,46 @@ const ID_DB: u32 = 2002;
 /// frontend may reach backend, on TCP 80 (backend ingress default deny).
 fn seed() -> Compiled {
     let mut c = Compiled::default();
-    c.endpoints.push(endpoint(0, "frontend-1", ID_FE, &[FE1, FE1_6]));
+    c.endpoints
+        .push(endpoint(0, "frontend-1", ID_FE, &[FE1, FE1_6]));
     c.endpoints.push(endpoint(1, "frontend-2", ID_FE, &[FE2]));
     c.endpoints.push(endpoint(2, "backend", ID_BE, &[BE, BE_6]));
-    c.endpoints.push(endpoint(3, "database", ID_DB, &[DB, DB_6]));
+    c.endpoints
+        .push(endpoint(3, "database", ID_DB, &[DB, DB_6]));
     for ep in c.endpoints.clone() {
         for a in &ep.addresses {
-            c.ipcache.push(IpcacheEntry { net: ipnet::IpNet::from(*a), identity: ep.identity, endpoint: Some(ep.slot) });
+            c.ipcache.push(IpcacheEntry {
+                net: ipnet::IpNet::from(*a),
+                identity: ep.identity,
+                endpoint: Some(ep.slot),
+            });
         }
     }
-    c.ipcache.push(IpcacheEntry { net: "0.0.0.0/0".parse().unwrap(), identity: 9, endpoint: None });
-    c.ipcache.push(IpcacheEntry { net: "::/0".parse().unwrap(), identity: 10, endpoint: None });
+    c.ipcache.push(IpcacheEntry {
+        net: "0.0.0.0/0".parse().unwrap(),
+        identity: 9,
+        endpoint: None,
+    });
+    c.ipcache.push(IpcacheEntry {
+        net: "::/0".parse().unwrap(),
+        identity: 10,
+        endpoint: None,
+    });
     c.ipcache.sort();
     for slot in [0, 1] {
         c.endpoints[slot].default_deny_egress = true;
         c.endpoints[slot].enforced_egress = true;
-        c.entries.push(PolicyEntry { endpoint: slot as u32, ..allow(Egress, ID_BE, 6, 80, 0) });
+        c.entries.push(PolicyEntry {
+            endpoint: slot as u32,
+            ..allow(Egress, ID_BE, 6, 80, 0)
+        });
     }
     c.endpoints[2].default_deny_ingress = true;
     c.endpoints[2].enforced_ingress = true;
-    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 6, 80, 1) });
+    c.entries.push(PolicyEntry {
+        endpoint: 2,
+        ..allow(Ingress, ID_FE, 6, 80, 1)
+    });
     c.entries.sort();
     c
 }
@@ -1115,14 +1574,21 @@ fn seed_topo(tag: &str) -> Seed {
     let attachments = ["fe1", "fe2", "be", "db"]
         .iter()
         .enumerate()
-        .map(|(slot, w)| Attachment { slot: slot as u32, ifindex: topo.ifindex(w) })
+        .map(|(slot, w)| Attachment {
+            slot: slot as u32,
+            ifindex: topo.ifindex(w),
+        })
         .collect();
     let servers = vec![
         Servers::start(&topo.ns("be"), &[80, 81], &[53]),
         Servers::start(&topo.ns("db"), &[5432], &[53]),
         Servers::start(&topo.ns("fe1"), &[8080], &[]),
     ];
-    Seed { topo, attachments, _servers: servers }
+    Seed {
+        topo,
+        attachments,
+        _servers: servers,
+    }
 }
 
 impl Seed {
@@ -1168,22 +1634,44 @@ fn seed_scenario_with_real_tcp_udp_icmp_and_ipv6() {
     // UDP and ICMP: not allowed by the seed, then allowed by added entries.
     assert!(!udp_ok(&fe1, ip(BE), 53));
     assert!(!ping_ok(&fe1, ip(BE)));
-    assert!(ping_ok(&be, ip(DB)), "echo replies pass back to an open endpoint");
+    assert!(
+        ping_ok(&be, ip(DB)),
+        "echo replies pass back to an open endpoint"
+    );
     assert!(udp_ok(&be, ip(DB), 53));
     let mut c = seed();
     c.entries.push(allow(Egress, ID_BE, 17, 53, 2));
     c.entries.push(allow(Egress, ID_BE, 1, 8, 3));
-    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 17, 53, 4) });
-    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 1, 8, 5) });
+    c.entries.push(PolicyEntry {
+        endpoint: 2,
+        ..allow(Ingress, ID_FE, 17, 53, 4)
+    });
+    c.entries.push(PolicyEntry {
+        endpoint: 2,
+        ..allow(Ingress, ID_FE, 1, 8, 5)
+    });
     c.entries.sort();
     s.apply(&mut dp, &c);
-    assert!(udp_ok(&fe1, ip(BE), 53), "udp allowed both ways, reply without a rule");
-    assert!(ping_ok(&fe1, ip(BE)), "echo request allowed, reply via conntrack");
+    assert!(
+        udp_ok(&fe1, ip(BE), 53),
+        "udp allowed both ways, reply without a rule"
+    );
+    assert!(
+        ping_ok(&fe1, ip(BE)),
+        "echo request allowed, reply via conntrack"
+    );
     assert!(!udp_ok(&fe1, ip(DB), 53));
     let ev = dp.dp().poll_events(1000);
-    assert!(ev.iter().any(|e| e.verdict == EventVerdict::Denied && e.dport == 81), "drop events reported");
+    assert!(
+        ev.iter()
+            .any(|e| e.verdict == EventVerdict::Denied && e.dport == 81),
+        "drop events reported"
+    );
     let counters = dp.dp().counters();
-    assert!(counters[&0].allowed > 0 && counters[&0].denied_default > 0, "{counters:?}");
+    assert!(
+        counters[&0].allowed > 0 && counters[&0].denied_default > 0,
+        "{counters:?}"
+    );
 }
 
 #[test]
@@ -1194,16 +1682,26 @@ fn removed_allow_cuts_an_established_connection_only_under_recheck() {
     for recheck in [true, false] {
         let tag = if recheck { "rchk" } else { "keep" };
         let s = seed_topo(tag);
-        let mut dp = Dp::open(tag, &DatapathSettings { recheck_established: recheck, ..settings() });
+        let mut dp = Dp::open(
+            tag,
+            &DatapathSettings {
+                recheck_established: recheck,
+                ..settings()
+            },
+        );
         s.apply(&mut dp, &seed());
         s.sync(&mut dp);
-        let mut conn = tcp_connect(&s.ns("fe1"), ip(BE), 80, None, Duration::from_secs(1)).expect("connect");
+        let mut conn =
+            tcp_connect(&s.ns("fe1"), ip(BE), 80, None, Duration::from_secs(1)).expect("connect");
         assert!(echo(&mut conn, b"before"));
         let mut c = seed();
         c.entries.retain(|e| e.endpoint != 2); // backend no longer admits frontend
         s.apply(&mut dp, &c);
         assert_eq!(echo(&mut conn, b"after"), !recheck, "recheck={recheck}");
-        assert!(!tcp_ok(&s.ns("fe1"), ip(BE), 80), "new connections are denied either way");
+        assert!(
+            !tcp_ok(&s.ns("fe1"), ip(BE), 80),
+            "new connections are denied either way"
+        );
     }
 }
 
@@ -1214,13 +1712,35 @@ fn spoofed_source_address_cannot_leave_a_workload() {
     }
     let s = seed_topo("spoof");
     let mut dp = Dp::open("spoofe2e", &settings());
-    s.apply(&mut dp, &Compiled { entries: vec![], ..seed() }); // no policy: only anti-spoofing
+    s.apply(
+        &mut dp,
+        &Compiled {
+            entries: vec![],
+            ..seed()
+        },
+    ); // no policy: only anti-spoofing
     s.sync(&mut dp);
     let db = s.ns("db");
-    Command::new("ip").args(["-n", &db, "addr", "add", "10.201.0.99/24", "dev", "eth0"]).status().unwrap();
+    Command::new("ip")
+        .args(["-n", &db, "addr", "add", "10.201.0.99/24", "dev", "eth0"])
+        .status()
+        .unwrap();
     // database -> frontend-1:8080 is open (frontend's ingress has no policy).
-    assert!(tcp_connect(&db, ip(FE1), 8080, Some(ip(DB)), Duration::from_millis(800)).is_some(), "registered source");
-    assert!(tcp_connect(&db, ip(FE1), 8080, Some(ip("10.201.0.99")), Duration::from_millis(800)).is_none(), "unregistered source");
+    assert!(
+        tcp_connect(&db, ip(FE1), 8080, Some(ip(DB)), Duration::from_millis(800)).is_some(),
+        "registered source"
+    );
+    assert!(
+        tcp_connect(
+            &db,
+            ip(FE1),
+            8080,
+            Some(ip("10.201.0.99")),
+            Duration::from_millis(800)
+        )
+        .is_none(),
+        "unregistered source"
+    );
     assert!(dp.dp().counters()[&3].denied_spoof > 0);
 }
 use std::process::Command;
@@ -1245,18 +1765,32 @@ fn pinned_links_keep_enforcing_after_the_process_object_is_dropped() {
     assert_eq!(dp.dp().attached().len(), 4);
     let mut c = seed();
     c.entries.push(allow(Egress, ID_BE, 6, 81, 2));
-    c.entries.push(PolicyEntry { endpoint: 2, ..allow(Ingress, ID_FE, 6, 81, 3) });
+    c.entries.push(PolicyEntry {
+        endpoint: 2,
+        ..allow(Ingress, ID_FE, 6, 81, 3)
+    });
     c.entries.sort();
     assert_eq!(s.apply(&mut dp, &c), 2);
-    assert!(tcp_ok(&fe1, ip(BE), 81), "the next apply after adoption works");
+    assert!(
+        tcp_ok(&fe1, ip(BE), 81),
+        "the next apply after adoption works"
+    );
     // Detaching an interface that is no longer listed.
-    let keep: Vec<Attachment> = s.attachments.iter().copied().filter(|a| a.slot != 3).collect();
+    let keep: Vec<Attachment> = s
+        .attachments
+        .iter()
+        .copied()
+        .filter(|a| a.slot != 3)
+        .collect();
     let node = s.topo.node.clone();
     let k = dp.dp();
     e2e::in_ns(&node, || k.sync_attachments(&keep)).unwrap();
     assert_eq!(dp.dp().attached().len(), 3);
     dp.dp().detach_all().unwrap();
-    assert!(tcp_ok(&s.ns("db"), ip(BE), 80), "no enforcement after detach_all");
+    assert!(
+        tcp_ok(&s.ns("db"), ip(BE), 80),
+        "no enforcement after detach_all"
+    );
 }
 
 #[test]
@@ -1269,7 +1803,11 @@ fn clsact_fallback_enforces_the_same_policy() {
     dp.dp().set_force_clsact(true);
     s.apply(&mut dp, &seed());
     s.sync(&mut dp);
-    assert!(dp.dp().attached().values().all(|m| *m == netpol::datapath::kernel::AttachMode::Clsact));
+    assert!(dp
+        .dp()
+        .attached()
+        .values()
+        .all(|m| *m == netpol::datapath::kernel::AttachMode::Clsact));
     assert!(tcp_ok(&s.ns("fe1"), ip(BE), 80));
     assert!(!tcp_ok(&s.ns("fe1"), ip(BE), 81));
     assert!(!tcp_ok(&s.ns("db"), ip(BE), 80));
@@ -1284,7 +1822,10 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     }
     use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
-    let flips: u64 = std::env::var("NETPOL_SWAP_FLIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let flips: u64 = std::env::var("NETPOL_SWAP_FLIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let s = seed_topo("swap");
     let mut dp = Dp::open("swap", &settings());
     // Two states that agree on frontend -> backend (80 allowed, 81 denied)
@@ -1292,8 +1833,15 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     let a = seed();
     let mut b = seed();
     b.endpoints[3].default_deny_ingress = true;
-    b.entries.push(PolicyEntry { endpoint: 3, ..allow(Ingress, ID_BE, 6, 5432, 2) });
-    b.ipcache.push(IpcacheEntry { net: "10.203.0.0/16".parse().unwrap(), identity: 16_777_300, endpoint: None });
+    b.entries.push(PolicyEntry {
+        endpoint: 3,
+        ..allow(Ingress, ID_BE, 6, 5432, 2)
+    });
+    b.ipcache.push(IpcacheEntry {
+        net: "10.203.0.0/16".parse().unwrap(),
+        identity: 16_777_300,
+        endpoint: None,
+    });
     b.entries.sort();
     b.ipcache.sort();
     s.apply(&mut dp, &a);
@@ -1304,7 +1852,8 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     let failures = Arc::new(AtomicU64::new(0));
     let admitted = Arc::new(AtomicU64::new(0));
     let attempts = Arc::new(AtomicU64::new(0));
-    let mut conn = tcp_connect(&s.ns("fe1"), ip(BE), 80, None, Duration::from_secs(1)).expect("connect");
+    let mut conn =
+        tcp_connect(&s.ns("fe1"), ip(BE), 80, None, Duration::from_secs(1)).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let allowed = {
         let (stop, echoes, failures) = (stop.clone(), echoes.clone(), failures.clone());
@@ -1352,7 +1901,10 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     let ev = dp.dp().poll_events(1_000_000);
     let allowed_flow_drops = ev
         .iter()
-        .filter(|e| e.verdict == EventVerdict::Denied && (e.dport == 80 && e.src == ip(FE1) || e.sport == 80 && e.dst == ip(FE1)))
+        .filter(|e| {
+            e.verdict == EventVerdict::Denied
+                && (e.dport == 80 && e.src == ip(FE1) || e.sport == 80 && e.dst == ip(FE1))
+        })
         .count();
     eprintln!(
         "{flips} flips in {elapsed:?}; {} echoes, {} denied attempts, {} drop events",
@@ -1361,13 +1913,27 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
         ev.len()
     );
     assert_eq!(dp.dp().generation(), flips + 1);
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "the allowed connection stalled");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "the allowed connection stalled"
+    );
     assert!(echoes.load(Ordering::Relaxed) > 0);
-    assert_eq!(allowed_flow_drops, 0, "packets of the allowed flow were dropped by policy");
-    assert_eq!(admitted.load(Ordering::Relaxed), 0, "a denied connection was established");
+    assert_eq!(
+        allowed_flow_drops, 0,
+        "packets of the allowed flow were dropped by policy"
+    );
+    assert_eq!(
+        admitted.load(Ordering::Relaxed),
+        0,
+        "a denied connection was established"
+    );
     assert!(attempts.load(Ordering::Relaxed) > 0);
     let counters = dp.dp().counters();
-    assert!(counters[&2].denied_default > 0, "backend dropped the denied attempts: {counters:?}");
+    assert!(
+        counters[&2].denied_default > 0,
+        "backend dropped the denied attempts: {counters:?}"
+    );
 }
 
 #[test]
@@ -1376,7 +1942,8 @@ fn seed_files_compiled_by_the_core_enforce_on_real_traffic() {
         return;
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed");
-    let policies = netpol::api::load_policy_dir(&root.join("netpol.d")).expect("seed policies parse");
+    let policies =
+        netpol::api::load_policy_dir(&root.join("netpol.d")).expect("seed policies parse");
     // The seed registry with this test's addresses and interface names.
     let reg_file = root.join("endpoints.d/seed.yaml");
     let text = std::fs::read_to_string(&reg_file)
@@ -1385,7 +1952,10 @@ fn seed_files_compiled_by_the_core_enforce_on_real_traffic() {
         .replace("fd00:1::", "fd01:201::")
         .replace("veth-", "npd-");
     let registry = netpol::api::parse_registry(&reg_file, &text).expect("seed registry parses");
-    let opts = netpol::policy::compile::CompileOptions { node_name: "npd-node".into(), ..Default::default() };
+    let opts = netpol::policy::compile::CompileOptions {
+        node_name: "npd-node".into(),
+        ..Default::default()
+    };
     let mut compiled = netpol::policy::compile::compile(&policies, &registry, &opts);
     compiled.retain_local_entries();
 
@@ -1397,14 +1967,19 @@ fn seed_files_compiled_by_the_core_enforce_on_real_traffic() {
         .filter_map(|e| match &e.interface {
             Some(netpol::api::model::Interface::Name(n)) => {
                 let w = n.trim_start_matches("npd-").to_string();
-                Some(Attachment { slot: e.slot, ifindex: s.topo.ifindex(&w) })
+                Some(Attachment {
+                    slot: e.slot,
+                    ifindex: s.topo.ifindex(&w),
+                })
             }
             _ => None,
         })
         .collect();
     assert_eq!(attachments.len(), 4, "{:?}", compiled.endpoints);
     let mut dp = Dp::open("core", &settings());
-    dp.dp().apply(&compiled, &attachments).expect("apply the compiled seed");
+    dp.dp()
+        .apply(&compiled, &attachments)
+        .expect("apply the compiled seed");
     let node = s.topo.node.clone();
     let k = dp.dp();
     e2e::in_ns(&node, || k.sync_attachments(&attachments)).expect("attach");
@@ -1421,7 +1996,10 @@ fn seed_files_compiled_by_the_core_enforce_on_real_traffic() {
     assert!(ping_ok(&be, ip(DB)));
     // Drops name the rule behind them, or default deny.
     let ev = dp.dp().poll_events(1000);
-    let drop81 = ev.iter().find(|e| e.verdict == EventVerdict::Denied && e.dport == 81).expect("a drop event for :81");
+    let drop81 = ev
+        .iter()
+        .find(|e| e.verdict == EventVerdict::Denied && e.dport == 81)
+        .expect("a drop event for :81");
     assert_eq!(drop81.reason, EventReason::DefaultDeny);
 }
 
@@ -1439,21 +2017,58 @@ fn a_recreated_interface_is_attached_again_under_its_new_ifindex() {
     assert!(!tcp_ok(&fe2, ip(DB), 5432));
     // Recreate frontend-2's veth: same name, new ifindex.
     let old = s.topo.ifindex("fe2");
-    Command::new("ip").args(["-n", &s.topo.node, "link", "del", "npd-fe2"]).status().unwrap();
+    Command::new("ip")
+        .args(["-n", &s.topo.node, "link", "del", "npd-fe2"])
+        .status()
+        .unwrap();
     for args in [
-        vec!["-n", &s.topo.node, "link", "add", "npd-fe2", "type", "veth", "peer", "name", "eth0", "netns", &fe2],
-        vec!["-n", &s.topo.node, "link", "set", "npd-fe2", "master", "npdbr", "up"],
+        vec![
+            "-n",
+            &s.topo.node,
+            "link",
+            "add",
+            "npd-fe2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &fe2,
+        ],
+        vec![
+            "-n",
+            &s.topo.node,
+            "link",
+            "set",
+            "npd-fe2",
+            "master",
+            "npdbr",
+            "up",
+        ],
         vec!["-n", &fe2, "addr", "add", "10.201.0.12/24", "dev", "eth0"],
         vec!["-n", &fe2, "link", "set", "eth0", "up"],
     ] {
-        assert!(Command::new("ip").args(&args).status().unwrap().success(), "ip {args:?}");
+        assert!(
+            Command::new("ip").args(&args).status().unwrap().success(),
+            "ip {args:?}"
+        );
     }
     let new = s.topo.ifindex("fe2");
     assert_ne!(old, new);
     let attachments: Vec<Attachment> = s
         .attachments
         .iter()
-        .map(|a| if a.ifindex == old { Attachment { slot: a.slot, ifindex: new } } else { *a })
+        .map(|a| {
+            if a.ifindex == old {
+                Attachment {
+                    slot: a.slot,
+                    ifindex: new,
+                }
+            } else {
+                *a
+            }
+        })
         .collect();
     dp.dp().apply(&seed(), &attachments).unwrap();
     let node = s.topo.node.clone();
@@ -1479,7 +2094,10 @@ fn child_attaches_and_exits() {
         .split(',')
         .map(|p| {
             let (slot, ifindex) = p.split_once(':').unwrap();
-            Attachment { slot: slot.parse().unwrap(), ifindex: ifindex.parse().unwrap() }
+            Attachment {
+                slot: slot.parse().unwrap(),
+                ifindex: ifindex.parse().unwrap(),
+            }
         })
         .collect();
     let mut dp = KernelDatapath::open(&pin, &settings()).expect("open");
@@ -1500,17 +2118,37 @@ fn enforcement_survives_the_exit_of_the_process_that_attached() {
     let mut dp = Dp::open("exit", &settings());
     dp.dp().detach_all().unwrap();
     dp.forget();
-    let att = s.attachments.iter().map(|a| format!("{}:{}", a.slot, a.ifindex)).collect::<Vec<_>>().join(",");
+    let att = s
+        .attachments
+        .iter()
+        .map(|a| format!("{}:{}", a.slot, a.ifindex))
+        .collect::<Vec<_>>()
+        .join(",");
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_attaches_and_exits", "--nocapture"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child_attaches_and_exits",
+            "--nocapture",
+        ])
         .env("NPD_CHILD_PIN", &dp.pin)
         .env("NPD_CHILD_NODE", &s.topo.node)
         .env("NPD_CHILD_ATT", &att)
         .output()
         .expect("run the child process");
-    assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(dp.pin.join("links").read_dir().unwrap().count() == 8, "4 devices x 2 tcx links pinned");
-    assert!(!tcp_ok(&fe1, ip(BE), 81), "enforced after the attaching process exited");
+    assert!(
+        out.status.success(),
+        "child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dp.pin.join("links").read_dir().unwrap().count() == 8,
+        "4 devices x 2 tcx links pinned"
+    );
+    assert!(
+        !tcp_ok(&fe1, ip(BE), 81),
+        "enforced after the attaching process exited"
+    );
     assert!(tcp_ok(&fe1, ip(BE), 80));
     assert!(!tcp_ok(&s.ns("db"), ip(BE), 80));
     dp.reopen(&settings());
@@ -1520,5 +2158,8 @@ fn enforcement_survives_the_exit_of_the_process_that_attached() {
     let mut c = seed();
     c.endpoints[2].default_deny_ingress = false;
     assert_eq!(s.apply(&mut dp, &c), 2);
-    assert!(tcp_ok(&s.ns("db"), ip(BE), 80), "the adopting process's apply takes effect");
+    assert!(
+        tcp_ok(&s.ns("db"), ip(BE), 80),
+        "the adopting process's apply takes effect"
+    );
 }

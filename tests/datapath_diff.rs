@@ -71,7 +71,15 @@ impl Rng {
 // direction, anti-spoofing, audit.
 
 /// (passes, reported rule of a drop or audit)
-fn model(c: &Compiled, slot: u32, hook: Hook, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> (bool, Option<u32>) {
+fn model(
+    c: &Compiled,
+    slot: u32,
+    hook: Hook,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    port: u16,
+) -> (bool, Option<u32>) {
     let ep = &c.endpoints[slot as usize];
     let host = ep.kind == EndpointKind::Host;
     let dir = match (host, hook) {
@@ -110,7 +118,11 @@ fn addr_v6(i: u32) -> IpAddr {
 fn gen_state(rng: &mut Rng) -> Compiled {
     let mut c = Compiled::default();
     for slot in 0..4u32 {
-        let kind = if slot == 0 && rng.chance(25) { EndpointKind::Host } else { EndpointKind::Workload };
+        let kind = if slot == 0 && rng.chance(25) {
+            EndpointKind::Host
+        } else {
+            EndpointKind::Workload
+        };
         c.endpoints.push(CompiledEndpoint {
             slot,
             name: format!("ep{slot}"),
@@ -129,15 +141,35 @@ fn gen_state(rng: &mut Rng) -> Compiled {
     }
     for ep in c.endpoints.clone() {
         for a in &ep.addresses {
-            c.ipcache.push(IpcacheEntry { net: IpNet::from(*a), identity: ep.identity, endpoint: Some(ep.slot) });
+            c.ipcache.push(IpcacheEntry {
+                net: IpNet::from(*a),
+                identity: ep.identity,
+                endpoint: Some(ep.slot),
+            });
         }
     }
     // A CIDR identity covering part of the world, and explicit /0 entries (as compile emits).
-    c.ipcache.push(IpcacheEntry { net: "10.202.0.0/16".parse().unwrap(), identity: 16_777_217, endpoint: None });
-    c.ipcache.push(IpcacheEntry { net: "fd01:202::/32".parse().unwrap(), identity: 16_777_217, endpoint: None });
+    c.ipcache.push(IpcacheEntry {
+        net: "10.202.0.0/16".parse().unwrap(),
+        identity: 16_777_217,
+        endpoint: None,
+    });
+    c.ipcache.push(IpcacheEntry {
+        net: "fd01:202::/32".parse().unwrap(),
+        identity: 16_777_217,
+        endpoint: None,
+    });
     if rng.chance(50) {
-        c.ipcache.push(IpcacheEntry { net: "0.0.0.0/0".parse().unwrap(), identity: 9, endpoint: None });
-        c.ipcache.push(IpcacheEntry { net: "::/0".parse().unwrap(), identity: 10, endpoint: None });
+        c.ipcache.push(IpcacheEntry {
+            net: "0.0.0.0/0".parse().unwrap(),
+            identity: 9,
+            endpoint: None,
+        });
+        c.ipcache.push(IpcacheEntry {
+            net: "::/0".parse().unwrap(),
+            identity: 10,
+            endpoint: None,
+        });
     }
     c.ipcache.sort();
 
@@ -145,23 +177,56 @@ fn gen_state(rng: &mut Rng) -> Compiled {
     let mut seen = std::collections::BTreeSet::new();
     let mut rule = 0;
     for _ in 0..n {
-        let slot = if rng.chance(80) { 0 } else { 1 + rng.below(3) as u32 };
-        let dir = if rng.chance(50) { Direction::Ingress } else { Direction::Egress };
-        let identity = if rng.chance(30) { 0 } else { *rng.pick(&[1000, 1001, 1002, 1003, 16_777_217, 2, 9, 10]) };
+        let slot = if rng.chance(80) {
+            0
+        } else {
+            1 + rng.below(3) as u32
+        };
+        let dir = if rng.chance(50) {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let identity = if rng.chance(30) {
+            0
+        } else {
+            *rng.pick(&[1000, 1001, 1002, 1003, 16_777_217, 2, 9, 10])
+        };
         let proto = *rng.pick(&PROTOS);
         let (port, prefix) = if proto == 0 {
             (0, 0)
         } else {
             let prefix = *rng.pick(&[0u8, 16, 16, 16, 8, 6, 12, 1]);
-            let port = if proto == 1 { *rng.pick(&[0u16, 8, 13]) } else { *rng.pick(&PORTS) };
-            let mask: u16 = if prefix == 0 { 0 } else { u16::MAX << (16 - u32::from(prefix)) };
+            let port = if proto == 1 {
+                *rng.pick(&[0u16, 8, 13])
+            } else {
+                *rng.pick(&PORTS)
+            };
+            let mask: u16 = if prefix == 0 {
+                0
+            } else {
+                u16::MAX << (16 - u32::from(prefix))
+            };
             (port & mask, prefix)
         };
         if !seen.insert((slot, dir, identity, proto, port, prefix)) {
             continue;
         }
-        let verdict = if rng.chance(30) { EntryVerdict::Deny } else { EntryVerdict::Allow };
-        c.entries.push(PolicyEntry { endpoint: slot, direction: dir, identity, proto, port, port_prefix: prefix, verdict, rule });
+        let verdict = if rng.chance(30) {
+            EntryVerdict::Deny
+        } else {
+            EntryVerdict::Allow
+        };
+        c.entries.push(PolicyEntry {
+            endpoint: slot,
+            direction: dir,
+            identity,
+            proto,
+            port,
+            port_prefix: prefix,
+            verdict,
+            rule,
+        });
         rule += 1;
     }
     c.entries.sort();
@@ -182,16 +247,44 @@ fn gen_probe(rng: &mut Rng, c: &Compiled, sport: u16) -> Probe {
     let remote = match rng.below(4) {
         0 | 1 => {
             let ep = &c.endpoints[1 + rng.below(3) as usize];
-            if v6 { ep.addresses[1] } else { ep.addresses[0] }
+            if v6 {
+                ep.addresses[1]
+            } else {
+                ep.addresses[0]
+            }
         }
-        2 => if v6 { "fd01:202::77".parse().unwrap() } else { "10.202.3.4".parse().unwrap() },
-        _ => if v6 { "fd01:203::9".parse().unwrap() } else { "10.203.9.9".parse().unwrap() },
+        2 => {
+            if v6 {
+                "fd01:202::77".parse().unwrap()
+            } else {
+                "10.202.3.4".parse().unwrap()
+            }
+        }
+        _ => {
+            if v6 {
+                "fd01:203::9".parse().unwrap()
+            } else {
+                "10.203.9.9".parse().unwrap()
+            }
+        }
     };
-    let hook = if rng.chance(50) { Hook::Ingress } else { Hook::Egress };
-    let (mut src, dst) = if hook == Hook::Ingress { (local, remote) } else { (remote, local) };
+    let hook = if rng.chance(50) {
+        Hook::Ingress
+    } else {
+        Hook::Egress
+    };
+    let (mut src, dst) = if hook == Hook::Ingress {
+        (local, remote)
+    } else {
+        (remote, local)
+    };
     if rng.chance(5) {
         // A spoofed source (leaving a workload: dropped; elsewhere: judged).
-        src = if v6 { "fd01:201::1:11".parse().unwrap() } else { addr_v4(11) };
+        src = if v6 {
+            "fd01:201::1:11".parse().unwrap()
+        } else {
+            addr_v4(11)
+        };
     }
     let proto = *rng.pick(&[6u8, 6, 17, 17, 132, 1, 47]);
     let port = if rng.chance(70) {
@@ -203,15 +296,32 @@ fn gen_probe(rng: &mut Rng, c: &Compiled, sport: u16) -> Probe {
     let (spec, proto, port) = match proto {
         6 => (PacketSpec::tcp(src, dst, sport, port, TCP_SYN), 6, port),
         17 => (PacketSpec::udp(src, dst, sport, port), 17, port),
-        132 => (PacketSpec::new(src, dst, L4::Sctp { sport, dport: port }), 132, port),
+        132 => (
+            PacketSpec::new(src, dst, L4::Sctp { sport, dport: port }),
+            132,
+            port,
+        ),
         1 => {
             // Echo request or timestamp (not errors, not ND: those have their own rules).
-            let ty = if v6 { *rng.pick(&[128u8, 129, 139]) } else { *rng.pick(&[8u8, 0, 13]) };
-            (PacketSpec::icmp(src, dst, ty, 0, sport), if v6 { 58 } else { 1 }, u16::from(ty))
+            let ty = if v6 {
+                *rng.pick(&[128u8, 129, 139])
+            } else {
+                *rng.pick(&[8u8, 0, 13])
+            };
+            (
+                PacketSpec::icmp(src, dst, ty, 0, sport),
+                if v6 { 58 } else { 1 },
+                u16::from(ty),
+            )
         }
         _ => (PacketSpec::new(src, dst, L4::Raw { proto: 47 }), 47, 0),
     };
-    Probe { hook, spec, proto, port }
+    Probe {
+        hook,
+        spec,
+        proto,
+        port,
+    }
 }
 
 #[test]
@@ -230,7 +340,10 @@ fn kernel_and_offline_lookup_agree_on_generated_probes() {
         ..DatapathSettings::default()
     };
     let mut dp = KernelDatapath::open(&pin, &settings).expect("open datapath");
-    let seed = std::env::var("NETPOL_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6e70_6431u64);
+    let seed = std::env::var("NETPOL_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6e70_6431u64);
     let mut rng = Rng(seed);
     let states = 25;
     let per_state = 420;
@@ -238,7 +351,14 @@ fn kernel_and_offline_lookup_agree_on_generated_probes() {
     let mut disagreements = Vec::new();
     for s in 0..states {
         let c = gen_state(&mut rng);
-        dp.apply(&c, &[Attachment { slot: 0, ifindex: 1 }]).expect("apply");
+        dp.apply(
+            &c,
+            &[Attachment {
+                slot: 0,
+                ifindex: 1,
+            }],
+        )
+        .expect("apply");
         dp.clear_conntrack().unwrap();
         let _ = dp.poll_events(usize::MAX);
         for i in 0..per_state {
@@ -271,7 +391,12 @@ fn kernel_and_offline_lookup_agree_on_generated_probes() {
         disagreements.is_empty(),
         "{} of {probes} probes disagree (seed {seed:#x}); first:\n{}",
         disagreements.len(),
-        disagreements.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
+        disagreements
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     eprintln!("{probes} probes, 0 disagreements (seed {seed:#x})");
 }

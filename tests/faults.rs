@@ -29,8 +29,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const THREE: [(&str, &str, &str, u8); 3] =
-    [("fe", "frontend", "frontend", 11), ("be", "backend", "backend", 21), ("db", "database", "database", 31)];
+const THREE: [(&str, &str, &str, u8); 3] = [
+    ("fe", "frontend", "frontend", 11),
+    ("be", "backend", "backend", 21),
+    ("db", "database", "database", 31),
+];
 
 /// A policy: workloads with app=`from` may open TCP `port` on app=`to`.
 fn allow(name: &str, from: &str, to: &str, port: u16) -> String {
@@ -47,11 +50,21 @@ const DB_ONLY: [(&str, &str, u16, bool); 2] = [("fe", "be", 80, false), ("db", "
 /// `sh -c SCRIPT` in a private mount namespace (unshare), the script ending in
 /// `exec "$NETPOLD" --config "$NETPOLD_CONFIG"`.
 fn in_mount_ns(script: &str) -> Vec<String> {
-    ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("{script}\nexec \"$NETPOLD\" --config \"$NETPOLD_CONFIG\"")])
-        .collect()
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-ec",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!(
+        "{script}\nexec \"$NETPOLD\" --config \"$NETPOLD_CONFIG\""
+    )])
+    .collect()
 }
 
 fn spawn_wrapped(lab: &mut Lab, argv: &[String]) {
@@ -85,25 +98,44 @@ fn bpffs_missing_is_mounted_or_named() {
     let pins = lab.path("pins");
     std::fs::create_dir(&pins).unwrap();
     let pin_dir = pins.join("npf");
-    let cfg = std::fs::read_to_string(lab.config()).unwrap().replace(&lab.pin_dir.display().to_string(), &pin_dir.display().to_string());
+    let cfg = std::fs::read_to_string(lab.config()).unwrap().replace(
+        &lab.pin_dir.display().to_string(),
+        &pin_dir.display().to_string(),
+    );
     std::fs::write(lab.config(), &cfg).unwrap();
-    spawn_wrapped(&mut lab, &in_mount_ns(&format!("mount -t tmpfs tmpfs {}", pins.display())));
-    let st = wait_exit(&mut lab, Duration::from_secs(20)).unwrap_or_else(|| panic!("netpold kept running on tmpfs\n{}", lab.log()));
+    spawn_wrapped(
+        &mut lab,
+        &in_mount_ns(&format!("mount -t tmpfs tmpfs {}", pins.display())),
+    );
+    let st = wait_exit(&mut lab, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("netpold kept running on tmpfs\n{}", lab.log()));
     lab.daemon = None;
     assert_eq!(st.code(), Some(1), "{}", lab.log());
     let log = lab.log();
-    let want = format!("{}: not a bpf filesystem (pin_dir {} must live on bpffs; mount -t bpf bpf {})", pins.display(), pin_dir.display(), pins.display());
+    let want = format!(
+        "{}: not a bpf filesystem (pin_dir {} must live on bpffs; mount -t bpf bpf {})",
+        pins.display(),
+        pin_dir.display(),
+        pins.display()
+    );
     assert!(log.contains(&want), "expected {want:?} in the log:\n{log}");
     assert!(lab.status().is_none(), "no socket may be left answering");
 
     // 2. bpffs not mounted at /sys/fs/bpf (unmounted in a private mount namespace):
     //    netpold mounts it itself and enforces.
     lab.write_config("");
-    spawn_wrapped(&mut lab, &in_mount_ns("umount -l /sys/fs/bpf\n! mountpoint -q /sys/fs/bpf"));
+    spawn_wrapped(
+        &mut lab,
+        &in_mount_ns("umount -l /sys/fs/bpf\n! mountpoint -q /sys/fs/bpf"),
+    );
     lab.wait_status("ready on a bpffs netpold mounted", |s| s.ready);
     lab.expect("enforcing with its own bpffs mount", &FE_ONLY);
     // Its pins are on the private bpffs, not the host's.
-    assert!(!lab.pin_dir.exists(), "{} appeared on the host's bpffs", lab.pin_dir.display());
+    assert!(
+        !lab.pin_dir.exists(),
+        "{} appeared on the host's bpffs",
+        lab.pin_dir.display()
+    );
     lab.term();
 }
 
@@ -130,10 +162,20 @@ fn map_creation_refused_keeps_the_running_state() {
     let cfg2 = std::fs::read_to_string(lab.config())
         .unwrap()
         .replace(&lab.pin_dir.display().to_string(), &other_pins)
-        .replace(&lab.path("run").display().to_string(), &other.join("run").display().to_string())
-        .replace(&lab.path("state").display().to_string(), &other.join("state").display().to_string());
+        .replace(
+            &lab.path("run").display().to_string(),
+            &other.join("run").display().to_string(),
+        )
+        .replace(
+            &lab.path("state").display().to_string(),
+            &other.join("state").display().to_string(),
+        );
     let cfg2_path = other.join("netpold.toml");
-    std::fs::write(&cfg2_path, format!("{cfg2}[conntrack]\nmax_entries = 4000000000\n")).unwrap();
+    std::fs::write(
+        &cfg2_path,
+        format!("{cfg2}[conntrack]\nmax_entries = 4000000000\n"),
+    )
+    .unwrap();
     let netns = format!("/run/netns/{}", lab.node);
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={netns}"))
@@ -142,18 +184,32 @@ fn map_creation_refused_keeps_the_running_state() {
         .arg(&cfg2_path)
         .output()
         .unwrap();
-    let _ = std::process::Command::new(env!("CARGO_BIN_EXE_netpold")).arg("--config").arg(&cfg2_path).arg("--detach").output();
+    let _ = std::process::Command::new(env!("CARGO_BIN_EXE_netpold"))
+        .arg("--config")
+        .arg(&cfg2_path)
+        .arg("--detach")
+        .output();
     let _ = std::fs::remove_dir_all(&other_pins);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let err =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    eprintln!("map creation refused (fresh instance): {}", err.lines().last().unwrap_or(""));
+    eprintln!(
+        "map creation refused (fresh instance): {}",
+        err.lines().last().unwrap_or("")
+    );
     assert!(
         err.contains("the kernel refuses a map of the configured size")
-            && err.contains(&format!("{}: conntrack.max_entries = 4000000000", cfg2_path.display())),
+            && err.contains(&format!(
+                "{}: conntrack.max_entries = 4000000000",
+                cfg2_path.display()
+            )),
         "unclear error: {err}"
     );
     let s = lab.status().expect("the first instance still answers");
-    assert_eq!(s.generation, gen, "the first instance's state changed: {s:?}");
+    assert_eq!(
+        s.generation, gen,
+        "the first instance's state changed: {s:?}"
+    );
     lab.expect("first instance untouched", &FE_ONLY);
 
     // 2. The same instance restarted with an endpoint table it cannot create
@@ -169,13 +225,31 @@ fn map_creation_refused_keeps_the_running_state() {
     assert!(msg.contains("np_endpoints"), "{msg}");
     assert!(s.degraded && !s.ready, "{s:?}");
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(lab.exited().is_none(), "netpold exited:\n{}", lab.log_tail(40));
-    let retries = lab.log().lines().filter(|l| l.contains("datapath refused the new state")).count();
-    assert!(retries >= 2, "expected retries with backoff, saw {retries}\n{}", lab.log_tail(40));
+    assert!(
+        lab.exited().is_none(),
+        "netpold exited:\n{}",
+        lab.log_tail(40)
+    );
+    let retries = lab
+        .log()
+        .lines()
+        .filter(|l| l.contains("datapath refused the new state"))
+        .count();
+    assert!(
+        retries >= 2,
+        "expected retries with backoff, saw {retries}\n{}",
+        lab.log_tail(40)
+    );
     let (code, json) = lab.netpolctl(&["status", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert!(v["datapath_error"].as_str().unwrap_or("").contains("np_endpoints"), "{json}");
+    assert!(
+        v["datapath_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("np_endpoints"),
+        "{json}"
+    );
     assert_eq!(v["generation"].as_u64(), Some(gen), "{json}");
     lab.expect("the previous generation still enforces", &FE_ONLY);
 
@@ -240,32 +314,58 @@ fn netlink_flood_resyncs_to_the_right_attachments() {
     lab.write_policy("sw.yaml", &allow("sw", "frontend", "backend", 80));
 
     let be_ifindex = lab.node_ifindexes();
-    let want = lab::in_ns(&lab.node, || nix::net::if_::if_nametoindex("veth-be").unwrap());
+    let want = lab::in_ns(&lab.node, || {
+        nix::net::if_::if_nametoindex("veth-be").unwrap()
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let eps = lab.endpoints();
         let be = eps.iter().find(|e| e.name == "backend");
-        if be.is_some_and(|e| e.ifindex == Some(want) && e.state == "attached") && eps.iter().filter(|e| e.state == "attached").count() == 3 {
+        if be.is_some_and(|e| e.ifindex == Some(want) && e.state == "attached")
+            && eps.iter().filter(|e| e.state == "attached").count() == 3
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "backend not attached on ifindex {want}: {eps:?}\n{}", lab.log_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "backend not attached on ifindex {want}: {eps:?}\n{}",
+            lab.log_tail(40)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let (code, json) = lab.netpolctl(&["endpoints", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let be = v.as_array().unwrap().iter().find(|e| e["name"] == "backend").unwrap();
+    let be = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "backend")
+        .unwrap();
     assert_eq!(be["ifindex"].as_u64(), Some(u64::from(want)), "{json}");
     lab.expect("after the flood", &FE_ONLY);
     let pinned = lab.pinned_link_ifindexes();
-    assert!(pinned.iter().all(|i| be_ifindex.contains(i)), "links pinned for dead ifindexes: {pinned:?} (live {be_ifindex:?})");
+    assert!(
+        pinned.iter().all(|i| be_ifindex.contains(i)),
+        "links pinned for dead ifindexes: {pinned:?} (live {be_ifindex:?})"
+    );
     assert_eq!(pinned.len(), 3, "{pinned:?}");
-    let overruns = lab.log().lines().filter(|l| l.contains("netlink buffer overrun")).count();
+    let overruns = lab
+        .log()
+        .lines()
+        .filter(|l| l.contains("netlink buffer overrun"))
+        .count();
     let (rss1, fds1) = lab.rss_fds();
     eprintln!("netlink flood: {overruns} overruns reported; RSS {rss0} -> {rss_after:?} -> {rss1} KiB, fds {fds0} -> {fds1}");
-    assert!(overruns > 0, "the flood never overran the netlink socket: the test proves nothing");
+    assert!(
+        overruns > 0,
+        "the flood never overran the netlink socket: the test proves nothing"
+    );
     assert!(fds1 <= fds0 + 2, "fds {fds0} -> {fds1}");
-    assert!(rss_after[1] * 100 <= rss_after[0] * 120, "RSS grows with each flood: {rss_after:?} KiB");
+    assert!(
+        rss_after[1] * 100 <= rss_after[0] * 120,
+        "RSS grows with each flood: {rss_after:?} KiB"
+    );
 }
 
 #[test]
@@ -307,10 +407,21 @@ fn interface_flapped_a_thousand_times_ends_attached_and_flat() {
     }
     sh(&["ip", "-n", &lab.node, "link", "del", "veth-be"]);
     lab.plug("be");
-    let want = lab::in_ns(&lab.node, || nix::net::if_::if_nametoindex("veth-be").unwrap());
+    let want = lab::in_ns(&lab.node, || {
+        nix::net::if_::if_nametoindex("veth-be").unwrap()
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !lab.endpoints().iter().any(|e| e.name == "backend" && e.ifindex == Some(want)) {
-        assert!(Instant::now() < deadline, "backend not attached on {want}: {:?}\n{}", lab.endpoints(), lab.log_tail(40));
+    while !lab
+        .endpoints()
+        .iter()
+        .any(|e| e.name == "backend" && e.ifindex == Some(want))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "backend not attached on {want}: {:?}\n{}",
+            lab.endpoints(),
+            lab.log_tail(40)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     lab.expect("after 1,300 flaps", &FE_ONLY);
@@ -324,17 +435,33 @@ fn interface_flapped_a_thousand_times_ends_attached_and_flat() {
         v
     };
     eprintln!("flap: RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}, pinned links on {pinned:?}, attached {attached:?}");
-    assert_eq!(pinned, attached, "pinned links must be exactly the attached devices (live: {live:?})");
+    assert_eq!(
+        pinned, attached,
+        "pinned links must be exactly the attached devices (live: {live:?})"
+    );
     assert!(pinned.iter().all(|i| live.contains(i)));
-    assert!(fds1 <= fds0 + 2, "open fds grew: {fds0} -> {fds1}: {targets0:?} -> {:?}", lab.fd_targets());
-    assert!(rss1 * 100 <= rss0 * 120 + 2048 * 100, "RSS grew more than 20% (+2 MiB): {rss0} -> {rss1} KiB");
+    assert!(
+        fds1 <= fds0 + 2,
+        "open fds grew: {fds0} -> {fds1}: {targets0:?} -> {:?}",
+        lab.fd_targets()
+    );
+    assert!(
+        rss1 * 100 <= rss0 * 120 + 2048 * 100,
+        "RSS grew more than 20% (+2 MiB): {rss0} -> {rss1} KiB"
+    );
     // Each pinned link really is attached to a live device (a tcx link whose
     // device went away reads ifindex 0).
-    for e in std::fs::read_dir(lab.pin_dir.join("links")).unwrap().flatten() {
+    for e in std::fs::read_dir(lab.pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("tcx-") {
             let ifindex = tcx_link_ifindex(&e.path());
-            assert!(live.contains(&ifindex), "{name}: attached to ifindex {ifindex}, not a live device of {live:?}");
+            assert!(
+                live.contains(&ifindex),
+                "{name}: attached to ifindex {ifindex}, not a live device of {live:?}"
+            );
         }
     }
 }
@@ -345,15 +472,27 @@ fn tcx_link_ifindex(path: &std::path::Path) -> u32 {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid C string; the result is checked.
     let fd = unsafe { sys::bpf_obj_get(c.as_ptr()) };
-    assert!(fd >= 0, "{}: bpf_obj_get: {}", path.display(), std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "{}: bpf_obj_get: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fd is ours to close.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     // SAFETY: bpf_link_info is plain old data; all-zero is valid.
     let mut info: sys::bpf_link_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<sys::bpf_link_info>() as u32;
+    let mut len = size_of::<sys::bpf_link_info>() as u32;
     // SAFETY: info and len are valid and sized as passed.
-    let r = unsafe { sys::bpf_link_get_info_by_fd(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut info, &mut len) };
-    assert!(r == 0, "{}: link info: {}", path.display(), std::io::Error::last_os_error());
+    let r = unsafe {
+        sys::bpf_link_get_info_by_fd(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut info, &mut len)
+    };
+    assert!(
+        r == 0,
+        "{}: link info: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a tcx link fills the tcx member.
     unsafe { info.__bindgen_anon_1.tcx.ifindex }
 }
@@ -365,11 +504,19 @@ fn filler(n: usize) -> String {
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: filler\n  namespace: default\nspec:\n  endpointSelector:\n    matchLabels:\n      app: backend\n  ingress:\n    - fromCIDR:\n",
     );
     for i in 0..n {
-        y.push_str(&format!("        - 172.{}.{}.{}/32\n", 16 + i / 65536, i / 256 % 256, i % 256));
+        y.push_str(&format!(
+            "        - 172.{}.{}.{}/32\n",
+            16 + i / 65536,
+            i / 256 % 256,
+            i % 256
+        ));
     }
     y.push_str("      toPorts:\n        - ports:\n");
     for p in 0..10 {
-        y.push_str(&format!("            - port: \"{}\"\n              protocol: TCP\n", 9000 + p));
+        y.push_str(&format!(
+            "            - port: \"{}\"\n              protocol: TCP\n",
+            9000 + p
+        ));
     }
     y
 }
@@ -380,9 +527,15 @@ fn sigkill_while_filling_a_generation_leaves_old_or_new() {
         return;
     }
     let _serial = serial();
-    let seed = std::env::var("NETPOL_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed = std::env::var("NETPOL_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     eprintln!("sigkill seed {seed} (NETPOL_FAULT_SEED={seed} to replay)");
     let mut rng = Rng::new(seed);
     let mut lab = Lab::new("kill", &THREE);
@@ -400,12 +553,19 @@ fn sigkill_while_filling_a_generation_leaves_old_or_new() {
     let mut outcomes = Vec::new();
     for round in 0..6 {
         fe_now = !fe_now;
-        let (from, want_new, want_old) = if fe_now { ("frontend", FE_ONLY, DB_ONLY) } else { ("database", DB_ONLY, FE_ONLY) };
+        let (from, want_new, want_old) = if fe_now {
+            ("frontend", FE_ONLY, DB_ONLY)
+        } else {
+            ("database", DB_ONLY, FE_ONLY)
+        };
         lab.write_policy("sw.yaml", &allow("sw", from, "backend", 80));
         let delay = rng.below(apply_ms * 2 + 20);
         std::thread::sleep(Duration::from_millis(delay));
         lab.kill9();
-        let got: Vec<bool> = want_new.iter().map(|(f, t, p, _)| lab.connects(f, t, *p)).collect();
+        let got: Vec<bool> = want_new
+            .iter()
+            .map(|(f, t, p, _)| lab.connects(f, t, *p))
+            .collect();
         let new = got.iter().zip(&want_new).all(|(g, w)| *g == w.3);
         let old = got.iter().zip(&want_old).all(|(g, w)| *g == w.3);
         assert!(new || old, "seed {seed}, round {round}: killed {delay} ms after the change: fe->be:80 {}, db->be:80 {}: a mix\n{}", got[0], got[1], lab.log_tail(30));
@@ -459,7 +619,11 @@ fn state_dir_unwritable_or_full_keeps_enforcing() {
         assert!(err.contains(&dir.display().to_string()), "{what}: {err}");
         // A change still applies.
         fe = !fe;
-        let (from, want) = if fe { ("frontend", FE_ONLY) } else { ("database", DB_ONLY) };
+        let (from, want) = if fe {
+            ("frontend", FE_ONLY)
+        } else {
+            ("database", DB_ONLY)
+        };
         lab.write_policy("sw.yaml", &allow("sw", from, "backend", 80));
         lab.expect(&format!("{what}: enforcement continues"), &want);
         let (code, json) = lab.netpolctl(&["status", "--json"]);
@@ -486,12 +650,17 @@ fn runtime_socket_abuse_does_not_block_status() {
     let worst = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let prober = {
-        let (stop, worst, failures, sock) = (stop.clone(), worst.clone(), failures.clone(), sock.clone());
+        let (stop, worst, failures, sock) =
+            (stop.clone(), worst.clone(), failures.clone(), sock.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match lab::raw_request(&sock, b"{\"request\":\"status\"}\n", Duration::from_secs(10)) {
+                match lab::raw_request(
+                    &sock,
+                    b"{\"request\":\"status\"}\n",
+                    Duration::from_secs(10),
+                ) {
                     Ok(l) if l.contains("\"generation\"") => {}
                     _ => {
                         failures.fetch_add(1, Ordering::Relaxed);
@@ -512,7 +681,9 @@ fn runtime_socket_abuse_does_not_block_status() {
     assert!(a.contains("\"error\""), "{a}");
 
     // 100 idle connections that never send anything.
-    let idle: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
 
     // An oversized request: 10 MiB without a newline.
     let big = {
@@ -554,9 +725,15 @@ fn runtime_socket_abuse_does_not_block_status() {
     };
 
     let (sent, answer) = big.join().unwrap();
-    assert!(answer.contains("longer than 4096 bytes"), "oversized request answered {answer:?} after {sent} bytes");
+    assert!(
+        answer.contains("longer than 4096 bytes"),
+        "oversized request answered {answer:?} after {sent} bytes"
+    );
     let (answer, took) = slow.join().unwrap();
-    assert!(answer.contains("no request within"), "slow client answered {answer:?}");
+    assert!(
+        answer.contains("no request within"),
+        "slow client answered {answer:?}"
+    );
     assert!(took < Duration::from_secs(12), "slow client held {took:?}");
     // The idle ones were timed out too.
     for mut s in idle.into_iter().take(5) {
@@ -568,19 +745,32 @@ fn runtime_socket_abuse_does_not_block_status() {
     stop.store(true, Ordering::Relaxed);
     let asked = prober.join().unwrap();
     let worst_ms = worst.load(Ordering::Relaxed) as f64 / 1000.0;
-    eprintln!("runtime socket abuse: {asked} status requests, slowest {worst_ms:.1} ms, {} failed", failures.load(Ordering::Relaxed));
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "status requests failed during the abuse");
+    eprintln!(
+        "runtime socket abuse: {asked} status requests, slowest {worst_ms:.1} ms, {} failed",
+        failures.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "status requests failed during the abuse"
+    );
     assert!(worst_ms < 200.0, "a status answer took {worst_ms} ms");
 
     // Beyond MAX_CONNECTIONS (256) clients at once: the extra ones are told so at
     // once rather than left waiting.
-    let held: Vec<UnixStream> = (0..256).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    let held: Vec<UnixStream> = (0..256)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     let mut extra = UnixStream::connect(&sock).unwrap();
     let a = lab::read_all(&mut extra, Duration::from_secs(2));
     assert!(a.contains("too many clients"), "client 257 got {a:?}");
-    assert!(t.elapsed() < Duration::from_millis(500), "client 257 waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "client 257 waited {:?}",
+        t.elapsed()
+    );
     drop(held);
     lab.wait_status_for("status answers again", Duration::from_secs(8), |s| s.ready);
     assert!(lab.exited().is_none());

@@ -35,11 +35,19 @@ fn limit_for(bytes: usize) -> Duration {
 
 /// Run `f` on a fresh thread (2 MiB stack); fail if it panics, or takes longer
 /// than the limit for `bytes` of input (and do not wait forever for one that hangs).
-fn bounded<T: Send + 'static>(what: &str, bytes: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn bounded<T: Send + 'static>(
+    what: &str,
+    bytes: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     bounded_by(what, limit_for(bytes), f)
 }
 
-fn bounded_by<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn bounded_by<T: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (tx, rx) = mpsc::channel();
     let start = Instant::now();
@@ -54,7 +62,9 @@ fn bounded_by<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -
         .unwrap();
     match rx.recv_timeout(limit * 10) {
         Ok(()) => {}
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still running after {:?} (a hang)", limit * 10),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: still running after {:?} (a hang)", limit * 10)
+        }
         Err(mpsc::RecvTimeoutError::Disconnected) => {} // panicked: join reports it
     }
     let out = handle.join().unwrap_or_else(|_| panic!("{what}: panicked"));
@@ -70,7 +80,10 @@ fn fixtures() -> PathBuf {
 
 fn lines(dir: &Path, problems: &[Problem]) -> Vec<String> {
     let prefix = format!("{}/", dir.display());
-    problems.iter().map(|p| p.to_string().replace(&prefix, "")).collect()
+    problems
+        .iter()
+        .map(|p| p.to_string().replace(&prefix, ""))
+        .collect()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -105,7 +118,9 @@ fn load_one(kind: Kind, name: &str, bytes: Vec<u8>) -> Vec<String> {
     let len = bytes.len();
     fs::write(tmp.path().join(name), bytes).unwrap();
     let dir = tmp.path().to_path_buf();
-    bounded(name, len, move || outcome(&dir, kind, LoadOptions::default()))
+    bounded(name, len, move || {
+        outcome(&dir, kind, LoadOptions::default())
+    })
 }
 
 // ---------------------------------------------------------------- committed corpus
@@ -117,7 +132,10 @@ fn check_corpus(sub: &str, kind: Kind) {
     let dir = fixtures().join(sub);
     let bless = std::env::var_os("NETPOL_BLESS").is_some();
     let mut failures = Vec::new();
-    let mut entries: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     let mut n = 0;
     for path in entries {
@@ -135,10 +153,16 @@ fn check_corpus(sub: &str, kind: Kind) {
             fs::write(&expected_path, &got_text).unwrap();
             continue;
         }
-        let want = fs::read_to_string(&expected_path)
-            .unwrap_or_else(|_| panic!("{} is missing (run with NETPOL_BLESS=1 and review it)", expected_path.display()));
+        let want = fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+            panic!(
+                "{} is missing (run with NETPOL_BLESS=1 and review it)",
+                expected_path.display()
+            )
+        });
         if want != got_text {
-            failures.push(format!("{sub}/{name}:\n--- expected\n{want}--- got\n{got_text}"));
+            failures.push(format!(
+                "{sub}/{name}:\n--- expected\n{want}--- got\n{got_text}"
+            ));
         }
     }
     assert!(n > 10, "only {n} fixtures in {sub}");
@@ -166,18 +190,35 @@ fn cnp(name: &str) -> String {
 #[test]
 fn nesting_100000_flow_brackets() {
     let got = load_one(Kind::Policy, "deep.yaml", "[".repeat(100_000).into_bytes());
-    assert_eq!(got, ["deep.yaml:1:256: YAML syntax error: recursion limit exceeded"]);
+    assert_eq!(
+        got,
+        ["deep.yaml:1:256: YAML syntax error: recursion limit exceeded"]
+    );
     let got = load_one(Kind::Policy, "deep.json", "[".repeat(100_000).into_bytes());
-    assert_eq!(got, ["deep.json:1:128: JSON syntax error: recursion limit exceeded"]);
-    let got = load_one(Kind::Policy, "deepmap.yaml", "{a: ".repeat(100_000).into_bytes());
-    assert_eq!(got, ["deepmap.yaml:1:1021: YAML syntax error: recursion limit exceeded"]);
+    assert_eq!(
+        got,
+        ["deep.json:1:128: JSON syntax error: recursion limit exceeded"]
+    );
+    let got = load_one(
+        Kind::Policy,
+        "deepmap.yaml",
+        "{a: ".repeat(100_000).into_bytes(),
+    );
+    assert_eq!(
+        got,
+        ["deepmap.yaml:1:1021: YAML syntax error: recursion limit exceeded"]
+    );
 }
 
 #[test]
 fn nesting_100000_block_levels() {
     // Block nesting has no limit in the YAML scanner; ours stops at 64 levels.
     let want = "document 1: lists and mappings nest deeper than 64 levels; a policy or registry file needs far fewer";
-    let got = load_one(Kind::Policy, "dashes.yaml", format!("{}x\n", "- ".repeat(100_000)).into_bytes());
+    let got = load_one(
+        Kind::Policy,
+        "dashes.yaml",
+        format!("{}x\n", "- ".repeat(100_000)).into_bytes(),
+    );
     assert_eq!(got, [format!("dashes.yaml:1:129: {want}")]);
     // Indented block mappings: 2,800 levels fit in 4 MiB.
     let mut text = String::new();
@@ -189,7 +230,9 @@ fn nesting_100000_block_levels() {
     assert_eq!(got, [format!("indent.yaml:65:66: {want}")]);
     // Through the API too (fuzzers and `netpolctl` use it), registry side.
     let got = bounded("parse_registry deep", 200_000, || {
-        api::parse_registry(Path::new("r.yaml"), &"- ".repeat(100_000)).unwrap_err().len()
+        api::parse_registry(Path::new("r.yaml"), &"- ".repeat(100_000))
+            .unwrap_err()
+            .len()
     });
     assert_eq!(got, 1);
 }
@@ -200,11 +243,20 @@ fn file_over_the_size_limit_is_refused_before_parsing() {
     let mut text = cnp("big");
     text.push_str(&"#".repeat(limit + 1 - text.len()));
     let got = load_one(Kind::Policy, "big.yaml", text.into_bytes());
-    assert_eq!(got, ["big.yaml: file is 4194305 bytes; the limit is 4194304 bytes (4 MiB)"]);
+    assert_eq!(
+        got,
+        ["big.yaml: file is 4194305 bytes; the limit is 4194304 bytes (4 MiB)"]
+    );
     // The API refuses it as well.
     let text = format!("{}\n{}", cnp("big"), "#".repeat(limit));
     let e = api::parse_policies(Path::new("big.yaml"), &text).unwrap_err();
-    assert_eq!(e[0].to_string(), format!("big.yaml: file is {} bytes; the limit is 4194304 bytes (4 MiB)", text.len()));
+    assert_eq!(
+        e[0].to_string(),
+        format!(
+            "big.yaml: file is {} bytes; the limit is 4194304 bytes (4 MiB)",
+            text.len()
+        )
+    );
 }
 
 #[test]
@@ -216,25 +268,45 @@ fn file_at_the_size_limit_loads_in_bounded_time() {
     text.push_str(&"x".repeat(limit - text.len() - 1));
     text.push('\n');
     assert_eq!(text.len(), limit);
-    assert_eq!(load_one(Kind::Policy, "big.yaml", text.into_bytes()), ["ok: 1 policies"]);
+    assert_eq!(
+        load_one(Kind::Policy, "big.yaml", text.into_bytes()),
+        ["ok: 1 policies"]
+    );
 }
 
 #[test]
 fn a_million_ports_in_a_list() {
     // 10^6 entries in one list: 2 MB, under the size limit; the first is refused.
-    let text = format!("{}  ingress:\n    - toPorts:\n        - ports: [{}1]\n", cnp("ports"), "1,".repeat(999_999));
+    let text = format!(
+        "{}  ingress:\n    - toPorts:\n        - ports: [{}1]\n",
+        cnp("ports"),
+        "1,".repeat(999_999)
+    );
     let got = load_one(Kind::Policy, "million.yaml", text.into_bytes());
     assert_eq!(
         got,
         ["million.yaml:9:19: document 1 (CiliumNetworkPolicy default/ports): spec.ingress[0].toPorts[0].ports[0]: expected a mapping, found the number 1"]
     );
     // 10^6 well-formed entries through the API (12 MB: only the size limit stops it).
-    let text = format!("{}  ingress:\n    - toPorts:\n        - ports: [{}]\n", cnp("ports"), "{port: \"1\"},".repeat(1_000_000));
-    let got = bounded("parse_policies 12 MB", 0, move || api::parse_policies(Path::new("m.yaml"), &text).unwrap_err());
-    assert_eq!(got[0].to_string(), "m.yaml: file is 12000150 bytes; the limit is 4194304 bytes (4 MiB)");
+    let text = format!(
+        "{}  ingress:\n    - toPorts:\n        - ports: [{}]\n",
+        cnp("ports"),
+        "{port: \"1\"},".repeat(1_000_000)
+    );
+    let got = bounded("parse_policies 12 MB", 0, move || {
+        api::parse_policies(Path::new("m.yaml"), &text).unwrap_err()
+    });
+    assert_eq!(
+        got[0].to_string(),
+        "m.yaml: file is 12000150 bytes; the limit is 4194304 bytes (4 MiB)"
+    );
     // As many well-formed port entries as fit in 4 MiB.
     let n = 4_000_000 / 12;
-    let text = format!("{}  ingress:\n    - toPorts:\n        - ports: [{}]\n", cnp("ports"), "{port: \"1\"},".repeat(n));
+    let text = format!(
+        "{}  ingress:\n    - toPorts:\n        - ports: [{}]\n",
+        cnp("ports"),
+        "{port: \"1\"},".repeat(n)
+    );
     let got = load_one(Kind::Policy, "many.yaml", text.into_bytes());
     assert_eq!(
         got,
@@ -245,24 +317,58 @@ fn a_million_ports_in_a_list() {
 #[test]
 fn extremely_long_lines_and_strings_give_bounded_messages() {
     let long = "x".repeat(3_000_000);
-    let text = cnp("long") + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{a: {long}}}}}]\n");
+    let text = cnp("long")
+        + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{a: {long}}}}}]\n");
     let got = load_one(Kind::Policy, "value.yaml", text.into_bytes());
     assert_eq!(got.len(), 1);
     assert!(got[0].starts_with("value.yaml:8:41: document 1 (CiliumNetworkPolicy default/long): spec.ingress[0].fromEndpoints[0].matchLabels.a: \"xxxx"), "{}", &got[0][..200]);
-    assert!(got[0].len() < 1200, "message not clipped: {} bytes", got[0].len());
-    assert!(got[0].contains("... (2999"), "{}", &got[0][got[0].len() - 100..]);
+    assert!(
+        got[0].len() < 1200,
+        "message not clipped: {} bytes",
+        got[0].len()
+    );
+    assert!(
+        got[0].contains("... (2999"),
+        "{}",
+        &got[0][got[0].len() - 100..]
+    );
     // A 3 MB key: the field path is clipped too.
-    let text = cnp("long") + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{{long}: b}}}}]\n");
+    let text = cnp("long")
+        + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{{long}: b}}}}]\n");
     let got = load_one(Kind::Policy, "key.yaml", text.into_bytes());
     assert_eq!(got.len(), 1);
-    assert!(got[0].len() < 2500, "message not clipped: {} bytes: {} ... {}", got[0].len(), &got[0][..300], &got[0][got[0].len() - 300..]);
+    assert!(
+        got[0].len() < 2500,
+        "message not clipped: {} bytes: {} ... {}",
+        got[0].len(),
+        &got[0][..300],
+        &got[0][got[0].len() - 300..]
+    );
     // A 3 MB name, a 3 MB comment (valid), a 3 MB quoted scalar spanning lines.
     let got = load_one(Kind::Policy, "name.yaml", cnp(&long).into_bytes());
-    assert!(got[0].starts_with("name.yaml:4:9: document 1 (CiliumNetworkPolicy default/xxx"), "{}", &got[0][..100]);
-    assert!(got[0].len() < 2500, "message not clipped: {} bytes: {} ... {}", got[0].len(), &got[0][..300], &got[0][got[0].len() - 300..]);
-    let got = load_one(Kind::Policy, "comment.yaml", format!("{}# {long}\n", cnp("c")).into_bytes());
+    assert!(
+        got[0].starts_with("name.yaml:4:9: document 1 (CiliumNetworkPolicy default/xxx"),
+        "{}",
+        &got[0][..100]
+    );
+    assert!(
+        got[0].len() < 2500,
+        "message not clipped: {} bytes: {} ... {}",
+        got[0].len(),
+        &got[0][..300],
+        &got[0][got[0].len() - 300..]
+    );
+    let got = load_one(
+        Kind::Policy,
+        "comment.yaml",
+        format!("{}# {long}\n", cnp("c")).into_bytes(),
+    );
     assert_eq!(got, ["ok: 1 policies"]);
-    let folded = format!("{}  ingress:\n    - fromEndpoints: [{{matchLabels: {{a: \"{}\"}}}}]\n", cnp("f"), "x\n      ".repeat(300_000));
+    let folded = format!(
+        "{}  ingress:\n    - fromEndpoints: [{{matchLabels: {{a: \"{}\"}}}}]\n",
+        cnp("f"),
+        "x\n      ".repeat(300_000)
+    );
     let got = load_one(Kind::Policy, "folded.yaml", folded.into_bytes());
     assert_eq!(got.len(), 1);
     assert!(got[0].len() < 1200);
@@ -272,13 +378,18 @@ fn extremely_long_lines_and_strings_give_bounded_messages() {
 fn many_documents_and_many_keys() {
     // 100,000 empty documents, then one policy: counted, not stored.
     let text = "---\n".repeat(100_000) + &cnp("last");
-    assert_eq!(load_one(Kind::Policy, "docs.yaml", text.into_bytes()), ["ok: 1 policies"]);
+    assert_eq!(
+        load_one(Kind::Policy, "docs.yaml", text.into_bytes()),
+        ["ok: 1 policies"]
+    );
     // 100,000 policies in one file, all named alike: 99,999 problems, bounded.
     let text = (cnp("same") + "---\n").repeat(30_000);
     let got = load_one(Kind::Policy, "same.yaml", text.into_bytes());
     assert_eq!(got.len(), 29_999);
     // A mapping with 200,000 distinct keys (duplicate detection is a hash map): accepted.
-    let mut text = String::from("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: k\n  labels:\n");
+    let mut text = String::from(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: k\n  labels:\n",
+    );
     for i in 0..200_000 {
         text.push_str(&format!("    k{i}: v\n"));
     }
@@ -294,19 +405,31 @@ const FILES_LIMIT: Duration = Duration::from_secs(5);
 fn ten_thousand_files_load_in_bounded_time() {
     let tmp = tempfile::tempdir().unwrap();
     for i in 0..10_000 {
-        fs::write(tmp.path().join(format!("p{i:05}.yaml")), cnp(&format!("p{i}"))).unwrap();
+        fs::write(
+            tmp.path().join(format!("p{i:05}.yaml")),
+            cnp(&format!("p{i}")),
+        )
+        .unwrap();
     }
     let dir = tmp.path().to_path_buf();
-    let got = bounded_by("10,000 valid files", FILES_LIMIT, move || outcome(&dir, Kind::Policy, LoadOptions::default()));
+    let got = bounded_by("10,000 valid files", FILES_LIMIT, move || {
+        outcome(&dir, Kind::Policy, LoadOptions::default())
+    });
     assert_eq!(got, ["ok: 10000 policies"]);
     // Every one broken: 10,000 problems, still bounded (the sort was quadratic).
     for i in 0..10_000 {
         fs::write(tmp.path().join(format!("p{i:05}.yaml")), "kind: [\n").unwrap();
     }
     let dir = tmp.path().to_path_buf();
-    let got = bounded_by("10,000 broken files", FILES_LIMIT, move || outcome(&dir, Kind::Policy, LoadOptions::default()));
+    let got = bounded_by("10,000 broken files", FILES_LIMIT, move || {
+        outcome(&dir, Kind::Policy, LoadOptions::default())
+    });
     assert_eq!(got.len(), 10_000);
-    assert!(got[0].starts_with("p00000.yaml:2:1: document 1: YAML syntax error"), "{}", got[0]);
+    assert!(
+        got[0].starts_with("p00000.yaml:2:1: document 1: YAML syntax error"),
+        "{}",
+        got[0]
+    );
     assert!(got[9_999].starts_with("p09999.yaml:"), "{}", got[9_999]);
 }
 
@@ -338,7 +461,11 @@ fn special_files_never_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // A FIFO nobody writes to, and a symlink to one.
-    nix::unistd::mkfifo(&d.join("fifo.yaml"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    nix::unistd::mkfifo(
+        &d.join("fifo.yaml"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
     symlink(d.join("fifo.yaml"), d.join("to-fifo.yaml")).unwrap();
     // Devices: a symlink to /dev/zero (endless) and /dev/null.
     symlink("/dev/zero", d.join("zero.yaml")).unwrap();
@@ -353,7 +480,9 @@ fn special_files_never_hang() {
     fs::create_dir(d.join("dir.yaml")).unwrap();
     // /dev/stdin leads to whatever the test runner's stdin is: never regular here.
     let dir = d.to_path_buf();
-    let got = bounded("special files", 0, move || outcome(&dir, Kind::Policy, LoadOptions::default()));
+    let got = bounded("special files", 0, move || {
+        outcome(&dir, Kind::Policy, LoadOptions::default())
+    });
     assert_eq!(
         got,
         [
@@ -386,13 +515,21 @@ fn character_device_node_in_the_directory() {
     )
     .unwrap();
     let dir = tmp.path().to_path_buf();
-    let got = bounded("device node", 0, move || outcome(&dir, Kind::Policy, LoadOptions::default()));
-    assert_eq!(got, ["zero.yaml: a device is not read: only regular files are policy or registry files"]);
+    let got = bounded("device node", 0, move || {
+        outcome(&dir, Kind::Policy, LoadOptions::default())
+    });
+    assert_eq!(
+        got,
+        ["zero.yaml: a device is not read: only regular files are policy or registry files"]
+    );
 }
 
 /// Skip with a message, or fail under CI (a test that cannot run must not pass there).
 fn skip(why: &str) {
-    assert!(std::env::var_os("CI").is_none(), "cannot run under CI: {why}");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "cannot run under CI: {why}"
+    );
     eprintln!("skipped: {why}");
 }
 
@@ -422,15 +559,29 @@ fn unreadable_file_is_reported_not_fatal() {
     fs::write(pol.join("secret.yaml"), cnp("secret")).unwrap();
     fs::set_permissions(pol.join("secret.yaml"), fs::Permissions::from_mode(0o000)).unwrap();
     let mut cmd = std::process::Command::new(netpolctl_for_anyone(tmp.path()));
-    cmd.args(["check", "--policy-dir", pol.to_str().unwrap(), "--endpoint-dir", reg.to_str().unwrap()]);
+    cmd.args([
+        "check",
+        "--policy-dir",
+        pol.to_str().unwrap(),
+        "--endpoint-dir",
+        reg.to_str().unwrap(),
+    ]);
     if nix::unistd::geteuid().is_root() {
         use std::os::unix::process::CommandExt;
         cmd.uid(65534).gid(65534);
     }
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).replace(&format!("{}/", pol.display()), "");
-    assert_eq!(out.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stdout, "secret.yaml: cannot open: Permission denied (os error 13)\n");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "secret.yaml: cannot open: Permission denied (os error 13)\n"
+    );
 }
 
 // ---------------------------------------------------------------- file trust
@@ -457,7 +608,9 @@ fn group_or_world_writable_files_are_refused() {
     let got = outcome(d, Kind::Policy, LoadOptions::default());
     // The fix names the full path (shortened in `got`).
     let p = d.display().to_string();
-    assert!(api::load_policy_dir(d).unwrap_err()[0].message.ends_with(&format!("; run chmod go-w {p}/g.yaml")));
+    assert!(api::load_policy_dir(d).unwrap_err()[0]
+        .message
+        .ends_with(&format!("; run chmod go-w {p}/g.yaml")));
     assert_eq!(
         got,
         [
@@ -467,9 +620,22 @@ fn group_or_world_writable_files_are_refused() {
         ]
     );
     // The same files pass with the check turned off (strict_file_modes = false).
-    assert_eq!(outcome(d, Kind::Policy, LoadOptions { strict_modes: false }), ["ok: 4 policies"]);
+    assert_eq!(
+        outcome(
+            d,
+            Kind::Policy,
+            LoadOptions {
+                strict_modes: false
+            }
+        ),
+        ["ok: 4 policies"]
+    );
     // Registry files follow the same rule.
-    fs::write(d.join("r.yaml"), "apiVersion: netpol/v1\nkind: Namespace\nmetadata: {name: prod}\n").unwrap();
+    fs::write(
+        d.join("r.yaml"),
+        "apiVersion: netpol/v1\nkind: Namespace\nmetadata: {name: prod}\n",
+    )
+    .unwrap();
     chmod(&d.join("r.yaml"), 0o620);
     let r = tempfile::tempdir().unwrap();
     fs::rename(d.join("r.yaml"), r.path().join("r.yaml")).unwrap();
@@ -477,7 +643,16 @@ fn group_or_world_writable_files_are_refused() {
         outcome(r.path(), Kind::Registry, LoadOptions::default()),
         ["r.yaml: file is writable by group (mode 0620), so someone other than its owner could change what netpol enforces; run chmod go-w r.yaml"]
     );
-    assert_eq!(outcome(r.path(), Kind::Registry, LoadOptions { strict_modes: false }), ["ok: 0 endpoints, 0 nodes, 1 namespaces"]);
+    assert_eq!(
+        outcome(
+            r.path(),
+            Kind::Registry,
+            LoadOptions {
+                strict_modes: false
+            }
+        ),
+        ["ok: 0 endpoints, 0 nodes, 1 namespaces"]
+    );
 }
 
 #[test]
@@ -506,9 +681,21 @@ fn writable_directory_is_refused() {
             "a.yaml:2:7: document 1 (CiliumNetworkPolicy default/a): kind: CiliumNetworkPolicy does not belong here; put it in the policy directory (/etc/netpol.d)".into(),
         ]
     );
-    assert_eq!(outcome(d, Kind::Policy, LoadOptions { strict_modes: false }), ["ok: 1 policies"]);
+    assert_eq!(
+        outcome(
+            d,
+            Kind::Policy,
+            LoadOptions {
+                strict_modes: false
+            }
+        ),
+        ["ok: 1 policies"]
+    );
     chmod(d, 0o755);
-    assert_eq!(outcome(d, Kind::Policy, LoadOptions::default()), ["ok: 1 policies"]);
+    assert_eq!(
+        outcome(d, Kind::Policy, LoadOptions::default()),
+        ["ok: 1 policies"]
+    );
 }
 
 #[test]
@@ -538,7 +725,16 @@ fn files_owned_by_another_user_are_refused() {
         outcome(d, Kind::Policy, LoadOptions::default()),
         [format!("{p}: policy directory is owned by uid 1000, which is neither root nor the user reading it (uid 0); run chown root {p}")]
     );
-    assert_eq!(outcome(d, Kind::Policy, LoadOptions { strict_modes: false }), ["ok: 2 policies"]);
+    assert_eq!(
+        outcome(
+            d,
+            Kind::Policy,
+            LoadOptions {
+                strict_modes: false
+            }
+        ),
+        ["ok: 2 policies"]
+    );
 }
 
 #[test]
@@ -548,7 +744,10 @@ fn files_owned_by_the_reading_user_are_trusted() {
         // Not root: the test's own files are owned by the reading user.
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("a.yaml"), cnp("a")).unwrap();
-        assert_eq!(outcome(tmp.path(), Kind::Policy, LoadOptions::default()), ["ok: 1 policies"]);
+        assert_eq!(
+            outcome(tmp.path(), Kind::Policy, LoadOptions::default()),
+            ["ok: 1 policies"]
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -563,13 +762,22 @@ fn files_owned_by_the_reading_user_are_trusted() {
     }
     let run = |as_nobody: bool| {
         let mut cmd = std::process::Command::new(netpolctl_for_anyone(tmp.path()));
-        cmd.args(["check", "--policy-dir", pol.to_str().unwrap(), "--endpoint-dir", reg.to_str().unwrap()]);
+        cmd.args([
+            "check",
+            "--policy-dir",
+            pol.to_str().unwrap(),
+            "--endpoint-dir",
+            reg.to_str().unwrap(),
+        ]);
         if as_nobody {
             use std::os::unix::process::CommandExt;
             cmd.uid(65534).gid(65534);
         }
         let out = cmd.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).replace(&tmp.path().display().to_string(), "DIR"))
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).replace(&tmp.path().display().to_string(), "DIR"),
+        )
     };
     let (code, out) = run(true);
     assert_eq!(code, Some(0), "{out}");
@@ -595,14 +803,23 @@ fn symlinks_out_of_the_directory_are_followed_and_their_targets_checked() {
     fs::write(elsewhere.join("t.yaml"), cnp("linked")).unwrap();
     symlink(elsewhere.join("t.yaml"), d.join("l.yaml")).unwrap();
     // Allowed: the target is a regular file passing the trust check.
-    assert_eq!(outcome(&d, Kind::Policy, LoadOptions::default()), ["ok: 1 policies"]);
+    assert_eq!(
+        outcome(&d, Kind::Policy, LoadOptions::default()),
+        ["ok: 1 policies"]
+    );
     // A relative symlink through `..` too.
     fs::remove_file(d.join("l.yaml")).unwrap();
     symlink("../elsewhere/t.yaml", d.join("l.yaml")).unwrap();
-    assert_eq!(outcome(&d, Kind::Policy, LoadOptions::default()), ["ok: 1 policies"]);
+    assert_eq!(
+        outcome(&d, Kind::Policy, LoadOptions::default()),
+        ["ok: 1 policies"]
+    );
     // The target's mode is what counts, not the link's.
     chmod(&elsewhere.join("t.yaml"), 0o666);
-    let t = fs::canonicalize(elsewhere.join("t.yaml")).unwrap().display().to_string();
+    let t = fs::canonicalize(elsewhere.join("t.yaml"))
+        .unwrap()
+        .display()
+        .to_string();
     assert_eq!(
         outcome(&d, Kind::Policy, LoadOptions::default()),
         [format!("l.yaml: symlink target {t} is writable by group and others (mode 0666), so someone other than its owner could change what netpol enforces; run chmod go-w {t}")]
@@ -615,10 +832,22 @@ fn symlinks_out_of_the_directory_are_followed_and_their_targets_checked() {
         outcome(&d, Kind::Policy, LoadOptions::default()),
         [format!("l.yaml: directory {e} holding the symlink target is writable by group and others (mode 0777), so someone other than its owner could change what netpol enforces; run chmod go-w {e}")]
     );
-    assert_eq!(outcome(&d, Kind::Policy, LoadOptions { strict_modes: false }), ["ok: 1 policies"]);
+    assert_eq!(
+        outcome(
+            &d,
+            Kind::Policy,
+            LoadOptions {
+                strict_modes: false
+            }
+        ),
+        ["ok: 1 policies"]
+    );
     // A symlink into /tmp (world-writable, sticky) is refused for the same reason.
     chmod(&elsewhere, 0o755);
-    let in_tmp = tempfile::Builder::new().suffix(".yaml").tempfile_in("/tmp").unwrap();
+    let in_tmp = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile_in("/tmp")
+        .unwrap();
     fs::write(in_tmp.path(), cnp("in-tmp")).unwrap();
     let tmp_mode = fs::metadata("/tmp").unwrap().permissions().mode() & 0o7777;
     let d2 = tmp.path().join("netpol2.d");
@@ -648,7 +877,10 @@ fn the_whole_set_is_invalid_when_one_file_is_untrusted() {
     for i in 0..5 {
         fs::write(d.join(format!("p{i}.yaml")), cnp(&format!("p{i}"))).unwrap();
     }
-    assert_eq!(outcome(d, Kind::Policy, LoadOptions::default()), ["ok: 5 policies"]);
+    assert_eq!(
+        outcome(d, Kind::Policy, LoadOptions::default()),
+        ["ok: 5 policies"]
+    );
     chmod(&d.join("p3.yaml"), 0o664);
     assert!(api::load_policy_dir(d).is_err());
     assert!(api::load_policy_dir_with(d, &LoadOptions::default()).is_err());
@@ -661,12 +893,19 @@ fn the_whole_set_is_invalid_when_one_file_is_untrusted() {
 /// on stable in every `cargo test`: whatever the fuzzers once found interesting
 /// keeps parsing (and compiling) without a panic.
 fn corpus_files(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut out: Vec<Vec<u8>> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| fs::read(e.unwrap().path()).unwrap())
         .collect();
-    assert!(out.len() > 10, "{}: only {} inputs", dir.display(), out.len());
+    assert!(
+        out.len() > 10,
+        "{}: only {} inputs",
+        dir.display(),
+        out.len()
+    );
     out.sort();
     out
 }
@@ -677,25 +916,29 @@ fn fuzz_corpus_replays_without_panic() {
     let registries = corpus_files("parse_registry");
     let configs = corpus_files("parse_config");
     let n = policies.len() + registries.len() + configs.len();
-    bounded_by("fuzz corpus replay (parsers)", Duration::from_secs(30), move || {
-        for data in &policies {
-            if let Ok(text) = std::str::from_utf8(data) {
-                let _ = api::parse_policies(Path::new("fuzz.yaml"), text);
-                let _ = api::parse_policies(Path::new("fuzz.json"), text);
+    bounded_by(
+        "fuzz corpus replay (parsers)",
+        Duration::from_secs(30),
+        move || {
+            for data in &policies {
+                if let Ok(text) = std::str::from_utf8(data) {
+                    let _ = api::parse_policies(Path::new("fuzz.yaml"), text);
+                    let _ = api::parse_policies(Path::new("fuzz.json"), text);
+                }
             }
-        }
-        for data in &registries {
-            if let Ok(text) = std::str::from_utf8(data) {
-                let _ = api::parse_registry(Path::new("fuzz.yaml"), text);
-                let _ = api::parse_registry(Path::new("fuzz.json"), text);
+            for data in &registries {
+                if let Ok(text) = std::str::from_utf8(data) {
+                    let _ = api::parse_registry(Path::new("fuzz.yaml"), text);
+                    let _ = api::parse_registry(Path::new("fuzz.json"), text);
+                }
             }
-        }
-        for data in &configs {
-            if let Ok(text) = std::str::from_utf8(data) {
-                let _ = toml::from_str::<netpol::config::Config>(text);
+            for data in &configs {
+                if let Ok(text) = std::str::from_utf8(data) {
+                    let _ = toml::from_str::<netpol::config::Config>(text);
+                }
             }
-        }
-    });
+        },
+    );
     eprintln!("replayed {n} parser inputs");
 }
 
@@ -705,19 +948,38 @@ fn fuzz_corpus_compiles_and_traces_without_panic() {
     use netpol::policy::compile::{compile, CompileOptions};
     use netpol::policy::trace::trace_str;
     let inputs = corpus_files("compile_trace");
-    let reg_text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml")).unwrap();
+    let reg_text = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml"),
+    )
+    .unwrap();
     let reg = api::parse_registry(Path::new("seed.yaml"), &reg_text).unwrap();
-    bounded_by("fuzz corpus replay (compile, trace)", Duration::from_secs(60), move || {
-        for data in inputs.iter().filter(|d| d.len() >= 2) {
-            let Ok(text) = std::str::from_utf8(&data[2..]) else { continue };
-            let Ok(policies) = api::parse_policies(Path::new("fuzz.yaml"), text) else { continue };
-            let opts = CompileOptions { node_name: "host-a".into(), audit: data[0] & 1 != 0, ..CompileOptions::default() };
-            let c = compile(&PolicySet { policies }, &reg, &opts);
-            for (s, d) in [("default/frontend-1", "backend"), ("backend", "10.0.1.31"), ("8.8.8.8", "fd00:1::12")] {
-                let _ = trace_str(&c, s, d, 6, u16::from(data[1]) * 257);
+    bounded_by(
+        "fuzz corpus replay (compile, trace)",
+        Duration::from_secs(60),
+        move || {
+            for data in inputs.iter().filter(|d| d.len() >= 2) {
+                let Ok(text) = std::str::from_utf8(&data[2..]) else {
+                    continue;
+                };
+                let Ok(policies) = api::parse_policies(Path::new("fuzz.yaml"), text) else {
+                    continue;
+                };
+                let opts = CompileOptions {
+                    node_name: "host-a".into(),
+                    audit: data[0] & 1 != 0,
+                    ..CompileOptions::default()
+                };
+                let c = compile(&PolicySet { policies }, &reg, &opts);
+                for (s, d) in [
+                    ("default/frontend-1", "backend"),
+                    ("backend", "10.0.1.31"),
+                    ("8.8.8.8", "fd00:1::12"),
+                ] {
+                    let _ = trace_str(&c, s, d, 6, u16::from(data[1]) * 257);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 // ---------------------------------------------------------------- properties
@@ -800,29 +1062,40 @@ mod props {
         prop_oneof![
             Just("{}".to_string()),
             proptest::sample::select(APPS).prop_map(|a| format!("{{matchLabels: {{app: {a}}}}}")),
-            proptest::sample::subsequence(APPS.to_vec(), 1..3)
-                .prop_map(|v| format!("{{matchExpressions: [{{key: app, operator: NotIn, values: [{}]}}]}}", v.join(", "))),
+            proptest::sample::subsequence(APPS.to_vec(), 1..3).prop_map(|v| format!(
+                "{{matchExpressions: [{{key: app, operator: NotIn, values: [{}]}}]}}",
+                v.join(", ")
+            )),
             Just("{matchExpressions: [{key: app, operator: Exists}]}".to_string()),
         ]
     }
 
     fn ports() -> impl Strategy<Value = String> {
         let one = prop_oneof![
-            (0u32..=65535, proptest::sample::select(&["TCP", "UDP", "SCTP", "ANY"][..]))
+            (
+                0u32..=65535,
+                proptest::sample::select(&["TCP", "UDP", "SCTP", "ANY"][..])
+            )
                 .prop_map(|(p, pr)| format!("{{port: \"{p}\", protocol: {pr}}}")),
-            (1u32..=65535, 0u32..=2000).prop_map(|(p, w)| format!("{{port: \"{p}\", endPort: {}}}", (p + w).min(65535))),
+            (1u32..=65535, 0u32..=2000)
+                .prop_map(|(p, w)| format!("{{port: \"{p}\", endPort: {}}}", (p + w).min(65535))),
             Just("{port: http}".to_string()),
         ];
-        proptest::collection::vec(one, 1..4).prop_map(|v| format!("[{{ports: [{}]}}]", v.join(", ")))
+        proptest::collection::vec(one, 1..4)
+            .prop_map(|v| format!("[{{ports: [{}]}}]", v.join(", ")))
     }
 
     fn peer(dir_from: bool) -> impl Strategy<Value = String> {
         let f = if dir_from { "from" } else { "to" };
         prop_oneof![
             selector().prop_map(move |s| format!("{f}Endpoints: [{s}]")),
-            proptest::sample::select(&["world", "cluster", "host", "all", "remote-node"][..]).prop_map(move |e| format!("{f}Entities: [{e}]")),
-            (0u8..=255, 0u8..=32).prop_map(move |(a, l)| format!("{f}CIDR: [\"10.{a}.0.0/{}\"]", l.clamp(8, 32))),
-            Just(format!("{f}CIDRSet: [{{cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]")),
+            proptest::sample::select(&["world", "cluster", "host", "all", "remote-node"][..])
+                .prop_map(move |e| format!("{f}Entities: [{e}]")),
+            (0u8..=255, 0u8..=32)
+                .prop_map(move |(a, l)| format!("{f}CIDR: [\"10.{a}.0.0/{}\"]", l.clamp(8, 32))),
+            Just(format!(
+                "{f}CIDRSet: [{{cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]"
+            )),
         ]
     }
 
@@ -854,7 +1127,13 @@ mod props {
                     let items: Vec<String> = items
                         .into_iter()
                         // Deny rules take no named ports and no L7; keep the peer and numeric ports.
-                        .map(|r| if s.ends_with("Deny") { r.replace("{port: http}", "{port: \"8080\"}") } else { r.clone() })
+                        .map(|r| {
+                            if s.ends_with("Deny") {
+                                r.replace("{port: http}", "{port: \"8080\"}")
+                            } else {
+                                r.clone()
+                            }
+                        })
                         .collect();
                     text.push_str(&format!("  {s}: [{}]\n", items.join(", ")));
                 }
@@ -862,8 +1141,11 @@ mod props {
             })
     }
 
-    fn registry() -> netpol::api::model::RegistrySet {
-        let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml")).unwrap();
+    fn registry() -> api::model::RegistrySet {
+        let text = fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml"),
+        )
+        .unwrap();
         api::parse_registry(Path::new("seed.yaml"), &text).unwrap()
     }
 
@@ -906,13 +1188,23 @@ fn measure_yaml_scanner_throughput() {
         ("flow100k", format!("[{}1]\n", "1,".repeat(99_999))),
         ("flow1m", format!("[{}1]\n", "1,".repeat(999_999))),
         ("block1m", "- 1\n".repeat(1_000_000)),
-        ("plain-map200k", (0..200_000).map(|i| format!("k{i}: v\n")).collect::<String>()),
+        (
+            "plain-map200k",
+            (0..200_000)
+                .map(|i| format!("k{i}: v\n"))
+                .collect::<String>(),
+        ),
         ("docs", (cnp("same") + "---\n").repeat(30_000)),
     ] {
         let t = Instant::now();
         let mut p = yaml_rust2::parser::Parser::new_from_str(&text);
         let mut n = 0;
-        while let Ok((ev, _)) = p.next_token() { n += 1; if ev == yaml_rust2::parser::Event::StreamEnd { break } }
+        while let Ok((ev, _)) = p.next_token() {
+            n += 1;
+            if ev == yaml_rust2::parser::Event::StreamEnd {
+                break;
+            }
+        }
         eprintln!("{name}: {} bytes, {n} events {:?}", text.len(), t.elapsed());
     }
 }
@@ -930,7 +1222,11 @@ fn recursive_load_overflows_the_stack() {
     let text = "- ".repeat(100_000);
     let r = std::thread::Builder::new()
         .stack_size(2 * 1024 * 1024)
-        .spawn(move || yaml_rust2::parser::Parser::new_from_str(&text).load(&mut Nothing, true).is_ok())
+        .spawn(move || {
+            yaml_rust2::parser::Parser::new_from_str(&text)
+                .load(&mut Nothing, true)
+                .is_ok()
+        })
         .unwrap()
         .join();
     eprintln!("survived: {r:?}");
@@ -941,11 +1237,21 @@ fn recursive_load_overflows_the_stack() {
 #[test]
 #[ignore]
 fn old_sort_was_quadratic() {
-    let files: Vec<PathBuf> = (0..10_000).map(|i| PathBuf::from(format!("/etc/netpol.d/p{i:05}.yaml"))).collect();
+    let files: Vec<PathBuf> = (0..10_000)
+        .map(|i| PathBuf::from(format!("/etc/netpol.d/p{i:05}.yaml")))
+        .collect();
     let mut problems: Vec<Problem> = files
         .iter()
         .rev()
-        .map(|f| Problem { file: f.clone(), line: Some(2), column: Some(1), document: Some(1), object: None, field: None, message: "x".into() })
+        .map(|f| Problem {
+            file: f.clone(),
+            line: Some(2),
+            column: Some(1),
+            document: Some(1),
+            object: None,
+            field: None,
+            message: "x".into(),
+        })
         .collect();
     let t = Instant::now();
     let order = files.clone();
@@ -967,11 +1273,18 @@ fn old_sort_was_quadratic() {
 fn compile_blowup_is_refused_by_the_map_budget() {
     use netpol::api::model::PolicySet;
     use netpol::policy::compile::{try_compile, CompileOptions, POLICY_KEY};
-    let reg_text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml")).unwrap();
+    let reg_text = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml"),
+    )
+    .unwrap();
     let reg = api::parse_registry(Path::new("seed.yaml"), &reg_text).unwrap();
     let n = 5000;
-    let cidrs: Vec<String> = (0..n).map(|i| format!("\"11.{}.{}.0/24\"", i / 256, i % 256)).collect();
-    let ports: Vec<String> = (0..40).map(|i| format!("{{port: \"{}\", endPort: {}}}", 1 + i, 65534 - i)).collect();
+    let cidrs: Vec<String> = (0..n)
+        .map(|i| format!("\"11.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    let ports: Vec<String> = (0..40)
+        .map(|i| format!("{{port: \"{}\", endPort: {}}}", 1 + i, 65534 - i))
+        .collect();
     let text = format!(
         "{}  ingress:\n    - fromCIDR: [{}]\n      toPorts: [{{ports: [{}]}}]\n",
         cnp("big"),
@@ -982,7 +1295,11 @@ fn compile_blowup_is_refused_by_the_map_budget() {
     let policies = api::parse_policies(Path::new("/etc/netpol.d/big.yaml"), &text).unwrap();
     let t = Instant::now();
     let err = try_compile(&PolicySet { policies }, &reg, &CompileOptions::default()).unwrap_err();
-    eprintln!("{n} CIDRs x 40 ranges ({} bytes): refused in {:?}", text.len(), t.elapsed());
+    eprintln!(
+        "{n} CIDRs x 40 ranges ({} bytes): refused in {:?}",
+        text.len(),
+        t.elapsed()
+    );
     assert_eq!((err.key, err.limit), (POLICY_KEY, 262_144));
     assert_eq!(
         err.to_string(),

@@ -104,14 +104,20 @@ fn veth_name(pod: &str) -> String {
 }
 
 fn ifindex(ns: &str, dev: &str) -> u64 {
-    let o = std::process::Command::new("ip").args(["-n", ns, "-j", "link", "show", dev]).output().unwrap();
+    let o = std::process::Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show", dev])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v[0]["ifindex"].as_u64().unwrap()
 }
 
 fn netpolctl(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl")).args(args).output().unwrap()
+    std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -125,50 +131,125 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
     let pin = net.pin_dir("npn-kind");
     let cfg = root.join("netpold.toml");
     // Metrics on the node's loopback (inside its network namespace).
-    netns::write_config(&cfg, NODE, &root, &pin, "metrics_listen = \"127.0.0.1:9962\"\n");
+    netns::write_config(
+        &cfg,
+        NODE,
+        &root,
+        &pin,
+        "metrics_listen = \"127.0.0.1:9962\"\n",
+    );
 
     // The registry, exactly as an operator makes it.
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kubectl/kindnode.json");
-    let o = netpolctl(&["registry", "import", fixture.to_str().unwrap(), "--out", root.join("endpoints.d").to_str().unwrap()]);
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kubectl/kindnode.json");
+    let o = netpolctl(&[
+        "registry",
+        "import",
+        fixture.to_str().unwrap(),
+        "--out",
+        root.join("endpoints.d").to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "registry import: {err}");
     assert!(err.contains("wrote 5 endpoints and 2 namespaces"), "{err}");
-    assert!(err.contains("kube-system/kindnet-zq8vb: skipped") && err.contains("default/migrate-job-4xk2p: skipped"), "{err}");
+    assert!(
+        err.contains("kube-system/kindnet-zq8vb: skipped")
+            && err.contains("default/migrate-job-4xk2p: skipped"),
+        "{err}"
+    );
     let reg = std::fs::read_to_string(root.join("endpoints.d/k8s-default.yaml")).unwrap();
-    assert!(reg.contains("interface: auto") && reg.contains(&format!("node: {NODE}")), "{reg}");
+    assert!(
+        reg.contains("interface: auto") && reg.contains(&format!("node: {NODE}")),
+        "{reg}"
+    );
     std::fs::write(root.join("netpol.d/policies.yaml"), POLICIES).unwrap();
     let o = netpolctl(&["check", "--config", cfg.to_str().unwrap()]);
-    assert!(o.status.success(), "check: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "check: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // The node: routed /32 veths, no bridge.
     net.add(NODE_NS);
     // The node's uplink (a veth: this kernel may have no dummy driver).
-    netns::ip(&["-n", NODE_NS, "link", "add", "eth0", "type", "veth", "peer", "name", "npn-kup"]);
+    netns::ip(&[
+        "-n", NODE_NS, "link", "add", "eth0", "type", "veth", "peer", "name", "npn-kup",
+    ]);
     netns::ip(&["-n", NODE_NS, "link", "set", "npn-kup", "up"]);
-    netns::ip(&["-n", NODE_NS, "addr", "add", "10.206.65.2/24", "dev", "eth0"]);
+    netns::ip(&[
+        "-n",
+        NODE_NS,
+        "addr",
+        "add",
+        "10.206.65.2/24",
+        "dev",
+        "eth0",
+    ]);
     netns::ip(&["-n", NODE_NS, "link", "set", "eth0", "up"]);
     netns::netns_exec(NODE_NS, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     let mut veths = BTreeMap::new();
     for (pod, ns, addr) in PODS {
         let veth = veth_name(pod);
         net.add(ns);
-        netns::ip(&["-n", NODE_NS, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns]);
-        netns::ip(&["-n", NODE_NS, "addr", "add", &format!("{GATEWAY}/32"), "dev", &veth]);
+        netns::ip(&[
+            "-n", NODE_NS, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            ns,
+        ]);
+        netns::ip(&[
+            "-n",
+            NODE_NS,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/32"),
+            "dev",
+            &veth,
+        ]);
         netns::ip(&["-n", NODE_NS, "link", "set", &veth, "up"]);
-        netns::ip(&["-n", NODE_NS, "route", "add", &format!("{addr}/32"), "dev", &veth, "scope", "link"]);
-        netns::ip(&["-n", ns, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        netns::ip(&[
+            "-n",
+            NODE_NS,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &veth,
+            "scope",
+            "link",
+        ]);
+        netns::ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "eth0",
+        ]);
         netns::ip(&["-n", ns, "link", "set", "eth0", "up"]);
-        netns::ip(&["-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
-        netns::ip(&["-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
+        netns::ip(&[
+            "-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+        ]);
+        netns::ip(&[
+            "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+        ]);
         netns::drain(netns::listen(ns, &PORTS));
         veths.insert(pod, (veth, ns, addr));
     }
     let jobs: Vec<(String, IpAddr, u16)> = PODS
         .iter()
-        .flat_map(|s| PODS.iter().filter(move |d| d.0 != s.0).map(move |d| (s.1.to_string(), d.2.parse().unwrap(), 8080)))
+        .flat_map(|s| {
+            PODS.iter()
+                .filter(move |d| d.0 != s.0)
+                .map(move |d| (s.1.to_string(), d.2.parse().unwrap(), 8080))
+        })
         .collect();
     let before = netns::probe_all(&jobs, Duration::from_secs(2), 32);
-    assert!(before.iter().all(|p| *p == Probe::Connected), "the node's network is broken before any policy: {before:?}");
+    assert!(
+        before.iter().all(|p| *p == Probe::Connected),
+        "the node's network is broken before any policy: {before:?}"
+    );
 
     let mut d = Daemon::start("kind", NODE_NS, &cfg, &root.join("netpold.log"));
     d.wait_ready(PODS.len(), Duration::from_secs(30));
@@ -177,20 +258,47 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
     let (code, out) = d.ctl(&["endpoints", "--json"]);
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let list = v.as_array().or_else(|| v["endpoints"].as_array()).unwrap_or_else(|| panic!("{out}"));
+    let list = v
+        .as_array()
+        .or_else(|| v["endpoints"].as_array())
+        .unwrap_or_else(|| panic!("{out}"));
     let by_name: BTreeMap<String, &serde_json::Value> = list
         .iter()
-        .map(|e| (format!("{}/{}", e["namespace"].as_str().unwrap_or("default"), e["name"].as_str().unwrap()), e))
+        .map(|e| {
+            (
+                format!(
+                    "{}/{}",
+                    e["namespace"].as_str().unwrap_or("default"),
+                    e["name"].as_str().unwrap()
+                ),
+                e,
+            )
+        })
         .collect();
     for (pod, (veth, _, _)) in &veths {
-        let e = by_name.get(*pod).unwrap_or_else(|| panic!("{pod} missing: {out}"));
+        let e = by_name
+            .get(*pod)
+            .unwrap_or_else(|| panic!("{pod} missing: {out}"));
         assert_eq!(e["state"], "attached", "{pod}: {e}");
-        assert_eq!(e["ifindex"].as_u64(), Some(ifindex(NODE_NS, veth)), "{pod} should be enforced on {veth}: {e}");
+        assert_eq!(
+            e["ifindex"].as_u64(),
+            Some(ifindex(NODE_NS, veth)),
+            "{pod} should be enforced on {veth}: {e}"
+        );
     }
-    let remote = by_name.get("default/web-5c8d7-p9r3t").unwrap_or_else(|| panic!("{out}"));
-    assert_eq!((remote["local"].as_bool(), remote["state"].as_str()), (Some(false), Some("remote")), "{remote}");
+    let remote = by_name
+        .get("default/web-5c8d7-p9r3t")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(
+        (remote["local"].as_bool(), remote["state"].as_str()),
+        (Some(false), Some("remote")),
+        "{remote}"
+    );
     // the remote web pod shares the local web pod's identity (same labels)
-    assert_eq!(remote["identity"], by_name["default/web-5c8d7-h7j2m"]["identity"]);
+    assert_eq!(
+        remote["identity"],
+        by_name["default/web-5c8d7-h7j2m"]["identity"]
+    );
 
     // Expected verdicts, by hand and from the offline matrix.
     let named: [(&str, &str, u16, bool); 10] = [
@@ -205,18 +313,40 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
         ("db", "client", 9090, true), // client: no policy
         ("web", "intruder", 5432, true),
     ];
-    let find = |short: &str| PODS.iter().find(|p| p.0.contains(&format!("/{short}"))).unwrap();
+    let find = |short: &str| {
+        PODS.iter()
+            .find(|p| p.0.contains(&format!("/{short}")))
+            .unwrap()
+    };
     let mut matrix: BTreeMap<(String, String, u16), bool> = BTreeMap::new();
     for port in PORTS {
-        let o = netpolctl(&["matrix", "--json", "--port", &port.to_string(), "--config", cfg.to_str().unwrap()]);
+        let o = netpolctl(&[
+            "matrix",
+            "--json",
+            "--port",
+            &port.to_string(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         for f in v["flows"].as_array().unwrap() {
-            matrix.insert((f["from"].as_str().unwrap().into(), f["to"].as_str().unwrap().into(), port), f["verdict"] == "allowed");
+            matrix.insert(
+                (
+                    f["from"].as_str().unwrap().into(),
+                    f["to"].as_str().unwrap().into(),
+                    port,
+                ),
+                f["verdict"] == "allowed",
+            );
         }
     }
     for (s, t, port, allowed) in named {
-        assert_eq!(matrix[&(find(s).0.to_string(), find(t).0.to_string(), port)], allowed, "offline {s} → {t} tcp/{port}");
+        assert_eq!(
+            matrix[&(find(s).0.to_string(), find(t).0.to_string(), port)],
+            allowed,
+            "offline {s} → {t} tcp/{port}"
+        );
     }
     let mut jobs = Vec::new();
     let mut want = Vec::new();
@@ -233,37 +363,92 @@ fn kind_style_node_enforces_imported_registry_with_interface_auto() {
             }
         }
     }
-    let got = netns::probe_checked(&jobs, &want, Duration::from_millis(300), Duration::from_millis(1500), 64);
+    let got = netns::probe_checked(
+        &jobs,
+        &want,
+        Duration::from_millis(300),
+        Duration::from_millis(1500),
+        64,
+    );
     let diffs: Vec<String> = (0..jobs.len())
-        .filter(|&i| !matches!((got[i], want[i]), (Probe::Connected, true) | (Probe::TimedOut, false)))
-        .map(|i| format!("  {}: expected {}, got {:?}", what[i], if want[i] { "connect" } else { "drop" }, got[i]))
+        .filter(|&i| {
+            !matches!(
+                (got[i], want[i]),
+                (Probe::Connected, true) | (Probe::TimedOut, false)
+            )
+        })
+        .map(|i| {
+            format!(
+                "  {}: expected {}, got {:?}",
+                what[i],
+                if want[i] { "connect" } else { "drop" },
+                got[i]
+            )
+        })
         .collect();
-    assert!(diffs.is_empty(), "{} of {} flows differ:\n{}\nlog:\n{}", diffs.len(), jobs.len(), diffs.join("\n"), d.log_text());
-    eprintln!("{} flows on the kind-style node match ({} allowed)", jobs.len(), want.iter().filter(|w| **w).count());
+    assert!(
+        diffs.is_empty(),
+        "{} of {} flows differ:\n{}\nlog:\n{}",
+        diffs.len(),
+        jobs.len(),
+        diffs.join("\n"),
+        d.log_text()
+    );
+    eprintln!(
+        "{} flows on the kind-style node match ({} allowed)",
+        jobs.len(),
+        want.iter().filter(|w| **w).count()
+    );
 
     // The kernel's counters, through the Prometheus endpoint (refreshed once a second).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let fams = loop {
         let text = netns::in_netns(NODE_NS, || prom::scrape("127.0.0.1:9962".parse().unwrap()))
             .unwrap_or_else(|e| panic!("scrape: {e}\nlog:\n{}", d.log_text()));
-        let f = prom::parse_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"));
-        let v = |ep: &str, reason: &str| prom::value(&f, "netpol_verdicts_total", &[("endpoint", ep), ("reason", reason)]).unwrap_or(0.0);
-        if v("shop/intruder-0", "policy-deny") > 0.0 && v("default/web-5c8d7-h7j2m", "default-deny") > 0.0 && v("default/web-5c8d7-h7j2m", "policy") > 0.0 {
+        let f = prom::parse_exposition(&text)
+            .unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"));
+        let v = |ep: &str, reason: &str| {
+            prom::value(
+                &f,
+                "netpol_verdicts_total",
+                &[("endpoint", ep), ("reason", reason)],
+            )
+            .unwrap_or(0.0)
+        };
+        if v("shop/intruder-0", "policy-deny") > 0.0
+            && v("default/web-5c8d7-h7j2m", "default-deny") > 0.0
+            && v("default/web-5c8d7-h7j2m", "policy") > 0.0
+        {
             break f;
         }
-        assert!(std::time::Instant::now() < deadline, "verdict counters never showed the drops:\n{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "verdict counters never showed the drops:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(prom::value(&fams, "netpol_ready", &[]), Some(1.0));
-    assert_eq!(prom::value(&fams, "netpol_endpoints", &[("state", "attached")]), Some(4.0));
-    assert_eq!(prom::value(&fams, "netpol_endpoints", &[("state", "remote")]), Some(1.0));
-    assert_eq!(prom::value(&fams, "netpol_map_entries", &[("map", "endpoints")]), Some(4.0));
+    assert_eq!(
+        prom::value(&fams, "netpol_endpoints", &[("state", "attached")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        prom::value(&fams, "netpol_endpoints", &[("state", "remote")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        prom::value(&fams, "netpol_map_entries", &[("map", "endpoints")]),
+        Some(4.0)
+    );
     // client has no policy: no policy verdict ever denies it (its IPv6 link-local
     // chatter may count as `spoofed`: it has no IPv6 address in the registry)
     let client_denied: f64 = fams["netpol_verdicts_total"]
         .1
         .iter()
-        .filter(|s| s.labels["endpoint"] == "default/client-6b7f9-x2k4q" && ["policy-deny", "default-deny"].contains(&s.labels["reason"].as_str()))
+        .filter(|s| {
+            s.labels["endpoint"] == "default/client-6b7f9-x2k4q"
+                && ["policy-deny", "default-deny"].contains(&s.labels["reason"].as_str())
+        })
         .map(|s| s.value)
         .sum();
     assert_eq!(client_denied, 0.0);

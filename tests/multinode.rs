@@ -42,7 +42,10 @@ use nodegen::{GenEndpoint, Layout, Scenario};
 /// The tests share the node namespace names: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const NODES: [(&str, &str, &str); 2] = [("node-a", "npn-nodeA", "10.206.255.1"), ("node-b", "npn-nodeB", "10.206.255.2")];
+const NODES: [(&str, &str, &str); 2] = [
+    ("node-a", "npn-nodeA", "10.206.255.1"),
+    ("node-b", "npn-nodeB", "10.206.255.2"),
+];
 const LETTER: [char; 2] = ['a', 'b'];
 
 fn address(n: usize, i: usize) -> String {
@@ -87,38 +90,192 @@ impl Cluster {
             net.add(ns);
             // No multicast snooping: IPv6 neighbour solicitations must not wait
             // for MLD reports to reach the bridge.
-            netns::ip(&["-n", ns, "link", "add", "npn-br", "type", "bridge", "mcast_snooping", "0"]);
-            netns::ip(&["-n", ns, "addr", "add", &format!("10.206.{}.1/24", n + 1), "dev", "npn-br"]);
-            netns::ip(&["-n", ns, "addr", "add", &format!("fd01:206::{}:1/112", LETTER[n]), "dev", "npn-br", "nodad"]);
+            netns::ip(&[
+                "-n",
+                ns,
+                "link",
+                "add",
+                "npn-br",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]);
+            netns::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.206.{}.1/24", n + 1),
+                "dev",
+                "npn-br",
+            ]);
+            netns::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("fd01:206::{}:1/112", LETTER[n]),
+                "dev",
+                "npn-br",
+                "nodad",
+            ]);
             netns::ip(&["-n", ns, "link", "set", "npn-br", "up"]);
             netns::netns_exec(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             netns::netns_exec(ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
             let _ = link_addr;
         }
         // The link between the nodes and the routes over it.
-        netns::ip(&["-n", NODES[0].1, "link", "add", "npn-lab", "type", "veth", "peer", "name", "npn-lba", "netns", NODES[1].1]);
-        netns::ip(&["-n", NODES[0].1, "addr", "add", "10.206.255.1/30", "dev", "npn-lab"]);
-        netns::ip(&["-n", NODES[1].1, "addr", "add", "10.206.255.2/30", "dev", "npn-lba"]);
-        netns::ip(&["-n", NODES[0].1, "addr", "add", "fd01:206::ff:1/126", "dev", "npn-lab", "nodad"]);
-        netns::ip(&["-n", NODES[1].1, "addr", "add", "fd01:206::ff:2/126", "dev", "npn-lba", "nodad"]);
+        netns::ip(&[
+            "-n", NODES[0].1, "link", "add", "npn-lab", "type", "veth", "peer", "name", "npn-lba",
+            "netns", NODES[1].1,
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[0].1,
+            "addr",
+            "add",
+            "10.206.255.1/30",
+            "dev",
+            "npn-lab",
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[1].1,
+            "addr",
+            "add",
+            "10.206.255.2/30",
+            "dev",
+            "npn-lba",
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[0].1,
+            "addr",
+            "add",
+            "fd01:206::ff:1/126",
+            "dev",
+            "npn-lab",
+            "nodad",
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[1].1,
+            "addr",
+            "add",
+            "fd01:206::ff:2/126",
+            "dev",
+            "npn-lba",
+            "nodad",
+        ]);
         netns::ip(&["-n", NODES[0].1, "link", "set", "npn-lab", "up"]);
         netns::ip(&["-n", NODES[1].1, "link", "set", "npn-lba", "up"]);
-        netns::ip(&["-n", NODES[0].1, "route", "add", "10.206.2.0/24", "via", "10.206.255.2"]);
-        netns::ip(&["-n", NODES[1].1, "route", "add", "10.206.1.0/24", "via", "10.206.255.1"]);
-        netns::ip(&["-n", NODES[0].1, "-6", "route", "add", "fd01:206::b:0/112", "via", "fd01:206::ff:2"]);
-        netns::ip(&["-n", NODES[1].1, "-6", "route", "add", "fd01:206::a:0/112", "via", "fd01:206::ff:1"]);
+        netns::ip(&[
+            "-n",
+            NODES[0].1,
+            "route",
+            "add",
+            "10.206.2.0/24",
+            "via",
+            "10.206.255.2",
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[1].1,
+            "route",
+            "add",
+            "10.206.1.0/24",
+            "via",
+            "10.206.255.1",
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[0].1,
+            "-6",
+            "route",
+            "add",
+            "fd01:206::b:0/112",
+            "via",
+            "fd01:206::ff:2",
+        ]);
+        netns::ip(&[
+            "-n",
+            NODES[1].1,
+            "-6",
+            "route",
+            "add",
+            "fd01:206::a:0/112",
+            "via",
+            "fd01:206::ff:1",
+        ]);
         // Workloads behind veths on their node's bridge.
         for e in &sc.endpoints {
             let (node_ns, wl) = (NODES[e.node_index].1, workload_ns(e));
             net.add(&wl);
-            netns::ip(&["-n", node_ns, "link", "add", &e.interface, "type", "veth", "peer", "name", "eth0", "netns", &wl]);
-            netns::ip(&["-n", node_ns, "link", "set", &e.interface, "master", "npn-br", "up"]);
-            netns::ip(&["-n", &wl, "addr", "add", &format!("{}/24", e.address), "dev", "eth0"]);
+            netns::ip(&[
+                "-n",
+                node_ns,
+                "link",
+                "add",
+                &e.interface,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &wl,
+            ]);
+            netns::ip(&[
+                "-n",
+                node_ns,
+                "link",
+                "set",
+                &e.interface,
+                "master",
+                "npn-br",
+                "up",
+            ]);
+            netns::ip(&[
+                "-n",
+                &wl,
+                "addr",
+                "add",
+                &format!("{}/24", e.address),
+                "dev",
+                "eth0",
+            ]);
             netns::ip(&["-n", &wl, "link", "set", "eth0", "up"]);
-            netns::ip(&["-n", &wl, "route", "add", "default", "via", &format!("10.206.{}.1", e.node_index + 1)]);
+            netns::ip(&[
+                "-n",
+                &wl,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.206.{}.1", e.node_index + 1),
+            ]);
             if let Some(v6) = &e.address6 {
-                netns::ip(&["-n", &wl, "addr", "add", &format!("{v6}/112"), "dev", "eth0", "nodad"]);
-                netns::ip(&["-n", &wl, "-6", "route", "add", "default", "via", &format!("fd01:206::{}:1", LETTER[e.node_index])]);
+                netns::ip(&[
+                    "-n",
+                    &wl,
+                    "addr",
+                    "add",
+                    &format!("{v6}/112"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+                netns::ip(&[
+                    "-n",
+                    &wl,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("fd01:206::{}:1", LETTER[e.node_index]),
+                ]);
             }
             netns::drain(netns::listen(&wl, &nodegen::PROBE_PORTS));
         }
@@ -128,22 +285,49 @@ impl Cluster {
         let jobs: Vec<(String, IpAddr, u16)> = sc
             .endpoints
             .iter()
-            .flat_map(|s| sc.endpoints.iter().filter(move |d| d.name != s.name).map(move |d| (s, d)))
-            .flat_map(|(s, d)| addresses(d).into_iter().map(move |a| (workload_ns(s), a, 80)))
+            .flat_map(|s| {
+                sc.endpoints
+                    .iter()
+                    .filter(move |d| d.name != s.name)
+                    .map(move |d| (s, d))
+            })
+            .flat_map(|(s, d)| {
+                addresses(d)
+                    .into_iter()
+                    .map(move |a| (workload_ns(s), a, 80))
+            })
             .collect();
         let mut got = netns::probe_all(&jobs, Duration::from_secs(2), 96);
         // A first packet may wait for neighbour discovery on three links: once more.
-        let again: Vec<usize> = (0..jobs.len()).filter(|&i| got[i] != Probe::Connected).collect();
+        let again: Vec<usize> = (0..jobs.len())
+            .filter(|&i| got[i] != Probe::Connected)
+            .collect();
         let retry: Vec<(String, IpAddr, u16)> = again.iter().map(|&i| jobs[i].clone()).collect();
         if !retry.is_empty() {
-            eprintln!("network check: {} of {} first connects were slow, trying again: {:?}", retry.len(), jobs.len(), again.iter().map(|&i| got[i]).collect::<Vec<_>>());
+            eprintln!(
+                "network check: {} of {} first connects were slow, trying again: {:?}",
+                retry.len(),
+                jobs.len(),
+                again.iter().map(|&i| got[i]).collect::<Vec<_>>()
+            );
         }
-        for (k, r) in netns::probe_all(&retry, Duration::from_secs(3), 96).into_iter().enumerate() {
+        for (k, r) in netns::probe_all(&retry, Duration::from_secs(3), 96)
+            .into_iter()
+            .enumerate()
+        {
             got[again[k]] = r;
         }
-        let broken: Vec<String> =
-            jobs.iter().zip(&got).filter(|(_, g)| **g != Probe::Connected).map(|(j, g)| format!("{j:?}: {g:?}")).collect();
-        assert!(broken.is_empty(), "the test network is broken before any policy:\n{}", broken.join("\n"));
+        let broken: Vec<String> = jobs
+            .iter()
+            .zip(&got)
+            .filter(|(_, g)| **g != Probe::Connected)
+            .map(|(j, g)| format!("{j:?}: {g:?}"))
+            .collect();
+        assert!(
+            broken.is_empty(),
+            "the test network is broken before any policy:\n{}",
+            broken.join("\n")
+        );
         // ONE set of files, copied unchanged to both nodes.
         let shared = tmp.path().join("shared");
         nodegen::write(sc, &shared.join("netpol.d"), &shared.join("endpoints.d"));
@@ -175,18 +359,33 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        self.daemons.iter().map(|d| format!("--- {} log:\n{}", d.name, d.log_text())).collect()
+        self.daemons
+            .iter()
+            .map(|d| format!("--- {} log:\n{}", d.name, d.log_text()))
+            .collect()
     }
 }
 
 /// `netpolctl matrix --json` for `port` with node `n`'s config: (from, to) → allowed.
 fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool> {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"))
-        .args(["matrix", "--json", "--port", &port.to_string(), "--proto", "tcp", "--config"])
+        .args([
+            "matrix",
+            "--json",
+            "--port",
+            &port.to_string(),
+            "--proto",
+            "tcp",
+            "--config",
+        ])
         .arg(cfg)
         .output()
         .unwrap();
-    assert!(o.status.success(), "netpolctl matrix: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "netpolctl matrix: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["flows"]
         .as_array()
@@ -194,7 +393,10 @@ fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool> {
         .iter()
         .map(|f| {
             (
-                (f["from"].as_str().unwrap().to_string(), f["to"].as_str().unwrap().to_string()),
+                (
+                    f["from"].as_str().unwrap().to_string(),
+                    f["to"].as_str().unwrap().to_string(),
+                ),
                 f["verdict"] == "allowed",
             )
         })
@@ -203,7 +405,10 @@ fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool> {
 
 /// Every address of a workload: IPv4, and IPv6 when it has one.
 fn addresses(e: &GenEndpoint) -> Vec<IpAddr> {
-    std::iter::once(&e.address).chain(e.address6.as_ref()).map(|a| a.parse().unwrap()).collect()
+    std::iter::once(&e.address)
+        .chain(e.address6.as_ref())
+        .map(|a| a.parse().unwrap())
+        .collect()
 }
 
 fn full_name(e: &GenEndpoint) -> String {
@@ -216,7 +421,10 @@ fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
     for &port in &nodegen::PROBE_PORTS {
         let a = offline_matrix(&c.config(0), port);
         let b = offline_matrix(&c.config(1), port);
-        assert_eq!(a, b, "the offline matrix for tcp/{port} differs between the nodes' configs");
+        assert_eq!(
+            a, b,
+            "the offline matrix for tcp/{port} differs between the nodes' configs"
+        );
         expected.insert(port, a);
     }
     let mut jobs = Vec::new();
@@ -229,17 +437,28 @@ fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
             }
             for &port in &nodegen::PROBE_PORTS {
                 let key = (full_name(s), full_name(d));
-                let allowed = *expected[&port].get(&key).unwrap_or_else(|| panic!("matrix lacks {key:?}"));
+                let allowed = *expected[&port]
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("matrix lacks {key:?}"));
                 for a in addresses(d) {
                     jobs.push((workload_ns(s), a, port));
                     want.push(allowed);
-                    labels.push(format!("{} ({}) → {} ({}) {a} tcp/{port}", key.0, s.node, key.1, d.node));
+                    labels.push(format!(
+                        "{} ({}) → {} ({}) {a} tcp/{port}",
+                        key.0, s.node, key.1, d.node
+                    ));
                 }
             }
         }
     }
     let t0 = Instant::now();
-    let got = netns::probe_checked(&jobs, &want, Duration::from_millis(300), Duration::from_millis(1500), 96);
+    let got = netns::probe_checked(
+        &jobs,
+        &want,
+        Duration::from_millis(300),
+        Duration::from_millis(1500),
+        96,
+    );
     let mut diffs = Vec::new();
     let (mut allowed, mut cross) = (0, 0);
     for i in 0..jobs.len() {
@@ -249,14 +468,33 @@ fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
             Probe::Error => false,
         };
         if !ok {
-            diffs.push(format!("  {}: expected {}, got {:?}", labels[i], if want[i] { "connect" } else { "drop" }, got[i]));
+            diffs.push(format!(
+                "  {}: expected {}, got {:?}",
+                labels[i],
+                if want[i] { "connect" } else { "drop" },
+                got[i]
+            ));
         }
         allowed += usize::from(want[i]);
         cross += usize::from(labels[i].contains("(node-a) →") && labels[i].contains("(node-b) "));
     }
-    eprintln!("{} probes ({allowed} allowed, {cross} a→b) in {:?}", jobs.len(), t0.elapsed());
-    assert!(diffs.is_empty(), "{} of {} flows differ from the offline matrix:\n{}\n{}", diffs.len(), jobs.len(), diffs.join("\n"), c.logs());
-    assert!(allowed > 0 && allowed < jobs.len(), "a scenario with nothing allowed or nothing denied proves little");
+    eprintln!(
+        "{} probes ({allowed} allowed, {cross} a→b) in {:?}",
+        jobs.len(),
+        t0.elapsed()
+    );
+    assert!(
+        diffs.is_empty(),
+        "{} of {} flows differ from the offline matrix:\n{}\n{}",
+        diffs.len(),
+        jobs.len(),
+        diffs.join("\n"),
+        c.logs()
+    );
+    assert!(
+        allowed > 0 && allowed < jobs.len(),
+        "a scenario with nothing allowed or nothing denied proves little"
+    );
     jobs.len()
 }
 
@@ -267,13 +505,27 @@ fn check_endpoint_identities(c: &Cluster, sc: &Scenario) {
     for d in &c.daemons {
         let (code, out) = d.ctl(&["endpoints", "--json"]);
         assert_eq!(code, Some(0), "{}: netpolctl endpoints: {out}", d.name);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        let list = v.as_array().or_else(|| v["endpoints"].as_array()).unwrap_or_else(|| panic!("no endpoint list: {out}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let list = v
+            .as_array()
+            .or_else(|| v["endpoints"].as_array())
+            .unwrap_or_else(|| panic!("no endpoint list: {out}"));
         per_node.push(
             list.iter()
                 .map(|e| {
-                    let name = format!("{}/{}", e["namespace"].as_str().unwrap_or("default"), e["name"].as_str().unwrap());
-                    (name, (e["identity"].as_u64().unwrap(), e["local"].as_bool().unwrap()))
+                    let name = format!(
+                        "{}/{}",
+                        e["namespace"].as_str().unwrap_or("default"),
+                        e["name"].as_str().unwrap()
+                    );
+                    (
+                        name,
+                        (
+                            e["identity"].as_u64().unwrap(),
+                            e["local"].as_bool().unwrap(),
+                        ),
+                    )
                 })
                 .collect(),
         );
@@ -285,15 +537,26 @@ fn check_endpoint_identities(c: &Cluster, sc: &Scenario) {
         let (ia, la) = per_node[0][&n];
         let (ib, lb) = per_node[1][&n];
         assert_eq!(ia, ib, "{n}: identity differs between the nodes");
-        assert_eq!((la, lb), (e.node_index == 0, e.node_index == 1), "{n}: local flags");
+        assert_eq!(
+            (la, lb),
+            (e.node_index == 0, e.node_index == 1),
+            "{n}: local flags"
+        );
         let mut ls = e.labels.clone();
         ls.sort();
         let key = format!("{}:{ls:?}", e.namespace);
         let prev = by_labels.insert(key.clone(), ia);
-        assert!(prev.is_none() || prev == Some(ia), "{key}: two identities for one label set");
+        assert!(
+            prev.is_none() || prev == Some(ia),
+            "{key}: two identities for one label set"
+        );
     }
     let distinct: std::collections::BTreeSet<u64> = by_labels.values().copied().collect();
-    assert_eq!(distinct.len(), by_labels.len(), "different label sets share an identity");
+    assert_eq!(
+        distinct.len(),
+        by_labels.len(),
+        "different label sets share an identity"
+    );
 }
 
 fn run(test: &str, sc: &Scenario) {
@@ -303,7 +566,11 @@ fn run(test: &str, sc: &Scenario) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let c = Cluster::build(sc);
-    eprintln!("{test}: {} endpoints on two nodes ready in {:?}", sc.endpoints.len(), t0.elapsed());
+    eprintln!(
+        "{test}: {} endpoints on two nodes ready in {:?}",
+        sc.endpoints.len(),
+        t0.elapsed()
+    );
     check_endpoint_identities(&c, sc);
     check_against_matrix(&c, sc);
     check_node_peers(&c, sc);
@@ -312,14 +579,26 @@ fn run(test: &str, sc: &Scenario) {
 /// `netpolctl trace` with node `n`'s config: allowed?
 fn offline_trace(cfg: &Path, from: &str, to: &str, port: u16) -> bool {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_netpolctl"))
-        .args(["trace", "--from", from, "--to", to, "--port", &port.to_string(), "--config"])
+        .args([
+            "trace",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port.to_string(),
+            "--config",
+        ])
         .arg(cfg)
         .output()
         .unwrap();
     match o.status.code() {
         Some(0) => true,
         Some(1) => false,
-        _ => panic!("netpolctl trace {from} {to} {port}: {}", String::from_utf8_lossy(&o.stderr)),
+        _ => panic!(
+            "netpolctl trace {from} {to} {port}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
     }
 }
 
@@ -334,7 +613,11 @@ fn check_node_peers(c: &Cluster, sc: &Scenario) {
     let (mut jobs, mut want, mut what) = (Vec::new(), Vec::new(), Vec::new());
     for e in sc.endpoints.iter().filter(|e| e.node_index == 0) {
         for &port in &nodegen::PROBE_PORTS {
-            jobs.push((NODES[1].1.to_string(), e.address.parse::<IpAddr>().unwrap(), port));
+            jobs.push((
+                NODES[1].1.to_string(),
+                e.address.parse::<IpAddr>().unwrap(),
+                port,
+            ));
             want.push(offline_trace(&cfg, node_b, &e.address, port));
             what.push(format!("node-b ({node_b}) → {} tcp/{port}", full_name(e)));
             jobs.push((workload_ns(e), node_b.parse::<IpAddr>().unwrap(), port));
@@ -342,24 +625,59 @@ fn check_node_peers(c: &Cluster, sc: &Scenario) {
             what.push(format!("{} → node-b ({node_b}) tcp/{port}", full_name(e)));
         }
     }
-    let got = netns::probe_checked(&jobs, &want, Duration::from_millis(300), Duration::from_millis(1500), 96);
+    let got = netns::probe_checked(
+        &jobs,
+        &want,
+        Duration::from_millis(300),
+        Duration::from_millis(1500),
+        96,
+    );
     let diffs: Vec<String> = (0..jobs.len())
-        .filter(|&i| !matches!((got[i], want[i]), (Probe::Connected, true) | (Probe::TimedOut, false)))
-        .map(|i| format!("  {}: expected {}, got {:?}", what[i], if want[i] { "connect" } else { "drop" }, got[i]))
+        .filter(|&i| {
+            !matches!(
+                (got[i], want[i]),
+                (Probe::Connected, true) | (Probe::TimedOut, false)
+            )
+        })
+        .map(|i| {
+            format!(
+                "  {}: expected {}, got {:?}",
+                what[i],
+                if want[i] { "connect" } else { "drop" },
+                got[i]
+            )
+        })
         .collect();
-    eprintln!("{} flows between node-a's workloads and node-b's own address ({} allowed)", jobs.len(), want.iter().filter(|w| **w).count());
-    assert!(diffs.is_empty(), "{} of {} flows differ from netpolctl trace:\n{}\n{}", diffs.len(), jobs.len(), diffs.join("\n"), c.logs());
+    eprintln!(
+        "{} flows between node-a's workloads and node-b's own address ({} allowed)",
+        jobs.len(),
+        want.iter().filter(|w| **w).count()
+    );
+    assert!(
+        diffs.is_empty(),
+        "{} of {} flows differ from netpolctl trace:\n{}\n{}",
+        diffs.len(),
+        jobs.len(),
+        diffs.join("\n"),
+        c.logs()
+    );
 }
 
 #[test]
 fn seed_scenario_over_two_nodes_matches_the_offline_matrix() {
     let sc = nodegen::seed_spread(&layout(), Path::new(env!("CARGO_MANIFEST_DIR")));
-    run("seed_scenario_over_two_nodes_matches_the_offline_matrix", &sc);
+    run(
+        "seed_scenario_over_two_nodes_matches_the_offline_matrix",
+        &sc,
+    );
 }
 
 #[test]
 fn generated_scenario_over_two_nodes_matches_the_offline_matrix() {
     let sc = nodegen::generate(20261126, &layout(), 22, 24);
     assert!(sc.endpoints.len() >= 20 && sc.policies.len() >= 20);
-    run("generated_scenario_over_two_nodes_matches_the_offline_matrix", &sc);
+    run(
+        "generated_scenario_over_two_nodes_matches_the_offline_matrix",
+        &sc,
+    );
 }

@@ -99,17 +99,27 @@ fn profile() -> String {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Run, and panic with the output unless it succeeds.
 fn run_ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, text(&out));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        text(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -144,18 +154,33 @@ fn privileged_blocker(extra_tools: &[&str]) -> Option<String> {
         return Some("needs root".to_string());
     }
     let mut tools = BUILD_TOOLS.to_vec();
-    tools.extend(["/lib/systemd/systemd", "unshare", "nsenter", "ip", "tc", "dpkg", "systemctl", "journalctl"]);
+    tools.extend([
+        "/lib/systemd/systemd",
+        "unshare",
+        "nsenter",
+        "ip",
+        "tc",
+        "dpkg",
+        "systemctl",
+        "journalctl",
+    ]);
     tools.extend_from_slice(extra_tools);
     if let Some(reason) = missing_tools(&tools) {
         return Some(reason);
     }
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Some("bpffs is not mounted on /sys/fs/bpf".to_string());
     }
     let status = run(&mut cmd("dpkg-query", &["-W", "-f=${Status}", "netpol"]));
     let by_rpm = have("rpm") && run(&mut cmd("rpm", &["-q", "netpol"])).status.success();
-    if String::from_utf8_lossy(&status.stdout).contains(" installed") || by_rpm || Path::new(PIN_DIR).exists() {
+    if String::from_utf8_lossy(&status.stdout).contains(" installed")
+        || by_rpm
+        || Path::new(PIN_DIR).exists()
+    {
         return Some("netpol is already installed (or /sys/fs/bpf/netpol exists) on this host; not touching it".to_string());
     }
     None
@@ -175,7 +200,11 @@ fn make(target: &str) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("make {target} failed ({}):\n{}", out.status, text(&out)))
+        Err(format!(
+            "make {target} failed ({}):\n{}",
+            out.status,
+            text(&out)
+        ))
     }
 }
 
@@ -188,7 +217,9 @@ fn find_in_dist(pred: impl Fn(&str) -> bool) -> Result<PathBuf, String> {
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pred))
         .collect();
     found.sort();
-    found.pop().ok_or_else(|| format!("no package in {}", dist.display()))
+    found
+        .pop()
+        .ok_or_else(|| format!("no package in {}", dist.display()))
 }
 
 /// The .deb, built once per test binary.
@@ -233,7 +264,9 @@ fn normalize(path: &str) -> String {
 fn debian_only(path: &str) -> bool {
     matches!(
         path,
-        "/usr/share/doc/netpol/changelog" | "/usr/share/doc/netpol/copyright" | "/usr/share/lintian/overrides/netpol"
+        "/usr/share/doc/netpol/changelog"
+            | "/usr/share/doc/netpol/copyright"
+            | "/usr/share/lintian/overrides/netpol"
     )
 }
 
@@ -260,10 +293,16 @@ fn deb_contents(deb: &Path) -> (Vec<String>, Vec<String>) {
 }
 
 fn rpm_contents(rpm: &Path) -> (Vec<String>, Vec<String>) {
-    let listing = run_ok(Command::new("rpm").args(["-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]"]).arg(rpm));
+    let listing = run_ok(
+        Command::new("rpm")
+            .args(["-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]"])
+            .arg(rpm),
+    );
     let (mut files, mut dirs) = (Vec::new(), Vec::new());
     for line in listing.lines() {
-        let Some((mode, path)) = line.split_once(' ') else { continue };
+        let Some((mode, path)) = line.split_once(' ') else {
+            continue;
+        };
         if mode.starts_with('d') {
             dirs.push(normalize(path));
         } else {
@@ -317,10 +356,27 @@ fn rpm_matches_deb() {
     // Same files, same owned configuration directories.
     let (deb_files, deb_dirs) = deb_contents(&deb);
     let (rpm_files, rpm_dirs) = rpm_contents(&rpm);
-    assert_eq!(deb_files, rpm_files, "files of {} vs {}", deb.display(), rpm.display());
-    for dir in ["/etc/netpol", "/etc/netpol.d", "/etc/netpol/endpoints.d", "/usr/share/doc/netpol/examples"] {
-        assert!(deb_dirs.iter().any(|d| d == dir), "the .deb lacks directory {dir}: {deb_dirs:?}");
-        assert!(rpm_dirs.iter().any(|d| d == dir), "the .rpm lacks directory {dir}: {rpm_dirs:?}");
+    assert_eq!(
+        deb_files,
+        rpm_files,
+        "files of {} vs {}",
+        deb.display(),
+        rpm.display()
+    );
+    for dir in [
+        "/etc/netpol",
+        "/etc/netpol.d",
+        "/etc/netpol/endpoints.d",
+        "/usr/share/doc/netpol/examples",
+    ] {
+        assert!(
+            deb_dirs.iter().any(|d| d == dir),
+            "the .deb lacks directory {dir}: {deb_dirs:?}"
+        );
+        assert!(
+            rpm_dirs.iter().any(|d| d == dir),
+            "the .rpm lacks directory {dir}: {rpm_dirs:?}"
+        );
     }
     for must in [
         "/usr/sbin/netpold",
@@ -331,31 +387,58 @@ fn rpm_matches_deb() {
         "/usr/share/man/man8/netpolctl.8",
         "/usr/share/doc/netpol/examples/seed/endpoints.d/seed.yaml",
     ] {
-        assert!(deb_files.iter().any(|f| f == must), "{must} missing from the packages: {deb_files:?}");
+        assert!(
+            deb_files.iter().any(|f| f == must),
+            "{must} missing from the packages: {deb_files:?}"
+        );
     }
 
     // /etc files are conffiles / %config(noreplace).
-    let mut deb_conf: Vec<String> = deb_control_file(&deb, "conffiles").lines().map(str::to_string).collect();
-    let mut rpm_conf: Vec<String> = run_ok(Command::new("rpm").arg("-qpc").arg(&rpm)).lines().map(str::to_string).collect();
+    let mut deb_conf: Vec<String> = deb_control_file(&deb, "conffiles")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut rpm_conf: Vec<String> = run_ok(Command::new("rpm").arg("-qpc").arg(&rpm))
+        .lines()
+        .map(str::to_string)
+        .collect();
     deb_conf.sort();
     rpm_conf.sort();
     assert_eq!(deb_conf, rpm_conf, "conffiles");
     assert_eq!(deb_conf, vec!["/etc/netpol/netpold.toml".to_string()]);
-    let noreplace = run_ok(Command::new("rpm").args(["-qp", "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]"]).arg(&rpm));
+    let noreplace = run_ok(
+        Command::new("rpm")
+            .args(["-qp", "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]"])
+            .arg(&rpm),
+    );
     assert!(
-        noreplace.lines().any(|l| l.ends_with(" /etc/netpol/netpold.toml") && l.contains('c') && l.contains('n')),
+        noreplace
+            .lines()
+            .any(|l| l.ends_with(" /etc/netpol/netpold.toml")
+                && l.contains('c')
+                && l.contains('n')),
         "/etc/netpol/netpold.toml is not %config(noreplace):\n{noreplace}"
     );
 
     // Runtime dependencies: libelf and zlib on both.
     let control = deb_control_file(&deb, "control");
-    let depends = control.lines().find(|l| l.starts_with("Depends:")).unwrap_or_default().to_string();
+    let depends = control
+        .lines()
+        .find(|l| l.starts_with("Depends:"))
+        .unwrap_or_default()
+        .to_string();
     for d in ["libelf1", "zlib1g"] {
-        assert!(depends.contains(d), "the .deb does not depend on {d}: {depends}");
+        assert!(
+            depends.contains(d),
+            "the .deb does not depend on {d}: {depends}"
+        );
     }
     let requires = run_ok(Command::new("rpm").arg("-qpR").arg(&rpm));
     for r in ["elfutils-libelf", "zlib"] {
-        assert!(requires.lines().any(|l| l.trim() == r), "the .rpm does not require {r}:\n{requires}");
+        assert!(
+            requires.lines().any(|l| l.trim() == r),
+            "the .rpm does not require {r}:\n{requires}"
+        );
     }
 
     // Scriptlets: the same life cycle in each format's idiom.
@@ -368,34 +451,71 @@ fn rpm_matches_deb() {
     let postun = rpm_scriptlet(&scripts, "postuninstall");
 
     // Install: the unit is registered with systemd (enabled / preset).
-    assert_contains_any("deb postinst enables", &postinst, &["deb-systemd-helper enable 'netpold.service'"]);
-    assert_contains_any("deb postinst starts", &postinst, &["deb-systemd-invoke $_dh_action 'netpold.service'"]);
+    assert_contains_any(
+        "deb postinst enables",
+        &postinst,
+        &["deb-systemd-helper enable 'netpold.service'"],
+    );
+    assert_contains_any(
+        "deb postinst starts",
+        &postinst,
+        &["deb-systemd-invoke $_dh_action 'netpold.service'"],
+    );
     assert_contains_any(
         "rpm %post registers",
         &post,
-        &["preset netpold.service", "install-system-units netpold.service"],
+        &[
+            "preset netpold.service",
+            "install-system-units netpold.service",
+        ],
     );
     // Removal: stopped.
-    assert_contains_any("deb prerm stops", &prerm, &["deb-systemd-invoke stop 'netpold.service'"]);
+    assert_contains_any(
+        "deb prerm stops",
+        &prerm,
+        &["deb-systemd-invoke stop 'netpold.service'"],
+    );
     assert_contains_any(
         "rpm %preun stops",
         &preun,
-        &["disable --now netpold.service", "remove-system-units netpold.service"],
+        &[
+            "disable --now netpold.service",
+            "remove-system-units netpold.service",
+        ],
     );
     // Upgrade: restarted, not stopped.
-    assert_contains_any("deb postinst restarts on upgrade", &postinst, &["_dh_action=restart"]);
+    assert_contains_any(
+        "deb postinst restarts on upgrade",
+        &postinst,
+        &["_dh_action=restart"],
+    );
     assert_contains_any(
         "rpm %postun restarts on upgrade",
         &postun,
-        &["try-restart netpold.service", "mark-restart-system-units netpold.service"],
+        &[
+            "try-restart netpold.service",
+            "mark-restart-system-units netpold.service",
+        ],
     );
     // Removal: enforcement detached, pins and state removed.
     for (what, script) in [("deb prerm", &prerm), ("rpm %preun", &preun)] {
-        assert_contains_any(&format!("{what} detaches"), script, &["/usr/sbin/netpold --detach"]);
+        assert_contains_any(
+            &format!("{what} detaches"),
+            script,
+            &["/usr/sbin/netpold --detach"],
+        );
     }
     for (what, script) in [("deb postrm", &postrm), ("rpm %postun", &postun)] {
-        assert_contains_any(&format!("{what} removes pins"), script, &["/sys/fs/bpf/netpol"]);
-        assert_contains_any(&format!("{what} removes state"), script, &["/var/lib/netpol"]);
+        assert_contains_any(
+            &format!("{what} removes pins"),
+            script,
+            &["/sys/fs/bpf/netpol"],
+        );
+        assert_contains_any(
+            &format!("{what} removes state"),
+            script,
+            &["/var/lib/netpol"],
+        );
     }
 }
 
@@ -416,7 +536,16 @@ impl Systemd {
         let tests = src_dir().join("tests/packaging");
         let mut unshare = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{NODE}"))
-            .args(["unshare", "--fork", "--pid", "--mount", "--uts", "--mount-proc", "--propagation", "private"])
+            .args([
+                "unshare",
+                "--fork",
+                "--pid",
+                "--mount",
+                "--uts",
+                "--mount-proc",
+                "--propagation",
+                "private",
+            ])
             .arg(tests.join("boot-systemd.sh"))
             .arg(tests.join("units"))
             .stdin(Stdio::null())
@@ -435,12 +564,18 @@ impl Systemd {
         let Some(pid) = pid else {
             let _ = unshare.kill();
             let _ = unshare.wait();
-            panic!("systemd did not start:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "systemd did not start:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
         };
         let sd = Systemd { unshare, pid, log };
         let up = wait_for("systemd to be running", Duration::from_secs(30), || {
             let out = sd.exec(&["systemctl", "is-system-running"]);
-            matches!(String::from_utf8_lossy(&out.stdout).trim(), "running" | "degraded")
+            matches!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                "running" | "degraded"
+            )
         });
         assert!(
             up,
@@ -454,7 +589,10 @@ impl Systemd {
     /// A command inside systemd's namespaces (mount: its /run; PID: its processes).
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg("-t").arg(self.pid.to_string()).args(["-m", "-p", "--"]).args(args);
+        c.arg("-t")
+            .arg(self.pid.to_string())
+            .args(["-m", "-p", "--"])
+            .args(args);
         c.env("DEBIAN_FRONTEND", "noninteractive");
         c.env("SYSTEMD_PAGER", "");
         c
@@ -469,7 +607,9 @@ impl Systemd {
     }
 
     fn is_active(&self, unit: &str) -> String {
-        String::from_utf8_lossy(&self.exec(&["systemctl", "is-active", unit]).stdout).trim().to_string()
+        String::from_utf8_lossy(&self.exec(&["systemctl", "is-active", unit]).stdout)
+            .trim()
+            .to_string()
     }
 
     fn journal(&self) -> String {
@@ -511,24 +651,34 @@ impl Systemd {
     }
 
     fn generation(&self) -> Option<u64> {
-        self.status().and_then(|s| s.get("generation").and_then(|g| g.as_u64()))
+        self.status()
+            .and_then(|s| s.get("generation").and_then(|g| g.as_u64()))
     }
 
     /// Wait until the daemon applies a generation newer than `after`.
     fn wait_generation(&self, after: Option<u64>) {
-        let ok = wait_for("a new generation", Duration::from_secs(20), || match (self.generation(), after) {
-            (Some(g), Some(a)) => g > a,
-            (Some(_), None) => true,
-            _ => false,
+        let ok = wait_for("a new generation", Duration::from_secs(20), || {
+            match (self.generation(), after) {
+                (Some(g), Some(a)) => g > a,
+                (Some(_), None) => true,
+                _ => false,
+            }
         });
-        assert!(ok, "netpold applied no new generation (status: {:?})\n{}", self.status(), self.diagnose());
+        assert!(
+            ok,
+            "netpold applied no new generation (status: {:?})\n{}",
+            self.status(),
+            self.diagnose()
+        );
     }
 }
 
 impl Drop for Systemd {
     fn drop(&mut self) {
         // SIGKILL to a PID namespace's init ends every process in it.
-        let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
         let _ = fs::remove_file(&self.log);
@@ -551,7 +701,14 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        Lab { systemd: None, installed: false, installed_rpm: false, netns: Vec::new(), listeners: Vec::new(), files: Vec::new() }
+        Lab {
+            systemd: None,
+            installed: false,
+            installed_rpm: false,
+            netns: Vec::new(),
+            listeners: Vec::new(),
+            files: Vec::new(),
+        }
     }
 
     fn sd(&self) -> &Systemd {
@@ -575,17 +732,47 @@ impl Lab {
     /// every port of the scenario.
     fn network(&mut self) {
         self.node();
-        run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", BRIDGE, "type", "bridge"]));
+        run_ok(&mut cmd(
+            "ip",
+            &["-n", NODE, "link", "add", BRIDGE, "type", "bridge"],
+        ));
         run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", BRIDGE, "up"]));
         for (ns, _, v4, v6) in WORKLOADS {
             self.add_netns(ns);
-            run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns", ns]));
-            run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", ns, "master", BRIDGE, "up"]));
-            run_ok(&mut cmd("ip", &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]));
-            run_ok(&mut cmd("ip", &["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]));
+            run_ok(&mut cmd(
+                "ip",
+                &[
+                    "-n", NODE, "link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns",
+                    ns,
+                ],
+            ));
+            run_ok(&mut cmd(
+                "ip",
+                &["-n", NODE, "link", "set", ns, "master", BRIDGE, "up"],
+            ));
+            run_ok(&mut cmd(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"],
+            ));
+            run_ok(&mut cmd(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            ));
             run_ok(&mut cmd("ip", &["-n", ns, "link", "set", "eth0", "up"]));
             for port in PORTS {
-                for listen in [format!("TCP4-LISTEN:{port},fork,reuseaddr"), format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=1")] {
+                for listen in [
+                    format!("TCP4-LISTEN:{port},fork,reuseaddr"),
+                    format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=1"),
+                ] {
                     let child = Command::new("ip")
                         .args(["netns", "exec", ns, "socat", &listen, "OPEN:/dev/null"])
                         .stdin(Stdio::null())
@@ -601,8 +788,15 @@ impl Lab {
 
     /// Write a file under /etc (through the guard, which removes it again).
     fn put(&mut self, path: &Path, content: &str) {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        assert!(name.starts_with(FILE_PREFIX), "test files are named {FILE_PREFIX}*: {}", path.display());
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            name.starts_with(FILE_PREFIX),
+            "test files are named {FILE_PREFIX}*: {}",
+            path.display()
+        );
         // Written aside and renamed in, as an editor or package manager does.
         let tmp = path.with_file_name(format!(".{name}.tmp"));
         let mut f = fs::File::create(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
@@ -682,7 +876,10 @@ impl Drop for Lab {
 // ---------------------------------------------------------------- traffic
 
 fn workload(name: &str) -> (&'static str, &'static str, &'static str, &'static str) {
-    *WORKLOADS.iter().find(|w| w.1 == name).unwrap_or_else(|| panic!("no workload {name}"))
+    *WORKLOADS
+        .iter()
+        .find(|w| w.1 == name)
+        .unwrap_or_else(|| panic!("no workload {name}"))
 }
 
 /// Does a TCP connection from workload `from` to `to`:`port` get established?
@@ -722,11 +919,20 @@ fn check_verdicts(sd: &Systemd, when: &str, verdicts: &[(&str, &str, u16, bool)]
             let got = connects(from, to, port, v6, timeout);
             if got != expected {
                 let fam = if v6 { "IPv6" } else { "IPv4" };
-                wrong.push(format!("{from} -> {to}:{port} ({fam}): expected {}, got {}", verdict(expected), verdict(got)));
+                wrong.push(format!(
+                    "{from} -> {to}:{port} ({fam}): expected {}, got {}",
+                    verdict(expected),
+                    verdict(got)
+                ));
             }
         }
     }
-    assert!(wrong.is_empty(), "{when}: wrong verdicts:\n  {}\n{}", wrong.join("\n  "), sd.diagnose());
+    assert!(
+        wrong.is_empty(),
+        "{when}: wrong verdicts:\n  {}\n{}",
+        wrong.join("\n  "),
+        sd.diagnose()
+    );
 }
 
 fn verdict(allowed: bool) -> &'static str {
@@ -751,7 +957,13 @@ fn enforcement_holds_across(sd: &Systemd, what: &str, action: impl FnOnce()) {
                 if connects("database", "backend", 80, false, Duration::from_millis(300)) {
                     leaked += 1;
                 }
-                if !connects("frontend-1", "backend", 80, false, Duration::from_millis(1000)) {
+                if !connects(
+                    "frontend-1",
+                    "backend",
+                    80,
+                    false,
+                    Duration::from_millis(1000),
+                ) {
                     refused += 1;
                 }
             }
@@ -759,24 +971,50 @@ fn enforcement_holds_across(sd: &Systemd, what: &str, action: impl FnOnce()) {
         })
     };
     thread::sleep(Duration::from_millis(500));
-    let main_pid = || sd.exec_ok(&["systemctl", "show", "-p", "MainPID", "--value", "netpold.service"]).trim().to_string();
+    let main_pid = || {
+        sd.exec_ok(&[
+            "systemctl",
+            "show",
+            "-p",
+            "MainPID",
+            "--value",
+            "netpold.service",
+        ])
+        .trim()
+        .to_string()
+    };
     let old_pid = main_pid();
     action();
-    let active = wait_for("netpold to be active again", Duration::from_secs(30), || sd.is_active("netpold.service") == "active");
+    let active = wait_for(
+        "netpold to be active again",
+        Duration::from_secs(30),
+        || sd.is_active("netpold.service") == "active",
+    );
     thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     let (probes, leaked, refused) = prober.join().expect("prober");
-    assert!(active, "netpold.service is not active after {what}\n{}", sd.diagnose());
+    assert!(
+        active,
+        "netpold.service is not active after {what}\n{}",
+        sd.diagnose()
+    );
     assert_ne!(old_pid, main_pid(), "netpold was not restarted by {what}");
     assert!(probes >= 3, "only {probes} probes ran across {what}");
-    assert_eq!(leaked, 0, "database reached backend:80 {leaked} times out of {probes} during {what}");
-    assert_eq!(refused, 0, "frontend-1 could not reach backend:80 {refused} times out of {probes} during {what}");
+    assert_eq!(
+        leaked, 0,
+        "database reached backend:80 {leaked} times out of {probes} during {what}"
+    );
+    assert_eq!(
+        refused, 0,
+        "frontend-1 could not reach backend:80 {refused} times out of {probes} during {what}"
+    );
     check_verdicts(sd, &format!("after {what}"), &SEED_VERDICTS);
 }
 
 /// The shipped seed registry with this test's interfaces and addresses.
 fn seed_registry() -> String {
-    let shipped = fs::read_to_string(src_dir().join("etc/examples/seed/endpoints.d/seed.yaml")).expect("seed registry");
+    let shipped = fs::read_to_string(src_dir().join("etc/examples/seed/endpoints.d/seed.yaml"))
+        .expect("seed registry");
     let mut out = shipped;
     for (from, to) in [
         ("veth-fe1", "npk-fe1"),
@@ -789,7 +1027,10 @@ fn seed_registry() -> String {
         out = out.replace(from, to);
     }
     for (ns, _, v4, _) in WORKLOADS {
-        assert!(out.contains(ns) && out.contains(v4), "seed registry changed shape: {ns} {v4} not found in\n{out}");
+        assert!(
+            out.contains(ns) && out.contains(v4),
+            "seed registry changed shape: {ns} {v4} not found in\n{out}"
+        );
     }
     out
 }
@@ -816,13 +1057,33 @@ fn deb_lifecycle_under_systemd() {
     assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
     let sd = lab.sd();
     assert_eq!(
-        String::from_utf8_lossy(&sd.exec(&["systemctl", "is-enabled", "netpold.service"]).stdout).trim(),
+        String::from_utf8_lossy(
+            &sd.exec(&["systemctl", "is-enabled", "netpold.service"])
+                .stdout
+        )
+        .trim(),
         "enabled"
     );
-    let active = wait_for("netpold to be active", Duration::from_secs(30), || sd.is_active("netpold.service") == "active");
-    assert!(active, "netpold.service is not active after dpkg -i\n{}", sd.diagnose());
-    sd.exec_ok(&["systemd-analyze", "verify", "--man=no", "/lib/systemd/system/netpold.service"]);
-    let security = text(&sd.exec(&["systemd-analyze", "security", "--no-pager", "netpold.service"]));
+    let active = wait_for("netpold to be active", Duration::from_secs(30), || {
+        sd.is_active("netpold.service") == "active"
+    });
+    assert!(
+        active,
+        "netpold.service is not active after dpkg -i\n{}",
+        sd.diagnose()
+    );
+    sd.exec_ok(&[
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        "/lib/systemd/system/netpold.service",
+    ]);
+    let security = text(&sd.exec(&[
+        "systemd-analyze",
+        "security",
+        "--no-pager",
+        "netpold.service",
+    ]));
     let score: f64 = security
         .lines()
         .find_map(|l| l.split("netpold.service: ").nth(1))
@@ -839,12 +1100,20 @@ fn deb_lifecycle_under_systemd() {
     lab.put(&endpoints, &seed_registry());
     let sd = lab.sd();
     sd.wait_generation(g0);
-    check_verdicts(sd, "registry only, no policy", &[("database", "backend", 80, true), ("frontend-1", "database", 5432, true)]);
+    check_verdicts(
+        sd,
+        "registry only, no policy",
+        &[
+            ("database", "backend", 80, true),
+            ("frontend-1", "database", 5432, true),
+        ],
+    );
 
     // ---- the seed policies
     let g1 = sd.generation();
     for p in ["frontend-to-backend.yaml", "frontend-egress-control.yaml"] {
-        let content = fs::read_to_string(src_dir().join("etc/examples/seed/netpol.d").join(p)).expect("seed policy");
+        let content = fs::read_to_string(src_dir().join("etc/examples/seed/netpol.d").join(p))
+            .expect("seed policy");
         lab.put(&policies.join(format!("{FILE_PREFIX}{p}")), &content);
     }
     let sd = lab.sd();
@@ -861,18 +1130,32 @@ fn deb_lifecycle_under_systemd() {
     );
     let sd = lab.sd();
     let reload = sd.exec(&["systemctl", "reload", "netpold.service"]);
-    assert!(!reload.status.success(), "systemctl reload succeeded with a broken file:\n{}", text(&reload));
+    assert!(
+        !reload.status.success(),
+        "systemctl reload succeeded with a broken file:\n{}",
+        text(&reload)
+    );
     let journal = sd.journal();
     assert!(
         journal.contains("npk-broken.yaml") && journal.contains("99999"),
         "the journal does not say why the reload failed:\n{journal}"
     );
-    assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
+    assert_eq!(
+        sd.is_active("netpold.service"),
+        "active",
+        "{}",
+        sd.diagnose()
+    );
     check_verdicts(sd, "after the failed reload", &SEED_VERDICTS);
     lab.remove(&broken);
     let sd = lab.sd();
     let reload = sd.exec(&["systemctl", "reload", "netpold.service"]);
-    assert!(reload.status.success(), "systemctl reload failed with valid files:\n{}\n{}", text(&reload), sd.diagnose());
+    assert!(
+        reload.status.success(),
+        "systemctl reload failed with valid files:\n{}\n{}",
+        text(&reload),
+        sd.diagnose()
+    );
     check_verdicts(sd, "after a good reload", &SEED_VERDICTS);
 
     // ---- a restart keeps enforcement throughout
@@ -884,13 +1167,25 @@ fn deb_lifecycle_under_systemd() {
     // configure with the old version, which restarts the daemon)
     enforcement_holds_across(sd, "an upgrade with dpkg -i", || {
         let out = sd.dpkg(&["-i", &deb_path]);
-        assert!(out.status.success(), "dpkg -i (upgrade) failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "dpkg -i (upgrade) failed:\n{}",
+            text(&out)
+        );
     });
 
     // ---- the journal has the daemon's own lines (not only systemd's)
-    let own = sd.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "_SYSTEMD_UNIT=netpold.service", "_COMM=netpold"]);
+    let own = sd.exec_ok(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "cat",
+        "_SYSTEMD_UNIT=netpold.service",
+        "_COMM=netpold",
+    ]);
     assert!(
-        own.lines().any(|l| !l.trim().is_empty() && !l.starts_with("-- ")),
+        own.lines()
+            .any(|l| !l.trim().is_empty() && !l.starts_with("-- ")),
         "no lines from netpold itself in the journal:\n{}",
         sd.journal()
     );
@@ -900,29 +1195,58 @@ fn deb_lifecycle_under_systemd() {
     assert!(out.status.success(), "dpkg -P failed:\n{}", text(&out));
     let sd = lab.sd();
     let state = sd.is_active("netpold.service");
-    assert!(state == "inactive" || state == "unknown" || state == "failed", "netpold.service is {state} after purge");
+    assert!(
+        state == "inactive" || state == "unknown" || state == "failed",
+        "netpold.service is {state} after purge"
+    );
     let procs = text(&sd.exec(&["ps", "-e", "-o", "comm="]));
-    assert!(!procs.lines().any(|l| l.trim() == "netpold"), "netpold still runs after purge:\n{procs}");
-    assert!(!Path::new(PIN_DIR).exists(), "{PIN_DIR} is left after purge");
-    for path in ["/etc/netpol", "/etc/netpol.d", "/var/lib/netpol", "/usr/sbin/netpold", "/lib/systemd/system/netpold.service"] {
+    assert!(
+        !procs.lines().any(|l| l.trim() == "netpold"),
+        "netpold still runs after purge:\n{procs}"
+    );
+    assert!(
+        !Path::new(PIN_DIR).exists(),
+        "{PIN_DIR} is left after purge"
+    );
+    for path in [
+        "/etc/netpol",
+        "/etc/netpol.d",
+        "/var/lib/netpol",
+        "/usr/sbin/netpold",
+        "/lib/systemd/system/netpold.service",
+    ] {
         assert!(!Path::new(path).exists(), "{path} is left after purge");
     }
     assert!(
-        fs::symlink_metadata("/etc/systemd/system/multi-user.target.wants/netpold.service").is_err(),
+        fs::symlink_metadata("/etc/systemd/system/multi-user.target.wants/netpold.service")
+            .is_err(),
         "the enable symlink is left after purge"
     );
     for (ns, ..) in WORKLOADS {
         let qdisc = run_ok(&mut cmd("tc", &["-n", NODE, "qdisc", "show", "dev", ns]));
-        assert!(!qdisc.contains("clsact"), "{ns} keeps a clsact qdisc after purge:\n{qdisc}");
+        assert!(
+            !qdisc.contains("clsact"),
+            "{ns} keeps a clsact qdisc after purge:\n{qdisc}"
+        );
         if have("bpftool") {
-            let net = run_ok(&mut cmd("ip", &["netns", "exec", NODE, "bpftool", "net", "show", "dev", ns]));
-            assert!(!net.contains("tcx/") && !net.contains("clsact/"), "{ns} keeps BPF programs after purge:\n{net}");
+            let net = run_ok(&mut cmd(
+                "ip",
+                &["netns", "exec", NODE, "bpftool", "net", "show", "dev", ns],
+            ));
+            assert!(
+                !net.contains("tcx/") && !net.contains("clsact/"),
+                "{ns} keeps BPF programs after purge:\n{net}"
+            );
         }
     }
     check_verdicts(
         sd,
         "after purge (nothing enforced)",
-        &[("database", "backend", 80, true), ("frontend-1", "database", 5432, true), ("frontend-1", "backend", 81, true)],
+        &[
+            ("database", "backend", 80, true),
+            ("frontend-1", "database", 5432, true),
+            ("frontend-1", "backend", 81, true),
+        ],
     );
 }
 
@@ -944,7 +1268,16 @@ fn unit_sandbox_allows_bpf() {
     let obj = std::env::temp_dir().join(format!("npk-bpf-probe-{}.o", std::process::id()));
     run_ok(
         Command::new("clang")
-            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c"])
+            .args([
+                "-O2",
+                "-g",
+                "-Wall",
+                "-Werror",
+                "-target",
+                "bpf",
+                "-I/usr/include/x86_64-linux-gnu",
+                "-c",
+            ])
             .arg(tests.join("bpf-probe.bpf.c"))
             .arg("-o")
             .arg(&obj),
@@ -953,8 +1286,16 @@ fn unit_sandbox_allows_bpf() {
     let deb = deb();
     let mut lab = Lab::new();
     lab.node();
-    run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", "npk-pb0", "type", "veth", "peer", "name", "npk-pb1"]));
-    run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", "npk-pb0", "up"]));
+    run_ok(&mut cmd(
+        "ip",
+        &[
+            "-n", NODE, "link", "add", "npk-pb0", "type", "veth", "peer", "name", "npk-pb1",
+        ],
+    ));
+    run_ok(&mut cmd(
+        "ip",
+        &["-n", NODE, "link", "set", "npk-pb0", "up"],
+    ));
     lab.systemd = Some(Systemd::boot());
     lab.installed = true;
     let deb_path = deb.to_string_lossy().into_owned();
@@ -978,7 +1319,14 @@ fn unit_sandbox_allows_bpf() {
     sd.exec_ok(&["systemctl", "daemon-reload"]);
     let start = sd.exec(&["systemctl", "start", "netpold.service"]);
     // A fresh systemd: the unit's journal holds only this test's runs.
-    let log = text(&sd.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", "netpold.service"]));
+    let log = text(&sd.exec(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "cat",
+        "-u",
+        "netpold.service",
+    ]));
     assert!(
         start.status.success() && log.lines().any(|l| l.trim() == "probe: ok"),
         "BPF does not work inside netpold.service's sandbox:\n{}\n{log}\n{}",
@@ -1003,7 +1351,12 @@ fn rpm_lifecycle_under_systemd() {
     let rpm = rpm();
     let mut lab = Lab::new();
     lab.node();
-    run_ok(&mut cmd("ip", &["-n", NODE, "link", "add", "npk-r0", "type", "veth", "peer", "name", "npk-r1"]));
+    run_ok(&mut cmd(
+        "ip",
+        &[
+            "-n", NODE, "link", "add", "npk-r0", "type", "veth", "peer", "name", "npk-r1",
+        ],
+    ));
     run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", "npk-r0", "up"]));
     lab.systemd = Some(Systemd::boot());
     lab.installed_rpm = true;
@@ -1012,13 +1365,23 @@ fn rpm_lifecycle_under_systemd() {
     let sd = lab.sd();
     let out = sd.exec(&["rpm", "-i", "--nodeps", &rpm_path]);
     assert!(out.status.success(), "rpm -i failed:\n{}", text(&out));
-    let enabled = String::from_utf8_lossy(&sd.exec(&["systemctl", "is-enabled", "netpold.service"]).stdout).trim().to_string();
+    let enabled = String::from_utf8_lossy(
+        &sd.exec(&["systemctl", "is-enabled", "netpold.service"])
+            .stdout,
+    )
+    .trim()
+    .to_string();
     assert!(
         enabled == "enabled" || enabled == "disabled",
         "%post did not hand the unit to systemd's presets (is-enabled: {enabled:?})"
     );
     sd.exec_ok(&["systemctl", "start", "netpold.service"]);
-    assert_eq!(sd.is_active("netpold.service"), "active", "{}", sd.diagnose());
+    assert_eq!(
+        sd.is_active("netpold.service"),
+        "active",
+        "{}",
+        sd.diagnose()
+    );
 
     // One endpoint on npk-r0 under a default-deny policy: something to detach.
     let g = sd.generation();
@@ -1033,21 +1396,46 @@ fn rpm_lifecycle_under_systemd() {
     let sd = lab.sd();
     sd.wait_generation(g);
     let endpoints = text(&sd.exec(&["netpolctl", "endpoints"]));
-    assert!(endpoints.contains("npk-r0") && endpoints.contains("attached"), "npk-r0 is not enforced:\n{endpoints}\n{}", sd.diagnose());
-    assert!(Path::new(PIN_DIR).exists(), "no pins under {PIN_DIR} while enforcing");
+    assert!(
+        endpoints.contains("npk-r0") && endpoints.contains("attached"),
+        "npk-r0 is not enforced:\n{endpoints}\n{}",
+        sd.diagnose()
+    );
+    assert!(
+        Path::new(PIN_DIR).exists(),
+        "no pins under {PIN_DIR} while enforcing"
+    );
 
     let out = lab.rpm_erase();
     assert!(out.status.success(), "rpm -e failed:\n{}", text(&out));
     let sd = lab.sd();
     let state = sd.is_active("netpold.service");
-    assert!(state == "inactive" || state == "unknown" || state == "failed", "netpold.service is {state} after rpm -e");
+    assert!(
+        state == "inactive" || state == "unknown" || state == "failed",
+        "netpold.service is {state} after rpm -e"
+    );
     let procs = text(&sd.exec(&["ps", "-e", "-o", "comm="]));
-    assert!(!procs.lines().any(|l| l.trim() == "netpold"), "netpold still runs after rpm -e:\n{procs}");
-    for path in [PIN_DIR, "/var/lib/netpol", "/usr/sbin/netpold", "/usr/lib/systemd/system/netpold.service", "/etc/netpol/netpold.toml"] {
+    assert!(
+        !procs.lines().any(|l| l.trim() == "netpold"),
+        "netpold still runs after rpm -e:\n{procs}"
+    );
+    for path in [
+        PIN_DIR,
+        "/var/lib/netpol",
+        "/usr/sbin/netpold",
+        "/usr/lib/systemd/system/netpold.service",
+        "/etc/netpol/netpold.toml",
+    ] {
         assert!(!Path::new(path).exists(), "{path} is left after rpm -e");
     }
-    let qdisc = run_ok(&mut cmd("tc", &["-n", NODE, "qdisc", "show", "dev", "npk-r0"]));
-    assert!(!qdisc.contains("clsact"), "npk-r0 keeps a clsact qdisc after rpm -e:\n{qdisc}");
+    let qdisc = run_ok(&mut cmd(
+        "tc",
+        &["-n", NODE, "qdisc", "show", "dev", "npk-r0"],
+    ));
+    assert!(
+        !qdisc.contains("clsact"),
+        "npk-r0 keeps a clsact qdisc after rpm -e:\n{qdisc}"
+    );
     for dir in ["/etc/netpol/endpoints.d", "/etc/netpol", "/etc/netpol.d"] {
         let _ = fs::remove_dir(dir);
     }
@@ -1061,7 +1449,10 @@ fn help_options(help: &str) -> Vec<String> {
         .lines()
         .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == ',' || c == '['))
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string())
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        })
         .filter(|w| w != "--help" && w != "--version")
         .collect();
     out.sort();
@@ -1075,7 +1466,10 @@ fn man_options(page: &str) -> Vec<String> {
         .split("\\-\\-")
         .skip(1)
         .map(|rest| {
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '\\' || *c == '-').collect();
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '\\' || *c == '-')
+                .collect();
             format!("--{}", name.replace("\\-", "-"))
         })
         .filter(|o| o != "--help" && o != "--version" && o.len() > 2)
@@ -1116,7 +1510,10 @@ fn man_pages_match_the_cli() {
         .collect();
     documented.sort();
     documented.dedup();
-    assert_eq!(commands, documented, "netpolctl's commands vs the SYNOPSIS of man/netpolctl.8");
+    assert_eq!(
+        commands, documented,
+        "netpolctl's commands vs the SYNOPSIS of man/netpolctl.8"
+    );
 
     // Options of every command (registry: of its subcommands).
     let mut options = Vec::new();
@@ -1139,7 +1536,11 @@ fn man_pages_match_the_cli() {
     }
     options.sort();
     options.dedup();
-    assert_eq!(options, man_options(&ctl_page), "netpolctl's options vs man/netpolctl.8");
+    assert_eq!(
+        options,
+        man_options(&ctl_page),
+        "netpolctl's options vs man/netpolctl.8"
+    );
     assert_eq!(
         help_options(&help_of(daemon, &[])),
         man_options(&daemon_page),

@@ -78,7 +78,10 @@ spec:
 ";
 
 fn soak_secs() -> u64 {
-    if let Some(s) = std::env::var("NETPOL_SOAK_SECS").ok().and_then(|s| s.parse().ok()) {
+    if let Some(s) = std::env::var("NETPOL_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return s;
     }
     if std::env::var("CI").as_deref() == Ok("true") {
@@ -93,7 +96,10 @@ fn selector(rng: &mut Rng, indent: &str) -> String {
     if rng.chance(70) {
         format!("{indent}matchLabels:\n{indent}  app: {}\n", rng.pick(&APPS))
     } else {
-        format!("{indent}matchLabels:\n{indent}  tier: {}\n", rng.pick(&TIERS))
+        format!(
+            "{indent}matchLabels:\n{indent}  tier: {}\n",
+            rng.pick(&TIERS)
+        )
     }
 }
 
@@ -117,7 +123,10 @@ fn ports(rng: &mut Rng, allowed: &[u16], indent: &str) -> String {
         }
     }
     for p in chosen {
-        let _ = write!(s, "{indent}      - port: \"{p}\"\n{indent}        protocol: TCP\n");
+        let _ = write!(
+            s,
+            "{indent}      - port: \"{p}\"\n{indent}        protocol: TCP\n"
+        );
     }
     s
 }
@@ -128,23 +137,41 @@ fn random_policy(rng: &mut Rng, name: &str) -> String {
     let mut y = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  endpointSelector:\n");
     y.push_str(&selector(rng, "    "));
     let ingress = rng.chance(60);
-    let (section, peers, cidr) = if ingress { ("ingress", "fromEndpoints", "fromCIDR") } else { ("egress", "toEndpoints", "toCIDR") };
+    let (section, peers, cidr) = if ingress {
+        ("ingress", "fromEndpoints", "fromCIDR")
+    } else {
+        ("egress", "toEndpoints", "toCIDR")
+    };
     let _ = writeln!(y, "  {section}:");
     for _ in 0..1 + rng.below(2) {
         if rng.chance(15) {
-            let _ = writeln!(y, "    - {cidr}:\n        - 10.209.1.{}/32", rng.pick(&[11u8, 21, 31, 41, 1]));
+            let _ = writeln!(
+                y,
+                "    - {cidr}:\n        - 10.209.1.{}/32",
+                rng.pick(&[11u8, 21, 31, 41, 1])
+            );
         } else {
             let (k, v) = label(rng);
-            let _ = writeln!(y, "    - {peers}:\n        - matchLabels:\n            {k}: {v}");
+            let _ = writeln!(
+                y,
+                "    - {peers}:\n        - matchLabels:\n            {k}: {v}"
+            );
         }
         if rng.chance(75) {
             y.push_str(&ports(rng, &PORTS, "      "));
         }
     }
     if rng.chance(25) {
-        let (deny, dpeers) = if ingress { ("ingressDeny", "fromEndpoints") } else { ("egressDeny", "toEndpoints") };
+        let (deny, dpeers) = if ingress {
+            ("ingressDeny", "fromEndpoints")
+        } else {
+            ("egressDeny", "toEndpoints")
+        };
         let (k, v) = label(rng);
-        let _ = writeln!(y, "  {deny}:\n    - {dpeers}:\n        - matchLabels:\n            {k}: {v}");
+        let _ = writeln!(
+            y,
+            "  {deny}:\n    - {dpeers}:\n        - matchLabels:\n            {k}: {v}"
+        );
         y.push_str(&ports(rng, &[5432, 8080], "      "));
     }
     y
@@ -153,7 +180,15 @@ fn random_policy(rng: &mut Rng, name: &str) -> String {
 /// The registry: the four workloads (random tier labels), 0-4 remote endpoints,
 /// and the marker endpoint whose address tells which write the daemon applied.
 fn registry(lab: &Lab, rng: &mut Rng, marker: u32) -> String {
-    let tiers: Vec<Option<&str>> = (0..4).map(|_| if rng.chance(60) { Some(*rng.pick(&TIERS)) } else { None }).collect();
+    let tiers: Vec<Option<&str>> = (0..4)
+        .map(|_| {
+            if rng.chance(60) {
+                Some(*rng.pick(&TIERS))
+            } else {
+                None
+            }
+        })
+        .collect();
     let mut more = String::new();
     for i in 0..rng.below(5) {
         let _ = write!(
@@ -173,7 +208,9 @@ fn registry(lab: &Lab, rng: &mut Rng, marker: u32) -> String {
     lab.registry_yaml(
         &|w| {
             let k = names.iter().position(|n| *n == w.name).unwrap();
-            tiers[k].map(|t| format!("    tier: {t}\n")).unwrap_or_default()
+            tiers[k]
+                .map(|t| format!("    tier: {t}\n"))
+                .unwrap_or_default()
         },
         &more,
     )
@@ -189,16 +226,26 @@ fn churn_soak() {
         return;
     }
     let secs = soak_secs();
-    let seed = std::env::var("NETPOL_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 & 0xffff_ffff
-    });
+    let seed = std::env::var("NETPOL_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                & 0xffff_ffff
+        });
     eprintln!("churn soak: {secs} s, seed {seed} (NETPOL_SOAK_SEED={seed} to replay)");
     let mut rng = Rng::new(seed);
     let mut lab = Lab::new("soak", &WORKLOADS);
     lab.write_config("[events]\nallow_sample_rate = 0\n");
     lab.write_policy("always.yaml", ALWAYS);
     let mut marker = 1u32;
-    lab::write_atomic(&lab.path("endpoints.d/lab.yaml"), &registry(&lab, &mut rng, marker));
+    lab::write_atomic(
+        &lab.path("endpoints.d/lab.yaml"),
+        &registry(&lab, &mut rng, marker),
+    );
     lab.start_daemon();
 
     // Continuous traffic on the always-allowed flow.
@@ -216,7 +263,9 @@ fn churn_soak() {
                 match std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
-                        first_failure.get_or_insert_with(|| format!("{:?}: {e}", std::time::SystemTime::now()));
+                        first_failure.get_or_insert_with(|| {
+                            format!("{:?}: {e}", std::time::SystemTime::now())
+                        });
                         failed.fetch_add(1, Ordering::Relaxed)
                     }
                 };
@@ -249,7 +298,10 @@ fn churn_soak() {
             }
             _ => {
                 marker += 1;
-                lab::write_atomic(&lab.path("endpoints.d/lab.yaml"), &registry(&lab, &mut rng, marker));
+                lab::write_atomic(
+                    &lab.path("endpoints.d/lab.yaml"),
+                    &registry(&lab, &mut rng, marker),
+                );
             }
         }
         changes += 1;
@@ -260,12 +312,21 @@ fn churn_soak() {
             // Pause, mark the registry, wait for the daemon to apply exactly these files.
             marker += 1;
             changes += 1;
-            lab::write_atomic(&lab.path("endpoints.d/lab.yaml"), &registry(&lab, &mut rng, marker));
+            lab::write_atomic(
+                &lab.path("endpoints.d/lab.yaml"),
+                &registry(&lab, &mut rng, marker),
+            );
             let t = Instant::now();
-            let want = marker_addr(marker).parse::<std::net::IpAddr>().unwrap().to_string();
+            let want = marker_addr(marker)
+                .parse::<std::net::IpAddr>()
+                .unwrap()
+                .to_string();
             let deadline = t + Duration::from_secs(20);
             loop {
-                let applied = lab.endpoints().iter().any(|e| e.name == "marker" && e.addresses.contains(&want));
+                let applied = lab
+                    .endpoints()
+                    .iter()
+                    .any(|e| e.name == "marker" && e.addresses.contains(&want));
                 if applied {
                     break;
                 }
@@ -274,10 +335,17 @@ fn churn_soak() {
                         panic!("seed {seed}: the generator wrote invalid files: {s:?}");
                     }
                     if let Some(e) = &s.datapath_error {
-                        panic!("seed {seed}: the datapath refused a generated state: {e}\n{}", lab.log_tail(40));
+                        panic!(
+                            "seed {seed}: the datapath refused a generated state: {e}\n{}",
+                            lab.log_tail(40)
+                        );
                     }
                 }
-                assert!(Instant::now() < deadline, "seed {seed}: marker {want} never applied\n{}", lab.log_tail(40));
+                assert!(
+                    Instant::now() < deadline,
+                    "seed {seed}: marker {want} never applied\n{}",
+                    lab.log_tail(40)
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             // Quiet: the generation stays put for 300 ms.
@@ -305,7 +373,12 @@ fn churn_soak() {
                     .map(|&(a, b, port)| {
                         s.spawn(move || {
                             let (src, dst) = (&lab_ref.workloads[a], &lab_ref.workloads[b]);
-                            let tcp = lab_ref.connects_within(&src.short, &dst.short, port, Duration::from_millis(800));
+                            let tcp = lab_ref.connects_within(
+                                &src.short,
+                                &dst.short,
+                                port,
+                                Duration::from_millis(800),
+                            );
                             let (code, out) = lab_ref.netpolctl(&[
                                 "trace",
                                 "--from",
@@ -315,8 +388,15 @@ fn churn_soak() {
                                 "--port",
                                 &port.to_string(),
                             ]);
-                            assert!(code == 0 || code == 1, "netpolctl trace failed ({code}): {out}");
-                            (format!("{} -> {}:{port}", src.name, dst.name), tcp, code == 0)
+                            assert!(
+                                code == 0 || code == 1,
+                                "netpolctl trace failed ({code}): {out}"
+                            );
+                            (
+                                format!("{} -> {}:{port}", src.name, dst.name),
+                                tcp,
+                                code == 0,
+                            )
                         })
                     })
                     .collect();
@@ -327,9 +407,18 @@ fn churn_soak() {
                 if tcp != trace {
                     let mut files = String::new();
                     for e in std::fs::read_dir(lab.path("netpol.d")).unwrap().flatten() {
-                        let _ = write!(files, "--- {}\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default());
+                        let _ = write!(
+                            files,
+                            "--- {}\n{}\n",
+                            e.path().display(),
+                            std::fs::read_to_string(e.path()).unwrap_or_default()
+                        );
                     }
-                    mismatches.push(format!("{what}: tcp {} but trace says {}\n{files}", if tcp { "connects" } else { "refused" }, if trace { "allowed" } else { "denied" }));
+                    mismatches.push(format!(
+                        "{what}: tcp {} but trace says {}\n{files}",
+                        if tcp { "connects" } else { "refused" },
+                        if trace { "allowed" } else { "denied" }
+                    ));
                 }
             }
             next_probe = Instant::now() + Duration::from_secs(2);
@@ -353,11 +442,26 @@ fn churn_soak() {
         ok.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed)
     );
-    assert!(mismatches.is_empty(), "seed {seed}: kernel and netpolctl trace disagree:\n{}", mismatches.join("\n"));
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "seed {seed}: the always-allowed flow failed (first: {first_failure:?})\n{}", lab.log_tail(40));
+    assert!(
+        mismatches.is_empty(),
+        "seed {seed}: kernel and netpolctl trace disagree:\n{}",
+        mismatches.join("\n")
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "seed {seed}: the always-allowed flow failed (first: {first_failure:?})\n{}",
+        lab.log_tail(40)
+    );
     assert!(ok.load(Ordering::Relaxed) > 0);
     assert!(probes > 0);
-    assert!(rss1 * 100 <= rss0 * 120 || rss1 <= rss0 + 2048, "seed {seed}: RSS grew: {rss0} -> {rss1} KiB");
-    assert!(fds1 * 100 <= fds0 * 120, "seed {seed}: open fds grew: {fds0} -> {fds1}");
+    assert!(
+        rss1 * 100 <= rss0 * 120 || rss1 <= rss0 + 2048,
+        "seed {seed}: RSS grew: {rss0} -> {rss1} KiB"
+    );
+    assert!(
+        fds1 * 100 <= fds0 * 120,
+        "seed {seed}: open fds grew: {fds0} -> {fds1}"
+    );
     assert!(lab.exited().is_none(), "netpold exited");
 }

@@ -23,7 +23,11 @@ pub struct DeError {
 
 impl DeError {
     fn new(message: impl Into<String>) -> Self {
-        DeError { message: message.into(), pos: None, path: None }
+        DeError {
+            message: message.into(),
+            pos: None,
+            path: None,
+        }
     }
     /// Attach a position and path unless a deeper node already did.
     fn at(mut self, pos: Pos, path: &str) -> Self {
@@ -66,7 +70,10 @@ pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
         return Some(c);
     }
     if lw.len() >= 4 {
-        if let Some(c) = candidates.iter().find(|c| c.to_ascii_lowercase().starts_with(&lw)) {
+        if let Some(c) = candidates
+            .iter()
+            .find(|c| c.to_ascii_lowercase().starts_with(&lw))
+        {
             return Some(c);
         }
     }
@@ -82,7 +89,7 @@ impl de::Error for DeError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
         DeError::new(msg.to_string())
     }
-    fn invalid_type(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
+    fn invalid_type(unexp: de::Unexpected<'_>, exp: &dyn de::Expected) -> Self {
         DeError::new(format!("expected {exp}, found {unexp}"))
     }
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
@@ -139,7 +146,9 @@ fn resolve(text: &str) -> Plain {
         }
     }
     let looks_float = digits.bytes().any(|b| b.is_ascii_digit())
-        && digits.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
         && text.parse::<f64>().is_ok();
     if looks_float {
         Plain::Float
@@ -150,7 +159,10 @@ fn resolve(text: &str) -> Plain {
 
 /// Deserialize `T` from `node`, whose field path is `path`.
 pub fn from_node<'de, T: Deserialize<'de>>(node: &'de Node, path: &str) -> Result<T, DeError> {
-    T::deserialize(NodeDe { node, path: path.to_string() })
+    T::deserialize(NodeDe {
+        node,
+        path: path.to_string(),
+    })
 }
 
 pub struct NodeDe<'a> {
@@ -160,7 +172,11 @@ pub struct NodeDe<'a> {
 
 impl<'a> NodeDe<'a> {
     fn err(&self, expected: &str) -> DeError {
-        DeError::new(format!("expected {expected}, found {}", describe(self.node))).at(self.node.pos, &self.path)
+        DeError::new(format!(
+            "expected {expected}, found {}",
+            describe(self.node)
+        ))
+        .at(self.node.pos, &self.path)
     }
 }
 
@@ -223,7 +239,9 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
             Value::Scalar { text, plain: true } => match resolve(text) {
-                Plain::Bool(b) => visitor.visit_bool(b).map_err(|e: DeError| e.at(self.node.pos, &self.path)),
+                Plain::Bool(b) => visitor
+                    .visit_bool(b)
+                    .map_err(|e: DeError| e.at(self.node.pos, &self.path)),
                 _ => Err(self.err("true or false")),
             },
             _ => Err(self.err("true or false")),
@@ -252,7 +270,9 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
-            Value::Scalar { text, .. } => visitor.visit_str(text).map_err(|e: DeError| e.at(self.node.pos, &self.path)),
+            Value::Scalar { text, .. } => visitor
+                .visit_str(text)
+                .map_err(|e: DeError| e.at(self.node.pos, &self.path)),
             _ => Err(self.err("a string")),
         }
     }
@@ -279,35 +299,61 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
             _ => Err(self.err("nothing (null)")),
         }
     }
-    fn deserialize_unit_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
         self.deserialize_unit(visitor)
     }
-    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
         visitor.visit_newtype_struct(self)
     }
 
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
             Value::Seq(items) => {
-                let access = Seq { items: items.iter().enumerate(), path: &self.path };
+                let access = Seq {
+                    items: items.iter().enumerate(),
+                    path: &self.path,
+                };
                 let r = visitor.visit_seq(access);
                 r.map_err(|e: DeError| e.at(self.node.pos, &self.path))
             }
             _ => Err(self.err("a list")),
         }
     }
-    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, DeError> {
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
         self.deserialize_seq(visitor)
     }
-    fn deserialize_tuple_struct<V: Visitor<'de>>(self, _n: &'static str, _l: usize, visitor: V) -> Result<V::Value, DeError> {
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _n: &'static str,
+        _l: usize,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
         self.deserialize_seq(visitor)
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
             Value::Map(entries) => {
-                let access = Map { entries: entries.iter(), path: &self.path, value: None };
-                visitor.visit_map(access).map_err(|e: DeError| e.at(self.node.pos, &self.path))
+                let access = Map {
+                    entries: entries.iter(),
+                    path: &self.path,
+                    value: None,
+                };
+                visitor
+                    .visit_map(access)
+                    .map_err(|e: DeError| e.at(self.node.pos, &self.path))
             }
             _ => Err(self.err("a mapping")),
         }
@@ -330,7 +376,9 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
         match &self.node.value {
             Value::Scalar { text, .. } => {
                 let d: de::value::StrDeserializer<'_, DeError> = text.as_str().into_deserializer();
-                visitor.visit_enum(d).map_err(|e: DeError| e.at(self.node.pos, &self.path))
+                visitor
+                    .visit_enum(d)
+                    .map_err(|e: DeError| e.at(self.node.pos, &self.path))
             }
             _ => Err(self.err("a string")),
         }
@@ -352,13 +400,21 @@ struct Seq<'a, I> {
 
 impl<'de, 'a, I: Iterator<Item = (usize, &'de Node)>> SeqAccess<'de> for Seq<'a, I> {
     type Error = DeError;
-    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, DeError> {
         match self.items.next() {
             None => Ok(None),
             Some((i, node)) => {
                 let path = join_index(self.path, i);
-                let de = NodeDe { node, path: path.clone() };
-                seed.deserialize(de).map(Some).map_err(|e: DeError| e.at(node.pos, &path))
+                let de = NodeDe {
+                    node,
+                    path: path.clone(),
+                };
+                seed.deserialize(de)
+                    .map(Some)
+                    .map_err(|e: DeError| e.at(node.pos, &path))
             }
         }
     }
@@ -372,25 +428,41 @@ struct Map<'a, 'de, I> {
 
 impl<'de, 'a, I: Iterator<Item = &'de (Node, Node)>> MapAccess<'de> for Map<'a, 'de, I> {
     type Error = DeError;
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
-        let Some((k, v)) = self.entries.next() else { return Ok(None) };
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
+        let Some((k, v)) = self.entries.next() else {
+            return Ok(None);
+        };
         let key_text = match &k.value {
             Value::Scalar { text, .. } => text.clone(),
             Value::Null => String::new(),
             _ => {
-                return Err(DeError::new("a mapping key must be a plain string").at(k.pos, self.path));
+                return Err(
+                    DeError::new("a mapping key must be a plain string").at(k.pos, self.path)
+                );
             }
         };
         let path = join_key(self.path, &key_text);
         let d: de::value::StringDeserializer<DeError> = key_text.into_deserializer();
-        let key = seed.deserialize(d).map_err(|e: DeError| e.at(k.pos, &path))?;
+        let key = seed
+            .deserialize(d)
+            .map_err(|e: DeError| e.at(k.pos, &path))?;
         self.value = Some((v, path));
         Ok(Some(key))
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
-        let (node, path) = self.value.take().ok_or_else(|| DeError::new("value without a key"))?;
-        let de = NodeDe { node, path: path.clone() };
-        seed.deserialize(de).map_err(|e: DeError| e.at(node.pos, &path))
+        let (node, path) = self
+            .value
+            .take()
+            .ok_or_else(|| DeError::new("value without a key"))?;
+        let de = NodeDe {
+            node,
+            path: path.clone(),
+        };
+        seed.deserialize(de)
+            .map_err(|e: DeError| e.at(node.pos, &path))
     }
 }
 
@@ -406,23 +478,29 @@ impl<'de> Deserialize<'de> for IntOrString {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = IntOrString;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a number or a string")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<IntOrString, E> {
                 Ok(IntOrString::Int(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<IntOrString, E> {
-                i64::try_from(v).map(IntOrString::Int).map_err(|_| E::custom(format!("{v} is out of range")))
+                i64::try_from(v)
+                    .map(IntOrString::Int)
+                    .map_err(|_| E::custom(format!("{v} is out of range")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<IntOrString, E> {
                 Ok(IntOrString::Str(v.to_string()))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<IntOrString, E> {
-                Err(E::custom(format!("expected a whole number or a string, found the number {v}")))
+                Err(E::custom(format!(
+                    "expected a whole number or a string, found the number {v}"
+                )))
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<IntOrString, E> {
-                Err(E::custom(format!("expected a number or a string, found the boolean {v}")))
+                Err(E::custom(format!(
+                    "expected a number or a string, found the boolean {v}"
+                )))
             }
         }
         d.deserialize_any(V)
@@ -486,7 +564,10 @@ mod tests {
         let e = parse("name: x\nitems:\n  - fromEndpoint: []\n").unwrap_err();
         assert_eq!(e.path.as_deref(), Some("items[0].fromEndpoint"));
         assert_eq!(e.pos, Some(Pos { line: 3, col: 5 }));
-        assert_eq!(e.message, "unknown field \"fromEndpoint\" (did you mean \"fromEndpoints\"?)");
+        assert_eq!(
+            e.message,
+            "unknown field \"fromEndpoint\" (did you mean \"fromEndpoints\"?)"
+        );
         let e = parse("endPort: 1\n").unwrap_err();
         assert_eq!(e.message, "missing required field \"name\"");
         assert_eq!(e.pos, Some(Pos { line: 1, col: 1 }));

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use super::de::{from_node, suggest, DeError};
 use super::model::{
-    EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind, PolicySet, RegistrySet, Rule,
+    EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind,
+    PolicySet, RegistrySet, Rule,
 };
 use super::policy::{self, Ctx};
 use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, RawNode};
@@ -67,8 +68,12 @@ const POLICY_KINDS: &[(&str, &str)] = &[
     ("CiliumClusterwideNetworkPolicy", "cilium.io/v2"),
     ("NetworkPolicy", "networking.k8s.io/v1"),
 ];
-const REGISTRY_KINDS: &[(&str, &str)] =
-    &[("Endpoint", "netpol/v1"), ("HostEndpoint", "netpol/v1"), ("Node", "netpol/v1"), ("Namespace", "netpol/v1")];
+const REGISTRY_KINDS: &[(&str, &str)] = &[
+    ("Endpoint", "netpol/v1"),
+    ("HostEndpoint", "netpol/v1"),
+    ("Node", "netpol/v1"),
+    ("Namespace", "netpol/v1"),
+];
 
 /// Where an object was defined, for cross-document messages.
 #[derive(Debug, Clone)]
@@ -116,10 +121,18 @@ pub struct Parsed {
 }
 
 fn is_json(file: &Path) -> bool {
-    file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    file.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
-fn problem(file: &Path, pos: Option<Pos>, document: Option<usize>, object: Option<&str>, field: Option<&str>, msg: String) -> Problem {
+fn problem(
+    file: &Path,
+    pos: Option<Pos>,
+    document: Option<usize>,
+    object: Option<&str>,
+    field: Option<&str>,
+    msg: String,
+) -> Problem {
     let k = pos.and_then(Pos::known);
     Problem {
         file: file.to_path_buf(),
@@ -141,7 +154,10 @@ fn object_label(root: &Node) -> Option<String> {
     let kind = root.get("kind")?.as_str()?.to_string();
     let meta = root.get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(Node::as_str);
-    let ns = meta.and_then(|m| m.get("namespace")).and_then(Node::as_str).unwrap_or("default");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Node::as_str)
+        .unwrap_or("default");
     Some(match name {
         Some(n) if namespaced(&kind) => format!("{kind} {ns}/{n}"),
         Some(n) => format!("{kind} {n}"),
@@ -153,7 +169,13 @@ fn object_label(root: &Node) -> Option<String> {
 pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
     out.files.push(file.to_path_buf());
     if text.len() as u64 > MAX_FILE_SIZE {
-        out.problems.push(file_problem(file, format!("file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)", text.len())));
+        out.problems.push(file_problem(
+            file,
+            format!(
+                "file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)",
+                text.len()
+            ),
+        ));
         return;
     }
     // The YAML scanner takes NUL for the end of the input: whatever follows one
@@ -172,10 +194,24 @@ pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
         return;
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let (docs, tree_problems) = if is_json(file) { yaml::parse_json(text) } else { yaml::parse_yaml(text) };
+    let (docs, tree_problems) = if is_json(file) {
+        yaml::parse_json(text)
+    } else {
+        yaml::parse_yaml(text)
+    };
     for tp in tree_problems {
-        let object = tp.document.and_then(|n| docs.iter().find(|d| d.number == n)).and_then(|d| object_label(&d.root));
-        out.problems.push(problem(file, Some(tp.pos), tp.document, object.as_deref(), None, tp.message));
+        let object = tp
+            .document
+            .and_then(|n| docs.iter().find(|d| d.number == n))
+            .and_then(|d| object_label(&d.root));
+        out.problems.push(problem(
+            file,
+            Some(tp.pos),
+            tp.document,
+            object.as_deref(),
+            None,
+            tp.message,
+        ));
     }
     for doc in &docs {
         parse_doc(file, doc, want, out);
@@ -188,11 +224,20 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
     let object = object_label(root);
     let obj = object.as_deref();
     let push = |out: &mut Parsed, pos: Pos, field: &str, msg: String| {
-        out.problems.push(problem(file, Some(pos), Some(n), obj, Some(field), msg));
+        out.problems
+            .push(problem(file, Some(pos), Some(n), obj, Some(field), msg));
     };
     let (expected, other, dir_name) = match want {
-        FileKind::Policy => (POLICY_KINDS, REGISTRY_KINDS, "an endpoint registry directory (/etc/netpol/endpoints.d)"),
-        FileKind::Registry => (REGISTRY_KINDS, POLICY_KINDS, "the policy directory (/etc/netpol.d)"),
+        FileKind::Policy => (
+            POLICY_KINDS,
+            REGISTRY_KINDS,
+            "an endpoint registry directory (/etc/netpol/endpoints.d)",
+        ),
+        FileKind::Registry => (
+            REGISTRY_KINDS,
+            POLICY_KINDS,
+            "the policy directory (/etc/netpol.d)",
+        ),
     };
     let kinds_list = expected.iter().map(|(k, _)| *k).collect::<Vec<_>>();
     let what = match want {
@@ -204,13 +249,21 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             out,
             root.pos,
             "",
-            format!("a document must be a mapping with apiVersion, kind and metadata, found {}", super::de::describe(root)),
+            format!(
+                "a document must be a mapping with apiVersion, kind and metadata, found {}",
+                super::de::describe(root)
+            ),
         );
         return;
     }
     let kind = match root.get("kind").map(|k| (k, k.as_str())) {
         None | Some((_, None)) => {
-            push(out, root.pos_of("kind"), "kind", format!("kind is required; {what} {}", kinds_list.join(", ")));
+            push(
+                out,
+                root.pos_of("kind"),
+                "kind",
+                format!("kind is required; {what} {}", kinds_list.join(", ")),
+            );
             return;
         }
         Some((_, Some(k))) => k,
@@ -218,24 +271,47 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
     let api_version = root.get("apiVersion").and_then(Node::as_str);
     let Some((_, want_api)) = expected.iter().find(|(k, _)| *k == kind) else {
         if let Some((k, _)) = other.iter().find(|(k, _)| *k == kind) {
-            push(out, root.pos_of("kind"), "kind", format!("{k} does not belong here; put it in {dir_name}"));
+            push(
+                out,
+                root.pos_of("kind"),
+                "kind",
+                format!("{k} does not belong here; put it in {dir_name}"),
+            );
         } else {
             let hint = match suggest(kind, &kinds_list) {
                 Some(s) => format!(" (did you mean {s:?}?)"),
                 None => String::new(),
             };
-            push(out, root.pos_of("kind"), "kind", format!("unknown kind {kind:?}{hint}; {what} {}", kinds_list.join(", ")));
+            push(
+                out,
+                root.pos_of("kind"),
+                "kind",
+                format!(
+                    "unknown kind {kind:?}{hint}; {what} {}",
+                    kinds_list.join(", ")
+                ),
+            );
         }
         return;
     };
     match api_version {
         Some(a) if a == *want_api => {}
         Some(a) => {
-            push(out, root.pos_of("apiVersion"), "apiVersion", format!("apiVersion {a:?} is not supported for {kind}; use {want_api}"));
+            push(
+                out,
+                root.pos_of("apiVersion"),
+                "apiVersion",
+                format!("apiVersion {a:?} is not supported for {kind}; use {want_api}"),
+            );
             return;
         }
         None => {
-            push(out, root.pos_of("apiVersion"), "apiVersion", format!("apiVersion is required; use {want_api}"));
+            push(
+                out,
+                root.pos_of("apiVersion"),
+                "apiVersion",
+                format!("apiVersion is required; use {want_api}"),
+            );
             return;
         }
     }
@@ -243,7 +319,14 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
     let de_problem = |out: &mut Parsed, e: DeError| {
         let pos = e.pos.unwrap_or(root.pos);
         let field = e.path.unwrap_or_default();
-        out.problems.push(problem(file, Some(pos), Some(n), obj, Some(&field), e.message));
+        out.problems.push(problem(
+            file,
+            Some(pos),
+            Some(n),
+            obj,
+            Some(&field),
+            e.message,
+        ));
     };
     let mut ctx = Ctx::default();
     let origin_of = |ns: Option<&str>, name: &str| Origin {
@@ -258,7 +341,11 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
         doc: n,
         object: object.clone().unwrap_or_else(|| kind.to_string()),
         name_pos: root.pos_of("metadata.name"),
-        addr_pos: match root.get("spec").and_then(|s| s.get("addresses")).map(|a| &a.value) {
+        addr_pos: match root
+            .get("spec")
+            .and_then(|s| s.get("addresses"))
+            .map(|a| &a.value)
+        {
             Some(yaml::Value::Seq(items)) => items.iter().map(|i| i.pos).collect(),
             _ => Vec::new(),
         },
@@ -272,22 +359,42 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 Err(e) => return de_problem(out, e),
             };
             let clusterwide = kind == "CiliumClusterwideNetworkPolicy";
-            let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), if clusterwide { Scope::Cluster } else { Scope::Namespaced });
+            let (name, ns) = meta(
+                &mut ctx,
+                raw.metadata.as_ref(),
+                if clusterwide {
+                    Scope::Cluster
+                } else {
+                    Scope::Namespaced
+                },
+            );
             if raw.spec.is_none() && raw.specs.is_none() {
-                ctx.err("spec", format!("a {kind} needs spec (one rule) or specs (a list of rules)"));
+                ctx.err(
+                    "spec",
+                    format!("a {kind} needs spec (one rule) or specs (a list of rules)"),
+                );
             }
             let mut rules = Vec::new();
             if let Some(spec) = &raw.spec {
                 rules.extend(policy::cilium_rule(&mut ctx, "spec", spec, ns.as_deref()));
             }
             for (i, spec) in raw.specs.iter().flatten().enumerate() {
-                rules.extend(policy::cilium_rule(&mut ctx, &yaml::join_index("specs", i), spec, ns.as_deref()));
+                rules.extend(policy::cilium_rule(
+                    &mut ctx,
+                    &yaml::join_index("specs", i),
+                    spec,
+                    ns.as_deref(),
+                ));
             }
             if ctx.errors.is_empty() {
                 locate_items(&mut rules, root);
                 let policy = Policy {
                     origin: origin_of(ns.as_deref(), &name),
-                    kind: if clusterwide { PolicyKind::CiliumClusterwideNetworkPolicy } else { PolicyKind::CiliumNetworkPolicy },
+                    kind: if clusterwide {
+                        PolicyKind::CiliumClusterwideNetworkPolicy
+                    } else {
+                        PolicyKind::CiliumNetworkPolicy
+                    },
                     rules: rules.into(),
                 };
                 out.policies.push((policy, site(root)));
@@ -310,7 +417,11 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             if ctx.errors.is_empty() {
                 let mut rules: Vec<Rule> = rule.into_iter().collect();
                 locate_items(&mut rules, root);
-                let policy = Policy { origin: origin_of(Some(&ns), &name), kind: PolicyKind::NetworkPolicy, rules: rules.into() };
+                let policy = Policy {
+                    origin: origin_of(Some(&ns), &name),
+                    kind: PolicyKind::NetworkPolicy,
+                    rules: rules.into(),
+                };
                 out.policies.push((policy, site(root)));
             }
         }
@@ -320,14 +431,27 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 Err(e) => return de_problem(out, e),
             };
             let host = kind == "HostEndpoint";
-            let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), if host { Scope::None } else { Scope::Namespaced });
-            let labels = registry::labels(&mut ctx, "metadata.labels", raw.metadata.as_ref().and_then(|m| m.labels.as_ref()), true);
+            let (name, ns) = meta(
+                &mut ctx,
+                raw.metadata.as_ref(),
+                if host { Scope::None } else { Scope::Namespaced },
+            );
+            let labels = registry::labels(
+                &mut ctx,
+                "metadata.labels",
+                raw.metadata.as_ref().and_then(|m| m.labels.as_ref()),
+                true,
+            );
             let spec = match &raw.spec {
                 Some(s) => Some(registry::endpoint_spec(&mut ctx, s, host)),
                 None => {
                     ctx.err(
                         "spec",
-                        if host { "spec is required (with interface and addresses)" } else { "spec is required (with addresses, and interface for a local endpoint)" },
+                        if host {
+                            "spec is required (with interface and addresses)"
+                        } else {
+                            "spec is required (with addresses, and interface for a local endpoint)"
+                        },
                     );
                     None
                 }
@@ -335,7 +459,11 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             if let (true, Some(spec)) = (ctx.errors.is_empty(), spec) {
                 let def = EndpointDef {
                     origin: origin_of(ns.as_deref(), &name),
-                    kind: if host { EndpointKind::Host } else { EndpointKind::Workload },
+                    kind: if host {
+                        EndpointKind::Host
+                    } else {
+                        EndpointKind::Workload
+                    },
                     name: name.clone(),
                     namespace: ns,
                     labels,
@@ -354,16 +482,31 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 Err(e) => return de_problem(out, e),
             };
             let (name, _) = meta(&mut ctx, raw.metadata.as_ref(), Scope::None);
-            let labels = registry::labels(&mut ctx, "metadata.labels", raw.metadata.as_ref().and_then(|m| m.labels.as_ref()), true);
+            let labels = registry::labels(
+                &mut ctx,
+                "metadata.labels",
+                raw.metadata.as_ref().and_then(|m| m.labels.as_ref()),
+                true,
+            );
             let addresses = match &raw.spec {
-                Some(s) => registry::addresses(&mut ctx, "spec.addresses", s.addresses.as_ref(), "a Node needs at least one address"),
+                Some(s) => registry::addresses(
+                    &mut ctx,
+                    "spec.addresses",
+                    s.addresses.as_ref(),
+                    "a Node needs at least one address",
+                ),
                 None => {
                     ctx.err("spec", "spec with addresses is required");
                     Vec::new()
                 }
             };
             if ctx.errors.is_empty() {
-                let def = NodeDef { origin: origin_of(None, &name), name: name.clone(), labels, addresses };
+                let def = NodeDef {
+                    origin: origin_of(None, &name),
+                    name: name.clone(),
+                    labels,
+                    addresses,
+                };
                 out.nodes.push((def, site(root)));
             }
         }
@@ -379,9 +522,18 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     format!("{name:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63 characters)"),
                 );
             }
-            let labels = registry::labels(&mut ctx, "metadata.labels", raw.metadata.as_ref().and_then(|m| m.labels.as_ref()), false);
+            let labels = registry::labels(
+                &mut ctx,
+                "metadata.labels",
+                raw.metadata.as_ref().and_then(|m| m.labels.as_ref()),
+                false,
+            );
             if ctx.errors.is_empty() {
-                let def = NamespaceDef { origin: origin_of(None, &name), name: name.clone(), labels };
+                let def = NamespaceDef {
+                    origin: origin_of(None, &name),
+                    name: name.clone(),
+                    labels,
+                };
                 out.namespaces.push((def, site(root)));
             }
         }
@@ -389,7 +541,8 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
     }
     for (path, msg) in ctx.errors {
         let pos = root.pos_of(&path);
-        out.problems.push(problem(file, Some(pos), Some(n), obj, Some(&path), msg));
+        out.problems
+            .push(problem(file, Some(pos), Some(n), obj, Some(&path), msg));
     }
 }
 
@@ -397,7 +550,13 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
 /// compile can give (the map budget, `policy::compile::try_compile`).
 fn locate_items(rules: &mut [Rule], root: &Node) {
     for r in rules {
-        for it in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
+        for it in r
+            .ingress
+            .iter_mut()
+            .chain(r.ingress_deny.iter_mut())
+            .chain(r.egress.iter_mut())
+            .chain(r.egress_deny.iter_mut())
+        {
             it.pos = root.pos_of(&it.path).known();
         }
     }
@@ -417,7 +576,10 @@ enum Scope {
 fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<String>) {
     let Some(m) = m else {
         ctx.err("metadata", "metadata with a name is required");
-        return (String::new(), (scope == Scope::Namespaced).then(|| "default".into()));
+        return (
+            String::new(),
+            (scope == Scope::Namespaced).then(|| "default".into()),
+        );
     };
     let name = match m.name.as_deref() {
         None | Some("") => {
@@ -450,7 +612,10 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
             None
         }
         (Scope::None, Some(ns)) if !ns.is_empty() => {
-            ctx.err("metadata.namespace", "this kind has no namespace; remove metadata.namespace");
+            ctx.err(
+                "metadata.namespace",
+                "this kind has no namespace; remove metadata.namespace",
+            );
             None
         }
         _ => None,
@@ -462,10 +627,15 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
 
 /// Two policies of one kind with one namespace and name.
 pub fn check_policies(parsed: &mut Parsed) {
-    let mut seen: HashMap<(&str, Option<&str>, &str), usize> = HashMap::with_capacity(parsed.policies.len());
+    let mut seen: HashMap<(&str, Option<&str>, &str), usize> =
+        HashMap::with_capacity(parsed.policies.len());
     let mut problems = Vec::new();
     for (i, (p, site)) in parsed.policies.iter().enumerate() {
-        let key = (p.origin.kind.as_str(), p.origin.namespace.as_deref(), p.origin.name.as_str());
+        let key = (
+            p.origin.kind.as_str(),
+            p.origin.namespace.as_deref(),
+            p.origin.name.as_str(),
+        );
         if let Some(&first) = seen.get(&key) {
             let fsite = &parsed.policies[first].1;
             problems.push(site.problem(
@@ -501,7 +671,11 @@ pub fn check_registry(parsed: &mut Parsed) {
             problems.push(site.problem(
                 site.name_pos,
                 "metadata.name",
-                format!("{} is already defined at {}; names must be unique per kind and namespace", site.object, first.at(first.name_pos)),
+                format!(
+                    "{} is already defined at {}; names must be unique per kind and namespace",
+                    site.object,
+                    first.at(first.name_pos)
+                ),
             ));
         } else {
             names.insert(key, site);
@@ -515,24 +689,42 @@ pub fn check_registry(parsed: &mut Parsed) {
         host_of: Option<Option<&'a str>>, // Some(node) for HostEndpoints
         node_name: Option<&'a str>,       // Some(name) for Nodes
     }
-    let mut claims: HashMap<IpAddr, Claim> = HashMap::new();
-    let mut entries: Vec<(IpAddr, Claim, usize)> = Vec::new();
+    let mut claims: HashMap<IpAddr, Claim<'_>> = HashMap::new();
+    let mut entries: Vec<(IpAddr, Claim<'_>, usize)> = Vec::new();
     for (e, site) in &parsed.endpoints {
         let host_of = (e.kind == EndpointKind::Host).then_some(e.node.as_deref());
         for (i, a) in e.addresses.iter().enumerate() {
             let pos = site.addr_pos.get(i).copied().unwrap_or(site.name_pos);
-            entries.push((*a, Claim { site, pos, host_of, node_name: None }, i));
+            entries.push((
+                *a,
+                Claim {
+                    site,
+                    pos,
+                    host_of,
+                    node_name: None,
+                },
+                i,
+            ));
         }
     }
     for (n, site) in &parsed.nodes {
         for (i, a) in n.addresses.iter().enumerate() {
             let pos = site.addr_pos.get(i).copied().unwrap_or(site.name_pos);
-            entries.push((*a, Claim { site, pos, host_of: None, node_name: Some(&n.name) }, i));
+            entries.push((
+                *a,
+                Claim {
+                    site,
+                    pos,
+                    host_of: None,
+                    node_name: Some(&n.name),
+                },
+                i,
+            ));
         }
     }
     for (addr, claim, i) in entries {
         if let Some(first) = claims.get(&addr) {
-            let shared_ok = |h: &Claim, n: &Claim| match (h.host_of, n.node_name) {
+            let shared_ok = |h: &Claim<'_>, n: &Claim<'_>| match (h.host_of, n.node_name) {
                 (Some(None), Some(_)) => true,
                 (Some(Some(hn)), Some(nn)) => hn == nn,
                 _ => false,
@@ -581,8 +773,17 @@ pub fn check_registry(parsed: &mut Parsed) {
 fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
     let before = &bytes[..at];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    (line, String::from_utf8_lossy(&before[line_start..]).chars().count() + 1)
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    (
+        line,
+        String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1,
+    )
 }
 
 /// Cut `text` to `max` characters, saying how much was left out.
@@ -599,7 +800,9 @@ impl Parsed {
         if !self.problems.is_empty() {
             return Err(sorted(self.problems, self.files));
         }
-        Ok(PolicySet { policies: self.policies.into_iter().map(|(p, _)| p).collect() })
+        Ok(PolicySet {
+            policies: self.policies.into_iter().map(|(p, _)| p).collect(),
+        })
     }
 
     pub fn into_registry_set(self) -> Result<RegistrySet, Vec<Problem>> {
@@ -634,7 +837,14 @@ fn sorted(problems: Vec<Problem>, files: Vec<PathBuf>) -> Vec<Problem> {
             clip(name, MAX_PROBLEM_NAME);
         }
     }
-    problems.sort_by_cached_key(|p| (order.get(&p.file).copied(), p.line.unwrap_or(0), p.column.unwrap_or(0), p.document));
+    problems.sort_by_cached_key(|p| {
+        (
+            order.get(&p.file).copied(),
+            p.line.unwrap_or(0),
+            p.column.unwrap_or(0),
+            p.document,
+        )
+    });
     problems.dedup();
     problems
 }
@@ -643,7 +853,10 @@ fn sorted(problems: Vec<Problem>, files: Vec<PathBuf>) -> Vec<Problem> {
 
 /// Whether a directory entry name is one netpol reads.
 pub fn wanted_name(name: &str) -> bool {
-    if name.starts_with('.') || name.ends_with('~') || (name.starts_with('#') && name.ends_with('#')) {
+    if name.starts_with('.')
+        || name.ends_with('~')
+        || (name.starts_with('#') && name.ends_with('#'))
+    {
         return false;
     }
     let lower = name.to_ascii_lowercase();
@@ -659,7 +872,10 @@ fn file_problem(file: &Path, msg: String) -> Problem {
 
 /// The files of `dir` netpol reads, sorted.
 pub fn list_dir(dir: &Path, what: &str) -> Result<Vec<PathBuf>, Problem> {
-    Ok(list_dir_entries(dir, what)?.into_iter().map(|(f, _)| f).collect())
+    Ok(list_dir_entries(dir, what)?
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect())
 }
 
 /// [`list_dir`], with whether each entry is a symlink (from the directory
@@ -737,7 +953,10 @@ fn euid() -> u32 {
 /// Trust problems of a directory read (`what`: "policy directory", ...).
 pub fn check_dir_trust(dir: &Path, what: &str) -> Vec<Problem> {
     match fs::metadata(dir) {
-        Ok(meta) => distrust(what, dir, &meta, euid()).into_iter().map(|m| file_problem(dir, m)).collect(),
+        Ok(meta) => distrust(what, dir, &meta, euid())
+            .into_iter()
+            .map(|m| file_problem(dir, m))
+            .collect(),
         Err(_) => Vec::new(), // listing the directory reports it
     }
 }
@@ -750,21 +969,32 @@ pub fn read_file(path: &Path) -> Result<String, Problem> {
 
 /// [`read_file`] with options; returns every problem of the file (at least one on error).
 pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Problem>> {
-    let lmeta = fs::symlink_metadata(path).map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
+    let lmeta = fs::symlink_metadata(path)
+        .map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
     let is_link = lmeta.file_type().is_symlink();
     let f = open_regular(path, lmeta).map_err(|p| vec![p])?;
     if opts.strict_modes {
         let euid = euid();
-        let fmeta = f.metadata().map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
+        let fmeta = f
+            .metadata()
+            .map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
         let mut problems = Vec::new();
         if is_link {
             match fs::canonicalize(path) {
                 Ok(target) => {
-                    problems.extend(distrust(&format!("symlink target {}", target.display()), &target, &fmeta, euid));
+                    problems.extend(distrust(
+                        &format!("symlink target {}", target.display()),
+                        &target,
+                        &fmeta,
+                        euid,
+                    ));
                     if let Some(parent) = target.parent() {
                         if let Ok(pmeta) = fs::metadata(parent) {
                             problems.extend(distrust(
-                                &format!("directory {} holding the symlink target", parent.display()),
+                                &format!(
+                                    "directory {} holding the symlink target",
+                                    parent.display()
+                                ),
                                 parent,
                                 &pmeta,
                                 euid,
@@ -778,7 +1008,10 @@ pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Pro
             problems.extend(distrust("file", path, &fmeta, euid));
         }
         if !problems.is_empty() {
-            return Err(problems.into_iter().map(|m| file_problem(path, m)).collect());
+            return Err(problems
+                .into_iter()
+                .map(|m| file_problem(path, m))
+                .collect());
         }
     }
     read_open(path, f).map_err(|p| vec![p])
@@ -788,15 +1021,28 @@ pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Pro
 /// leads to, a regular file under the size limit.
 fn open_regular(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Problem> {
     let meta = if lmeta.file_type().is_symlink() {
-        fs::metadata(path).map_err(|e| file_problem(path, format!("symlink target cannot be read: {e}")))?
+        fs::metadata(path)
+            .map_err(|e| file_problem(path, format!("symlink target cannot be read: {e}")))?
     } else {
         lmeta
     };
     if !meta.is_file() {
-        return Err(file_problem(path, format!("{} is not read: only regular files are policy or registry files", kind_of(&meta.file_type()))));
+        return Err(file_problem(
+            path,
+            format!(
+                "{} is not read: only regular files are policy or registry files",
+                kind_of(&meta.file_type())
+            ),
+        ));
     }
     if meta.len() > MAX_FILE_SIZE {
-        return Err(file_problem(path, format!("file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)", meta.len())));
+        return Err(file_problem(
+            path,
+            format!(
+                "file is {} bytes; the limit is {MAX_FILE_SIZE} bytes (4 MiB)",
+                meta.len()
+            ),
+        ));
     }
     // O_NONBLOCK: if the file was swapped for a FIFO since the check, open must not hang.
     let f = fs::OpenOptions::new()
@@ -804,9 +1050,17 @@ fn open_regular(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Problem> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| file_problem(path, format!("cannot open: {e}")))?;
-    let fmeta = f.metadata().map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    let fmeta = f
+        .metadata()
+        .map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
     if !fmeta.is_file() {
-        return Err(file_problem(path, format!("{} is not read: only regular files are policy or registry files", kind_of(&fmeta.file_type()))));
+        return Err(file_problem(
+            path,
+            format!(
+                "{} is not read: only regular files are policy or registry files",
+                kind_of(&fmeta.file_type())
+            ),
+        ));
     }
     Ok(f)
 }
@@ -814,12 +1068,20 @@ fn open_regular(path: &Path, lmeta: fs::Metadata) -> Result<fs::File, Problem> {
 /// Read an opened regular file: size limit, UTF-8.
 fn read_open(path: &Path, f: fs::File) -> Result<String, Problem> {
     let mut buf = Vec::new();
-    f.take(MAX_FILE_SIZE + 1).read_to_end(&mut buf).map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
+    f.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| file_problem(path, format!("cannot read: {e}")))?;
     if buf.len() as u64 > MAX_FILE_SIZE {
-        return Err(file_problem(path, format!("file is larger than the limit of {MAX_FILE_SIZE} bytes (4 MiB)")));
+        return Err(file_problem(
+            path,
+            format!("file is larger than the limit of {MAX_FILE_SIZE} bytes (4 MiB)"),
+        ));
     }
     if buf.starts_with(&[0xff, 0xfe]) || buf.starts_with(&[0xfe, 0xff]) {
-        return Err(file_problem(path, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8".into()));
+        return Err(file_problem(
+            path,
+            "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8".into(),
+        ));
     }
     match String::from_utf8(buf) {
         Ok(s) => Ok(s),

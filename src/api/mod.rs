@@ -89,7 +89,10 @@ pub fn load_policy_dir_with(dir: &Path, opts: &LoadOptions) -> Result<PolicySet,
 }
 
 /// [`load_endpoint_dirs`] with options, as [`load_policy_dir_with`].
-pub fn load_endpoint_dirs_with(dirs: &[PathBuf], opts: &LoadOptions) -> Result<RegistrySet, Vec<Problem>> {
+pub fn load_endpoint_dirs_with(
+    dirs: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<RegistrySet, Vec<Problem>> {
     load::load_dirs_with(dirs, FileKind::Registry, opts).into_registry_set()
 }
 

@@ -9,10 +9,12 @@ use std::collections::BTreeSet;
 
 use super::de::{IntOrString, Present};
 use super::model::{
-    Family, IcmpType, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule, RuleItem, Selector,
-    Subject, L4,
+    Family, IcmpType, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule,
+    RuleItem, Selector, Subject, L4,
 };
-use super::raw::{RawCidrRule, RawIcmpRule, RawNpPeer, RawNpPort, RawNpSpec, RawPortRule, RawRule, RawSelector};
+use super::raw::{
+    RawCidrRule, RawIcmpRule, RawNpPeer, RawNpPort, RawNpSpec, RawPortRule, RawRule, RawSelector,
+};
 use super::validate::{self as v, NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL};
 use super::yaml::{join_index, join_key};
 
@@ -84,9 +86,15 @@ fn selector(ctx: &mut Ctx, path: &str, raw: &RawSelector, mode: KeyMode) -> Sele
             },
             KeyMode::K8sPod | KeyMode::K8sNamespace => match v::qualified_name(raw_key) {
                 Ok(()) => Some(if mode == KeyMode::K8sPod {
-                    LabelKey { source: Some("k8s".into()), key: raw_key.to_string() }
+                    LabelKey {
+                        source: Some("k8s".into()),
+                        key: raw_key.to_string(),
+                    }
                 } else {
-                    LabelKey { source: Some("k8s".into()), key: format!("{NAMESPACE_LABELS_PREFIX}{raw_key}") }
+                    LabelKey {
+                        source: Some("k8s".into()),
+                        key: format!("{NAMESPACE_LABELS_PREFIX}{raw_key}"),
+                    }
                 }),
                 Err(e) => {
                     ctx.err(kpath, e);
@@ -105,7 +113,11 @@ fn selector(ctx: &mut Ctx, path: &str, raw: &RawSelector, mode: KeyMode) -> Sele
                 continue;
             }
             if let Some(key) = key {
-                reqs.push(Requirement { key, op: Op::In, values: BTreeSet::from([val.clone()]) });
+                reqs.push(Requirement {
+                    key,
+                    op: Op::In,
+                    values: BTreeSet::from([val.clone()]),
+                });
             }
         }
     }
@@ -122,9 +134,16 @@ fn selector(ctx: &mut Ctx, path: &str, raw: &RawSelector, mode: KeyMode) -> Sele
                 other => {
                     let hint = match other.to_ascii_lowercase().as_str() {
                         "in" => " (did you mean \"In\"? operators are case-sensitive)".to_string(),
-                        "notin" => " (did you mean \"NotIn\"? operators are case-sensitive)".to_string(),
-                        "exists" => " (did you mean \"Exists\"? operators are case-sensitive)".to_string(),
-                        "doesnotexist" => " (did you mean \"DoesNotExist\"? operators are case-sensitive)".to_string(),
+                        "notin" => {
+                            " (did you mean \"NotIn\"? operators are case-sensitive)".to_string()
+                        }
+                        "exists" => {
+                            " (did you mean \"Exists\"? operators are case-sensitive)".to_string()
+                        }
+                        "doesnotexist" => {
+                            " (did you mean \"DoesNotExist\"? operators are case-sensitive)"
+                                .to_string()
+                        }
                         _ => String::new(),
                     };
                     ctx.err(
@@ -149,13 +168,20 @@ fn selector(ctx: &mut Ctx, path: &str, raw: &RawSelector, mode: KeyMode) -> Sele
                     ok = false;
                 }
                 Some(o @ (Op::Exists | Op::DoesNotExist)) if !values.is_empty() => {
-                    ctx.err(&vpath, format!("operator {o:?} takes no values; remove values or use In/NotIn"));
+                    ctx.err(
+                        &vpath,
+                        format!("operator {o:?} takes no values; remove values or use In/NotIn"),
+                    );
                     ok = false;
                 }
                 _ => {}
             }
             if let (Some(key), Some(op), true) = (key, op, ok) {
-                reqs.push(Requirement { key, op, values: values.into_iter().collect() });
+                reqs.push(Requirement {
+                    key,
+                    op,
+                    values: values.into_iter().collect(),
+                });
             }
         }
     }
@@ -168,7 +194,10 @@ fn is_k8s_or_any(k: &LabelKey) -> bool {
 
 fn ns_in(ns: &str) -> Requirement {
     Requirement {
-        key: LabelKey { source: Some("k8s".into()), key: POD_NAMESPACE_LABEL.into() },
+        key: LabelKey {
+            source: Some("k8s".into()),
+            key: POD_NAMESPACE_LABEL.into(),
+        },
         op: Op::In,
         values: BTreeSet::from([ns.to_string()]),
     }
@@ -176,7 +205,10 @@ fn ns_in(ns: &str) -> Requirement {
 
 fn ns_exists() -> Requirement {
     Requirement {
-        key: LabelKey { source: Some("k8s".into()), key: POD_NAMESPACE_LABEL.into() },
+        key: LabelKey {
+            source: Some("k8s".into()),
+            key: POD_NAMESPACE_LABEL.into(),
+        },
         op: Op::Exists,
         values: BTreeSet::new(),
     }
@@ -185,10 +217,16 @@ fn ns_exists() -> Requirement {
 /// `getEndpointSelector` of Cilium's `ParseToCiliumRule` for fromEndpoints/toEndpoints.
 fn scope_peer(sel: &mut Selector, ns: Option<&str>, matches_init: bool) {
     let reqs = &sel.requirements;
-    if reqs.iter().any(|r| r.key.source.as_deref() == Some("reserved")) {
+    if reqs
+        .iter()
+        .any(|r| r.key.source.as_deref() == Some("reserved"))
+    {
         return;
     }
-    if reqs.iter().any(|r| is_k8s_or_any(&r.key) && r.key.key == POD_NAMESPACE_LABEL) {
+    if reqs
+        .iter()
+        .any(|r| is_k8s_or_any(&r.key) && r.key.key == POD_NAMESPACE_LABEL)
+    {
         return;
     }
     match ns {
@@ -198,7 +236,10 @@ fn scope_peer(sel: &mut Selector, ns: Option<&str>, matches_init: bool) {
             }
         }
         Some(ns) => {
-            if !reqs.iter().any(|r| is_k8s_or_any(&r.key) && r.key.key.starts_with(NAMESPACE_LABELS_PREFIX)) {
+            if !reqs
+                .iter()
+                .any(|r| is_k8s_or_any(&r.key) && r.key.key.starts_with(NAMESPACE_LABELS_PREFIX))
+            {
                 sel.requirements.push(ns_in(ns));
             }
         }
@@ -209,7 +250,10 @@ fn scope_peer(sel: &mut Selector, ns: Option<&str>, matches_init: bool) {
 /// `k8s:io.kubernetes.pod.namespace` written in matchLabels (as Cilium does).
 fn scope_subject(sel: &mut Selector, ns: &str) {
     sel.requirements.retain(|r| {
-        !(r.key.source.as_deref() == Some("k8s") && r.key.key == POD_NAMESPACE_LABEL && r.op == Op::In && r.values.len() == 1)
+        !(r.key.source.as_deref() == Some("k8s")
+            && r.key.key == POD_NAMESPACE_LABEL
+            && r.op == Op::In
+            && r.values.len() == 1)
     });
     sel.requirements.push(ns_in(ns));
 }
@@ -222,7 +266,10 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
     let before = ctx.errors.len();
     let subject = match (&raw.endpoint_selector, &raw.node_selector) {
         (Some(_), Some(_)) => {
-            ctx.err(path, "a rule must have exactly one of endpointSelector or nodeSelector, not both");
+            ctx.err(
+                path,
+                "a rule must have exactly one of endpointSelector or nodeSelector, not both",
+            );
             None
         }
         (None, None) => {
@@ -237,7 +284,12 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
             None
         }
         (Some(es), None) => {
-            let mut sel = selector(ctx, &join_key(path, "endpointSelector"), es, KeyMode::Cilium);
+            let mut sel = selector(
+                ctx,
+                &join_key(path, "endpointSelector"),
+                es,
+                KeyMode::Cilium,
+            );
             if let Some(ns) = ns {
                 scope_subject(&mut sel, ns);
             }
@@ -251,7 +303,12 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
                 );
                 None
             } else {
-                Some(Subject::Nodes(selector(ctx, &join_key(path, "nodeSelector"), nsel, KeyMode::Cilium)))
+                Some(Subject::Nodes(selector(
+                    ctx,
+                    &join_key(path, "nodeSelector"),
+                    nsel,
+                    KeyMode::Cilium,
+                )))
             }
         }
     };
@@ -262,8 +319,13 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
             let lk = v::selector_key(k);
             lk.source.as_deref() == Some("reserved") && lk.key == "init"
         };
-        es.match_labels.as_ref().is_some_and(|m| m.keys().any(|k| has(k)))
-            || es.match_expressions.as_ref().is_some_and(|m| m.iter().any(|e| has(&e.key)))
+        es.match_labels
+            .as_ref()
+            .is_some_and(|m| m.keys().any(|k| has(k)))
+            || es
+                .match_expressions
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|e| has(&e.key)))
     });
 
     let mut ingress = Vec::new();
@@ -271,8 +333,16 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
     let mut egress = Vec::new();
     let mut egress_deny = Vec::new();
     for (field, deny) in [("ingress", false), ("ingressDeny", true)] {
-        let list = if deny { &raw.ingress_deny } else { &raw.ingress };
-        let out = if deny { &mut ingress_deny } else { &mut ingress };
+        let list = if deny {
+            &raw.ingress_deny
+        } else {
+            &raw.ingress
+        };
+        let out = if deny {
+            &mut ingress_deny
+        } else {
+            &mut ingress
+        };
         for (i, item) in list.iter().flatten().enumerate() {
             let p = join_index(&join_key(path, field), i);
             let view = ItemView {
@@ -325,7 +395,10 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
     reject(ctx, path, "log", raw.log);
     for (i, l) in raw.labels.iter().flatten().enumerate() {
         if l.key.is_empty() {
-            ctx.err(join_key(&join_index(&join_key(path, "labels"), i), "key"), "a rule label needs a non-empty key");
+            ctx.err(
+                join_key(&join_index(&join_key(path, "labels"), i), "key"),
+                "a rule label needs a non-empty key",
+            );
         }
     }
     let (default_deny_ingress, default_deny_egress) = match &raw.enable_default_deny {
@@ -361,14 +434,23 @@ struct ItemView<'a> {
     deny: bool,
 }
 
-fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matches_init: bool) -> Option<RuleItem> {
+fn rule_item(
+    ctx: &mut Ctx,
+    path: &str,
+    it: ItemView<'_>,
+    ns: Option<&str>,
+    matches_init: bool,
+) -> Option<RuleItem> {
     let before = ctx.errors.len();
     for (f, present) in &it.rejected {
         reject(ctx, path, f, *present);
     }
     if it.authentication.is_some() {
         if it.deny {
-            ctx.err(join_key(path, "authentication"), "authentication is not allowed in a deny rule");
+            ctx.err(
+                join_key(path, "authentication"),
+                "authentication is not allowed in a deny rule",
+            );
         } else {
             reject(ctx, path, "authentication", it.authentication);
         }
@@ -392,7 +474,10 @@ fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matc
         ctx.err(path, format!("combining {names} in one rule is not supported; write each peer kind as its own rule item"));
     }
 
-    let any_peer_field = it.endpoints.1.is_some() || it.cidr.1.is_some() || it.cidr_set.1.is_some() || it.entities.1.is_some();
+    let any_peer_field = it.endpoints.1.is_some()
+        || it.cidr.1.is_some()
+        || it.cidr_set.1.is_some()
+        || it.entities.1.is_some();
     let mut peers = Vec::new();
     if let Some(list) = it.endpoints.1 {
         let base = join_key(path, it.endpoints.0);
@@ -406,7 +491,11 @@ fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matc
         let base = join_key(path, it.cidr.0);
         for (i, c) in list.iter().enumerate() {
             match v::cidr_or_ip(c) {
-                Ok(net) => peers.push(Peer::Cidr { net, except: Vec::new(), match_endpoints: false }),
+                Ok(net) => peers.push(Peer::Cidr {
+                    net,
+                    except: Vec::new(),
+                    match_endpoints: false,
+                }),
                 Err(e) => ctx.err(join_index(&base, i), e),
             }
         }
@@ -419,7 +508,10 @@ fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matc
             reject(ctx, &p, "cidrGroupSelector", c.cidr_group_selector);
             let Some(text) = &c.cidr else {
                 if c.cidr_group_ref.is_none() && c.cidr_group_selector.is_none() {
-                    ctx.err(join_key(&p, "cidr"), "cidr is required (a prefix such as 10.0.0.0/8)");
+                    ctx.err(
+                        join_key(&p, "cidr"),
+                        "cidr is required (a prefix such as 10.0.0.0/8)",
+                    );
                 }
                 continue;
             };
@@ -432,7 +524,11 @@ fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matc
                             Err(msg) => ctx.err(join_index(&join_key(&p, "except"), j), msg),
                         }
                     }
-                    peers.push(Peer::Cidr { net, except, match_endpoints: false });
+                    peers.push(Peer::Cidr {
+                        net,
+                        except,
+                        match_endpoints: false,
+                    });
                 }
                 Err(e) => ctx.err(join_key(&p, "cidr"), e),
             }
@@ -451,21 +547,37 @@ fn rule_item(ctx: &mut Ctx, path: &str, it: ItemView<'_>, ns: Option<&str>, matc
     let ports_n = it.to_ports.map_or(0, Vec::len);
     let icmps_n = it.icmps.map_or(0, Vec::len);
     if ports_n > 0 && icmps_n > 0 {
-        ctx.err(path, "toPorts and icmps cannot be used in the same rule item; write them as two rule items");
+        ctx.err(
+            path,
+            "toPorts and icmps cannot be used in the same rule item; write them as two rule items",
+        );
     }
     let l4 = if ports_n > 0 || (icmps_n == 0 && it.to_ports.is_some()) {
-        L4::Ports(port_rules(ctx, &join_key(path, "toPorts"), it.to_ports.map(Vec::as_slice).unwrap_or_default()))
+        L4::Ports(port_rules(
+            ctx,
+            &join_key(path, "toPorts"),
+            it.to_ports.map(Vec::as_slice).unwrap_or_default(),
+        ))
     } else if let Some(icmps) = it.icmps {
         L4::Icmps(icmp_rules(ctx, &join_key(path, "icmps"), icmps))
     } else {
         L4::Any
     };
     let has_l4 = it.to_ports.is_some() || it.icmps.is_some();
-    let peers = if !any_peer_field && has_l4 { Peers::All } else { Peers::List(peers) };
+    let peers = if !any_peer_field && has_l4 {
+        Peers::All
+    } else {
+        Peers::List(peers)
+    };
     if ctx.errors.len() != before {
         return None;
     }
-    Some(RuleItem { path: path.to_string(), pos: None, peers, l4 })
+    Some(RuleItem {
+        path: path.to_string(),
+        pos: None,
+        peers,
+        l4,
+    })
 }
 
 fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto> {
@@ -480,21 +592,33 @@ fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto>
         let ports = pr.ports.as_deref().unwrap_or_default();
         let ppath = join_key(&p, "ports");
         if ports.len() > MAX_PORTS {
-            ctx.err(&ppath, format!("too many ports ({}); at most {MAX_PORTS} are allowed in one toPorts entry", ports.len()));
+            ctx.err(
+                &ppath,
+                format!(
+                    "too many ports ({}); at most {MAX_PORTS} are allowed in one toPorts entry",
+                    ports.len()
+                ),
+            );
             continue;
         }
         for (j, pp) in ports.iter().enumerate() {
             let pj = join_index(&ppath, j);
             let port = match &pp.port {
                 None => {
-                    ctx.err(join_key(&pj, "port"), "port is required (write \"0\" for every port of the protocol)");
+                    ctx.err(
+                        join_key(&pj, "port"),
+                        "port is required (write \"0\" for every port of the protocol)",
+                    );
                     None
                 }
                 Some(IntOrString::Int(n)) => {
                     if (0..=65535).contains(n) {
                         Some(PortSpec::Number(*n as u16))
                     } else {
-                        ctx.err(join_key(&pj, "port"), format!("{n} is out of range; a port is 0-65535"));
+                        ctx.err(
+                            join_key(&pj, "port"),
+                            format!("{n} is out of range; a port is 0-65535"),
+                        );
                         None
                     }
                 }
@@ -511,20 +635,35 @@ fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto>
                 None => None,
                 Some(e) if (0..=65535).contains(&e) => Some(e as u16),
                 Some(e) => {
-                    ctx.err(join_key(&pj, "endPort"), format!("{e} is out of range; endPort is 0-65535"));
+                    ctx.err(
+                        join_key(&pj, "endPort"),
+                        format!("{e} is out of range; endPort is 0-65535"),
+                    );
                     None
                 }
             };
-            let proto = match pp.protocol.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            let proto = match pp
+                .protocol
+                .as_deref()
+                .map(str::to_ascii_uppercase)
+                .as_deref()
+            {
                 None | Some("") | Some("ANY") => Some(Proto::Any),
                 Some("TCP") => Some(Proto::Tcp),
                 Some("UDP") => Some(Proto::Udp),
                 Some("SCTP") => Some(Proto::Sctp),
                 Some(other) => {
-                    let hint = if other.starts_with("ICMP") { " (for ICMP write an icmps rule)" } else { "" };
+                    let hint = if other.starts_with("ICMP") {
+                        " (for ICMP write an icmps rule)"
+                    } else {
+                        ""
+                    };
                     ctx.err(
                         join_key(&pj, "protocol"),
-                        format!("{:?} is not a valid protocol{hint}; use TCP, UDP, SCTP or ANY", pp.protocol.as_deref().unwrap_or_default()),
+                        format!(
+                            "{:?} is not a valid protocol{hint}; use TCP, UDP, SCTP or ANY",
+                            pp.protocol.as_deref().unwrap_or_default()
+                        ),
                     );
                     None
                 }
@@ -534,7 +673,11 @@ fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto>
                     (PortSpec::Number(p), Some(e)) if e > *p => Some(e),
                     _ => None,
                 };
-                out.push(PortProto { port, end_port, proto });
+                out.push(PortProto {
+                    port,
+                    end_port,
+                    proto,
+                });
             }
         }
     }
@@ -557,15 +700,26 @@ fn icmp_rules(ctx: &mut Ctx, path: &str, list: &[RawIcmpRule]) -> Vec<IcmpType> 
                 None | Some("") | Some("IPv4") => Family::V4,
                 Some("IPv6") => Family::V6,
                 Some(other) => {
-                    ctx.err(join_key(&pj, "family"), format!("{other:?} is not a valid family; use IPv4 or IPv6 (case-sensitive)"));
+                    ctx.err(
+                        join_key(&pj, "family"),
+                        format!(
+                            "{other:?} is not a valid family; use IPv4 or IPv6 (case-sensitive)"
+                        ),
+                    );
                     continue;
                 }
             };
             let ty = match &f.ty {
-                None => Err("type is required (a number 0-255 or a name such as EchoRequest)".to_string()),
-                Some(IntOrString::Int(n)) => u8::try_from(*n).map_err(|_| format!("ICMP type {n} is out of range; it must be 0-255")),
-                Some(IntOrString::Str(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-                    s.parse::<u8>().map_err(|_| format!("ICMP type {s} is out of range; it must be 0-255"))
+                None => Err(
+                    "type is required (a number 0-255 or a name such as EchoRequest)".to_string(),
+                ),
+                Some(IntOrString::Int(n)) => u8::try_from(*n)
+                    .map_err(|_| format!("ICMP type {n} is out of range; it must be 0-255")),
+                Some(IntOrString::Str(s))
+                    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    s.parse::<u8>()
+                        .map_err(|_| format!("ICMP type {s} is out of range; it must be 0-255"))
                 }
                 Some(IntOrString::Str(s)) => v::icmp_type_name(family, s),
             };
@@ -587,12 +741,16 @@ pub fn network_policy_rule(ctx: &mut Ctx, spec: &RawNpSpec, ns: &str) -> Option<
     let subject = match &spec.pod_selector {
         Some(ps) => {
             let mut sel = selector(ctx, &join_key(path, "podSelector"), ps, KeyMode::K8sPod);
-            sel.requirements.retain(|r| r.key.key != POD_NAMESPACE_LABEL);
+            sel.requirements
+                .retain(|r| r.key.key != POD_NAMESPACE_LABEL);
             sel.requirements.push(ns_in(ns));
             Some(Subject::Endpoints(sel))
         }
         None => {
-            ctx.err(join_key(path, "podSelector"), "podSelector is required (use {} to select every pod of the namespace)");
+            ctx.err(
+                join_key(path, "podSelector"),
+                "podSelector is required (use {} to select every pod of the namespace)",
+            );
             None
         }
     };
@@ -605,7 +763,9 @@ pub fn network_policy_rule(ctx: &mut Ctx, spec: &RawNpSpec, ns: &str) -> Option<
                 "Egress" => types_egress = true,
                 other => ctx.err(
                     join_index(&join_key(path, "policyTypes"), i),
-                    format!("{other:?} is not a policy type; use Ingress or Egress (case-sensitive)"),
+                    format!(
+                        "{other:?} is not a policy type; use Ingress or Egress (case-sensitive)"
+                    ),
                 ),
             }
         }
@@ -700,7 +860,12 @@ fn np_item(
     if ctx.errors.len() != before {
         return None;
     }
-    Some(RuleItem { path: path.to_string(), pos: None, peers, l4 })
+    Some(RuleItem {
+        path: path.to_string(),
+        pos: None,
+        peers,
+        l4,
+    })
 }
 
 fn np_peer(ctx: &mut Ctx, path: &str, peer: &RawNpPeer, ns: &str) -> Option<Peer> {
@@ -727,17 +892,30 @@ fn np_peer(ctx: &mut Ctx, path: &str, peer: &RawNpPeer, ns: &str) -> Option<Peer
                 Err(msg) => ctx.err(join_index(&join_key(&ipath, "except"), i), msg),
             }
         }
-        return Some(Peer::Cidr { net, except, match_endpoints: true });
+        return Some(Peer::Cidr {
+            net,
+            except,
+            match_endpoints: true,
+        });
     }
     match (&peer.namespace_selector, &peer.pod_selector) {
         (None, None) => {
-            ctx.err(path, "a peer needs podSelector, namespaceSelector or ipBlock");
+            ctx.err(
+                path,
+                "a peer needs podSelector, namespaceSelector or ipBlock",
+            );
             None
         }
         (Some(nsel), pod) => {
-            let mut sel = selector(ctx, &join_key(path, "namespaceSelector"), nsel, KeyMode::K8sNamespace);
-            if sel.requirements.is_empty() && nsel.match_labels.as_ref().map_or(true, |m| m.is_empty())
-                && nsel.match_expressions.as_ref().map_or(true, |m| m.is_empty())
+            let mut sel = selector(
+                ctx,
+                &join_key(path, "namespaceSelector"),
+                nsel,
+                KeyMode::K8sNamespace,
+            );
+            if sel.requirements.is_empty()
+                && nsel.match_labels.as_ref().is_none_or(|m| m.is_empty())
+                && nsel.match_expressions.as_ref().is_none_or(|m| m.is_empty())
             {
                 sel.requirements.push(ns_exists());
             }
@@ -749,7 +927,8 @@ fn np_peer(ctx: &mut Ctx, path: &str, peer: &RawNpPeer, ns: &str) -> Option<Peer
         }
         (None, Some(pod)) => {
             let mut sel = selector(ctx, &join_key(path, "podSelector"), pod, KeyMode::K8sPod);
-            sel.requirements.retain(|r| r.key.key != POD_NAMESPACE_LABEL);
+            sel.requirements
+                .retain(|r| r.key.key != POD_NAMESPACE_LABEL);
             sel.requirements.push(ns_in(ns));
             Some(Peer::Endpoints(sel))
         }
@@ -781,7 +960,10 @@ fn np_port(ctx: &mut Ctx, path: &str, port: &RawNpPort) -> Option<PortProto> {
             if (1..=65535).contains(n) {
                 PortSpec::Number(*n as u16)
             } else {
-                ctx.err(join_key(path, "port"), format!("{n} is not a valid port; a port is 1-65535"));
+                ctx.err(
+                    join_key(path, "port"),
+                    format!("{n} is not a valid port; a port is 1-65535"),
+                );
                 PortSpec::Number(0)
             }
         }
@@ -789,7 +971,9 @@ fn np_port(ctx: &mut Ctx, path: &str, port: &RawNpPort) -> Option<PortProto> {
             if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                 ctx.err(
                     join_key(path, "port"),
-                    format!("{s:?} is a string; write the port number without quotes, or a port name"),
+                    format!(
+                        "{s:?} is a string; write the port number without quotes, or a port name"
+                    ),
                 );
             } else if !k8s_port_name(s) {
                 ctx.err(
@@ -805,10 +989,16 @@ fn np_port(ctx: &mut Ctx, path: &str, port: &RawNpPort) -> Option<PortProto> {
         Some(e) => match &spec {
             PortSpec::Number(p) if *p > 0 => {
                 if !(0..=65535).contains(&e) {
-                    ctx.err(join_key(path, "endPort"), format!("{e} is out of range; endPort is 1-65535"));
+                    ctx.err(
+                        join_key(path, "endPort"),
+                        format!("{e} is out of range; endPort is 1-65535"),
+                    );
                     None
                 } else if e < i64::from(*p) {
-                    ctx.err(join_key(path, "endPort"), format!("endPort {e} is smaller than port {p}"));
+                    ctx.err(
+                        join_key(path, "endPort"),
+                        format!("endPort {e} is smaller than port {p}"),
+                    );
                     None
                 } else if e == i64::from(*p) {
                     None
@@ -825,5 +1015,9 @@ fn np_port(ctx: &mut Ctx, path: &str, port: &RawNpPort) -> Option<PortProto> {
     if ctx.errors.len() != before {
         return None;
     }
-    Some(PortProto { port: spec, end_port, proto })
+    Some(PortProto {
+        port: spec,
+        end_port,
+        proto,
+    })
 }

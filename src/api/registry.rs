@@ -19,30 +19,40 @@ use super::yaml::{join_index, join_key};
 
 /// Registry labels → model labels. `allow_sources` is false for Namespace labels,
 /// which are Kubernetes labels only.
-pub fn labels(ctx: &mut Ctx, path: &str, raw: Option<&BTreeMap<String, String>>, allow_sources: bool) -> Vec<Label> {
+pub fn labels(
+    ctx: &mut Ctx,
+    path: &str,
+    raw: Option<&BTreeMap<String, String>>,
+    allow_sources: bool,
+) -> Vec<Label> {
     let mut out = Vec::new();
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
     for (k, val) in raw.into_iter().flatten() {
         let kpath = join_key(path, k);
         let (source, key) = match k.split_once(':') {
             None => ("k8s", k.as_str()),
-            Some((src, key)) => match src {
-                "k8s" | "any" => ("k8s", key),
-                "container" | "unspec" if allow_sources => (src, key),
-                "reserved" => {
-                    ctx.err(&kpath, format!("{k:?}: reserved labels are assigned by netpol and cannot be written"));
-                    continue;
+            Some((src, key)) => {
+                match src {
+                    "k8s" | "any" => ("k8s", key),
+                    "container" | "unspec" if allow_sources => (src, key),
+                    "reserved" => {
+                        ctx.err(&kpath, format!("{k:?}: reserved labels are assigned by netpol and cannot be written"));
+                        continue;
+                    }
+                    other => {
+                        let allowed = if allow_sources {
+                            "k8s:, container: or unspec: (or no prefix, meaning k8s)"
+                        } else {
+                            "k8s: (or no prefix)"
+                        };
+                        ctx.err(
+                            &kpath,
+                            format!("{k:?} has the unknown label source {other:?}; use {allowed}"),
+                        );
+                        continue;
+                    }
                 }
-                other => {
-                    let allowed = if allow_sources {
-                        "k8s:, container: or unspec: (or no prefix, meaning k8s)"
-                    } else {
-                        "k8s: (or no prefix)"
-                    };
-                    ctx.err(&kpath, format!("{k:?} has the unknown label source {other:?}; use {allowed}"));
-                    continue;
-                }
-            },
+            }
         };
         if let Err(e) = v::qualified_name(key) {
             ctx.err(&kpath, e);
@@ -53,7 +63,10 @@ pub fn labels(ctx: &mut Ctx, path: &str, raw: Option<&BTreeMap<String, String>>,
             continue;
         }
         if key == POD_NAMESPACE_LABEL {
-            ctx.err(&kpath, format!("{POD_NAMESPACE_LABEL} is set from metadata.namespace; remove this label"));
+            ctx.err(
+                &kpath,
+                format!("{POD_NAMESPACE_LABEL} is set from metadata.namespace; remove this label"),
+            );
             continue;
         }
         if key.starts_with(NAMESPACE_LABELS_PREFIX) {
@@ -61,11 +74,18 @@ pub fn labels(ctx: &mut Ctx, path: &str, raw: Option<&BTreeMap<String, String>>,
             continue;
         }
         if let Some(first) = seen.get(&(source.to_string(), key.to_string())) {
-            ctx.err(&kpath, format!("label {source}:{key} is written twice (as {first:?} and {k:?})"));
+            ctx.err(
+                &kpath,
+                format!("label {source}:{key} is written twice (as {first:?} and {k:?})"),
+            );
             continue;
         }
         seen.insert((source.to_string(), key.to_string()), k.clone());
-        out.push(Label { source: source.to_string(), key: key.to_string(), value: val.clone() });
+        out.push(Label {
+            source: source.to_string(),
+            key: key.to_string(),
+            value: val.clone(),
+        });
     }
     out
 }
@@ -78,13 +98,21 @@ pub fn object_name(name: &str) -> Result<(), String> {
     if name.len() > 253 {
         return Err(format!("name {name:?} is longer than 253 characters"));
     }
-    if name.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control()) {
+    if name
+        .chars()
+        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
         return Err(format!("name {name:?} must not contain '/' or whitespace"));
     }
     Ok(())
 }
 
-pub fn addresses(ctx: &mut Ctx, path: &str, raw: Option<&Vec<String>>, required: &str) -> Vec<IpAddr> {
+pub fn addresses(
+    ctx: &mut Ctx,
+    path: &str,
+    raw: Option<&Vec<String>>,
+    required: &str,
+) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
     let list = raw.map(Vec::as_slice).unwrap_or_default();
     if list.is_empty() && !required.is_empty() {
@@ -136,28 +164,46 @@ pub fn named_ports(ctx: &mut Ctx, path: &str, raw: Option<&Vec<RawNamedPort>>) -
             );
             ok = false;
         } else if !names.insert(p.name.clone()) {
-            ctx.err(join_key(&pp, "name"), format!("port name {:?} is used twice", p.name));
+            ctx.err(
+                join_key(&pp, "name"),
+                format!("port name {:?} is used twice", p.name),
+            );
             ok = false;
         }
         if !(1..=65535).contains(&p.port) {
-            ctx.err(join_key(&pp, "port"), format!("{} is not a valid port; a port is 1-65535", p.port));
+            ctx.err(
+                join_key(&pp, "port"),
+                format!("{} is not a valid port; a port is 1-65535", p.port),
+            );
             ok = false;
         }
-        let proto = match p.protocol.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        let proto = match p
+            .protocol
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
             None | Some("TCP") => Proto::Tcp,
             Some("UDP") => Proto::Udp,
             Some("SCTP") => Proto::Sctp,
             Some(_) => {
                 ctx.err(
                     join_key(&pp, "protocol"),
-                    format!("{:?} is not a valid protocol; use TCP, UDP or SCTP", p.protocol.as_deref().unwrap_or_default()),
+                    format!(
+                        "{:?} is not a valid protocol; use TCP, UDP or SCTP",
+                        p.protocol.as_deref().unwrap_or_default()
+                    ),
                 );
                 ok = false;
                 Proto::Tcp
             }
         };
         if ok {
-            out.push(NamedPort { name: p.name.clone(), port: p.port as u16, proto });
+            out.push(NamedPort {
+                name: p.name.clone(),
+                port: p.port as u16,
+                proto,
+            });
         }
     }
     out
@@ -182,13 +228,29 @@ pub fn endpoint_spec(ctx: &mut Ctx, spec: &RawEndpointSpec, host: bool) -> Endpo
     };
     let iface = interface(ctx, "spec.interface", spec.interface.as_deref());
     if host && spec.interface.is_none() {
-        ctx.err("spec.interface", "a HostEndpoint needs the interface it stands for (e.g. eth0)");
+        ctx.err(
+            "spec.interface",
+            "a HostEndpoint needs the interface it stands for (e.g. eth0)",
+        );
     }
-    let required = if host { "" } else { "an Endpoint needs at least one address" };
+    let required = if host {
+        ""
+    } else {
+        "an Endpoint needs at least one address"
+    };
     let addrs = addresses(ctx, "spec.addresses", spec.addresses.as_ref(), required);
     if matches!(iface, Some(Interface::Auto)) && addrs.is_empty() && host {
-        ctx.err("spec.interface", "interface \"auto\" needs at least one address to route");
+        ctx.err(
+            "spec.interface",
+            "interface \"auto\" needs at least one address to route",
+        );
     }
     let ports = named_ports(ctx, "spec.ports", spec.ports.as_ref());
-    EndpointSpec { node, interface: iface, addresses: addrs, ports, audit: spec.audit.unwrap_or(false) }
+    EndpointSpec {
+        node,
+        interface: iface,
+        addresses: addrs,
+        ports,
+        audit: spec.audit.unwrap_or(false),
+    }
 }

@@ -25,11 +25,15 @@ pub fn qualified_name(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if name.contains('/') {
-        return Err(format!("{key:?} is not a valid label key: it may contain at most one '/'"));
+        return Err(format!(
+            "{key:?} is not a valid label key: it may contain at most one '/'"
+        ));
     }
     if let Some(p) = prefix {
         if p.is_empty() {
-            return Err(format!("{key:?} is not a valid label key: the prefix before '/' must not be empty"));
+            return Err(format!(
+                "{key:?} is not a valid label key: the prefix before '/' must not be empty"
+            ));
         }
         if p.len() > 253 || !is_dns_subdomain(p) {
             return Err(format!(
@@ -38,10 +42,14 @@ pub fn qualified_name(key: &str) -> Result<(), String> {
         }
     }
     if name.is_empty() {
-        return Err(format!("{key:?} is not a valid label key: the name part must not be empty"));
+        return Err(format!(
+            "{key:?} is not a valid label key: the name part must not be empty"
+        ));
     }
     if name.len() > 63 {
-        return Err(format!("{key:?} is not a valid label key: the name part must be at most 63 characters"));
+        return Err(format!(
+            "{key:?} is not a valid label key: the name part must be at most 63 characters"
+        ));
     }
     if !label_word(name) {
         return Err(format!(
@@ -57,12 +65,15 @@ fn label_word(s: &str) -> bool {
     let last = s.chars().last();
     matches!(first, Some(c) if is_alnum(c))
         && matches!(last, Some(c) if is_alnum(c))
-        && s.chars().all(|c| is_alnum(c) || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| is_alnum(c) || matches!(c, '-' | '_' | '.'))
 }
 
 pub fn label_value(v: &str) -> Result<(), String> {
     if v.len() > 63 {
-        return Err(format!("{v:?} is not a valid label value: it must be at most 63 characters"));
+        return Err(format!(
+            "{v:?} is not a valid label value: it must be at most 63 characters"
+        ));
     }
     if !v.is_empty() && !label_word(v) {
         return Err(format!(
@@ -76,7 +87,8 @@ pub fn label_value(v: &str) -> Result<(), String> {
 pub fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -89,12 +101,24 @@ fn is_dns_subdomain(s: &str) -> bool {
 /// `$key` for `reserved:key`, or a plain key matching any source.
 pub fn selector_key(raw: &str) -> LabelKey {
     if let Some(rest) = raw.strip_prefix('$') {
-        return LabelKey { source: Some("reserved".into()), key: rest.to_string() };
+        return LabelKey {
+            source: Some("reserved".into()),
+            key: rest.to_string(),
+        };
     }
     match raw.split_once(':') {
-        Some((src, key)) if !src.is_empty() && src != "any" => LabelKey { source: Some(src.to_string()), key: key.to_string() },
-        Some((_, key)) => LabelKey { source: None, key: key.to_string() },
-        None => LabelKey { source: None, key: raw.to_string() },
+        Some((src, key)) if !src.is_empty() && src != "any" => LabelKey {
+            source: Some(src.to_string()),
+            key: key.to_string(),
+        },
+        Some((_, key)) => LabelKey {
+            source: None,
+            key: key.to_string(),
+        },
+        None => LabelKey {
+            source: None,
+            key: raw.to_string(),
+        },
     }
 }
 
@@ -103,7 +127,9 @@ pub fn selector_key(raw: &str) -> LabelKey {
 pub fn cilium_selector_key(raw: &str) -> Result<LabelKey, String> {
     let lk = selector_key(raw);
     if lk.key.is_empty() {
-        return Err(format!("{raw:?} is not a valid label key: the key after the source prefix is empty"));
+        return Err(format!(
+            "{raw:?} is not a valid label key: the key after the source prefix is empty"
+        ));
     }
     let ext = format!("{}.{}", lk.source.as_deref().unwrap_or("any"), lk.key);
     if qualified_name(&ext).is_err() {
@@ -161,7 +187,9 @@ pub fn cilium_port(text: &str) -> Result<PortText, String> {
     let has_letter = text.bytes().any(|b| b.is_ascii_alphabetic());
     let name_chars = text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if has_letter && name_chars && text.len() > 15 {
-        return Err(format!("{text:?} is not a port number or name: a port name is at most 15 characters"));
+        return Err(format!(
+            "{text:?} is not a port number or name: a port name is at most 15 characters"
+        ));
     }
     if has_letter && name_chars {
         return Err(format!("{text:?} is not a port number or name: a port name cannot start or end with '-' or contain \"--\""));
@@ -204,9 +232,14 @@ pub fn prefix(text: &str) -> Result<IpNet, String> {
 /// An `except` entry of a CIDR set: a prefix inside `cidr` of the same family.
 pub fn except_of(cidr: &IpNet, text: &str) -> Result<IpNet, String> {
     let ex = prefix(text)?;
-    let same_family = matches!((cidr, &ex), (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)));
+    let same_family = matches!(
+        (cidr, &ex),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    );
     if !same_family {
-        return Err(format!("except {text:?} is not the same address family as cidr {cidr}"));
+        return Err(format!(
+            "except {text:?} is not the same address family as cidr {cidr}"
+        ));
     }
     if !cidr.contains(&ex) {
         return Err(format!("except {text:?} is not inside cidr {cidr}"));
@@ -239,7 +272,10 @@ pub fn entity(text: &str) -> Result<Entity, String> {
         Some(s) => format!(" (did you mean {s:?}?)"),
         None => String::new(),
     };
-    Err(format!("unknown entity {text:?}{hint}; known entities: {}", names.join(", ")))
+    Err(format!(
+        "unknown entity {text:?}{hint}; known entities: {}",
+        names.join(", ")
+    ))
 }
 
 /// Cilium's ICMP type names (`pkg/policy/api/icmp.go`).
@@ -322,7 +358,9 @@ pub fn interface_name(s: &str) -> Result<(), String> {
         return Err(format!("interface name {s:?} is longer than 15 characters"));
     }
     if s == "." || s == ".." || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        return Err(format!("{s:?} is not a valid interface name (no '/', ':' or whitespace; not \".\" or \"..\")"));
+        return Err(format!(
+            "{s:?} is not a valid interface name (no '/', ':' or whitespace; not \".\" or \"..\")"
+        ));
     }
     Ok(())
 }
@@ -351,15 +389,42 @@ mod tests {
         assert!(matches!(cilium_port("8o"), Ok(PortText::Name(_))));
         assert!(cilium_port("65536").is_err());
         assert!(cilium_port("080").is_err());
-        assert_eq!(cilium_port("8.0").err().unwrap(), "\"8.0\" is not a port number or name");
+        assert_eq!(
+            cilium_port("8.0").err().unwrap(),
+            "\"8.0\" is not a port number or name"
+        );
     }
 
     #[test]
     fn keys() {
-        assert_eq!(selector_key("k8s:app"), LabelKey { source: Some("k8s".into()), key: "app".into() });
-        assert_eq!(selector_key("app"), LabelKey { source: None, key: "app".into() });
-        assert_eq!(selector_key("any:app"), LabelKey { source: None, key: "app".into() });
-        assert_eq!(selector_key("$host"), LabelKey { source: Some("reserved".into()), key: "host".into() });
+        assert_eq!(
+            selector_key("k8s:app"),
+            LabelKey {
+                source: Some("k8s".into()),
+                key: "app".into()
+            }
+        );
+        assert_eq!(
+            selector_key("app"),
+            LabelKey {
+                source: None,
+                key: "app".into()
+            }
+        );
+        assert_eq!(
+            selector_key("any:app"),
+            LabelKey {
+                source: None,
+                key: "app".into()
+            }
+        );
+        assert_eq!(
+            selector_key("$host"),
+            LabelKey {
+                source: Some("reserved".into()),
+                key: "host".into()
+            }
+        );
         assert!(cilium_selector_key("app.kubernetes.io/name").is_ok());
         assert!(cilium_selector_key("k8s:io.kubernetes.pod.namespace").is_ok());
         assert!(cilium_selector_key("bad key").is_err());

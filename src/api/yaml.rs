@@ -24,7 +24,10 @@ impl Pos {
         (self.line > 0).then_some((self.line, self.col))
     }
     fn from_marker(m: &Marker) -> Pos {
-        Pos { line: m.line(), col: m.col() + 1 }
+        Pos {
+            line: m.line(),
+            col: m.col() + 1,
+        }
     }
 }
 
@@ -34,7 +37,10 @@ pub enum Value {
     Null,
     /// A scalar; `plain` is false for quoted or `!!str`-tagged scalars, which are
     /// always strings.
-    Scalar { text: String, plain: bool },
+    Scalar {
+        text: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -57,7 +63,10 @@ impl Node {
     /// The value of `key` in a mapping node.
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
-            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -69,14 +78,17 @@ impl Node {
         let mut best = self.pos;
         for seg in split_path(path) {
             let next = match (&seg, &node.value) {
-                (Seg::Key(k), Value::Map(entries)) => entries.iter().find(|(kn, _)| kn.as_str() == Some(k)).map(|(kn, v)| {
-                    // A null value has no useful position of its own: point at its key.
-                    if matches!(v.value, Value::Null) {
-                        (kn, v)
-                    } else {
-                        (v, v)
-                    }
-                }),
+                (Seg::Key(k), Value::Map(entries)) => entries
+                    .iter()
+                    .find(|(kn, _)| kn.as_str() == Some(k))
+                    .map(|(kn, v)| {
+                        // A null value has no useful position of its own: point at its key.
+                        if matches!(v.value, Value::Null) {
+                            (kn, v)
+                        } else {
+                            (v, v)
+                        }
+                    }),
                 (Seg::Index(i), Value::Seq(items)) => items.get(*i).map(|v| (v, v)),
                 _ => None,
             };
@@ -96,7 +108,10 @@ impl Node {
     /// Position of the key `key` in this mapping (for errors about the key itself).
     pub fn key_pos(&self, key: &str) -> Option<Pos> {
         match &self.value {
-            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, _)| k.pos),
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(k, _)| k.pos),
             _ => None,
         }
     }
@@ -119,7 +134,10 @@ pub struct TreeProblem {
 
 /// Append a mapping key to a field path, quoting keys that are not plain words.
 pub fn join_key(path: &str, key: &str) -> String {
-    let simple = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let simple = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (path.is_empty(), simple) {
         (true, true) => key.to_string(),
         (false, true) => format!("{path}.{key}"),
@@ -195,8 +213,19 @@ pub const MAX_ALIAS_NODES: usize = 10_000;
 
 enum Frame {
     /// `size`: nodes in the frame so far, itself included.
-    Seq { pos: Pos, anchor: usize, items: Vec<Node>, size: usize },
-    Map { pos: Pos, anchor: usize, entries: Vec<(Node, Node)>, key: Option<Node>, size: usize },
+    Seq {
+        pos: Pos,
+        anchor: usize,
+        items: Vec<Node>,
+        size: usize,
+    },
+    Map {
+        pos: Pos,
+        anchor: usize,
+        entries: Vec<(Node, Node)>,
+        key: Option<Node>,
+        size: usize,
+    },
 }
 
 #[derive(Default)]
@@ -226,8 +255,10 @@ impl Builder {
                 *size += node_size;
                 items.push(node)
             }
-            Some(Frame::Map { entries, key, size, .. }) => match key.take() {
-                                None => {
+            Some(Frame::Map {
+                entries, key, size, ..
+            }) => match key.take() {
+                None => {
                     *size += node_size;
                     *key = Some(node)
                 }
@@ -241,7 +272,11 @@ impl Builder {
 
     fn limit(&mut self, pos: Pos, message: String) {
         if self.fatal.is_none() {
-            self.fatal = Some(TreeProblem { pos, document: Some(self.doc_count), message });
+            self.fatal = Some(TreeProblem {
+                pos,
+                document: Some(self.doc_count),
+                message,
+            });
         }
     }
 
@@ -253,7 +288,11 @@ impl Builder {
         if scalar && core && t.suffix == "str" {
             return;
         }
-        let written = if core { format!("!!{}", t.suffix) } else { format!("{}{}", t.handle, t.suffix) };
+        let written = if core {
+            format!("!!{}", t.suffix)
+        } else {
+            format!("{}{}", t.handle, t.suffix)
+        };
         self.problems.push(TreeProblem {
             pos,
             document: Some(self.doc_count),
@@ -313,7 +352,10 @@ impl MarkedEventReceiver for Builder {
             Event::DocumentEnd => {
                 if let Some(root) = self.root.take() {
                     if !matches!(root.value, Value::Null) {
-                        self.docs.push(Doc { number: self.doc_count, root });
+                        self.docs.push(Doc {
+                            number: self.doc_count,
+                            root,
+                        });
                     }
                 }
             }
@@ -321,7 +363,11 @@ impl MarkedEventReceiver for Builder {
                 self.check_tag(tag.as_ref(), pos, true);
                 let str_tag = tag.as_ref().is_some_and(|t| t.suffix == "str");
                 let plain = style == TScalarStyle::Plain && !str_tag;
-                let value = if plain && is_null(&text) { Value::Null } else { Value::Scalar { text, plain } };
+                let value = if plain && is_null(&text) {
+                    Value::Null
+                } else {
+                    Value::Scalar { text, plain }
+                };
                 let node = Node { pos, value };
                 if anchor > 0 {
                     self.anchors.insert(anchor, (node.clone(), 1));
@@ -347,15 +393,41 @@ impl MarkedEventReceiver for Builder {
             }
             Event::SequenceStart(anchor, tag) => {
                 self.check_tag(tag.as_ref(), pos, false);
-                self.start(Frame::Seq { pos, anchor, items: Vec::new(), size: 1 }, pos)
+                self.start(
+                    Frame::Seq {
+                        pos,
+                        anchor,
+                        items: Vec::new(),
+                        size: 1,
+                    },
+                    pos,
+                )
             }
             Event::MappingStart(anchor, tag) => {
                 self.check_tag(tag.as_ref(), pos, false);
-                self.start(Frame::Map { pos, anchor, entries: Vec::new(), key: None, size: 1 }, pos)
+                self.start(
+                    Frame::Map {
+                        pos,
+                        anchor,
+                        entries: Vec::new(),
+                        key: None,
+                        size: 1,
+                    },
+                    pos,
+                )
             }
             Event::SequenceEnd => {
-                if let Some(Frame::Seq { pos, anchor, items, size }) = self.stack.pop() {
-                    let node = Node { pos, value: Value::Seq(items) };
+                if let Some(Frame::Seq {
+                    pos,
+                    anchor,
+                    items,
+                    size,
+                }) = self.stack.pop()
+                {
+                    let node = Node {
+                        pos,
+                        value: Value::Seq(items),
+                    };
                     if anchor > 0 {
                         self.anchors.insert(anchor, (node.clone(), size));
                     }
@@ -363,15 +435,29 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::MappingEnd => {
-                if let Some(Frame::Map { pos, anchor, entries, size, .. }) = self.stack.pop() {
+                if let Some(Frame::Map {
+                    pos,
+                    anchor,
+                    entries,
+                    size,
+                    ..
+                }) = self.stack.pop()
+                {
                     self.check_duplicates(&entries);
                     // A block mapping's start mark lies after its first key; the
                     // first key is where a reader looks for it.
                     let pos = match entries.first() {
-                        Some((k, _)) if k.pos.line > 0 && (k.pos.line, k.pos.col) < (pos.line, pos.col) => k.pos,
+                        Some((k, _))
+                            if k.pos.line > 0 && (k.pos.line, k.pos.col) < (pos.line, pos.col) =>
+                        {
+                            k.pos
+                        }
                         _ => pos,
                     };
-                    let node = Node { pos, value: Value::Map(entries) };
+                    let node = Node {
+                        pos,
+                        value: Value::Map(entries),
+                    };
                     if anchor > 0 {
                         self.anchors.insert(anchor, (node.clone(), size));
                     }
@@ -399,7 +485,10 @@ pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
             Err(e) => {
                 let m = e.marker();
                 b.problems.push(TreeProblem {
-                    pos: Pos { line: m.line(), col: m.col() + 1 },
+                    pos: Pos {
+                        line: m.line(),
+                        col: m.col() + 1,
+                    },
                     document: (b.doc_count > 0).then_some(b.doc_count),
                     message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
                 });
@@ -415,7 +504,8 @@ pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
 
 /// A hint for the YAML errors people hit most, all of them indentation.
 fn syntax_hint(info: &str) -> &'static str {
-    if info.contains("did not find expected key") || info.contains("mapping values are not allowed") {
+    if info.contains("did not find expected key") || info.contains("mapping values are not allowed")
+    {
         " (check the indentation of this line and the lines above it)"
     } else if info.contains("found character that cannot start any token") {
         " (tabs cannot indent YAML; use spaces)"
@@ -440,14 +530,20 @@ pub fn parse_json(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
             Vec::new(),
             vec![TreeProblem {
                 // serde_json counts columns from 0 at the very end of the input.
-                pos: Pos { line: e.line(), col: e.column().max(1) },
+                pos: Pos {
+                    line: e.line(),
+                    col: e.column().max(1),
+                },
                 document: None,
                 message: format!("JSON syntax error: {msg}"),
             }],
         );
     }
     let (docs, problems) = parse_yaml(text);
-    if problems.iter().any(|p| p.message.starts_with("YAML syntax error")) {
+    if problems
+        .iter()
+        .any(|p| p.message.starts_with("YAML syntax error"))
+    {
         // Valid JSON the YAML parser cannot read: fall back to a tree without positions.
         match serde_json::from_str::<serde_json::Value>(text) {
             Ok(v) if json_depth(&v) > MAX_DEPTH => {
@@ -464,7 +560,11 @@ pub fn parse_json(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
             }
             Ok(v) => {
                 let root = from_json(&v);
-                let docs = if matches!(root.value, Value::Null) { Vec::new() } else { vec![Doc { number: 1, root }] };
+                let docs = if matches!(root.value, Value::Null) {
+                    Vec::new()
+                } else {
+                    vec![Doc { number: 1, root }]
+                };
                 return (docs, Vec::new());
             }
             Err(_) => return (docs, problems),
@@ -485,17 +585,40 @@ fn json_depth(v: &serde_json::Value) -> usize {
 fn from_json(v: &serde_json::Value) -> Node {
     let value = match v {
         serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Scalar { text: b.to_string(), plain: true },
-        serde_json::Value::Number(n) => Value::Scalar { text: n.to_string(), plain: true },
-        serde_json::Value::String(s) => Value::Scalar { text: s.clone(), plain: false },
+        serde_json::Value::Bool(b) => Value::Scalar {
+            text: b.to_string(),
+            plain: true,
+        },
+        serde_json::Value::Number(n) => Value::Scalar {
+            text: n.to_string(),
+            plain: true,
+        },
+        serde_json::Value::String(s) => Value::Scalar {
+            text: s.clone(),
+            plain: false,
+        },
         serde_json::Value::Array(a) => Value::Seq(a.iter().map(from_json).collect()),
         serde_json::Value::Object(o) => Value::Map(
             o.iter()
-                .map(|(k, v)| (Node { pos: Pos::default(), value: Value::Scalar { text: k.clone(), plain: false } }, from_json(v)))
+                .map(|(k, v)| {
+                    (
+                        Node {
+                            pos: Pos::default(),
+                            value: Value::Scalar {
+                                text: k.clone(),
+                                plain: false,
+                            },
+                        },
+                        from_json(v),
+                    )
+                })
                 .collect(),
         ),
     };
-    Node { pos: Pos::default(), value }
+    Node {
+        pos: Pos::default(),
+        value,
+    }
 }
 
 #[cfg(test)]
@@ -536,18 +659,30 @@ mod tests {
     #[test]
     fn alias_expansion_is_capped() {
         // 10 aliases of a 1,001-node list: 10,010 nodes, just over the cap.
-        let list = format!("a: &l [{}]\nb: [{}]\n", ["x"; 1000].join(", "), ["*l"; 10].join(", "));
+        let list = format!(
+            "a: &l [{}]\nb: [{}]\n",
+            ["x"; 1000].join(", "),
+            ["*l"; 10].join(", ")
+        );
         let (docs, problems) = parse_yaml(&list);
         assert!(docs.is_empty());
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].pos, Pos { line: 2, col: 41 }); // the tenth alias
-        assert!(problems[0].message.starts_with("aliases expand to more than 10000 nodes"));
+        assert!(problems[0]
+            .message
+            .starts_with("aliases expand to more than 10000 nodes"));
         // Nine are fine, and the copies are real copies.
-        let list = format!("a: &l [{}]\nb: [{}]\n", ["x"; 1000].join(", "), ["*l"; 9].join(", "));
+        let list = format!(
+            "a: &l [{}]\nb: [{}]\n",
+            ["x"; 1000].join(", "),
+            ["*l"; 9].join(", ")
+        );
         let (docs, problems) = parse_yaml(&list);
         assert!(problems.is_empty());
         match &docs[0].root.get("b").unwrap().value {
-            Value::Seq(items) => assert!(items.iter().all(|i| matches!(&i.value, Value::Seq(v) if v.len() == 1000))),
+            Value::Seq(items) => assert!(items
+                .iter()
+                .all(|i| matches!(&i.value, Value::Seq(v) if v.len() == 1000))),
             _ => panic!("not a list"),
         }
     }
@@ -559,7 +694,13 @@ mod tests {
         let deep = format!("{}x\n", "- ".repeat(MAX_DEPTH + 1));
         let (_, problems) = parse_yaml(&deep);
         assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].pos, Pos { line: 1, col: 2 * MAX_DEPTH + 1 });
+        assert_eq!(
+            problems[0].pos,
+            Pos {
+                line: 1,
+                col: 2 * MAX_DEPTH + 1
+            }
+        );
         // Deeper than any stack would take through a recursive loader.
         let (_, problems) = parse_yaml(&"- ".repeat(1_000_000));
         assert_eq!(problems.len(), 1);
@@ -568,13 +709,25 @@ mod tests {
     #[test]
     fn tags_other_than_str_are_refused() {
         let (_, problems) = parse_yaml("a: !!str 1\nb: !!binary aGk=\nc: !x {}\nd: !!int 1\n");
-        let msgs: Vec<_> = problems.iter().map(|p| (p.pos.line, p.message.as_str())).collect();
+        let msgs: Vec<_> = problems
+            .iter()
+            .map(|p| (p.pos.line, p.message.as_str()))
+            .collect();
         assert_eq!(
             msgs,
             [
-                (2, "YAML tag \"!!binary\" is not supported (only !!str is); remove it"),
-                (3, "YAML tag \"!x\" is not supported (only !!str is); remove it"),
-                (4, "YAML tag \"!!int\" is not supported (only !!str is); remove it"),
+                (
+                    2,
+                    "YAML tag \"!!binary\" is not supported (only !!str is); remove it"
+                ),
+                (
+                    3,
+                    "YAML tag \"!x\" is not supported (only !!str is); remove it"
+                ),
+                (
+                    4,
+                    "YAML tag \"!!int\" is not supported (only !!str is); remove it"
+                ),
             ]
         );
     }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use netpol::cli;
 
 #[derive(Debug, Parser)]
-#[command(name = "netpolctl", version, about = "Validate, explain and inspect netpol network policy")]
+#[command(
+    name = "netpolctl",
+    version,
+    about = "Validate, explain and inspect netpol network policy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

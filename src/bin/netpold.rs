@@ -16,7 +16,11 @@ use netpol::datapath::Datapath;
 use netpol::netlink::NetlinkLinks;
 
 #[derive(Debug, Parser)]
-#[command(name = "netpold", version, about = "Enforce netpol network policy with eBPF")]
+#[command(
+    name = "netpold",
+    version,
+    about = "Enforce netpol network policy with eBPF"
+)]
 struct Args {
     /// Configuration file
     #[arg(long, value_name = "FILE", default_value = netpol::config::DEFAULT_CONFIG)]
@@ -55,7 +59,9 @@ fn main() {
 }
 
 fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     if args.detach {
         let mut dp = open_datapath(&config, &args.config)?;
         dp.detach_all()?;
@@ -86,7 +92,10 @@ fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
         };
         let opts = Options::new(log.clone(), Notifier::Systemd, reload_rx);
         if args.fake_datapath {
-            slog::warn!(log, "running with the in-memory test datapath: NOTHING IS ENFORCED");
+            slog::warn!(
+                log,
+                "running with the in-memory test datapath: NOTHING IS ENFORCED"
+            );
             let dp = netpol::datapath::fake::FakeDatapath::new();
             daemon::run_with(config, dp, NetlinkLinks, opts, shutdown).await?;
         } else {
@@ -105,7 +114,11 @@ fn open_datapath(config: &Config, path: &std::path::Path) -> anyhow::Result<impl
 
 /// A map the kernel will not create (E2BIG: too many entries for its type;
 /// ENOMEM: cannot allocate it) comes from a size in netpold.toml: say which.
-fn map_size_hint(e: netpol::datapath::DatapathError, config: &Config, path: &std::path::Path) -> anyhow::Error {
+fn map_size_hint(
+    e: netpol::datapath::DatapathError,
+    config: &Config,
+    path: &std::path::Path,
+) -> anyhow::Error {
     let text = e.to_string();
     if text.contains("(os error 7)") || text.contains("(os error 12)") {
         anyhow::anyhow!(

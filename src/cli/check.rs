@@ -76,7 +76,11 @@ pub fn check(
     };
     let registry = match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
         Ok(reg) => {
-            summary.host_endpoints = reg.endpoints.iter().filter(|e| e.kind == api::model::EndpointKind::Host).count();
+            summary.host_endpoints = reg
+                .endpoints
+                .iter()
+                .filter(|e| e.kind == api::model::EndpointKind::Host)
+                .count();
             summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
             summary.nodes = reg.nodes.len();
             summary.namespaces = reg.namespaces.len();
@@ -101,7 +105,12 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
-    let (summary, problems) = check(&cfg.policy_dir, &cfg.endpoint_dirs, &cfg.load_options(), &cfg.compile_options());
+    let (summary, problems) = check(
+        &cfg.policy_dir,
+        &cfg.endpoint_dirs,
+        &cfg.load_options(),
+        &cfg.compile_options(),
+    );
     let valid = problems.is_empty();
     if args.files.json {
         let report = JsonReport {
@@ -136,7 +145,10 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
         for p in &problems {
             println!("{p}");
         }
-        eprintln!("netpolctl check: {} found; nothing would be applied", plural(problems.len(), "problem", "problems"));
+        eprintln!(
+            "netpolctl check: {} found; nothing would be applied",
+            plural(problems.len(), "problem", "problems")
+        );
     }
     Ok(if valid { 0 } else { 1 })
 }

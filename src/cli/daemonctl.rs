@@ -52,33 +52,60 @@ pub enum ClientError {
 }
 
 /// Send one request and return the connection positioned at the answer.
-pub fn request(path: &Path, req: &str, timeout: Option<Duration>) -> Result<BufReader<UnixStream>, ClientError> {
-    let no = |source| ClientError::NoDaemon { path: path.to_path_buf(), source };
+pub fn request(
+    path: &Path,
+    req: &str,
+    timeout: Option<Duration>,
+) -> Result<BufReader<UnixStream>, ClientError> {
+    let no = |source| ClientError::NoDaemon {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut s = UnixStream::connect(path).map_err(no)?;
     s.set_read_timeout(timeout).map_err(no)?;
-    s.set_write_timeout(Some(Duration::from_secs(5))).map_err(no)?;
-    s.write_all(format!("{}\n", serde_json::json!({ "request": req })).as_bytes()).map_err(no)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(no)?;
+    s.write_all(format!("{}\n", serde_json::json!({ "request": req })).as_bytes())
+        .map_err(no)?;
     Ok(BufReader::new(s))
 }
 
 /// One request, one JSON answer.
-pub fn query<T: serde::de::DeserializeOwned>(path: &Path, req: &str) -> Result<(T, String), ClientError> {
+pub fn query<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    req: &str,
+) -> Result<(T, String), ClientError> {
     let mut r = request(path, req, Some(Duration::from_secs(10)))?;
     let mut line = String::new();
-    r.read_line(&mut line).map_err(|source| ClientError::NoDaemon { path: path.to_path_buf(), source })?;
+    r.read_line(&mut line)
+        .map_err(|source| ClientError::NoDaemon {
+            path: path.to_path_buf(),
+            source,
+        })?;
     decode(path, &line).map(|v| (v, line.trim_end().to_string()))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(path: &Path, line: &str) -> Result<T, ClientError> {
     if line.is_empty() {
-        return Err(ClientError::Protocol { path: path.to_path_buf(), message: "connection closed".into() });
+        return Err(ClientError::Protocol {
+            path: path.to_path_buf(),
+            message: "connection closed".into(),
+        });
     }
-    let v: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| ClientError::Protocol { path: path.to_path_buf(), message: e.to_string() })?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| ClientError::Protocol {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     if let Some(msg) = v.get("error").and_then(|m| m.as_str()) {
-        return Err(ClientError::Daemon { path: path.to_path_buf(), message: msg.to_string() });
+        return Err(ClientError::Daemon {
+            path: path.to_path_buf(),
+            message: msg.to_string(),
+        });
     }
-    serde_json::from_value(v).map_err(|e| ClientError::Protocol { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_value(v).map_err(|e| ClientError::Protocol {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 fn fail(e: ClientError) -> anyhow::Result<i32> {
@@ -107,7 +134,10 @@ pub fn format_status(s: &Status) -> String {
         (true, true) => "ready, DEGRADED",
         (false, _) => "NOT READY",
     };
-    out.push_str(&format!("netpold on {}: {state}, generation {}\n", s.node, s.generation));
+    out.push_str(&format!(
+        "netpold on {}: {state}, generation {}\n",
+        s.node, s.generation
+    ));
     out.push_str(&format!(
         "  {} endpoints ({} attached, {} pending), {} policies",
         s.endpoints, s.attached, s.pending, s.policies
@@ -129,7 +159,10 @@ pub fn format_status(s: &Status) -> String {
         out.push_str(&format!("  state_dir: {e}\n"));
     }
     if !s.errors.is_empty() {
-        out.push_str(&format!("  {} problem(s) in the input files; the last valid set stays in force:\n", s.errors.len()));
+        out.push_str(&format!(
+            "  {} problem(s) in the input files; the last valid set stays in force:\n",
+            s.errors.len()
+        ));
         for e in &s.errors {
             out.push_str(&format!("    {}\n", e.message));
         }
@@ -175,7 +208,9 @@ pub fn format_endpoints(eps: &[EndpointView]) -> String {
             e.kind.clone(),
             e.identity.to_string(),
             e.interface.clone().unwrap_or_else(|| "-".into()),
-            e.ifindex.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            e.ifindex
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
             e.state.clone() + if e.audit { " (audit)" } else { "" },
             dd(e.ingress_default_deny).into(),
             dd(e.egress_default_deny).into(),
@@ -183,10 +218,16 @@ pub fn format_endpoints(eps: &[EndpointView]) -> String {
             (c.denied_policy + c.denied_default + c.denied_spoof + c.denied_other).to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..10).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..10)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -207,9 +248,14 @@ pub fn monitor(args: &DaemonArgs) -> anyhow::Result<i32> {
             writeln!(out, "{line}")
         } else {
             match serde_json::from_str::<serde_json::Value>(&line) {
-                Ok(v) if v.get("lost").is_some() => writeln!(out, "({} events lost: the reader was too slow)", v["lost"]),
+                Ok(v) if v.get("lost").is_some() => {
+                    writeln!(out, "({} events lost: the reader was too slow)", v["lost"])
+                }
                 Ok(v) if v.get("error").is_some() => {
-                    return fail(ClientError::Daemon { path, message: v["error"].as_str().unwrap_or("").to_string() })
+                    return fail(ClientError::Daemon {
+                        path,
+                        message: v["error"].as_str().unwrap_or("").to_string(),
+                    })
                 }
                 _ => match serde_json::from_str::<MonitorEvent>(&line) {
                     Ok(ev) => writeln!(out, "{}", format_event(&ev)),
@@ -227,7 +273,11 @@ pub fn monitor(args: &DaemonArgs) -> anyhow::Result<i32> {
 /// `TIME VERDICT SRC -> DST PROTO/PORT ENDPOINT (DIRECTION) RULE`.
 pub fn format_event(ev: &MonitorEvent) -> String {
     let addr = |ip: &str, port: u16| {
-        let ip = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        let ip = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
         if port == 0 {
             ip
         } else {
@@ -305,9 +355,17 @@ mod tests {
             ingress_default_deny: true,
             egress_default_deny: false,
             audit: false,
-            counters: CountersView { allowed: 7, denied_default: 2, denied_policy: 1, ..CountersView::default() },
+            counters: CountersView {
+                allowed: 7,
+                denied_default: 2,
+                denied_policy: 1,
+                ..CountersView::default()
+            },
         };
-        let t = format_endpoints(&[ep("backend", "attached", Some(13)), ep("db", "pending", None)]);
+        let t = format_endpoints(&[
+            ep("backend", "attached", Some(13)),
+            ep("db", "pending", None),
+        ]);
         assert_eq!(
             t,
             "ENDPOINT         KIND      IDENTITY  INTERFACE  IFINDEX  STATE     INGRESS       EGRESS  ALLOWED  DENIED\n\

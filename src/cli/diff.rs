@@ -22,7 +22,10 @@ use serde::Serialize;
 use super::common::FileArgs;
 use super::trace::load_compiled;
 use crate::api::model::EndpointKind;
-use crate::policy::trace::{endpoint_side, proto_name, trace, DirVerdict, DirectionResult, Reason, Side, TraceResult, Verdict};
+use crate::policy::trace::{
+    endpoint_side, proto_name, trace, DirVerdict, DirectionResult, Reason, Side, TraceResult,
+    Verdict,
+};
 use crate::policy::types::{proto, Compiled, PolicyEntry};
 
 const DIFF_EXAMPLES: &str = "\
@@ -134,7 +137,14 @@ pub fn probes(states: &[&Compiled]) -> Vec<Probe> {
                 continue; // covers every port of the protocol: no breakpoint
             }
             groups
-                .entry((e.endpoint, e.direction as u8, e.identity, e.proto, e.verdict as u8, e.rule))
+                .entry((
+                    e.endpoint,
+                    e.direction as u8,
+                    e.identity,
+                    e.proto,
+                    e.verdict as u8,
+                    e.rule,
+                ))
                 .or_default()
                 .push(entry_range(e));
         }
@@ -161,22 +171,46 @@ pub fn probes(states: &[&Compiled]) -> Vec<Probe> {
         }
         for pt in points {
             if pt <= 65535 && covered(pt) && (pt != 0 || is_icmp(*p)) {
-                out.insert(Probe { proto: *p, port: pt as u16, other: false });
+                out.insert(Probe {
+                    proto: *p,
+                    port: pt as u16,
+                    other: false,
+                });
             }
         }
         if !is_icmp(*p) {
             if let Some(o) = other_port(&|port| covered(u32::from(port))) {
-                out.insert(Probe { proto: *p, port: o, other: true });
+                out.insert(Probe {
+                    proto: *p,
+                    port: o,
+                    other: true,
+                });
             }
         }
     }
     if !blocks.contains_key(&proto::TCP) {
-        out.insert(Probe { proto: proto::TCP, port: other_port(&|_| false).unwrap_or(1), other: true });
+        out.insert(Probe {
+            proto: proto::TCP,
+            port: other_port(&|_| false).unwrap_or(1),
+            other: true,
+        });
     }
-    out.insert(Probe { proto: proto::ICMP, port: 8, other: false });
-    let v6 = states.iter().any(|c| c.endpoints.iter().any(|e| e.addresses.iter().any(|a| a.is_ipv6())));
+    out.insert(Probe {
+        proto: proto::ICMP,
+        port: 8,
+        other: false,
+    });
+    let v6 = states.iter().any(|c| {
+        c.endpoints
+            .iter()
+            .any(|e| e.addresses.iter().any(|a| a.is_ipv6()))
+    });
     if v6 {
-        out.insert(Probe { proto: proto::ICMPV6, port: 128, other: false });
+        out.insert(Probe {
+            proto: proto::ICMPV6,
+            port: 128,
+            other: false,
+        });
     }
     out.into_iter().collect()
 }
@@ -213,8 +247,17 @@ fn describe(d: &DirectionResult) -> String {
     };
     match (d.reason, &d.rule) {
         (Reason::Rule | Reason::DenyRule, Some(r)) => {
-            let what = if d.reason == Reason::Rule { "allow" } else { "deny" };
-            format!("{dir} of {who}: {what} {} {} {}", r.policy, r.file.display(), r.path)
+            let what = if d.reason == Reason::Rule {
+                "allow"
+            } else {
+                "deny"
+            };
+            format!(
+                "{dir} of {who}: {what} {} {} {}",
+                r.policy,
+                r.file.display(),
+                r.path
+            )
         }
         (Reason::DefaultDeny, _) => format!("{dir} of {who}: default deny"),
         (Reason::NoPolicy, _) => format!("{dir} of {who}: no policy"),
@@ -229,17 +272,32 @@ fn describe(d: &DirectionResult) -> String {
 pub fn deciding_rule(r: &TraceResult) -> String {
     let dirs = [&r.egress, &r.ingress];
     let pick: Vec<&DirectionResult> = match r.verdict {
-        Verdict::Denied => dirs.iter().copied().filter(|d| d.verdict == DirVerdict::Denied).collect(),
+        Verdict::Denied => dirs
+            .iter()
+            .copied()
+            .filter(|d| d.verdict == DirVerdict::Denied)
+            .collect(),
         Verdict::Allowed => {
-            let ruled: Vec<_> = dirs.iter().copied().filter(|d| d.reason == Reason::Rule || d.verdict == DirVerdict::Audit).collect();
+            let ruled: Vec<_> = dirs
+                .iter()
+                .copied()
+                .filter(|d| d.reason == Reason::Rule || d.verdict == DirVerdict::Audit)
+                .collect();
             if ruled.is_empty() {
-                dirs.iter().copied().filter(|d| d.reason != Reason::NotAnEndpoint).take(1).collect()
+                dirs.iter()
+                    .copied()
+                    .filter(|d| d.reason != Reason::NotAnEndpoint)
+                    .take(1)
+                    .collect()
             } else {
                 ruled
             }
         }
     };
-    pick.iter().map(|d| describe(d)).collect::<Vec<_>>().join("; ")
+    pick.iter()
+        .map(|d| describe(d))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Every flow whose effective verdict differs between `before` and `after`, and
@@ -250,12 +308,16 @@ pub fn changes(before: &Compiled, after: &Compiled, probes: &[Probe]) -> (Vec<Ch
     let mut out = Vec::new();
     let mut checked = 0;
     for (sname, s_after) in &a {
-        let Some(s_before) = b.get(sname) else { continue };
+        let Some(s_before) = b.get(sname) else {
+            continue;
+        };
         for (dname, d_after) in &a {
             if sname == dname {
                 continue;
             }
-            let Some(d_before) = b.get(dname) else { continue };
+            let Some(d_before) = b.get(dname) else {
+                continue;
+            };
             for p in probes {
                 checked += 1;
                 let rb = trace(before, s_before, d_before, p.proto, p.port);
@@ -281,23 +343,37 @@ pub fn changes(before: &Compiled, after: &Compiled, probes: &[Probe]) -> (Vec<Ch
 }
 
 fn probe_text(p: &Probe) -> String {
-    format!("{}/{}{}", proto_name(p.proto), p.port, if p.other { " (other)" } else { "" })
+    format!(
+        "{}/{}{}",
+        proto_name(p.proto),
+        p.port,
+        if p.other { " (other)" } else { "" }
+    )
 }
 
 pub fn run(args: &DiffArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
     let Some(before) = load_compiled(&args.files)? else {
-        eprintln!("netpolctl diff: the current files ({}) are invalid", cfg.policy_dir.display());
+        eprintln!(
+            "netpolctl diff: the current files ({}) are invalid",
+            cfg.policy_dir.display()
+        );
         return Ok(2);
     };
     if !args.new_dir.is_dir() {
-        eprintln!("netpolctl diff: {}: not a directory", args.new_dir.display());
+        eprintln!(
+            "netpolctl diff: {}: not a directory",
+            args.new_dir.display()
+        );
         return Ok(2);
     }
     let mut new_files = args.files.clone();
     new_files.policy_dir = Some(args.new_dir.clone());
     let Some(after) = load_compiled(&new_files)? else {
-        eprintln!("netpolctl diff: the new policies ({}) are invalid", args.new_dir.display());
+        eprintln!(
+            "netpolctl diff: the new policies ({}) are invalid",
+            args.new_dir.display()
+        );
         return Ok(2);
     };
     let probes = probes(&[&before, &after]);
@@ -326,16 +402,32 @@ pub fn run(args: &DiffArgs) -> anyhow::Result<i32> {
                 [
                     c.from.clone(),
                     c.to.clone(),
-                    format!("{}/{}{}", c.proto, c.port, if c.other_port { "*" } else { "" }),
+                    format!(
+                        "{}/{}{}",
+                        c.proto,
+                        c.port,
+                        if c.other_port { "*" } else { "" }
+                    ),
                     format!("{} → {}", c.before.as_str(), c.after.as_str()),
                     c.rule_after.clone(),
                 ]
             })
             .collect();
-        let head = ["SOURCE", "DESTINATION", "PROTO/PORT", "BEFORE → AFTER", "DECIDED BY (AFTER)"];
+        let head = [
+            "SOURCE",
+            "DESTINATION",
+            "PROTO/PORT",
+            "BEFORE → AFTER",
+            "DECIDED BY (AFTER)",
+        ];
         let mut w = [0usize; 4];
         for (i, wi) in w.iter_mut().enumerate() {
-            *wi = rows.iter().map(|r| r[i].chars().count()).chain([head[i].chars().count()]).max().unwrap_or(0);
+            *wi = rows
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([head[i].chars().count()])
+                .max()
+                .unwrap_or(0);
         }
         let line = |r: [&str; 5]| {
             let mut s = String::new();
@@ -353,7 +445,11 @@ pub fn run(args: &DiffArgs) -> anyhow::Result<i32> {
         println!(
             "{} of {checked} flows change{}",
             changes.len(),
-            if changes.iter().any(|c| c.other_port) { " (* = stands for every port no policy names)" } else { "" }
+            if changes.iter().any(|c| c.other_port) {
+                " (* = stands for every port no policy names)"
+            } else {
+                ""
+            }
         );
     }
     Ok(if changes.is_empty() { 0 } else { 1 })
@@ -365,7 +461,16 @@ mod tests {
     use crate::policy::types::{Direction, EntryVerdict};
 
     fn entry(proto_: u8, port: u16, prefix: u8) -> PolicyEntry {
-        PolicyEntry { endpoint: 0, direction: Direction::Ingress, identity: 5, proto: proto_, port, port_prefix: prefix, verdict: EntryVerdict::Allow, rule: 0 }
+        PolicyEntry {
+            endpoint: 0,
+            direction: Direction::Ingress,
+            identity: 5,
+            proto: proto_,
+            port,
+            port_prefix: prefix,
+            verdict: EntryVerdict::Allow,
+            rule: 0,
+        }
     }
 
     #[test]
@@ -380,7 +485,9 @@ mod tests {
         assert_eq!(tcp.len(), 2, "{ps:?}");
         assert_eq!((tcp[0].port, tcp[0].other), (80, false));
         assert!(tcp[1].other && !(80..=444).contains(&tcp[1].port));
-        assert!(ps.iter().any(|p| p.proto == proto::UDP && p.port == 53 && !p.other));
+        assert!(ps
+            .iter()
+            .any(|p| p.proto == proto::UDP && p.port == 53 && !p.other));
         assert!(ps.iter().any(|p| p.proto == proto::UDP && p.other));
         assert!(ps.iter().any(|p| p.proto == proto::ICMP && p.port == 8));
     }
@@ -395,7 +502,11 @@ mod tests {
         let mut b = Compiled::default();
         b.entries.push(entry(proto::TCP, 1500, 16));
         let ps = probes(&[&a, &b]);
-        let ports: Vec<u16> = ps.iter().filter(|p| p.proto == proto::TCP && !p.other).map(|p| p.port).collect();
+        let ports: Vec<u16> = ps
+            .iter()
+            .filter(|p| p.proto == proto::TCP && !p.other)
+            .map(|p| p.port)
+            .collect();
         assert_eq!(ports, vec![1000, 1500, 1501]);
     }
 }

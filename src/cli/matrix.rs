@@ -64,7 +64,9 @@ fn sides(c: &Compiled) -> Vec<Side> {
         .iter()
         .map(|e| {
             let name = match &e.namespace {
-                Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => format!("{ns}/{}", e.name),
+                Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => {
+                    format!("{ns}/{}", e.name)
+                }
                 _ => e.name.clone(),
             };
             endpoint_side(c, &name, e.slot)
@@ -79,16 +81,28 @@ pub fn run(args: &MatrixArgs) -> anyhow::Result<i32> {
     };
     let p = args.proto.number();
     let eps = sides(&compiled);
-    let names: Vec<String> = eps.iter().map(|s| s.endpoint.clone().unwrap_or_default()).collect();
+    let names: Vec<String> = eps
+        .iter()
+        .map(|s| s.endpoint.clone().unwrap_or_default())
+        .collect();
     let mut grid: Vec<Vec<(Verdict, bool)>> = Vec::new();
     let mut rules: Vec<Vec<String>> = Vec::new();
     for s in &eps {
-        let results: Vec<_> = eps.iter().map(|d| trace(&compiled, s, d, p, port)).collect();
+        let results: Vec<_> = eps
+            .iter()
+            .map(|d| trace(&compiled, s, d, p, port))
+            .collect();
         grid.push(results.iter().map(|r| (r.verdict, r.audit)).collect());
         rules.push(results.iter().map(super::diff::deciding_rule).collect());
     }
     let pname = crate::policy::trace::proto_name(p);
-    let pic = Picture { proto: &pname, port, names: &names, grid: &grid, rules: &rules };
+    let pic = Picture {
+        proto: &pname,
+        port,
+        names: &names,
+        grid: &grid,
+        rules: &rules,
+    };
     if let Some(path) = &args.svg {
         std::fs::write(path, pic.svg()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         eprintln!("netpolctl: wrote {}", path.display());
@@ -110,7 +124,12 @@ pub fn run(args: &MatrixArgs) -> anyhow::Result<i32> {
                 });
             }
         }
-        let out = MatrixJson { proto: pname, port, endpoints: names, flows };
+        let out = MatrixJson {
+            proto: pname,
+            port,
+            endpoints: names,
+            flows,
+        };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
@@ -118,7 +137,12 @@ pub fn run(args: &MatrixArgs) -> anyhow::Result<i32> {
     for (i, n) in names.iter().enumerate() {
         println!("  [{}] {n}", i + 1);
     }
-    let w = names.iter().map(|n| n.chars().count()).max().unwrap_or(4).max(4);
+    let w = names
+        .iter()
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let cw = (names.len().to_string().len() + 1).max(2);
     let mut header = format!("{:w$} ", "");
     for j in 0..names.len() {
@@ -192,7 +216,14 @@ impl Picture<'_> {
     fn svg(&self) -> String {
         use std::fmt::Write as _;
         let n = self.names.len();
-        let label_w = self.names.iter().map(|s| s.chars().count()).max().unwrap_or(4) * 7 + 16;
+        let label_w = self
+            .names
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(4)
+            * 7
+            + 16;
         let top = label_w; // column labels are rotated; same room as row labels
         let legend_h = 40;
         let width = label_w + n * CELL + label_w / 2 + 20;
@@ -202,7 +233,12 @@ impl Picture<'_> {
             s,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
         );
-        let _ = writeln!(s, "<title>netpol connectivity matrix, {}/{}</title>", xml_escape(self.proto), self.port);
+        let _ = writeln!(
+            s,
+            "<title>netpol connectivity matrix, {}/{}</title>",
+            xml_escape(self.proto),
+            self.port
+        );
         let _ = writeln!(
             s,
             r#"<text x="4" y="14" font-weight="bold">{}/{}: rows = source, columns = destination</text>"#,
@@ -251,9 +287,21 @@ impl Picture<'_> {
             }
         }
         let ly = top + n * CELL + 20;
-        for (k, (label, color)) in [("allowed", GREEN), ("denied", RED), ("audit", AMBER), ("self", GREY)].iter().enumerate() {
+        for (k, (label, color)) in [
+            ("allowed", GREEN),
+            ("denied", RED),
+            ("audit", AMBER),
+            ("self", GREY),
+        ]
+        .iter()
+        .enumerate()
+        {
             let x = 4 + k * 90;
-            let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/>"#, ly - 10);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/>"#,
+                ly - 10
+            );
             let _ = writeln!(s, r#"<text x="{}" y="{ly}">{label}</text>"#, x + 16);
         }
         s.push_str("</svg>\n");

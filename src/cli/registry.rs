@@ -21,7 +21,9 @@ pub struct RegistryArgs {
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
     /// Convert `kubectl get pods,namespaces -A -o json` into registry files
-    #[command(after_help = "Examples:\n  kubectl get pods,namespaces -A -o json > cluster.json\n  netpolctl registry import cluster.json --out /etc/netpol/endpoints.d\n  kubectl get pods,namespaces -A -o json | netpolctl registry import - > registry.yaml")]
+    #[command(
+        after_help = "Examples:\n  kubectl get pods,namespaces -A -o json > cluster.json\n  netpolctl registry import cluster.json --out /etc/netpol/endpoints.d\n  kubectl get pods,namespaces -A -o json | netpolctl registry import - > registry.yaml"
+    )]
     Import(ImportArgs),
 }
 
@@ -122,8 +124,9 @@ pub struct Converted {
 
 /// Convert kubectl JSON text. Pure; `source` is only used in messages.
 pub fn convert(source: &str, text: &str) -> anyhow::Result<Converted> {
-    let list: KList = serde_json::from_str(text)
-        .with_context(|| format!("{source}: not the JSON of `kubectl get pods,namespaces -A -o json`"))?;
+    let list: KList = serde_json::from_str(text).with_context(|| {
+        format!("{source}: not the JSON of `kubectl get pods,namespaces -A -o json`")
+    })?;
     let mut docs: BTreeMap<String, Vec<Doc>> = BTreeMap::new();
     let mut out = Converted::default();
     for (i, item) in list.items.iter().enumerate() {
@@ -134,27 +137,43 @@ pub fn convert(source: &str, text: &str) -> anyhow::Result<Converted> {
                     Doc {
                         api_version: "netpol/v1",
                         kind: "Namespace",
-                        metadata: Meta { name: item.metadata.name.clone(), namespace: None, labels: item.metadata.labels.clone() },
+                        metadata: Meta {
+                            name: item.metadata.name.clone(),
+                            namespace: None,
+                            labels: item.metadata.labels.clone(),
+                        },
                         spec: None,
                     },
                 );
                 out.namespaces += 1;
             }
             "Pod" => {
-                let ns = item.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                let ns = item
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
                 let who = format!("pod {ns}/{}", item.metadata.name);
                 if item.metadata.name.is_empty() {
                     bail!("{source}: items[{i}]: a Pod without metadata.name");
                 }
                 if item.spec.get("hostNetwork").and_then(|v| v.as_bool()) == Some(true) {
-                    out.notes.push(format!("{who}: skipped: it uses the host's network (its traffic is the host's)"));
+                    out.notes.push(format!(
+                        "{who}: skipped: it uses the host's network (its traffic is the host's)"
+                    ));
                     continue;
                 }
                 let mut addresses: Vec<String> = item
                     .status
                     .get("podIPs")
                     .and_then(|v| v.as_array())
-                    .map(|a| a.iter().filter_map(|x| x.get("ip").and_then(|ip| ip.as_str()).map(str::to_owned)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| {
+                                x.get("ip").and_then(|ip| ip.as_str()).map(str::to_owned)
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if addresses.is_empty() {
                     if let Some(ip) = item.status.get("podIP").and_then(|v| v.as_str()) {
@@ -167,35 +186,69 @@ pub fn convert(source: &str, text: &str) -> anyhow::Result<Converted> {
                     }
                 }
                 if addresses.is_empty() {
-                    out.notes.push(format!("{who}: skipped: it has no IP address yet (status.podIPs is empty)"));
+                    out.notes.push(format!(
+                        "{who}: skipped: it has no IP address yet (status.podIPs is empty)"
+                    ));
                     continue;
                 }
-                let node = item.spec.get("nodeName").and_then(|v| v.as_str()).map(str::to_owned);
+                let node = item
+                    .spec
+                    .get("nodeName")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
                 let mut ports = Vec::new();
                 if let Some(containers) = item.spec.get("containers").and_then(|v| v.as_array()) {
                     for c in containers {
-                        for p in c.get("ports").and_then(|v| v.as_array()).into_iter().flatten() {
-                            let (Some(name), Some(port)) =
-                                (p.get("name").and_then(|v| v.as_str()), p.get("containerPort").and_then(|v| v.as_u64()))
-                            else {
+                        for p in c
+                            .get("ports")
+                            .and_then(|v| v.as_array())
+                            .into_iter()
+                            .flatten()
+                        {
+                            let (Some(name), Some(port)) = (
+                                p.get("name").and_then(|v| v.as_str()),
+                                p.get("containerPort").and_then(|v| v.as_u64()),
+                            ) else {
                                 continue;
                             };
-                            let Ok(port) = u16::try_from(port) else { continue };
-                            let protocol = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP").to_owned();
-                            ports.push(NamedPort { name: name.to_owned(), port, protocol });
+                            let Ok(port) = u16::try_from(port) else {
+                                continue;
+                            };
+                            let protocol = p
+                                .get("protocol")
+                                .and_then(|v| v.as_str())
+                                .unwrap_or("TCP")
+                                .to_owned();
+                            ports.push(NamedPort {
+                                name: name.to_owned(),
+                                port,
+                                protocol,
+                            });
                         }
                     }
                 }
                 docs.entry(ns.clone()).or_default().push(Doc {
                     api_version: "netpol/v1",
                     kind: "Endpoint",
-                    metadata: Meta { name: item.metadata.name.clone(), namespace: Some(ns), labels: item.metadata.labels.clone() },
-                    spec: Some(EndpointSpec { node, interface: "auto", addresses, ports }),
+                    metadata: Meta {
+                        name: item.metadata.name.clone(),
+                        namespace: Some(ns),
+                        labels: item.metadata.labels.clone(),
+                    },
+                    spec: Some(EndpointSpec {
+                        node,
+                        interface: "auto",
+                        addresses,
+                        ports,
+                    }),
                 });
                 out.endpoints += 1;
             }
             "" => bail!("{source}: items[{i}]: an item without kind"),
-            other => out.notes.push(format!("items[{i}]: {other} {}: skipped: only Pods and Namespaces are read", item.metadata.name)),
+            other => out.notes.push(format!(
+                "items[{i}]: {other} {}: skipped: only Pods and Namespaces are read",
+                item.metadata.name
+            )),
         }
     }
     for (ns, list) in docs {
@@ -214,10 +267,13 @@ pub fn convert(source: &str, text: &str) -> anyhow::Result<Converted> {
 fn import(args: &ImportArgs) -> anyhow::Result<i32> {
     let (source, text) = if args.input == Path::new("-") {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
         ("<stdin>".to_owned(), s)
     } else {
-        let s = std::fs::read_to_string(&args.input).with_context(|| format!("{}", args.input.display()))?;
+        let s = std::fs::read_to_string(&args.input)
+            .with_context(|| format!("{}", args.input.display()))?;
         (args.input.display().to_string(), s)
     };
     let conv = convert(&source, &text)?;
@@ -261,13 +317,31 @@ mod tests {
         let c = convert("kind-cluster.json", FIXTURE).unwrap();
         assert_eq!(c.namespaces, 3);
         assert_eq!(c.endpoints, 5);
-        assert_eq!(c.files.keys().collect::<Vec<_>>(), ["default", "kube-system", "prod"]);
-        assert!(c.notes.iter().any(|n| n.contains("kube-system/kindnet-uvwxy") && n.contains("host's network")), "{:?}", c.notes);
-        assert!(c.notes.iter().any(|n| n.contains("default/pending-job") && n.contains("no IP address")), "{:?}", c.notes);
+        assert_eq!(
+            c.files.keys().collect::<Vec<_>>(),
+            ["default", "kube-system", "prod"]
+        );
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.contains("kube-system/kindnet-uvwxy") && n.contains("host's network")),
+            "{:?}",
+            c.notes
+        );
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.contains("default/pending-job") && n.contains("no IP address")),
+            "{:?}",
+            c.notes
+        );
         let prod = &c.files["prod"];
         // The Namespace document comes first, with its labels.
         let first_doc = prod.split("---\n").nth(1).unwrap();
-        assert!(first_doc.contains("kind: Namespace") && first_doc.contains("team: payments"), "{prod}");
+        assert!(
+            first_doc.contains("kind: Namespace") && first_doc.contains("team: payments"),
+            "{prod}"
+        );
         assert!(prod.contains("name: backend-5f6b7-klmno"));
         assert!(prod.contains("node: kind-worker"));
         assert!(prod.contains("interface: auto"));
@@ -278,8 +352,15 @@ mod tests {
     #[test]
     fn rejects_what_is_not_kubectl_json() {
         let e = convert("x.json", "{\"items\": 3}").unwrap_err();
-        assert!(format!("{e:#}").starts_with("x.json: not the JSON of `kubectl get pods,namespaces -A -o json`"), "{e:#}");
+        assert!(
+            format!("{e:#}")
+                .starts_with("x.json: not the JSON of `kubectl get pods,namespaces -A -o json`"),
+            "{e:#}"
+        );
         let e = convert("x.json", r#"{"items":[{"kind":"Pod","metadata":{"name":"p"},"status":{"podIPs":[{"ip":"10.0.0.300"}]}}]}"#).unwrap_err();
-        assert_eq!(format!("{e:#}"), "x.json: items[0] (pod default/p): status.podIPs: \"10.0.0.300\" is not an IP address");
+        assert_eq!(
+            format!("{e:#}"),
+            "x.json: items[0] (pod default/p): status.podIPs: \"10.0.0.300\" is not an IP address"
+        );
     }
 }

@@ -87,22 +87,31 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
             None
         }
     };
-    let registry = match crate::api::load_endpoint_dirs_with(&cfg.endpoint_dirs, &cfg.load_options()) {
-        Ok(r) => {
-            problems.extend(crate::registry::validate(&r).iter().map(ToString::to_string));
-            Some(r)
-        }
-        Err(ps) => {
-            problems.extend(ps.iter().map(ToString::to_string));
-            None
-        }
-    };
+    let registry =
+        match crate::api::load_endpoint_dirs_with(&cfg.endpoint_dirs, &cfg.load_options()) {
+            Ok(r) => {
+                problems.extend(
+                    crate::registry::validate(&r)
+                        .iter()
+                        .map(ToString::to_string),
+                );
+                Some(r)
+            }
+            Err(ps) => {
+                problems.extend(ps.iter().map(ToString::to_string));
+                None
+            }
+        };
     let (Some(policies), Some(registry), true) = (policies, registry, problems.is_empty()) else {
         let mut err = std::io::stderr().lock();
         for p in &problems {
             let _ = writeln!(err, "{p}");
         }
-        let _ = writeln!(err, "netpolctl: {} problem(s) in the policy or registry files", problems.len());
+        let _ = writeln!(
+            err,
+            "netpolctl: {} problem(s) in the policy or registry files",
+            problems.len()
+        );
         return Ok(None);
     };
     // As netpold compiles (node name, audit, allow_localhost, map sizes); only the
@@ -113,7 +122,10 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         Err(e) => {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "{e}");
-            let _ = writeln!(err, "netpolctl: 1 problem(s) in the policy or registry files");
+            let _ = writeln!(
+                err,
+                "netpolctl: 1 problem(s) in the policy or registry files"
+            );
             Ok(None)
         }
     }
@@ -123,7 +135,10 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<i32> {
     let port = match (args.port, args.proto.default_port()) {
         (Some(p), _) | (None, Some(p)) => p,
         (None, None) => {
-            eprintln!("netpolctl trace: --port is required for --proto {:?}", args.proto);
+            eprintln!(
+                "netpolctl trace: --port is required for --proto {:?}",
+                args.proto
+            );
             return Ok(2);
         }
     };
@@ -134,7 +149,10 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<i32> {
     let Some(compiled) = load_compiled(&args.files)? else {
         return Ok(2);
     };
-    let (src, dst) = match (resolve_side(&compiled, &args.from), resolve_side(&compiled, &args.to)) {
+    let (src, dst) = match (
+        resolve_side(&compiled, &args.from),
+        resolve_side(&compiled, &args.to),
+    ) {
         (Ok(s), Ok(d)) => (s, d),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("netpolctl trace: {e}");

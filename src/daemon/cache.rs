@@ -50,7 +50,10 @@ impl FileId {
     }
 
     fn settled(&self, read_at: SystemTime, margin: Duration) -> bool {
-        let now = read_at.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        let now = read_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
         let newest = self.mtime_ns.max(self.ctime_ns);
         now - newest >= margin.as_nanos() as i128
     }
@@ -172,7 +175,10 @@ impl LoadCache {
 
     /// Like [`LoadCache::registry`], but `None` when the last call returned a
     /// valid set and no file changed since.
-    pub fn registry_if_changed(&mut self, dirs: &[PathBuf]) -> Option<Result<RegistrySet, Vec<Problem>>> {
+    pub fn registry_if_changed(
+        &mut self,
+        dirs: &[PathBuf],
+    ) -> Option<Result<RegistrySet, Vec<Problem>>> {
         self.registry_if_touched(dirs, None)
     }
 
@@ -201,12 +207,24 @@ impl LoadCache {
     /// Only the touched files (and symlinks) looked at again: `None` when that
     /// cannot answer (no valid load of the same directories to start from), else
     /// `Some(None)` for "nothing changed" or the new parse.
-    fn load_touched(&mut self, dirs: &[PathBuf], want: FileKind, touched: &BTreeSet<PathBuf>) -> Option<Option<Parsed>> {
+    fn load_touched(
+        &mut self,
+        dirs: &[PathBuf],
+        want: FileKind,
+        touched: &BTreeSet<PathBuf>,
+    ) -> Option<Option<Parsed>> {
         let kind = slot(want);
-        let prev = self.listed[kind].as_ref().filter(|l| l.ok && l.dirs == dirs)?;
+        let prev = self.listed[kind]
+            .as_ref()
+            .filter(|l| l.ok && l.dirs == dirs)?;
         let mine: Vec<(usize, &PathBuf)> = touched
             .iter()
-            .filter_map(|p| Some((dirs.iter().position(|d| Some(d.as_path()) == p.parent())?, p)))
+            .filter_map(|p| {
+                Some((
+                    dirs.iter().position(|d| Some(d.as_path()) == p.parent())?,
+                    p,
+                ))
+            })
             .collect();
         if mine.is_empty() && prev.links.is_empty() {
             self.last_parsed = 0;
@@ -257,7 +275,12 @@ impl LoadCache {
         Some(Some(out))
     }
 
-    fn load_if_changed(&mut self, dirs: &[PathBuf], want: FileKind, touched: Option<&BTreeSet<PathBuf>>) -> Option<Parsed> {
+    fn load_if_changed(
+        &mut self,
+        dirs: &[PathBuf],
+        want: FileKind,
+        touched: Option<&BTreeSet<PathBuf>>,
+    ) -> Option<Parsed> {
         if let Some(r) = touched.and_then(|t| self.load_touched(dirs, want, t)) {
             return r;
         }
@@ -274,7 +297,8 @@ impl LoadCache {
                     .flatten()
                     .map(|(f, id)| {
                         let id = (*id)?;
-                        matches!(self.files.get(f), Some((c, p)) if *c == id && p.settled).then(|| (f.clone(), id))
+                        matches!(self.files.get(f), Some((c, p)) if *c == id && p.settled)
+                            .then(|| (f.clone(), id))
                     })
                     .collect()
             });
@@ -287,8 +311,11 @@ impl LoadCache {
                 return None;
             }
         }
-        let snapshot: Option<Vec<(PathBuf, Option<FileId>)>> =
-            listing.iter().map(|d| d.as_ref().ok().cloned()).collect::<Option<Vec<_>>>().map(|v| v.concat());
+        let snapshot: Option<Vec<(PathBuf, Option<FileId>)>> = listing
+            .iter()
+            .map(|d| d.as_ref().ok().cloned())
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
         let out = self.load_listed(dirs, listing, want);
         // Only a load made entirely of kept parses can be recognised later (the
         // caller records whether it was valid).
@@ -296,16 +323,23 @@ impl LoadCache {
             fs.into_iter()
                 .map(|(f, id)| {
                     let id = id?;
-                    matches!(self.files.get(&f), Some((c, p)) if *c == id && p.settled).then_some((f, id))
+                    matches!(self.files.get(&f), Some((c, p)) if *c == id && p.settled)
+                        .then_some((f, id))
                 })
                 .collect()
         });
-        self.seen[kind] = files.map(|files| Seen { dirs: dirs.to_vec(), files, ok: false });
+        self.seen[kind] = files.map(|files| Seen {
+            dirs: dirs.to_vec(),
+            files,
+            ok: false,
+        });
         Some(out)
     }
 
     pub fn policies(&mut self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
-        let r = self.load(std::slice::from_ref(&dir.to_path_buf()), FileKind::Policy).into_policy_set();
+        let r = self
+            .load(std::slice::from_ref(&dir.to_path_buf()), FileKind::Policy)
+            .into_policy_set();
         self.record_ok(0, r.is_ok());
         r
     }
@@ -354,9 +388,16 @@ impl LoadCache {
                     .collect())
             })
             .collect();
-        let files: Option<Vec<Vec<PathBuf>>> =
-            listing.iter().map(|d| Some(d.as_ref().ok()?.iter().map(|(f, _)| f.clone()).collect())).collect();
-        let listed = files.map(|files| Listed { dirs: dirs.to_vec(), files, links, ok: false });
+        let files: Option<Vec<Vec<PathBuf>>> = listing
+            .iter()
+            .map(|d| Some(d.as_ref().ok()?.iter().map(|(f, _)| f.clone()).collect()))
+            .collect();
+        let listed = files.map(|files| Listed {
+            dirs: dirs.to_vec(),
+            files,
+            links,
+            ok: false,
+        });
         (listing, listed)
     }
 
@@ -367,7 +408,7 @@ impl LoadCache {
     fn load_listed(&mut self, dirs: &[PathBuf], listing: Listing, want: FileKind) -> Parsed {
         let mut out = Parsed::default();
         let mut parsed = 0;
-        let mut live = std::collections::HashSet::new();
+        let mut live = HashSet::new();
         for files in listing {
             let files = match files {
                 Ok(f) => f,
@@ -390,7 +431,8 @@ impl LoadCache {
         }
         // Forget files that are gone (of this kind: the same cache serves both).
         let prefix_dirs = dirs.to_vec();
-        self.files.retain(|p, _| live.contains(p) || !prefix_dirs.iter().any(|d| p.starts_with(d)));
+        self.files
+            .retain(|p, _| live.contains(p) || !prefix_dirs.iter().any(|d| p.starts_with(d)));
         self.finish(&mut out, parsed, want);
         out
     }
@@ -474,12 +516,20 @@ mod tests {
         assert!(c.policies_if_changed(d).unwrap().is_ok());
         assert!(c.policies_if_changed(d).is_none(), "nothing changed");
         std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b")).unwrap();
-        assert_eq!(c.policies_if_changed(d).unwrap(), crate::api::load_policy_dir(d), "a new file");
+        assert_eq!(
+            c.policies_if_changed(d).unwrap(),
+            crate::api::load_policy_dir(d),
+            "a new file"
+        );
         assert!(c.policies_if_changed(d).is_none());
         std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "a")).unwrap();
         let e = c.policies_if_changed(d).unwrap();
         assert!(e.is_err(), "duplicate name");
-        assert_eq!(c.policies_if_changed(d).unwrap(), e, "an invalid set is always loaded again");
+        assert_eq!(
+            c.policies_if_changed(d).unwrap(),
+            e,
+            "an invalid set is always loaded again"
+        );
         std::fs::remove_file(d.join("b.yaml")).unwrap();
         assert!(c.policies_if_changed(d).unwrap().is_ok(), "a removed file");
         assert!(c.policies_if_changed(d).is_none());
@@ -501,7 +551,10 @@ mod tests {
         let none = BTreeSet::new();
         let only = |p: &str| BTreeSet::from([d.join(p)]);
         assert!(c.policies_if_touched(d, None).unwrap().is_ok());
-        assert!(c.policies_if_touched(d, Some(&none)).is_none(), "nothing named: nothing changed");
+        assert!(
+            c.policies_if_touched(d, Some(&none)).is_none(),
+            "nothing named: nothing changed"
+        );
         assert_eq!(c.last_parsed, 0);
         // A touched file is read again even when written within the same tick.
         std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "a")).unwrap();
@@ -511,11 +564,18 @@ mod tests {
         assert_eq!(r, crate::api::load_policy_dir(d));
         // After an invalid load, everything is looked at again.
         std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b")).unwrap();
-        assert_eq!(c.policies_if_touched(d, Some(&none)).unwrap(), crate::api::load_policy_dir(d));
+        assert_eq!(
+            c.policies_if_touched(d, Some(&none)).unwrap(),
+            crate::api::load_policy_dir(d)
+        );
         // New and removed files.
         std::fs::write(d.join("c.yaml"), POLICY.replace("NAME", "c")).unwrap();
         std::fs::remove_file(d.join("a.yaml")).unwrap();
-        let touched = BTreeSet::from([d.join("c.yaml"), d.join("a.yaml"), d.join("elsewhere/x.yaml")]);
+        let touched = BTreeSet::from([
+            d.join("c.yaml"),
+            d.join("a.yaml"),
+            d.join("elsewhere/x.yaml"),
+        ]);
         let r = c.policies_if_touched(d, Some(&touched)).unwrap();
         assert_eq!(c.last_parsed, 1, "only c.yaml is read");
         assert_eq!(r, crate::api::load_policy_dir(d));
@@ -553,7 +613,10 @@ mod tests {
         let mut c = LoadCache::default();
         c.policies(tmp.path()).unwrap();
         c.policies(tmp.path()).unwrap();
-        assert_eq!(c.last_parsed, 1, "written less than a second ago: parsed every time");
+        assert_eq!(
+            c.last_parsed, 1,
+            "written less than a second ago: parsed every time"
+        );
     }
 
     #[test]
@@ -562,6 +625,9 @@ mod tests {
         let mut c = LoadCache::default();
         let missing = tmp.path().join("nope");
         assert_eq!(c.policies(&missing), crate::api::load_policy_dir(&missing));
-        assert_eq!(c.registry(std::slice::from_ref(&missing)), crate::api::load_endpoint_dirs(&[missing]));
+        assert_eq!(
+            c.registry(std::slice::from_ref(&missing)),
+            crate::api::load_endpoint_dirs(&[missing])
+        );
     }
 }

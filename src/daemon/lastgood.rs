@@ -25,7 +25,11 @@ pub enum LastGoodError {
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> LastGoodError + 'a {
-    move |source| LastGoodError::Io { path: path.to_path_buf(), op, source }
+    move |source| LastGoodError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
 }
 
 /// Which input set.
@@ -60,7 +64,9 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl LastGood {
     pub fn new(state_dir: &Path) -> LastGood {
-        LastGood { root: state_dir.join("last-good") }
+        LastGood {
+            root: state_dir.join("last-good"),
+        }
     }
 
     /// The saved copy of a kind, if there is one: the policy directory, or the list of
@@ -74,7 +80,9 @@ impl LastGood {
                 let mut dirs: Vec<(usize, PathBuf)> = fs::read_dir(&target)
                     .ok()?
                     .filter_map(|e| e.ok())
-                    .filter_map(|e| Some((e.file_name().to_str()?.parse::<usize>().ok()?, e.path())))
+                    .filter_map(|e| {
+                        Some((e.file_name().to_str()?.parse::<usize>().ok()?, e.path()))
+                    })
                     .collect();
                 dirs.sort();
                 Some(dirs.into_iter().map(|(_, p)| p).collect())
@@ -94,7 +102,9 @@ impl LastGood {
         sources: &[PathBuf],
         verify: impl FnOnce(&[PathBuf]) -> bool,
     ) -> Result<bool, LastGoodError> {
-        let Some(p) = self.prepare(kind, sources, verify)? else { return Ok(false) };
+        let Some(p) = self.prepare(kind, sources, verify)? else {
+            return Ok(false);
+        };
         self.commit(&p)?;
         self.remove_old(kind);
         Ok(true)
@@ -110,8 +120,16 @@ impl LastGood {
         verify: impl FnOnce(&[PathBuf]) -> bool,
     ) -> Result<Option<Prepared>, LastGoodError> {
         fs::create_dir_all(&self.root).map_err(io(&self.root, "create directory"))?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let stamp = format!("{}.{nanos}-{}-{}", kind.name(), std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let stamp = format!(
+            "{}.{nanos}-{}-{}",
+            kind.name(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let copy = self.root.join(&stamp);
         match self.write_copy(kind, sources, &copy, verify) {
             Ok(true) => Ok(Some(Prepared { kind, stamp })),
@@ -145,7 +163,9 @@ impl LastGood {
             let prefix = format!("{}.", kind.name());
             for e in entries.filter_map(|e| e.ok()) {
                 let name = e.file_name();
-                if name.to_string_lossy().starts_with(&prefix) && current.as_deref() != Some(Path::new(&name)) {
+                if name.to_string_lossy().starts_with(&prefix)
+                    && current.as_deref() != Some(Path::new(&name))
+                {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -211,7 +231,9 @@ fn syncfs(path: &Path) -> Result<(), LastGoodError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LastGoodError> {
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync"))
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir, "fsync"))
 }
 
 #[cfg(test)]
@@ -228,17 +250,31 @@ mod tests {
         fs::write(src.join("a.yaml~"), "x").unwrap();
         let lg = LastGood::new(&tmp.path().join("state"));
         assert_eq!(lg.dirs(Kind::Policies), None);
-        assert!(lg.save(Kind::Policies, std::slice::from_ref(&src), |_| true).unwrap());
+        assert!(lg
+            .save(Kind::Policies, std::slice::from_ref(&src), |_| true)
+            .unwrap());
         let d = lg.dirs(Kind::Policies).unwrap();
         assert_eq!(fs::read_to_string(d[0].join("a.yaml")).unwrap(), "one");
         assert!(!d[0].join(".hidden.yaml").exists() && !d[0].join("a.yaml~").exists());
         fs::write(src.join("a.yaml"), "two").unwrap();
         // A copy that fails verification leaves the previous one in place.
-        assert!(!lg.save(Kind::Policies, std::slice::from_ref(&src), |_| false).unwrap());
-        assert_eq!(fs::read_to_string(lg.dirs(Kind::Policies).unwrap()[0].join("a.yaml")).unwrap(), "one");
-        assert!(lg.save(Kind::Policies, std::slice::from_ref(&src), |_| true).unwrap());
-        assert_eq!(fs::read_to_string(lg.dirs(Kind::Policies).unwrap()[0].join("a.yaml")).unwrap(), "two");
-        let copies = fs::read_dir(tmp.path().join("state/last-good")).unwrap().count();
+        assert!(!lg
+            .save(Kind::Policies, std::slice::from_ref(&src), |_| false)
+            .unwrap());
+        assert_eq!(
+            fs::read_to_string(lg.dirs(Kind::Policies).unwrap()[0].join("a.yaml")).unwrap(),
+            "one"
+        );
+        assert!(lg
+            .save(Kind::Policies, std::slice::from_ref(&src), |_| true)
+            .unwrap());
+        assert_eq!(
+            fs::read_to_string(lg.dirs(Kind::Policies).unwrap()[0].join("a.yaml")).unwrap(),
+            "two"
+        );
+        let copies = fs::read_dir(tmp.path().join("state/last-good"))
+            .unwrap()
+            .count();
         assert_eq!(copies, 2, "the symlink and one copy");
     }
 
@@ -251,7 +287,10 @@ mod tests {
         fs::write(a.join("x.yaml"), "a").unwrap();
         fs::write(b.join("x.yaml"), "b").unwrap();
         let lg = LastGood::new(&tmp.path().join("state"));
-        lg.save(Kind::Endpoints, &[a, b, tmp.path().join("missing")], |d| d.len() == 3).unwrap();
+        lg.save(Kind::Endpoints, &[a, b, tmp.path().join("missing")], |d| {
+            d.len() == 3
+        })
+        .unwrap();
         let d = lg.dirs(Kind::Endpoints).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(fs::read_to_string(d[1].join("x.yaml")).unwrap(), "b");

@@ -58,7 +58,8 @@ pub enum DaemonError {
 
 pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
 pub type LoadRegistry = fn(&[PathBuf]) -> Result<RegistrySet, Vec<Problem>>;
-pub type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Result<Compiled, CompileError>;
+pub type CompileFn =
+    fn(&PolicySet, &RegistrySet, &CompileOptions) -> Result<Compiled, CompileError>;
 
 /// How the input files are read.
 #[derive(Clone, Copy)]
@@ -78,7 +79,10 @@ pub struct Pipeline {
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline { loader: Loader::Parser, compile: crate::policy::compile::try_compile }
+        Pipeline {
+            loader: Loader::Parser,
+            compile: crate::policy::compile::try_compile,
+        }
     }
 }
 
@@ -142,17 +146,32 @@ pub async fn run_with<D: Datapath, L: Links>(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let Options { log, notifier, mut reload, pipeline, event_poll, watch_tx: fs_tx, watch_rx: mut fs_rx } = opts;
+    let Options {
+        log,
+        notifier,
+        mut reload,
+        pipeline,
+        event_poll,
+        watch_tx: fs_tx,
+        watch_rx: mut fs_rx,
+    } = opts;
     let copts = config.compile_options();
     let node = copts.node_name.clone();
     let socket_path = config.socket_path();
     let listener = server::bind(&socket_path, &config.socket_group)?;
-    let (status_tx, status_rx) = watch::channel(Status { node: node.clone(), ..Status::default() });
+    let (status_tx, status_rx) = watch::channel(Status {
+        node: node.clone(),
+        ..Status::default()
+    });
     let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
     let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
     let server_task = tokio::spawn(server::serve(
         listener,
-        Shared { status: status_rx, events: events_tx.clone(), queries: query_tx },
+        Shared {
+            status: status_rx,
+            events: events_tx.clone(),
+            queries: query_tx,
+        },
         log.new(slog::o!("component" => "socket")),
     ));
     // From here on the socket must go away whatever happens.
@@ -358,14 +377,18 @@ fn prepare_saves(
     let policies = policies.map(|set| {
         last_good.remove_old(Kind::Policies);
         let r = last_good
-            .prepare(Kind::Policies, &[policy_dir.to_path_buf()], |d| pipeline.load_policies(&d[0]).is_ok())
+            .prepare(Kind::Policies, &[policy_dir.to_path_buf()], |d| {
+                pipeline.load_policies(&d[0]).is_ok()
+            })
             .map_err(|e| e.to_string());
         (r, SavedSet::Policies(set))
     });
     let registry = registry.map(|set| {
         last_good.remove_old(Kind::Endpoints);
         let r = last_good
-            .prepare(Kind::Endpoints, endpoint_dirs, |d| pipeline.load_registry(d).is_ok())
+            .prepare(Kind::Endpoints, endpoint_dirs, |d| {
+                pipeline.load_registry(d).is_ok()
+            })
             .map_err(|e| e.to_string());
         (r, SavedSet::Registry(set))
     });
@@ -373,7 +396,9 @@ fn prepare_saves(
 }
 
 /// The result of the save in progress.
-async fn save_result(job: &mut Option<(u64, tokio::sync::oneshot::Receiver<Saves>)>) -> Result<Saves, tokio::sync::oneshot::error::RecvError> {
+async fn save_result(
+    job: &mut Option<(u64, tokio::sync::oneshot::Receiver<Saves>)>,
+) -> Result<Saves, tokio::sync::oneshot::error::RecvError> {
     match job {
         Some((_, rx)) => rx.await,
         None => std::future::pending().await,
@@ -463,7 +488,9 @@ const MAX_TOUCHED: usize = 4096;
 impl<D: Datapath> Reconciler<D> {
     fn note_touched(&mut self, ev: &WatchEvent) {
         match ev {
-            WatchEvent::File(FileChange::Writing(p) | FileChange::Written(p) | FileChange::Gone(p)) => {
+            WatchEvent::File(
+                FileChange::Writing(p) | FileChange::Written(p) | FileChange::Gone(p),
+            ) => {
                 if let Some(t) = self.touched.as_mut() {
                     t.insert(p.clone());
                     if t.len() > MAX_TOUCHED {
@@ -493,7 +520,10 @@ impl<D: Datapath> Reconciler<D> {
         let t0 = std::time::Instant::now();
         // A file change reads only the files the events named; every other
         // trigger (start, reload, resync, retry, lost events) reads everything.
-        let touched = std::mem::replace(&mut self.touched, Some(BTreeSet::new())).filter(|_| cause == "change");
+        let touched = self
+            .touched
+            .replace(BTreeSet::new())
+            .filter(|_| cause == "change");
         if let Err(e) = self.watcher.refresh() {
             slog::warn!(self.log, "cannot watch a directory; relying on the periodic resync"; "error" => %e);
         }
@@ -502,7 +532,10 @@ impl<D: Datapath> Reconciler<D> {
         // (no clone, no cross-file checks).
         let keep_policies = self.policies.as_ref().is_some_and(|p| !p.from_last_good);
         let policies = match self.pipeline.loader {
-            Loader::Parser => match self.cache.policies_if_touched(&self.config.policy_dir, touched.as_ref()) {
+            Loader::Parser => match self
+                .cache
+                .policies_if_touched(&self.config.policy_dir, touched.as_ref())
+            {
                 None if keep_policies => None,
                 None => Some(self.cache.policies(&self.config.policy_dir)),
                 r => r,
@@ -513,7 +546,10 @@ impl<D: Datapath> Reconciler<D> {
         match policies {
             None => {}
             Some(Ok(set)) => {
-                let old = self.policies.replace(Input { set, from_last_good: false });
+                let old = self.policies.replace(Input {
+                    set,
+                    from_last_good: false,
+                });
                 self.retire_policies(old.map(|i| i.set));
             }
             Some(Err(p)) => {
@@ -526,7 +562,10 @@ impl<D: Datapath> Reconciler<D> {
         }
         let keep_registry = self.registry.as_ref().is_some_and(|r| !r.from_last_good);
         let registry = match self.pipeline.loader {
-            Loader::Parser => match self.cache.registry_if_touched(&self.config.endpoint_dirs, touched.as_ref()) {
+            Loader::Parser => match self
+                .cache
+                .registry_if_touched(&self.config.endpoint_dirs, touched.as_ref())
+            {
                 None if keep_registry => None,
                 None => Some(self.cache.registry(&self.config.endpoint_dirs)),
                 r => r,
@@ -537,7 +576,10 @@ impl<D: Datapath> Reconciler<D> {
         match registry {
             None => {}
             Some(Ok(set)) => {
-                if let Some(old) = self.registry.replace(Input { set, from_last_good: false }) {
+                if let Some(old) = self.registry.replace(Input {
+                    set,
+                    from_last_good: false,
+                }) {
                     self.retired.push(Box::new(old.set));
                 }
             }
@@ -580,7 +622,11 @@ impl<D: Datapath> Reconciler<D> {
             if self.fitting_policies.is_none() && !self.policies_fit {
                 self.fitting_policies = self.load_last_good_policies().map(|i| i.set);
             }
-            if let Some(old) = self.fitting_policies.as_ref().filter(|_| !self.policies_fit) {
+            if let Some(old) = self
+                .fitting_policies
+                .as_ref()
+                .filter(|_| !self.policies_fit)
+            {
                 if let Ok(c) = (self.pipeline.compile)(old, &reg.set, &self.copts) {
                     (compiled, n_policies) = (Ok(c), old.policies.len());
                 }
@@ -599,8 +645,11 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let attachments = self.attachments(&compiled);
-        let unchanged =
-            self.installed.as_ref().is_some_and(|(c, a)| *c == compiled && *a == attachments) && self.retry.is_none();
+        let unchanged = self
+            .installed
+            .as_ref()
+            .is_some_and(|(c, a)| *c == compiled && *a == attachments)
+            && self.retry.is_none();
         if unchanged {
             self.installed_policies = Some(n_policies);
             slog::debug!(self.log, "nothing changed"; "cause" => cause, "load_ms" => ms(load), "files_parsed" => parsed);
@@ -612,7 +661,10 @@ impl<D: Datapath> Reconciler<D> {
         // than a file change (reload, resync, retry, start).
         let check_links = self.links_changed
             || cause != "change"
-            || self.installed.as_ref().is_none_or(|(_, a)| *a != attachments);
+            || self
+                .installed
+                .as_ref()
+                .is_none_or(|(_, a)| *a != attachments);
         let t2 = std::time::Instant::now();
         let result = self.datapath.apply(&compiled, &attachments).and_then(|g| {
             if check_links {
@@ -670,7 +722,10 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
             Err(e) => {
-                let backoff = self.retry.map(|(_, b)| (b * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+                let backoff = self
+                    .retry
+                    .map(|(_, b)| (b * 2).min(BACKOFF_MAX))
+                    .unwrap_or(BACKOFF_MIN);
                 self.retry = Some((Instant::now() + backoff, backoff));
                 slog::error!(self.log, "datapath refused the new state; the running state is kept";
                     "error" => %e, "retry_in_ms" => backoff.as_millis() as u64, "cause" => cause);
@@ -691,7 +746,10 @@ impl<D: Datapath> Reconciler<D> {
         match self.pipeline.load_policies(&dirs[0]) {
             Ok(set) => {
                 slog::warn!(self.log, "policy files are invalid; enforcing the last valid copy"; "dir" => %dirs[0].display());
-                Some(Input { set, from_last_good: true })
+                Some(Input {
+                    set,
+                    from_last_good: true,
+                })
             }
             Err(_) => None,
         }
@@ -703,7 +761,10 @@ impl<D: Datapath> Reconciler<D> {
             Ok(set) => {
                 slog::warn!(self.log, "registry files are invalid; using the last valid copy";
                     "dir" => %dirs.first().map(|d| d.display().to_string()).unwrap_or_default());
-                Some(Input { set, from_last_good: true })
+                Some(Input {
+                    set,
+                    from_last_good: true,
+                })
             }
             Err(_) => None,
         }
@@ -742,9 +803,19 @@ impl<D: Datapath> Reconciler<D> {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (last_good, pipeline) = (self.last_good.clone(), self.pipeline);
-        let (policy_dir, endpoint_dirs) = (self.config.policy_dir.clone(), self.config.endpoint_dirs.clone());
+        let (policy_dir, endpoint_dirs) = (
+            self.config.policy_dir.clone(),
+            self.config.endpoint_dirs.clone(),
+        );
         std::thread::spawn(move || {
-            let _ = tx.send(prepare_saves(&last_good, pipeline, &policy_dir, &endpoint_dirs, policies, registry));
+            let _ = tx.send(prepare_saves(
+                &last_good,
+                pipeline,
+                &policy_dir,
+                &endpoint_dirs,
+                policies,
+                registry,
+            ));
         });
         self.save_job = Some((self.save_epoch, rx));
     }
@@ -757,7 +828,9 @@ impl<D: Datapath> Reconciler<D> {
             match outcome {
                 None => {}
                 Some((Err(e), _)) => errors.push(e),
-                Some((Ok(None), _)) => slog::debug!(self.log, "files changed while being saved; keeping the older copy"; "kind" => ?kind),
+                Some((Ok(None), _)) => {
+                    slog::debug!(self.log, "files changed while being saved; keeping the older copy"; "kind" => ?kind)
+                }
                 Some((Ok(Some(p)), _)) if !current => {
                     slog::debug!(self.log, "inputs changed while being saved; the copy is dropped"; "kind" => ?kind);
                     self.last_good.discard(p);
@@ -826,13 +899,18 @@ impl<D: Datapath> Reconciler<D> {
     fn attachments(&self, compiled: &Compiled) -> Vec<Attachment> {
         let mut out: Vec<Attachment> = Vec::new();
         for ep in compiled.endpoints.iter().filter(|e| e.local) {
-            let Some(ifindex) = self.resolve(ep.interface.as_ref(), &ep.addresses) else { continue };
+            let Some(ifindex) = self.resolve(ep.interface.as_ref(), &ep.addresses) else {
+                continue;
+            };
             if out.iter().any(|a| a.ifindex == ifindex) {
                 slog::warn!(self.log, "interface already enforced for another endpoint; skipped";
                     "endpoint" => display_name(&ep.namespace, &ep.name), "ifindex" => ifindex);
                 continue;
             }
-            out.push(Attachment { slot: ep.slot, ifindex });
+            out.push(Attachment {
+                slot: ep.slot,
+                ifindex,
+            });
         }
         out.sort();
         out
@@ -848,7 +926,11 @@ impl<D: Datapath> Reconciler<D> {
 
     fn status(&self) -> Status {
         let (endpoints, attached, local) = match &self.installed {
-            Some((c, a)) => (c.endpoints.len(), a.len(), c.endpoints.iter().filter(|e| e.local).count()),
+            Some((c, a)) => (
+                c.endpoints.len(),
+                a.len(),
+                c.endpoints.iter().filter(|e| e.local).count(),
+            ),
             None => (0, 0, 0),
         };
         let policies_from_last_good = self.policies.as_ref().is_some_and(|p| p.from_last_good);
@@ -925,7 +1007,9 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     fn endpoint_views(&self) -> Vec<EndpointView> {
-        let Some((compiled, attachments)) = &self.installed else { return Vec::new() };
+        let Some((compiled, attachments)) = &self.installed else {
+            return Vec::new();
+        };
         let counters = self.datapath.counters();
         compiled
             .endpoints
@@ -975,7 +1059,10 @@ impl<D: Datapath> Reconciler<D> {
     fn poll_events(&mut self) {
         if let (Some(m), Some((c, _))) = (&self.metrics, &self.installed) {
             // The counters are per-CPU map reads: at most once a second.
-            if self.counters_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if self
+                .counters_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
                 m.record_counters(c, &self.datapath.counters());
                 self.counters_at = Some(Instant::now());
             }
@@ -1007,12 +1094,15 @@ impl<D: Datapath> Reconciler<D> {
         let endpoint = compiled
             .and_then(|c| c.endpoints.get(ev.slot as usize))
             .map(|e| display_name(&e.namespace, &e.name));
-        let rule = ev.rule.and_then(|r| compiled?.rules.get(r as usize)).map(|r| RuleView {
-            file: r.file.display().to_string(),
-            kind: r.kind.clone(),
-            policy: r.policy.clone(),
-            path: r.path.clone(),
-        });
+        let rule = ev
+            .rule
+            .and_then(|r| compiled?.rules.get(r as usize))
+            .map(|r| RuleView {
+                file: r.file.display().to_string(),
+                kind: r.kind.clone(),
+                policy: r.policy.clone(),
+                path: r.path.clone(),
+            });
         let json_name = |v: &dyn erased::Name| v.name();
         MonitorEvent {
             time: status::rfc3339(now),

@@ -25,7 +25,7 @@ impl Notifier {
         (Notifier::Recorder(log.clone()), log)
     }
 
-    pub fn notify(&self, states: &[NotifyState]) {
+    pub fn notify(&self, states: &[NotifyState<'_>]) {
         match self {
             // Best effort: a service manager that went away is no reason to stop enforcing.
             Notifier::Systemd => {

@@ -62,16 +62,25 @@ pub struct Shared {
 /// Create the socket: mode 0600, or 0660 owned by `group` when one is named. A
 /// stale socket file is replaced; a live one is an error.
 pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ServerError> {
-    let io = |op: &'static str| move |source| ServerError::Io { path: path.to_path_buf(), op, source };
+    let io = |op: &'static str| {
+        move |source| ServerError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    };
     if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::create_dir_all(dir).map_err(io("create runtime directory"))?;
         // Traversable, so socket_group members reach the socket; the socket's own
         // mode decides who may connect.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod runtime directory"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod runtime directory"))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ServerError::InUse { path: path.to_path_buf() });
+            return Err(ServerError::InUse {
+                path: path.to_path_buf(),
+            });
         }
         std::fs::remove_file(path).map_err(io("remove stale socket"))?;
     }
@@ -81,17 +90,22 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ServerError> {
             nix::unistd::Group::from_name(g)
                 .ok()
                 .flatten()
-                .ok_or_else(|| ServerError::NoGroup { group: g.to_string() })?
+                .ok_or_else(|| ServerError::NoGroup {
+                    group: g.to_string(),
+                })?
                 .gid,
         ),
     };
     let listener = UnixListener::bind(path).map_err(io("bind"))?;
     let secured = gid
-        .map_or(Ok(()), |gid| nix::unistd::chown(path, None, Some(gid)).map_err(std::io::Error::from))
+        .map_or(Ok(()), |gid| {
+            nix::unistd::chown(path, None, Some(gid)).map_err(std::io::Error::from)
+        })
         .map_err(io("chown"))
         .and_then(|()| {
             let mode = if gid.is_some() { 0o660 } else { 0o600 };
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(io("chmod"))
         });
     if let Err(e) = secured {
         let _ = std::fs::remove_file(path);
@@ -109,7 +123,11 @@ pub async fn serve(listener: UnixListener, shared: Shared, log: Logger) {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     tokio::spawn(async move {
                         let (_, mut w) = stream.into_split();
-                        let _ = tokio::time::timeout(Duration::from_millis(100), write_line(&mut w, &error_line("too many clients"))).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            write_line(&mut w, &error_line("too many clients")),
+                        )
+                        .await;
                     });
                     continue;
                 };
@@ -136,7 +154,10 @@ async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), line: &str) -> std::io
     buf.push(b'\n');
     match tokio::time::timeout(IO_TIMEOUT, w.write_all(&buf)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client too slow",
+        )),
     }
 }
 
@@ -156,13 +177,19 @@ async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
     let Ok(line) = String::from_utf8(raw) else {
         return write_line(&mut w, &error_line("bad request: not UTF-8")).await;
     };
-    if line.len() as u64 > MAX_REQUEST || !line.ends_with('\n') && line.len() as u64 == MAX_REQUEST + 1 {
+    if line.len() as u64 > MAX_REQUEST
+        || !line.ends_with('\n') && line.len() as u64 == MAX_REQUEST + 1
+    {
         return write_line(&mut w, &error_line("request longer than 4096 bytes")).await;
     }
     let text = line.trim();
     let request = match serde_json::from_str::<Request>(text) {
         Ok(r) => r.request,
-        Err(_) if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => text.to_string(),
+        Err(_)
+            if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
+        {
+            text.to_string()
+        }
         Err(e) => return write_line(&mut w, &error_line(&format!("bad request: {e}"))).await,
     };
     match request.as_str() {
@@ -176,7 +203,9 @@ async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
                 return write_line(&mut w, &error_line("daemon is stopping")).await;
             }
             match tokio::time::timeout(IO_TIMEOUT, rx).await {
-                Ok(Ok(eps)) => write_line(&mut w, &serde_json::to_string(&eps).unwrap_or_default()).await,
+                Ok(Ok(eps)) => {
+                    write_line(&mut w, &serde_json::to_string(&eps).unwrap_or_default()).await
+                }
                 _ => write_line(&mut w, &error_line("daemon did not answer in time")).await,
             }
         }
@@ -201,6 +230,14 @@ async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
                 }
             }
         }
-        other => write_line(&mut w, &error_line(&format!("unknown request {other:?}; expected status, endpoints or monitor"))).await,
+        other => {
+            write_line(
+                &mut w,
+                &error_line(&format!(
+                    "unknown request {other:?}; expected status, endpoints or monitor"
+                )),
+            )
+            .await
+        }
     }
 }

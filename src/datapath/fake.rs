@@ -26,7 +26,11 @@ impl FakeDatapath {
 }
 
 impl Datapath for FakeDatapath {
-    fn apply(&mut self, state: &Compiled, _attachments: &[Attachment]) -> Result<u64, DatapathError> {
+    fn apply(
+        &mut self,
+        state: &Compiled,
+        _attachments: &[Attachment],
+    ) -> Result<u64, DatapathError> {
         if let Some(msg) = self.fail_next_apply.take() {
             return Err(DatapathError::Other(msg));
         }

@@ -45,28 +45,36 @@ impl Contents {
         for e in &state.ipcache {
             let k = layout::ipcache_key(&e.net);
             let v = layout::ipcache_value(e);
-            c.ipcache.insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
+            c.ipcache
+                .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
         for a in attachments {
             let v = layout::endpoint_value(state, a.slot)
                 .ok_or_else(|| DatapathError::Other(format!("no endpoint in slot {}", a.slot)))?;
-            c.endpoints.insert(a.ifindex.to_ne_bytes(), arr(layout::bytes_of(&v)));
+            c.endpoints
+                .insert(a.ifindex.to_ne_bytes(), arr(layout::bytes_of(&v)));
         }
         for e in layout::installed_entries(state, attachments) {
             let k = layout::policy_key(e);
             let v = layout::policy_value(e);
-            c.policy.insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
+            c.policy
+                .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
         Ok(c)
     }
 
     /// Number of writes (deletes + upserts) turning `self` into `want`.
     pub fn changes_to(&self, want: &Contents) -> usize {
-        fn n<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(a: &HashMap<K, V>, b: &HashMap<K, V>) -> usize {
+        fn n<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(
+            a: &HashMap<K, V>,
+            b: &HashMap<K, V>,
+        ) -> usize {
             let (d, u) = diff(a, b);
             d.len() + u.len()
         }
-        n(&self.ipcache, &want.ipcache) + n(&self.endpoints, &want.endpoints) + n(&self.policy, &want.policy)
+        n(&self.ipcache, &want.ipcache)
+            + n(&self.endpoints, &want.endpoints)
+            + n(&self.policy, &want.policy)
     }
 }
 
@@ -76,9 +84,16 @@ pub fn diff<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(
     old: &HashMap<K, V>,
     new: &HashMap<K, V>,
 ) -> (Vec<K>, Vec<(K, V)>) {
-    let mut deletes: Vec<K> = old.keys().filter(|k| !new.contains_key(k)).copied().collect();
-    let mut upserts: Vec<(K, V)> =
-        new.iter().filter(|(k, v)| old.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+    let mut deletes: Vec<K> = old
+        .keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect();
+    let mut upserts: Vec<(K, V)> = new
+        .iter()
+        .filter(|(k, v)| old.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
     deletes.sort();
     upserts.sort_by_key(|e| e.0);
     (deletes, upserts)
@@ -107,7 +122,14 @@ mod tests {
 
     #[test]
     fn attachment_of_a_missing_slot_is_an_error() {
-        let e = Contents::build(&Compiled::default(), &[Attachment { slot: 3, ifindex: 7 }]).unwrap_err();
+        let e = Contents::build(
+            &Compiled::default(),
+            &[Attachment {
+                slot: 3,
+                ifindex: 7,
+            }],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("slot 3"), "{e}");
     }
 }

@@ -23,8 +23,8 @@ use std::time::Duration;
 use libbpf_rs::query::LinkTypeInfo;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{
-    AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, MapType, OpenObject,
-    RingBufferBuilder, TcHookBuilder, TC_EGRESS, TC_INGRESS,
+    AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, MapType, OpenObject, RingBufferBuilder,
+    TcHookBuilder, TC_EGRESS, TC_INGRESS,
 };
 
 use super::generation::{self, Contents, Table};
@@ -85,7 +85,10 @@ impl TestRun {
 
 fn kerr(op: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> DatapathError {
     let op = op.into();
-    move |e| DatapathError::Kernel { op, source: std::io::Error::other(format!("{e:#}")) }
+    move |e| DatapathError::Kernel {
+        op,
+        source: std::io::Error::other(format!("{e:#}")),
+    }
 }
 
 fn ioerr(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
@@ -235,9 +238,13 @@ fn map_names(skel: &NetpolSkel<'_>) -> Vec<String> {
 
 /// tcx (and its program types) exists from Linux 6.6 on.
 fn kernel_has_tcx() -> bool {
-    let Ok(u) = nix::sys::utsname::uname() else { return true };
+    let Ok(u) = nix::sys::utsname::uname() else {
+        return true;
+    };
     let release = u.release().to_string_lossy().into_owned();
-    let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
     match (nums.next(), nums.next()) {
         (Some(major), Some(minor)) => (major, minor) >= (6, 6),
         _ => true,
@@ -250,12 +257,42 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
     use std::mem::size_of;
     let m = &skel.maps;
     let checks: [(&dyn MapCore, &str, usize, usize); 7] = [
-        (&m.netpol_state_v1, "netpol_state_v1", 4, size_of::<StateValue>()),
-        (&m.netpol_ct_v1, "netpol_ct_v1", size_of::<layout::CtKey>(), size_of::<layout::CtValue>()),
-        (&m.netpol_frag_v1, "netpol_frag_v1", size_of::<super::skel::types::np_frag_key>(), size_of::<super::skel::types::np_frag_value>()),
-        (&m.netpol_failsafe_v1, "netpol_failsafe_v1", size_of::<layout::FailsafeKey>(), 4),
-        (&m.netpol_counters_v1, "netpol_counters_v1", 4, size_of::<layout::CountersValue>()),
-        (&m.netpol_ratelimit_v1, "netpol_ratelimit_v1", 4, size_of::<super::skel::types::np_ratelimit>()),
+        (
+            &m.netpol_state_v1,
+            "netpol_state_v1",
+            4,
+            size_of::<StateValue>(),
+        ),
+        (
+            &m.netpol_ct_v1,
+            "netpol_ct_v1",
+            size_of::<layout::CtKey>(),
+            size_of::<layout::CtValue>(),
+        ),
+        (
+            &m.netpol_frag_v1,
+            "netpol_frag_v1",
+            size_of::<super::skel::types::np_frag_key>(),
+            size_of::<super::skel::types::np_frag_value>(),
+        ),
+        (
+            &m.netpol_failsafe_v1,
+            "netpol_failsafe_v1",
+            size_of::<layout::FailsafeKey>(),
+            4,
+        ),
+        (
+            &m.netpol_counters_v1,
+            "netpol_counters_v1",
+            4,
+            size_of::<layout::CountersValue>(),
+        ),
+        (
+            &m.netpol_ratelimit_v1,
+            "netpol_ratelimit_v1",
+            4,
+            size_of::<super::skel::types::np_ratelimit>(),
+        ),
         (&m.netpol_policy_v1, "netpol_policy_v1", 4, 4),
     ];
     for (map, name, key, value) in checks {
@@ -319,7 +356,9 @@ fn open_skel(
             .map_err(kerr("size netpol_counters_v1"))?;
         if adopt {
             for mut m in open.open_object_mut().maps_mut() {
-                let Some(name) = m.name().to_str().map(str::to_owned) else { continue };
+                let Some(name) = m.name().to_str().map(str::to_owned) else {
+                    continue;
+                };
                 if !is_pinned_map(&name) {
                     continue;
                 }
@@ -348,14 +387,20 @@ fn open_skel(
         open.load().map_err(kerr("load the bpf programs"))?
     };
     guard.1 = true;
-    Ok(Loaded { skel: ManuallyDrop::new(skel), storage })
+    Ok(Loaded {
+        skel: ManuallyDrop::new(skel),
+        storage,
+    })
 }
 
 impl KernelDatapath {
     /// Opens the datapath pinned at `pin_dir`: adopts the pinned maps and
     /// links of an earlier process (same layout version) so enforcement never
     /// lapses, or loads everything fresh and pins it.
-    pub fn open(pin_dir: &Path, settings: &DatapathSettings) -> Result<KernelDatapath, DatapathError> {
+    pub fn open(
+        pin_dir: &Path,
+        settings: &DatapathSettings,
+    ) -> Result<KernelDatapath, DatapathError> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         let progs_dir = pin_dir.join("progs");
@@ -366,7 +411,10 @@ impl KernelDatapath {
         let adopt = maps_dir.join("netpol_state_v1").exists();
         if !adopt {
             // Leftovers of a load that died before pinning its state map.
-            for entry in std::fs::read_dir(&maps_dir).map_err(ioerr(format!("read {}", maps_dir.display())))?.flatten() {
+            for entry in std::fs::read_dir(&maps_dir)
+                .map_err(ioerr(format!("read {}", maps_dir.display())))?
+                .flatten()
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -386,16 +434,23 @@ impl KernelDatapath {
                 )));
             }
         } else {
-            state = StateValue { active: 0, layout_version: LAYOUT_VERSION, generation: 0 };
+            state = StateValue {
+                active: 0,
+                layout_version: LAYOUT_VERSION,
+                generation: 0,
+            };
             write_state(state_map, &state)?;
             let names = map_names(&loaded.skel);
             for mut m in loaded.skel.object_mut().maps_mut() {
-                let Some(name) = m.name().to_str().map(str::to_owned) else { continue };
+                let Some(name) = m.name().to_str().map(str::to_owned) else {
+                    continue;
+                };
                 if !names.contains(&name) {
                     continue;
                 }
                 let path = maps_dir.join(&name);
-                m.pin(&path).map_err(kerr(format!("pin {}", path.display())))?;
+                m.pin(&path)
+                    .map_err(kerr(format!("pin {}", path.display())))?;
             }
         }
 
@@ -404,12 +459,15 @@ impl KernelDatapath {
             if !p.autoload() {
                 continue;
             }
-            let Some(name) = p.name().to_str().map(str::to_owned) else { continue };
+            let Some(name) = p.name().to_str().map(str::to_owned) else {
+                continue;
+            };
             let path = progs_dir.join(&name);
             if path.exists() {
                 std::fs::remove_file(&path).map_err(ioerr(format!("unpin {}", path.display())))?;
             }
-            p.pin(&path).map_err(kerr(format!("pin {}", path.display())))?;
+            p.pin(&path)
+                .map_err(kerr(format!("pin {}", path.display())))?;
         }
 
         let barrier_outer = MapHandle::from_pinned_path(maps_dir.join("netpol_barrier_v1"))
@@ -420,8 +478,8 @@ impl KernelDatapath {
             4,
             4,
             1,
-            &libbpf_rs::libbpf_sys::bpf_map_create_opts {
-                sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+            &libbpf_sys::bpf_map_create_opts {
+                sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
                 ..Default::default()
             },
         )
@@ -485,7 +543,8 @@ impl KernelDatapath {
             AttachMode::Tcx => "tcx",
             AttachMode::Clsact => "tc",
         };
-        self.links_dir().join(format!("{kind}-{ifindex}-{}", hook.name()))
+        self.links_dir()
+            .join(format!("{kind}-{ifindex}-{}", hook.name()))
     }
 
     fn write_failsafe(&mut self) -> Result<(), DatapathError> {
@@ -495,7 +554,11 @@ impl KernelDatapath {
             let _ = map.delete(&k);
         }
         for (dir, proto, port) in &self.settings.failsafe {
-            let k = layout::FailsafeKey { direction: *dir as u8, proto: *proto, port: *port };
+            let k = layout::FailsafeKey {
+                direction: *dir as u8,
+                proto: *proto,
+                port: *port,
+            };
             map.update(layout::bytes_of(&k), &1u32.to_ne_bytes(), MapFlags::ANY)
                 .map_err(kerr("write netpol_failsafe_v1"))?;
         }
@@ -511,10 +574,13 @@ impl KernelDatapath {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let mut parts = name.splitn(3, '-');
-            let (Some(kind), Some(idx), Some(hook)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(kind), Some(idx), Some(hook)) = (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
-            let Ok(ifindex) = idx.parse::<u32>() else { continue };
+            let Ok(ifindex) = idx.parse::<u32>() else {
+                continue;
+            };
             let hook = match hook {
                 "ingress" => Hook::Ingress,
                 "egress" => Hook::Egress,
@@ -527,7 +593,8 @@ impl KernelDatapath {
             };
             match mode {
                 AttachMode::Tcx => {
-                    let mut link = Link::open(e.path()).map_err(kerr(format!("open {}", e.path().display())))?;
+                    let mut link = Link::open(e.path())
+                        .map_err(kerr(format!("open {}", e.path().display())))?;
                     let prog = match hook {
                         Hook::Ingress => &self.loaded.skel.progs.netpol_tcx_ingress,
                         Hook::Egress => &self.loaded.skel.progs.netpol_tcx_egress,
@@ -562,7 +629,7 @@ impl KernelDatapath {
         // SAFETY: the program pointer is valid while the skeleton lives; a
         // NULL opts pointer is allowed by libbpf.
         let raw = unsafe {
-            libbpf_rs::libbpf_sys::bpf_program__attach_tcx(
+            libbpf_sys::bpf_program__attach_tcx(
                 prog.as_libbpf_object().as_ptr(),
                 ifindex as i32,
                 std::ptr::null(),
@@ -605,9 +672,13 @@ impl KernelDatapath {
         if hook == Hook::Ingress {
             // One clsact qdisc serves both hooks; creating it again only makes
             // the kernel complain (EEXIST is fine).
-            tc.create().map_err(kerr(format!("create clsact on ifindex {ifindex}")))?;
+            tc.create()
+                .map_err(kerr(format!("create clsact on ifindex {ifindex}")))?;
         }
-        tc.attach().map_err(kerr(format!("cls_bpf attach {} on ifindex {ifindex}", hook.name())))?;
+        tc.attach().map_err(kerr(format!(
+            "cls_bpf attach {} on ifindex {ifindex}",
+            hook.name()
+        )))?;
         let path = self.link_path(AttachMode::Clsact, ifindex, hook);
         if path.exists() {
             let _ = std::fs::remove_file(&path);
@@ -644,7 +715,11 @@ impl KernelDatapath {
                         // SAFETY: the program fd stays open for this call (the
                         // skeleton outlives it); it only seeds the builder.
                         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-                        let point = if hook == Hook::Ingress { TC_INGRESS } else { TC_EGRESS };
+                        let point = if hook == Hook::Ingress {
+                            TC_INGRESS
+                        } else {
+                            TC_EGRESS
+                        };
                         let mut tc = TcHookBuilder::new(fd)
                             .ifindex(ifindex as i32)
                             .handle(TC_HANDLE)
@@ -659,7 +734,9 @@ impl KernelDatapath {
                                 // SAFETY: the namespace fd is kept open in
                                 // `clsact_netns` until after this thread ends.
                                 let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(ns) };
-                                if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                                if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                                    .is_ok()
+                                {
                                     detach();
                                 }
                             });
@@ -694,7 +771,10 @@ impl KernelDatapath {
 
     fn attach_device(&mut self, ifindex: u32) -> Result<AttachMode, DatapathError> {
         if !self.force_clsact {
-            match self.attach_tcx(ifindex, Hook::Ingress).and_then(|_| self.attach_tcx(ifindex, Hook::Egress)) {
+            match self
+                .attach_tcx(ifindex, Hook::Ingress)
+                .and_then(|_| self.attach_tcx(ifindex, Hook::Egress))
+            {
                 Ok(()) => return Ok(AttachMode::Tcx),
                 Err(e) => {
                     let _ = self.detach_device(ifindex, AttachMode::Tcx);
@@ -707,7 +787,9 @@ impl KernelDatapath {
                 }
             }
         }
-        let r = self.attach_clsact(ifindex, Hook::Ingress).and_then(|_| self.attach_clsact(ifindex, Hook::Egress));
+        let r = self
+            .attach_clsact(ifindex, Hook::Ingress)
+            .and_then(|_| self.attach_clsact(ifindex, Hook::Egress));
         match r {
             Ok(()) => {
                 self.remember_netns(ifindex);
@@ -723,7 +805,12 @@ impl KernelDatapath {
     /// Runs one packet through the tcx program of `hook` with BPF_PROG_TEST_RUN
     /// (`repeat` times). The packet arrives on the loopback device (ifindex 1),
     /// so an endpoint attached at ifindex 1 is the one judged.
-    pub fn test_run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<TestRun, DatapathError> {
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<TestRun, DatapathError> {
         let progs = &self.loaded.skel.progs;
         let prog = match (hook, self.tcx) {
             (Hook::Ingress, true) => &progs.netpol_tcx_ingress,
@@ -731,14 +818,24 @@ impl KernelDatapath {
             (Hook::Ingress, false) => &progs.netpol_tc_ingress,
             (Hook::Egress, false) => &progs.netpol_tc_egress,
         };
-        let input = libbpf_rs::ProgramInput { data_in: Some(packet), repeat, ..Default::default() };
+        let input = libbpf_rs::ProgramInput {
+            data_in: Some(packet),
+            repeat,
+            ..Default::default()
+        };
         let out = prog.test_run(input).map_err(kerr("BPF_PROG_TEST_RUN"))?;
-        Ok(TestRun { retval: out.return_value as i32, duration: out.duration })
+        Ok(TestRun {
+            retval: out.return_value as i32,
+            duration: out.duration,
+        })
     }
 
     /// Removes every conntrack and fragment entry (tests).
     pub fn clear_conntrack(&mut self) -> Result<(), DatapathError> {
-        for map in [&self.loaded.skel.maps.netpol_ct_v1, &self.loaded.skel.maps.netpol_frag_v1] {
+        for map in [
+            &self.loaded.skel.maps.netpol_ct_v1,
+            &self.loaded.skel.maps.netpol_frag_v1,
+        ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
             for k in keys {
                 let _ = map.delete(&k);
@@ -761,8 +858,8 @@ impl KernelDatapath {
         max: u32,
         flags: u32,
     ) -> Result<MapHandle, DatapathError> {
-        let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
-            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
             map_flags: flags,
             ..Default::default()
         };
@@ -772,7 +869,7 @@ impl KernelDatapath {
 
     /// Fresh, empty inner maps of one generation, sized by the settings.
     fn create_generation(&self) -> Result<Generation, DatapathError> {
-        const NO_PREALLOC: u32 = libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC;
+        const NO_PREALLOC: u32 = libbpf_sys::BPF_F_NO_PREALLOC;
         Ok(Generation {
             ipcache: self.create_inner(
                 MapType::LpmTrie,
@@ -809,9 +906,24 @@ impl KernelDatapath {
     fn adopt_generations(&mut self) -> Result<(), DatapathError> {
         let maps = &self.loaded.skel.maps;
         let want = [
-            (MapType::LpmTrie, generation::IPCACHE_KEY, generation::IPCACHE_VALUE, self.settings.ipcache_max_entries),
-            (MapType::Hash, generation::ENDPOINT_KEY, generation::ENDPOINT_VALUE, self.settings.endpoint_max_entries),
-            (MapType::LpmTrie, generation::POLICY_KEY, generation::POLICY_VALUE, self.settings.policy_max_entries),
+            (
+                MapType::LpmTrie,
+                generation::IPCACHE_KEY,
+                generation::IPCACHE_VALUE,
+                self.settings.ipcache_max_entries,
+            ),
+            (
+                MapType::Hash,
+                generation::ENDPOINT_KEY,
+                generation::ENDPOINT_VALUE,
+                self.settings.endpoint_max_entries,
+            ),
+            (
+                MapType::LpmTrie,
+                generation::POLICY_KEY,
+                generation::POLICY_VALUE,
+                self.settings.policy_max_entries,
+            ),
         ];
         for slot in 0..2u32 {
             let mut inner = Vec::new();
@@ -826,11 +938,20 @@ impl KernelDatapath {
                 let id = outer
                     .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
                     .map_err(kerr(format!("read {name}[{slot}]")))?
-                    .and_then(|v| v.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
+                    .and_then(|v| {
+                        v.get(..4)
+                            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    });
                 let Some(id) = id else { break };
-                let Ok(m) = MapHandle::from_map_id(id) else { break };
+                let Ok(m) = MapHandle::from_map_id(id) else {
+                    break;
+                };
                 let (ty, k, v, max) = want[i];
-                if m.map_type() != ty || m.key_size() as usize != k || m.value_size() as usize != v || m.max_entries() != max.max(1) {
+                if m.map_type() != ty
+                    || m.key_size() as usize != k
+                    || m.value_size() as usize != v
+                    || m.max_entries() != max.max(1)
+                {
                     break;
                 }
                 inner.push(m);
@@ -839,7 +960,13 @@ impl KernelDatapath {
                 let policy = inner.pop().expect("three maps");
                 let endpoints = inner.pop().expect("three maps");
                 let ipcache = inner.pop().expect("three maps");
-                self.gens[slot as usize] = Some(Generation { ipcache, endpoints, policy, installed: true, shadow: None });
+                self.gens[slot as usize] = Some(Generation {
+                    ipcache,
+                    endpoints,
+                    policy,
+                    installed: true,
+                    shadow: None,
+                });
             }
         }
         Ok(())
@@ -862,7 +989,9 @@ impl KernelDatapath {
     /// Returns once no program can still use the generation that was active
     /// before the last flip.
     fn wait_barrier(&mut self) -> Result<(), DatapathError> {
-        let Some(h) = self.pending_barrier.take() else { return Ok(()) };
+        let Some(h) = self.pending_barrier.take() else {
+            return Ok(());
+        };
         match h.join() {
             Ok(Ok(())) => Ok(()),
             // The background wait failed or died: wait here instead.
@@ -870,7 +999,9 @@ impl KernelDatapath {
                 self.start_barrier();
                 match self.pending_barrier.take().map(JoinHandle::join) {
                     Some(Ok(r)) => r,
-                    _ => Err(DatapathError::Other("the grace-period wait (netpol_barrier_v1) panicked".into())),
+                    _ => Err(DatapathError::Other(
+                        "the grace-period wait (netpol_barrier_v1) panicked".into(),
+                    )),
                 }
             }
         }
@@ -889,9 +1020,15 @@ impl KernelDatapath {
             let id = outer
                 .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
                 .map_err(kerr(format!("read {name}[{slot}]")))?
-                .and_then(|v| v.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
+                .and_then(|v| {
+                    v.get(..4)
+                        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                });
             let Some(id) = id else { return Ok(None) };
-            handles.push(MapHandle::from_map_id(id).map_err(kerr(format!("open the inner map of {name}[{slot}]")))?);
+            handles.push(
+                MapHandle::from_map_id(id)
+                    .map_err(kerr(format!("open the inner map of {name}[{slot}]")))?,
+            );
         }
         Ok(Some(Contents {
             ipcache: dump_table(&handles[0], "ipcache")?,
@@ -908,7 +1045,11 @@ impl KernelDatapath {
     /// Writes `want` into the inactive generation (only the keys that differ
     /// from what it holds), then flips. Running state is untouched on any error
     /// before the flip.
-    fn try_apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError> {
+    fn try_apply(
+        &mut self,
+        state: &Compiled,
+        attachments: &[Attachment],
+    ) -> Result<u64, DatapathError> {
         layout::check_capacity(state, attachments, &self.settings)?;
         let want = Contents::build(state, attachments)?;
 
@@ -933,7 +1074,12 @@ impl KernelDatapath {
         // half way. `shadow` follows every successful write; on an error it
         // is dropped (unknown) and read back next time.
         sync_table(&g.ipcache, &mut shadow.ipcache, &want.ipcache, "ipcache")?;
-        sync_table(&g.endpoints, &mut shadow.endpoints, &want.endpoints, "endpoint table")?;
+        sync_table(
+            &g.endpoints,
+            &mut shadow.endpoints,
+            &want.endpoints,
+            "endpoint table",
+        )?;
         sync_table(&g.policy, &mut shadow.policy, &want.policy, "policy map")?;
         g.shadow = Some(shadow);
 
@@ -943,7 +1089,11 @@ impl KernelDatapath {
             let maps = &self.loaded.skel.maps;
             for (outer, inner, name) in [
                 (&maps.netpol_ipcache_v1, &g.ipcache, "netpol_ipcache_v1"),
-                (&maps.netpol_endpoints_v1, &g.endpoints, "netpol_endpoints_v1"),
+                (
+                    &maps.netpol_endpoints_v1,
+                    &g.endpoints,
+                    "netpol_endpoints_v1",
+                ),
                 (&maps.netpol_policy_v1, &g.policy, "netpol_policy_v1"),
             ] {
                 let fd = inner.as_fd().as_raw_fd() as u32;
@@ -955,7 +1105,11 @@ impl KernelDatapath {
         }
 
         // The flip: one word every packet reads once.
-        let next = StateValue { active: inactive, layout_version: LAYOUT_VERSION, generation: cur.generation + 1 };
+        let next = StateValue {
+            active: inactive,
+            layout_version: LAYOUT_VERSION,
+            generation: cur.generation + 1,
+        };
         write_state(&self.loaded.skel.maps.netpol_state_v1, &next)?;
         // The generation that was active is written next time; the grace
         // period that protects it runs meanwhile, off this path.
@@ -970,7 +1124,11 @@ impl KernelDatapath {
         VerdictEvent {
             ifindex: r.ifindex,
             slot: r.slot,
-            direction: if r.direction == 1 { Direction::Egress } else { Direction::Ingress },
+            direction: if r.direction == 1 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
             verdict: match r.verdict {
                 0 => EventVerdict::Allowed,
                 2 => EventVerdict::Audit,
@@ -997,10 +1155,11 @@ impl KernelDatapath {
 }
 
 fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| DatapathError::Other(format!("{}: path contains a NUL byte", path.display())))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        DatapathError::Other(format!("{}: path contains a NUL byte", path.display()))
+    })?;
     // SAFETY: `fd` is a valid BPF object fd and `c` a NUL-terminated path.
-    let r = unsafe { libbpf_rs::libbpf_sys::bpf_obj_pin(fd, c.as_ptr()) };
+    let r = unsafe { libbpf_sys::bpf_obj_pin(fd, c.as_ptr()) };
     if r < 0 {
         return Err(DatapathError::Kernel {
             op: format!("pin {}", path.display()),
@@ -1011,17 +1170,22 @@ fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
 }
 
 /// Everything `map` holds, read key by key.
-fn dump_table<const K: usize, const V: usize>(map: &MapHandle, what: &str) -> Result<Table<K, V>, DatapathError> {
+fn dump_table<const K: usize, const V: usize>(
+    map: &MapHandle,
+    what: &str,
+) -> Result<Table<K, V>, DatapathError> {
     let mut out = Table::<K, V>::new();
     for k in map.keys() {
         let (Ok(key), Some(v)) = (
             <[u8; K]>::try_from(k.as_slice()),
-            map.lookup(&k, MapFlags::ANY).map_err(kerr(format!("read back the {what}")))?,
+            map.lookup(&k, MapFlags::ANY)
+                .map_err(kerr(format!("read back the {what}")))?,
         ) else {
             continue;
         };
-        let v = <[u8; V]>::try_from(v.as_slice())
-            .map_err(|_| DatapathError::Other(format!("{what}: value of {} bytes, expected {V}", v.len())))?;
+        let v = <[u8; V]>::try_from(v.as_slice()).map_err(|_| {
+            DatapathError::Other(format!("{what}: value of {} bytes, expected {V}", v.len()))
+        })?;
         out.insert(key, v);
     }
     Ok(out)
@@ -1046,7 +1210,8 @@ fn sync_table<const K: usize, const V: usize>(
         shadow.remove(&k);
     }
     for (k, v) in upserts {
-        map.update(&k, &v, MapFlags::ANY).map_err(kerr(format!("fill the {what}")))?;
+        map.update(&k, &v, MapFlags::ANY)
+            .map_err(kerr(format!("fill the {what}")))?;
         shadow.insert(k, v);
     }
     Ok(())
@@ -1067,7 +1232,11 @@ fn write_state(map: &impl MapCore, s: &StateValue) -> Result<(), DatapathError> 
 }
 
 impl Datapath for KernelDatapath {
-    fn apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError> {
+    fn apply(
+        &mut self,
+        state: &Compiled,
+        attachments: &[Attachment],
+    ) -> Result<u64, DatapathError> {
         self.try_apply(state, attachments)
     }
 
@@ -1134,7 +1303,9 @@ impl Datapath for KernelDatapath {
             self.slots.iter().copied().collect()
         };
         for slot in slots {
-            let Ok(Some(per_cpu)) = map.lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY) else { continue };
+            let Ok(Some(per_cpu)) = map.lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY) else {
+                continue;
+            };
             let mut c = Counters::default();
             for raw in per_cpu {
                 if let Some(v) = layout::from_bytes::<layout::CountersValue>(&raw) {

@@ -27,20 +27,20 @@ pub type EventRecord = types::np_event;
 
 // The sizes below are the C header's; a change to a layout must come with a
 // new map version (netpol_*_v2) and a change here.
-const _: () = assert!(std::mem::size_of::<StateValue>() == 16);
-const _: () = assert!(std::mem::size_of::<IpcacheKey>() == 24);
-const _: () = assert!(std::mem::size_of::<IpcacheValue>() == 8);
-const _: () = assert!(std::mem::size_of::<EndpointValue>() == 16);
-const _: () = assert!(std::mem::size_of::<PolicyKey>() == 16);
-const _: () = assert!(std::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(std::mem::size_of::<CtKey>() == 44);
-const _: () = assert!(std::mem::size_of::<CtValue>() == 16);
-const _: () = assert!(std::mem::size_of::<types::np_frag_key>() == 40);
-const _: () = assert!(std::mem::size_of::<types::np_frag_value>() == 8);
-const _: () = assert!(std::mem::size_of::<FailsafeKey>() == 4);
-const _: () = assert!(std::mem::size_of::<CountersValue>() == 48);
-const _: () = assert!(std::mem::size_of::<EventRecord>() == 72);
-const _: () = assert!(std::mem::size_of::<types::np_ratelimit>() == 16);
+const _: () = assert!(size_of::<StateValue>() == 16);
+const _: () = assert!(size_of::<IpcacheKey>() == 24);
+const _: () = assert!(size_of::<IpcacheValue>() == 8);
+const _: () = assert!(size_of::<EndpointValue>() == 16);
+const _: () = assert!(size_of::<PolicyKey>() == 16);
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 44);
+const _: () = assert!(size_of::<CtValue>() == 16);
+const _: () = assert!(size_of::<types::np_frag_key>() == 40);
+const _: () = assert!(size_of::<types::np_frag_value>() == 8);
+const _: () = assert!(size_of::<FailsafeKey>() == 4);
+const _: () = assert!(size_of::<CountersValue>() == 48);
+const _: () = assert!(size_of::<EventRecord>() == 72);
+const _: () = assert!(size_of::<types::np_ratelimit>() == 16);
 
 /// Layout version stored in the state map; an adopting process refuses others.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -71,12 +71,12 @@ pub fn bytes_of<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: every T used here is a #[repr(C)] skeleton type made only of
     // integers and byte arrays with explicit padding fields (sizes asserted
     // above), so all its bytes are initialised and any view of them is valid.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 /// Reads a skeleton layout type back from map bytes; `None` if the size differs.
 pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> Option<T> {
-    if b.len() != std::mem::size_of::<T>() {
+    if b.len() != size_of::<T>() {
         return None;
     }
     let mut v = T::default();
@@ -127,7 +127,10 @@ pub fn ipcache_lookup_key(addr: IpAddr) -> IpcacheKey {
 }
 
 pub fn ipcache_value(e: &IpcacheEntry) -> IpcacheValue {
-    IpcacheValue { identity: e.identity, endpoint: e.endpoint.unwrap_or(SLOT_NONE) }
+    IpcacheValue {
+        identity: e.identity,
+        endpoint: e.endpoint.unwrap_or(SLOT_NONE),
+    }
 }
 
 /// The port with the bits past `prefix` cleared (prefix clamped to 16).
@@ -149,7 +152,11 @@ pub fn policy_prefixlen(proto: u8, port_prefix: u8) -> u32 {
 }
 
 pub fn policy_key(e: &PolicyEntry) -> PolicyKey {
-    let (port, prefix) = if e.proto == 0 { (0, 0) } else { (e.port, e.port_prefix) };
+    let (port, prefix) = if e.proto == 0 {
+        (0, 0)
+    } else {
+        (e.port, e.port_prefix)
+    };
     PolicyKey {
         prefixlen: policy_prefixlen(e.proto, prefix),
         slot: e.endpoint,
@@ -161,7 +168,13 @@ pub fn policy_key(e: &PolicyEntry) -> PolicyKey {
 }
 
 /// The key a packet is looked up with (all bits significant).
-pub fn policy_lookup_key(slot: u32, dir: Direction, identity: u32, proto: u8, port: u16) -> PolicyKey {
+pub fn policy_lookup_key(
+    slot: u32,
+    dir: Direction,
+    identity: u32,
+    proto: u8,
+    port: u16,
+) -> PolicyKey {
     PolicyKey {
         prefixlen: POLICY_FULL_PREFIX,
         slot,
@@ -173,7 +186,12 @@ pub fn policy_lookup_key(slot: u32, dir: Direction, identity: u32, proto: u8, po
 }
 
 pub fn policy_value(e: &PolicyEntry) -> PolicyValue {
-    PolicyValue { verdict: e.verdict as u8, reserved0: 0, reserved1: 0, rule: e.rule }
+    PolicyValue {
+        verdict: e.verdict as u8,
+        reserved0: 0,
+        reserved1: 0,
+        rule: e.rule,
+    }
 }
 
 /// Endpoint table value of the endpoint in `slot` of `state`.
@@ -192,7 +210,12 @@ pub fn endpoint_value(state: &Compiled, slot: u32) -> Option<EndpointValue> {
     if ep.audit {
         flags |= EP_F_AUDIT;
     }
-    Some(EndpointValue { slot, identity: ep.identity, flags, reserved: 0 })
+    Some(EndpointValue {
+        slot,
+        identity: ep.identity,
+        flags,
+        reserved: 0,
+    })
 }
 
 /// The policy entries a generation installs: those of attached endpoints
@@ -202,7 +225,10 @@ pub fn installed_entries<'a>(
     attachments: &[Attachment],
 ) -> impl Iterator<Item = &'a PolicyEntry> + 'a {
     let slots: BTreeSet<u32> = attachments.iter().map(|a| a.slot).collect();
-    state.entries.iter().filter(move |e| slots.contains(&e.endpoint))
+    state
+        .entries
+        .iter()
+        .filter(move |e| slots.contains(&e.endpoint))
 }
 
 /// How many entries one generation needs in each map.
@@ -230,15 +256,35 @@ pub fn check_capacity(
         .collect();
     let endpoints: BTreeSet<u32> = attachments.iter().map(|a| a.ifindex).collect();
     let policy = installed_entries(state, attachments).count();
-    let counts = Counts { ipcache: ipcache.len(), endpoints: endpoints.len(), policy };
+    let counts = Counts {
+        ipcache: ipcache.len(),
+        endpoints: endpoints.len(),
+        policy,
+    };
     let checks = [
-        ("ipcache (ipcache_max_entries)", counts.ipcache, settings.ipcache_max_entries),
-        ("endpoint table (endpoint_max_entries)", counts.endpoints, settings.endpoint_max_entries),
-        ("policy map (policy_max_entries)", counts.policy, settings.policy_max_entries),
+        (
+            "ipcache (ipcache_max_entries)",
+            counts.ipcache,
+            settings.ipcache_max_entries,
+        ),
+        (
+            "endpoint table (endpoint_max_entries)",
+            counts.endpoints,
+            settings.endpoint_max_entries,
+        ),
+        (
+            "policy map (policy_max_entries)",
+            counts.policy,
+            settings.policy_max_entries,
+        ),
     ];
     for (map, needed, max) in checks {
         if needed > max as usize {
-            return Err(DatapathError::Capacity { map, needed, max: max as usize });
+            return Err(DatapathError::Capacity {
+                map,
+                needed,
+                max: max as usize,
+            });
         }
     }
     for a in attachments {
@@ -357,7 +403,11 @@ mod tests {
                 slot: i as u32,
                 name: format!("ep{i}"),
                 namespace: None,
-                kind: if i == 0 { EndpointKind::Host } else { EndpointKind::Workload },
+                kind: if i == 0 {
+                    EndpointKind::Host
+                } else {
+                    EndpointKind::Workload
+                },
                 identity: 256 + i as u32,
                 local: true,
                 interface: None,
@@ -377,7 +427,11 @@ mod tests {
             });
         }
         for i in 0..entries {
-            c.entries.push(PolicyEntry { endpoint: 0, port: i as u16, ..entry(6, 0, 16) });
+            c.entries.push(PolicyEntry {
+                endpoint: 0,
+                port: i as u16,
+                ..entry(6, 0, 16)
+            });
         }
         c
     }
@@ -394,28 +448,79 @@ mod tests {
     #[test]
     fn capacity_check_counts_each_map() {
         let s = state(3, 10, 20);
-        let att = [Attachment { slot: 0, ifindex: 11 }, Attachment { slot: 1, ifindex: 12 }];
+        let att = [
+            Attachment {
+                slot: 0,
+                ifindex: 11,
+            },
+            Attachment {
+                slot: 1,
+                ifindex: 12,
+            },
+        ];
         let c = check_capacity(&s, &att, &settings(10, 2, 20)).unwrap();
-        assert_eq!(c, Counts { ipcache: 10, endpoints: 2, policy: 20 });
+        assert_eq!(
+            c,
+            Counts {
+                ipcache: 10,
+                endpoints: 2,
+                policy: 20
+            }
+        );
         let e = check_capacity(&s, &att, &settings(10, 2, 19)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "policy map (policy_max_entries) needs 20 entries but holds at most 19; the running state was kept"
         );
         let e = check_capacity(&s, &att, &settings(9, 2, 20)).unwrap_err();
-        assert!(matches!(e, DatapathError::Capacity { needed: 10, max: 9, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                DatapathError::Capacity {
+                    needed: 10,
+                    max: 9,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = check_capacity(&s, &att, &settings(10, 1, 20)).unwrap_err();
-        assert!(matches!(e, DatapathError::Capacity { needed: 2, max: 1, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                DatapathError::Capacity {
+                    needed: 2,
+                    max: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn only_entries_of_attached_endpoints_count() {
         let mut s = state(3, 0, 5);
-        s.entries.push(PolicyEntry { endpoint: 2, ..entry(6, 80, 16) });
-        let att = [Attachment { slot: 0, ifindex: 11 }];
-        assert_eq!(check_capacity(&s, &att, &settings(1, 2, 5)).unwrap().policy, 5);
-        let att = [Attachment { slot: 2, ifindex: 12 }];
-        assert_eq!(check_capacity(&s, &att, &settings(1, 4, 5)).unwrap().policy, 1);
+        s.entries.push(PolicyEntry {
+            endpoint: 2,
+            ..entry(6, 80, 16)
+        });
+        let att = [Attachment {
+            slot: 0,
+            ifindex: 11,
+        }];
+        assert_eq!(
+            check_capacity(&s, &att, &settings(1, 2, 5)).unwrap().policy,
+            5
+        );
+        let att = [Attachment {
+            slot: 2,
+            ifindex: 12,
+        }];
+        assert_eq!(
+            check_capacity(&s, &att, &settings(1, 4, 5)).unwrap().policy,
+            1
+        );
     }
 
     #[test]
@@ -429,7 +534,15 @@ mod tests {
     #[test]
     fn attachment_to_an_unknown_slot_is_refused() {
         let s = state(2, 0, 0);
-        let e = check_capacity(&s, &[Attachment { slot: 5, ifindex: 3 }], &settings(1, 8, 1)).unwrap_err();
+        let e = check_capacity(
+            &s,
+            &[Attachment {
+                slot: 5,
+                ifindex: 3,
+            }],
+            &settings(1, 8, 1),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("slot 5"), "{e}");
     }
 

@@ -134,7 +134,11 @@ pub struct Counters {
 pub enum DatapathError {
     /// The state does not fit a map; nothing was changed.
     #[error("{map} needs {needed} entries but holds at most {max}; the running state was kept")]
-    Capacity { map: &'static str, needed: usize, max: usize },
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        max: usize,
+    },
     /// A kernel call failed.
     #[error("{op}: {source}")]
     Kernel {
@@ -151,7 +155,8 @@ pub trait Datapath {
     /// Fill the inactive generation completely with `state` and the given
     /// attachments' slots, then flip. Returns the new generation number. On any
     /// error before the flip the running generation is untouched.
-    fn apply(&mut self, state: &Compiled, attachments: &[Attachment]) -> Result<u64, DatapathError>;
+    fn apply(&mut self, state: &Compiled, attachments: &[Attachment])
+        -> Result<u64, DatapathError>;
 
     /// Make the attached programs match `attachments` exactly: attach where missing
     /// (ingress and egress hook), detach interfaces no longer listed.

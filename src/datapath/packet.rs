@@ -29,15 +29,35 @@ pub struct PacketSpec {
 /// The transport part.
 #[derive(Debug, Clone)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP (v4 or v6 after the family of the addresses): type, code, echo id.
-    Icmp { ty: u8, code: u8, id: u16 },
+    Icmp {
+        ty: u8,
+        code: u8,
+        id: u16,
+    },
     /// An ICMP error (type, code) quoting `inner`.
-    IcmpError { ty: u8, code: u8, inner: Box<PacketSpec> },
+    IcmpError {
+        ty: u8,
+        code: u8,
+        inner: Box<PacketSpec>,
+    },
     /// Another protocol with a few payload bytes.
-    Raw { proto: u8 },
+    Raw {
+        proto: u8,
+    },
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -47,11 +67,28 @@ pub const TCP_ACK: u8 = 0x10;
 
 impl PacketSpec {
     pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
-        Self { src, dst, l4, vlans: Vec::new(), fragment: None, frag_id: 0x4242, ext_headers: Vec::new(), ipv4_options: 0 }
+        Self {
+            src,
+            dst,
+            l4,
+            vlans: Vec::new(),
+            fragment: None,
+            frag_id: 0x4242,
+            ext_headers: Vec::new(),
+            ipv4_options: 0,
+        }
     }
 
     pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Self {
-        Self::new(src, dst, L4::Tcp { sport, dport, flags })
+        Self::new(
+            src,
+            dst,
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            },
+        )
     }
 
     pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Self {
@@ -84,7 +121,11 @@ impl PacketSpec {
     fn l4_bytes(&self) -> (u8, Vec<u8>) {
         let v6 = self.src.is_ipv6();
         match &self.l4 {
-            L4::Tcp { sport, dport, flags } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => {
                 let mut b = vec![0u8; 20];
                 b[0..2].copy_from_slice(&sport.to_be_bytes());
                 b[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -207,7 +248,13 @@ mod tests {
 
     #[test]
     fn tcp_v4_frame_layout() {
-        let p = PacketSpec::tcp("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), 1234, 80, TCP_SYN);
+        let p = PacketSpec::tcp(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            1234,
+            80,
+            TCP_SYN,
+        );
         let f = p.build();
         assert_eq!(&f[12..14], &[0x08, 0x00]);
         assert_eq!(f[14], 0x45);
@@ -218,7 +265,12 @@ mod tests {
 
     #[test]
     fn v6_extension_chain_links_next_headers() {
-        let mut p = PacketSpec::udp("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap(), 5, 53);
+        let mut p = PacketSpec::udp(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+            5,
+            53,
+        );
         p.ext_headers = vec![0, 60];
         p.fragment = Some((0, true));
         let ip = p.ip_packet();

@@ -37,12 +37,12 @@ use std::rc::Rc;
 use ipnet::IpNet;
 
 use super::types::{
-    proto, Compiled, CompiledEndpoint, Direction, EntryVerdict, Identity, IdentityInfo, IpcacheEntry, PolicyEntry,
-    RuleRef,
+    proto, Compiled, CompiledEndpoint, Direction, EntryVerdict, Identity, IdentityInfo,
+    IpcacheEntry, PolicyEntry, RuleRef,
 };
 use crate::api::model::{
-    EndpointKind, Entity, Family, Label, NamedPort, Op, Origin, Peer, Peers, PolicySet, PortSpec, Proto, RegistrySet,
-    RuleItem, Selector, Subject, L4,
+    EndpointKind, Entity, Family, Label, NamedPort, Op, Origin, Peer, Peers, PolicySet, PortSpec,
+    Proto, RegistrySet, RuleItem, Selector, Subject, L4,
 };
 use crate::api::Problem;
 use crate::identity;
@@ -87,13 +87,19 @@ pub struct Limits {
 
 impl Limits {
     /// No budget: [`compile`], for callers whose input is already bounded.
-    pub const UNLIMITED: Limits = Limits { policy_entries: usize::MAX, ipcache_entries: usize::MAX };
+    pub const UNLIMITED: Limits = Limits {
+        policy_entries: usize::MAX,
+        ipcache_entries: usize::MAX,
+    };
 }
 
 impl Default for Limits {
     fn default() -> Self {
         let m = crate::config::MapsConfig::default();
-        Limits { policy_entries: m.policy_max_entries as usize, ipcache_entries: m.ipcache_max_entries as usize }
+        Limits {
+            policy_entries: m.policy_max_entries as usize,
+            ipcache_entries: m.ipcache_max_entries as usize,
+        }
     }
 }
 
@@ -129,7 +135,11 @@ struct PortKey {
     prefix: u8,
 }
 
-const ANY_KEY: PortKey = PortKey { proto: 0, port: 0, prefix: 0 };
+const ANY_KEY: PortKey = PortKey {
+    proto: 0,
+    port: 0,
+    prefix: 0,
+};
 
 /// An entry of a group template (no endpoint slot yet). Field order = sort order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -199,18 +209,29 @@ fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) 
     let end = end.filter(|e| *e > p);
     for &pr in protos(proto_) {
         if p == 0 && end.is_none() {
-            out.push(PortKey { proto: pr, port: 0, prefix: 0 });
+            out.push(PortKey {
+                proto: pr,
+                port: 0,
+                prefix: 0,
+            });
             continue;
         }
         for (base, prefix) in port_range_blocks(p, end.unwrap_or(p)) {
-            out.push(PortKey { proto: pr, port: base, prefix });
+            out.push(PortKey {
+                proto: pr,
+                port: base,
+                prefix,
+            });
         }
     }
 }
 
 /// Keys of a named port resolved against one destination's declared ports.
 fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<PortKey>) {
-    for np in declared.iter().filter(|np| np.name.eq_ignore_ascii_case(name)) {
+    for np in declared
+        .iter()
+        .filter(|np| np.name.eq_ignore_ascii_case(name))
+    {
         let ps: &[u8] = match (want, np.proto) {
             (Proto::Any, p) => protos(p),
             (w, Proto::Any) => protos(w),
@@ -218,7 +239,11 @@ fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<Por
             _ => &[],
         };
         for &pr in ps {
-            out.push(PortKey { proto: pr, port: np.port, prefix: 16 });
+            out.push(PortKey {
+                proto: pr,
+                port: np.port,
+                prefix: 16,
+            });
         }
     }
 }
@@ -262,7 +287,9 @@ impl std::hash::Hasher for FastHasher {
     fn write(&mut self, bytes: &[u8]) {
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
-            self.add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+            self.add(u64::from_le_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]));
         }
         for b in chunks.remainder() {
             self.add(u64::from(*b));
@@ -316,7 +343,11 @@ impl<'a> SelectorIndex<'a> {
                 }
             }
         }
-        SelectorIndex { ids, by_kv, memo: FastMap::default() }
+        SelectorIndex {
+            ids,
+            by_kv,
+            memo: FastMap::default(),
+        }
     }
 
     fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
@@ -326,7 +357,9 @@ impl<'a> SelectorIndex<'a> {
         // The smallest candidate set among the `In` requirements (sized before
         // any is gathered: a namespace requirement names nearly every identity).
         let postings = |req: &'a crate::api::model::Requirement| {
-            req.values.iter().filter_map(|v| self.by_kv.get(&(req.key.key.as_str(), v.as_str())))
+            req.values
+                .iter()
+                .filter_map(|v| self.by_kv.get(&(req.key.key.as_str(), v.as_str())))
         };
         let smallest = sel
             .requirements
@@ -344,7 +377,12 @@ impl<'a> SelectorIndex<'a> {
                     .map(|(id, _)| id)
                     .collect()
             }
-            None => self.ids.iter().filter(|(_, ls)| labels::selector_matches(sel, ls)).map(|(id, _)| *id).collect(),
+            None => self
+                .ids
+                .iter()
+                .filter(|(_, ls)| labels::selector_matches(sel, ls))
+                .map(|(id, _)| *id)
+                .collect(),
         };
         out.sort_unstable();
         let rc = Rc::new(out);
@@ -379,7 +417,11 @@ impl<'a> Ctx<'a> {
                 for p in list {
                     match p {
                         Peer::Endpoints(sel) => ids.extend(self.index.select(sel).iter().copied()),
-                        Peer::Cidr { net, except, match_endpoints } => {
+                        Peer::Cidr {
+                            net,
+                            except,
+                            match_endpoints,
+                        } => {
                             let net = net.trunc();
                             if net.prefix_len() == 0 {
                                 ids.push(match net {
@@ -391,7 +433,9 @@ impl<'a> Ctx<'a> {
                             // inside it: a range of the sorted map, not a scan (thousands
                             // of CIDR peers against thousands of prefixes is quadratic).
                             for (p, id) in self.cidr_ids.range(within(&net)) {
-                                if net_contains(&net, p) && !except.iter().any(|e| net_contains(e, p)) {
+                                if net_contains(&net, p)
+                                    && !except.iter().any(|e| net_contains(e, p))
+                                {
                                     ids.push(*id);
                                 }
                             }
@@ -400,7 +444,10 @@ impl<'a> Ctx<'a> {
                                 // to its last address, not a scan per peer.
                                 let (lo, hi) = (net.network(), net.broadcast());
                                 let start = self.workload_addrs.partition_point(|(a, _)| *a < lo);
-                                for (a, id) in self.workload_addrs[start..].iter().take_while(|(a, _)| *a <= hi) {
+                                for (a, id) in self.workload_addrs[start..]
+                                    .iter()
+                                    .take_while(|(a, _)| *a <= hi)
+                                {
                                     if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
                                         ids.push(*id);
                                     }
@@ -414,12 +461,20 @@ impl<'a> Ctx<'a> {
                                 match e {
                                     Entity::World => ids.extend(self.cidr_ids.values().copied()),
                                     Entity::WorldIpv4 => ids.extend(
-                                        self.cidr_ids.iter().filter(|(n, _)| matches!(n, IpNet::V4(_))).map(|(_, i)| *i),
+                                        self.cidr_ids
+                                            .iter()
+                                            .filter(|(n, _)| matches!(n, IpNet::V4(_)))
+                                            .map(|(_, i)| *i),
                                     ),
                                     Entity::WorldIpv6 => ids.extend(
-                                        self.cidr_ids.iter().filter(|(n, _)| matches!(n, IpNet::V6(_))).map(|(_, i)| *i),
+                                        self.cidr_ids
+                                            .iter()
+                                            .filter(|(n, _)| matches!(n, IpNet::V6(_)))
+                                            .map(|(_, i)| *i),
                                     ),
-                                    Entity::Cluster => ids.extend(self.workload_ids.iter().copied()),
+                                    Entity::Cluster => {
+                                        ids.extend(self.workload_ids.iter().copied())
+                                    }
                                     _ => {}
                                 }
                             }
@@ -441,7 +496,13 @@ impl<'a> Ctx<'a> {
     /// Raw entries of one item for a subject with the given declared ports,
     /// appended to `out`. `Err` as soon as `out`, deduplicated, holds more than
     /// `limit` entries.
-    fn expand(&mut self, idx: usize, subject_ports: &[NamedPort], out: &mut Vec<TEntry>, limit: usize) -> Result<(), Over> {
+    fn expand(
+        &mut self,
+        idx: usize,
+        subject_ports: &[NamedPort],
+        out: &mut Vec<TEntry>,
+        limit: usize,
+    ) -> Result<(), Over> {
         let ids = self.peer_ids(idx);
         if ids.is_empty() {
             return Ok(());
@@ -451,7 +512,13 @@ impl<'a> Ctx<'a> {
         let mut keys: Vec<PortKey> = Vec::new();
         let push = |id: Identity, keys: &[PortKey], out: &mut Vec<TEntry>| -> Result<(), Over> {
             for k in keys {
-                out.push(TEntry { dir, id, key: *k, verdict, rule });
+                out.push(TEntry {
+                    dir,
+                    id,
+                    key: *k,
+                    verdict,
+                    rule,
+                });
             }
             check_raw(out, limit)
         };
@@ -463,7 +530,11 @@ impl<'a> Ctx<'a> {
                         Family::V4 => proto::ICMP,
                         Family::V6 => proto::ICMPV6,
                     };
-                    keys.push(PortKey { proto: p, port: u16::from(t.ty), prefix: 16 });
+                    keys.push(PortKey {
+                        proto: p,
+                        port: u16::from(t.ty),
+                        prefix: 16,
+                    });
                 }
             }
             L4::Ports(list) => {
@@ -472,7 +543,9 @@ impl<'a> Ctx<'a> {
                         PortSpec::Number(n) => number_keys(*n, pp.end_port, pp.proto, &mut keys),
                         PortSpec::Named(name) => match dir {
                             // Ingress: the destination is the subject itself.
-                            Direction::Ingress => named_keys(name, pp.proto, subject_ports, &mut keys),
+                            Direction::Ingress => {
+                                named_keys(name, pp.proto, subject_ports, &mut keys)
+                            }
                             // Egress: the destination is each peer; per-identity keys.
                             Direction::Egress => {
                                 for &id in ids.iter() {
@@ -520,7 +593,13 @@ fn check_raw(out: &mut Vec<TEntry>, limit: usize) -> Result<(), Over> {
 /// the same identity covers (they would shadow it under longest-prefix match).
 fn finish_entries(raw: &mut Vec<TEntry>) {
     raw.sort_unstable_by(|a, b| {
-        (a.dir, a.id, a.key, std::cmp::Reverse(a.verdict), a.rule).cmp(&(b.dir, b.id, b.key, std::cmp::Reverse(b.verdict), b.rule))
+        (a.dir, a.id, a.key, std::cmp::Reverse(a.verdict), a.rule).cmp(&(
+            b.dir,
+            b.id,
+            b.key,
+            std::cmp::Reverse(b.verdict),
+            b.rule,
+        ))
     });
     raw.dedup_by(|b, a| a.dir == b.dir && a.id == b.id && a.key == b.key);
     // Per (dir, id) group: remove allows covered by a deny of the same group.
@@ -532,7 +611,11 @@ fn finish_entries(raw: &mut Vec<TEntry>) {
             j += 1;
         }
         let group = &raw[i..j];
-        let denies: Vec<PortKey> = group.iter().filter(|e| e.verdict == EntryVerdict::Deny).map(|e| e.key).collect();
+        let denies: Vec<PortKey> = group
+            .iter()
+            .filter(|e| e.verdict == EntryVerdict::Deny)
+            .map(|e| e.key)
+            .collect();
         for e in group {
             if e.verdict == EntryVerdict::Allow && denies.iter().any(|d| key_covers(d, &e.key)) {
                 continue;
@@ -560,13 +643,25 @@ fn key_covers(outer: &PortKey, inner: &PortKey) -> bool {
 /// files uses [`try_compile`].
 pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Compiled {
     // Never an error (no count exceeds usize::MAX); an empty state would be the safe answer.
-    try_compile(policies, registry, &CompileOptions { limits: Limits::UNLIMITED, ..opts.clone() }).unwrap_or_default()
+    try_compile(
+        policies,
+        registry,
+        &CompileOptions {
+            limits: Limits::UNLIMITED,
+            ..opts.clone()
+        },
+    )
+    .unwrap_or_default()
 }
 
 /// Compile the whole state within `opts.limits` (see [`Limits`] for what
 /// counts). Pure and deterministic; a refused set costs at most about twice the
 /// limit's worth of entries in time and memory.
-pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Result<Compiled, CompileError> {
+pub fn try_compile(
+    policies: &PolicySet,
+    registry: &RegistrySet,
+    opts: &CompileOptions,
+) -> Result<Compiled, CompileError> {
     let limits = opts.limits;
     let (resolved, ep_ids) = registry_part(registry, &opts.node_name);
 
@@ -598,12 +693,22 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
                                 if net.prefix_len() > 0 {
                                     cidr_prefixes.push((net.trunc(), at));
                                 }
-                                cidr_prefixes.extend(except.iter().filter(|e| e.prefix_len() > 0).map(|e| (e.trunc(), at)));
+                                cidr_prefixes.extend(
+                                    except
+                                        .iter()
+                                        .filter(|e| e.prefix_len() > 0)
+                                        .map(|e| (e.trunc(), at)),
+                                );
                             }
                         }
                     }
                     idxs.push(items.len() as u32);
-                    items.push(ItemInfo { item, origin: &pol.origin, dir, verdict });
+                    items.push(ItemInfo {
+                        item,
+                        origin: &pol.origin,
+                        dir,
+                        verdict,
+                    });
                     rule_refs.push(RuleRef {
                         file: pol.origin.file.clone(),
                         kind: pol.origin.kind.clone(),
@@ -632,8 +737,10 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     let cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
 
     // Every identity's labels, shared (not copied) into the output.
-    let mut id_labels: BTreeMap<Identity, std::sync::Arc<[Label]>> =
-        identity::RESERVED.iter().map(|(id, n)| (*id, labels::reserved_labels(n).into())).collect();
+    let mut id_labels: BTreeMap<Identity, std::sync::Arc<[Label]>> = identity::RESERVED
+        .iter()
+        .map(|(id, n)| (*id, labels::reserved_labels(n).into()))
+        .collect();
     let mut workload_ids: Vec<Identity> = Vec::new();
     for (r, id) in resolved.iter().zip(&ep_ids) {
         if r.def.kind == EndpointKind::Workload && !id_labels.contains_key(id) {
@@ -645,9 +752,15 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     for (n, id) in &cidr_ids {
         id_labels.insert(*id, identity::cidr_labels(n).into());
     }
-    let sel_ids: Vec<(Identity, &[Label])> = id_labels.iter().map(|(id, ls)| (*id, &ls[..])).collect();
-    let identities: Vec<IdentityInfo> =
-        id_labels.iter().map(|(id, ls)| IdentityInfo { id: *id, labels: ls.clone() }).collect();
+    let sel_ids: Vec<(Identity, &[Label])> =
+        id_labels.iter().map(|(id, ls)| (*id, &ls[..])).collect();
+    let identities: Vec<IdentityInfo> = id_labels
+        .iter()
+        .map(|(id, ls)| IdentityInfo {
+            id: *id,
+            labels: ls.clone(),
+        })
+        .collect();
 
     // --- ipcache: priority endpoint > host address > node > CIDR > /0.
     let mut ipc: BTreeMap<IpNet, (u8, Identity, Option<u32>)> = BTreeMap::new();
@@ -657,13 +770,27 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
             *e = (prio, id, slot);
         }
     };
-    put("0.0.0.0/0".parse().expect("static prefix"), 0, identity::WORLD_IPV4, None);
-    put("::/0".parse().expect("static prefix"), 0, identity::WORLD_IPV6, None);
+    put(
+        "0.0.0.0/0".parse().expect("static prefix"),
+        0,
+        identity::WORLD_IPV4,
+        None,
+    );
+    put(
+        "::/0".parse().expect("static prefix"),
+        0,
+        identity::WORLD_IPV6,
+        None,
+    );
     for (n, id) in &cidr_ids {
         put(*n, 1, *id, None);
     }
     for node in &registry.nodes {
-        let id = if !opts.node_name.is_empty() && node.name == opts.node_name { identity::HOST } else { identity::REMOTE_NODE };
+        let id = if !opts.node_name.is_empty() && node.name == opts.node_name {
+            identity::HOST
+        } else {
+            identity::REMOTE_NODE
+        };
         for a in &node.addresses {
             put(host_net(*a), 2, id, None);
         }
@@ -676,8 +803,14 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
             put(host_net(*a), 4, *id, Some(slot as u32));
         }
     }
-    let ipcache: Vec<IpcacheEntry> =
-        ipc.into_iter().map(|(net, (_, identity, endpoint))| IpcacheEntry { net, identity, endpoint }).collect();
+    let ipcache: Vec<IpcacheEntry> = ipc
+        .into_iter()
+        .map(|(net, (_, identity, endpoint))| IpcacheEntry {
+            net,
+            identity,
+            endpoint,
+        })
+        .collect();
 
     // --- peer lookup structures.
     let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
@@ -685,7 +818,10 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     let mut workload_addrs = Vec::new();
     for (r, id) in resolved.iter().zip(&ep_ids) {
         if !r.def.ports.is_empty() {
-            ports_by_id.entry(*id).or_default().extend(r.def.ports.iter().cloned());
+            ports_by_id
+                .entry(*id)
+                .or_default()
+                .extend(r.def.ports.iter().cloned());
             all_ports.extend(r.def.ports.iter().cloned());
         }
         if r.def.kind == EndpointKind::Workload {
@@ -719,7 +855,8 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
             }
             Subject::Nodes(sel) => {
                 for (slot, r) in resolved.iter().enumerate() {
-                    if r.def.kind == EndpointKind::Host && labels::selector_matches(sel, &r.labels) {
+                    if r.def.kind == EndpointKind::Host && labels::selector_matches(sel, &r.labels)
+                    {
                         rules_by_slot[slot].push(ri as u32);
                     }
                 }
@@ -736,23 +873,45 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     let mut per_node: HashMap<Option<&str>, usize> = HashMap::new();
     for (slot, (r, id)) in resolved.iter().zip(&ep_ids).enumerate() {
         let is_wl = r.def.kind == EndpointKind::Workload;
-        let rule_list = if is_wl { rules_by_wl_id.get(id).cloned().unwrap_or_default() } else { rules_by_slot[slot].clone() };
+        let rule_list = if is_wl {
+            rules_by_wl_id.get(id).cloned().unwrap_or_default()
+        } else {
+            rules_by_slot[slot].clone()
+        };
         let key: TKey = (rule_list, r.def.ports.clone(), is_wl);
         let t = match templates.get(&key) {
             Some(t) => t.clone(),
             None => {
-                let t = build_template(&mut ctx, &rules, &key.0, &r.def.ports, is_wl, localhost_rule, limits.policy_entries)
-                    .map_err(|item| over_endpoint(&ctx.items, item, r, limits.policy_entries))?;
+                let t = build_template(
+                    &mut ctx,
+                    &rules,
+                    &key.0,
+                    &r.def.ports,
+                    is_wl,
+                    localhost_rule,
+                    limits.policy_entries,
+                )
+                .map_err(|item| over_endpoint(&ctx.items, item, r, limits.policy_entries))?;
                 let t = Rc::new(t);
                 templates.insert(key, t.clone());
                 t
             }
         };
-        let node = if r.this_node { None } else { r.def.node.as_deref() };
+        let node = if r.this_node {
+            None
+        } else {
+            r.def.node.as_deref()
+        };
         let on_node = per_node.entry(node).or_insert(0);
         *on_node += t.entries.len();
         if *on_node > limits.policy_entries {
-            return Err(over_node(&ctx.items, &t.entries, r, node, limits.policy_entries));
+            return Err(over_node(
+                &ctx.items,
+                &t.entries,
+                r,
+                node,
+                limits.policy_entries,
+            ));
         }
         let slot = slot as u32;
         entries.extend(t.entries.iter().map(|e| PolicyEntry {
@@ -783,7 +942,13 @@ pub fn try_compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileO
     }
     debug_assert!(entries.windows(2).all(|w| w[0] < w[1]));
 
-    Ok(Compiled { identities, ipcache, endpoints, entries, rules: rule_refs })
+    Ok(Compiled {
+        identities,
+        ipcache,
+        endpoints,
+        entries,
+        rules: rule_refs,
+    })
 }
 
 /// The entries of one group of endpoints. `Err(item)` when they would exceed
@@ -806,7 +971,10 @@ thread_local! {
     static REGISTRY_PART: std::cell::RefCell<Option<Rc<RegistryPart>>> = const { std::cell::RefCell::new(None) };
 }
 
-fn registry_part<'a>(registry: &'a RegistrySet, node_name: &str) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
+fn registry_part<'a>(
+    registry: &'a RegistrySet,
+    node_name: &str,
+) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
     let kept = REGISTRY_PART
         .with(|k| k.borrow().clone())
         .filter(|p| p.node_name == node_name && p.registry == *registry);
@@ -817,10 +985,20 @@ fn registry_part<'a>(registry: &'a RegistrySet, node_name: &str) -> (Vec<Resolve
             // Each workload's canonical label text, computed once.
             let texts: Vec<String> = resolved
                 .iter()
-                .map(|r| if r.def.kind == EndpointKind::Workload { labels::canonical(&r.labels) } else { String::new() })
+                .map(|r| {
+                    if r.def.kind == EndpointKind::Workload {
+                        labels::canonical(&r.labels)
+                    } else {
+                        String::new()
+                    }
+                })
                 .collect();
             let wl_map = identity::allocate_workload_texts(
-                resolved.iter().zip(&texts).filter(|(r, _)| r.def.kind == EndpointKind::Workload).map(|(_, t)| t.as_str()),
+                resolved
+                    .iter()
+                    .zip(&texts)
+                    .filter(|(r, _)| r.def.kind == EndpointKind::Workload)
+                    .map(|(_, t)| t.as_str()),
             );
             let ids = resolved
                 .iter()
@@ -834,7 +1012,10 @@ fn registry_part<'a>(registry: &'a RegistrySet, node_name: &str) -> (Vec<Resolve
             let p = Rc::new(RegistryPart {
                 registry: registry.clone(),
                 node_name: node_name.to_string(),
-                eps: resolved.iter().map(|r| (r.index, r.labels.clone(), r.this_node, r.local)).collect(),
+                eps: resolved
+                    .iter()
+                    .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
+                    .collect(),
                 ids,
             });
             REGISTRY_PART.with(|k| *k.borrow_mut() = Some(p.clone()));
@@ -880,11 +1061,18 @@ fn build_template(
             t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
         }
         for &idx in &info.items {
-            ctx.expand(idx as usize, ports, &mut raw, limit).map_err(|Over| Some(idx))?;
+            ctx.expand(idx as usize, ports, &mut raw, limit)
+                .map_err(|Over| Some(idx))?;
         }
     }
     if let (true, Some(rule)) = (is_workload, localhost_rule) {
-        raw.push(TEntry { dir: Direction::Ingress, id: identity::HOST, key: ANY_KEY, verdict: EntryVerdict::Allow, rule });
+        raw.push(TEntry {
+            dir: Direction::Ingress,
+            id: identity::HOST,
+            key: ANY_KEY,
+            verdict: EntryVerdict::Allow,
+            rule,
+        });
     }
     finish_entries(&mut raw);
     if raw.len() > limit {
@@ -952,7 +1140,12 @@ fn holds(what: &str, key: &str, limit: usize) -> String {
 }
 
 /// One endpoint's own entries exceed the policy map.
-fn over_endpoint(items: &[ItemInfo<'_>], item: Option<u32>, r: &ResolvedEndpoint<'_>, limit: usize) -> CompileError {
+fn over_endpoint(
+    items: &[ItemInfo<'_>],
+    item: Option<u32>,
+    r: &ResolvedEndpoint<'_>,
+    limit: usize,
+) -> CompileError {
     let ep = r.display_name();
     let holds = holds("policy map", POLICY_KEY, limit);
     let problem = match item.and_then(|i| items.get(i as usize)) {
@@ -968,7 +1161,11 @@ fn over_endpoint(items: &[ItemInfo<'_>], item: Option<u32>, r: &ResolvedEndpoint
             format!("endpoint {ep} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
         ),
     };
-    CompileError { key: POLICY_KEY, limit, problem: Box::new(problem) }
+    CompileError {
+        key: POLICY_KEY,
+        limit,
+        problem: Box::new(problem),
+    }
 }
 
 /// The endpoints of one node together exceed that node's policy map; `entries`
@@ -999,7 +1196,11 @@ fn over_node(
             format!("with this endpoint, the endpoints of {host} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
         ),
     };
-    CompileError { key: POLICY_KEY, limit, problem: Box::new(problem) }
+    CompileError {
+        key: POLICY_KEY,
+        limit,
+        problem: Box::new(problem),
+    }
 }
 
 /// Count the ipcache as compile will fill it, stopping at the first prefix
@@ -1020,7 +1221,8 @@ fn check_ipcache(
     nets.insert("::/0".parse().expect("static prefix"));
     nets.extend(opts.host_addresses.iter().map(|a| host_net(*a)));
     let holds = holds("ipcache", IPCACHE_KEY, limit);
-    let registry_over = |origin: &Origin, i: usize| CompileError {
+    let registry_over = |origin: &Origin, i: usize| {
+        CompileError {
         key: IPCACHE_KEY,
         limit,
         problem: Box::new(endpoint_problem(
@@ -1028,6 +1230,7 @@ fn check_ipcache(
             Some(format!("spec.addresses[{i}]")),
             format!("with this address, the registry would need more than {limit} ipcache entries; {holds}; raise {IPCACHE_KEY} in netpold.toml"),
         )),
+    }
     };
     for node in &registry.nodes {
         for (i, a) in node.addresses.iter().enumerate() {
@@ -1049,7 +1252,11 @@ fn check_ipcache(
                 let msg = format!(
                     "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or raise {IPCACHE_KEY} in netpold.toml"
                 );
-                return Err(CompileError { key: IPCACHE_KEY, limit, problem: Box::new(item_problem(info, msg)) });
+                return Err(CompileError {
+                    key: IPCACHE_KEY,
+                    limit,
+                    problem: Box::new(item_problem(info, msg)),
+                });
             }
         }
     }
@@ -1089,7 +1296,8 @@ impl Compiled {
     /// enforced); the datapath only needs the local ones. Slots do not change.
     pub fn retain_local_entries(&mut self) {
         let local: Vec<bool> = self.endpoints.iter().map(|e| e.local).collect();
-        self.entries.retain(|e| local.get(e.endpoint as usize).copied().unwrap_or(false));
+        self.entries
+            .retain(|e| local.get(e.endpoint as usize).copied().unwrap_or(false));
     }
 
     /// A stable, line-oriented text dump of the whole state, for golden tests and
@@ -1125,7 +1333,11 @@ impl Compiled {
                 s,
                 "endpoint {} {} {} identity={} {} ingress={} egress={}{}",
                 ep.slot,
-                if ep.kind == EndpointKind::Host { "host" } else { "workload" },
+                if ep.kind == EndpointKind::Host {
+                    "host"
+                } else {
+                    "workload"
+                },
                 name,
                 ep.identity,
                 if ep.local { "local" } else { "remote" },
@@ -1139,15 +1351,30 @@ impl Compiled {
                 s,
                 "entry {} {} id={} {} {} rule={}",
                 e.endpoint,
-                if e.direction == Direction::Ingress { "ingress" } else { "egress" },
+                if e.direction == Direction::Ingress {
+                    "ingress"
+                } else {
+                    "egress"
+                },
                 e.identity,
                 format_key(e.proto, e.port, e.port_prefix),
-                if e.verdict == EntryVerdict::Allow { "allow" } else { "deny" },
+                if e.verdict == EntryVerdict::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                },
                 e.rule
             );
         }
         for (i, r) in self.rules.iter().enumerate() {
-            let _ = writeln!(s, "rule {i} {} {} {} {}", r.kind, r.policy, r.file.display(), r.path);
+            let _ = writeln!(
+                s,
+                "rule {i} {} {} {} {}",
+                r.kind,
+                r.policy,
+                r.file.display(),
+                r.path
+            );
         }
         s
     }
@@ -1162,9 +1389,29 @@ mod tests {
         let b = port_range_blocks(80, 444);
         assert_eq!(
             b,
-            vec![(80, 12), (96, 11), (128, 9), (256, 9), (384, 11), (416, 12), (432, 13), (440, 14), (444, 16)]
+            vec![
+                (80, 12),
+                (96, 11),
+                (128, 9),
+                (256, 9),
+                (384, 11),
+                (416, 12),
+                (432, 13),
+                (440, 14),
+                (444, 16)
+            ]
         );
-        assert_eq!(port_range_blocks(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
+        assert_eq!(
+            port_range_blocks(1024, 65535),
+            vec![
+                (1024, 6),
+                (2048, 5),
+                (4096, 4),
+                (8192, 3),
+                (16384, 2),
+                (32768, 1)
+            ]
+        );
         assert_eq!(port_range_blocks(0, 65535), vec![(0, 0)]);
         assert_eq!(port_range_blocks(443, 443), vec![(443, 16)]);
     }
@@ -1190,30 +1437,70 @@ mod tests {
     #[test]
     fn covers() {
         let any = ANY_KEY;
-        let tcp = PortKey { proto: 6, port: 0, prefix: 0 };
-        let p80 = PortKey { proto: 6, port: 80, prefix: 16 };
-        let r80 = PortKey { proto: 6, port: 80, prefix: 12 };
+        let tcp = PortKey {
+            proto: 6,
+            port: 0,
+            prefix: 0,
+        };
+        let p80 = PortKey {
+            proto: 6,
+            port: 80,
+            prefix: 16,
+        };
+        let r80 = PortKey {
+            proto: 6,
+            port: 80,
+            prefix: 12,
+        };
         assert!(key_covers(&any, &p80));
         assert!(key_covers(&tcp, &p80));
         assert!(key_covers(&r80, &p80));
         assert!(!key_covers(&p80, &r80));
-        assert!(!key_covers(&PortKey { proto: 17, port: 0, prefix: 0 }, &p80));
+        assert!(!key_covers(
+            &PortKey {
+                proto: 17,
+                port: 0,
+                prefix: 0
+            },
+            &p80
+        ));
     }
 
     #[test]
     fn prefixes_inside_a_net_are_found_by_range_as_by_scan() {
         let nets: Vec<IpNet> = [
-            "0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/16", "10.0.0.0/32", "10.1.0.0/16", "10.1.2.0/24", "10.255.255.255/32",
-            "11.0.0.0/8", "9.255.255.255/32", "192.168.0.0/16", "::/0", "fd00::/8", "fd00:1::/32", "fd00:1::1/128",
-            "fe00::/8", "2001:db8::/32",
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.0.0.0/16",
+            "10.0.0.0/32",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.255.255.255/32",
+            "11.0.0.0/8",
+            "9.255.255.255/32",
+            "192.168.0.0/16",
+            "::/0",
+            "fd00::/8",
+            "fd00:1::/32",
+            "fd00:1::1/128",
+            "fe00::/8",
+            "2001:db8::/32",
         ]
         .iter()
         .map(|n| n.parse::<IpNet>().unwrap().trunc())
         .collect();
-        let map: BTreeMap<IpNet, Identity> = nets.iter().enumerate().map(|(i, n)| (*n, i as Identity)).collect();
+        let map: BTreeMap<IpNet, Identity> = nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, i as Identity))
+            .collect();
         for q in &nets {
             let by_scan: Vec<IpNet> = map.keys().filter(|p| net_contains(q, p)).copied().collect();
-            let by_range: Vec<IpNet> = map.range(within(q)).map(|(p, _)| *p).filter(|p| net_contains(q, p)).collect();
+            let by_range: Vec<IpNet> = map
+                .range(within(q))
+                .map(|(p, _)| *p)
+                .filter(|p| net_contains(q, p))
+                .collect();
             assert_eq!(by_range, by_scan, "inside {q}");
         }
     }
@@ -1270,17 +1557,32 @@ spec:
     fn inputs(policies: &[(&str, &str)]) -> (PolicySet, RegistrySet) {
         let mut set = PolicySet::default();
         for (file, text) in policies {
-            set.policies.extend(crate::api::parse_policies(std::path::Path::new(file), text).expect("valid policy"));
+            set.policies.extend(
+                crate::api::parse_policies(std::path::Path::new(file), text).expect("valid policy"),
+            );
         }
-        (set, crate::api::parse_registry(std::path::Path::new("reg.yaml"), REG).expect("valid registry"))
+        (
+            set,
+            crate::api::parse_registry(std::path::Path::new("reg.yaml"), REG)
+                .expect("valid registry"),
+        )
     }
 
     fn with_limits(policy_entries: usize, ipcache_entries: usize) -> CompileOptions {
-        CompileOptions { node_name: "node-a".into(), limits: Limits { policy_entries, ipcache_entries }, ..Default::default() }
+        CompileOptions {
+            node_name: "node-a".into(),
+            limits: Limits {
+                policy_entries,
+                ipcache_entries,
+            },
+            ..Default::default()
+        }
     }
 
     fn refusal(p: &PolicySet, r: &RegistrySet, o: &CompileOptions) -> String {
-        try_compile(p, r, o).expect_err("over the budget").to_string()
+        try_compile(p, r, o)
+            .expect_err("over the budget")
+            .to_string()
     }
 
     #[test]
@@ -1315,7 +1617,8 @@ spec:
         // web-2 is node-b's: this host has web-1 (6) + api-1 (3) + api-2 (3).
         let (p, r) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
         assert!(try_compile(&p, &r, &with_limits(12, 100)).is_ok());
-        assert!(refusal(&p, &r, &with_limits(11, 100)).contains("the endpoints of this host would need more than 11"));
+        assert!(refusal(&p, &r, &with_limits(11, 100))
+            .contains("the endpoints of this host would need more than 11"));
     }
 
     #[test]
@@ -1349,6 +1652,16 @@ spec:
         let (p, r) = inputs(&[("dup.yaml", &dup)]);
         assert_eq!(p.policies[0].rules[0].ingress.len(), 3);
         let c = try_compile(&p, &r, &with_limits(6, 100)).expect("6 distinct entries fit 6");
-        assert_eq!(c, compile(&p, &r, &CompileOptions { node_name: "node-a".into(), ..Default::default() }));
+        assert_eq!(
+            c,
+            compile(
+                &p,
+                &r,
+                &CompileOptions {
+                    node_name: "node-a".into(),
+                    ..Default::default()
+                }
+            )
+        );
     }
 }

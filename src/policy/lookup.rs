@@ -41,7 +41,11 @@ pub fn prefix_covers(base: u16, prefix: u8, port: u16) -> bool {
     if prefix == 0 {
         return true;
     }
-    let mask: u16 = if prefix >= 16 { 0xFFFF } else { !(0xFFFFu16 >> prefix) };
+    let mask: u16 = if prefix >= 16 {
+        0xFFFF
+    } else {
+        !(0xFFFFu16 >> prefix)
+    };
     (port & mask) == (base & mask)
 }
 
@@ -57,17 +61,29 @@ pub fn specificity(e: &PolicyEntry) -> u8 {
 
 /// The entries of one endpoint and direction (a slice of the sorted entries).
 pub fn entries_for(c: &Compiled, slot: u32, dir: Direction) -> &[PolicyEntry] {
-    let lo = c.entries.partition_point(|e| (e.endpoint, e.direction) < (slot, dir));
-    let hi = c.entries.partition_point(|e| (e.endpoint, e.direction) <= (slot, dir));
+    let lo = c
+        .entries
+        .partition_point(|e| (e.endpoint, e.direction) < (slot, dir));
+    let hi = c
+        .entries
+        .partition_point(|e| (e.endpoint, e.direction) <= (slot, dir));
     &c.entries[lo..hi]
 }
 
 /// The longest entry with exactly `id` in `entries` (one endpoint and direction)
 /// that covers the packet.
-pub fn longest_match(entries: &[PolicyEntry], id: Identity, proto: u8, port: u16) -> Option<&PolicyEntry> {
+pub fn longest_match(
+    entries: &[PolicyEntry],
+    id: Identity,
+    proto: u8,
+    port: u16,
+) -> Option<&PolicyEntry> {
     let lo = entries.partition_point(|e| e.identity < id);
     let hi = entries.partition_point(|e| e.identity <= id);
-    entries[lo..hi].iter().filter(|e| entry_covers(e, proto, port)).max_by_key(|e| specificity(e))
+    entries[lo..hi]
+        .iter()
+        .filter(|e| entry_covers(e, proto, port))
+        .max_by_key(|e| specificity(e))
 }
 
 /// How a direction was decided.
@@ -88,7 +104,10 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn allowed(self) -> bool {
-        matches!(self, Outcome::AllowedByEntry | Outcome::NotEnforced | Outcome::NoDefaultDeny)
+        matches!(
+            self,
+            Outcome::AllowedByEntry | Outcome::NotEnforced | Outcome::NoDefaultDeny
+        )
     }
 }
 
@@ -110,9 +129,20 @@ impl Decision<'_> {
 
 /// Decide a flow at endpoint `slot` in direction `dir` from remote identity
 /// `remote`, exactly as the datapath does (see the module doc).
-pub fn decide(c: &Compiled, slot: u32, dir: Direction, remote: Identity, proto: u8, port: u16) -> Decision<'_> {
+pub fn decide(
+    c: &Compiled,
+    slot: u32,
+    dir: Direction,
+    remote: Identity,
+    proto: u8,
+    port: u16,
+) -> Decision<'_> {
     let entries = entries_for(c, slot, dir);
-    let l1 = if remote == identity::ANY { None } else { longest_match(entries, remote, proto, port) };
+    let l1 = if remote == identity::ANY {
+        None
+    } else {
+        longest_match(entries, remote, proto, port)
+    };
     let l2 = longest_match(entries, identity::ANY, proto, port);
     let is = |e: Option<&PolicyEntry>, v: EntryVerdict| e.is_some_and(|e| e.verdict == v);
     let (outcome, entry) = if is(l1, EntryVerdict::Deny) {
@@ -139,19 +169,29 @@ pub fn decide(c: &Compiled, slot: u32, dir: Direction, remote: Identity, proto: 
         };
         (o, None)
     };
-    Decision { outcome, entry, l1, l2 }
+    Decision {
+        outcome,
+        entry,
+        l1,
+        l2,
+    }
 }
 
 impl Compiled {
     /// The identity of an address: longest matching ipcache prefix; world (2) on a
     /// miss (the ipcache normally has `/0` entries, so misses do not happen).
     pub fn lookup_ip(&self, addr: IpAddr) -> Identity {
-        self.lookup_ip_entry(addr).map(|e| e.identity).unwrap_or(identity::WORLD)
+        self.lookup_ip_entry(addr)
+            .map(|e| e.identity)
+            .unwrap_or(identity::WORLD)
     }
 
     /// The longest ipcache entry covering `addr`.
     pub fn lookup_ip_entry(&self, addr: IpAddr) -> Option<&super::types::IpcacheEntry> {
-        self.ipcache.iter().filter(|e| e.net.contains(&addr)).max_by_key(|e| e.net.prefix_len())
+        self.ipcache
+            .iter()
+            .filter(|e| e.net.contains(&addr))
+            .max_by_key(|e| e.net.prefix_len())
     }
 
     /// The endpoint slot whose registered address is exactly `addr`.
@@ -166,11 +206,20 @@ impl Compiled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::types::{proto, CompiledEndpoint};
     use crate::api::model::EndpointKind;
+    use crate::policy::types::{proto, CompiledEndpoint};
 
     fn ent(id: Identity, p: u8, port: u16, prefix: u8, v: EntryVerdict, rule: u32) -> PolicyEntry {
-        PolicyEntry { endpoint: 0, direction: Direction::Ingress, identity: id, proto: p, port, port_prefix: prefix, verdict: v, rule }
+        PolicyEntry {
+            endpoint: 0,
+            direction: Direction::Ingress,
+            identity: id,
+            proto: p,
+            port,
+            port_prefix: prefix,
+            verdict: v,
+            rule,
+        }
     }
 
     fn compiled(mut entries: Vec<PolicyEntry>, dd: bool) -> Compiled {
@@ -208,16 +257,32 @@ mod tests {
     fn longest_wins_within_identity_and_deny_wins_across() {
         use EntryVerdict::*;
         let c = compiled(
-            vec![ent(500, 0, 0, 0, Allow, 1), ent(500, proto::TCP, 80, 16, Deny, 2), ent(0, proto::TCP, 443, 16, Deny, 3)],
+            vec![
+                ent(500, 0, 0, 0, Allow, 1),
+                ent(500, proto::TCP, 80, 16, Deny, 2),
+                ent(0, proto::TCP, 443, 16, Deny, 3),
+            ],
             true,
         );
-        assert_eq!(decide(&c, 0, Direction::Ingress, 500, proto::TCP, 22).outcome, Outcome::AllowedByEntry);
+        assert_eq!(
+            decide(&c, 0, Direction::Ingress, 500, proto::TCP, 22).outcome,
+            Outcome::AllowedByEntry
+        );
         let d = decide(&c, 0, Direction::Ingress, 500, proto::TCP, 80);
         assert_eq!(d.outcome, Outcome::DeniedByEntry);
         assert_eq!(d.entry.unwrap().rule, 2);
         let d = decide(&c, 0, Direction::Ingress, 500, proto::TCP, 443);
-        assert_eq!((d.outcome, d.entry.unwrap().rule), (Outcome::DeniedByEntry, 3));
-        assert_eq!(decide(&c, 0, Direction::Ingress, 501, proto::TCP, 22).outcome, Outcome::DefaultDeny);
-        assert_eq!(decide(&c, 0, Direction::Egress, 501, proto::TCP, 22).outcome, Outcome::NotEnforced);
+        assert_eq!(
+            (d.outcome, d.entry.unwrap().rule),
+            (Outcome::DeniedByEntry, 3)
+        );
+        assert_eq!(
+            decide(&c, 0, Direction::Ingress, 501, proto::TCP, 22).outcome,
+            Outcome::DefaultDeny
+        );
+        assert_eq!(
+            decide(&c, 0, Direction::Egress, 501, proto::TCP, 22).outcome,
+            Outcome::NotEnforced
+        );
     }
 }

@@ -173,14 +173,23 @@ pub fn resolve_side(c: &Compiled, input: &str) -> Result<Side, TraceError> {
             .filter(|e| e.name == name && e.namespace.as_deref() == Some(ns))
             .map(|e| e.slot)
             .collect(),
-        None => c.endpoints.iter().filter(|e| e.name == input).map(|e| e.slot).collect(),
+        None => c
+            .endpoints
+            .iter()
+            .filter(|e| e.name == input)
+            .map(|e| e.slot)
+            .collect(),
     };
     match matches.len() {
         0 => Err(TraceError::UnknownEndpoint(input.to_string())),
         1 => Ok(endpoint_side(c, input, matches[0])),
         _ => Err(TraceError::Ambiguous {
             name: input.to_string(),
-            candidates: matches.iter().map(|s| endpoint_display(c, *s)).collect::<Vec<_>>().join(", "),
+            candidates: matches
+                .iter()
+                .map(|s| endpoint_display(c, *s))
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -214,7 +223,14 @@ fn dir_name(d: Direction) -> &'static str {
     }
 }
 
-fn judge(c: &Compiled, dir: Direction, at: Option<u32>, remote: Identity, proto_: u8, port: u16) -> DirectionResult {
+fn judge(
+    c: &Compiled,
+    dir: Direction,
+    at: Option<u32>,
+    remote: Identity,
+    proto_: u8,
+    port: u16,
+) -> DirectionResult {
     let Some(slot) = at else {
         return DirectionResult {
             direction: dir,
@@ -223,7 +239,10 @@ fn judge(c: &Compiled, dir: Direction, at: Option<u32>, remote: Identity, proto_
             reason: Reason::NotAnEndpoint,
             rule: None,
             entry: None,
-            message: format!("allowed — not a registry endpoint, no {} policy applies", dir_name(dir)),
+            message: format!(
+                "allowed — not a registry endpoint, no {} policy applies",
+                dir_name(dir)
+            ),
         };
     };
     let name = endpoint_display(c, slot);
@@ -253,12 +272,24 @@ fn judge(c: &Compiled, dir: Direction, at: Option<u32>, remote: Identity, proto_
             ),
         ),
     };
-    let mut verdict = if d.allowed() { DirVerdict::Allowed } else { DirVerdict::Denied };
+    let mut verdict = if d.allowed() {
+        DirVerdict::Allowed
+    } else {
+        DirVerdict::Denied
+    };
     if verdict == DirVerdict::Denied && c.endpoints[slot as usize].audit {
         verdict = DirVerdict::Audit;
         message = format!("audit (passes): {message}");
     }
-    DirectionResult { direction: dir, endpoint: Some(name), verdict, reason, rule, entry: d.entry.cloned(), message }
+    DirectionResult {
+        direction: dir,
+        endpoint: Some(name),
+        verdict,
+        reason,
+        rule,
+        entry: d.entry.cloned(),
+        message,
+    }
 }
 
 /// Decide a new connection `src → dst` on `proto_` / `port` (ICMP type for ICMP).
@@ -281,9 +312,14 @@ pub fn trace(c: &Compiled, src: &Side, dst: &Side, proto_: u8, port: u16) -> Tra
         )
     };
     let denied = egress.verdict == DirVerdict::Denied || ingress.verdict == DirVerdict::Denied;
-    let audit = !denied && (egress.verdict == DirVerdict::Audit || ingress.verdict == DirVerdict::Audit);
+    let audit =
+        !denied && (egress.verdict == DirVerdict::Audit || ingress.verdict == DirVerdict::Audit);
     TraceResult {
-        verdict: if denied { Verdict::Denied } else { Verdict::Allowed },
+        verdict: if denied {
+            Verdict::Denied
+        } else {
+            Verdict::Allowed
+        },
         audit,
         from: src.clone(),
         to: dst.clone(),
@@ -296,7 +332,13 @@ pub fn trace(c: &Compiled, src: &Side, dst: &Side, proto_: u8, port: u16) -> Tra
 }
 
 /// Resolve both sides by text and trace.
-pub fn trace_str(c: &Compiled, src: &str, dst: &str, proto_: u8, port: u16) -> Result<TraceResult, TraceError> {
+pub fn trace_str(
+    c: &Compiled,
+    src: &str,
+    dst: &str,
+    proto_: u8,
+    port: u16,
+) -> Result<TraceResult, TraceError> {
     let s = resolve_side(c, src)?;
     let d = resolve_side(c, dst)?;
     Ok(trace(c, &s, &d, proto_, port))
@@ -308,9 +350,17 @@ impl fmt::Display for Side {
             (Some(_), Some(EndpointKind::Workload)) => {
                 let name = self.endpoint.as_deref().unwrap_or("?");
                 let short = name.rsplit_once('/').map(|(_, n)| n).unwrap_or(name);
-                write!(f, "{short} ({})", self.namespace.as_deref().unwrap_or("default"))
+                write!(
+                    f,
+                    "{short} ({})",
+                    self.namespace.as_deref().unwrap_or("default")
+                )
             }
-            (Some(_), _) => write!(f, "{} (host endpoint)", self.endpoint.as_deref().unwrap_or("?")),
+            (Some(_), _) => write!(
+                f,
+                "{} (host endpoint)",
+                self.endpoint.as_deref().unwrap_or("?")
+            ),
             (None, _) => write!(f, "{} ({})", self.input, self.identity_name),
         }
     }
@@ -323,9 +373,16 @@ impl fmt::Display for TraceResult {
             (Verdict::Allowed, true) => "ALLOWED (audit)",
             (Verdict::Denied, _) => "DENIED",
         };
-        writeln!(f, "{} -> {} {}/{}: {v}", self.from, self.to, self.proto, self.port)?;
+        writeln!(
+            f,
+            "{} -> {} {}/{}: {v}",
+            self.from, self.to, self.proto, self.port
+        )?;
         for d in [&self.egress, &self.ingress] {
-            let who = d.endpoint.as_deref().map(|n| n.rsplit_once('/').map(|(_, s)| s).unwrap_or(n).to_string());
+            let who = d
+                .endpoint
+                .as_deref()
+                .map(|n| n.rsplit_once('/').map(|(_, s)| s).unwrap_or(n).to_string());
             let who = who.unwrap_or_else(|| match d.direction {
                 Direction::Egress => self.from.input.clone(),
                 Direction::Ingress => self.to.input.clone(),

@@ -81,7 +81,10 @@ pub struct Dp {
 impl Dp {
     pub fn open(test: &str, settings: &DatapathSettings) -> Dp {
         let n = PIN_SEQ.fetch_add(1, Ordering::SeqCst);
-        let pin = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-test-{test}-{}-{n}", std::process::id()));
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/{PREFIX}-test-{test}-{}-{n}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&pin);
         let dp = KernelDatapath::open(&pin, settings).expect("open the kernel datapath");
         Dp { dp: Some(dp), pin }
@@ -108,7 +111,12 @@ impl Drop for Dp {
 
 fn ip_cmd(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Run `f` in a thread that joined network namespace `ns`.
@@ -150,26 +158,47 @@ pub const BRIDGE: &str = "npybr";
 pub const NODE_MAC: [u8; 6] = [0x02, 0x07, 0, 0, 0, 0xfe];
 
 impl Topo {
-    pub fn new(tag: &str, node_addrs: &[&str], workloads: &[Workload]) -> Topo {
+    pub fn new(tag: &str, node_addrs: &[&str], workloads: &[Workload<'_>]) -> Topo {
         let tag = format!("{}-{tag}", std::process::id());
         let node = format!("{PREFIX}-{tag}-node");
         let _ = Command::new("ip").args(["netns", "del", &node]).output();
         for w in workloads {
-            let _ = Command::new("ip").args(["netns", "del", &format!("{PREFIX}-{tag}-{}", w.name)]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("{PREFIX}-{tag}-{}", w.name)])
+                .output();
         }
         // The guard exists before the first namespace so a failure cleans up.
-        let mut topo = Topo { node: node.clone(), tag: tag.clone(), names: Vec::new(), namespaces: Vec::new() };
+        let mut topo = Topo {
+            node: node.clone(),
+            tag: tag.clone(),
+            names: Vec::new(),
+            namespaces: Vec::new(),
+        };
         ip_cmd(&["netns", "add", &node]);
         topo.namespaces.push(node.clone());
         ip_cmd(&["-n", &node, "link", "set", "lo", "up"]);
         // With br_netfilter loaded the bridge validates and trims IP packets
         // itself (and drops malformed ones), which would hide what the
         // datapath let through: the node bridges frames untouched instead.
-        for key in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"] {
+        for key in [
+            "bridge-nf-call-iptables",
+            "bridge-nf-call-ip6tables",
+            "bridge-nf-call-arptables",
+        ] {
             let path = format!("/proc/sys/net/bridge/{key}");
             let _ = in_ns(&node, || std::fs::write(&path, "0"));
         }
-        ip_cmd(&["-n", &node, "link", "add", BRIDGE, "address", &mac_str(NODE_MAC), "type", "bridge"]);
+        ip_cmd(&[
+            "-n",
+            &node,
+            "link",
+            "add",
+            BRIDGE,
+            "address",
+            &mac_str(NODE_MAC),
+            "type",
+            "bridge",
+        ]);
         for a in node_addrs {
             add_addr(&node, BRIDGE, a);
         }
@@ -181,7 +210,10 @@ impl Topo {
             topo.names.push(w.name.to_string());
             let host = format!("{PREFIX}-{}", w.name);
             let mac = mac_str(Topo::mac_of(k));
-            ip_cmd(&["-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "address", &mac, "netns", &ns]);
+            ip_cmd(&[
+                "-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0",
+                "address", &mac, "netns", &ns,
+            ]);
             ip_cmd(&["-n", &node, "link", "set", &host, "master", BRIDGE, "up"]);
             ip_cmd(&["-n", &ns, "link", "set", "lo", "up"]);
             for a in w.addrs {
@@ -202,13 +234,20 @@ impl Topo {
 
     /// MAC of workload `w`'s eth0.
     pub fn mac(&self, w: &str) -> [u8; 6] {
-        let k = self.names.iter().position(|n| n == w).unwrap_or_else(|| panic!("no workload {w}"));
+        let k = self
+            .names
+            .iter()
+            .position(|n| n == w)
+            .unwrap_or_else(|| panic!("no workload {w}"));
         Topo::mac_of(k)
     }
 
     /// ifindex of a device in the node namespace.
     pub fn node_ifindex(&self, dev: &str) -> u32 {
-        in_ns(&self.node, || nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("if_nametoindex {dev}: {e}")))
+        in_ns(&self.node, || {
+            nix::net::if_::if_nametoindex(dev)
+                .unwrap_or_else(|e| panic!("if_nametoindex {dev}: {e}"))
+        })
     }
 }
 
@@ -229,7 +268,10 @@ fn add_addr(ns: &str, dev: &str, a: &str) {
 }
 
 pub fn mac_str(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Compile policy YAML and registry YAML as the daemon would (this host is
@@ -238,11 +280,28 @@ pub fn mac_str(m: [u8; 6]) -> String {
 pub fn compile_yaml(policies: &str, registry: &str) -> Compiled {
     let pfile = std::path::Path::new("/etc/netpol.d/test.yaml");
     let rfile = std::path::Path::new("/etc/netpol/endpoints.d/test.yaml");
-    let policies = netpol::api::parse_policies(pfile, policies)
-        .unwrap_or_else(|p| panic!("test policies do not parse: {}", p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")));
-    let registry = netpol::api::parse_registry(rfile, registry)
-        .unwrap_or_else(|p| panic!("test registry does not parse: {}", p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")));
-    let opts = CompileOptions { node_name: format!("{PREFIX}-node"), ..Default::default() };
+    let policies = netpol::api::parse_policies(pfile, policies).unwrap_or_else(|p| {
+        panic!(
+            "test policies do not parse: {}",
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    let registry = netpol::api::parse_registry(rfile, registry).unwrap_or_else(|p| {
+        panic!(
+            "test registry does not parse: {}",
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    let opts = CompileOptions {
+        node_name: format!("{PREFIX}-node"),
+        ..Default::default()
+    };
     let mut c = compile(&PolicySet { policies }, &registry, &opts);
     c.retain_local_entries();
     c
@@ -255,7 +314,10 @@ pub fn attachments(topo: &Topo, c: &Compiled) -> Vec<Attachment> {
         .iter()
         .filter(|e| e.local)
         .map(|e| match &e.interface {
-            Some(Interface::Name(n)) => Attachment { slot: e.slot, ifindex: topo.node_ifindex(n) },
+            Some(Interface::Name(n)) => Attachment {
+                slot: e.slot,
+                ifindex: topo.node_ifindex(n),
+            },
             other => panic!("endpoint {} has interface {other:?}", e.name),
         })
         .collect()
@@ -273,7 +335,11 @@ pub fn enforce(dp: &mut Dp, topo: &Topo, c: &Compiled) -> Vec<Attachment> {
 
 /// Slot of the endpoint named `name` in `c`.
 pub fn slot(c: &Compiled, name: &str) -> u32 {
-    c.endpoints.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no endpoint {name}")).slot
+    c.endpoints
+        .iter()
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("no endpoint {name}"))
+        .slot
 }
 
 // ---------------------------------------------------------------------------
@@ -284,10 +350,22 @@ const PACKET_OUTGOING: u8 = 4;
 
 fn packet_socket(ns: &str, dev: &str, proto: u16) -> (OwnedFd, i32) {
     in_ns(ns, || {
-        let ifindex = nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("{ns}: if_nametoindex {dev}: {e}")) as i32;
+        let ifindex = nix::net::if_::if_nametoindex(dev)
+            .unwrap_or_else(|e| panic!("{ns}: if_nametoindex {dev}: {e}"))
+            as i32;
         // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto.to_be())) };
-        assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto.to_be()),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
@@ -297,9 +375,17 @@ fn packet_socket(ns: &str, dev: &str, proto: u16) -> (OwnedFd, i32) {
         sll.sll_ifindex = ifindex;
         // SAFETY: sll is a valid sockaddr_ll and its size is passed with it.
         let r = unsafe {
-            libc::bind(fd.as_raw_fd(), &sll as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
-        assert!(r == 0, "bind(AF_PACKET {dev}): {}", std::io::Error::last_os_error());
+        assert!(
+            r == 0,
+            "bind(AF_PACKET {dev}): {}",
+            std::io::Error::last_os_error()
+        );
         (fd, ifindex)
     })
 }
@@ -319,8 +405,19 @@ impl Injector {
 
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: the buffer and its length are valid for the call.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
-        assert!(n == frame.len() as isize, "send raw frame: {}", std::io::Error::last_os_error());
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        assert!(
+            n == frame.len() as isize,
+            "send raw frame: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -349,7 +446,8 @@ impl Sniffer {
                 .iter()
                 .map(|&af| {
                     // SAFETY: plain socket(2) call; the result is checked before use.
-                    let fd = unsafe { libc::socket(af, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+                    let fd =
+                        unsafe { libc::socket(af, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
                     assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
                     // SAFETY: fd is a fresh descriptor we own.
                     unsafe { OwnedFd::from_raw_fd(fd) }
@@ -366,7 +464,14 @@ impl Sniffer {
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s2.load(Ordering::Relaxed) {
-                let mut pfds: Vec<libc::pollfd> = fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+                let mut pfds: Vec<libc::pollfd> = fds
+                    .iter()
+                    .map(|fd| libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
                 // SAFETY: a valid array of pollfds and its length.
                 if unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 10) } <= 0 {
                     continue;
@@ -376,7 +481,7 @@ impl Sniffer {
                         // SAFETY: sockaddr_ll is plain old data; all-zero is
                         // valid, and it is big enough for sockaddr_in/in6 too.
                         let mut sll: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+                        let mut len = size_of::<libc::sockaddr_storage>() as u32;
                         // SAFETY: buf, sll and len are valid for the call and sized as passed.
                         let n = unsafe {
                             libc::recvfrom(
@@ -392,7 +497,12 @@ impl Sniffer {
                             break;
                         }
                         // SAFETY: for an AF_PACKET socket the kernel filled a sockaddr_ll.
-                        let outgoing = packet && unsafe { (*(&sll as *const libc::sockaddr_storage as *const libc::sockaddr_ll)).sll_pkttype } == PACKET_OUTGOING;
+                        let outgoing = packet
+                            && unsafe {
+                                (*(&sll as *const libc::sockaddr_storage
+                                    as *const libc::sockaddr_ll))
+                                    .sll_pkttype
+                            } == PACKET_OUTGOING;
                         if !outgoing {
                             f2.lock().unwrap().push(buf[..n as usize].to_vec());
                         }
@@ -400,7 +510,11 @@ impl Sniffer {
                 }
             }
         });
-        Sniffer { frames, stop, thread: Some(thread) }
+        Sniffer {
+            frames,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Wait up to `timeout` for a received frame containing `needle`.
@@ -462,14 +576,22 @@ pub struct Listeners(Vec<TcpListener>);
 impl Listeners {
     pub fn start(ns: &str, ports: &[u16]) -> Listeners {
         Listeners(in_ns(ns, || {
-            ports.iter().map(|p| TcpListener::bind(SocketAddr::new("::".parse().unwrap(), *p)).expect("bind a test listener")).collect()
+            ports
+                .iter()
+                .map(|p| {
+                    TcpListener::bind(SocketAddr::new("::".parse().unwrap(), *p))
+                        .expect("bind a test listener")
+                })
+                .collect()
         }))
     }
 }
 
 /// A TCP connection from namespace `ns` that completes within `timeout`.
 pub fn tcp_connects(ns: &str, dst: IpAddr, port: u16, timeout: Duration) -> bool {
-    in_ns(ns, || TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).is_ok())
+    in_ns(ns, || {
+        TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).is_ok()
+    })
 }
 
 /// Counters per slot, for messages.

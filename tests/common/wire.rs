@@ -19,7 +19,13 @@ pub const TPID_8021Q: u16 = 0x8100;
 pub const TPID_8021AD: u16 = 0x88a8;
 
 /// An Ethernet frame: tags outermost first (TPID, VLAN id), padded to 60 bytes.
-pub fn ether(dst: [u8; 6], src: [u8; 6], vlans: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+pub fn ether(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlans: &[(u16, u16)],
+    ethertype: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = Vec::with_capacity(payload.len() + 22);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -86,7 +92,17 @@ fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
 }
 
 /// A TCP segment (20-byte header) with its checksum.
-pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+#[allow(clippy::too_many_arguments)] // one argument per header field: call sites read as a header
+pub fn tcp(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = vec![0u8; 20];
     b[0..2].copy_from_slice(&sport.to_be_bytes());
     b[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -122,7 +138,11 @@ pub fn icmp(src: IpAddr, dst: IpAddr, ty: u8, code: u8, rest: [u8; 4], body: &[u
     let mut b = vec![ty, code, 0, 0];
     b.extend_from_slice(&rest);
     b.extend_from_slice(body);
-    let sum = if src.is_ipv6() { pseudo(src, dst, 58, b.len()) } else { 0 };
+    let sum = if src.is_ipv6() {
+        pseudo(src, dst, 58, b.len())
+    } else {
+        0
+    };
     let c = csum_fold(csum_add(sum, &b));
     b[2..4].copy_from_slice(&c.to_be_bytes());
     b
@@ -131,7 +151,15 @@ pub fn icmp(src: IpAddr, dst: IpAddr, ty: u8, code: u8, rest: [u8; 4], body: &[u
 /// An IPv4 packet: identification, (fragment offset in 8-byte units,
 /// more-fragments), raw option bytes (padded with NOPs to a multiple of 4),
 /// payload. Header checksum set.
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, frag: (u16, bool), options: &[u8], payload: &[u8]) -> Vec<u8> {
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    frag: (u16, bool),
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut opts = options.to_vec();
     while opts.len() % 4 != 0 {
         opts.push(1);
@@ -166,7 +194,12 @@ pub enum Ext {
     Routing,
     /// Fragment header: offset in 8-byte units, more-fragments, id; `nh`
     /// forges the next-header field (default: the real next header).
-    Fragment { offset: u16, more: bool, id: u32, nh: Option<u8> },
+    Fragment {
+        offset: u16,
+        more: bool,
+        id: u32,
+        nh: Option<u8>,
+    },
     /// Authentication header (16 bytes).
     Ah,
 }
@@ -204,7 +237,12 @@ impl Ext {
                 b.resize(24, 0);
                 b
             }
-            Ext::Fragment { offset, more, id, nh } => {
+            Ext::Fragment {
+                offset,
+                more,
+                id,
+                nh,
+            } => {
                 let mut b = vec![nh.unwrap_or(next), 0];
                 b.extend_from_slice(&((offset << 3) | u16::from(*more)).to_be_bytes());
                 b.extend_from_slice(&id.to_be_bytes());

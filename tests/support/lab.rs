@@ -52,8 +52,15 @@ pub fn privileged(test: &str) -> bool {
 }
 
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Run `ip -n NS -batch -` with these lines (-force: go on after an error).
@@ -65,7 +72,12 @@ pub fn ip_batch(ns: &str, lines: &str) {
         .stderr(Stdio::null())
         .spawn()
         .expect("ip -batch");
-    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
     let _ = child.wait();
 }
 
@@ -127,14 +139,29 @@ impl Lab {
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &node, "addr", "add", "10.209.1.1/24", "dev", "br0"]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "10.209.1.1/24",
+            "dev",
+            "br0",
+        ]);
         sh(&["ip", "-n", &node, "link", "set", "br0", "up"]);
         for &(short, name, app, last) in workloads {
             let ns = format!("npf-{}-{short}", lab.tag);
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
             sh(&["ip", "netns", "add", &ns]);
             let addr = Ipv4Addr::new(10, 209, 1, last);
-            lab.workloads.push(Workload { short: short.into(), name: name.into(), app: app.into(), ns: ns.clone(), addr });
+            lab.workloads.push(Workload {
+                short: short.into(),
+                name: name.into(),
+                app: app.into(),
+                ns: ns.clone(),
+                addr,
+            });
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             lab.plug(short);
             for port in PORTS {
@@ -154,18 +181,37 @@ impl Lab {
     pub fn plug(&self, short: &str) {
         let w = self.w(short);
         let host = format!("veth-{short}");
-        sh(&["ip", "-n", &self.node, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &w.ns]);
-        sh(&["ip", "-n", &self.node, "link", "set", &host, "master", "br0", "up"]);
-        sh(&["ip", "-n", &w.ns, "addr", "add", &format!("{}/24", w.addr), "dev", "eth0"]);
+        sh(&[
+            "ip", "-n", &self.node, "link", "add", &host, "type", "veth", "peer", "name", "eth0",
+            "netns", &w.ns,
+        ]);
+        sh(&[
+            "ip", "-n", &self.node, "link", "set", &host, "master", "br0", "up",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.ns,
+            "addr",
+            "add",
+            &format!("{}/24", w.addr),
+            "dev",
+            "eth0",
+        ]);
         sh(&["ip", "-n", &w.ns, "link", "set", "eth0", "up"]);
         // Peers may still hold an older device's MAC address.
         for o in &self.workloads {
-            let _ = Command::new("ip").args(["-n", &o.ns, "neigh", "flush", "all"]).output();
+            let _ = Command::new("ip")
+                .args(["-n", &o.ns, "neigh", "flush", "all"])
+                .output();
         }
     }
 
     pub fn w(&self, short: &str) -> &Workload {
-        self.workloads.iter().find(|w| w.short == short).unwrap_or_else(|| panic!("no workload {short}"))
+        self.workloads
+            .iter()
+            .find(|w| w.short == short)
+            .unwrap_or_else(|| panic!("no workload {short}"))
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -249,7 +295,9 @@ impl Lab {
     /// Whether a TCP connection from workload `from` to `to:port` is established within `timeout`.
     pub fn connects_within(&self, from: &str, to: &str, port: u16, timeout: Duration) -> bool {
         let dst = SocketAddr::from((self.w(to).addr, port));
-        in_ns(&self.w(from).ns, || TcpStream::connect_timeout(&dst, timeout).is_ok())
+        in_ns(&self.w(from).ns, || {
+            TcpStream::connect_timeout(&dst, timeout).is_ok()
+        })
     }
 
     pub fn connects(&self, from: &str, to: &str, port: u16) -> bool {
@@ -263,13 +311,21 @@ impl Lab {
             let wrong: Vec<String> = flows
                 .iter()
                 .filter(|(f, t, p, want)| self.connects(f, t, *p) != *want)
-                .map(|(f, t, p, want)| format!("{f} -> {t}:{p} should {}", if *want { "connect" } else { "be refused" }))
+                .map(|(f, t, p, want)| {
+                    format!(
+                        "{f} -> {t}:{p} should {}",
+                        if *want { "connect" } else { "be refused" }
+                    )
+                })
                 .collect();
             if wrong.is_empty() {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("{what}: {wrong:?}\ndaemon log (tail):\n{}", self.log_tail(60));
+                panic!(
+                    "{what}: {wrong:?}\ndaemon log (tail):\n{}",
+                    self.log_tail(60)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -289,7 +345,11 @@ impl Lab {
     /// --config FILE` (`wrapper` may be empty). Does not wait.
     pub fn spawn_daemon(&mut self, wrapper: &[&str]) {
         let netns = std::fs::File::open(format!("/run/netns/{}", self.node)).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path("netpold.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("netpold.log"))
+            .unwrap();
         let netpold = env!("CARGO_BIN_EXE_netpold");
         let mut cmd = if wrapper.is_empty() {
             let mut c = Command::new(netpold);
@@ -297,10 +357,14 @@ impl Lab {
             c
         } else {
             let mut c = Command::new(wrapper[0]);
-            c.args(&wrapper[1..]).env("NETPOLD", netpold).env("NETPOLD_CONFIG", self.config());
+            c.args(&wrapper[1..])
+                .env("NETPOLD", netpold)
+                .env("NETPOLD_CONFIG", self.config());
             c
         };
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         let fd = netns.as_raw_fd();
         // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
         unsafe {
@@ -326,22 +390,33 @@ impl Lab {
 
     /// The daemon's exit status, if it has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.daemon
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn status(&self) -> Option<Status> {
-        netpol::cli::daemonctl::query::<Status>(&self.socket(), "status").ok().map(|(s, _)| s)
+        netpol::cli::daemonctl::query::<Status>(&self.socket(), "status")
+            .ok()
+            .map(|(s, _)| s)
     }
 
     pub fn endpoints(&self) -> Vec<EndpointView> {
-        netpol::cli::daemonctl::query::<Vec<EndpointView>>(&self.socket(), "endpoints").map(|(e, _)| e).unwrap_or_default()
+        netpol::cli::daemonctl::query::<Vec<EndpointView>>(&self.socket(), "endpoints")
+            .map(|(e, _)| e)
+            .unwrap_or_default()
     }
 
     pub fn wait_status(&self, what: &str, f: impl Fn(&Status) -> bool) -> Status {
         self.wait_status_for(what, Duration::from_secs(30), f)
     }
 
-    pub fn wait_status_for(&self, what: &str, timeout: Duration, f: impl Fn(&Status) -> bool) -> Status {
+    pub fn wait_status_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&Status) -> bool,
+    ) -> Status {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.status() {
@@ -350,7 +425,11 @@ impl Lab {
                 }
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}: {:?}\ndaemon log (tail):\n{}", self.status(), self.log_tail(60));
+                panic!(
+                    "timed out waiting for {what}: {:?}\ndaemon log (tail):\n{}",
+                    self.status(),
+                    self.log_tail(60)
+                );
             }
             std::thread::sleep(Duration::from_millis(30));
         }
@@ -365,15 +444,26 @@ impl Lab {
 
     pub fn term(&mut self) {
         if let Some(mut c) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = c.wait();
         }
     }
 
     /// `netpolctl ARGS --config FILE`: exit code and stdout.
     pub fn netpolctl(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_netpolctl")).args(args).arg("--config").arg(self.config()).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = Command::new(env!("CARGO_BIN_EXE_netpolctl"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     /// Resident memory (KiB) and open descriptors of the daemon.
@@ -386,7 +476,9 @@ impl Lab {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         (rss, fds)
     }
 
@@ -394,7 +486,12 @@ impl Lab {
     pub fn fd_targets(&self) -> Vec<String> {
         let pid = self.pid();
         let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| d.flatten().filter_map(|e| std::fs::read_link(e.path()).ok()).map(|p| p.display().to_string()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|p| p.display().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -403,7 +500,9 @@ impl Lab {
     /// ifindexes of the node's devices now.
     pub fn node_ifindexes(&self) -> Vec<u32> {
         in_ns(&self.node, || {
-            nix::net::if_::if_nameindex().map(|l| l.iter().map(|i| i.index()).collect()).unwrap_or_default()
+            nix::net::if_::if_nameindex()
+                .map(|l| l.iter().map(|i| i.index()).collect())
+                .unwrap_or_default()
         })
     }
 
@@ -413,7 +512,12 @@ impl Lab {
         let mut out: Vec<u32> = std::fs::read_dir(self.pin_dir.join("links"))
             .map(|d| {
                 d.flatten()
-                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.split('-').nth(1)).and_then(|n| n.parse().ok()))
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.split('-').nth(1))
+                            .and_then(|n| n.parse().ok())
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -437,16 +541,24 @@ impl Drop for Lab {
         for w in &self.workloads {
             let _ = Command::new("ip").args(["netns", "del", &w.ns]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.node]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         // A failed test may leave a read-only or mounted path behind; best effort.
-        let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.tmp.path()).status();
+        let _ = Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(self.tmp.path())
+            .status();
     }
 }
 
 /// Write beside, then rename in, as a package manager would.
 pub fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_file_name(format!(".{}.new", path.file_name().unwrap().to_string_lossy()));
+    let tmp = path.with_file_name(format!(
+        ".{}.new",
+        path.file_name().unwrap().to_string_lossy()
+    ));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }

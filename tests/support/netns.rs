@@ -17,10 +17,22 @@ use std::time::{Duration, Instant};
 pub fn privileged(test: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     let bpffs = std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")))
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")
+            })
+        })
         .unwrap_or(false);
-    let ip = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
-    let nsenter = Command::new("nsenter").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let nsenter = Command::new("nsenter")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if root && bpffs && ip && nsenter {
         return true;
     }
@@ -43,13 +55,27 @@ pub fn privileged(test: &str) -> bool {
 /// Run `ip ARGS`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
     let o = Command::new("ip").args(args).output().expect("run ip");
-    assert!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Run a command inside a named network namespace (`ip netns exec`).
 pub fn netns_exec(ns: &str, args: &[&str]) {
-    let o = Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("run ip netns exec");
-    assert!(o.status.success(), "ip netns exec {ns} {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("run ip netns exec");
+    assert!(
+        o.status.success(),
+        "ip netns exec {ns} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Network namespaces and pin directories this test made; all removed on drop.
@@ -62,14 +88,28 @@ pub struct Netns {
 impl Netns {
     /// Create (after removing a leftover of the same name from a crashed run).
     pub fn add(&mut self, name: &str) {
-        assert!(name.starts_with("npn"), "{name}: namespaces of this test start with npn");
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        assert!(
+            name.starts_with("npn"),
+            "{name}: namespaces of this test start with npn"
+        );
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", name]);
         self.names.push(name.to_string());
         ip(&["-n", name, "link", "set", "lo", "up"]);
         // No duplicate address detection on links made later: a tentative
         // link-local address delays IPv6 neighbour discovery by seconds.
-        netns_exec(name, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
+        netns_exec(
+            name,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        );
     }
 
     /// A pin directory under /sys/fs/bpf that is removed on drop (and now, if left over).
@@ -86,7 +126,10 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Workloads first (their veth peers go with them), then the nodes.
         for n in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
         }
         for p in &self.pins {
             let _ = std::fs::remove_dir_all(p);
@@ -107,7 +150,8 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 
 fn enter(path: &str) {
     let f = File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {path}: {e}"));
 }
 
 /// TCP listeners (IPv4 and IPv6) on every `port` of every address in namespace `ns` (kept open
@@ -119,7 +163,10 @@ pub fn listen(ns: &str, ports: &[u16]) -> Vec<TcpListener> {
         ports
             .iter()
             // [::] with the kernel's default bindv6only=0: IPv4 and IPv6 alike
-            .map(|p| TcpListener::bind(("::", *p)).unwrap_or_else(|e| panic!("{ns2}: listen on {p}: {e}")))
+            .map(|p| {
+                TcpListener::bind(("::", *p))
+                    .unwrap_or_else(|e| panic!("{ns2}: listen on {p}: {e}"))
+            })
             .collect()
     })
 }
@@ -149,7 +196,12 @@ pub fn connect_from(ns_path: &str, dst: IpAddr, port: u16, timeout: Duration) ->
     enter(ns_path);
     match TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout) {
         Ok(_) => Probe::Connected,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => Probe::TimedOut,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::TimedOut
+                || e.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            Probe::TimedOut
+        }
         Err(_) => Probe::Error,
     }
 }
@@ -168,7 +220,9 @@ pub fn probe_all(jobs: &[(String, IpAddr, u16)], timeout: Duration, threads: usi
                     s.spawn(move || connect_from(&path, *dst, *port, timeout))
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().expect("probe thread")).collect()
+            hs.into_iter()
+                .map(|h| h.join().expect("probe thread"))
+                .collect()
         });
         out.extend(results);
     }
@@ -178,9 +232,17 @@ pub fn probe_all(jobs: &[(String, IpAddr, u16)], timeout: Duration, threads: usi
 /// Probe `jobs`; a probe whose answer differs from `expect(i)` (true = connects)
 /// is repeated once with `retry` so a slow first packet is not read as a drop.
 /// A drop stays a drop: the retry can only turn a timeout into a connect.
-pub fn probe_checked(jobs: &[(String, IpAddr, u16)], expect: &[bool], timeout: Duration, retry: Duration, threads: usize) -> Vec<Probe> {
+pub fn probe_checked(
+    jobs: &[(String, IpAddr, u16)],
+    expect: &[bool],
+    timeout: Duration,
+    retry: Duration,
+    threads: usize,
+) -> Vec<Probe> {
     let mut out = probe_all(jobs, timeout, threads);
-    let again: Vec<usize> = (0..jobs.len()).filter(|&i| out[i] == Probe::TimedOut && expect[i]).collect();
+    let again: Vec<usize> = (0..jobs.len())
+        .filter(|&i| out[i] == Probe::TimedOut && expect[i])
+        .collect();
     let sub: Vec<(String, IpAddr, u16)> = again.iter().map(|&i| jobs[i].clone()).collect();
     for (k, r) in probe_all(&sub, retry, threads).into_iter().enumerate() {
         out[again[k]] = r;
@@ -215,7 +277,12 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("start netpold");
-        Daemon { name: name.to_string(), config: config.to_path_buf(), log: log.to_path_buf(), child: Some(child) }
+        Daemon {
+            name: name.to_string(),
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            child: Some(child),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -230,7 +297,10 @@ impl Daemon {
             .arg(&self.config)
             .output()
             .expect("run netpolctl");
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
     }
 
     /// Wait until `netpolctl status --json` says ready with `attached` endpoints
@@ -241,7 +311,11 @@ impl Daemon {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("{}: netpold exited with {st}; log:\n{}", self.name, self.log_text());
+                    panic!(
+                        "{}: netpold exited with {st}; log:\n{}",
+                        self.name,
+                        self.log_text()
+                    );
                 }
             }
             let (code, out) = self.ctl(&["status", "--json"]);
@@ -272,7 +346,9 @@ impl Daemon {
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
                     _ => {
                         let _ = c.kill();
                         let _ = c.wait();

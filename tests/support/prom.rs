@@ -32,7 +32,9 @@ pub fn parse_value(v: &str) -> Result<f64, String> {
         "+Inf" | "Inf" => Ok(f64::INFINITY),
         "-Inf" => Ok(f64::NEG_INFINITY),
         "NaN" => Ok(f64::NAN),
-        _ => v.parse::<f64>().map_err(|_| format!("{v:?} is not a float")),
+        _ => v
+            .parse::<f64>()
+            .map_err(|_| format!("{v:?} is not a float")),
     }
 }
 
@@ -154,14 +156,19 @@ pub fn parse_exposition(text: &str) -> Result<BTreeMap<String, (String, Vec<Samp
         }
         let family = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|b| families.get(*b).is_some_and(|f| f.0 == "histogram")))
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|b| families.get(*b).is_some_and(|f| f.0 == "histogram"))
+            })
             .unwrap_or(name)
             .to_string();
         let Some((kind, samples)) = families.get_mut(&family) else {
             return Err(at(format!("sample of {family} before its TYPE")));
         };
         if current.as_deref() != Some(family.as_str()) || finished.contains(&family) {
-            return Err(at(format!("samples of {family} are not grouped under its TYPE")));
+            return Err(at(format!(
+                "samples of {family} are not grouped under its TYPE"
+            )));
         }
         if kind == "counter" && (value.is_nan() || value < 0.0) {
             return Err(at("negative or NaN counter".into()));
@@ -173,7 +180,11 @@ pub fn parse_exposition(text: &str) -> Result<BTreeMap<String, (String, Vec<Samp
         if !series.insert(key) {
             return Err(at("duplicate series".into()));
         }
-        samples.push(Sample { name: name.to_string(), labels, value });
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
     }
     // Histograms: per label set, buckets ascending by le, cumulative, ending +Inf = _count.
     for (fname, (kind, samples)) in &families {
@@ -186,7 +197,11 @@ pub fn parse_exposition(text: &str) -> Result<BTreeMap<String, (String, Vec<Samp
             let le = l.remove("le");
             let g = groups.entry(format!("{l:?}")).or_default();
             if s.name.ends_with("_bucket") {
-                g.0.push((parse_value(le.as_deref().unwrap_or("")).map_err(|e| format!("{fname}: le: {e}"))?, s.value));
+                g.0.push((
+                    parse_value(le.as_deref().unwrap_or(""))
+                        .map_err(|e| format!("{fname}: le: {e}"))?,
+                    s.value,
+                ));
             } else if s.name.ends_with("_sum") {
                 g.1 = Some(s.value);
             } else if s.name.ends_with("_count") {
@@ -202,14 +217,20 @@ pub fn parse_exposition(text: &str) -> Result<BTreeMap<String, (String, Vec<Samp
             }
             for w in buckets.windows(2) {
                 if w[0].0 >= w[1].0 || w[0].0.is_nan() {
-                    return Err(format!("{fname}{l}: le not ascending: {} then {}", w[0].0, w[1].0));
+                    return Err(format!(
+                        "{fname}{l}: le not ascending: {} then {}",
+                        w[0].0, w[1].0
+                    ));
                 }
                 if w[0].1 > w[1].1 {
                     return Err(format!("{fname}{l}: buckets not cumulative"));
                 }
             }
             if buckets.last().unwrap().1 != count {
-                return Err(format!("{fname}{l}: +Inf bucket {} != _count {count}", buckets.last().unwrap().1));
+                return Err(format!(
+                    "{fname}{l}: +Inf bucket {} != _count {count}",
+                    buckets.last().unwrap().1
+                ));
             }
         }
     }
@@ -219,13 +240,18 @@ pub fn parse_exposition(text: &str) -> Result<BTreeMap<String, (String, Vec<Samp
 /// `GET /metrics` over HTTP/1.1; the body, checked against the head.
 pub fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     let (head, body) = out.split_once("\r\n\r\n").ok_or("no header end")?;
-    if !head.starts_with("HTTP/1.1 200 OK") || !head.contains("Content-Type: text/plain; version=0.0.4") {
+    if !head.starts_with("HTTP/1.1 200 OK")
+        || !head.contains("Content-Type: text/plain; version=0.0.4")
+    {
         return Err(format!("bad response head: {head}"));
     }
     let len: usize = head
@@ -240,8 +266,21 @@ pub fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
 }
 
 /// The value of the first sample of `name` with these labels.
-pub fn value(f: &BTreeMap<String, (String, Vec<Sample>)>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn value(
+    f: &BTreeMap<String, (String, Vec<Sample>)>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
     let fam = name.trim_end_matches("_count").trim_end_matches("_sum");
-    f.get(name).or_else(|| f.get(fam))?.1.iter().find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))).map(|s| s.value)
+    f.get(name)
+        .or_else(|| f.get(fam))?
+        .1
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
 }
-
