@@ -156,7 +156,7 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
         add_reg(&f, &t, &mut problems);
     }
     problems.extend(
-        netpol::registry::validate(&registry)
+        netpol::policy::registry::validate(&registry)
             .iter()
             .map(|p| p.to_string()),
     );

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use netpol::api::model::*;
-use netpol::identity as ids;
 use netpol::policy::compile::{compile, CompileOptions};
+use netpol::policy::identity as ids;
 use netpol::policy::lookup;
 use netpol::policy::trace::{trace_str, DirVerdict, Reason, Verdict};
 use netpol::policy::types::{proto, Compiled, Direction, EntryVerdict};

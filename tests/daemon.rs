@@ -16,17 +16,17 @@ use netpol::api::model::{
 };
 use netpol::api::Problem;
 use netpol::config::Config;
+use netpol::daemon::netlink::{fake_links, LinkTable};
 use netpol::daemon::sdnotify::Notifier;
 use netpol::daemon::status::{EndpointView, Status};
+use netpol::daemon::watch::WatchEvent;
 use netpol::daemon::{run_with, Loader, Options, Pipeline};
 use netpol::datapath::fake::FakeDatapath;
 use netpol::datapath::{
     Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent,
 };
-use netpol::netlink::{fake_links, LinkTable};
 use netpol::policy::compile::{CompileError, CompileOptions};
 use netpol::policy::types::{Compiled, CompiledEndpoint, Direction, RuleRef};
-use netpol::watch::WatchEvent;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use netpol::netlink::{Links, NetlinkLinks};
+use netpol::daemon::netlink::{Links, NetlinkLinks};
 
 mod common;
 use common::{enter, in_ns, privileged};
@@ -47,7 +47,7 @@ fn netlink_follows_links_appearing_going_and_coming_back() {
             tokio::spawn(conn);
 
             async fn wait_until(
-                rx: &mut tokio::sync::watch::Receiver<netpol::netlink::LinkTable>,
+                rx: &mut tokio::sync::watch::Receiver<netpol::daemon::netlink::LinkTable>,
                 what: &str,
                 f: impl Fn(&BTreeMap<String, u32>) -> bool,
             ) -> BTreeMap<String, u32> {

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use netpol::identity as ids;
 use netpol::policy::compile::{compile, CompileOptions};
+use netpol::policy::identity as ids;
 use netpol::policy::trace::{endpoint_side, trace};
 use netpol::policy::types::{proto, Compiled};
 
@@ -275,7 +275,7 @@ fn load(pol: &Path, eps: &Path, node: &str) -> Compiled {
                 .join("\n")
         )
     });
-    let problems = netpol::registry::validate(&r);
+    let problems = netpol::policy::registry::validate(&r);
     assert!(problems.is_empty(), "{problems:?}");
     compile(
         &p,
@@ -904,7 +904,7 @@ fn exposition_checker_rejects_what_prometheus_would() {
 
 #[test]
 fn rendered_metrics_are_valid_exposition() {
-    use netpol::metrics::{MapFill, Metrics};
+    use netpol::daemon::metrics::{MapFill, Metrics};
     let m = Metrics::new();
     m.applied(1, 0.0004);
     m.applied(2, 0.03);
@@ -1020,7 +1020,7 @@ async fn daemon_serves_prometheus_metrics_when_configured() {
         metrics_listen: addr.to_string(),
         ..netpol::config::Config::default()
     };
-    let mut links = netpol::netlink::LinkTable::default();
+    let mut links = netpol::daemon::netlink::LinkTable::default();
     for (i, n) in ["veth-fe1", "veth-fe2", "veth-be", "veth-db"]
         .iter()
         .enumerate()
@@ -1061,7 +1061,7 @@ async fn daemon_serves_prometheus_metrics_when_configured() {
             ev(EventVerdict::Allowed),
         ];
     }
-    let (_links_tx, fake) = netpol::netlink::fake_links(links);
+    let (_links_tx, fake) = netpol::daemon::netlink::fake_links(links);
     let (_reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut opts = netpol::daemon::Options::new(
         netpol::logging::discard(),

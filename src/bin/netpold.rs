@@ -11,9 +11,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use netpol::config::Config;
+use netpol::daemon::netlink::NetlinkLinks;
 use netpol::daemon::{self, sdnotify::Notifier, Options};
 use netpol::datapath::Datapath;
-use netpol::netlink::NetlinkLinks;
 
 #[derive(Debug, Parser)]
 #[command(

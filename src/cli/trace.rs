@@ -91,7 +91,7 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         match crate::api::load_endpoint_dirs_with(&cfg.endpoint_dirs, &cfg.load_options()) {
             Ok(r) => {
                 problems.extend(
-                    crate::registry::validate(&r)
+                    crate::policy::registry::validate(&r)
                         .iter()
                         .map(ToString::to_string),
                 );

@@ -16,9 +16,12 @@
 
 pub mod cache;
 pub mod lastgood;
+pub mod metrics;
+pub mod netlink;
 pub mod sdnotify;
 pub mod server;
 pub mod status;
+pub mod watch;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -27,17 +30,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use slog::Logger;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use self::netlink::{LinkTable, Links, NetlinkError};
+use self::watch::{Debouncer, DirWatcher, FileChange, WatchError, WatchEvent};
 use crate::api::model::{Interface, PolicySet, RegistrySet};
 use crate::api::Problem;
 use crate::config::Config;
 use crate::datapath::{Attachment, Datapath, VerdictEvent};
-use crate::netlink::{LinkTable, Links, NetlinkError};
 use crate::policy::compile::{CompileError, CompileOptions};
 use crate::policy::types::{Compiled, Direction};
-use crate::watch::{Debouncer, DirWatcher, FileChange, WatchError, WatchEvent};
 
 use lastgood::{Kind, LastGood};
 use sdnotify::Notifier;
@@ -53,7 +56,7 @@ pub enum DaemonError {
     #[error("interfaces: {0}")]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::MetricsError),
+    Metrics(#[from] metrics::MetricsError),
 }
 
 pub type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
@@ -159,7 +162,7 @@ pub async fn run_with<D: Datapath, L: Links>(
     let node = copts.node_name.clone();
     let socket_path = config.socket_path();
     let listener = server::bind(&socket_path, &config.socket_group)?;
-    let (status_tx, status_rx) = watch::channel(Status {
+    let (status_tx, status_rx) = tokio::sync::watch::channel(Status {
         node: node.clone(),
         ..Status::default()
     });
@@ -181,8 +184,8 @@ pub async fn run_with<D: Datapath, L: Links>(
     let (metrics, _metrics_server) = match config.metrics_listen.as_str() {
         "" => (None, None),
         addr => {
-            let m = crate::metrics::Metrics::new();
-            let s = crate::metrics::serve(crate::metrics::parse_listen(addr)?, m.clone())?;
+            let m = metrics::Metrics::new();
+            let s = metrics::serve(metrics::parse_listen(addr)?, m.clone())?;
             slog::info!(log, "serving metrics"; "url" => format!("http://{}/metrics", s.local_addr()));
             (Some(m), Some(s))
         }
@@ -426,7 +429,7 @@ struct Reconciler<D> {
     datapath: D,
     notifier: Notifier,
     watcher: DirWatcher,
-    status_tx: watch::Sender<Status>,
+    status_tx: tokio::sync::watch::Sender<Status>,
     events_tx: broadcast::Sender<Arc<str>>,
     last_good: LastGood,
     cache: cache::LoadCache,
@@ -472,7 +475,7 @@ struct Reconciler<D> {
     /// not committed.
     save_epoch: u64,
     /// Prometheus metrics, when `metrics_listen` is set.
-    metrics: Option<crate::metrics::Metrics>,
+    metrics: Option<metrics::Metrics>,
     /// When the datapath counters were last copied into the metrics.
     counters_at: Option<Instant>,
 }
@@ -699,7 +702,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 if let Some(m) = &self.metrics {
                     m.applied(generation, t0.elapsed().as_secs_f64());
-                    let limits = crate::metrics::MapLimits {
+                    let limits = metrics::MapLimits {
                         ipcache: self.config.maps.ipcache_max_entries.into(),
                         policy: self.config.maps.policy_max_entries.into(),
                         endpoints: self.config.maps.endpoint_max_entries.into(),

@@ -19,7 +19,7 @@
 //! stay equal (see `RegistryPart`).
 //!
 //! Decisions (documented for users in the policy reference):
-//! - Workload identities come from the label set only (`crate::identity`).
+//! - Workload identities come from the label set only (`crate::policy::identity`).
 //! - HostEndpoints of this node have identity host (1); those of other nodes (and
 //!   Node documents) remote-node (6). A Node document named like this host maps to
 //!   host (1). `nodeSelector` rules are compiled for every HostEndpoint (offline
@@ -45,9 +45,9 @@ use crate::api::model::{
     Proto, RegistrySet, RuleItem, Selector, Subject, L4,
 };
 use crate::api::Problem;
-use crate::identity;
-use crate::labels;
-use crate::registry::{self, ResolvedEndpoint};
+use crate::policy::identity;
+use crate::policy::labels;
+use crate::policy::registry::{self, ResolvedEndpoint};
 
 /// Inputs to compile that come from the daemon config rather than the files.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::types::{Compiled, Direction, EntryVerdict, Identity, PolicyEntry};
-use crate::identity;
+use crate::policy::identity;
 
 /// Does this entry's (proto, port/prefix) cover the packet's proto and port?
 pub fn entry_covers(e: &PolicyEntry, proto: u8, port: u16) -> bool {

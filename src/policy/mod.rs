@@ -3,6 +3,9 @@
 //! No I/O, no root.
 
 pub mod compile;
+pub mod identity;
+pub mod labels;
 pub mod lookup;
+pub mod registry;
 pub mod trace;
 pub mod types;

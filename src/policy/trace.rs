@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::lookup::{self, Outcome};
 use super::types::{proto, Compiled, Direction, Identity, PolicyEntry, RuleRef};
 use crate::api::model::EndpointKind;
-use crate::identity;
+use crate::policy::identity;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TraceError {

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use crate::api::model::{EndpointDef, EndpointKind, Label, NamespaceDef, RegistrySet};
 use crate::api::Problem;
-use crate::labels;
+use crate::policy::labels;
 
 /// A registry endpoint resolved for one host.
 #[derive(Debug, Clone)]

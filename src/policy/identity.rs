@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashSet};
 use ipnet::IpNet;
 
 use crate::api::model::{Entity, Label};
-use crate::labels;
+use crate::policy::labels;
 use crate::policy::types::Identity;
 
 pub const ANY: Identity = 0;
