@@ -712,6 +712,17 @@ impl Lab {
         }
     }
 
+    /// Boot systemd in npk-node and install the .deb there (the guard purges it);
+    /// the package's path, for an upgrade.
+    fn boot_and_install(&mut self, deb: &Path) -> String {
+        self.systemd = Some(Systemd::boot());
+        self.installed = true;
+        let deb_path = deb.to_string_lossy().into_owned();
+        let out = self.sd().dpkg(&["-i", &deb_path]);
+        assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+        deb_path
+    }
+
     /// Write a file under /etc (through the guard, which removes it again).
     fn put(&mut self, path: &Path, content: &str) {
         let name = path
@@ -958,13 +969,9 @@ fn deb_lifecycle_under_systemd() {
     let deb = deb();
     let mut lab = Lab::new();
     lab.network();
-    lab.systemd = Some(Systemd::boot());
 
     // ---- install: enabled, started, active, the unit verifies
-    lab.installed = true;
-    let deb_path = deb.to_string_lossy().into_owned();
-    let out = lab.sd().dpkg(&["-i", &deb_path]);
-    assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+    let deb_path = lab.boot_and_install(&deb);
     let sd = lab.sd();
     assert_eq!(
         String::from_utf8_lossy(
@@ -1196,11 +1203,7 @@ fn unit_sandbox_allows_bpf() {
         "-n", NODE, "link", "add", "npk-pb0", "type", "veth", "peer", "name", "npk-pb1",
     ]);
     ip(&["-n", NODE, "link", "set", "npk-pb0", "up"]);
-    lab.systemd = Some(Systemd::boot());
-    lab.installed = true;
-    let deb_path = deb.to_string_lossy().into_owned();
-    let out = lab.sd().dpkg(&["-i", &deb_path]);
-    assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+    lab.boot_and_install(&deb);
     let sd = lab.sd();
     let _ = sd.exec(&["systemctl", "stop", "netpold.service"]);
     let _ = fs::remove_dir_all(PROBE_PIN_DIR);

@@ -1,6 +1,7 @@
 //! A `KernelDatapath` under a pin directory of its own ([`Dp`]: its drop
 //! detaches and unpins everything, also after the Rust object was forgotten),
-//! settings sized for tests, and enforcing a compiled state on a [`Topo`].
+//! settings sized for tests, compiled states written by hand, and enforcing a
+//! compiled state on a [`Topo`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use netpol::api::model::Interface;
 use netpol::datapath::packet::PacketSpec;
 use netpol::datapath::{Attachment, Datapath, DatapathSettings, Hook, KernelDatapath};
-use netpol::policy::types::Compiled;
+use netpol::policy::types::{Compiled, Direction, EntryVerdict, IpcacheEntry, PolicyEntry};
 
 use super::netns::in_ns;
 use super::topo::Topo;
@@ -113,4 +114,55 @@ pub fn enforce(dp: &mut Dp, topo: &Topo, c: &Compiled) -> Vec<Attachment> {
     let att = attachments(topo, c);
     apply_and_attach(dp, topo, c, &att);
     att
+}
+
+/// Every address of every endpoint of `c` in its ipcache (unsorted), as compile
+/// puts them.
+pub fn ipcache_of_endpoints(c: &mut Compiled) {
+    for ep in c.endpoints.clone() {
+        for a in &ep.addresses {
+            c.ipcache.push(IpcacheEntry {
+                net: ipnet::IpNet::from(*a),
+                identity: ep.identity,
+                endpoint: Some(ep.slot),
+            });
+        }
+    }
+}
+
+/// The explicit /0 entries compile emits for the world: 0.0.0.0/0 (identity 9)
+/// and ::/0 (identity 10), unsorted.
+pub fn push_world(c: &mut Compiled) {
+    c.ipcache.push(IpcacheEntry {
+        net: "0.0.0.0/0".parse().unwrap(),
+        identity: 9,
+        endpoint: None,
+    });
+    c.ipcache.push(IpcacheEntry {
+        net: "::/0".parse().unwrap(),
+        identity: 10,
+        endpoint: None,
+    });
+}
+
+/// A policy entry of the endpoint in slot 0.
+pub fn entry(
+    dir: Direction,
+    identity: u32,
+    proto: u8,
+    port: u16,
+    prefix: u8,
+    verdict: EntryVerdict,
+    rule: u32,
+) -> PolicyEntry {
+    PolicyEntry {
+        endpoint: 0,
+        direction: dir,
+        identity,
+        proto,
+        port,
+        port_prefix: prefix,
+        verdict,
+        rule,
+    }
 }

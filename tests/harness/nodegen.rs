@@ -53,6 +53,35 @@ pub struct Layout<'a> {
     pub interface: &'a dyn Fn(usize, usize) -> String,
 }
 
+/// The tests' two nodes and their link addresses.
+pub const NODES: [(&str, &str); 2] = [("node-a", "10.206.255.1"), ("node-b", "10.206.255.2")];
+/// The nodes' letters in addresses and names.
+pub const LETTER: [char; 2] = ['a', 'b'];
+
+/// Workload `i` of node `n` has 10.206.<n+1>.<i+10>, fd01:206::<letter>:<i+10>
+/// and the host-side interface npn<letter><i>.
+fn address(n: usize, i: usize) -> String {
+    format!("10.206.{}.{}", n + 1, i + 10)
+}
+
+fn address6(n: usize, i: usize) -> String {
+    format!("fd01:206::{}:{}", LETTER[n], i + 10)
+}
+
+fn interface(n: usize, i: usize) -> String {
+    format!("npn{}{i:02}", LETTER[n])
+}
+
+/// The tests' layout of [`NODES`] (`v6`: workloads have an IPv6 address too).
+pub fn layout(v6: bool) -> Layout<'static> {
+    Layout {
+        nodes: NODES,
+        address: &address,
+        address6: v6.then_some(&address6 as &dyn Fn(usize, usize) -> String),
+        interface: &interface,
+    }
+}
+
 /// The TCP ports the generated policies name (plus 9000-9010 as a range).
 pub const POLICY_PORTS: [u16; 4] = [80, 443, 5432, 8080];
 /// Ports to probe: every named port, one inside the range, one named by nothing.

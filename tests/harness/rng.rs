@@ -35,3 +35,16 @@ impl Rng {
         self.below(100) < percent
     }
 }
+
+/// The seed named by environment variable `var`, if set (to replay a run).
+pub fn env_seed(var: &str) -> Option<u64> {
+    std::env::var(var).ok().and_then(|s| s.parse().ok())
+}
+
+/// A seed from the clock (nanoseconds since the epoch).
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}

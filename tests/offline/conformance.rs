@@ -288,19 +288,11 @@ const SEED: &[&str] = &[
     "etc/examples/seed/endpoints.d",
 ];
 
+const FE1_TO_BE: &[&str] = &["--from", "frontend-1", "--to", "backend"];
+
 #[test]
 fn cli_trace_allowed_denied_and_error_exit_codes() {
-    let mut args = vec![
-        "trace",
-        "--from",
-        "frontend-1",
-        "--to",
-        "backend",
-        "--port",
-        "80",
-    ];
-    args.extend_from_slice(SEED);
-    let (code, out, _) = netpolctl(&args);
+    let (code, out, _) = netpolctl(&[&["trace"], FE1_TO_BE, &["--port", "80"], SEED].concat());
     assert_eq!(code, 0, "{out}");
     assert!(
         out.starts_with("frontend-1 (default) -> backend (default) tcp/80: ALLOWED"),
@@ -346,17 +338,7 @@ fn cli_trace_allowed_denied_and_error_exit_codes() {
     assert_eq!(v["verdict"], "denied");
     assert_eq!(v["egress"]["verdict"], "denied");
 
-    let mut args = vec![
-        "trace",
-        "--from",
-        "frontend-1",
-        "--to",
-        "backend",
-        "--proto",
-        "icmp",
-    ];
-    args.extend_from_slice(SEED);
-    let (code, out, _) = netpolctl(&args);
+    let (code, out, _) = netpolctl(&[&["trace"], FE1_TO_BE, &["--proto", "icmp"], SEED].concat());
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("icmp/8"), "{out}");
 
@@ -380,19 +362,13 @@ fn cli_trace_invalid_files_exit_2_with_problems() {
     )
     .unwrap();
     let pol_s = pol.to_str().unwrap();
-    let (code, out, err) = netpolctl(&[
-        "trace",
+    let files = [
         "--policy-dir",
         pol_s,
         "--endpoint-dir",
         "etc/examples/seed/endpoints.d",
-        "--from",
-        "frontend-1",
-        "--to",
-        "backend",
-        "--port",
-        "80",
-    ]);
+    ];
+    let (code, out, err) = netpolctl(&[&["trace"], FE1_TO_BE, &["--port", "80"], &files].concat());
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("bad.yaml"), "{err}");
 }

@@ -253,6 +253,11 @@ fn knp(ns: &str, name: &str, rule: R) -> Policy {
     }
 }
 
+/// One CiliumNetworkPolicy, `default/p`, with these rules, over `endpoints`.
+fn build_cnp(rules: Vec<R>, endpoints: Vec<EndpointDef>) -> Compiled {
+    build(vec![cnp("default", "p", rules)], endpoints)
+}
+
 fn build(policies: Vec<Policy>, endpoints: Vec<EndpointDef>) -> Compiled {
     build_opts(
         policies,
@@ -448,38 +453,23 @@ fn seed_with_egress_control() {
 #[test]
 fn ingress_empty_item_denies_all_empty_list_changes_nothing() {
     let eps = seed_endpoints();
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")]))
-                .ingress(item(Peers::List(vec![]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "backend")]))
+            .ingress(item(Peers::List(vec![]), L4::Any))],
         eps.clone(),
     );
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
     assert!(!allowed(&c, "203.0.113.1", "backend", ICMP, 8));
     // ingress: [] – the rule has no ingress item at all.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")]))],
-        )],
-        eps,
-    );
+    let c = build_cnp(vec![R::eps(nsel("default", &[("app", "backend")]))], eps);
     assert!(allowed(&c, "frontend-1", "backend", TCP, 80));
     assert!(!c.endpoints.iter().any(|e| e.enforced_ingress));
 }
 
 #[test]
 fn to_ports_only_allows_port_from_anywhere_including_world() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(Peers::All, tcp(80)))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(Peers::All, tcp(80)))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "203.0.113.1", "backend", TCP, 80));
@@ -491,13 +481,10 @@ fn to_ports_only_allows_port_from_anywhere_including_world() {
 
 #[test]
 fn empty_from_endpoints_with_ports_allows_nothing() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")]))
-                .ingress(item(from_eps(vec![]), tcp(80)))],
-        )],
+    let c = build_cnp(
+        vec![
+            R::eps(nsel("default", &[("app", "backend")])).ingress(item(from_eps(vec![]), tcp(80)))
+        ],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
@@ -506,13 +493,9 @@ fn empty_from_endpoints_with_ports_allows_nothing() {
 
 #[test]
 fn protocol_omitted_means_tcp_udp_sctp_not_icmp() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")]))
-                .ingress(item(Peers::All, L4::Ports(vec![port(53, Proto::Any)])))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "backend")]))
+            .ingress(item(Peers::All, L4::Ports(vec![port(53, Proto::Any)])))],
         seed_endpoints(),
     );
     for p in [TCP, UDP, SCTP] {
@@ -527,14 +510,10 @@ fn protocol_omitted_means_tcp_udp_sctp_not_icmp() {
 fn l3_allow_with_l4_deny_and_l3_deny() {
     let be = || nsel("default", &[("app", "backend")]);
     let fe = || nsel("default", &[("app", "frontend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be())
-                .ingress(item(from_eps(vec![fe()]), L4::Any))
-                .ingress_deny(item(Peers::All, tcp(80)))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be())
+            .ingress(item(from_eps(vec![fe()]), L4::Any))
+            .ingress_deny(item(Peers::All, tcp(80)))],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
@@ -548,14 +527,10 @@ fn l3_allow_with_l4_deny_and_l3_deny() {
     assert_eq!(r.ingress.reason, Reason::DenyRule);
     assert_eq!(r.ingress.rule.unwrap().path, "spec.ingressDeny[0]");
     // L3 deny: nothing, ICMP included.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be())
-                .ingress(item(from_eps(vec![fe()]), L4::Any))
-                .ingress_deny(item(from_eps(vec![fe()]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be())
+            .ingress(item(from_eps(vec![fe()]), L4::Any))
+            .ingress_deny(item(from_eps(vec![fe()]), L4::Any))],
         seed_endpoints(),
     );
     for (p, port) in [(TCP, 80), (UDP, 53), (ICMP, 8)] {
@@ -605,32 +580,24 @@ fn broad_deny_over_narrow_allow_same_identity() {
         .iter()
         .any(|e| e.identity == fe_id && e.verdict == EntryVerdict::Allow && e.proto == TCP));
     // Wildcard deny over an identity allow.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be())
-                .ingress(item(from_eps(vec![fe()]), tcp(80)))
-                .ingress_deny(item(
-                    Peers::All,
-                    L4::Ports(vec![range(1, 1023, Proto::Tcp)]),
-                ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be())
+            .ingress(item(from_eps(vec![fe()]), tcp(80)))
+            .ingress_deny(item(
+                Peers::All,
+                L4::Ports(vec![range(1, 1023, Proto::Tcp)]),
+            ))],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
     // Narrow deny inside broad allow.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be())
-                .ingress(item(
-                    from_eps(vec![fe()]),
-                    L4::Ports(vec![range(8000, 9000, Proto::Tcp)]),
-                ))
-                .ingress_deny(item(from_eps(vec![fe()]), tcp(8443)))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be())
+            .ingress(item(
+                from_eps(vec![fe()]),
+                L4::Ports(vec![range(8000, 9000, Proto::Tcp)]),
+            ))
+            .ingress_deny(item(from_eps(vec![fe()]), tcp(8443)))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "backend", TCP, 8442));
@@ -641,14 +608,10 @@ fn broad_deny_over_narrow_allow_same_identity() {
 #[test]
 fn cidr_deny_overrides_narrower_cidr_allow() {
     let fe = || nsel("default", &[("app", "frontend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(fe())
-                .egress(item(Peers::List(vec![cidr("10.1.0.0/16", &[])]), tcp(443)))
-                .egress_deny(item(Peers::List(vec![cidr("10.0.0.0/8", &[])]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(fe())
+            .egress(item(Peers::List(vec![cidr("10.1.0.0/16", &[])]), tcp(443)))
+            .egress_deny(item(Peers::List(vec![cidr("10.0.0.0/8", &[])]), L4::Any))],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "frontend-1", "10.1.2.3", TCP, 443));
@@ -662,12 +625,8 @@ fn cidr_deny_overrides_narrower_cidr_allow() {
 #[test]
 fn to_cidr_covering_a_workload_does_not_match_it() {
     let fe = || nsel("default", &[("app", "frontend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(fe()).egress(item(Peers::List(vec![cidr("10.0.0.0/8", &[])]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(fe()).egress(item(Peers::List(vec![cidr("10.0.0.0/8", &[])]), L4::Any))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "10.9.9.9", TCP, 80));
@@ -681,30 +640,22 @@ fn to_cidr_covering_a_workload_does_not_match_it() {
 #[test]
 fn cidr_except_carves_out() {
     let fe = || nsel("default", &[("app", "frontend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(fe()).egress(item(
-                Peers::List(vec![cidr("10.0.0.0/8", &["10.96.0.0/12"])]),
-                L4::Any,
-            ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(fe()).egress(item(
+            Peers::List(vec![cidr("10.0.0.0/8", &["10.96.0.0/12"])]),
+            L4::Any,
+        ))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "10.1.1.1", TCP, 80));
     assert!(!allowed(&c, "frontend-1", "10.100.0.1", TCP, 80));
     assert!(allowed(&c, "frontend-1", "10.112.0.1", TCP, 80));
     // 0.0.0.0/0 except a block: world minus the block.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(fe()).egress(item(
-                Peers::List(vec![cidr("0.0.0.0/0", &["192.168.0.0/16"])]),
-                L4::Any,
-            ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(fe()).egress(item(
+            Peers::List(vec![cidr("0.0.0.0/0", &["192.168.0.0/16"])]),
+            L4::Any,
+        ))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "8.8.8.8", UDP, 53));
@@ -715,18 +666,23 @@ fn cidr_except_carves_out() {
     );
 }
 
-#[test]
-fn world_entity_admits_cidr_identities_all_admits_host() {
-    let be = || nsel("default", &[("app", "backend")]);
-    // Another policy names a CIDR so it has its own identity.
-    let cidr_pol = cnp(
+/// A policy `default/c` that names 198.51.100.0/24, so that CIDR has an identity.
+fn database_to_198_51_100() -> Policy {
+    cnp(
         "default",
         "c",
         vec![R::eps(nsel("default", &[("app", "database")])).egress(item(
             Peers::List(vec![cidr("198.51.100.0/24", &[])]),
             L4::Any,
         ))],
-    );
+    )
+}
+
+#[test]
+fn world_entity_admits_cidr_identities_all_admits_host() {
+    let be = || nsel("default", &[("app", "backend")]);
+    // Another policy names a CIDR so it has its own identity.
+    let cidr_pol = database_to_198_51_100();
     let c = build(
         vec![
             cidr_pol.clone(),
@@ -766,24 +722,16 @@ fn world_entity_admits_cidr_identities_all_admits_host() {
 #[test]
 fn world_ipv4_and_ipv6_entities() {
     let be = || nsel("default", &[("app", "backend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be()).ingress(item(entities(&[Entity::WorldIpv6]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be()).ingress(item(entities(&[Entity::WorldIpv6]), L4::Any))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "2001:db8::1", "backend", TCP, 80));
     assert!(!allowed(&c, "203.0.113.1", "backend", TCP, 80));
     assert_eq!(c.lookup_ip("203.0.113.1".parse().unwrap()), ids::WORLD_IPV4);
     assert_eq!(c.lookup_ip("2001:db8::1".parse().unwrap()), ids::WORLD_IPV6);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be()).ingress(item(entities(&[Entity::WorldIpv4]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be()).ingress(item(entities(&[Entity::WorldIpv4]), L4::Any))],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "2001:db8::1", "backend", TCP, 80));
@@ -793,15 +741,11 @@ fn world_ipv4_and_ipv6_entities() {
 #[test]
 fn port_range_yields_nine_keys_and_end_below_start_is_single() {
     let be = || nsel("default", &[("app", "backend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be()).ingress(item(
-                Peers::All,
-                L4::Ports(vec![range(80, 444, Proto::Tcp)]),
-            ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be()).ingress(item(
+            Peers::All,
+            L4::Ports(vec![range(80, 444, Proto::Tcp)]),
+        ))],
         seed_endpoints(),
     );
     assert_eq!(c.entries.len(), 9);
@@ -811,27 +755,19 @@ fn port_range_yields_nine_keys_and_end_below_start_is_single() {
     for p in [79, 445, 8080] {
         assert!(!allowed(&c, "frontend-1", "backend", TCP, p), "{p}");
     }
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be()).ingress(item(
-                Peers::All,
-                L4::Ports(vec![range(443, 80, Proto::Tcp)]),
-            ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be()).ingress(item(
+            Peers::All,
+            L4::Ports(vec![range(443, 80, Proto::Tcp)]),
+        ))],
         seed_endpoints(),
     );
     assert_eq!(c.entries.len(), 1);
     assert!(allowed(&c, "frontend-1", "backend", TCP, 443));
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 444));
     // port 0 = every port of the protocol.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be()).ingress(item(Peers::All, L4::Ports(vec![port(0, Proto::Udp)])))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be()).ingress(item(Peers::All, L4::Ports(vec![port(0, Proto::Udp)])))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "backend", UDP, 12345));
@@ -841,24 +777,20 @@ fn port_range_yields_nine_keys_and_end_below_start_is_single() {
 #[test]
 fn icmp_types_v4_and_v6() {
     let be = || nsel("default", &[("app", "backend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(be()).ingress(item(
-                Peers::All,
-                L4::Icmps(vec![
-                    IcmpType {
-                        family: Family::V4,
-                        ty: 8,
-                    },
-                    IcmpType {
-                        family: Family::V6,
-                        ty: 128,
-                    },
-                ]),
-            ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(be()).ingress(item(
+            Peers::All,
+            L4::Icmps(vec![
+                IcmpType {
+                    family: Family::V4,
+                    ty: 8,
+                },
+                IcmpType {
+                    family: Family::V6,
+                    ty: 128,
+                },
+            ]),
+        ))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "backend", ICMP, 8));
@@ -898,12 +830,8 @@ fn two_namespaces() -> Vec<EndpointDef> {
 
 #[test]
 fn cnp_empty_endpoint_selector_selects_its_namespace_only() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[])).ingress(item(Peers::List(vec![]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[])).ingress(item(Peers::List(vec![]), L4::Any))],
         two_namespaces(),
     );
     assert!(!allowed(&c, "other/client", "default/web", TCP, 80));
@@ -978,13 +906,9 @@ fn node_selector_empty_selects_host_endpoints() {
 
 #[test]
 fn cnp_from_endpoints_empty_means_same_namespace() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(from_eps(vec![nsel("default", &[])]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")]))
+            .ingress(item(from_eps(vec![nsel("default", &[])]), L4::Any))],
         two_namespaces(),
     );
     assert!(allowed(&c, "default/client", "default/web", TCP, 80));
@@ -1028,13 +952,9 @@ fn raw_wildcard_selector_matches_reserved_identities_too() {
 
 #[test]
 fn from_entities_all_allows_everything() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(entities(&[Entity::All]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")]))
+            .ingress(item(entities(&[Entity::All]), L4::Any))],
         two_namespaces(),
     );
     for src in ["other/client", "203.0.113.1", "me", "2001:db8::5"] {
@@ -1138,14 +1058,7 @@ fn ingress_deny_only_policy_enables_default_deny_unless_disabled() {
             L4::Any,
         )
     };
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(web()).ingress_deny(deny())],
-        )],
-        two_namespaces(),
-    );
+    let c = build_cnp(vec![R::eps(web()).ingress_deny(deny())], two_namespaces());
     assert!(!allowed(&c, "default/client", "default/web", TCP, 80));
     assert!(
         !allowed(&c, "other/client", "default/web", TCP, 80),
@@ -1153,7 +1066,7 @@ fn ingress_deny_only_policy_enables_default_deny_unless_disabled() {
     );
     let mut r = R::eps(web()).ingress_deny(deny());
     r.0.default_deny_ingress = Some(false);
-    let c = build(vec![cnp("default", "p", vec![r])], two_namespaces());
+    let c = build_cnp(vec![r], two_namespaces());
     assert!(!allowed(&c, "default/client", "default/web", TCP, 80));
     assert!(allowed(&c, "other/client", "default/web", TCP, 80));
     let t = trace_str(&c, "other/client", "default/web", TCP, 80).unwrap();
@@ -1288,9 +1201,9 @@ fn network_policy_and_cnp_deny_combine() {
 
 // ---------------------------------------------------------------- named ports
 
-#[test]
-fn named_ports_ingress_resolve_against_the_subject() {
-    let eps = vec![
+/// Two web endpoints naming port `http` differently: 8080 on web-a, 9090 on web-b.
+fn web_a_and_b() -> Vec<EndpointDef> {
+    vec![
         with_ports(
             ep("default", "web-a", &[("app", "web")], &["10.0.1.1"]),
             &[("http", 8080, Proto::Tcp)],
@@ -1304,15 +1217,16 @@ fn named_ports_ingress_resolve_against_the_subject() {
             ),
             &[("http", 9090, Proto::Tcp)],
         ),
-        ep("default", "client", &[("app", "client")], &["10.0.1.2"]),
-    ];
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(Peers::All, L4::Ports(vec![named("http", Proto::Any)])))],
-        )],
+    ]
+}
+
+#[test]
+fn named_ports_ingress_resolve_against_the_subject() {
+    let mut eps = web_a_and_b();
+    eps.push(ep("default", "client", &[("app", "client")], &["10.0.1.2"]));
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")]))
+            .ingress(item(Peers::All, L4::Ports(vec![named("http", Proto::Any)])))],
         eps,
     );
     assert!(allowed(&c, "client", "web-a", TCP, 8080));
@@ -1327,35 +1241,19 @@ fn named_ports_ingress_resolve_against_the_subject() {
 
 #[test]
 fn named_ports_egress_resolve_against_each_peer() {
-    let eps = vec![
-        with_ports(
-            ep("default", "web-a", &[("app", "web")], &["10.0.1.1"]),
-            &[("http", 8080, Proto::Tcp)],
-        ),
-        with_ports(
-            ep(
-                "default",
-                "web-b",
-                &[("app", "web"), ("v", "2")],
-                &["10.0.1.3"],
-            ),
-            &[("http", 9090, Proto::Tcp)],
-        ),
+    let mut eps = web_a_and_b();
+    eps.extend([
         with_ports(
             ep("default", "db", &[("app", "db")], &["10.0.1.4"]),
             &[("http", 7070, Proto::Tcp)],
         ),
         ep("default", "client", &[("app", "client")], &["10.0.1.2"]),
-    ];
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "client")])).egress(item(
-                from_eps(vec![nsel("default", &[("app", "web")])]),
-                L4::Ports(vec![named("http", Proto::Tcp)]),
-            ))],
-        )],
+    ]);
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "client")])).egress(item(
+            from_eps(vec![nsel("default", &[("app", "web")])]),
+            L4::Ports(vec![named("http", Proto::Tcp)]),
+        ))],
         eps.clone(),
     );
     assert!(allowed(&c, "client", "web-a", TCP, 8080));
@@ -1363,13 +1261,9 @@ fn named_ports_egress_resolve_against_each_peer() {
     assert!(allowed(&c, "client", "web-b", TCP, 9090));
     assert!(!allowed(&c, "client", "db", TCP, 7070));
     // Wildcard peer: every declared port of that name, for identity 0.
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "client")]))
-                .egress(item(Peers::All, L4::Ports(vec![named("http", Proto::Any)])))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "client")]))
+            .egress(item(Peers::All, L4::Ports(vec![named("http", Proto::Any)])))],
         eps,
     );
     assert!(allowed(&c, "client", "db", TCP, 7070));
@@ -1379,13 +1273,9 @@ fn named_ports_egress_resolve_against_each_peer() {
 
 #[test]
 fn unresolved_named_port_allows_nothing() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")]))
-                .ingress(item(Peers::All, L4::Ports(vec![named("grpc", Proto::Any)])))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "backend")]))
+            .ingress(item(Peers::All, L4::Ports(vec![named("grpc", Proto::Any)])))],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
@@ -1562,14 +1452,10 @@ fn entities_host_remote_node_cluster() {
 
 #[test]
 fn self_traffic_allowed() {
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(from_eps(vec![]), L4::Any))
-                .egress(item(from_eps(vec![]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")]))
+            .ingress(item(from_eps(vec![]), L4::Any))
+            .egress(item(from_eps(vec![]), L4::Any))],
         two_namespaces(),
     );
     let r = trace_str(&c, "default/web", "10.0.1.1", TCP, 80).unwrap();
@@ -1651,15 +1537,11 @@ fn host_endpoint_egress_policy() {
 #[test]
 fn ipv6_cidr_rules() {
     let fe = || nsel("default", &[("app", "frontend")]);
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(fe()).egress(item(
-                Peers::List(vec![cidr("2001:db8::/32", &["2001:db8:bad::/48"])]),
-                tcp(443),
-            ))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(fe()).egress(item(
+            Peers::List(vec![cidr("2001:db8::/32", &["2001:db8:bad::/48"])]),
+            tcp(443),
+        ))],
         seed_endpoints(),
     );
     assert!(allowed(&c, "frontend-1", "2001:db8:1::1", TCP, 443));
@@ -1682,13 +1564,8 @@ fn reserved_selector_in_from_endpoints() {
     let s = Selector {
         requirements: vec![req(Some("reserved"), "host", Op::Exists, &[])],
     };
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(from_eps(vec![s]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")])).ingress(item(from_eps(vec![s]), L4::Any))],
         two_namespaces(),
     );
     assert!(allowed(&c, "me", "default/web", TCP, 80));
@@ -1715,13 +1592,8 @@ fn match_expressions_not_in_and_does_not_exist() {
     ];
     let mut s = nsel("default", &[]);
     s.requirements.push(req(None, "env", Op::NotIn, &["dev"]));
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(from_eps(vec![s]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")])).ingress(item(from_eps(vec![s]), L4::Any))],
         eps.clone(),
     );
     assert!(allowed(&c, "a", "web", TCP, 1));
@@ -1729,13 +1601,8 @@ fn match_expressions_not_in_and_does_not_exist() {
     assert!(allowed(&c, "c", "web", TCP, 1), "NotIn true when absent");
     let mut s = nsel("default", &[]);
     s.requirements.push(req(None, "env", Op::DoesNotExist, &[]));
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "web")]))
-                .ingress(item(from_eps(vec![s]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "web")])).ingress(item(from_eps(vec![s]), L4::Any))],
         eps,
     );
     assert!(!allowed(&c, "a", "web", TCP, 1));
@@ -1770,6 +1637,15 @@ fn json_shape() {
 
 // ---------------------------------------------------------------- oracle property test
 
+/// Workloads a, b, c (app=a|b|c) at 10.0.0.1-3, for the property tests.
+fn abc_endpoints() -> Vec<EndpointDef> {
+    vec![
+        ep("default", "a", &[("app", "a")], &["10.0.0.1"]),
+        ep("default", "b", &[("app", "b")], &["10.0.0.2"]),
+        ep("default", "c", &[("app", "c")], &["10.0.0.3"]),
+    ]
+}
+
 mod oracle {
     //! A direct, rule-reading evaluation of the semantics, compared with the
     //! compiled entries + lookup contract on random policies and flows.
@@ -1777,14 +1653,6 @@ mod oracle {
     use proptest::prelude::*;
 
     const APPS: &[&str] = &["a", "b", "c"];
-
-    fn endpoints() -> Vec<EndpointDef> {
-        vec![
-            ep("default", "a", &[("app", "a")], &["10.0.0.1"]),
-            ep("default", "b", &[("app", "b")], &["10.0.0.2"]),
-            ep("default", "c", &[("app", "c")], &["10.0.0.3"]),
-        ]
-    }
 
     #[derive(Debug, Clone)]
     enum P {
@@ -1890,7 +1758,7 @@ mod oracle {
             flows in proptest::collection::vec((proptest::option::of(0..3usize), 0..3usize, prop_oneof![Just(6u8), Just(17u8), Just(1u8)], 0u16..45), 20),
         ) {
             let pols: Vec<Policy> = rules.iter().enumerate().map(|(i, (s, its))| cnp("default", &format!("p{i}"), vec![to_model(*s, its)])).collect();
-            let c = build(pols, endpoints());
+            let c = build(pols, abc_endpoints());
             for (src, dst, proto_, port) in flows {
                 let selecting: Vec<&Vec<It>> = rules.iter().filter(|(s, _)| *s == dst).map(|(_, i)| i).collect();
                 let items: Vec<&It> = selecting.iter().flat_map(|v| v.iter()).collect();
@@ -1935,14 +1803,6 @@ mod oracle_cidr {
         "10.0.0.2",
         "10.0.0.3",
     ];
-
-    fn endpoints() -> Vec<EndpointDef> {
-        vec![
-            ep("default", "a", &[("app", "a")], &["10.0.0.1"]),
-            ep("default", "b", &[("app", "b")], &["10.0.0.2"]),
-            ep("default", "c", &[("app", "c")], &["10.0.0.3"]),
-        ]
-    }
 
     #[derive(Debug, Clone)]
     enum P {
@@ -2018,7 +1878,7 @@ mod oracle_cidr {
                 let l4 = match it.port { None => L4::Any, Some(p) => tcp(p) };
                 r = if it.deny { r.egress_deny(item(peers, l4)) } else { r.egress(item(peers, l4)) };
             }
-            let c = build(vec![cnp("default", "p", vec![r])], endpoints());
+            let c = build_cnp(vec![r], abc_endpoints());
             for (d, port) in flows {
                 let dst = DSTS[d];
                 if dst == "10.0.0.1" { continue; }
@@ -2038,14 +1898,7 @@ fn reserved_world_selector_matches_family_worlds_and_cidrs() {
     let s = Selector {
         requirements: vec![req(Some("reserved"), "world", Op::Exists, &[])],
     };
-    let extra = cnp(
-        "default",
-        "c",
-        vec![R::eps(nsel("default", &[("app", "database")])).egress(item(
-            Peers::List(vec![cidr("198.51.100.0/24", &[])]),
-            L4::Any,
-        ))],
-    );
+    let extra = database_to_198_51_100();
     let c = build(
         vec![
             extra,
@@ -2065,13 +1918,9 @@ fn reserved_world_selector_matches_family_worlds_and_cidrs() {
     let s6 = Selector {
         requirements: vec![req(Some("reserved"), "world-ipv6", Op::Exists, &[])],
     };
-    let c = build(
-        vec![cnp(
-            "default",
-            "p",
-            vec![R::eps(nsel("default", &[("app", "backend")]))
-                .ingress(item(from_eps(vec![s6]), L4::Any))],
-        )],
+    let c = build_cnp(
+        vec![R::eps(nsel("default", &[("app", "backend")]))
+            .ingress(item(from_eps(vec![s6]), L4::Any))],
         seed_endpoints(),
     );
     assert!(!allowed(&c, "203.0.113.1", "backend", TCP, 80));

@@ -114,6 +114,17 @@ fn outcome(dir: &Path, kind: Kind, opts: LoadOptions) -> Vec<String> {
     }
 }
 
+/// [`outcome`] without the file-mode checks.
+fn lenient(dir: &Path, kind: Kind) -> Vec<String> {
+    outcome(
+        dir,
+        kind,
+        LoadOptions {
+            strict_modes: false,
+        },
+    )
+}
+
 /// A directory holding just `name` with `bytes`, loaded strictly, bounded.
 fn load_one(kind: Kind, name: &str, bytes: Vec<u8>) -> Vec<String> {
     let tmp = tempfile::tempdir().unwrap();
@@ -123,6 +134,17 @@ fn load_one(kind: Kind, name: &str, bytes: Vec<u8>) -> Vec<String> {
     bounded(name, len, move || {
         outcome(&dir, kind, LoadOptions::default())
     })
+}
+
+/// A message about a huge input is clipped: a few KiB at most.
+fn assert_clipped(m: &str) {
+    assert!(
+        m.len() < 2500,
+        "message not clipped: {} bytes: {} ... {}",
+        m.len(),
+        &m[..300],
+        &m[m.len() - 300..]
+    );
 }
 
 // ---------------------------------------------------------------- committed corpus
@@ -339,13 +361,7 @@ fn extremely_long_lines_and_strings_give_bounded_messages() {
         + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{{long}: b}}}}]\n");
     let got = load_one(Kind::Policy, "key.yaml", text.into_bytes());
     assert_eq!(got.len(), 1);
-    assert!(
-        got[0].len() < 2500,
-        "message not clipped: {} bytes: {} ... {}",
-        got[0].len(),
-        &got[0][..300],
-        &got[0][got[0].len() - 300..]
-    );
+    assert_clipped(&got[0]);
     // A 3 MB name, a 3 MB comment (valid), a 3 MB quoted scalar spanning lines.
     let got = load_one(Kind::Policy, "name.yaml", cnp(&long).into_bytes());
     assert!(
@@ -353,13 +369,7 @@ fn extremely_long_lines_and_strings_give_bounded_messages() {
         "{}",
         &got[0][..100]
     );
-    assert!(
-        got[0].len() < 2500,
-        "message not clipped: {} bytes: {} ... {}",
-        got[0].len(),
-        &got[0][..300],
-        &got[0][got[0].len() - 300..]
-    );
+    assert_clipped(&got[0]);
     let got = load_one(
         Kind::Policy,
         "comment.yaml",
@@ -536,6 +546,24 @@ fn netpolctl_for_anyone(dir: &Path) -> PathBuf {
     bin
 }
 
+/// `netpolctl check` (a copy in `dir` anyone may run) on these directories,
+/// as nobody (uid 65534) when `nobody`.
+fn check_as(dir: &Path, pol: &Path, reg: &Path, nobody: bool) -> std::process::Output {
+    let mut cmd = std::process::Command::new(netpolctl_for_anyone(dir));
+    cmd.args([
+        "check",
+        "--policy-dir",
+        pol.to_str().unwrap(),
+        "--endpoint-dir",
+        reg.to_str().unwrap(),
+    ]);
+    if nobody {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    }
+    cmd.output().unwrap()
+}
+
 #[test]
 fn unreadable_file_is_reported_not_fatal() {
     // Root reads any file, so read it as another user: `netpolctl check` run
@@ -551,19 +579,7 @@ fn unreadable_file_is_reported_not_fatal() {
     fs::write(pol.join("ok.yaml"), cnp("ok")).unwrap();
     fs::write(pol.join("secret.yaml"), cnp("secret")).unwrap();
     fs::set_permissions(pol.join("secret.yaml"), fs::Permissions::from_mode(0o000)).unwrap();
-    let mut cmd = std::process::Command::new(netpolctl_for_anyone(tmp.path()));
-    cmd.args([
-        "check",
-        "--policy-dir",
-        pol.to_str().unwrap(),
-        "--endpoint-dir",
-        reg.to_str().unwrap(),
-    ]);
-    if nix::unistd::geteuid().is_root() {
-        use std::os::unix::process::CommandExt;
-        cmd.uid(65534).gid(65534);
-    }
-    let out = cmd.output().unwrap();
+    let out = check_as(tmp.path(), &pol, &reg, nix::unistd::geteuid().is_root());
     let stdout = String::from_utf8_lossy(&out.stdout).replace(&format!("{}/", pol.display()), "");
     assert_eq!(
         out.status.code(),
@@ -613,16 +629,7 @@ fn group_or_world_writable_files_are_refused() {
         ]
     );
     // The same files pass with the check turned off (strict_file_modes = false).
-    assert_eq!(
-        outcome(
-            d,
-            Kind::Policy,
-            LoadOptions {
-                strict_modes: false
-            }
-        ),
-        ["ok: 4 policies"]
-    );
+    assert_eq!(lenient(d, Kind::Policy), ["ok: 4 policies"]);
     // Registry files follow the same rule.
     fs::write(
         d.join("r.yaml"),
@@ -637,13 +644,7 @@ fn group_or_world_writable_files_are_refused() {
         ["r.yaml: file is writable by group (mode 0620), so someone other than its owner could change what netpol enforces; run chmod go-w r.yaml"]
     );
     assert_eq!(
-        outcome(
-            r.path(),
-            Kind::Registry,
-            LoadOptions {
-                strict_modes: false
-            }
-        ),
+        lenient(r.path(), Kind::Registry),
         ["ok: 0 endpoints, 0 nodes, 1 namespaces"]
     );
 }
@@ -674,16 +675,7 @@ fn writable_directory_is_refused() {
             "a.yaml:2:7: document 1 (CiliumNetworkPolicy default/a): kind: CiliumNetworkPolicy does not belong here; put it in the policy directory (/etc/netpol.d)".into(),
         ]
     );
-    assert_eq!(
-        outcome(
-            d,
-            Kind::Policy,
-            LoadOptions {
-                strict_modes: false
-            }
-        ),
-        ["ok: 1 policies"]
-    );
+    assert_eq!(lenient(d, Kind::Policy), ["ok: 1 policies"]);
     chmod(d, 0o755);
     assert_eq!(
         outcome(d, Kind::Policy, LoadOptions::default()),
@@ -718,16 +710,7 @@ fn files_owned_by_another_user_are_refused() {
         outcome(d, Kind::Policy, LoadOptions::default()),
         [format!("{p}: policy directory is owned by uid 1000, which is neither root nor the user reading it (uid 0); run chown root {p}")]
     );
-    assert_eq!(
-        outcome(
-            d,
-            Kind::Policy,
-            LoadOptions {
-                strict_modes: false
-            }
-        ),
-        ["ok: 2 policies"]
-    );
+    assert_eq!(lenient(d, Kind::Policy), ["ok: 2 policies"]);
 }
 
 #[test]
@@ -754,19 +737,7 @@ fn files_owned_by_the_reading_user_are_trusted() {
         chown(p, 65534);
     }
     let run = |as_nobody: bool| {
-        let mut cmd = std::process::Command::new(netpolctl_for_anyone(tmp.path()));
-        cmd.args([
-            "check",
-            "--policy-dir",
-            pol.to_str().unwrap(),
-            "--endpoint-dir",
-            reg.to_str().unwrap(),
-        ]);
-        if as_nobody {
-            use std::os::unix::process::CommandExt;
-            cmd.uid(65534).gid(65534);
-        }
-        let out = cmd.output().unwrap();
+        let out = check_as(tmp.path(), &pol, &reg, as_nobody);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).replace(&tmp.path().display().to_string(), "DIR"),
@@ -825,16 +796,7 @@ fn symlinks_out_of_the_directory_are_followed_and_their_targets_checked() {
         outcome(&d, Kind::Policy, LoadOptions::default()),
         [format!("l.yaml: directory {e} holding the symlink target is writable by group and others (mode 0777), so someone other than its owner could change what netpol enforces; run chmod go-w {e}")]
     );
-    assert_eq!(
-        outcome(
-            &d,
-            Kind::Policy,
-            LoadOptions {
-                strict_modes: false
-            }
-        ),
-        ["ok: 1 policies"]
-    );
+    assert_eq!(lenient(&d, Kind::Policy), ["ok: 1 policies"]);
     // A symlink into /tmp (world-writable, sticky) is refused for the same reason.
     chmod(&elsewhere, 0o755);
     let in_tmp = tempfile::Builder::new()

@@ -34,6 +34,19 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `netpolctl COMMAND --config CFG --policy-dir POL --endpoint-dir EPS REST...`.
+fn netpolctl_on(command: &str, cfg: &Path, pol: &Path, eps: &Path, rest: &[&str]) -> Output {
+    let files = [
+        "--config",
+        s(cfg),
+        "--policy-dir",
+        s(pol),
+        "--endpoint-dir",
+        s(eps),
+    ];
+    netpolctl(&[&[command][..], &files, rest].concat())
+}
+
 /// A config file pointing nowhere, so no test reads /etc/netpol.
 fn empty_config(dir: &Path, node: &str) -> PathBuf {
     let p = dir.join("netpold.toml");
@@ -58,16 +71,7 @@ fn diff_of_identical_sets_is_empty_and_exits_0() {
     let cfg = empty_config(tmp.path(), "host-a");
     let copy = tmp.path().join("same");
     copy_dir(&pol, &copy);
-    let o = netpolctl(&[
-        "diff",
-        "--config",
-        s(&cfg),
-        "--policy-dir",
-        s(&pol),
-        "--endpoint-dir",
-        s(&eps),
-        s(&copy),
-    ]);
+    let o = netpolctl_on("diff", &cfg, &pol, &eps, &[s(&copy)]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
     assert!(out.starts_with("no verdict changes: "), "{out}");
@@ -93,17 +97,7 @@ fn diff_reports_exactly_the_changed_flows() {
         .unwrap()
         .replace("port: \"80\"", "port: \"8080\"");
     std::fs::write(&f, t).unwrap();
-    let args = [
-        "diff",
-        "--config",
-        s(&cfg),
-        "--policy-dir",
-        s(&pol),
-        "--endpoint-dir",
-        s(&eps),
-        s(&new),
-    ];
-    let o = netpolctl(&args);
+    let o = netpolctl_on("diff", &cfg, &pol, &eps, &[s(&new)]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
     let lines: Vec<&str> = out.lines().collect();
@@ -133,9 +127,7 @@ fn diff_reports_exactly_the_changed_flows() {
     }
     assert!(lines[3].starts_with("2 of "), "{out}");
 
-    let mut json_args = args.to_vec();
-    json_args.push("--json");
-    let o = netpolctl(&json_args);
+    let o = netpolctl_on("diff", &cfg, &pol, &eps, &[s(&new), "--json"]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["changed"], 2);
@@ -165,18 +157,8 @@ fn diff_reports_exactly_the_changed_flows() {
     );
 
     // the other way round: the change reverses
-    let back = [
-        "diff",
-        "--config",
-        s(&cfg),
-        "--policy-dir",
-        s(&new),
-        "--endpoint-dir",
-        s(&eps),
-        s(&pol),
-        "--json",
-    ];
-    let v: serde_json::Value = serde_json::from_slice(&netpolctl(&back).stdout).unwrap();
+    let back = netpolctl_on("diff", &cfg, &new, &eps, &[s(&pol), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&back.stdout).unwrap();
     assert_eq!(v["changes"][0]["before"], "denied");
     assert_eq!(v["changes"][0]["after"], "allowed");
     assert!(
@@ -196,16 +178,7 @@ fn diff_with_invalid_new_files_prints_problems_and_exits_2() {
     let new = tmp.path().join("new");
     copy_dir(&pol, &new);
     std::fs::write(new.join("bad.yaml"), "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingres: []\n").unwrap();
-    let o = netpolctl(&[
-        "diff",
-        "--config",
-        s(&cfg),
-        "--policy-dir",
-        s(&pol),
-        "--endpoint-dir",
-        s(&eps),
-        s(&new),
-    ]);
+    let o = netpolctl_on("diff", &cfg, &pol, &eps, &[s(&new)]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{out}{err}");
     assert!(out.is_empty(), "{out}");
@@ -215,52 +188,23 @@ fn diff_with_invalid_new_files_prints_problems_and_exits_2() {
         "{err}"
     );
     // a missing directory is an error too
-    let o = netpolctl(&[
-        "diff",
-        "--config",
-        s(&cfg),
-        "--policy-dir",
-        s(&pol),
-        "--endpoint-dir",
-        s(&eps),
-        "/nonexistent/npn",
-    ]);
+    let o = netpolctl_on("diff", &cfg, &pol, &eps, &["/nonexistent/npn"]);
     assert_eq!(o.status.code(), Some(2));
 }
 
-type NodeNames = [(&'static str, &'static str); 2];
-
-fn layout_names() -> (
-    NodeNames,
-    impl Fn(usize, usize) -> String,
-    impl Fn(usize, usize) -> String,
-) {
-    (
-        [("node-a", "10.206.255.1"), ("node-b", "10.206.255.2")],
-        |n: usize, i: usize| format!("10.206.{}.{}", n + 1, i + 10),
-        |n: usize, i: usize| format!("npn{}{i:02}", ['a', 'b'][n]),
-    )
+/// Problems, one a line.
+fn lines(problems: &[netpol::api::Problem]) -> String {
+    problems
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn load(pol: &Path, eps: &Path, node: &str) -> Compiled {
-    let p = netpol::api::load_policy_dir(pol).unwrap_or_else(|e| {
-        panic!(
-            "{}",
-            e.iter()
-                .map(|x| x.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    });
-    let r = netpol::api::load_endpoint_dirs(&[eps.to_path_buf()]).unwrap_or_else(|e| {
-        panic!(
-            "{}",
-            e.iter()
-                .map(|x| x.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    });
+    let p = netpol::api::load_policy_dir(pol).unwrap_or_else(|e| panic!("{}", lines(&e)));
+    let r = netpol::api::load_endpoint_dirs(&[eps.to_path_buf()])
+        .unwrap_or_else(|e| panic!("{}", lines(&e)));
     let problems = netpol::policy::registry::validate(&r);
     assert!(problems.is_empty(), "{problems:?}");
     compile(
@@ -278,13 +222,7 @@ fn load(pol: &Path, eps: &Path, node: &str) -> Compiled {
 /// port is decided the same way as the sampled port in both states.
 #[test]
 fn diff_probe_ports_represent_every_port() {
-    let (nodes, addr, iface) = layout_names();
-    let layout = nodegen::Layout {
-        nodes,
-        address: &addr,
-        address6: None,
-        interface: &iface,
-    };
+    let layout = nodegen::layout(false);
     let old = nodegen::generate(11, &layout, 12, 20);
     let mut new = old.clone();
     new.policies = nodegen::policies(12, 20);
@@ -538,24 +476,18 @@ fn matrix_svg_and_html_are_well_formed_and_match_the_verdicts() {
     let cfg = empty_config(tmp.path(), "host-a");
     let svg = tmp.path().join("m.svg");
     let html = tmp.path().join("m.html");
-    let base = [
-        "matrix",
-        "--config",
-        s(&cfg),
-        "--policy-dir",
-        s(&pol),
-        "--endpoint-dir",
-        s(&eps),
-        "--port",
-        "80",
-    ];
-    let mut a = base.to_vec();
-    a.extend(["--svg", s(&svg), "--html", s(&html)]);
-    let o = netpolctl(&a);
+    let matrix = |more: &[&str]| {
+        netpolctl_on(
+            "matrix",
+            &cfg,
+            &pol,
+            &eps,
+            &[&["--port", "80"], more].concat(),
+        )
+    };
+    let o = matrix(&["--svg", s(&svg), "--html", s(&html)]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    let mut j = base.to_vec();
-    j.push("--json");
-    let v: serde_json::Value = serde_json::from_slice(&netpolctl(&j).stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&matrix(&["--json"]).stdout).unwrap();
     let names: Vec<String> = v["endpoints"]
         .as_array()
         .unwrap()
@@ -767,29 +699,17 @@ fn assert_node_invariant(pol: &Path, eps: &Path, node_addrs: &BTreeMap<&str, &st
 
 #[test]
 fn seed_spread_over_two_nodes_compiles_the_same_on_each() {
-    let (nodes, addr, iface) = layout_names();
-    let layout = nodegen::Layout {
-        nodes,
-        address: &addr,
-        address6: None,
-        interface: &iface,
-    };
+    let layout = nodegen::layout(false);
     let sc = nodegen::seed_spread(&layout, &repo());
     let tmp = tempfile::tempdir().unwrap();
     let (pol, eps) = (tmp.path().join("pol"), tmp.path().join("eps"));
     nodegen::write(&sc, &pol, &eps);
-    assert_node_invariant(&pol, &eps, &nodes.iter().copied().collect());
+    assert_node_invariant(&pol, &eps, &nodegen::NODES.iter().copied().collect());
     // and netpolctl trace agrees across node names too
     for node in ["node-a", "node-b"] {
         let cfg = empty_config(&tmp.path().join(node).tap_mkdir(), node);
-        let o = netpolctl(&[
-            "trace",
-            "--config",
-            s(&cfg),
-            "--policy-dir",
-            s(&pol),
-            "--endpoint-dir",
-            s(&eps),
+        let trace = |args: &[&str]| netpolctl_on("trace", &cfg, &pol, &eps, args);
+        let o = trace(&[
             "--from",
             "frontend-2",
             "--to",
@@ -799,14 +719,7 @@ fn seed_spread_over_two_nodes_compiles_the_same_on_each() {
             "--json",
         ]);
         assert_eq!(o.status.code(), Some(0), "{node}: {:?}", text(&o));
-        let o = netpolctl(&[
-            "trace",
-            "--config",
-            s(&cfg),
-            "--policy-dir",
-            s(&pol),
-            "--endpoint-dir",
-            s(&eps),
+        let o = trace(&[
             "--from",
             "10.206.2.10",
             "--to",
@@ -820,35 +733,21 @@ fn seed_spread_over_two_nodes_compiles_the_same_on_each() {
 
 #[test]
 fn generated_two_node_scenarios_compile_the_same_on_each_node() {
-    let (nodes, addr, iface) = layout_names();
-    let layout = nodegen::Layout {
-        nodes,
-        address: &addr,
-        address6: None,
-        interface: &iface,
-    };
+    let layout = nodegen::layout(false);
     for seed in [1u64, 2, 3] {
         let sc = nodegen::generate(seed, &layout, 22, 24);
         let tmp = tempfile::tempdir().unwrap();
         let (pol, eps) = (tmp.path().join("pol"), tmp.path().join("eps"));
         nodegen::write(&sc, &pol, &eps);
         let cfg = empty_config(tmp.path(), "node-a");
-        let o = netpolctl(&[
-            "check",
-            "--config",
-            s(&cfg),
-            "--policy-dir",
-            s(&pol),
-            "--endpoint-dir",
-            s(&eps),
-        ]);
+        let o = netpolctl_on("check", &cfg, &pol, &eps, &[]);
         assert_eq!(
             o.status.code(),
             Some(0),
             "seed {seed}: generated files invalid: {:?}",
             text(&o)
         );
-        assert_node_invariant(&pol, &eps, &nodes.iter().copied().collect());
+        assert_node_invariant(&pol, &eps, &nodegen::NODES.iter().copied().collect());
     }
 }
 

@@ -58,6 +58,10 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+fn icmp_type(family: Family, ty: u8) -> IcmpType {
+    IcmpType { family, ty }
+}
+
 fn any(key: &str) -> LabelKey {
     LabelKey {
         source: None,
@@ -385,18 +389,9 @@ fn every_cilium_construct() {
     assert_eq!(
         r.ingress[4].l4,
         L4::Icmps(vec![
-            IcmpType {
-                family: Family::V4,
-                ty: 8
-            },
-            IcmpType {
-                family: Family::V6,
-                ty: 128
-            },
-            IcmpType {
-                family: Family::V4,
-                ty: 0
-            },
+            icmp_type(Family::V4, 8),
+            icmp_type(Family::V6, 128),
+            icmp_type(Family::V4, 0),
         ])
     );
     // toPorts without a peer: every peer.
@@ -433,13 +428,7 @@ fn every_cilium_construct() {
             match_endpoints: false
         }])
     );
-    assert_eq!(
-        r.egress[2].l4,
-        L4::Icmps(vec![IcmpType {
-            family: Family::V4,
-            ty: 3
-        }])
-    );
+    assert_eq!(r.egress[2].l4, L4::Icmps(vec![icmp_type(Family::V4, 3)]));
     assert_eq!(
         r.egress_deny[0].peers,
         Peers::List(vec![Peer::Endpoints(sel(vec![
@@ -527,16 +516,7 @@ fn cilium_examples() {
     let icmp = named(&ps, "icmp-rule");
     assert_eq!(
         icmp.rules[0].egress[0].l4,
-        L4::Icmps(vec![
-            IcmpType {
-                family: Family::V4,
-                ty: 8
-            },
-            IcmpType {
-                family: Family::V6,
-                ty: 128
-            }
-        ])
+        L4::Icmps(vec![icmp_type(Family::V4, 8), icmp_type(Family::V6, 128)])
     );
 }
 

@@ -164,6 +164,36 @@ spec:
     }
 }
 
+/// A policy `a`: workload a may open TCP 80 of `peer` and nothing else; then `more` rules.
+fn a_may_open_port_80_of(peer: &str, more: &str) -> String {
+    format!(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toEndpoints: [{{matchLabels: {{app: {peer}}}}}]
+    toPorts: [{{ports: [{{port: "80", protocol: TCP}}]}}]{more}"#
+    )
+}
+
+const WORKLOADS: [Workload<'static>; 3] = [
+    Workload {
+        name: "a",
+        addrs: &["10.207.0.11/24", "fd01:207::11/64"],
+    },
+    Workload {
+        name: "b",
+        addrs: &["10.207.0.21/24", "fd01:207::21/64"],
+    },
+    Workload {
+        name: "c",
+        addrs: &["10.207.0.31/24", "fd01:207::31/64"],
+    },
+];
+
 /// Three workloads a, b, c on a bridge, enforced; sniffers on a's and b's
 /// (and c's) eth0, TCP listeners on b:22 and b:80 so a SYN that reaches b's
 /// stack is answered. Fields drop in order: sockets, datapath, namespaces.
@@ -182,25 +212,7 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, policies: &str) -> Lab {
-        let topo = Topo::new(
-            PREFIX,
-            tag,
-            &[],
-            &[
-                Workload {
-                    name: "a",
-                    addrs: &["10.207.0.11/24", "fd01:207::11/64"],
-                },
-                Workload {
-                    name: "b",
-                    addrs: &["10.207.0.21/24", "fd01:207::21/64"],
-                },
-                Workload {
-                    name: "c",
-                    addrs: &["10.207.0.31/24", "fd01:207::31/64"],
-                },
-            ],
-        );
+        let topo = Topo::new(PREFIX, tag, &[], &WORKLOADS);
         let mut dp = Dp::open(PREFIX, tag, &settings());
         let compiled = compile_yaml(policies, REGISTRY);
         enforce(&mut dp, &topo, &compiled);
@@ -251,6 +263,26 @@ impl Lab {
             ip_packet,
         );
         self.injector(from).send(&f);
+    }
+
+    /// Send a SYN (sequence 1, from a fresh source port, which it returns)
+    /// `src -> dst:dport` from workload `from` to `to`'s MAC, under `vlans`,
+    /// carrying `m`.
+    #[allow(clippy::too_many_arguments)]
+    fn syn(
+        &self,
+        from: &str,
+        to: &str,
+        vlans: &[(u16, u16)],
+        src: IpAddr,
+        dst: IpAddr,
+        dport: u16,
+        m: &[u8],
+    ) -> u16 {
+        let sp = sport();
+        let seg = wire::tcp(src, dst, sp, dport, TCP_SYN, 1, 0, m);
+        self.send(from, to, vlans, &wire::ip(src, dst, 6, &seg));
+        sp
     }
 
     /// Like `send`, with extra bytes after the IP packet (an Ethernet
@@ -383,34 +415,12 @@ fn vlan_and_qinq_tagged_frames_do_not_bypass_policy() {
             for v6 in [false, true] {
                 let (src, dst) = addrs(v6);
                 let m = marker();
-                let sp = sport();
-                lab.send(
-                    "a",
-                    "b",
-                    tags,
-                    &wire::ip(
-                        src,
-                        dst,
-                        6,
-                        &wire::tcp(src, dst, sp, DENIED, TCP_SYN, 1, 0, &m),
-                    ),
-                );
+                lab.syn("a", "b", tags, src, dst, DENIED, &m);
                 batch
                     .denied
                     .push((format!("{mode:?}: {name} SYN to {dst}:{DENIED}"), m));
                 let m = marker();
-                let sp = sport();
-                lab.send(
-                    "a",
-                    "b",
-                    tags,
-                    &wire::ip(
-                        src,
-                        dst,
-                        6,
-                        &wire::tcp(src, dst, sp, ALLOWED, TCP_SYN, 1, 0, &m),
-                    ),
-                );
+                let sp = lab.syn("a", "b", tags, src, dst, ALLOWED, &m);
                 // Four tags are malformed to the datapath (three remain after
                 // the kernel takes the outer one off): dropped even to port 80.
                 if tags.len() < 4 {
@@ -749,19 +759,15 @@ fn tiny_first_fragments_do_not_bypass_policy() {
         }
         // Contrast: a properly fragmented SYN to port 80 passes, v4 and v6.
         {
-            let m = marker();
-            let mut payload = vec![0x55; 40 - m.len()];
-            payload.extend_from_slice(&m);
-            let seg = wire::tcp(
-                s4.into(),
-                d4.into(),
-                sport(),
-                ALLOWED,
-                TCP_SYN,
-                1,
-                0,
-                &payload,
-            );
+            // A SYN to :80 whose 40 bytes of payload end with a fresh marker.
+            let padded_syn = |src: IpAddr, dst: IpAddr| {
+                let m = marker();
+                let mut payload = vec![0x55; 40 - m.len()];
+                payload.extend_from_slice(&m);
+                let seg = wire::tcp(src, dst, sport(), ALLOWED, TCP_SYN, 1, 0, &payload);
+                (m, seg)
+            };
+            let (m, seg) = padded_syn(s4.into(), d4.into());
             id += 1;
             lab.send(
                 "a",
@@ -779,54 +785,19 @@ fn tiny_first_fragments_do_not_bypass_policy() {
                 format!("{mode:?}: v4 fragmented SYN to :80 (marker in the second fragment)"),
                 m[..].to_vec(),
             ));
-            let m = marker();
-            let mut payload = vec![0x55; 40 - m.len()];
-            payload.extend_from_slice(&m);
-            let seg = wire::tcp(
-                s6.into(),
-                d6.into(),
-                sport(),
-                ALLOWED,
-                TCP_SYN,
-                1,
-                0,
-                &payload,
-            );
+            let (m, seg) = padded_syn(s6.into(), d6.into());
             let fid = 0x7800_0000 + u32::from(id);
-            lab.send(
-                "a",
-                "b",
-                &[],
-                &wire::ipv6(
-                    s6,
-                    d6,
-                    &[Ext::Fragment {
-                        offset: 0,
-                        more: true,
-                        id: fid,
-                        nh: None,
-                    }],
-                    6,
-                    &seg[..32],
-                ),
-            );
-            lab.send(
-                "a",
-                "b",
-                &[],
-                &wire::ipv6(
-                    s6,
-                    d6,
-                    &[Ext::Fragment {
-                        offset: 4,
-                        more: false,
-                        id: fid,
-                        nh: None,
-                    }],
-                    6,
-                    &seg[32..],
-                ),
-            );
+            let frag6 = |offset: u16, more: bool, bytes: &[u8]| {
+                let ext = Ext::Fragment {
+                    offset,
+                    more,
+                    id: fid,
+                    nh: None,
+                };
+                wire::ipv6(s6, d6, &[ext], 6, bytes)
+            };
+            lab.send("a", "b", &[], &frag6(0, true, &seg[..32]));
+            lab.send("a", "b", &[], &frag6(4, false, &seg[32..]));
             batch.allowed.push((
                 format!("{mode:?}: v6 fragmented SYN to :80 (marker in the second fragment)"),
                 m,
@@ -865,23 +836,8 @@ fn overlapping_fragments_cannot_rewrite_the_port() {
                 let evil = wire::tcp(src, dst, sp, rewrite_to, TCP_SYN, 1, 0, &body(&m_rewrite));
                 let mut last = m_last.clone();
                 last.resize(16, 0x77);
-                let frag = |off: u16, more: bool, bytes: &[u8]| -> Vec<u8> {
-                    if v6 {
-                        wire::ipv6(
-                            wire::v6(src),
-                            wire::v6(dst),
-                            &[Ext::Fragment {
-                                offset: off,
-                                more,
-                                id: u32::from(id),
-                                nh: None,
-                            }],
-                            6,
-                            bytes,
-                        )
-                    } else {
-                        wire::ipv4(wire::v4(src), wire::v4(dst), 6, id, (off, more), &[], bytes)
-                    }
+                let frag = |off: u16, more: bool, bytes: &[u8]| {
+                    wire::fragment(src, dst, 6, id, (off, more), bytes)
                 };
                 lab.send("a", "b", &[], &frag(0, true, &good[..48]));
                 lab.send("a", "b", &[], &frag(0, true, &evil[..48]));
@@ -981,20 +937,15 @@ fn forged_reply_does_not_open_the_reverse_direction() {
         return;
     };
     // a may open only b:80 and admits only TCP 8080.
-    let pol = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: a, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: a}}
-  egress:
-  - toEndpoints: [{matchLabels: {app: b}}]
-    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+    let pol = a_may_open_port_80_of(
+        "b",
+        r#"
   ingress:
   - fromEntities: [all]
     toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
-"#;
-    let mut lab = Lab::new("forged", pol);
+"#,
+    );
+    let mut lab = Lab::new("forged", &pol);
     let before = lab.drops("a");
     for v6 in [false, true] {
         let (a, b) = addrs(v6);
@@ -1108,17 +1059,7 @@ spec:
             ("802.1Q priority tag", vec![(TPID_8021Q, 0)]),
         ] {
             let m = marker();
-            lab.send(
-                "a",
-                "b",
-                &vlans,
-                &wire::ip(
-                    c,
-                    b,
-                    6,
-                    &wire::tcp(c, b, sport(), ALLOWED, TCP_SYN, 1, 0, &m),
-                ),
-            );
+            lab.syn("a", "b", &vlans, c, b, ALLOWED, &m);
             batch
                 .denied
                 .push((format!("{name} SYN from a with c's address {c}"), m));
@@ -1134,30 +1075,14 @@ spec:
                 .push((format!("{name} UDP from a with c's address {c}"), m));
         }
         let m = marker();
-        lab.send(
-            "a",
-            "b",
-            &[],
-            &wire::ip(
-                other,
-                b,
-                6,
-                &wire::tcp(other, b, sport(), ALLOWED, TCP_SYN, 1, 0, &m),
-            ),
-        );
+        lab.syn("a", "b", &[], other, b, ALLOWED, &m);
         batch.denied.push((
             format!("SYN from a with the unregistered address {other}"),
             m,
         ));
         // Contrast: the very same frame from c passes.
         let m = marker();
-        let sp = sport();
-        lab.send(
-            "c",
-            "b",
-            &[],
-            &wire::ip(c, b, 6, &wire::tcp(c, b, sp, ALLOWED, TCP_SYN, 1, 0, &m)),
-        );
+        lab.syn("c", "b", &[], c, b, ALLOWED, &m);
         batch.allowed.push((format!("SYN from c itself ({c})"), m));
     }
     batch.verify(&lab, "b");
@@ -1185,17 +1110,7 @@ fn icmp_error_quoting_a_tracked_flow_reaches_only_that_flows_peer() {
         return;
     };
     // a may open only c:80; nothing at all to b.
-    let pol = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: a, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: a}}
-  egress:
-  - toEndpoints: [{matchLabels: {app: c}}]
-    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-"#;
-    let lab = Lab::new("icmperr", pol);
+    let lab = Lab::new("icmperr", &a_may_open_port_80_of("c", ""));
     let mut batch_b = Batch::default();
     let mut batch_c = Batch::default();
     for v6 in [false, true] {
@@ -1245,22 +1160,16 @@ spec:
     batch_b.verify(&lab, "b");
 }
 
-/// Host endpoints: the failsafe ports pass whatever the host policy says;
-/// with the failsafe list emptied they do not.
-#[test]
-fn host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not() {
-    let Some(_turn) = privileged(
-        "host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not",
-    ) else {
-        return;
-    };
-    let registry = r#"
+/// The node's bridge as a host endpoint (10.207.0.1, fd01:207::1).
+const HOST_REGISTRY: &str = r#"
 apiVersion: netpol/v1
 kind: HostEndpoint
 metadata: {name: node, labels: {role: node}}
 spec: {interface: npybr, addresses: [10.207.0.1, "fd01:207::1"]}
 "#;
-    let pol = r#"
+
+/// The host denies everything, both ways.
+const HOST_LOCKDOWN: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumClusterwideNetworkPolicy
 metadata: {name: host-lockdown}
@@ -1271,39 +1180,62 @@ spec:
   egressDeny:
   - toEntities: [all]
 "#;
-    let topo = Topo::new(
+
+/// A node whose bridge is addressed, and one client workload `cl` on it.
+fn host_topo(tag: &str) -> Topo {
+    Topo::new(
         PREFIX,
-        "failsafe",
+        tag,
         &["10.207.0.1/24", "fd01:207::1/64"],
         &[Workload {
             name: "cl",
             addrs: &["10.207.0.50/24", "fd01:207::50/64"],
         }],
-    );
-    let _listeners = Listeners::start(&topo.node, &[22, 2222]);
-    let cl = topo.ns("cl");
-    let node4 = ip("10.207.0.1");
-    let node6 = ip("fd01:207::1");
-    assert!(connects(&cl, node4, 22, SOON), "before enforcement");
-    let compiled = compile_yaml(pol, registry);
-    // The documented defaults: in TCP 22, UDP 68; out UDP 53, UDP 67, TCP 53.
+    )
+}
+
+/// The documented failsafe defaults: in TCP 22, UDP 68; out UDP 53, UDP 67, TCP 53.
+fn failsafe_defaults() -> Vec<(Direction, u8, u16)> {
     use Direction::{Egress, Ingress};
-    let defaults = vec![
+    vec![
         (Ingress, 6, 22),
         (Ingress, 17, 68),
         (Egress, 17, 53),
         (Egress, 17, 67),
         (Egress, 6, 53),
-    ];
+    ]
+}
+
+/// A datapath with these failsafe ports.
+fn failsafe_dp(tag: &str, failsafe: Vec<(Direction, u8, u16)>) -> Dp {
+    Dp::open(
+        PREFIX,
+        tag,
+        &netpol::datapath::DatapathSettings {
+            failsafe,
+            ..settings()
+        },
+    )
+}
+
+/// Host endpoints: the failsafe ports pass whatever the host policy says;
+/// with the failsafe list emptied they do not.
+#[test]
+fn host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not() {
+    let Some(_turn) = privileged(
+        "host_failsafe_lets_ssh_through_a_deny_all_host_policy_and_an_empty_list_does_not",
+    ) else {
+        return;
+    };
+    let topo = host_topo("failsafe");
+    let _listeners = Listeners::start(&topo.node, &[22, 2222]);
+    let cl = topo.ns("cl");
+    let node4 = ip("10.207.0.1");
+    let node6 = ip("fd01:207::1");
+    assert!(connects(&cl, node4, 22, SOON), "before enforcement");
+    let compiled = compile_yaml(HOST_LOCKDOWN, HOST_REGISTRY);
     {
-        let mut dp = Dp::open(
-            PREFIX,
-            "failsafe",
-            &netpol::datapath::DatapathSettings {
-                failsafe: defaults,
-                ..settings()
-            },
-        );
+        let mut dp = failsafe_dp("failsafe", failsafe_defaults());
         enforce(&mut dp, &topo, &compiled);
         for node in [node4, node6] {
             assert!(
@@ -1319,14 +1251,7 @@ spec:
         assert!(c.denied_policy >= 2, "{c:?}");
     }
     {
-        let mut dp = Dp::open(
-            PREFIX,
-            "nofailsafe",
-            &netpol::datapath::DatapathSettings {
-                failsafe: vec![],
-                ..settings()
-            },
-        );
+        let mut dp = failsafe_dp("nofailsafe", vec![]);
         enforce(&mut dp, &topo, &compiled);
         for node in [node4, node6] {
             assert!(
@@ -1417,50 +1342,10 @@ fn host_failsafe_cannot_be_abused_to_reach_other_host_ports() {
     let Some(_turn) = privileged("host_failsafe_cannot_be_abused_to_reach_other_host_ports") else {
         return;
     };
-    let registry = r#"
-apiVersion: netpol/v1
-kind: HostEndpoint
-metadata: {name: node, labels: {role: node}}
-spec: {interface: npybr, addresses: [10.207.0.1, "fd01:207::1"]}
-"#;
-    let pol = r#"
-apiVersion: cilium.io/v2
-kind: CiliumClusterwideNetworkPolicy
-metadata: {name: host-lockdown}
-spec:
-  nodeSelector: {matchLabels: {role: node}}
-  ingressDeny:
-  - fromEntities: [all]
-  egressDeny:
-  - toEntities: [all]
-"#;
-    let topo = Topo::new(
-        PREFIX,
-        "fsabuse",
-        &["10.207.0.1/24", "fd01:207::1/64"],
-        &[Workload {
-            name: "cl",
-            addrs: &["10.207.0.50/24", "fd01:207::50/64"],
-        }],
-    );
+    let topo = host_topo("fsabuse");
     let _listeners = Listeners::start(&topo.node, &[22, 2222, 68, 53]);
-    let compiled = compile_yaml(pol, registry);
-    use Direction::{Egress, Ingress};
-    let defaults = vec![
-        (Ingress, 6, 22),
-        (Ingress, 17, 68),
-        (Egress, 17, 53),
-        (Egress, 17, 67),
-        (Egress, 6, 53),
-    ];
-    let mut dp = Dp::open(
-        PREFIX,
-        "fsabuse",
-        &netpol::datapath::DatapathSettings {
-            failsafe: defaults,
-            ..settings()
-        },
-    );
+    let compiled = compile_yaml(HOST_LOCKDOWN, HOST_REGISTRY);
+    let mut dp = failsafe_dp("fsabuse", failsafe_defaults());
     enforce(&mut dp, &topo, &compiled);
     let stack = Sniffer::stack(&topo.node, libc::IPPROTO_TCP);
     let inject = Injector::open(&topo.ns("cl"), "eth0");
@@ -1572,23 +1457,8 @@ spec:
             payload.extend_from_slice(&m);
             let seg = syn(sport(), dport, TCP_SYN, &payload);
             id += 1;
-            let frag = |off: u16, more: bool, bytes: &[u8]| -> Vec<u8> {
-                if v6 {
-                    wire::ipv6(
-                        wire::v6(c),
-                        wire::v6(n),
-                        &[Ext::Fragment {
-                            offset: off,
-                            more,
-                            id: u32::from(id),
-                            nh: None,
-                        }],
-                        6,
-                        bytes,
-                    )
-                } else {
-                    wire::ipv4(wire::v4(c), wire::v4(n), 6, id, (off, more), &[], bytes)
-                }
+            let frag = |off: u16, more: bool, bytes: &[u8]| {
+                wire::fragment(c, n, 6, id, (off, more), bytes)
             };
             // IPv6 receivers discard a first fragment without the whole
             // upper-layer header (RFC 8200 section 4.5): 24 bytes there.

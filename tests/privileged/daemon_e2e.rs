@@ -47,6 +47,13 @@ fn netlink_follows_links_appearing_going_and_coming_back() {
             );
             let (conn, handle, _) = rtnetlink::new_connection().unwrap();
             tokio::spawn(conn);
+            let add_veth = || {
+                handle
+                    .link()
+                    .add()
+                    .veth("npe-d0".into(), "npe-d0p".into())
+                    .execute()
+            };
 
             async fn wait_until(
                 rx: &mut tokio::sync::watch::Receiver<netpol::daemon::netlink::LinkTable>,
@@ -68,24 +75,12 @@ fn netlink_follows_links_appearing_going_and_coming_back() {
                 }
             }
 
-            handle
-                .link()
-                .add()
-                .veth("npe-d0".into(), "npe-d0p".into())
-                .execute()
-                .await
-                .unwrap();
+            add_veth().await.unwrap();
             let t = wait_until(&mut rx, "npe-d0 to appear", |l| l.contains_key("npe-d0")).await;
             let first = t["npe-d0"];
             handle.link().del(first).execute().await.unwrap();
             wait_until(&mut rx, "npe-d0 to go", |l| !l.contains_key("npe-d0")).await;
-            handle
-                .link()
-                .add()
-                .veth("npe-d0".into(), "npe-d0p".into())
-                .execute()
-                .await
-                .unwrap();
+            add_veth().await.unwrap();
             let t = wait_until(&mut rx, "npe-d0 to come back", |l| l.contains_key("npe-d0")).await;
             assert_ne!(t["npe-d0"], first, "a recreated link has a new ifindex");
 

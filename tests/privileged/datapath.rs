@@ -26,7 +26,9 @@ use netpol::policy::types::{
 // Harness
 
 use crate::harness::cmd;
-use crate::harness::dp::{apply_and_attach, attachments, settings, Dp};
+use crate::harness::dp::{
+    apply_and_attach, attachments, entry, ipcache_of_endpoints, push_world, settings, Dp,
+};
 use crate::harness::netns::in_ns;
 use crate::harness::privileged;
 use crate::harness::topo::{Topo, Workload};
@@ -73,38 +75,9 @@ fn base() -> Compiled {
     c.endpoints.push(endpoint(0, "a", ID_A, &[A4, A6]));
     c.endpoints.push(endpoint(1, "b", ID_B, &[B4, B6]));
     c.endpoints.push(endpoint(2, "c", ID_C, &[C4]));
-    for ep in c.endpoints.clone() {
-        for a in &ep.addresses {
-            c.ipcache.push(IpcacheEntry {
-                net: ipnet::IpNet::from(*a),
-                identity: ep.identity,
-                endpoint: Some(ep.slot),
-            });
-        }
-    }
+    ipcache_of_endpoints(&mut c);
     c.ipcache.sort();
     c
-}
-
-fn entry(
-    dir: Direction,
-    identity: u32,
-    proto: u8,
-    port: u16,
-    prefix: u8,
-    verdict: EntryVerdict,
-    rule: u32,
-) -> PolicyEntry {
-    PolicyEntry {
-        endpoint: 0,
-        direction: dir,
-        identity,
-        proto,
-        port,
-        port_prefix: prefix,
-        verdict,
-        rule,
-    }
 }
 
 fn allow(dir: Direction, identity: u32, proto: u8, port: u16, rule: u32) -> PolicyEntry {
@@ -1057,11 +1030,17 @@ fn allow_events_are_sampled_and_drops_are_rate_limited() {
 mod e2e {
     use std::io::{Read, Write};
     use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+    use std::os::fd::{AsRawFd, OwnedFd};
     use std::process::Command;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::Sender;
     use std::sync::Arc;
     use std::thread::JoinHandle;
     use std::time::Duration;
+
+    use nix::sys::socket::{
+        setsockopt, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
 
     use crate::harness::netns::{enter, in_ns};
 
@@ -1074,100 +1053,93 @@ mod e2e {
 
     impl Servers {
         pub fn start(ns: &str, tcp: &[u16], udp: &[u16]) -> Servers {
-            let stop = Arc::new(AtomicBool::new(false));
-            let mut threads = Vec::new();
+            let mut s = Servers {
+                stop: Arc::new(AtomicBool::new(false)),
+                threads: Vec::new(),
+            };
             for &port in tcp {
-                for any in ["0.0.0.0", "::"] {
-                    let (ns, stop) = (ns.to_string(), stop.clone());
-                    let addr: SocketAddr = SocketAddr::new(any.parse().unwrap(), port);
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    threads.push(std::thread::spawn(move || {
-                        enter(&ns);
-                        let l = bind_tcp(addr);
-                        l.set_nonblocking(true).unwrap();
-                        tx.send(()).unwrap();
-                        while !stop.load(Ordering::Relaxed) {
-                            match l.accept() {
-                                Ok((s, _)) => {
-                                    let stop = stop.clone();
-                                    std::thread::spawn(move || echo_tcp(s, stop));
-                                }
-                                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                            }
-                        }
-                    }));
-                    rx.recv().unwrap();
-                }
+                s.spawn(ns, port, serve_tcp);
             }
             for &port in udp {
-                for any in ["0.0.0.0", "::"] {
-                    let (ns, stop) = (ns.to_string(), stop.clone());
-                    let addr: SocketAddr = SocketAddr::new(any.parse().unwrap(), port);
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    threads.push(std::thread::spawn(move || {
-                        enter(&ns);
-                        let s = bind_udp(addr);
-                        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-                        tx.send(()).unwrap();
-                        let mut buf = [0u8; 1500];
-                        while !stop.load(Ordering::Relaxed) {
-                            if let Ok((n, from)) = s.recv_from(&mut buf) {
-                                let _ = s.send_to(&buf[..n], from);
-                            }
-                        }
-                    }));
-                    rx.recv().unwrap();
-                }
+                s.spawn(ns, port, serve_udp);
             }
-            Servers { stop, threads }
+            s
+        }
+
+        /// On 0.0.0.0 and on ::, a thread in `ns` running `serve`; returns once
+        /// each has bound its socket (and said so on its channel).
+        fn spawn(
+            &mut self,
+            ns: &str,
+            port: u16,
+            serve: fn(SocketAddr, Sender<()>, Arc<AtomicBool>),
+        ) {
+            for any in ["0.0.0.0", "::"] {
+                let (ns, stop) = (ns.to_string(), self.stop.clone());
+                let addr: SocketAddr = SocketAddr::new(any.parse().unwrap(), port);
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.threads.push(std::thread::spawn(move || {
+                    enter(&ns);
+                    serve(addr, tx, stop);
+                }));
+                rx.recv().unwrap();
+            }
         }
     }
 
-    fn bind_tcp(addr: SocketAddr) -> TcpListener {
-        // v6 sockets only for v6, so 0.0.0.0 and :: can share a port.
-        let domain = if addr.is_ipv4() {
-            nix::sys::socket::AddressFamily::Inet
-        } else {
-            nix::sys::socket::AddressFamily::Inet6
-        };
-        let fd = nix::sys::socket::socket(
-            domain,
-            nix::sys::socket::SockType::Stream,
-            nix::sys::socket::SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true).unwrap();
-        if addr.is_ipv6() {
-            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
-                .unwrap();
+    fn serve_tcp(addr: SocketAddr, bound: Sender<()>, stop: Arc<AtomicBool>) {
+        let l = TcpListener::from(socket(addr, SockType::Stream));
+        l.set_nonblocking(true).unwrap();
+        bound.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || echo_tcp(s, stop));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
         }
-        let sa = nix::sys::socket::SockaddrStorage::from(addr);
-        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).unwrap();
-        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128).unwrap()).unwrap();
-        TcpListener::from(fd)
     }
 
-    fn bind_udp(addr: SocketAddr) -> UdpSocket {
-        let domain = if addr.is_ipv4() {
-            nix::sys::socket::AddressFamily::Inet
-        } else {
-            nix::sys::socket::AddressFamily::Inet6
-        };
-        let fd = nix::sys::socket::socket(
-            domain,
-            nix::sys::socket::SockType::Datagram,
-            nix::sys::socket::SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        if addr.is_ipv6() {
-            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
-                .unwrap();
+    fn serve_udp(addr: SocketAddr, bound: Sender<()>, stop: Arc<AtomicBool>) {
+        let s = UdpSocket::from(socket(addr, SockType::Datagram));
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        bound.send(()).unwrap();
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
         }
-        let sa = nix::sys::socket::SockaddrStorage::from(addr);
-        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).unwrap();
-        UdpSocket::from(fd)
+    }
+
+    /// A socket of `addr`'s family, bound to it (v6 sockets only for v6, so
+    /// 0.0.0.0 and :: can share a port); a stream socket listens.
+    fn socket(addr: SocketAddr, ty: SockType) -> OwnedFd {
+        let fd = unbound(addr.ip(), ty).unwrap();
+        if ty == SockType::Stream {
+            setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        }
+        if addr.is_ipv6() {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true).unwrap();
+        }
+        let sa = SockaddrStorage::from(addr);
+        nix::sys::socket::bind(fd.as_raw_fd(), &sa).unwrap();
+        if ty == SockType::Stream {
+            nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128).unwrap()).unwrap();
+        }
+        fd
+    }
+
+    /// A socket of `ip`'s family.
+    fn unbound(ip: IpAddr, ty: SockType) -> nix::Result<OwnedFd> {
+        let domain = if ip.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        nix::sys::socket::socket(domain, ty, SockFlag::empty(), None)
     }
 
     fn echo_tcp(mut s: TcpStream, stop: Arc<AtomicBool>) {
@@ -1210,21 +1182,10 @@ mod e2e {
         timeout: Duration,
     ) -> Option<TcpStream> {
         in_ns(ns, || {
-            let domain = if dst.is_ipv4() {
-                nix::sys::socket::AddressFamily::Inet
-            } else {
-                nix::sys::socket::AddressFamily::Inet6
-            };
-            let fd = nix::sys::socket::socket(
-                domain,
-                nix::sys::socket::SockType::Stream,
-                nix::sys::socket::SockFlag::empty(),
-                None,
-            )
-            .ok()?;
+            let fd = unbound(dst, SockType::Stream).ok()?;
             if let Some(b) = bind {
-                let sa = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(b, 0));
-                nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa).ok()?;
+                let sa = SockaddrStorage::from(SocketAddr::new(b, 0));
+                nix::sys::socket::bind(fd.as_raw_fd(), &sa).ok()?;
             }
             // Connect with a timeout through std: hand the fd over once bound.
             let sock = socket_from_fd(fd);
@@ -1236,17 +1197,17 @@ mod e2e {
         })
     }
 
-    fn socket_from_fd(fd: std::os::fd::OwnedFd) -> Sock {
+    fn socket_from_fd(fd: OwnedFd) -> Sock {
         Sock(fd)
     }
 
     /// A minimal socket wrapper for connect-with-timeout on a pre-bound fd.
-    pub struct Sock(std::os::fd::OwnedFd);
+    pub struct Sock(OwnedFd);
 
     impl Sock {
         fn connect_timeout(
             &self,
-            addr: &nix::sys::socket::SockaddrStorage,
+            addr: &SockaddrStorage,
             timeout: Duration,
         ) -> std::io::Result<()> {
             use nix::sys::socket::{connect, setsockopt, sockopt};
@@ -1347,25 +1308,8 @@ fn seed() -> Compiled {
     c.endpoints.push(endpoint(2, "backend", ID_BE, &[BE, BE_6]));
     c.endpoints
         .push(endpoint(3, "database", ID_DB, &[DB, DB_6]));
-    for ep in c.endpoints.clone() {
-        for a in &ep.addresses {
-            c.ipcache.push(IpcacheEntry {
-                net: ipnet::IpNet::from(*a),
-                identity: ep.identity,
-                endpoint: Some(ep.slot),
-            });
-        }
-    }
-    c.ipcache.push(IpcacheEntry {
-        net: "0.0.0.0/0".parse().unwrap(),
-        identity: 9,
-        endpoint: None,
-    });
-    c.ipcache.push(IpcacheEntry {
-        net: "::/0".parse().unwrap(),
-        identity: 10,
-        endpoint: None,
-    });
+    ipcache_of_endpoints(&mut c);
+    push_world(&mut c);
     c.ipcache.sort();
     for slot in [0, 1] {
         c.endpoints[slot].default_deny_egress = true;
@@ -1385,6 +1329,25 @@ fn seed() -> Compiled {
     c
 }
 
+const SEED_WORKLOADS: [Workload<'static>; 4] = [
+    Workload {
+        name: "fe1",
+        addrs: &["10.201.0.11/24", "fd01:201::11/64"],
+    },
+    Workload {
+        name: "fe2",
+        addrs: &["10.201.0.12/24"],
+    },
+    Workload {
+        name: "be",
+        addrs: &["10.201.0.21/24", "fd01:201::21/64"],
+    },
+    Workload {
+        name: "db",
+        addrs: &["10.201.0.31/24", "fd01:201::31/64"],
+    },
+];
+
 struct Seed {
     topo: Topo,
     attachments: Vec<Attachment>,
@@ -1392,29 +1355,7 @@ struct Seed {
 }
 
 fn seed_topo(tag: &str) -> Seed {
-    let topo = Topo::new(
-        PREFIX,
-        tag,
-        &[],
-        &[
-            Workload {
-                name: "fe1",
-                addrs: &["10.201.0.11/24", "fd01:201::11/64"],
-            },
-            Workload {
-                name: "fe2",
-                addrs: &["10.201.0.12/24"],
-            },
-            Workload {
-                name: "be",
-                addrs: &["10.201.0.21/24", "fd01:201::21/64"],
-            },
-            Workload {
-                name: "db",
-                addrs: &["10.201.0.31/24", "fd01:201::31/64"],
-            },
-        ],
-    );
+    let topo = Topo::new(PREFIX, tag, &[], &SEED_WORKLOADS);
     let attachments = ["fe1", "fe2", "be", "db"]
         .iter()
         .enumerate()

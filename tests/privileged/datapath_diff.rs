@@ -8,7 +8,6 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
 use netpol::api::model::EndpointKind;
 use netpol::datapath::packet::{PacketSpec, L4, TCP_SYN};
 use netpol::datapath::{Attachment, Datapath, DatapathSettings, EventVerdict, Hook};
@@ -17,7 +16,7 @@ use netpol::policy::types::{
     Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry,
 };
 
-use crate::harness::dp::Dp;
+use crate::harness::dp::{entry, ipcache_of_endpoints, push_world, Dp};
 use crate::harness::privileged;
 use crate::harness::rng::Rng;
 
@@ -95,15 +94,7 @@ fn gen_state(rng: &mut Rng) -> Compiled {
             audit: rng.chance(10),
         });
     }
-    for ep in c.endpoints.clone() {
-        for a in &ep.addresses {
-            c.ipcache.push(IpcacheEntry {
-                net: IpNet::from(*a),
-                identity: ep.identity,
-                endpoint: Some(ep.slot),
-            });
-        }
-    }
+    ipcache_of_endpoints(&mut c);
     // A CIDR identity covering part of the world, and explicit /0 entries (as compile emits).
     c.ipcache.push(IpcacheEntry {
         net: "10.202.0.0/16".parse().unwrap(),
@@ -116,16 +107,7 @@ fn gen_state(rng: &mut Rng) -> Compiled {
         endpoint: None,
     });
     if rng.chance(50) {
-        c.ipcache.push(IpcacheEntry {
-            net: "0.0.0.0/0".parse().unwrap(),
-            identity: 9,
-            endpoint: None,
-        });
-        c.ipcache.push(IpcacheEntry {
-            net: "::/0".parse().unwrap(),
-            identity: 10,
-            endpoint: None,
-        });
+        push_world(&mut c);
     }
     c.ipcache.sort();
 
@@ -175,13 +157,7 @@ fn gen_state(rng: &mut Rng) -> Compiled {
         };
         c.entries.push(PolicyEntry {
             endpoint: slot,
-            direction: dir,
-            identity,
-            proto,
-            port,
-            port_prefix: prefix,
-            verdict,
-            rule,
+            ..entry(dir, identity, proto, port, prefix, verdict, rule)
         });
         rule += 1;
     }

@@ -22,7 +22,7 @@ use crate::harness::daemon::{raw_request, read_all, Daemon};
 use crate::harness::lab::Lab;
 use crate::harness::netns::in_ns;
 use crate::harness::require::Turn;
-use crate::harness::rng::Rng;
+use crate::harness::rng::{clock_seed, env_seed, Rng};
 use crate::harness::Needs;
 
 /// The tests of this file run alone: each measures timings (status latency,
@@ -520,15 +520,7 @@ fn sigkill_while_filling_a_generation_leaves_old_or_new() {
     let Some(_turn) = alone("sigkill_while_filling_a_generation_leaves_old_or_new") else {
         return;
     };
-    let seed = std::env::var("NETPOL_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = env_seed("NETPOL_FAULT_SEED").unwrap_or_else(clock_seed);
     eprintln!("sigkill seed {seed} (NETPOL_FAULT_SEED={seed} to replay)");
     let mut rng = Rng::new(seed);
     let mut lab = Lab::new("kill", &THREE);

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::harness::cmd::{ip, NETPOLCTL};
 use crate::harness::daemon::Daemon;
 use crate::harness::netns::{sysctl, Netns};
-use crate::harness::nodegen::{self, GenEndpoint, Layout, Scenario};
+use crate::harness::nodegen::{self, GenEndpoint, Scenario, LETTER};
 use crate::harness::privileged;
 use crate::harness::probe::{self, Listeners, Probe};
 
@@ -46,31 +46,8 @@ const NODES: [(&str, &str, &str); 2] = [
     ("node-a", "npn-nodeA", "10.206.255.1"),
     ("node-b", "npn-nodeB", "10.206.255.2"),
 ];
-const LETTER: [char; 2] = ['a', 'b'];
-
-fn address(n: usize, i: usize) -> String {
-    format!("10.206.{}.{}", n + 1, i + 10)
-}
-
-fn address6(n: usize, i: usize) -> String {
-    format!("fd01:206::{}:{}", LETTER[n], i + 10)
-}
-
-fn interface(n: usize, i: usize) -> String {
-    format!("npn{}{i:02}", LETTER[n])
-}
-
 fn workload_ns(e: &GenEndpoint) -> String {
     format!("npn-{}{:02}", LETTER[e.node_index], e.index)
-}
-
-fn layout() -> Layout<'static> {
-    Layout {
-        nodes: [(NODES[0].0, NODES[0].2), (NODES[1].0, NODES[1].2)],
-        address: &address,
-        address6: Some(&address6),
-        interface: &interface,
-    }
 }
 
 /// Everything one scenario runs on. Field order is drop order: daemons stop
@@ -629,7 +606,10 @@ fn check_node_peers(c: &Cluster, sc: &Scenario) {
 
 #[test]
 fn seed_scenario_over_two_nodes_matches_the_offline_matrix() {
-    let sc = nodegen::seed_spread(&layout(), Path::new(env!("CARGO_MANIFEST_DIR")));
+    let sc = nodegen::seed_spread(
+        &nodegen::layout(true),
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    );
     run(
         "seed_scenario_over_two_nodes_matches_the_offline_matrix",
         &sc,
@@ -638,7 +618,7 @@ fn seed_scenario_over_two_nodes_matches_the_offline_matrix() {
 
 #[test]
 fn generated_scenario_over_two_nodes_matches_the_offline_matrix() {
-    let sc = nodegen::generate(20261126, &layout(), 22, 24);
+    let sc = nodegen::generate(20261126, &nodegen::layout(true), 22, 24);
     assert!(sc.endpoints.len() >= 20 && sc.policies.len() >= 20);
     run(
         "generated_scenario_over_two_nodes_matches_the_offline_matrix",

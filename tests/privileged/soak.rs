@@ -28,7 +28,7 @@ use crate::harness::daemon::write_atomic;
 use crate::harness::lab::{Lab, PORTS};
 use crate::harness::netns::enter;
 use crate::harness::require::ci;
-use crate::harness::rng::Rng;
+use crate::harness::rng::{clock_seed, env_seed, Rng};
 use crate::harness::Needs;
 
 const WORKLOADS: [(&str, &str, &str, u8); 4] = [
@@ -229,16 +229,7 @@ fn churn_soak() {
         return;
     };
     let secs = soak_secs();
-    let seed = std::env::var("NETPOL_SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                & 0xffff_ffff
-        });
+    let seed = env_seed("NETPOL_SOAK_SEED").unwrap_or_else(|| clock_seed() & 0xffff_ffff);
     eprintln!("churn soak: {secs} s, seed {seed} (NETPOL_SOAK_SEED={seed} to replay)");
     let mut rng = Rng::new(seed);
     let mut lab = Lab::new("soak", &WORKLOADS);

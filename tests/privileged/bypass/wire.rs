@@ -347,3 +347,30 @@ pub fn parse_tcp(frame: &[u8]) -> Option<(IpAddr, IpAddr, u16, u16, u8, u32)> {
         u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
     ))
 }
+
+/// One fragment (offset in 8-byte units, more to come) of datagram `id` from
+/// `src` to `dst`: IPv4, or IPv6 with a Fragment header (its id widened).
+pub fn fragment(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    id: u16,
+    (offset, more): (u16, bool),
+    bytes: &[u8],
+) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(
+            s,
+            d,
+            &[Ext::Fragment {
+                offset,
+                more,
+                id: u32::from(id),
+                nh: None,
+            }],
+            proto,
+            bytes,
+        ),
+        _ => ipv4(v4(src), v4(dst), proto, id, (offset, more), &[], bytes),
+    }
+}
