@@ -23,7 +23,7 @@
 //! per-test tag, so tests of one binary can run side by side.
 
 // Each binary uses part of the harness.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 pub mod cmd;
 pub mod daemon;
@@ -37,4 +37,6 @@ pub mod require;
 pub mod rng;
 pub mod topo;
 
+// Not every binary calls both.
+#[allow(unused_imports)]
 pub use require::{privileged, Needs};
