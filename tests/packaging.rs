@@ -50,7 +50,7 @@ use harness::cmd::{fixtures, ip, repo as src_dir, NETPOLCTL, NETPOLD};
 use harness::netns::Netns;
 use harness::probe::{self, Listeners};
 use harness::require::have;
-use harness::topo::{Names, Topo, Workload};
+use harness::topo::{Names, Topo};
 use harness::Needs;
 
 const NODE: &str = "npk-node";
@@ -687,18 +687,9 @@ impl Lab {
     /// whose host side (the enforcement point) is in npk-node; TCP listeners on
     /// every port of the scenario.
     fn network(&mut self) {
-        let addrs: Vec<[String; 2]> = WORKLOADS
+        let workloads = WORKLOADS
             .iter()
-            .map(|(_, _, v4, v6)| [format!("{v4}/24"), format!("{v6}/64")])
-            .collect();
-        let addrs: Vec<Vec<&str>> = addrs
-            .iter()
-            .map(|a| a.iter().map(String::as_str).collect())
-            .collect();
-        let workloads: Vec<Workload<'_>> = WORKLOADS
-            .iter()
-            .zip(&addrs)
-            .map(|((ns, ..), a)| Workload { name: ns, addrs: a })
+            .map(|(ns, _, v4, v6)| (ns.to_string(), vec![format!("{v4}/24"), format!("{v6}/64")]))
             .collect();
         let names = Names {
             node: NODE.into(),
@@ -706,7 +697,7 @@ impl Lab {
             ns_prefix: String::new(),
             dev_prefix: String::new(),
         };
-        self.topo = Some(Topo::with_names(names, &[], &workloads));
+        self.topo = Some(Topo::build(names, &[], workloads));
         for (ns, ..) in WORKLOADS {
             self._listeners.push(Listeners::accepting(ns, &PORTS));
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::daemon::{write_atomic, Daemon};
 use super::probe::{connects, Listeners};
-use super::topo::{Names, Topo, Workload as TopoWorkload};
+use super::topo::{Names, Topo};
 
 /// The TCP ports every workload listens on.
 pub const PORTS: [u16; 3] = [80, 5432, 8080];
@@ -68,23 +68,7 @@ impl Lab {
             .prefix(&format!("{}-", net.prefix))
             .tempdir()
             .unwrap();
-        let addrs: Vec<[String; 1]> = workloads
-            .iter()
-            .map(|w| [format!("{}/24", Ipv4Addr::new(a, b, c, w.3))])
-            .collect();
-        let addr_refs: Vec<Vec<&str>> = addrs
-            .iter()
-            .map(|a| a.iter().map(String::as_str).collect())
-            .collect();
-        let topo_workloads: Vec<TopoWorkload<'_>> = workloads
-            .iter()
-            .zip(&addr_refs)
-            .map(|(w, a)| TopoWorkload {
-                name: w.0,
-                addrs: a,
-            })
-            .collect();
-        let topo = Topo::with_names(
+        let topo = Topo::build(
             Names {
                 node: format!("{scope}-node"),
                 bridge: "br0".into(),
@@ -92,7 +76,13 @@ impl Lab {
                 dev_prefix: "veth-".into(),
             },
             &[&format!("{a}.{b}.{c}.1/24")],
-            &topo_workloads,
+            workloads
+                .iter()
+                .map(|w| {
+                    let addr = format!("{}/24", Ipv4Addr::new(a, b, c, w.3));
+                    (w.0.to_string(), vec![addr])
+                })
+                .collect(),
         );
         let workloads: Vec<Workload> = workloads
             .iter()

@@ -57,6 +57,20 @@ impl Topo {
     }
 
     pub fn with_names(names: Names, node_addrs: &[&str], workloads: &[Workload<'_>]) -> Topo {
+        let workloads = workloads
+            .iter()
+            .map(|w| {
+                (
+                    w.name.to_string(),
+                    w.addrs.iter().map(|a| a.to_string()).collect(),
+                )
+            })
+            .collect();
+        Topo::build(names, node_addrs, workloads)
+    }
+
+    /// From the workloads' owned `(name, addresses)`.
+    pub fn build(names: Names, node_addrs: &[&str], workloads: Vec<(String, Vec<String>)>) -> Topo {
         let mut net = Netns::default();
         net.add(&names.node);
         let node = names.node.clone();
@@ -87,22 +101,14 @@ impl Topo {
             add_addr(&node, &bridge, a);
         }
         ip(&["-n", &node, "link", "set", &bridge, "up"]);
-        for w in workloads {
-            net.add(&format!("{}{}", names.ns_prefix, w.name));
+        for (name, _) in &workloads {
+            net.add(&format!("{}{name}", names.ns_prefix));
         }
         let topo = Topo {
             node,
             bridge,
             names,
-            workloads: workloads
-                .iter()
-                .map(|w| {
-                    (
-                        w.name.to_string(),
-                        w.addrs.iter().map(|a| a.to_string()).collect(),
-                    )
-                })
-                .collect(),
+            workloads,
             _net: net,
         };
         for k in 0..topo.workloads.len() {
