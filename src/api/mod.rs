@@ -1,13 +1,16 @@
 //! Policy and registry files as written: serde types for every accepted kind,
 //! parsing with `file:line:column` errors, and validation into [`model`] types.
 //!
-//! Does no I/O beyond reading the files it is pointed at; never touches the kernel.
+//! Does no I/O beyond reading the files it is pointed at; never touches the
+//! kernel, never compiles, never decides what is enforced.
 //!
 //! Layout: [`yaml`] builds a positioned document tree, [`de`] deserializes the
 //! `Raw*` types of [`raw`] from it with located errors, [`policy`] and
 //! [`registry`] validate and translate into [`model`], [`load`] reads files and
-//! directories and runs the cross-document checks.
+//! directories and runs the cross-document checks, [`cache`] keeps unchanged
+//! files' parses for a caller that loads the same directories again.
 
+pub mod cache;
 pub mod de;
 pub mod load;
 pub mod model;
@@ -68,9 +71,10 @@ use std::path::Path;
 use load::{FileKind, Parsed};
 use model::{Policy, PolicySet, RegistrySet};
 
+pub use cache::LoadCache;
 pub use load::{LoadOptions, MAX_FILE_SIZE};
 
-/// Read every policy file in `dir` (DESIGN §1 naming rules). Returns the valid set
+/// Read every policy file in `dir` (the naming rules of docs/policy.md, "Files"). Returns the valid set
 /// only when every file is valid; otherwise every problem found.
 pub fn load_policy_dir(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
     load::load_dirs(&[dir.to_path_buf()], FileKind::Policy).into_policy_set()
@@ -85,7 +89,7 @@ pub fn load_endpoint_dirs(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>>
 /// the file trust check (config `strict_file_modes = false`, for tests).
 /// [`load_policy_dir`] is this with the default options (strict).
 pub fn load_policy_dir_with(dir: &Path, opts: &LoadOptions) -> Result<PolicySet, Vec<Problem>> {
-    load::load_dirs_with(&[dir.to_path_buf()], FileKind::Policy, opts).into_policy_set()
+    load::load_dirs_with(&[dir.to_path_buf()], FileKind::Policy, opts, None).into_policy_set()
 }
 
 /// [`load_endpoint_dirs`] with options, as [`load_policy_dir_with`].
@@ -93,7 +97,7 @@ pub fn load_endpoint_dirs_with(
     dirs: &[PathBuf],
     opts: &LoadOptions,
 ) -> Result<RegistrySet, Vec<Problem>> {
-    load::load_dirs_with(dirs, FileKind::Registry, opts).into_registry_set()
+    load::load_dirs_with(dirs, FileKind::Registry, opts, None).into_registry_set()
 }
 
 /// Parse one policy file's text (`file` is only used in messages, and its

@@ -42,7 +42,7 @@ fn main() {
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("netpold: {e}");
+            eprintln!("netpold: {:#}", anyhow::Error::from(e));
             std::process::exit(1);
         }
     };

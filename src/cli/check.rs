@@ -1,6 +1,6 @@
 //! `netpolctl check`: validate the policy directory and the endpoint registry
-//! exactly as the daemon would (including compiling them within the config's map
-//! sizes), and report every problem.
+//! exactly as the daemon would (the same [`pipeline`] pass, compiling them
+//! within the config's map sizes), and report every problem.
 //!
 //! Output goes to stdout (it is the command's result, and scripts capture it):
 //! `ok: ...` and exit 0 when everything is valid; otherwise one
@@ -11,8 +11,10 @@ use clap::Args;
 use serde::Serialize;
 
 use super::common::FileArgs;
-use crate::api::{self, Problem};
-use crate::policy::compile::{try_compile, CompileOptions};
+use crate::api::model::EndpointKind;
+use crate::api::Problem;
+use crate::config::Config;
+use crate::pipeline;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -51,52 +53,29 @@ struct JsonReport<'a> {
     summary: &'a Summary,
 }
 
-/// Validate everything; returns the summary of what was valid and all problems.
-/// `opts` carries the config's `strict_file_modes` and `copts` its node name and
-/// map sizes, so `check` agrees with the daemon: when both sets are valid they
-/// are compiled, and a set that would not fit the maps is a problem too.
-pub fn check(
-    policy_dir: &std::path::Path,
-    endpoint_dirs: &[std::path::PathBuf],
-    opts: &api::LoadOptions,
-    copts: &CompileOptions,
-) -> (Summary, Vec<Problem>) {
+/// Validate everything as the daemon would: the files of `cfg` (with its
+/// `strict_file_modes`), compiled with its node name and map sizes when both
+/// sets are valid (a set that would not fit the maps is a problem too). Returns
+/// the summary of what was valid and every problem.
+pub fn check(cfg: &Config) -> (Summary, Vec<Problem>) {
+    let (held, pass) = pipeline::load_files(cfg);
     let mut summary = Summary::default();
-    let mut problems = Vec::new();
-    let policies = match api::load_policy_dir_with(policy_dir, opts) {
-        Ok(set) => {
-            summary.policies = set.policies.len();
-            summary.rules = set.policies.iter().map(|p| p.rules.len()).sum();
-            Some(set)
-        }
-        Err(p) => {
-            problems.extend(p);
-            None
-        }
-    };
-    let registry = match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
-        Ok(reg) => {
-            summary.host_endpoints = reg
-                .endpoints
-                .iter()
-                .filter(|e| e.kind == api::model::EndpointKind::Host)
-                .count();
-            summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
-            summary.nodes = reg.nodes.len();
-            summary.namespaces = reg.namespaces.len();
-            Some(reg)
-        }
-        Err(p) => {
-            problems.extend(p);
-            None
-        }
-    };
-    if let (Some(p), Some(r)) = (&policies, &registry) {
-        if let Err(e) = try_compile(p, r, copts) {
-            problems.push(e.into());
-        }
+    if let Some(p) = &held.policies {
+        summary.policies = p.set.policies.len();
+        summary.rules = p.set.policies.iter().map(|p| p.rules.len()).sum();
     }
-    (summary, problems)
+    if let Some(r) = &held.registry {
+        let reg = &r.set;
+        summary.host_endpoints = reg
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == EndpointKind::Host)
+            .count();
+        summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
+        summary.nodes = reg.nodes.len();
+        summary.namespaces = reg.namespaces.len();
+    }
+    (summary, pass.problems)
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -105,12 +84,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
-    let (summary, problems) = check(
-        &cfg.policy_dir,
-        &cfg.endpoint_dirs,
-        &cfg.load_options(),
-        &cfg.compile_options(),
-    );
+    let (summary, problems) = check(&cfg);
     let valid = problems.is_empty();
     if args.files.json {
         let report = JsonReport {

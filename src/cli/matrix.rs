@@ -6,8 +6,8 @@
 use clap::Args;
 use serde::Serialize;
 
-use super::common::FileArgs;
-use super::trace::{load_compiled, ProtoArg};
+use super::common::{load_compiled, FileArgs};
+use super::trace::ProtoArg;
 use crate::policy::trace::{endpoint_side, trace, Side, Verdict};
 use crate::policy::types::Compiled;
 
