@@ -581,6 +581,60 @@ mod tests {
         assert!(!parse("").unwrap().node_name().is_empty());
     }
 
+    /// Every map size has one key, named as `sizes` names it, and its default
+    /// is the one definition in `sizes`, which every layer reads.
+    #[test]
+    fn map_sizes_have_one_key_and_one_default() {
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (i, map) in MapKind::ALL.into_iter().enumerate() {
+            let (table, key) = map.key().split_once('.').unwrap();
+            assert_eq!(
+                defaults[table][key].as_integer(),
+                Some(i64::from(MapSizes::DEFAULT.get(map))),
+                "{map}"
+            );
+            let n = 1000 + i as u32;
+            let c = parse(&format!("[{table}]\n{key} = {n}\n")).unwrap();
+            assert_eq!(c.map_sizes().get(map), n, "{map}");
+            assert_eq!(
+                parse(&format!("[{table}]\n{key} = 0\n")).unwrap_err(),
+                format!("/etc/netpol/netpold.toml: {map}: must be at least 1")
+            );
+        }
+        assert_eq!(Config::default().map_sizes(), MapSizes::DEFAULT);
+        let d = DatapathSettings::default();
+        assert_eq!(
+            (
+                d.ipcache_max_entries,
+                d.policy_max_entries,
+                d.endpoint_max_entries,
+                d.ct_max_entries
+            ),
+            (
+                MapSizes::DEFAULT.ipcache,
+                MapSizes::DEFAULT.policy,
+                MapSizes::DEFAULT.endpoints,
+                MapSizes::DEFAULT.conntrack
+            )
+        );
+        assert_eq!(Config::default().compile_limits(), Limits::default());
+    }
+
+    /// A file that cannot be read is named, and its cause printed once.
+    #[test]
+    fn unreadable_config_prints_its_cause_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("netpold.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e)),
+            format!(
+                "{}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+    }
+
     /// The shipped file, with its `#key = value` lines uncommented, is exactly the
     /// defaults, and names every key.
     #[test]

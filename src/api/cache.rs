@@ -1,6 +1,7 @@
 //! Loading the same directories again without re-parsing files that did not
-//! change: an option of [`super::load`] (`load_dirs_with(.., Some(&mut cache))`,
-//! or [`LoadCache::load_if_changed`]), not a second copy of its steps. A load
+//! change: an option of the one load ([`super::load_dirs`] given
+//! `Some(&mut cache)`, or [`LoadCache::load_if_changed`]), not a second copy of
+//! its steps. A load
 //! with a cache lists, checks trust, reads and runs the cross-file checks exactly
 //! as one without; the cache only decides, per file, whether a parse it kept
 //! stands for the file, by the file's identity (device, inode, size, mtime,
@@ -212,7 +213,7 @@ impl LoadCache {
         }
     }
 
-    /// [`load::load_dirs_with`] through this cache: a full look (list and stat
+    /// [`super::load_dirs`] through this cache: a full look (list and stat
     /// every file), reusing the parse of every file whose identity is unchanged.
     pub fn load(&mut self, dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> Parsed {
         self.use_options(opts);
@@ -643,7 +644,7 @@ mod trust_tests {
         let dirs = vec![d.clone()];
         let opts = LoadOptions { strict_modes: true };
         let uncached =
-            || load::load_dirs_with(&dirs, FileKind::Policy, &opts, None).into_policy_set();
+            || crate::api::load_dirs(&dirs, FileKind::Policy, &opts, None).into_policy_set();
         let mut c = LoadCache::with_margin(Duration::ZERO);
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770)).unwrap();
         let want = uncached().unwrap_err();
@@ -657,7 +658,7 @@ mod trust_tests {
         );
         assert_eq!(want[1].file, d.join("a.yaml"));
         let with = |c: &mut LoadCache| {
-            load::load_dirs_with(&dirs, FileKind::Policy, &opts, Some(c)).into_policy_set()
+            crate::api::load_dirs(&dirs, FileKind::Policy, &opts, Some(c)).into_policy_set()
         };
         assert_eq!(with(&mut c), Err(want.clone()));
         assert_eq!(

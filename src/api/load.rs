@@ -1,8 +1,9 @@
 //! Files and directories → documents → model, with every problem located.
 //!
-//! Owns reading files and directories and the cross-document checks; one
-//! set of steps for every load, with an optional [`LoadCache`] the caller
-//! passes to keep unchanged files' parses. Never decides what is enforced.
+//! Owns reading files and directories and the cross-document checks: one set
+//! of steps for every load ([`assemble`]), which the load cache
+//! (`super::cache`) runs too, deciding only which files' parses it keeps.
+//! Never decides what is enforced.
 //!
 //! Directory rules (docs/policy.md, "Files"): `*.yaml`, `*.yml`, `*.json`; dotfiles and editor
 //! leftovers (`*~`, `*.swp`, `*.tmp`, `#*#`) ignored; files read in sorted order;
@@ -25,7 +26,6 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::cache::LoadCache;
 use super::de::{from_node, suggest, DeError};
 use super::model::{
     EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind,
@@ -1175,24 +1175,11 @@ pub(crate) fn read_into(f: &Path, want: FileKind, opts: &LoadOptions, out: &mut 
     }
 }
 
-/// Read and parse every file of `dirs` into one [`Parsed`], strictly.
-pub fn load_dirs(dirs: &[PathBuf], want: FileKind) -> Parsed {
-    load_dirs_with(dirs, want, &LoadOptions::default(), None)
-}
-
-/// [`load_dirs`] with options, and optionally a cache that keeps each file's
-/// parse between loads ([`LoadCache`]): the result is the same with or
-/// without it.
-pub fn load_dirs_with(
-    dirs: &[PathBuf],
-    want: FileKind,
-    opts: &LoadOptions,
-    cache: Option<&mut LoadCache>,
-) -> Parsed {
-    match cache {
-        Some(c) => c.load(dirs, want, opts),
-        None => assemble(&list_dirs(dirs, want, opts), want, |f, out| {
-            read_into(f, want, opts, out)
-        }),
-    }
+/// Read and parse every file of `dirs` into one [`Parsed`]: the steps of
+/// [`assemble`], each file read afresh. With a [`super::LoadCache`], see
+/// [`super::load_dirs`].
+pub fn load_dirs_with(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> Parsed {
+    assemble(&list_dirs(dirs, want, opts), want, |f, out| {
+        read_into(f, want, opts, out)
+    })
 }

@@ -68,7 +68,7 @@ impl fmt::Display for Problem {
 
 use std::path::Path;
 
-use load::{FileKind, Parsed};
+pub use load::{FileKind, Parsed};
 use model::{Policy, PolicySet, RegistrySet};
 
 pub use cache::LoadCache;
@@ -77,19 +77,19 @@ pub use load::{LoadOptions, MAX_FILE_SIZE};
 /// Read every policy file in `dir` (the naming rules of docs/policy.md, "Files"). Returns the valid set
 /// only when every file is valid; otherwise every problem found.
 pub fn load_policy_dir(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
-    load::load_dirs(&[dir.to_path_buf()], FileKind::Policy).into_policy_set()
+    load_policy_dir_with(dir, &LoadOptions::default())
 }
 
 /// Read every registry file in `dirs`. Same all-or-nothing rule as policies.
 pub fn load_endpoint_dirs(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
-    load::load_dirs(dirs, FileKind::Registry).into_registry_set()
+    load_endpoint_dirs_with(dirs, &LoadOptions::default())
 }
 
 /// [`load_policy_dir`] with options: `LoadOptions { strict_modes: false }` skips
 /// the file trust check (config `strict_file_modes = false`, for tests).
 /// [`load_policy_dir`] is this with the default options (strict).
 pub fn load_policy_dir_with(dir: &Path, opts: &LoadOptions) -> Result<PolicySet, Vec<Problem>> {
-    load::load_dirs_with(&[dir.to_path_buf()], FileKind::Policy, opts, None).into_policy_set()
+    load_dirs(&[dir.to_path_buf()], FileKind::Policy, opts, None).into_policy_set()
 }
 
 /// [`load_endpoint_dirs`] with options, as [`load_policy_dir_with`].
@@ -97,7 +97,22 @@ pub fn load_endpoint_dirs_with(
     dirs: &[PathBuf],
     opts: &LoadOptions,
 ) -> Result<RegistrySet, Vec<Problem>> {
-    load::load_dirs_with(dirs, FileKind::Registry, opts, None).into_registry_set()
+    load_dirs(dirs, FileKind::Registry, opts, None).into_registry_set()
+}
+
+/// Read and parse every file of `dirs`: the one load, given a [`LoadCache`] or
+/// not. With a cache, a file whose identity is unchanged since the cache read
+/// it keeps its parse; the result is the same either way.
+pub fn load_dirs(
+    dirs: &[PathBuf],
+    want: FileKind,
+    opts: &LoadOptions,
+    cache: Option<&mut LoadCache>,
+) -> Parsed {
+    match cache {
+        Some(c) => c.load(dirs, want, opts),
+        None => load::load_dirs_with(dirs, want, opts),
+    }
 }
 
 /// Parse one policy file's text (`file` is only used in messages, and its

@@ -378,3 +378,236 @@ async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<()>>) -> Option<()> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::netlink::{fake_links, LinkTable};
+    use super::*;
+    use crate::api::model::{
+        EndpointDef, EndpointKind, Interface, Origin, Policy, PolicyKind, PolicySet, RegistrySet,
+    };
+    use crate::api::Problem;
+    use crate::datapath::fake::FakeDatapath;
+    use crate::datapath::{Attachment, Counters, DatapathError, VerdictEvent};
+    use crate::pipeline::{Read, SavedReader};
+    use crate::policy::compile::{CompileError, CompileOptions};
+    use crate::policy::types::{Compiled, RuleRef};
+
+    fn config(root: &std::path::Path) -> Config {
+        Config {
+            policy_dir: root.join("pol"),
+            endpoint_dirs: vec![root.join("ep")],
+            pin_dir: "/sys/fs/bpf/npe-test-unused".into(),
+            runtime_dir: root.join("run"),
+            state_dir: root.join("state"),
+            node_name: "node-a".into(),
+            resync_interval_s: 0,
+            ..Config::default()
+        }
+    }
+
+    fn options() -> Options {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        Options::new(crate::logging::discard(), Notifier::recorder().0, rx)
+    }
+
+    /// An error with an OS cause is printed with that cause once: a
+    /// runtime_dir that cannot be created (its parent is a file).
+    #[tokio::test]
+    async fn an_os_error_is_printed_with_its_cause_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.runtime_dir = file.join("run");
+        let (_links, fake) = fake_links(LinkTable::default());
+        let e = run_with(
+            cfg,
+            FakeDatapath::new(),
+            fake,
+            options(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            text,
+            format!(
+                "runtime socket: {}: create runtime directory: Not a directory (os error 20)",
+                file.join("run/netpold.sock").display()
+            )
+        );
+        assert_eq!(text.matches("Not a directory").count(), 1, "{text}");
+    }
+
+    /// A source whose sets live in memory and that says when they moved, as a
+    /// remote view would.
+    struct Remote {
+        policies: Arc<Mutex<Vec<String>>>,
+        wakeups: Option<mpsc::UnboundedReceiver<()>>,
+    }
+
+    fn origin(kind: &str, name: &str) -> Origin {
+        Origin {
+            file: format!("etcd:/netpol/v1/{name}").into(),
+            doc: 0,
+            kind: kind.into(),
+            namespace: Some("default".into()),
+            name: name.into(),
+        }
+    }
+
+    impl Inputs for Remote {
+        fn policies(&mut self, _: Hint<'_>) -> Read<PolicySet> {
+            let names = self.policies.lock().unwrap().clone();
+            Read::Valid(PolicySet {
+                policies: names
+                    .iter()
+                    .map(|n| Policy {
+                        origin: origin("CiliumNetworkPolicy", n),
+                        kind: PolicyKind::CiliumNetworkPolicy,
+                        rules: vec![].into(),
+                    })
+                    .collect(),
+            })
+        }
+        fn registry(&mut self, _: Hint<'_>) -> Read<RegistrySet> {
+            Read::Valid(RegistrySet {
+                endpoints: vec![EndpointDef {
+                    origin: origin("Endpoint", "web"),
+                    kind: EndpointKind::Workload,
+                    name: "web".into(),
+                    namespace: Some("default".into()),
+                    labels: vec![],
+                    node: None,
+                    interface: Some(Interface::Name("veth-web".into())),
+                    addresses: vec![],
+                    ports: vec![],
+                    audit: false,
+                }],
+                ..RegistrySet::default()
+            })
+        }
+        fn saved(&self) -> Arc<dyn SavedReader> {
+            Arc::new(NoCopies)
+        }
+        fn wakeups(&mut self) -> Option<mpsc::UnboundedReceiver<()>> {
+            self.wakeups.take()
+        }
+    }
+
+    struct NoCopies;
+
+    impl SavedReader for NoCopies {
+        fn policies(&self, _: &std::path::Path) -> Result<PolicySet, Vec<Problem>> {
+            Err(Vec::new())
+        }
+        fn registry(&self, _: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
+            Err(Vec::new())
+        }
+    }
+
+    /// One rule per policy, so the applied state names the policies.
+    fn rules_only(
+        p: &PolicySet,
+        _: &RegistrySet,
+        _: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        Ok(Compiled {
+            rules: p
+                .policies
+                .iter()
+                .map(|p| RuleRef {
+                    file: p.origin.file.clone(),
+                    kind: p.origin.kind.clone(),
+                    policy: p.origin.name.clone(),
+                    path: "spec".into(),
+                })
+                .collect(),
+            ..Compiled::default()
+        })
+    }
+
+    #[derive(Clone, Default)]
+    struct SharedDp(Arc<Mutex<FakeDatapath>>);
+
+    impl Datapath for SharedDp {
+        fn apply(&mut self, state: &Compiled, a: &[Attachment]) -> Result<u64, DatapathError> {
+            self.0.lock().unwrap().apply(state, a)
+        }
+        fn sync_attachments(&mut self, a: &[Attachment]) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().sync_attachments(a)
+        }
+        fn generation(&self) -> u64 {
+            self.0.lock().unwrap().generation()
+        }
+        fn poll_events(&mut self, max: usize) -> Vec<VerdictEvent> {
+            self.0.lock().unwrap().poll_events(max)
+        }
+        fn counters(&self) -> std::collections::BTreeMap<u32, Counters> {
+            self.0.lock().unwrap().counters()
+        }
+        fn detach_all(&mut self) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().detach_all()
+        }
+    }
+
+    /// The seam a remote source plugs into: a "look again" from the inputs is
+    /// a reconcile (no file changed), and what it reads then is applied.
+    #[tokio::test]
+    async fn a_wakeup_from_the_inputs_applies_what_they_read_then() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path());
+        let names = Arc::new(Mutex::new(vec!["a".to_string()]));
+        let (wake, wakeups) = mpsc::unbounded_channel();
+        let mut opts = options();
+        opts.inputs = Some(Box::new(Remote {
+            policies: names.clone(),
+            wakeups: Some(wakeups),
+        }));
+        opts.compiler = Box::new(rules_only);
+        let dp = SharedDp::default();
+        let (_links, fake) = fake_links(LinkTable::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let applied = |dp: &SharedDp| -> Vec<Vec<String>> {
+            let dp = dp.0.lock().unwrap();
+            dp.applied
+                .iter()
+                .map(|(_, c)| c.rules.iter().map(|r| r.policy.clone()).collect())
+                .collect()
+        };
+        let until = |what: &'static str, dp: SharedDp, want: Vec<Vec<String>>| async move {
+            let t0 = Instant::now();
+            while applied(&dp) != want {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "{what}: {:?}",
+                    applied(&dp)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let body = async {
+            until("the first apply", dp.clone(), vec![vec!["a".into()]]).await;
+            names.lock().unwrap().push("b".into());
+            wake.send(()).unwrap();
+            until(
+                "the apply after the wakeup",
+                dp.clone(),
+                vec![vec!["a".into()], vec!["a".into(), "b".into()]],
+            )
+            .await;
+            let _ = stop.send(());
+        };
+        let (r, ()) = tokio::join!(
+            run_with(cfg, dp.clone(), fake, opts, async {
+                let _ = stopped.await;
+            }),
+            body
+        );
+        r.unwrap();
+    }
+}

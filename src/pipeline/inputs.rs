@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::api::load::{self, FileKind, Parsed};
+use crate::api::load::{FileKind, Parsed};
 use crate::api::model::{PolicySet, RegistrySet};
 use crate::api::{LoadCache, LoadOptions, Problem};
 use crate::config::Config;
@@ -203,7 +203,7 @@ impl FileInputs {
             FileKind::Registry => (&self.endpoint_dirs, 1),
         };
         let Some(cache) = self.cache.as_mut() else {
-            let out = load::load_dirs_with(dirs, want, &self.opts, None);
+            let out = crate::api::load_dirs(dirs, want, &self.opts, None);
             self.parsed[n] = out.files.len();
             return Some(out);
         };

@@ -251,3 +251,162 @@ pub fn load_files(config: &Config) -> (Held, Pass) {
     );
     (held, pass)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::api::model::{Origin, Policy, PolicyKind};
+
+    fn policy(name: &str) -> Policy {
+        Policy {
+            origin: Origin {
+                file: format!("{name}.yaml").into(),
+                doc: 0,
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: Some("default".into()),
+                name: name.into(),
+            },
+            kind: PolicyKind::CiliumNetworkPolicy,
+            rules: vec![].into(),
+        }
+    }
+
+    fn problem(file: &str) -> Problem {
+        Problem {
+            file: file.into(),
+            line: None,
+            column: None,
+            document: None,
+            object: None,
+            field: None,
+            message: "bad".into(),
+        }
+    }
+
+    /// Answers from a script, and records the hints it was given.
+    #[derive(Default)]
+    struct Script {
+        policies: Vec<Read<PolicySet>>,
+        registry: Vec<Read<RegistrySet>>,
+        hints: Vec<String>,
+    }
+
+    impl Inputs for Script {
+        fn policies(&mut self, hint: Hint<'_>) -> Read<PolicySet> {
+            self.hints.push(format!("policies {hint:?}"));
+            self.policies.remove(0)
+        }
+        fn registry(&mut self, hint: Hint<'_>) -> Read<RegistrySet> {
+            self.hints.push(format!("registry {hint:?}"));
+            self.registry.remove(0)
+        }
+        fn saved(&self) -> Arc<dyn SavedReader> {
+            Arc::new(Copies)
+        }
+    }
+
+    /// A saved copy of each kind: one policy, an empty registry.
+    struct Copies;
+
+    impl SavedReader for Copies {
+        fn policies(&self, _: &Path) -> Result<PolicySet, Vec<Problem>> {
+            Ok(PolicySet {
+                policies: vec![policy("saved")],
+            })
+        }
+        fn registry(&self, _: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
+            Ok(RegistrySet::default())
+        }
+    }
+
+    struct Saved;
+
+    impl SavedCopies for Saved {
+        fn dirs(&self, _: Kind) -> Option<Vec<PathBuf>> {
+            Some(vec!["last-good".into()])
+        }
+    }
+
+    fn pass(inputs: &mut Script, hint: Hint<'_>, saved: &dyn SavedCopies, held: &mut Held) -> Pass {
+        load_and_compile(
+            inputs,
+            hint,
+            saved,
+            held,
+            &mut Compiler::new(),
+            &CompileOptions::default(),
+        )
+    }
+
+    #[test]
+    fn a_kind_in_force_stays_while_its_inputs_are_invalid_and_a_saved_copy_is_asked_for_whole() {
+        let set = |names: &[&str]| PolicySet {
+            policies: names.iter().map(|n| policy(n)).collect(),
+        };
+        let mut inputs = Script {
+            policies: vec![
+                Read::Invalid(vec![problem("p.yaml")]),
+                Read::Valid(set(&["a"])),
+                Read::Invalid(vec![problem("p.yaml")]),
+                Read::Unchanged,
+            ],
+            registry: vec![
+                Read::Invalid(vec![problem("e.yaml")]),
+                Read::Valid(RegistrySet::default()),
+                Read::Unchanged,
+                Read::Unchanged,
+            ],
+            ..Script::default()
+        };
+        let mut held = Held::default();
+        // From nothing, both invalid: every problem, policies' first, and the
+        // saved copies in force.
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert_eq!(p.problems, vec![problem("p.yaml"), problem("e.yaml")]);
+        assert_eq!(p.from_saved, vec![Kind::Policies, Kind::Registry]);
+        assert!(held.policies.as_ref().is_some_and(|p| p.from_saved));
+        assert_eq!(p.policies, 1);
+        assert!(p.compiled.is_some());
+        // Over saved copies the source is asked for the whole set again.
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert!(p.problems.is_empty() && p.from_saved.is_empty());
+        assert_eq!(held.policies.as_ref().unwrap().set, set(&["a"]));
+        assert_eq!(held.retired.len(), 2, "both saved copies replaced");
+        // Invalid again: the live set stays; unchanged keeps it too.
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert_eq!(p.problems, vec![problem("p.yaml")]);
+        assert_eq!(held.policies.as_ref().unwrap().set, set(&["a"]));
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert!(p.problems.is_empty());
+        assert_eq!(p.policies, 1);
+        assert_eq!(
+            inputs.hints,
+            [
+                "policies Whole",
+                "registry Whole",
+                "policies Whole",
+                "registry Whole",
+                "policies Anything",
+                "registry Anything",
+                "policies Anything",
+                "registry Anything",
+            ]
+        );
+    }
+
+    #[test]
+    fn one_pass_without_saved_copies_compiles_nothing_from_invalid_inputs() {
+        let mut inputs = Script {
+            policies: vec![Read::Valid(PolicySet::default())],
+            registry: vec![Read::Invalid(vec![problem("e.yaml")])],
+            ..Script::default()
+        };
+        let mut held = Held::default();
+        let p = pass(&mut inputs, Hint::Whole, &(), &mut held);
+        assert_eq!(p.problems, vec![problem("e.yaml")]);
+        assert!(p.compiled.is_none() && held.registry.is_none() && p.from_saved.is_empty());
+    }
+}

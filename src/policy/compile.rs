@@ -1703,6 +1703,38 @@ spec:
         );
     }
 
+    /// A compiler keeps the registry's share while the registry and node name
+    /// stay equal, and gives what a fresh compile gives whatever changes.
+    #[test]
+    fn a_compiler_that_keeps_the_registry_share_answers_as_a_fresh_compile() {
+        let (web, r) = inputs(&[("web.yaml", WEB)]);
+        let (both, _) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        let opts = with_limits(100, 100);
+        let mut c = Compiler::new();
+        for p in [&web, &both, &web] {
+            assert_eq!(c.compile(p, &r, &opts), try_compile(p, &r, &opts));
+        }
+        // Another registry (one endpoint fewer), another node name, and back.
+        let mut fewer = r.clone();
+        fewer.endpoints.pop();
+        let other_node = CompileOptions {
+            node_name: "node-b".into(),
+            ..opts.clone()
+        };
+        for (reg, o) in [(&fewer, &opts), (&r, &other_node), (&r, &opts)] {
+            let fresh = try_compile(&both, reg, o);
+            assert_eq!(c.compile(&both, reg, o), fresh);
+        }
+        assert_ne!(
+            try_compile(&both, &fewer, &opts).unwrap().endpoints.len(),
+            try_compile(&both, &r, &opts).unwrap().endpoints.len()
+        );
+        // A refusal from a compiler that kept the share is the same refusal.
+        let tight = with_limits(5, 100);
+        assert_eq!(c.compile(&web, &r, &tight), try_compile(&web, &r, &tight));
+        assert!(c.compile(&web, &r, &tight).is_err());
+    }
+
     #[test]
     fn duplicate_rules_alone_never_refuse_a_set() {
         // The same item three times: 18 raw entries per web endpoint, 6 distinct.
