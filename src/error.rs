@@ -2,7 +2,8 @@
 //! places that keep or show an error as text without going through anyhow (the
 //! daemon's status, log fields).
 //!
-//! Every error type of this crate says in its message what failed, and returns
+//! Owns only the printing; the error types are their modules'. Every error
+//! type of this crate says in its message what failed, and returns
 //! why as its `source` without repeating it in the message (so a chain printed
 //! with [`Chain`] or anyhow's `{:#}` names each cause once).
 

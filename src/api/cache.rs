@@ -177,7 +177,7 @@ impl LoadCache {
     }
 
     /// A cache that keeps a file once its timestamps are `settled` old.
-    pub fn with_margin(settled: Duration) -> LoadCache {
+    fn with_margin(settled: Duration) -> LoadCache {
         LoadCache {
             files: HashMap::new(),
             seen: [None, None],

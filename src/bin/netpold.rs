@@ -2,6 +2,10 @@
 //! journald under systemd (stderr otherwise), SIGHUP reloads, SIGTERM/SIGINT stop
 //! it and leave enforcement in place. `netpold --detach` removes everything this
 //! instance pinned (package purge).
+//!
+//! Thin: reads the config, builds the logger, the signals and the datapath, and
+//! runs `daemon::run_with`; an error reaches here once and is printed once, with
+//! its causes (`{:#}`).
 
 use std::path::PathBuf;
 

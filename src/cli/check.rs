@@ -6,6 +6,9 @@
 //! `ok: ...` and exit 0 when everything is valid; otherwise one
 //! `file:line:column: ...` line per problem and exit 1 (a count goes to stderr). `--json` prints one
 //! object: `{"valid", "problems": [...], "policies", "rules", "endpoints", ...}`.
+//!
+//! Owns the report only; reads and compiles through the pipeline, like every
+//! command, and never contacts the daemon.
 
 use clap::Args;
 use serde::Serialize;

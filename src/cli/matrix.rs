@@ -2,6 +2,10 @@
 //! other, for one protocol and port, decided by the same engine as `trace`; as a
 //! text table, JSON, or a self-contained picture (`--svg`, `--html`: a grid of
 //! green/red cells whose tooltips name the deciding rule).
+//!
+//! Owns the table and its pictures; the state comes from
+//! [`super::common::load_compiled`], the verdicts from `policy::trace`. Writes
+//! only the files it is asked to.
 
 use clap::Args;
 use serde::Serialize;

@@ -1,6 +1,9 @@
 //! `netpolctl trace`: the offline verdict for a new connection, explained, on
 //! the state [`super::common::load_compiled`] reads and compiles as netpold
 //! would. Also the protocol argument `matrix` shares.
+//!
+//! Owns the arguments and the output; decides nothing itself (`policy::trace`
+//! does) and never contacts the daemon.
 
 use clap::{Args, ValueEnum};
 

@@ -190,7 +190,8 @@ fn protos(p: Proto) -> &'static [u8] {
     }
 }
 
-/// Decompose `start..=end` into aligned prefix blocks (reference §2.4).
+/// Decompose `start..=end` into aligned prefix blocks (how a port range becomes
+/// entries: docs/policy.md, "How a verdict is decided").
 pub fn port_range_blocks(start: u16, end: u16) -> Vec<(u16, u8)> {
     let mut out = Vec::new();
     let end = u32::from(end.max(start));
@@ -1353,6 +1354,8 @@ impl Compiled {
     /// Drop the entries of endpoints that are not enforced on this host. `compile`
     /// keeps every endpoint's entries (offline `trace` judges every endpoint as
     /// enforced); the datapath only needs the local ones. Slots do not change.
+    /// (Tests feed the kernel datapath with it.)
+    #[cfg(any(test, feature = "test-support"))]
     pub fn retain_local_entries(&mut self) {
         let local: Vec<bool> = self.endpoints.iter().map(|e| e.local).collect();
         self.entries
