@@ -390,19 +390,18 @@ mod tests {
     };
     use crate::api::Problem;
     use crate::datapath::fake::FakeDatapath;
-    use crate::datapath::{Attachment, Counters, DatapathError, VerdictEvent};
     use crate::pipeline::{Read, SavedReader};
     use crate::policy::compile::{CompileError, CompileOptions};
-    use crate::policy::types::{Compiled, RuleRef};
+    use crate::policy::types::Compiled;
 
+    /// Every path under `root`; no resync timer (only the test's triggers).
     fn config(root: &std::path::Path) -> Config {
+        let at = |d: &str| root.join(d);
         Config {
-            policy_dir: root.join("pol"),
-            endpoint_dirs: vec![root.join("ep")],
-            pin_dir: "/sys/fs/bpf/npe-test-unused".into(),
-            runtime_dir: root.join("run"),
-            state_dir: root.join("state"),
-            node_name: "node-a".into(),
+            policy_dir: at("pol"),
+            endpoint_dirs: vec![at("ep")],
+            runtime_dir: at("run"),
+            state_dir: at("state"),
             resync_interval_s: 0,
             ..Config::default()
         }
@@ -510,55 +509,10 @@ mod tests {
         }
     }
 
-    /// One rule per policy, so the applied state names the policies.
-    fn rules_only(
-        p: &PolicySet,
-        _: &RegistrySet,
-        _: &CompileOptions,
-    ) -> Result<Compiled, CompileError> {
-        Ok(Compiled {
-            rules: p
-                .policies
-                .iter()
-                .map(|p| RuleRef {
-                    file: p.origin.file.clone(),
-                    kind: p.origin.kind.clone(),
-                    policy: p.origin.name.clone(),
-                    path: "spec".into(),
-                })
-                .collect(),
-            ..Compiled::default()
-        })
-    }
-
-    #[derive(Clone, Default)]
-    struct SharedDp(Arc<Mutex<FakeDatapath>>);
-
-    impl Datapath for SharedDp {
-        fn apply(&mut self, state: &Compiled, a: &[Attachment]) -> Result<u64, DatapathError> {
-            self.0.lock().unwrap().apply(state, a)
-        }
-        fn sync_attachments(&mut self, a: &[Attachment]) -> Result<(), DatapathError> {
-            self.0.lock().unwrap().sync_attachments(a)
-        }
-        fn generation(&self) -> u64 {
-            self.0.lock().unwrap().generation()
-        }
-        fn poll_events(&mut self, max: usize) -> Vec<VerdictEvent> {
-            self.0.lock().unwrap().poll_events(max)
-        }
-        fn counters(&self) -> std::collections::BTreeMap<u32, Counters> {
-            self.0.lock().unwrap().counters()
-        }
-        fn detach_all(&mut self) -> Result<(), DatapathError> {
-            self.0.lock().unwrap().detach_all()
-        }
-    }
-
     /// The seam a remote source plugs into: a "look again" from the inputs is
-    /// a reconcile (no file changed), and what it reads then is applied.
+    /// a reconcile (no file changed) that reads them again, and nothing else is.
     #[tokio::test]
-    async fn a_wakeup_from_the_inputs_applies_what_they_read_then() {
+    async fn a_wakeup_from_the_inputs_is_a_reconcile_that_reads_them_again() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = config(tmp.path());
         let names = Arc::new(Mutex::new(vec!["a".to_string()]));
@@ -568,42 +522,48 @@ mod tests {
             policies: names.clone(),
             wakeups: Some(wakeups),
         }));
-        opts.compiler = Box::new(rules_only);
-        let dp = SharedDp::default();
+        // What each reconcile compiled: the policies it read.
+        let compiled = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
+        let seen = compiled.clone();
+        opts.compiler = Box::new(
+            move |p: &PolicySet,
+                  _: &RegistrySet,
+                  _: &CompileOptions|
+                  -> Result<Compiled, CompileError> {
+                let names = p.policies.iter().map(|p| p.origin.name.clone()).collect();
+                seen.lock().unwrap().push(names);
+                Ok(Compiled::default())
+            },
+        );
         let (_links, fake) = fake_links(LinkTable::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let applied = |dp: &SharedDp| -> Vec<Vec<String>> {
-            let dp = dp.0.lock().unwrap();
-            dp.applied
-                .iter()
-                .map(|(_, c)| c.rules.iter().map(|r| r.policy.clone()).collect())
-                .collect()
-        };
-        let until = |what: &'static str, dp: SharedDp, want: Vec<Vec<String>>| async move {
-            let t0 = Instant::now();
-            while applied(&dp) != want {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(5),
-                    "{what}: {:?}",
-                    applied(&dp)
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        let until = |what: &'static str, want: Vec<Vec<String>>| {
+            let compiled = compiled.clone();
+            async move {
+                let t0 = Instant::now();
+                while *compiled.lock().unwrap() != want {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(5),
+                        "{what}: {:?}",
+                        compiled.lock().unwrap()
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         };
         let body = async {
-            until("the first apply", dp.clone(), vec![vec!["a".into()]]).await;
+            until("the first reconcile", vec![vec!["a".into()]]).await;
             names.lock().unwrap().push("b".into());
             wake.send(()).unwrap();
             until(
-                "the apply after the wakeup",
-                dp.clone(),
+                "the reconcile after the wakeup",
                 vec![vec!["a".into()], vec!["a".into(), "b".into()]],
             )
             .await;
             let _ = stop.send(());
         };
         let (r, ()) = tokio::join!(
-            run_with(cfg, dp.clone(), fake, opts, async {
+            run_with(cfg, FakeDatapath::new(), fake, opts, async {
                 let _ = stopped.await;
             }),
             body
