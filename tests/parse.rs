@@ -192,7 +192,7 @@ fn invalid_registry_fixtures() {
 
 #[test]
 fn message_format_matches_the_contract() {
-    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports:\n            - port: \"8.0\"\n";
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, egress: [{}]}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports:\n            - port: \"8.0\"\n";
     let e = api::parse_policies(Path::new("/etc/netpol.d/web.yaml"), text).unwrap_err();
     assert_eq!(
         lines(&e),
@@ -719,7 +719,8 @@ fn registry_kinds() {
 
 // ---------------------------------------------------------------- directories
 
-const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n";
+// `egress: [...]`: Cilium refuses a rule with no direction at all.
+const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n  egress: [{toEntities: [all]}]\n";
 
 fn cnp(name: &str) -> String {
     CNP.replace("NAME", name)
@@ -740,7 +741,7 @@ fn directory_rules_ignore_dotfiles_and_editor_leftovers() {
     let d = tmp.path();
     std::fs::write(d.join("b.yaml"), cnp("b")).unwrap();
     std::fs::write(d.join("a.yml"), cnp("a")).unwrap();
-    std::fs::write(d.join("c.json"), r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "c"}, "spec": {"endpointSelector": {}}}"#).unwrap();
+    std::fs::write(d.join("c.json"), r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "c"}, "spec": {"endpointSelector": {}, "egress": [{}]}}"#).unwrap();
     // BOM is dropped.
     std::fs::write(d.join("d.yaml"), format!("\u{feff}{}", cnp("d"))).unwrap();
     // Empty documents and comment-only files are fine.
@@ -851,7 +852,7 @@ fn invalid_utf8_is_refused_with_its_position() {
     let e = api::load_policy_dir(tmp.path()).unwrap_err();
     assert_eq!(
         dir_lines(tmp.path(), &e),
-        ["DIR/latin1.yaml:7:6: file is not valid UTF-8"]
+        ["DIR/latin1.yaml:8:6: file is not valid UTF-8"]
     );
 }
 
@@ -979,7 +980,7 @@ fn check_fails_with_file_line_column() {
     let out = out.replace(&tmp.path().display().to_string(), "DIR");
     assert_eq!(
         out,
-        "DIR/netpol.d/web.yaml:8:22: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].fromEntities[0]: unknown entity \"wrld\" (did you mean \"world\"?); known entities: all, world, world-ipv4, world-ipv6, host, remote-node, cluster, init, health, unmanaged, ingress, kube-apiserver, none\n\
+        "DIR/netpol.d/web.yaml:9:22: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].fromEntities[0]: unknown entity \"wrld\" (did you mean \"world\"?); known entities: all, world, world-ipv4, world-ipv6, host, remote-node, cluster, init, health, unmanaged, ingress, kube-apiserver, none\n\
          DIR/endpoints.d/eps.yaml:4:20: document 1 (Endpoint default/a): spec.addresses[0]: \"10.0.0.300\" is not an IP address\n"
     );
     assert!(err.contains("2 problems found"), "{err}");
@@ -996,7 +997,7 @@ fn check_fails_with_file_line_column() {
             p["column"].as_u64(),
             p["document"].as_u64()
         ),
-        (Some(8), Some(22), Some(1))
+        (Some(9), Some(22), Some(1))
     );
     assert_eq!(p["object"], "CiliumNetworkPolicy default/web");
     assert_eq!(p["field"], "spec.ingress[0].fromEntities[0]");
