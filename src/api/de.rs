@@ -270,7 +270,7 @@ fn note_number(text: &str) -> Option<(WarningCode, String)> {
     match (resolve(text), yaml11(text)) {
         (Plain::Int(mine), Some(Yaml11::Number(theirs))) => Some((
             WarningCode::Yaml11Number,
-            format!("unquoted {text} is read as {mine} here, but a Kubernetes client (YAML 1.1) reads it as the octal number {theirs}; write {mine} or {theirs}, without a leading zero"),
+            format!("unquoted {text} is read as {mine} here, but a Kubernetes client (YAML 1.1) reads it as the octal number {theirs}; drop the leading zero"),
         )),
         _ => None,
     }
@@ -751,6 +751,58 @@ mod tests {
         assert_eq!(t.labels.unwrap()["a"], "true");
         let t = parse("name: x\nport: 80\n").unwrap();
         assert_eq!(t.port, Some(IntOrString::Int(80)));
+    }
+
+    #[test]
+    fn yaml11_readings() {
+        for (text, want) in [
+            ("yes", Some("b true")),
+            ("Off", Some("b false")),
+            ("y", Some("b true")),
+            ("true", None),
+            ("010", Some("n 8")),
+            ("-010", Some("n -8")),
+            ("080", None), // not octal: 80 there too (as a float)
+            ("0x1F", Some("n 31")),
+            ("0o17", Some("n 15")),
+            ("0b101", Some("n 5")),
+            ("1_000", Some("n 1000")),
+            ("+80", None),
+            ("80", None),
+            ("0", None),
+            ("0x", None),
+            ("web", None),
+            ("1.5", None),
+        ] {
+            let got = yaml11(text).map(|y| match y {
+                Yaml11::Bool(b) => format!("b {b}"),
+                Yaml11::Number(n) => format!("n {n}"),
+            });
+            assert_eq!(got.as_deref(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn notes_only_when_noted() {
+        let (docs, _) = parse_yaml("name: 5\nlabels: {yes: no}\nendPort: 010\n");
+        assert!(from_node::<T>(&docs[0].root, "").is_ok());
+        let notes = Notes::default();
+        let t: T = from_node_noted(&docs[0].root, "", &notes).unwrap();
+        assert_eq!(t.end_port, Some(10));
+        let got: Vec<(String, WarningCode)> = notes
+            .into_inner()
+            .into_iter()
+            .map(|n| (n.path, n.code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("name".to_string(), WarningCode::NonString),
+                ("labels.yes".to_string(), WarningCode::Yaml11Bool),
+                ("labels.yes".to_string(), WarningCode::Yaml11Bool),
+                ("endPort".to_string(), WarningCode::Yaml11Number),
+            ]
+        );
     }
 
     #[test]

@@ -213,9 +213,21 @@ pub fn cilium_port(text: &str) -> Result<PortText, String> {
     }
     if text.bytes().all(|b| b.is_ascii_digit()) {
         if text.len() > 1 && text.starts_with('0') {
-            return Err(format!(
-                "{text:?} has a leading zero, which Cilium reads as an octal number; write the port without leading zeros"
-            ));
+            // Cilium's agent: strconv.ParseUint(port, 0, 16) (rule_validation.go
+            // `PortProtocol.Validate`), so a leading zero means octal there.
+            let decimal = text.trim_start_matches('0');
+            let decimal = if decimal.is_empty() { "0" } else { decimal };
+            let octal = u32::from_str_radix(&text[1..], 8)
+                .ok()
+                .filter(|n| *n <= 65535);
+            return Err(match octal {
+                Some(o) if o.to_string() != decimal => format!(
+                    "{text:?} has a leading zero, which Cilium reads as the octal number {o}; write \"{decimal}\" (or \"{o}\")"
+                ),
+                _ => format!(
+                    "{text:?} has a leading zero, which Cilium reads as an octal number; write \"{decimal}\""
+                ),
+            });
         }
         return match text.parse::<u32>() {
             Ok(n) if n <= 65535 => Ok(PortText::Number(n as u16)),

@@ -143,7 +143,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
         &cfg.load_options(),
         &cfg.compile_options(),
     );
-    let valid = problems.is_empty() && !(args.strict && !warnings.is_empty());
+    let valid = problems.is_empty() && (warnings.is_empty() || !args.strict);
     if args.files.json {
         let report = JsonReport {
             valid,
