@@ -22,8 +22,9 @@
  * the Rust side, src/datapath/layout.rs).
  *
  * Fields keep fixed widths (__u8, __u32, ...), never an enum type. An enum
- * whose values go into a field has that field's width as its underlying
- * type, so the generated Rust newtype wraps exactly the field's integer type;
+ * whose values go into a field has that field's width as its underlying type
+ * (`enum np_family : __u8`, C23 syntax that clang accepts in every C mode), so
+ * the generated Rust newtype wraps exactly the field's integer type;
  * NP_ABI_WIDTH asserts the pairing.
  */
 #ifndef NETPOL_ABI_H
