@@ -119,10 +119,11 @@ fn map_size_hint(
     config: &Config,
     path: &std::path::Path,
 ) -> anyhow::Error {
-    let text = e.to_string();
-    if text.contains("(os error 7)") || text.contains("(os error 12)") {
+    if e.map_size_refused() {
+        // The whole chain (what failed: why), then the hint, printed once.
+        let cause = anyhow::Error::from(e);
         anyhow::anyhow!(
-            "{text}: the kernel refuses a map of the configured size; {}: conntrack.max_entries = {}, maps.endpoint_max_entries = {}",
+            "{cause:#}: the kernel refuses a map of the configured size; {}: conntrack.max_entries = {}, maps.endpoint_max_entries = {}",
             path.display(),
             config.conntrack.max_entries,
             config.maps.endpoint_max_entries
