@@ -1037,19 +1037,24 @@ fn check_passes_on_the_seed_examples() {
     assert_eq!(v["problems"].as_array().unwrap().len(), 0);
 }
 
-#[test]
-fn check_fails_with_file_line_column() {
+/// A temp dir with `netpol.d/web.yaml` and `endpoints.d/eps.yaml` holding these texts.
+fn check_dirs(policy: &str, registry: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let pol = tmp.path().join("netpol.d");
     let reg = tmp.path().join("endpoints.d");
     std::fs::create_dir_all(&pol).unwrap();
     std::fs::create_dir_all(&reg).unwrap();
-    std::fs::write(
-        pol.join("web.yaml"),
-        cnp("web") + "  ingress:\n    - fromEntities: [wrld]\n",
-    )
-    .unwrap();
-    std::fs::write(reg.join("eps.yaml"), "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n").unwrap();
+    std::fs::write(pol.join("web.yaml"), policy).unwrap();
+    std::fs::write(reg.join("eps.yaml"), registry).unwrap();
+    (tmp, pol, reg)
+}
+
+#[test]
+fn check_fails_with_file_line_column() {
+    let (tmp, pol, reg) = check_dirs(
+        &(cnp("web") + "  ingress:\n    - fromEntities: [wrld]\n"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n",
+    );
     let args = [
         "check",
         "--config",
@@ -1104,21 +1109,10 @@ fn check_fails_with_file_line_column() {
 
 #[test]
 fn check_prints_warnings_and_strict_fails_on_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pol = tmp.path().join("netpol.d");
-    let reg = tmp.path().join("endpoints.d");
-    std::fs::create_dir_all(&pol).unwrap();
-    std::fs::create_dir_all(&reg).unwrap();
-    std::fs::write(
-        pol.join("web.yaml"),
+    let (tmp, pol, reg) = check_dirs(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {matchLabels: {prod: yes}}\n  ingress:\n    - toPorts: [{ports: [{port: 80}]}]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        reg.join("eps.yaml"),
         "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.1]}\n",
-    )
-    .unwrap();
+    );
     let base = [
         "check",
         "--policy-dir",

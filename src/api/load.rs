@@ -823,6 +823,9 @@ impl Parsed {
         let mut warnings = std::mem::take(&mut self.warnings);
         for w in &mut warnings {
             clip(&mut w.at.message, MAX_PROBLEM_TEXT);
+            for name in [&mut w.at.field, &mut w.at.object].into_iter().flatten() {
+                clip(name, MAX_PROBLEM_NAME);
+            }
         }
         warnings.sort_by_cached_key(|w| {
             let p = &w.at;

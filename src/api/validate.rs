@@ -646,26 +646,28 @@ mod tests {
     fn cidrs() {
         assert_eq!(prefix("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(prefix("fd00::1/128").unwrap().to_string(), "fd00::1/128");
-        assert_eq!(
-            prefix("10.0.0.1").unwrap_err(),
-            "\"10.0.0.1\" needs a prefix length: write 10.0.0.1/32"
-        );
-        assert_eq!(
-            prefix("fd00::1").unwrap_err(),
-            "\"fd00::1\" needs a prefix length: write fd00::1/128"
-        );
-        assert_eq!(
-            prefix("010.0.0.0/8").unwrap_err(),
-            "\"010.0.0.0/8\" has an IPv4 octet with a leading zero, which Cilium refuses (and some tools read as octal); write 10.0.0.0/8"
-        );
-        assert_eq!(
-            prefix("10.0.0.0/08").unwrap_err(),
-            "\"10.0.0.0/08\" has a prefix length with a leading zero, which Cilium refuses (and some tools read as octal); write 10.0.0.0/8"
-        );
-        assert_eq!(
-            prefix("fd00::/064").unwrap_err(),
-            "\"fd00::/064\" has a prefix length with a leading zero, which Cilium refuses (and some tools read as octal); write fd00::/64"
-        );
+        let zero = "with a leading zero, which Cilium refuses (and some tools read as octal)";
+        for (text, err) in [
+            (
+                "10.0.0.1",
+                "needs a prefix length: write 10.0.0.1/32".to_string(),
+            ),
+            ("fd00::1", "needs a prefix length: write fd00::1/128".into()),
+            (
+                "010.0.0.0/8",
+                format!("has an IPv4 octet {zero}; write 10.0.0.0/8"),
+            ),
+            (
+                "10.0.0.0/08",
+                format!("has a prefix length {zero}; write 10.0.0.0/8"),
+            ),
+            (
+                "fd00::/064",
+                format!("has a prefix length {zero}; write fd00::/64"),
+            ),
+        ] {
+            assert_eq!(prefix(text).unwrap_err(), format!("{text:?} {err}"));
+        }
         assert!(prefix("0.0.0.0/0").is_ok());
         assert!(prefix("fd00:0000::/16").is_ok());
         assert_eq!(
