@@ -78,6 +78,7 @@ impl Piece {
         out.nodes.extend(p.nodes.iter().cloned());
         out.namespaces.extend(p.namespaces.iter().cloned());
         out.problems.extend(p.problems.iter().cloned());
+        out.warnings.extend(p.warnings.iter().cloned());
         out.files.extend(p.files.iter().cloned());
     }
 }
@@ -703,5 +704,39 @@ mod trust_tests {
                 .map(Parsed::into_policy_set),
             Some(Err(now))
         );
+    }
+}
+
+#[cfg(test)]
+mod warning_tests {
+    use super::*;
+
+    /// A kept parse keeps its warnings: a load through the cache warns as a
+    /// load without it does, whether it read the file or kept its parse.
+    #[test]
+    fn kept_parses_keep_their_warnings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(
+            d.join("p.yaml"),
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts: [{ports: [{port: 80}]}]\n",
+        )
+        .unwrap();
+        let dirs = vec![d.to_path_buf()];
+        let opts = LoadOptions { strict_modes: true };
+        let warnings = |c: Option<&mut LoadCache>| {
+            crate::api::load_dirs(&dirs, FileKind::Policy, &opts, c).take_warnings()
+        };
+        let want = warnings(None);
+        assert_eq!(want.len(), 1, "{want:?}");
+        let mut c = LoadCache::with_margin(Duration::ZERO);
+        assert_eq!(warnings(Some(&mut c)), want);
+        assert_eq!(c.last_parsed(), 1);
+        assert_eq!(warnings(Some(&mut c)), want);
+        assert_eq!(c.last_parsed(), 0, "the kept parse");
+        let touched = BTreeSet::from([d.join("p.yaml")]);
+        let again = c.load_if_changed(&dirs, FileKind::Policy, &opts, Some(&touched));
+        assert_eq!(again.map(|mut p| p.take_warnings()), Some(want));
+        assert_eq!(c.last_parsed(), 1, "the touched file, read again");
     }
 }

@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::de::{from_node, suggest, DeError};
+use super::de::{from_node, from_node_noted, suggest, DeError, Notes};
 use super::model::{
     EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind,
     PolicySet, RegistrySet, Rule,
@@ -36,7 +36,7 @@ use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, R
 use super::registry;
 use super::validate as v;
 use super::yaml::{self, Doc, Node, Pos};
-use super::Problem;
+use super::{Problem, Warning};
 
 /// Largest file read, in bytes.
 pub const MAX_FILE_SIZE: u64 = 4 * 1024 * 1024;
@@ -121,6 +121,8 @@ pub struct Parsed {
     pub nodes: Vec<(NodeDef, Site)>,
     pub namespaces: Vec<(NamespaceDef, Site)>,
     pub problems: Vec<Problem>,
+    /// Never refuse a set (see `api::warn`).
+    pub warnings: Vec<Warning>,
     /// Files in the order they were read; problems are reported in this order.
     pub files: Vec<PathBuf>,
 }
@@ -334,6 +336,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
         ));
     };
     let mut ctx = Ctx::default();
+    let notes = Notes::default();
     let origin_of = |ns: Option<&str>, name: &str| Origin {
         file: file.to_path_buf(),
         doc: n - 1,
@@ -359,7 +362,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
 
     match kind {
         "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
-            let raw: RawCnp = match from_node(root, "") {
+            let raw: RawCnp = match from_node_noted(root, "", &notes) {
                 Ok(r) => r,
                 Err(e) => return de_problem(out, e),
             };
@@ -373,6 +376,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     Scope::Namespaced
                 },
             );
+            policy::object_name(&mut ctx, &name);
             if raw.spec.is_none() && raw.specs.is_none() {
                 ctx.err(
                     "spec",
@@ -406,11 +410,12 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             }
         }
         "NetworkPolicy" => {
-            let raw: RawNetworkPolicy = match from_node(root, "") {
+            let raw: RawNetworkPolicy = match from_node_noted(root, "", &notes) {
                 Ok(r) => r,
                 Err(e) => return de_problem(out, e),
             };
             let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), Scope::Namespaced);
+            policy::object_name(&mut ctx, &name);
             let ns = ns.unwrap_or_else(|| "default".into());
             let rule = match &raw.spec {
                 Some(spec) => policy::network_policy_rule(&mut ctx, spec, &ns),
@@ -549,6 +554,18 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
         out.problems
             .push(problem(file, Some(pos), Some(n), obj, Some(&path), msg));
     }
+    let notes = notes
+        .into_inner()
+        .into_iter()
+        .map(|n| (n.code, n.pos, n.path, n.message));
+    let located = ctx
+        .warnings
+        .into_iter()
+        .map(|(code, path, msg)| (code, root.pos_of(&path), path, msg));
+    for (code, pos, path, msg) in notes.chain(located) {
+        let at = problem(file, Some(pos), Some(n), obj, Some(&path), msg);
+        out.warnings.push(Warning { at, code });
+    }
 }
 
 /// Record where each rule item was written, for messages about it that only
@@ -592,7 +609,7 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
             String::new()
         }
         Some(n) => {
-            if let Err(e) = registry::object_name(n) {
+            if let Err(e) = v::object_name(n) {
                 ctx.err("metadata.name", e);
             }
             n.to_string()
@@ -801,6 +818,29 @@ fn clip(text: &mut String, max: usize) {
 }
 
 impl Parsed {
+    /// The warnings, in the order problems are reported in.
+    pub fn take_warnings(&mut self) -> Vec<Warning> {
+        let mut order: HashMap<&Path, usize> = HashMap::new();
+        for f in &self.files {
+            let n = order.len();
+            order.entry(f).or_insert(n);
+        }
+        let mut warnings = std::mem::take(&mut self.warnings);
+        for w in &mut warnings {
+            clip(&mut w.at.message, MAX_PROBLEM_TEXT);
+            for name in [&mut w.at.field, &mut w.at.object].into_iter().flatten() {
+                clip(name, MAX_PROBLEM_NAME);
+            }
+        }
+        warnings.sort_by_cached_key(|w| {
+            let p = &w.at;
+            let file = order.get(p.file.as_path()).copied();
+            (file, p.line, p.column, p.document, w.code)
+        });
+        warnings.dedup();
+        warnings
+    }
+
     pub fn into_policy_set(self) -> Result<PolicySet, Vec<Problem>> {
         if !self.problems.is_empty() {
             return Err(sorted(self.problems, self.files));

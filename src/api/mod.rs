@@ -18,6 +18,7 @@ pub mod policy;
 pub mod raw;
 pub mod registry;
 pub mod validate;
+pub mod warn;
 pub mod yaml;
 
 use std::fmt;
@@ -42,8 +43,9 @@ pub struct Problem {
     pub message: String,
 }
 
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Problem {
+    /// `FILE[:LINE[:COL]]:`
+    pub(crate) fn fmt_location(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
@@ -51,7 +53,11 @@ impl fmt::Display for Problem {
                 write!(f, ":{col}")?;
             }
         }
-        write!(f, ":")?;
+        write!(f, ":")
+    }
+
+    /// ` document N (OBJECT): FIELD: message`, the parts that are known.
+    pub(crate) fn fmt_detail(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(doc) = self.document {
             write!(f, " document {doc}")?;
             if let Some(obj) = &self.object {
@@ -66,6 +72,13 @@ impl fmt::Display for Problem {
     }
 }
 
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_location(f)?;
+        self.fmt_detail(f)
+    }
+}
+
 use std::path::Path;
 
 pub use load::{FileKind, Parsed};
@@ -73,6 +86,15 @@ use model::{Policy, PolicySet, RegistrySet};
 
 pub use cache::LoadCache;
 pub use load::{LoadOptions, MAX_FILE_SIZE};
+pub use warn::{Warning, WarningCode};
+
+/// A load's result with its warnings, which never refuse a set: the warnings
+/// are there whether the set is valid or not.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub result: Result<T, Vec<Problem>>,
+    pub warnings: Vec<Warning>,
+}
 
 /// Read every policy file in `dir` (the naming rules of docs/policy.md, "Files"). Returns the valid set
 /// only when every file is valid; otherwise every problem found.
@@ -122,6 +144,18 @@ pub fn parse_policies(file: &Path, text: &str) -> Result<Vec<Policy>, Vec<Proble
     load::parse_text(file, text, FileKind::Policy, &mut out);
     load::check_policies(&mut out);
     out.into_policy_set().map(|s| s.policies)
+}
+
+/// [`parse_policies`], with the file's warnings.
+pub fn parse_policies_warned(file: &Path, text: &str) -> Loaded<Vec<Policy>> {
+    let mut out = Parsed::default();
+    load::parse_text(file, text, FileKind::Policy, &mut out);
+    load::check_policies(&mut out);
+    let warnings = out.take_warnings();
+    Loaded {
+        result: out.into_policy_set().map(|s| s.policies),
+        warnings,
+    }
 }
 
 /// Parse one registry file's text.

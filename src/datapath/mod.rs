@@ -5,6 +5,7 @@
 //! trait; [`fake::FakeDatapath`] implements it in memory so the daemon's reconcile
 //! loop is tested without root.
 
+mod error;
 pub mod fake;
 pub mod generation;
 pub mod kernel;
@@ -12,6 +13,7 @@ pub mod layout;
 pub mod packet;
 pub mod skel;
 
+pub use error::DatapathError;
 pub use kernel::{Hook, KernelDatapath};
 
 use std::collections::BTreeMap;
@@ -133,26 +135,6 @@ pub struct Counters {
     pub denied_spoof: u64,
     pub denied_other: u64,
     pub audit: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    /// The state does not fit a map; nothing was changed.
-    #[error("{map} needs {needed} entries but holds at most {max}; the running state was kept")]
-    Capacity {
-        map: &'static str,
-        needed: usize,
-        max: usize,
-    },
-    /// A kernel call failed.
-    #[error("{op}: {source}")]
-    Kernel {
-        op: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Other(String),
 }
 
 /// The kernel side as the daemon sees it.

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::api::load::{FileKind, Parsed};
 use crate::api::model::{PolicySet, RegistrySet};
-use crate::api::{LoadCache, LoadOptions, Problem};
+use crate::api::{LoadCache, LoadOptions, Problem, Warning};
 use crate::config::Config;
 
 /// Which input set.
@@ -97,6 +97,13 @@ pub trait Inputs: Send {
     /// Files parsed by the last read of each kind, for the apply log line.
     fn files_parsed(&self) -> usize {
         0
+    }
+
+    /// The warnings of the inputs as the last read of each kind saw them,
+    /// the policies' first: accepted input worth a look (`netpolctl check
+    /// --strict` fails on them); they never refuse a set.
+    fn warnings(&self) -> Vec<Warning> {
+        Vec::new()
     }
 
     /// How a saved copy of the local directories is read back (the daemon
@@ -175,6 +182,8 @@ pub struct FileInputs {
     cache: Option<LoadCache>,
     /// Files parsed by the last read of each kind.
     parsed: [usize; 2],
+    /// The warnings of the last read of each kind that parsed the files.
+    warnings: [Vec<Warning>; 2],
 }
 
 impl FileInputs {
@@ -194,6 +203,7 @@ impl FileInputs {
             opts: config.load_options(),
             cache: None,
             parsed: [0; 2],
+            warnings: [Vec::new(), Vec::new()],
         }
     }
 
@@ -202,17 +212,25 @@ impl FileInputs {
             FileKind::Policy => (&self.policy_dir, 0),
             FileKind::Registry => (&self.endpoint_dirs, 1),
         };
-        let Some(cache) = self.cache.as_mut() else {
-            let out = crate::api::load_dirs(dirs, want, &self.opts, None);
-            self.parsed[n] = out.files.len();
-            return Some(out);
+        let mut out = match self.cache.as_mut() {
+            None => {
+                let out = crate::api::load_dirs(dirs, want, &self.opts, None);
+                self.parsed[n] = out.files.len();
+                Some(out)
+            }
+            Some(cache) => {
+                let out = match hint {
+                    Hint::Whole => Some(cache.load(dirs, want, &self.opts)),
+                    Hint::Anything => cache.load_if_changed(dirs, want, &self.opts, None),
+                    Hint::Files(t) => cache.load_if_changed(dirs, want, &self.opts, Some(t)),
+                };
+                self.parsed[n] = cache.last_parsed();
+                out
+            }
         };
-        let out = match hint {
-            Hint::Whole => Some(cache.load(dirs, want, &self.opts)),
-            Hint::Anything => cache.load_if_changed(dirs, want, &self.opts, None),
-            Hint::Files(t) => cache.load_if_changed(dirs, want, &self.opts, Some(t)),
-        };
-        self.parsed[n] = cache.last_parsed();
+        if let Some(out) = out.as_mut() {
+            self.warnings[n] = out.take_warnings();
+        }
         out
     }
 }
@@ -234,6 +252,10 @@ impl Inputs for FileInputs {
 
     fn files_parsed(&self) -> usize {
         self.parsed.iter().sum()
+    }
+
+    fn warnings(&self) -> Vec<Warning> {
+        self.warnings.concat()
     }
 
     fn saved(&self) -> Arc<dyn SavedReader> {

@@ -19,7 +19,7 @@ use std::any::Any;
 use std::time::{Duration, Instant};
 
 use crate::api::model::{PolicySet, RegistrySet};
-use crate::api::Problem;
+use crate::api::{Problem, Warning};
 use crate::config::Config;
 use crate::policy::compile::{CompileError, CompileOptions, Compiler};
 use crate::policy::types::Compiled;
@@ -105,6 +105,8 @@ pub struct Pass {
     /// Every problem of the inputs now: the policies', then the registry's
     /// (each kind in file order), then a refusal for not fitting the maps.
     pub problems: Vec<Problem>,
+    /// Every warning of the inputs now (they never refuse a set).
+    pub warnings: Vec<Warning>,
     /// The state to enforce; `None` when a kind has no valid set in force, or
     /// nothing in force fits the maps.
     pub compiled: Option<Compiled>,
@@ -202,6 +204,7 @@ pub fn load_and_compile(
         held.retired.push(Box::new(old));
     }
     pass.files_parsed = inputs.files_parsed();
+    pass.warnings = inputs.warnings();
     pass.load = t0.elapsed();
 
     let (Some(pol), Some(reg)) = (&held.policies, &held.registry) else {
