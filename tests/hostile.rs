@@ -1278,7 +1278,8 @@ fn old_sort_was_quadratic() {
 #[test]
 fn compile_blowup_is_refused_by_the_map_budget() {
     use netpol::api::model::PolicySet;
-    use netpol::policy::compile::{try_compile, CompileOptions, POLICY_KEY};
+    use netpol::policy::compile::{try_compile, CompileOptions};
+    use netpol::sizes::MapKind;
     let reg_text = fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml"),
     )
@@ -1306,7 +1307,7 @@ fn compile_blowup_is_refused_by_the_map_budget() {
         text.len(),
         t.elapsed()
     );
-    assert_eq!((err.key, err.limit), (POLICY_KEY, 262_144));
+    assert_eq!((err.map, err.limit), (MapKind::Policy, 262_144));
     assert_eq!(
         err.to_string(),
         "/etc/netpol.d/big.yaml:9:7: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, \

@@ -1,6 +1,7 @@
 //! Policy documents → [`model::Rule`]s: Cilium's validation (`rule_validation.go`)
 //! and Kubernetes' translation (`ParseToCiliumRule`, `ParseNetworkPolicy`),
-//! including the implicit namespace scoping of selectors (reference §2.5/§2.6).
+//! including the implicit namespace scoping of selectors (docs/policy.md,
+//! "Semantics").
 //!
 //! Errors are collected in a [`Ctx`] as (field path, message) pairs; a document
 //! keeps being validated after its first error so the user sees all of them.
@@ -52,7 +53,7 @@ impl Ctx {
 /// `ValidateNetworkPolicyName`). An empty name, and one the registry rule
 /// refuses too ('/', whitespace), is reported by the caller.
 pub fn object_name(ctx: &mut Ctx, name: &str) {
-    if super::registry::object_name(name).is_ok() {
+    if v::object_name(name).is_ok() {
         if let Err(e) = v::dns_subdomain_name(name) {
             ctx.err("metadata.name", e);
         }

@@ -1,6 +1,6 @@
 //! `netpolctl check`: validate the policy directory and the endpoint registry
-//! exactly as the daemon would (including compiling them within the config's map
-//! sizes), and report every problem.
+//! exactly as the daemon would (the same [`pipeline`] pass, compiling them
+//! within the config's map sizes), and report every problem.
 //!
 //! Output goes to stdout (it is the command's result, and scripts capture it):
 //! `ok: ...` and exit 0 when everything is valid; otherwise one
@@ -10,13 +10,18 @@
 //! status, unless `--strict` makes them fail too. `--json` prints one object:
 //! `{"valid", "problems": [...], "warnings": [...], "policies", "rules", "endpoints", ...}`,
 //! where `valid` is what the exit status says.
+//!
+//! Owns the report only; reads and compiles through the pipeline, like every
+//! command, and never contacts the daemon.
 
 use clap::Args;
 use serde::Serialize;
 
 use super::common::FileArgs;
-use crate::api::{self, Problem, Warning};
-use crate::policy::compile::{try_compile, CompileOptions};
+use crate::api::model::EndpointKind;
+use crate::api::{Problem, Warning, WarningCode};
+use crate::config::Config;
+use crate::pipeline;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -55,7 +60,7 @@ struct JsonProblem<'a> {
 struct JsonWarning<'a> {
     #[serde(flatten)]
     at: JsonProblem<'a>,
-    code: api::WarningCode,
+    code: WarningCode,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,55 +72,29 @@ struct JsonReport<'a> {
     summary: &'a Summary,
 }
 
-/// Validate everything; returns the summary of what was valid, all problems and
-/// all warnings.
-/// `opts` carries the config's `strict_file_modes` and `copts` its node name and
-/// map sizes, so `check` agrees with the daemon: when both sets are valid they
-/// are compiled, and a set that would not fit the maps is a problem too.
-pub fn check(
-    policy_dir: &std::path::Path,
-    endpoint_dirs: &[std::path::PathBuf],
-    opts: &api::LoadOptions,
-    copts: &CompileOptions,
-) -> (Summary, Vec<Problem>, Vec<Warning>) {
+/// Validate everything as the daemon would: the files of `cfg` (with its
+/// `strict_file_modes`), compiled with its node name and map sizes when both
+/// sets are valid (a set that would not fit the maps is a problem too).
+/// Returns the summary of what was valid, every problem and every warning.
+pub fn check(cfg: &Config) -> (Summary, Vec<Problem>, Vec<Warning>) {
+    let (held, pass) = pipeline::load_files(cfg);
     let mut summary = Summary::default();
-    let mut problems = Vec::new();
-    let loaded = api::load_policy_dir_warned(policy_dir, opts);
-    let warnings = loaded.warnings;
-    let policies = match loaded.result {
-        Ok(set) => {
-            summary.policies = set.policies.len();
-            summary.rules = set.policies.iter().map(|p| p.rules.len()).sum();
-            Some(set)
-        }
-        Err(p) => {
-            problems.extend(p);
-            None
-        }
-    };
-    let registry = match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
-        Ok(reg) => {
-            summary.host_endpoints = reg
-                .endpoints
-                .iter()
-                .filter(|e| e.kind == api::model::EndpointKind::Host)
-                .count();
-            summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
-            summary.nodes = reg.nodes.len();
-            summary.namespaces = reg.namespaces.len();
-            Some(reg)
-        }
-        Err(p) => {
-            problems.extend(p);
-            None
-        }
-    };
-    if let (Some(p), Some(r)) = (&policies, &registry) {
-        if let Err(e) = try_compile(p, r, copts) {
-            problems.push(e.into());
-        }
+    if let Some(p) = &held.policies {
+        summary.policies = p.set.policies.len();
+        summary.rules = p.set.policies.iter().map(|p| p.rules.len()).sum();
     }
-    (summary, problems, warnings)
+    if let Some(r) = &held.registry {
+        let reg = &r.set;
+        summary.host_endpoints = reg
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == EndpointKind::Host)
+            .count();
+        summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
+        summary.nodes = reg.nodes.len();
+        summary.namespaces = reg.namespaces.len();
+    }
+    (summary, pass.problems, pass.warnings)
 }
 
 fn json_problem(p: &Problem, text: String) -> JsonProblem<'_> {
@@ -137,12 +116,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
-    let (summary, problems, warnings) = check(
-        &cfg.policy_dir,
-        &cfg.endpoint_dirs,
-        &cfg.load_options(),
-        &cfg.compile_options(),
-    );
+    let (summary, problems, warnings) = check(&cfg);
     let valid = problems.is_empty() && (warnings.is_empty() || !args.strict);
     if args.files.json {
         let report = JsonReport {
