@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::harness::cmd::{ip, NETPOLCTL};
+use crate::harness::cmd::{ip, repo, NETPOLCTL};
 use crate::harness::daemon::Daemon;
 use crate::harness::netns::{sysctl, Netns};
 use crate::harness::nodegen::{self, GenEndpoint, Scenario, LETTER};
@@ -606,10 +606,7 @@ fn check_node_peers(c: &Cluster, sc: &Scenario) {
 
 #[test]
 fn seed_scenario_over_two_nodes_matches_the_offline_matrix() {
-    let sc = nodegen::seed_spread(
-        &nodegen::layout(true),
-        Path::new(env!("CARGO_MANIFEST_DIR")),
-    );
+    let sc = nodegen::seed_spread(&nodegen::layout(true), &repo());
     run(
         "seed_scenario_over_two_nodes_matches_the_offline_matrix",
         &sc,
