@@ -20,7 +20,8 @@
 //! `Drop` removes it, also when a test fails. Names start with `np` and a
 //! suite's letter (`npd` datapath, `npy` bypass, `npe` daemon end to end, `npf`
 //! faults and soak, `npn` nodes, `npk` packaging) and carry the process id and a
-//! per-test tag, so tests of one binary can run side by side.
+//! per-test tag, so tests of one binary can run side by side; the few with fixed
+//! names (the two multi-node tests, the packaging tests) take turns.
 
 // Each binary uses part of the harness.
 #![allow(dead_code)]

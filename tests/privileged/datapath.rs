@@ -3,7 +3,7 @@
 //! veth pairs and real sockets. Without root they skip with a message; under
 //! CI=true they fail instead.
 //!
-//! Everything created here uses the prefix `npd`: netns `npd-<test>-<n>`,
+//! Everything created here uses the prefix `npd`: netns `npd-<pid>-<test>-*`,
 //! links `npd...`, addresses 10.201.0.0/16 and fd01:201::/64, pins under
 //! /sys/fs/bpf/npd-test-*; guards remove them also on failure.
 
