@@ -9,5 +9,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod fleet;
 pub mod logging;
 pub mod policy;

@@ -75,7 +75,9 @@ impl KeyKind {
     pub fn is_endpoint(&self) -> bool {
         matches!(
             self,
-            KeyKind::Endpoint { .. } | KeyKind::HostEndpoint { .. } | KeyKind::StaticEndpoint { .. }
+            KeyKind::Endpoint { .. }
+                | KeyKind::HostEndpoint { .. }
+                | KeyKind::StaticEndpoint { .. }
         )
     }
 }
@@ -348,7 +350,9 @@ mod tests {
         }
         assert_eq!(k.parse("/other/x"), Ok(None));
         assert_eq!(k.parse("/netpol/v1/heartbeat"), Ok(None));
-        assert!(k.parse("/netpol/v1/registry/nodes/a/endpoints/web").is_err());
+        assert!(k
+            .parse("/netpol/v1/registry/nodes/a/endpoints/web")
+            .is_err());
         assert!(k.parse("/netpol/v1/registry/nodes//node").is_err());
         assert!(k.parse("/netpol/v1/registry/pods/x").is_err());
         assert!(k.parse("/netpol/v1/policysets/s1").is_err());

@@ -133,7 +133,8 @@ impl MemStore {
         g.down = down;
         if down {
             for w in g.watchers.drain(..) {
-                let _ = w.tx.send(Err(StoreError::Unavailable("connection refused".into())));
+                let _ =
+                    w.tx.send(Err(StoreError::Unavailable("connection refused".into())));
             }
         }
     }
@@ -170,7 +171,8 @@ impl MemStore {
         g.history.clear();
         g.compacted = rev;
         for w in g.watchers.drain(..) {
-            let _ = w.tx.send(Err(StoreError::Unavailable("member restarted".into())));
+            let _ =
+                w.tx.send(Err(StoreError::Unavailable("member restarted".into())));
         }
     }
 
@@ -592,7 +594,9 @@ mod tests {
     use crate::fleet::store::get_all;
 
     fn s(v: &[Kv]) -> Vec<(&str, &[u8])> {
-        v.iter().map(|k| (k.key.as_str(), k.value.as_slice())).collect()
+        v.iter()
+            .map(|k| (k.key.as_str(), k.value.as_slice()))
+            .collect()
     }
 
     #[tokio::test]
@@ -680,10 +684,7 @@ mod tests {
             }],
             ..Txn::default()
         };
-        assert_eq!(
-            m.txn(t).await.unwrap_err(),
-            StoreError::LeaseNotFound(id)
-        );
+        assert_eq!(m.txn(t).await.unwrap_err(), StoreError::LeaseNotFound(id));
     }
 
     #[tokio::test]

@@ -81,16 +81,27 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchMsg {
     /// The watch exists; its header's revision is the store's at creation.
-    Created { header: Header },
-    Events { header: Header, events: Vec<Event> },
+    Created {
+        header: Header,
+    },
+    Events {
+        header: Header,
+        events: Vec<Event>,
+    },
     /// An answer to a progress request (or a progress notification): every
     /// event up to `header.revision` has been sent.
-    Progress { header: Header },
+    Progress {
+        header: Header,
+    },
     /// The start revision was compacted: the caller must list again, never
     /// resume at `compact_revision`.
-    Compacted { compact_revision: i64 },
+    Compacted {
+        compact_revision: i64,
+    },
     /// The server ended the watch.
-    Canceled { reason: String },
+    Canceled {
+        reason: String,
+    },
 }
 
 /// A watch on one key range. Dropping it cancels the watch.
