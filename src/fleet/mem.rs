@@ -401,6 +401,9 @@ struct MemWatch {
     rx: mpsc::UnboundedReceiver<Result<WatchMsg, StoreError>>,
     tx: mpsc::UnboundedSender<Result<WatchMsg, StoreError>>,
     broken: bool,
+    /// A message received but not yet returned (held while frozen): keeps
+    /// `next` cancel-safe, as a `select!` needs.
+    pending: Option<Result<WatchMsg, StoreError>>,
 }
 
 impl Drop for MemWatch {
@@ -416,13 +419,16 @@ impl WatchStream for MemWatch {
                 return Err(StoreError::Unavailable("watch stream closed".into()));
             }
             let mut frozen = self.store.frozen.subscribe();
-            let _ = frozen.wait_for(|f| !*f).await;
-            let msg = match self.rx.recv().await {
-                Some(m) => m,
-                None => Err(StoreError::Unavailable("watch stream closed".into())),
-            };
+            if self.pending.is_none() {
+                let _ = frozen.wait_for(|f| !*f).await;
+                self.pending = Some(match self.rx.recv().await {
+                    Some(m) => m,
+                    None => Err(StoreError::Unavailable("watch stream closed".into())),
+                });
+            }
             // A message that arrived while frozen is held until the thaw.
             let _ = frozen.wait_for(|f| !*f).await;
+            let msg = self.pending.take().expect("set above");
             if msg.is_err() {
                 self.broken = true;
             }
@@ -521,6 +527,7 @@ impl Store for MemStore {
                 rx,
                 tx,
                 broken: false,
+                pending: None,
             }) as Box<dyn WatchStream>)
         })
     }

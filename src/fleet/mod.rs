@@ -18,4 +18,8 @@ pub mod etcd;
 pub mod keys;
 pub mod mem;
 pub mod store;
+pub mod sync;
 pub mod view;
+
+#[cfg(test)]
+mod tests;
