@@ -491,3 +491,303 @@ async fn the_current_policy_set_follows_the_flip_and_keeps_the_last_valid_one() 
     assert!(v.policy_problems.is_empty());
     h.stop().await;
 }
+
+// ---------------------------------------------------------------- publisher and engine
+
+use super::{Engine, FleetSettings, PublishSettings};
+use crate::api::model::RegistrySet;
+
+fn fleet(node: &str, state_dir: Option<&std::path::Path>) -> FleetSettings {
+    let mut s = settings();
+    s.node = node.into();
+    let mut p = PublishSettings::new(P, node);
+    p.lease_ttl = Duration::from_secs(6);
+    p.status_interval = Duration::from_secs(2);
+    p.request_timeout = Duration::from_millis(500);
+    p.backoff_min = Duration::from_millis(100);
+    p.backoff_max = Duration::from_secs(2);
+    if let Some(d) = state_dir {
+        s.cache_dir = Some(d.join("etcd"));
+        p.state_dir = Some(d.join("etcd"));
+    }
+    FleetSettings {
+        sync: s,
+        publish: p,
+    }
+}
+
+fn engine(m: &MemStore, node: &str, dir: Option<&std::path::Path>) -> Engine {
+    let store: Arc<dyn Store> = Arc::new(m.clone());
+    Engine::start(fleet(node, dir), store, crate::logging::discard())
+}
+
+/// A host's files: `n` endpoints of its own (no `spec.node`), one host
+/// endpoint, its Node, and one copied remote endpoint it must not publish.
+fn files(node: &str, n: usize, label: &str) -> Arc<RegistrySet> {
+    let mut y = format!(
+        "apiVersion: netpol/v1\nkind: Node\nmetadata: {{name: {node}}}\nspec: {{addresses: [192.0.2.{}]}}\n---\napiVersion: netpol/v1\nkind: HostEndpoint\nmetadata: {{name: {node}-eth0}}\nspec: {{interface: eth0, addresses: [192.0.2.{}]}}\n---\napiVersion: netpol/v1\nkind: Endpoint\nmetadata: {{name: copied-{node}}}\nspec: {{node: elsewhere, addresses: [10.99.0.{}]}}\n",
+        node.len(),
+        node.len(),
+        node.len()
+    );
+    let base = if node == "host-a" { 1 } else { 2 };
+    for i in 0..n {
+        y.push_str(&format!(
+            "---\napiVersion: netpol/v1\nkind: Endpoint\nmetadata: {{name: {node}-w{i}, labels: {{app: {label}}}}}\nspec: {{interface: veth{i}, addresses: [10.{base}.0.{i}]}}\n"
+        ));
+    }
+    Arc::new(crate::api::parse_registry(std::path::Path::new("/f.yaml"), &y).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_publishes_its_own_entries_under_one_lease_and_only_changes() {
+    let m = MemStore::new();
+    let a = engine(&m, "host-a", None);
+    a.publish(files("host-a", 3, "web"), vec![]);
+    let mut ps = a.publish_state();
+    let st = until(&mut ps, "published", |s| s.published == 5).await;
+    let lease = st.lease.unwrap();
+    let keys_a = m.keys_with_prefix(&keys().node_prefix("host-a"));
+    assert_eq!(keys_a.len(), 5, "{keys_a:?}");
+    assert!(keys_a.iter().all(|k| k.lease == lease));
+    let node_ep = m
+        .value(&keys().endpoint("host-a", "default", "host-a-w0"))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&node_ep.value).contains(r#""node":"host-a""#));
+    assert!(m
+        .value(&keys().host_endpoint("host-a", "host-a-eth0"))
+        .is_some());
+    assert!(m.value(&keys().node("host-a")).is_some());
+    // One label changes: one key is written, nothing else.
+    let rev = m.revision();
+    let mut changed = files("host-a", 3, "web").as_ref().clone();
+    changed.endpoints[3].labels[0].value = "api".into();
+    a.publish(Arc::new(changed), vec![]);
+    until(&mut ps, "second write", |s| s.writes == 2).await;
+    assert_eq!(m.revision(), rev + 1);
+    // The same files again: nothing.
+    let rev = m.revision();
+    a.publish(files("host-a", 3, "web"), vec![]);
+    until(&mut ps, "third write", |s| s.writes == 3).await;
+    assert_eq!(m.revision(), rev + 1);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(m.revision(), rev + 1, "writes without a change");
+    // The lease is kept alive all along.
+    assert!(m.lease_time_to_live(lease).await.unwrap().is_some());
+    a.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_keys_and_a_lost_lease_are_published_again() {
+    let m = MemStore::new();
+    let a = engine(&m, "host-a", None);
+    a.publish(files("host-a", 2, "web"), vec![]);
+    let mut ps = a.publish_state();
+    let lease = until(&mut ps, "published", |s| s.published == 4)
+        .await
+        .lease
+        .unwrap();
+    let k = keys().endpoint("host-a", "default", "host-a-w1");
+    m.delete(&k);
+    until(&mut ps, "restored", |_| m.value(&k).is_some()).await;
+    let got = loop {
+        if let Some(v) = m.value(&k) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(got.lease, lease);
+    // Someone overwrites one: put back.
+    m.put(&k, "{}");
+    loop {
+        if m.value(&k)
+            .is_some_and(|v| v.lease == lease && v.value != b"{}")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The lease is revoked (an admin, or a partition longer than the TTL).
+    m.lease_revoke(lease).await.unwrap();
+    let st = until(&mut ps, "new lease", |s| {
+        s.lease.is_some_and(|l| l != lease) && s.published == 4
+    })
+    .await;
+    assert_eq!(st.leases_granted, 2);
+    let now = m.keys_with_prefix(&keys().node_prefix("host-a"));
+    assert_eq!(now.len(), 4);
+    assert!(now.iter().all(|k| Some(k.lease) == st.lease));
+    a.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_see_a_hosts_endpoints_and_drop_them_after_its_lease() {
+    let m = MemStore::new();
+    let a = engine(&m, "host-a", None);
+    let b = engine(&m, "host-b", None);
+    a.publish(files("host-a", 3, "web"), vec![]);
+    b.publish(files("host-b", 1, "db"), vec![]);
+    let mut vb = b.view();
+    let v = until(&mut vb, "a's entries on b", |v| {
+        v.registry.endpoints.len() == 4
+    })
+    .await;
+    // b sees a's three workloads and its host endpoint, never the copy a holds.
+    assert!(v
+        .registry
+        .endpoints
+        .iter()
+        .all(|e| e.node.as_deref() == Some("host-a")));
+    assert_eq!(v.registry.nodes.len(), 1);
+    let mut va = a.view();
+    until(&mut va, "b's entries on a", |v| {
+        v.registry.endpoints.len() == 2
+    })
+    .await;
+    // a dies (no clean anything: its tasks just stop keeping the lease).
+    a.stop().await;
+    let t0 = tokio::time::Instant::now();
+    until(&mut vb, "a gone", |v| v.registry.endpoints.is_empty()).await;
+    let took = t0.elapsed();
+    assert!(took <= Duration::from_secs(8), "{took:?}");
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_within_the_ttl_reuses_the_lease_and_peers_see_no_flap() {
+    let m = MemStore::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = engine(&m, "host-a", Some(dir.path()));
+    let b = engine(&m, "host-b", None);
+    a.publish(files("host-a", 3, "web"), vec![]);
+    let mut vb = b.view();
+    until(&mut vb, "a on b", |v| v.registry.endpoints.len() == 4).await;
+    let lease = a.publish_state().borrow().lease.unwrap();
+    a.stop().await;
+    // Back two seconds later, well within the 6 s TTL.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rev = m.revision();
+    vb.borrow_and_update();
+    let a = engine(&m, "host-a", Some(dir.path()));
+    a.publish(files("host-a", 3, "web"), vec![]);
+    let mut ps = a.publish_state();
+    let st = until(&mut ps, "lease reused", |s| s.lease.is_some()).await;
+    assert_eq!(st.lease, Some(lease));
+    assert_eq!(st.leases_granted, 0);
+    // Well past the old TTL: still there, never rewritten, b never changed.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(m.revision(), rev, "the restart wrote to etcd");
+    assert!(!vb.has_changed().unwrap(), "b saw a flap");
+    assert_eq!(vb.borrow().registry.endpoints.len(), 4);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Churn on one host, three hosts watching: each applies at most once per
+/// tick, writes status at most every status_interval, and once the churn stops
+/// nothing moves any more — no traffic that sustains itself.
+#[tokio::test(start_paused = true)]
+async fn status_is_written_rarely_and_a_quiet_fleet_stays_quiet() {
+    let m = MemStore::new();
+    let hosts: Vec<Engine> = ["host-a", "host-b", "host-c"]
+        .iter()
+        .map(|n| engine(&m, n, None))
+        .collect();
+    for (i, h) in hosts.iter().enumerate() {
+        h.publish(files(["host-a", "host-b", "host-c"][i], 1, "x"), vec![]);
+    }
+    // A stand-in daemon per host: apply each delivered view, report it.
+    let mut daemons = Vec::new();
+    for h in &hosts {
+        let mut v = h.view();
+        let applies = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = applies.clone();
+        let tx = h.publisher.tx.clone();
+        daemons.push((
+            applies,
+            tokio::spawn(async move {
+                let mut generation = 0;
+                loop {
+                    let rev = v.borrow_and_update().revision;
+                    generation += 1;
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = tx.send(super::publish::Control::Applied(super::Applied {
+                        revision: rev,
+                        generation,
+                        ready: true,
+                        degraded: false,
+                    }));
+                    if v.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let count = |d: &Vec<(Arc<std::sync::atomic::AtomicUsize>, _)>| -> Vec<usize> {
+        d.iter()
+            .map(|(a, _)| a.load(std::sync::atomic::Ordering::SeqCst))
+            .collect()
+    };
+    let before = count(&daemons);
+    let status_before: Vec<u64> = hosts
+        .iter()
+        .map(|h| h.publish_state().borrow().status_writes)
+        .collect();
+    // 5 registry writes/s for 30 s, all by an admin tool (static entries).
+    for i in 0..150 {
+        m.put(
+            &keys().static_endpoint("default", &format!("s{}", i % 20)),
+            &format!(
+                r#"{{"apiVersion":"netpol/v1","kind":"Endpoint","metadata":{{"name":"s{}","labels":{{"gen":"g{i}"}}}},"spec":{{"node":"appliance","addresses":["10.50.0.{}"]}}}}"#,
+                i % 20,
+                i % 20
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after_churn = count(&daemons);
+    let status_after: Vec<u64> = hosts
+        .iter()
+        .map(|h| h.publish_state().borrow().status_writes)
+        .collect();
+    for i in 0..3 {
+        let applies = after_churn[i] - before[i];
+        // 150 writes, 200 ms apart, 50 ms tick: one apply per write at most.
+        assert!(applies <= 151, "host {i}: {applies} applies");
+        assert!(applies >= 100, "host {i}: only {applies} applies");
+        let writes = status_after[i] - status_before[i];
+        // 30 s at one status write per 2 s at most.
+        assert!(writes <= 16, "host {i}: {writes} status writes");
+        assert!(writes >= 5, "host {i}: {writes} status writes");
+    }
+    // Quiet now: settle, then nothing at all for a minute.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rev = m.revision();
+    let settled = count(&daemons);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(m.revision(), rev, "writes after the churn stopped");
+    assert_eq!(count(&daemons), settled, "applies after the churn stopped");
+    // And every host reports the last revision as applied.
+    for h in &hosts {
+        let st = h.state().borrow().clone();
+        assert!(st.view_revision >= rev - 3, "{st:?}");
+    }
+    let statuses = m.keys_with_prefix(&keys().status_prefix());
+    assert_eq!(statuses.len(), 3);
+    let last_churn = m
+        .keys_with_prefix(&keys().static_prefix())
+        .iter()
+        .map(|k| k.mod_revision)
+        .max()
+        .unwrap();
+    for s in statuses {
+        let st: super::NodeStatus = serde_json::from_slice(&s.value).unwrap();
+        assert!(st.applied_revision >= last_churn, "{st:?} < {last_churn}");
+        assert!(st.ready && !st.degraded);
+    }
+    for h in hosts {
+        h.stop().await;
+    }
+}
