@@ -11,6 +11,7 @@
 //! Must not: touch the kernel, read the local files itself (the daemon hands it
 //! its validated registry), or turn any store error into an empty view.
 
+pub mod admin;
 pub mod cache;
 pub mod doc;
 #[cfg(feature = "etcd")]
