@@ -190,6 +190,12 @@ impl PublisherHandle {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Known {
+    value: Option<(Vec<u8>, i64)>,
+    rev: i64,
+}
+
 struct Publisher {
     s: PublishSettings,
     store: Arc<dyn Store>,
@@ -197,8 +203,11 @@ struct Publisher {
     lease: Option<i64>,
     /// Tried the lease file once.
     lease_file_read: bool,
-    /// What etcd holds under this host's prefix: value and lease.
-    published: BTreeMap<String, (Vec<u8>, i64)>,
+    /// What etcd holds under this host's prefix, as last seen: value and
+    /// lease (`None`: deleted), with the revision it was seen at. Each key
+    /// takes only news newer than what it has, so an event or a list that
+    /// arrives late does not undo a later write.
+    own: BTreeMap<String, Known>,
     published_known: bool,
     desired: Option<BTreeMap<String, String>>,
     need_sync: bool,
@@ -233,7 +242,7 @@ pub fn spawn(
         log,
         lease: None,
         lease_file_read: false,
-        published: BTreeMap::new(),
+        own: BTreeMap::new(),
         published_known: false,
         desired: None,
         need_sync: false,
@@ -370,43 +379,79 @@ impl Publisher {
         if let Some(id) = self.lease.take() {
             slog::warn!(self.log, "etcd lease lost; publishing again under a new one"; "lease" => format!("{id:x}"));
             // Every key of it is gone with it.
-            self.published.retain(|_, (_, l)| *l != id);
+            for k in self.own.values_mut() {
+                if k.value.as_ref().is_some_and(|(_, l)| *l == id) {
+                    k.value = None;
+                }
+            }
         }
         self.status_written = None;
         self.need_sync = true;
         self.state_tx.send_modify(|s| s.lease = None);
     }
 
+    /// Take what etcd said of an own key at `rev`, if newer than what is known.
+    fn observe(&mut self, key: &str, value: Option<(Vec<u8>, i64)>, rev: i64) -> bool {
+        match self.own.get_mut(key) {
+            Some(k) if k.rev > rev => false,
+            Some(k) => {
+                let changed = k.value != value;
+                *k = Known { value, rev };
+                changed
+            }
+            None => {
+                self.own.insert(key.to_string(), Known { value, rev });
+                true
+            }
+        }
+    }
+
+    fn published(&self) -> impl Iterator<Item = (&String, &(Vec<u8>, i64))> {
+        self.own
+            .iter()
+            .filter_map(|(k, v)| v.value.as_ref().map(|x| (k, x)))
+    }
+
+    /// A full read of the prefix at `rev`.
+    fn listed(&mut self, rev: i64, kvs: Vec<Kv>) {
+        let present: std::collections::BTreeSet<String> =
+            kvs.iter().map(|k| k.key.clone()).collect();
+        for kv in kvs {
+            self.observe(&kv.key, Some((kv.value, kv.lease)), kv.mod_revision);
+        }
+        let gone: Vec<String> = self
+            .own
+            .iter()
+            .filter(|(k, v)| v.value.is_some() && v.rev <= rev && !present.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.observe(&k, None, rev);
+        }
+        self.published_known = true;
+    }
+
     fn own_event(&mut self, e: OwnEvent) {
-        match e {
+        let changed = match e {
             OwnEvent::Put(kv) => {
-                let mine = self
-                    .desired
-                    .as_ref()
-                    .and_then(|d| d.get(&kv.key))
-                    .is_some_and(|v| v.as_bytes() == kv.value && Some(kv.lease) == self.lease);
-                self.published.insert(kv.key, (kv.value, kv.lease));
-                if !mine && self.desired.is_some() {
-                    self.need_sync = true;
-                }
+                let (key, rev) = (kv.key.clone(), kv.mod_revision);
+                self.observe(&key, Some((kv.value, kv.lease)), rev)
             }
-            OwnEvent::Delete(key) => {
-                self.published.remove(&key);
-                if self.desired.as_ref().is_some_and(|d| d.contains_key(&key)) {
+            OwnEvent::Delete(key, rev) => {
+                let c = self.observe(&key, None, rev);
+                if c && self.desired.as_ref().is_some_and(|d| d.contains_key(&key)) {
                     slog::info!(self.log, "own key deleted in etcd; publishing it again"; "key" => &key);
-                    self.need_sync = true;
                 }
+                c
             }
-            OwnEvent::Listed(kvs) => {
-                self.published = kvs
-                    .into_iter()
-                    .map(|k| (k.key, (k.value, k.lease)))
-                    .collect();
-                self.published_known = true;
-                if self.desired.is_some() {
-                    self.need_sync = true;
-                }
+            OwnEvent::Listed(rev, kvs) => {
+                let before = self.own.clone();
+                self.listed(rev, kvs);
+                before != self.own
             }
+        };
+        if changed && self.desired.is_some() {
+            self.need_sync = true;
         }
     }
 
@@ -487,21 +532,17 @@ impl Publisher {
         if !self.published_known {
             let r = Range::prefix(&self.s.keys.node_prefix(&self.s.node));
             let page = bounded(t * 4, get_all(self.store.as_ref(), &r, 500)).await?;
-            self.published = page
-                .kvs
-                .into_iter()
-                .map(|k: Kv| (k.key, (k.value, k.lease)))
-                .collect();
-            self.published_known = true;
+            self.listed(page.header.revision, page.kvs);
         }
-        let lease = if desired.is_empty() && self.published.is_empty() {
+        let lease = if desired.is_empty() && self.published().next().is_none() {
             0
         } else {
             self.ensure_lease().await?
         };
         let mut ops = Vec::new();
+        let published: BTreeMap<&String, &(Vec<u8>, i64)> = self.published().collect();
         for (k, v) in &desired {
-            if self.published.get(k) != Some(&(v.as_bytes().to_vec(), lease)) {
+            if published.get(k).copied() != Some(&(v.as_bytes().to_vec(), lease)) {
                 ops.push(Op::Put {
                     key: k.clone(),
                     value: v.as_bytes().to_vec(),
@@ -509,9 +550,9 @@ impl Publisher {
                 });
             }
         }
-        for k in self.published.keys() {
-            if !desired.contains_key(k) {
-                ops.push(Op::Delete { key: k.clone() });
+        for k in published.keys() {
+            if !desired.contains_key(*k) {
+                ops.push(Op::Delete { key: (*k).clone() });
             }
         }
         if ops.is_empty() {
@@ -521,7 +562,7 @@ impl Publisher {
         let txns = batches(ops).map_err(StoreError::Other)?;
         for txn in txns {
             let applied = txn.clone();
-            bounded(
+            let r = bounded(
                 t,
                 self.store.txn(Txn {
                     success: txn,
@@ -529,20 +570,21 @@ impl Publisher {
                 }),
             )
             .await?;
+            let rev = r.header.revision;
             for op in applied {
                 match op {
                     Op::Put { key, value, lease } => {
-                        self.published.insert(key, (value, lease));
+                        self.observe(&key, Some((value, lease)), rev);
                     }
                     Op::Delete { key } => {
-                        self.published.remove(&key);
+                        self.observe(&key, None, rev);
                     }
                     Op::DeletePrefix { .. } => {}
                 }
             }
         }
-        slog::info!(self.log, "published to etcd"; "changed_keys" => n, "keys" => self.published.len());
-        let count = self.published.len();
+        let count = self.published().count();
+        slog::info!(self.log, "published to etcd"; "changed_keys" => n, "keys" => count);
         self.state_tx.send_modify(|s| {
             s.writes += 1;
             s.published = count;

@@ -170,9 +170,10 @@ pub struct SyncState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OwnEvent {
     Put(Kv),
-    Delete(String),
-    /// Every own key, from a full list.
-    Listed(Vec<Kv>),
+    /// The key and the revision of its deletion.
+    Delete(String, i64),
+    /// Every own key, from a full list at a revision.
+    Listed(i64, Vec<Kv>),
 }
 
 /// Unix milliseconds now.
@@ -561,7 +562,7 @@ impl Sync {
             self.dirty = true;
         }
         if let Some(tx) = &self.own_tx {
-            let _ = tx.send(OwnEvent::Listed(own));
+            let _ = tx.send(OwnEvent::Listed(rev, own));
         }
         self.revision = rev;
         self.resume = rev;
@@ -648,7 +649,7 @@ impl Sync {
             == Some(self.s.node.as_str())
         {
             if let Some(tx) = &self.own_tx {
-                let _ = tx.send(OwnEvent::Delete(key.to_string()));
+                let _ = tx.send(OwnEvent::Delete(key.to_string(), revision));
             }
             return;
         }

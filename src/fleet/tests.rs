@@ -95,7 +95,7 @@ async fn lists_then_watches_and_leaves_its_own_prefix_out() {
     let v = until(&mut h.view, "web", |v| names(v) == ["web"]).await;
     assert!(!v.from_cache);
     match own.recv().await.unwrap() {
-        OwnEvent::Listed(kvs) => {
+        OwnEvent::Listed(_, kvs) => {
             assert_eq!(kvs.len(), 1);
             assert!(kvs[0].key.ends_with("/nodes/host-a/endpoints/default/mine"));
         }
@@ -106,7 +106,7 @@ async fn lists_then_watches_and_leaves_its_own_prefix_out() {
     assert_eq!(v.revision, r);
     // An own key's events go to the publisher, not into the view.
     m.delete(&keys().endpoint("host-a", "default", "mine"));
-    assert!(matches!(own.recv().await.unwrap(), OwnEvent::Delete(k) if k.ends_with("/mine")));
+    assert!(matches!(own.recv().await.unwrap(), OwnEvent::Delete(k, _) if k.ends_with("/mine")));
     // A status write is outside the watched range: no event at all.
     m.put(&format!("{P}/status/host-c"), "{}");
     assert_eq!(m.open_watches(), 1);
