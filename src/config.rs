@@ -267,8 +267,8 @@ impl EtcdConfig {
         !self.endpoints.is_empty()
     }
 
-    /// Every problem is `(key, message)`; the first one found is returned.
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// The first problem found, as `(key, message)`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
         let mut schemes = std::collections::BTreeSet::new();
         for e in &self.endpoints {
             let ok = ["http://", "https://"].iter().find_map(|s| {
@@ -556,7 +556,7 @@ impl Config {
                 return Err(err(key, "must be at least 1".into()));
             }
         }
-        self.etcd.validate().map_err(|(key, m)| err(key, m))?;
+        self.etcd.check().map_err(|(key, m)| err(key, m))?;
         Ok(())
     }
 
