@@ -538,14 +538,23 @@ pub async fn fleet_wait(
     loop {
         match fleet_status(store, keys).await {
             Ok(s) => {
-                let behind: Vec<String> = s
+                // No node at all is not "every node": a wrong prefix or
+                // endpoint must not pass the barrier.
+                let none = s
                     .nodes
-                    .iter()
-                    .filter(|n| n.applied_revision.is_none_or(|r| r < revision))
-                    .map(|n| match n.applied_revision {
-                        Some(r) => format!("{} at revision {r}", n.node),
-                        None => format!("{} has no status", n.node),
-                    })
+                    .is_empty()
+                    .then(|| format!("no node has entries or a status under {}/", keys.prefix()));
+                let behind: Vec<String> = none
+                    .into_iter()
+                    .chain(
+                        s.nodes
+                            .iter()
+                            .filter(|n| n.applied_revision.is_none_or(|r| r < revision))
+                            .map(|n| match n.applied_revision {
+                                Some(r) => format!("{} at revision {r}", n.node),
+                                None => format!("{} has no status", n.node),
+                            }),
+                    )
                     .collect();
                 if behind.is_empty() {
                     return Ok(s);
