@@ -374,7 +374,7 @@ impl EtcdConfig {
                 "ca_file, cert_file and key_file need https:// endpoints".into(),
             ));
         }
-        if set(&self.password_file) != !self.username.is_empty() {
+        if set(&self.password_file) == self.username.is_empty() {
             let key = if self.username.is_empty() {
                 "etcd.username"
             } else {

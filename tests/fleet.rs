@@ -3,6 +3,8 @@
 //! (never 2379), killed when its guard drops — also when the test panics.
 //! Unprivileged. Under CI=true a test that finds no etcd binary fails.
 
+#![cfg(feature = "etcd")]
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -184,7 +184,7 @@ pub async fn push_policies(
     let last = txns.pop().unwrap_or_default();
     let mut flip_txn = last.clone();
     flip_txn.push(flip.clone());
-    let fits = batches(flip_txn.clone()).map_or(false, |b| b.len() == 1);
+    let fits = batches(flip_txn.clone()).is_ok_and(|b| b.len() == 1);
     if !fits {
         txns.push(last);
         flip_txn = vec![flip];

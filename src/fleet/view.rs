@@ -241,6 +241,9 @@ pub fn parse_entry(keys: &Keys, node: &str, e: &RawEntry) -> Parsed {
     }
 }
 
+/// One policy document as parsed: its policies, or why not.
+type PolicyDoc = Result<Vec<Policy>, Vec<Problem>>;
+
 /// The view built from the parsed entries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Built {
@@ -321,7 +324,7 @@ pub fn build<'a>(entries: impl IntoIterator<Item = (&'a RawEntry, &'a Parsed)>) 
     let mut out = Built::default();
     let mut docs: Vec<(&RawEntry, &RegistryDoc)> = Vec::new();
     let mut current: Option<String> = None;
-    let mut policy_docs: Vec<(&RawEntry, &String, &Result<Vec<Policy>, Vec<Problem>>)> = Vec::new();
+    let mut policy_docs: Vec<(&RawEntry, &String, &PolicyDoc)> = Vec::new();
     for (e, p) in entries {
         match p {
             Parsed::Registry(d) => docs.push((e, d)),
