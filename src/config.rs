@@ -267,6 +267,24 @@ impl EtcdConfig {
         !self.endpoints.is_empty()
     }
 
+    /// The TCP ports of the endpoints (valid ones), in order, once each.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for e in &self.endpoints {
+            let hostport = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
+            let hostport = hostport.trim_end_matches('/');
+            if let Some(p) = hostport
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+            {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
     /// The first problem found, as `(key, message)`.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let mut schemes = std::collections::BTreeSet::new();
@@ -579,6 +597,13 @@ impl Config {
         }
         for p in &self.failsafe.outbound {
             failsafe.push((Direction::Egress, p.proto, p.port));
+        }
+        // Fleet mode: no host policy may cut this host off from its etcd.
+        for port in self.etcd.ports() {
+            let e = (Direction::Egress, proto::TCP, port);
+            if !failsafe.contains(&e) {
+                failsafe.push(e);
+            }
         }
         DatapathSettings {
             recheck_established: self.established == Established::Recheck,

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::doc;
 use super::keys::Keys;
-use super::store::{batches, get_all, Kv, Op, Range, Store, StoreError, Txn};
+use super::store::{batches, bounded, get_all, sleep_opt, Kv, Op, Range, Store, StoreError, Txn};
 use super::sync::{unix_ms, Jitter, OwnEvent, RemoteView, SyncState};
 use crate::api::model::{EndpointKind, NodeDef, Origin, RegistrySet};
 
@@ -261,22 +261,6 @@ pub fn spawn(
         state: state_rx,
         shutdown: shutdown_tx,
         task,
-    }
-}
-
-async fn bounded<T>(
-    d: Duration,
-    f: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(d, f)
-        .await
-        .unwrap_or(Err(StoreError::Timeout(d.as_millis() as u64)))
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 

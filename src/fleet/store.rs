@@ -253,6 +253,26 @@ pub trait Store: Send + Sync + 'static {
     fn txn(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResult, StoreError>>;
 }
 
+/// A store call bounded by `d`: past it, [`StoreError::Timeout`] (a frozen
+/// etcd answers nothing, and nothing here waits for it forever).
+pub async fn bounded<T>(
+    d: std::time::Duration,
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(d, f)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(d.as_millis() as u64)))
+}
+
+/// Sleep until `at`, or forever when there is none (a `select!` arm that
+/// stays off).
+pub async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Read a whole range, paged, at one revision (the first page's). A
 /// compaction between pages restarts the read at the latest revision, at most
 /// a few times.

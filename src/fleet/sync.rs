@@ -40,7 +40,9 @@ use tokio::time::Instant;
 
 use super::cache::{CacheMsg, CacheWriter, Cached};
 use super::keys::Keys;
-use super::store::{get_all, EventKind, Kv, Range, Store, StoreError, WatchMsg, WatchStream};
+use super::store::{
+    bounded, get_all, sleep_opt, EventKind, Kv, Range, Store, StoreError, WatchMsg, WatchStream,
+};
 use super::view::{self, Parsed, RawEntry};
 use crate::api::model::{PolicySet, RegistrySet};
 use crate::api::Problem;
@@ -271,6 +273,8 @@ struct Sync {
     resume: i64,
     cluster_id: Option<u64>,
     dirty: bool,
+    /// The view's content changed since it was last delivered.
+    changed: bool,
     flush_at: Option<Instant>,
     last_good_policies: Option<Arc<PolicySet>>,
     delta_put: BTreeMap<String, RawEntry>,
@@ -347,6 +351,7 @@ pub fn spawn(
         resume: 0,
         cluster_id: None,
         dirty: false,
+        changed: false,
         flush_at: None,
         last_good_policies: None,
         delta_put: BTreeMap::new(),
@@ -404,6 +409,7 @@ impl Sync {
             st.from_cache = true;
             st.revision = c.revision;
         });
+        self.changed = true;
         self.deliver(true);
     }
 
@@ -602,8 +608,8 @@ impl Sync {
         if let Some(slot) = self.view.get(&raw.key) {
             if slot.raw.mod_revision >= raw.mod_revision {
                 // Seen already (a replay after a reconnect).
-                if self.removed.remove(&raw.key) {
-                    self.held.remove(&raw.key);
+                if self.removed.remove(&raw.key) && self.held.remove(&raw.key) {
+                    self.changed = true;
                 }
                 return None;
             }
@@ -634,6 +640,7 @@ impl Sync {
             },
         );
         self.dirty = true;
+        self.changed = true;
         None
     }
 
@@ -782,6 +789,7 @@ impl Sync {
         if !eps.is_empty() {
             if self.hold_until.is_some() {
                 self.held.extend(eps);
+                self.changed = true;
             } else {
                 while self
                     .window
@@ -806,6 +814,7 @@ impl Sync {
                         "hold_s" => self.s.mass_removal_hold.as_secs());
                     self.hold_until = Some(until);
                     self.held.extend(eps);
+                    self.changed = true;
                 } else {
                     self.window.push_back((now, eps.len()));
                     for k in eps {
@@ -844,6 +853,7 @@ impl Sync {
     }
 
     fn remove(&mut self, key: &str) {
+        self.changed = true;
         self.view.remove(key);
         self.removed.remove(key);
         self.held.remove(key);
@@ -853,6 +863,12 @@ impl Sync {
 
     /// Build the view and hand it out if its content changed.
     fn deliver(&mut self, from_cache: bool) {
+        let clean = self.clean_revision;
+        if !self.changed && self.view_tx.borrow().from_cache == from_cache {
+            self.state_tx.send_modify(|st| st.view_revision = clean);
+            return;
+        }
+        self.changed = false;
         let built = view::build(self.view.values().map(|s| (&s.raw, &s.parsed)));
         let policy_problems = match built.policies {
             Ok(set) if built.policy_set.is_some() => {
@@ -886,8 +902,8 @@ impl Sync {
             v.rejected.len(),
             v.held_removals,
         );
-        let clean = self.clean_revision;
         self.view_tx.send_if_modified(|cur| {
+            // A change that came and went within one tick is no change.
             if cur.same_content(&v) {
                 return false;
             }
@@ -902,21 +918,4 @@ impl Sync {
             st.hold_until_ms = hold_until_ms;
         });
     }
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A store call bounded by `d`: past it, `Timeout` (a frozen etcd answers nothing).
-async fn bounded<T>(
-    d: Duration,
-    f: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(d, f)
-        .await
-        .unwrap_or(Err(StoreError::Timeout(d.as_millis() as u64)))
 }

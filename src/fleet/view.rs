@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -290,18 +289,18 @@ fn may_share(a: &RegistryDoc, b: &RegistryDoc) -> bool {
 }
 
 /// Object identity as registry names are unique: kind, namespace, name.
-fn identity(d: &RegistryDoc) -> (u8, String, String) {
+fn identity(d: &RegistryDoc) -> (u8, &str, &str) {
     match d {
-        RegistryDoc::Endpoint(e) if e.kind == EndpointKind::Host => {
-            (1, String::new(), e.name.clone())
-        }
-        RegistryDoc::Endpoint(e) => (
-            0,
-            e.namespace.clone().unwrap_or_else(|| "default".into()),
-            e.name.clone(),
-        ),
-        RegistryDoc::Node(n) => (2, String::new(), n.name.clone()),
-        RegistryDoc::Namespace(n) => (3, String::new(), n.name.clone()),
+        RegistryDoc::Endpoint(e) => endpoint_identity(e),
+        RegistryDoc::Node(n) => (2, "", &n.name),
+        RegistryDoc::Namespace(n) => (3, "", &n.name),
+    }
+}
+
+fn endpoint_identity(e: &EndpointDef) -> (u8, &str, &str) {
+    match e.kind {
+        EndpointKind::Host => (1, "", &e.name),
+        EndpointKind::Workload => (0, e.namespace.as_deref().unwrap_or("default"), &e.name),
     }
 }
 
@@ -336,9 +335,9 @@ pub fn build<'a>(entries: impl IntoIterator<Item = (&'a RawEntry, &'a Parsed)>) 
     }
     // The first claim holds: lowest create_revision, then key.
     docs.sort_by(|a, b| (a.0.create_revision, &a.0.key).cmp(&(b.0.create_revision, &b.0.key)));
-    let mut names: HashMap<(u8, String, String), &RawEntry> = HashMap::new();
-    let mut claims: HashMap<IpAddr, (&RawEntry, &RegistryDoc)> = HashMap::new();
-    let mut accepted: Vec<(&RawEntry, &RegistryDoc)> = Vec::new();
+    let mut names: HashMap<(u8, &str, &str), &RawEntry> = HashMap::with_capacity(docs.len());
+    let mut claims: HashMap<IpAddr, (&RawEntry, &RegistryDoc)> = HashMap::with_capacity(docs.len());
+    let mut accepted: Vec<(&RawEntry, &RegistryDoc)> = Vec::with_capacity(docs.len());
     'doc: for (e, d) in docs {
         if let Some(first) = names.get(&identity(d)) {
             out.rejected.push(loses(
@@ -437,19 +436,16 @@ pub fn build<'a>(entries: impl IntoIterator<Item = (&'a RawEntry, &'a Parsed)>) 
 
 // ---------------------------------------------------------------- merge with files
 
-fn local_objects(local: &RegistrySet) -> HashMap<(u8, String, String), &Path> {
+fn local_objects(local: &RegistrySet) -> HashMap<(u8, &str, &str), &Path> {
     let mut m = HashMap::new();
     for e in &local.endpoints {
-        m.insert(
-            identity(&RegistryDoc::Endpoint(e.clone())),
-            e.origin.file.as_path(),
-        );
+        m.insert(endpoint_identity(e), e.origin.file.as_path());
     }
     for n in &local.nodes {
-        m.insert((2, String::new(), n.name.clone()), n.origin.file.as_path());
+        m.insert((2, "", n.name.as_str()), n.origin.file.as_path());
     }
     for n in &local.namespaces {
-        m.insert((3, String::new(), n.name.clone()), n.origin.file.as_path());
+        m.insert((3, "", n.name.as_str()), n.origin.file.as_path());
     }
     m
 }
@@ -579,9 +575,6 @@ pub fn merge_policies(local: &PolicySet, remote: &PolicySet) -> (PolicySet, Vec<
     }
     (out, problems)
 }
-
-/// Shared, cheap to clone: what the engine hands out.
-pub type SharedPolicies = Arc<PolicySet>;
 
 #[cfg(test)]
 mod tests {
