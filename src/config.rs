@@ -1,19 +1,25 @@
-//! `netpold.toml` (DESIGN §3.3): every key optional, defaults in code, unknown keys
-//! and wrong values are errors naming the file, the position and the key.
+//! `netpold.toml` (docs/daemon.md, "Configuration"): every key optional,
+//! defaults in code, unknown keys and wrong values are errors naming the file,
+//! the position and the key.
 //!
-//! This module only reads and validates the file and derives the settings other
-//! modules take ([`DatapathSettings`], [`CompileOptions`]); it starts nothing.
-//! The shipped `etc/netpol/netpold.toml` lists every key commented out with its
-//! default, and a test keeps it equal to [`Config::default`].
+//! Owns the file's keys and their defaults (map sizes come from
+//! [`crate::sizes`]), and derives the settings other modules take
+//! ([`DatapathSettings`], [`CompileOptions`], [`LoadOptions`]): config builds
+//! their options, never the other way round. It reads only the file it is
+//! given and starts nothing. The shipped `etc/netpol/netpold.toml` lists every
+//! key commented out with its default, and a test keeps it equal to
+//! [`Config::default`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::LoadOptions;
 use crate::datapath::DatapathSettings;
 use crate::policy::compile::{CompileOptions, Limits};
 use crate::policy::types::{proto, Direction};
+use crate::sizes::{MapKind, MapSizes};
 
 pub const DEFAULT_CONFIG: &str = "/etc/netpol/netpold.toml";
 
@@ -154,7 +160,7 @@ impl Default for ConntrackConfig {
     fn default() -> Self {
         // Cilium's defaults: 6 h for established TCP, 60 s for SYN and non-TCP, 10 s after FIN.
         ConntrackConfig {
-            max_entries: 65536,
+            max_entries: MapSizes::DEFAULT.conntrack,
             tcp_syn_timeout_s: 60,
             tcp_established_timeout_s: 21600,
             tcp_close_timeout_s: 10,
@@ -173,10 +179,11 @@ pub struct MapsConfig {
 
 impl Default for MapsConfig {
     fn default() -> Self {
+        let d = MapSizes::DEFAULT;
         MapsConfig {
-            ipcache_max_entries: 65536,
-            policy_max_entries: 262144,
-            endpoint_max_entries: 4096,
+            ipcache_max_entries: d.ipcache,
+            policy_max_entries: d.policy,
+            endpoint_max_entries: d.endpoints,
         }
     }
 }
@@ -453,7 +460,8 @@ impl fmt::Display for ProtoPort {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
+    /// Displayed as the path alone: `{:#}` adds why it could not be read.
+    #[error("{path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -493,8 +501,8 @@ fn fmt_parse(
 impl Config {
     /// How files are loaded: `strict_file_modes` refuses files and directories
     /// writable by group or others or owned by another user.
-    pub fn load_options(&self) -> crate::api::LoadOptions {
-        crate::api::LoadOptions {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
             strict_modes: self.strict_file_modes,
         }
     }
@@ -564,14 +572,15 @@ impl Config {
                 format!("{} is more than 10000", self.debounce_ms),
             ));
         }
-        for (key, v) in [
-            ("conntrack.max_entries", self.conntrack.max_entries),
-            ("maps.ipcache_max_entries", self.maps.ipcache_max_entries),
-            ("maps.policy_max_entries", self.maps.policy_max_entries),
-            ("maps.endpoint_max_entries", self.maps.endpoint_max_entries),
+        let sizes = self.map_sizes();
+        for map in [
+            MapKind::Conntrack,
+            MapKind::Ipcache,
+            MapKind::Policy,
+            MapKind::Endpoints,
         ] {
-            if v == 0 {
-                return Err(err(key, "must be at least 1".into()));
+            if sizes.get(map) == 0 {
+                return Err(err(map.key(), "must be at least 1".into()));
             }
         }
         self.etcd.check().map_err(|(key, m)| err(key, m))?;
@@ -590,6 +599,16 @@ impl Config {
         hostname()
     }
 
+    /// The sizes of the maps (`[maps]`, `conntrack.max_entries`).
+    pub fn map_sizes(&self) -> MapSizes {
+        MapSizes {
+            ipcache: self.maps.ipcache_max_entries,
+            policy: self.maps.policy_max_entries,
+            endpoints: self.maps.endpoint_max_entries,
+            conntrack: self.conntrack.max_entries,
+        }
+    }
+
     pub fn datapath_settings(&self) -> DatapathSettings {
         let mut failsafe = Vec::new();
         for p in &self.failsafe.inbound {
@@ -605,14 +624,15 @@ impl Config {
                 failsafe.push(e);
             }
         }
+        let sizes = self.map_sizes();
         DatapathSettings {
             recheck_established: self.established == Established::Recheck,
             allow_sample_rate: self.events.allow_sample_rate,
             events_per_sec: self.events.events_per_sec,
-            ct_max_entries: self.conntrack.max_entries,
-            ipcache_max_entries: self.maps.ipcache_max_entries,
-            policy_max_entries: self.maps.policy_max_entries,
-            endpoint_max_entries: self.maps.endpoint_max_entries,
+            ct_max_entries: sizes.conntrack,
+            ipcache_max_entries: sizes.ipcache,
+            policy_max_entries: sizes.policy,
+            endpoint_max_entries: sizes.endpoints,
             failsafe,
             ct_timeout_syn_secs: self.conntrack.tcp_syn_timeout_s,
             ct_timeout_established_secs: self.conntrack.tcp_established_timeout_s,
@@ -635,10 +655,7 @@ impl Config {
     /// The map sizes compile keeps a state within: a set that would need more is
     /// refused before anything is applied.
     pub fn compile_limits(&self) -> Limits {
-        Limits {
-            policy_entries: self.maps.policy_max_entries as usize,
-            ipcache_entries: self.maps.ipcache_max_entries as usize,
-        }
+        Limits::of(&self.map_sizes())
     }
 }
 
@@ -811,6 +828,60 @@ mod tests {
             ("n1", true, true)
         );
         assert!(!parse("").unwrap().node_name().is_empty());
+    }
+
+    /// Every map size has one key, named as `sizes` names it, and its default
+    /// is the one definition in `sizes`, which every layer reads.
+    #[test]
+    fn map_sizes_have_one_key_and_one_default() {
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (i, map) in MapKind::ALL.into_iter().enumerate() {
+            let (table, key) = map.key().split_once('.').unwrap();
+            assert_eq!(
+                defaults[table][key].as_integer(),
+                Some(i64::from(MapSizes::DEFAULT.get(map))),
+                "{map}"
+            );
+            let n = 1000 + i as u32;
+            let c = parse(&format!("[{table}]\n{key} = {n}\n")).unwrap();
+            assert_eq!(c.map_sizes().get(map), n, "{map}");
+            assert_eq!(
+                parse(&format!("[{table}]\n{key} = 0\n")).unwrap_err(),
+                format!("/etc/netpol/netpold.toml: {map}: must be at least 1")
+            );
+        }
+        assert_eq!(Config::default().map_sizes(), MapSizes::DEFAULT);
+        let d = DatapathSettings::default();
+        assert_eq!(
+            (
+                d.ipcache_max_entries,
+                d.policy_max_entries,
+                d.endpoint_max_entries,
+                d.ct_max_entries
+            ),
+            (
+                MapSizes::DEFAULT.ipcache,
+                MapSizes::DEFAULT.policy,
+                MapSizes::DEFAULT.endpoints,
+                MapSizes::DEFAULT.conntrack
+            )
+        );
+        assert_eq!(Config::default().compile_limits(), Limits::default());
+    }
+
+    /// A file that cannot be read is named, and its cause printed once.
+    #[test]
+    fn unreadable_config_prints_its_cause_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("netpold.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e)),
+            format!(
+                "{}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
     }
 
     /// The shipped file, with its `#key = value` lines uncommented, is exactly the

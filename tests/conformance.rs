@@ -256,6 +256,24 @@ fn conformance_cases() {
     );
 }
 
+/// No conformance case warns: each is a policy a Cilium cluster reads as netpol
+/// does (issue 18; `netpolctl check` would print any warning).
+#[test]
+fn no_case_warns() {
+    let mut warnings = Vec::new();
+    for c in cases() {
+        let text = std::fs::read_to_string(&c).unwrap();
+        let policies: String = split_docs(&text)
+            .into_iter()
+            .filter(|d| !REGISTRY_KINDS.contains(&kind_of(d).as_str()) && kind_of(d) != "Expect")
+            .map(|d| format!("---\n{d}"))
+            .collect();
+        let loaded = api::parse_policies_warned(&c, &policies);
+        warnings.extend(loaded.warnings.iter().map(ToString::to_string));
+    }
+    assert!(warnings.is_empty(), "{}", warnings.join("\n"));
+}
+
 #[test]
 fn splitting_and_kinds() {
     let docs = split_docs("# c\n---\nkind: A\n---\n\n---\nkind: \"B\"\nx: 1\n");

@@ -18,13 +18,14 @@ use netpol::api::Problem;
 use netpol::config::Config;
 use netpol::daemon::netlink::{fake_links, LinkTable};
 use netpol::daemon::sdnotify::Notifier;
-use netpol::daemon::status::{EndpointView, Status};
+use netpol::daemon::status::{EndpointState, EndpointView, Status};
 use netpol::daemon::watch::WatchEvent;
-use netpol::daemon::{run_with, Loader, Options, Pipeline};
+use netpol::daemon::{run_with, Options};
 use netpol::datapath::fake::FakeDatapath;
 use netpol::datapath::{
     Attachment, Counters, Datapath, DatapathError, EventReason, EventVerdict, VerdictEvent,
 };
+use netpol::pipeline::{Hint, Inputs, Read, SavedReader};
 use netpol::policy::compile::{CompileError, CompileOptions};
 use netpol::policy::types::{Compiled, CompiledEndpoint, Direction, RuleRef};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -159,10 +160,51 @@ fn fake_compile(
     })
 }
 
+type LoadPolicies = fn(&Path) -> Result<PolicySet, Vec<Problem>>;
+type LoadRegistry = fn(&[PathBuf]) -> Result<RegistrySet, Vec<Problem>>;
+type CompileFn = fn(&PolicySet, &RegistrySet, &CompileOptions) -> Result<Compiled, CompileError>;
+
+/// The stages the loop runs: the real parser and core by default, or stand-ins.
+#[derive(Clone, Copy, Default)]
+struct Pipeline {
+    loader: Option<(LoadPolicies, LoadRegistry)>,
+    compile: Option<CompileFn>,
+}
+
+/// The daemon's inputs through stand-in load functions: every read reads
+/// everything (never `Unchanged`), saved copies read the same way.
+#[derive(Clone)]
+struct StandIn {
+    policy_dir: PathBuf,
+    endpoint_dirs: Vec<PathBuf>,
+    load: (LoadPolicies, LoadRegistry),
+}
+
+impl Inputs for StandIn {
+    fn policies(&mut self, _: Hint<'_>) -> Read<PolicySet> {
+        (self.load.0)(&self.policy_dir).into()
+    }
+    fn registry(&mut self, _: Hint<'_>) -> Read<RegistrySet> {
+        (self.load.1)(&self.endpoint_dirs).into()
+    }
+    fn saved(&self) -> Arc<dyn SavedReader> {
+        Arc::new(self.clone())
+    }
+}
+
+impl SavedReader for StandIn {
+    fn policies(&self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
+        (self.load.0)(dir)
+    }
+    fn registry(&self, dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
+        (self.load.1)(dirs)
+    }
+}
+
 fn stand_in() -> Pipeline {
     Pipeline {
-        loader: Loader::Custom(fake_load_policies, fake_load_registry),
-        compile: fake_compile,
+        loader: Some((fake_load_policies, fake_load_registry)),
+        compile: Some(fake_compile),
     }
 }
 
@@ -274,7 +316,16 @@ fn start(
     let (notifier, notes) = Notifier::recorder();
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let mut opts = Options::new(netpol::logging::discard(), notifier, reload_rx);
-    opts.pipeline = pipeline;
+    if let Some(load) = pipeline.loader {
+        opts.inputs = Some(Box::new(StandIn {
+            policy_dir: config.policy_dir.clone(),
+            endpoint_dirs: config.endpoint_dirs.clone(),
+            load,
+        }));
+    }
+    if let Some(compile) = pipeline.compile {
+        opts.compiler = Box::new(compile);
+    }
     opts.event_poll = Duration::from_millis(20);
     let watch_events = opts.watch_sender();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -568,7 +619,7 @@ async fn interfaces_are_attached_when_they_appear_and_follow_recreation() {
         );
         let eps = d.endpoints().await;
         assert_eq!(eps[0].ifindex, Some(8));
-        assert_eq!(eps[0].state, "attached");
+        assert_eq!(eps[0].state, EndpointState::Attached);
         assert_eq!(eps[0].identity, 1000);
 
         // veth-db recreated with another ifindex, veth-web gone.
@@ -669,8 +720,8 @@ async fn a_slow_save_of_the_last_valid_copy_does_not_hold_up_changes() {
     write(&dirs.pol("a.yaml"), "a");
     let saved = dirs.config.state_dir.join("last-good/policies");
     let pipeline = Pipeline {
-        loader: Loader::Custom(held_load_policies, fake_load_registry),
-        compile: fake_compile,
+        loader: Some((held_load_policies, fake_load_registry)),
+        compile: Some(fake_compile),
     };
     HOLD_SAVE.store(true, Ordering::SeqCst);
     let (mut d, fut) = start(dirs.config.clone(), pipeline, SharedDp::default());
@@ -900,7 +951,7 @@ async fn socket_is_private_and_rejects_bad_requests() {
         assert_eq!(line.trim(), r#"{"error":"request longer than 4096 bytes"}"#);
         // A second daemon on the same socket refuses to start.
         let (_d2, fut2) = start(dirs.config.clone(), stand_in(), SharedDp::default());
-        let e = fut2.await.unwrap_err().to_string();
+        let e = netpol::error::chain(&fut2.await.unwrap_err());
         assert!(e.contains("another netpold answers on this socket"), "{e}");
         d.stop();
     });
@@ -992,7 +1043,7 @@ async fn seed_scenario_through_the_real_parser_and_core() {
             !by_name("frontend-1").ingress_default_deny
                 && !by_name("frontend-1").egress_default_deny
         );
-        assert_eq!(by_name("backend").state, "attached");
+        assert_eq!(by_name("backend").state, EndpointState::Attached);
         assert_eq!(by_name("backend").ifindex, Some(13));
         {
             let dp = dp.0.lock().unwrap();
@@ -1354,7 +1405,7 @@ async fn socket_group_makes_the_socket_group_readable() {
     config.socket_group = "npe-no-such-group".into();
     std::fs::remove_dir_all(&config.runtime_dir).ok();
     let (_d, fut) = start(config, stand_in(), SharedDp::default());
-    let e = fut.await.unwrap_err().to_string();
+    let e = netpol::error::chain(&fut.await.unwrap_err());
     assert_eq!(
         e,
         "runtime socket: socket_group \"npe-no-such-group\": no such group"

@@ -4,7 +4,7 @@
 //! under CI=true.
 //!
 //! The offline side is the core's `netpol::policy::lookup` (the contract
-//! written down in bpf/lib/netpol_maps.h and in that module's doc).
+//! written down in bpf/lib/netpol_abi.h and in that module's doc).
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -321,8 +321,12 @@ fn netlink_flood_resyncs_to_the_right_attachments() {
     loop {
         let eps = lab.endpoints();
         let be = eps.iter().find(|e| e.name == "backend");
-        if be.is_some_and(|e| e.ifindex == Some(want) && e.state == "attached")
-            && eps.iter().filter(|e| e.state == "attached").count() == 3
+        if be.is_some_and(|e| e.ifindex == Some(want) && e.state.as_str() == "attached")
+            && eps
+                .iter()
+                .filter(|e| e.state.as_str() == "attached")
+                .count()
+                == 3
         {
             break;
         }

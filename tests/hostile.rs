@@ -181,7 +181,8 @@ fn registry_corpus_gives_expected_outcomes() {
 
 // ---------------------------------------------------------------- generated inputs
 
-const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n";
+// `egress: [{}]`: Cilium refuses a rule with no direction at all.
+const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n  egress: [{}]\n";
 
 fn cnp(name: &str) -> String {
     CNP.replace("NAME", name)
@@ -285,7 +286,7 @@ fn a_million_ports_in_a_list() {
     let got = load_one(Kind::Policy, "million.yaml", text.into_bytes());
     assert_eq!(
         got,
-        ["million.yaml:9:19: document 1 (CiliumNetworkPolicy default/ports): spec.ingress[0].toPorts[0].ports[0]: expected a mapping, found the number 1"]
+        ["million.yaml:10:19: document 1 (CiliumNetworkPolicy default/ports): spec.ingress[0].toPorts[0].ports[0]: expected a mapping, found the number 1"]
     );
     // 10^6 well-formed entries through the API (12 MB: only the size limit stops it).
     let text = format!(
@@ -298,7 +299,7 @@ fn a_million_ports_in_a_list() {
     });
     assert_eq!(
         got[0].to_string(),
-        "m.yaml: file is 12000150 bytes; the limit is 4194304 bytes (4 MiB)"
+        "m.yaml: file is 12000165 bytes; the limit is 4194304 bytes (4 MiB)"
     );
     // As many well-formed port entries as fit in 4 MiB.
     let n = 4_000_000 / 12;
@@ -310,7 +311,7 @@ fn a_million_ports_in_a_list() {
     let got = load_one(Kind::Policy, "many.yaml", text.into_bytes());
     assert_eq!(
         got,
-        [format!("many.yaml:9:18: document 1 (CiliumNetworkPolicy default/ports): spec.ingress[0].toPorts[0].ports: too many ports ({n}); at most 40 are allowed in one toPorts entry")]
+        [format!("many.yaml:10:18: document 1 (CiliumNetworkPolicy default/ports): spec.ingress[0].toPorts[0].ports: too many ports ({n}); at most 40 are allowed in one toPorts entry")]
     );
 }
 
@@ -321,7 +322,7 @@ fn extremely_long_lines_and_strings_give_bounded_messages() {
         + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{a: {long}}}}}]\n");
     let got = load_one(Kind::Policy, "value.yaml", text.into_bytes());
     assert_eq!(got.len(), 1);
-    assert!(got[0].starts_with("value.yaml:8:41: document 1 (CiliumNetworkPolicy default/long): spec.ingress[0].fromEndpoints[0].matchLabels.a: \"xxxx"), "{}", &got[0][..200]);
+    assert!(got[0].starts_with("value.yaml:9:41: document 1 (CiliumNetworkPolicy default/long): spec.ingress[0].fromEndpoints[0].matchLabels.a: \"xxxx"), "{}", &got[0][..200]);
     assert!(
         got[0].len() < 1200,
         "message not clipped: {} bytes",
@@ -393,7 +394,7 @@ fn many_documents_and_many_keys() {
     for i in 0..200_000 {
         text.push_str(&format!("    k{i}: v\n"));
     }
-    text.push_str("spec:\n  endpointSelector: {}\n");
+    text.push_str("spec:\n  endpointSelector: {}\n  egress: [{}]\n");
     let got = load_one(Kind::Policy, "keys.yaml", text.into_bytes());
     assert_eq!(got, ["ok: 1 policies"]);
 }
@@ -1115,6 +1116,11 @@ mod props {
             proptest::collection::vec(rule("ingress"), 3),
             proptest::collection::vec(rule("egress"), 3),
         )
+            // Cilium refuses a rule without an entry in any direction.
+            .prop_filter("a rule needs an entry", |(_, secs, _, _)| {
+                let mut seen = std::collections::BTreeSet::new();
+                secs.iter().any(|(s, n)| seen.insert(*s) && *n > 0)
+            })
             .prop_map(|(sel, secs, ins, egs)| {
                 let mut text = format!("  endpointSelector: {sel}\n");
                 let mut seen = std::collections::BTreeSet::new();
@@ -1272,7 +1278,8 @@ fn old_sort_was_quadratic() {
 #[test]
 fn compile_blowup_is_refused_by_the_map_budget() {
     use netpol::api::model::PolicySet;
-    use netpol::policy::compile::{try_compile, CompileOptions, POLICY_KEY};
+    use netpol::policy::compile::{try_compile, CompileOptions};
+    use netpol::sizes::MapKind;
     let reg_text = fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples/seed/endpoints.d/seed.yaml"),
     )
@@ -1300,10 +1307,10 @@ fn compile_blowup_is_refused_by_the_map_budget() {
         text.len(),
         t.elapsed()
     );
-    assert_eq!((err.key, err.limit), (POLICY_KEY, 262_144));
+    assert_eq!((err.map, err.limit), (MapKind::Policy, 262_144));
     assert_eq!(
         err.to_string(),
-        "/etc/netpol.d/big.yaml:8:7: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, \
+        "/etc/netpol.d/big.yaml:9:7: document 1 (CiliumNetworkPolicy default/big): spec.ingress[0]: with this rule, \
          endpoint default/backend would need more than 262144 policy entries; the policy map holds 262144 \
          (maps.policy_max_entries); narrow the rule or raise maps.policy_max_entries in netpold.toml"
     );

@@ -190,9 +190,103 @@ fn invalid_registry_fixtures() {
     check_invalid("registry", |f, t| api::parse_registry(f, t).map(|_| ()));
 }
 
+/// Every file in `warn/policy/` is valid and gives exactly the warnings of
+/// `<stem>.expected` (an empty file: none). `NETPOL_BLESS=1` rewrites them.
+/// Every warning code has a fixture.
+#[test]
+fn warning_fixtures() {
+    let dir = fixtures().join("warn/policy");
+    let bless = std::env::var_os("NETPOL_BLESS").is_some();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "expected"))
+        .collect();
+    entries.sort();
+    assert!(entries.len() >= 5, "{entries:?}");
+    let mut failures = Vec::new();
+    let mut codes = BTreeSet::new();
+    for path in entries {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let loaded = api::parse_policies_warned(Path::new(&name), &read(&path));
+        if let Err(e) = &loaded.result {
+            failures.push(format!("{name} is invalid:\n{}", lines(e).join("\n")));
+            continue;
+        }
+        codes.extend(loaded.warnings.iter().map(|w| w.code));
+        let got: String = loaded.warnings.iter().map(|w| format!("{w}\n")).collect();
+        let expected = path.with_extension("expected");
+        if bless {
+            std::fs::write(&expected, &got).unwrap();
+        } else if read(&expected) != got {
+            failures.push(format!(
+                "{name}:\n--- expected\n{}--- got\n{got}",
+                read(&expected)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let all: BTreeSet<_> = api::WarningCode::ALL.iter().copied().collect();
+    assert_eq!(codes, all, "every warning code needs a fixture");
+}
+
+/// docs/policy.md lists every deliberate difference from a Cilium cluster: the
+/// lenient table names exactly the warning codes, the strict one a fixture per
+/// row whose expected messages quote the row's excerpt.
+#[test]
+fn documented_differences_match_the_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = read(&root.join("docs/policy.md"));
+    let rows = |heading: &str| -> Vec<Vec<String>> {
+        let start = doc
+            .find(heading)
+            .unwrap_or_else(|| panic!("docs/policy.md has no {heading:?}"));
+        doc[start..]
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .map(|l| {
+                l.trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().trim_matches('`').to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let documented: BTreeSet<String> = rows("### Accepted with a warning")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let codes: BTreeSet<String> = api::WarningCode::ALL
+        .iter()
+        .map(|c| c.code().to_string())
+        .collect();
+    assert_eq!(documented, codes);
+    let strict = rows("### Refused although a Cilium cluster accepts it");
+    assert!(strict.len() >= 5, "{strict:?}");
+    for r in strict {
+        // | fixture | excerpt of its expected message | what | why |
+        let (fixture, excerpt) = (&r[0], &r[1]);
+        let file = root.join("tests/fixtures").join(fixture);
+        let expected = match fixture.rsplit_once('/') {
+            Some((_, f)) if f.contains('.') && fixture.starts_with("hostile/") => {
+                PathBuf::from(format!("{}.expected", file.display()))
+            }
+            _ => file.with_extension("expected"),
+        };
+        assert!(file.exists(), "{fixture} does not exist");
+        assert!(
+            read(&expected).contains(excerpt.as_str()),
+            "{} does not say {excerpt:?}",
+            expected.display()
+        );
+    }
+}
+
 #[test]
 fn message_format_matches_the_contract() {
-    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports:\n            - port: \"8.0\"\n";
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, egress: [{}]}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports:\n            - port: \"8.0\"\n";
     let e = api::parse_policies(Path::new("/etc/netpol.d/web.yaml"), text).unwrap_err();
     assert_eq!(
         lines(&e),
@@ -719,7 +813,8 @@ fn registry_kinds() {
 
 // ---------------------------------------------------------------- directories
 
-const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n";
+// `egress: [...]`: Cilium refuses a rule with no direction at all.
+const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: NAME\nspec:\n  endpointSelector: {}\n  egress: [{toEntities: [all]}]\n";
 
 fn cnp(name: &str) -> String {
     CNP.replace("NAME", name)
@@ -740,7 +835,7 @@ fn directory_rules_ignore_dotfiles_and_editor_leftovers() {
     let d = tmp.path();
     std::fs::write(d.join("b.yaml"), cnp("b")).unwrap();
     std::fs::write(d.join("a.yml"), cnp("a")).unwrap();
-    std::fs::write(d.join("c.json"), r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "c"}, "spec": {"endpointSelector": {}}}"#).unwrap();
+    std::fs::write(d.join("c.json"), r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "c"}, "spec": {"endpointSelector": {}, "egress": [{}]}}"#).unwrap();
     // BOM is dropped.
     std::fs::write(d.join("d.yaml"), format!("\u{feff}{}", cnp("d"))).unwrap();
     // Empty documents and comment-only files are fine.
@@ -851,7 +946,7 @@ fn invalid_utf8_is_refused_with_its_position() {
     let e = api::load_policy_dir(tmp.path()).unwrap_err();
     assert_eq!(
         dir_lines(tmp.path(), &e),
-        ["DIR/latin1.yaml:7:6: file is not valid UTF-8"]
+        ["DIR/latin1.yaml:8:6: file is not valid UTF-8"]
     );
 }
 
@@ -942,19 +1037,24 @@ fn check_passes_on_the_seed_examples() {
     assert_eq!(v["problems"].as_array().unwrap().len(), 0);
 }
 
-#[test]
-fn check_fails_with_file_line_column() {
+/// A temp dir with `netpol.d/web.yaml` and `endpoints.d/eps.yaml` holding these texts.
+fn check_dirs(policy: &str, registry: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let pol = tmp.path().join("netpol.d");
     let reg = tmp.path().join("endpoints.d");
     std::fs::create_dir_all(&pol).unwrap();
     std::fs::create_dir_all(&reg).unwrap();
-    std::fs::write(
-        pol.join("web.yaml"),
-        cnp("web") + "  ingress:\n    - fromEntities: [wrld]\n",
-    )
-    .unwrap();
-    std::fs::write(reg.join("eps.yaml"), "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n").unwrap();
+    std::fs::write(pol.join("web.yaml"), policy).unwrap();
+    std::fs::write(reg.join("eps.yaml"), registry).unwrap();
+    (tmp, pol, reg)
+}
+
+#[test]
+fn check_fails_with_file_line_column() {
+    let (tmp, pol, reg) = check_dirs(
+        &(cnp("web") + "  ingress:\n    - fromEntities: [wrld]\n"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n",
+    );
     let args = [
         "check",
         "--config",
@@ -979,7 +1079,7 @@ fn check_fails_with_file_line_column() {
     let out = out.replace(&tmp.path().display().to_string(), "DIR");
     assert_eq!(
         out,
-        "DIR/netpol.d/web.yaml:8:22: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].fromEntities[0]: unknown entity \"wrld\" (did you mean \"world\"?); known entities: all, world, world-ipv4, world-ipv6, host, remote-node, cluster, init, health, unmanaged, ingress, kube-apiserver, none\n\
+        "DIR/netpol.d/web.yaml:9:22: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].fromEntities[0]: unknown entity \"wrld\" (did you mean \"world\"?); known entities: all, world, world-ipv4, world-ipv6, host, remote-node, cluster, init, health, unmanaged, ingress, kube-apiserver, none\n\
          DIR/endpoints.d/eps.yaml:4:20: document 1 (Endpoint default/a): spec.addresses[0]: \"10.0.0.300\" is not an IP address\n"
     );
     assert!(err.contains("2 problems found"), "{err}");
@@ -996,7 +1096,7 @@ fn check_fails_with_file_line_column() {
             p["column"].as_u64(),
             p["document"].as_u64()
         ),
-        (Some(8), Some(22), Some(1))
+        (Some(9), Some(22), Some(1))
     );
     assert_eq!(p["object"], "CiliumNetworkPolicy default/web");
     assert_eq!(p["field"], "spec.ingress[0].fromEntities[0]");
@@ -1005,6 +1105,78 @@ fn check_fails_with_file_line_column() {
         .as_str()
         .unwrap()
         .starts_with("unknown entity \"wrld\""));
+}
+
+#[test]
+fn check_prints_warnings_and_strict_fails_on_them() {
+    let (tmp, pol, reg) = check_dirs(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {matchLabels: {prod: yes}}\n  ingress:\n    - toPorts: [{ports: [{port: 80}]}]\n",
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.1]}\n",
+    );
+    let base = [
+        "check",
+        "--policy-dir",
+        pol.to_str().unwrap(),
+        "--endpoint-dir",
+        reg.to_str().unwrap(),
+    ];
+    let dir = tmp.path().display().to_string();
+    let warnings = "DIR/netpol.d/web.yaml:5:42: warning: document 1 (CiliumNetworkPolicy default/web): spec.endpointSelector.matchLabels.prod: unquoted yes is read as the string \"yes\" here, but a Kubernetes client (YAML 1.1) reads it as the boolean true; write \"yes\" [yaml11-bool]\n\
+         DIR/netpol.d/web.yaml:7:33: warning: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].toPorts[0].ports[0].port: port 80 is written as a number; a Cilium cluster refuses it (its CRD wants a string); write \"80\" [int-port]\n";
+    // Warnings alone: printed, and the set is valid.
+    let (code, out, err) = netpolctl(&base);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out.replace(&dir, "DIR"),
+        format!("{warnings}ok: 1 policy (1 rule), 1 endpoint, 0 host endpoints, 0 nodes, 0 namespaces\n")
+    );
+    assert_eq!(
+        err,
+        "netpolctl check: 2 warnings found (--strict makes them fail)\n"
+    );
+    // --strict: the same lines, no ok, exit 1.
+    let strict: Vec<&str> = base.iter().copied().chain(["--strict"]).collect();
+    let (code, out, err) = netpolctl(&strict);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out.replace(&dir, "DIR"), warnings);
+    assert!(
+        err.contains("2 warnings found, which --strict makes fail"),
+        "{err}"
+    );
+    // --json: warnings apart from problems, with their code.
+    for (args, valid, code_want) in [(base.to_vec(), true, 0), (strict.clone(), false, 1)] {
+        let args: Vec<&str> = args.into_iter().chain(["--json"]).collect();
+        let (code, out, _) = netpolctl(&args);
+        assert_eq!(code, code_want);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["valid"], valid);
+        assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+        let w = v["warnings"].as_array().unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[1]["code"], "int-port");
+        assert_eq!(w[1]["field"], "spec.ingress[0].toPorts[0].ports[0].port");
+        assert_eq!(
+            (w[1]["line"].as_u64(), w[1]["column"].as_u64()),
+            (Some(7), Some(33))
+        );
+        assert!(w[1]["text"].as_str().unwrap().ends_with("[int-port]"));
+    }
+    // With an error too: the problems, then the warnings; exit 1.
+    std::fs::write(
+        reg.join("eps.yaml"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = netpolctl(&base);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out.replace(&dir, "DIR"),
+        format!("DIR/endpoints.d/eps.yaml:4:20: document 1 (Endpoint default/a): spec.addresses[0]: \"10.0.0.300\" is not an IP address\n{warnings}")
+    );
+    assert!(
+        err.contains("1 problem found; nothing would be applied"),
+        "{err}"
+    );
 }
 
 /// A valid set whose compiled state would not fit the config's policy map is a

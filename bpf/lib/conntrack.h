@@ -1,20 +1,24 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * conntrack.h — per-enforcement-point connection tracking (key layout and
- * classification rules in netpol_maps.h, struct np_ct_key) and the fragment
+ * classification rules in netpol_abi.h, struct np_ct_key) and the fragment
  * table that lets non-first fragments inherit their first fragment's ports.
  */
 #ifndef NETPOL_CONNTRACK_H
 #define NETPOL_CONNTRACK_H
 
+#include "netpol_abi.h"
 #include "netpol_maps.h"
 #include "config.h"
 #include "parse.h"
 
-#define NP_CT_NEW 0
-#define NP_CT_ESTABLISHED 1
-#define NP_CT_REPLY 2
-#define NP_CT_RELATED 3
+/* What conntrack makes of a packet. */
+enum np_ct_class {
+	NP_CT_NEW = 0,
+	NP_CT_ESTABLISHED = 1,
+	NP_CT_REPLY = 2,
+	NP_CT_RELATED = 3,
+};
 
 static __always_inline void np_ct_key_fill(struct np_ct_key *k, __u32 ifindex, __u8 hook,
 					   __u8 family, __u8 proto, const __u8 *s, const __u8 *d,
@@ -79,8 +83,8 @@ static __always_inline int np_addr_eq(const __u8 *a, const __u8 *b)
  * Classify a packet at (ifindex, hook). For ICMP errors the inner tuple is
  * checked against both orientations of the flows at this point.
  */
-static __always_inline int np_ct_classify(struct np_pkt *p, __u32 ifindex, __u8 hook, __u64 now,
-					  __u32 *rule)
+static __always_inline enum np_ct_class np_ct_classify(struct np_pkt *p, __u32 ifindex, __u8 hook,
+						       __u64 now, __u32 *rule)
 {
 	struct np_ct_key k;
 	struct np_ct_value *v;

@@ -7,18 +7,22 @@
 #ifndef NETPOL_EVENTS_H
 #define NETPOL_EVENTS_H
 
+#include "netpol_abi.h"
 #include "netpol_maps.h"
 #include "config.h"
 #include "parse.h"
 
-#define NP_CNT_ALLOWED 0
-#define NP_CNT_DENIED_POLICY 1
-#define NP_CNT_DENIED_DEFAULT 2
-#define NP_CNT_DENIED_SPOOF 3
-#define NP_CNT_DENIED_OTHER 4
-#define NP_CNT_AUDIT 5
+/* Which field of struct np_counters a packet counts on. */
+enum np_counter {
+	NP_CNT_ALLOWED = 0,
+	NP_CNT_DENIED_POLICY = 1,
+	NP_CNT_DENIED_DEFAULT = 2,
+	NP_CNT_DENIED_SPOOF = 3,
+	NP_CNT_DENIED_OTHER = 4,
+	NP_CNT_AUDIT = 5,
+};
 
-static __always_inline void np_count(__u32 slot, int which)
+static __always_inline void np_count(__u32 slot, enum np_counter which)
 {
 	struct np_counters *c = bpf_map_lookup_elem(&netpol_counters_v1, &slot);
 

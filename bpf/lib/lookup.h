@@ -2,12 +2,13 @@
 /*
  * lookup.h — the generation-scoped lookups: ipcache (address -> identity,
  * owning endpoint) and the policy decision. The precedence implemented by
- * np_policy_decide is documented with struct np_policy_key in netpol_maps.h
+ * np_policy_decide is documented with struct np_policy_key in netpol_abi.h
  * and is the contract shared with src/policy/lookup.rs.
  */
 #ifndef NETPOL_LOOKUP_H
 #define NETPOL_LOOKUP_H
 
+#include "netpol_abi.h"
 #include "netpol_maps.h"
 #include "config.h"
 #include "parse.h"
@@ -50,7 +51,7 @@ static __always_inline void np_ipcache_lookup(void *ipcache, __u8 family, const 
 	struct np_ipcache_value *v;
 
 	k.family = family;
-	if (family == 4) {
+	if (family == NP_FAMILY_V4) {
 		k.prefixlen = NP_IPCACHE_STATIC_PREFIX + 32;
 		__builtin_memcpy(k.addr, addr, 4);
 	} else {
@@ -62,16 +63,18 @@ static __always_inline void np_ipcache_lookup(void *ipcache, __u8 family, const 
 		out->identity = v->identity;
 		out->endpoint = v->endpoint;
 	} else {
-		out->identity = family == 4 ? cfg_world_identity_v4 : cfg_world_identity_v6;
+		out->identity = cfg_world_identity;
 		out->endpoint = NP_SLOT_NONE;
 	}
 }
 
 /* Outcome of a policy decision. */
-#define NP_DECIDE_ALLOW 0        /* an allow entry matched */
-#define NP_DECIDE_DENY 1         /* a deny entry matched */
-#define NP_DECIDE_DEFAULT_DENY 2 /* nothing matched, default deny */
-#define NP_DECIDE_NO_POLICY 3    /* nothing matched, not default deny: pass */
+enum np_decision {
+	NP_DECIDE_ALLOW = 0,        /* an allow entry matched */
+	NP_DECIDE_DENY = 1,         /* a deny entry matched */
+	NP_DECIDE_DEFAULT_DENY = 2, /* nothing matched, default deny */
+	NP_DECIDE_NO_POLICY = 3,    /* nothing matched, not default deny: pass */
+};
 
 static __always_inline struct np_policy_value *
 np_policy_lookup(void *policy, __u32 slot, __u8 dir, __u32 identity, __u8 proto, __u16 port)
@@ -87,8 +90,9 @@ np_policy_lookup(void *policy, __u32 slot, __u8 dir, __u32 identity, __u8 proto,
 	return bpf_map_lookup_elem(policy, &k);
 }
 
-static __always_inline int np_policy_decide(void *policy, __u32 slot, __u32 ep_flags, __u8 dir,
-					    __u32 remote, __u8 proto, __u16 port, __u32 *rule)
+static __always_inline enum np_decision np_policy_decide(void *policy, __u32 slot, __u32 ep_flags,
+							 __u8 dir, __u32 remote, __u8 proto,
+							 __u16 port, __u32 *rule)
 {
 	struct np_policy_value *l1, *l2;
 	__u32 deny_flag;

@@ -13,7 +13,7 @@
  *   8. conntrack: replies and related ICMP errors pass; established flows pass
  *      under `keep`, are judged again under `recheck`
  *   9. host endpoints: failsafe ports pass
- *  10. policy decision (netpol_maps.h, struct np_policy_key); an allowed new
+ *  10. policy decision (netpol_abi.h, struct np_policy_key); an allowed new
  *      flow gets a conntrack entry; audit endpoints pass would-be drops.
  *
  * Hook to direction: for a workload endpoint (host-side veth) the device's
@@ -24,6 +24,7 @@
 #ifndef NETPOL_NETPOL_H
 #define NETPOL_NETPOL_H
 
+#include "netpol_abi.h"
 #include "netpol_maps.h"
 #include "config.h"
 #include "parse.h"
@@ -31,8 +32,8 @@
 #include "conntrack.h"
 #include "events.h"
 
-static __always_inline int np_drop(struct np_pkt *p, struct np_verdict_info *vi, int counter,
-				   __u8 reason)
+static __always_inline int np_drop(struct np_pkt *p, struct np_verdict_info *vi,
+				   enum np_counter counter, __u8 reason)
 {
 	np_count(vi->slot, counter);
 	vi->verdict = NP_EV_DENIED;
@@ -52,7 +53,9 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	__u32 slot, flags, identity, rule = NP_RULE_NONE, ct_rule = NP_RULE_NONE;
 	__u8 dir, is_host;
 	__u64 now;
-	int r, ct, decision;
+	enum np_parse_result r;
+	enum np_ct_class ct;
+	enum np_decision decision;
 
 	if (np_gen_get(&g) < 0)
 		return NP_PASS; /* nothing installed yet */
@@ -83,7 +86,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 
 	/* Neighbour discovery must work before anything else (and its source
 	 * is link-local or unspecified, so it precedes anti-spoofing). */
-	if (p.family == 6 && p.proto == NP_IPPROTO_ICMPV6 && p.has_l4 &&
+	if (p.family == NP_FAMILY_V6 && p.proto == NP_IPPROTO_ICMPV6 && p.has_l4 &&
 	    p.icmp_type >= 133 && p.icmp_type <= 137)
 		return NP_PASS;
 
@@ -92,7 +95,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	 * link-scoped group (ff02::/16). The kernel sends them on every IPv6
 	 * interface, also of an IPv4-only workload; they never leave the link,
 	 * so they pass before anti-spoofing instead of counting as spoofed. */
-	if (p.family == 6 && p.proto == NP_IPPROTO_ICMPV6 && p.has_l4 &&
+	if (p.family == NP_FAMILY_V6 && p.proto == NP_IPPROTO_ICMPV6 && p.has_l4 &&
 	    (p.icmp_type == 130 || p.icmp_type == 131 || p.icmp_type == 132 ||
 	     p.icmp_type == 143) &&
 	    p.daddr[0] == 0xff && p.daddr[1] == 0x02)
@@ -121,8 +124,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		np_frag_record(&p);
 	}
 
-	if (p.family == 4 && p.proto == NP_IPPROTO_ICMP && p.has_l4 && p.icmp_type == 3 &&
-	    p.icmp_code == 4) {
+	if (p.family == NP_FAMILY_V4 && p.proto == NP_IPPROTO_ICMP && p.has_l4 &&
+	    p.icmp_type == 3 && p.icmp_code == 4) {
 		np_count(slot, NP_CNT_ALLOWED);
 		return NP_PASS;
 	}

@@ -16,35 +16,53 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define NP_ETH_P_IP 0x0800
-#define NP_ETH_P_ARP 0x0806
-#define NP_ETH_P_IPV6 0x86DD
-#define NP_ETH_P_8021Q 0x8100
-#define NP_ETH_P_8021AD 0x88A8
+#include "netpol_abi.h"
 
-#define NP_IPPROTO_HOPOPTS 0
-#define NP_IPPROTO_ICMP 1
-#define NP_IPPROTO_TCP 6
-#define NP_IPPROTO_UDP 17
-#define NP_IPPROTO_ROUTING 43
-#define NP_IPPROTO_FRAGMENT 44
-#define NP_IPPROTO_AH 51
-#define NP_IPPROTO_ICMPV6 58
-#define NP_IPPROTO_DSTOPTS 60
-#define NP_IPPROTO_SCTP 132
+enum np_eth_proto {
+	NP_ETH_P_IP = 0x0800,
+	NP_ETH_P_ARP = 0x0806,
+	NP_ETH_P_IPV6 = 0x86DD,
+	NP_ETH_P_8021Q = 0x8100,
+	NP_ETH_P_8021AD = 0x88A8,
+};
 
-#define NP_TCP_FIN 0x01
-#define NP_TCP_SYN 0x02
-#define NP_TCP_RST 0x04
-#define NP_TCP_ACK 0x10
+/* The version field of an IP header. */
+enum np_ip_version {
+	NP_IP_VERSION_4 = 4,
+	NP_IP_VERSION_6 = 6,
+};
 
-#define NP_MAX_VLAN 2
-#define NP_MAX_EXTHDR 8
+enum np_ipproto {
+	NP_IPPROTO_HOPOPTS = 0,
+	NP_IPPROTO_ICMP = 1,
+	NP_IPPROTO_TCP = 6,
+	NP_IPPROTO_UDP = 17,
+	NP_IPPROTO_ROUTING = 43,
+	NP_IPPROTO_FRAGMENT = 44,
+	NP_IPPROTO_AH = 51,
+	NP_IPPROTO_ICMPV6 = 58,
+	NP_IPPROTO_DSTOPTS = 60,
+	NP_IPPROTO_SCTP = 132,
+};
+
+enum np_tcp_flags {
+	NP_TCP_FIN = 0x01,
+	NP_TCP_SYN = 0x02,
+	NP_TCP_RST = 0x04,
+	NP_TCP_ACK = 0x10,
+};
+
+enum np_parse_limits {
+	NP_MAX_VLAN = 2,
+	NP_MAX_EXTHDR = 8,
+};
 
 /* Outcome of parsing. */
-#define NP_PARSE_OK 0
-#define NP_PARSE_PASS 1      /* not IP (ARP, others): not subject to policy */
-#define NP_PARSE_MALFORMED 2
+enum np_parse_result {
+	NP_PARSE_OK = 0,
+	NP_PARSE_PASS = 1, /* not IP (ARP, others): not subject to policy */
+	NP_PARSE_MALFORMED = 2,
+};
 
 struct np_pkt {
 	__u8 saddr[16];
@@ -57,7 +75,7 @@ struct np_pkt {
 	__u16 in_sport;
 	__u16 in_dport;
 	__u16 policy_port;   /* dport, or the ICMP type */
-	__u8 family;
+	__u8 family; /* NP_FAMILY_* */
 	__u8 proto;
 	__u8 in_proto;
 	__u8 icmp_type;
@@ -81,7 +99,7 @@ static __always_inline int np_is_icmp6_error(__u8 type)
 
 static __always_inline int np_is_echo(__u8 family, __u8 type)
 {
-	if (family == 4)
+	if (family == NP_FAMILY_V4)
 		return type == 8 || type == 0;
 	return type == 128 || type == 129;
 }
@@ -122,10 +140,10 @@ static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt 
 	__u32 l4;
 	__u8 b[40];
 
-	if (p->family == 4) {
+	if (p->family == NP_FAMILY_V4) {
 		if (off + 20 > end || bpf_skb_load_bytes(skb, off, b, 20) < 0)
 			return;
-		if ((b[0] >> 4) != 4)
+		if ((b[0] >> 4) != NP_IP_VERSION_4)
 			return;
 		l4 = off + ((__u32)(b[0] & 0xf) << 2);
 		p->in_proto = b[9];
@@ -134,7 +152,7 @@ static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt 
 	} else {
 		if (off + 40 > end || bpf_skb_load_bytes(skb, off, b, 40) < 0)
 			return;
-		if ((b[0] >> 4) != 6)
+		if ((b[0] >> 4) != NP_IP_VERSION_6)
 			return;
 		l4 = off + 40;
 		p->in_proto = b[6];
@@ -160,8 +178,8 @@ static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt 
 }
 
 /* The L4 header at `off`: ports, TCP flags, ICMP type/code/echo id. */
-static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, __u32 off,
-				       __u32 end)
+static __always_inline enum np_parse_result np_parse_l4(struct __sk_buff *skb, struct np_pkt *p,
+							 __u32 off, __u32 end)
 {
 	if (p->frag_later)
 		return NP_PARSE_OK;
@@ -188,7 +206,7 @@ static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, 
 	case NP_IPPROTO_ICMP:
 	case NP_IPPROTO_ICMPV6: {
 		__u8 h[8];
-		if ((p->proto == NP_IPPROTO_ICMP) != (p->family == 4))
+		if ((p->proto == NP_IPPROTO_ICMP) != (p->family == NP_FAMILY_V4))
 			return NP_PARSE_MALFORMED;
 		if (off + sizeof(h) > end || bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
 			return NP_PARSE_MALFORMED;
@@ -199,7 +217,8 @@ static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, 
 		if (np_is_echo(p->family, h[0])) {
 			p->sport = ((__u16)h[4] << 8) | h[5];
 			p->dport = p->sport;
-		} else if (p->family == 4 ? np_is_icmp4_error(h[0]) : np_is_icmp6_error(h[0])) {
+		} else if (p->family == NP_FAMILY_V4 ? np_is_icmp4_error(h[0])
+						     : np_is_icmp6_error(h[0])) {
 			np_parse_inner(skb, p, off + 8, end);
 		}
 		break;
@@ -211,7 +230,8 @@ static __always_inline int np_parse_l4(struct __sk_buff *skb, struct np_pkt *p, 
 	return NP_PARSE_OK;
 }
 
-static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p, __u32 off)
+static __always_inline enum np_parse_result np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p,
+							   __u32 off)
 {
 	__u8 h[20];
 	__u16 frag;
@@ -219,7 +239,7 @@ static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p
 
 	if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
 		return NP_PARSE_MALFORMED;
-	if ((h[0] >> 4) != 4)
+	if ((h[0] >> 4) != NP_IP_VERSION_4)
 		return NP_PARSE_MALFORMED;
 	ihl = (__u32)(h[0] & 0xf) << 2;
 	if (ihl < 20)
@@ -228,7 +248,7 @@ static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p
 	if (tot != 0 && tot < ihl)
 		return NP_PARSE_MALFORMED;
 	end = np_l3_end(skb, off, tot);
-	p->family = 4;
+	p->family = NP_FAMILY_V4;
 	p->proto = h[9];
 	__builtin_memcpy(p->saddr, &h[12], 4);
 	__builtin_memcpy(p->daddr, &h[16], 4);
@@ -241,7 +261,8 @@ static __always_inline int np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p
 	return np_parse_l4(skb, p, off + ihl, end);
 }
 
-static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p, __u32 off)
+static __always_inline enum np_parse_result np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p,
+							   __u32 off)
 {
 	__u8 h[40];
 	__u8 nh;
@@ -250,9 +271,9 @@ static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p
 
 	if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
 		return NP_PARSE_MALFORMED;
-	if ((h[0] >> 4) != 6)
+	if ((h[0] >> 4) != NP_IP_VERSION_6)
 		return NP_PARSE_MALFORMED;
-	p->family = 6;
+	p->family = NP_FAMILY_V6;
 	__builtin_memcpy(p->saddr, &h[8], 16);
 	__builtin_memcpy(p->daddr, &h[24], 16);
 	nh = h[6];
@@ -296,7 +317,7 @@ static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p
 	return np_parse_l4(skb, p, off, end);
 }
 
-static __always_inline int np_parse(struct __sk_buff *skb, struct np_pkt *p)
+static __always_inline enum np_parse_result np_parse(struct __sk_buff *skb, struct np_pkt *p)
 {
 	__u32 off = 12;
 	__be16 etype;

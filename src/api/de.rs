@@ -6,12 +6,21 @@
 //! (`~`, `null`, empty), a boolean (`true`/`false`), an integer (`[-+]?[0-9]+`),
 //! a float, or else a string. A string field accepts any non-null scalar as its
 //! text, so `version: 1.10` stays "1.10".
+//!
+//! Kubernetes reads the same files differently in two ways, which a noted
+//! deserialization ([`from_node_noted`]) records as [`Note`]s for policy files
+//! (they become warnings, see `api::warn`): a string field written as an unquoted
+//! number or boolean is refused there (it wants a string), and kubectl reads YAML
+//! 1.1 (gopkg.in/yaml.v2 through sigs.k8s.io/yaml), where `yes`/`no`/`on`/`off`/
+//! `y`/`n` are booleans and `010`, `0x1f`, `0o17`, `0b1`, `1_000` are numbers.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::warn::WarningCode;
 use super::yaml::{join_index, join_key, Node, Pos, Value};
 
 #[derive(Debug, Clone)]
@@ -157,17 +166,163 @@ fn resolve(text: &str) -> Plain {
     }
 }
 
+/// How YAML 1.1 (gopkg.in/yaml.v2 `resolve`, which sigs.k8s.io/yaml and so
+/// kubectl use) reads a plain scalar, where that differs from [`resolve`]:
+/// a boolean where netpol reads text, or another number, or a number where
+/// netpol reads text.
+enum Yaml11 {
+    Bool(bool),
+    Number(i128),
+}
+
+/// gopkg.in/yaml.v2 resolve.go: its boolean words (`resolveMapList`).
+fn yaml11_bool(text: &str) -> Option<bool> {
+    match text {
+        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
+        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
+    }
+}
+
+/// gopkg.in/yaml.v2 resolve.go: a plain scalar starting with a digit or a sign
+/// loses its underscores and goes through Go's `strconv.ParseInt(s, 0, 64)`
+/// (`0x`, `0o`, `0b` prefixes; a leading `0` means octal).
+fn yaml11_int(text: &str) -> Option<i128> {
+    if !text.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-') {
+        return None;
+    }
+    let plain = text.replace('_', "");
+    let (neg, body) = match plain.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, plain.strip_prefix('+').unwrap_or(&plain)),
+    };
+    let (radix, digits) = if let Some(d) = body.strip_prefix("0x").or(body.strip_prefix("0X")) {
+        (16, d)
+    } else if let Some(d) = body.strip_prefix("0o").or(body.strip_prefix("0O")) {
+        (8, d)
+    } else if let Some(d) = body.strip_prefix("0b").or(body.strip_prefix("0B")) {
+        (2, d)
+    } else if body.len() > 1 && body.starts_with('0') {
+        (8, &body[1..])
+    } else {
+        (10, body)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let n = i128::from_str_radix(digits, radix).ok()?;
+    let n = if neg { -n } else { n };
+    (i128::from(i64::MIN)..=i128::from(u64::MAX))
+        .contains(&n)
+        .then_some(n)
+}
+
+fn yaml11(text: &str) -> Option<Yaml11> {
+    if let Some(b) = yaml11_bool(text) {
+        return Some(Yaml11::Bool(b));
+    }
+    let n = yaml11_int(text)?;
+    match resolve(text) {
+        Plain::Int(mine) if mine == n => None,
+        Plain::Int(_) | Plain::Str => Some(Yaml11::Number(n)),
+        _ => None,
+    }
+}
+
+/// Something a noted deserialization saw that Kubernetes reads differently.
+#[derive(Debug, Clone)]
+pub struct Note {
+    pub code: WarningCode,
+    pub pos: Pos,
+    pub path: String,
+    pub message: String,
+}
+
+/// Where notes go while deserializing.
+pub type Notes = RefCell<Vec<Note>>;
+
+/// A plain scalar read as text (a string field, or an int-or-string read as a
+/// string): is it a number or boolean to Kubernetes?
+fn note_text(text: &str, string_field: bool) -> Option<(WarningCode, String)> {
+    let what = match resolve(text) {
+        Plain::Str => {
+            let (code, what) = match yaml11(text)? {
+                Yaml11::Bool(b) => (WarningCode::Yaml11Bool, format!("the boolean {b}")),
+                Yaml11::Number(n) => (WarningCode::Yaml11Number, format!("the number {n}")),
+            };
+            return Some((
+                code,
+                format!("unquoted {text} is read as the string {text:?} here, but a Kubernetes client (YAML 1.1) reads it as {what}; write {text:?}"),
+            ));
+        }
+        _ if !string_field => return None,
+        Plain::Bool(_) => "a boolean",
+        Plain::Int(_) | Plain::Float => "a number",
+    };
+    Some((
+        WarningCode::NonString,
+        format!("unquoted {text} is read as the string {text:?} here, but Kubernetes reads it as {what} and refuses it (this field is a string); write {text:?}"),
+    ))
+}
+
+/// A plain scalar read as a number: does YAML 1.1 read another number?
+fn note_number(text: &str) -> Option<(WarningCode, String)> {
+    match (resolve(text), yaml11(text)) {
+        (Plain::Int(mine), Some(Yaml11::Number(theirs))) => Some((
+            WarningCode::Yaml11Number,
+            format!("unquoted {text} is read as {mine} here, but a Kubernetes client (YAML 1.1) reads it as the octal number {theirs}; drop the leading zero"),
+        )),
+        _ => None,
+    }
+}
+
+/// A plain mapping key: does YAML 1.1 make it another key?
+fn note_key(text: &str) -> Option<(WarningCode, String)> {
+    let (code, what, key) = match yaml11(text)? {
+        Yaml11::Bool(b) => (
+            WarningCode::Yaml11Bool,
+            format!("the boolean {b}"),
+            b.to_string(),
+        ),
+        Yaml11::Number(n) => (
+            WarningCode::Yaml11Number,
+            format!("the number {n}"),
+            n.to_string(),
+        ),
+    };
+    Some((
+        code,
+        format!("unquoted key {text} is read as {text:?} here, but a Kubernetes client (YAML 1.1) reads it as {what}, the key {key:?}; write {text:?}"),
+    ))
+}
+
 /// Deserialize `T` from `node`, whose field path is `path`.
 pub fn from_node<'de, T: Deserialize<'de>>(node: &'de Node, path: &str) -> Result<T, DeError> {
     T::deserialize(NodeDe {
         node,
         path: path.to_string(),
+        notes: None,
+    })
+}
+
+/// [`from_node`], recording in `notes` every plain scalar Kubernetes reads
+/// differently (see the module doc).
+pub fn from_node_noted<'de, T: Deserialize<'de>>(
+    node: &'de Node,
+    path: &str,
+    notes: &'de Notes,
+) -> Result<T, DeError> {
+    T::deserialize(NodeDe {
+        node,
+        path: path.to_string(),
+        notes: Some(notes),
     })
 }
 
 pub struct NodeDe<'a> {
     node: &'a Node,
     path: String,
+    notes: Option<&'a Notes>,
 }
 
 impl<'a> NodeDe<'a> {
@@ -178,6 +333,17 @@ impl<'a> NodeDe<'a> {
         ))
         .at(self.node.pos, &self.path)
     }
+
+    fn note(&self, found: Option<(WarningCode, String)>) {
+        if let (Some(notes), Some((code, message))) = (self.notes, found) {
+            notes.borrow_mut().push(Note {
+                code,
+                pos: self.node.pos,
+                path: self.path.clone(),
+                message,
+            });
+        }
+    }
 }
 
 macro_rules! int_method {
@@ -186,6 +352,7 @@ macro_rules! int_method {
             match &self.node.value {
                 Value::Scalar { text, plain: true } => match resolve(text) {
                     Plain::Int(n) => {
+                        self.note(note_number(text));
                         let r = if n < 0 {
                             match i64::try_from(n) {
                                 Ok(v) => visitor.visit_i64(v),
@@ -211,6 +378,11 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     type Error = DeError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if let Value::Scalar { text, plain: true } = &self.node.value {
+            if matches!(resolve(text), Plain::Int(_)) {
+                self.note(note_number(text));
+            }
+        }
         let r = match &self.node.value {
             Value::Null => visitor.visit_unit(),
             Value::Scalar { text, plain: false } => visitor.visit_str(text),
@@ -228,7 +400,10 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
                     Ok(f) => visitor.visit_f64(f),
                     Err(_) => visitor.visit_str(text),
                 },
-                Plain::Str => visitor.visit_str(text),
+                Plain::Str => {
+                    self.note(note_text(text, false));
+                    visitor.visit_str(text)
+                }
             },
             Value::Seq(_) => return self.deserialize_seq(visitor),
             Value::Map(_) => return self.deserialize_map(visitor),
@@ -269,6 +444,9 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if let Value::Scalar { text, plain: true } = &self.node.value {
+            self.note(note_text(text, true));
+        }
         match &self.node.value {
             Value::Scalar { text, .. } => visitor
                 .visit_str(text)
@@ -320,6 +498,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
                 let access = Seq {
                     items: items.iter().enumerate(),
                     path: &self.path,
+                    notes: self.notes,
                 };
                 let r = visitor.visit_seq(access);
                 r.map_err(|e: DeError| e.at(self.node.pos, &self.path))
@@ -350,6 +529,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
                     entries: entries.iter(),
                     path: &self.path,
                     value: None,
+                    notes: self.notes,
                 };
                 visitor
                     .visit_map(access)
@@ -393,12 +573,13 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     }
 }
 
-struct Seq<'a, I> {
+struct Seq<'a, 'de, I> {
     items: I,
     path: &'a str,
+    notes: Option<&'de Notes>,
 }
 
-impl<'de, 'a, I: Iterator<Item = (usize, &'de Node)>> SeqAccess<'de> for Seq<'a, I> {
+impl<'de, 'a, I: Iterator<Item = (usize, &'de Node)>> SeqAccess<'de> for Seq<'a, 'de, I> {
     type Error = DeError;
     fn next_element_seed<T: DeserializeSeed<'de>>(
         &mut self,
@@ -411,6 +592,7 @@ impl<'de, 'a, I: Iterator<Item = (usize, &'de Node)>> SeqAccess<'de> for Seq<'a,
                 let de = NodeDe {
                     node,
                     path: path.clone(),
+                    notes: self.notes,
                 };
                 seed.deserialize(de)
                     .map(Some)
@@ -424,6 +606,7 @@ struct Map<'a, 'de, I> {
     entries: I,
     path: &'a str,
     value: Option<(&'de Node, String)>,
+    notes: Option<&'de Notes>,
 }
 
 impl<'de, 'a, I: Iterator<Item = &'de (Node, Node)>> MapAccess<'de> for Map<'a, 'de, I> {
@@ -445,6 +628,16 @@ impl<'de, 'a, I: Iterator<Item = &'de (Node, Node)>> MapAccess<'de> for Map<'a, 
             }
         };
         let path = join_key(self.path, &key_text);
+        if let (Some(notes), Value::Scalar { plain: true, .. }) = (self.notes, &k.value) {
+            if let Some((code, message)) = note_key(&key_text) {
+                notes.borrow_mut().push(Note {
+                    code,
+                    pos: k.pos,
+                    path: path.clone(),
+                    message,
+                });
+            }
+        }
         let d: de::value::StringDeserializer<DeError> = key_text.into_deserializer();
         let key = seed
             .deserialize(d)
@@ -460,6 +653,7 @@ impl<'de, 'a, I: Iterator<Item = &'de (Node, Node)>> MapAccess<'de> for Map<'a, 
         let de = NodeDe {
             node,
             path: path.clone(),
+            notes: self.notes,
         };
         seed.deserialize(de)
             .map_err(|e: DeError| e.at(node.pos, &path))
@@ -557,6 +751,58 @@ mod tests {
         assert_eq!(t.labels.unwrap()["a"], "true");
         let t = parse("name: x\nport: 80\n").unwrap();
         assert_eq!(t.port, Some(IntOrString::Int(80)));
+    }
+
+    #[test]
+    fn yaml11_readings() {
+        for (text, want) in [
+            ("yes", Some("b true")),
+            ("Off", Some("b false")),
+            ("y", Some("b true")),
+            ("true", None),
+            ("010", Some("n 8")),
+            ("-010", Some("n -8")),
+            ("080", None), // not octal: 80 there too (as a float)
+            ("0x1F", Some("n 31")),
+            ("0o17", Some("n 15")),
+            ("0b101", Some("n 5")),
+            ("1_000", Some("n 1000")),
+            ("+80", None),
+            ("80", None),
+            ("0", None),
+            ("0x", None),
+            ("web", None),
+            ("1.5", None),
+        ] {
+            let got = yaml11(text).map(|y| match y {
+                Yaml11::Bool(b) => format!("b {b}"),
+                Yaml11::Number(n) => format!("n {n}"),
+            });
+            assert_eq!(got.as_deref(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn notes_only_when_noted() {
+        let (docs, _) = parse_yaml("name: 5\nlabels: {yes: no}\nendPort: 010\n");
+        assert!(from_node::<T>(&docs[0].root, "").is_ok());
+        let notes = Notes::default();
+        let t: T = from_node_noted(&docs[0].root, "", &notes).unwrap();
+        assert_eq!(t.end_port, Some(10));
+        let got: Vec<(String, WarningCode)> = notes
+            .into_inner()
+            .into_iter()
+            .map(|n| (n.path, n.code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("name".to_string(), WarningCode::NonString),
+                ("labels.yes".to_string(), WarningCode::Yaml11Bool),
+                ("labels.yes".to_string(), WarningCode::Yaml11Bool),
+                ("endPort".to_string(), WarningCode::Yaml11Number),
+            ]
+        );
     }
 
     #[test]

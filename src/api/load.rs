@@ -1,6 +1,11 @@
 //! Files and directories → documents → model, with every problem located.
 //!
-//! Directory rules (DESIGN §1): `*.yaml`, `*.yml`, `*.json`; dotfiles and editor
+//! Owns reading files and directories and the cross-document checks: one set
+//! of steps for every load ([`assemble`]), which the load cache
+//! (`super::cache`) runs too, deciding only which files' parses it keeps.
+//! Never decides what is enforced.
+//!
+//! Directory rules (docs/policy.md, "Files"): `*.yaml`, `*.yml`, `*.json`; dotfiles and editor
 //! leftovers (`*~`, `*.swp`, `*.tmp`, `#*#`) ignored; files read in sorted order;
 //! only regular files (a symlink is followed when its target is one), at most
 //! [`MAX_FILE_SIZE`] bytes, valid UTF-8 (a BOM is dropped), no NUL byte. Everything
@@ -21,7 +26,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::de::{from_node, suggest, DeError};
+use super::de::{from_node, from_node_noted, suggest, DeError, Notes};
 use super::model::{
     EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind,
     PolicySet, RegistrySet, Rule,
@@ -31,7 +36,7 @@ use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, R
 use super::registry;
 use super::validate as v;
 use super::yaml::{self, Doc, Node, Pos};
-use super::Problem;
+use super::{Problem, Warning};
 
 /// Largest file read, in bytes.
 pub const MAX_FILE_SIZE: u64 = 4 * 1024 * 1024;
@@ -116,6 +121,8 @@ pub struct Parsed {
     pub nodes: Vec<(NodeDef, Site)>,
     pub namespaces: Vec<(NamespaceDef, Site)>,
     pub problems: Vec<Problem>,
+    /// Never refuse a set (see `api::warn`).
+    pub warnings: Vec<Warning>,
     /// Files in the order they were read; problems are reported in this order.
     pub files: Vec<PathBuf>,
 }
@@ -329,6 +336,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
         ));
     };
     let mut ctx = Ctx::default();
+    let notes = Notes::default();
     let origin_of = |ns: Option<&str>, name: &str| Origin {
         file: file.to_path_buf(),
         doc: n - 1,
@@ -354,7 +362,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
 
     match kind {
         "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
-            let raw: RawCnp = match from_node(root, "") {
+            let raw: RawCnp = match from_node_noted(root, "", &notes) {
                 Ok(r) => r,
                 Err(e) => return de_problem(out, e),
             };
@@ -368,6 +376,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     Scope::Namespaced
                 },
             );
+            policy::object_name(&mut ctx, &name);
             if raw.spec.is_none() && raw.specs.is_none() {
                 ctx.err(
                     "spec",
@@ -401,11 +410,12 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             }
         }
         "NetworkPolicy" => {
-            let raw: RawNetworkPolicy = match from_node(root, "") {
+            let raw: RawNetworkPolicy = match from_node_noted(root, "", &notes) {
                 Ok(r) => r,
                 Err(e) => return de_problem(out, e),
             };
             let (name, ns) = meta(&mut ctx, raw.metadata.as_ref(), Scope::Namespaced);
+            policy::object_name(&mut ctx, &name);
             let ns = ns.unwrap_or_else(|| "default".into());
             let rule = match &raw.spec {
                 Some(spec) => policy::network_policy_rule(&mut ctx, spec, &ns),
@@ -544,6 +554,18 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
         out.problems
             .push(problem(file, Some(pos), Some(n), obj, Some(&path), msg));
     }
+    let notes = notes
+        .into_inner()
+        .into_iter()
+        .map(|n| (n.code, n.pos, n.path, n.message));
+    let located = ctx
+        .warnings
+        .into_iter()
+        .map(|(code, path, msg)| (code, root.pos_of(&path), path, msg));
+    for (code, pos, path, msg) in notes.chain(located) {
+        let at = problem(file, Some(pos), Some(n), obj, Some(&path), msg);
+        out.warnings.push(Warning { at, code });
+    }
 }
 
 /// Record where each rule item was written, for messages about it that only
@@ -587,7 +609,7 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
             String::new()
         }
         Some(n) => {
-            if let Err(e) = registry::object_name(n) {
+            if let Err(e) = v::object_name(n) {
                 ctx.err("metadata.name", e);
             }
             n.to_string()
@@ -796,6 +818,29 @@ fn clip(text: &mut String, max: usize) {
 }
 
 impl Parsed {
+    /// The warnings, in the order problems are reported in.
+    pub fn take_warnings(&mut self) -> Vec<Warning> {
+        let mut order: HashMap<&Path, usize> = HashMap::new();
+        for f in &self.files {
+            let n = order.len();
+            order.entry(f).or_insert(n);
+        }
+        let mut warnings = std::mem::take(&mut self.warnings);
+        for w in &mut warnings {
+            clip(&mut w.at.message, MAX_PROBLEM_TEXT);
+            for name in [&mut w.at.field, &mut w.at.object].into_iter().flatten() {
+                clip(name, MAX_PROBLEM_NAME);
+            }
+        }
+        warnings.sort_by_cached_key(|w| {
+            let p = &w.at;
+            let file = order.get(p.file.as_path()).copied();
+            (file, p.line, p.column, p.document, w.code)
+        });
+        warnings.dedup();
+        warnings
+    }
+
     pub fn into_policy_set(self) -> Result<PolicySet, Vec<Problem>> {
         if !self.problems.is_empty() {
             return Err(sorted(self.problems, self.files));
@@ -870,17 +915,10 @@ fn file_problem(file: &Path, msg: String) -> Problem {
     problem(file, None, None, None, None, msg)
 }
 
-/// The files of `dir` netpol reads, sorted.
-pub fn list_dir(dir: &Path, what: &str) -> Result<Vec<PathBuf>, Problem> {
-    Ok(list_dir_entries(dir, what)?
-        .into_iter()
-        .map(|(f, _)| f)
-        .collect())
-}
-
-/// [`list_dir`], with whether each entry is a symlink (from the directory
-/// listing itself, no extra system call where the filesystem reports types).
-pub fn list_dir_entries(dir: &Path, what: &str) -> Result<Vec<(PathBuf, bool)>, Problem> {
+/// The files of `dir` netpol reads, sorted, with whether each entry is a
+/// symlink (from the directory listing itself, no extra system call where the
+/// filesystem reports types).
+fn list_dir_entries(dir: &Path, what: &str) -> Result<Vec<(PathBuf, bool)>, Problem> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -951,7 +989,7 @@ fn euid() -> u32 {
 }
 
 /// Trust problems of a directory read (`what`: "policy directory", ...).
-pub fn check_dir_trust(dir: &Path, what: &str) -> Vec<Problem> {
+fn check_dir_trust(dir: &Path, what: &str) -> Vec<Problem> {
     match fs::metadata(dir) {
         Ok(meta) => distrust(what, dir, &meta, euid())
             .into_iter()
@@ -961,14 +999,10 @@ pub fn check_dir_trust(dir: &Path, what: &str) -> Vec<Problem> {
     }
 }
 
-/// Read one file under the size limit; only regular files, never blocking on a FIFO.
-/// Strict: the file must pass the trust check (see the module doc).
-pub fn read_file(path: &Path) -> Result<String, Problem> {
-    read_file_with(path, &LoadOptions::default()).map_err(|mut v| v.remove(0))
-}
-
-/// [`read_file`] with options; returns every problem of the file (at least one on error).
-pub fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Problem>> {
+/// Read one file under the size limit; only regular files, never blocking on
+/// a FIFO. Strict modes: the file must pass the trust check (see the module
+/// doc). Returns every problem of the file (at least one on error).
+fn read_file_with(path: &Path, opts: &LoadOptions) -> Result<String, Vec<Problem>> {
     let lmeta = fs::symlink_metadata(path)
         .map_err(|e| vec![file_problem(path, format!("cannot read: {e}"))])?;
     let is_link = lmeta.file_type().is_symlink();
@@ -1100,37 +1134,65 @@ fn read_open(path: &Path, f: fs::File) -> Result<String, Problem> {
     }
 }
 
-/// Read and parse every file of `dirs` into one [`Parsed`], strictly.
-pub fn load_dirs(dirs: &[PathBuf], want: FileKind) -> Parsed {
-    load_dirs_with(dirs, want, &LoadOptions::default())
+/// One directory as a load lists it.
+#[derive(Debug, Clone)]
+pub(crate) struct DirListing {
+    pub dir: PathBuf,
+    /// The files netpol reads, sorted, each with whether it is a symlink; or
+    /// why the directory could not be listed.
+    pub files: Result<Vec<(PathBuf, bool)>, Problem>,
+    /// Why the directory cannot be trusted (strict modes), if it cannot.
+    pub distrust: Vec<Problem>,
 }
 
-/// [`load_dirs`] with options.
-pub fn load_dirs_with(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> Parsed {
-    let what = match want {
+fn dir_what(want: FileKind) -> &'static str {
+    match want {
         FileKind::Policy => "policy directory",
         FileKind::Registry => "endpoint directory",
-    };
+    }
+}
+
+/// List every directory of `dirs`, and under strict modes check that each one
+/// listed can be trusted.
+pub(crate) fn list_dirs(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> Vec<DirListing> {
+    let what = dir_what(want);
+    dirs.iter()
+        .map(|dir| {
+            let files = list_dir_entries(dir, what);
+            let distrust = match &files {
+                Ok(_) if opts.strict_modes => check_dir_trust(dir, what),
+                _ => Vec::new(),
+            };
+            DirListing {
+                dir: dir.clone(),
+                files,
+                distrust,
+            }
+        })
+        .collect()
+}
+
+/// The steps of every load, with or without a cache: the listed files in
+/// order, each parsed into the result by `file`, then the cross-file checks. A
+/// directory that cannot be listed is its problem; an untrusted one is
+/// reported (before its files) and its files are read and reported too, so
+/// one look shows every problem.
+pub(crate) fn assemble(
+    listing: &[DirListing],
+    want: FileKind,
+    mut file: impl FnMut(&Path, &mut Parsed),
+) -> Parsed {
     let mut out = Parsed::default();
-    for dir in dirs {
-        match list_dir(dir, what) {
-            Err(p) => out.problems.push(p),
+    for d in listing {
+        match &d.files {
+            Err(p) => out.problems.push(p.clone()),
             Ok(files) => {
-                if opts.strict_modes {
-                    let ps = check_dir_trust(dir, what);
-                    if !ps.is_empty() {
-                        out.files.push(dir.clone()); // reported before its files
-                        out.problems.extend(ps);
-                    }
+                if !d.distrust.is_empty() {
+                    out.files.push(d.dir.clone()); // reported before its files
+                    out.problems.extend(d.distrust.iter().cloned());
                 }
-                for f in files {
-                    match read_file_with(&f, opts) {
-                        Ok(text) => parse_text(&f, &text, want, &mut out),
-                        Err(ps) => {
-                            out.files.push(f);
-                            out.problems.extend(ps);
-                        }
-                    }
+                for (f, _) in files {
+                    file(f, &mut out);
                 }
             }
         }
@@ -1140,4 +1202,24 @@ pub fn load_dirs_with(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> P
         FileKind::Registry => check_registry(&mut out),
     }
     out
+}
+
+/// Read and parse one file into `out`; a file that cannot be read is its problems.
+pub(crate) fn read_into(f: &Path, want: FileKind, opts: &LoadOptions, out: &mut Parsed) {
+    match read_file_with(f, opts) {
+        Ok(text) => parse_text(f, &text, want, out),
+        Err(ps) => {
+            out.files.push(f.to_path_buf());
+            out.problems.extend(ps);
+        }
+    }
+}
+
+/// Read and parse every file of `dirs` into one [`Parsed`]: the steps of
+/// [`assemble`], each file read afresh. With a [`super::LoadCache`], see
+/// [`super::load_dirs`].
+pub fn load_dirs_with(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> Parsed {
+    assemble(&list_dirs(dirs, want, opts), want, |f, out| {
+        read_into(f, want, opts, out)
+    })
 }

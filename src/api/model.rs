@@ -1,11 +1,11 @@
 //! Validated policy and registry model: what the rest of netpol sees.
 //!
-//! The parser (`api::parse`) turns files into these types; nothing here can be
-//! wrong in a way the files could express. Namespace scoping (DESIGN §4, reference
-//! §2.6) is already folded into every [`Selector`] by the parser, so compile never
-//! needs to know which kind of policy a selector came from.
+//! The parser (`api::load`) turns files into these types; nothing here can be
+//! wrong in a way the files could express. Namespace scoping (docs/policy.md,
+//! "Semantics") is already folded into every [`Selector`] by the parser, so
+//! compile never needs to know which kind of policy a selector came from.
 //!
-//! This module does no I/O.
+//! Owns the types only: no I/O, no parsing, no validation logic.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -66,7 +66,7 @@ pub struct Selector {
     pub requirements: Vec<Requirement>,
 }
 
-/// Cilium's named entities (reference §1.6).
+/// Cilium's named entities (docs/policy.md, "Semantics").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Entity {
     All,

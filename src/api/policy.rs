@@ -1,32 +1,62 @@
 //! Policy documents → [`model::Rule`]s: Cilium's validation (`rule_validation.go`)
 //! and Kubernetes' translation (`ParseToCiliumRule`, `ParseNetworkPolicy`),
-//! including the implicit namespace scoping of selectors (reference §2.5/§2.6).
+//! including the implicit namespace scoping of selectors (docs/policy.md,
+//! "Semantics").
 //!
 //! Errors are collected in a [`Ctx`] as (field path, message) pairs; a document
 //! keeps being validated after its first error so the user sees all of them.
+//! Warnings (accepted, but a Cilium cluster would refuse or read it otherwise;
+//! see `api::warn`) go beside them.
+//!
+//! What is accepted follows a Cilium cluster: the CRD schema
+//! (cilium/cilium pkg/k8s/apis/cilium.io/client/crds/v2/ciliumnetworkpolicies.yaml),
+//! the agent's `Validate` (pkg/policy/api/rule_validation.go) and, for
+//! NetworkPolicy, Kubernetes (kubernetes/kubernetes
+//! pkg/apis/networking/validation/validation.go). Each rule names its source;
+//! docs/policy.md lists where netpol deliberately differs.
 
 use std::collections::BTreeSet;
 
 use super::de::{IntOrString, Present};
 use super::model::{
-    Family, IcmpType, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule,
-    RuleItem, Selector, Subject, L4,
+    IcmpType, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule, RuleItem,
+    Selector, Subject, L4,
 };
 use super::raw::{
     RawCidrRule, RawIcmpRule, RawNpPeer, RawNpPort, RawNpSpec, RawPortRule, RawRule, RawSelector,
 };
 use super::validate::{self as v, NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL};
+use super::warn::WarningCode;
 use super::yaml::{join_index, join_key};
 
-/// Problems of one document: (field path, message).
+/// Problems of one document: (field path, message), and its warnings.
 #[derive(Debug, Default)]
 pub struct Ctx {
     pub errors: Vec<(String, String)>,
+    /// (code, field path, message).
+    pub warnings: Vec<(WarningCode, String, String)>,
 }
 
 impl Ctx {
     pub fn err(&mut self, path: impl Into<String>, msg: impl Into<String>) {
         self.errors.push((path.into(), msg.into()));
+    }
+    pub fn warn(&mut self, code: WarningCode, path: impl Into<String>, msg: impl Into<String>) {
+        self.warnings.push((code, path.into(), msg.into()));
+    }
+}
+
+/// `metadata.name` of a policy: a DNS subdomain, as the API server requires of
+/// every custom resource (k8s.io/apiextensions-apiserver
+/// pkg/registry/customresource/validator.go: `NameIsDNSSubdomain`) and of a
+/// NetworkPolicy (pkg/apis/networking/validation/validation.go:
+/// `ValidateNetworkPolicyName`). An empty name, and one the registry rule
+/// refuses too ('/', whitespace), is reported by the caller.
+pub fn object_name(ctx: &mut Ctx, name: &str) {
+    if v::object_name(name).is_ok() {
+        if let Err(e) = v::dns_subdomain_name(name) {
+            ctx.err("metadata.name", e);
+        }
     }
 }
 
@@ -392,6 +422,22 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
             }
         }
     }
+    // Cilium >= 1.17 `Rule.Validate` (pkg/policy/api/rule_validation.go): "rule
+    // must have at least one of Ingress, IngressDeny, Egress, EgressDeny"; the
+    // CRD's `anyOf` only asks for one of the keys, so `ingress: []` gets past it
+    // and the agent drops the whole policy.
+    let entries = [
+        raw.ingress.as_ref().map_or(0, Vec::len),
+        raw.ingress_deny.as_ref().map_or(0, Vec::len),
+        raw.egress.as_ref().map_or(0, Vec::len),
+        raw.egress_deny.as_ref().map_or(0, Vec::len),
+    ];
+    if entries.iter().all(|n| *n == 0) {
+        ctx.err(
+            path,
+            "a rule needs at least one entry in ingress, ingressDeny, egress or egressDeny, or a Cilium cluster refuses the policy; to deny all ingress to the selected endpoints write ingress: [{}]",
+        );
+    }
     reject(ctx, path, "log", raw.log);
     for (i, l) in raw.labels.iter().flatten().enumerate() {
         if l.key.is_empty() {
@@ -490,7 +536,9 @@ fn rule_item(
     if let Some(list) = it.cidr.1 {
         let base = join_key(path, it.cidr.0);
         for (i, c) in list.iter().enumerate() {
-            match v::cidr_or_ip(c) {
+            // The CRD's `format: cidr` needs a prefix length (the agent alone
+            // would take a bare address).
+            match v::prefix(c) {
                 Ok(net) => peers.push(Peer::Cidr {
                     net,
                     except: Vec::new(),
@@ -538,7 +586,12 @@ fn rule_item(
         let base = join_key(path, it.entities.0);
         for (i, e) in list.iter().enumerate() {
             match v::entity(e) {
-                Ok(ent) => peers.push(Peer::Entity(ent)),
+                Ok(ent) => {
+                    if let Some(msg) = v::entity_not_in_crd(ent) {
+                        ctx.warn(WarningCode::EntityNotInCrd, join_index(&base, i), msg);
+                    }
+                    peers.push(Peer::Entity(ent))
+                }
                 Err(msg) => ctx.err(join_index(&base, i), msg),
             }
         }
@@ -613,6 +666,12 @@ fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto>
                 }
                 Some(IntOrString::Int(n)) => {
                     if (0..=65535).contains(n) {
+                        // The CRD types `port` as a string (its pattern applies to text).
+                        ctx.warn(
+                            WarningCode::IntPort,
+                            join_key(&pj, "port"),
+                            format!("port {n} is written as a number; a Cilium cluster refuses it (its CRD wants a string); write \"{n}\""),
+                        );
                         Some(PortSpec::Number(*n as u16))
                     } else {
                         ctx.err(
@@ -642,29 +701,10 @@ fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto>
                     None
                 }
             };
-            let proto = match pp
-                .protocol
-                .as_deref()
-                .map(str::to_ascii_uppercase)
-                .as_deref()
-            {
-                None | Some("") | Some("ANY") => Some(Proto::Any),
-                Some("TCP") => Some(Proto::Tcp),
-                Some("UDP") => Some(Proto::Udp),
-                Some("SCTP") => Some(Proto::Sctp),
-                Some(other) => {
-                    let hint = if other.starts_with("ICMP") {
-                        " (for ICMP write an icmps rule)"
-                    } else {
-                        ""
-                    };
-                    ctx.err(
-                        join_key(&pj, "protocol"),
-                        format!(
-                            "{:?} is not a valid protocol{hint}; use TCP, UDP, SCTP or ANY",
-                            pp.protocol.as_deref().unwrap_or_default()
-                        ),
-                    );
+            let proto = match v::cilium_protocol(pp.protocol.as_deref()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    ctx.err(join_key(&pj, "protocol"), e);
                     None
                 }
             };
@@ -696,16 +736,10 @@ fn icmp_rules(ctx: &mut Ctx, path: &str, list: &[RawIcmpRule]) -> Vec<IcmpType> 
         }
         for (j, f) in fields.iter().enumerate() {
             let pj = join_index(&fpath, j);
-            let family = match f.family.as_deref() {
-                None | Some("") | Some("IPv4") => Family::V4,
-                Some("IPv6") => Family::V6,
-                Some(other) => {
-                    ctx.err(
-                        join_key(&pj, "family"),
-                        format!(
-                            "{other:?} is not a valid family; use IPv4 or IPv6 (case-sensitive)"
-                        ),
-                    );
+            let family = match v::icmp_family(f.family.as_deref()) {
+                Ok(fam) => fam,
+                Err(e) => {
+                    ctx.err(join_key(&pj, "family"), e);
                     continue;
                 }
             };
@@ -715,13 +749,7 @@ fn icmp_rules(ctx: &mut Ctx, path: &str, list: &[RawIcmpRule]) -> Vec<IcmpType> 
                 ),
                 Some(IntOrString::Int(n)) => u8::try_from(*n)
                     .map_err(|_| format!("ICMP type {n} is out of range; it must be 0-255")),
-                Some(IntOrString::Str(s))
-                    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) =>
-                {
-                    s.parse::<u8>()
-                        .map_err(|_| format!("ICMP type {s} is out of range; it must be 0-255"))
-                }
-                Some(IntOrString::Str(s)) => v::icmp_type_name(family, s),
+                Some(IntOrString::Str(s)) => v::icmp_type_text(family, s),
             };
             match ty {
                 Ok(ty) => out.push(IcmpType { family, ty }),
@@ -746,17 +774,23 @@ pub fn network_policy_rule(ctx: &mut Ctx, spec: &RawNpSpec, ns: &str) -> Option<
             sel.requirements.push(ns_in(ns));
             Some(Subject::Endpoints(sel))
         }
-        None => {
-            ctx.err(
-                join_key(path, "podSelector"),
-                "podSelector is required (use {} to select every pod of the namespace)",
-            );
-            None
-        }
+        // Optional in Kubernetes (`NetworkPolicySpec.PodSelector` is a value, so
+        // a missing one is the empty selector): every pod of the namespace.
+        None => Some(Subject::Endpoints(Selector {
+            requirements: vec![ns_in(ns)],
+        })),
     };
     let mut types_ingress = false;
     let mut types_egress = false;
     if let Some(types) = &spec.policy_types {
+        // pkg/apis/networking/validation/validation.go `ValidateNetworkPolicySpec`:
+        // "may not specify more than two policyTypes" (a repeat within two is allowed).
+        if types.len() > 2 {
+            ctx.err(
+                join_key(path, "policyTypes"),
+                format!("policyTypes lists {} entries; Kubernetes allows at most two, each of Ingress and Egress once: write [Ingress, Egress]", types.len()),
+            );
+        }
         for (i, t) in types.iter().enumerate() {
             match t.as_str() {
                 "Ingress" => types_ingress = true,
@@ -887,9 +921,15 @@ fn np_peer(ctx: &mut Ctx, path: &str, peer: &RawNpPeer, ns: &str) -> Option<Peer
         };
         let mut except = Vec::new();
         for (i, e) in ib.except.iter().flatten().enumerate() {
+            let epath = join_index(&join_key(&ipath, "except"), i);
             match v::except_of(&net, e) {
+                // `ValidateIPBlock`: "must be a strict subset of `cidr`".
+                Ok(x) if x == net => ctx.err(
+                    epath,
+                    format!("except {e:?} is all of cidr {net}; Kubernetes wants an except strictly inside cidr (a longer prefix) — remove the peer to allow none of it"),
+                ),
                 Ok(x) => except.push(x),
-                Err(msg) => ctx.err(join_index(&join_key(&ipath, "except"), i), msg),
+                Err(msg) => ctx.err(epath, msg),
             }
         }
         return Some(Peer::Cidr {

@@ -90,23 +90,6 @@ pub fn labels(
     out
 }
 
-/// A registry object name: non-empty, no '/', no whitespace.
-pub fn object_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("metadata.name must not be empty".into());
-    }
-    if name.len() > 253 {
-        return Err(format!("name {name:?} is longer than 253 characters"));
-    }
-    if name
-        .chars()
-        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!("name {name:?} must not contain '/' or whitespace"));
-    }
-    Ok(())
-}
-
 pub fn addresses(
     ctx: &mut Ctx,
     path: &str,

@@ -1,5 +1,8 @@
 //! netpolctl: validate policy files, explain verdicts offline, and inspect a
 //! running netpold.
+//!
+//! Thin: parses the arguments and dispatches to `cli`; an error reaches here
+//! once and is printed once, with its causes (`{:#}`).
 
 use clap::{Parser, Subcommand};
 

@@ -2,6 +2,10 @@
 //! journald under systemd (stderr otherwise), SIGHUP reloads, SIGTERM/SIGINT stop
 //! it and leave enforcement in place. `netpold --detach` removes everything this
 //! instance pinned (package purge).
+//!
+//! Thin: reads the config, builds the logger, the signals and the datapath, and
+//! runs `daemon::run_with`; an error reaches here once and is printed once, with
+//! its causes (`{:#}`).
 
 use std::path::PathBuf;
 
@@ -14,6 +18,7 @@ use netpol::config::Config;
 use netpol::daemon::netlink::NetlinkLinks;
 use netpol::daemon::{self, sdnotify::Notifier, Options};
 use netpol::datapath::Datapath;
+use netpol::sizes::MapKind;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,7 +47,7 @@ fn main() {
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("netpold: {e}");
+            eprintln!("netpold: {:#}", anyhow::Error::from(e));
             std::process::exit(1);
         }
     };
@@ -119,13 +124,16 @@ fn map_size_hint(
     config: &Config,
     path: &std::path::Path,
 ) -> anyhow::Error {
-    let text = e.to_string();
-    if text.contains("(os error 7)") || text.contains("(os error 12)") {
+    if e.map_size_refused() {
+        // The whole chain (what failed: why), then the hint, printed once.
+        let cause = anyhow::Error::from(e);
+        let sizes = config.map_sizes();
+        let (ct, ep) = (MapKind::Conntrack, MapKind::Endpoints);
         anyhow::anyhow!(
-            "{text}: the kernel refuses a map of the configured size; {}: conntrack.max_entries = {}, maps.endpoint_max_entries = {}",
+            "{cause:#}: the kernel refuses a map of the configured size; {}: {ct} = {}, {ep} = {}",
             path.display(),
-            config.conntrack.max_entries,
-            config.maps.endpoint_max_entries
+            sizes.get(ct),
+            sizes.get(ep)
         )
     } else {
         e.into()

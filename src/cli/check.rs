@@ -1,23 +1,36 @@
 //! `netpolctl check`: validate the policy directory and the endpoint registry
-//! exactly as the daemon would (including compiling them within the config's map
-//! sizes), and report every problem.
+//! exactly as the daemon would (the same [`pipeline`] pass, compiling them
+//! within the config's map sizes), and report every problem.
 //!
 //! Output goes to stdout (it is the command's result, and scripts capture it):
 //! `ok: ...` and exit 0 when everything is valid; otherwise one
-//! `file:line:column: ...` line per problem and exit 1 (a count goes to stderr). `--json` prints one
-//! object: `{"valid", "problems": [...], "policies", "rules", "endpoints", ...}`.
+//! `file:line:column: ...` line per problem and exit 1 (a count goes to stderr).
+//! Warnings (`api::warn`: accepted, but worth a look) follow as
+//! `file:line:column: warning: ... [code]` lines and do not change the exit
+//! status, unless `--strict` makes them fail too. `--json` prints one object:
+//! `{"valid", "problems": [...], "warnings": [...], "policies", "rules", "endpoints", ...}`,
+//! where `valid` is what the exit status says.
+//!
+//! Owns the report only; reads and compiles through the pipeline, like every
+//! command, and never contacts the daemon.
 
 use clap::Args;
 use serde::Serialize;
 
 use super::common::FileArgs;
-use crate::api::{self, Problem};
-use crate::policy::compile::{try_compile, CompileOptions};
+use crate::api::model::EndpointKind;
+use crate::api::{Problem, Warning, WarningCode};
+use crate::config::Config;
+use crate::pipeline;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     #[command(flatten)]
     pub files: FileArgs,
+    /// Fail (exit 1) on warnings too: lenient spellings a Cilium cluster would
+    /// refuse or read differently
+    #[arg(long)]
+    pub strict: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -44,59 +57,57 @@ struct JsonProblem<'a> {
 }
 
 #[derive(Debug, Serialize)]
+struct JsonWarning<'a> {
+    #[serde(flatten)]
+    at: JsonProblem<'a>,
+    code: WarningCode,
+}
+
+#[derive(Debug, Serialize)]
 struct JsonReport<'a> {
     valid: bool,
     problems: Vec<JsonProblem<'a>>,
+    warnings: Vec<JsonWarning<'a>>,
     #[serde(flatten)]
     summary: &'a Summary,
 }
 
-/// Validate everything; returns the summary of what was valid and all problems.
-/// `opts` carries the config's `strict_file_modes` and `copts` its node name and
-/// map sizes, so `check` agrees with the daemon: when both sets are valid they
-/// are compiled, and a set that would not fit the maps is a problem too.
-pub fn check(
-    policy_dir: &std::path::Path,
-    endpoint_dirs: &[std::path::PathBuf],
-    opts: &api::LoadOptions,
-    copts: &CompileOptions,
-) -> (Summary, Vec<Problem>) {
+/// Validate everything as the daemon would: the files of `cfg` (with its
+/// `strict_file_modes`), compiled with its node name and map sizes when both
+/// sets are valid (a set that would not fit the maps is a problem too).
+/// Returns the summary of what was valid, every problem and every warning.
+pub fn check(cfg: &Config) -> (Summary, Vec<Problem>, Vec<Warning>) {
+    let (held, pass) = pipeline::load_files(cfg);
     let mut summary = Summary::default();
-    let mut problems = Vec::new();
-    let policies = match api::load_policy_dir_with(policy_dir, opts) {
-        Ok(set) => {
-            summary.policies = set.policies.len();
-            summary.rules = set.policies.iter().map(|p| p.rules.len()).sum();
-            Some(set)
-        }
-        Err(p) => {
-            problems.extend(p);
-            None
-        }
-    };
-    let registry = match api::load_endpoint_dirs_with(endpoint_dirs, opts) {
-        Ok(reg) => {
-            summary.host_endpoints = reg
-                .endpoints
-                .iter()
-                .filter(|e| e.kind == api::model::EndpointKind::Host)
-                .count();
-            summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
-            summary.nodes = reg.nodes.len();
-            summary.namespaces = reg.namespaces.len();
-            Some(reg)
-        }
-        Err(p) => {
-            problems.extend(p);
-            None
-        }
-    };
-    if let (Some(p), Some(r)) = (&policies, &registry) {
-        if let Err(e) = try_compile(p, r, copts) {
-            problems.push(e.into());
-        }
+    if let Some(p) = &held.policies {
+        summary.policies = p.set.policies.len();
+        summary.rules = p.set.policies.iter().map(|p| p.rules.len()).sum();
     }
-    (summary, problems)
+    if let Some(r) = &held.registry {
+        let reg = &r.set;
+        summary.host_endpoints = reg
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == EndpointKind::Host)
+            .count();
+        summary.endpoints = reg.endpoints.len() - summary.host_endpoints;
+        summary.nodes = reg.nodes.len();
+        summary.namespaces = reg.namespaces.len();
+    }
+    (summary, pass.problems, pass.warnings)
+}
+
+fn json_problem(p: &Problem, text: String) -> JsonProblem<'_> {
+    JsonProblem {
+        file: p.file.display().to_string(),
+        line: p.line,
+        column: p.column,
+        document: p.document,
+        object: p.object.as_deref(),
+        field: p.field.as_deref(),
+        message: &p.message,
+        text,
+    }
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -105,33 +116,34 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let cfg = args.files.resolve()?;
-    let (summary, problems) = check(
-        &cfg.policy_dir,
-        &cfg.endpoint_dirs,
-        &cfg.load_options(),
-        &cfg.compile_options(),
-    );
-    let valid = problems.is_empty();
+    let (summary, problems, warnings) = check(&cfg);
+    let valid = problems.is_empty() && (warnings.is_empty() || !args.strict);
     if args.files.json {
         let report = JsonReport {
             valid,
             problems: problems
                 .iter()
-                .map(|p| JsonProblem {
-                    file: p.file.display().to_string(),
-                    line: p.line,
-                    column: p.column,
-                    document: p.document,
-                    object: p.object.as_deref(),
-                    field: p.field.as_deref(),
-                    message: &p.message,
-                    text: p.to_string(),
+                .map(|p| json_problem(p, p.to_string()))
+                .collect(),
+            warnings: warnings
+                .iter()
+                .map(|w| JsonWarning {
+                    at: json_problem(&w.at, w.to_string()),
+                    code: w.code,
                 })
                 .collect(),
             summary: &summary,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if valid {
+        return Ok(if valid { 0 } else { 1 });
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    for w in &warnings {
+        println!("{w}");
+    }
+    if valid {
         println!(
             "ok: {} ({}), {}, {}, {}, {}",
             plural(summary.policies, "policy", "policies"),
@@ -141,14 +153,20 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
             plural(summary.nodes, "node", "nodes"),
             plural(summary.namespaces, "namespace", "namespaces"),
         );
-    } else {
-        for p in &problems {
-            println!("{p}");
-        }
+    }
+    let n_warnings = plural(warnings.len(), "warning", "warnings");
+    if !problems.is_empty() {
         eprintln!(
             "netpolctl check: {} found; nothing would be applied",
             plural(problems.len(), "problem", "problems")
         );
+        if !warnings.is_empty() {
+            eprintln!("netpolctl check: and {n_warnings}");
+        }
+    } else if !valid {
+        eprintln!("netpolctl check: {n_warnings} found, which --strict makes fail (the daemon would apply the files)");
+    } else if !warnings.is_empty() {
+        eprintln!("netpolctl check: {n_warnings} found (--strict makes them fail)");
     }
     Ok(if valid { 0 } else { 1 })
 }

@@ -1,10 +1,14 @@
-//! Arguments shared by every command that reads files.
+//! Arguments shared by every command that reads files, and the one way they
+//! read them ([`load_compiled`]: the daemon's pipeline, once).
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
 
 use crate::config::{Config, DEFAULT_CONFIG};
+use crate::pipeline;
+use crate::policy::types::Compiled;
 
 #[derive(Debug, Clone, Args)]
 pub struct FileArgs {
@@ -34,4 +38,27 @@ impl FileArgs {
         }
         Ok(cfg)
     }
+}
+
+/// Read, validate and compile the files named by `files` as netpold does (node
+/// name, audit, allow_localhost, map sizes; only the host's own addresses,
+/// which netpold learns from netlink, are not known here). On invalid files,
+/// or a set that would not fit the maps, every problem is printed to stderr and
+/// `Ok(None)` returned (exit 2 for callers).
+pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
+    let cfg = files.resolve()?;
+    let (_, pass) = pipeline::load_files(&cfg);
+    if let (Some(c), true) = (pass.compiled, pass.problems.is_empty()) {
+        return Ok(Some(c));
+    }
+    let mut err = std::io::stderr().lock();
+    for p in &pass.problems {
+        let _ = writeln!(err, "{p}");
+    }
+    let _ = writeln!(
+        err,
+        "netpolctl: {} problem(s) in the policy or registry files",
+        pass.problems.len()
+    );
+    Ok(None)
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::config::{Config, DEFAULT_CONFIG};
-use crate::daemon::status::{EndpointView, MonitorEvent, Status};
+use crate::daemon::status::{EndpointView, MonitorEvent, Reason, Status};
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -39,7 +39,8 @@ impl DaemonArgs {
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no netpold answers on {path}: {source} (is it running? --socket or --config picks another instance)")]
+    /// What to try is [`ClientError::hint`], printed after the cause.
+    #[error("no netpold answers on {path}")]
     NoDaemon {
         path: PathBuf,
         #[source]
@@ -49,6 +50,18 @@ pub enum ClientError {
     Daemon { path: PathBuf, message: String },
     #[error("{path}: unexpected answer: {message}")]
     Protocol { path: PathBuf, message: String },
+}
+
+impl ClientError {
+    /// What the user can do about it, if anything.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ClientError::NoDaemon { .. } => {
+                Some("is it running? --socket or --config picks another instance")
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Send one request and return the connection positioned at the answer.
@@ -108,8 +121,12 @@ fn decode<T: serde::de::DeserializeOwned>(path: &Path, line: &str) -> Result<T, 
     })
 }
 
+/// Print the error, its cause and the hint, each once.
 fn fail(e: ClientError) -> anyhow::Result<i32> {
-    eprintln!("netpolctl: {e}");
+    match e.hint() {
+        Some(hint) => eprintln!("netpolctl: {} ({hint})", crate::error::Chain(&e)),
+        None => eprintln!("netpolctl: {}", crate::error::Chain(&e)),
+    }
     Ok(1)
 }
 
@@ -205,13 +222,13 @@ pub fn format_endpoints(eps: &[EndpointView]) -> String {
                 Some(ns) => format!("{ns}/{}", e.name),
                 None => e.name.clone(),
             },
-            e.kind.clone(),
+            e.kind.to_string(),
             e.identity.to_string(),
             e.interface.clone().unwrap_or_else(|| "-".into()),
             e.ifindex
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| "-".into()),
-            e.state.clone() + if e.audit { " (audit)" } else { "" },
+            e.state.to_string() + if e.audit { " (audit)" } else { "" },
             dd(e.ingress_default_deny).into(),
             dd(e.egress_default_deny).into(),
             c.allowed.to_string(),
@@ -284,9 +301,9 @@ pub fn format_event(ev: &MonitorEvent) -> String {
             format!("{ip}:{port}")
         }
     };
-    let why = match (&ev.rule, ev.reason.as_str()) {
+    let why = match (&ev.rule, ev.reason) {
         (Some(r), _) => format!("{} {} ({}) {}", r.file, r.policy, r.kind, r.path),
-        (None, "default-deny") => "default deny".into(),
+        (None, Reason::DefaultDeny) => "default deny".into(),
         (None, other) => other.to_string(),
     };
     format!(
@@ -306,7 +323,7 @@ pub fn format_event(ev: &MonitorEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::status::{CountersView, FileError};
+    use crate::daemon::status::{CountersView, EndpointKind, EndpointState, FileError};
 
     #[test]
     fn status_text_says_degraded_and_lists_problems() {
@@ -341,17 +358,17 @@ mod tests {
 
     #[test]
     fn endpoints_table_is_aligned() {
-        let ep = |name: &str, state: &str, ifindex: Option<u32>| EndpointView {
+        let ep = |name: &str, state: EndpointState, ifindex: Option<u32>| EndpointView {
             slot: 0,
             name: name.into(),
             namespace: Some("default".into()),
-            kind: "workload".into(),
+            kind: EndpointKind::Workload,
             identity: 4242,
             interface: Some("veth-be".into()),
             ifindex,
             addresses: vec![],
             local: true,
-            state: state.into(),
+            state,
             ingress_default_deny: true,
             egress_default_deny: false,
             audit: false,
@@ -363,8 +380,8 @@ mod tests {
             },
         };
         let t = format_endpoints(&[
-            ep("backend", "attached", Some(13)),
-            ep("db", "pending", None),
+            ep("backend", EndpointState::Attached, Some(13)),
+            ep("db", EndpointState::Pending, None),
         ]);
         assert_eq!(
             t,

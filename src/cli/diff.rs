@@ -19,8 +19,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
-use super::common::FileArgs;
-use super::trace::load_compiled;
+use super::common::{load_compiled, FileArgs};
 use crate::api::model::EndpointKind;
 use crate::policy::trace::{
     endpoint_side, proto_name, trace, DirVerdict, DirectionResult, Reason, Side, TraceResult,

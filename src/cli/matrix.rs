@@ -2,12 +2,16 @@
 //! other, for one protocol and port, decided by the same engine as `trace`; as a
 //! text table, JSON, or a self-contained picture (`--svg`, `--html`: a grid of
 //! green/red cells whose tooltips name the deciding rule).
+//!
+//! Owns the table and its pictures; the state comes from
+//! [`super::common::load_compiled`], the verdicts from `policy::trace`. Writes
+//! only the files it is asked to.
 
 use clap::Args;
 use serde::Serialize;
 
-use super::common::FileArgs;
-use super::trace::{load_compiled, ProtoArg};
+use super::common::{load_compiled, FileArgs};
+use super::trace::ProtoArg;
 use crate::policy::trace::{endpoint_side, trace, Side, Verdict};
 use crate::policy::types::Compiled;
 

@@ -1,5 +1,6 @@
 //! `netpolctl registry import`: turn the JSON of
-//! `kubectl get pods,namespaces -A -o json` into registry files (DESIGN §3.2).
+//! `kubectl get pods,namespaces -A -o json` into registry files (the format of
+//! docs/policy.md, "The registry").
 //!
 //! netpol itself never talks to an API server; this is a one-shot conversion an
 //! operator runs where kubectl works, then copies the files to every host.

@@ -1,16 +1,15 @@
-//! `netpolctl trace`: the offline verdict for a new connection, explained.
-//! Also the loading helper `matrix` shares: read the files, report every
-//! problem, compile with the config's node name and map sizes (a set that would
-//! not fit them is a problem like any other).
-
-use std::io::Write as _;
+//! `netpolctl trace`: the offline verdict for a new connection, explained, on
+//! the state [`super::common::load_compiled`] reads and compiles as netpold
+//! would. Also the protocol argument `matrix` shares.
+//!
+//! Owns the arguments and the output; decides nothing itself (`policy::trace`
+//! does) and never contacts the daemon.
 
 use clap::{Args, ValueEnum};
 
-use super::common::FileArgs;
-use crate::policy::compile::try_compile;
+use super::common::{load_compiled, FileArgs};
 use crate::policy::trace::{resolve_side, trace, Verdict};
-use crate::policy::types::{proto, Compiled};
+use crate::policy::types::proto;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProtoArg {
@@ -73,62 +72,6 @@ pub struct TraceArgs {
     /// Protocol
     #[arg(long, value_enum, default_value = "tcp")]
     pub proto: ProtoArg,
-}
-
-/// Load, validate and compile the files named by `files`. On invalid files, the
-/// problems are printed to stderr and `Ok(None)` returned (exit 2 for callers).
-pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
-    let cfg = files.resolve()?;
-    let mut problems: Vec<String> = Vec::new();
-    let policies = match crate::api::load_policy_dir_with(&cfg.policy_dir, &cfg.load_options()) {
-        Ok(p) => Some(p),
-        Err(ps) => {
-            problems.extend(ps.iter().map(ToString::to_string));
-            None
-        }
-    };
-    let registry =
-        match crate::api::load_endpoint_dirs_with(&cfg.endpoint_dirs, &cfg.load_options()) {
-            Ok(r) => {
-                problems.extend(
-                    crate::policy::registry::validate(&r)
-                        .iter()
-                        .map(ToString::to_string),
-                );
-                Some(r)
-            }
-            Err(ps) => {
-                problems.extend(ps.iter().map(ToString::to_string));
-                None
-            }
-        };
-    let (Some(policies), Some(registry), true) = (policies, registry, problems.is_empty()) else {
-        let mut err = std::io::stderr().lock();
-        for p in &problems {
-            let _ = writeln!(err, "{p}");
-        }
-        let _ = writeln!(
-            err,
-            "netpolctl: {} problem(s) in the policy or registry files",
-            problems.len()
-        );
-        return Ok(None);
-    };
-    // As netpold compiles (node name, audit, allow_localhost, map sizes); only the
-    // host's own addresses, which netpold learns from netlink, are not known here.
-    let opts = cfg.compile_options();
-    match try_compile(&policies, &registry, &opts) {
-        Ok(c) => Ok(Some(c)),
-        Err(e) => {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "{e}");
-            let _ = writeln!(
-                err,
-                "netpolctl: 1 problem(s) in the policy or registry files"
-            );
-            Ok(None)
-        }
-    }
 }
 
 pub fn run(args: &TraceArgs) -> anyhow::Result<i32> {

@@ -1,5 +1,9 @@
 //! The last valid input files, kept under `state_dir/last-good/` so a daemon that
-//! starts with invalid files enforces the last set that applied (DESIGN §4.1).
+//! starts with invalid files enforces the last set that applied (docs/daemon.md,
+//! "Invalid files and the last valid set").
+//!
+//! Owns the copies and their layout; does not decide when to save (the daemon's
+//! `save` does) nor what a copy means (the inputs' `SavedReader` reads it).
 //!
 //! Layout: `last-good/policies` and `last-good/endpoints` are symlinks to
 //! complete copies (`policies.<stamp>/`, `endpoints.<stamp>/<n>/` for the n-th
@@ -13,9 +17,12 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crate::pipeline::Kind;
+use crate::pipeline::SavedCopies;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LastGoodError {
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         path: PathBuf,
         op: &'static str,
@@ -32,19 +39,11 @@ fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> La
     }
 }
 
-/// Which input set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Policies,
-    Endpoints,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Policies => "policies",
-            Kind::Endpoints => "endpoints",
-        }
+/// The name of a kind's symlink and the prefix of its copies.
+fn name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Policies => "policies",
+        Kind::Registry => "endpoints",
     }
 }
 
@@ -72,11 +71,11 @@ impl LastGood {
     /// The saved copy of a kind, if there is one: the policy directory, or the list of
     /// endpoint directories.
     pub fn dirs(&self, kind: Kind) -> Option<Vec<PathBuf>> {
-        let link = self.root.join(kind.name());
+        let link = self.root.join(name(kind));
         let target = fs::canonicalize(&link).ok()?;
         match kind {
             Kind::Policies => Some(vec![target]),
-            Kind::Endpoints => {
+            Kind::Registry => {
                 let mut dirs: Vec<(usize, PathBuf)> = fs::read_dir(&target)
                     .ok()?
                     .filter_map(|e| e.ok())
@@ -126,7 +125,7 @@ impl LastGood {
             .unwrap_or(0);
         let stamp = format!(
             "{}.{nanos}-{}-{}",
-            kind.name(),
+            name(kind),
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
@@ -143,7 +142,7 @@ impl LastGood {
     /// Make a prepared copy the saved one: the symlink is replaced by rename, so
     /// a crash leaves the old copy or this one. Quick (no file is copied).
     pub fn commit(&self, p: &Prepared) -> Result<(), LastGoodError> {
-        let link = self.root.join(p.kind.name());
+        let link = self.root.join(name(p.kind));
         let tmp_link = self.root.join(format!(".{}.link", p.stamp));
         symlink(&p.stamp, &tmp_link).map_err(io(&tmp_link, "create symlink"))?;
         fs::rename(&tmp_link, &link).map_err(io(&link, "replace symlink"))?;
@@ -158,9 +157,9 @@ impl LastGood {
     /// Remove the copies of `kind` other than the saved one (and any left by an
     /// interrupted save).
     pub fn remove_old(&self, kind: Kind) {
-        let current = fs::read_link(self.root.join(kind.name())).ok();
+        let current = fs::read_link(self.root.join(name(kind))).ok();
         if let Ok(entries) = fs::read_dir(&self.root) {
-            let prefix = format!("{}.", kind.name());
+            let prefix = format!("{}.", name(kind));
             for e in entries.filter_map(|e| e.ok()) {
                 let name = e.file_name();
                 if name.to_string_lossy().starts_with(&prefix)
@@ -184,7 +183,7 @@ impl LastGood {
         for (i, src) in sources.iter().enumerate() {
             let dst = match kind {
                 Kind::Policies => copy.to_path_buf(),
-                Kind::Endpoints => {
+                Kind::Registry => {
                     let d = copy.join(i.to_string());
                     fs::create_dir(&d).map_err(io(&d, "create directory"))?;
                     d
@@ -197,6 +196,12 @@ impl LastGood {
         // is on disk before the symlink points at it.
         syncfs(copy)?;
         Ok(verify(&dirs))
+    }
+}
+
+impl SavedCopies for LastGood {
+    fn dirs(&self, kind: Kind) -> Option<Vec<PathBuf>> {
+        LastGood::dirs(self, kind)
     }
 }
 
@@ -287,11 +292,11 @@ mod tests {
         fs::write(a.join("x.yaml"), "a").unwrap();
         fs::write(b.join("x.yaml"), "b").unwrap();
         let lg = LastGood::new(&tmp.path().join("state"));
-        lg.save(Kind::Endpoints, &[a, b, tmp.path().join("missing")], |d| {
+        lg.save(Kind::Registry, &[a, b, tmp.path().join("missing")], |d| {
             d.len() == 3
         })
         .unwrap();
-        let d = lg.dirs(Kind::Endpoints).unwrap();
+        let d = lg.dirs(Kind::Registry).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(fs::read_to_string(d[1].join("x.yaml")).unwrap(), "b");
     }

@@ -5,8 +5,8 @@
 //! Level-triggered like the rest of the daemon: any event (or a buffer overrun,
 //! ENOBUFS) makes the table be listed again in full, and the new [`LinkTable`] is
 //! published on a watch channel; the reconcile loop only reads the latest one.
-//! Behind the [`Links`] trait so the loop is tested with [`FakeLinks`]. Reads
-//! kernel state only; changes nothing.
+//! Behind the [`Links`] trait so the loop is tested with `FakeLinks` (feature
+//! `test-support`). Reads kernel state only; changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -52,9 +52,9 @@ impl LinkTable {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("netlink socket: {0}")]
+    #[error("netlink socket")]
     Socket(#[source] std::io::Error),
-    #[error("netlink {op}: {source}")]
+    #[error("netlink {op}")]
     Request {
         op: &'static str,
         #[source]
@@ -246,6 +246,7 @@ pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError>
 }
 
 /// A [`Links`] driven by the test through the sender [`fake_links`] returns.
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug)]
 pub struct FakeLinks {
     rx: Option<watch::Receiver<LinkTable>>,
@@ -253,11 +254,13 @@ pub struct FakeLinks {
 
 /// A fake and its control: send a new table to announce links appearing, going
 /// away or coming back with another ifindex.
+#[cfg(any(test, feature = "test-support"))]
 pub fn fake_links(initial: LinkTable) -> (watch::Sender<LinkTable>, FakeLinks) {
     let (tx, rx) = watch::channel(initial);
     (tx, FakeLinks { rx: Some(rx) })
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl Links for FakeLinks {
     async fn subscribe(
         &mut self,

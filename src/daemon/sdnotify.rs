@@ -3,9 +3,11 @@
 //! `MONOTONIC_USEC=` then `READY=1` around a reload, `WATCHDOG=1` from the main
 //! loop, `STOPPING=1` on the way out. With `NOTIFY_SOCKET` unset nothing is sent.
 //!
-//! Tests use [`Notifier::recorder`] instead of the process environment, which
-//! parallel tests share.
+//! Owns only the messages and when each is sent (the loop calls it). Tests use
+//! `Notifier::recorder` (feature `test-support`) instead of the process
+//! environment, which parallel tests share.
 
+#[cfg(any(test, feature = "test-support"))]
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,10 +18,12 @@ pub enum Notifier {
     /// The service manager named by `NOTIFY_SOCKET`, if any.
     Systemd,
     /// Keep every message (one string per notification, lines joined by `\n`).
+    #[cfg(any(test, feature = "test-support"))]
     Recorder(Arc<Mutex<Vec<String>>>),
 }
 
 impl Notifier {
+    #[cfg(any(test, feature = "test-support"))]
     pub fn recorder() -> (Notifier, Arc<Mutex<Vec<String>>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
         (Notifier::Recorder(log.clone()), log)
@@ -31,6 +35,7 @@ impl Notifier {
             Notifier::Systemd => {
                 let _ = sd_notify::notify(false, states);
             }
+            #[cfg(any(test, feature = "test-support"))]
             Notifier::Recorder(log) => {
                 let msg: Vec<String> = states.iter().map(|s| s.to_string()).collect();
                 if let Ok(mut l) = log.lock() {
@@ -74,6 +79,7 @@ impl Notifier {
                     None
                 }
             }
+            #[cfg(any(test, feature = "test-support"))]
             Notifier::Recorder(_) => None,
         }
     }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 
-use super::status::{EndpointView, Request, Status};
+use super::status::{EndpointView, Request, Status, Verb};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: u64 = 4096;
@@ -33,7 +33,7 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub enum ServerError {
     #[error("{path}: another netpold answers on this socket")]
     InUse { path: PathBuf },
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         path: PathBuf,
         op: &'static str,
@@ -192,12 +192,12 @@ async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
         }
         Err(e) => return write_line(&mut w, &error_line(&format!("bad request: {e}"))).await,
     };
-    match request.as_str() {
-        "status" => {
+    match Verb::parse(&request) {
+        Some(Verb::Status) => {
             let s = shared.status.borrow().clone();
             write_line(&mut w, &serde_json::to_string(&s).unwrap_or_default()).await
         }
-        "endpoints" => {
+        Some(Verb::Endpoints) => {
             let (tx, rx) = oneshot::channel();
             if shared.queries.send(Query::Endpoints(tx)).await.is_err() {
                 return write_line(&mut w, &error_line("daemon is stopping")).await;
@@ -209,7 +209,7 @@ async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
                 _ => write_line(&mut w, &error_line("daemon did not answer in time")).await,
             }
         }
-        "monitor" => {
+        Some(Verb::Monitor) => {
             let mut rx = shared.events.subscribe();
             // The client hanging up ends the stream; anything it sends is ignored.
             let mut r = reader.into_inner().into_inner();
@@ -230,11 +230,11 @@ async fn handle(stream: UnixStream, shared: Shared) -> std::io::Result<()> {
                 }
             }
         }
-        other => {
+        None => {
             write_line(
                 &mut w,
                 &error_line(&format!(
-                    "unknown request {other:?}; expected status, endpoints or monitor"
+                    "unknown request {request:?}; expected status, endpoints or monitor"
                 )),
             )
             .await

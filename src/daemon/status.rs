@@ -1,13 +1,163 @@
 //! What the runtime socket answers: the wire types of `status`, `endpoints` and
-//! `monitor`, shared by the daemon (serializes) and `netpolctl` (deserializes).
-//! Plain data; no I/O.
+//! `monitor`, shared by the daemon (serializes) and `netpolctl` (deserializes),
+//! and the `From` conversions of the daemon's own types into them. What has a
+//! fixed set of values is an enum whose serde name is its wire text.
+//!
+//! Owns the wire format only; plain data, no I/O, no state.
+
+use std::fmt;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+use crate::api::{model, Problem};
+use crate::datapath::{Attachment, Counters, EventReason, EventVerdict, VerdictEvent};
+use crate::policy::types::{self, Compiled, CompiledEndpoint, RuleRef};
 
 /// A request: one JSON line `{"request": "status"}` (or `endpoints`, `monitor`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub request: String,
+}
+
+/// What the runtime socket answers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verb {
+    Status,
+    Endpoints,
+    Monitor,
+}
+
+/// Enums on the wire: one name per value, the serde name.
+macro_rules! wire_names {
+    ($t:ty { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $t {
+            pub const ALL: &'static [$t] = &[$(<$t>::$v),+];
+            /// The wire name.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),+ }
+            }
+            /// The value of a wire name.
+            pub fn parse(s: &str) -> Option<$t> {
+                match s { $($s => Some(<$t>::$v),)+ _ => None }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    };
+}
+
+wire_names!(Verb { Status => "status", Endpoints => "endpoints", Monitor => "monitor" });
+
+/// A registry endpoint's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    Workload,
+    Host,
+}
+
+wire_names!(EndpointKind { Workload => "workload", Host => "host" });
+
+impl From<model::EndpointKind> for EndpointKind {
+    fn from(k: model::EndpointKind) -> Self {
+        match k {
+            model::EndpointKind::Workload => EndpointKind::Workload,
+            model::EndpointKind::Host => EndpointKind::Host,
+        }
+    }
+}
+
+/// Where an endpoint is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointState {
+    /// Local, and its interface is attached.
+    Attached,
+    /// Local, and its interface does not exist (yet).
+    Pending,
+    /// Enforced on another host.
+    Remote,
+}
+
+wire_names!(EndpointState { Attached => "attached", Pending => "pending", Remote => "remote" });
+
+/// What happened to a packet (the datapath's [`EventVerdict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    Audit,
+}
+
+wire_names!(Verdict { Allowed => "allowed", Denied => "denied", Audit => "audit" });
+
+impl From<EventVerdict> for Verdict {
+    fn from(v: EventVerdict) -> Self {
+        match v {
+            EventVerdict::Allowed => Verdict::Allowed,
+            EventVerdict::Denied => Verdict::Denied,
+            EventVerdict::Audit => Verdict::Audit,
+        }
+    }
+}
+
+/// Why (the datapath's [`EventReason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    PolicyAllow,
+    PolicyDeny,
+    DefaultDeny,
+    Spoofed,
+    Fragment,
+    Malformed,
+}
+
+wire_names!(Reason {
+    PolicyAllow => "policy-allow",
+    PolicyDeny => "policy-deny",
+    DefaultDeny => "default-deny",
+    Spoofed => "spoofed",
+    Fragment => "fragment",
+    Malformed => "malformed",
+});
+
+impl From<EventReason> for Reason {
+    fn from(r: EventReason) -> Self {
+        match r {
+            EventReason::PolicyAllow => Reason::PolicyAllow,
+            EventReason::PolicyDeny => Reason::PolicyDeny,
+            EventReason::DefaultDeny => Reason::DefaultDeny,
+            EventReason::Spoofed => Reason::Spoofed,
+            EventReason::Fragment => Reason::Fragment,
+            EventReason::Malformed => Reason::Malformed,
+        }
+    }
+}
+
+/// The endpoint's direction a verdict was taken in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+wire_names!(Direction { Ingress => "ingress", Egress => "egress" });
+
+impl From<types::Direction> for Direction {
+    fn from(d: types::Direction) -> Self {
+        match d {
+            types::Direction::Ingress => Direction::Ingress,
+            types::Direction::Egress => Direction::Egress,
+        }
+    }
 }
 
 /// One problem in one input file, as `status` reports it.
@@ -18,6 +168,17 @@ pub struct FileError {
     pub column: Option<usize>,
     /// The whole message a user reads: `file:line:col: document N (...): field: message`.
     pub message: String,
+}
+
+impl From<&Problem> for FileError {
+    fn from(p: &Problem) -> Self {
+        FileError {
+            file: p.file.display().to_string(),
+            line: p.line,
+            column: p.column,
+            message: p.to_string(),
+        }
+    }
 }
 
 /// Health of the daemon (`netpolctl status`).
@@ -63,26 +224,67 @@ pub struct CountersView {
     pub audit: u64,
 }
 
+impl From<&Counters> for CountersView {
+    fn from(c: &Counters) -> Self {
+        CountersView {
+            allowed: c.allowed,
+            denied_policy: c.denied_policy,
+            denied_default: c.denied_default,
+            denied_spoof: c.denied_spoof,
+            denied_other: c.denied_other,
+            audit: c.audit,
+        }
+    }
+}
+
 /// One endpoint as `netpolctl endpoints` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointView {
     pub slot: u32,
     pub name: String,
     pub namespace: Option<String>,
-    /// `workload` or `host`.
-    pub kind: String,
+    pub kind: EndpointKind,
     pub identity: u32,
     pub interface: Option<String>,
     pub ifindex: Option<u32>,
     pub addresses: Vec<String>,
     /// Enforced on this host.
     pub local: bool,
-    /// `attached`, `pending` (interface missing) or `remote`.
-    pub state: String,
+    pub state: EndpointState,
     pub ingress_default_deny: bool,
     pub egress_default_deny: bool,
     pub audit: bool,
     pub counters: CountersView,
+}
+
+impl EndpointView {
+    /// A compiled endpoint with its attachment (if its interface is attached)
+    /// and its counters.
+    pub fn of(ep: &CompiledEndpoint, att: Option<&Attachment>, counters: &Counters) -> Self {
+        EndpointView {
+            slot: ep.slot,
+            name: ep.name.clone(),
+            namespace: ep.namespace.clone(),
+            kind: ep.kind.into(),
+            identity: ep.identity,
+            interface: ep.interface.as_ref().map(|i| match i {
+                model::Interface::Name(n) => n.clone(),
+                model::Interface::Auto => "auto".into(),
+            }),
+            ifindex: att.map(|a| a.ifindex),
+            addresses: ep.addresses.iter().map(|a| a.to_string()).collect(),
+            local: ep.local,
+            state: match (ep.local, att) {
+                (false, _) => EndpointState::Remote,
+                (true, Some(_)) => EndpointState::Attached,
+                (true, None) => EndpointState::Pending,
+            },
+            ingress_default_deny: ep.default_deny_ingress,
+            egress_default_deny: ep.default_deny_egress,
+            audit: ep.audit,
+            counters: counters.into(),
+        }
+    }
 }
 
 /// The deciding rule of a verdict event.
@@ -94,14 +296,25 @@ pub struct RuleView {
     pub path: String,
 }
 
+impl From<&RuleRef> for RuleView {
+    fn from(r: &RuleRef) -> Self {
+        RuleView {
+            file: r.file.display().to_string(),
+            kind: r.kind.clone(),
+            policy: r.policy.clone(),
+            path: r.path.clone(),
+        }
+    }
+}
+
 /// One verdict event (`netpolctl monitor`), one JSON object per line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonitorEvent {
     /// RFC 3339, UTC, when the daemon read the event.
     pub time: String,
-    pub verdict: String,
-    pub reason: String,
-    pub direction: String,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub direction: Direction,
     pub src: String,
     pub dst: String,
     pub proto: String,
@@ -116,8 +329,44 @@ pub struct MonitorEvent {
     pub rule: Option<RuleView>,
 }
 
+impl MonitorEvent {
+    /// A datapath event read at `now`, its slot and rule resolved against the
+    /// installed state.
+    pub fn of(ev: &VerdictEvent, installed: Option<&Compiled>, now: SystemTime) -> Self {
+        MonitorEvent {
+            time: rfc3339(now),
+            verdict: ev.verdict.into(),
+            reason: ev.reason.into(),
+            direction: ev.direction.into(),
+            src: ev.src.to_string(),
+            dst: ev.dst.to_string(),
+            proto: crate::policy::trace::proto_name(ev.proto),
+            sport: ev.sport,
+            dport: ev.dport,
+            endpoint: installed
+                .and_then(|c| c.endpoints.get(ev.slot as usize))
+                .map(|e| display_name(&e.namespace, &e.name)),
+            ifindex: ev.ifindex,
+            src_identity: ev.src_identity,
+            dst_identity: ev.dst_identity,
+            rule: ev
+                .rule
+                .and_then(|r| installed?.rules.get(r as usize))
+                .map(RuleView::from),
+        }
+    }
+}
+
+/// `namespace/name`, or `name` without a namespace.
+pub fn display_name(namespace: &Option<String>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
 /// `2026-11-26T06:17:00.123Z` for a time since the Unix epoch.
-pub fn rfc3339(t: std::time::SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
@@ -144,6 +393,61 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// Verdicts, reasons and directions keep the datapath's and the core's own
+    /// serde names, and each wire enum's `as_str` is its serde name.
+    #[test]
+    fn wire_enums_keep_the_serde_names_of_what_they_carry() {
+        fn name<T: Serialize>(v: T) -> String {
+            serde_json::to_value(v)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+        fn round<T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug + Copy>(
+            all: &[T],
+            as_str: fn(T) -> &'static str,
+            parse: fn(&str) -> Option<T>,
+        ) {
+            for &v in all {
+                assert_eq!(name(v), as_str(v));
+                assert_eq!(parse(as_str(v)), Some(v));
+                let back: T = serde_json::from_value(serde_json::json!(as_str(v))).unwrap();
+                assert_eq!(back, v);
+            }
+        }
+        round(Verb::ALL, Verb::as_str, Verb::parse);
+        round(EndpointKind::ALL, EndpointKind::as_str, EndpointKind::parse);
+        round(
+            EndpointState::ALL,
+            EndpointState::as_str,
+            EndpointState::parse,
+        );
+        round(Verdict::ALL, Verdict::as_str, Verdict::parse);
+        round(Reason::ALL, Reason::as_str, Reason::parse);
+        round(Direction::ALL, Direction::as_str, Direction::parse);
+        for v in [
+            EventVerdict::Allowed,
+            EventVerdict::Denied,
+            EventVerdict::Audit,
+        ] {
+            assert_eq!(name(v), Verdict::from(v).as_str());
+        }
+        for r in [
+            EventReason::PolicyAllow,
+            EventReason::PolicyDeny,
+            EventReason::DefaultDeny,
+            EventReason::Spoofed,
+            EventReason::Fragment,
+            EventReason::Malformed,
+        ] {
+            assert_eq!(name(r), Reason::from(r).as_str());
+        }
+        for d in [types::Direction::Ingress, types::Direction::Egress] {
+            assert_eq!(name(d), Direction::from(d).as_str());
+        }
+    }
 
     #[test]
     fn rfc3339_formats_utc() {

@@ -44,9 +44,9 @@ pub enum FileChange {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("cannot start the file watcher: {0}")]
+    #[error("cannot start the file watcher")]
     Start(#[source] notify::Error),
-    #[error("{path}: cannot watch: {source}")]
+    #[error("{path}: cannot watch")]
     Watch {
         path: PathBuf,
         #[source]

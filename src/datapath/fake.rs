@@ -1,5 +1,6 @@
-//! In-memory [`Datapath`] for tests of the reconcile loop: records what was applied
-//! and attached, and can be told to fail.
+//! [`FakeDatapath`]: an in-memory [`Datapath`] for tests of the reconcile loop
+//! (and `netpold --fake-datapath`). It records what was applied and attached,
+//! can be told to fail, and touches no kernel.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,7 +15,8 @@ pub struct FakeDatapath {
     pub attached: BTreeSet<Attachment>,
     /// Every successful apply, in order.
     pub applied: Vec<(u64, Compiled)>,
-    /// Make the next apply fail with this message (once).
+    /// Make the next apply fail (once) with [`DatapathError::Injected`] carrying
+    /// this message.
     pub fail_next_apply: Option<String>,
     pub events: Vec<VerdictEvent>,
 }
@@ -32,7 +34,7 @@ impl Datapath for FakeDatapath {
         _attachments: &[Attachment],
     ) -> Result<u64, DatapathError> {
         if let Some(msg) = self.fail_next_apply.take() {
-            return Err(DatapathError::Other(msg));
+            return Err(DatapathError::Injected { message: msg });
         }
         self.generation += 1;
         self.active = Some(state.clone());

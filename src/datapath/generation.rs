@@ -49,8 +49,11 @@ impl Contents {
                 .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
         for a in attachments {
-            let v = layout::endpoint_value(state, a.slot)
-                .ok_or_else(|| DatapathError::Other(format!("no endpoint in slot {}", a.slot)))?;
+            let v = layout::endpoint_value(state, a.slot).ok_or(DatapathError::UnknownSlot {
+                ifindex: a.ifindex,
+                slot: a.slot,
+                endpoints: state.endpoints.len(),
+            })?;
             c.endpoints
                 .insert(a.ifindex.to_ne_bytes(), arr(layout::bytes_of(&v)));
         }

@@ -28,13 +28,15 @@ use libbpf_rs::{
 };
 
 use super::generation::{self, Contents, Table};
-use super::layout::{self, EventRecord, StateValue, LAYOUT_VERSION};
+use super::layout::{self, EventRecord, StateValue};
+use super::skel::types::{self, np_layout};
 use super::skel::{NetpolSkel, NetpolSkelBuilder};
-use super::{
-    Attachment, Counters, Datapath, DatapathError, DatapathSettings, EventReason, EventVerdict,
-    VerdictEvent,
-};
-use crate::policy::types::{Compiled, Direction};
+use super::{Attachment, Counters, Datapath, DatapathError, DatapathSettings, VerdictEvent};
+use crate::policy::identity;
+use crate::policy::types::Compiled;
+
+/// The layout version this build reads and writes (netpol_state_v1).
+const LAYOUT_VERSION: u32 = np_layout::NP_LAYOUT_VERSION.0;
 
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -71,7 +73,7 @@ pub enum AttachMode {
 /// The result of one BPF_PROG_TEST_RUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestRun {
-    /// The program's return value: -1 pass (TCX_NEXT), 2 drop.
+    /// The program's return value: `NP_PASS` (-1, TCX_NEXT) or `NP_DROP` (2).
     pub retval: i32,
     /// Average time per run as measured by the kernel.
     pub duration: Duration,
@@ -79,16 +81,15 @@ pub struct TestRun {
 
 impl TestRun {
     pub fn passed(&self) -> bool {
-        self.retval != 2
+        // Widened on both sides: the enum's integer type follows clang's BTF
+        // (unsigned before clang 15, signed after).
+        i64::from(self.retval) != i64::from(types::np_action::NP_DROP.0)
     }
 }
 
 fn kerr(op: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> DatapathError {
     let op = op.into();
-    move |e| DatapathError::Kernel {
-        op,
-        source: std::io::Error::other(format!("{e:#}")),
-    }
+    move |source| DatapathError::Libbpf { op, source }
 }
 
 fn ioerr(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
@@ -214,12 +215,10 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
             return Ok(());
         }
     }
-    Err(DatapathError::Other(format!(
-        "{}: not a bpf filesystem (pin_dir {} must live on bpffs; mount -t bpf bpf {})",
-        parent.display(),
-        pin_dir.display(),
-        parent.display()
-    )))
+    Err(DatapathError::NotBpffs {
+        dir: parent.to_path_buf(),
+        pin_dir: pin_dir.to_path_buf(),
+    })
 }
 
 /// Our named maps are pinned; libbpf's internal ones (.rodata, .bss) are
@@ -256,7 +255,7 @@ fn kernel_has_tcx() -> bool {
 fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
     use std::mem::size_of;
     let m = &skel.maps;
-    let checks: [(&dyn MapCore, &str, usize, usize); 7] = [
+    let checks: [(&dyn MapCore, &'static str, usize, usize); 7] = [
         (
             &m.netpol_state_v1,
             "netpol_state_v1",
@@ -272,8 +271,8 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
         (
             &m.netpol_frag_v1,
             "netpol_frag_v1",
-            size_of::<super::skel::types::np_frag_key>(),
-            size_of::<super::skel::types::np_frag_value>(),
+            size_of::<layout::FragKey>(),
+            size_of::<layout::FragValue>(),
         ),
         (
             &m.netpol_failsafe_v1,
@@ -291,17 +290,19 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
             &m.netpol_ratelimit_v1,
             "netpol_ratelimit_v1",
             4,
-            size_of::<super::skel::types::np_ratelimit>(),
+            size_of::<layout::RatelimitValue>(),
         ),
         (&m.netpol_policy_v1, "netpol_policy_v1", 4, 4),
     ];
     for (map, name, key, value) in checks {
         if map.key_size() as usize != key || map.value_size() as usize != value {
-            return Err(DatapathError::Other(format!(
-                "{name}: key/value sizes {}/{} but this build expects {key}/{value}",
-                map.key_size(),
-                map.value_size()
-            )));
+            return Err(DatapathError::MapLayout {
+                map: name,
+                key: map.key_size(),
+                value: map.value_size(),
+                want_key: key,
+                want_value: value,
+            });
         }
     }
     Ok(())
@@ -337,15 +338,20 @@ fn open_skel(
             .maps
             .rodata_data
             .as_deref_mut()
-            .ok_or_else(|| DatapathError::Other("bpf object has no .rodata".into()))?;
+            .ok_or(DatapathError::NoSettings)?;
         let secs = |s: u32| u64::from(s) * 1_000_000_000;
-        ro.cfg_recheck_established = u32::from(settings.recheck_established);
-        ro.cfg_allow_sample_rate = settings.allow_sample_rate;
-        ro.cfg_events_per_sec = settings.events_per_sec;
-        ro.cfg_ct_syn_ns = secs(settings.ct_timeout_syn_secs);
-        ro.cfg_ct_established_ns = secs(settings.ct_timeout_established_secs);
-        ro.cfg_ct_close_ns = secs(settings.ct_timeout_close_secs);
-        ro.cfg_ct_other_ns = secs(settings.ct_timeout_other_secs);
+        // One literal for all of .rodata: a load-time setting added to
+        // bpf/lib/config.h and not set here fails the build.
+        *ro = types::rodata {
+            cfg_ct_syn_ns: secs(settings.ct_timeout_syn_secs),
+            cfg_ct_established_ns: secs(settings.ct_timeout_established_secs),
+            cfg_ct_close_ns: secs(settings.ct_timeout_close_secs),
+            cfg_ct_other_ns: secs(settings.ct_timeout_other_secs),
+            cfg_recheck_established: u32::from(settings.recheck_established),
+            cfg_allow_sample_rate: settings.allow_sample_rate,
+            cfg_events_per_sec: settings.events_per_sec,
+            cfg_world_identity: identity::WORLD,
+        };
         open.maps
             .netpol_ct_v1
             .set_max_entries(settings.ct_max_entries.max(1))
@@ -370,13 +376,10 @@ fn open_skel(
                         let _ = m.set_max_entries(pinned.max_entries());
                     }
                 }
-                m.reuse_pinned_map(&path).map_err(|e| DatapathError::Kernel {
-                    op: format!(
-                        "adopt pinned map {} (a different layout or size? detach the old instance first)",
-                        path.display()
-                    ),
-                    source: std::io::Error::other(format!("{e:#}")),
-                })?;
+                m.reuse_pinned_map(&path).map_err(kerr(format!(
+                    "adopt pinned map {} (a different layout or size? detach the old instance first)",
+                    path.display()
+                )))?;
             }
         }
         if !tcx {
@@ -426,12 +429,11 @@ impl KernelDatapath {
         let mut state = read_state(state_map)?;
         if adopt {
             if state.layout_version != LAYOUT_VERSION {
-                return Err(DatapathError::Other(format!(
-                    "{}: pinned maps have layout version {}, this netpol supports {}; detach the old instance first",
-                    maps_dir.display(),
-                    state.layout_version,
-                    LAYOUT_VERSION
-                )));
+                return Err(DatapathError::LayoutVersion {
+                    maps_dir,
+                    found: state.layout_version,
+                    supported: LAYOUT_VERSION,
+                });
             }
         } else {
             state = StateValue {
@@ -555,7 +557,7 @@ impl KernelDatapath {
         }
         for (dir, proto, port) in &self.settings.failsafe {
             let k = layout::FailsafeKey {
-                direction: *dir as u8,
+                direction: layout::direction_code(*dir),
                 proto: *proto,
                 port: *port,
             };
@@ -999,9 +1001,7 @@ impl KernelDatapath {
                 self.start_barrier();
                 match self.pending_barrier.take().map(JoinHandle::join) {
                     Some(Ok(r)) => r,
-                    _ => Err(DatapathError::Other(
-                        "the grace-period wait (netpol_barrier_v1) panicked".into(),
-                    )),
+                    _ => Err(DatapathError::BarrierPanicked),
                 }
             }
         }
@@ -1119,44 +1119,13 @@ impl KernelDatapath {
         self.slots = attachments.iter().map(|a| a.slot).collect();
         Ok(next.generation)
     }
-
-    fn event_from_record(r: &EventRecord) -> VerdictEvent {
-        VerdictEvent {
-            ifindex: r.ifindex,
-            slot: r.slot,
-            direction: if r.direction == 1 {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            },
-            verdict: match r.verdict {
-                0 => EventVerdict::Allowed,
-                2 => EventVerdict::Audit,
-                _ => EventVerdict::Denied,
-            },
-            reason: match r.reason {
-                0 => EventReason::PolicyAllow,
-                1 => EventReason::PolicyDeny,
-                2 => EventReason::DefaultDeny,
-                3 => EventReason::Spoofed,
-                4 => EventReason::Fragment,
-                _ => EventReason::Malformed,
-            },
-            src: layout::addr_from_bytes(r.family, &r.saddr),
-            dst: layout::addr_from_bytes(r.family, &r.daddr),
-            proto: r.proto,
-            sport: r.sport,
-            dport: r.dport,
-            src_identity: r.src_identity,
-            dst_identity: r.dst_identity,
-            rule: (r.rule != layout::RULE_NONE).then_some(r.rule),
-        }
-    }
 }
 
 fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        DatapathError::Other(format!("{}: path contains a NUL byte", path.display()))
+        DatapathError::NulInPath {
+            path: path.to_path_buf(),
+        }
     })?;
     // SAFETY: `fd` is a valid BPF object fd and `c` a NUL-terminated path.
     let r = unsafe { libbpf_sys::bpf_obj_pin(fd, c.as_ptr()) };
@@ -1172,7 +1141,7 @@ fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
 /// Everything `map` holds, read key by key.
 fn dump_table<const K: usize, const V: usize>(
     map: &MapHandle,
-    what: &str,
+    what: &'static str,
 ) -> Result<Table<K, V>, DatapathError> {
     let mut out = Table::<K, V>::new();
     for k in map.keys() {
@@ -1183,8 +1152,10 @@ fn dump_table<const K: usize, const V: usize>(
         ) else {
             continue;
         };
-        let v = <[u8; V]>::try_from(v.as_slice()).map_err(|_| {
-            DatapathError::Other(format!("{what}: value of {} bytes, expected {V}", v.len()))
+        let v = <[u8; V]>::try_from(v.as_slice()).map_err(|_| DatapathError::ValueSize {
+            map: what,
+            len: v.len(),
+            expected: V,
         })?;
         out.insert(key, v);
     }
@@ -1221,9 +1192,12 @@ fn read_state(map: &impl MapCore) -> Result<StateValue, DatapathError> {
     let raw = map
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .map_err(kerr("read netpol_state_v1"))?
-        .ok_or_else(|| DatapathError::Other("netpol_state_v1 has no entry 0".into()))?;
-    layout::from_bytes::<StateValue>(&raw)
-        .ok_or_else(|| DatapathError::Other("netpol_state_v1: unexpected value size".into()))
+        .ok_or(DatapathError::NoState)?;
+    layout::from_bytes::<StateValue>(&raw).ok_or(DatapathError::ValueSize {
+        map: "netpol_state_v1",
+        len: raw.len(),
+        expected: size_of::<StateValue>(),
+    })
 }
 
 fn write_state(map: &impl MapCore, s: &StateValue) -> Result<(), DatapathError> {
@@ -1281,7 +1255,7 @@ impl Datapath for KernelDatapath {
         let mut builder = RingBufferBuilder::new();
         let added = builder.add(&self.skel().maps.netpol_events_v1, |data: &[u8]| {
             if let Some(r) = layout::from_bytes::<EventRecord>(data) {
-                out.push(Self::event_from_record(&r));
+                out.push(layout::verdict_event(&r));
             }
             0
         });

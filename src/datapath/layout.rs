@@ -1,15 +1,21 @@
-//! Encoding of the compiled state into the kernel's map keys and values, using
-//! the layouts the skeleton generated from bpf/lib/netpol_maps.h (never
-//! hand-mirrored), plus the capacity check that runs before anything touches
-//! the kernel. Pure: no syscalls, unit-tested without root.
+//! The datapath's ABI seen from Rust: encoding of the compiled state into the
+//! kernel's map keys and values, decoding of what the kernel reports (verdict
+//! events), and the capacity check that runs before anything touches the
+//! kernel. Layouts and constants (families, directions, verdicts, flags, event
+//! codes, prefix lengths) are the skeleton's, generated from
+//! bpf/lib/netpol_abi.h; none is written down here a second time. Pure: no
+//! syscalls, unit-tested without root.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::skel::types;
-use super::{Attachment, DatapathError, DatapathSettings};
+use super::skel::types::{
+    self, np_direction, np_endpoint_flags, np_event_verdict, np_family, np_ipcache_prefix, np_none,
+    np_policy_prefix, np_reason, np_verdict,
+};
+use super::{Attachment, DatapathError, DatapathSettings, EventReason, EventVerdict, VerdictEvent};
 use crate::api::model::EndpointKind;
 use crate::policy::types::{Compiled, Direction, EntryVerdict, IpcacheEntry, PolicyEntry};
 
@@ -21,12 +27,16 @@ pub type PolicyValue = types::np_policy_value;
 pub type StateValue = types::np_state;
 pub type CtKey = types::np_ct_key;
 pub type CtValue = types::np_ct_value;
+pub type FragKey = types::np_frag_key;
+pub type FragValue = types::np_frag_value;
 pub type FailsafeKey = types::np_failsafe_key;
 pub type CountersValue = types::np_counters;
 pub type EventRecord = types::np_event;
+pub type RatelimitValue = types::np_ratelimit;
 
-// The sizes below are the C header's; a change to a layout must come with a
-// new map version (netpol_*_v2) and a change here.
+// The sizes below are the C header's (which asserts them, and every offset,
+// beside each struct); a change to a layout must come with a new map version
+// (netpol_*_v2) and a change here.
 const _: () = assert!(size_of::<StateValue>() == 16);
 const _: () = assert!(size_of::<IpcacheKey>() == 24);
 const _: () = assert!(size_of::<IpcacheValue>() == 8);
@@ -35,36 +45,28 @@ const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 44);
 const _: () = assert!(size_of::<CtValue>() == 16);
-const _: () = assert!(size_of::<types::np_frag_key>() == 40);
-const _: () = assert!(size_of::<types::np_frag_value>() == 8);
+const _: () = assert!(size_of::<FragKey>() == 40);
+const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<FailsafeKey>() == 4);
 const _: () = assert!(size_of::<CountersValue>() == 48);
 const _: () = assert!(size_of::<EventRecord>() == 72);
-const _: () = assert!(size_of::<types::np_ratelimit>() == 16);
+const _: () = assert!(size_of::<RatelimitValue>() == 16);
 
-/// Layout version stored in the state map; an adopting process refuses others.
-pub const LAYOUT_VERSION: u32 = 1;
+/// The byte a key or event carries for `dir`.
+pub fn direction_code(dir: Direction) -> u8 {
+    match dir {
+        Direction::Ingress => np_direction::NP_DIR_INGRESS.0,
+        Direction::Egress => np_direction::NP_DIR_EGRESS.0,
+    }
+}
 
-/// Bits of the ipcache key always matched (family + padding).
-pub const IPCACHE_STATIC_PREFIX: u32 = 32;
-/// Bits of the policy key always matched (slot + identity + direction).
-pub const POLICY_STATIC_PREFIX: u32 = 72;
-/// All bits of the policy key (+ protocol + port).
-pub const POLICY_FULL_PREFIX: u32 = 96;
-
-pub const FAMILY_V4: u8 = 4;
-pub const FAMILY_V6: u8 = 6;
-
-pub const EP_F_HOST: u32 = 0x1;
-pub const EP_F_DENY_INGRESS: u32 = 0x2;
-pub const EP_F_DENY_EGRESS: u32 = 0x4;
-pub const EP_F_AUDIT: u32 = 0x8;
-
-pub const SLOT_NONE: u32 = u32::MAX;
-pub const RULE_NONE: u32 = u32::MAX;
-
-pub const VERDICT_ALLOW: u8 = EntryVerdict::Allow as u8;
-pub const VERDICT_DENY: u8 = EntryVerdict::Deny as u8;
+/// The byte a policy value carries for `verdict`.
+pub fn verdict_code(verdict: EntryVerdict) -> u8 {
+    match verdict {
+        EntryVerdict::Allow => np_verdict::NP_VERDICT_ALLOW.0,
+        EntryVerdict::Deny => np_verdict::NP_VERDICT_DENY.0,
+    }
+}
 
 /// The raw bytes of a skeleton layout type, as the map syscalls want them.
 pub fn bytes_of<T: Copy>(v: &T) -> &[u8] {
@@ -94,15 +96,15 @@ pub fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
     match addr {
         IpAddr::V4(a) => {
             out[..4].copy_from_slice(&a.octets());
-            (FAMILY_V4, out)
+            (np_family::NP_FAMILY_V4.0, out)
         }
-        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+        IpAddr::V6(a) => (np_family::NP_FAMILY_V6.0, a.octets()),
     }
 }
 
 /// The address encoded in 16 datapath bytes.
 pub fn addr_from_bytes(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == FAMILY_V4 {
+    if family == np_family::NP_FAMILY_V4.0 {
         IpAddr::from([b[0], b[1], b[2], b[3]])
     } else {
         IpAddr::from(*b)
@@ -114,7 +116,7 @@ pub fn ipcache_key(net: &IpNet) -> IpcacheKey {
     let net = net.trunc();
     let (family, addr) = addr_bytes(net.addr());
     IpcacheKey {
-        prefixlen: IPCACHE_STATIC_PREFIX + u32::from(net.prefix_len()),
+        prefixlen: np_ipcache_prefix::NP_IPCACHE_STATIC_PREFIX.0 + u32::from(net.prefix_len()),
         family,
         pad: [0; 3],
         addr,
@@ -129,7 +131,7 @@ pub fn ipcache_lookup_key(addr: IpAddr) -> IpcacheKey {
 pub fn ipcache_value(e: &IpcacheEntry) -> IpcacheValue {
     IpcacheValue {
         identity: e.identity,
-        endpoint: e.endpoint.unwrap_or(SLOT_NONE),
+        endpoint: e.endpoint.unwrap_or(np_none::NP_SLOT_NONE.0),
     }
 }
 
@@ -144,10 +146,11 @@ pub fn masked_port(port: u16, prefix: u8) -> u16 {
 /// LPM prefix length of a policy entry: the static part, then 8 bits of
 /// protocol unless it is the any-protocol entry, then `port_prefix` port bits.
 pub fn policy_prefixlen(proto: u8, port_prefix: u8) -> u32 {
+    let static_prefix = np_policy_prefix::NP_POLICY_STATIC_PREFIX.0;
     if proto == 0 {
-        POLICY_STATIC_PREFIX
+        static_prefix
     } else {
-        POLICY_STATIC_PREFIX + 8 + u32::from(port_prefix.min(16))
+        static_prefix + 8 + u32::from(port_prefix.min(16))
     }
 }
 
@@ -161,7 +164,7 @@ pub fn policy_key(e: &PolicyEntry) -> PolicyKey {
         prefixlen: policy_prefixlen(e.proto, prefix),
         slot: e.endpoint,
         identity: e.identity,
-        direction: e.direction as u8,
+        direction: direction_code(e.direction),
         proto: e.proto,
         port: masked_port(port, prefix).to_be(),
     }
@@ -176,10 +179,10 @@ pub fn policy_lookup_key(
     port: u16,
 ) -> PolicyKey {
     PolicyKey {
-        prefixlen: POLICY_FULL_PREFIX,
+        prefixlen: np_policy_prefix::NP_POLICY_FULL_PREFIX.0,
         slot,
         identity,
-        direction: dir as u8,
+        direction: direction_code(dir),
         proto,
         port: port.to_be(),
     }
@@ -187,10 +190,45 @@ pub fn policy_lookup_key(
 
 pub fn policy_value(e: &PolicyEntry) -> PolicyValue {
     PolicyValue {
-        verdict: e.verdict as u8,
+        verdict: verdict_code(e.verdict),
         reserved0: 0,
         reserved1: 0,
         rule: e.rule,
+    }
+}
+
+/// A verdict event as the datapath wrote it into the ring buffer. Codes the
+/// datapath never writes read as the most cautious meaning (ingress, denied,
+/// malformed).
+pub fn verdict_event(r: &EventRecord) -> VerdictEvent {
+    VerdictEvent {
+        ifindex: r.ifindex,
+        slot: r.slot,
+        direction: match np_direction(r.direction) {
+            np_direction::NP_DIR_EGRESS => Direction::Egress,
+            _ => Direction::Ingress,
+        },
+        verdict: match np_event_verdict(r.verdict) {
+            np_event_verdict::NP_EV_ALLOWED => EventVerdict::Allowed,
+            np_event_verdict::NP_EV_AUDIT => EventVerdict::Audit,
+            _ => EventVerdict::Denied,
+        },
+        reason: match np_reason(r.reason) {
+            np_reason::NP_REASON_POLICY_ALLOW => EventReason::PolicyAllow,
+            np_reason::NP_REASON_POLICY_DENY => EventReason::PolicyDeny,
+            np_reason::NP_REASON_DEFAULT_DENY => EventReason::DefaultDeny,
+            np_reason::NP_REASON_SPOOFED => EventReason::Spoofed,
+            np_reason::NP_REASON_FRAGMENT => EventReason::Fragment,
+            _ => EventReason::Malformed,
+        },
+        src: addr_from_bytes(r.family, &r.saddr),
+        dst: addr_from_bytes(r.family, &r.daddr),
+        proto: r.proto,
+        sport: r.sport,
+        dport: r.dport,
+        src_identity: r.src_identity,
+        dst_identity: r.dst_identity,
+        rule: (r.rule != np_none::NP_RULE_NONE.0).then_some(r.rule),
     }
 }
 
@@ -199,16 +237,16 @@ pub fn endpoint_value(state: &Compiled, slot: u32) -> Option<EndpointValue> {
     let ep = state.endpoints.get(slot as usize)?;
     let mut flags = 0;
     if ep.kind == EndpointKind::Host {
-        flags |= EP_F_HOST;
+        flags |= np_endpoint_flags::NP_EP_F_HOST.0;
     }
     if ep.default_deny_ingress {
-        flags |= EP_F_DENY_INGRESS;
+        flags |= np_endpoint_flags::NP_EP_F_DENY_INGRESS.0;
     }
     if ep.default_deny_egress {
-        flags |= EP_F_DENY_EGRESS;
+        flags |= np_endpoint_flags::NP_EP_F_DENY_EGRESS.0;
     }
     if ep.audit {
-        flags |= EP_F_AUDIT;
+        flags |= np_endpoint_flags::NP_EP_F_AUDIT.0;
     }
     Some(EndpointValue {
         slot,
@@ -289,12 +327,11 @@ pub fn check_capacity(
     }
     for a in attachments {
         if a.slot as usize >= state.endpoints.len() {
-            return Err(DatapathError::Other(format!(
-                "attachment of ifindex {} names endpoint slot {} but the state has {} endpoints",
-                a.ifindex,
-                a.slot,
-                state.endpoints.len()
-            )));
+            return Err(DatapathError::UnknownSlot {
+                ifindex: a.ifindex,
+                slot: a.slot,
+                endpoints: state.endpoints.len(),
+            });
         }
         if a.slot >= settings.endpoint_max_entries {
             return Err(DatapathError::Capacity {
@@ -547,11 +584,116 @@ mod tests {
     }
 
     #[test]
+    fn codes_are_the_c_headers() {
+        // The values pinned maps and events carry today (netpol_abi.h).
+        assert_eq!(direction_code(Direction::Ingress), 0);
+        assert_eq!(direction_code(Direction::Egress), 1);
+        assert_eq!(verdict_code(EntryVerdict::Allow), 1);
+        assert_eq!(verdict_code(EntryVerdict::Deny), 2);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 1);
+        assert_eq!(np_none::NP_RULE_NONE.0, u32::MAX);
+        assert_eq!(np_none::NP_SLOT_NONE.0, u32::MAX);
+        assert_eq!(types::np_action::NP_DROP.0, 2);
+        assert_eq!(
+            (
+                np_family::NP_FAMILY_V4.0,
+                np_family::NP_FAMILY_V6.0,
+                types::np_hook::NP_HOOK_INGRESS.0,
+                types::np_hook::NP_HOOK_EGRESS.0,
+            ),
+            (4, 6, 0, 1)
+        );
+        assert_eq!(
+            (
+                types::np_ct_state::NP_CT_SEEN_SYN.0,
+                types::np_ct_state::NP_CT_SEEN_REPLY.0,
+                types::np_ct_state::NP_CT_CLOSING.0,
+            ),
+            (1, 2, 4)
+        );
+    }
+
+    fn record(direction: u8, verdict: u8, reason: u8, rule: u32) -> EventRecord {
+        let (family, saddr) = addr_bytes("10.0.0.1".parse().unwrap());
+        let (_, daddr) = addr_bytes("10.0.0.2".parse().unwrap());
+        EventRecord {
+            ifindex: 7,
+            slot: 2,
+            src_identity: 300,
+            dst_identity: 301,
+            rule,
+            sport: 40000,
+            dport: 80,
+            direction,
+            verdict,
+            reason,
+            proto: 6,
+            family,
+            saddr,
+            daddr,
+            ..EventRecord::default()
+        }
+    }
+
+    #[test]
+    fn events_decode_every_code_the_datapath_writes() {
+        let e = verdict_event(&record(1, 1, 1, 9));
+        assert_eq!(
+            (e.direction, e.verdict, e.reason, e.rule),
+            (
+                Direction::Egress,
+                EventVerdict::Denied,
+                EventReason::PolicyDeny,
+                Some(9)
+            )
+        );
+        assert_eq!(e.src, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(e.dst, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!((e.ifindex, e.slot, e.sport, e.dport), (7, 2, 40000, 80));
+        assert_eq!((e.src_identity, e.dst_identity, e.proto), (300, 301, 6));
+        let e = verdict_event(&record(0, 0, 0, u32::MAX));
+        assert_eq!(
+            (e.direction, e.verdict, e.reason, e.rule),
+            (
+                Direction::Ingress,
+                EventVerdict::Allowed,
+                EventReason::PolicyAllow,
+                None
+            )
+        );
+        assert_eq!(
+            verdict_event(&record(0, 2, 2, 0)).verdict,
+            EventVerdict::Audit
+        );
+        let reasons = [
+            EventReason::PolicyAllow,
+            EventReason::PolicyDeny,
+            EventReason::DefaultDeny,
+            EventReason::Spoofed,
+            EventReason::Fragment,
+            EventReason::Malformed,
+        ];
+        for (code, want) in reasons.into_iter().enumerate() {
+            assert_eq!(verdict_event(&record(0, 1, code as u8, 0)).reason, want);
+        }
+        // Codes the datapath never writes.
+        let e = verdict_event(&record(9, 9, 9, 0));
+        assert_eq!(
+            (e.direction, e.verdict, e.reason),
+            (
+                Direction::Ingress,
+                EventVerdict::Denied,
+                EventReason::Malformed
+            )
+        );
+    }
+
+    #[test]
     fn endpoint_flags_follow_the_compiled_endpoint() {
         let s = state(3, 0, 0);
-        assert_eq!(endpoint_value(&s, 0).unwrap().flags, EP_F_HOST);
-        assert_eq!(endpoint_value(&s, 1).unwrap().flags, EP_F_DENY_INGRESS);
-        assert_eq!(endpoint_value(&s, 2).unwrap().flags, EP_F_AUDIT);
+        assert_eq!(endpoint_value(&s, 0).unwrap().flags, 0x1, "host");
+        assert_eq!(endpoint_value(&s, 1).unwrap().flags, 0x2, "deny ingress");
+        assert_eq!(endpoint_value(&s, 2).unwrap().flags, 0x8, "audit");
         assert_eq!(endpoint_value(&s, 2).unwrap().identity, 258);
         assert!(endpoint_value(&s, 3).is_none());
     }

@@ -5,6 +5,7 @@
 //! trait; [`fake::FakeDatapath`] implements it in memory so the daemon's reconcile
 //! loop is tested without root.
 
+mod error;
 pub mod fake;
 pub mod generation;
 pub mod kernel;
@@ -12,6 +13,7 @@ pub mod layout;
 pub mod packet;
 pub mod skel;
 
+pub use error::DatapathError;
 pub use kernel::{Hook, KernelDatapath};
 
 use std::collections::BTreeMap;
@@ -19,6 +21,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::policy::types::{Compiled, Direction};
+use crate::sizes::MapSizes;
 
 /// Where one local endpoint is enforced: its slot in [`Compiled::endpoints`] and the
 /// ifindex its interface resolved to.
@@ -38,6 +41,8 @@ pub struct DatapathSettings {
     pub allow_sample_rate: u32,
     /// Maximum verdict events per second per CPU.
     pub events_per_sec: u32,
+    /// Map sizes, in entries (defaults: [`MapSizes::DEFAULT`]); every sized map
+    /// is created with these, whatever the C header says.
     pub ct_max_entries: u32,
     pub ipcache_max_entries: u32,
     pub policy_max_entries: u32,
@@ -53,15 +58,17 @@ pub struct DatapathSettings {
 }
 
 impl Default for DatapathSettings {
+    /// The map sizes are [`MapSizes::DEFAULT`], as netpold.toml's defaults are.
     fn default() -> Self {
+        let sizes = MapSizes::DEFAULT;
         Self {
             recheck_established: true,
             allow_sample_rate: 0,
             events_per_sec: 1000,
-            ct_max_entries: 65536,
-            ipcache_max_entries: 65536,
-            policy_max_entries: 262144,
-            endpoint_max_entries: 1024,
+            ct_max_entries: sizes.conntrack,
+            ipcache_max_entries: sizes.ipcache,
+            policy_max_entries: sizes.policy,
+            endpoint_max_entries: sizes.endpoints,
             failsafe: Vec::new(),
             ct_timeout_syn_secs: 60,
             ct_timeout_established_secs: 21600,
@@ -128,26 +135,6 @@ pub struct Counters {
     pub denied_spoof: u64,
     pub denied_other: u64,
     pub audit: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    /// The state does not fit a map; nothing was changed.
-    #[error("{map} needs {needed} entries but holds at most {max}; the running state was kept")]
-    Capacity {
-        map: &'static str,
-        needed: usize,
-        max: usize,
-    },
-    /// A kernel call failed.
-    #[error("{op}: {source}")]
-    Kernel {
-        op: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Other(String),
 }
 
 /// The kernel side as the daemon sees it.

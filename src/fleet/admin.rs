@@ -62,16 +62,32 @@ pub fn policy_documents(
     dir: &Path,
     opts: &LoadOptions,
 ) -> Result<Vec<(String, String)>, AdminError> {
+    // The loader first: every file and every cross-file rule, and the
+    // directory's trust under strict modes.
     api::load_policy_dir_with(dir, opts).map_err(AdminError::Invalid)?;
-    let files =
-        api::load::list_dir(dir, "policy directory").map_err(|p| AdminError::Invalid(vec![p]))?;
+    let listing = api::load::list_dirs(&[dir.to_path_buf()], api::FileKind::Policy, opts);
+    let files = match listing.into_iter().next().map(|l| l.files) {
+        Some(Ok(f)) => f,
+        Some(Err(p)) => return Err(AdminError::Invalid(vec![p])),
+        None => Vec::new(),
+    };
     let mut docs = Vec::new();
     let mut problems = Vec::new();
-    for f in files {
-        let text = match api::load::read_file_with(&f, opts) {
+    for (f, _) in files {
+        // Read again for the conversion; each file is parsed again there, so
+        // a file changed since the check above is checked too.
+        let text = match std::fs::read_to_string(&f) {
             Ok(t) => t,
-            Err(p) => {
-                problems.extend(p);
+            Err(e) => {
+                problems.push(Problem {
+                    file: f.clone(),
+                    line: None,
+                    column: None,
+                    document: None,
+                    object: None,
+                    field: None,
+                    message: format!("cannot read: {e}"),
+                });
                 continue;
             }
         };

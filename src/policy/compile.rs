@@ -1,24 +1,27 @@
-//! Rules × endpoints → identities, ipcache and per-endpoint entries (DESIGN §4,
-//! reference §2). The entries are built so that the lookup contract in
-//! [`super::lookup`] returns the policy's answer for every flow: in particular deny
-//! precedence (reference §2.3) is materialised here, because a longest-prefix
-//! lookup would otherwise let a narrower allow shadow a broader deny of the same
-//! identity.
+//! Rules × endpoints → identities, ipcache and per-endpoint entries (the
+//! semantics of docs/policy.md, "Semantics" and "How a verdict is decided").
+//! The entries are built so that the lookup contract in [`super::lookup`]
+//! returns the policy's answer for every flow: in particular deny precedence is
+//! materialised here, because a longest-prefix lookup would otherwise let a
+//! narrower allow shadow a broader deny of the same identity.
 //!
 //! Owns: which rules select which endpoint, enforcement and default deny per
 //! direction, peer expansion (selectors, CIDRs, entities, named ports), port range
-//! decomposition, deny precedence and the rule references behind entries. Pure and
-//! deterministic: no I/O, no clock, no randomness, no hash-map iteration order in
-//! the output.
+//! decomposition, deny precedence, the rule references behind entries, and the
+//! map budget ([`Limits`]). Pure and deterministic: no I/O, no clock, no
+//! randomness, no hash-map iteration order in the output, no hidden state (a
+//! [`Compiler`] value keeps what it reuses between calls). It reads no
+//! configuration: its options are built by whoever read one (`config`), and a
+//! refusal names the map by [`MapKind`].
 //!
 //! Performance: endpoints are grouped by the list of rules selecting them (and
 //! their named ports), and the entries of a group are computed once and stamped
 //! per endpoint; selectors are evaluated once each over the identities, through an
 //! index of `(key, value)` → identities. The registry's share (resolution and
-//! identity numbering) is kept between calls while the registry and node name
-//! stay equal (see `RegistryPart`).
+//! identity numbering) is kept by a [`Compiler`] between calls while the
+//! registry and node name stay equal (see `RegistryPart`).
 //!
-//! Decisions (documented for users in the policy reference):
+//! Decisions (documented for users in the policy reference, docs/policy.md):
 //! - Workload identities come from the label set only (`crate::policy::identity`).
 //! - HostEndpoints of this node have identity host (1); those of other nodes (and
 //!   Node documents) remote-node (6). A Node document named like this host maps to
@@ -48,6 +51,7 @@ use crate::api::Problem;
 use crate::policy::identity;
 use crate::policy::labels;
 use crate::policy::registry::{self, ResolvedEndpoint};
+use crate::sizes::{MapKind, MapSizes, SETTINGS_FILE};
 
 /// Inputs to compile that come from the daemon config rather than the files.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -61,11 +65,12 @@ pub struct CompileOptions {
     /// Extra addresses of this host (from netlink) that map to identity host (1).
     pub host_addresses: Vec<IpAddr>,
     /// The map sizes the state must fit; [`try_compile`] refuses a set that would
-    /// need more. The default is the config's defaults.
+    /// need more. The default is [`MapSizes::DEFAULT`]'s.
     pub limits: Limits,
 }
 
-/// The map sizes a compiled state must fit (config `maps.*`). Compile checks them
+/// The map sizes a compiled state must fit ([`MapKind::Policy`],
+/// [`MapKind::Ipcache`]). Compile checks them
 /// while it expands, so a policy that would need millions of entries is refused
 /// after at most about twice the limit's worth of work, never materialised.
 ///
@@ -79,9 +84,9 @@ pub struct CompileOptions {
 ///   without `node` (or with this host's name) are this host's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// `maps.policy_max_entries`.
+    /// The size of [`MapKind::Policy`].
     pub policy_entries: usize,
-    /// `maps.ipcache_max_entries`.
+    /// The size of [`MapKind::Ipcache`].
     pub ipcache_entries: usize,
 }
 
@@ -91,31 +96,31 @@ impl Limits {
         policy_entries: usize::MAX,
         ipcache_entries: usize::MAX,
     };
-}
 
-impl Default for Limits {
-    fn default() -> Self {
-        let m = crate::config::MapsConfig::default();
+    /// The budget of maps of these sizes.
+    pub fn of(sizes: &MapSizes) -> Limits {
         Limits {
-            policy_entries: m.policy_max_entries as usize,
-            ipcache_entries: m.ipcache_max_entries as usize,
+            policy_entries: sizes.policy as usize,
+            ipcache_entries: sizes.ipcache as usize,
         }
     }
 }
 
-/// Config key behind [`Limits::policy_entries`].
-pub const POLICY_KEY: &str = "maps.policy_max_entries";
-/// Config key behind [`Limits::ipcache_entries`].
-pub const IPCACHE_KEY: &str = "maps.ipcache_max_entries";
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::of(&MapSizes::DEFAULT)
+    }
+}
 
-/// The set would need more map entries than the config allows. Displayed as a
-/// [`Problem`] naming the file, document, policy and rule item that pushed it over.
+/// The set would need more map entries than the limits allow. Displayed as a
+/// [`Problem`] naming the file, document, policy and rule item that pushed it
+/// over, and the setting to raise ([`MapKind::key`] in [`SETTINGS_FILE`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{problem}")]
 pub struct CompileError {
-    /// The config key to raise ([`POLICY_KEY`] or [`IPCACHE_KEY`]).
-    pub key: &'static str,
-    /// Its value.
+    /// The map that would overflow ([`MapKind::Policy`] or [`MapKind::Ipcache`]).
+    pub map: MapKind,
+    /// Its size.
     pub limit: usize,
     /// Boxed: a `Result` carrying it stays small.
     pub problem: Box<Problem>,
@@ -185,7 +190,8 @@ fn protos(p: Proto) -> &'static [u8] {
     }
 }
 
-/// Decompose `start..=end` into aligned prefix blocks (reference §2.4).
+/// Decompose `start..=end` into aligned prefix blocks (how a port range becomes
+/// entries: docs/policy.md, "How a verdict is decided").
 pub fn port_range_blocks(start: u16, end: u16) -> Vec<(u16, u8)> {
     let mut out = Vec::new();
     let end = u32::from(end.max(start));
@@ -638,9 +644,48 @@ fn key_covers(outer: &PortKey, inner: &PortKey) -> bool {
     super::lookup::prefix_covers(outer.port, outer.prefix, inner.port)
 }
 
+/// Compiles policy sets against registries, keeping the registry's share of
+/// the work (resolution and identity numbering) between calls while the
+/// registry and the node name stay equal: the daemon compiles again on every
+/// policy change, while the registry rarely changes. The result is the same as
+/// a fresh compile's. The daemon owns one; each `netpolctl` command makes its
+/// own (or calls [`try_compile`]).
+#[derive(Debug, Default)]
+pub struct Compiler {
+    kept: Option<RegistryPart>,
+}
+
+impl Compiler {
+    pub fn new() -> Compiler {
+        Compiler::default()
+    }
+
+    /// Compile the whole state within `opts.limits` (see [`Limits`] for what
+    /// counts). Deterministic; a refused set costs at most about twice the
+    /// limit's worth of entries in time and memory.
+    pub fn compile(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        let fresh = !self
+            .kept
+            .as_ref()
+            .is_some_and(|p| p.node_name == opts.node_name && p.registry == *registry);
+        if fresh {
+            let mut part = RegistryPart::of(registry, &opts.node_name);
+            part.registry = registry.clone();
+            self.kept = Some(part);
+        }
+        let part = self.kept.as_ref().expect("kept above");
+        compile_with(policies, registry, part, opts)
+    }
+}
+
 /// Compile the whole state without the map budget ([`Limits::UNLIMITED`]):
 /// for tests and callers whose input is already bounded. Whatever reads user
-/// files uses [`try_compile`].
+/// files uses [`try_compile`] or a [`Compiler`].
 pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptions) -> Compiled {
     // Never an error (no count exceeds usize::MAX); an empty state would be the safe answer.
     try_compile(
@@ -654,16 +699,25 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
     .unwrap_or_default()
 }
 
-/// Compile the whole state within `opts.limits` (see [`Limits`] for what
-/// counts). Pure and deterministic; a refused set costs at most about twice the
-/// limit's worth of entries in time and memory.
+/// One compile within `opts.limits`, with nothing kept ([`Compiler::compile`]
+/// without reuse).
 pub fn try_compile(
     policies: &PolicySet,
     registry: &RegistrySet,
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
+    let part = RegistryPart::of(registry, &opts.node_name);
+    compile_with(policies, registry, &part, opts)
+}
+
+fn compile_with(
+    policies: &PolicySet,
+    registry: &RegistrySet,
+    part: &RegistryPart,
+    opts: &CompileOptions,
+) -> Result<Compiled, CompileError> {
     let limits = opts.limits;
-    let (resolved, ep_ids) = registry_part(registry, &opts.node_name);
+    let (resolved, ep_ids) = part.resolved(registry);
 
     // --- rules and items, in policy order: an item's index is its rule ref.
     let mut rule_refs: Vec<RuleRef> = Vec::new();
@@ -951,15 +1005,12 @@ pub fn try_compile(
     })
 }
 
-/// The entries of one group of endpoints. `Err(item)` when they would exceed
-/// `limit`: the item being expanded then, or the one with the most entries.
-#[allow(clippy::too_many_arguments)]
 /// The registry's share of a compile: each endpoint resolved for this node, in
 /// slot order, and its identity. It depends only on the registry and the node
-/// name, and the daemon compiles again on every policy change while the
-/// registry rarely changes, so the last one is kept (per thread) and used again
-/// while both are equal; the result is the same as computing it anew.
+/// name, so a [`Compiler`] keeps it while both are equal.
+#[derive(Debug)]
 struct RegistryPart {
+    /// The registry it was computed from (empty unless a [`Compiler`] keeps it).
     registry: RegistrySet,
     node_name: String,
     /// (index in `registry.endpoints`, labels, this node, local) in slot order.
@@ -967,75 +1018,70 @@ struct RegistryPart {
     ids: Vec<Identity>,
 }
 
-thread_local! {
-    static REGISTRY_PART: std::cell::RefCell<Option<Rc<RegistryPart>>> = const { std::cell::RefCell::new(None) };
-}
-
-fn registry_part<'a>(
-    registry: &'a RegistrySet,
-    node_name: &str,
-) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
-    let kept = REGISTRY_PART
-        .with(|k| k.borrow().clone())
-        .filter(|p| p.node_name == node_name && p.registry == *registry);
-    let part = match kept {
-        Some(p) => p,
-        None => {
-            let resolved = registry::resolve(registry, node_name);
-            // Each workload's canonical label text, computed once.
-            let texts: Vec<String> = resolved
-                .iter()
-                .map(|r| {
-                    if r.def.kind == EndpointKind::Workload {
-                        labels::canonical(&r.labels)
-                    } else {
-                        String::new()
-                    }
-                })
-                .collect();
-            let wl_map = identity::allocate_workload_texts(
-                resolved
-                    .iter()
-                    .zip(&texts)
-                    .filter(|(r, _)| r.def.kind == EndpointKind::Workload)
-                    .map(|(_, t)| t.as_str()),
-            );
-            let ids = resolved
+impl RegistryPart {
+    fn of(registry: &RegistrySet, node_name: &str) -> RegistryPart {
+        let resolved = registry::resolve(registry, node_name);
+        // Each workload's canonical label text, computed once.
+        let texts: Vec<String> = resolved
+            .iter()
+            .map(|r| {
+                if r.def.kind == EndpointKind::Workload {
+                    labels::canonical(&r.labels)
+                } else {
+                    String::new()
+                }
+            })
+            .collect();
+        let wl_map = identity::allocate_workload_texts(
+            resolved
                 .iter()
                 .zip(&texts)
-                .map(|(r, text)| match r.def.kind {
-                    EndpointKind::Workload => wl_map[text],
-                    EndpointKind::Host if r.this_node => identity::HOST,
-                    EndpointKind::Host => identity::REMOTE_NODE,
-                })
-                .collect();
-            let p = Rc::new(RegistryPart {
-                registry: registry.clone(),
-                node_name: node_name.to_string(),
-                eps: resolved
-                    .iter()
-                    .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
-                    .collect(),
-                ids,
-            });
-            REGISTRY_PART.with(|k| *k.borrow_mut() = Some(p.clone()));
-            p
+                .filter(|(r, _)| r.def.kind == EndpointKind::Workload)
+                .map(|(_, t)| t.as_str()),
+        );
+        let ids = resolved
+            .iter()
+            .zip(&texts)
+            .map(|(r, text)| match r.def.kind {
+                EndpointKind::Workload => wl_map[text],
+                EndpointKind::Host if r.this_node => identity::HOST,
+                EndpointKind::Host => identity::REMOTE_NODE,
+            })
+            .collect();
+        RegistryPart {
+            registry: RegistrySet::default(),
+            node_name: node_name.to_string(),
+            eps: resolved
+                .iter()
+                .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
+                .collect(),
+            ids,
         }
-    };
-    let resolved = part
-        .eps
-        .iter()
-        .map(|(index, labels, this_node, local)| ResolvedEndpoint {
-            def: &registry.endpoints[*index],
-            index: *index,
-            labels: labels.clone(),
-            this_node: *this_node,
-            local: *local,
-        })
-        .collect();
-    (resolved, part.ids.clone())
+    }
+
+    /// The endpoints of `registry` (the one this part was computed from) resolved.
+    fn resolved<'a>(
+        &self,
+        registry: &'a RegistrySet,
+    ) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
+        let resolved = self
+            .eps
+            .iter()
+            .map(|(index, labels, this_node, local)| ResolvedEndpoint {
+                def: &registry.endpoints[*index],
+                index: *index,
+                labels: labels.clone(),
+                this_node: *this_node,
+                local: *local,
+            })
+            .collect();
+        (resolved, self.ids.clone())
+    }
 }
 
+/// The entries of one group of endpoints. `Err(item)` when they would exceed
+/// `limit`: the item being expanded then, or the one with the most entries.
+#[allow(clippy::too_many_arguments)]
 fn build_template(
     ctx: &mut Ctx<'_>,
     rules: &[RuleInfo<'_>],
@@ -1135,8 +1181,13 @@ fn endpoint_problem(origin: &Origin, field: Option<String>, message: String) -> 
 }
 
 /// `the policy map holds N (maps.policy_max_entries)`.
-fn holds(what: &str, key: &str, limit: usize) -> String {
-    format!("the {what} holds {limit} ({key})")
+fn holds(what: &str, map: MapKind, limit: usize) -> String {
+    format!("the {what} holds {limit} ({})", map.key())
+}
+
+/// `raise maps.policy_max_entries in netpold.toml`.
+fn raise(map: MapKind) -> String {
+    format!("raise {} in {SETTINGS_FILE}", map.key())
 }
 
 /// One endpoint's own entries exceed the policy map.
@@ -1147,22 +1198,25 @@ fn over_endpoint(
     limit: usize,
 ) -> CompileError {
     let ep = r.display_name();
-    let holds = holds("policy map", POLICY_KEY, limit);
+    let (holds, raise) = (
+        holds("policy map", MapKind::Policy, limit),
+        raise(MapKind::Policy),
+    );
     let problem = match item.and_then(|i| items.get(i as usize)) {
         Some(info) => item_problem(
             info,
             format!(
-                "with this rule, endpoint {ep} would need more than {limit} policy entries; {holds}; narrow the rule or raise {POLICY_KEY} in netpold.toml"
+                "with this rule, endpoint {ep} would need more than {limit} policy entries; {holds}; narrow the rule or {raise}"
             ),
         ),
         None => endpoint_problem(
             &r.def.origin,
             None,
-            format!("endpoint {ep} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
+            format!("endpoint {ep} would need more than {limit} policy entries; {holds}; {raise}"),
         ),
     };
     CompileError {
-        key: POLICY_KEY,
+        map: MapKind::Policy,
         limit,
         problem: Box::new(problem),
     }
@@ -1182,22 +1236,25 @@ fn over_node(
         None => "this host".to_string(),
         Some(n) => format!("node {n}"),
     };
-    let holds = holds("policy map", POLICY_KEY, limit);
+    let (holds, raise) = (
+        holds("policy map", MapKind::Policy, limit),
+        raise(MapKind::Policy),
+    );
     let problem = match top_item(entries, items.len()).and_then(|(i, n)| Some((items.get(i as usize)?, n))) {
         Some((info, n)) => item_problem(
             info,
             format!(
-                "with this rule, the endpoints of {host} would need more than {limit} policy entries (it gives endpoint {ep} {n}); {holds}; narrow the rule or raise {POLICY_KEY} in netpold.toml"
+                "with this rule, the endpoints of {host} would need more than {limit} policy entries (it gives endpoint {ep} {n}); {holds}; narrow the rule or {raise}"
             ),
         ),
         None => endpoint_problem(
             &r.def.origin,
             None,
-            format!("with this endpoint, the endpoints of {host} would need more than {limit} policy entries; {holds}; raise {POLICY_KEY} in netpold.toml"),
+            format!("with this endpoint, the endpoints of {host} would need more than {limit} policy entries; {holds}; {raise}"),
         ),
     };
     CompileError {
-        key: POLICY_KEY,
+        map: MapKind::Policy,
         limit,
         problem: Box::new(problem),
     }
@@ -1220,15 +1277,18 @@ fn check_ipcache(
     nets.insert("0.0.0.0/0".parse().expect("static prefix"));
     nets.insert("::/0".parse().expect("static prefix"));
     nets.extend(opts.host_addresses.iter().map(|a| host_net(*a)));
-    let holds = holds("ipcache", IPCACHE_KEY, limit);
+    let (holds, raise) = (
+        holds("ipcache", MapKind::Ipcache, limit),
+        raise(MapKind::Ipcache),
+    );
     let registry_over = |origin: &Origin, i: usize| {
         CompileError {
-        key: IPCACHE_KEY,
+        map: MapKind::Ipcache,
         limit,
         problem: Box::new(endpoint_problem(
             origin,
             Some(format!("spec.addresses[{i}]")),
-            format!("with this address, the registry would need more than {limit} ipcache entries; {holds}; raise {IPCACHE_KEY} in netpold.toml"),
+            format!("with this address, the registry would need more than {limit} ipcache entries; {holds}; {raise}"),
         )),
     }
     };
@@ -1250,10 +1310,10 @@ fn check_ipcache(
         if nets.insert(*net) && nets.len() > limit {
             if let Some(info) = items.get(*item as usize) {
                 let msg = format!(
-                    "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or raise {IPCACHE_KEY} in netpold.toml"
+                    "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or {raise}"
                 );
                 return Err(CompileError {
-                    key: IPCACHE_KEY,
+                    map: MapKind::Ipcache,
                     limit,
                     problem: Box::new(item_problem(info, msg)),
                 });
@@ -1294,6 +1354,8 @@ impl Compiled {
     /// Drop the entries of endpoints that are not enforced on this host. `compile`
     /// keeps every endpoint's entries (offline `trace` judges every endpoint as
     /// enforced); the datapath only needs the local ones. Slots do not change.
+    /// (Tests feed the kernel datapath with it.)
+    #[cfg(any(test, feature = "test-support"))]
     pub fn retain_local_entries(&mut self) {
         let local: Vec<bool> = self.endpoints.iter().map(|e| e.local).collect();
         self.entries
@@ -1593,7 +1655,7 @@ spec:
         assert_eq!(c.entries.len(), 12);
         assert_eq!(c, compile(&p, &r, &with_limits(6, 100)));
         let e = try_compile(&p, &r, &with_limits(5, 100)).unwrap_err();
-        assert_eq!((e.key, e.limit), (POLICY_KEY, 5));
+        assert_eq!((e.map, e.limit), (MapKind::Policy, 5));
         assert_eq!(
             e.to_string(),
             "web.yaml:7:5: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0]: with this rule, endpoint \
@@ -1628,7 +1690,7 @@ spec:
         let c = try_compile(&p, &r, &with_limits(100, 8)).expect("8 ipcache entries fit 8");
         assert_eq!(c.ipcache.len(), 8);
         let e = try_compile(&p, &r, &with_limits(100, 7)).unwrap_err();
-        assert_eq!((e.key, e.limit), (IPCACHE_KEY, 7));
+        assert_eq!((e.map, e.limit), (MapKind::Ipcache, 7));
         assert_eq!(
             e.to_string(),
             "web.yaml:7:5: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0]: with this rule, the \
@@ -1642,6 +1704,38 @@ spec:
              need more than 5 ipcache entries; the ipcache holds 5 (maps.ipcache_max_entries); raise \
              maps.ipcache_max_entries in netpold.toml"
         );
+    }
+
+    /// A compiler keeps the registry's share while the registry and node name
+    /// stay equal, and gives what a fresh compile gives whatever changes.
+    #[test]
+    fn a_compiler_that_keeps_the_registry_share_answers_as_a_fresh_compile() {
+        let (web, r) = inputs(&[("web.yaml", WEB)]);
+        let (both, _) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        let opts = with_limits(100, 100);
+        let mut c = Compiler::new();
+        for p in [&web, &both, &web] {
+            assert_eq!(c.compile(p, &r, &opts), try_compile(p, &r, &opts));
+        }
+        // Another registry (one endpoint fewer), another node name, and back.
+        let mut fewer = r.clone();
+        fewer.endpoints.pop();
+        let other_node = CompileOptions {
+            node_name: "node-b".into(),
+            ..opts.clone()
+        };
+        for (reg, o) in [(&fewer, &opts), (&r, &other_node), (&r, &opts)] {
+            let fresh = try_compile(&both, reg, o);
+            assert_eq!(c.compile(&both, reg, o), fresh);
+        }
+        assert_ne!(
+            try_compile(&both, &fewer, &opts).unwrap().endpoints.len(),
+            try_compile(&both, &r, &opts).unwrap().endpoints.len()
+        );
+        // A refusal from a compiler that kept the share is the same refusal.
+        let tight = with_limits(5, 100);
+        assert_eq!(c.compile(&web, &r, &tight), try_compile(&web, &r, &tight));
+        assert!(c.compile(&web, &r, &tight).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Security identities: the reserved numbers, label set → numeric identity for
-//! workloads, and CIDR identities for prefixes named in policies (reference §3).
+//! workloads, and CIDR identities for prefixes named in policies (docs/policy.md,
+//! "Identities").
 //!
 //! Owns numbering only; which endpoint or prefix gets which label set is decided by
 //! `registry` and `policy::compile`. Pure, no I/O, no persisted state: numbers are a
@@ -77,7 +78,7 @@ pub fn is_cidr(id: Identity) -> bool {
 }
 
 /// The identities of the cluster's reserved members (entity `cluster` without the
-/// workloads, reference §1.6).
+/// workloads: Cilium's entity `cluster`, docs/policy.md "Semantics").
 pub const CLUSTER_RESERVED: &[Identity] = &[
     HOST,
     UNMANAGED,

@@ -1,6 +1,6 @@
 //! Labels and label selectors: matching a [`Selector`] against a label set, and the
-//! label sets Cilium gives endpoints and reserved identities (DESIGN §3.2,
-//! reference §1.5, §3.2).
+//! label sets Cilium gives endpoints and reserved identities (docs/policy.md,
+//! "The registry" and "Identities").
 //!
 //! Owns only label logic: it knows nothing of policies, identities' numbers or the
 //! registry's files. Pure, no I/O.
@@ -24,7 +24,7 @@ pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 /// The well-known namespace name label every Namespace has in Kubernetes.
 pub const METADATA_NAME: &str = "kubernetes.io/metadata.name";
-/// The cluster label (reference §1.6, entity `cluster`).
+/// The cluster label (Cilium's entity `cluster`).
 pub const POLICY_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
 /// The cluster name netpol uses (there is one cluster: the set of registry files).
 pub const CLUSTER_NAME: &str = "default";

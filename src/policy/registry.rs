@@ -6,11 +6,9 @@
 //! documents; it does not read files (that is `api`) and does not number
 //! identities (that is `identity`). Pure.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::HashMap;
 
 use crate::api::model::{EndpointDef, EndpointKind, Label, NamespaceDef, RegistrySet};
-use crate::api::Problem;
 use crate::policy::labels;
 
 /// A registry endpoint resolved for one host.
@@ -105,110 +103,126 @@ pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoin
         .collect()
 }
 
-fn object(kind: &str, ns: Option<&str>, name: &str) -> String {
-    match ns {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
-    }
-}
+#[cfg(any(test, feature = "test-support"))]
+pub use checks::validate;
 
-/// Registry-wide problems: two endpoints with the same name (per kind and
-/// namespace), two Nodes with the same name, an address claimed by two documents.
-/// Compile tolerates them (the first document in slot order wins an address), but
-/// a registry with problems should not be applied.
-pub fn validate(reg: &RegistrySet) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    let mut names: BTreeMap<(bool, String, String), &EndpointDef> = BTreeMap::new();
-    // address -> (object description, file)
-    let mut addrs: HashMap<IpAddr, (String, String)> = HashMap::new();
-    for ep in &reg.endpoints {
-        let kind = if ep.kind == EndpointKind::Host {
-            "HostEndpoint"
-        } else {
-            "Endpoint"
-        };
-        let ns = if ep.kind == EndpointKind::Host {
-            None
-        } else {
-            Some(namespace_of(ep))
-        };
-        let obj = object(kind, ns, &ep.name);
-        let key = (
-            ep.kind == EndpointKind::Host,
-            ns.unwrap_or("").to_string(),
-            ep.name.clone(),
-        );
-        if let Some(prev) = names.get(&key) {
-            problems.push(Problem {
-                file: ep.origin.file.clone(),
-                line: None,
-                column: None,
-                document: Some(ep.origin.doc + 1),
-                object: Some(obj.clone()),
-                field: Some("metadata.name".into()),
-                message: format!(
-                    "{kind} {} is already defined in {}",
-                    display_name(ep),
-                    prev.origin.file.display()
-                ),
-            });
-        } else {
-            names.insert(key, ep);
+/// The registry-wide checks tests use (behind `test-support`).
+#[cfg(any(test, feature = "test-support"))]
+mod checks {
+    use std::collections::{BTreeMap, HashMap};
+    use std::net::IpAddr;
+
+    use super::{display_name, namespace_of};
+    use crate::api::model::{EndpointDef, EndpointKind, RegistrySet};
+    use crate::api::Problem;
+
+    fn object(kind: &str, ns: Option<&str>, name: &str) -> String {
+        match ns {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
         }
-        for (i, a) in ep.addresses.iter().enumerate() {
-            if let Some((other, file)) = addrs.get(a) {
+    }
+
+    /// Registry-wide problems: two endpoints with the same name (per kind and
+    /// namespace), two Nodes with the same name, an address claimed by two documents.
+    /// Compile tolerates them (the first document in slot order wins an address), but
+    /// a registry with problems should not be applied. The loader's cross-file
+    /// checks (`api::load`) are what netpol applies; tests that assemble a
+    /// registry from pieces of text check it with this.
+    pub fn validate(reg: &RegistrySet) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut names: BTreeMap<(bool, String, String), &EndpointDef> = BTreeMap::new();
+        // address -> (object description, file)
+        let mut addrs: HashMap<IpAddr, (String, String)> = HashMap::new();
+        for ep in &reg.endpoints {
+            let kind = if ep.kind == EndpointKind::Host {
+                "HostEndpoint"
+            } else {
+                "Endpoint"
+            };
+            let ns = if ep.kind == EndpointKind::Host {
+                None
+            } else {
+                Some(namespace_of(ep))
+            };
+            let obj = object(kind, ns, &ep.name);
+            let key = (
+                ep.kind == EndpointKind::Host,
+                ns.unwrap_or("").to_string(),
+                ep.name.clone(),
+            );
+            if let Some(prev) = names.get(&key) {
                 problems.push(Problem {
                     file: ep.origin.file.clone(),
                     line: None,
                     column: None,
                     document: Some(ep.origin.doc + 1),
                     object: Some(obj.clone()),
-                    field: Some(format!("spec.addresses[{i}]")),
-                    message: format!("address {a} is already used by {other} ({file})"),
+                    field: Some("metadata.name".into()),
+                    message: format!(
+                        "{kind} {} is already defined in {}",
+                        display_name(ep),
+                        prev.origin.file.display()
+                    ),
                 });
             } else {
-                addrs.insert(*a, (obj.clone(), ep.origin.file.display().to_string()));
+                names.insert(key, ep);
+            }
+            for (i, a) in ep.addresses.iter().enumerate() {
+                if let Some((other, file)) = addrs.get(a) {
+                    problems.push(Problem {
+                        file: ep.origin.file.clone(),
+                        line: None,
+                        column: None,
+                        document: Some(ep.origin.doc + 1),
+                        object: Some(obj.clone()),
+                        field: Some(format!("spec.addresses[{i}]")),
+                        message: format!("address {a} is already used by {other} ({file})"),
+                    });
+                } else {
+                    addrs.insert(*a, (obj.clone(), ep.origin.file.display().to_string()));
+                }
             }
         }
-    }
-    let mut node_names: BTreeMap<&str, &crate::api::model::NodeDef> = BTreeMap::new();
-    for n in &reg.nodes {
-        let obj = object("Node", None, &n.name);
-        if let Some(prev) = node_names.get(n.name.as_str()) {
-            problems.push(Problem {
-                file: n.origin.file.clone(),
-                line: None,
-                column: None,
-                document: Some(n.origin.doc + 1),
-                object: Some(obj.clone()),
-                field: Some("metadata.name".into()),
-                message: format!(
-                    "Node {} is already defined in {}",
-                    n.name,
-                    prev.origin.file.display()
-                ),
-            });
-        } else {
-            node_names.insert(&n.name, n);
-        }
-        for (i, a) in n.addresses.iter().enumerate() {
-            if let Some((other, file)) = addrs.get(a) {
+        let mut node_names: BTreeMap<&str, &crate::api::model::NodeDef> = BTreeMap::new();
+        for n in &reg.nodes {
+            let obj = object("Node", None, &n.name);
+            if let Some(prev) = node_names.get(n.name.as_str()) {
                 problems.push(Problem {
                     file: n.origin.file.clone(),
                     line: None,
                     column: None,
                     document: Some(n.origin.doc + 1),
                     object: Some(obj.clone()),
-                    field: Some(format!("spec.addresses[{i}]")),
-                    message: format!("address {a} is already used by {other} ({file})"),
+                    field: Some("metadata.name".into()),
+                    message: format!(
+                        "Node {} is already defined in {}",
+                        n.name,
+                        prev.origin.file.display()
+                    ),
                 });
             } else {
-                addrs.insert(*a, (obj.clone(), n.origin.file.display().to_string()));
+                node_names.insert(&n.name, n);
+            }
+            for (i, a) in n.addresses.iter().enumerate() {
+                if let Some((other, file)) = addrs.get(a) {
+                    problems.push(Problem {
+                        file: n.origin.file.clone(),
+                        line: None,
+                        column: None,
+                        document: Some(n.origin.doc + 1),
+                        object: Some(obj.clone()),
+                        field: Some(format!("spec.addresses[{i}]")),
+                        message: format!("address {a} is already used by {other} ({file})"),
+                    });
+                } else {
+                    addrs.insert(*a, (obj.clone(), n.origin.file.display().to_string()));
+                }
             }
         }
+        problems.sort();
+        problems
     }
-    problems.sort();
-    problems
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! The compiled policy state: what `compile` produces, `trace` reads and the
-//! datapath loads. Designed for the kernel's lookups (DESIGN §5): an ipcache
+//! datapath loads. Designed for the kernel's lookups (the maps of bpf/README.md
+//! and bpf/lib/netpol_maps.h): an ipcache
 //! (prefix → identity), an endpoint table (slot → identity, flags) and policy
 //! entries keyed like an LPM trie (endpoint, direction, remote identity or 0,
 //! protocol or 0, port under a prefix mask).
 //!
 //! Everything here is deterministic and a function of the input files (and the
 //! node name), so two hosts with the same files compute identical state.
+//!
+//! Owns the types only: plain data, no I/O, no logic beyond accessors.
 
 use std::net::IpAddr;
 use std::path::PathBuf;

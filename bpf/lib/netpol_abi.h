@@ -1,0 +1,420 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * netpol_abi.h — the ONE definition of everything the datapath shares with
+ * userspace: every map key and value layout, the verdict event, and the
+ * constants that go into them (layout version, families, hooks, directions,
+ * verdicts, flags, event codes and reasons, program results). Types only; the
+ * maps themselves are defined in netpol_maps.h.
+ *
+ * Rust takes all of it from the libbpf-cargo skeleton's generated `types`
+ * module (src/datapath/skel.rs): each struct as a #[repr(C)] type, each enum
+ * as a newtype over its underlying integer with one associated constant per
+ * enumerator (`types::np_family::NP_FAMILY_V4.0`). Nothing is mirrored by
+ * hand. The skeleton only knows types that BTF carries, and BTF only carries
+ * types reachable from a global: struct np_abi in netpol_maps.h anchors every
+ * struct and enum of this header, so a new one must be added there.
+ *
+ * Map layout is ABI: maps are pinned and outlive the daemon. Every struct has
+ * explicit padding (no implicit holes), map names carry a layout version
+ * (`_v1`), and a retired field stays as `reserved`. NP_LAYOUT_VERSION is
+ * stored in the state map so an adopting daemon can refuse an unknown layout.
+ * Sizes and offsets are asserted beside each struct (and the sizes again on
+ * the Rust side, src/datapath/layout.rs).
+ *
+ * Fields keep fixed widths (__u8, __u32, ...), never an enum type. An enum
+ * whose values go into a field has that field's width as its underlying type
+ * (`enum np_family : __u8`, C23 syntax that clang accepts in every C mode), so
+ * the generated Rust newtype wraps exactly the field's integer type;
+ * NP_ABI_WIDTH asserts the pairing.
+ */
+#ifndef NETPOL_ABI_H
+#define NETPOL_ABI_H
+
+#include <linux/types.h>
+
+#define NP_ABI_SIZE(type, size) _Static_assert(sizeof(type) == (size), #type " is " #size " bytes")
+#define NP_ABI_OFFSET(type, field, off)                                                            \
+	_Static_assert(__builtin_offsetof(type, field) == (off), #type "." #field " is at " #off)
+#define NP_ABI_WIDTH(type, field, enumtype)                                                        \
+	_Static_assert(sizeof(((type *)0)->field) == sizeof(enumtype),                             \
+		       #type "." #field " holds " #enumtype)
+
+/* Layout version of every map, stored in netpol_state_v1. */
+enum np_layout : __u32 {
+	NP_LAYOUT_VERSION = 1,
+};
+
+/* Address families as carried in keys and events: the IP version, one byte
+ * (not AF_*). */
+enum np_family : __u8 {
+	NP_FAMILY_V4 = 4,
+	NP_FAMILY_V6 = 6,
+};
+
+/* Hook a program runs at on its device. */
+enum np_hook : __u8 {
+	NP_HOOK_INGRESS = 0, /* tc/tcx ingress: packets the device receives */
+	NP_HOOK_EGRESS = 1,  /* tc/tcx egress: packets the device sends */
+};
+/* The conntrack code finds a flow's other hook as `hook ^ 1`. */
+_Static_assert((NP_HOOK_INGRESS ^ 1) == NP_HOOK_EGRESS, "hooks are 0 and 1");
+
+/* Policy directions (of the endpoint whose policy applies). */
+enum np_direction : __u8 {
+	NP_DIR_INGRESS = 0,
+	NP_DIR_EGRESS = 1,
+};
+
+/* Verdict of a policy entry. */
+enum np_verdict : __u8 {
+	NP_VERDICT_ALLOW = 1,
+	NP_VERDICT_DENY = 2,
+};
+
+/* "No rule" / "no endpoint" in a rule index or endpoint slot. */
+enum np_none : __u32 {
+	NP_RULE_NONE = 0xffffffffu,
+	NP_SLOT_NONE = 0xffffffffu,
+};
+
+/* What a program returns. */
+enum np_action {
+	NP_PASS = -1, /* TCX_NEXT / TC_ACT_UNSPEC: let later programs decide */
+	NP_DROP = 2,  /* TCX_DROP / TC_ACT_SHOT */
+};
+
+/* ------------------------------------------------------------------------
+ * State: netpol_state_v1, ARRAY of 1.
+ * `active` (0 or 1) selects the slot of every outer map; `generation` is the
+ * daemon's generation counter (informational for the datapath).
+ */
+struct np_state {
+	__u32 active;
+	__u32 layout_version; /* NP_LAYOUT_VERSION */
+	__u64 generation;
+};
+NP_ABI_SIZE(struct np_state, 16);
+NP_ABI_OFFSET(struct np_state, active, 0);
+NP_ABI_OFFSET(struct np_state, layout_version, 4);
+NP_ABI_OFFSET(struct np_state, generation, 8);
+NP_ABI_WIDTH(struct np_state, layout_version, enum np_layout);
+
+/* ------------------------------------------------------------------------
+ * ipcache: LPM trie, v4 and v6 in one trie.
+ *
+ *   | prefixlen (u32, host order) | family u8 | pad[3] | addr[16] |
+ *
+ * prefixlen counts bits after the prefixlen field: 32 (family + pad, always
+ * matched) + the address prefix length. IPv4 addresses occupy addr[0..4] in
+ * network order. A miss means world (`cfg_world_identity`).
+ */
+struct np_ipcache_key {
+	__u32 prefixlen;
+	__u8 family; /* NP_FAMILY_* */
+	__u8 pad[3];
+	__u8 addr[16];
+};
+NP_ABI_SIZE(struct np_ipcache_key, 24);
+NP_ABI_OFFSET(struct np_ipcache_key, prefixlen, 0);
+NP_ABI_OFFSET(struct np_ipcache_key, family, 4);
+NP_ABI_OFFSET(struct np_ipcache_key, pad, 5);
+NP_ABI_OFFSET(struct np_ipcache_key, addr, 8);
+NP_ABI_WIDTH(struct np_ipcache_key, family, enum np_family);
+
+/* Bits of the ipcache key always matched (family + padding). */
+enum np_ipcache_prefix : __u32 {
+	NP_IPCACHE_STATIC_PREFIX = 32,
+};
+_Static_assert(NP_IPCACHE_STATIC_PREFIX == 8 * (__builtin_offsetof(struct np_ipcache_key, addr) -
+						 sizeof(__u32)),
+	       "the static ipcache prefix covers family and pad");
+
+struct np_ipcache_value {
+	__u32 identity;
+	/* Slot of the endpoint owning exactly this address (anti-spoofing),
+	 * NP_SLOT_NONE if none. */
+	__u32 endpoint;
+};
+NP_ABI_SIZE(struct np_ipcache_value, 8);
+NP_ABI_OFFSET(struct np_ipcache_value, identity, 0);
+NP_ABI_OFFSET(struct np_ipcache_value, endpoint, 4);
+
+/* ------------------------------------------------------------------------
+ * Endpoint table: HASH ifindex (u32) -> endpoint.
+ */
+enum np_endpoint_flags : __u32 {
+	NP_EP_F_HOST = 0x1,         /* HostEndpoint: hooks map the other way round */
+	NP_EP_F_DENY_INGRESS = 0x2, /* default deny in the ingress direction */
+	NP_EP_F_DENY_EGRESS = 0x4,  /* default deny in the egress direction */
+	NP_EP_F_AUDIT = 0x8,        /* would-be drops pass and are reported */
+};
+
+struct np_endpoint_value {
+	__u32 slot;
+	__u32 identity;
+	__u32 flags; /* NP_EP_F_* */
+	__u32 reserved;
+};
+NP_ABI_SIZE(struct np_endpoint_value, 16);
+NP_ABI_OFFSET(struct np_endpoint_value, slot, 0);
+NP_ABI_OFFSET(struct np_endpoint_value, identity, 4);
+NP_ABI_OFFSET(struct np_endpoint_value, flags, 8);
+NP_ABI_OFFSET(struct np_endpoint_value, reserved, 12);
+NP_ABI_WIDTH(struct np_endpoint_value, flags, enum np_endpoint_flags);
+
+/* ------------------------------------------------------------------------
+ * Policy: LPM trie, one per generation, all endpoints.
+ *
+ *   | prefixlen (u32) | slot u32 | identity u32 | direction u8 | proto u8 | port be16 |
+ *
+ * prefixlen counts bits after the prefixlen field (96 in all):
+ *   72            slot + identity + direction: any protocol, any port
+ *   80            + protocol: any port of that protocol
+ *   80 + n        + the first n bits of the port (port ranges, n = 1..16)
+ * For ICMP/ICMPv6 the port is the ICMP type. identity 0 = any identity: a
+ * separate key, never a wildcarded prefix.
+ *
+ * Lookup precedence for a new flow at endpoint E, direction D, remote identity
+ * R, protocol P, port N (THE CONTRACT shared with src/policy/lookup.rs):
+ *   L1 = longest match of (E, R, D, P, N), L2 = longest match of (E, 0, D, P, N)
+ *   1. L1 is Deny -> drop, reported with L1's rule
+ *   2. L2 is Deny -> drop, reported with L2's rule
+ *   3. L1 is Allow -> pass (L1's rule); else L2 is Allow -> pass (L2's rule)
+ *   4. neither: drop "default deny" if E is default-deny in D, else pass
+ * An audit endpoint passes would-be drops and reports them as audit.
+ * Deny precedence within one identity is resolved by the compiler.
+ */
+struct np_policy_key {
+	__u32 prefixlen;
+	__u32 slot;
+	__u32 identity;
+	__u8 direction; /* NP_DIR_* */
+	__u8 proto;
+	__be16 port;
+};
+NP_ABI_SIZE(struct np_policy_key, 16);
+NP_ABI_OFFSET(struct np_policy_key, prefixlen, 0);
+NP_ABI_OFFSET(struct np_policy_key, slot, 4);
+NP_ABI_OFFSET(struct np_policy_key, identity, 8);
+NP_ABI_OFFSET(struct np_policy_key, direction, 12);
+NP_ABI_OFFSET(struct np_policy_key, proto, 13);
+NP_ABI_OFFSET(struct np_policy_key, port, 14);
+NP_ABI_WIDTH(struct np_policy_key, direction, enum np_direction);
+
+/* Bits of the policy key always matched (slot + identity + direction), and
+ * all of its bits (+ protocol + port). */
+enum np_policy_prefix : __u32 {
+	NP_POLICY_STATIC_PREFIX = 72,
+	NP_POLICY_FULL_PREFIX = 96,
+};
+_Static_assert(NP_POLICY_STATIC_PREFIX ==
+		       8 * (__builtin_offsetof(struct np_policy_key, proto) - sizeof(__u32)),
+	       "the static policy prefix ends before the protocol");
+_Static_assert(NP_POLICY_FULL_PREFIX == 8 * (sizeof(struct np_policy_key) - sizeof(__u32)),
+	       "the full policy prefix covers the whole key");
+
+struct np_policy_value {
+	__u8 verdict; /* NP_VERDICT_* */
+	__u8 reserved0;
+	__u16 reserved1;
+	__u32 rule; /* index into Compiled.rules */
+};
+NP_ABI_SIZE(struct np_policy_value, 8);
+NP_ABI_OFFSET(struct np_policy_value, verdict, 0);
+NP_ABI_OFFSET(struct np_policy_value, reserved0, 1);
+NP_ABI_OFFSET(struct np_policy_value, reserved1, 2);
+NP_ABI_OFFSET(struct np_policy_value, rule, 4);
+NP_ABI_WIDTH(struct np_policy_value, verdict, enum np_verdict);
+
+/* ------------------------------------------------------------------------
+ * Conntrack: LRU hash, global (not per generation).
+ *
+ * A flow is tracked per enforcement point: (ifindex, hook of its first packet)
+ * plus its tuple in the direction of its first packet. A flow crossing two
+ * enforced endpoints on one host (A's device, then B's) has one entry at each
+ * and is judged at both. A packet is:
+ *   established  if (ifindex, hook, src, dst, sport, dport, proto) exists;
+ *   reply        if (ifindex, other hook, dst, src, dport, sport, proto) exists;
+ *   related      if it is an ICMP error whose inner tuple is either of them.
+ * ICMP echo uses the identifier as both ports. Ports in host order.
+ */
+struct np_ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 ifindex;
+	__u8 proto;
+	__u8 family; /* NP_FAMILY_* */
+	__u8 hook;   /* NP_HOOK_* */
+	__u8 pad;
+};
+NP_ABI_SIZE(struct np_ct_key, 44);
+NP_ABI_OFFSET(struct np_ct_key, saddr, 0);
+NP_ABI_OFFSET(struct np_ct_key, daddr, 16);
+NP_ABI_OFFSET(struct np_ct_key, sport, 32);
+NP_ABI_OFFSET(struct np_ct_key, dport, 34);
+NP_ABI_OFFSET(struct np_ct_key, ifindex, 36);
+NP_ABI_OFFSET(struct np_ct_key, proto, 40);
+NP_ABI_OFFSET(struct np_ct_key, family, 41);
+NP_ABI_OFFSET(struct np_ct_key, hook, 42);
+NP_ABI_OFFSET(struct np_ct_key, pad, 43);
+NP_ABI_WIDTH(struct np_ct_key, family, enum np_family);
+NP_ABI_WIDTH(struct np_ct_key, hook, enum np_hook);
+
+enum np_ct_state : __u8 {
+	NP_CT_SEEN_SYN = 0x1,   /* a SYN from the originator */
+	NP_CT_SEEN_REPLY = 0x2, /* any packet back from the responder */
+	NP_CT_CLOSING = 0x4,    /* FIN or RST seen */
+};
+
+struct np_ct_value {
+	__u64 expires_ns;
+	__u32 rule;  /* rule that allowed the first packet */
+	__u8 state;  /* NP_CT_SEEN_*, NP_CT_CLOSING */
+	__u8 pad[3];
+};
+NP_ABI_SIZE(struct np_ct_value, 16);
+NP_ABI_OFFSET(struct np_ct_value, expires_ns, 0);
+NP_ABI_OFFSET(struct np_ct_value, rule, 8);
+NP_ABI_OFFSET(struct np_ct_value, state, 12);
+NP_ABI_OFFSET(struct np_ct_value, pad, 13);
+NP_ABI_WIDTH(struct np_ct_value, state, enum np_ct_state);
+
+/* ------------------------------------------------------------------------
+ * Fragments: LRU hash keyed by the first fragment's (src, dst, id, proto);
+ * value its L4 ports, so non-first fragments are judged with the same ports.
+ * A non-first fragment with no entry is dropped.
+ */
+struct np_frag_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 id;
+	__u8 proto;
+	__u8 family; /* NP_FAMILY_* */
+	__u16 pad;
+};
+NP_ABI_SIZE(struct np_frag_key, 40);
+NP_ABI_OFFSET(struct np_frag_key, saddr, 0);
+NP_ABI_OFFSET(struct np_frag_key, daddr, 16);
+NP_ABI_OFFSET(struct np_frag_key, id, 32);
+NP_ABI_OFFSET(struct np_frag_key, proto, 36);
+NP_ABI_OFFSET(struct np_frag_key, family, 37);
+NP_ABI_OFFSET(struct np_frag_key, pad, 38);
+NP_ABI_WIDTH(struct np_frag_key, family, enum np_family);
+
+struct np_frag_value {
+	__u16 sport;
+	__u16 dport;
+	__u16 policy_port; /* dport, or the ICMP type */
+	__u16 pad;
+};
+NP_ABI_SIZE(struct np_frag_value, 8);
+NP_ABI_OFFSET(struct np_frag_value, sport, 0);
+NP_ABI_OFFSET(struct np_frag_value, dport, 2);
+NP_ABI_OFFSET(struct np_frag_value, policy_port, 4);
+NP_ABI_OFFSET(struct np_frag_value, pad, 6);
+
+/* ------------------------------------------------------------------------
+ * Failsafe: HASH (direction, proto, port) -> 1, for host endpoints only.
+ */
+struct np_failsafe_key {
+	__u8 direction; /* NP_DIR_* */
+	__u8 proto;
+	__u16 port; /* host order */
+};
+NP_ABI_SIZE(struct np_failsafe_key, 4);
+NP_ABI_OFFSET(struct np_failsafe_key, direction, 0);
+NP_ABI_OFFSET(struct np_failsafe_key, proto, 1);
+NP_ABI_OFFSET(struct np_failsafe_key, port, 2);
+NP_ABI_WIDTH(struct np_failsafe_key, direction, enum np_direction);
+
+/* ------------------------------------------------------------------------
+ * Counters: PERCPU_ARRAY indexed by endpoint slot.
+ */
+struct np_counters {
+	__u64 allowed;
+	__u64 denied_policy;
+	__u64 denied_default;
+	__u64 denied_spoof;
+	__u64 denied_other;
+	__u64 audit;
+};
+NP_ABI_SIZE(struct np_counters, 48);
+NP_ABI_OFFSET(struct np_counters, allowed, 0);
+NP_ABI_OFFSET(struct np_counters, denied_policy, 8);
+NP_ABI_OFFSET(struct np_counters, denied_default, 16);
+NP_ABI_OFFSET(struct np_counters, denied_spoof, 24);
+NP_ABI_OFFSET(struct np_counters, denied_other, 32);
+NP_ABI_OFFSET(struct np_counters, audit, 40);
+
+/* ------------------------------------------------------------------------
+ * Verdict events: RINGBUF of struct np_event. Rate limit: PERCPU_ARRAY of 1
+ * struct np_ratelimit.
+ */
+enum np_event_verdict : __u8 {
+	NP_EV_ALLOWED = 0,
+	NP_EV_DENIED = 1,
+	NP_EV_AUDIT = 2,
+};
+
+enum np_reason : __u8 {
+	NP_REASON_POLICY_ALLOW = 0,
+	NP_REASON_POLICY_DENY = 1,
+	NP_REASON_DEFAULT_DENY = 2,
+	NP_REASON_SPOOFED = 3,
+	NP_REASON_FRAGMENT = 4,
+	NP_REASON_MALFORMED = 5,
+};
+
+struct np_event {
+	__u64 ts_ns;
+	__u32 ifindex;
+	__u32 slot;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 rule;
+	__u16 sport;
+	__u16 dport;
+	__u8 direction; /* NP_DIR_* */
+	__u8 verdict;   /* NP_EV_* */
+	__u8 reason;    /* NP_REASON_* */
+	__u8 proto;
+	__u8 family; /* NP_FAMILY_* */
+	__u8 pad[3];
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+NP_ABI_SIZE(struct np_event, 72);
+NP_ABI_OFFSET(struct np_event, ts_ns, 0);
+NP_ABI_OFFSET(struct np_event, ifindex, 8);
+NP_ABI_OFFSET(struct np_event, slot, 12);
+NP_ABI_OFFSET(struct np_event, src_identity, 16);
+NP_ABI_OFFSET(struct np_event, dst_identity, 20);
+NP_ABI_OFFSET(struct np_event, rule, 24);
+NP_ABI_OFFSET(struct np_event, sport, 28);
+NP_ABI_OFFSET(struct np_event, dport, 30);
+NP_ABI_OFFSET(struct np_event, direction, 32);
+NP_ABI_OFFSET(struct np_event, verdict, 33);
+NP_ABI_OFFSET(struct np_event, reason, 34);
+NP_ABI_OFFSET(struct np_event, proto, 35);
+NP_ABI_OFFSET(struct np_event, family, 36);
+NP_ABI_OFFSET(struct np_event, pad, 37);
+NP_ABI_OFFSET(struct np_event, saddr, 40);
+NP_ABI_OFFSET(struct np_event, daddr, 56);
+NP_ABI_WIDTH(struct np_event, direction, enum np_direction);
+NP_ABI_WIDTH(struct np_event, verdict, enum np_event_verdict);
+NP_ABI_WIDTH(struct np_event, reason, enum np_reason);
+NP_ABI_WIDTH(struct np_event, family, enum np_family);
+
+struct np_ratelimit {
+	__u64 window_start_ns;
+	__u32 count;
+	__u32 sample;
+};
+NP_ABI_SIZE(struct np_ratelimit, 16);
+NP_ABI_OFFSET(struct np_ratelimit, window_start_ns, 0);
+NP_ABI_OFFSET(struct np_ratelimit, count, 8);
+NP_ABI_OFFSET(struct np_ratelimit, sample, 12);
+
+#endif /* NETPOL_ABI_H */

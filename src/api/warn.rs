@@ -1,0 +1,120 @@
+//! Warnings: things netpol accepts and enforces, but that deserve a second look.
+//! A warning never refuses a set (the daemon applies it as usual);
+//! `netpolctl check` prints warnings beside the errors, and `check --strict`
+//! fails on them.
+//!
+//! Every warning has a [`WarningCode`]: one value per kind of warning, named in
+//! the printed line (`... [int-port]`), in `check --json`, and in the table of
+//! docs/policy.md ("Deliberate differences"), which a test keeps equal to
+//! [`WarningCode::ALL`]. Issue 17's lint warnings add codes here.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::Problem;
+
+/// What a warning is about. Serialized (and printed) as its [`code`](Self::code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WarningCode {
+    /// A CiliumNetworkPolicy port written as an unquoted number (`port: 80`):
+    /// the CRD types `toPorts[].ports[].port` as a string.
+    IntPort,
+    /// A string field (label value, `description`, name, ...) written as an
+    /// unquoted number or boolean (`version: 5`): Kubernetes wants a string there.
+    NonString,
+    /// A plain scalar that YAML 1.1, which Kubernetes clients read files with,
+    /// reads as a boolean (`yes`, `no`, `on`, `off`, `y`, `n`).
+    Yaml11Bool,
+    /// A plain scalar that YAML 1.1 reads as another number than netpol does, or
+    /// as a number where netpol reads text (`010` is 8 there, `0x1f` is 31).
+    Yaml11Number,
+    /// The entities `world-ipv4` / `world-ipv6`: Cilium's agent knows them, its
+    /// CRD's entity enum does not.
+    EntityNotInCrd,
+}
+
+impl WarningCode {
+    /// Every code, in the order of the docs table.
+    pub const ALL: &'static [WarningCode] = &[
+        WarningCode::IntPort,
+        WarningCode::NonString,
+        WarningCode::Yaml11Bool,
+        WarningCode::Yaml11Number,
+        WarningCode::EntityNotInCrd,
+    ];
+
+    /// The code as printed and documented.
+    pub fn code(self) -> &'static str {
+        match self {
+            WarningCode::IntPort => "int-port",
+            WarningCode::NonString => "non-string",
+            WarningCode::Yaml11Bool => "yaml11-bool",
+            WarningCode::Yaml11Number => "yaml11-number",
+            WarningCode::EntityNotInCrd => "entity-not-in-crd",
+        }
+    }
+}
+
+impl fmt::Display for WarningCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// One warning: where (the same shape as a [`Problem`]: file, line, column,
+/// document, object, field), what, and its code. Displayed as
+/// `FILE:LINE:COL: warning: document N (KIND NAMESPACE/NAME): FIELD.PATH: message [code]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Warning {
+    #[serde(flatten)]
+    pub at: Problem,
+    pub code: WarningCode,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.at.fmt_location(f)?;
+        write!(f, " warning:")?;
+        self.at.fmt_detail(f)?;
+        write!(f, " [{}]", self.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_serialize_as_printed() {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in WarningCode::ALL {
+            assert!(seen.insert(c.code()), "{c} twice");
+            assert_eq!(
+                serde_json::to_value(c).unwrap(),
+                serde_json::Value::String(c.code().into())
+            );
+        }
+    }
+
+    #[test]
+    fn display() {
+        let w = Warning {
+            at: Problem {
+                file: "/etc/netpol.d/web.yaml".into(),
+                line: Some(9),
+                column: Some(21),
+                document: Some(1),
+                object: Some("CiliumNetworkPolicy default/web".into()),
+                field: Some("spec.ingress[0].toPorts[0].ports[0].port".into()),
+                message: "m".into(),
+            },
+            code: WarningCode::IntPort,
+        };
+        assert_eq!(
+            w.to_string(),
+            "/etc/netpol.d/web.yaml:9:21: warning: document 1 (CiliumNetworkPolicy default/web): spec.ingress[0].toPorts[0].ports[0].port: m [int-port]"
+        );
+    }
+}

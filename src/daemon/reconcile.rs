@@ -1,0 +1,501 @@
+//! One reconcile: read the inputs and compile within the map budget (one
+//! [`pipeline::load_and_compile`] pass over what is held), resolve each local
+//! endpoint's interface, and apply when the state or the attachments differ
+//! from what is installed; then report (status, systemd, metrics) and schedule
+//! the save of the files that applied.
+//!
+//! Owns what is installed, the retry of a datapath error and the problems
+//! reported. Reads and compiles only through the pipeline, touches the kernel
+//! only through [`Datapath`], never blocks on a client.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use slog::Logger;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::metrics;
+use super::netlink::LinkTable;
+use super::save::Saver;
+use super::sdnotify::Notifier;
+use super::status::{display_name, EndpointView, FileError, MonitorEvent, Status};
+use crate::api::model::Interface;
+use crate::api::Problem;
+use crate::datapath::{Attachment, Counters, Datapath};
+use crate::error::chain;
+use crate::pipeline::{self, Compile, Held, Hint, Inputs, Kind};
+use crate::policy::compile::CompileOptions;
+use crate::policy::types::Compiled;
+use crate::sizes::MapSizes;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Why a reconcile runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The daemon started.
+    Start,
+    /// Input files changed (after the debounce), or the inputs' source said
+    /// its view moved.
+    Change,
+    /// A reload was asked for (SIGHUP).
+    Reload,
+    /// The periodic full re-read.
+    Resync,
+    /// The datapath failed before; try again.
+    Retry,
+}
+
+impl Cause {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Cause::Start => "start",
+            Cause::Change => "change",
+            Cause::Reload => "reload",
+            Cause::Resync => "resync",
+            Cause::Retry => "retry",
+        }
+    }
+}
+
+/// What the datapath holds: the state, the attachments, and how many
+/// policies the set behind them has.
+struct Installed {
+    compiled: Compiled,
+    attachments: Vec<Attachment>,
+    policies: usize,
+}
+
+/// Where the loop's reports go.
+pub struct Outputs {
+    pub log: Logger,
+    pub notifier: Notifier,
+    pub status: tokio::sync::watch::Sender<Status>,
+    /// Serialized monitor events.
+    pub events: broadcast::Sender<Arc<str>>,
+    /// Prometheus metrics, when `metrics_listen` is set.
+    pub metrics: Option<metrics::Metrics>,
+}
+
+pub struct Reconciler<D> {
+    pub out: Outputs,
+    copts: CompileOptions,
+    map_sizes: MapSizes,
+    inputs: Box<dyn Inputs>,
+    compiler: Box<dyn Compile>,
+    /// The input sets in force.
+    held: Held,
+    pub saver: Saver,
+    /// The interfaces now.
+    pub links: LinkTable,
+    /// The link table changed since attachments were last checked.
+    pub links_changed: bool,
+    pub datapath: D,
+    installed: Option<Installed>,
+    /// When to try the datapath again, and the backoff that got us there.
+    pub retry: Option<(Instant, Duration)>,
+    datapath_error: Option<String>,
+    /// A generation has been applied since start.
+    pub ready: bool,
+    last_apply_ms: Option<f64>,
+    problems: Vec<Problem>,
+    logged_problems: Vec<Problem>,
+    /// When the datapath counters were last copied into the metrics.
+    counters_at: Option<Instant>,
+}
+
+impl<D: Datapath> Reconciler<D> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        out: Outputs,
+        copts: CompileOptions,
+        map_sizes: MapSizes,
+        inputs: Box<dyn Inputs>,
+        compiler: Box<dyn Compile>,
+        saver: Saver,
+        links: LinkTable,
+        datapath: D,
+    ) -> Self {
+        Reconciler {
+            out,
+            copts,
+            map_sizes,
+            inputs,
+            compiler,
+            held: Held::default(),
+            saver,
+            links,
+            links_changed: true,
+            datapath,
+            installed: None,
+            retry: None,
+            datapath_error: None,
+            ready: false,
+            last_apply_ms: None,
+            problems: Vec::new(),
+            logged_problems: Vec::new(),
+            counters_at: None,
+        }
+    }
+
+    /// The inputs' "look again" signals, taken once.
+    pub fn take_wakeups(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        self.inputs.wakeups()
+    }
+
+    /// Drop the sets replaced by the last reconcile (after it: freeing
+    /// thousands of policies is not on the way to enforcement).
+    pub fn drop_retired(&mut self) {
+        self.held.retired.clear();
+    }
+
+    pub fn start_save(&mut self) {
+        self.saver.start(&self.held, self.inputs.saved());
+    }
+
+    pub fn save_finished(
+        &mut self,
+        r: Result<super::save::Saves, tokio::sync::oneshot::error::RecvError>,
+    ) {
+        self.saver.finished(r, &self.out.log);
+        self.publish();
+    }
+
+    /// Stopping: finish saving.
+    pub async fn stop(&mut self) {
+        let reader = self.inputs.saved();
+        self.saver.stop(&self.held, reader, &self.out.log).await;
+        self.publish();
+    }
+
+    pub fn reconcile(&mut self, cause: Cause, hint: Hint<'_>) {
+        let t0 = std::time::Instant::now();
+        // This host's addresses are identity host, whatever interface they are on.
+        self.copts.host_addresses = self.links.addresses.iter().copied().collect();
+        let pass = pipeline::load_and_compile(
+            &mut *self.inputs,
+            hint,
+            self.saver.last_good(),
+            &mut self.held,
+            &mut *self.compiler,
+            &self.copts,
+        );
+        for kind in &pass.from_saved {
+            let dirs = self.saver.last_good().dirs(*kind).unwrap_or_default();
+            let dir = dirs
+                .first()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            match kind {
+                Kind::Policies => {
+                    slog::warn!(self.out.log, "policy files are invalid; enforcing the last valid copy"; "dir" => dir)
+                }
+                Kind::Registry => {
+                    slog::warn!(self.out.log, "registry files are invalid; using the last valid copy"; "dir" => dir)
+                }
+            }
+        }
+        let mut problems = pass.problems;
+        problems.sort();
+        problems.dedup();
+        self.problems = problems;
+        if self.held.policies.is_none() || self.held.registry.is_none() {
+            self.log_problems();
+            slog::error!(self.out.log, "no valid policy set or registry and none saved; nothing applied";
+                "problems" => self.problems.len(), "cause" => cause.as_str());
+            self.publish();
+            return;
+        }
+        if pass.refused {
+            // The files in place are not saved as the last valid copy.
+            self.saver.refused();
+        }
+        self.log_problems();
+        let Some(compiled) = pass.compiled else {
+            self.publish();
+            self.out.notifier.status(&self.status_line());
+            return;
+        };
+        let (load, compile, parsed, n_policies) =
+            (pass.load, pass.compile, pass.files_parsed, pass.policies);
+        let attachments = self.attachments(&compiled);
+        if self.retry.is_none() {
+            if let Some(i) = self
+                .installed
+                .as_mut()
+                .filter(|i| i.compiled == compiled && i.attachments == attachments)
+            {
+                i.policies = n_policies;
+                slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
+                self.publish();
+                return;
+            }
+        }
+        // Attachments are checked against the kernel (a link per device and
+        // hook) when they or the interfaces changed, and on every trigger other
+        // than a file change (reload, resync, retry, start).
+        let check_links = self.links_changed
+            || cause != Cause::Change
+            || self
+                .installed
+                .as_ref()
+                .is_none_or(|i| i.attachments != attachments);
+        let t2 = std::time::Instant::now();
+        let result = self.datapath.apply(&compiled, &attachments).and_then(|g| {
+            if check_links {
+                self.datapath.sync_attachments(&attachments)?;
+            }
+            Ok(g)
+        });
+        let apply = t2.elapsed();
+        match result {
+            Ok(generation) => {
+                if check_links {
+                    self.links_changed = false;
+                }
+                self.retry = None;
+                self.datapath_error = None;
+                self.last_apply_ms = Some(ms(t0.elapsed()));
+                let local = compiled.endpoints.iter().filter(|e| e.local).count();
+                slog::info!(self.out.log, "applied generation {}: {} policies, {} endpoints ({} attached, {} pending), {} entries, {} problems, {:.1} ms",
+                    generation, n_policies, compiled.endpoints.len(), attachments.len(), local - attachments.len(),
+                    compiled.entries.len(), self.problems.len(), ms(t0.elapsed());
+                    "generation" => generation, "cause" => cause.as_str(),
+                    "policies" => n_policies, "endpoints" => compiled.endpoints.len(),
+                    "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
+                    "entries" => compiled.entries.len(), "problems" => self.problems.len(),
+                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply));
+                for a in &attachments {
+                    if let Some(ep) = compiled.endpoints.get(a.slot as usize) {
+                        slog::debug!(self.out.log, "attached"; "endpoint" => display_name(&ep.namespace, &ep.name),
+                            "ifindex" => a.ifindex, "identity" => ep.identity, "generation" => generation);
+                    }
+                }
+                if let Some(m) = &self.out.metrics {
+                    m.applied(generation, t0.elapsed().as_secs_f64());
+                    let limits = metrics::MapLimits {
+                        ipcache: self.map_sizes.ipcache.into(),
+                        policy: self.map_sizes.policy.into(),
+                        endpoints: self.map_sizes.endpoints.into(),
+                    };
+                    m.record_state(&compiled, &attachments, limits);
+                }
+                self.installed = Some(Installed {
+                    compiled,
+                    attachments,
+                    policies: n_policies,
+                });
+                // Saved once things have been quiet for a while: copying every file
+                // must not delay the next change.
+                self.saver.applied(!pass.refused);
+                let first = !self.ready;
+                self.ready = true;
+                self.publish();
+                let line = self.status_line();
+                if first {
+                    self.out.notifier.ready(&line);
+                } else {
+                    self.out.notifier.status(&line);
+                }
+            }
+            Err(e) => {
+                let backoff = self
+                    .retry
+                    .map(|(_, b)| (b * 2).min(BACKOFF_MAX))
+                    .unwrap_or(BACKOFF_MIN);
+                self.retry = Some((Instant::now() + backoff, backoff));
+                let error = chain(&e);
+                slog::error!(self.out.log, "datapath refused the new state; the running state is kept";
+                    "error" => &error, "retry_in_ms" => backoff.as_millis() as u64, "cause" => cause.as_str());
+                self.datapath_error = Some(error);
+                if let Some(m) = &self.out.metrics {
+                    m.apply_failed();
+                }
+                // What the kernel holds now is unknown after a failed sync: apply again next time.
+                self.installed = None;
+                self.publish();
+                self.out.notifier.status(&self.status_line());
+            }
+        }
+    }
+
+    /// Log the input problems once each time the set of problems changes.
+    fn log_problems(&mut self) {
+        if self.problems == self.logged_problems {
+            return;
+        }
+        for p in &self.problems {
+            slog::error!(self.out.log, "{}", p; "file" => %p.file.display());
+        }
+        if self.problems.is_empty() && !self.logged_problems.is_empty() {
+            slog::info!(self.out.log, "input files are valid again");
+        } else if !self.problems.is_empty() {
+            slog::warn!(self.out.log, "invalid input; the last valid set stays in force"; "problems" => self.problems.len());
+        }
+        self.logged_problems = self.problems.clone();
+    }
+
+    /// Local endpoints whose interface exists now, by slot. An interface claimed
+    /// twice goes to the first endpoint.
+    fn attachments(&self, compiled: &Compiled) -> Vec<Attachment> {
+        let mut out: Vec<Attachment> = Vec::new();
+        for ep in compiled.endpoints.iter().filter(|e| e.local) {
+            let Some(ifindex) = self.resolve(ep.interface.as_ref(), &ep.addresses) else {
+                continue;
+            };
+            if out.iter().any(|a| a.ifindex == ifindex) {
+                slog::warn!(self.out.log, "interface already enforced for another endpoint; skipped";
+                    "endpoint" => display_name(&ep.namespace, &ep.name), "ifindex" => ifindex);
+                continue;
+            }
+            out.push(Attachment {
+                slot: ep.slot,
+                ifindex,
+            });
+        }
+        out.sort();
+        out
+    }
+
+    fn resolve(&self, iface: Option<&Interface>, addresses: &[std::net::IpAddr]) -> Option<u32> {
+        match iface? {
+            Interface::Name(n) => self.links.resolve(n),
+            // The device the first address is routed through (docs/policy.md,
+            // "The registry": `interface: auto`).
+            Interface::Auto => self.links.route_device(*addresses.first()?),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let (endpoints, attached, local) = match &self.installed {
+            Some(i) => (
+                i.compiled.endpoints.len(),
+                i.attachments.len(),
+                i.compiled.endpoints.iter().filter(|e| e.local).count(),
+            ),
+            None => (0, 0, 0),
+        };
+        let policies_from_last_good = self.held.policies.as_ref().is_some_and(|p| p.from_saved);
+        let registry_from_last_good = self.held.registry.as_ref().is_some_and(|r| r.from_saved);
+        Status {
+            ready: self.ready,
+            generation: self.datapath.generation(),
+            degraded: !self.problems.is_empty()
+                || self.datapath_error.is_some()
+                || self.held.policies.is_none()
+                || self.held.registry.is_none()
+                || policies_from_last_good
+                || registry_from_last_good,
+            errors: self.problems.iter().map(FileError::from).collect(),
+            endpoints,
+            attached,
+            pending: local - attached,
+            // The set in force: while a newer set is refused for not fitting the
+            // maps, the last one that fit.
+            policies: self
+                .installed
+                .as_ref()
+                .map(|i| i.policies)
+                .or(self.held.policies.as_ref().map(|p| p.set.policies.len()))
+                .unwrap_or(0),
+            node: self.copts.node_name.clone(),
+            last_apply_ms: self.last_apply_ms,
+            policies_from_last_good,
+            registry_from_last_good,
+            datapath_error: self.datapath_error.clone(),
+            state_error: self.saver.error().map(str::to_string),
+        }
+    }
+
+    pub fn publish(&self) {
+        let s = self.status();
+        if let Some(m) = &self.out.metrics {
+            m.record_status(s.ready, s.degraded, &self.problems);
+        }
+        self.out.status.send_if_modified(|cur| {
+            if *cur != s {
+                *cur = s;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The systemd STATUS= line.
+    pub fn status_line(&self) -> String {
+        let s = self.status();
+        let mut line = format!(
+            "generation {}: {} endpoints ({} attached, {} pending), {} policies, {} problems",
+            s.generation,
+            s.endpoints,
+            s.attached,
+            s.pending,
+            s.policies,
+            s.errors.len()
+        );
+        if s.degraded {
+            line.push_str(" (degraded)");
+        }
+        line
+    }
+
+    pub fn endpoint_views(&self) -> Vec<EndpointView> {
+        let Some(i) = &self.installed else {
+            return Vec::new();
+        };
+        let counters = self.datapath.counters();
+        let none = Counters::default();
+        i.compiled
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let att = i.attachments.iter().find(|a| a.slot == ep.slot);
+                EndpointView::of(ep, att, counters.get(&ep.slot).unwrap_or(&none))
+            })
+            .collect()
+    }
+
+    /// Drain the datapath's events (a bounded amount per tick, so a flood cannot
+    /// hold the loop) and hand them to monitor clients.
+    pub fn poll_events(&mut self) {
+        if let (Some(m), Some(i)) = (&self.out.metrics, &self.installed) {
+            // The counters are per-CPU map reads: at most once a second.
+            if self
+                .counters_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                m.record_counters(&i.compiled, &self.datapath.counters());
+                self.counters_at = Some(Instant::now());
+            }
+        }
+        for _ in 0..16 {
+            let batch = self.datapath.poll_events(1024);
+            if let Some(m) = &self.out.metrics {
+                m.record_events(&batch);
+            }
+            if batch.is_empty() {
+                return;
+            }
+            if self.out.events.receiver_count() == 0 {
+                continue;
+            }
+            let now = SystemTime::now();
+            let installed = self.installed.as_ref().map(|i| &i.compiled);
+            for ev in &batch {
+                let line = serde_json::to_string(&MonitorEvent::of(ev, installed, now))
+                    .unwrap_or_default();
+                let _ = self.out.events.send(line.into());
+            }
+            if batch.len() < 1024 {
+                return;
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}

@@ -1,0 +1,415 @@
+//! The one pipeline from inputs to a compiled state: read both input sets
+//! through an [`Inputs`] source, keep the last valid set of a kind while its
+//! inputs are invalid, and compile within the map budget. `netpolctl check`,
+//! `trace`, `matrix` and `diff` run one pass from nothing; netpold runs a pass
+//! per trigger over what it holds ([`Held`]) and applies the result.
+//!
+//! Owns the rules of docs/daemon.md, "Invalid files and the last valid set":
+//! a kind's set in force is always one that was valid as a whole (the live
+//! one, or the last valid one while the live one is invalid, or at start a
+//! saved copy); a set that would not fit the maps is refused like an invalid
+//! file and the last policy set that fit stays in force. Does not apply,
+//! write, or log: the caller does, from the [`Pass`] it gets back.
+
+pub mod inputs;
+
+pub use inputs::{FileInputs, Hint, InputSet, Inputs, Kind, Read, SavedCopies, SavedReader};
+
+use std::any::Any;
+use std::time::{Duration, Instant};
+
+use crate::api::model::{PolicySet, RegistrySet};
+use crate::api::{Problem, Warning};
+use crate::config::Config;
+use crate::policy::compile::{CompileError, CompileOptions, Compiler};
+use crate::policy::types::Compiled;
+
+/// Compiles the valid sets: the real [`Compiler`], or a stand-in (tests of the
+/// daemon's loop put a trivial one here).
+pub trait Compile: Send {
+    fn compile(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError>;
+}
+
+impl Compile for Compiler {
+    fn compile(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        Compiler::compile(self, policies, registry, opts)
+    }
+}
+
+impl<F> Compile for F
+where
+    F: FnMut(&PolicySet, &RegistrySet, &CompileOptions) -> Result<Compiled, CompileError> + Send,
+{
+    fn compile(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        self(policies, registry, opts)
+    }
+}
+
+/// A valid input set in force, and whether it is a saved copy (the live
+/// inputs were invalid when nothing else was in force).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InForce<T> {
+    pub set: T,
+    pub from_saved: bool,
+}
+
+/// What a caller holds between passes: nothing before the first.
+#[derive(Default)]
+pub struct Held {
+    pub policies: Option<InForce<PolicySet>>,
+    pub registry: Option<InForce<RegistrySet>>,
+    /// The last policy set that compiled within the limits: in force while a
+    /// newer one is refused for not fitting.
+    fitting: Option<PolicySet>,
+    /// The policy set in `policies` compiled within the limits.
+    policies_fit: bool,
+    /// Sets replaced by passes; the caller drops them when it likes (freeing
+    /// thousands of policies is not on the way to enforcement).
+    pub retired: Vec<Box<dyn Any + Send + Sync>>,
+}
+
+impl Held {
+    /// A policy set replaced by a newer one: kept as the last that fit when it
+    /// did (and nothing older is kept), else retired.
+    fn replace_policies(&mut self, old: Option<PolicySet>) {
+        let Some(old) = old else { return };
+        if self.policies_fit {
+            if let Some(older) = self.fitting.replace(old) {
+                self.retired.push(Box::new(older));
+            }
+        } else {
+            self.retired.push(Box::new(old));
+        }
+        self.policies_fit = false;
+    }
+}
+
+/// What one pass found.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Every problem of the inputs now: the policies', then the registry's
+    /// (each kind in file order), then a refusal for not fitting the maps.
+    pub problems: Vec<Problem>,
+    /// Every warning of the inputs now (they never refuse a set).
+    pub warnings: Vec<Warning>,
+    /// The state to enforce; `None` when a kind has no valid set in force, or
+    /// nothing in force fits the maps.
+    pub compiled: Option<Compiled>,
+    /// Policies of the set behind `compiled`.
+    pub policies: usize,
+    /// The policy set in force was refused for not fitting the maps (so it must
+    /// not be saved as the last valid copy).
+    pub refused: bool,
+    /// The kinds for which a saved copy was put in force by this pass.
+    pub from_saved: Vec<Kind>,
+    /// Files parsed by this pass's reads.
+    pub files_parsed: usize,
+    /// Time spent reading, and compiling.
+    pub load: Duration,
+    pub compile: Duration,
+}
+
+/// One kind's read as it changed what is held.
+enum Step<T> {
+    /// The set in force stays (unchanged, or invalid inputs over a valid set).
+    Kept,
+    /// A valid set replaced this one (or none).
+    Replaced(Option<T>),
+    /// Invalid inputs and nothing in force: the saved copy, if any, is now.
+    NoneInForce,
+}
+
+/// Read one kind and fold the answer into what is in force.
+fn step<T: InputSet>(
+    slot: &mut Option<InForce<T>>,
+    inputs: &mut dyn Inputs,
+    hint: Hint<'_>,
+    saved: &dyn SavedCopies,
+    pass: &mut Pass,
+) -> Step<T> {
+    // A source is asked for what changed only while its own last valid set is
+    // in force.
+    let live = slot.as_ref().is_some_and(|s| !s.from_saved);
+    match T::read(inputs, if live { hint } else { Hint::Whole }) {
+        Read::Unchanged => Step::Kept,
+        Read::Valid(set) => Step::Replaced(
+            slot.replace(InForce {
+                set,
+                from_saved: false,
+            })
+            .map(|i| i.set),
+        ),
+        Read::Invalid(problems) => {
+            pass.problems.extend(problems);
+            if slot.is_some() {
+                return Step::Kept;
+            }
+            *slot = read_saved::<T>(inputs, saved, pass).map(|set| InForce {
+                set,
+                from_saved: true,
+            });
+            Step::NoneInForce
+        }
+    }
+}
+
+/// The saved copy of a kind, when there is one and it is valid.
+fn read_saved<T: InputSet>(
+    inputs: &dyn Inputs,
+    saved: &dyn SavedCopies,
+    pass: &mut Pass,
+) -> Option<T> {
+    let dirs = saved.dirs(T::KIND)?;
+    let set = T::read_saved(&*inputs.saved(), &dirs).ok()?;
+    pass.from_saved.push(T::KIND);
+    Some(set)
+}
+
+/// Read both input sets and compile what is then in force within
+/// `opts.limits`: the pipeline of netpold's reconcile and of every `netpolctl`
+/// command that reads files. `hint` says what may have changed since the last
+/// pass over `held` (a first pass reads everything whatever it says); `saved`
+/// are the copies to fall back on.
+pub fn load_and_compile(
+    inputs: &mut dyn Inputs,
+    hint: Hint<'_>,
+    saved: &dyn SavedCopies,
+    held: &mut Held,
+    compiler: &mut dyn Compile,
+    opts: &CompileOptions,
+) -> Pass {
+    let t0 = Instant::now();
+    let mut pass = Pass::default();
+    match step(&mut held.policies, inputs, hint, saved, &mut pass) {
+        Step::Kept => {}
+        Step::Replaced(old) => held.replace_policies(old),
+        Step::NoneInForce => held.policies_fit = false,
+    }
+    if let Step::Replaced(Some(old)) = step(&mut held.registry, inputs, hint, saved, &mut pass) {
+        held.retired.push(Box::new(old));
+    }
+    pass.files_parsed = inputs.files_parsed();
+    pass.warnings = inputs.warnings();
+    pass.load = t0.elapsed();
+
+    let (Some(pol), Some(reg)) = (&held.policies, &held.registry) else {
+        return pass;
+    };
+    let t1 = Instant::now();
+    let mut compiled = compiler.compile(&pol.set, &reg.set, opts);
+    pass.policies = pol.set.policies.len();
+    if let Err(e) = &compiled {
+        // A set that would not fit the maps is invalid input, like a parse
+        // error: the last policy set that fit stays in force, with the registry
+        // as it is now when that fits (else nothing is compiled).
+        pass.problems.push((*e.problem).clone());
+        pass.refused = true;
+        // The set in force fit before (the registry or host grew): there is
+        // no other set to fall back to but the saved one.
+        if held.fitting.is_none() && !held.policies_fit {
+            held.fitting = read_saved::<PolicySet>(inputs, saved, &mut pass);
+        }
+        if let Some(old) = held.fitting.as_ref().filter(|_| !held.policies_fit) {
+            if let Ok(c) = compiler.compile(old, &reg.set, opts) {
+                (compiled, pass.policies) = (Ok(c), old.policies.len());
+            }
+        }
+    } else {
+        held.policies_fit = true;
+        if let Some(old) = held.fitting.take() {
+            held.retired.push(Box::new(old));
+        }
+    }
+    pass.compile = t1.elapsed();
+    pass.compiled = compiled.ok();
+    pass
+}
+
+/// One pass over a config's files from nothing, as every `netpolctl` command
+/// that reads them makes it: the sets read (for a summary) and the pass.
+pub fn load_files(config: &Config) -> (Held, Pass) {
+    let mut held = Held::default();
+    let pass = load_and_compile(
+        &mut FileInputs::once(config),
+        Hint::Whole,
+        &(),
+        &mut held,
+        &mut Compiler::new(),
+        &config.compile_options(),
+    );
+    (held, pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::api::model::{Origin, Policy, PolicyKind};
+
+    fn policy(name: &str) -> Policy {
+        Policy {
+            origin: Origin {
+                file: format!("{name}.yaml").into(),
+                doc: 0,
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: Some("default".into()),
+                name: name.into(),
+            },
+            kind: PolicyKind::CiliumNetworkPolicy,
+            rules: vec![].into(),
+        }
+    }
+
+    fn problem(file: &str) -> Problem {
+        Problem {
+            file: file.into(),
+            line: None,
+            column: None,
+            document: None,
+            object: None,
+            field: None,
+            message: "bad".into(),
+        }
+    }
+
+    /// Answers from a script, and records the hints it was given.
+    #[derive(Default)]
+    struct Script {
+        policies: Vec<Read<PolicySet>>,
+        registry: Vec<Read<RegistrySet>>,
+        hints: Vec<String>,
+    }
+
+    impl Inputs for Script {
+        fn policies(&mut self, hint: Hint<'_>) -> Read<PolicySet> {
+            self.hints.push(format!("policies {hint:?}"));
+            self.policies.remove(0)
+        }
+        fn registry(&mut self, hint: Hint<'_>) -> Read<RegistrySet> {
+            self.hints.push(format!("registry {hint:?}"));
+            self.registry.remove(0)
+        }
+        fn saved(&self) -> Arc<dyn SavedReader> {
+            Arc::new(Copies)
+        }
+    }
+
+    /// A saved copy of each kind: one policy, an empty registry.
+    struct Copies;
+
+    impl SavedReader for Copies {
+        fn policies(&self, _: &Path) -> Result<PolicySet, Vec<Problem>> {
+            Ok(PolicySet {
+                policies: vec![policy("saved")],
+            })
+        }
+        fn registry(&self, _: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
+            Ok(RegistrySet::default())
+        }
+    }
+
+    struct Saved;
+
+    impl SavedCopies for Saved {
+        fn dirs(&self, _: Kind) -> Option<Vec<PathBuf>> {
+            Some(vec!["last-good".into()])
+        }
+    }
+
+    fn pass(inputs: &mut Script, hint: Hint<'_>, saved: &dyn SavedCopies, held: &mut Held) -> Pass {
+        load_and_compile(
+            inputs,
+            hint,
+            saved,
+            held,
+            &mut Compiler::new(),
+            &CompileOptions::default(),
+        )
+    }
+
+    #[test]
+    fn a_kind_in_force_stays_while_its_inputs_are_invalid_and_a_saved_copy_is_asked_for_whole() {
+        let set = |names: &[&str]| PolicySet {
+            policies: names.iter().map(|n| policy(n)).collect(),
+        };
+        let mut inputs = Script {
+            policies: vec![
+                Read::Invalid(vec![problem("p.yaml")]),
+                Read::Valid(set(&["a"])),
+                Read::Invalid(vec![problem("p.yaml")]),
+                Read::Unchanged,
+            ],
+            registry: vec![
+                Read::Invalid(vec![problem("e.yaml")]),
+                Read::Valid(RegistrySet::default()),
+                Read::Unchanged,
+                Read::Unchanged,
+            ],
+            ..Script::default()
+        };
+        let mut held = Held::default();
+        // From nothing, both invalid: every problem, policies' first, and the
+        // saved copies in force.
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert_eq!(p.problems, vec![problem("p.yaml"), problem("e.yaml")]);
+        assert_eq!(p.from_saved, vec![Kind::Policies, Kind::Registry]);
+        assert!(held.policies.as_ref().is_some_and(|p| p.from_saved));
+        assert_eq!(p.policies, 1);
+        assert!(p.compiled.is_some());
+        // Over saved copies the source is asked for the whole set again.
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert!(p.problems.is_empty() && p.from_saved.is_empty());
+        assert_eq!(held.policies.as_ref().unwrap().set, set(&["a"]));
+        assert_eq!(held.retired.len(), 2, "both saved copies replaced");
+        // Invalid again: the live set stays; unchanged keeps it too.
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert_eq!(p.problems, vec![problem("p.yaml")]);
+        assert_eq!(held.policies.as_ref().unwrap().set, set(&["a"]));
+        let p = pass(&mut inputs, Hint::Anything, &Saved, &mut held);
+        assert!(p.problems.is_empty());
+        assert_eq!(p.policies, 1);
+        assert_eq!(
+            inputs.hints,
+            [
+                "policies Whole",
+                "registry Whole",
+                "policies Whole",
+                "registry Whole",
+                "policies Anything",
+                "registry Anything",
+                "policies Anything",
+                "registry Anything",
+            ]
+        );
+    }
+
+    #[test]
+    fn one_pass_without_saved_copies_compiles_nothing_from_invalid_inputs() {
+        let mut inputs = Script {
+            policies: vec![Read::Valid(PolicySet::default())],
+            registry: vec![Read::Invalid(vec![problem("e.yaml")])],
+            ..Script::default()
+        };
+        let mut held = Held::default();
+        let p = pass(&mut inputs, Hint::Whole, &(), &mut held);
+        assert_eq!(p.problems, vec![problem("e.yaml")]);
+        assert!(p.compiled.is_none() && held.registry.is_none() && p.from_saved.is_empty());
+    }
+}
