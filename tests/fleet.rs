@@ -204,6 +204,19 @@ async fn put(store: &dyn Store, key: &str, value: &str) -> i64 {
         .revision
 }
 
+/// Write `ops` in transactions within etcd's limits.
+async fn write_all(store: &dyn Store, ops: Vec<Op>) {
+    for t in netpol::fleet::store::batches(ops).unwrap() {
+        store
+            .txn(Txn {
+                success: t,
+                ..Txn::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
 async fn compact(url: &str, rev: i64) {
     let mut c = etcd_client::Client::connect([url], None).await.unwrap();
     c.compact(rev, None).await.unwrap();
@@ -280,14 +293,7 @@ async fn the_store_speaks_etcd() {
             lease: 0,
         });
     }
-    for t in netpol::fleet::store::batches(ops).unwrap() {
-        s.txn(Txn {
-            success: t,
-            ..Txn::default()
-        })
-        .await
-        .unwrap();
-    }
+    write_all(s.as_ref(), ops).await;
     let all = get_all(s.as_ref(), &Range::prefix(&format!("{P}/registry/")), 500)
         .await
         .unwrap();
@@ -769,14 +775,7 @@ async fn measure_put_to_event_and_relist() {
             lease: 0,
         });
     }
-    for t in netpol::fleet::store::batches(ops).unwrap() {
-        s.txn(Txn {
-            success: t,
-            ..Txn::default()
-        })
-        .await
-        .unwrap();
-    }
+    write_all(s.as_ref(), ops).await;
     let t0 = Instant::now();
     let all = get_all(s.as_ref(), &Range::prefix(&format!("{P}/registry/")), 500)
         .await
