@@ -5,8 +5,11 @@
 //!
 //! The answer holds a turn: tests of one binary run side by side (their names
 //! do not collide), except the ones that ask to run [`Needs::alone`] (they
-//! measure timings a neighbour would distort, or share host-wide state).
+//! measure timings a neighbour would distort, or share host-wide state). A
+//! test that holds a turn may ask again (a timed helper inside a test): the
+//! inner turn is the outer one, which must then be alone if the inner asks so.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -59,9 +62,24 @@ pub struct Turn {
 enum Guard {
     Shared(RwLockReadGuard<'static, ()>),
     Alone(RwLockWriteGuard<'static, ()>),
+    /// Inside a turn this thread already holds.
+    Nested,
 }
 
 static TURNS: RwLock<()> = RwLock::new(());
+
+thread_local! {
+    /// While this thread (a test) holds a turn: whether it runs alone.
+    static HELD: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if !matches!(self._guard, Guard::Nested) {
+            HELD.with(|h| h.set(None));
+        }
+    }
+}
 
 impl Needs {
     /// Nothing yet (add tools, a blocker, a turn alone).
@@ -107,10 +125,24 @@ impl Needs {
 
     /// The turn if `test` can run here; `None` after a skip message; a panic under CI.
     pub fn check(self, test: &str) -> Option<Turn> {
-        let guard = if self.alone {
-            Guard::Alone(TURNS.write().unwrap_or_else(|e| e.into_inner()))
-        } else {
-            Guard::Shared(TURNS.read().unwrap_or_else(|e| e.into_inner()))
+        let guard = match HELD.with(Cell::get) {
+            Some(alone) => {
+                assert!(
+                    alone || !self.alone,
+                    "{test}: asks to run alone inside a shared turn: ask for it first"
+                );
+                Guard::Nested
+            }
+            None if self.alone => {
+                let g = TURNS.write().unwrap_or_else(|e| e.into_inner());
+                HELD.with(|h| h.set(Some(true)));
+                Guard::Alone(g)
+            }
+            None => {
+                let g = TURNS.read().unwrap_or_else(|e| e.into_inner());
+                HELD.with(|h| h.set(Some(false)));
+                Guard::Shared(g)
+            }
         };
         match self.missing() {
             None => Some(Turn { _guard: guard }),

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use netpol::api::{self, LoadOptions, Problem};
 
+use crate::harness::require::Turn;
 use crate::harness::Needs;
 
 /// Wall-clock bound for one hostile input of up to 1 MiB (debug build, shared
@@ -27,9 +28,15 @@ use crate::harness::Needs;
 const LIMIT: Duration = Duration::from_secs(2);
 const PER_MIB: Duration = Duration::from_secs(3);
 
-/// One bounded case at a time, so a case's time is its own and not its
-/// neighbours' (cargo runs the tests of one binary on parallel threads).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The turn of a test that times its cases: alone in the binary, so a case's
+/// time is its own, not its neighbours' (the tests of one binary run on
+/// parallel threads).
+fn timed(test: &str) -> Turn {
+    Needs::nothing()
+        .alone()
+        .check(test)
+        .expect("no requirement")
+}
 
 fn limit_for(bytes: usize) -> Duration {
     LIMIT + PER_MIB * (bytes >> 20) as u32
@@ -50,7 +57,7 @@ fn bounded_by<T: Send + 'static>(
     limit: Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = timed(what);
     let (tx, rx) = mpsc::channel();
     let start = Instant::now();
     let handle = std::thread::Builder::new()
@@ -195,11 +202,13 @@ fn check_corpus(sub: &str, kind: Kind) {
 
 #[test]
 fn policy_corpus_gives_expected_outcomes() {
+    let _turn = timed("policy_corpus_gives_expected_outcomes");
     check_corpus("policy", Kind::Policy);
 }
 
 #[test]
 fn registry_corpus_gives_expected_outcomes() {
+    let _turn = timed("registry_corpus_gives_expected_outcomes");
     check_corpus("registry", Kind::Registry);
 }
 
@@ -214,6 +223,7 @@ fn cnp(name: &str) -> String {
 
 #[test]
 fn nesting_100000_flow_brackets() {
+    let _turn = timed("nesting_100000_flow_brackets");
     let got = load_one(Kind::Policy, "deep.yaml", "[".repeat(100_000).into_bytes());
     assert_eq!(
         got,
@@ -237,6 +247,7 @@ fn nesting_100000_flow_brackets() {
 
 #[test]
 fn nesting_100000_block_levels() {
+    let _turn = timed("nesting_100000_block_levels");
     // Block nesting has no limit in the YAML scanner; ours stops at 64 levels.
     let want = "document 1: lists and mappings nest deeper than 64 levels; a policy or registry file needs far fewer";
     let got = load_one(
@@ -264,6 +275,7 @@ fn nesting_100000_block_levels() {
 
 #[test]
 fn file_over_the_size_limit_is_refused_before_parsing() {
+    let _turn = timed("file_over_the_size_limit_is_refused_before_parsing");
     let limit = api::MAX_FILE_SIZE as usize;
     let mut text = cnp("big");
     text.push_str(&"#".repeat(limit + 1 - text.len()));
@@ -286,6 +298,7 @@ fn file_over_the_size_limit_is_refused_before_parsing() {
 
 #[test]
 fn file_at_the_size_limit_loads_in_bounded_time() {
+    let _turn = timed("file_at_the_size_limit_loads_in_bounded_time");
     // Exactly 4 MiB: one policy and a comment line of 4 MiB.
     let limit = api::MAX_FILE_SIZE as usize;
     let mut text = cnp("big");
@@ -301,6 +314,7 @@ fn file_at_the_size_limit_loads_in_bounded_time() {
 
 #[test]
 fn a_million_ports_in_a_list() {
+    let _turn = timed("a_million_ports_in_a_list");
     // 10^6 entries in one list: 2 MB, under the size limit; the first is refused.
     let text = format!(
         "{}  ingress:\n    - toPorts:\n        - ports: [{}1]\n",
@@ -341,6 +355,7 @@ fn a_million_ports_in_a_list() {
 
 #[test]
 fn extremely_long_lines_and_strings_give_bounded_messages() {
+    let _turn = timed("extremely_long_lines_and_strings_give_bounded_messages");
     let long = "x".repeat(3_000_000);
     let text = cnp("long")
         + &format!("  ingress:\n    - fromEndpoints: [{{matchLabels: {{a: {long}}}}}]\n");
@@ -389,6 +404,7 @@ fn extremely_long_lines_and_strings_give_bounded_messages() {
 
 #[test]
 fn many_documents_and_many_keys() {
+    let _turn = timed("many_documents_and_many_keys");
     // 100,000 empty documents, then one policy: counted, not stored.
     let text = "---\n".repeat(100_000) + &cnp("last");
     assert_eq!(
@@ -416,6 +432,7 @@ const FILES_LIMIT: Duration = Duration::from_secs(5);
 
 #[test]
 fn ten_thousand_files_load_in_bounded_time() {
+    let _turn = timed("ten_thousand_files_load_in_bounded_time");
     let tmp = tempfile::tempdir().unwrap();
     for i in 0..10_000 {
         fs::write(
@@ -471,6 +488,7 @@ fn one_name_twice_and_one_address_twice_across_files() {
 
 #[test]
 fn special_files_never_hang() {
+    let _turn = timed("special_files_never_hang");
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // A FIFO nobody writes to, and a symlink to one.
@@ -514,8 +532,11 @@ fn special_files_never_hang() {
 
 #[test]
 fn character_device_node_in_the_directory() {
-    // Mknod needs root.
-    let Some(_turn) = Needs::root().check("character_device_node_in_the_directory") else {
+    // Mknod needs root; alone: the load below is timed.
+    let Some(_turn) = Needs::root()
+        .alone()
+        .check("character_device_node_in_the_directory")
+    else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -866,6 +887,7 @@ fn corpus_files(target: &str) -> Vec<Vec<u8>> {
 
 #[test]
 fn fuzz_corpus_replays_without_panic() {
+    let _turn = timed("fuzz_corpus_replays_without_panic");
     let policies = corpus_files("parse_policies");
     let registries = corpus_files("parse_registry");
     let configs = corpus_files("parse_config");
@@ -898,6 +920,7 @@ fn fuzz_corpus_replays_without_panic() {
 
 #[test]
 fn fuzz_corpus_compiles_and_traces_without_panic() {
+    let _turn = timed("fuzz_corpus_compiles_and_traces_without_panic");
     use netpol::api::model::PolicySet;
     use netpol::policy::compile::{compile, CompileOptions};
     use netpol::policy::trace::trace_str;

@@ -18,6 +18,8 @@ use netpol::fleet::keys::Keys;
 use netpol::fleet::store::{get_all, Compare, Op, Range, Store, StoreError, Txn, WatchMsg};
 use netpol::fleet::{Engine, FleetSettings, PublishSettings, SyncSettings};
 
+use crate::harness::Needs;
+
 const P: &str = "/netpol/v1";
 
 /// A free loopback port (bound and released; etcd binds it right after).
@@ -54,13 +56,14 @@ impl Etcd {
     /// `None` (skipped, said on stderr) without an etcd binary; under CI=true
     /// that is a failure.
     fn start(test: &str) -> Option<Etcd> {
-        let Some(bin) = etcd_binary() else {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: no etcd binary (scripts/deps.sh installs etcd-server); cannot run under CI=true");
-            }
-            eprintln!("{test}: skipped: no etcd binary (run scripts/deps.sh)");
-            return None;
-        };
+        let bin = etcd_binary();
+        let missing = bin.is_none();
+        Needs::nothing()
+            .unless(move || {
+                missing.then(|| "no etcd binary (scripts/deps.sh installs etcd-server)".into())
+            })
+            .check(test)?;
+        let bin = bin?;
         let mut e = Etcd {
             child: None,
             bin,
