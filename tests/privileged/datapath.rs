@@ -1667,7 +1667,11 @@ fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
                 n += 1;
                 // frontend-2 -> backend:81 (denied by frontend's egress and
                 // backend's ingress), database -> backend:80 (backend's ingress).
-                let (ns, port) = if n % 2 == 0 { (&fe2, 81) } else { (&db, 80) };
+                let (ns, port) = if n.is_multiple_of(2) {
+                    (&fe2, 81)
+                } else {
+                    (&db, 80)
+                };
                 attempts.fetch_add(1, Ordering::Relaxed);
                 if tcp_connect(ns, ip(BE), port, None, Duration::from_millis(150)).is_some() {
                     admitted.fetch_add(1, Ordering::Relaxed);

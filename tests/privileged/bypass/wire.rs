@@ -161,7 +161,7 @@ pub fn ipv4(
     payload: &[u8],
 ) -> Vec<u8> {
     let mut opts = options.to_vec();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(1);
     }
     assert!(opts.len() <= 40, "at most 40 bytes of IPv4 options");
