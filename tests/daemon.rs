@@ -81,6 +81,8 @@ fn fake_load_policies(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
             origin: origin(&f, "CiliumNetworkPolicy", &name),
             kind: PolicyKind::CiliumNetworkPolicy,
             rules: vec![].into(),
+            staged: false,
+            source: Default::default(),
         });
     }
     if problems.is_empty() {
@@ -154,6 +156,8 @@ fn fake_compile(
                 kind: p.origin.kind.clone(),
                 policy: format!("default/{}", p.origin.name),
                 path: "spec.ingress[0]".into(),
+                staged: false,
+                default_deny: false,
             })
             .collect(),
         ..Compiled::default()

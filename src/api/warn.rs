@@ -6,7 +6,10 @@
 //! Every warning has a [`WarningCode`]: one value per kind of warning, named in
 //! the printed line (`... [int-port]`), in `check --json`, and in the table of
 //! docs/policy.md ("Deliberate differences"), which a test keeps equal to
-//! [`WarningCode::ALL`]. Issue 17's lint warnings add codes here.
+//! [`WarningCode::ALL`]. The codes of [`WarningCode::POLICY_EFFECT`] are about
+//! what a valid policy does against the registry (`policy::lint`, and the
+//! duplicate name found at load); docs/policy.md lists them in "Warnings about
+//! what a policy does".
 
 use std::fmt;
 
@@ -33,6 +36,22 @@ pub enum WarningCode {
     /// The entities `world-ipv4` / `world-ipv6`: Cilium's agent knows them, its
     /// CRD's entity enum does not.
     EntityNotInCrd,
+    /// Two policies of different kinds with one namespace and name.
+    DuplicateName,
+    /// A rule's endpointSelector (nodeSelector, podSelector) selects no
+    /// endpoint of the registry: the rule enforces nothing.
+    SelectsNothing,
+    /// A peer selector matches no endpoint of the registry (nor a reserved
+    /// identity): that peer allows or denies nothing.
+    PeerMatchesNothing,
+    /// A named port that no endpoint it could apply to declares: it matches
+    /// nothing.
+    NamedPortUndeclared,
+    /// An allow rule item every flow of which a deny rule denies.
+    ShadowedAllow,
+    /// A CiliumNetworkPolicy CIDR rule whose range covers registry endpoints,
+    /// which such a rule never matches.
+    CidrCoversEndpoints,
 }
 
 impl WarningCode {
@@ -43,6 +62,23 @@ impl WarningCode {
         WarningCode::Yaml11Bool,
         WarningCode::Yaml11Number,
         WarningCode::EntityNotInCrd,
+        WarningCode::DuplicateName,
+        WarningCode::SelectsNothing,
+        WarningCode::PeerMatchesNothing,
+        WarningCode::NamedPortUndeclared,
+        WarningCode::ShadowedAllow,
+        WarningCode::CidrCoversEndpoints,
+    ];
+
+    /// The codes about what a valid policy does (the others are about how a
+    /// file is written), in the order of their docs table.
+    pub const POLICY_EFFECT: &'static [WarningCode] = &[
+        WarningCode::DuplicateName,
+        WarningCode::SelectsNothing,
+        WarningCode::PeerMatchesNothing,
+        WarningCode::NamedPortUndeclared,
+        WarningCode::ShadowedAllow,
+        WarningCode::CidrCoversEndpoints,
     ];
 
     /// The code as printed and documented.
@@ -53,6 +89,12 @@ impl WarningCode {
             WarningCode::Yaml11Bool => "yaml11-bool",
             WarningCode::Yaml11Number => "yaml11-number",
             WarningCode::EntityNotInCrd => "entity-not-in-crd",
+            WarningCode::DuplicateName => "duplicate-name",
+            WarningCode::SelectsNothing => "selects-nothing",
+            WarningCode::PeerMatchesNothing => "peer-matches-nothing",
+            WarningCode::NamedPortUndeclared => "named-port-undeclared",
+            WarningCode::ShadowedAllow => "shadowed-allow",
+            WarningCode::CidrCoversEndpoints => "cidr-covers-endpoints",
         }
     }
 }

@@ -274,6 +274,8 @@ mod tests {
             },
             kind: PolicyKind::CiliumNetworkPolicy,
             rules: vec![].into(),
+            staged: false,
+            source: Default::default(),
         }
     }
 

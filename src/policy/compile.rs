@@ -53,6 +53,8 @@ use crate::policy::labels;
 use crate::policy::registry::{self, ResolvedEndpoint};
 use crate::sizes::{MapKind, MapSizes, SETTINGS_FILE};
 
+mod staged;
+
 /// Inputs to compile that come from the daemon config rather than the files.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CompileOptions {
@@ -154,6 +156,9 @@ struct TEntry {
     key: PortKey,
     verdict: EntryVerdict,
     rule: u32,
+    /// From a staged policy's item (`Allow` or `Deny`), until [`staged::finish`]
+    /// turns the entries into what the lookup reads.
+    staged: bool,
 }
 
 #[derive(Debug, Default)]
@@ -172,12 +177,18 @@ struct ItemInfo<'a> {
     origin: &'a Origin,
     dir: Direction,
     verdict: EntryVerdict,
+    /// Its policy is staged.
+    staged: bool,
 }
 
 /// One rule, flattened, with the indexes of its items (= their rule refs).
 struct RuleInfo<'a> {
     rule: &'a crate::api::model::Rule,
     items: Vec<u32>,
+    /// Its policy is staged; then the rule refs of the default deny it brings
+    /// (ingress, egress), if it does.
+    staged: bool,
+    default_deny_refs: [Option<u32>; 2],
 }
 
 /// Protocols of a `Proto` when a port is given.
@@ -514,7 +525,7 @@ impl<'a> Ctx<'a> {
             return Ok(());
         }
         let info = &self.items[idx];
-        let (dir, verdict, rule) = (info.dir, info.verdict, idx as u32);
+        let (dir, verdict, rule, staged) = (info.dir, info.verdict, idx as u32, info.staged);
         let mut keys: Vec<PortKey> = Vec::new();
         let push = |id: Identity, keys: &[PortKey], out: &mut Vec<TEntry>| -> Result<(), Over> {
             for k in keys {
@@ -524,6 +535,7 @@ impl<'a> Ctx<'a> {
                     key: *k,
                     verdict,
                     rule,
+                    staged,
                 });
             }
             check_raw(out, limit)
@@ -587,8 +599,13 @@ struct Over;
 /// amortised: at least `limit` pushes separate two compactions.
 fn check_raw(out: &mut Vec<TEntry>, limit: usize) -> Result<(), Over> {
     if out.len() > limit.saturating_mul(2) {
-        finish_entries(out);
-        if out.len() > limit {
+        let n = if out.iter().any(|e| e.staged) {
+            staged::compact(out)
+        } else {
+            finish_entries(out);
+            out.len()
+        };
+        if n > limit {
             return Err(Over);
         }
     }
@@ -726,10 +743,7 @@ fn compile_with(
     // Each CIDR prefix with the item that names it (for the ipcache budget).
     let mut cidr_prefixes: Vec<(IpNet, u32)> = Vec::new();
     for pol in &policies.policies {
-        let pname = match &pol.origin.namespace {
-            Some(ns) => format!("{ns}/{}", pol.origin.name),
-            None => pol.origin.name.clone(),
-        };
+        let pname = policy_name(&pol.origin);
         for rule in pol.rules.iter() {
             let mut idxs = Vec::new();
             let dirs: [(&Vec<RuleItem>, Direction, EntryVerdict); 4] = [
@@ -762,16 +776,24 @@ fn compile_with(
                         origin: &pol.origin,
                         dir,
                         verdict,
+                        staged: pol.staged,
                     });
                     rule_refs.push(RuleRef {
                         file: pol.origin.file.clone(),
                         kind: pol.origin.kind.clone(),
                         policy: pname.clone(),
                         path: item.path.clone(),
+                        staged: pol.staged,
+                        default_deny: false,
                     });
                 }
             }
-            rules.push(RuleInfo { rule, items: idxs });
+            rules.push(RuleInfo {
+                rule,
+                items: idxs,
+                staged: pol.staged,
+                default_deny_refs: [None; 2],
+            });
         }
     }
     let localhost_rule = if opts.allow_localhost {
@@ -780,11 +802,16 @@ fn compile_with(
             kind: "config".into(),
             policy: "allow_localhost".into(),
             path: "allow_localhost".into(),
+            staged: false,
+            default_deny: false,
         });
         Some((rule_refs.len() - 1) as u32)
     } else {
         None
     };
+    // The default deny of each staged rule, numbered after every item (and the
+    // config's): what a would-be drop by it is reported with.
+    staged::default_deny_refs(policies, &mut rules, &mut rule_refs);
 
     // --- identities.
     check_ipcache(&items, &cidr_prefixes, registry, opts)?;
@@ -1093,18 +1120,24 @@ fn build_template(
 ) -> Result<Template, Option<u32>> {
     let mut t = Template::default();
     let mut raw = Vec::new();
+    let mut staged = staged::Staged::default();
     for &ri in rule_list {
         let info = &rules[ri as usize];
         let r = info.rule;
         let has_in = !r.ingress.is_empty() || !r.ingress_deny.is_empty() || r.isolate_ingress;
         let has_eg = !r.egress.is_empty() || !r.egress_deny.is_empty() || r.isolate_egress;
-        if has_in {
-            t.enforced_ingress = true;
-            t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
-        }
-        if has_eg {
-            t.enforced_egress = true;
-            t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
+        if info.staged {
+            // A staged rule enforces nothing: its default deny is noted apart.
+            staged.note(info.default_deny_refs);
+        } else {
+            if has_in {
+                t.enforced_ingress = true;
+                t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
+            }
+            if has_eg {
+                t.enforced_egress = true;
+                t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
+            }
         }
         for &idx in &info.items {
             ctx.expand(idx as usize, ports, &mut raw, limit)
@@ -1118,9 +1151,14 @@ fn build_template(
             key: ANY_KEY,
             verdict: EntryVerdict::Allow,
             rule,
+            staged: false,
         });
     }
-    finish_entries(&mut raw);
+    if staged.any() || raw.iter().any(|e| e.staged) {
+        staged.finish(&mut raw, [t.default_deny_ingress, t.default_deny_egress]);
+    } else {
+        finish_entries(&mut raw);
+    }
     if raw.len() > limit {
         return Err(top_item(&raw, ctx.items.len()).map(|(i, _)| i));
     }
@@ -1144,6 +1182,14 @@ fn top_item(entries: &[TEntry], n_items: usize) -> Option<(u32, usize)> {
         }
     }
     best
+}
+
+/// `namespace/name` or `name`, as rule refs name a policy.
+fn policy_name(o: &Origin) -> String {
+    match &o.namespace {
+        Some(ns) => format!("{ns}/{}", o.name),
+        None => o.name.clone(),
+    }
 }
 
 /// `Kind namespace/name` or `Kind name`, as parse problems name a document.
@@ -1420,10 +1466,12 @@ impl Compiled {
                 },
                 e.identity,
                 format_key(e.proto, e.port, e.port_prefix),
-                if e.verdict == EntryVerdict::Allow {
-                    "allow"
-                } else {
-                    "deny"
+                match e.verdict {
+                    EntryVerdict::Allow => "allow",
+                    EntryVerdict::Deny => "deny",
+                    EntryVerdict::StagedDeny => "staged-deny",
+                    EntryVerdict::AllowStagedDeny => "allow+staged-deny",
+                    EntryVerdict::StagedDefaultDeny => "staged-default-deny",
                 },
                 e.rule
             );
@@ -1431,11 +1479,13 @@ impl Compiled {
         for (i, r) in self.rules.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "rule {i} {} {} {} {}",
+                "rule {i} {} {} {} {}{}{}",
                 r.kind,
                 r.policy,
                 r.file.display(),
-                r.path
+                r.path,
+                if r.default_deny { " default-deny" } else { "" },
+                if r.staged { " staged" } else { "" },
             );
         }
         s
