@@ -725,7 +725,7 @@ pub fn check_policies(parsed: &mut Parsed) {
                             site.name_pos,
                             "metadata.name",
                             format!(
-                                "{} at {} has the same namespace and name; both are enforced, as two policies that status, trace and monitor tell apart only by kind — give each its own name",
+                                "has the same namespace and name as {} at {}; both are enforced, as two policies that status, trace and monitor tell apart only by their kind: give each its own name",
                                 fsite.object,
                                 fsite.at(fsite.name_pos)
                             ),
