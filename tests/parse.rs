@@ -349,15 +349,30 @@ fn documented_differences_match_the_code() {
     );
     // Each warning about what a policy does, in its own table, with an example
     // that is a fixture of the code.
-    let effects = rows("### Warnings about what a policy does");
+    let effects = rows("## Warnings about what a policy does");
     assert_eq!(
         effects.iter().map(|r| r[0].clone()).collect::<Vec<_>>(),
         codes(&mut effect.iter())
     );
+    let mut printed = String::new();
     for r in &effects {
         // | code | warns about | example (a fixture) | what to do |
         let fixture = root.join("tests/fixtures").join(&r[2]);
         assert!(fixture.exists(), "{} does not exist", fixture.display());
+        let expected = match fixture.parent().and_then(Path::parent) {
+            Some(case) if r[2].starts_with("lint/") => case.join("expected"),
+            _ => fixture.with_extension("expected"),
+        };
+        printed.push_str(&read(&expected).replace("DIR/netpol.d/", ""));
+    }
+    // The example lines are what the fixtures print.
+    let start = doc.find("What each prints").expect("examples");
+    let block = doc[start..].split("```").nth(1).expect("a code block");
+    for line in block.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            printed.contains(line),
+            "docs/policy.md shows a warning no fixture prints: {line}"
+        );
     }
     let strict = rows("### Refused although a Cilium cluster accepts it");
     assert!(strict.len() >= 5, "{strict:?}");

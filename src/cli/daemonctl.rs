@@ -184,6 +184,15 @@ pub fn format_status(s: &Status) -> String {
             out.push_str(&format!("    {}\n", e.message));
         }
     }
+    if !s.warnings.is_empty() {
+        out.push_str(&format!(
+            "  {} warning(s) in the input files (applied as they are):\n",
+            s.warnings.len()
+        ));
+        for w in &s.warnings {
+            out.push_str(&format!("    {}\n", w.message));
+        }
+    }
     out
 }
 
@@ -302,7 +311,15 @@ pub fn format_event(ev: &MonitorEvent) -> String {
         }
     };
     let why = match (&ev.rule, ev.reason) {
-        (Some(r), _) => format!("{} {} ({}) {}", r.file, r.policy, r.kind, r.path),
+        (Some(r), _) => format!(
+            "{} {} ({}{}) {}{}",
+            r.file,
+            r.policy,
+            r.kind,
+            if r.staged { ", staged" } else { "" },
+            r.path,
+            if r.default_deny { " default deny" } else { "" }
+        ),
         (None, Reason::DefaultDeny) => "default deny".into(),
         (None, other) => other.to_string(),
     };
@@ -323,7 +340,9 @@ pub fn format_event(ev: &MonitorEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::status::{CountersView, EndpointKind, EndpointState, FileError};
+    use crate::daemon::status::{
+        CountersView, EndpointKind, EndpointState, FileError, FileWarning,
+    };
 
     #[test]
     fn status_text_says_degraded_and_lists_problems() {
@@ -344,6 +363,13 @@ mod tests {
             node: "host-a".into(),
             last_apply_ms: Some(1.25),
             policies_from_last_good: true,
+            warnings: vec![FileWarning {
+                file: "/etc/netpol.d/b.yaml".into(),
+                line: Some(7),
+                column: Some(5),
+                code: "selects-nothing".into(),
+                message: "/etc/netpol.d/b.yaml:7:5: warning: spec.endpointSelector: selects nothing [selects-nothing]".into(),
+            }],
             ..Status::default()
         };
         assert_eq!(
@@ -352,7 +378,9 @@ mod tests {
              \x20 4 endpoints (3 attached, 1 pending), 2 policies, last apply 1.2 ms\n\
              \x20 enforcing the last valid policy files saved in state_dir (the live ones are invalid)\n\
              \x20 1 problem(s) in the input files; the last valid set stays in force:\n\
-             \x20   /etc/netpol.d/a.yaml:3:5: spec: unknown field\n"
+             \x20   /etc/netpol.d/a.yaml:3:5: spec: unknown field\n\
+             \x20 1 warning(s) in the input files (applied as they are):\n\
+             \x20   /etc/netpol.d/b.yaml:7:5: warning: spec.endpointSelector: selects nothing [selects-nothing]\n"
         );
     }
 

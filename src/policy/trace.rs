@@ -368,6 +368,17 @@ pub fn trace(c: &Compiled, src: &Side, dst: &Side, proto_: u8, port: u16) -> Tra
     }
 }
 
+impl TraceResult {
+    /// The flow passes, and a staged policy would deny it once enforced (in
+    /// some direction).
+    pub fn staged(&self) -> bool {
+        self.verdict == Verdict::Allowed
+            && [&self.egress, &self.ingress]
+                .iter()
+                .any(|d| matches!(d.reason, Reason::StagedDenyRule | Reason::StagedDefaultDeny))
+    }
+}
+
 /// Resolve both sides by text and trace.
 pub fn trace_str(
     c: &Compiled,
@@ -407,6 +418,9 @@ impl fmt::Display for TraceResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = match (self.verdict, self.audit) {
             (Verdict::Allowed, false) => "ALLOWED",
+            (Verdict::Allowed, true) if self.staged() => {
+                "ALLOWED (audit: would deny once the staged policy is enforced)"
+            }
             (Verdict::Allowed, true) => "ALLOWED (audit)",
             (Verdict::Denied, _) => "DENIED",
         };
