@@ -155,9 +155,13 @@ struct Lab {
     stop_listeners: Arc<AtomicBool>,
 }
 
+/// Tells apart the labs of one process (tests run in parallel).
+static LAB_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Lab {
     fn new() -> Lab {
-        let tag = format!("{}", std::process::id());
+        let n = LAB_SEQ.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}-{n}", std::process::id());
         let node = format!("npe-node-{tag}");
         let tmp = tempfile::tempdir().unwrap();
         let mut lab = Lab {
@@ -597,4 +601,150 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     }
     lab.wait_status("policies removed", |s| s.policies == 0 && !s.degraded);
     lab.expect("policies removed: everything connects", &open);
+}
+
+/// `netpolctl monitor --json` of a lab, as a channel of parsed lines; killed
+/// when dropped.
+struct Monitor {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Monitor {
+    fn start(lab: &Lab) -> Monitor {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_netpolctl"))
+            .args(["monitor", "--json", "--config"])
+            .arg(lab.config())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let Ok(v) = serde_json::from_str(&line) else {
+                    continue;
+                };
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        // The daemon serves the client before events go out to it.
+        std::thread::sleep(Duration::from_millis(300));
+        Monitor { child, lines }
+    }
+
+    /// The first event for which `f` holds, within 5 s.
+    fn wait(
+        &self,
+        lab: &Lab,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if f(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("no {what} event from netpolctl monitor\n{}", lab.log()),
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A staged deny-all on backend (docs/policy.md, "Staged policies"): traffic to
+/// backend passes, each would-be drop is an audit event attributed to the
+/// staged policy; with the annotation removed the same flows are denied.
+#[test]
+fn staged_deny_all_passes_and_reports_then_denies_once_enforced() {
+    if !privileged("staged_deny_all_passes_and_reports_then_denies_once_enforced") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_daemon();
+    let policy = |annotations: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: backend-lockdown\n{annotations}spec:\n  endpointSelector:\n    matchLabels: {{app: backend}}\n  ingress:\n    - {{}}\n")
+    };
+    let file = lab.tmp.path().join("netpol.d/lockdown.yaml");
+    let install = |text: &str| {
+        let tmp = lab.tmp.path().join("netpol.d/.lockdown.yaml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    let g = lab.status().unwrap().generation;
+    install(&policy("  annotations:\n    netpol.io/audit: \"true\"\n"));
+    lab.wait_status("the staged policy applied", |s| {
+        s.generation > g && s.policies == 1
+    });
+    let flows = [
+        ("frontend-1", "backend", 80u16),
+        ("database", "backend", 5432),
+    ];
+    let staged: Vec<_> = flows.iter().map(|(f, t, p)| (*f, *t, *p, true)).collect();
+
+    let monitor = Monitor::start(&lab);
+    lab.expect("staged: everything still connects", &staged);
+    for (from, _, port) in flows {
+        let src = lab.addr(from).to_string();
+        let ev = monitor.wait(&lab, "audit", |v| {
+            v["verdict"] == "audit" && v["src"] == src.as_str() && v["dport"] == port
+        });
+        assert_eq!(ev["endpoint"], "default/backend", "{ev}");
+        assert_eq!(ev["dst"], "10.202.1.21", "{ev}");
+        assert_eq!(ev["reason"], "default-deny", "{ev}");
+        assert_eq!(ev["direction"], "ingress", "{ev}");
+        assert_eq!(ev["rule"]["policy"], "default/backend-lockdown", "{ev}");
+        assert_eq!(ev["rule"]["file"], file.display().to_string(), "{ev}");
+        assert_eq!(ev["rule"]["path"], "spec", "{ev}");
+        assert_eq!(
+            (&ev["rule"]["staged"], &ev["rule"]["default_deny"]),
+            (&serde_json::json!(true), &serde_json::json!(true)),
+            "{ev}"
+        );
+    }
+    drop(monitor);
+    let (code, table) = lab.netpolctl(&["endpoints", "--json"]);
+    assert_eq!(code, 0);
+    let eps: Vec<serde_json::Value> = serde_json::from_str(&table).unwrap();
+    let backend = eps.iter().find(|e| e["name"] == "backend").unwrap();
+    assert_eq!(backend["ingress_default_deny"], false, "{backend}");
+    assert!(
+        backend["counters"]["audit"].as_u64().unwrap() >= 2,
+        "{backend}"
+    );
+    assert_eq!(backend["counters"]["denied_default"], 0, "{backend}");
+
+    // Enforced: the same flows are refused, and reported as drops.
+    let g = lab.status().unwrap().generation;
+    install(&policy(""));
+    lab.wait_status("the policy enforced", |s| {
+        s.generation > g && s.policies == 1
+    });
+    let monitor = Monitor::start(&lab);
+    let enforced: Vec<_> = flows.iter().map(|(f, t, p)| (*f, *t, *p, false)).collect();
+    lab.expect("enforced: backend refuses them", &enforced);
+    let src = lab.addr("frontend-1").to_string();
+    let ev = monitor.wait(&lab, "denied", |v| {
+        v["verdict"] == "denied" && v["src"] == src.as_str()
+    });
+    assert_eq!(
+        (ev["reason"].as_str(), ev["rule"].is_null()),
+        (Some("default-deny"), true),
+        "{ev}"
+    );
+    drop(monitor);
+    lab.expect(
+        "backend's own egress is not touched",
+        &[("backend", "database", 5432, true)],
+    );
 }
