@@ -668,12 +668,8 @@ fn staged_entries_pass_as_audit_and_keep_the_enforced_verdict() {
     ]);
     apply(&mut dp, c);
     let _ = dp.dp().poll_events(100);
-    let cases: [(
-        Hook,
-        PacketSpec,
-        bool,
-        Option<(EventVerdict, EventReason, Option<u32>)>,
-    ); 7] = [
+    type Event = Option<(EventVerdict, EventReason, Option<u32>)>;
+    let cases: [(Hook, PacketSpec, bool, Event); 7] = [
         // Enforced allow, staged deny: audit.
         (
             TO_A,

@@ -279,7 +279,7 @@ fn host_net(a: IpAddr) -> IpNet {
 
 /// The keys of a map sorted by `IpNet` (address, then prefix length) that can be
 /// inside `net`: those from its first to its last address.
-fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
+pub(crate) fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
     match net {
         IpNet::V4(n) => {
             let lo = ipnet::Ipv4Net::new(n.network(), 0).unwrap_or(*n);
@@ -339,7 +339,7 @@ impl FastHasher {
 type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 /// Selector evaluation over every identity, with an index and a memo.
-struct SelectorIndex<'a> {
+pub(crate) struct SelectorIndex<'a> {
     /// (identity, labels), sorted by identity.
     ids: Vec<(Identity, &'a [Label])>,
     /// (key, value) → positions in `ids`, source ignored (checked afterwards).
@@ -350,7 +350,7 @@ struct SelectorIndex<'a> {
 }
 
 impl<'a> SelectorIndex<'a> {
-    fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
+    pub(crate) fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
         let mut by_kv: FastMap<(&'a str, &'a str), Vec<u32>> = FastMap::default();
         for (pos, (_, ls)) in ids.iter().enumerate() {
             for l in ls.iter() {
@@ -367,7 +367,7 @@ impl<'a> SelectorIndex<'a> {
         }
     }
 
-    fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
+    pub(crate) fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
         if let Some(r) = self.memo.get(&(sel as *const Selector)) {
             return r.clone();
         }

@@ -7,22 +7,31 @@
 //! fails on them, netpold reports them in `status` and applies the set as usual.
 //!
 //! Works on the validated policies, the registry and the state compiled from
-//! both (its identities, and its deny entries for the shadowed-allow check); it
-//! compiles nothing and decides no verdict. Only what is certain warns: a rule
-//! shadowed by a union of denies that split one port block between them, for
-//! example, is not reported. Pure, no I/O.
+//! both (its identities and ipcache, and its deny entries for the
+//! shadowed-allow check); it compiles nothing and decides no verdict. Only
+//! what is certain warns: a rule shadowed by a union of denies that split one
+//! port block between them, for example, is not reported. Pure, no I/O.
+//!
+//! Cost: about what compile's selection costs. Selectors go through compile's
+//! index over identities, addresses and prefixes are looked up in sorted
+//! lists, and an allow is checked for shadowing only against the deny entries
+//! of the endpoints it applies to (usually none, which ends the check). The
+//! pipeline runs it only when an input set changed.
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use ipnet::IpNet;
 
 use crate::api::model::{
-    Entity, Family, NamedPort, Origin, Peer, Peers, Policy, PolicyKind, PolicySet, Proto,
-    RegistrySet, RuleItem, Selector, Subject, L4,
+    EndpointKind, Entity, Family, NamedPort, Op, Origin, Peer, Peers, Policy, PolicyKind,
+    PolicySet, PortSpec, Proto, RegistrySet, RuleItem, Selector, Subject, L4,
 };
 use crate::api::validate::POD_NAMESPACE_LABEL;
 use crate::api::{Problem, Warning, WarningCode};
-use crate::policy::compile::port_range_blocks;
+use crate::policy::compile::{port_range_blocks, within, SelectorIndex};
 use crate::policy::identity;
 use crate::policy::labels;
 use crate::policy::lookup;
@@ -33,20 +42,20 @@ use crate::policy::types::{proto, Compiled, Direction, EntryVerdict, Identity, P
 const NAMED: usize = 3;
 
 /// Every warning about what `policies` do against `registry`, `compiled` being
-/// the state compiled from both for `node_name`. Sorted by file, position and
-/// code. Nothing is reported when `compiled` is not that state (another
-/// number of endpoints).
-pub fn lint(
-    policies: &PolicySet,
-    registry: &RegistrySet,
-    compiled: &Compiled,
+/// the state compiled from both for `node_name`. Sorted by file, position,
+/// field and code. Nothing is reported when `compiled` is not that state
+/// (another number of endpoints).
+pub fn lint<'a>(
+    policies: &'a PolicySet,
+    registry: &'a RegistrySet,
+    compiled: &'a Compiled,
     node_name: &str,
 ) -> Vec<Warning> {
     let resolved = registry::resolve(registry, node_name);
     if resolved.len() != compiled.endpoints.len() {
         return Vec::new();
     }
-    let lint = Lint { resolved, compiled };
+    let lint = Lint::new(resolved, compiled);
     let mut out = Vec::new();
     for p in &policies.policies {
         lint.policy(p, &mut out);
@@ -66,10 +75,26 @@ pub fn lint(
     out
 }
 
+/// One port key of an item: protocol (0 any), port, prefix bits.
+type Key = (u8, u16, u8);
+
 struct Lint<'a> {
     /// In slot order, as `compiled.endpoints`.
     resolved: Vec<ResolvedEndpoint<'a>>,
     compiled: &'a Compiled,
+    /// Every identity's labels, selected from as compile selects.
+    index: RefCell<SelectorIndex<'a>>,
+    /// Workload slots by identity.
+    slots_by_id: HashMap<Identity, Vec<u32>>,
+    /// Ports declared by the endpoints of each identity.
+    ports_by_id: HashMap<Identity, Vec<NamedPort>>,
+    /// (address, slot) of every workload, sorted.
+    workload_addrs: Vec<(IpAddr, u32)>,
+    /// The CIDR identities by prefix.
+    cidr_ids: BTreeMap<IpNet, Identity>,
+    /// The deny entries (enforced and staged) of each endpoint and direction,
+    /// sorted by identity; found when first asked for.
+    denies: RefCell<HashMap<(u32, Direction), Vec<&'a PolicyEntry>>>,
 }
 
 /// `Kind namespace/name` or `Kind name`, as problems name a document.
@@ -80,6 +105,7 @@ fn object_of(o: &Origin) -> String {
     }
 }
 
+/// A warning at `field` of `p`, where the source map places it.
 fn warning(p: &Policy, code: WarningCode, field: &str, message: String) -> Warning {
     warning_at(p, code, field, p.source.pos(field), message)
 }
@@ -114,21 +140,13 @@ fn list(names: &[String]) -> String {
     }
 }
 
-/// The namespace a namespaced selector is confined to, if it names exactly one.
-fn namespace_of(sel: &Selector) -> Option<&str> {
-    sel.requirements.iter().find_map(|r| {
-        (r.key.key == POD_NAMESPACE_LABEL
-            && r.op == crate::api::model::Op::In
-            && r.values.len() == 1)
-            .then(|| r.values.iter().next().map(String::as_str))
-            .flatten()
-    })
-}
-
 /// ` in namespace "prod"` for a selector confined to one namespace.
 fn in_namespace(sel: &Selector) -> String {
-    namespace_of(sel)
-        .map(|ns| format!(" in namespace {ns:?}"))
+    let ns = sel.requirements.iter().find_map(|r| {
+        let one = r.key.key == POD_NAMESPACE_LABEL && r.op == Op::In && r.values.len() == 1;
+        r.values.iter().next().filter(|_| one)
+    });
+    ns.map(|ns| format!(" in namespace {ns:?}"))
         .unwrap_or_default()
 }
 
@@ -154,46 +172,87 @@ fn protos(p: Proto) -> &'static [u8] {
     }
 }
 
-/// The protocols on which a declared port answers to a port name wanted on
-/// `want` (as compile resolves named ports).
-fn named_protos(want: Proto, declared: &NamedPort) -> &'static [u8] {
-    match (want, declared.proto) {
-        (Proto::Any, p) | (p, Proto::Any) => protos(p),
-        (w, p) if w == p => protos(w),
-        _ => &[],
-    }
-}
-
-/// One port key of an item: protocol (0 any), port, prefix bits.
-type Key = (u8, u16, u8);
-
-fn declared_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<Key>) {
+/// The keys of a port name wanted on `want` against declared ports (as
+/// compile resolves named ports).
+fn declared_keys<'p>(
+    name: &str,
+    want: Proto,
+    declared: impl IntoIterator<Item = &'p NamedPort>,
+    out: &mut Vec<Key>,
+) {
     for np in declared
-        .iter()
+        .into_iter()
         .filter(|np| np.name.eq_ignore_ascii_case(name))
     {
-        out.extend(named_protos(want, np).iter().map(|&pr| (pr, np.port, 16)));
+        let ps: &[u8] = match (want, np.proto) {
+            (Proto::Any, p) | (p, Proto::Any) => protos(p),
+            (w, p) if w == p => protos(w),
+            _ => &[],
+        };
+        out.extend(ps.iter().map(|&pr| (pr, np.port, 16)));
     }
 }
 
-impl Lint<'_> {
-    fn policy(&self, p: &Policy, out: &mut Vec<Warning>) {
+impl<'a> Lint<'a> {
+    fn new(resolved: Vec<ResolvedEndpoint<'a>>, compiled: &'a Compiled) -> Lint<'a> {
+        let ids = compiled
+            .identities
+            .iter()
+            .map(|i| (i.id, &i.labels[..]))
+            .collect();
+        let mut slots_by_id: HashMap<Identity, Vec<u32>> = HashMap::new();
+        let mut ports_by_id: HashMap<Identity, Vec<NamedPort>> = HashMap::new();
+        let mut workload_addrs = Vec::new();
+        for (r, e) in resolved.iter().zip(&compiled.endpoints) {
+            if !r.def.ports.is_empty() {
+                ports_by_id
+                    .entry(e.identity)
+                    .or_default()
+                    .extend(r.def.ports.iter().cloned());
+            }
+            if e.kind == EndpointKind::Workload {
+                slots_by_id.entry(e.identity).or_default().push(e.slot);
+                workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, e.slot)));
+            }
+        }
+        workload_addrs.sort_unstable();
+        let cidr_ids = compiled
+            .ipcache
+            .iter()
+            .filter(|e| e.endpoint.is_none() && identity::is_cidr(e.identity))
+            .map(|e| (e.net, e.identity))
+            .collect();
+        Lint {
+            resolved,
+            compiled,
+            index: RefCell::new(SelectorIndex::new(ids)),
+            slots_by_id,
+            ports_by_id,
+            workload_addrs,
+            cidr_ids,
+            denies: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn policy(&self, p: &'a Policy, out: &mut Vec<Warning>) {
         for rule in p.rules.iter() {
             let slots = self.subject(&rule.subject);
             if slots.is_empty() {
                 let field = rule.subject_path(p.kind);
                 let message = match (&rule.subject, &p.origin.namespace) {
                     (Subject::Nodes(_), _) => {
-                        "selects no HostEndpoint of the registry, so this rule enforces nothing".to_string()
+                        "selects no HostEndpoint of the registry, so this rule enforces nothing"
+                            .to_string()
                     }
-                    (Subject::Endpoints(_), Some(ns)) if !self.namespace_has_workloads(ns) => format!(
-                        "no endpoint of the registry is in namespace {ns:?}, so this rule enforces nothing"
-                    ),
+                    (Subject::Endpoints(_), Some(ns)) if !self.namespace_has_workloads(ns) => {
+                        format!("no endpoint of the registry is in namespace {ns:?}, so this rule enforces nothing")
+                    }
                     (Subject::Endpoints(_), Some(ns)) => format!(
                         "selects no endpoint of the registry in namespace {ns:?}, so this rule enforces nothing"
                     ),
                     (Subject::Endpoints(_), None) => {
-                        "selects no endpoint of the registry, so this rule enforces nothing".to_string()
+                        "selects no endpoint of the registry, so this rule enforces nothing"
+                            .to_string()
                     }
                 };
                 out.push(warning(p, WarningCode::SelectsNothing, &field, message));
@@ -212,47 +271,76 @@ impl Lint<'_> {
         }
     }
 
-    /// The slots a rule's subject selects.
-    fn subject(&self, subject: &Subject) -> Vec<u32> {
-        let (sel, kind) = match subject {
-            Subject::Endpoints(s) => (s, crate::api::model::EndpointKind::Workload),
-            Subject::Nodes(s) => (s, crate::api::model::EndpointKind::Host),
-        };
-        self.resolved
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.def.kind == kind && labels::selector_matches(sel, &r.labels))
-            .map(|(slot, _)| slot as u32)
-            .collect()
+    /// The slots a rule's subject selects, as compile selects them: workloads
+    /// by identity, host endpoints by their labels.
+    fn subject(&self, subject: &'a Subject) -> Vec<u32> {
+        match subject {
+            Subject::Endpoints(sel) => {
+                let mut slots: Vec<u32> = self
+                    .selected_ids(sel)
+                    .iter()
+                    .filter_map(|id| self.slots_by_id.get(id))
+                    .flatten()
+                    .copied()
+                    .collect();
+                slots.sort_unstable();
+                slots
+            }
+            Subject::Nodes(sel) => self
+                .resolved
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| {
+                    r.def.kind == EndpointKind::Host && labels::selector_matches(sel, &r.labels)
+                })
+                .map(|(slot, _)| slot as u32)
+                .collect(),
+        }
     }
 
     fn namespace_has_workloads(&self, ns: &str) -> bool {
-        self.resolved.iter().any(|r| {
-            r.def.kind == crate::api::model::EndpointKind::Workload
-                && registry::namespace_of(r.def) == ns
-        })
+        self.resolved
+            .iter()
+            .any(|r| r.def.kind == EndpointKind::Workload && registry::namespace_of(r.def) == ns)
+    }
+
+    /// Every identity a selector matches (reserved, workload and CIDR, as
+    /// compile matches peers).
+    fn selected_ids(&self, sel: &'a Selector) -> Rc<Vec<Identity>> {
+        self.index.borrow_mut().select(sel)
+    }
+
+    /// The workloads with an address in `net` outside `except`: (address, slot).
+    fn within(&self, net: &IpNet, except: &[IpNet]) -> Vec<(IpAddr, u32)> {
+        let (lo, hi) = (net.network(), net.broadcast());
+        let start = self.workload_addrs.partition_point(|(a, _)| *a < lo);
+        self.workload_addrs[start..]
+            .iter()
+            .take_while(|(a, _)| *a <= hi)
+            .filter(|(a, _)| net.contains(a) && !except.iter().any(|e| e.contains(a)))
+            .copied()
+            .collect()
     }
 
     fn item(
         &self,
         p: &Policy,
-        item: &RuleItem,
+        item: &'a RuleItem,
         dir: Direction,
         deny: bool,
         slots: &[u32],
         out: &mut Vec<Warning>,
     ) {
         let source = p.source.items.get(&item.path);
-        let path_of = |paths: Option<&Vec<String>>, i: usize, fallback: &str| {
+        let path_of = |paths: Option<&Vec<String>>, i: usize| {
             paths
                 .and_then(|ps| ps.get(i))
                 .cloned()
-                .unwrap_or_else(|| fallback.to_string())
+                .unwrap_or_else(|| item.path.clone())
         };
-        let peer_paths = source.map(|s| &s.peers);
         if let Peers::List(peers) = &item.peers {
             for (i, peer) in peers.iter().enumerate() {
-                let field = path_of(peer_paths, i, &item.path);
+                let field = path_of(source.map(|s| &s.peers), i);
                 match peer {
                     Peer::Endpoints(sel) if self.selected_ids(sel).is_empty() => {
                         out.push(warning(
@@ -280,12 +368,11 @@ impl Lint<'_> {
             }
         }
         if let L4::Ports(ports) = &item.l4 {
-            let port_paths = source.map(|s| &s.ports);
             for (i, pp) in ports.iter().enumerate() {
-                let crate::api::model::PortSpec::Named(name) = &pp.port else {
+                let PortSpec::Named(name) = &pp.port else {
                     continue;
                 };
-                let field = path_of(port_paths, i, &item.path);
+                let field = path_of(source.map(|s| &s.ports), i);
                 if let Some(message) = self.undeclared(item, dir, slots, name, pp.proto) {
                     out.push(warning(
                         p,
@@ -312,18 +399,7 @@ impl Lint<'_> {
         }
     }
 
-    /// Every identity a selector matches (reserved, workload and CIDR, as
-    /// compile matches peers).
-    fn selected_ids(&self, sel: &Selector) -> Vec<Identity> {
-        self.compiled
-            .identities
-            .iter()
-            .filter(|i| labels::selector_matches(sel, &i.labels))
-            .map(|i| i.id)
-            .collect()
-    }
-
-    /// The workload endpoints (slot, address) a CNP CIDR peer's range covers.
+    /// The warning for a CNP CIDR peer whose range covers workload endpoints.
     fn cidr_over_endpoints(
         &self,
         p: &Policy,
@@ -332,19 +408,15 @@ impl Lint<'_> {
         except: &[IpNet],
         dir: Direction,
     ) -> Option<Warning> {
-        let covered: Vec<String> = self
-            .resolved
-            .iter()
-            .filter(|r| r.def.kind == crate::api::model::EndpointKind::Workload)
-            .filter_map(|r| {
-                let a = r
-                    .def
-                    .addresses
-                    .iter()
-                    .find(|a| net.contains(*a) && !except.iter().any(|e| e.contains(*a)))?;
-                Some(format!("{} at {a}", r.display_name()))
-            })
-            .collect();
+        let mut seen: Vec<u32> = Vec::new();
+        let mut covered: Vec<String> = Vec::new();
+        for (a, slot) in self.within(net, except) {
+            if !seen.contains(&slot) {
+                seen.push(slot);
+                let name = self.resolved[slot as usize].display_name();
+                covered.push(format!("{name} at {a}"));
+            }
+        }
         if covered.is_empty() {
             return None;
         }
@@ -352,17 +424,17 @@ impl Lint<'_> {
             Direction::Ingress => "fromEndpoints",
             Direction::Egress => "toEndpoints",
         };
+        let kind = match p.kind {
+            PolicyKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+            _ => "CiliumNetworkPolicy",
+        };
         Some(warning(
             p,
             WarningCode::CidrCoversEndpoints,
             field,
             format!(
-                "{net} covers registry endpoints ({}), which a CIDR rule of a {} never matches (it matches only addresses outside the registry); select them with {select}, or use a Kubernetes NetworkPolicy ipBlock, which matches them",
+                "{net} covers registry endpoints ({}), which a CIDR rule of a {kind} never matches (it matches only addresses outside the registry); select them with {select}, or use a Kubernetes NetworkPolicy ipBlock, which matches them",
                 list(&covered),
-                match p.kind {
-                    PolicyKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
-                    _ => "CiliumNetworkPolicy",
-                }
             ),
         ))
     }
@@ -373,7 +445,7 @@ impl Lint<'_> {
     /// resolve against that another warning does not already name.
     fn undeclared(
         &self,
-        item: &RuleItem,
+        item: &'a RuleItem,
         dir: Direction,
         slots: &[u32],
         name: &str,
@@ -400,21 +472,20 @@ impl Lint<'_> {
             }
             Direction::Egress => {
                 let ids = self.peer_ids(item);
-                let dests: Vec<u32> = self
-                    .compiled
-                    .endpoints
-                    .iter()
-                    .filter(|e| {
-                        e.kind == crate::api::model::EndpointKind::Workload
-                            && (ids.contains(&identity::ANY) || ids.contains(&e.identity))
-                    })
-                    .map(|e| e.slot)
-                    .collect();
-                let only_empty_selectors = match &item.peers {
+                let dests: Vec<u32> = if ids.first() == Some(&identity::ANY) {
+                    self.slots_by_id.values().flatten().copied().collect()
+                } else {
+                    ids.iter()
+                        .filter_map(|id| self.slots_by_id.get(id))
+                        .flatten()
+                        .copied()
+                        .collect()
+                };
+                let only_selectors = match &item.peers {
                     Peers::All => false,
                     Peers::List(ps) => ps.iter().all(|p| matches!(p, Peer::Endpoints(_))),
                 };
-                if dests.iter().any(declares) || (dests.is_empty() && only_empty_selectors) {
+                if dests.iter().any(declares) || (dests.is_empty() && only_selectors) {
                     return None;
                 }
                 Some(format!(
@@ -425,32 +496,27 @@ impl Lint<'_> {
     }
 
     /// The identities an item's peers stand for, as compile expands them
-    /// (0 for any identity).
-    fn peer_ids(&self, item: &RuleItem) -> Vec<Identity> {
-        let c = self.compiled;
-        let cidrs = || {
-            c.ipcache
-                .iter()
-                .filter(|e| e.endpoint.is_none() && identity::is_cidr(e.identity))
-        };
-        let workloads = || {
-            c.endpoints
-                .iter()
-                .filter(|e| e.kind == crate::api::model::EndpointKind::Workload)
-        };
-        let mut ids = Vec::new();
+    /// (just 0 for any identity).
+    fn peer_ids(&self, item: &'a RuleItem) -> Vec<Identity> {
         let Peers::List(peers) = &item.peers else {
             return vec![identity::ANY];
         };
+        let family = |v6: bool| {
+            self.cidr_ids
+                .iter()
+                .filter(move |(n, _)| matches!(n, IpNet::V6(_)) == v6)
+                .map(|(_, id)| *id)
+        };
+        let mut ids = Vec::new();
         for peer in peers {
             match peer {
-                Peer::Endpoints(sel) => ids.extend(self.selected_ids(sel)),
+                Peer::Endpoints(sel) => ids.extend(self.selected_ids(sel).iter().copied()),
                 Peer::Cidr {
                     net,
                     except,
                     match_endpoints,
                 } => {
-                    let outside = |n: &IpNet| !except.iter().any(|e| e.contains(n));
+                    let net = net.trunc();
                     if net.prefix_len() == 0 {
                         ids.push(match net {
                             IpNet::V4(_) => identity::WORLD_IPV4,
@@ -458,17 +524,18 @@ impl Lint<'_> {
                         });
                     }
                     ids.extend(
-                        cidrs()
-                            .filter(|e| net.contains(&e.net) && outside(&e.net))
-                            .map(|e| e.identity),
+                        self.cidr_ids
+                            .range(within(&net))
+                            .filter(|(n, _)| {
+                                net.contains(*n) && !except.iter().any(|e| e.contains(*n))
+                            })
+                            .map(|(_, id)| *id),
                     );
                     if *match_endpoints {
-                        let inside =
-                            |a: &IpAddr| net.contains(a) && !except.iter().any(|e| e.contains(a));
                         ids.extend(
-                            workloads()
-                                .filter(|e| e.addresses.iter().any(inside))
-                                .map(|e| e.identity),
+                            self.within(&net, except)
+                                .into_iter()
+                                .map(|(_, slot)| self.compiled.endpoints[slot as usize].identity),
                         );
                     }
                 }
@@ -476,16 +543,11 @@ impl Lint<'_> {
                     None => ids.push(identity::ANY),
                     Some(r) => {
                         ids.extend(r);
-                        let family = |v6: bool| {
-                            cidrs()
-                                .filter(move |e| matches!(e.net, IpNet::V6(_)) == v6)
-                                .map(|e| e.identity)
-                        };
                         match e {
-                            Entity::World => ids.extend(cidrs().map(|e| e.identity)),
+                            Entity::World => ids.extend(self.cidr_ids.values().copied()),
                             Entity::WorldIpv4 => ids.extend(family(false)),
                             Entity::WorldIpv6 => ids.extend(family(true)),
-                            Entity::Cluster => ids.extend(workloads().map(|e| e.identity)),
+                            Entity::Cluster => ids.extend(self.slots_by_id.keys().copied()),
                             _ => {}
                         }
                     }
@@ -515,33 +577,29 @@ impl Lint<'_> {
             L4::Ports(list) => {
                 for pp in list {
                     match &pp.port {
-                        crate::api::model::PortSpec::Number(n) => {
+                        PortSpec::Number(n) => {
                             let end = pp.end_port.filter(|e| e > n);
                             for &pr in protos(pp.proto) {
                                 if *n == 0 && end.is_none() {
                                     keys.push((pr, 0, 0));
                                     continue;
                                 }
-                                keys.extend(
-                                    port_range_blocks(*n, end.unwrap_or(*n))
-                                        .into_iter()
-                                        .map(|(base, prefix)| (pr, base, prefix)),
-                                );
+                                let blocks = port_range_blocks(*n, end.unwrap_or(*n));
+                                keys.extend(blocks.into_iter().map(|(b, len)| (pr, b, len)));
                             }
                         }
-                        crate::api::model::PortSpec::Named(name) => match dir {
-                            Direction::Ingress => declared_keys(
-                                name,
-                                pp.proto,
-                                &self.resolved[slot as usize].def.ports,
-                                &mut keys,
-                            ),
-                            Direction::Egress => {
-                                for ep in self.resolved.iter().zip(&self.compiled.endpoints) {
-                                    if id == identity::ANY || ep.1.identity == id {
-                                        declared_keys(name, pp.proto, &ep.0.def.ports, &mut keys);
-                                    }
-                                }
+                        PortSpec::Named(name) => match (dir, id) {
+                            (Direction::Ingress, _) => {
+                                let declared = &self.resolved[slot as usize].def.ports;
+                                declared_keys(name, pp.proto, declared, &mut keys);
+                            }
+                            (Direction::Egress, identity::ANY) => {
+                                let all = self.ports_by_id.values().flatten();
+                                declared_keys(name, pp.proto, all, &mut keys);
+                            }
+                            (Direction::Egress, id) => {
+                                let of = self.ports_by_id.get(&id).into_iter().flatten();
+                                declared_keys(name, pp.proto, of, &mut keys);
                             }
                         },
                     }
@@ -551,16 +609,43 @@ impl Lint<'_> {
         keys
     }
 
+    /// `f` of the deny entries (enforced and staged) of `slot` in `dir`,
+    /// found once.
+    fn with_denies<T>(
+        &self,
+        slot: u32,
+        dir: Direction,
+        f: impl FnOnce(&[&'a PolicyEntry]) -> T,
+    ) -> T {
+        let mut cache = self.denies.borrow_mut();
+        let d = cache.entry((slot, dir)).or_insert_with(|| {
+            lookup::entries_for(self.compiled, slot, dir)
+                .iter()
+                .filter(|e| e.verdict != EntryVerdict::Allow)
+                .filter(|e| e.verdict != EntryVerdict::StagedDefaultDeny)
+                .collect()
+        });
+        f(d)
+    }
+
     /// The deny rules that deny every flow an allow item allows at every
     /// endpoint it applies to, when they do (and it allows something). A
     /// staged allow is shadowed by staged denies too.
     fn shadowed(
         &self,
-        item: &RuleItem,
+        item: &'a RuleItem,
         dir: Direction,
         slots: &[u32],
         staged: bool,
     ) -> Option<Vec<String>> {
+        // Most endpoints have no deny at all: nothing to expand.
+        if slots.is_empty()
+            || slots
+                .iter()
+                .any(|s| self.with_denies(*s, dir, <[_]>::is_empty))
+        {
+            return None;
+        }
         let denies = |v: EntryVerdict| {
             v == EntryVerdict::Deny
                 || (staged && matches!(v, EntryVerdict::StagedDeny | EntryVerdict::AllowStagedDeny))
@@ -569,21 +654,26 @@ impl Lint<'_> {
         let mut by: Vec<u32> = Vec::new();
         let mut any = false;
         for &slot in slots {
-            let entries = lookup::entries_for(self.compiled, slot, dir);
             for &id in &ids {
                 for (pr, port, prefix) in self.keys(item, dir, slot, id) {
                     any = true;
-                    let covers = |e: &&PolicyEntry| {
+                    let covers = |e: &&&PolicyEntry| {
                         denies(e.verdict)
-                            && (e.identity == id || e.identity == identity::ANY)
                             && (e.proto == proto::ANY
                                 || (e.proto == pr
                                     && e.port_prefix <= prefix
                                     && lookup::prefix_covers(e.port, e.port_prefix, port)))
                     };
-                    let d = entries.iter().find(covers)?;
-                    if !by.contains(&d.rule) {
-                        by.push(d.rule);
+                    let rule = self.with_denies(slot, dir, |d| {
+                        let of = |want: Identity| {
+                            let lo = d.partition_point(|e| e.identity < want);
+                            let hi = d.partition_point(|e| e.identity <= want);
+                            d[lo..hi].iter().find(covers).map(|e| e.rule)
+                        };
+                        of(id).or_else(|| of(identity::ANY))
+                    })?;
+                    if !by.contains(&rule) {
+                        by.push(rule);
                     }
                 }
             }
