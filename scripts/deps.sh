@@ -12,6 +12,9 @@ PKGS=(
   debhelper dpkg-dev fakeroot lintian rpm systemd
   # benchmarks: the contenders
   iperf3 nftables iptables
+  # fleet mode (DESIGN §5a): the etcd-client crate compiles etcd's .proto files at
+  # build time (protoc and the google/protobuf includes); tests run a real etcd
+  protobuf-compiler libprotobuf-dev etcd-server etcd-client
 )
 
 SUDO=""

@@ -55,6 +55,7 @@ pub struct Config {
     pub conntrack: ConntrackConfig,
     pub maps: MapsConfig,
     pub failsafe: FailsafeConfig,
+    pub etcd: EtcdConfig,
 }
 
 impl Default for Config {
@@ -80,6 +81,7 @@ impl Default for Config {
             conntrack: ConntrackConfig::default(),
             maps: MapsConfig::default(),
             failsafe: FailsafeConfig::default(),
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -202,6 +204,210 @@ impl Default for FailsafeConfig {
             inbound: vec![pp(proto::TCP, 22), pp(proto::UDP, 68)],
             outbound: vec![pp(proto::UDP, 53), pp(proto::UDP, 67), pp(proto::TCP, 53)],
         }
+    }
+}
+
+/// Fleet mode (DESIGN §5a): the registry and policies on etcd. Off unless
+/// `endpoints` is set. Read by `fleet::FleetSettings`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `["http://10.0.0.5:2379"]`; empty = files only.
+    pub endpoints: Vec<String>,
+    /// Every key netpol reads or writes starts with it.
+    pub prefix: String,
+    /// This host's published entries live under one lease of this TTL, kept
+    /// alive every third of it; a dead host's entries go when it expires.
+    pub lease_ttl_s: u64,
+    /// Publish this host's Node, endpoints and host endpoints.
+    pub publish: bool,
+    /// Remote changes reach the reconcile loop on this fixed tick.
+    pub batch_ms: u64,
+    /// This host's `status/<node>` key is written at most this often.
+    pub status_interval_s: u64,
+    /// A removal of more than a fifth of the remote endpoints within a minute
+    /// (at least 10) is held this long before it applies; 0 = never held.
+    pub mass_removal_hold_s: u64,
+    /// mTLS: CA bundle, client certificate and key (PEM). Needed for https endpoints.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// etcd user; its password is the first line of `password_file`.
+    pub username: String,
+    pub password_file: PathBuf,
+    /// Connecting to an endpoint.
+    pub connect_timeout_ms: u64,
+    /// Every request (a page of a list, a transaction, a lease call).
+    pub request_timeout_ms: u64,
+    /// A watch idle this long is asked for progress; no answer within
+    /// `request_timeout_ms` counts as a broken connection.
+    pub progress_interval_ms: u64,
+    /// Full relists (after a compaction or a restore) at most this often, jittered.
+    pub relist_min_interval_s: u64,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: Vec::new(),
+            prefix: "/netpol/v1".into(),
+            lease_ttl_s: 60,
+            publish: true,
+            batch_ms: 50,
+            status_interval_s: 2,
+            mass_removal_hold_s: 120,
+            ca_file: PathBuf::new(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
+            connect_timeout_ms: 3000,
+            request_timeout_ms: 5000,
+            progress_interval_ms: 2000,
+            relist_min_interval_s: 30,
+        }
+    }
+}
+
+impl EtcdConfig {
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    /// The TCP ports of the endpoints (valid ones), in order, once each.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for e in &self.endpoints {
+            let hostport = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
+            let hostport = hostport.trim_end_matches('/');
+            if let Some(p) = hostport
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+            {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// The first problem found, as `(key, message)`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let mut schemes = std::collections::BTreeSet::new();
+        for e in &self.endpoints {
+            let ok = ["http://", "https://"].iter().find_map(|s| {
+                let rest = e.strip_prefix(s)?;
+                let hostport = rest.strip_suffix('/').unwrap_or(rest);
+                let (host, port) = hostport.rsplit_once(':')?;
+                (!host.is_empty()
+                    && !hostport.contains('/')
+                    && port.parse::<u16>().is_ok_and(|p| p > 0))
+                .then_some(*s)
+            });
+            match ok {
+                Some(s) => {
+                    schemes.insert(s);
+                }
+                None => {
+                    return Err((
+                        "etcd.endpoints",
+                        format!("{e:?} is not a URL such as \"http://10.0.0.5:2379\" or \"https://etcd1:2379\""),
+                    ))
+                }
+            }
+        }
+        if schemes.len() > 1 {
+            return Err((
+                "etcd.endpoints",
+                "mixes http:// and https://; use one scheme for every endpoint".into(),
+            ));
+        }
+        let p = &self.prefix;
+        if !p.starts_with('/')
+            || p.len() < 2
+            || p.ends_with('/')
+            || p.contains("//")
+            || p.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err((
+                "etcd.prefix",
+                format!("{p:?} must start with '/', not end with '/', and hold no empty segment or whitespace (e.g. \"/netpol/v1\")"),
+            ));
+        }
+        if !(2..=86400).contains(&self.lease_ttl_s) {
+            return Err((
+                "etcd.lease_ttl_s",
+                format!("{} is not between 2 and 86400", self.lease_ttl_s),
+            ));
+        }
+        if !(1..=10_000).contains(&self.batch_ms) {
+            return Err((
+                "etcd.batch_ms",
+                format!("{} is not between 1 and 10000", self.batch_ms),
+            ));
+        }
+        if !(1..=3600).contains(&self.status_interval_s) {
+            return Err((
+                "etcd.status_interval_s",
+                format!("{} is not between 1 and 3600", self.status_interval_s),
+            ));
+        }
+        if self.mass_removal_hold_s > 86400 {
+            return Err((
+                "etcd.mass_removal_hold_s",
+                format!("{} is more than 86400", self.mass_removal_hold_s),
+            ));
+        }
+        for (key, v) in [
+            ("etcd.connect_timeout_ms", self.connect_timeout_ms),
+            ("etcd.request_timeout_ms", self.request_timeout_ms),
+            ("etcd.progress_interval_ms", self.progress_interval_ms),
+        ] {
+            if !(10..=600_000).contains(&v) {
+                return Err((key, format!("{v} is not between 10 and 600000")));
+            }
+        }
+        if self.relist_min_interval_s > 3600 {
+            return Err((
+                "etcd.relist_min_interval_s",
+                format!("{} is more than 3600", self.relist_min_interval_s),
+            ));
+        }
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if set(&self.cert_file) != set(&self.key_file) {
+            let key = if set(&self.cert_file) {
+                "etcd.key_file"
+            } else {
+                "etcd.cert_file"
+            };
+            return Err((
+                key,
+                "cert_file and key_file go together (the client certificate and its key)".into(),
+            ));
+        }
+        let tls = set(&self.ca_file) || set(&self.cert_file);
+        if schemes.contains("https://") && !set(&self.ca_file) {
+            return Err((
+                "etcd.ca_file",
+                "https endpoints need the CA that signed etcd's certificate".into(),
+            ));
+        }
+        if tls && schemes.contains("http://") {
+            return Err((
+                "etcd.endpoints",
+                "ca_file, cert_file and key_file need https:// endpoints".into(),
+            ));
+        }
+        if set(&self.password_file) == self.username.is_empty() {
+            let key = if self.username.is_empty() {
+                "etcd.username"
+            } else {
+                "etcd.password_file"
+            };
+            return Err((key, "username and password_file go together".into()));
+        }
+        Ok(())
     }
 }
 
@@ -377,6 +583,7 @@ impl Config {
                 return Err(err(map.key(), "must be at least 1".into()));
             }
         }
+        self.etcd.check().map_err(|(key, m)| err(key, m))?;
         Ok(())
     }
 
@@ -409,6 +616,13 @@ impl Config {
         }
         for p in &self.failsafe.outbound {
             failsafe.push((Direction::Egress, p.proto, p.port));
+        }
+        // Fleet mode: no host policy may cut this host off from its etcd.
+        for port in self.etcd.ports() {
+            let e = (Direction::Egress, proto::TCP, port);
+            if !failsafe.contains(&e) {
+                failsafe.push(e);
+            }
         }
         let sizes = self.map_sizes();
         DatapathSettings {
@@ -547,6 +761,41 @@ mod tests {
             e,
             "/etc/netpol/netpold.toml: maps.ipcache_max_entries: must be at least 1"
         );
+    }
+
+    #[test]
+    fn etcd_table_errors_name_the_key() {
+        let c =
+            parse("[etcd]\nendpoints = [\"http://127.0.0.1:23790\"]\nlease_ttl_s = 5\n").unwrap();
+        assert!(c.etcd.enabled());
+        assert!(!Config::default().etcd.enabled());
+        let cases = [
+            ("lease_ttl_s = 1", "etcd.lease_ttl_s: 1 is not between 2 and 86400"),
+            ("batch_ms = 0", "etcd.batch_ms: 0 is not between 1 and 10000"),
+            ("status_interval_s = 0", "etcd.status_interval_s: 0 is not between 1 and 3600"),
+            ("prefix = \"netpol\"", "etcd.prefix: \"netpol\" must start with '/', not end with '/', and hold no empty segment or whitespace (e.g. \"/netpol/v1\")"),
+            ("prefix = \"/netpol/\"", "etcd.prefix: \"/netpol/\" must start with '/', not end with '/', and hold no empty segment or whitespace (e.g. \"/netpol/v1\")"),
+            ("endpoints = [\"10.0.0.5:2379\"]", "etcd.endpoints: \"10.0.0.5:2379\" is not a URL such as \"http://10.0.0.5:2379\" or \"https://etcd1:2379\""),
+            ("endpoints = [\"http://a:1\", \"https://b:2\"]", "etcd.endpoints: mixes http:// and https://; use one scheme for every endpoint"),
+            ("endpoints = [\"https://a:1\"]", "etcd.ca_file: https endpoints need the CA that signed etcd's certificate"),
+            ("cert_file = \"/c.pem\"", "etcd.key_file: cert_file and key_file go together (the client certificate and its key)"),
+            ("endpoints = [\"http://a:1\"]\nca_file = \"/ca.pem\"", "etcd.endpoints: ca_file, cert_file and key_file need https:// endpoints"),
+            ("username = \"node-a\"", "etcd.password_file: username and password_file go together"),
+            ("request_timeout_ms = 0", "etcd.request_timeout_ms: 0 is not between 10 and 600000"),
+        ];
+        for (line, want) in cases {
+            let e = parse(&format!("[etcd]\n{line}\n")).unwrap_err();
+            assert_eq!(e, format!("/etc/netpol/netpold.toml: {want}"), "{line}");
+        }
+        let e = parse("[etcd]\nlease_ttl = 5\n").unwrap_err();
+        assert!(
+            e.starts_with(
+                "/etc/netpol/netpold.toml:2:1: etcd.lease_ttl: unknown field `lease_ttl`"
+            ),
+            "{e}"
+        );
+        let c = parse("[etcd]\nendpoints = [\"https://etcd1:2379/\"]\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nusername = \"a\"\npassword_file = \"/p\"\n");
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]

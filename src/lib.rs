@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod error;
+pub mod fleet;
 pub mod logging;
 pub mod pipeline;
 pub mod policy;

@@ -35,8 +35,14 @@ enum Command {
     Endpoints(cli::daemonctl::DaemonArgs),
     /// Live verdict events from the running daemon
     Monitor(cli::daemonctl::DaemonArgs),
-    /// Registry tools (import from kubectl JSON)
+    /// Registry tools (import from kubectl JSON, push to etcd)
     Registry(cli::registry::RegistryArgs),
+    /// Policy sets in etcd (fleet mode)
+    Policy(cli::fleet::PolicyArgs),
+    /// Nodes in etcd (fleet mode)
+    Node(cli::fleet::NodeArgs),
+    /// The fleet's status and revision barrier (fleet mode)
+    Fleet(cli::fleet::FleetArgs),
 }
 
 fn main() {
@@ -57,6 +63,9 @@ fn main() {
         Command::Endpoints(a) => cli::daemonctl::endpoints(a),
         Command::Monitor(a) => cli::daemonctl::monitor(a),
         Command::Registry(a) => cli::registry::run(a),
+        Command::Policy(a) => cli::fleet::policy(a),
+        Command::Node(a) => cli::fleet::node(a),
+        Command::Fleet(a) => cli::fleet::fleet(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

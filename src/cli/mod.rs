@@ -7,6 +7,7 @@ pub mod check;
 pub mod common;
 pub mod daemonctl;
 pub mod diff;
+pub mod fleet;
 pub mod matrix;
 pub mod registry;
 pub mod trace;

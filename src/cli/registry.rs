@@ -4,6 +4,8 @@
 //!
 //! netpol itself never talks to an API server; this is a one-shot conversion an
 //! operator runs where kubectl works, then copies the files to every host.
+//! `netpolctl registry push` (fleet mode, in [`super::fleet`]) writes a
+//! registry directory to etcd instead.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -26,6 +28,8 @@ pub enum RegistryCommand {
         after_help = "Examples:\n  kubectl get pods,namespaces -A -o json > cluster.json\n  netpolctl registry import cluster.json --out /etc/netpol/endpoints.d\n  kubectl get pods,namespaces -A -o json | netpolctl registry import - > registry.yaml"
     )]
     Import(ImportArgs),
+    /// Write DIR's registry documents to etcd (fleet mode), each under its key
+    Push(super::fleet::RegistryPushArgs),
 }
 
 #[derive(Debug, Args)]
@@ -42,6 +46,7 @@ pub struct ImportArgs {
 pub fn run(args: &RegistryArgs) -> anyhow::Result<i32> {
     match &args.command {
         RegistryCommand::Import(a) => import(a),
+        RegistryCommand::Push(a) => super::fleet::registry_push(a),
     }
 }
 
