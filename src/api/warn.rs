@@ -55,7 +55,8 @@ pub enum WarningCode {
 }
 
 impl WarningCode {
-    /// Every code, in the order of the docs table.
+    /// Every code, in the order of the docs tables: how a file is written,
+    /// then [`POLICY_EFFECT`](Self::POLICY_EFFECT).
     pub const ALL: &'static [WarningCode] = &[
         WarningCode::IntPort,
         WarningCode::NonString,
@@ -71,15 +72,8 @@ impl WarningCode {
     ];
 
     /// The codes about what a valid policy does (the others are about how a
-    /// file is written), in the order of their docs table.
-    pub const POLICY_EFFECT: &'static [WarningCode] = &[
-        WarningCode::DuplicateName,
-        WarningCode::SelectsNothing,
-        WarningCode::PeerMatchesNothing,
-        WarningCode::NamedPortUndeclared,
-        WarningCode::ShadowedAllow,
-        WarningCode::CidrCoversEndpoints,
-    ];
+    /// file is written), in the order of their docs table: the last of [`ALL`](Self::ALL).
+    pub const POLICY_EFFECT: &'static [WarningCode] = Self::ALL.split_at(5).1;
 
     /// The code as printed and documented.
     pub fn code(self) -> &'static str {
@@ -127,6 +121,16 @@ impl fmt::Display for Warning {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_effect_codes_are_those_issue_17_added() {
+        assert_eq!(
+            WarningCode::POLICY_EFFECT.first(),
+            Some(&WarningCode::DuplicateName)
+        );
+        assert_eq!(WarningCode::POLICY_EFFECT.len(), 6);
+        assert!(!WarningCode::POLICY_EFFECT.contains(&WarningCode::EntityNotInCrd));
+    }
 
     #[test]
     fn codes_are_unique_and_serialize_as_printed() {

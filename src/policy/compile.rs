@@ -136,10 +136,10 @@ impl From<CompileError> for Problem {
 
 /// One port key: protocol (0 = any), port, port prefix bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct PortKey {
-    proto: u8,
-    port: u16,
-    prefix: u8,
+pub(crate) struct PortKey {
+    pub(crate) proto: u8,
+    pub(crate) port: u16,
+    pub(crate) prefix: u8,
 }
 
 const ANY_KEY: PortKey = PortKey {
@@ -222,7 +222,7 @@ pub fn port_range_blocks(start: u16, end: u16) -> Vec<(u16, u8)> {
     out
 }
 
-fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) {
+pub(crate) fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) {
     let end = end.filter(|e| *e > p);
     for &pr in protos(proto_) {
         if p == 0 && end.is_none() {
@@ -244,7 +244,7 @@ fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) 
 }
 
 /// Keys of a named port resolved against one destination's declared ports.
-fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<PortKey>) {
+pub(crate) fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<PortKey>) {
     for np in declared
         .iter()
         .filter(|np| np.name.eq_ignore_ascii_case(name))
@@ -279,7 +279,7 @@ fn host_net(a: IpAddr) -> IpNet {
 
 /// The keys of a map sorted by `IpNet` (address, then prefix length) that can be
 /// inside `net`: those from its first to its last address.
-pub(crate) fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
+fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
     match net {
         IpNet::V4(n) => {
             let lo = ipnet::Ipv4Net::new(n.network(), 0).unwrap_or(*n);
@@ -427,84 +427,13 @@ impl<'a> Ctx<'a> {
             return r.clone();
         }
         let item = self.items[idx].item;
-        let mut ids: Vec<Identity> = Vec::new();
-        match &item.peers {
-            Peers::All => ids.push(identity::ANY),
-            Peers::List(list) => {
-                for p in list {
-                    match p {
-                        Peer::Endpoints(sel) => ids.extend(self.index.select(sel).iter().copied()),
-                        Peer::Cidr {
-                            net,
-                            except,
-                            match_endpoints,
-                        } => {
-                            let net = net.trunc();
-                            if net.prefix_len() == 0 {
-                                ids.push(match net {
-                                    IpNet::V4(_) => identity::WORLD_IPV4,
-                                    IpNet::V6(_) => identity::WORLD_IPV6,
-                                });
-                            }
-                            // Only prefixes whose network address lies in `net` can be
-                            // inside it: a range of the sorted map, not a scan (thousands
-                            // of CIDR peers against thousands of prefixes is quadratic).
-                            for (p, id) in self.cidr_ids.range(within(&net)) {
-                                if net_contains(&net, p)
-                                    && !except.iter().any(|e| net_contains(e, p))
-                                {
-                                    ids.push(*id);
-                                }
-                            }
-                            if *match_endpoints {
-                                // The addresses are sorted: those from the net's first
-                                // to its last address, not a scan per peer.
-                                let (lo, hi) = (net.network(), net.broadcast());
-                                let start = self.workload_addrs.partition_point(|(a, _)| *a < lo);
-                                for (a, id) in self.workload_addrs[start..]
-                                    .iter()
-                                    .take_while(|(a, _)| *a <= hi)
-                                {
-                                    if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
-                                        ids.push(*id);
-                                    }
-                                }
-                            }
-                        }
-                        Peer::Entity(e) => match identity::entity_reserved(*e) {
-                            None => ids.push(identity::ANY),
-                            Some(r) => {
-                                ids.extend(r);
-                                match e {
-                                    Entity::World => ids.extend(self.cidr_ids.values().copied()),
-                                    Entity::WorldIpv4 => ids.extend(
-                                        self.cidr_ids
-                                            .iter()
-                                            .filter(|(n, _)| matches!(n, IpNet::V4(_)))
-                                            .map(|(_, i)| *i),
-                                    ),
-                                    Entity::WorldIpv6 => ids.extend(
-                                        self.cidr_ids
-                                            .iter()
-                                            .filter(|(n, _)| matches!(n, IpNet::V6(_)))
-                                            .map(|(_, i)| *i),
-                                    ),
-                                    Entity::Cluster => {
-                                        ids.extend(self.workload_ids.iter().copied())
-                                    }
-                                    _ => {}
-                                }
-                            }
-                        },
-                    }
-                }
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.first() == Some(&identity::ANY) {
-            ids.truncate(1);
-        }
+        let ids = peer_identities(
+            &item.peers,
+            &mut self.index,
+            &self.cidr_ids,
+            &self.workload_ids,
+            &self.workload_addrs,
+        );
         let rc = Rc::new(ids);
         self.peer_memo[idx] = Some(rc.clone());
         rc
@@ -587,6 +516,95 @@ impl<'a> Ctx<'a> {
         }
         Ok(())
     }
+}
+
+/// The identities a rule item's peers stand for, sorted (just 0, any
+/// identity, when they include it): selectors through the index over every
+/// identity, CIDRs through the sorted CIDR identities (and, for a Kubernetes
+/// ipBlock, the workloads' sorted addresses), entities as their reserved
+/// identities and what `world` / `cluster` also cover. Shared with
+/// `policy::lint`, which must expand peers as compile does.
+pub(crate) fn peer_identities<'a>(
+    peers: &'a Peers,
+    index: &mut SelectorIndex<'a>,
+    cidr_ids: &BTreeMap<IpNet, Identity>,
+    workload_ids: &[Identity],
+    workload_addrs: &[(IpAddr, Identity)],
+) -> Vec<Identity> {
+    let mut ids: Vec<Identity> = Vec::new();
+    match peers {
+        Peers::All => ids.push(identity::ANY),
+        Peers::List(list) => {
+            for p in list {
+                match p {
+                    Peer::Endpoints(sel) => ids.extend(index.select(sel).iter().copied()),
+                    Peer::Cidr {
+                        net,
+                        except,
+                        match_endpoints,
+                    } => {
+                        let net = net.trunc();
+                        if net.prefix_len() == 0 {
+                            ids.push(match net {
+                                IpNet::V4(_) => identity::WORLD_IPV4,
+                                IpNet::V6(_) => identity::WORLD_IPV6,
+                            });
+                        }
+                        // Only prefixes whose network address lies in `net` can be
+                        // inside it: a range of the sorted map, not a scan (thousands
+                        // of CIDR peers against thousands of prefixes is quadratic).
+                        for (p, id) in cidr_ids.range(within(&net)) {
+                            if net_contains(&net, p) && !except.iter().any(|e| net_contains(e, p)) {
+                                ids.push(*id);
+                            }
+                        }
+                        if *match_endpoints {
+                            // The addresses are sorted: those from the net's first
+                            // to its last address, not a scan per peer.
+                            let (lo, hi) = (net.network(), net.broadcast());
+                            let start = workload_addrs.partition_point(|(a, _)| *a < lo);
+                            for (a, id) in
+                                workload_addrs[start..].iter().take_while(|(a, _)| *a <= hi)
+                            {
+                                if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
+                                    ids.push(*id);
+                                }
+                            }
+                        }
+                    }
+                    Peer::Entity(e) => match identity::entity_reserved(*e) {
+                        None => ids.push(identity::ANY),
+                        Some(r) => {
+                            ids.extend(r);
+                            match e {
+                                Entity::World => ids.extend(cidr_ids.values().copied()),
+                                Entity::WorldIpv4 => ids.extend(
+                                    cidr_ids
+                                        .iter()
+                                        .filter(|(n, _)| matches!(n, IpNet::V4(_)))
+                                        .map(|(_, i)| *i),
+                                ),
+                                Entity::WorldIpv6 => ids.extend(
+                                    cidr_ids
+                                        .iter()
+                                        .filter(|(n, _)| matches!(n, IpNet::V6(_)))
+                                        .map(|(_, i)| *i),
+                                ),
+                                Entity::Cluster => ids.extend(workload_ids.iter().copied()),
+                                _ => {}
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.first() == Some(&identity::ANY) {
+        ids.truncate(1);
+    }
+    ids
 }
 
 /// A template went over the entry limit.

@@ -26,12 +26,12 @@ use std::rc::Rc;
 use ipnet::IpNet;
 
 use crate::api::model::{
-    EndpointKind, Entity, Family, NamedPort, Op, Origin, Peer, Peers, Policy, PolicyKind,
-    PolicySet, PortSpec, Proto, RegistrySet, RuleItem, Selector, Subject, L4,
+    EndpointKind, Family, NamedPort, Op, Origin, Peer, Peers, Policy, PolicyKind, PolicySet,
+    PortSpec, Proto, RegistrySet, RuleItem, Selector, Subject, L4,
 };
 use crate::api::validate::POD_NAMESPACE_LABEL;
 use crate::api::{Problem, Warning, WarningCode};
-use crate::policy::compile::{port_range_blocks, within, SelectorIndex};
+use crate::policy::compile::{named_keys, number_keys, peer_identities, PortKey, SelectorIndex};
 use crate::policy::identity;
 use crate::policy::labels;
 use crate::policy::lookup;
@@ -75,9 +75,6 @@ pub fn lint<'a>(
     out
 }
 
-/// One port key of an item: protocol (0 any), port, prefix bits.
-type Key = (u8, u16, u8);
-
 struct Lint<'a> {
     /// In slot order, as `compiled.endpoints`.
     resolved: Vec<ResolvedEndpoint<'a>>,
@@ -86,10 +83,15 @@ struct Lint<'a> {
     index: RefCell<SelectorIndex<'a>>,
     /// Workload slots by identity.
     slots_by_id: HashMap<Identity, Vec<u32>>,
-    /// Ports declared by the endpoints of each identity.
+    /// Ports declared by the endpoints of each identity, and by all.
     ports_by_id: HashMap<Identity, Vec<NamedPort>>,
+    all_ports: Vec<NamedPort>,
     /// (address, slot) of every workload, sorted.
     workload_addrs: Vec<(IpAddr, u32)>,
+    /// The same with each workload's identity, and the workload identities
+    /// (sorted), as compile expands peers against them.
+    workload_ids_by_addr: Vec<(IpAddr, Identity)>,
+    workload_ids: Vec<Identity>,
     /// The CIDR identities by prefix.
     cidr_ids: BTreeMap<IpNet, Identity>,
     /// The deny entries (enforced and staged) of each endpoint and direction,
@@ -162,37 +164,6 @@ fn narrow(net: &IpNet) -> u8 {
     }
 }
 
-/// Protocols of a `Proto` when a port is given (as compile expands them).
-fn protos(p: Proto) -> &'static [u8] {
-    match p {
-        Proto::Tcp => &[proto::TCP],
-        Proto::Udp => &[proto::UDP],
-        Proto::Sctp => &[proto::SCTP],
-        Proto::Any => &[proto::TCP, proto::UDP, proto::SCTP],
-    }
-}
-
-/// The keys of a port name wanted on `want` against declared ports (as
-/// compile resolves named ports).
-fn declared_keys<'p>(
-    name: &str,
-    want: Proto,
-    declared: impl IntoIterator<Item = &'p NamedPort>,
-    out: &mut Vec<Key>,
-) {
-    for np in declared
-        .into_iter()
-        .filter(|np| np.name.eq_ignore_ascii_case(name))
-    {
-        let ps: &[u8] = match (want, np.proto) {
-            (Proto::Any, p) | (p, Proto::Any) => protos(p),
-            (w, p) if w == p => protos(w),
-            _ => &[],
-        };
-        out.extend(ps.iter().map(|&pr| (pr, np.port, 16)));
-    }
-}
-
 impl<'a> Lint<'a> {
     fn new(resolved: Vec<ResolvedEndpoint<'a>>, compiled: &'a Compiled) -> Lint<'a> {
         let ids = compiled
@@ -216,6 +187,14 @@ impl<'a> Lint<'a> {
             }
         }
         workload_addrs.sort_unstable();
+        let all_ports = ports_by_id.values().flatten().cloned().collect();
+        let mut workload_ids_by_addr: Vec<(IpAddr, Identity)> = workload_addrs
+            .iter()
+            .map(|(a, slot)| (*a, compiled.endpoints[*slot as usize].identity))
+            .collect();
+        workload_ids_by_addr.sort_unstable();
+        let mut workload_ids: Vec<Identity> = slots_by_id.keys().copied().collect();
+        workload_ids.sort_unstable();
         let cidr_ids = compiled
             .ipcache
             .iter()
@@ -228,7 +207,10 @@ impl<'a> Lint<'a> {
             index: RefCell::new(SelectorIndex::new(ids)),
             slots_by_id,
             ports_by_id,
+            all_ports,
             workload_addrs,
+            workload_ids_by_addr,
+            workload_ids,
             cidr_ids,
             denies: RefCell::new(HashMap::new()),
         }
@@ -453,7 +435,7 @@ impl<'a> Lint<'a> {
     ) -> Option<String> {
         let declares = |slot: &u32| {
             let mut keys = Vec::new();
-            declared_keys(
+            named_keys(
                 name,
                 want,
                 &self.resolved[*slot as usize].def.ports,
@@ -498,110 +480,47 @@ impl<'a> Lint<'a> {
     /// The identities an item's peers stand for, as compile expands them
     /// (just 0 for any identity).
     fn peer_ids(&self, item: &'a RuleItem) -> Vec<Identity> {
-        let Peers::List(peers) = &item.peers else {
-            return vec![identity::ANY];
-        };
-        let family = |v6: bool| {
-            self.cidr_ids
-                .iter()
-                .filter(move |(n, _)| matches!(n, IpNet::V6(_)) == v6)
-                .map(|(_, id)| *id)
-        };
-        let mut ids = Vec::new();
-        for peer in peers {
-            match peer {
-                Peer::Endpoints(sel) => ids.extend(self.selected_ids(sel).iter().copied()),
-                Peer::Cidr {
-                    net,
-                    except,
-                    match_endpoints,
-                } => {
-                    let net = net.trunc();
-                    if net.prefix_len() == 0 {
-                        ids.push(match net {
-                            IpNet::V4(_) => identity::WORLD_IPV4,
-                            IpNet::V6(_) => identity::WORLD_IPV6,
-                        });
-                    }
-                    ids.extend(
-                        self.cidr_ids
-                            .range(within(&net))
-                            .filter(|(n, _)| {
-                                net.contains(*n) && !except.iter().any(|e| e.contains(*n))
-                            })
-                            .map(|(_, id)| *id),
-                    );
-                    if *match_endpoints {
-                        ids.extend(
-                            self.within(&net, except)
-                                .into_iter()
-                                .map(|(_, slot)| self.compiled.endpoints[slot as usize].identity),
-                        );
-                    }
-                }
-                Peer::Entity(e) => match identity::entity_reserved(*e) {
-                    None => ids.push(identity::ANY),
-                    Some(r) => {
-                        ids.extend(r);
-                        match e {
-                            Entity::World => ids.extend(self.cidr_ids.values().copied()),
-                            Entity::WorldIpv4 => ids.extend(family(false)),
-                            Entity::WorldIpv6 => ids.extend(family(true)),
-                            Entity::Cluster => ids.extend(self.slots_by_id.keys().copied()),
-                            _ => {}
-                        }
-                    }
-                },
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.first() == Some(&identity::ANY) {
-            ids.truncate(1);
-        }
-        ids
+        peer_identities(
+            &item.peers,
+            &mut self.index.borrow_mut(),
+            &self.cidr_ids,
+            &self.workload_ids,
+            &self.workload_ids_by_addr,
+        )
     }
 
-    /// The port keys an item allows at `slot` toward (or from) identity `id`.
-    fn keys(&self, item: &RuleItem, dir: Direction, slot: u32, id: Identity) -> Vec<Key> {
+    /// The port keys an item allows at `slot` toward (or from) identity `id`,
+    /// as compile expands them.
+    fn keys(&self, item: &RuleItem, dir: Direction, slot: u32, id: Identity) -> Vec<PortKey> {
         let mut keys = Vec::new();
+        let key = |proto, port, prefix| PortKey {
+            proto,
+            port,
+            prefix,
+        };
         match &item.l4 {
-            L4::Any => keys.push((proto::ANY, 0, 0)),
+            L4::Any => keys.push(key(proto::ANY, 0, 0)),
             L4::Icmps(list) => keys.extend(list.iter().map(|t| {
                 let pr = match t.family {
                     Family::V4 => proto::ICMP,
                     Family::V6 => proto::ICMPV6,
                 };
-                (pr, u16::from(t.ty), 16)
+                key(pr, u16::from(t.ty), 16)
             })),
             L4::Ports(list) => {
                 for pp in list {
                     match &pp.port {
-                        PortSpec::Number(n) => {
-                            let end = pp.end_port.filter(|e| e > n);
-                            for &pr in protos(pp.proto) {
-                                if *n == 0 && end.is_none() {
-                                    keys.push((pr, 0, 0));
-                                    continue;
+                        PortSpec::Number(n) => number_keys(*n, pp.end_port, pp.proto, &mut keys),
+                        PortSpec::Named(name) => {
+                            let declared: &[NamedPort] = match (dir, id) {
+                                (Direction::Ingress, _) => &self.resolved[slot as usize].def.ports,
+                                (Direction::Egress, identity::ANY) => &self.all_ports,
+                                (Direction::Egress, id) => {
+                                    self.ports_by_id.get(&id).map_or(&[], Vec::as_slice)
                                 }
-                                let blocks = port_range_blocks(*n, end.unwrap_or(*n));
-                                keys.extend(blocks.into_iter().map(|(b, len)| (pr, b, len)));
-                            }
+                            };
+                            named_keys(name, pp.proto, declared, &mut keys);
                         }
-                        PortSpec::Named(name) => match (dir, id) {
-                            (Direction::Ingress, _) => {
-                                let declared = &self.resolved[slot as usize].def.ports;
-                                declared_keys(name, pp.proto, declared, &mut keys);
-                            }
-                            (Direction::Egress, identity::ANY) => {
-                                let all = self.ports_by_id.values().flatten();
-                                declared_keys(name, pp.proto, all, &mut keys);
-                            }
-                            (Direction::Egress, id) => {
-                                let of = self.ports_by_id.get(&id).into_iter().flatten();
-                                declared_keys(name, pp.proto, of, &mut keys);
-                            }
-                        },
                     }
                 }
             }
@@ -655,7 +574,12 @@ impl<'a> Lint<'a> {
         let mut any = false;
         for &slot in slots {
             for &id in &ids {
-                for (pr, port, prefix) in self.keys(item, dir, slot, id) {
+                for PortKey {
+                    proto: pr,
+                    port,
+                    prefix,
+                } in self.keys(item, dir, slot, id)
+                {
                     any = true;
                     let covers = |e: &&&PolicyEntry| {
                         denies(e.verdict)
