@@ -2,7 +2,7 @@
 //!
 //! `deb_lifecycle_under_systemd` builds the .deb with `make deb`, boots a real
 //! systemd as PID 1 of private PID, mount and UTS namespaces inside network
-//! namespace `npk-node` (tests/packaging/boot-systemd.sh), installs the package
+//! namespace `npk-node` (tests/fixtures/packaging/boot-systemd.sh), installs the package
 //! there with `dpkg -i`, and checks what a user relies on: the unit is active;
 //! workloads in network namespaces get the seed scenario's verdicts; a reload with
 //! a broken file fails, says why, and changes nothing; a restart and an upgrade
@@ -16,7 +16,7 @@
 //!
 //! `rpm_lifecycle_under_systemd` does the same with `rpm -i` / `rpm -e`: the
 //! .rpm's scriptlets hand the unit to systemd, stop it, detach and clean up.
-//! `unit_sandbox_allows_bpf` runs tests/packaging/bpf-probe.sh *as* the installed
+//! `unit_sandbox_allows_bpf` runs tests/fixtures/packaging/bpf-probe.sh *as* the installed
 //! netpold.service (a drop-in replaces only ExecStart=): the hardening leaves BPF
 //! (pinning, maps, tc attach) working, whatever the daemon does.
 //! `rpm_matches_deb` builds the .rpm with `make rpm` and holds its file list,
@@ -24,30 +24,39 @@
 //! `man_pages_match_the_cli` holds the hand-written man pages to the binaries'
 //! --help: the same commands and options, none missing, none invented.
 //!
-//! The privileged tests install the same package on the same host, so they run one
-//! at a time. A test that cannot run here (not root, tools missing, bpffs not
+//! The privileged tests install the same package on the same host, so they run
+//! alone. A test that cannot run here (not root, tools missing, bpffs not
 //! mounted, netpol already installed) skips with a message, unless CI is set: then
-//! it fails.
+//! it fails (`harness::require`).
 //!
 //! The packages are built from the `dev` profile by default, reusing the build
 //! `cargo test` just made (a release build would double CI's compile time);
 //! NETPOL_PKG_PROFILE=release builds them as shipped.
 
+mod harness;
+
 use std::fs;
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use harness::cmd::{fixtures, ip, repo as src_dir, NETPOLCTL, NETPOLD};
+use harness::netns::Netns;
+use harness::probe::{self, Listeners};
+use harness::require::have;
+use harness::topo::{Names, Topo};
+use harness::Needs;
 
 const NODE: &str = "npk-node";
 const BRIDGE: &str = "npk-br0";
 const PIN_DIR: &str = "/sys/fs/bpf/netpol";
-/// Where the sandbox probe pins (tests/packaging/bpf-probe.sh).
+/// Where the sandbox probe pins (tests/fixtures/packaging/bpf-probe.sh).
 const PROBE_PIN_DIR: &str = "/sys/fs/bpf/npk-probe";
 /// Files the test puts under /etc carry this prefix, so the guard finds them.
 const FILE_PREFIX: &str = "npk-";
@@ -63,36 +72,6 @@ const WORKLOADS: [(&str, &str, &str, &str); 4] = [
 const PORTS: [u16; 3] = [80, 81, 5432];
 
 // ---------------------------------------------------------------- gating, helpers
-
-fn ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
-/// A test that cannot run: skip with the reason, or fail under CI.
-fn cannot_run(test: &str, reason: &str) {
-    if ci() {
-        panic!("{test}: cannot run: {reason} (CI is set: failing instead of skipping)");
-    }
-    eprintln!("{test}: skipped: {reason}");
-}
-
-fn have(tool: &str) -> bool {
-    if tool.starts_with('/') {
-        return Path::new(tool).exists();
-    }
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-fn missing_tools(tools: &[&str]) -> Option<String> {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
-    (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")))
-}
-
-fn src_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn profile() -> String {
     std::env::var("NETPOL_PKG_PROFILE").unwrap_or_else(|_| "dev".to_string())
@@ -141,49 +120,29 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> b
     false
 }
 
-/// The privileged tests install the same package on the same host: one at a time.
-fn host_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Why a privileged test cannot run here, if it cannot.
-fn privileged_blocker(extra_tools: &[&str]) -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root".to_string());
-    }
-    let mut tools = BUILD_TOOLS.to_vec();
-    tools.extend([
-        "/lib/systemd/systemd",
-        "unshare",
-        "nsenter",
-        "ip",
-        "tc",
-        "dpkg",
-        "systemctl",
-        "journalctl",
-    ]);
-    tools.extend_from_slice(extra_tools);
-    if let Some(reason) = missing_tools(&tools) {
-        return Some(reason);
-    }
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-    {
-        return Some("bpffs is not mounted on /sys/fs/bpf".to_string());
-    }
-    let status = run(&mut cmd("dpkg-query", &["-W", "-f=${Status}", "netpol"]));
-    let by_rpm = have("rpm") && run(&mut cmd("rpm", &["-q", "netpol"])).status.success();
-    if String::from_utf8_lossy(&status.stdout).contains(" installed")
-        || by_rpm
-        || Path::new(PIN_DIR).exists()
-    {
-        return Some("netpol is already installed (or /sys/fs/bpf/netpol exists) on this host; not touching it".to_string());
-    }
-    None
+/// What a test of the package's life under systemd needs: root, bpffs, the build
+/// and systemd tools and `extra_tools`, a turn alone (the tests install the same
+/// package on the same host), and a host where netpol is not installed.
+fn host_needs(extra_tools: &[&'static str]) -> Needs {
+    Needs::privileged()
+        .tools(&BUILD_TOOLS)
+        .tools(&[
+            "/lib/systemd/systemd",
+            "tc",
+            "dpkg",
+            "systemctl",
+            "journalctl",
+        ])
+        .tools(extra_tools)
+        .alone()
+        .unless(|| {
+            let status = run(&mut cmd("dpkg-query", &["-W", "-f=${Status}", "netpol"]));
+            let by_rpm = have("rpm") && run(&mut cmd("rpm", &["-q", "netpol"])).status.success();
+            (String::from_utf8_lossy(&status.stdout).contains(" installed")
+                || by_rpm
+                || Path::new(PIN_DIR).exists())
+            .then(|| "netpol is already installed (or /sys/fs/bpf/netpol exists) on this host; not touching it".to_string())
+        })
 }
 
 // ---------------------------------------------------------------- package builds
@@ -345,11 +304,13 @@ fn assert_contains_any(what: &str, script: &str, needles: &[&str]) {
 #[test]
 fn rpm_matches_deb() {
     const TEST: &str = "rpm_matches_deb";
-    let mut tools = BUILD_TOOLS.to_vec();
-    tools.extend(["rpmbuild", "rpm"]);
-    if let Some(reason) = missing_tools(&tools) {
-        return cannot_run(TEST, &reason);
-    }
+    let Some(_turn) = Needs::nothing()
+        .tools(&BUILD_TOOLS)
+        .tools(&["rpmbuild", "rpm"])
+        .check(TEST)
+    else {
+        return;
+    };
     let deb = deb();
     let rpm = rpm();
 
@@ -533,7 +494,7 @@ impl Systemd {
     fn boot() -> Systemd {
         let log = std::env::temp_dir().join(format!("npk-systemd-{}.log", std::process::id()));
         let logf = fs::File::create(&log).expect("create systemd log");
-        let tests = src_dir().join("tests/packaging");
+        let tests = fixtures("packaging");
         let mut unshare = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{NODE}"))
             .args([
@@ -694,9 +655,10 @@ struct Lab {
     installed: bool,
     /// rpm -i was attempted: erase in Drop.
     installed_rpm: bool,
-    netns: Vec<String>,
-    listeners: Vec<Child>,
     files: Vec<PathBuf>,
+    _listeners: Vec<Listeners>,
+    topo: Option<Topo>,
+    net: Netns,
 }
 
 impl Lab {
@@ -705,9 +667,10 @@ impl Lab {
             systemd: None,
             installed: false,
             installed_rpm: false,
-            netns: Vec::new(),
-            listeners: Vec::new(),
             files: Vec::new(),
+            _listeners: Vec::new(),
+            topo: None,
+            net: Netns::default(),
         }
     }
 
@@ -715,75 +678,40 @@ impl Lab {
         self.systemd.as_ref().expect("systemd is running")
     }
 
-    fn add_netns(&mut self, name: &str) {
-        let _ = Command::new("ip").args(["netns", "del", name]).output(); // a leftover of a killed run
-        run_ok(&mut cmd("ip", &["netns", "add", name]));
-        self.netns.push(name.to_string());
-        run_ok(&mut cmd("ip", &["-n", name, "link", "set", "lo", "up"]));
-    }
-
     /// Only npk-node, where systemd and the daemon run.
     fn node(&mut self) {
-        self.add_netns(NODE);
+        self.net.add(NODE);
     }
 
     /// npk-node with bridge npk-br0; each workload in its own netns behind a veth
     /// whose host side (the enforcement point) is in npk-node; TCP listeners on
     /// every port of the scenario.
     fn network(&mut self) {
-        self.node();
-        run_ok(&mut cmd(
-            "ip",
-            &["-n", NODE, "link", "add", BRIDGE, "type", "bridge"],
-        ));
-        run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", BRIDGE, "up"]));
-        for (ns, _, v4, v6) in WORKLOADS {
-            self.add_netns(ns);
-            run_ok(&mut cmd(
-                "ip",
-                &[
-                    "-n", NODE, "link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns",
-                    ns,
-                ],
-            ));
-            run_ok(&mut cmd(
-                "ip",
-                &["-n", NODE, "link", "set", ns, "master", BRIDGE, "up"],
-            ));
-            run_ok(&mut cmd(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"],
-            ));
-            run_ok(&mut cmd(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{v6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            ));
-            run_ok(&mut cmd("ip", &["-n", ns, "link", "set", "eth0", "up"]));
-            for port in PORTS {
-                for listen in [
-                    format!("TCP4-LISTEN:{port},fork,reuseaddr"),
-                    format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=1"),
-                ] {
-                    let child = Command::new("ip")
-                        .args(["netns", "exec", ns, "socat", &listen, "OPEN:/dev/null"])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .expect("spawn socat");
-                    self.listeners.push(child);
-                }
-            }
+        let workloads = WORKLOADS
+            .iter()
+            .map(|(ns, _, v4, v6)| (ns.to_string(), vec![format!("{v4}/24"), format!("{v6}/64")]))
+            .collect();
+        let names = Names {
+            node: NODE.into(),
+            bridge: BRIDGE.into(),
+            ns_prefix: String::new(),
+            dev_prefix: String::new(),
+        };
+        self.topo = Some(Topo::build(names, &[], workloads));
+        for (ns, ..) in WORKLOADS {
+            self._listeners.push(Listeners::accepting(ns, &PORTS));
         }
+    }
+
+    /// Boot systemd in npk-node and install the .deb there (the guard purges it);
+    /// the package's path, for an upgrade.
+    fn boot_and_install(&mut self, deb: &Path) -> String {
+        self.systemd = Some(Systemd::boot());
+        self.installed = true;
+        let deb_path = deb.to_string_lossy().into_owned();
+        let out = self.sd().dpkg(&["-i", &deb_path]);
+        assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+        deb_path
     }
 
     /// Write a file under /etc (through the guard, which removes it again).
@@ -862,14 +790,7 @@ impl Drop for Lab {
         }
         let _ = fs::remove_dir_all(PROBE_PIN_DIR);
         self.remove_files();
-        self.systemd = None; // kills it
-        for mut l in self.listeners.drain(..) {
-            let _ = l.kill();
-            let _ = l.wait();
-        }
-        for ns in self.netns.drain(..).rev() {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
+        self.systemd = None; // kills it; the listeners and namespaces go after it
     }
 }
 
@@ -883,19 +804,11 @@ fn workload(name: &str) -> (&'static str, &'static str, &'static str, &'static s
 }
 
 /// Does a TCP connection from workload `from` to `to`:`port` get established?
-/// Connects from a thread that entered the source's network namespace.
 fn connects(from: &str, to: &str, port: u16, v6: bool, timeout: Duration) -> bool {
     let (ns, ..) = workload(from);
     let (_, _, v4, v6addr) = workload(to);
     let ip: IpAddr = if v6 { v6addr } else { v4 }.parse().expect("address");
-    let nsfile = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let f = fs::File::open(&nsfile).unwrap_or_else(|e| panic!("{nsfile}: {e}"));
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout).is_ok()
-    })
-    .join()
-    .expect("probe thread")
+    probe::connects(ns, ip, port, timeout)
 }
 
 /// (from, to, port, expected) after both seed policies are in force.
@@ -1040,21 +953,16 @@ fn seed_registry() -> String {
 #[test]
 fn deb_lifecycle_under_systemd() {
     const TEST: &str = "deb_lifecycle_under_systemd";
-    let _host = host_lock();
-    if let Some(reason) = privileged_blocker(&["socat"]) {
-        return cannot_run(TEST, &reason);
-    }
+    let Some(_host) = host_needs(&[]).check(TEST) else {
+        return;
+    };
 
     let deb = deb();
     let mut lab = Lab::new();
     lab.network();
-    lab.systemd = Some(Systemd::boot());
 
     // ---- install: enabled, started, active, the unit verifies
-    lab.installed = true;
-    let deb_path = deb.to_string_lossy().into_owned();
-    let out = lab.sd().dpkg(&["-i", &deb_path]);
-    assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+    let deb_path = lab.boot_and_install(&deb);
     let sd = lab.sd();
     assert_eq!(
         String::from_utf8_lossy(
@@ -1229,10 +1137,7 @@ fn deb_lifecycle_under_systemd() {
             "{ns} keeps a clsact qdisc after purge:\n{qdisc}"
         );
         if have("bpftool") {
-            let net = run_ok(&mut cmd(
-                "ip",
-                &["netns", "exec", NODE, "bpftool", "net", "show", "dev", ns],
-            ));
+            let net = ip(&["netns", "exec", NODE, "bpftool", "net", "show", "dev", ns]);
             assert!(
                 !net.contains("tcx/") && !net.contains("clsact/"),
                 "{ns} keeps BPF programs after purge:\n{net}"
@@ -1260,11 +1165,10 @@ fn deb_lifecycle_under_systemd() {
 #[test]
 fn unit_sandbox_allows_bpf() {
     const TEST: &str = "unit_sandbox_allows_bpf";
-    let _host = host_lock();
-    if let Some(reason) = privileged_blocker(&["clang"]) {
-        return cannot_run(TEST, &reason);
-    }
-    let tests = src_dir().join("tests/packaging");
+    let Some(_host) = host_needs(&["clang"]).check(TEST) else {
+        return;
+    };
+    let tests = fixtures("packaging");
     let obj = std::env::temp_dir().join(format!("npk-bpf-probe-{}.o", std::process::id()));
     run_ok(
         Command::new("clang")
@@ -1286,21 +1190,11 @@ fn unit_sandbox_allows_bpf() {
     let deb = deb();
     let mut lab = Lab::new();
     lab.node();
-    run_ok(&mut cmd(
-        "ip",
-        &[
-            "-n", NODE, "link", "add", "npk-pb0", "type", "veth", "peer", "name", "npk-pb1",
-        ],
-    ));
-    run_ok(&mut cmd(
-        "ip",
-        &["-n", NODE, "link", "set", "npk-pb0", "up"],
-    ));
-    lab.systemd = Some(Systemd::boot());
-    lab.installed = true;
-    let deb_path = deb.to_string_lossy().into_owned();
-    let out = lab.sd().dpkg(&["-i", &deb_path]);
-    assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+    ip(&[
+        "-n", NODE, "link", "add", "npk-pb0", "type", "veth", "peer", "name", "npk-pb1",
+    ]);
+    ip(&["-n", NODE, "link", "set", "npk-pb0", "up"]);
+    lab.boot_and_install(&deb);
     let sd = lab.sd();
     let _ = sd.exec(&["systemctl", "stop", "netpold.service"]);
     let _ = fs::remove_dir_all(PROBE_PIN_DIR);
@@ -1344,20 +1238,16 @@ fn unit_sandbox_allows_bpf() {
 #[test]
 fn rpm_lifecycle_under_systemd() {
     const TEST: &str = "rpm_lifecycle_under_systemd";
-    let _host = host_lock();
-    if let Some(reason) = privileged_blocker(&["rpm", "rpmbuild"]) {
-        return cannot_run(TEST, &reason);
-    }
+    let Some(_host) = host_needs(&["rpm", "rpmbuild"]).check(TEST) else {
+        return;
+    };
     let rpm = rpm();
     let mut lab = Lab::new();
     lab.node();
-    run_ok(&mut cmd(
-        "ip",
-        &[
-            "-n", NODE, "link", "add", "npk-r0", "type", "veth", "peer", "name", "npk-r1",
-        ],
-    ));
-    run_ok(&mut cmd("ip", &["-n", NODE, "link", "set", "npk-r0", "up"]));
+    ip(&[
+        "-n", NODE, "link", "add", "npk-r0", "type", "veth", "peer", "name", "npk-r1",
+    ]);
+    ip(&["-n", NODE, "link", "set", "npk-r0", "up"]);
     lab.systemd = Some(Systemd::boot());
     lab.installed_rpm = true;
     let rpm_path = rpm.to_string_lossy().into_owned();
@@ -1487,8 +1377,8 @@ fn help_of(bin: &str, args: &[&str]) -> String {
 /// own --help, both ways (no command or option missing, none invented).
 #[test]
 fn man_pages_match_the_cli() {
-    let ctl = env!("CARGO_BIN_EXE_netpolctl");
-    let daemon = env!("CARGO_BIN_EXE_netpold");
+    let ctl = NETPOLCTL;
+    let daemon = NETPOLD;
     let ctl_page = fs::read_to_string(src_dir().join("man/netpolctl.8")).expect("man/netpolctl.8");
     let daemon_page = fs::read_to_string(src_dir().join("man/netpold.8")).expect("man/netpold.8");
 

@@ -1,0 +1,43 @@
+//! The one test harness, shared by the three test binaries (`tests/offline.rs`,
+//! `tests/privileged.rs`, `tests/packaging.rs`; each says `mod harness;`). It owns
+//! what more than one test needs and nothing a single test needs alone:
+//!
+//! | module | what it owns |
+//! | --- | --- |
+//! | [`require`] | the one rule for a test that needs root, bpffs or tools: run, or skip with a message, or fail under `CI=true`; the lock a test takes to run alone |
+//! | [`cmd`] | the repository's paths, the binaries, the one `ip` runner |
+//! | [`netns`] | entering a network namespace, sysctls in one, the [`netns::Netns`] guard |
+//! | [`topo`] | a node namespace with a bridge and one namespace per workload behind a veth pair |
+//! | [`probe`] | TCP listeners and connection probes from inside a namespace |
+//! | [`dp`] | a `KernelDatapath` under its own pin directory, and enforcing a compiled state on a [`topo::Topo`] |
+//! | [`daemon`] | the real `netpold` in a node's network namespace, its files, its socket, its end |
+//! | [`lab`] | a topology, listeners and a daemon together (daemon end to end, faults, soak) |
+//! | [`rng`] | the one deterministic generator |
+//! | [`nodegen`] | the generated two-node scenario (offline operator tests, privileged multi-node test) |
+//! | [`prom`] | the Prometheus exposition validator and scraper |
+//!
+//! Everything that creates something in the kernel or on disk is a guard whose
+//! `Drop` removes it, also when a test fails. Names start with `np` and a
+//! suite's letter (`npd` datapath, `npy` bypass, `npe` daemon end to end, `npf`
+//! faults and soak, `npn` nodes, `npk` packaging) and carry the process id and a
+//! per-test tag, so tests of one binary can run side by side; the few with fixed
+//! names (the two multi-node tests, the packaging tests) take turns.
+
+// Each binary uses part of the harness.
+#![allow(dead_code)]
+
+pub mod cmd;
+pub mod daemon;
+pub mod dp;
+pub mod lab;
+pub mod netns;
+pub mod nodegen;
+pub mod probe;
+pub mod prom;
+pub mod require;
+pub mod rng;
+pub mod topo;
+
+// Not every binary calls both.
+#[allow(unused_imports)]
+pub use require::{privileged, Needs};
