@@ -32,6 +32,9 @@
 //!   policy works on identities, every endpoint sharing that identity is matched.
 //! - `allow_localhost`: an allow entry host (1) → every workload's ingress, subject
 //!   to deny rules like any allow (as Cilium inserts it).
+//! - Staged policies (`netpol.io/audit: "true"`) are expanded like the others and
+//!   folded into the group's entries in one place, `compile::staged`: they bring no default
+//!   deny and change no verdict; what they would deny gets entries of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

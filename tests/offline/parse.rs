@@ -1443,3 +1443,33 @@ fn audit_annotation_stages_a_policy_of_every_kind() {
     );
     assert!(!api::parse_policies(Path::new("p.yaml"), &cnp("p")).unwrap()[0].staged);
 }
+
+/// No shipped example (`etc/examples/*/`) gives a warning, of either kind:
+/// `netpolctl check` on each prints no warning and `--json` lists none.
+#[test]
+fn shipped_examples_give_no_warning() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples");
+    let mut n = 0;
+    for dir in std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()) {
+        if !dir.join("netpol.d").is_dir() {
+            continue;
+        }
+        n += 1;
+        let (pol, reg) = (dir.join("netpol.d"), dir.join("endpoints.d"));
+        let args = [
+            "check",
+            "--policy-dir",
+            pol.to_str().unwrap(),
+            "--endpoint-dir",
+            reg.to_str().unwrap(),
+            "--strict",
+        ];
+        let (code, out, err) = netpolctl(&args);
+        assert_eq!(code, 0, "{}: {out}{err}", dir.display());
+        assert!(!out.contains("warning:") && err.is_empty(), "{out}{err}");
+        let json: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let v: serde_json::Value = serde_json::from_str(&netpolctl(&json).1).unwrap();
+        assert_eq!(v["warnings"], serde_json::json!([]), "{}", dir.display());
+    }
+    assert!(n >= 1, "no example under {}", root.display());
+}
