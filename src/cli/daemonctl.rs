@@ -175,24 +175,22 @@ pub fn format_status(s: &Status) -> String {
     if let Some(e) = &s.state_error {
         out.push_str(&format!("  state_dir: {e}\n"));
     }
-    if !s.errors.is_empty() {
-        out.push_str(&format!(
-            "  {} problem(s) in the input files; the last valid set stays in force:\n",
-            s.errors.len()
-        ));
-        for e in &s.errors {
-            out.push_str(&format!("    {}\n", e.message));
+    let mut list = |what: &str, lines: Vec<&str>| {
+        if !lines.is_empty() {
+            out.push_str(&format!("  {} {what}:\n", lines.len()));
+            for l in lines {
+                out.push_str(&format!("    {l}\n"));
+            }
         }
-    }
-    if !s.warnings.is_empty() {
-        out.push_str(&format!(
-            "  {} warning(s) in the input files (applied as they are):\n",
-            s.warnings.len()
-        ));
-        for w in &s.warnings {
-            out.push_str(&format!("    {}\n", w.message));
-        }
-    }
+    };
+    list(
+        "problem(s) in the input files; the last valid set stays in force",
+        s.errors.iter().map(|e| e.message.as_str()).collect(),
+    );
+    list(
+        "warning(s) in the input files (applied as they are)",
+        s.warnings.iter().map(|w| w.message.as_str()).collect(),
+    );
     out
 }
 

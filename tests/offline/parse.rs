@@ -240,6 +240,19 @@ fn warning_fixtures() {
     assert_eq!(codes, all, "every warning code needs a fixture (those only the registry shows, in tests/fixtures/lint)");
 }
 
+/// `netpolctl check --policy-dir POL --endpoint-dir REG`.
+fn check_args(pol: &Path, reg: &Path) -> Vec<String> {
+    [
+        "check",
+        "--policy-dir",
+        pol.to_str().unwrap(),
+        "--endpoint-dir",
+        reg.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The warning codes only a registry shows (`policy::lint`): their fixtures
 /// are under `tests/fixtures/lint`, checked by [`lint_fixtures`].
 const LINT_ONLY: &[api::WarningCode] = &[
@@ -272,14 +285,8 @@ fn lint_fixtures() {
     );
     let (mut failures, mut codes) = (Vec::new(), BTreeSet::new());
     for case in cases {
-        let policy_dir = case.join("netpol.d");
-        let args = [
-            "check",
-            "--policy-dir",
-            policy_dir.to_str().unwrap(),
-            "--endpoint-dir",
-            registry.to_str().unwrap(),
-        ];
+        let args = check_args(&case.join("netpol.d"), &registry);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, out, err) = netpolctl(&args);
         let got = out.replace(&case.display().to_string(), "DIR");
         let expected = case.join("expected");
@@ -1455,15 +1462,9 @@ fn shipped_examples_give_no_warning() {
             continue;
         }
         n += 1;
-        let (pol, reg) = (dir.join("netpol.d"), dir.join("endpoints.d"));
-        let args = [
-            "check",
-            "--policy-dir",
-            pol.to_str().unwrap(),
-            "--endpoint-dir",
-            reg.to_str().unwrap(),
-            "--strict",
-        ];
+        let mut args = check_args(&dir.join("netpol.d"), &dir.join("endpoints.d"));
+        args.push("--strict".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, out, err) = netpolctl(&args);
         assert_eq!(code, 0, "{}: {out}{err}", dir.display());
         assert!(!out.contains("warning:") && err.is_empty(), "{out}{err}");

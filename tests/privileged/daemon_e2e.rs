@@ -181,40 +181,12 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     lab.expect("frontend-to-backend", &seed1);
 
     // netpolctl monitor shows the drop, at backend, by default deny.
-    let mut mon = Command::new(NETPOLCTL)
-        .args(["monitor", "--json", "--config"])
-        .arg(lab.daemon.config())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = mon.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let mon = Monitor::start(&lab);
     assert!(!lab.connects("database", "backend", 80));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let event = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            panic!(
-                "no denied event from netpolctl monitor\n{}",
-                lab.daemon.log()
-            )
-        });
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["verdict"] == "denied" && v["dst"] == "10.202.1.21" {
-            break v;
-        }
-    };
-    let _ = mon.kill();
-    let _ = mon.wait();
+    let event = mon.wait(&lab, "denied", |v| {
+        v["verdict"] == "denied" && v["dst"] == "10.202.1.21"
+    });
+    drop(mon);
     assert_eq!(event["endpoint"], "default/backend", "{event}");
     assert_eq!(event["reason"], "default-deny", "{event}");
     assert_eq!(event["src"], "10.202.1.31", "{event}");
