@@ -345,6 +345,8 @@ fn main() {
             origin: origin("CiliumNetworkPolicy", Some(&ns), &name),
             kind: PolicyKind::CiliumNetworkPolicy,
             rules: vec![r].into(),
+            staged: false,
+            source: Default::default(),
         });
     }
     policies.push(Policy {
@@ -360,6 +362,8 @@ fn main() {
             ..rule(Selector::default())
         }]
         .into(),
+        staged: false,
+        source: Default::default(),
     });
 
     let policies = PolicySet { policies };

@@ -70,11 +70,18 @@ static __always_inline void np_ipcache_lookup(void *ipcache, __u8 family, const 
 
 /* Outcome of a policy decision. */
 enum np_decision {
-	NP_DECIDE_ALLOW = 0,        /* an allow entry matched */
-	NP_DECIDE_DENY = 1,         /* a deny entry matched */
-	NP_DECIDE_DEFAULT_DENY = 2, /* nothing matched, default deny */
-	NP_DECIDE_NO_POLICY = 3,    /* nothing matched, not default deny: pass */
+	NP_DECIDE_ALLOW = 0,          /* an allow entry matched */
+	NP_DECIDE_DENY = 1,           /* a deny entry matched */
+	NP_DECIDE_DEFAULT_DENY = 2,   /* nothing matched, default deny */
+	NP_DECIDE_NO_POLICY = 3,      /* nothing matched, not default deny: pass */
+	NP_DECIDE_STAGED_DENY = 4,    /* allowed; a staged deny would drop it: audit */
+	NP_DECIDE_STAGED_DEFAULT = 5, /* allowed; a staged default deny would: audit */
 };
+
+static __always_inline int np_is(struct np_policy_value *v, __u8 verdict)
+{
+	return v && v->verdict == verdict;
+}
 
 static __always_inline struct np_policy_value *
 np_policy_lookup(void *policy, __u32 slot, __u8 dir, __u32 identity, __u8 proto, __u16 port)
@@ -94,7 +101,7 @@ static __always_inline enum np_decision np_policy_decide(void *policy, __u32 slo
 							 __u8 dir, __u32 remote, __u8 proto,
 							 __u16 port, __u32 *rule)
 {
-	struct np_policy_value *l1, *l2;
+	struct np_policy_value *l1, *l2, *staged;
 	__u32 deny_flag;
 
 	l1 = np_policy_lookup(policy, slot, dir, remote, proto, port);
@@ -108,6 +115,23 @@ static __always_inline enum np_decision np_policy_decide(void *policy, __u32 slo
 		*rule = l2->rule;
 		return NP_DECIDE_DENY;
 	}
+	deny_flag = dir == NP_DIR_INGRESS ? NP_EP_F_DENY_INGRESS : NP_EP_F_DENY_EGRESS;
+	/* A staged deny passes as audit where the enforced entries let the flow
+	 * through (docs/policy.md, "Staged policies"). */
+	staged = 0;
+	if (np_is(l1, NP_VERDICT_STAGED_DENY) || np_is(l1, NP_VERDICT_ALLOW_STAGED_DENY))
+		staged = l1;
+	else if (np_is(l2, NP_VERDICT_STAGED_DENY) || np_is(l2, NP_VERDICT_ALLOW_STAGED_DENY))
+		staged = l2;
+	if (staged) {
+		if (np_is(l1, NP_VERDICT_ALLOW) || np_is(l1, NP_VERDICT_ALLOW_STAGED_DENY) ||
+		    np_is(l2, NP_VERDICT_ALLOW) || np_is(l2, NP_VERDICT_ALLOW_STAGED_DENY) ||
+		    !(ep_flags & deny_flag)) {
+			*rule = staged->rule;
+			return NP_DECIDE_STAGED_DENY;
+		}
+		return NP_DECIDE_DEFAULT_DENY;
+	}
 	if (l1 && l1->verdict == NP_VERDICT_ALLOW) {
 		*rule = l1->rule;
 		return NP_DECIDE_ALLOW;
@@ -116,8 +140,18 @@ static __always_inline enum np_decision np_policy_decide(void *policy, __u32 slo
 		*rule = l2->rule;
 		return NP_DECIDE_ALLOW;
 	}
-	deny_flag = dir == NP_DIR_INGRESS ? NP_EP_F_DENY_INGRESS : NP_EP_F_DENY_EGRESS;
-	return (ep_flags & deny_flag) ? NP_DECIDE_DEFAULT_DENY : NP_DECIDE_NO_POLICY;
+	if (ep_flags & deny_flag)
+		return NP_DECIDE_DEFAULT_DENY;
+	staged = 0;
+	if (np_is(l1, NP_VERDICT_STAGED_DEFAULT))
+		staged = l1;
+	else if (np_is(l2, NP_VERDICT_STAGED_DEFAULT))
+		staged = l2;
+	if (staged) {
+		*rule = staged->rule;
+		return NP_DECIDE_STAGED_DEFAULT;
+	}
+	return NP_DECIDE_NO_POLICY;
 }
 
 #endif

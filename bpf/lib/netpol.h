@@ -14,7 +14,8 @@
  *      under `keep`, are judged again under `recheck`
  *   9. host endpoints: failsafe ports pass
  *  10. policy decision (netpol_abi.h, struct np_policy_key); an allowed new
- *      flow gets a conntrack entry; audit endpoints pass would-be drops.
+ *      flow gets a conntrack entry; audit endpoints pass would-be drops, and
+ *      a staged policy's would-be drop passes as audit everywhere.
  *
  * Hook to direction: for a workload endpoint (host-side veth) the device's
  * ingress carries packets LEAVING the workload (its egress policy, remote =
@@ -172,8 +173,12 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		return NP_PASS;
 	}
 
-	vi.reason = decision == NP_DECIDE_DENY ? NP_REASON_POLICY_DENY : NP_REASON_DEFAULT_DENY;
-	if (flags & NP_EP_F_AUDIT) {
+	vi.reason = decision == NP_DECIDE_DENY || decision == NP_DECIDE_STAGED_DENY
+			    ? NP_REASON_POLICY_DENY
+			    : NP_REASON_DEFAULT_DENY;
+	/* A staged policy's would-be drop, or any drop at an audit endpoint. */
+	if (decision == NP_DECIDE_STAGED_DENY || decision == NP_DECIDE_STAGED_DEFAULT ||
+	    (flags & NP_EP_F_AUDIT)) {
 		np_count(slot, NP_CNT_AUDIT);
 		vi.verdict = NP_EV_AUDIT;
 		np_emit(&p, &vi);

@@ -65,10 +65,17 @@ enum np_direction : __u8 {
 	NP_DIR_EGRESS = 1,
 };
 
-/* Verdict of a policy entry. */
+/* Verdict of a policy entry. The last three come only from staged policies
+ * (docs/policy.md, "Staged policies"): what they would deny passes as audit. */
 enum np_verdict : __u8 {
 	NP_VERDICT_ALLOW = 1,
 	NP_VERDICT_DENY = 2,
+	/* a staged deny, and no enforced allow of this identity */
+	NP_VERDICT_STAGED_DENY = 3,
+	/* an enforced allow and a staged deny */
+	NP_VERDICT_ALLOW_STAGED_DENY = 4,
+	/* identity 0, any protocol only: a staged policy's default deny */
+	NP_VERDICT_STAGED_DEFAULT = 5,
 };
 
 /* "No rule" / "no endpoint" in a rule index or endpoint slot. */
@@ -179,10 +186,16 @@ NP_ABI_WIDTH(struct np_endpoint_value, flags, enum np_endpoint_flags);
  *   L1 = longest match of (E, R, D, P, N), L2 = longest match of (E, 0, D, P, N)
  *   1. L1 is Deny -> drop, reported with L1's rule
  *   2. L2 is Deny -> drop, reported with L2's rule
- *   3. L1 is Allow -> pass (L1's rule); else L2 is Allow -> pass (L2's rule)
- *   4. neither: drop "default deny" if E is default-deny in D, else pass
+ *   3. L1 (else L2) is StagedDeny or AllowStagedDeny: if L1 or L2 is Allow or
+ *      AllowStagedDeny, or E is not default-deny in D -> pass as audit with
+ *      its rule (staged deny); else drop "default deny"
+ *   4. L1 is Allow -> pass (L1's rule); else L2 is Allow -> pass (L2's rule)
+ *   5. L1 (else L2) is StagedDefault and E is not default-deny in D -> pass
+ *      as audit with its rule (staged default deny)
+ *   6. otherwise: drop "default deny" if E is default-deny in D, else pass
  * An audit endpoint passes would-be drops and reports them as audit.
- * Deny precedence within one identity is resolved by the compiler.
+ * Deny precedence within one identity is resolved by the compiler, and so is
+ * the fold of staged entries into these verdicts.
  */
 struct np_policy_key {
 	__u32 prefixlen;

@@ -28,15 +28,15 @@ use std::path::{Path, PathBuf};
 
 use super::de::{from_node, from_node_noted, suggest, DeError, Notes};
 use super::model::{
-    EndpointDef, EndpointKind, Interface, NamespaceDef, NodeDef, Origin, Policy, PolicyKind,
-    PolicySet, RegistrySet, Rule,
+    EndpointDef, EndpointKind, Interface, ItemSource, NamespaceDef, NodeDef, Origin, Policy,
+    PolicyKind, PolicySet, RegistrySet, Rule, SourceMap,
 };
 use super::policy::{self, Ctx};
 use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, RawNode};
 use super::registry;
 use super::validate as v;
 use super::yaml::{self, Doc, Node, Pos};
-use super::{Problem, Warning};
+use super::{Problem, Warning, WarningCode};
 
 /// Largest file read, in bytes.
 pub const MAX_FILE_SIZE: u64 = 4 * 1024 * 1024;
@@ -395,16 +395,21 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     ns.as_deref(),
                 ));
             }
+            let staged = staged(&mut ctx, raw.metadata.as_ref());
             if ctx.errors.is_empty() {
                 locate_items(&mut rules, root);
+                let kind = if clusterwide {
+                    PolicyKind::CiliumClusterwideNetworkPolicy
+                } else {
+                    PolicyKind::CiliumNetworkPolicy
+                };
+                let source = source_map(std::mem::take(&mut ctx.sources), &rules, kind, root);
                 let policy = Policy {
                     origin: origin_of(ns.as_deref(), &name),
-                    kind: if clusterwide {
-                        PolicyKind::CiliumClusterwideNetworkPolicy
-                    } else {
-                        PolicyKind::CiliumNetworkPolicy
-                    },
+                    kind,
                     rules: rules.into(),
+                    staged,
+                    source: source.into(),
                 };
                 out.policies.push((policy, site(root)));
             }
@@ -424,13 +429,18 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     None
                 }
             };
+            let staged = staged(&mut ctx, raw.metadata.as_ref());
             if ctx.errors.is_empty() {
                 let mut rules: Vec<Rule> = rule.into_iter().collect();
                 locate_items(&mut rules, root);
+                let kind = PolicyKind::NetworkPolicy;
+                let source = source_map(std::mem::take(&mut ctx.sources), &rules, kind, root);
                 let policy = Policy {
                     origin: origin_of(Some(&ns), &name),
-                    kind: PolicyKind::NetworkPolicy,
+                    kind,
                     rules: rules.into(),
+                    staged,
+                    source: source.into(),
                 };
                 out.policies.push((policy, site(root)));
             }
@@ -584,6 +594,55 @@ fn locate_items(rules: &mut [Rule], root: &Node) {
     }
 }
 
+/// The annotation that stages a policy (docs/policy.md, "Staged policies").
+pub const AUDIT_ANNOTATION: &str = "netpol.io/audit";
+
+/// Whether `metadata.annotations` stages the policy: `"true"` stages it,
+/// `"false"` (or no annotation) enforces it; anything else is an error naming
+/// the annotation.
+fn staged(ctx: &mut Ctx, m: Option<&RawMeta>) -> bool {
+    let Some(value) = m
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(AUDIT_ANNOTATION))
+    else {
+        return false;
+    };
+    match value.as_str() {
+        "true" => true,
+        "false" => false,
+        other => {
+            ctx.err(
+                yaml::join_key("metadata.annotations", AUDIT_ANNOTATION),
+                format!("{other:?} is not a value of {AUDIT_ANNOTATION}; write \"true\" to stage the policy (what it would deny is reported as audit, and nothing of it is enforced) or \"false\" to enforce it"),
+            );
+            false
+        }
+    }
+}
+
+/// Where the parts of a valid policy were written: each item's parts (from
+/// validation, `sources`) and the positions of those and of each rule's
+/// subject selector.
+fn source_map(
+    sources: Vec<(String, ItemSource)>,
+    rules: &[Rule],
+    kind: PolicyKind,
+    root: &Node,
+) -> SourceMap {
+    let mut map = SourceMap::default();
+    let subjects = rules.iter().map(|r| r.subject_path(kind));
+    let parts = sources
+        .iter()
+        .flat_map(|(_, s)| s.peers.iter().chain(&s.ports).cloned());
+    for path in subjects.chain(parts) {
+        if let Some(pos) = root.pos_of(&path).known() {
+            map.positions.insert(path, pos);
+        }
+    }
+    map.items = sources.into_iter().collect();
+    map
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scope {
     /// CNP, NetworkPolicy, Endpoint: namespace defaults to `default`.
@@ -647,12 +706,39 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
 
 // ---------------------------------------------------------------- cross-document checks
 
-/// Two policies of one kind with one namespace and name.
+/// Two policies of one kind with one namespace and name (a problem); two
+/// policies of different kinds with one namespace and name (a warning: both
+/// are enforced, and most output names a policy by namespace and name).
 pub fn check_policies(parsed: &mut Parsed) {
     let mut seen: HashMap<(&str, Option<&str>, &str), usize> =
         HashMap::with_capacity(parsed.policies.len());
+    let mut names: HashMap<(&str, &str), usize> = HashMap::new();
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     for (i, (p, site)) in parsed.policies.iter().enumerate() {
+        if let Some(ns) = p.origin.namespace.as_deref() {
+            match names.get(&(ns, p.origin.name.as_str())) {
+                Some(&first) if parsed.policies[first].0.origin.kind != p.origin.kind => {
+                    let fsite = &parsed.policies[first].1;
+                    warnings.push(Warning {
+                        at: site.problem(
+                            site.name_pos,
+                            "metadata.name",
+                            format!(
+                                "has the same namespace and name as {} at {}; both are enforced, as two policies that status, trace and monitor tell apart only by their kind: give each its own name",
+                                fsite.object,
+                                fsite.at(fsite.name_pos)
+                            ),
+                        ),
+                        code: WarningCode::DuplicateName,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    names.insert((ns, p.origin.name.as_str()), i);
+                }
+            }
+        }
         let key = (
             p.origin.kind.as_str(),
             p.origin.namespace.as_deref(),
@@ -674,6 +760,7 @@ pub fn check_policies(parsed: &mut Parsed) {
         }
     }
     parsed.problems.extend(problems);
+    parsed.warnings.extend(warnings);
 }
 
 /// Duplicate names, addresses claimed twice, interfaces enforced twice.

@@ -7,7 +7,7 @@
 //!
 //! Owns the types only: no I/O, no parsing, no validation logic.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -201,6 +201,19 @@ pub struct Rule {
     pub isolate_egress: bool,
 }
 
+impl Rule {
+    /// The field path of the rule's subject selector as written in a policy of
+    /// `kind` (`spec.endpointSelector`, `specs[1].nodeSelector`, `spec.podSelector`).
+    pub fn subject_path(&self, kind: PolicyKind) -> String {
+        let field = match (kind, &self.subject) {
+            (PolicyKind::NetworkPolicy, _) => "podSelector",
+            (_, Subject::Endpoints(_)) => "endpointSelector",
+            (_, Subject::Nodes(_)) => "nodeSelector",
+        };
+        format!("{}.{field}", self.path)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum PolicyKind {
     CiliumNetworkPolicy,
@@ -215,6 +228,42 @@ pub struct Policy {
     /// Shared: a set is rebuilt from kept parses on every change, and cloning a
     /// policy must not copy its rules.
     pub rules: std::sync::Arc<[Rule]>,
+    /// Staged (`metadata.annotations["netpol.io/audit"]: "true"`): evaluated,
+    /// and what it would deny is reported as audit, but it is not enforced
+    /// (docs/policy.md, "Staged policies").
+    pub staged: bool,
+    /// Where its parts were written (for warnings found after parsing).
+    #[serde(skip)]
+    pub source: std::sync::Arc<SourceMap>,
+}
+
+/// Where the parts of a valid policy were written: field paths and positions
+/// for messages that only a later step can give (`policy::lint`'s warnings).
+/// Not part of what the policy means: compile never reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceMap {
+    /// By rule item path (`spec.ingress[0]`).
+    pub items: BTreeMap<String, ItemSource>,
+    /// 1-based line and column of field paths: the items' peers and ports,
+    /// and each rule's subject selector.
+    pub positions: BTreeMap<String, (usize, usize)>,
+}
+
+/// The field paths of one rule item's parts, in model order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ItemSource {
+    /// One per peer of a [`Peers::List`] (`spec.ingress[0].fromEndpoints[1]`,
+    /// `spec.egress[0].toCIDRSet[0].cidr`).
+    pub peers: Vec<String>,
+    /// One per port of [`L4::Ports`] (`spec.ingress[0].toPorts[0].ports[1].port`).
+    pub ports: Vec<String>,
+}
+
+impl SourceMap {
+    /// The position of a field path, when known.
+    pub fn pos(&self, path: &str) -> Option<(usize, usize)> {
+        self.positions.get(path).copied()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

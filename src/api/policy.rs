@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 
 use super::de::{IntOrString, Present};
 use super::model::{
-    IcmpType, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule, RuleItem,
-    Selector, Subject, L4,
+    IcmpType, ItemSource, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule,
+    RuleItem, Selector, Subject, L4,
 };
 use super::raw::{
     RawCidrRule, RawIcmpRule, RawNpPeer, RawNpPort, RawNpSpec, RawPortRule, RawRule, RawSelector,
@@ -35,6 +35,8 @@ pub struct Ctx {
     pub errors: Vec<(String, String)>,
     /// (code, field path, message).
     pub warnings: Vec<(WarningCode, String, String)>,
+    /// Where the parts of each valid rule item were written, by item path.
+    pub sources: Vec<(String, ItemSource)>,
 }
 
 impl Ctx {
@@ -525,12 +527,14 @@ fn rule_item(
         || it.cidr_set.1.is_some()
         || it.entities.1.is_some();
     let mut peers = Vec::new();
+    let mut source = ItemSource::default();
     if let Some(list) = it.endpoints.1 {
         let base = join_key(path, it.endpoints.0);
         for (i, s) in list.iter().enumerate() {
             let mut sel = selector(ctx, &join_index(&base, i), s, KeyMode::Cilium);
             scope_peer(&mut sel, ns, matches_init);
             peers.push(Peer::Endpoints(sel));
+            source.peers.push(join_index(&base, i));
         }
     }
     if let Some(list) = it.cidr.1 {
@@ -539,11 +543,14 @@ fn rule_item(
             // The CRD's `format: cidr` needs a prefix length (the agent alone
             // would take a bare address).
             match v::prefix(c) {
-                Ok(net) => peers.push(Peer::Cidr {
-                    net,
-                    except: Vec::new(),
-                    match_endpoints: false,
-                }),
+                Ok(net) => {
+                    peers.push(Peer::Cidr {
+                        net,
+                        except: Vec::new(),
+                        match_endpoints: false,
+                    });
+                    source.peers.push(join_index(&base, i));
+                }
                 Err(e) => ctx.err(join_index(&base, i), e),
             }
         }
@@ -577,6 +584,7 @@ fn rule_item(
                         except,
                         match_endpoints: false,
                     });
+                    source.peers.push(join_key(&p, "cidr"));
                 }
                 Err(e) => ctx.err(join_key(&p, "cidr"), e),
             }
@@ -590,7 +598,8 @@ fn rule_item(
                     if let Some(msg) = v::entity_not_in_crd(ent) {
                         ctx.warn(WarningCode::EntityNotInCrd, join_index(&base, i), msg);
                     }
-                    peers.push(Peer::Entity(ent))
+                    peers.push(Peer::Entity(ent));
+                    source.peers.push(join_index(&base, i));
                 }
                 Err(msg) => ctx.err(join_index(&base, i), msg),
             }
@@ -610,6 +619,7 @@ fn rule_item(
             ctx,
             &join_key(path, "toPorts"),
             it.to_ports.map(Vec::as_slice).unwrap_or_default(),
+            &mut source.ports,
         ))
     } else if let Some(icmps) = it.icmps {
         L4::Icmps(icmp_rules(ctx, &join_key(path, "icmps"), icmps))
@@ -625,6 +635,7 @@ fn rule_item(
     if ctx.errors.len() != before {
         return None;
     }
+    ctx.sources.push((path.to_string(), source));
     Some(RuleItem {
         path: path.to_string(),
         pos: None,
@@ -633,7 +644,13 @@ fn rule_item(
     })
 }
 
-fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto> {
+/// The ports of `toPorts`; the field path of each goes to `paths`.
+fn port_rules(
+    ctx: &mut Ctx,
+    path: &str,
+    list: &[RawPortRule],
+    paths: &mut Vec<String>,
+) -> Vec<PortProto> {
     let mut out = Vec::new();
     for (i, pr) in list.iter().enumerate() {
         let p = join_index(path, i);
@@ -718,6 +735,7 @@ fn port_rules(ctx: &mut Ctx, path: &str, list: &[RawPortRule]) -> Vec<PortProto>
                     end_port,
                     proto,
                 });
+                paths.push(join_key(&pj, "port"));
             }
         }
     }
@@ -864,6 +882,7 @@ fn np_item(
     ns: &str,
 ) -> Option<RuleItem> {
     let before = ctx.errors.len();
+    let mut source = ItemSource::default();
     let peers = match peers {
         None | Some([]) => Peers::All,
         Some(list) => {
@@ -872,6 +891,10 @@ fn np_item(
             for (j, peer) in list.iter().enumerate() {
                 let p = join_index(&base, j);
                 if let Some(peer) = np_peer(ctx, &p, peer, ns) {
+                    source.peers.push(match &peer {
+                        Peer::Cidr { .. } => join_key(&join_key(&p, "ipBlock"), "cidr"),
+                        _ => p,
+                    });
                     out.push(peer);
                 }
             }
@@ -884,7 +907,9 @@ fn np_item(
             let base = join_key(path, "ports");
             let mut out = Vec::new();
             for (k, port) in list.iter().enumerate() {
-                if let Some(pp) = np_port(ctx, &join_index(&base, k), port) {
+                let p = join_index(&base, k);
+                if let Some(pp) = np_port(ctx, &p, port) {
+                    source.ports.push(join_key(&p, "port"));
                     out.push(pp);
                 }
             }
@@ -894,6 +919,7 @@ fn np_item(
     if ctx.errors.len() != before {
         return None;
     }
+    ctx.sources.push((path.to_string(), source));
     Some(RuleItem {
         path: path.to_string(),
         pos: None,

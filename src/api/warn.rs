@@ -6,7 +6,10 @@
 //! Every warning has a [`WarningCode`]: one value per kind of warning, named in
 //! the printed line (`... [int-port]`), in `check --json`, and in the table of
 //! docs/policy.md ("Deliberate differences"), which a test keeps equal to
-//! [`WarningCode::ALL`]. Issue 17's lint warnings add codes here.
+//! [`WarningCode::ALL`]. The codes of [`WarningCode::POLICY_EFFECT`] are about
+//! what a valid policy does against the registry (`policy::lint`, and the
+//! duplicate name found at load); docs/policy.md lists them in "Warnings about
+//! what a policy does".
 
 use std::fmt;
 
@@ -33,17 +36,44 @@ pub enum WarningCode {
     /// The entities `world-ipv4` / `world-ipv6`: Cilium's agent knows them, its
     /// CRD's entity enum does not.
     EntityNotInCrd,
+    /// Two policies of different kinds with one namespace and name.
+    DuplicateName,
+    /// A rule's endpointSelector (nodeSelector, podSelector) selects no
+    /// endpoint of the registry: the rule enforces nothing.
+    SelectsNothing,
+    /// A peer selector matches no endpoint of the registry (nor a reserved
+    /// identity): that peer allows or denies nothing.
+    PeerMatchesNothing,
+    /// A named port that no endpoint it could apply to declares: it matches
+    /// nothing.
+    NamedPortUndeclared,
+    /// An allow rule item every flow of which a deny rule denies.
+    ShadowedAllow,
+    /// A CiliumNetworkPolicy CIDR rule whose range covers registry endpoints,
+    /// which such a rule never matches.
+    CidrCoversEndpoints,
 }
 
 impl WarningCode {
-    /// Every code, in the order of the docs table.
+    /// Every code, in the order of the docs tables: how a file is written,
+    /// then [`POLICY_EFFECT`](Self::POLICY_EFFECT).
     pub const ALL: &'static [WarningCode] = &[
         WarningCode::IntPort,
         WarningCode::NonString,
         WarningCode::Yaml11Bool,
         WarningCode::Yaml11Number,
         WarningCode::EntityNotInCrd,
+        WarningCode::DuplicateName,
+        WarningCode::SelectsNothing,
+        WarningCode::PeerMatchesNothing,
+        WarningCode::NamedPortUndeclared,
+        WarningCode::ShadowedAllow,
+        WarningCode::CidrCoversEndpoints,
     ];
+
+    /// The codes about what a valid policy does (the others are about how a
+    /// file is written), in the order of their docs table: the last of [`ALL`](Self::ALL).
+    pub const POLICY_EFFECT: &'static [WarningCode] = Self::ALL.split_at(5).1;
 
     /// The code as printed and documented.
     pub fn code(self) -> &'static str {
@@ -53,6 +83,12 @@ impl WarningCode {
             WarningCode::Yaml11Bool => "yaml11-bool",
             WarningCode::Yaml11Number => "yaml11-number",
             WarningCode::EntityNotInCrd => "entity-not-in-crd",
+            WarningCode::DuplicateName => "duplicate-name",
+            WarningCode::SelectsNothing => "selects-nothing",
+            WarningCode::PeerMatchesNothing => "peer-matches-nothing",
+            WarningCode::NamedPortUndeclared => "named-port-undeclared",
+            WarningCode::ShadowedAllow => "shadowed-allow",
+            WarningCode::CidrCoversEndpoints => "cidr-covers-endpoints",
         }
     }
 }
@@ -85,6 +121,16 @@ impl fmt::Display for Warning {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_effect_codes_are_those_issue_17_added() {
+        assert_eq!(
+            WarningCode::POLICY_EFFECT.first(),
+            Some(&WarningCode::DuplicateName)
+        );
+        assert_eq!(WarningCode::POLICY_EFFECT.len(), 6);
+        assert!(!WarningCode::POLICY_EFFECT.contains(&WarningCode::EntityNotInCrd));
+    }
 
     #[test]
     fn codes_are_unique_and_serialize_as_printed() {

@@ -5,7 +5,9 @@
 //! Output goes to stdout (it is the command's result, and scripts capture it):
 //! `ok: ...` and exit 0 when everything is valid; otherwise one
 //! `file:line:column: ...` line per problem and exit 1 (a count goes to stderr).
-//! Warnings (`api::warn`: accepted, but worth a look) follow as
+//! Warnings (`api::warn`: accepted, but worth a look; those about what the
+//! policies do against the registry come from `policy::lint` through the
+//! pipeline) follow as
 //! `file:line:column: warning: ... [code]` lines and do not change the exit
 //! status, unless `--strict` makes them fail too. `--json` prints one object:
 //! `{"valid", "problems": [...], "warnings": [...], "policies", "rules", "endpoints", ...}`,
@@ -28,7 +30,8 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub files: FileArgs,
     /// Fail (exit 1) on warnings too: lenient spellings a Cilium cluster would
-    /// refuse or read differently
+    /// refuse or read differently, and policies that do nothing or not what
+    /// they say against the registry
     #[arg(long)]
     pub strict: bool,
 }

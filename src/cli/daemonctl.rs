@@ -175,15 +175,22 @@ pub fn format_status(s: &Status) -> String {
     if let Some(e) = &s.state_error {
         out.push_str(&format!("  state_dir: {e}\n"));
     }
-    if !s.errors.is_empty() {
-        out.push_str(&format!(
-            "  {} problem(s) in the input files; the last valid set stays in force:\n",
-            s.errors.len()
-        ));
-        for e in &s.errors {
-            out.push_str(&format!("    {}\n", e.message));
+    let mut list = |what: &str, lines: Vec<&str>| {
+        if !lines.is_empty() {
+            out.push_str(&format!("  {} {what}:\n", lines.len()));
+            for l in lines {
+                out.push_str(&format!("    {l}\n"));
+            }
         }
-    }
+    };
+    list(
+        "problem(s) in the input files; the last valid set stays in force",
+        s.errors.iter().map(|e| e.message.as_str()).collect(),
+    );
+    list(
+        "warning(s) in the input files (applied as they are)",
+        s.warnings.iter().map(|w| w.message.as_str()).collect(),
+    );
     out
 }
 
@@ -302,7 +309,15 @@ pub fn format_event(ev: &MonitorEvent) -> String {
         }
     };
     let why = match (&ev.rule, ev.reason) {
-        (Some(r), _) => format!("{} {} ({}) {}", r.file, r.policy, r.kind, r.path),
+        (Some(r), _) => format!(
+            "{} {} ({}{}) {}{}",
+            r.file,
+            r.policy,
+            r.kind,
+            if r.staged { ", staged" } else { "" },
+            r.path,
+            if r.default_deny { " default deny" } else { "" }
+        ),
         (None, Reason::DefaultDeny) => "default deny".into(),
         (None, other) => other.to_string(),
     };
@@ -323,7 +338,9 @@ pub fn format_event(ev: &MonitorEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::status::{CountersView, EndpointKind, EndpointState, FileError};
+    use crate::daemon::status::{
+        CountersView, EndpointKind, EndpointState, FileError, FileWarning,
+    };
 
     #[test]
     fn status_text_says_degraded_and_lists_problems() {
@@ -344,6 +361,13 @@ mod tests {
             node: "host-a".into(),
             last_apply_ms: Some(1.25),
             policies_from_last_good: true,
+            warnings: vec![FileWarning {
+                file: "/etc/netpol.d/b.yaml".into(),
+                line: Some(7),
+                column: Some(5),
+                code: "selects-nothing".into(),
+                message: "/etc/netpol.d/b.yaml:7:5: warning: spec.endpointSelector: selects nothing [selects-nothing]".into(),
+            }],
             ..Status::default()
         };
         assert_eq!(
@@ -352,7 +376,9 @@ mod tests {
              \x20 4 endpoints (3 attached, 1 pending), 2 policies, last apply 1.2 ms\n\
              \x20 enforcing the last valid policy files saved in state_dir (the live ones are invalid)\n\
              \x20 1 problem(s) in the input files; the last valid set stays in force:\n\
-             \x20   /etc/netpol.d/a.yaml:3:5: spec: unknown field\n"
+             \x20   /etc/netpol.d/a.yaml:3:5: spec: unknown field\n\
+             \x20 1 warning(s) in the input files (applied as they are):\n\
+             \x20   /etc/netpol.d/b.yaml:7:5: warning: spec.endpointSelector: selects nothing [selects-nothing]\n"
         );
     }
 

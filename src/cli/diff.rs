@@ -35,8 +35,10 @@ Examples:
 
 Every ordered pair of registry endpoints is checked on every port that some
 policy of either set names (one port per port range), one port no policy names
-(\"other\"), and ICMP echo. Exit status: 0 nothing changes, 1 some verdict
-changes, 2 error (invalid files: every problem is printed).";
+(\"other\"), and ICMP echo. A flow that passes now and that a staged policy
+(netpol.io/audit: \"true\") would deny once enforced shows as \"allowed, would
+deny once enforced\". Exit status: 0 nothing changes, 1 some verdict changes, 2
+error (invalid files: every problem is printed).";
 
 #[derive(Debug, Args)]
 #[command(after_help = DIFF_EXAMPLES)]
@@ -64,6 +66,8 @@ pub enum Effective {
     Allowed,
     /// Passes only because of audit mode.
     Audit,
+    /// Passes; a staged policy would deny it once enforced.
+    Staged,
     Denied,
 }
 
@@ -71,6 +75,7 @@ impl Effective {
     fn of(r: &TraceResult) -> Effective {
         match (r.verdict, r.audit) {
             (Verdict::Denied, _) => Effective::Denied,
+            (Verdict::Allowed, true) if r.staged() => Effective::Staged,
             (Verdict::Allowed, true) => Effective::Audit,
             (Verdict::Allowed, false) => Effective::Allowed,
         }
@@ -80,6 +85,7 @@ impl Effective {
         match self {
             Effective::Allowed => "allowed",
             Effective::Audit => "audit",
+            Effective::Staged => "allowed, would deny once enforced",
             Effective::Denied => "denied",
         }
     }
@@ -258,6 +264,17 @@ fn describe(d: &DirectionResult) -> String {
                 r.path
             )
         }
+        (Reason::StagedDenyRule, Some(r)) => format!(
+            "{dir} of {who}: would deny once enforced: staged {} {} {}",
+            r.policy,
+            r.file.display(),
+            r.path
+        ),
+        (Reason::StagedDefaultDeny, Some(r)) => format!(
+            "{dir} of {who}: would deny once enforced: default deny of staged {} {}",
+            r.policy,
+            r.file.display()
+        ),
         (Reason::DefaultDeny, _) => format!("{dir} of {who}: default deny"),
         (Reason::NoPolicy, _) => format!("{dir} of {who}: no policy"),
         (Reason::NoDefaultDeny, _) => format!("{dir} of {who}: default deny disabled"),

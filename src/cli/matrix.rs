@@ -24,7 +24,8 @@ Examples:
   netpolctl matrix --port 5432 --svg matrix.svg --html matrix.html
 
 Rows are sources, columns destinations (numbered as in the legend); ✓ allowed,
-✗ denied, A allowed only because of audit mode, · the endpoint itself.";
+✗ denied, A allowed only because of audit mode, S allowed now and denied once a
+staged policy (netpol.io/audit) is enforced, · the endpoint itself.";
 
 #[derive(Debug, Args)]
 #[command(after_help = MATRIX_EXAMPLES)]
@@ -51,8 +52,32 @@ struct Cell {
     to: String,
     verdict: Verdict,
     audit: bool,
+    /// Allowed now; a staged policy would deny it once enforced.
+    staged: bool,
     /// What decided the flow (the rule, default deny, no policy).
     rule: String,
+}
+
+/// How a cell is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Allowed,
+    Denied,
+    /// Allowed only because of audit mode.
+    Audit,
+    /// Allowed; a staged policy would deny it once enforced.
+    Staged,
+}
+
+impl Mark {
+    fn of(r: &crate::policy::trace::TraceResult) -> Mark {
+        match (r.verdict, r.audit) {
+            (Verdict::Denied, _) => Mark::Denied,
+            (Verdict::Allowed, false) => Mark::Allowed,
+            (Verdict::Allowed, true) if r.staged() => Mark::Staged,
+            (Verdict::Allowed, true) => Mark::Audit,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -89,14 +114,14 @@ pub fn run(args: &MatrixArgs) -> anyhow::Result<i32> {
         .iter()
         .map(|s| s.endpoint.clone().unwrap_or_default())
         .collect();
-    let mut grid: Vec<Vec<(Verdict, bool)>> = Vec::new();
+    let mut grid: Vec<Vec<Mark>> = Vec::new();
     let mut rules: Vec<Vec<String>> = Vec::new();
     for s in &eps {
         let results: Vec<_> = eps
             .iter()
             .map(|d| trace(&compiled, s, d, p, port))
             .collect();
-        grid.push(results.iter().map(|r| (r.verdict, r.audit)).collect());
+        grid.push(results.iter().map(Mark::of).collect());
         rules.push(results.iter().map(super::diff::deciding_rule).collect());
     }
     let pname = crate::policy::trace::proto_name(p);
@@ -118,12 +143,17 @@ pub fn run(args: &MatrixArgs) -> anyhow::Result<i32> {
     if args.files.json {
         let mut flows = Vec::new();
         for (i, row) in grid.iter().enumerate() {
-            for (j, (v, a)) in row.iter().enumerate() {
+            for (j, m) in row.iter().enumerate() {
                 flows.push(Cell {
                     from: names[i].clone(),
                     to: names[j].clone(),
-                    verdict: *v,
-                    audit: *a,
+                    verdict: if *m == Mark::Denied {
+                        Verdict::Denied
+                    } else {
+                        Verdict::Allowed
+                    },
+                    audit: matches!(m, Mark::Audit | Mark::Staged),
+                    staged: *m == Mark::Staged,
                     rule: rules[i][j].clone(),
                 });
             }
@@ -155,14 +185,15 @@ pub fn run(args: &MatrixArgs) -> anyhow::Result<i32> {
     println!("{header}");
     for (i, row) in grid.iter().enumerate() {
         let mut line = format!("{:<w$} ", names[i]);
-        for (j, (v, a)) in row.iter().enumerate() {
+        for (j, m) in row.iter().enumerate() {
             let ch = if i == j {
                 "·"
             } else {
-                match (v, a) {
-                    (Verdict::Allowed, false) => "✓",
-                    (Verdict::Allowed, true) => "A",
-                    (Verdict::Denied, _) => "✗",
+                match m {
+                    Mark::Allowed => "✓",
+                    Mark::Audit => "A",
+                    Mark::Staged => "S",
+                    Mark::Denied => "✗",
                 }
             };
             line.push_str(&format!("{:>cw$}", ch));
@@ -177,7 +208,7 @@ struct Picture<'a> {
     proto: &'a str,
     port: u16,
     names: &'a [String],
-    grid: &'a [Vec<(Verdict, bool)>],
+    grid: &'a [Vec<Mark>],
     rules: &'a [Vec<String>],
 }
 
@@ -202,6 +233,7 @@ const CELL: usize = 24;
 const GREEN: &str = "#2e9e44";
 const RED: &str = "#d1352b";
 const AMBER: &str = "#e3a21a";
+const PURPLE: &str = "#8e44ad";
 const GREY: &str = "#c8c8c8";
 
 impl Picture<'_> {
@@ -210,9 +242,10 @@ impl Picture<'_> {
             return ("self", GREY);
         }
         match self.grid[i][j] {
-            (Verdict::Allowed, false) => ("allowed", GREEN),
-            (Verdict::Allowed, true) => ("audit", AMBER),
-            (Verdict::Denied, _) => ("denied", RED),
+            Mark::Allowed => ("allowed", GREEN),
+            Mark::Audit => ("audit", AMBER),
+            Mark::Staged => ("staged", PURPLE),
+            Mark::Denied => ("denied", RED),
         }
     }
 
@@ -295,6 +328,7 @@ impl Picture<'_> {
             ("allowed", GREEN),
             ("denied", RED),
             ("audit", AMBER),
+            ("staged", PURPLE),
             ("self", GREY),
         ]
         .iter()

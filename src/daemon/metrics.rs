@@ -109,6 +109,9 @@ pub struct Snapshot {
     pub endpoints: BTreeMap<String, u64>,
     /// Verdict events read from the ring buffer, by verdict.
     pub events: BTreeMap<String, u64>,
+    /// Audit events with a deciding rule, by that rule's policy: (kind,
+    /// `namespace/name` or `name`, staged).
+    pub policy_audits: BTreeMap<(String, String, bool), u64>,
 }
 
 impl Default for Snapshot {
@@ -126,6 +129,7 @@ impl Default for Snapshot {
             file_errors: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             events: BTreeMap::new(),
+            policy_audits: BTreeMap::new(),
         }
     }
 }
@@ -248,8 +252,9 @@ impl Metrics {
         });
     }
 
-    /// Verdict events read from the ring buffer.
-    pub fn record_events(&self, events: &[VerdictEvent]) {
+    /// Verdict events read from the ring buffer; an audit event's rule is
+    /// resolved against the `installed` state to count it for its policy.
+    pub fn record_events(&self, events: &[VerdictEvent], installed: Option<&Compiled>) {
         if events.is_empty() {
             return;
         }
@@ -261,6 +266,11 @@ impl Metrics {
                     EventVerdict::Audit => "audit",
                 };
                 *s.events.entry(v.to_string()).or_default() += 1;
+                let rule = e.rule.and_then(|r| installed?.rules.get(r as usize));
+                if let (EventVerdict::Audit, Some(r)) = (e.verdict, rule) {
+                    let key = (r.kind.clone(), r.policy.clone(), r.staged);
+                    *s.policy_audits.entry(key).or_default() += 1;
+                }
             }
         });
     }
@@ -435,6 +445,21 @@ pub fn render(s: &Snapshot) -> String {
     );
     for (v, n) in &s.events {
         let _ = writeln!(o, "netpol_events_total{} {n}", labels(&[("verdict", v)]));
+    }
+
+    family(
+        &mut o,
+        "netpol_policy_audit_events_total",
+        "counter",
+        "Audit events read from the ring buffer, by the policy whose rule would have denied the flow (staged: not enforced)",
+    );
+    for ((kind, policy, staged), n) in &s.policy_audits {
+        let l = labels(&[
+            ("kind", kind),
+            ("policy", policy),
+            ("staged", if *staged { "true" } else { "false" }),
+        ]);
+        let _ = writeln!(o, "netpol_policy_audit_events_total{l} {n}");
     }
 
     family(
@@ -670,6 +695,65 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Audit events count for the policy whose rule decided them, staged or
+    /// not; events without a rule or of another verdict do not.
+    #[test]
+    fn audit_events_are_counted_by_policy() {
+        use crate::datapath::EventReason;
+        use crate::policy::types::{Direction, RuleRef};
+        let rule = |policy: &str, staged: bool| RuleRef {
+            file: "p.yaml".into(),
+            kind: "CiliumNetworkPolicy".into(),
+            policy: policy.into(),
+            path: "spec".into(),
+            staged,
+            default_deny: staged,
+        };
+        let c = Compiled {
+            rules: vec![rule("default/lock", true), rule("default/web", false)],
+            ..Compiled::default()
+        };
+        let ev = |verdict, rule| VerdictEvent {
+            ifindex: 1,
+            slot: 0,
+            direction: Direction::Ingress,
+            verdict,
+            reason: EventReason::DefaultDeny,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: 6,
+            sport: 1,
+            dport: 80,
+            src_identity: 2,
+            dst_identity: 300,
+            rule,
+        };
+        let m = Metrics::new();
+        m.record_events(
+            &[
+                ev(EventVerdict::Audit, Some(0)),
+                ev(EventVerdict::Audit, Some(0)),
+                ev(EventVerdict::Audit, Some(1)),
+                ev(EventVerdict::Audit, None),
+                ev(EventVerdict::Denied, Some(1)),
+            ],
+            Some(&c),
+        );
+        let t = m.render();
+        for line in [
+            "netpol_policy_audit_events_total{kind=\"CiliumNetworkPolicy\",policy=\"default/lock\",staged=\"true\"} 2\n",
+            "netpol_policy_audit_events_total{kind=\"CiliumNetworkPolicy\",policy=\"default/web\",staged=\"false\"} 1\n",
+            "netpol_events_total{verdict=\"audit\"} 4\n",
+        ] {
+            assert!(t.contains(line), "{line}{t}");
+        }
+        assert_eq!(
+            t.matches("netpol_policy_audit_events_total{").count(),
+            2,
+            "{t}"
+        );
+    }
 
     #[test]
     fn histogram_renders_cumulative_buckets() {

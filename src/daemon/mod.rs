@@ -469,6 +469,8 @@ mod tests {
                         origin: origin("CiliumNetworkPolicy", n),
                         kind: PolicyKind::CiliumNetworkPolicy,
                         rules: vec![].into(),
+                        staged: false,
+                        source: Default::default(),
                     })
                     .collect(),
             })

@@ -19,9 +19,9 @@ use super::metrics;
 use super::netlink::LinkTable;
 use super::save::Saver;
 use super::sdnotify::Notifier;
-use super::status::{display_name, EndpointView, FileError, MonitorEvent, Status};
+use super::status::{display_name, EndpointView, FileError, FileWarning, MonitorEvent, Status};
 use crate::api::model::Interface;
-use crate::api::Problem;
+use crate::api::{Problem, Warning};
 use crate::datapath::{Attachment, Counters, Datapath};
 use crate::error::chain;
 use crate::pipeline::{self, Compile, Held, Hint, Inputs, Kind};
@@ -102,6 +102,9 @@ pub struct Reconciler<D> {
     last_apply_ms: Option<f64>,
     problems: Vec<Problem>,
     logged_problems: Vec<Problem>,
+    /// The inputs' warnings now, and those last logged.
+    warnings: Vec<Warning>,
+    logged_warnings: Vec<Warning>,
     /// When the datapath counters were last copied into the metrics.
     counters_at: Option<Instant>,
 }
@@ -136,6 +139,8 @@ impl<D: Datapath> Reconciler<D> {
             last_apply_ms: None,
             problems: Vec::new(),
             logged_problems: Vec::new(),
+            warnings: Vec::new(),
+            logged_warnings: Vec::new(),
             counters_at: None,
         }
     }
@@ -201,6 +206,8 @@ impl<D: Datapath> Reconciler<D> {
         problems.sort();
         problems.dedup();
         self.problems = problems;
+        self.warnings = pass.warnings;
+        self.log_warnings();
         if self.held.policies.is_none() || self.held.registry.is_none() {
             self.log_problems();
             slog::error!(self.out.log, "no valid policy set or registry and none saved; nothing applied";
@@ -337,6 +344,17 @@ impl<D: Datapath> Reconciler<D> {
         self.logged_problems = self.problems.clone();
     }
 
+    /// Log the input warnings once each time the set of warnings changes.
+    fn log_warnings(&mut self) {
+        if self.warnings == self.logged_warnings {
+            return;
+        }
+        for w in &self.warnings {
+            slog::warn!(self.out.log, "{}", w; "file" => %w.at.file.display(), "code" => w.code.code());
+        }
+        self.logged_warnings = self.warnings.clone();
+    }
+
     /// Local endpoints whose interface exists now, by slot. An interface claimed
     /// twice goes to the first endpoint.
     fn attachments(&self, compiled: &Compiled) -> Vec<Attachment> {
@@ -389,6 +407,7 @@ impl<D: Datapath> Reconciler<D> {
                 || policies_from_last_good
                 || registry_from_last_good,
             errors: self.problems.iter().map(FileError::from).collect(),
+            warnings: self.warnings.iter().map(FileWarning::from).collect(),
             endpoints,
             attached,
             pending: local - attached,
@@ -474,7 +493,7 @@ impl<D: Datapath> Reconciler<D> {
         for _ in 0..16 {
             let batch = self.datapath.poll_events(1024);
             if let Some(m) = &self.out.metrics {
-                m.record_events(&batch);
+                m.record_events(&batch, self.installed.as_ref().map(|i| &i.compiled));
             }
             if batch.is_empty() {
                 return;

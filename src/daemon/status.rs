@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{model, Problem};
+use crate::api::{model, Problem, Warning};
 use crate::datapath::{Attachment, Counters, EventReason, EventVerdict, VerdictEvent};
 use crate::policy::types::{self, Compiled, CompiledEndpoint, RuleRef};
 
@@ -181,6 +181,31 @@ impl From<&Problem> for FileError {
     }
 }
 
+/// One warning about one input file, as `status` reports it: the set applied
+/// (warnings never refuse it), but something in it deserves a look.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileWarning {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// The warning's code (`selects-nothing`, `int-port`, ...).
+    pub code: String,
+    /// The whole line a user reads: `file:line:col: warning: ... [code]`.
+    pub message: String,
+}
+
+impl From<&Warning> for FileWarning {
+    fn from(w: &Warning) -> Self {
+        FileWarning {
+            file: w.at.file.display().to_string(),
+            line: w.at.line,
+            column: w.at.column,
+            code: w.code.code().to_string(),
+            message: w.to_string(),
+        }
+    }
+}
+
 /// Health of the daemon (`netpolctl status`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -194,6 +219,10 @@ pub struct Status {
     pub degraded: bool,
     /// Every problem in the input files now.
     pub errors: Vec<FileError>,
+    /// Every warning about the input files now (`netpolctl check` prints the
+    /// same); they do not make the daemon degraded.
+    #[serde(default)]
+    pub warnings: Vec<FileWarning>,
     /// Registry endpoints (local and remote).
     pub endpoints: usize,
     /// Local endpoints whose interface is attached.
@@ -294,6 +323,12 @@ pub struct RuleView {
     pub kind: String,
     pub policy: String,
     pub path: String,
+    /// The policy is staged: its would-be drops pass as audit.
+    #[serde(default)]
+    pub staged: bool,
+    /// The default deny the rule brings, not one of its items.
+    #[serde(default)]
+    pub default_deny: bool,
 }
 
 impl From<&RuleRef> for RuleView {
@@ -303,6 +338,8 @@ impl From<&RuleRef> for RuleView {
             kind: r.kind.clone(),
             policy: r.policy.clone(),
             path: r.path.clone(),
+            staged: r.staged,
+            default_deny: r.default_deny,
         }
     }
 }

@@ -65,6 +65,9 @@ pub fn verdict_code(verdict: EntryVerdict) -> u8 {
     match verdict {
         EntryVerdict::Allow => np_verdict::NP_VERDICT_ALLOW.0,
         EntryVerdict::Deny => np_verdict::NP_VERDICT_DENY.0,
+        EntryVerdict::StagedDeny => np_verdict::NP_VERDICT_STAGED_DENY.0,
+        EntryVerdict::AllowStagedDeny => np_verdict::NP_VERDICT_ALLOW_STAGED_DENY.0,
+        EntryVerdict::StagedDefaultDeny => np_verdict::NP_VERDICT_STAGED_DEFAULT.0,
     }
 }
 
@@ -590,6 +593,9 @@ mod tests {
         assert_eq!(direction_code(Direction::Egress), 1);
         assert_eq!(verdict_code(EntryVerdict::Allow), 1);
         assert_eq!(verdict_code(EntryVerdict::Deny), 2);
+        assert_eq!(verdict_code(EntryVerdict::StagedDeny), 3);
+        assert_eq!(verdict_code(EntryVerdict::AllowStagedDeny), 4);
+        assert_eq!(verdict_code(EntryVerdict::StagedDefaultDeny), 5);
         assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 1);
         assert_eq!(np_none::NP_RULE_NONE.0, u32::MAX);
         assert_eq!(np_none::NP_SLOT_NONE.0, u32::MAX);

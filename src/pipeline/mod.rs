@@ -22,6 +22,7 @@ use crate::api::model::{PolicySet, RegistrySet};
 use crate::api::{Problem, Warning};
 use crate::config::Config;
 use crate::policy::compile::{CompileError, CompileOptions, Compiler};
+use crate::policy::lint;
 use crate::policy::types::Compiled;
 
 /// Compiles the valid sets: the real [`Compiler`], or a stand-in (tests of the
@@ -81,6 +82,9 @@ pub struct Held {
     /// Sets replaced by passes; the caller drops them when it likes (freeing
     /// thousands of policies is not on the way to enforcement).
     pub retired: Vec<Box<dyn Any + Send + Sync>>,
+    /// The lint warnings of the sets in force (`policy::lint`) and the node
+    /// name they were found for: found again only when a set or the name changes.
+    lint: Option<(String, Vec<Warning>)>,
 }
 
 impl Held {
@@ -105,7 +109,9 @@ pub struct Pass {
     /// Every problem of the inputs now: the policies', then the registry's
     /// (each kind in file order), then a refusal for not fitting the maps.
     pub problems: Vec<Problem>,
-    /// Every warning of the inputs now (they never refuse a set).
+    /// Every warning of the inputs now (they never refuse a set): the inputs'
+    /// own, then what `policy::lint` finds in the sets in force when they
+    /// compiled.
     pub warnings: Vec<Warning>,
     /// The state to enforce; `None` when a kind has no valid set in force, or
     /// nothing in force fits the maps.
@@ -195,13 +201,24 @@ pub fn load_and_compile(
 ) -> Pass {
     let t0 = Instant::now();
     let mut pass = Pass::default();
+    let mut changed = true;
     match step(&mut held.policies, inputs, hint, saved, &mut pass) {
-        Step::Kept => {}
+        Step::Kept => changed = false,
         Step::Replaced(old) => held.replace_policies(old),
         Step::NoneInForce => held.policies_fit = false,
     }
-    if let Step::Replaced(Some(old)) = step(&mut held.registry, inputs, hint, saved, &mut pass) {
-        held.retired.push(Box::new(old));
+    match step(&mut held.registry, inputs, hint, saved, &mut pass) {
+        Step::Kept => {}
+        Step::Replaced(old) => {
+            changed = true;
+            if let Some(old) = old {
+                held.retired.push(Box::new(old));
+            }
+        }
+        Step::NoneInForce => changed = true,
+    }
+    if changed {
+        held.lint = None;
     }
     pass.files_parsed = inputs.files_parsed();
     pass.warnings = inputs.warnings();
@@ -233,6 +250,16 @@ pub fn load_and_compile(
         held.policies_fit = true;
         if let Some(old) = held.fitting.take() {
             held.retired.push(Box::new(old));
+        }
+        if let Ok(c) = &compiled {
+            let name = &opts.node_name;
+            if held.lint.as_ref().is_none_or(|(n, _)| n != name) {
+                let found = lint::lint(&pol.set, &reg.set, c, name);
+                held.lint = Some((name.clone(), found));
+            }
+            if let Some((_, found)) = &held.lint {
+                pass.warnings.extend(found.iter().cloned());
+            }
         }
     }
     pass.compile = t1.elapsed();
@@ -274,6 +301,8 @@ mod tests {
             },
             kind: PolicyKind::CiliumNetworkPolicy,
             rules: vec![].into(),
+            staged: false,
+            source: Default::default(),
         }
     }
 

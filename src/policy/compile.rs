@@ -32,6 +32,9 @@
 //!   policy works on identities, every endpoint sharing that identity is matched.
 //! - `allow_localhost`: an allow entry host (1) → every workload's ingress, subject
 //!   to deny rules like any allow (as Cilium inserts it).
+//! - Staged policies (`netpol.io/audit: "true"`) are expanded like the others and
+//!   folded into the group's entries in one place, `compile::staged`: they bring no default
+//!   deny and change no verdict; what they would deny gets entries of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -52,6 +55,8 @@ use crate::policy::identity;
 use crate::policy::labels;
 use crate::policy::registry::{self, ResolvedEndpoint};
 use crate::sizes::{MapKind, MapSizes, SETTINGS_FILE};
+
+mod staged;
 
 /// Inputs to compile that come from the daemon config rather than the files.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -134,10 +139,10 @@ impl From<CompileError> for Problem {
 
 /// One port key: protocol (0 = any), port, port prefix bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct PortKey {
-    proto: u8,
-    port: u16,
-    prefix: u8,
+pub(crate) struct PortKey {
+    pub(crate) proto: u8,
+    pub(crate) port: u16,
+    pub(crate) prefix: u8,
 }
 
 const ANY_KEY: PortKey = PortKey {
@@ -154,6 +159,9 @@ struct TEntry {
     key: PortKey,
     verdict: EntryVerdict,
     rule: u32,
+    /// From a staged policy's item (`Allow` or `Deny`), until [`staged::finish`]
+    /// turns the entries into what the lookup reads.
+    staged: bool,
 }
 
 #[derive(Debug, Default)]
@@ -172,12 +180,18 @@ struct ItemInfo<'a> {
     origin: &'a Origin,
     dir: Direction,
     verdict: EntryVerdict,
+    /// Its policy is staged.
+    staged: bool,
 }
 
 /// One rule, flattened, with the indexes of its items (= their rule refs).
 struct RuleInfo<'a> {
     rule: &'a crate::api::model::Rule,
     items: Vec<u32>,
+    /// Its policy is staged; then the rule refs of the default deny it brings
+    /// (ingress, egress), if it does.
+    staged: bool,
+    default_deny_refs: [Option<u32>; 2],
 }
 
 /// Protocols of a `Proto` when a port is given.
@@ -211,7 +225,7 @@ pub fn port_range_blocks(start: u16, end: u16) -> Vec<(u16, u8)> {
     out
 }
 
-fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) {
+pub(crate) fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) {
     let end = end.filter(|e| *e > p);
     for &pr in protos(proto_) {
         if p == 0 && end.is_none() {
@@ -233,7 +247,7 @@ fn number_keys(p: u16, end: Option<u16>, proto_: Proto, out: &mut Vec<PortKey>) 
 }
 
 /// Keys of a named port resolved against one destination's declared ports.
-fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<PortKey>) {
+pub(crate) fn named_keys(name: &str, want: Proto, declared: &[NamedPort], out: &mut Vec<PortKey>) {
     for np in declared
         .iter()
         .filter(|np| np.name.eq_ignore_ascii_case(name))
@@ -328,7 +342,7 @@ impl FastHasher {
 type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 /// Selector evaluation over every identity, with an index and a memo.
-struct SelectorIndex<'a> {
+pub(crate) struct SelectorIndex<'a> {
     /// (identity, labels), sorted by identity.
     ids: Vec<(Identity, &'a [Label])>,
     /// (key, value) → positions in `ids`, source ignored (checked afterwards).
@@ -339,7 +353,7 @@ struct SelectorIndex<'a> {
 }
 
 impl<'a> SelectorIndex<'a> {
-    fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
+    pub(crate) fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
         let mut by_kv: FastMap<(&'a str, &'a str), Vec<u32>> = FastMap::default();
         for (pos, (_, ls)) in ids.iter().enumerate() {
             for l in ls.iter() {
@@ -356,7 +370,7 @@ impl<'a> SelectorIndex<'a> {
         }
     }
 
-    fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
+    pub(crate) fn select(&mut self, sel: &'a Selector) -> Rc<Vec<Identity>> {
         if let Some(r) = self.memo.get(&(sel as *const Selector)) {
             return r.clone();
         }
@@ -416,84 +430,13 @@ impl<'a> Ctx<'a> {
             return r.clone();
         }
         let item = self.items[idx].item;
-        let mut ids: Vec<Identity> = Vec::new();
-        match &item.peers {
-            Peers::All => ids.push(identity::ANY),
-            Peers::List(list) => {
-                for p in list {
-                    match p {
-                        Peer::Endpoints(sel) => ids.extend(self.index.select(sel).iter().copied()),
-                        Peer::Cidr {
-                            net,
-                            except,
-                            match_endpoints,
-                        } => {
-                            let net = net.trunc();
-                            if net.prefix_len() == 0 {
-                                ids.push(match net {
-                                    IpNet::V4(_) => identity::WORLD_IPV4,
-                                    IpNet::V6(_) => identity::WORLD_IPV6,
-                                });
-                            }
-                            // Only prefixes whose network address lies in `net` can be
-                            // inside it: a range of the sorted map, not a scan (thousands
-                            // of CIDR peers against thousands of prefixes is quadratic).
-                            for (p, id) in self.cidr_ids.range(within(&net)) {
-                                if net_contains(&net, p)
-                                    && !except.iter().any(|e| net_contains(e, p))
-                                {
-                                    ids.push(*id);
-                                }
-                            }
-                            if *match_endpoints {
-                                // The addresses are sorted: those from the net's first
-                                // to its last address, not a scan per peer.
-                                let (lo, hi) = (net.network(), net.broadcast());
-                                let start = self.workload_addrs.partition_point(|(a, _)| *a < lo);
-                                for (a, id) in self.workload_addrs[start..]
-                                    .iter()
-                                    .take_while(|(a, _)| *a <= hi)
-                                {
-                                    if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
-                                        ids.push(*id);
-                                    }
-                                }
-                            }
-                        }
-                        Peer::Entity(e) => match identity::entity_reserved(*e) {
-                            None => ids.push(identity::ANY),
-                            Some(r) => {
-                                ids.extend(r);
-                                match e {
-                                    Entity::World => ids.extend(self.cidr_ids.values().copied()),
-                                    Entity::WorldIpv4 => ids.extend(
-                                        self.cidr_ids
-                                            .iter()
-                                            .filter(|(n, _)| matches!(n, IpNet::V4(_)))
-                                            .map(|(_, i)| *i),
-                                    ),
-                                    Entity::WorldIpv6 => ids.extend(
-                                        self.cidr_ids
-                                            .iter()
-                                            .filter(|(n, _)| matches!(n, IpNet::V6(_)))
-                                            .map(|(_, i)| *i),
-                                    ),
-                                    Entity::Cluster => {
-                                        ids.extend(self.workload_ids.iter().copied())
-                                    }
-                                    _ => {}
-                                }
-                            }
-                        },
-                    }
-                }
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.first() == Some(&identity::ANY) {
-            ids.truncate(1);
-        }
+        let ids = peer_identities(
+            &item.peers,
+            &mut self.index,
+            &self.cidr_ids,
+            &self.workload_ids,
+            &self.workload_addrs,
+        );
         let rc = Rc::new(ids);
         self.peer_memo[idx] = Some(rc.clone());
         rc
@@ -514,7 +457,7 @@ impl<'a> Ctx<'a> {
             return Ok(());
         }
         let info = &self.items[idx];
-        let (dir, verdict, rule) = (info.dir, info.verdict, idx as u32);
+        let (dir, verdict, rule, staged) = (info.dir, info.verdict, idx as u32, info.staged);
         let mut keys: Vec<PortKey> = Vec::new();
         let push = |id: Identity, keys: &[PortKey], out: &mut Vec<TEntry>| -> Result<(), Over> {
             for k in keys {
@@ -524,6 +467,7 @@ impl<'a> Ctx<'a> {
                     key: *k,
                     verdict,
                     rule,
+                    staged,
                 });
             }
             check_raw(out, limit)
@@ -577,6 +521,95 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// The identities a rule item's peers stand for, sorted (just 0, any
+/// identity, when they include it): selectors through the index over every
+/// identity, CIDRs through the sorted CIDR identities (and, for a Kubernetes
+/// ipBlock, the workloads' sorted addresses), entities as their reserved
+/// identities and what `world` / `cluster` also cover. Shared with
+/// `policy::lint`, which must expand peers as compile does.
+pub(crate) fn peer_identities<'a>(
+    peers: &'a Peers,
+    index: &mut SelectorIndex<'a>,
+    cidr_ids: &BTreeMap<IpNet, Identity>,
+    workload_ids: &[Identity],
+    workload_addrs: &[(IpAddr, Identity)],
+) -> Vec<Identity> {
+    let mut ids: Vec<Identity> = Vec::new();
+    match peers {
+        Peers::All => ids.push(identity::ANY),
+        Peers::List(list) => {
+            for p in list {
+                match p {
+                    Peer::Endpoints(sel) => ids.extend(index.select(sel).iter().copied()),
+                    Peer::Cidr {
+                        net,
+                        except,
+                        match_endpoints,
+                    } => {
+                        let net = net.trunc();
+                        if net.prefix_len() == 0 {
+                            ids.push(match net {
+                                IpNet::V4(_) => identity::WORLD_IPV4,
+                                IpNet::V6(_) => identity::WORLD_IPV6,
+                            });
+                        }
+                        // Only prefixes whose network address lies in `net` can be
+                        // inside it: a range of the sorted map, not a scan (thousands
+                        // of CIDR peers against thousands of prefixes is quadratic).
+                        for (p, id) in cidr_ids.range(within(&net)) {
+                            if net_contains(&net, p) && !except.iter().any(|e| net_contains(e, p)) {
+                                ids.push(*id);
+                            }
+                        }
+                        if *match_endpoints {
+                            // The addresses are sorted: those from the net's first
+                            // to its last address, not a scan per peer.
+                            let (lo, hi) = (net.network(), net.broadcast());
+                            let start = workload_addrs.partition_point(|(a, _)| *a < lo);
+                            for (a, id) in
+                                workload_addrs[start..].iter().take_while(|(a, _)| *a <= hi)
+                            {
+                                if net.contains(a) && !except.iter().any(|e| e.contains(a)) {
+                                    ids.push(*id);
+                                }
+                            }
+                        }
+                    }
+                    Peer::Entity(e) => match identity::entity_reserved(*e) {
+                        None => ids.push(identity::ANY),
+                        Some(r) => {
+                            ids.extend(r);
+                            match e {
+                                Entity::World => ids.extend(cidr_ids.values().copied()),
+                                Entity::WorldIpv4 => ids.extend(
+                                    cidr_ids
+                                        .iter()
+                                        .filter(|(n, _)| matches!(n, IpNet::V4(_)))
+                                        .map(|(_, i)| *i),
+                                ),
+                                Entity::WorldIpv6 => ids.extend(
+                                    cidr_ids
+                                        .iter()
+                                        .filter(|(n, _)| matches!(n, IpNet::V6(_)))
+                                        .map(|(_, i)| *i),
+                                ),
+                                Entity::Cluster => ids.extend(workload_ids.iter().copied()),
+                                _ => {}
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.first() == Some(&identity::ANY) {
+        ids.truncate(1);
+    }
+    ids
+}
+
 /// A template went over the entry limit.
 #[derive(Debug)]
 struct Over;
@@ -587,8 +620,13 @@ struct Over;
 /// amortised: at least `limit` pushes separate two compactions.
 fn check_raw(out: &mut Vec<TEntry>, limit: usize) -> Result<(), Over> {
     if out.len() > limit.saturating_mul(2) {
-        finish_entries(out);
-        if out.len() > limit {
+        let n = if out.iter().any(|e| e.staged) {
+            staged::compact(out)
+        } else {
+            finish_entries(out);
+            out.len()
+        };
+        if n > limit {
             return Err(Over);
         }
     }
@@ -726,10 +764,7 @@ fn compile_with(
     // Each CIDR prefix with the item that names it (for the ipcache budget).
     let mut cidr_prefixes: Vec<(IpNet, u32)> = Vec::new();
     for pol in &policies.policies {
-        let pname = match &pol.origin.namespace {
-            Some(ns) => format!("{ns}/{}", pol.origin.name),
-            None => pol.origin.name.clone(),
-        };
+        let pname = policy_name(&pol.origin);
         for rule in pol.rules.iter() {
             let mut idxs = Vec::new();
             let dirs: [(&Vec<RuleItem>, Direction, EntryVerdict); 4] = [
@@ -762,16 +797,24 @@ fn compile_with(
                         origin: &pol.origin,
                         dir,
                         verdict,
+                        staged: pol.staged,
                     });
                     rule_refs.push(RuleRef {
                         file: pol.origin.file.clone(),
                         kind: pol.origin.kind.clone(),
                         policy: pname.clone(),
                         path: item.path.clone(),
+                        staged: pol.staged,
+                        default_deny: false,
                     });
                 }
             }
-            rules.push(RuleInfo { rule, items: idxs });
+            rules.push(RuleInfo {
+                rule,
+                items: idxs,
+                staged: pol.staged,
+                default_deny_refs: [None; 2],
+            });
         }
     }
     let localhost_rule = if opts.allow_localhost {
@@ -780,11 +823,16 @@ fn compile_with(
             kind: "config".into(),
             policy: "allow_localhost".into(),
             path: "allow_localhost".into(),
+            staged: false,
+            default_deny: false,
         });
         Some((rule_refs.len() - 1) as u32)
     } else {
         None
     };
+    // The default deny of each staged rule, numbered after every item (and the
+    // config's): what a would-be drop by it is reported with.
+    staged::default_deny_refs(policies, &mut rules, &mut rule_refs);
 
     // --- identities.
     check_ipcache(&items, &cidr_prefixes, registry, opts)?;
@@ -1093,18 +1141,24 @@ fn build_template(
 ) -> Result<Template, Option<u32>> {
     let mut t = Template::default();
     let mut raw = Vec::new();
+    let mut staged = staged::Staged::default();
     for &ri in rule_list {
         let info = &rules[ri as usize];
         let r = info.rule;
         let has_in = !r.ingress.is_empty() || !r.ingress_deny.is_empty() || r.isolate_ingress;
         let has_eg = !r.egress.is_empty() || !r.egress_deny.is_empty() || r.isolate_egress;
-        if has_in {
-            t.enforced_ingress = true;
-            t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
-        }
-        if has_eg {
-            t.enforced_egress = true;
-            t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
+        if info.staged {
+            // A staged rule enforces nothing: its default deny is noted apart.
+            staged.note(info.default_deny_refs);
+        } else {
+            if has_in {
+                t.enforced_ingress = true;
+                t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
+            }
+            if has_eg {
+                t.enforced_egress = true;
+                t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
+            }
         }
         for &idx in &info.items {
             ctx.expand(idx as usize, ports, &mut raw, limit)
@@ -1118,9 +1172,14 @@ fn build_template(
             key: ANY_KEY,
             verdict: EntryVerdict::Allow,
             rule,
+            staged: false,
         });
     }
-    finish_entries(&mut raw);
+    if staged.any() || raw.iter().any(|e| e.staged) {
+        staged.finish(&mut raw, [t.default_deny_ingress, t.default_deny_egress]);
+    } else {
+        finish_entries(&mut raw);
+    }
     if raw.len() > limit {
         return Err(top_item(&raw, ctx.items.len()).map(|(i, _)| i));
     }
@@ -1144,6 +1203,14 @@ fn top_item(entries: &[TEntry], n_items: usize) -> Option<(u32, usize)> {
         }
     }
     best
+}
+
+/// `namespace/name` or `name`, as rule refs name a policy.
+fn policy_name(o: &Origin) -> String {
+    match &o.namespace {
+        Some(ns) => format!("{ns}/{}", o.name),
+        None => o.name.clone(),
+    }
 }
 
 /// `Kind namespace/name` or `Kind name`, as parse problems name a document.
@@ -1420,10 +1487,12 @@ impl Compiled {
                 },
                 e.identity,
                 format_key(e.proto, e.port, e.port_prefix),
-                if e.verdict == EntryVerdict::Allow {
-                    "allow"
-                } else {
-                    "deny"
+                match e.verdict {
+                    EntryVerdict::Allow => "allow",
+                    EntryVerdict::Deny => "deny",
+                    EntryVerdict::StagedDeny => "staged-deny",
+                    EntryVerdict::AllowStagedDeny => "allow+staged-deny",
+                    EntryVerdict::StagedDefaultDeny => "staged-default-deny",
                 },
                 e.rule
             );
@@ -1431,11 +1500,13 @@ impl Compiled {
         for (i, r) in self.rules.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "rule {i} {} {} {} {}",
+                "rule {i} {} {} {} {}{}{}",
                 r.kind,
                 r.policy,
                 r.file.display(),
-                r.path
+                r.path,
+                if r.default_deny { " default-deny" } else { "" },
+                if r.staged { " staged" } else { "" },
             );
         }
         s

@@ -10,8 +10,17 @@
 //!    orders protocol before port: an entry with protocol 0 (any) is the shortest,
 //!    then protocol P with port prefix 0, then longer port prefixes up to 16.
 //! 2. If L1 or L2 is a Deny → denied (by L1's rule if L1 denies, else L2's).
-//! 3. Else if L1 or L2 is an Allow → allowed (by L1's rule if L1 allows, else L2's).
-//! 4. Else denied by default deny if E is default-deny in D, otherwise allowed.
+//! 3. Else if L1 (else L2) is a StagedDeny or AllowStagedDeny: when L1 or L2 is
+//!    an Allow or AllowStagedDeny, or E is not default-deny in D, allowed as
+//!    audit by that staged rule; otherwise denied by default deny.
+//! 4. Else if L1 or L2 is an Allow → allowed (by L1's rule if L1 allows, else L2's).
+//! 5. Else if E is not default-deny in D and L1 (else L2) is a StagedDefaultDeny
+//!    → allowed as audit by that staged rule's default deny.
+//! 6. Else denied by default deny if E is default-deny in D, otherwise allowed.
+//!
+//! Staged policies reach the lookup only through those verdicts (compile folds
+//! them in: `compile::staged`): the flow gets the enforced policies' verdict,
+//! and steps 3 and 5 say when a staged one would deny it.
 //!
 //! The ipcache is longest-prefix-match; it always holds `0.0.0.0/0` and `::/0`
 //! (world-ipv4 / world-ipv6) so a lookup never misses, but a miss is world (2).
@@ -100,14 +109,23 @@ pub enum Outcome {
     NotEnforced,
     /// Nothing matched; policies select it but none enables default deny.
     NoDefaultDeny,
+    /// Allowed by the enforced policies; a staged policy's deny rule would deny
+    /// it: passes, reported as audit.
+    StagedDeny,
+    /// Allowed by the enforced policies (nothing matched, no default deny); the
+    /// default deny of a staged policy would deny it: passes, reported as audit.
+    StagedDefaultDeny,
 }
 
 impl Outcome {
+    /// The flow passes (staged denials pass).
     pub fn allowed(self) -> bool {
-        matches!(
-            self,
-            Outcome::AllowedByEntry | Outcome::NotEnforced | Outcome::NoDefaultDeny
-        )
+        !matches!(self, Outcome::DeniedByEntry | Outcome::DefaultDeny)
+    }
+
+    /// A staged policy would deny the flow once enforced.
+    pub fn staged(self) -> bool {
+        matches!(self, Outcome::StagedDeny | Outcome::StagedDefaultDeny)
     }
 }
 
@@ -144,30 +162,43 @@ pub fn decide(
         longest_match(entries, remote, proto, port)
     };
     let l2 = longest_match(entries, identity::ANY, proto, port);
-    let is = |e: Option<&PolicyEntry>, v: EntryVerdict| e.is_some_and(|e| e.verdict == v);
-    let (outcome, entry) = if is(l1, EntryVerdict::Deny) {
-        (Outcome::DeniedByEntry, l1)
-    } else if is(l2, EntryVerdict::Deny) {
-        (Outcome::DeniedByEntry, l2)
-    } else if is(l1, EntryVerdict::Allow) {
-        (Outcome::AllowedByEntry, l1)
-    } else if is(l2, EntryVerdict::Allow) {
-        (Outcome::AllowedByEntry, l2)
-    } else {
-        let ep = c.endpoints.get(slot as usize);
-        let (dd, enforced) = match (ep, dir) {
-            (Some(ep), Direction::Ingress) => (ep.default_deny_ingress, ep.enforced_ingress),
-            (Some(ep), Direction::Egress) => (ep.default_deny_egress, ep.enforced_egress),
-            (None, _) => (false, false),
-        };
-        let o = if dd {
-            Outcome::DefaultDeny
-        } else if enforced {
-            Outcome::NoDefaultDeny
+    let is =
+        |e: Option<&PolicyEntry>, v: &[EntryVerdict]| e.is_some_and(|e| v.contains(&e.verdict));
+    let first = |v: &[EntryVerdict]| {
+        if is(l1, v) {
+            l1
+        } else if is(l2, v) {
+            l2
         } else {
-            Outcome::NotEnforced
-        };
-        (o, None)
+            None
+        }
+    };
+    use EntryVerdict::{Allow, AllowStagedDeny, Deny, StagedDefaultDeny, StagedDeny};
+    let ep = c.endpoints.get(slot as usize);
+    let (dd, enforced) = match (ep, dir) {
+        (Some(ep), Direction::Ingress) => (ep.default_deny_ingress, ep.enforced_ingress),
+        (Some(ep), Direction::Egress) => (ep.default_deny_egress, ep.enforced_egress),
+        (None, _) => (false, false),
+    };
+    let enforced_allow = is(l1, &[Allow, AllowStagedDeny]) || is(l2, &[Allow, AllowStagedDeny]);
+    let (outcome, entry) = if let Some(d) = first(&[Deny]) {
+        (Outcome::DeniedByEntry, Some(d))
+    } else if let Some(s) = first(&[StagedDeny, AllowStagedDeny]) {
+        if enforced_allow || !dd {
+            (Outcome::StagedDeny, Some(s))
+        } else {
+            (Outcome::DefaultDeny, None)
+        }
+    } else if let Some(a) = first(&[Allow]) {
+        (Outcome::AllowedByEntry, Some(a))
+    } else if dd {
+        (Outcome::DefaultDeny, None)
+    } else if let Some(s) = first(&[StagedDefaultDeny]) {
+        (Outcome::StagedDefaultDeny, Some(s))
+    } else if enforced {
+        (Outcome::NoDefaultDeny, None)
+    } else {
+        (Outcome::NotEnforced, None)
     };
     Decision {
         outcome,

@@ -7,6 +7,7 @@
 pub mod compile;
 pub mod identity;
 pub mod labels;
+pub mod lint;
 pub mod lookup;
 pub mod registry;
 pub mod trace;

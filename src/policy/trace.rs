@@ -7,7 +7,8 @@
 //! one); each direction is decided by [`super::lookup::decide`], never by
 //! re-reading the rules. Traffic from an endpoint to itself is allowed (it never
 //! reaches the datapath). An endpoint in audit mode passes a flow its policy would
-//! deny and the direction is reported as `audit`.
+//! deny and the direction is reported as `audit`; so is a direction the enforced
+//! policies allow and a staged one would deny ("would deny once enforced").
 //!
 //! Pure; no I/O.
 
@@ -64,6 +65,10 @@ pub enum Reason {
     NotAnEndpoint,
     /// Source and destination are the same endpoint.
     SelfTraffic,
+    /// Allowed; a staged policy's deny rule would deny it once enforced.
+    StagedDenyRule,
+    /// Allowed; a staged policy's default deny would deny it once enforced.
+    StagedDefaultDeny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,7 +76,8 @@ pub enum Reason {
 pub enum DirVerdict {
     Allowed,
     Denied,
-    /// Would be denied, passes because the endpoint is in audit mode.
+    /// Would be denied, passes: the endpoint is in audit mode, or only a staged
+    /// policy would deny it.
     Audit,
 }
 
@@ -213,7 +219,19 @@ fn rule_text(r: &RuleRef) -> String {
     if r.kind == "config" {
         return format!("the daemon config ({})", r.path);
     }
-    format!("{} {} ({}) {}", r.kind, r.policy, r.file.display(), r.path)
+    format!(
+        "{}{}{} {} ({}) {}",
+        if r.default_deny {
+            "the default deny of "
+        } else {
+            ""
+        },
+        if r.staged { "staged " } else { "" },
+        r.kind,
+        r.policy,
+        r.file.display(),
+        r.path
+    )
 }
 
 fn dir_name(d: Direction) -> &'static str {
@@ -248,14 +266,19 @@ fn judge(
     let name = endpoint_display(c, slot);
     let d = lookup::decide(c, slot, dir, remote, proto_, port);
     let rule = d.entry.and_then(|e| c.rules.get(e.rule as usize)).cloned();
+    let rule_or_unknown = || {
+        rule.as_ref()
+            .map(rule_text)
+            .unwrap_or_else(|| "an unknown rule".into())
+    };
     let (reason, mut message) = match d.outcome {
         Outcome::AllowedByEntry => (
             Reason::Rule,
-            format!("allowed by {}", rule.as_ref().map(rule_text).unwrap_or_else(|| "an unknown rule".into())),
+            format!("allowed by {}", rule_or_unknown()),
         ),
         Outcome::DeniedByEntry => (
             Reason::DenyRule,
-            format!("denied by {}", rule.as_ref().map(rule_text).unwrap_or_else(|| "an unknown rule".into())),
+            format!("denied by {}", rule_or_unknown()),
         ),
         Outcome::DefaultDeny => (
             Reason::DefaultDeny,
@@ -271,8 +294,22 @@ fn judge(
                 dir_name(dir)
             ),
         ),
+        Outcome::StagedDeny => (
+            Reason::StagedDenyRule,
+            format!("audit (passes): would deny once enforced — {}", rule_or_unknown()),
+        ),
+        Outcome::StagedDefaultDeny => (
+            Reason::StagedDefaultDeny,
+            format!(
+                "audit (passes): would deny once enforced — {}: it selects {name} for {} and no rule allows this",
+                rule_or_unknown(),
+                dir_name(dir)
+            ),
+        ),
     };
-    let mut verdict = if d.allowed() {
+    let mut verdict = if d.outcome.staged() {
+        DirVerdict::Audit
+    } else if d.allowed() {
         DirVerdict::Allowed
     } else {
         DirVerdict::Denied
@@ -331,6 +368,17 @@ pub fn trace(c: &Compiled, src: &Side, dst: &Side, proto_: u8, port: u16) -> Tra
     }
 }
 
+impl TraceResult {
+    /// The flow passes, and a staged policy would deny it once enforced (in
+    /// some direction).
+    pub fn staged(&self) -> bool {
+        self.verdict == Verdict::Allowed
+            && [&self.egress, &self.ingress]
+                .iter()
+                .any(|d| matches!(d.reason, Reason::StagedDenyRule | Reason::StagedDefaultDeny))
+    }
+}
+
 /// Resolve both sides by text and trace.
 pub fn trace_str(
     c: &Compiled,
@@ -370,6 +418,9 @@ impl fmt::Display for TraceResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = match (self.verdict, self.audit) {
             (Verdict::Allowed, false) => "ALLOWED",
+            (Verdict::Allowed, true) if self.staged() => {
+                "ALLOWED (audit: would deny once the staged policy is enforced)"
+            }
             (Verdict::Allowed, true) => "ALLOWED (audit)",
             (Verdict::Denied, _) => "DENIED",
         };

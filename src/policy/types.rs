@@ -28,11 +28,26 @@ pub enum Direction {
     Egress = 1,
 }
 
+/// What an entry says (the lookup contract of `super::lookup` decides a flow
+/// from the entries the two lookups find). The last three exist only where a
+/// staged policy selects the endpoint (docs/policy.md, "Staged policies").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum EntryVerdict {
+    /// An enforced allow.
     Allow = 1,
+    /// An enforced deny.
     Deny = 2,
+    /// A staged deny, and no enforced allow of this identity: the flow passes
+    /// as audit if the enforced policies allow it (an allow of the other
+    /// lookup, or no default deny), and is dropped by default deny otherwise.
+    StagedDeny = 3,
+    /// An enforced allow and a staged deny: passes as audit (the staged rule).
+    AllowStagedDeny = 4,
+    /// Only with identity 0 and any protocol: nothing here but the default deny
+    /// of a staged policy (the endpoint is not default-deny under the enforced
+    /// ones): a flow nothing else decides passes as audit.
+    StagedDefaultDeny = 5,
 }
 
 /// IP protocol numbers used in entries; 0 = any protocol.
@@ -111,8 +126,14 @@ pub struct RuleRef {
     pub kind: String,
     /// `namespace/name` for namespaced policies, `name` otherwise.
     pub policy: String,
-    /// Field path of the item, e.g. `spec.ingress[0]`.
+    /// Field path of the item, e.g. `spec.ingress[0]` (of the rule, `spec`,
+    /// for a staged rule's default deny).
     pub path: String,
+    /// The policy is staged: what this rule denies is reported, not enforced.
+    pub staged: bool,
+    /// Not an item: the default deny the (staged) rule brings to the endpoints
+    /// it selects.
+    pub default_deny: bool,
 }
 
 /// The whole compiled state.

@@ -11,6 +11,7 @@
 //! include_registry: [etc/examples/seed/endpoints.d/seed.yaml]              # optional
 //! node_name: host-a            # optional, default host-a
 //! allow_localhost: false       # optional
+//! warnings: ["spec.ingress[0]: [shadowed-allow]"]   # optional: what `policy::lint` says
 //! flows:
 //!   - frontend-1 backend tcp/80 allowed     # SRC DST PROTO/PORT allowed|denied
 //!   - 203.0.113.9 backend icmp/8 denied
@@ -49,6 +50,9 @@ struct Expect {
     #[serde(default)]
     allow_localhost: bool,
     flows: Vec<String>,
+    /// The warnings `policy::lint` gives the case, as `FIELD: [code]`, in order.
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 const REGISTRY_KINDS: &[&str] = &["Endpoint", "HostEndpoint", "Node", "Namespace"];
@@ -99,6 +103,18 @@ fn parse_proto_port(s: &str) -> Result<(u8, u16), String> {
 
 /// Run one case; returns the failures (empty = pass).
 fn run_case(path: &Path) -> Result<usize, Vec<String>> {
+    let (policies, registry, expect) = load_case(path)?;
+    let opts = CompileOptions {
+        node_name: expect.node_name.clone().unwrap_or_else(|| "host-a".into()),
+        allow_localhost: expect.allow_localhost,
+        ..Default::default()
+    };
+    let c = compile(&policies, &registry, &opts);
+    check_flows(path, &c, &expect)
+}
+
+/// The policies, registry and expectations of one case, valid, or every problem.
+fn load_case(path: &Path) -> Result<(PolicySet, RegistrySet, Expect), Vec<String>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     let mut pol_text = String::new();
@@ -167,12 +183,15 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
             path.display()
         )]);
     }
-    let opts = CompileOptions {
-        node_name: expect.node_name.clone().unwrap_or_else(|| "host-a".into()),
-        allow_localhost: expect.allow_localhost,
-        ..Default::default()
-    };
-    let c = compile(&policies, &registry, &opts);
+    Ok((policies, registry, expect))
+}
+
+/// Check a case's flows against its compiled state.
+fn check_flows(
+    path: &Path,
+    c: &netpol::policy::types::Compiled,
+    expect: &Expect,
+) -> Result<usize, Vec<String>> {
     let mut failures = Vec::new();
     for flow in &expect.flows {
         let f: Vec<&str> = flow.split_whitespace().collect();
@@ -201,7 +220,7 @@ fn run_case(path: &Path) -> Result<usize, Vec<String>> {
                 continue;
             }
         };
-        match trace_str(&c, f[0], f[1], p, port) {
+        match trace_str(c, f[0], f[1], p, port) {
             Ok(r) if r.verdict == want => {}
             Ok(r) => failures.push(format!(
                 "{}: flow {flow:?}: got {:?}\n{r}",
@@ -268,6 +287,40 @@ fn no_case_warns() {
             .collect();
         let loaded = api::parse_policies_warned(&c, &policies);
         warnings.extend(loaded.warnings.iter().map(ToString::to_string));
+    }
+    assert!(warnings.is_empty(), "{}", warnings.join("\n"));
+}
+
+/// No conformance case gets a warning about what its policies do (issue 17,
+/// `policy::lint`) but those its `Expect` names in `warnings` (`FIELD: [code]`):
+/// the cases that show a construct doing nothing on purpose (a named port a
+/// peer does not declare, an allow a deny shadows).
+#[test]
+fn no_case_lints() {
+    let mut warnings = Vec::new();
+    for c in cases() {
+        let (policies, registry, expect) =
+            load_case(&c).unwrap_or_else(|e| panic!("{}", e.join("\n")));
+        let node = expect.node_name.clone().unwrap_or_else(|| "host-a".into());
+        let opts = CompileOptions {
+            node_name: node.clone(),
+            allow_localhost: expect.allow_localhost,
+            ..Default::default()
+        };
+        let compiled = compile(&policies, &registry, &opts);
+        let found = netpol::policy::lint::lint(&policies, &registry, &compiled, &node);
+        let got: Vec<String> = found
+            .iter()
+            .map(|w| format!("{}: [{}]", w.at.field.as_deref().unwrap_or(""), w.code))
+            .collect();
+        if got != expect.warnings {
+            warnings.push(format!(
+                "{}: expected warnings {:?}, got:\n{}",
+                c.display(),
+                expect.warnings,
+                found.iter().map(|w| format!("  {w}\n")).collect::<String>()
+            ));
+        }
     }
     assert!(warnings.is_empty(), "{}", warnings.join("\n"));
 }

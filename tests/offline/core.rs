@@ -236,6 +236,8 @@ fn cnp(ns: &str, name: &str, rules: Vec<R>) -> Policy {
         origin: origin("CiliumNetworkPolicy", Some(ns), name),
         kind: PolicyKind::CiliumNetworkPolicy,
         rules: rules.into_iter().map(|r| r.0).collect(),
+        staged: false,
+        source: Default::default(),
     }
 }
 fn ccnp(name: &str, rules: Vec<R>) -> Policy {
@@ -243,6 +245,8 @@ fn ccnp(name: &str, rules: Vec<R>) -> Policy {
         origin: origin("CiliumClusterwideNetworkPolicy", None, name),
         kind: PolicyKind::CiliumClusterwideNetworkPolicy,
         rules: rules.into_iter().map(|r| r.0).collect(),
+        staged: false,
+        source: Default::default(),
     }
 }
 fn knp(ns: &str, name: &str, rule: R) -> Policy {
@@ -250,6 +254,8 @@ fn knp(ns: &str, name: &str, rule: R) -> Policy {
         origin: origin("NetworkPolicy", Some(ns), name),
         kind: PolicyKind::NetworkPolicy,
         rules: vec![rule.0].into(),
+        staged: false,
+        source: Default::default(),
     }
 }
 
@@ -1944,4 +1950,240 @@ fn retain_local_entries_keeps_slots() {
     assert_eq!(c.endpoints.len(), n);
     assert!(!c.entries.iter().any(|e| e.endpoint == be));
     assert!(!c.entries.is_empty());
+}
+
+// ---------------------------------------------------------------- staged policies
+
+fn staged(mut p: Policy) -> Policy {
+    p.staged = true;
+    p
+}
+
+/// A staged deny-all on backend: every flow to it passes, those the enforced
+/// policies allow are reported as audit by the staged policy (its default
+/// deny), and enforcing it denies them.
+#[test]
+fn staged_deny_all_passes_and_reports_what_it_would_deny() {
+    let lock = || {
+        cnp(
+            "default",
+            "lockdown",
+            vec![R::eps(nsel("default", &[("app", "backend")]))
+                .ingress(item(Peers::List(vec![]), L4::Any))],
+        )
+    };
+    let c = build(vec![staged(lock())], seed_endpoints());
+    let r = trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap();
+    assert_eq!((r.verdict, r.audit), (Verdict::Allowed, true));
+    assert_eq!(r.ingress.verdict, DirVerdict::Audit);
+    assert_eq!(r.ingress.reason, Reason::StagedDefaultDeny);
+    let rule = r.ingress.rule.as_ref().expect("attributed");
+    assert_eq!(
+        (rule.policy.as_str(), rule.staged, rule.default_deny),
+        ("default/lockdown", true, true)
+    );
+    assert_eq!(
+        r.ingress.message,
+        "audit (passes): would deny once enforced — the default deny of staged CiliumNetworkPolicy default/lockdown (lockdown.yaml) spec: it selects default/backend for ingress and no rule allows this"
+    );
+    // Not selected by it: untouched.
+    let r = trace_str(&c, "backend", "database", TCP, 5432).unwrap();
+    assert_eq!((r.verdict, r.audit), (Verdict::Allowed, false));
+    // Enforced, the same flows are denied.
+    let c = build(vec![lock()], seed_endpoints());
+    assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
+}
+
+/// A staged deny under an enforced allow: audit; a staged allow never opens
+/// what the enforced default deny drops; an enforced deny stays a deny.
+#[test]
+fn staged_rules_change_no_enforced_verdict() {
+    let be = || nsel("default", &[("app", "backend")]);
+    let fe = || nsel("default", &[("app", "frontend")]);
+    let db = || nsel("default", &[("app", "database")]);
+    let enforced = cnp(
+        "default",
+        "fe-to-be",
+        vec![R::eps(be())
+            .ingress(item(from_eps(vec![fe()]), tcp(80)))
+            .ingress_deny(item(from_eps(vec![db()]), tcp(443)))],
+    );
+    let stage = staged(cnp(
+        "default",
+        "tighten",
+        vec![R::eps(be())
+            .ingress_deny(item(from_eps(vec![fe()]), tcp(80)))
+            .ingress(item(from_eps(vec![db()]), L4::Any))],
+    ));
+    let c = build(vec![enforced, stage], seed_endpoints());
+    let r = trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap();
+    assert_eq!(
+        (r.verdict, r.audit, r.ingress.reason),
+        (Verdict::Allowed, true, Reason::StagedDenyRule)
+    );
+    assert_eq!(r.ingress.rule.as_ref().unwrap().path, "spec.ingressDeny[0]");
+    assert!(
+        r.ingress.message.starts_with(
+            "audit (passes): would deny once enforced — staged CiliumNetworkPolicy default/tighten"
+        ),
+        "{}",
+        r.ingress.message
+    );
+    // The staged allow of database opens nothing: default deny as before.
+    let r = trace_str(&c, "database", "backend", TCP, 80).unwrap();
+    assert_eq!(
+        (r.verdict, r.ingress.reason),
+        (Verdict::Denied, Reason::DefaultDeny)
+    );
+    // The enforced deny denies.
+    let r = trace_str(&c, "database", "backend", TCP, 443).unwrap();
+    assert_eq!(
+        (r.verdict, r.ingress.reason),
+        (Verdict::Denied, Reason::DenyRule)
+    );
+    check_invariants(&c);
+}
+
+/// Where only a staged policy brings default deny, its allows are the
+/// exceptions: what they allow passes silently, the rest passes as audit.
+#[test]
+fn staged_allows_are_exceptions_to_a_staged_default_deny() {
+    let stage = staged(cnp(
+        "default",
+        "be-in",
+        vec![R::eps(nsel("default", &[("app", "backend")])).ingress(item(
+            from_eps(vec![nsel("default", &[("app", "frontend")])]),
+            tcp(80),
+        ))],
+    ));
+    let c = build(vec![stage], seed_endpoints());
+    let r = trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap();
+    assert_eq!((r.verdict, r.audit), (Verdict::Allowed, false));
+    let r = trace_str(&c, "frontend-1", "backend", TCP, 81).unwrap();
+    assert_eq!(
+        (r.verdict, r.audit, r.ingress.reason),
+        (Verdict::Allowed, true, Reason::StagedDefaultDeny)
+    );
+    let r = trace_str(&c, "database", "backend", TCP, 80).unwrap();
+    assert_eq!((r.verdict, r.audit), (Verdict::Allowed, true));
+    // The endpoint is not default-deny under the enforced policies.
+    let be = c.endpoints.iter().find(|e| e.name == "backend").unwrap();
+    assert!(!be.default_deny_ingress && !be.enforced_ingress);
+}
+
+mod staged_oracle {
+    //! Random enforced and staged policies in both directions: the staged ones
+    //! change no verdict, and a direction is reported as a staged audit exactly
+    //! when the enforced policies allow it and enforcing the staged ones too
+    //! would deny it.
+    use super::*;
+    use netpol::policy::trace::TraceResult;
+    use proptest::prelude::*;
+
+    const APPS: &[&str] = &["frontend", "backend", "database"];
+
+    #[derive(Debug, Clone)]
+    struct It {
+        egress: bool,
+        deny: bool,
+        peer: Option<usize>, // None: every peer
+        port: Option<u16>,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Pol {
+        subject: usize,
+        staged: bool,
+        no_default_deny: bool,
+        items: Vec<It>,
+    }
+
+    fn arb_pol() -> impl Strategy<Value = Pol> {
+        let it = (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(0..3usize),
+            proptest::option::of(prop_oneof![Just(80u16), Just(443u16)]),
+        )
+            .prop_map(|(egress, deny, peer, port)| It {
+                egress,
+                deny,
+                peer,
+                port,
+            });
+        (
+            0..3usize,
+            any::<bool>(),
+            proptest::bool::weighted(0.2),
+            proptest::collection::vec(it, 1..4),
+        )
+            .prop_map(|(subject, staged, no_default_deny, items)| Pol {
+                subject,
+                staged,
+                no_default_deny,
+                items,
+            })
+    }
+
+    fn model(i: usize, p: &Pol, staged: bool) -> Policy {
+        let mut r = R::eps(nsel("default", &[("app", APPS[p.subject])]));
+        for it in &p.items {
+            let peers = match it.peer {
+                None => entities(&[Entity::All]),
+                Some(a) => from_eps(vec![nsel("default", &[("app", APPS[a])])]),
+            };
+            let l4 = it.port.map_or(L4::Any, tcp);
+            r = match (it.egress, it.deny) {
+                (false, false) => r.ingress(item(peers, l4)),
+                (false, true) => r.ingress_deny(item(peers, l4)),
+                (true, false) => r.egress(item(peers, l4)),
+                (true, true) => r.egress_deny(item(peers, l4)),
+            };
+        }
+        if p.no_default_deny {
+            r.0.default_deny_ingress = Some(false);
+            r.0.default_deny_egress = Some(false);
+        }
+        let mut pol = cnp("default", &format!("p{i}"), vec![r]);
+        pol.staged = staged;
+        pol
+    }
+
+    fn dirs(r: &TraceResult) -> [&netpol::policy::trace::DirectionResult; 2] {
+        [&r.egress, &r.ingress]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+        #[test]
+        fn staged_policies_change_no_verdict_and_report_what_they_would_deny(
+            pols in proptest::collection::vec(arb_pol(), 1..5),
+            flows in proptest::collection::vec((0..4usize, 0..3usize, prop_oneof![Just(80u16), Just(443u16), Just(22u16)]), 12),
+        ) {
+            let set = |f: &dyn Fn(&Pol) -> Option<bool>| -> Vec<Policy> {
+                pols.iter().enumerate().filter_map(|(i, p)| f(p).map(|s| model(i, p, s))).collect()
+            };
+            let enforced = build(set(&|p| (!p.staged).then_some(false)), seed_endpoints());
+            let with_staged = build(set(&|p| Some(p.staged)), seed_endpoints());
+            let all_enforced = build(set(&|_| Some(false)), seed_endpoints());
+            let names = ["frontend-1", "backend", "database", "203.0.113.9"];
+            for (s, d, port) in flows {
+                let (from, to) = (names[s], names[d]);
+                if from == to { continue; }
+                let a = trace_str(&enforced, from, to, TCP, port).unwrap();
+                let b = trace_str(&with_staged, from, to, TCP, port).unwrap();
+                let c = trace_str(&all_enforced, from, to, TCP, port).unwrap();
+                prop_assert_eq!(b.verdict, a.verdict, "{} -> {} tcp/{}\n{}", from, to, port, with_staged.dump());
+                for ((da, db), dc) in dirs(&a).into_iter().zip(dirs(&b)).zip(dirs(&c)) {
+                    let would = da.verdict == DirVerdict::Allowed && dc.verdict == DirVerdict::Denied;
+                    let reported = matches!(db.reason, Reason::StagedDenyRule | Reason::StagedDefaultDeny);
+                    prop_assert_eq!(reported, would, "{:?} {} -> {} tcp/{}: enforced {:?}, with staged {:?}, all enforced {:?}\n{}", da.direction, from, to, port, da.message, db.message, dc.message, with_staged.dump());
+                    prop_assert_eq!(db.verdict == DirVerdict::Audit, would);
+                    if reported {
+                        prop_assert!(db.rule.as_ref().is_some_and(|r| r.staged), "{:?}", db.rule);
+                    }
+                }
+            }
+        }
+    }
 }

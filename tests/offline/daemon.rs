@@ -81,6 +81,8 @@ fn fake_load_policies(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
             origin: origin(&f, "CiliumNetworkPolicy", &name),
             kind: PolicyKind::CiliumNetworkPolicy,
             rules: vec![].into(),
+            staged: false,
+            source: Default::default(),
         });
     }
     if problems.is_empty() {
@@ -154,6 +156,8 @@ fn fake_compile(
                 kind: p.origin.kind.clone(),
                 policy: format!("default/{}", p.origin.name),
                 path: "spec.ingress[0]".into(),
+                staged: false,
+                default_deny: false,
             })
             .collect(),
         ..Compiled::default()
@@ -1411,4 +1415,125 @@ async fn socket_group_makes_the_socket_group_readable() {
         "runtime socket: socket_group \"npe-no-such-group\": no such group"
     );
     assert!(!dirs.config.socket_path().exists());
+}
+
+/// Through the real parser and core: a staged policy is applied without
+/// changing any default deny (its would-be denials are entries of their own),
+/// its audit events name it on the monitor, and the files' warnings are in
+/// `status` while the set applies; without the annotation it is enforced.
+#[tokio::test]
+async fn staged_policy_reports_and_warnings_are_in_status_through_the_real_pipeline() {
+    use netpol::policy::types::EntryVerdict;
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    let lockdown = |annotation: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: database-lockdown\n{annotation}spec:\n  endpointSelector: {{matchLabels: {{app: database}}}}\n  ingress:\n    - fromEndpoints: [{{matchLabels: {{app: backend}}}}]\n")
+    };
+    write(
+        &dirs.pol("lockdown.yaml"),
+        &lockdown("  annotations:\n    netpol.io/audit: \"true\"\n"),
+    );
+    write(&dirs.pol("nobody.yaml"), "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: nobody}\nspec:\n  endpointSelector: {matchLabels: {app: nobody}}\n  ingress: [{}]\n");
+    let dp = SharedDp::default();
+    let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), dp.clone());
+    run_daemon!(fut, async {
+        let s = d
+            .wait_for("both policies", |s, _| s.ready && s.policies == 2)
+            .await;
+        assert!(!s.degraded && s.errors.is_empty(), "{s:?}");
+        let nobody = dirs.pol("nobody.yaml").display().to_string();
+        let w: Vec<(&str, &str, &str)> = s
+            .warnings
+            .iter()
+            .map(|w| (w.file.as_str(), w.code.as_str(), w.message.as_str()))
+            .collect();
+        assert_eq!(
+            w,
+            [(
+                nobody.as_str(),
+                "selects-nothing",
+                format!("{nobody}:5:21: warning: document 1 (CiliumNetworkPolicy default/nobody): spec.endpointSelector: selects no endpoint of the registry in namespace \"default\", so this rule enforces nothing [selects-nothing]").as_str()
+            )]
+        );
+        let staged_rule = {
+            let dp = dp.0.lock().unwrap();
+            let c = dp.active.as_ref().unwrap();
+            let db = c.endpoints.iter().find(|e| e.name == "database").unwrap();
+            assert!(
+                !db.default_deny_ingress,
+                "a staged policy brings no default deny"
+            );
+            let e = c
+                .entries
+                .iter()
+                .find(|e| e.endpoint == db.slot && e.verdict == EntryVerdict::StagedDefaultDeny)
+                .expect("the staged default deny");
+            let r = &c.rules[e.rule as usize];
+            assert_eq!(
+                (r.policy.as_str(), r.staged, r.default_deny),
+                ("default/database-lockdown", true, true)
+            );
+            e.rule
+        };
+
+        let s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(b"monitor\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dp.0.lock().unwrap().events.push(VerdictEvent {
+            ifindex: 14,
+            slot: 1,
+            direction: Direction::Ingress,
+            verdict: EventVerdict::Audit,
+            reason: EventReason::DefaultDeny,
+            src: "10.0.1.11".parse().unwrap(),
+            dst: "10.0.1.31".parse().unwrap(),
+            proto: 6,
+            sport: 40000,
+            dport: 5432,
+            src_identity: 1000,
+            dst_identity: 1001,
+            rule: Some(staged_rule),
+        });
+        let mut lines = BufReader::new(r).lines();
+        let ev: netpol::daemon::status::MonitorEvent =
+            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let rule = ev.rule.as_ref().expect("attributed");
+        assert_eq!(
+            (
+                ev.verdict.as_str(),
+                rule.policy.as_str(),
+                rule.staged,
+                rule.default_deny
+            ),
+            ("audit", "default/database-lockdown", true, true)
+        );
+        let text = netpol::cli::daemonctl::format_event(&ev);
+        assert!(
+            text.ends_with(&format!(
+                " audit    10.0.1.11:40000 -> 10.0.1.31:5432 tcp/5432 default/database (ingress) {} default/database-lockdown (CiliumNetworkPolicy, staged) spec default deny",
+                dirs.pol("lockdown.yaml").display()
+            )),
+            "{text}"
+        );
+
+        // Enforced: database's ingress is default-deny, no staged entry is left.
+        let g = d.status().await.generation;
+        write(&dirs.pol("lockdown.yaml"), &lockdown(""));
+        d.wait_for("the policy enforced", |s, _| s.generation > g)
+            .await;
+        {
+            let dp = dp.0.lock().unwrap();
+            let c = dp.active.as_ref().unwrap();
+            let db = c.endpoints.iter().find(|e| e.name == "database").unwrap();
+            assert!(db.default_deny_ingress);
+            assert!(c
+                .entries
+                .iter()
+                .all(|e| matches!(e.verdict, EntryVerdict::Allow | EntryVerdict::Deny)));
+            assert!(c.rules.iter().all(|r| !r.staged));
+        }
+        assert_eq!(d.status().await.warnings.len(), 1);
+        d.stop();
+    });
 }

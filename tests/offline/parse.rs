@@ -232,13 +232,104 @@ fn warning_fixtures() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let all: BTreeSet<_> = api::WarningCode::ALL.iter().copied().collect();
-    assert_eq!(codes, all, "every warning code needs a fixture");
+    let all: BTreeSet<_> = api::WarningCode::ALL
+        .iter()
+        .copied()
+        .filter(|c| !LINT_ONLY.contains(c))
+        .collect();
+    assert_eq!(codes, all, "every warning code needs a fixture (those only the registry shows, in tests/fixtures/lint)");
+}
+
+/// `netpolctl check --policy-dir POL --endpoint-dir REG`.
+fn check_args(pol: &Path, reg: &Path) -> Vec<String> {
+    [
+        "check",
+        "--policy-dir",
+        pol.to_str().unwrap(),
+        "--endpoint-dir",
+        reg.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The warning codes only a registry shows (`policy::lint`): their fixtures
+/// are under `tests/fixtures/lint`, checked by [`lint_fixtures`].
+const LINT_ONLY: &[api::WarningCode] = &[
+    api::WarningCode::SelectsNothing,
+    api::WarningCode::PeerMatchesNothing,
+    api::WarningCode::NamedPortUndeclared,
+    api::WarningCode::ShadowedAllow,
+    api::WarningCode::CidrCoversEndpoints,
+];
+
+/// Every `tests/fixtures/lint/<case>/netpol.d`, checked by `netpolctl check`
+/// against `tests/fixtures/lint/endpoints.d`, prints exactly `<case>/expected`
+/// (the case directory written `DIR`); `NETPOL_BLESS=1` rewrites them. Every
+/// code only a registry shows has a case, and `--json` lists the warnings
+/// apart from the problems.
+#[test]
+fn lint_fixtures() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lint");
+    let registry = root.join("endpoints.d");
+    let bless = std::env::var_os("NETPOL_BLESS").is_some();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("netpol.d").is_dir())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() > LINT_ONLY.len(),
+        "a case per code and a quiet one: {cases:?}"
+    );
+    let (mut failures, mut codes) = (Vec::new(), BTreeSet::new());
+    for case in cases {
+        let args = check_args(&case.join("netpol.d"), &registry);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = netpolctl(&args);
+        let got = out.replace(&case.display().to_string(), "DIR");
+        let expected = case.join("expected");
+        if bless {
+            std::fs::write(&expected, &got).unwrap();
+        } else if read(&expected) != got {
+            failures.push(format!(
+                "{}:\n--- expected\n{}--- got\n{got}{err}",
+                case.display(),
+                read(&expected)
+            ));
+        }
+        assert_eq!(code, 0, "warnings never make a set invalid: {out}{err}");
+        let json: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let v: serde_json::Value = serde_json::from_str(&netpolctl(&json).1).unwrap();
+        assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+        for w in v["warnings"].as_array().unwrap() {
+            let c = api::WarningCode::ALL
+                .iter()
+                .find(|c| w["code"] == c.code())
+                .unwrap_or_else(|| panic!("unknown code in {w}"));
+            codes.insert(*c);
+        }
+        let strict: Vec<&str> = args.iter().copied().chain(["--strict"]).collect();
+        let want = if v["warnings"].as_array().unwrap().is_empty() {
+            0
+        } else {
+            1
+        };
+        assert_eq!(netpolctl(&strict).0, want, "{}: --strict", case.display());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let lint: BTreeSet<_> = LINT_ONLY.iter().copied().collect();
+    assert_eq!(
+        codes, lint,
+        "every lint code needs a case, and only those warn"
+    );
 }
 
 /// docs/policy.md lists every deliberate difference from a Cilium cluster: the
-/// lenient table names exactly the warning codes, the strict one a fixture per
-/// row whose expected messages quote the row's excerpt.
+/// lenient table names exactly the warning codes about how a file is written,
+/// the strict one a fixture per row whose expected messages quote the row's
+/// excerpt; and every warning about what a policy does, with its fixture.
 #[test]
 fn documented_differences_match_the_code() {
     let root = repo();
@@ -260,15 +351,45 @@ fn documented_differences_match_the_code() {
             })
             .collect()
     };
-    let documented: BTreeSet<String> = rows("### Accepted with a warning")
+    let codes = |of: &mut dyn Iterator<Item = &api::WarningCode>| -> Vec<String> {
+        of.map(|c| c.code().to_string()).collect()
+    };
+    let documented: Vec<String> = rows("### Accepted with a warning")
         .into_iter()
         .map(|r| r[0].clone())
         .collect();
-    let codes: BTreeSet<String> = api::WarningCode::ALL
-        .iter()
-        .map(|c| c.code().to_string())
-        .collect();
-    assert_eq!(documented, codes);
+    let effect = api::WarningCode::POLICY_EFFECT;
+    assert_eq!(
+        documented,
+        codes(&mut api::WarningCode::ALL.iter().filter(|c| !effect.contains(c)))
+    );
+    // Each warning about what a policy does, in its own table, with an example
+    // that is a fixture of the code.
+    let effects = rows("## Warnings about what a policy does");
+    assert_eq!(
+        effects.iter().map(|r| r[0].clone()).collect::<Vec<_>>(),
+        codes(&mut effect.iter())
+    );
+    let mut printed = String::new();
+    for r in &effects {
+        // | code | warns about | example (a fixture) | what to do |
+        let fixture = root.join("tests/fixtures").join(&r[2]);
+        assert!(fixture.exists(), "{} does not exist", fixture.display());
+        let expected = match fixture.parent().and_then(Path::parent) {
+            Some(case) if r[2].starts_with("lint/") => case.join("expected"),
+            _ => fixture.with_extension("expected"),
+        };
+        printed.push_str(&read(&expected).replace("DIR/netpol.d/", ""));
+    }
+    // The example lines are what the fixtures print.
+    let start = doc.find("What each prints").expect("examples");
+    let block = doc[start..].split("```").nth(1).expect("a code block");
+    for line in block.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            printed.contains(line),
+            "docs/policy.md shows a warning no fixture prints: {line}"
+        );
+    }
     let strict = rows("### Refused although a Cilium cluster accepts it");
     assert!(strict.len() >= 5, "{strict:?}");
     for r in strict {
@@ -1093,7 +1214,7 @@ fn check_fails_with_file_line_column() {
 fn check_prints_warnings_and_strict_fails_on_them() {
     let (tmp, pol, reg) = check_dirs(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {matchLabels: {prod: yes}}\n  ingress:\n    - toPorts: [{ports: [{port: 80}]}]\n",
-        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.1]}\n",
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a, labels: {prod: \"yes\"}}\nspec: {addresses: [10.0.0.1]}\n",
     );
     let base = [
         "check",
@@ -1146,7 +1267,7 @@ fn check_prints_warnings_and_strict_fails_on_them() {
     // With an error too: the problems, then the warnings; exit 1.
     std::fs::write(
         reg.join("eps.yaml"),
-        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a}\nspec: {addresses: [10.0.0.300]}\n",
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: a, labels: {prod: \"yes\"}}\nspec: {addresses: [10.0.0.300]}\n",
     )
     .unwrap();
     let (code, out, err) = netpolctl(&base);
@@ -1275,4 +1396,81 @@ fn trace_honours_the_configs_audit_and_allow_localhost() {
         trace("audit = true\n", "default/database"),
         ("allowed".to_string(), true)
     );
+}
+
+/// `metadata.annotations["netpol.io/audit"]` stages a policy of every kind:
+/// "true" stages it, "false" and no annotation enforce it; an unquoted `true`
+/// stages it too, with the warning every unquoted string gets.
+#[test]
+fn audit_annotation_stages_a_policy_of_every_kind() {
+    let doc = |kind: &str, name: &str, annotation: &str| {
+        let (api_version, spec) = match kind {
+            "NetworkPolicy" => ("networking.k8s.io/v1", "spec: {podSelector: {}}"),
+            _ => (
+                "cilium.io/v2",
+                "spec: {endpointSelector: {}, ingress: [{}]}",
+            ),
+        };
+        format!("---\napiVersion: {api_version}\nkind: {kind}\nmetadata:\n  name: {name}\n  annotations:\n    netpol.io/audit: {annotation}\n    other.example/x: \"y\"\n{spec}\n")
+    };
+    let text = [
+        doc("CiliumNetworkPolicy", "a", "\"true\""),
+        doc("CiliumClusterwideNetworkPolicy", "b", "\"true\""),
+        doc("NetworkPolicy", "c", "\"true\""),
+        doc("CiliumNetworkPolicy", "d", "\"false\""),
+        doc("NetworkPolicy", "e", "true"),
+    ]
+    .concat();
+    let loaded = api::parse_policies_warned(Path::new("staged.yaml"), &text);
+    let ps = loaded
+        .result
+        .unwrap_or_else(|e| panic!("{}", lines(&e).join("\n")));
+    let staged: Vec<(&str, bool)> = ps
+        .iter()
+        .map(|p| (p.origin.name.as_str(), p.staged))
+        .collect();
+    assert_eq!(
+        staged,
+        [
+            ("a", true),
+            ("b", true),
+            ("c", true),
+            ("d", false),
+            ("e", true)
+        ]
+    );
+    let w: Vec<String> = loaded
+        .warnings
+        .iter()
+        .map(|w| format!("{}: [{}]", w.at.field.as_deref().unwrap_or(""), w.code))
+        .collect();
+    assert_eq!(
+        w,
+        ["metadata.annotations[\"netpol.io/audit\"]: [non-string]"]
+    );
+    assert!(!api::parse_policies(Path::new("p.yaml"), &cnp("p")).unwrap()[0].staged);
+}
+
+/// No shipped example (`etc/examples/*/`) gives a warning, of either kind:
+/// `netpolctl check` on each prints no warning and `--json` lists none.
+#[test]
+fn shipped_examples_give_no_warning() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/examples");
+    let mut n = 0;
+    for dir in std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()) {
+        if !dir.join("netpol.d").is_dir() {
+            continue;
+        }
+        n += 1;
+        let mut args = check_args(&dir.join("netpol.d"), &dir.join("endpoints.d"));
+        args.push("--strict".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = netpolctl(&args);
+        assert_eq!(code, 0, "{}: {out}{err}", dir.display());
+        assert!(!out.contains("warning:") && err.is_empty(), "{out}{err}");
+        let json: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let v: serde_json::Value = serde_json::from_str(&netpolctl(&json).1).unwrap();
+        assert_eq!(v["warnings"], serde_json::json!([]), "{}", dir.display());
+    }
+    assert!(n >= 1, "no example under {}", root.display());
 }

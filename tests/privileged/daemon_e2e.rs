@@ -181,40 +181,12 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     lab.expect("frontend-to-backend", &seed1);
 
     // netpolctl monitor shows the drop, at backend, by default deny.
-    let mut mon = Command::new(NETPOLCTL)
-        .args(["monitor", "--json", "--config"])
-        .arg(lab.daemon.config())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = mon.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let mon = Monitor::start(&lab);
     assert!(!lab.connects("database", "backend", 80));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let event = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            panic!(
-                "no denied event from netpolctl monitor\n{}",
-                lab.daemon.log()
-            )
-        });
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["verdict"] == "denied" && v["dst"] == "10.202.1.21" {
-            break v;
-        }
-    };
-    let _ = mon.kill();
-    let _ = mon.wait();
+    let event = mon.wait(&lab, "denied", |v| {
+        v["verdict"] == "denied" && v["dst"] == "10.202.1.21"
+    });
+    drop(mon);
     assert_eq!(event["endpoint"], "default/backend", "{event}");
     assert_eq!(event["reason"], "default-deny", "{event}");
     assert_eq!(event["src"], "10.202.1.31", "{event}");
@@ -281,4 +253,151 @@ fn daemon_enforces_the_seed_scenario_across_restarts_and_broken_files() {
     lab.daemon
         .wait_status("policies removed", |s| s.policies == 0 && !s.degraded);
     lab.expect("policies removed: everything connects", &open);
+}
+
+/// `netpolctl monitor --json` of a daemon, as a channel of parsed lines;
+/// killed when dropped.
+struct Monitor {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Monitor {
+    fn start(lab: &Lab) -> Monitor {
+        let mut child = Command::new(NETPOLCTL)
+            .args(["monitor", "--json", "--config"])
+            .arg(lab.daemon.config())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let Ok(v) = serde_json::from_str(&line) else {
+                    continue;
+                };
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        // The daemon serves the client before events go out to it.
+        std::thread::sleep(Duration::from_millis(300));
+        Monitor { child, lines }
+    }
+
+    /// The first event for which `f` holds, within 5 s.
+    fn wait(
+        &self,
+        lab: &Lab,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if f(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no {what} event from netpolctl monitor\n{}",
+                    lab.daemon.log_tail(60)
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A staged deny-all on backend (docs/policy.md, "Staged policies"): traffic to
+/// backend passes, each would-be drop is an audit event attributed to the
+/// staged policy; with the annotation removed the same flows are denied.
+#[test]
+fn staged_deny_all_passes_and_reports_then_denies_once_enforced() {
+    let Some(_turn) = privileged("staged_deny_all_passes_and_reports_then_denies_once_enforced")
+    else {
+        return;
+    };
+    let mut lab = Lab::on(&NET, "staged", &SEED);
+    lab.daemon.start();
+    let policy = |annotations: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: backend-lockdown\n{annotations}spec:\n  endpointSelector:\n    matchLabels: {{app: backend}}\n  ingress:\n    - {{}}\n")
+    };
+    let file = lab.path("netpol.d/lockdown.yaml");
+    let g = lab.daemon.status().unwrap().generation;
+    lab.write_policy(
+        "lockdown.yaml",
+        &policy("  annotations:\n    netpol.io/audit: \"true\"\n"),
+    );
+    lab.daemon.wait_status("the staged policy applied", |s| {
+        s.generation > g && s.policies == 1
+    });
+    let flows = [
+        ("frontend-1", "backend", 80u16),
+        ("database", "backend", 5432),
+    ];
+    let staged: Vec<_> = flows.iter().map(|(f, t, p)| (*f, *t, *p, true)).collect();
+
+    let monitor = Monitor::start(&lab);
+    lab.expect("staged: everything still connects", &staged);
+    for (from, _, port) in flows {
+        let src = lab.w(from).addr.to_string();
+        let ev = monitor.wait(&lab, "audit", |v| {
+            v["verdict"] == "audit" && v["src"] == src.as_str() && v["dport"] == port
+        });
+        assert_eq!(ev["endpoint"], "default/backend", "{ev}");
+        assert_eq!(ev["dst"], lab.w("backend").addr.to_string(), "{ev}");
+        assert_eq!(ev["reason"], "default-deny", "{ev}");
+        assert_eq!(ev["direction"], "ingress", "{ev}");
+        assert_eq!(ev["rule"]["policy"], "default/backend-lockdown", "{ev}");
+        assert_eq!(ev["rule"]["file"], file.display().to_string(), "{ev}");
+        assert_eq!(ev["rule"]["path"], "spec", "{ev}");
+        assert_eq!(
+            (&ev["rule"]["staged"], &ev["rule"]["default_deny"]),
+            (&serde_json::json!(true), &serde_json::json!(true)),
+            "{ev}"
+        );
+    }
+    drop(monitor);
+    let backend = lab
+        .daemon
+        .endpoints()
+        .into_iter()
+        .find(|e| e.name == "backend")
+        .unwrap();
+    assert!(!backend.ingress_default_deny, "{backend:?}");
+    assert!(backend.counters.audit >= 2, "{backend:?}");
+    assert_eq!(backend.counters.denied_default, 0, "{backend:?}");
+
+    // Enforced: the same flows are refused, and reported as drops.
+    let g = lab.daemon.status().unwrap().generation;
+    lab.write_policy("lockdown.yaml", &policy(""));
+    lab.daemon.wait_status("the policy enforced", |s| {
+        s.generation > g && s.policies == 1
+    });
+    let monitor = Monitor::start(&lab);
+    let enforced: Vec<_> = flows.iter().map(|(f, t, p)| (*f, *t, *p, false)).collect();
+    lab.expect("enforced: backend refuses them", &enforced);
+    let src = lab.w("frontend-1").addr.to_string();
+    let ev = monitor.wait(&lab, "denied", |v| {
+        v["verdict"] == "denied" && v["src"] == src.as_str()
+    });
+    assert_eq!(
+        (ev["reason"].as_str(), ev["rule"].is_null()),
+        (Some("default-deny"), true),
+        "{ev}"
+    );
+    drop(monitor);
+    lab.expect(
+        "backend's own egress is not touched",
+        &[("backend", "database", 5432, true)],
+    );
 }

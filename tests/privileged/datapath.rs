@@ -539,6 +539,94 @@ fn audit_endpoint_passes_and_reports_would_be_drops() {
     assert_eq!(dp.dp().counters()[&0].audit, 2);
 }
 
+/// The verdicts of staged policies (docs/policy.md, "Staged policies"): a
+/// staged deny passes as audit, reported with its rule, where the enforced
+/// entries let the flow through, and is a default-deny drop where they do
+/// not; a staged default deny passes as audit what nothing else decides; an
+/// enforced deny still denies.
+#[test]
+fn staged_entries_pass_as_audit_and_keep_the_enforced_verdict() {
+    let Some(_turn) = privileged("staged_entries_pass_as_audit_and_keep_the_enforced_verdict")
+    else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "staged", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_ingress = true;
+    c.endpoints[0].enforced_ingress = true;
+    c.entries.extend([
+        entry(Ingress, ID_B, 6, 80, 16, EntryVerdict::AllowStagedDeny, 7),
+        entry(Ingress, ID_B, 6, 25, 16, Deny, 13),
+        entry(Ingress, ID_C, 0, 0, 0, EntryVerdict::StagedDeny, 8),
+        allow(Ingress, 0, 6, 443, 9),
+        entry(Egress, 0, 0, 0, 0, EntryVerdict::StagedDefaultDeny, 10),
+        allow(Egress, ID_B, 6, 22, 11),
+        entry(Egress, ID_C, 17, 53, 16, EntryVerdict::StagedDeny, 12),
+    ]);
+    apply(&mut dp, c);
+    let _ = dp.dp().poll_events(100);
+    type Event = Option<(EventVerdict, EventReason, Option<u32>)>;
+    let cases: [(Hook, PacketSpec, bool, Event); 7] = [
+        // Enforced allow, staged deny: audit.
+        (
+            TO_A,
+            PacketSpec::tcp(ip(B4), ip(A4), 5, 80, TCP_SYN),
+            true,
+            Some((EventVerdict::Audit, EventReason::PolicyDeny, Some(7))),
+        ),
+        // The enforced deny denies.
+        (
+            TO_A,
+            PacketSpec::tcp(ip(B4), ip(A4), 5, 25, TCP_SYN),
+            false,
+            Some((EventVerdict::Denied, EventReason::PolicyDeny, Some(13))),
+        ),
+        // A staged deny where the enforced default deny drops: dropped by it.
+        (
+            TO_A,
+            PacketSpec::tcp(ip(C4), ip(A4), 5, 80, TCP_SYN),
+            false,
+            Some((EventVerdict::Denied, EventReason::DefaultDeny, None)),
+        ),
+        // A staged deny under an enforced allow of the other lookup: audit.
+        (
+            TO_A,
+            PacketSpec::tcp(ip(C4), ip(A4), 5, 443, TCP_SYN),
+            true,
+            Some((EventVerdict::Audit, EventReason::PolicyDeny, Some(8))),
+        ),
+        // Egress is not default-deny: an allow passes silently ...
+        (
+            FROM_A,
+            PacketSpec::tcp(ip(A4), ip(B4), 5, 22, TCP_SYN),
+            true,
+            None,
+        ),
+        // ... a staged deny passes as audit ...
+        (
+            FROM_A,
+            PacketSpec::udp(ip(A4), ip(C4), 5, 53),
+            true,
+            Some((EventVerdict::Audit, EventReason::PolicyDeny, Some(12))),
+        ),
+        // ... and what nothing decides passes as audit of the staged default deny.
+        (
+            FROM_A,
+            PacketSpec::tcp(ip(A4), ip(C4), 5, 80, TCP_SYN),
+            true,
+            Some((EventVerdict::Audit, EventReason::DefaultDeny, Some(10))),
+        ),
+    ];
+    for (i, (hook, p, pass, event)) in cases.iter().enumerate() {
+        dp.dp().clear_conntrack().unwrap();
+        assert_eq!(dp.run(*hook, p), *pass, "case {i}: {p:?}");
+        let ev = dp.dp().poll_events(10);
+        let got = ev.first().map(|e| (e.verdict, e.reason, e.rule));
+        assert_eq!(got, *event, "case {i}: {ev:?}");
+    }
+    assert_eq!(dp.dp().counters()[&0].audit, 4);
+}
+
 #[test]
 fn host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass() {
     let Some(_turn) = privileged("host_endpoint_hooks_map_the_other_way_and_failsafe_ports_pass")

@@ -47,7 +47,9 @@ fn model(
     let remote = if dir == Direction::Egress { dst } else { src };
     let d = lookup::decide(c, slot, dir, c.lookup_ip(remote), proto, port);
     let rule = match d.outcome {
-        Outcome::DeniedByEntry => d.entry.map(|e| e.rule),
+        Outcome::DeniedByEntry | Outcome::StagedDeny | Outcome::StagedDefaultDeny => {
+            d.entry.map(|e| e.rule)
+        }
         _ => None,
     };
     if !d.allowed() && ep.audit {
@@ -150,10 +152,14 @@ fn gen_state(rng: &mut Rng) -> Compiled {
         if !seen.insert((slot, dir, identity, proto, port, prefix)) {
             continue;
         }
-        let verdict = if rng.chance(30) {
-            EntryVerdict::Deny
-        } else {
-            EntryVerdict::Allow
+        let verdict = match rng.below(100) {
+            0..30 => EntryVerdict::Deny,
+            30..36 => EntryVerdict::StagedDeny,
+            36..42 => EntryVerdict::AllowStagedDeny,
+            // Compile writes it with identity 0 and any protocol only; the
+            // lookup contract reads it wherever it is.
+            42..46 => EntryVerdict::StagedDefaultDeny,
+            _ => EntryVerdict::Allow,
         };
         c.entries.push(PolicyEntry {
             endpoint: slot,
