@@ -6,7 +6,7 @@
 //! Anything malformed or hostile — bytes that do not decode (compression
 //! pointers that loop or point forward, truncated records), counts beyond
 //! [`MAX_RECORDS`], an answer whose ID or question is not the query's — is a
-//! [`Drop`] with its reason, which the caller counts ([`DropCounts`]); a
+//! [`DropReason`] with its reason, which the caller counts ([`DropCounts`]); a
 //! dropped answer never reaches the workload and teaches nothing.
 
 use std::net::IpAddr;
@@ -28,7 +28,7 @@ pub const MAX_MESSAGE: usize = 65535;
 
 /// Why a message was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Drop {
+pub enum DropReason {
     /// Did not decode (bad labels, compression loops, truncated records).
     Malformed,
     /// Shorter than a header, or longer than [`MAX_MESSAGE`].
@@ -45,27 +45,27 @@ pub enum Drop {
     QuestionMismatch,
 }
 
-impl Drop {
-    pub const ALL: [Drop; 7] = [
-        Drop::Malformed,
-        Drop::BadLength,
-        Drop::HugeCount,
-        Drop::NotAQuery,
-        Drop::NotAResponse,
-        Drop::IdMismatch,
-        Drop::QuestionMismatch,
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Malformed,
+        DropReason::BadLength,
+        DropReason::HugeCount,
+        DropReason::NotAQuery,
+        DropReason::NotAResponse,
+        DropReason::IdMismatch,
+        DropReason::QuestionMismatch,
     ];
 
     /// The name in counters and logs.
     pub fn name(self) -> &'static str {
         match self {
-            Drop::Malformed => "malformed",
-            Drop::BadLength => "bad_length",
-            Drop::HugeCount => "huge_count",
-            Drop::NotAQuery => "not_a_query",
-            Drop::NotAResponse => "not_a_response",
-            Drop::IdMismatch => "id_mismatch",
-            Drop::QuestionMismatch => "question_mismatch",
+            DropReason::Malformed => "malformed",
+            DropReason::BadLength => "bad_length",
+            DropReason::HugeCount => "huge_count",
+            DropReason::NotAQuery => "not_a_query",
+            DropReason::NotAResponse => "not_a_response",
+            DropReason::IdMismatch => "id_mismatch",
+            DropReason::QuestionMismatch => "question_mismatch",
         }
     }
 }
@@ -75,21 +75,21 @@ impl Drop {
 pub struct DropCounts([AtomicU64; 7]);
 
 impl DropCounts {
-    pub fn count(&self, d: Drop) {
+    pub fn count(&self, d: DropReason) {
         self.0[d as usize].fetch_add(1, Ordering::Relaxed);
     }
-    pub fn get(&self, d: Drop) -> u64 {
+    pub fn get(&self, d: DropReason) -> u64 {
         self.0[d as usize].load(Ordering::Relaxed)
     }
     pub fn total(&self) -> u64 {
-        Drop::ALL.iter().map(|d| self.get(*d)).sum()
+        DropReason::ALL.iter().map(|d| self.get(*d)).sum()
     }
 }
 
 /// The header's counts, read before decoding: (questions, records).
-fn header_counts(bytes: &[u8]) -> Result<(usize, usize), Drop> {
+fn header_counts(bytes: &[u8]) -> Result<(usize, usize), DropReason> {
     if bytes.len() < 12 || bytes.len() > MAX_MESSAGE {
-        return Err(Drop::BadLength);
+        return Err(DropReason::BadLength);
     }
     let c = |i: usize| usize::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
     Ok((c(4), c(6) + c(8) + c(10)))
@@ -106,17 +106,17 @@ pub struct Query {
 }
 
 /// Parse a query. A query must be a standard QUERY with exactly one question.
-pub fn parse_query(bytes: &[u8]) -> Result<Query, Drop> {
+pub fn parse_query(bytes: &[u8]) -> Result<Query, DropReason> {
     let (questions, records) = header_counts(bytes)?;
     // A query carries at most an EDNS OPT record (and a TSIG): a few records.
     if questions != 1 || records > 4 {
-        return Err(Drop::HugeCount);
+        return Err(DropReason::HugeCount);
     }
-    let message = Message::from_vec(bytes).map_err(|_| Drop::Malformed)?;
+    let message = Message::from_vec(bytes).map_err(|_| DropReason::Malformed)?;
     if message.message_type() != MessageType::Query || message.op_code() != OpCode::Query {
-        return Err(Drop::NotAQuery);
+        return Err(DropReason::NotAQuery);
     }
-    let q = message.queries().first().ok_or(Drop::Malformed)?;
+    let q = message.queries().first().ok_or(DropReason::Malformed)?;
     Ok(Query {
         id: message.id(),
         name: matcher::normalize(&q.name().to_ascii()),
@@ -192,25 +192,25 @@ fn same_question(a: &HQuery, name: &str, qtype: RecordType) -> bool {
 
 /// Parse an upstream answer to `query`. Its header is checked before it is
 /// decoded, its ID and question after.
-pub fn parse_answer(bytes: &[u8], query: &Query) -> Result<Answer, Drop> {
+pub fn parse_answer(bytes: &[u8], query: &Query) -> Result<Answer, DropReason> {
     let (questions, records) = header_counts(bytes)?;
     if questions > 1 || records > MAX_RECORDS {
-        return Err(Drop::HugeCount);
+        return Err(DropReason::HugeCount);
     }
     let id = u16::from_be_bytes([bytes[0], bytes[1]]);
     if id != query.id {
-        return Err(Drop::IdMismatch);
+        return Err(DropReason::IdMismatch);
     }
-    let m = Message::from_vec(bytes).map_err(|_| Drop::Malformed)?;
+    let m = Message::from_vec(bytes).map_err(|_| DropReason::Malformed)?;
     if m.message_type() != MessageType::Response {
-        return Err(Drop::NotAResponse);
+        return Err(DropReason::NotAResponse);
     }
     // A response without its question is allowed by RFC 1035 for errors
     // only; an answer with records must name what it answers.
     match m.queries().first() {
         Some(q) if same_question(q, &query.name, query.qtype) => {}
         None if m.answers().is_empty() => {}
-        _ => return Err(Drop::QuestionMismatch),
+        _ => return Err(DropReason::QuestionMismatch),
     }
     Ok(Answer {
         id,
@@ -377,29 +377,29 @@ mod tests {
         // Another ID.
         let mut b = good.clone();
         b[1] ^= 1;
-        assert_eq!(parse_answer(&b, &q), Err(Drop::IdMismatch));
+        assert_eq!(parse_answer(&b, &q), Err(DropReason::IdMismatch));
         // Huge counts: the header claims 65535 answers.
         let mut b = good.clone();
         b[6] = 0xff;
         b[7] = 0xff;
-        assert_eq!(parse_answer(&b, &q), Err(Drop::HugeCount));
+        assert_eq!(parse_answer(&b, &q), Err(DropReason::HugeCount));
         // More answers claimed than present.
         let mut b = good.clone();
         b[7] = 9;
-        assert_eq!(parse_answer(&b, &q), Err(Drop::Malformed));
+        assert_eq!(parse_answer(&b, &q), Err(DropReason::Malformed));
         // A compression loop: the answer's owner name points at itself.
         let mut b = good.clone();
         let owner = 12 + q.message.queries()[0].name().len() + 1 + 4;
         b[owner] = 0xc0 | ((owner >> 8) as u8);
         b[owner + 1] = owner as u8;
-        assert_eq!(parse_answer(&b, &q), Err(Drop::Malformed));
+        assert_eq!(parse_answer(&b, &q), Err(DropReason::Malformed));
         // A query where an answer was expected, an answer to another name.
         assert_eq!(
             parse_answer(
                 &build_query(7, "www.example.com.", RecordType::A).unwrap(),
                 &q
             ),
-            Err(Drop::NotAResponse)
+            Err(DropReason::NotAResponse)
         );
         let other = query("evil.example.net.");
         let forged = answer_to(
@@ -412,17 +412,17 @@ mod tests {
         );
         assert_eq!(
             parse_answer(&forged.to_vec().unwrap(), &q),
-            Err(Drop::QuestionMismatch)
+            Err(DropReason::QuestionMismatch)
         );
-        assert_eq!(parse_answer(&good[..11], &q), Err(Drop::BadLength));
+        assert_eq!(parse_answer(&good[..11], &q), Err(DropReason::BadLength));
         // Queries: a response, two questions.
-        assert_eq!(parse_query(&good).err(), Some(Drop::NotAQuery));
+        assert_eq!(parse_query(&good).err(), Some(DropReason::NotAQuery));
         let mut two = build_query(1, "a.example.", RecordType::A).unwrap();
         two[5] = 2;
-        assert_eq!(parse_query(&two).err(), Some(Drop::HugeCount));
+        assert_eq!(parse_query(&two).err(), Some(DropReason::HugeCount));
         let counts = DropCounts::default();
-        counts.count(Drop::IdMismatch);
-        counts.count(Drop::IdMismatch);
-        assert_eq!((counts.get(Drop::IdMismatch), counts.total()), (2, 2));
+        counts.count(DropReason::IdMismatch);
+        counts.count(DropReason::IdMismatch);
+        assert_eq!((counts.get(DropReason::IdMismatch), counts.total()), (2, 2));
     }
 }

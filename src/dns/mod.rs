@@ -18,3 +18,4 @@
 pub mod learned;
 pub mod matcher;
 pub mod message;
+pub mod proxy;
