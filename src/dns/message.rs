@@ -303,6 +303,10 @@ mod tests {
         Name::from_ascii(n).unwrap()
     }
 
+    fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::A(A(ip.into())))
+    }
+
     #[test]
     fn query_is_parsed_and_decided() {
         let q = query("API.Example.COM");
@@ -329,24 +333,20 @@ mod tests {
                     300,
                     RData::CNAME(CNAME(name("edge.cdn.net."))),
                 ),
-                Record::from_rdata(name("edge.cdn.net."), 20, RData::A(A::new(192, 0, 2, 1))),
+                a("edge.cdn.net.", 20, [192, 0, 2, 1]),
                 Record::from_rdata(
                     name("edge.cdn.net."),
                     600,
                     RData::AAAA(AAAA::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
                 ),
                 // Not on the chain from the query's name: never learned for it.
-                Record::from_rdata(
-                    name("other.example."),
-                    60,
-                    RData::A(A::new(198, 51, 100, 9)),
-                ),
+                a("other.example.", 60, [198, 51, 100, 9]),
             ],
         );
-        let a = parse_answer(&m.to_vec().unwrap(), &q).unwrap();
-        assert_eq!(a.rcode, ResponseCode::NoError);
+        let got = parse_answer(&m.to_vec().unwrap(), &q).unwrap();
+        assert_eq!(got.rcode, ResponseCode::NoError);
         assert_eq!(
-            a.addrs,
+            got.addrs,
             vec![
                 Addr {
                     ip: "192.0.2.1".parse().unwrap(),
@@ -363,16 +363,9 @@ mod tests {
     #[test]
     fn hostile_answers_are_dropped_with_their_reason() {
         let q = query("www.example.com.");
-        let good = answer_to(
-            &q,
-            vec![Record::from_rdata(
-                name("www.example.com."),
-                5,
-                RData::A(A::new(192, 0, 2, 1)),
-            )],
-        )
-        .to_vec()
-        .unwrap();
+        let good = answer_to(&q, vec![a("www.example.com.", 5, [192, 0, 2, 1])])
+            .to_vec()
+            .unwrap();
         assert!(parse_answer(&good, &q).is_ok());
         // Another ID.
         let mut b = good.clone();
@@ -402,14 +395,7 @@ mod tests {
             Err(DropReason::NotAResponse)
         );
         let other = query("evil.example.net.");
-        let forged = answer_to(
-            &other,
-            vec![Record::from_rdata(
-                name("www.example.com."),
-                5,
-                RData::A(A::new(203, 0, 113, 1)),
-            )],
-        );
+        let forged = answer_to(&other, vec![a("www.example.com.", 5, [203, 0, 113, 1])]);
         assert_eq!(
             parse_answer(&forged.to_vec().unwrap(), &q),
             Err(DropReason::QuestionMismatch)

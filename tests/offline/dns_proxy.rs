@@ -27,10 +27,7 @@ const CLIENT: &str = "127.0.0.1";
 const HOSTS: &str = "192.0.2.10 api.example.com\n192.0.2.11 www.example.com\n2001:db8::12 www.example.com\n198.51.100.7 evil.example.net\n";
 
 fn dnsmasq_path() -> Option<PathBuf> {
-    ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    crate::harness::require::first_existing(&["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"])
 }
 
 /// A dnsmasq on `addr`, killed on drop.
