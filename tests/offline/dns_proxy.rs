@@ -374,25 +374,9 @@ async fn daemon_keeps_the_set_in_force_and_reports_an_fqdn_policy() {
             std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
         }
     }
-    let config = netpol::config::Config {
-        policy_dir: pol.clone(),
-        endpoint_dirs: vec![eps],
-        pin_dir: "/sys/fs/bpf/npn-unused".into(),
-        runtime_dir: tmp.path().join("run"),
-        state_dir: tmp.path().join("state"),
-        node_name: "host-a".into(),
-        resync_interval_s: 0,
-        strict_file_modes: false,
-        ..netpol::config::Config::default()
-    };
+    let config = crate::harness::daemon::in_process_config(tmp.path(), &pol, &eps);
     let socket = config.runtime_dir.join("netpold.sock");
-    let mut links = netpol::daemon::netlink::LinkTable::default();
-    for (i, n) in ["veth-fe1", "veth-fe2", "veth-be", "veth-db"]
-        .iter()
-        .enumerate()
-    {
-        links.links.insert(n.to_string(), 11 + i as u32);
-    }
+    let links = crate::harness::daemon::seed_links();
     let (_links_tx, fake) = netpol::daemon::netlink::fake_links(links);
     let (_reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let opts = netpol::daemon::Options::new(
