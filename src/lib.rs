@@ -19,3 +19,4 @@ pub mod logging;
 pub mod pipeline;
 pub mod policy;
 pub mod sizes;
+pub mod text;
