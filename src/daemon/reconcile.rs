@@ -208,6 +208,8 @@ impl<D: Datapath> Reconciler<D> {
         let mut problems = pass.problems;
         problems.sort();
         problems.dedup();
+        // STATUS= counts them: told again even when nothing else changes.
+        let problems_changed = self.problems != problems;
         self.problems = problems;
         self.warnings = pass.warnings;
         self.log_warnings();
@@ -240,6 +242,9 @@ impl<D: Datapath> Reconciler<D> {
                 i.policies = n_policies;
                 slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
                 self.publish();
+                if problems_changed {
+                    self.out.notifier.status(&self.status_line());
+                }
                 return;
             }
         }
