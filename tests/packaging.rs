@@ -155,6 +155,9 @@ fn make(target: &str) -> Result<(), String> {
         .arg(src_dir())
         .arg(target)
         .arg(format!("PROFILE={}", profile()))
+        // cargo test's own library path, which no one running `make` has (and
+        // dpkg-shlibdeps warns about)
+        .env_remove("LD_LIBRARY_PATH")
         .output()
         .map_err(|e| format!("cannot run make: {e}"))?;
     // dpkg-buildpackage and its helpers warn about options `make deb` passes
@@ -1986,5 +1989,91 @@ fn guide_outputs_match_only_what_they_show() {
             words: true,
             background: false
         }
+    );
+}
+
+/// The shipped etc/examples/seed/workloads.sh, in private network and mount
+/// namespaces (a tmpfs /run for its /run/netns): `create` twice makes the four
+/// workloads once, with the registry's interfaces and addresses; they reach each
+/// other (`probe`); `remove` leaves no namespace, link or bridge.
+#[test]
+fn seed_workloads_script_is_idempotent_and_removes_everything() {
+    const TEST: &str = "seed_workloads_script_is_idempotent_and_removes_everything";
+    let Some(_turn) = Needs::root()
+        .tools(&["ip", "unshare", "timeout", "bash", "mount"])
+        .check(TEST)
+    else {
+        return;
+    };
+    let script = src_dir().join("etc/examples/seed/workloads.sh");
+    let registry = fs::read_to_string(src_dir().join("etc/examples/seed/endpoints.d/seed.yaml"))
+        .expect("seed registry");
+    let code = format!(
+        "set -e; mount -t tmpfs npk-run /run; s='{}'; \
+         $s create >/dev/null; $s create; echo ===; \
+         ip -br link; ip -n seed-backend -br addr show dev eth0; echo ===; \
+         $s probe database backend 80; $s probe frontend-1 database 5432; echo ===; \
+         $s remove; ip -br link; ls /run/netns; echo ===",
+        script.display()
+    );
+    let out = run_ok(Command::new("unshare").args([
+        "--net",
+        "--mount",
+        "--propagation",
+        "private",
+        "bash",
+        "-c",
+        &code,
+    ]));
+    let parts: Vec<&str> = out.split("===\n").collect();
+    assert_eq!(parts.len(), 5, "{out}");
+    let (created, links, probes, removed) = (parts[0], parts[1], parts[2], parts[3]);
+    for (name, veth, v4, v6) in [
+        ("frontend-1", "veth-fe1", "10.0.1.11", "fd00:1::11"),
+        ("frontend-2", "veth-fe2", "10.0.1.12", "fd00:1::12"),
+        ("backend", "veth-be", "10.0.1.21", "fd00:1::21"),
+        ("database", "veth-db", "10.0.1.31", "fd00:1::31"),
+    ] {
+        // The script's workloads are the registry's.
+        assert!(
+            registry.contains(&format!("interface: {veth}"))
+                && registry.contains(&format!("[{v4}, \"{v6}\"]"))
+                && registry.contains(&format!("name: {name}")),
+            "{name} {veth} {v4} {v6} not in the registry"
+        );
+        assert!(
+            created.contains(&format!(
+                "{name}: namespace seed-{name}, eth0 {v4} {v6}, host side {veth}"
+            )),
+            "{created}"
+        );
+        assert_eq!(
+            links
+                .lines()
+                .filter(|l| l.starts_with(&format!("{veth}@")))
+                .count(),
+            1,
+            "{veth} once after two creates:\n{links}"
+        );
+    }
+    assert!(links.contains("seed-br0"), "{links}");
+    assert!(
+        links.contains("10.0.1.21/24") && links.contains("fd00:1::21/64"),
+        "{links}"
+    );
+    assert_eq!(
+        probes,
+        "database -> backend:80 reached\nfrontend-1 -> database:5432 reached\n"
+    );
+    // Left: the namespace's own lo, and no namespace in /run/netns.
+    let left: Vec<&str> = removed.lines().collect();
+    assert_eq!(
+        left.first(),
+        Some(&"removed the seed workloads"),
+        "{removed}"
+    );
+    assert!(
+        left.len() == 2 && left[1].starts_with("lo "),
+        "left after remove:\n{removed}"
     );
 }
