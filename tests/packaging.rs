@@ -1941,40 +1941,42 @@ impl Drop for RemoveOnDrop {
 /// change on every run, nothing else.
 #[test]
 fn guide_outputs_match_only_what_they_show() {
-    assert!(line_matches(
-        "2026-11-26T07:06:21.060Z denied   10.0.1.31:55942 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
-        "2026-12-04T19:00:00.001Z denied   10.0.1.31:40000 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
-    ));
-    assert!(!line_matches(
-        "... denied 10.0.1.31:55942 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
-        "2026-12-04T19:00:00.001Z denied 10.0.1.31:40000 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny",
-    ));
-    assert!(!line_matches("tcp/80", "tcp/81"));
-    assert!(line_matches(
-        "  4 endpoints (4 attached, 0 pending), 2 policies, last apply 1.5 ms",
-        "4 endpoints (4 attached, 0 pending), 2 policies, last apply 120.0 ms"
-    ));
-    assert!(!line_matches(
-        "  4 endpoints (4 attached, 0 pending), 2 policies, last apply 1.5 ms",
-        "4 endpoints (3 attached, 1 pending), 2 policies, last apply 120.0 ms"
-    ));
-    assert!(line_matches(
-        "netpold on ...: ready, generation ...",
-        "netpold on h: ready, generation 3"
-    ));
-    assert!(!line_matches(
-        "netpold on ...: ready, generation ...",
-        "netpold on h: ready, DEGRADED, generation 3"
-    ));
-    assert!(!line_matches("ok: 2 policies", "ok: 2 policies (2 rules)"));
-    assert!(line_matches(
-        "2159: type 11  prog 3491",
-        "7: type 11 prog 12"
-    ));
-    assert!(!line_matches(
-        "2159: type 11  prog 3491",
-        "7: type 11 prog 12 x"
-    ));
+    // (shown in the guide, printed, matches)
+    let cases = [
+        (
+            "2026-11-26T07:06:21.060Z denied   10.0.1.31:55942 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
+            "2026-12-04T19:00:00.001Z denied   10.0.1.31:40000 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
+            true,
+        ),
+        (
+            "... denied 10.0.1.31:55942 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
+            "2026-12-04T19:00:00.001Z denied 10.0.1.31:40000 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny",
+            false,
+        ),
+        ("tcp/80", "tcp/81", false),
+        (
+            "  4 endpoints (4 attached, 0 pending), 2 policies, last apply 1.5 ms",
+            "4 endpoints (4 attached, 0 pending), 2 policies, last apply 120.0 ms",
+            true,
+        ),
+        (
+            "  4 endpoints (4 attached, 0 pending), 2 policies, last apply 1.5 ms",
+            "4 endpoints (3 attached, 1 pending), 2 policies, last apply 120.0 ms",
+            false,
+        ),
+        ("netpold on ...: ready, generation ...", "netpold on h: ready, generation 3", true),
+        ("netpold on ...: ready, generation ...", "netpold on h: ready, DEGRADED, generation 3", false),
+        ("ok: 2 policies", "ok: 2 policies (2 rules)", false),
+        ("2159: type 11  prog 3491", "7: type 11 prog 12", true),
+        ("2159: type 11  prog 3491", "7: type 11 prog 12 x", false),
+    ];
+    for (shown, printed, matches) in cases {
+        assert_eq!(
+            line_matches(shown, printed),
+            matches,
+            "{shown:?} vs {printed:?}"
+        );
+    }
     let steps = guide_steps(
         "t",
         "x\n<!-- test: run fails -->\n\n  ```sh\n  false\n  ```\n<!-- test: output words -->\n```\na  b\n```\n",
