@@ -58,6 +58,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	enum np_ct_class ct;
 	enum np_decision decision;
 
+	if (cfg_stage == NP_STAGE_ENTRY)
+		return NP_PASS;
 	if (np_gen_get(&g) < 0)
 		return NP_PASS; /* nothing installed yet */
 	ep = bpf_map_lookup_elem(g.endpoints, &ifindex);
@@ -66,6 +68,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	slot = ep->slot;
 	flags = ep->flags;
 	identity = ep->identity;
+	if (cfg_stage == NP_STAGE_ENDPOINT)
+		return NP_PASS;
 	is_host = (flags & NP_EP_F_HOST) ? 1 : 0;
 	if (is_host)
 		dir = hook == NP_HOOK_INGRESS ? NP_DIR_INGRESS : NP_DIR_EGRESS;
@@ -84,6 +88,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		return NP_PASS;
 	if (r != NP_PARSE_OK)
 		return np_drop(&p, &vi, NP_CNT_DENIED_OTHER, NP_REASON_MALFORMED);
+	if (cfg_stage == NP_STAGE_PARSE)
+		return NP_PASS;
 
 	/* Neighbour discovery must work before anything else (and its source
 	 * is link-local or unspecified, so it precedes anti-spoofing). */
@@ -117,6 +123,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		np_ipcache_lookup(g.ipcache, p.family, p.saddr, &remote);
 		vi.src_identity = remote.identity;
 	}
+	if (cfg_stage == NP_STAGE_IPCACHE)
+		return NP_PASS;
 
 	if (p.frag_later) {
 		if (np_frag_resolve(&p) < 0)
@@ -133,6 +141,12 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 
 	now = bpf_ktime_get_ns();
 	ct = np_ct_classify(&p, ifindex, hook, now, &ct_rule);
+	if (cfg_stage == NP_STAGE_CONNTRACK) {
+		/* The next packet of the flow measures an established one. */
+		if (ct == NP_CT_NEW && !p.is_icmp_error)
+			np_ct_create(&p, ifindex, hook, now, NP_RULE_NONE);
+		return NP_PASS;
+	}
 	if (ct == NP_CT_REPLY || ct == NP_CT_RELATED) {
 		np_count(slot, NP_CNT_ALLOWED);
 		return NP_PASS;

@@ -84,6 +84,19 @@ enum np_none : __u32 {
 	NP_SLOT_NONE = 0xffffffffu,
 };
 
+/* Where the programs stop (load-time setting cfg_stage, config `[datapath]
+ * stage`; benchmarks only): anything but NP_STAGE_FULL passes every packet
+ * after the named step and enforces NOTHING. The floor of the per-packet
+ * cost, step by step (docs/benchmarks.md, "Where the time goes"). */
+enum np_stage : __u32 {
+	NP_STAGE_FULL = 0,      /* the whole pipeline: enforcing */
+	NP_STAGE_ENTRY = 1,     /* return at entry: a no-op tcx program */
+	NP_STAGE_ENDPOINT = 2,  /* after the generation and endpoint lookup */
+	NP_STAGE_PARSE = 3,     /* after parsing */
+	NP_STAGE_IPCACHE = 4,   /* after the ipcache lookups (anti-spoofing, remote) */
+	NP_STAGE_CONNTRACK = 5, /* after conntrack (a new flow gets its entry) */
+};
+
 /* What a program returns. */
 enum np_action {
 	NP_PASS = -1, /* TCX_NEXT / TC_ACT_UNSPEC: let later programs decide */

@@ -175,6 +175,7 @@ struct np_abi {
 	enum np_ct_state ct_state;
 	enum np_event_verdict event_verdict;
 	enum np_reason reason;
+	enum np_stage stage;
 };
 
 struct np_abi np_abi_anchor;

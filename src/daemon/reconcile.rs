@@ -425,6 +425,7 @@ impl<D: Datapath> Reconciler<D> {
             registry_from_last_good,
             datapath_error: self.datapath_error.clone(),
             state_error: self.saver.error().map(str::to_string),
+            datapath_stage: self.datapath.stage(),
         }
     }
 
@@ -457,6 +458,12 @@ impl<D: Datapath> Reconciler<D> {
         );
         if s.degraded {
             line.push_str(" (degraded)");
+        }
+        if !s.datapath_stage.enforcing() {
+            line.push_str(&format!(
+                " (datapath stage {}: NOT ENFORCING)",
+                s.datapath_stage
+            ));
         }
         line
     }

@@ -351,6 +351,7 @@ fn open_skel(
             cfg_allow_sample_rate: settings.allow_sample_rate,
             cfg_events_per_sec: settings.events_per_sec,
             cfg_world_identity: identity::WORLD,
+            cfg_stage: settings.stage.code(),
         };
         open.maps
             .netpol_ct_v1
@@ -1296,6 +1297,10 @@ impl Datapath for KernelDatapath {
             }
         }
         out
+    }
+
+    fn stage(&self) -> super::Stage {
+        self.settings.stage
     }
 
     fn detach_all(&mut self) -> Result<(), DatapathError> {

@@ -16,7 +16,7 @@ use netpol::datapath::generation::Contents;
 use netpol::datapath::packet::{PacketSpec, L4, TCP_ACK, TCP_SYN};
 use netpol::datapath::{
     Attachment, Datapath, DatapathError, DatapathSettings, EventReason, EventVerdict, Hook,
-    KernelDatapath,
+    KernelDatapath, Stage,
 };
 use netpol::policy::types::{
     Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry,
@@ -507,6 +507,36 @@ fn spoofed_source_is_dropped() {
         "{ev:?}"
     );
     assert_eq!(ev[0].src, ip(B4));
+}
+
+/// `[datapath] stage`: every stage but full passes what full drops; the
+/// stages from ipcache on include anti-spoofing.
+#[test]
+fn every_stage_but_full_passes_what_full_drops() {
+    let Some(_turn) = privileged("every_stage_but_full_passes_what_full_drops") else {
+        return;
+    };
+    for stage in Stage::ALL {
+        let s = DatapathSettings {
+            stage,
+            ..settings()
+        };
+        let mut dp = Dp::open(PREFIX, &format!("stage-{stage}"), &s);
+        assert_eq!(dp.dp().stage(), stage);
+        let mut c = base();
+        c.endpoints[0].default_deny_egress = true;
+        apply(&mut dp, c);
+        let denied = PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN);
+        assert_eq!(dp.run(FROM_A, &denied), !stage.enforcing(), "stage {stage}");
+        assert_eq!(
+            dp.run(FROM_A, &denied),
+            !stage.enforcing(),
+            "stage {stage}, again"
+        );
+        let spoofed = PacketSpec::udp(ip(B4), ip(C4), 1, 2);
+        let checks_spoofing = matches!(stage, Stage::Ipcache | Stage::Conntrack | Stage::Full);
+        assert_eq!(dp.run(FROM_A, &spoofed), !checks_spoofing, "stage {stage}");
+    }
 }
 
 #[test]
