@@ -84,6 +84,7 @@ struct np_pkt {
 	__u8 is_icmp_error;  /* inner tuple valid */
 	__u8 frag_first;     /* first fragment of a fragmented datagram */
 	__u8 frag_later;     /* non-first fragment: no L4 header */
+	__u8 frag_proto;     /* fragments: the protocol every fragment carries */
 	__u8 has_l4;
 };
 
@@ -253,6 +254,7 @@ static __always_inline enum np_parse_result np_parse_ipv4(struct __sk_buff *skb,
 	__builtin_memcpy(p->saddr, &h[12], 4);
 	__builtin_memcpy(p->daddr, &h[16], 4);
 	p->frag_id = ((__u32)h[4] << 8) | h[5];
+	p->frag_proto = h[9];
 	frag = ((__u16)h[6] << 8) | h[7];
 	if (frag & 0x1fff)
 		p->frag_later = 1;
@@ -294,6 +296,7 @@ static __always_inline enum np_parse_result np_parse_ipv6(struct __sk_buff *skb,
 			p->frag_id = ((__u32)e[4] << 24) | ((__u32)e[5] << 16) |
 				     ((__u32)e[6] << 8) | e[7];
 			nh = e[0];
+			p->frag_proto = nh;
 			off += 8;
 			if (fo & 0xfff8) {
 				p->frag_later = 1;

@@ -774,6 +774,129 @@ fn established_flow_is_rechecked_under_recheck_and_kept_under_keep() {
     }
 }
 
+/// Conntrack caches the verdict with the generation that decided it: while
+/// that generation is active an established packet passes on the entry alone
+/// (a policy entry taken out of the ACTIVE maps behind the datapath's back
+/// changes nothing), the next packet after a flip is judged by the new
+/// generation under recheck (dropped when it denies the flow, passed and
+/// cached again when it allows it), and passes under keep.
+#[test]
+fn cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet() {
+    let Some(_turn) =
+        privileged("cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet")
+    else {
+        return;
+    };
+    use libbpf_rs::{MapCore, MapHandle};
+    for recheck in [true, false] {
+        let s = DatapathSettings {
+            recheck_established: recheck,
+            ..settings()
+        };
+        let mut dp = Dp::open(PREFIX, if recheck { "cacher" } else { "cachek" }, &s);
+        let allowing = || {
+            let mut c = base();
+            c.endpoints[0].default_deny_egress = true;
+            c.entries.push(allow(Egress, ID_B, 17, 53, 0));
+            c.entries.push(allow(Egress, ID_C, 17, 53, 1));
+            c
+        };
+        apply(&mut dp, allowing());
+        let to_b = PacketSpec::udp(ip(A4), ip(B4), 40000, 53);
+        let to_c = PacketSpec::udp(ip(A4), ip(C4), 40000, 53);
+        assert!(dp.run(FROM_A, &to_b), "first packet: allowed by policy");
+        assert!(dp.run(FROM_A, &to_c));
+        // Empty the active generation's policy map in place (no flip).
+        let active = dp.dp().active_slot().unwrap();
+        let outer =
+            MapHandle::from_pinned_path(dp.pin.join("maps").join("netpol_policy_v1")).unwrap();
+        let id = outer
+            .lookup(&active.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+            .unwrap()
+            .unwrap();
+        let policy =
+            MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).unwrap();
+        for k in policy.keys().collect::<Vec<_>>() {
+            policy.delete(&k).unwrap();
+        }
+        assert!(
+            dp.run(FROM_A, &to_b),
+            "recheck={recheck}: established, same generation: the cached verdict"
+        );
+        assert!(
+            !dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40001, 53)),
+            "a new flow is judged by the (emptied) maps"
+        );
+        // The next generation denies b and still allows c.
+        let mut c = base();
+        c.endpoints[0].default_deny_egress = true;
+        c.entries.push(allow(Egress, ID_C, 17, 53, 1));
+        apply(&mut dp, c);
+        let denied_before = dp.dp().counters()[&0].denied_default;
+        assert_eq!(
+            dp.run(FROM_A, &to_b),
+            !recheck,
+            "recheck={recheck}: the first packet after the flip"
+        );
+        assert_eq!(dp.run(FROM_A, &to_b), !recheck, "and the one after it");
+        let denied = dp.dp().counters()[&0].denied_default - denied_before;
+        assert_eq!(denied, if recheck { 2 } else { 0 });
+        assert!(dp.run(FROM_A, &to_c), "still allowed: passes, cached again");
+        assert!(dp.run(FROM_A, &to_c));
+        // Replies pass either way (one lookup, whatever the generation).
+        assert!(dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)));
+        assert!(dp.run(TO_A, &PacketSpec::udp(ip(C4), ip(A4), 53, 40000)));
+    }
+}
+
+/// Under keep an established flow survives a flip, but not the loss of its
+/// source address: the first packet after the flip is checked for spoofing.
+#[test]
+fn keep_checks_an_established_flow_for_spoofing_after_a_flip() {
+    let Some(_turn) = privileged("keep_checks_an_established_flow_for_spoofing_after_a_flip")
+    else {
+        return;
+    };
+    let s = DatapathSettings {
+        recheck_established: false,
+        ..settings()
+    };
+    let mut dp = Dp::open(PREFIX, "keepspoof", &s);
+    apply(&mut dp, base());
+    let from_a6 = PacketSpec::udp(ip(A6), ip(B6), 40000, 53);
+    assert!(dp.run(FROM_A, &from_a6));
+    assert!(dp.run(FROM_A, &from_a6));
+    // a loses its IPv6 address.
+    let mut c = base();
+    c.endpoints[0].addresses.retain(|a| a.is_ipv4());
+    c.ipcache.retain(|e| e.net != ipnet::IpNet::from(ip(A6)));
+    apply(&mut dp, c);
+    assert!(!dp.run(FROM_A, &from_a6), "spoofed now");
+    assert_eq!(dp.dp().counters()[&0].denied_spoof, 1);
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
+}
+
+/// A reply leaving the workload must come from one of its addresses: a flow
+/// into a addressed to b's address (routed to a's device) gets no replies
+/// from a claiming to be b.
+#[test]
+fn replies_leaving_a_workload_are_checked_for_spoofing() {
+    let Some(_turn) = privileged("replies_leaving_a_workload_are_checked_for_spoofing") else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "replyspoof", &settings());
+    apply(&mut dp, base());
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(C4), ip(B4), 5000, 53)));
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::udp(ip(B4), ip(C4), 53, 5000)),
+        "a reply with b's source"
+    );
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(C4), ip(A4), 5000, 53)));
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 53, 5000)));
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 53, 5000)));
+    assert_eq!(dp.dp().counters()[&0].denied_spoof, 1);
+}
+
 #[test]
 fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     let Some(_turn) = privileged("conntrack_entries_expire_by_protocol_and_tcp_state") else {
@@ -937,8 +1060,11 @@ fn egress_state(ports: &[u16], drop_c: bool) -> Compiled {
     c
 }
 
-fn expected(c: &Compiled) -> Contents {
-    Contents::build(c, &A_ON_LO).expect("build contents")
+/// What a generation installed as number `generation` holds for `c`.
+fn expected(c: &Compiled, generation: u64) -> Contents {
+    let mut want = Contents::build(c, &A_ON_LO).expect("build contents");
+    want.stamp(generation);
+    want
 }
 
 #[test]
@@ -960,7 +1086,8 @@ fn diff_applies_leave_each_generation_exactly_equal_to_its_state() {
             .dump_generation(active)
             .unwrap()
             .expect("active generation installed");
-        assert_eq!(got, expected(&state), "apply {i}: active generation");
+        let n = i as u64 + 1;
+        assert_eq!(got, expected(&state, n), "apply {i}: active generation");
         if let Some(p) = &prev {
             let other = dp
                 .dp()
@@ -969,7 +1096,7 @@ fn diff_applies_leave_each_generation_exactly_equal_to_its_state() {
                 .expect("inactive generation installed");
             assert_eq!(
                 other,
-                expected(p),
+                expected(p, n - 1),
                 "apply {i}: inactive generation keeps the previous state"
             );
         }
@@ -1041,11 +1168,11 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     );
     assert_eq!(
         dp.dp().dump_generation(active).unwrap().unwrap(),
-        expected(&c)
+        expected(&c, 3)
     );
     assert_eq!(
         dp.dp().dump_generation(active ^ 1).unwrap().unwrap(),
-        expected(&b),
+        expected(&b, 2),
         "running state untouched"
     );
     assert!(
@@ -1062,11 +1189,11 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     let active = dp.dp().active_slot().unwrap();
     assert_eq!(
         dp.dp().dump_generation(active).unwrap().unwrap(),
-        expected(&d)
+        expected(&d, 4)
     );
     assert_eq!(
         dp.dp().dump_generation(active ^ 1).unwrap().unwrap(),
-        expected(&c)
+        expected(&c, 3)
     );
 }
 
@@ -1085,6 +1212,7 @@ fn adoption_refuses_pins_of_another_layout_version() {
         .lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
         .unwrap()
         .unwrap();
+    let original = v.clone();
     v[4..8].copy_from_slice(&99u32.to_ne_bytes()); // layout_version
     state
         .update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY)
@@ -1092,10 +1220,100 @@ fn adoption_refuses_pins_of_another_layout_version() {
     let err = KernelDatapath::open(&dp.pin, &settings()).unwrap_err();
     assert!(err.to_string().contains("layout version 99"), "{err}");
     // Put it back so the guard can clean up through an adopting open.
+    state
+        .update(&0u32.to_ne_bytes(), &original, libbpf_rs::MapFlags::ANY)
+        .unwrap();
+}
+
+/// An upgrade over a running layout-1 instance (conntrack in netpol_ct_v1,
+/// keyed by the first packet's hook and tuple): the adopting datapath copies
+/// its flows into netpol_ct_v2 before it switches the links, so a reply that
+/// only the old table knew still passes; then the old map is unpinned and
+/// the state says layout 2.
+#[test]
+fn adoption_of_a_layout_1_instance_migrates_its_flows() {
+    let Some(_turn) = privileged("adoption_of_a_layout_1_instance_migrates_its_flows") else {
+        return;
+    };
+    use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+    use netpol::datapath::layout::{bytes_of, CtV1Key, CtV1Value};
+    let mut dp = Dp::open(PREFIX, "fromv1", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_ingress = true; // replies need their flow's entry
+    apply(&mut dp, c.clone());
+    dp.forget();
+    // The pins of a layout-1 instance: its state word, its conntrack map with
+    // one flow a:40000 -> b:53 first seen at a's ingress hook, no netpol_ct_v2.
+    let maps = dp.pin.join("maps");
+    let state = MapHandle::from_pinned_path(maps.join("netpol_state_v1")).unwrap();
+    let mut v = state
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .unwrap()
+        .unwrap();
     v[4..8].copy_from_slice(&1u32.to_ne_bytes());
     state
-        .update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY)
+        .update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
         .unwrap();
+    std::fs::remove_file(maps.join("netpol_ct_v2")).unwrap();
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let mut old =
+        MapHandle::create(MapType::LruHash, Some("netpol_ct_v1"), 44, 16, 64, &opts).unwrap();
+    let mut k = CtV1Key {
+        sport: 40000,
+        dport: 53,
+        ifindex: 1,
+        proto: 17,
+        family: 4,
+        hook: 0,
+        ..CtV1Key::default()
+    };
+    k.saddr[..4].copy_from_slice(&A4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    k.daddr[..4].copy_from_slice(&B4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to write to.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(r, 0);
+    let val = CtV1Value {
+        expires_ns: (now.tv_sec as u64 + 60) * 1_000_000_000,
+        rule: 0,
+        ..CtV1Value::default()
+    };
+    old.update(bytes_of(&k), bytes_of(&val), MapFlags::ANY)
+        .unwrap();
+    old.pin(maps.join("netpol_ct_v1")).unwrap();
+    drop(old);
+
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    assert!(
+        dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)),
+        "the reply of a flow only layout 1 knew"
+    );
+    assert!(
+        !dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40001)),
+        "no flow, no reply"
+    );
+    assert!(
+        !maps.join("netpol_ct_v1").exists(),
+        "the old map is unpinned"
+    );
+    assert!(maps.join("netpol_ct_v2").exists());
+    let v = state
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .unwrap()
+        .unwrap();
+    assert_eq!(&v[4..8], &2u32.to_ne_bytes(), "layout version 2 now");
+    // The forward direction is judged again (its verdict has no generation):
+    // a's egress has no policy, so it passes, and the next apply works.
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
+    apply(&mut dp, c);
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)));
 }
 
 #[test]
