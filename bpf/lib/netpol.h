@@ -58,14 +58,33 @@ static __always_inline int np_drop(struct np_pkt *p, struct np_verdict_info *vi,
 	return NP_DROP;
 }
 
+/* An unspecified or link-local source (0.0.0.0, 169.254.0.0/16, ::,
+ * fe80::/10): what a workload sends before it has an address (DHCP, DHCPv6,
+ * router solicitation) and on the link only. */
+static __always_inline int np_link_scope_source(struct np_pkt *p)
+{
+	const __u32 *w = (const __u32 *)p->saddr;
+
+	if (p->family == NP_FAMILY_V4)
+		return w[0] == 0 || (p->saddr[0] == 169 && p->saddr[1] == 254);
+	if ((w[0] | w[1] | w[2] | w[3]) == 0)
+		return 1;
+	return p->saddr[0] == 0xfe && (p->saddr[1] & 0xc0) == 0x80;
+}
+
 /* Anti-spoofing: 0 if a packet leaving the workload in `slot` has one of its
- * addresses as source (the ipcache entry of the source names the slot). */
+ * addresses as source (the ipcache entry of the source names the slot), or
+ * an unspecified or link-local source that is no endpoint's address: such a
+ * packet impersonates nobody, and policy still judges it (docs/policy.md,
+ * "DHCP and link-local traffic"). */
 static __always_inline int np_spoofed(void *ipcache, struct np_pkt *p, __u32 slot)
 {
 	struct np_ident src;
 
 	np_ipcache_lookup(ipcache, p->family, p->saddr, &src);
-	return src.endpoint != slot;
+	if (src.endpoint == slot)
+		return 0;
+	return src.endpoint != NP_SLOT_NONE || !np_link_scope_source(p);
 }
 
 /* The remote end's identity: the destination in the egress direction, the

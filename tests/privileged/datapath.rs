@@ -450,7 +450,9 @@ fn multicast_listener_reports_to_link_scoped_groups_are_not_spoofing() {
             "MLD type {ty} from ::"
         );
     }
-    // Only to link-scoped groups, and only MLD: the same source elsewhere is spoofing.
+    // Only to link-scoped groups, and only MLD passes before policy: the same
+    // link-local source elsewhere impersonates nobody and meets a's policy
+    // (default deny egress here).
     assert!(
         !dp.run(
             FROM_A,
@@ -469,7 +471,118 @@ fn multicast_listener_reports_to_link_scoped_groups_are_not_spoofing() {
         ),
         "not ICMPv6"
     );
-    assert_eq!(dp.dp().counters()[&0].denied_spoof, 3);
+    let counters = dp.dp().counters();
+    assert_eq!(counters[&0].denied_spoof, 0, "{counters:?}");
+    assert_eq!(counters[&0].denied_default, 3, "{counters:?}");
+}
+
+/// A workload that gets its address by DHCP sends from 0.0.0.0 (DHCPv6, and
+/// other link-local traffic, from fe80::/10): such a source impersonates no
+/// endpoint, so it passes anti-spoofing and policy decides (docs/policy.md,
+/// "DHCP and link-local traffic"); an unspecified or link-local address that
+/// IS an endpoint's stays protected.
+#[test]
+fn dhcp_and_link_local_sources_meet_policy_not_anti_spoofing() {
+    let Some(_turn) = privileged("dhcp_and_link_local_sources_meet_policy_not_anti_spoofing")
+    else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "dhcp", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    // b also has a registered link-local address.
+    c.endpoints[1].addresses.push(ip("fe80::21"));
+    c.ipcache.push(IpcacheEntry {
+        net: ipnet::IpNet::from(ip("fe80::21")),
+        identity: ID_B,
+        endpoint: Some(1),
+    });
+    c.ipcache.sort();
+    // The egress rules a DHCP client needs: the world on UDP 67 (the
+    // broadcast 255.255.255.255 is world), DHCPv6 servers on UDP 547.
+    let world = netpol::policy::identity::WORLD;
+    c.entries.push(allow(Egress, world, 17, 67, 0));
+    c.entries.push(allow(Egress, world, 17, 547, 1));
+    apply(&mut dp, c);
+    let discover = PacketSpec::udp(ip("0.0.0.0"), ip("255.255.255.255"), 68, 67);
+    assert!(dp.run(FROM_A, &discover), "DHCPDISCOVER from 0.0.0.0");
+    let solicit = PacketSpec::udp(ip("fe80::11"), ip("ff02::1:2"), 546, 547);
+    assert!(
+        dp.run(FROM_A, &solicit),
+        "DHCPv6 SOLICIT from a link-local address"
+    );
+    assert!(
+        dp.run(
+            FROM_A,
+            &PacketSpec::udp(ip("169.254.3.4"), ip("255.255.255.255"), 68, 67)
+        ),
+        "IPv4 link-local source"
+    );
+    // Policy still decides: another port is the default deny, not spoofing.
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip("0.0.0.0"), ip("10.202.7.7"), 68, 80)
+    ));
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip("fe80::11"), ip("fe80::1"), 1, 2)
+    ));
+    // b's registered link-local address from a is spoofing, and a routable
+    // unregistered address still is.
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip("fe80::21"), ip("ff02::1:2"), 546, 547)
+    ));
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip(WORLD4), ip("255.255.255.255"), 68, 67)
+    ));
+    let counters = dp.dp().counters();
+    assert_eq!(counters[&0].denied_default, 2, "{counters:?}");
+    assert_eq!(counters[&0].denied_spoof, 2, "{counters:?}");
+}
+
+/// An IPv6 first fragment whose fragmentable part starts with an extension
+/// header (fragment header, then destination options, then UDP): its later
+/// fragments carry the extension header's number in their fragment header,
+/// not UDP's, and are still judged with the first fragment's protocol and
+/// ports.
+#[test]
+fn ipv6_fragments_with_an_extension_header_after_the_fragment_header_keep_their_ports() {
+    let Some(_turn) = privileged(
+        "ipv6_fragments_with_an_extension_header_after_the_fragment_header_keep_their_ports",
+    ) else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "v6fragext", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 17, 53, 0));
+    apply(&mut dp, c);
+    for (port, id, allowed) in [(53u16, 77u32, true), (22, 78, false)] {
+        let mut first = PacketSpec::udp(ip(A6), ip(B6), 40000, port);
+        first.ext_headers = vec![44, 60];
+        first.fragment = Some((0, true));
+        first.frag_id = id;
+        let mut later = first.clone();
+        later.fragment = Some((8, false));
+        assert_eq!(
+            dp.run(FROM_A, &first),
+            allowed,
+            "port {port}: first fragment"
+        );
+        assert_eq!(
+            dp.run(FROM_A, &later),
+            allowed,
+            "port {port}: later fragment"
+        );
+    }
+    // A later fragment of a datagram never seen is still dropped.
+    let mut stray = PacketSpec::udp(ip(A6), ip(B6), 40000, 53);
+    stray.ext_headers = vec![44, 60];
+    stray.fragment = Some((8, false));
+    stray.frag_id = 79;
+    assert!(!dp.run(FROM_A, &stray));
 }
 
 #[test]
