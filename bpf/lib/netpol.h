@@ -170,6 +170,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		return NP_PASS;
 
 	if (cfg_stage == NP_STAGE_IPCACHE || cfg_stage == NP_STAGE_CONNTRACK) {
+		if (np_gen_rest(&g) < 0)
+			return NP_PASS;
 		if (from_workload && np_spoofed(g.ipcache, &p, slot))
 			return np_drop(&p, &vi, NP_CNT_DENIED_SPOOF, NP_REASON_SPOOFED);
 		np_remote(g.ipcache, &p, dir, &vi, &remote);
@@ -181,6 +183,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	 * first, as for any packet that is not established. */
 	if (p.frag_later || p.frag_first ||
 	    (p.family == NP_FAMILY_V4 && p.proto == NP_IPPROTO_ICMP && p.icmp_type == 3)) {
+		if (np_gen_rest(&g) < 0)
+			return NP_PASS;
 		if (from_workload && np_spoofed(g.ipcache, &p, slot))
 			return np_drop(&p, &vi, NP_CNT_DENIED_SPOOF, NP_REASON_SPOOFED);
 		spoof_checked = 1;
@@ -211,6 +215,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		/* A reply leaving the workload: its source checked once per
 		 * generation. */
 		if (from_workload && !spoof_checked && hit->reply_generation != gen) {
+			if (np_gen_rest(&g) < 0)
+				return NP_PASS;
 			if (np_spoofed(g.ipcache, &p, slot))
 				return np_drop(&p, &vi, NP_CNT_DENIED_SPOOF, NP_REASON_SPOOFED);
 			hit->reply_generation = gen;
@@ -229,8 +235,13 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		}
 		if (!cfg_recheck_established) {
 			/* keep: a new generation may have taken the address away. */
-			if (from_workload && !spoof_checked && np_spoofed(g.ipcache, &p, slot))
-				return np_drop(&p, &vi, NP_CNT_DENIED_SPOOF, NP_REASON_SPOOFED);
+			if (from_workload && !spoof_checked) {
+				if (np_gen_rest(&g) < 0)
+					return NP_PASS;
+				if (np_spoofed(g.ipcache, &p, slot))
+					return np_drop(&p, &vi, NP_CNT_DENIED_SPOOF,
+						       NP_REASON_SPOOFED);
+			}
 			hit->generation = gen;
 			np_ct_touch(hit, &p, 0, now);
 			np_count(slot, NP_CNT_ALLOWED);
@@ -240,6 +251,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 
 	/* New flows, related ICMP errors, and established flows after a flip
 	 * under recheck. */
+	if (np_gen_rest(&g) < 0)
+		return NP_PASS;
 	if (from_workload && !spoof_checked && np_spoofed(g.ipcache, &p, slot))
 		return np_drop(&p, &vi, NP_CNT_DENIED_SPOOF, NP_REASON_SPOOFED);
 	if (ct == NP_CT_RELATED) {
