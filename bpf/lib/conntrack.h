@@ -136,7 +136,7 @@ static __always_inline struct np_ct_value *np_ct_get(struct np_ct_key *k, __u64 
  * packet it quotes, so its destination must be the quoted source: without
  * this check a workload with any tracked flow (a -> c:80) could send
  * "errors" quoting that flow (c:80 -> a) to any destination its policy
- * denies (tests/bypass.rs icmp_error_quoting_a_tracked_flow_reaches_only_
+ * denies (tests/privileged/bypass.rs icmp_error_quoting_a_tracked_flow_reaches_only_
  * that_flows_peer); Linux conntrack applies the same rule. Related: the
  * quoted packet is the originator's (it passed the other hook, so the flow
  * was first seen there) or the responder's (a reply of a flow first seen at
