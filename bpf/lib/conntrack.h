@@ -234,6 +234,20 @@ static __always_inline void np_ct_create(struct np_pkt *p, __u32 ifindex, __u32 
 	bpf_map_update_elem(&netpol_ct_v2, &k, &v, BPF_ANY);
 }
 
+/* A packet the slow path passed: an established flow's entry caches the new
+ * verdict, a new flow (not an ICMP error) gets its entry. */
+static __always_inline void np_ct_remember(struct np_ct_value *hit, struct np_pkt *p, __u32 ifindex,
+					   __u8 hook, __u64 now, __u32 rule, __u32 gen,
+					   __u32 audit)
+{
+	if (hit) {
+		np_ct_refresh(hit, gen, rule, audit);
+		np_ct_touch(hit, p, 0, now);
+	} else if (!p->is_icmp_error) {
+		np_ct_create(p, ifindex, hook, now, rule, gen, audit);
+	}
+}
+
 /*
  * Fragments. The key's `proto` is the protocol field every fragment of a
  * datagram carries: IPv4's protocol, IPv6's fragment header's next header

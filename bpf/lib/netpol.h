@@ -269,12 +269,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		fk.port = p.policy_port;
 		if (bpf_map_lookup_elem(&netpol_failsafe_v1, &fk)) {
 			np_count(slot, NP_CNT_ALLOWED);
-			if (hit) {
-				np_ct_refresh(hit, gen, NP_RULE_NONE, 0);
-				np_ct_touch(hit, &p, 0, now);
-			} else if (!p.is_icmp_error) {
-				np_ct_create(&p, ifindex, hook, now, NP_RULE_NONE, gen, 0);
-			}
+			np_ct_remember(hit, &p, ifindex, hook, now, NP_RULE_NONE, gen, 0);
 			return NP_PASS;
 		}
 	}
@@ -284,14 +279,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	vi.rule = rule;
 	if (decision == NP_DECIDE_ALLOW || decision == NP_DECIDE_NO_POLICY) {
 		np_count(slot, NP_CNT_ALLOWED);
-		if (hit) {
-			np_ct_refresh(hit, gen, rule, 0);
-			np_ct_touch(hit, &p, 0, now);
-			return NP_PASS;
-		}
-		if (!p.is_icmp_error)
-			np_ct_create(&p, ifindex, hook, now, rule, gen, 0);
-		if (np_sample_allow()) {
+		np_ct_remember(hit, &p, ifindex, hook, now, rule, gen, 0);
+		if (!hit && np_sample_allow()) {
 			vi.verdict = NP_EV_ALLOWED;
 			vi.reason = NP_REASON_POLICY_ALLOW;
 			np_emit(&p, &vi);
@@ -308,12 +297,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		np_count(slot, NP_CNT_AUDIT);
 		vi.verdict = NP_EV_AUDIT;
 		np_emit(&p, &vi);
-		if (hit) {
-			np_ct_refresh(hit, gen, rule, 1);
-			np_ct_touch(hit, &p, 0, now);
-		} else if (!p.is_icmp_error) {
-			np_ct_create(&p, ifindex, hook, now, rule, gen, 1);
-		}
+		np_ct_remember(hit, &p, ifindex, hook, now, rule, gen, 1);
 		return NP_PASS;
 	}
 	/* An established flow the new generation denies: dropped, its entry

@@ -444,18 +444,6 @@ impl KernelDatapath {
                     supported: LAYOUT_VERSION,
                 });
             }
-            // Maps new in this layout were created at load: pin them.
-            let names = map_names(&loaded.skel);
-            for mut m in loaded.skel.object_mut().maps_mut() {
-                let Some(name) = m.name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                let path = maps_dir.join(&name);
-                if names.contains(&name) && !path.exists() {
-                    m.pin(&path)
-                        .map_err(kerr(format!("pin {}", path.display())))?;
-                }
-            }
         } else {
             state = StateValue {
                 active: 0,
@@ -463,15 +451,17 @@ impl KernelDatapath {
                 generation: 0,
             };
             write_state(state_map, &state)?;
-            let names = map_names(&loaded.skel);
-            for mut m in loaded.skel.object_mut().maps_mut() {
-                let Some(name) = m.name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if !names.contains(&name) {
-                    continue;
-                }
-                let path = maps_dir.join(&name);
+        }
+        // Pin every map that has no pin yet: all of them on a fresh load (the
+        // leftovers of a dead one were removed above), those new in this
+        // layout when adopting (netpol_ct_v2 over a layout-1 instance).
+        let names = map_names(&loaded.skel);
+        for mut m in loaded.skel.object_mut().maps_mut() {
+            let Some(name) = m.name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = maps_dir.join(&name);
+            if names.contains(&name) && !path.exists() {
                 m.pin(&path)
                     .map_err(kerr(format!("pin {}", path.display())))?;
             }

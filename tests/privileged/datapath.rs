@@ -27,7 +27,7 @@ use netpol::policy::types::{
 
 use crate::harness::cmd;
 use crate::harness::dp::{
-    apply_and_attach, attachments, entry, ipcache_of_endpoints, push_world, settings, Dp,
+    apply_and_attach, attachments, entry, inner_map, ipcache_of_endpoints, push_world, settings, Dp,
 };
 use crate::harness::netns::in_ns;
 use crate::harness::privileged;
@@ -900,7 +900,7 @@ fn cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet() {
     else {
         return;
     };
-    use libbpf_rs::{MapCore, MapHandle};
+    use libbpf_rs::MapCore;
     for recheck in [true, false] {
         let s = DatapathSettings {
             recheck_established: recheck,
@@ -921,14 +921,7 @@ fn cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet() {
         assert!(dp.run(FROM_A, &to_c));
         // Empty the active generation's policy map in place (no flip).
         let active = dp.dp().active_slot().unwrap();
-        let outer =
-            MapHandle::from_pinned_path(dp.pin.join("maps").join("netpol_policy_v1")).unwrap();
-        let id = outer
-            .lookup(&active.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
-            .unwrap()
-            .unwrap();
-        let policy =
-            MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).unwrap();
+        let policy = inner_map(&dp.pin, "netpol_policy_v1", active);
         for k in policy.keys().collect::<Vec<_>>() {
             policy.delete(&k).unwrap();
         }
@@ -1238,7 +1231,7 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     else {
         return;
     };
-    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    use libbpf_rs::{MapCore, MapFlags};
     let mut dp = Dp::open(PREFIX, "adoptdiff", &settings());
     let a = egress_state(&[80], false);
     let b = egress_state(&[80, 81], true);
@@ -1249,14 +1242,7 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     // Tamper with the inactive generation behind the datapath's back: a stray
     // policy key and a missing ipcache entry. The adopting process knows
     // nothing of its content and must converge anyway.
-    let inner = |outer: &str| {
-        let o = MapHandle::from_pinned_path(dp.pin.join("maps").join(outer)).unwrap();
-        let id = o
-            .lookup(&inactive.to_ne_bytes(), MapFlags::ANY)
-            .unwrap()
-            .unwrap();
-        MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).unwrap()
-    };
+    let inner = |outer: &str| inner_map(&dp.pin, outer, inactive);
     let stray = netpol::datapath::layout::policy_key(&allow(Egress, ID_B, 17, 53, 9));
     let value = netpol::datapath::layout::policy_value(&allow(Egress, ID_B, 17, 53, 9));
     inner("netpol_policy_v1")
