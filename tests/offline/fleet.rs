@@ -37,10 +37,7 @@ fn free_port() -> u16 {
 }
 
 fn etcd_binary() -> Option<PathBuf> {
-    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    crate::harness::require::first_existing(&["/usr/bin/etcd", "/usr/local/bin/etcd"])
 }
 
 /// One etcd member. `Drop` kills it (SIGKILL) and removes its data.
