@@ -435,6 +435,7 @@ impl<D: Datapath> Reconciler<D> {
             datapath_error: self.datapath_error.clone(),
             state_error: self.saver.error().map(str::to_string),
             metrics_error: self.out.metrics_error.clone(),
+            datapath_stage: self.datapath.stage(),
         }
     }
 
@@ -467,6 +468,12 @@ impl<D: Datapath> Reconciler<D> {
         );
         if s.degraded {
             line.push_str(" (degraded)");
+        }
+        if !s.datapath_stage.enforcing() {
+            line.push_str(&format!(
+                " (datapath stage {}: NOT ENFORCING)",
+                s.datapath_stage
+            ));
         }
         line
     }

@@ -66,6 +66,17 @@ impl Contents {
         Ok(c)
     }
 
+    /// Marks every endpoint value with the generation number these contents
+    /// are installed as (its low 32 bits; `struct np_endpoint_value`): the
+    /// number a packet caches in a conntrack entry comes from the maps it
+    /// used, never from a state word that may be half written.
+    pub fn stamp(&mut self, generation: u64) {
+        let at = std::mem::offset_of!(EndpointValue, generation);
+        for v in self.endpoints.values_mut() {
+            v[at..at + 4].copy_from_slice(&(generation as u32).to_ne_bytes());
+        }
+    }
+
     /// Number of writes (deletes + upserts) turning `self` into `want`.
     pub fn changes_to(&self, want: &Contents) -> usize {
         fn n<K: Hash + Eq + Ord + Copy, V: PartialEq + Copy>(
@@ -121,6 +132,17 @@ mod tests {
         let c = Contents::build(&Compiled::default(), &[]).unwrap();
         assert_eq!(c, Contents::default());
         assert_eq!(c.changes_to(&c), 0);
+    }
+
+    #[test]
+    fn stamp_writes_the_generation_into_every_endpoint_value() {
+        let mut c = Contents::default();
+        c.endpoints
+            .insert(1u32.to_ne_bytes(), [0xaa; ENDPOINT_VALUE]);
+        c.stamp(0x1_0000_0007);
+        let v = c.endpoints[&1u32.to_ne_bytes()];
+        assert_eq!(&v[..12], &[0xaa; 12], "slot, identity, flags untouched");
+        assert_eq!(&v[12..], &7u32.to_ne_bytes(), "the low 32 bits");
     }
 
     #[test]

@@ -37,6 +37,9 @@ use crate::policy::types::Compiled;
 
 /// The layout version this build reads and writes (netpol_state_v1).
 const LAYOUT_VERSION: u32 = np_layout::NP_LAYOUT_VERSION.0;
+/// The older layout this build adopts, migrating its conntrack entries
+/// (netpol_ct_v1 → netpol_ct_v2); every other map is the same.
+const LAYOUT_CT_V1: u32 = np_layout::NP_LAYOUT_VERSION_CT_V1.0;
 
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -263,8 +266,8 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
             size_of::<StateValue>(),
         ),
         (
-            &m.netpol_ct_v1,
-            "netpol_ct_v1",
+            &m.netpol_ct_v2,
+            "netpol_ct_v2",
             size_of::<layout::CtKey>(),
             size_of::<layout::CtValue>(),
         ),
@@ -351,11 +354,12 @@ fn open_skel(
             cfg_allow_sample_rate: settings.allow_sample_rate,
             cfg_events_per_sec: settings.events_per_sec,
             cfg_world_identity: identity::WORLD,
+            cfg_stage: settings.stage.code(),
         };
         open.maps
-            .netpol_ct_v1
+            .netpol_ct_v2
             .set_max_entries(settings.ct_max_entries.max(1))
-            .map_err(kerr("size netpol_ct_v1"))?;
+            .map_err(kerr("size netpol_ct_v2"))?;
         open.maps
             .netpol_counters_v1
             .set_max_entries(settings.endpoint_max_entries.max(1))
@@ -369,6 +373,11 @@ fn open_skel(
                     continue;
                 }
                 let path = maps_dir.join(&name);
+                if !path.exists() {
+                    // New in this layout (netpol_ct_v2 over a layout-1
+                    // instance): created at load, pinned by `open`.
+                    continue;
+                }
                 // Keep the pinned map's size: sizes from a changed config apply
                 // after a detach, not by failing to adopt.
                 if let Ok(pinned) = MapHandle::from_pinned_path(&path) {
@@ -428,7 +437,7 @@ impl KernelDatapath {
         let state_map = &loaded.skel.maps.netpol_state_v1;
         let mut state = read_state(state_map)?;
         if adopt {
-            if state.layout_version != LAYOUT_VERSION {
+            if state.layout_version != LAYOUT_VERSION && state.layout_version != LAYOUT_CT_V1 {
                 return Err(DatapathError::LayoutVersion {
                     maps_dir,
                     found: state.layout_version,
@@ -442,15 +451,17 @@ impl KernelDatapath {
                 generation: 0,
             };
             write_state(state_map, &state)?;
-            let names = map_names(&loaded.skel);
-            for mut m in loaded.skel.object_mut().maps_mut() {
-                let Some(name) = m.name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if !names.contains(&name) {
-                    continue;
-                }
-                let path = maps_dir.join(&name);
+        }
+        // Pin every map that has no pin yet: all of them on a fresh load (the
+        // leftovers of a dead one were removed above), those new in this
+        // layout when adopting (netpol_ct_v2 over a layout-1 instance).
+        let names = map_names(&loaded.skel);
+        for mut m in loaded.skel.object_mut().maps_mut() {
+            let Some(name) = m.name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = maps_dir.join(&name);
+            if names.contains(&name) && !path.exists() {
                 m.pin(&path)
                     .map_err(kerr(format!("pin {}", path.display())))?;
             }
@@ -504,13 +515,78 @@ impl KernelDatapath {
         };
         dp.write_failsafe()?;
         if adopt {
+            let from_v1 = state.layout_version == LAYOUT_CT_V1;
+            // A layout-1 instance's flows: copied before its links switch to
+            // our programs (so no established flow meets an empty table),
+            // and again after (the flows its programs added meanwhile).
+            if from_v1 {
+                dp.migrate_ct_v1(&state)?;
+            }
             dp.adopt_links()?;
+            if from_v1 {
+                dp.migrate_ct_v1(&state)?;
+                let v1 = maps_dir.join("netpol_ct_v1");
+                match std::fs::remove_file(&v1) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(ioerr(format!("unpin {}", v1.display()))(e));
+                    }
+                    _ => {}
+                }
+                write_state(
+                    &dp.loaded.skel.maps.netpol_state_v1,
+                    &StateValue {
+                        layout_version: LAYOUT_VERSION,
+                        ..read_state(&dp.loaded.skel.maps.netpol_state_v1)?
+                    },
+                )?;
+            }
             dp.adopt_generations()?;
             // The earlier process may have flipped just before it ended: wait a
             // grace period before the first write to the inactive generation.
             dp.start_barrier();
         }
         Ok(dp)
+    }
+
+    /// Copies the conntrack entries of a layout-1 instance (pinned
+    /// `netpol_ct_v1`) into `netpol_ct_v2`, keeping entries already there.
+    /// Their verdicts count as decided by no generation: the next packet of
+    /// each flow is judged again (recheck) or checked for spoofing (keep).
+    fn migrate_ct_v1(&self, state: &StateValue) -> Result<usize, DatapathError> {
+        let path = self.pin_dir.join("maps").join("netpol_ct_v1");
+        if !path.exists() {
+            return Ok(0);
+        }
+        let old =
+            MapHandle::from_pinned_path(&path).map_err(kerr(format!("open {}", path.display())))?;
+        let stale = match state.generation as u32 {
+            0 => u32::MAX,
+            g => g,
+        };
+        let new = &self.loaded.skel.maps.netpol_ct_v2;
+        let mut n = 0;
+        for k in old.keys() {
+            let Ok(Some(v)) = old.lookup(&k, MapFlags::ANY) else {
+                continue; // expired meanwhile
+            };
+            let (Some(k), Some(v)) = (
+                layout::from_bytes::<layout::CtV1Key>(&k),
+                layout::from_bytes::<layout::CtV1Value>(&v),
+            ) else {
+                continue;
+            };
+            let (k2, v2) = layout::ct_from_v1(&k, &v, stale);
+            match new.update(
+                layout::bytes_of(&k2),
+                layout::bytes_of(&v2),
+                MapFlags::NO_EXIST,
+            ) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(kerr("migrate netpol_ct_v1 into netpol_ct_v2")(e)),
+            }
+        }
+        Ok(n)
     }
 
     /// True if this instance took over pins of an earlier process.
@@ -835,7 +911,7 @@ impl KernelDatapath {
     /// Removes every conntrack and fragment entry (tests).
     pub fn clear_conntrack(&mut self) -> Result<(), DatapathError> {
         for map in [
-            &self.loaded.skel.maps.netpol_ct_v1,
+            &self.loaded.skel.maps.netpol_ct_v2,
             &self.loaded.skel.maps.netpol_frag_v1,
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
@@ -848,7 +924,7 @@ impl KernelDatapath {
 
     /// Number of live conntrack entries (diagnostics, tests).
     pub fn conntrack_len(&self) -> usize {
-        self.loaded.skel.maps.netpol_ct_v1.keys().count()
+        self.loaded.skel.maps.netpol_ct_v2.keys().count()
     }
 
     fn create_inner(
@@ -1051,11 +1127,12 @@ impl KernelDatapath {
         attachments: &[Attachment],
     ) -> Result<u64, DatapathError> {
         layout::check_capacity(state, attachments, &self.settings)?;
-        let want = Contents::build(state, attachments)?;
+        let mut want = Contents::build(state, attachments)?;
 
         // No program may still use the generation we are about to write.
         self.wait_barrier()?;
         let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
+        want.stamp(cur.generation + 1);
         let inactive = (cur.active & 1) ^ 1;
         let idx = inactive as usize;
         if self.gens[idx].is_none() {
@@ -1296,6 +1373,10 @@ impl Datapath for KernelDatapath {
             }
         }
         out
+    }
+
+    fn stage(&self) -> super::Stage {
+        self.settings.stage
     }
 
     fn detach_all(&mut self) -> Result<(), DatapathError> {

@@ -27,6 +27,8 @@ pub type PolicyValue = types::np_policy_value;
 pub type StateValue = types::np_state;
 pub type CtKey = types::np_ct_key;
 pub type CtValue = types::np_ct_value;
+pub type CtV1Key = types::np_ct_v1_key;
+pub type CtV1Value = types::np_ct_v1_value;
 pub type FragKey = types::np_frag_key;
 pub type FragValue = types::np_frag_value;
 pub type FailsafeKey = types::np_failsafe_key;
@@ -44,7 +46,9 @@ const _: () = assert!(size_of::<EndpointValue>() == 16);
 const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 44);
-const _: () = assert!(size_of::<CtValue>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<CtV1Key>() == 44);
+const _: () = assert!(size_of::<CtV1Value>() == 16);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<FailsafeKey>() == 4);
@@ -255,8 +259,61 @@ pub fn endpoint_value(state: &Compiled, slot: u32) -> Option<EndpointValue> {
         slot,
         identity: ep.identity,
         flags,
-        reserved: 0,
+        // The generation number is stamped at apply (Contents::stamp).
+        generation: 0,
     })
+}
+
+/// True when (s, sport) is side b of a conntrack key: the greater end, words
+/// of the address in memory order, then the port (bpf/lib/conntrack.h,
+/// np_ct_src_is_b; the kernel compares native-endian words).
+fn ct_src_is_b(s: &[u8; 16], d: &[u8; 16], sport: u16, dport: u16) -> bool {
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    for i in (0..16).step_by(4) {
+        let (x, y) = (word(s, i), word(d, i));
+        if x != y {
+            return x > y;
+        }
+    }
+    sport > dport
+}
+
+/// A layout-1 conntrack entry (netpol_ct_v1: keyed by its first packet's
+/// hook and tuple) as the layout-2 entry of the same flow, its verdict marked
+/// as decided by no generation (`stale`: the next packet is judged again
+/// under `recheck`, checked for spoofing under `keep`).
+pub fn ct_from_v1(k: &CtV1Key, v: &CtV1Value, stale: u32) -> (CtKey, CtValue) {
+    let src_b = ct_src_is_b(&k.saddr, &k.daddr, k.sport, k.dport);
+    let (a, b, pa, pb) = if src_b {
+        (k.daddr, k.saddr, k.dport, k.sport)
+    } else {
+        (k.saddr, k.daddr, k.sport, k.dport)
+    };
+    let key = CtKey {
+        addr_a: a,
+        addr_b: b,
+        port_a: pa,
+        port_b: pb,
+        ifindex: k.ifindex,
+        proto: k.proto,
+        family: k.family,
+        pad: 0,
+    };
+    let value = CtValue {
+        expires_ns: v.expires_ns,
+        rule: v.rule,
+        generation: stale,
+        reply_generation: stale,
+        state: v.state,
+        flags: if src_b {
+            types::np_ct_flags::NP_CT_F_ORIG_B.0
+        } else {
+            0
+        },
+        hook: k.hook,
+        pad: 0,
+    };
+    (key, value)
 }
 
 /// The policy entries a generation installs: those of attached endpoints
@@ -350,6 +407,45 @@ pub fn check_capacity(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v1(s: [u8; 4], d: [u8; 4], sport: u16, dport: u16, hook: u8) -> CtV1Key {
+        let mut k = CtV1Key {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport,
+            dport,
+            ifindex: 7,
+            proto: 6,
+            family: np_family::NP_FAMILY_V4.0,
+            hook,
+            pad: 0,
+        };
+        k.saddr[..4].copy_from_slice(&s);
+        k.daddr[..4].copy_from_slice(&d);
+        k
+    }
+
+    /// A flow and its reply map to one layout-2 key; the value remembers
+    /// which side and hook originated it, and that no generation decided it.
+    #[test]
+    fn layout_1_conntrack_entries_become_one_normalised_entry() {
+        let val = CtV1Value {
+            expires_ns: 99,
+            rule: 3,
+            state: types::np_ct_state::NP_CT_SEEN_REPLY.0,
+            pad: [0; 3],
+        };
+        let (ka, va) = ct_from_v1(&v1([10, 0, 0, 2], [10, 0, 0, 1], 5, 80, 0), &val, 41);
+        let (kb, vb) = ct_from_v1(&v1([10, 0, 0, 1], [10, 0, 0, 2], 80, 5, 1), &val, 41);
+        assert_eq!(bytes_of(&ka), bytes_of(&kb), "one key for both directions");
+        assert_ne!(va.flags, vb.flags, "the originating side differs");
+        assert_eq!((va.hook, vb.hook), (0, 1));
+        assert_eq!((va.generation, va.reply_generation, va.rule), (41, 41, 3));
+        assert_eq!((va.expires_ns, va.state), (99, val.state));
+        // Same addresses: the port decides the side.
+        let (kc, _) = ct_from_v1(&v1([10, 0, 0, 1], [10, 0, 0, 1], 9, 8, 0), &val, 0);
+        assert_eq!((kc.port_a, kc.port_b), (8, 9));
+    }
     use crate::policy::types::{CompiledEndpoint, IpcacheEntry};
 
     fn entry(proto: u8, port: u16, port_prefix: u8) -> PolicyEntry {
@@ -596,7 +692,8 @@ mod tests {
         assert_eq!(verdict_code(EntryVerdict::StagedDeny), 3);
         assert_eq!(verdict_code(EntryVerdict::AllowStagedDeny), 4);
         assert_eq!(verdict_code(EntryVerdict::StagedDefaultDeny), 5);
-        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 1);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 2);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION_CT_V1.0, 1);
         assert_eq!(np_none::NP_RULE_NONE.0, u32::MAX);
         assert_eq!(np_none::NP_SLOT_NONE.0, u32::MAX);
         assert_eq!(types::np_action::NP_DROP.0, 2);
