@@ -202,6 +202,16 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+        for kind in &pass.kept {
+            match kind {
+                Kind::Policies => {
+                    slog::warn!(self.out.log, "the policy set does not fit the maps; enforcing the last policy set that fit")
+                }
+                Kind::Registry => {
+                    slog::warn!(self.out.log, "the registry makes the policies overflow a map; enforcing the last registry that fit")
+                }
+            }
+        }
         let mut problems = pass.problems;
         problems.sort();
         problems.dedup();
@@ -471,7 +481,12 @@ impl<D: Datapath> Reconciler<D> {
             .endpoints
             .iter()
             .map(|ep| {
-                let att = i.attachments.iter().find(|a| a.slot == ep.slot);
+                // Sorted by slot (`attachments`): a search, not a scan per endpoint.
+                let att = i
+                    .attachments
+                    .binary_search_by_key(&ep.slot, |a| a.slot)
+                    .ok()
+                    .map(|at| &i.attachments[at]);
                 EndpointView::of(ep, att, counters.get(&ep.slot).unwrap_or(&none))
             })
             .collect()

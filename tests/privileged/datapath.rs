@@ -908,7 +908,8 @@ fn egress_state(ports: &[u16], drop_c: bool) -> Compiled {
 }
 
 fn expected(c: &Compiled) -> Contents {
-    Contents::build(c, &A_ON_LO).expect("build contents")
+    let slots = netpol::datapath::layout::KernelSlots::assign(&Default::default(), &A_ON_LO);
+    Contents::build(c, &A_ON_LO, &slots).expect("build contents")
 }
 
 #[test]
