@@ -289,7 +289,7 @@ pub enum EndpointKind {
 }
 
 /// An Endpoint or HostEndpoint document.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 pub struct EndpointDef {
     pub origin: Origin,
     pub kind: EndpointKind,
@@ -307,7 +307,7 @@ pub struct EndpointDef {
     pub audit: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 pub struct NodeDef {
     pub origin: Origin,
     pub name: String,
@@ -315,7 +315,7 @@ pub struct NodeDef {
     pub addresses: Vec<IpAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 pub struct NamespaceDef {
     pub origin: Origin,
     pub name: String,
@@ -329,7 +329,7 @@ pub struct PolicySet {
 }
 
 /// Everything read from the endpoint directories.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Serialize)]
 pub struct RegistrySet {
     pub endpoints: Vec<EndpointDef>,
     pub nodes: Vec<NodeDef>,

@@ -717,13 +717,14 @@ impl Compiler {
         registry: &RegistrySet,
         opts: &CompileOptions,
     ) -> Result<Compiled, CompileError> {
+        let print = fingerprint(registry);
         let fresh = !self
             .kept
             .as_ref()
-            .is_some_and(|p| p.node_name == opts.node_name && p.registry == *registry);
+            .is_some_and(|p| p.node_name == opts.node_name && p.registry == print);
         if fresh {
             let mut part = RegistryPart::of(registry, &opts.node_name);
-            part.registry = registry.clone();
+            part.registry = print;
             self.kept = Some(part);
         }
         let part = self.kept.as_ref().expect("kept above");
@@ -1116,13 +1117,27 @@ fn template_flags(rules: &[RuleInfo<'_>], rule_list: &[u32]) -> Template {
     t
 }
 
+/// 128 bits standing for the whole registry (two independent 64-bit hashes
+/// of everything in it): equal registries give equal prints, and two that
+/// differ collide with a chance of about 2^-128.
+fn fingerprint(registry: &RegistrySet) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let mut a = std::hash::DefaultHasher::new();
+    let mut b = FastHasher(0x9e37_79b9_7f4a_7c15);
+    registry.hash(&mut a);
+    registry.hash(&mut b);
+    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+}
+
 /// The registry's share of a compile: each endpoint resolved for this node, in
 /// slot order, and its identity. It depends only on the registry and the node
 /// name, so a [`Compiler`] keeps it while both are equal.
 #[derive(Debug)]
 struct RegistryPart {
-    /// The registry it was computed from (empty unless a [`Compiler`] keeps it).
-    registry: RegistrySet,
+    /// The [`fingerprint`] of the registry it was computed from (0 unless a
+    /// [`Compiler`] keeps it): not a copy, which would double the memory a
+    /// fleet registry takes.
+    registry: u128,
     node_name: String,
     /// (index in `registry.endpoints`, labels, this node, local) in slot order.
     eps: Vec<(usize, std::sync::Arc<[Label]>, bool, bool)>,
@@ -1160,7 +1175,7 @@ impl RegistryPart {
             })
             .collect();
         RegistryPart {
-            registry: RegistrySet::default(),
+            registry: 0,
             node_name: node_name.to_string(),
             eps: resolved
                 .iter()
