@@ -249,6 +249,9 @@ pub fn load_and_compile(
     let t0 = Instant::now();
     let mut pass = Pass::default();
     let mut changed = true;
+    if held.policies.is_none() && held.registry.is_none() {
+        inputs.prefetch();
+    }
     match step(&mut held.policies, inputs, hint, saved, &mut pass) {
         Step::Kept => changed = false,
         Step::Replaced(old) => held.fitting.replaced(old, &mut held.retired),
