@@ -127,7 +127,7 @@ impl<D: Datapath> Reconciler<D> {
             map_sizes,
             inputs,
             compiler,
-            held: Held::default(),
+            held: Held::deferring_lint(),
             saver,
             links,
             links_changed: true,
@@ -153,7 +153,10 @@ impl<D: Datapath> Reconciler<D> {
     /// Drop the sets replaced by the last reconcile (after it: freeing
     /// thousands of policies is not on the way to enforcement).
     pub fn drop_retired(&mut self) {
-        self.held.retired.clear();
+        if !self.held.retired.is_empty() {
+            self.held.retired.clear();
+            trim_heap();
+        }
     }
 
     pub fn start_save(&mut self) {
@@ -217,7 +220,10 @@ impl<D: Datapath> Reconciler<D> {
         problems.dedup();
         self.problems = problems;
         self.warnings = pass.warnings;
-        self.log_warnings();
+        if !pass.lint_due {
+            // Else logged with the lint's, once the state is applied.
+            self.log_warnings();
+        }
         if self.held.policies.is_none() || self.held.registry.is_none() {
             self.log_problems();
             slog::error!(self.out.log, "no valid policy set or registry and none saved; nothing applied";
@@ -246,6 +252,7 @@ impl<D: Datapath> Reconciler<D> {
             {
                 i.policies = n_policies;
                 slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
+                self.lint_after(pass.lint_due, &compiled);
                 self.publish();
                 return;
             }
@@ -267,6 +274,9 @@ impl<D: Datapath> Reconciler<D> {
             Ok(g)
         });
         let apply = t2.elapsed();
+        // The warnings about the state are found once it is enforced (they
+        // never change a verdict, and at scale they cost as much as a compile).
+        self.lint_after(pass.lint_due, &compiled);
         match result {
             Ok(generation) => {
                 if check_links {
@@ -312,6 +322,8 @@ impl<D: Datapath> Reconciler<D> {
                 self.publish();
                 let line = self.status_line();
                 if first {
+                    // The start's parse and compile temporaries are freed by now.
+                    trim_heap();
                     self.out.notifier.ready(&line);
                 } else {
                     self.out.notifier.status(&line);
@@ -355,6 +367,16 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// Log the input warnings once each time the set of warnings changes.
+    /// Add the lint warnings of the sets in force to the inputs' own (when
+    /// `due`: `compiled` is their state) and log what is new.
+    fn lint_after(&mut self, due: bool, compiled: &Compiled) {
+        if due {
+            let found = pipeline::lint_warnings(&mut self.held, compiled, &self.copts.node_name);
+            self.warnings.extend(found);
+            self.log_warnings();
+        }
+    }
+
     fn log_warnings(&mut self) {
         if self.warnings == self.logged_warnings {
             return;
@@ -527,6 +549,18 @@ impl<D: Datapath> Reconciler<D> {
                 return;
             }
         }
+    }
+}
+
+/// Give the heap pages freed by replaced sets back to the system: glibc keeps
+/// them otherwise (and a start that parsed on several threads leaves freed
+/// pages in each thread's arena), so the resident size would stay at its peak.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it
+    // touches no memory in use and takes no pointer.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

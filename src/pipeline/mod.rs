@@ -86,6 +86,9 @@ pub struct Held {
     /// The lint warnings of the sets in force (`policy::lint`) and the node
     /// name they were found for: found again only when a set or the name changes.
     lint: Option<(String, Vec<Warning>)>,
+    /// Leave the lint to the caller ([`lint_warnings`] once the state is
+    /// applied): netpold, so that warnings never delay enforcement.
+    pub defer_lint: bool,
 }
 
 /// The last set of a kind that compiled within the limits, kept while the
@@ -95,6 +98,16 @@ struct Fitting<T> {
     last: Option<T>,
     /// The set held now compiled within the limits.
     current: bool,
+}
+
+impl Held {
+    /// Nothing held yet, and the lint left to the caller ([`Held::defer_lint`]).
+    pub fn deferring_lint() -> Held {
+        Held {
+            defer_lint: true,
+            ..Held::default()
+        }
+    }
 }
 
 impl<T> Default for Fitting<T> {
@@ -172,6 +185,9 @@ pub struct Pass {
     pub kept: Vec<Kind>,
     /// Files parsed by this pass's reads.
     pub files_parsed: usize,
+    /// `compiled` was compiled from the sets in force (not a fallback): their
+    /// lint warnings belong with it (in `warnings` unless [`Held::defer_lint`]).
+    pub lint_due: bool,
     /// Time spent reading, and compiling.
     pub load: Duration,
     pub compile: Duration,
@@ -317,20 +333,32 @@ pub fn load_and_compile(
     } else {
         held.fitting.fits(&mut held.retired);
         held.fitting_registry.fits(&mut held.retired);
-        if let Ok(c) = &compiled {
-            let name = &opts.node_name;
-            if held.lint.as_ref().is_none_or(|(n, _)| n != name) {
-                let found = lint::lint(&pol.set, &reg.set, c, name);
-                held.lint = Some((name.clone(), found));
-            }
-            if let Some((_, found)) = &held.lint {
-                pass.warnings.extend(found.iter().cloned());
-            }
+        pass.lint_due = true;
+        if let (Ok(c), false) = (&compiled, held.defer_lint) {
+            pass.warnings
+                .extend(lint_warnings(held, c, &opts.node_name));
         }
     }
     pass.compile = t1.elapsed();
     pass.compiled = compiled.ok();
     pass
+}
+
+/// What `policy::lint` finds in the sets in force, `compiled` being the state
+/// a pass just compiled from them (one whose [`Pass::lint_due`] is set): found
+/// again only when a set or the node name changed since the last time.
+pub fn lint_warnings(held: &mut Held, compiled: &Compiled, node_name: &str) -> Vec<Warning> {
+    let (Some(pol), Some(reg)) = (&held.policies, &held.registry) else {
+        return Vec::new();
+    };
+    if held.lint.as_ref().is_none_or(|(n, _)| n != node_name) {
+        let found = lint::lint(&pol.set, &reg.set, compiled, node_name);
+        held.lint = Some((node_name.to_string(), found));
+    }
+    held.lint
+        .as_ref()
+        .map(|(_, w)| w.clone())
+        .unwrap_or_default()
 }
 
 /// One pass over a config's files from nothing, as every `netpolctl` command
