@@ -10,6 +10,7 @@
 //! | [`topo`] | a node namespace with a bridge and one namespace per workload behind a veth pair |
 //! | [`probe`] | TCP listeners and connection probes from inside a namespace |
 //! | [`dp`] | a `KernelDatapath` under its own pin directory, and enforcing a compiled state on a [`topo::Topo`] |
+//! | [`events`] | the verdict events a fake datapath hands the daemon |
 //! | [`daemon`] | the real `netpold` in a node's network namespace, its files, its socket, its end |
 //! | [`lab`] | a topology, listeners and a daemon together (daemon end to end, faults, soak) |
 //! | [`rng`] | the one deterministic generator |
@@ -29,6 +30,7 @@
 pub mod cmd;
 pub mod daemon;
 pub mod dp;
+pub mod events;
 pub mod lab;
 pub mod netns;
 pub mod nodegen;
