@@ -440,11 +440,7 @@ def netpol_unavailable_reason():
     except Exception as e:
         return f"netpold preflight failed: {str(e)[:400]}"
     finally:
-        if servers:
-            servers.close()
-        if d:
-            d.stop()
-        ns_cleanup()
+        close_all(servers, d)
 
 
 # ---------------------------------------------------------------- contenders
@@ -789,6 +785,24 @@ def probe_policy(k):
                  "toPorts": [{"ports": [{"port": str(PROBE_BASE + k), "protocol": "TCP"}]}]}])
 
 
+def probe_policy_apply(d):
+    """A policy change for netpold `d`: policy k renamed into its policy directory."""
+    def apply(k):
+        staged = os.path.join(d.staging, "probe.yaml")
+        write_docs(staged, [probe_policy(k)])
+        os.rename(staged, os.path.join(d.policy_dir, "probe.yaml"))
+    return apply
+
+
+def close_all(servers=None, d=None):
+    """Stop the servers and the daemon of a measurement (those it started), and remove the namespaces."""
+    if servers:
+        servers.close()
+    if d:
+        d.stop()
+    ns_cleanup()
+
+
 def start_probe(port, timeout=20, ns=NS_CLI, src=None):
     p = spawn(nsenter(ns, *HI, PINGPONG, "probe", SRV_IP, str(port), str(timeout), "500",
                       *([src] if src else [])),
@@ -889,9 +903,7 @@ def run_control_1k(args, unavailable, raw):
             ctl[name] = {"error": str(e)[:600]}
             log(f"  {name} FAILED: {e}")
         finally:
-            if servers:
-                servers.close()
-            ns_cleanup()
+            close_all(servers)
 
     if "netpol" in unavailable:
         ctl["netpol"] = {"error": unavailable["netpol"]}
@@ -923,10 +935,7 @@ def run_control_1k(args, unavailable, raw):
                 ctl["netpol_initial_status"] = st
             daemon_ms = []
 
-            def apply(k, d=d):
-                staged = os.path.join(d.staging, "probe.yaml")
-                write_docs(staged, [probe_policy(k)])
-                os.rename(staged, os.path.join(d.policy_dir, "probe.yaml"))
+            apply = probe_policy_apply(d)
 
             def after(_k, d=d, daemon_ms=daemon_ms):
                 st = d.status() or {}
@@ -940,11 +949,7 @@ def run_control_1k(args, unavailable, raw):
             ctl[key] = {"error": str(e)[:600]}
             log(f"  netpol FAILED: {e}")
         finally:
-            if servers:
-                servers.close()
-            if d:
-                d.stop()
-            ns_cleanup()
+            close_all(servers, d)
 
 
 
@@ -991,10 +996,7 @@ def run_scale_10k(args, raw):
             cs.pop("error", None)
             log(f"  ready after {cs['seconds']:.2f} s, RSS {cs['rss_mib']} MiB")
 
-            def apply(k, d=d):
-                staged = os.path.join(d.staging, "probe.yaml")
-                write_docs(staged, [probe_policy(k)])
-                os.rename(staged, os.path.join(d.policy_dir, "probe.yaml"))
+            apply = probe_policy_apply(d)
 
             raw["control"]["netpol_10k"] = run_apply_series("netpol at 10k x 10k", args.changes, apply)
             cs["rss_mib_after_changes"] = d.rss_mib()
@@ -1012,11 +1014,7 @@ def run_scale_10k(args, raw):
             if "max_entries" not in str(e):
                 break
         finally:
-            if servers:
-                servers.close()
-            if d:
-                d.stop()
-            ns_cleanup()
+            close_all(servers, d)
 
 
 APPLY_SIZES = (100, 1000, 10000)
@@ -1049,9 +1047,7 @@ def run_apply_sizes(args, raw):
             ctl[f"nftables_{n}"] = {"error": str(e)[:600]}
             log(f"  nftables FAILED: {e}")
         finally:
-            if servers:
-                servers.close()
-            ns_cleanup()
+            close_all(servers)
     n = 100
     eps, pols, dummies, _ = scale_files(n, n)
     log(f"control plane: netpol at {n} x {n}, {changes} changes")
@@ -1067,21 +1063,14 @@ def run_apply_sizes(args, raw):
         d.start()
         d.wait_ready(timeout=120)
 
-        def apply(k, d=d):
-            staged = os.path.join(d.staging, "probe.yaml")
-            write_docs(staged, [probe_policy(k)])
-            os.rename(staged, os.path.join(d.policy_dir, "probe.yaml"))
+        apply = probe_policy_apply(d)
 
         ctl[f"netpol_{n}"] = run_apply_series(f"netpol at {n} x {n}", changes, apply)
     except Exception as e:
         ctl[f"netpol_{n}"] = {"error": str(e)[:600]}
         log(f"  netpol FAILED: {e}")
     finally:
-        if servers:
-            servers.close()
-        if d:
-            d.stop()
-        ns_cleanup()
+        close_all(servers, d)
 
 
 def run_remote(args, raw, n, extra):
@@ -1152,11 +1141,7 @@ def run_remote_once(args, rec, n, extra, eps, pols, probe_docs):
         rec.setdefault("ready", False)
         log(f"  FAILED: {e}")
     finally:
-        if servers:
-            servers.close()
-        if d:
-            d.stop()
-        ns_cleanup()
+        close_all(servers, d)
 
 
 # ---------------------------------------------------------------- summary, page, chart

@@ -999,6 +999,18 @@ fn shipped_config_file_loads_as_the_defaults() {
 
 // ---------------------------------------------------------------- the real parser and core
 
+/// Fresh directories holding the seed registry and its frontend-to-backend policy.
+fn seed_dirs() -> Dirs {
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    std::fs::copy(
+        seed("netpol.d/frontend-to-backend.yaml"),
+        dirs.pol("frontend-to-backend.yaml"),
+    )
+    .unwrap();
+    dirs
+}
+
 fn seed(path: &str) -> PathBuf {
     crate::harness::cmd::repo()
         .join("etc/examples/seed")
@@ -1169,13 +1181,7 @@ async fn saves_by_rename_or_replacement_are_applied_and_unseen_writes_wait_for_a
 /// apply, and the fixed file is applied.
 #[tokio::test]
 async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
-    let dirs = Dirs::new();
-    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
-    std::fs::copy(
-        seed("netpol.d/frontend-to-backend.yaml"),
-        dirs.pol("frontend-to-backend.yaml"),
-    )
-    .unwrap();
+    let dirs = seed_dirs();
     let mut config = dirs.config.clone();
     config.maps.policy_max_entries = 20;
     // `n` TCP ports to backend from anyone: n entries for backend.
@@ -1275,13 +1281,7 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
 /// endpoint to blame with its file and field, and recovers once fixed.
 #[tokio::test]
 async fn registry_over_the_map_budget_keeps_the_last_fitting_registry_until_fixed() {
-    let dirs = Dirs::new();
-    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
-    std::fs::copy(
-        seed("netpol.d/frontend-to-backend.yaml"),
-        dirs.pol("frontend-to-backend.yaml"),
-    )
-    .unwrap();
+    let dirs = seed_dirs();
     // `n` more ports to backend from frontend: n + 1 entries per backend.
     let wide = |n: u16| {
         let ports: Vec<String> = (0..n)
