@@ -1357,6 +1357,17 @@ def svg_chart(agg, rules, contenders):
     return "\n".join(out) + "\n"
 
 
+def cold_start_parts(cs):
+    """`load X ms, compile Y ms, kernel side Z ms (the largest)` from the first apply's log line."""
+    a = cs.get("first_apply")
+    if not a:
+        return "not recorded"
+    parts = {"load": a["load_ms"], "compile": a["compile_ms"], "kernel side (fill, flip, attach)": a["apply_ms"]}
+    top = max(parts, key=parts.get)
+    return (", ".join(f"{k} {fmt(v, 0)} ms" for k, v in parts.items()) + f" of {fmt(a['total_ms'], 0)} ms "
+            f"(the largest: {top.split(' (')[0]})")
+
+
 def apply_points(ctl):
     """set size -> (netpol series, nft series) of the apply-latency measurements."""
     pts = {}
@@ -1549,13 +1560,14 @@ def write_page(raw, summary, agg, unavailable, args):
     }
     why.update({
         "cold_start_s_10k": (
-            "**Why cold start at 10k × 10k is over 1 s**: the daemon's own account (Control plane, below) splits "
-            "it into load, compile and the kernel side. Loading parses 3 MB of policies and 2 MB of registry "
-            "(both files side by side on the two cores since this change; the policy file alone is one thread's "
-            "work: the YAML scanner and the field paths built for every node are most of it, by callgrind); the "
-            "kernel side fills the maps and attaches two tcx links to each of the 102 local interfaces, pinning "
-            "each. What would close it: parse the documents of one file on several threads, build field paths "
-            "only when a message needs one, and attach the interfaces in one pass without a link query each."),
+            "**Why cold start at 10k × 10k is over 1 s**: the daemon's own account of its first apply in this run: "
+            + cold_start_parts(raw.get("cold_start", {})) + ". Loading parses 3 MB of policies and 2 MB of "
+            "registry (both files side by side on the two cores; the policy file alone is one thread's work: the "
+            "YAML scanner and the field paths built for every node are most of it, by callgrind); the kernel "
+            "side fills the maps and attaches two pinned tcx links to each of the 102 local interfaces. What "
+            "would close it: attach the interfaces without the per-device work each attach does now (the "
+            "datapath's part), parse the documents of one file on several threads, and build field paths only "
+            "when a message needs one."),
         "rss_mib_10k": (
             "**Why RSS at 10k × 10k is over 64 MiB**: `examples/bench_files` measures the parse at about 5 KB per "
             "policy rule (each policy keeps its source map — field paths and positions as strings, for warnings — "
@@ -1687,7 +1699,8 @@ def write_page(raw, summary, agg, unavailable, args):
              f"{fmt(r100.get('rss_mib_after_changes'), 1)} | {fmt(r300.get('rss_mib_after_changes'), 1)} |")
     L.append("\nRemote registries: every endpoint on another node with a v4 and a v6 address (apps of 10 "
              "endpoints), 1,000 policies, the client and server the only local endpoints"
-             + (f"; at 300,000 `{r300['config_extra']}` is added (600,000 addresses)" if r300.get("config_extra")
+             + (f"; at 300,000 `{r300['config_extra'].replace(chr(10), '; ')}` is added (600,000 addresses)"
+                if r300.get("config_extra")
                 else "") + ".\n")
     for n, r in (("10,000 × 10,000", cs), ("100,000 remote", r100), ("300,000 remote", r300)):
         if r.get("error"):
