@@ -92,6 +92,8 @@ pub struct Reconciler<D> {
     pub links: LinkTable,
     /// The link table changed since attachments were last checked.
     pub links_changed: bool,
+    /// A generation was applied since the heap was last trimmed.
+    trim_due: bool,
     pub datapath: D,
     installed: Option<Installed>,
     /// When to try the datapath again, and the backoff that got us there.
@@ -131,6 +133,7 @@ impl<D: Datapath> Reconciler<D> {
             saver,
             links,
             links_changed: true,
+            trim_due: false,
             datapath,
             installed: None,
             retry: None,
@@ -152,9 +155,12 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Drop the sets replaced by the last reconcile (after it: freeing
     /// thousands of policies is not on the way to enforcement).
+    /// Drop the sets the last reconcile replaced, and after an apply give the
+    /// freed heap back (every apply alike, so the resident size follows what
+    /// is in use rather than which reconciles replaced a set).
     pub fn drop_retired(&mut self) {
-        if !self.held.retired.is_empty() {
-            self.held.retired.clear();
+        self.held.retired.clear();
+        if std::mem::take(&mut self.trim_due) {
             trim_heap();
         }
     }
@@ -321,9 +327,8 @@ impl<D: Datapath> Reconciler<D> {
                 self.ready = true;
                 self.publish();
                 let line = self.status_line();
+                self.trim_due = true;
                 if first {
-                    // The start's parse and compile temporaries are freed by now.
-                    trim_heap();
                     self.out.notifier.ready(&line);
                 } else {
                     self.out.notifier.status(&line);
