@@ -241,6 +241,10 @@ pub struct Status {
     pub datapath_error: Option<String>,
     /// state_dir could not be written (the last valid set is not kept for a restart).
     pub state_error: Option<String>,
+    /// metrics_listen is set but cannot listen (and what to do about it): the
+    /// daemon enforces without metrics.
+    #[serde(default)]
+    pub metrics_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

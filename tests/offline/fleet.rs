@@ -37,10 +37,7 @@ fn free_port() -> u16 {
 }
 
 fn etcd_binary() -> Option<PathBuf> {
-    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    crate::harness::require::first_existing(&["/usr/bin/etcd", "/usr/local/bin/etcd"])
 }
 
 /// One etcd member. `Drop` kills it (SIGKILL) and removes its data.
@@ -646,7 +643,7 @@ async fn the_operator_commands_on_a_real_etcd() {
     let (code, out, err) = run(&["policy", "push", pol.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.starts_with("policy set ") && out.contains("(1 documents) is current at revision"),
+        out.starts_with("policy set ") && out.contains("(1 document) is current at revision"),
         "{out}"
     );
     let (code, out, _) = run(&["policy", "push", pol.to_str().unwrap()]).await;
