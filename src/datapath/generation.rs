@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::mem::size_of;
 
-use super::layout::{self, EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue};
+use super::layout::{
+    self, EndpointValue, IpcacheKey, IpcacheValue, KernelSlots, PolicyKey, PolicyValue,
+};
 use super::{Attachment, DatapathError};
 use crate::policy::types::Compiled;
 
@@ -39,26 +41,35 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
 impl Contents {
     /// What a generation must hold for `state` enforced on `attachments`
     /// (the same entries a full fill writes; a later duplicate key wins).
-    pub fn build(state: &Compiled, attachments: &[Attachment]) -> Result<Contents, DatapathError> {
+    pub fn build(
+        state: &Compiled,
+        attachments: &[Attachment],
+        slots: &KernelSlots,
+    ) -> Result<Contents, DatapathError> {
         let mut c = Contents::default();
         c.ipcache.reserve(state.ipcache.len());
         for e in &state.ipcache {
             let k = layout::ipcache_key(&e.net);
-            let v = layout::ipcache_value(e);
+            let v = layout::ipcache_value(e, slots);
             c.ipcache
                 .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
+        let unknown = |a: &Attachment| DatapathError::UnknownSlot {
+            ifindex: a.ifindex,
+            slot: a.slot,
+            endpoints: state.endpoints.len(),
+        };
         for a in attachments {
-            let v = layout::endpoint_value(state, a.slot).ok_or(DatapathError::UnknownSlot {
-                ifindex: a.ifindex,
-                slot: a.slot,
-                endpoints: state.endpoints.len(),
-            })?;
+            let kslot = slots.kernel(a.slot).ok_or_else(|| unknown(a))?;
+            let v = layout::endpoint_value(state, a.slot, kslot).ok_or_else(|| unknown(a))?;
             c.endpoints
                 .insert(a.ifindex.to_ne_bytes(), arr(layout::bytes_of(&v)));
         }
         for e in layout::installed_entries(state, attachments) {
-            let k = layout::policy_key(e);
+            let Some(kslot) = slots.kernel(e.endpoint) else {
+                continue;
+            };
+            let k = layout::policy_key_in(e, kslot);
             let v = layout::policy_value(e);
             c.policy
                 .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
@@ -129,7 +140,7 @@ mod tests {
 
     #[test]
     fn empty_state_builds_empty_contents() {
-        let c = Contents::build(&Compiled::default(), &[]).unwrap();
+        let c = Contents::build(&Compiled::default(), &[], &KernelSlots::default()).unwrap();
         assert_eq!(c, Contents::default());
         assert_eq!(c.changes_to(&c), 0);
     }
@@ -147,14 +158,12 @@ mod tests {
 
     #[test]
     fn attachment_of_a_missing_slot_is_an_error() {
-        let e = Contents::build(
-            &Compiled::default(),
-            &[Attachment {
-                slot: 3,
-                ifindex: 7,
-            }],
-        )
-        .unwrap_err();
+        let att = [Attachment {
+            slot: 3,
+            ifindex: 7,
+        }];
+        let slots = KernelSlots::assign(&KernelSlots::default(), &att);
+        let e = Contents::build(&Compiled::default(), &att, &slots).unwrap_err();
         assert!(e.to_string().contains("slot 3"), "{e}");
     }
 }

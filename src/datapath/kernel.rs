@@ -28,7 +28,7 @@ use libbpf_rs::{
 };
 
 use super::generation::{self, Contents, Table};
-use super::layout::{self, EventRecord, StateValue};
+use super::layout::{self, EventRecord, KernelSlots, StateValue};
 use super::skel::types::{self, np_layout};
 use super::skel::{NetpolSkel, NetpolSkelBuilder};
 use super::{Attachment, Counters, Datapath, DatapathError, DatapathSettings, VerdictEvent};
@@ -147,8 +147,10 @@ pub struct KernelDatapath {
     settings: DatapathSettings,
     /// Attached devices: ifindex → how.
     attached: BTreeMap<u32, AttachMode>,
-    /// Endpoint slots of the last applied state (for `counters`).
-    slots: BTreeSet<u32>,
+    /// Kernel slots of the last applied state's attachments (layout::KernelSlots:
+    /// only attached endpoints have one); `None` before the first apply of this
+    /// process, when they are read back from the active generation.
+    kslots: Option<KernelSlots>,
     generation: u64,
     /// netpol_barrier_v1 and the inner map put into it to wait for running
     /// programs (shared with the thread that waits).
@@ -503,7 +505,7 @@ impl KernelDatapath {
             pin_dir: pin_dir.to_path_buf(),
             settings: settings.clone(),
             attached: BTreeMap::new(),
-            slots: BTreeSet::new(),
+            kslots: None,
             generation: state.generation,
             barrier: Arc::new((barrier_outer, barrier_inner)),
             pending_barrier: None,
@@ -1126,12 +1128,29 @@ impl KernelDatapath {
         state: &Compiled,
         attachments: &[Attachment],
     ) -> Result<u64, DatapathError> {
-        layout::check_capacity(state, attachments, &self.settings)?;
-        let mut want = Contents::build(state, attachments)?;
+        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
+        let prev = match self.kslots.take() {
+            Some(k) => k,
+            None => self.adopted_slots(cur.active & 1),
+        };
+        let kslots = KernelSlots::assign(&prev, attachments);
+        let built = layout::check_capacity(state, attachments, &kslots, &self.settings)
+            .and_then(|_| Contents::build(state, attachments, &kslots));
+        let mut want = match built {
+            Ok(w) => w,
+            Err(e) => {
+                self.kslots = Some(prev);
+                return Err(e);
+            }
+        };
+        // A slot new to its interface counts from zero (an earlier holder's
+        // counts are not this endpoint's).
+        let fresh: Vec<u32> = kslots.new_since(&prev).collect();
+        self.kslots = Some(prev);
+        self.zero_counters(&fresh)?;
 
         // No program may still use the generation we are about to write.
         self.wait_barrier()?;
-        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
         want.stamp(cur.generation + 1);
         let inactive = (cur.active & 1) ^ 1;
         let idx = inactive as usize;
@@ -1193,8 +1212,43 @@ impl KernelDatapath {
         self.start_barrier();
 
         self.generation = next.generation;
-        self.slots = attachments.iter().map(|a| a.slot).collect();
+        self.kslots = Some(kslots);
         Ok(next.generation)
+    }
+
+    /// ifindex → kernel slot as the endpoint table of generation `active`
+    /// holds it (an earlier process's), so slots and counters carry over a
+    /// restart; empty when there is none or it cannot be read.
+    fn adopted_slots(&self, active: u32) -> KernelSlots {
+        let Some(g) = self.gens[active as usize].as_ref() else {
+            return KernelSlots::default();
+        };
+        let table = match &g.shadow {
+            Some(s) => s.endpoints.clone(),
+            None => dump_table(&g.endpoints, "endpoint table").unwrap_or_default(),
+        };
+        KernelSlots::adopted(table.iter().filter_map(|(k, v)| {
+            let e = layout::from_bytes::<layout::EndpointValue>(v)?;
+            Some((u32::from_ne_bytes(*k), e.slot))
+        }))
+    }
+
+    /// Reset the per-CPU counters of kernel slots `slots`.
+    fn zero_counters(&self, slots: &[u32]) -> Result<(), DatapathError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let map = &self.skel().maps.netpol_counters_v1;
+        let cpus = libbpf_rs::num_possible_cpus().map_err(|e| DatapathError::Libbpf {
+            op: "count the possible cpus".into(),
+            source: e,
+        })?;
+        let zero = vec![vec![0u8; size_of::<layout::CountersValue>()]; cpus];
+        for k in slots {
+            map.update_percpu(&k.to_ne_bytes(), &zero, MapFlags::ANY)
+                .map_err(kerr(format!("reset netpol_counters_v1[{k}]")))?;
+        }
+        Ok(())
     }
 }
 
@@ -1329,10 +1383,16 @@ impl Datapath for KernelDatapath {
         if max == 0 {
             return out;
         }
+        let kslots = self.kslots.as_ref();
         let mut builder = RingBufferBuilder::new();
         let added = builder.add(&self.skel().maps.netpol_events_v1, |data: &[u8]| {
             if let Some(r) = layout::from_bytes::<EventRecord>(data) {
-                out.push(layout::verdict_event(&r));
+                let mut ev = layout::verdict_event(&r);
+                // The kernel reports its slot; above the datapath slots are compiled ones.
+                if let Some(slot) = kslots.and_then(|k| k.compiled(ev.slot)) {
+                    ev.slot = slot;
+                }
+                out.push(ev);
             }
             0
         });
@@ -1348,13 +1408,10 @@ impl Datapath for KernelDatapath {
     fn counters(&self) -> BTreeMap<u32, Counters> {
         let map = &self.skel().maps.netpol_counters_v1;
         let mut out = BTreeMap::new();
-        let slots: Vec<u32> = if self.slots.is_empty() {
-            (0..self.settings.endpoint_max_entries).collect()
-        } else {
-            self.slots.iter().copied().collect()
-        };
-        for slot in slots {
-            let Ok(Some(per_cpu)) = map.lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY) else {
+        // Counted by kernel slot, reported by the compiled slot behind it;
+        // nothing before this process's first apply (no state to name them by).
+        for (kslot, slot) in self.kslots.iter().flat_map(KernelSlots::iter) {
+            let Ok(Some(per_cpu)) = map.lookup_percpu(&kslot.to_ne_bytes(), MapFlags::ANY) else {
                 continue;
             };
             let mut c = Counters::default();
@@ -1368,9 +1425,7 @@ impl Datapath for KernelDatapath {
                     c.audit += v.audit;
                 }
             }
-            if self.slots.contains(&slot) || c != Counters::default() {
-                out.insert(slot, c);
-            }
+            out.insert(slot, c);
         }
         out
     }

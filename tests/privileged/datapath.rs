@@ -1168,7 +1168,8 @@ fn egress_state(ports: &[u16], drop_c: bool) -> Compiled {
 
 /// What a generation installed as number `generation` holds for `c`.
 fn expected(c: &Compiled, generation: u64) -> Contents {
-    let mut want = Contents::build(c, &A_ON_LO).expect("build contents");
+    let slots = netpol::datapath::layout::KernelSlots::assign(&Default::default(), &A_ON_LO);
+    let mut want = Contents::build(c, &A_ON_LO, &slots).expect("build contents");
     want.stamp(generation);
     want
 }
