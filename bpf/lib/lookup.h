@@ -52,7 +52,7 @@ static __always_inline int np_gen_rest(struct np_gen *g)
 
 struct np_ident {
 	__u32 identity;
-	__u32 endpoint; /* NP_SLOT_NONE if the address belongs to no endpoint */
+	__u32 endpoint; /* NP_SLOT_NONE: no endpoint's; NP_SLOT_ELSEWHERE: one not attached here */
 };
 
 static __always_inline void np_ipcache_lookup(void *ipcache, __u8 family, const __u8 *addr,

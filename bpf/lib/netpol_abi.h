@@ -82,10 +82,14 @@ enum np_verdict : __u8 {
 	NP_VERDICT_STAGED_DEFAULT = 5,
 };
 
-/* "No rule" / "no endpoint" in a rule index or endpoint slot. */
+/* "No rule" / "no endpoint" in a rule index or endpoint slot. In an ipcache
+ * value, NP_SLOT_ELSEWHERE marks an endpoint's address whose endpoint is not
+ * attached here (remote, or not attached yet): it is no slot, yet anti-spoofing
+ * still refuses it as a source, like any other endpoint's address. */
 enum np_none : __u32 {
 	NP_RULE_NONE = 0xffffffffu,
 	NP_SLOT_NONE = 0xffffffffu,
+	NP_SLOT_ELSEWHERE = 0xfffffffeu,
 };
 
 /* Where the programs stop (load-time setting cfg_stage, config `[datapath]

@@ -137,15 +137,17 @@ pub fn ipcache_lookup_key(addr: IpAddr) -> IpcacheKey {
 
 /// The ipcache value of `e`: its identity, and the kernel slot of the
 /// endpoint owning the address when that endpoint is attached here (the
-/// anti-spoofing check compares it with the sending endpoint's slot); none
-/// for remote endpoints and endpoints not attached.
+/// anti-spoofing check compares it with the sending endpoint's slot);
+/// `NP_SLOT_ELSEWHERE` for an address of a remote endpoint or of one not
+/// attached (no local workload may send from it, link-local or not), none for
+/// a CIDR or entity.
 pub fn ipcache_value(e: &IpcacheEntry, slots: &KernelSlots) -> IpcacheValue {
     IpcacheValue {
         identity: e.identity,
-        endpoint: e
-            .endpoint
-            .and_then(|s| slots.kernel(s))
-            .unwrap_or(np_none::NP_SLOT_NONE.0),
+        endpoint: match e.endpoint {
+            Some(s) => slots.kernel(s).unwrap_or(np_none::NP_SLOT_ELSEWHERE.0),
+            None => np_none::NP_SLOT_NONE.0,
+        },
     }
 }
 
@@ -732,7 +734,15 @@ mod tests {
         let k = KernelSlots::assign(&KernelSlots::default(), &[att(4000, 11)]);
         assert_eq!(ipcache_value(&e, &k).endpoint, 0);
         let none = KernelSlots::default();
-        assert_eq!(ipcache_value(&e, &none).endpoint, np_none::NP_SLOT_NONE.0);
+        assert_eq!(
+            ipcache_value(&e, &none).endpoint,
+            np_none::NP_SLOT_ELSEWHERE.0
+        );
+        let cidr = IpcacheEntry {
+            endpoint: None,
+            ..e.clone()
+        };
+        assert_eq!(ipcache_value(&cidr, &k).endpoint, np_none::NP_SLOT_NONE.0);
     }
 
     fn settings(ipc: u32, ep: u32, pol: u32) -> DatapathSettings {
