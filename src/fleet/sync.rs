@@ -117,6 +117,12 @@ pub struct RemoteView {
     pub from_cache: bool,
 }
 
+impl Default for RemoteView {
+    fn default() -> Self {
+        RemoteView::empty()
+    }
+}
+
 impl RemoteView {
     fn empty() -> RemoteView {
         RemoteView {

@@ -220,6 +220,7 @@ pub fn load_and_compile(
     if changed {
         held.lint = None;
     }
+    pass.problems.extend(inputs.problems());
     pass.files_parsed = inputs.files_parsed();
     pass.warnings = inputs.warnings();
     pass.load = t0.elapsed();
