@@ -61,7 +61,9 @@ impl PublishSettings {
             request_timeout: Duration::from_millis(d.request_timeout_ms),
             state_dir: None,
             backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
+            // Reconnects are jittered up to this: short enough that a
+            // host is back within seconds of etcd (docs/fleet.md, "Outages").
+            backoff_max: Duration::from_secs(4),
         }
     }
 }

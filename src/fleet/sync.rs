@@ -83,7 +83,9 @@ impl SyncSettings {
             mass_removal_hold: Duration::from_secs(d.mass_removal_hold_s),
             page_size: 500,
             backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
+            // Reconnects are jittered up to this: short enough that a
+            // host is back within seconds of etcd (docs/fleet.md, "Outages").
+            backoff_max: Duration::from_secs(4),
             cache_dir: None,
             cache_interval: Duration::from_secs(1),
         }

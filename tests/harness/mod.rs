@@ -11,6 +11,7 @@
 //! | [`probe`] | TCP listeners and connection probes from inside a namespace |
 //! | [`dp`] | a `KernelDatapath` under its own pin directory, and enforcing a compiled state on a [`topo::Topo`] |
 //! | [`daemon`] | the real `netpold` in a node's network namespace, its files, its socket, its end |
+//! | [`etcd`] | a real etcd for fleet mode, on loopback or inside a test's namespace, killed also on failure |
 //! | [`lab`] | a topology, listeners and a daemon together (daemon end to end, faults, soak) |
 //! | [`rng`] | the one deterministic generator |
 //! | [`nodegen`] | the generated two-node scenario (offline operator tests, privileged multi-node test) |
@@ -29,6 +30,7 @@
 pub mod cmd;
 pub mod daemon;
 pub mod dp;
+pub mod etcd;
 pub mod lab;
 pub mod netns;
 pub mod nodegen;

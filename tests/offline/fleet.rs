@@ -5,10 +5,8 @@
 
 #![cfg(feature = "etcd")]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,172 +16,9 @@ use netpol::fleet::keys::Keys;
 use netpol::fleet::store::{get_all, Compare, Op, Range, Store, StoreError, Txn, WatchMsg};
 use netpol::fleet::{Engine, FleetSettings, PublishSettings, SyncSettings};
 
-use crate::harness::Needs;
+use crate::harness::etcd::Etcd;
 
 const P: &str = "/netpol/v1";
-
-/// A free loopback port (bound and released; etcd binds it right after).
-fn free_port() -> u16 {
-    loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p != 2379 && p != 2380 {
-            return p;
-        }
-    }
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-/// One etcd member. `Drop` kills it (SIGKILL) and removes its data.
-struct Etcd {
-    child: Option<Child>,
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-impl Etcd {
-    /// `None` (skipped, said on stderr) without an etcd binary; under CI=true
-    /// that is a failure.
-    fn start(test: &str) -> Option<Etcd> {
-        let bin = etcd_binary();
-        let missing = bin.is_none();
-        Needs::nothing()
-            .unless(move || {
-                missing.then(|| "no etcd binary (scripts/deps.sh installs etcd-server)".into())
-            })
-            .check(test)?;
-        let bin = bin?;
-        let mut e = Etcd {
-            child: None,
-            bin,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        e.spawn();
-        Some(e)
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let client = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .args(["--name", "t", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(body) = http_get(self.client_port, "/health") {
-                if body.contains("true") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("etcd did not become ready: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of a child this guard owns and has not reaped.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn store(&self) -> Arc<dyn Store> {
-        let mut s = ConnectSettings::plain(vec![self.url()]);
-        s.request_timeout = Duration::from_millis(1000);
-        s.connect_timeout = Duration::from_millis(500);
-        Arc::new(EtcdStore::new(s))
-    }
-
-    /// etcd's own gauge of open watchers (Prometheus text on /metrics).
-    fn watchers(&self) -> i64 {
-        let body = http_get(self.client_port, "/metrics").unwrap();
-        body.lines()
-            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
-            .map(|v| v.trim().parse::<f64>().unwrap() as i64)
-            .expect("etcd_debugging_mvcc_watcher_total in /metrics")
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A stopped etcd does not die of SIGKILL until continued? It does;
-            // continue it anyway so nothing is left half-stopped.
-            // SAFETY: as in `signal`.
-            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-        }
-        self.kill();
-    }
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
 
 fn ep(node: &str, name: &str, addr: &str) -> String {
     format!(

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::harness::cmd::{ip, repo, NETPOLCTL};
 use crate::harness::daemon::Daemon;
 use crate::harness::netns::{sysctl, Netns};
-use crate::harness::nodegen::{self, GenEndpoint, Scenario, LETTER};
+use crate::harness::nodegen::{self, offline_matrix, GenEndpoint, Scenario, LETTER};
 use crate::harness::privileged;
 use crate::harness::probe::{self, Listeners, Probe};
 
@@ -347,43 +347,6 @@ impl Cluster {
             .map(|d| format!("--- {} log:\n{}", d.name, d.log()))
             .collect()
     }
-}
-
-/// `netpolctl matrix --json` for `port` with node `n`'s config: (from, to) → allowed.
-fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool> {
-    let o = std::process::Command::new(NETPOLCTL)
-        .args([
-            "matrix",
-            "--json",
-            "--port",
-            &port.to_string(),
-            "--proto",
-            "tcp",
-            "--config",
-        ])
-        .arg(cfg)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "netpolctl matrix: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                (
-                    f["from"].as_str().unwrap().to_string(),
-                    f["to"].as_str().unwrap().to_string(),
-                ),
-                f["verdict"] == "allowed",
-            )
-        })
-        .collect()
 }
 
 /// Every address of a workload: IPv4, and IPv6 when it has one.
