@@ -4,40 +4,11 @@
 //!
 //! `cargo run --release --example bench_compile [-- ENDPOINTS POLICIES]`
 
-use std::collections::BTreeSet;
 use std::time::Instant;
 
+use netpol::api::build::{k8s, origin, req};
 use netpol::api::model::*;
 use netpol::policy::compile::{compile, CompileOptions};
-
-fn origin(kind: &str, ns: Option<&str>, name: &str) -> Origin {
-    Origin {
-        file: format!("/etc/netpol.d/{name}.yaml").into(),
-        doc: 0,
-        kind: kind.into(),
-        namespace: ns.map(Into::into),
-        name: name.into(),
-    }
-}
-
-fn k8s(k: &str, v: &str) -> Label {
-    Label {
-        source: "k8s".into(),
-        key: k.into(),
-        value: v.into(),
-    }
-}
-
-fn req(source: Option<&str>, key: &str, op: Op, vals: &[&str]) -> Requirement {
-    Requirement {
-        key: LabelKey {
-            source: source.map(Into::into),
-            key: key.into(),
-        },
-        op,
-        values: vals.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
-    }
-}
 
 /// A namespaced selector, as the parser scopes CNP selectors.
 fn nsel(ns: &str, pairs: &[(&str, &str)]) -> Selector {

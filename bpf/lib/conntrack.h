@@ -97,7 +97,7 @@ static __always_inline enum np_ct_class np_ct_classify(struct np_pkt *p, __u32 i
 		 * with any tracked flow (a -> c:80) could send "errors" quoting
 		 * that flow (c:80 -> a) to any destination its policy denies, with
 		 * any payload after the quote, and they passed as related
-		 * (tests/bypass.rs icmp_error_quoting_a_tracked_flow_reaches_only_
+		 * (tests/privileged/bypass.rs icmp_error_quoting_a_tracked_flow_reaches_only_
 		 * that_flows_peer). Linux conntrack applies the same rule.
 		 */
 		if (!np_addr_eq(p->daddr, p->in_saddr))

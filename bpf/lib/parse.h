@@ -111,7 +111,7 @@ static __always_inline int np_is_echo(__u8 family, __u8 type)
  * L4. Reading ports there let a first fragment without an L4 header be
  * judged by forged "ports" in the trailer (say 80), and its later fragments,
  * which carry the real TCP header (say port 22), inherit those ports
- * (tests/bypass.rs tiny_first_fragments_do_not_bypass_policy). So every L4
+ * (tests/privileged/bypass.rs tiny_first_fragments_do_not_bypass_policy). So every L4
  * read is bounded by the datagram's end. A declared length of 0 (IPv4 BIG TCP
  * GSO packets, IPv6 jumbograms) means "up to the end of the frame".
  */

@@ -8,8 +8,11 @@
 //! `Raw*` types of [`raw`] from it with located errors, [`policy`] and
 //! [`registry`] validate and translate into [`model`], [`load`] reads files and
 //! directories and runs the cross-document checks, [`cache`] keeps unchanged
-//! files' parses for a caller that loads the same directories again.
+//! files' parses for a caller that loads the same directories again; [`build`]
+//! (feature `test-support`) constructs model values in code for tests.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod build;
 pub mod cache;
 pub mod de;
 pub mod load;

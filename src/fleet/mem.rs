@@ -697,15 +697,7 @@ mod tests {
     #[tokio::test]
     async fn txn_compares() {
         let m = MemStore::new();
-        let create = |k: &str| Txn {
-            compares: vec![Compare::version(k, 0)],
-            success: vec![Op::Put {
-                key: k.into(),
-                value: b"v".to_vec(),
-                lease: 0,
-            }],
-            failure: vec![],
-        };
+        let create = |k: &str| Txn::put_if_absent(k, b"v");
         assert!(m.txn(create("/k")).await.unwrap().succeeded);
         assert!(!m.txn(create("/k")).await.unwrap().succeeded);
         m.set_down(true);

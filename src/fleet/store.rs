@@ -189,6 +189,22 @@ pub struct Txn {
     pub failure: Vec<Op>,
 }
 
+impl Txn {
+    /// Writes `key` only if it does not exist yet (its version is 0), without
+    /// a lease; `succeeded` says whether it was written.
+    pub fn put_if_absent(key: &str, value: &[u8]) -> Txn {
+        Txn {
+            compares: vec![Compare::version(key, 0)],
+            success: vec![Op::Put {
+                key: key.into(),
+                value: value.to_vec(),
+                lease: 0,
+            }],
+            failure: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxnResult {
     pub header: Header,

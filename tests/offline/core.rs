@@ -3,9 +3,9 @@
 //! named ports, identities, ipcache and trace. Every verdict goes through
 //! `policy::trace`, i.e. through the compiled entries and the lookup contract.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use netpol::api::build::{k8s, origin, req};
 use netpol::api::model::*;
 use netpol::policy::compile::{compile, CompileOptions};
 use netpol::policy::identity as ids;
@@ -14,24 +14,6 @@ use netpol::policy::trace::{trace_str, DirVerdict, Reason, Verdict};
 use netpol::policy::types::{proto, Compiled, Direction, EntryVerdict};
 
 // ---------------------------------------------------------------- builders
-
-fn origin(kind: &str, ns: Option<&str>, name: &str) -> Origin {
-    Origin {
-        file: format!("{name}.yaml").into(),
-        doc: 0,
-        kind: kind.into(),
-        namespace: ns.map(Into::into),
-        name: name.into(),
-    }
-}
-
-fn k8s(k: &str, v: &str) -> Label {
-    Label {
-        source: "k8s".into(),
-        key: k.into(),
-        value: v.into(),
-    }
-}
 
 fn ep(ns: &str, name: &str, labels: &[(&str, &str)], addrs: &[&str]) -> EndpointDef {
     EndpointDef {
@@ -72,17 +54,6 @@ fn hep(name: &str, labels: &[(&str, &str)], addrs: &[&str]) -> EndpointDef {
         addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         ports: vec![],
         audit: false,
-    }
-}
-
-fn req(source: Option<&str>, key: &str, op: Op, vals: &[&str]) -> Requirement {
-    Requirement {
-        key: LabelKey {
-            source: source.map(Into::into),
-            key: key.into(),
-        },
-        op,
-        values: vals.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
     }
 }
 

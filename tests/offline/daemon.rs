@@ -1484,16 +1484,10 @@ async fn staged_policy_reports_and_warnings_are_in_status_through_the_real_pipel
             ifindex: 14,
             slot: 1,
             direction: Direction::Ingress,
-            verdict: EventVerdict::Audit,
-            reason: EventReason::DefaultDeny,
-            src: "10.0.1.11".parse().unwrap(),
-            dst: "10.0.1.31".parse().unwrap(),
-            proto: 6,
-            sport: 40000,
-            dport: 5432,
             src_identity: 1000,
             dst_identity: 1001,
             rule: Some(staged_rule),
+            ..crate::harness::events::frontend_to_db(EventVerdict::Audit)
         });
         let mut lines = BufReader::new(r).lines();
         let ev: netpol::daemon::status::MonitorEvent =

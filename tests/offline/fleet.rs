@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use netpol::fleet::admin;
 use netpol::fleet::etcd::{ConnectSettings, EtcdStore};
 use netpol::fleet::keys::Keys;
-use netpol::fleet::store::{get_all, Compare, Op, Range, Store, StoreError, Txn, WatchMsg};
+use netpol::fleet::store::{get_all, Op, Range, Store, StoreError, Txn, WatchMsg};
 use netpol::fleet::{Engine, FleetSettings, PublishSettings, SyncSettings};
 
 use crate::harness::etcd::Etcd;
@@ -138,15 +138,7 @@ async fn the_store_speaks_etcd() {
     assert_eq!(all.kvs.len(), 1200);
     assert!(all.header.cluster_id != 0);
     // Compares.
-    let create = |k: &str| Txn {
-        compares: vec![Compare::version(k, 0)],
-        success: vec![Op::Put {
-            key: k.into(),
-            value: b"v".to_vec(),
-            lease: 0,
-        }],
-        failure: vec![],
-    };
+    let create = |k: &str| Txn::put_if_absent(k, b"v");
     assert!(s.txn(create("/x/once")).await.unwrap().succeeded);
     assert!(!s.txn(create("/x/once")).await.unwrap().succeeded);
     // Leases.

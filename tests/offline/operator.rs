@@ -881,7 +881,7 @@ impl netpol::datapath::Datapath for CountingDp {
 
 #[tokio::test]
 async fn daemon_serves_prometheus_metrics_when_configured() {
-    use netpol::datapath::{Counters, EventReason, EventVerdict, VerdictEvent};
+    use netpol::datapath::{Counters, EventVerdict, VerdictEvent};
     let (pol, eps) = seed();
     let tmp = tempfile::tempdir().unwrap();
     let (p, e) = (tmp.path().join("pol"), tmp.path().join("ep"));
@@ -926,19 +926,8 @@ async fn daemon_serves_prometheus_metrics_when_configured() {
             );
         }
         let ev = |verdict| VerdictEvent {
-            ifindex: 11,
             slot: 2,
-            direction: netpol::policy::types::Direction::Egress,
-            verdict,
-            reason: EventReason::DefaultDeny,
-            src: "10.0.1.11".parse().unwrap(),
-            dst: "10.0.1.31".parse().unwrap(),
-            proto: 6,
-            sport: 40000,
-            dport: 5432,
-            src_identity: 0,
-            dst_identity: 0,
-            rule: None,
+            ..crate::harness::events::frontend_to_db(verdict)
         };
         g.0.events = vec![
             ev(EventVerdict::Denied),
