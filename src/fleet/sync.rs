@@ -927,3 +927,41 @@ impl Sync {
         });
     }
 }
+
+/// The remote view as one list of the watched range shows it now, for a
+/// one-shot reader (`netpolctl check --from-etcd`): what a host named `node`
+/// would build from it (its own prefix left out). An invalid current policy
+/// set has no last valid one to keep here: `policies` is `None` and its
+/// problems are in `policy_problems`.
+pub async fn read_view(
+    store: &dyn Store,
+    keys: &Keys,
+    node: &str,
+) -> Result<RemoteView, StoreError> {
+    let (start, end) = keys.watched();
+    let page = get_all(store, &Range::new(start, end), 500).await?;
+    let entries: Vec<(RawEntry, Parsed)> = page
+        .kvs
+        .iter()
+        .map(|kv| {
+            let raw = RawEntry::from_kv(kv);
+            let parsed = view::parse_entry(keys, node, &raw);
+            (raw, parsed)
+        })
+        .collect();
+    let built = view::build(entries.iter().map(|(r, p)| (r, p)));
+    let (policies, policy_problems) = match built.policies {
+        Ok(set) if built.policy_set.is_some() => (Some(Arc::new(set)), Vec::new()),
+        Ok(_) => (None, Vec::new()),
+        Err(p) => (None, p),
+    };
+    Ok(RemoteView {
+        revision: page.header.revision,
+        registry: built.registry,
+        policy_set: built.policy_set,
+        policies,
+        policy_problems,
+        rejected: built.rejected,
+        ..RemoteView::empty()
+    })
+}

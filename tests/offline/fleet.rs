@@ -494,7 +494,53 @@ async fn the_operator_commands_on_a_real_etcd() {
         "{out}"
     );
     let rev: i64 = out.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    // The current set reads back through the library, as check/trace will.
+    // check and trace --from-etcd: this host's files (one endpoint, no
+    // policy) merged with etcd's registry and current policy set.
+    let local = d.path().join("local");
+    std::fs::create_dir_all(local.join("pol")).unwrap();
+    std::fs::create_dir_all(local.join("eps")).unwrap();
+    std::fs::write(
+        local.join("eps/web.yaml"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: web, labels: {app: web}}\nspec: {interface: veth-web, addresses: [10.0.1.1]}\n",
+    )
+    .unwrap();
+    let host_cfg = local.join("netpold.toml");
+    std::fs::write(
+        &host_cfg,
+        format!(
+            "strict_file_modes = false\nnode_name = \"host-z\"\npolicy_dir = \"{}\"\nendpoint_dirs = [\"{}\"]\n[etcd]\nendpoints = [\"{url}\"]\n",
+            local.join("pol").display(),
+            local.join("eps").display()
+        ),
+    )
+    .unwrap();
+    let ctl = |args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(args).arg("--config").arg(&host_cfg);
+        async move {
+            let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+                .await
+                .unwrap();
+            (
+                o.status.code().unwrap(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+            )
+        }
+    };
+    let trace = |from: &'static str, etcd: bool| {
+        let mut args = vec!["trace", "--from", from, "--to", "web", "--port", "80"];
+        if etcd {
+            args.push("--from-etcd");
+        }
+        let f = ctl(&args);
+        async move { f.await.0 }
+    };
+    assert_eq!(trace("10.0.0.9", false).await, 0, "files only: no policy");
+    assert_eq!(trace("10.0.0.9", true).await, 1, "etcd's set: default deny");
+    assert_eq!(trace("vm1", true).await, 0, "etcd's vm1 has app=api");
+    let (code, out) = ctl(&["check", "--from-etcd"]).await;
+    assert_eq!(code, 0, "{out}");
+    // The current set reads back through the library, as check/trace do.
     let s = etcd.store();
     let (_, set, _) = admin::current_policy_set(s.as_ref(), &Keys::new(P))
         .await
@@ -562,6 +608,20 @@ async fn the_operator_commands_on_a_real_etcd() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("bad.yaml"), "{out}");
     assert!(err.ends_with("nothing was written\n"), "{err}");
+    // A bad entry in etcd: check --from-etcd names its key; trace still works.
+    put(
+        s.as_ref(),
+        &format!("{P}/registry/static/endpoints/default/bad"),
+        "{\"apiVersion\":",
+    )
+    .await;
+    let (code, out) = ctl(&["check", "--from-etcd"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with(&format!("etcd:{P}/registry/static/endpoints/default/bad@")),
+        "{out}"
+    );
+    assert_eq!(trace("vm1", true).await, 0);
 }
 
 /// Not a test: figures for the report (release build, `--ignored`).
