@@ -47,6 +47,10 @@ pub struct Etcd {
     pub netns: Option<String>,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Plain HTTP /health and /metrics (the client port may be TLS).
+    pub metrics_port: u16,
+    /// mTLS: the directory `scripts/etcd-tls-roles pki` filled (`None`: plain).
+    pub tls: Option<PathBuf>,
 }
 
 impl Etcd {
@@ -58,6 +62,21 @@ impl Etcd {
 
     /// On `host` inside network namespace `netns` (made by the test).
     pub fn start_at(test: &str, host: &str, netns: Option<&str>) -> Option<Etcd> {
+        Etcd::start_with(test, host, netns, None)
+    }
+
+    /// On loopback with mTLS from the certificates in `pki` (server.pem,
+    /// server-key.pem, ca.pem): every client must show one the CA signed.
+    pub fn start_tls(test: &str, pki: &std::path::Path) -> Option<Etcd> {
+        Etcd::start_with(test, "127.0.0.1", None, Some(pki.to_path_buf()))
+    }
+
+    fn start_with(
+        test: &str,
+        host: &str,
+        netns: Option<&str>,
+        tls: Option<PathBuf>,
+    ) -> Option<Etcd> {
         let bin = etcd_binary();
         let missing = bin.is_none();
         Needs::nothing()
@@ -76,13 +95,16 @@ impl Etcd {
             netns: netns.map(str::to_string),
             client_port: free_port(),
             peer_port: free_port(),
+            metrics_port: free_port(),
+            tls,
         };
         e.spawn();
         Some(e)
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.host, self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// Start it (again, on the same data).
@@ -111,10 +133,23 @@ impl Etcd {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("t={peer}")])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://{}:{}", self.host, self.metrics_port),
+            ])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(d) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(d.join("server.pem"))
+                .arg("--key-file")
+                .arg(d.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(d.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
         let ns = self
             .netns
             .as_ref()
@@ -178,10 +213,10 @@ impl Etcd {
         std::sync::Arc::new(EtcdStore::new(s))
     }
 
-    /// GET `path` from its client port (HTTP/1.0), from its namespace.
+    /// GET `path` from its metrics port (HTTP/1.0), from its namespace.
     pub fn http_get(&self, path: &str) -> std::io::Result<String> {
         let get = || {
-            let mut s = TcpStream::connect((self.host.as_str(), self.client_port))?;
+            let mut s = TcpStream::connect((self.host.as_str(), self.metrics_port))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.host)?;
             let mut out = String::new();

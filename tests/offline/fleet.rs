@@ -731,3 +731,119 @@ async fn measure_put_to_event_and_relist() {
     );
     e.stop().await;
 }
+
+/// mTLS with one etcd user and role per node, set up by
+/// `scripts/etcd-tls-roles` (as docs/fleet.md tells an operator): a node's
+/// certificate cannot write or delete another node's keys, and two engines on
+/// their own certificates publish, see each other and write their status.
+#[tokio::test]
+async fn with_mtls_and_per_node_roles_a_node_writes_only_its_own_prefix() {
+    const TEST: &str = "with_mtls_and_per_node_roles_a_node_writes_only_its_own_prefix";
+    let Some(_turn) = crate::harness::Needs::nothing()
+        .tools(&["openssl", "etcdctl"])
+        .check(TEST)
+    else {
+        return;
+    };
+    let script = crate::harness::cmd::repo().join("scripts/etcd-tls-roles");
+    let pki = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(&script).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "etcd-tls-roles {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let dir = pki.path().to_str().unwrap();
+    run(&["pki", dir, "127.0.0.1", "host-a", "host-b"]);
+    let Some(etcd) = Etcd::start_tls(TEST, pki.path()) else {
+        return;
+    };
+    run(&["roles", dir, &etcd.url(), P, "host-a", "host-b"]);
+    let store = |node: &str| -> Arc<dyn Store> {
+        let cfg = netpol::config::EtcdConfig {
+            endpoints: vec![etcd.url()],
+            ca_file: pki.path().join("ca.pem"),
+            cert_file: pki.path().join(format!("{node}.pem")),
+            key_file: pki.path().join(format!("{node}-key.pem")),
+            request_timeout_ms: 2000,
+            ..Default::default()
+        };
+        Arc::new(EtcdStore::new(ConnectSettings::from_config(&cfg).unwrap()))
+    };
+    let (a, b) = (store("host-a"), store("host-b"));
+    let keys = Keys::new(P);
+    let put_as = |s: Arc<dyn Store>, key: String| async move {
+        s.txn(Txn {
+            success: vec![Op::Put {
+                key,
+                value: ep("x", "x", "10.9.9.9").into_bytes(),
+                lease: 0,
+            }],
+            ..Txn::default()
+        })
+        .await
+    };
+    put_as(b.clone(), keys.endpoint("host-b", "default", "own"))
+        .await
+        .expect("host-b writes its own prefix");
+    for key in [
+        keys.endpoint("host-b", "default", "x"),
+        keys.static_endpoint("default", "x"),
+        keys.status("host-b"),
+    ] {
+        match put_as(a.clone(), key.clone()).await {
+            Err(StoreError::PermissionDenied(_)) => {}
+            r => panic!("host-a writing {key}: {:?}", r.map(|t| t.header.revision)),
+        }
+    }
+    let del = a
+        .txn(Txn {
+            success: vec![Op::Delete {
+                key: keys.endpoint("host-b", "default", "own"),
+            }],
+            ..Txn::default()
+        })
+        .await;
+    assert!(
+        matches!(del, Err(StoreError::PermissionDenied(_))),
+        "host-a deleting host-b's key: {:?}",
+        del.map(|t| t.header.revision)
+    );
+    // With its own certificate each engine publishes, reads the other's and
+    // writes its status.
+    let log = netpol::logging::discard();
+    let ea = Engine::start(fleet("host-a", None), a, log.clone());
+    let eb = Engine::start(fleet("host-b", None), b, log);
+    ea.publish(registry("host-a", 2), vec![]);
+    eb.publish(registry("host-b", 2), vec![]);
+    let mut va = ea.view();
+    let view = until(
+        &mut va,
+        Duration::from_secs(15),
+        "host-a sees host-b's two (the stray key went: host-b publishes only its files)",
+        |v| v.registry.endpoints.len() == 2,
+    )
+    .await;
+    ea.applied(view.revision, 1, true, false);
+    let mut vb = eb.view();
+    until(
+        &mut vb,
+        Duration::from_secs(15),
+        "host-b sees host-a",
+        |v| v.registry.endpoints.len() == 2,
+    )
+    .await;
+    let mut pa = ea.publish_state();
+    until(
+        &mut pa,
+        Duration::from_secs(15),
+        "host-a's status written",
+        |p| p.status_writes >= 1 && p.published == 2 && p.last_error.is_none(),
+    )
+    .await;
+    ea.stop().await;
+    eb.stop().await;
+}
