@@ -249,3 +249,21 @@ impl Drop for Etcd {
         self.kill();
     }
 }
+
+/// Put `key` = `value` (no lease) in one transaction; the revision.
+#[cfg(feature = "etcd")]
+pub async fn put(store: &dyn netpol::fleet::Store, key: &str, value: &str) -> i64 {
+    store
+        .txn(netpol::fleet::store::Txn {
+            success: vec![netpol::fleet::store::Op::Put {
+                key: key.into(),
+                value: value.as_bytes().to_vec(),
+                lease: 0,
+            }],
+            ..netpol::fleet::store::Txn::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .revision
+}

@@ -495,3 +495,48 @@ pub fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool>
         })
         .collect()
 }
+
+/// Every address of a workload: IPv4, and IPv6 when it has one.
+pub fn addresses(e: &GenEndpoint) -> Vec<std::net::IpAddr> {
+    std::iter::once(&e.address)
+        .chain(e.address6.as_ref())
+        .map(|a| a.parse().unwrap())
+        .collect()
+}
+
+pub fn full_name(e: &GenEndpoint) -> String {
+    format!("{}/{}", e.namespace, e.name)
+}
+
+/// One probe per ordered pair of `eps` × port of `expected` (the offline
+/// matrix per port) × address of the destination: the job (the source's
+/// namespace by `ns_of`, the address, the port), the verdict the matrix
+/// gives, and a line naming it.
+pub type Probes = (Vec<(String, std::net::IpAddr, u16)>, Vec<bool>, Vec<String>);
+
+pub fn matrix_probes(
+    eps: &[GenEndpoint],
+    expected: &BTreeMap<u16, BTreeMap<(String, String), bool>>,
+    ns_of: &dyn Fn(&GenEndpoint) -> String,
+) -> Probes {
+    let (mut jobs, mut want, mut what) = (Vec::new(), Vec::new(), Vec::new());
+    for s in eps {
+        for d in eps.iter().filter(|d| d.name != s.name) {
+            for (port, matrix) in expected {
+                let key = (full_name(s), full_name(d));
+                let allowed = *matrix
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("matrix lacks {key:?}"));
+                for a in addresses(d) {
+                    jobs.push((ns_of(s), a, *port));
+                    want.push(allowed);
+                    what.push(format!(
+                        "{} ({}) → {} ({}) {a} tcp/{port}",
+                        key.0, s.node, key.1, d.node
+                    ));
+                }
+            }
+        }
+    }
+    (jobs, want, what)
+}

@@ -16,7 +16,7 @@ use netpol::fleet::keys::Keys;
 use netpol::fleet::store::{get_all, Op, Range, Store, StoreError, Txn, WatchMsg};
 use netpol::fleet::{Engine, FleetSettings, PublishSettings, SyncSettings};
 
-use crate::harness::etcd::Etcd;
+use crate::harness::etcd::{put, Etcd};
 
 const P: &str = "/netpol/v1";
 
@@ -26,20 +26,17 @@ fn ep(node: &str, name: &str, addr: &str) -> String {
     )
 }
 
-async fn put(store: &dyn Store, key: &str, value: &str) -> i64 {
-    store
-        .txn(Txn {
-            success: vec![Op::Put {
-                key: key.into(),
-                value: value.as_bytes().to_vec(),
-                lease: 0,
-            }],
-            ..Txn::default()
-        })
+/// Run `c` on the blocking pool (an engine may run on the test's thread):
+/// exit code, stdout, stderr.
+async fn output(mut c: Command) -> (i32, String, String) {
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
         .await
-        .unwrap()
-        .header
-        .revision
+        .unwrap();
+    (
+        o.status.code().unwrap(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Write `ops` in transactions within etcd's limits.
@@ -467,16 +464,7 @@ async fn the_operator_commands_on_a_real_etcd() {
             .arg(&cfg)
             .arg("--etcd-endpoints")
             .arg(&url);
-        async move {
-            let o = tokio::task::spawn_blocking(move || c.output().unwrap())
-                .await
-                .unwrap();
-            (
-                o.status.code().unwrap(),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-                String::from_utf8_lossy(&o.stderr).into_owned(),
-            )
-        }
+        output(c)
     };
     let (code, out, err) = run(&["policy", "push", pol.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -517,14 +505,10 @@ async fn the_operator_commands_on_a_real_etcd() {
     let ctl = |args: &[&str]| {
         let mut c = Command::new(bin);
         c.args(args).arg("--config").arg(&host_cfg);
+        let out = output(c);
         async move {
-            let o = tokio::task::spawn_blocking(move || c.output().unwrap())
-                .await
-                .unwrap();
-            (
-                o.status.code().unwrap(),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-            )
+            let (code, stdout, _) = out.await;
+            (code, stdout)
         }
     };
     let trace = |from: &'static str, etcd: bool| {

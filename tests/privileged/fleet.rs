@@ -401,26 +401,7 @@ impl Cluster {
             .iter()
             .map(|&p| (p, offline_matrix(&cfg, p)))
             .collect();
-        let (mut jobs, mut want, mut what) = (Vec::new(), Vec::new(), Vec::new());
-        for s in &self.eps {
-            for d in self.eps.iter().filter(|d| d.name != s.name) {
-                for &port in &PORTS {
-                    let key = (
-                        format!("{}/{}", s.namespace, s.name),
-                        format!("{}/{}", d.namespace, d.name),
-                    );
-                    let allowed = *expected[&port]
-                        .get(&key)
-                        .unwrap_or_else(|| panic!("matrix lacks {key:?}"));
-                    jobs.push((self.ns_of(s), d.address.parse().unwrap(), port));
-                    want.push(allowed);
-                    what.push(format!(
-                        "{} ({}) → {} ({}) tcp/{port}",
-                        key.0, s.node, key.1, d.node
-                    ));
-                }
-            }
-        }
+        let (jobs, want, what) = nodegen::matrix_probes(&self.eps, &expected, &|e| self.ns_of(e));
         let t0 = Instant::now();
         let diffs = probe::mismatches(&jobs, &want, &what, 96);
         let allowed = want.iter().filter(|w| **w).count();
@@ -463,21 +444,7 @@ impl Cluster {
     fn put(&self, key: &str, value: &str) -> i64 {
         let (key, value) = (format!("{P}/{key}"), value.to_string());
         self.on_etcd(move |s| {
-            Box::pin(async move {
-                use netpol::fleet::store::{Op, Txn};
-                s.txn(Txn {
-                    success: vec![Op::Put {
-                        key,
-                        value: value.into_bytes(),
-                        lease: 0,
-                    }],
-                    ..Txn::default()
-                })
-                .await
-                .unwrap()
-                .header
-                .revision
-            })
+            Box::pin(async move { crate::harness::etcd::put(s.as_ref(), &key, &value).await })
         })
     }
 
