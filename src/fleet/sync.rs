@@ -583,6 +583,11 @@ impl Sync {
         self.last_relist = Some(Instant::now());
         let n = self.view.len();
         slog::info!(self.log, "etcd view listed"; "revision" => rev, "entries" => n);
+        // A list is delivered at once (before the state says in sync: a
+        // reader that waits for that finds the listed view), a snapshot
+        // written for the cache.
+        self.dirty = true;
+        self.flush(Instant::now(), true);
         self.state_tx.send_modify(|st| {
             st.connected = true;
             st.in_sync = true;
@@ -591,9 +596,6 @@ impl Sync {
             st.revision = rev;
             st.cluster_id = page.header.cluster_id;
         });
-        // A list is delivered at once, a snapshot written for the cache.
-        self.dirty = true;
-        self.flush(Instant::now(), true);
         if let Some(c) = &self.cache {
             self.delta_put.clear();
             self.delta_delete.clear();
