@@ -327,7 +327,7 @@ impl Cluster {
         serde_json::from_str(&out).unwrap()
     }
 
-    fn wait(&self, what: &str, within: Duration, f: impl Fn() -> bool) {
+    fn wait(&self, what: &str, within: Duration, mut f: impl FnMut() -> bool) {
         let t0 = Instant::now();
         while !f() {
             if t0.elapsed() > within {
@@ -498,19 +498,30 @@ fn three_nodes_share_one_registry_through_etcd() {
         !c.connects("late", "guard", 80),
         "late → guard before its file"
     );
-    let t0 = Instant::now();
     let late = c.ep("late").clone();
+    let gen_a = c.generations()[0];
+    let t0 = Instant::now();
     write_atomic(
         &c.daemons[2].path("endpoints.d/late.yaml"),
         &late_file("latecomer", &late),
     );
+    // Node-a's next generation, then the first connection it lets through
+    // (probes of 100 ms: a dropped SYN is not retried within one).
+    let mut applied_a = None;
     c.wait(
         "node-a lets the latecomer in by label",
         Duration::from_secs(10),
-        || c.connects("late", "guard", 80),
+        || {
+            if applied_a.is_none() && c.status(0)["generation"].as_u64() > Some(gen_a) {
+                applied_a = Some(t0.elapsed());
+            }
+            let dst: IpAddr = c.ep("guard").address.parse().unwrap();
+            probe::connects(&c.ns_of(&late), dst, 80, Duration::from_millis(100))
+        },
     );
     eprintln!(
-        "file on node-c → allowed by label on node-a: {:?}",
+        "file on node-c → node-a's next generation: {:?}, first connection allowed there: {:?}",
+        applied_a,
         t0.elapsed()
     );
 
