@@ -31,6 +31,7 @@ fn item(path: String, peers: Peers, l4: L4) -> RuleItem {
         pos: None,
         peers,
         l4,
+        dns: Vec::new(),
     }
 }
 

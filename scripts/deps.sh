@@ -16,6 +16,9 @@ PKGS=(
   # build time (protoc and the google/protobuf includes); tests run a real etcd,
   # with mTLS certificates scripts/etcd-tls-roles makes with openssl
   protobuf-compiler libprotobuf-dev etcd-server etcd-client openssl
+  # the DNS proxy's tests (tests/offline/dns_proxy.rs) run a real DNS server on
+  # loopback: dnsmasq's binary alone (dnsmasq-base: no service that takes port 53)
+  dnsmasq-base
 )
 
 SUDO=""

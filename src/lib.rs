@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod error;
 pub mod fleet;
 pub mod logging;

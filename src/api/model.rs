@@ -99,6 +99,34 @@ pub enum Peer {
         match_endpoints: bool,
     },
     Entity(Entity),
+    /// toFQDNs: the addresses the DNS proxy learns for names this selector
+    /// matches. Compile gives it no identity yet (nothing is learned in this
+    /// version), so it allows nothing; `api::load` refuses every policy that
+    /// has one (docs/policy.md, "DNS names").
+    Fqdn(FqdnSelector),
+}
+
+/// A DNS name selector (Cilium's FQDNSelector, in `toFQDNs` and in
+/// `toPorts[].rules.dns`), normalised as Cilium does: lower case, with the
+/// trailing dot. `crate::dns::matcher` decides which names it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+pub enum FqdnSelector {
+    /// `matchName`: exactly this name (`api.example.com.`).
+    Name(String),
+    /// `matchPattern`: `*` is any run of name characters within one label;
+    /// a leading `**.` is one or more whole labels; `*` alone is every name.
+    Pattern(String),
+}
+
+/// `toPorts[i].rules.dns` of one port rule: the names the selected endpoints
+/// may look up on these ports (Cilium's PortRuleDNS); a query for any other
+/// name is answered REFUSED. The ports are also in the item's [`L4`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct DnsRule {
+    /// Field path of the `rules.dns` list, for messages.
+    pub path: String,
+    pub ports: Vec<PortProto>,
+    pub selectors: Vec<FqdnSelector>,
 }
 
 /// The peers of a rule item.
@@ -170,6 +198,10 @@ pub struct RuleItem {
     pub pos: Option<(usize, usize)>,
     pub peers: Peers,
     pub l4: L4,
+    /// DNS rules of its port rules (egress only). Compile does not read them
+    /// yet; `api::load` refuses every policy that has one, so no compiled
+    /// state lacks them.
+    pub dns: Vec<DnsRule>,
 }
 
 /// What a rule applies to.

@@ -19,11 +19,12 @@ use std::collections::BTreeSet;
 
 use super::de::{IntOrString, Present};
 use super::model::{
-    IcmpType, ItemSource, LabelKey, Op, Peer, Peers, PortProto, PortSpec, Proto, Requirement, Rule,
-    RuleItem, Selector, Subject, L4,
+    DnsRule, FqdnSelector, IcmpType, ItemSource, LabelKey, Op, Peer, Peers, PortProto, PortSpec,
+    Proto, Requirement, Rule, RuleItem, Selector, Subject, L4,
 };
 use super::raw::{
-    RawCidrRule, RawIcmpRule, RawNpPeer, RawNpPort, RawNpSpec, RawPortRule, RawRule, RawSelector,
+    RawCidrRule, RawFqdnSelector, RawIcmpRule, RawL7Rules, RawNpPeer, RawNpPort, RawNpSpec,
+    RawPortRule, RawRule, RawSelector,
 };
 use super::validate::{self as v, NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL};
 use super::warn::WarningCode;
@@ -37,6 +38,10 @@ pub struct Ctx {
     pub warnings: Vec<(WarningCode, String, String)>,
     /// Where the parts of each valid rule item were written, by item path.
     pub sources: Vec<(String, ItemSource)>,
+    /// (field path, message) of each valid part this version understands but
+    /// does not enforce (`toFQDNs`, `rules.dns`): `api::load` refuses the
+    /// policy with these, beside its errors.
+    pub unenforced: Vec<(String, String)>,
 }
 
 impl Ctx {
@@ -69,8 +74,7 @@ const MAX_ICMP_FIELDS: usize = 40;
 /// enforce something other than what the user wrote.
 pub fn rejected_message(field: &str) -> String {
     match field {
-        "rules" => "L7 rules (http, kafka, dns, l7proto) need Cilium's L7 proxy, which netpol does not have; enforcing only the ports would allow every request on them, so the rule is rejected — remove `rules` to allow the whole port".into(),
-        "toFQDNs" => "toFQDNs needs Cilium's DNS proxy, which netpol does not have; list the addresses with toCIDR or toCIDRSet instead".into(),
+        "http" | "kafka" | "l7proto" | "l7" => format!("{field} rules need Cilium's L7 proxy (Envoy), which netpol does not have; enforcing only the ports would allow every request on them, so the rule is rejected — remove `rules` to allow the whole port (netpol's L7 rules are dns only)"),
         "toServices" => "toServices needs Kubernetes Services, which netpol does not have; select the backends with toEndpoints or toCIDR instead".into(),
         "toGroups" | "fromGroups" => format!("{field} needs a cloud provider integration, which netpol does not have; list the addresses with {} instead", if field == "toGroups" { "toCIDR or toCIDRSet" } else { "fromCIDR or fromCIDRSet" }),
         "toNodes" | "fromNodes" => format!("{field} needs Cilium's node label selection, which netpol does not have; use {} instead", if field == "toNodes" { "toEntities [remote-node, host] or toCIDR" } else { "fromEntities [remote-node, host] or fromCIDR" }),
@@ -82,6 +86,16 @@ pub fn rejected_message(field: &str) -> String {
         "cidrGroupRef" | "cidrGroupSelector" => format!("{field} needs CiliumCIDRGroup objects, which netpol does not read; write the prefixes in cidr instead"),
         "log" => "log needs Hubble, which netpol does not have; remove it".into(),
         other => format!("{other} is not supported by netpol"),
+    }
+}
+
+/// Why a valid field is still refused: this version parses and validates it,
+/// and has the DNS proxy's parts, but does not enforce it (docs/policy.md,
+/// "DNS names").
+pub fn unenforced_message(field: &str) -> String {
+    match field {
+        "toFQDNs" => "toFQDNs is valid, but this version of netpol does not enforce it yet (its DNS proxy is not wired to the datapath), so the policy is refused; list the addresses with toCIDR or toCIDRSet instead".into(),
+        _ => format!("DNS rules ({field}) are valid, but this version of netpol does not enforce them yet (its DNS proxy is not wired to the datapath), so the policy is refused; remove `rules` to allow the whole port"),
     }
 }
 
@@ -388,9 +402,11 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
                     ("fromGroups", item.from_groups),
                 ],
                 authentication: item.authentication,
+                fqdns: None,
                 to_ports: item.to_ports.as_ref(),
                 icmps: item.icmps.as_ref(),
                 deny,
+                ingress: true,
             };
             if let Some(ri) = rule_item(ctx, &p, view, ns, matches_init) {
                 out.push(ri);
@@ -412,12 +428,13 @@ pub fn cilium_rule(ctx: &mut Ctx, path: &str, raw: &RawRule, ns: Option<&str>) -
                     ("toNodes", item.to_nodes),
                     ("toGroups", item.to_groups),
                     ("toServices", item.to_services),
-                    ("toFQDNs", item.to_fqdns),
                 ],
                 authentication: item.authentication,
+                fqdns: item.to_fqdns.as_ref(),
                 to_ports: item.to_ports.as_ref(),
                 icmps: item.icmps.as_ref(),
                 deny,
+                ingress: false,
             };
             if let Some(ri) = rule_item(ctx, &p, view, ns, matches_init) {
                 out.push(ri);
@@ -477,9 +494,12 @@ struct ItemView<'a> {
     entities: (&'static str, Option<&'a Vec<String>>),
     rejected: Vec<(&'static str, Option<Present>)>,
     authentication: Option<Present>,
+    /// `toFQDNs` (egress only).
+    fqdns: Option<&'a Vec<RawFqdnSelector>>,
     to_ports: Option<&'a Vec<RawPortRule>>,
     icmps: Option<&'a Vec<RawIcmpRule>>,
     deny: bool,
+    ingress: bool,
 }
 
 fn rule_item(
@@ -509,6 +529,7 @@ fn rule_item(
         (it.cidr.0, it.cidr.1.map_or(0, Vec::len)),
         (it.cidr_set.0, it.cidr_set.1.map_or(0, Vec::len)),
         (it.entities.0, it.entities.1.map_or(0, Vec::len)),
+        ("toFQDNs", it.fqdns.map_or(0, Vec::len)),
     ]
     .into_iter()
     .filter(|(_, n)| *n > 0)
@@ -525,7 +546,8 @@ fn rule_item(
     let any_peer_field = it.endpoints.1.is_some()
         || it.cidr.1.is_some()
         || it.cidr_set.1.is_some()
-        || it.entities.1.is_some();
+        || it.entities.1.is_some()
+        || it.fqdns.is_some();
     let mut peers = Vec::new();
     let mut source = ItemSource::default();
     if let Some(list) = it.endpoints.1 {
@@ -606,6 +628,28 @@ fn rule_item(
         }
     }
 
+    if let Some(list) = it.fqdns {
+        let base = join_key(path, "toFQDNs");
+        if it.deny {
+            ctx.err(
+                &base,
+                "toFQDNs is not allowed in a deny rule (Cilium's egressDeny has no toFQDNs); deny the addresses with toCIDR or toCIDRSet",
+            );
+        } else {
+            let before_fqdns = ctx.errors.len();
+            for (i, f) in list.iter().enumerate() {
+                let p = join_index(&base, i);
+                if let Some(sel) = fqdn_selector(ctx, &p, f) {
+                    peers.push(Peer::Fqdn(sel));
+                    source.peers.push(p);
+                }
+            }
+            if ctx.errors.len() == before_fqdns {
+                ctx.unenforced.push((base, unenforced_message("toFQDNs")));
+            }
+        }
+    }
+
     let ports_n = it.to_ports.map_or(0, Vec::len);
     let icmps_n = it.icmps.map_or(0, Vec::len);
     if ports_n > 0 && icmps_n > 0 {
@@ -614,12 +658,18 @@ fn rule_item(
             "toPorts and icmps cannot be used in the same rule item; write them as two rule items",
         );
     }
+    let mut dns = Vec::new();
     let l4 = if ports_n > 0 || (icmps_n == 0 && it.to_ports.is_some()) {
         L4::Ports(port_rules(
             ctx,
             &join_key(path, "toPorts"),
             it.to_ports.map(Vec::as_slice).unwrap_or_default(),
             &mut source.ports,
+            PortRuleSide {
+                ingress: it.ingress,
+                deny: it.deny,
+            },
+            &mut dns,
         ))
     } else if let Some(icmps) = it.icmps {
         L4::Icmps(icmp_rules(ctx, &join_key(path, "icmps"), icmps))
@@ -641,20 +691,191 @@ fn rule_item(
         pos: None,
         peers,
         l4,
+        dns,
     })
 }
 
-/// The ports of `toPorts`; the field path of each goes to `paths`.
+/// One `toFQDNs` or `rules.dns` entry: exactly one of matchName and
+/// matchPattern (the CRD's `oneOf`), valid, normalised.
+fn fqdn_selector(ctx: &mut Ctx, path: &str, raw: &RawFqdnSelector) -> Option<FqdnSelector> {
+    match (&raw.match_name, &raw.match_pattern) {
+        (Some(_), Some(_)) => {
+            ctx.err(
+                path,
+                "matchName and matchPattern cannot both be given in one entry; write them as two entries",
+            );
+            None
+        }
+        (None, None) => {
+            ctx.err(
+                path,
+                "an entry needs matchName (one name, such as api.example.com) or matchPattern (such as *.example.com)",
+            );
+            None
+        }
+        (Some(n), None) => match v::fqdn_name(n) {
+            Ok(n) => Some(FqdnSelector::Name(n)),
+            Err(e) => {
+                ctx.err(join_key(path, "matchName"), e);
+                None
+            }
+        },
+        (None, Some(pat)) => match v::fqdn_pattern(pat) {
+            Ok(pat) => Some(FqdnSelector::Pattern(pat)),
+            Err(e) => {
+                ctx.err(join_key(path, "matchPattern"), e);
+                None
+            }
+        },
+    }
+}
+
+/// Where a `toPorts` list is: L7 rules depend on it.
+#[derive(Clone, Copy)]
+struct PortRuleSide {
+    ingress: bool,
+    deny: bool,
+}
+
+/// `toPorts[i].rules`: Cilium's `PortRule.Validate` and `L7Rules.Validate`,
+/// and the CRD's `oneOf` (exactly one rule type). Only `dns` is read; http,
+/// kafka and l7proto are refused by name. Returns the DNS selectors.
+fn l7_rules(
+    ctx: &mut Ctx,
+    path: &str,
+    rules: &RawL7Rules,
+    ports: &[RawPortProtoView],
+    side: PortRuleSide,
+) -> Option<Vec<FqdnSelector>> {
+    let before = ctx.errors.len();
+    if side.deny {
+        ctx.err(
+            path,
+            "rules are not allowed in a deny rule (Cilium's deny port rules have only ports)",
+        );
+        return None;
+    }
+    let kinds = [
+        ("http", rules.http.is_some()),
+        ("kafka", rules.kafka.is_some()),
+        ("dns", rules.dns.is_some()),
+        ("l7proto", rules.l7proto.is_some()),
+    ];
+    let given: Vec<&str> = kinds.iter().filter(|k| k.1).map(|k| k.0).collect();
+    match given.len() {
+        0 if rules.l7.is_none() => ctx.err(
+            path,
+            "rules needs one rule type (netpol reads dns); remove `rules` to allow the whole port",
+        ),
+        0 | 1 => {}
+        _ => ctx.err(
+            path,
+            format!(
+                "rules gives {}; one port rule takes one type of L7 rules: write a port rule for each",
+                given.join(" and ")
+            ),
+        ),
+    }
+    for (f, present) in [
+        ("http", rules.http),
+        ("kafka", rules.kafka),
+        ("l7proto", rules.l7proto),
+        ("l7", rules.l7),
+    ] {
+        reject(ctx, path, f, present);
+    }
+    let dns = rules.dns.as_ref()?;
+    let dpath = join_key(path, "dns");
+    if side.ingress {
+        ctx.err(
+            &dpath,
+            "DNS rules are not allowed on ingress (they filter the lookups an endpoint makes, so they go in egress)",
+        );
+        return None;
+    }
+    if dns.is_empty() {
+        ctx.err(
+            &dpath,
+            "dns lists no rule; Cilium reads an empty list as no DNS rule at all and allows every query on these ports — remove `rules` to allow the whole port, or list the names allowed",
+        );
+    }
+    if ports.is_empty() {
+        ctx.err(
+            path,
+            "DNS rules need the ports they apply to: add ports, such as [{port: \"53\", protocol: ANY}]",
+        );
+    }
+    for pv in ports {
+        if pv.zero {
+            ctx.err(
+                &pv.path,
+                "L7 rules cannot be used with port 0 (every port); name the DNS port, such as \"53\"",
+            );
+        }
+        if pv.range {
+            ctx.err(
+                &pv.path,
+                "DNS rules do not support port ranges; remove endPort",
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for (i, f) in dns.iter().enumerate() {
+        if let Some(sel) = fqdn_selector(ctx, &join_index(&dpath, i), f) {
+            out.push(sel);
+        }
+    }
+    if ctx.errors.len() != before {
+        return None;
+    }
+    ctx.unenforced
+        .push((dpath, unenforced_message("rules.dns")));
+    Some(out)
+}
+
+/// What L7 validation needs of a written port.
+struct RawPortProtoView {
+    path: String,
+    zero: bool,
+    range: bool,
+}
+
+/// The ports of `toPorts`; the field path of each goes to `paths`, the DNS
+/// rules of each port rule to `dns`.
 fn port_rules(
     ctx: &mut Ctx,
     path: &str,
     list: &[RawPortRule],
     paths: &mut Vec<String>,
+    side: PortRuleSide,
+    dns: &mut Vec<DnsRule>,
 ) -> Vec<PortProto> {
     let mut out = Vec::new();
     for (i, pr) in list.iter().enumerate() {
         let p = join_index(path, i);
-        reject(ctx, &p, "rules", pr.rules);
+        let first = out.len();
+        let views: Vec<RawPortProtoView> = pr
+            .ports
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(j, pp)| RawPortProtoView {
+                path: join_key(&join_index(&join_key(&p, "ports"), j), "port"),
+                zero: matches!(&pp.port, Some(IntOrString::Int(0)))
+                    || matches!(&pp.port, Some(IntOrString::Str(s)) if matches!(v::cilium_port(s), Ok(v::PortText::Number(0)))),
+                range: match (&pp.port, pp.end_port) {
+                    (Some(IntOrString::Int(n)), Some(e)) => e > *n,
+                    (Some(IntOrString::Str(s)), Some(e)) => {
+                        matches!(v::cilium_port(s), Ok(v::PortText::Number(n)) if e > i64::from(n))
+                    }
+                    _ => false,
+                },
+            })
+            .collect();
+        let selectors = pr
+            .rules
+            .as_ref()
+            .and_then(|r| l7_rules(ctx, &join_key(&p, "rules"), r, &views, side));
         reject(ctx, &p, "terminatingTLS", pr.terminating_tls);
         reject(ctx, &p, "originatingTLS", pr.originating_tls);
         reject(ctx, &p, "serverNames", pr.server_names);
@@ -737,6 +958,13 @@ fn port_rules(
                 });
                 paths.push(join_key(&pj, "port"));
             }
+        }
+        if let Some(selectors) = selectors {
+            dns.push(DnsRule {
+                path: join_key(&join_key(&p, "rules"), "dns"),
+                ports: out[first..].to_vec(),
+                selectors,
+            });
         }
     }
     out
@@ -925,6 +1153,7 @@ fn np_item(
         pos: None,
         peers,
         l4,
+        dns: Vec::new(),
     })
 }
 

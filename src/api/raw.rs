@@ -139,7 +139,7 @@ pub struct RawEgress {
     #[serde(rename = "toServices")]
     pub to_services: Option<Present>,
     #[serde(rename = "toFQDNs")]
-    pub to_fqdns: Option<Present>,
+    pub to_fqdns: Option<Vec<RawFqdnSelector>>,
     #[serde(rename = "toPorts")]
     pub to_ports: Option<Vec<RawPortRule>>,
     pub icmps: Option<Vec<RawIcmpRule>>,
@@ -161,7 +161,7 @@ pub struct RawCidrRule {
 #[serde(deny_unknown_fields)]
 pub struct RawPortRule {
     pub ports: Option<Vec<RawPortProtocol>>,
-    pub rules: Option<Present>,
+    pub rules: Option<RawL7Rules>,
     #[serde(rename = "terminatingTLS")]
     pub terminating_tls: Option<Present>,
     #[serde(rename = "originatingTLS")]
@@ -169,6 +169,28 @@ pub struct RawPortRule {
     #[serde(rename = "serverNames")]
     pub server_names: Option<Present>,
     pub listener: Option<Present>,
+}
+
+/// `toFQDNs[i]` and `rules.dns[i]` (Cilium's FQDNSelector / PortRuleDNS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFqdnSelector {
+    #[serde(rename = "matchName")]
+    pub match_name: Option<String>,
+    #[serde(rename = "matchPattern")]
+    pub match_pattern: Option<String>,
+}
+
+/// `toPorts[i].rules` (Cilium's L7Rules): only `dns` is read; the others are
+/// declared so validation can refuse them by name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawL7Rules {
+    pub http: Option<Present>,
+    pub kafka: Option<Present>,
+    pub dns: Option<Vec<RawFqdnSelector>>,
+    pub l7proto: Option<Present>,
+    pub l7: Option<Present>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

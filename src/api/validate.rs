@@ -572,6 +572,69 @@ pub fn object_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest `matchName` / `matchPattern` (Cilium's CRD `maxLength`, and
+/// `matchpattern.MaxFQDNLength`).
+pub const MAX_FQDN_LENGTH: usize = 255;
+
+fn fqdn_text(field: &str, text: &str, star: bool) -> Result<(), String> {
+    let what = if star {
+        "letters, digits, '-', '_' and '*'"
+    } else {
+        "letters, digits, '-' and '_'"
+    };
+    if text.is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if text.len() > MAX_FQDN_LENGTH {
+        return Err(format!(
+            "{field} is {} characters long; at most {MAX_FQDN_LENGTH} are allowed",
+            text.len()
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (star && c == '*');
+    if let Some(c) = text.chars().find(|c| !allowed(*c) && *c != '.') {
+        return Err(format!(
+            "{text:?} has {c:?}; a {field} takes {what}, in labels separated by '.'"
+        ));
+    }
+    // The CRD's pattern `^([-a-zA-Z0-9_]+[.]?)+$` (with `*` for matchPattern):
+    // no empty label, so no leading '.' and no "..", a trailing '.' allowed.
+    if text.starts_with('.') || text.contains("..") {
+        return Err(format!(
+            "{text:?} has an empty label; a {field} is labels separated by single dots (a trailing '.' is allowed)"
+        ));
+    }
+    Ok(())
+}
+
+/// The name with Cilium's normalisation (`dns.FQDN`, then lower case): a
+/// trailing dot, lower case.
+fn fqdn(text: &str) -> String {
+    let mut s = text.to_ascii_lowercase();
+    if !s.ends_with('.') {
+        s.push('.');
+    }
+    s
+}
+
+/// `matchName` (Cilium's CRD pattern and `allowedMatchNameChars`), normalised.
+pub fn fqdn_name(text: &str) -> Result<String, String> {
+    fqdn_text("matchName", text, false)?;
+    Ok(fqdn(text))
+}
+
+/// `matchPattern` (Cilium's CRD pattern and `matchpattern.Validate`),
+/// normalised as `matchpattern.Sanitize` does: a pattern of stars alone
+/// (`*`, `**.`) stays as written, anything else gets its trailing dot.
+pub fn fqdn_pattern(text: &str) -> Result<String, String> {
+    fqdn_text("matchPattern", text, true)?;
+    let body = text.strip_suffix('.').unwrap_or(text);
+    if !body.is_empty() && body.bytes().all(|b| b == b'*') {
+        return Ok(text.to_string());
+    }
+    Ok(fqdn(text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -575,6 +575,9 @@ pub(crate) fn peer_identities<'a>(
                             }
                         }
                     }
+                    // Nothing is learned for a DNS name in this version: it
+                    // stands for no identity, so it allows nothing.
+                    Peer::Fqdn(_) => {}
                     Peer::Entity(e) => match identity::entity_reserved(*e) {
                         None => ids.push(identity::ANY),
                         Some(r) => {

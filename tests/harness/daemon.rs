@@ -4,6 +4,8 @@
 //! /sys/fs/bpf and with it pins that outlive it), its runtime socket, what it
 //! holds (RSS, fds, pinned links) and its end. [`Daemon`]'s drop stops it,
 //! detaches what it attached and removes its pins, also when a test fails.
+//! For the daemon's loop run in-process against the in-memory datapath: its
+//! config ([`in_process_config`]) and the seed registry's links ([`seed_links`]).
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
@@ -371,4 +373,33 @@ pub fn read_all(s: &mut UnixStream, timeout: Duration) -> String {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A config for the daemon's loop run in-process against the in-memory
+/// datapath (`netpol::daemon::run_with`): these directories, its runtime and
+/// state under `tmp`, node `host-a`, no resync timer, no file-mode checks.
+pub fn in_process_config(tmp: &Path, pol: &Path, eps: &Path) -> netpol::config::Config {
+    netpol::config::Config {
+        policy_dir: pol.to_path_buf(),
+        endpoint_dirs: vec![eps.to_path_buf()],
+        pin_dir: "/sys/fs/bpf/npn-unused".into(),
+        runtime_dir: tmp.join("run"),
+        state_dir: tmp.join("state"),
+        node_name: "host-a".into(),
+        resync_interval_s: 0,
+        strict_file_modes: false,
+        ..netpol::config::Config::default()
+    }
+}
+
+/// The seed registry's interfaces (etc/examples/seed), as netlink would list them.
+pub fn seed_links() -> netpol::daemon::netlink::LinkTable {
+    let mut links = netpol::daemon::netlink::LinkTable::default();
+    for (i, n) in ["veth-fe1", "veth-fe2", "veth-be", "veth-db"]
+        .iter()
+        .enumerate()
+    {
+        links.links.insert(n.to_string(), 11 + i as u32);
+    }
+    links
 }

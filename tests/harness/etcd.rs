@@ -31,10 +31,7 @@ pub fn free_port() -> u16 {
 }
 
 pub fn etcd_binary() -> Option<PathBuf> {
-    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    super::require::first_existing(&["/usr/bin/etcd", "/usr/local/bin/etcd"])
 }
 
 /// One etcd member.

@@ -31,6 +31,15 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The first of these absolute paths that exists (a server binary that
+/// Debian installs outside `PATH`, such as `/usr/sbin/dnsmasq`).
+pub fn first_existing(paths: &[&str]) -> Option<std::path::PathBuf> {
+    paths
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+}
+
 fn bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|m| {

@@ -97,6 +97,7 @@ fn item(peers: Peers, l4: L4) -> RuleItem {
         pos: None,
         peers,
         l4,
+        dns: Vec::new(),
     }
 }
 fn from_eps(s: Vec<Selector>) -> Peers {

@@ -978,6 +978,29 @@ fn fuzz_corpus_compiles_and_traces_without_panic() {
     );
 }
 
+/// The DNS proxy's message handling (`fuzz_targets/dns_message.rs`): the
+/// corpus's queries, answers, compression loops and huge counts.
+#[test]
+fn fuzz_corpus_dns_messages_without_panic() {
+    let _turn = timed("fuzz_corpus_dns_messages_without_panic");
+    use netpol::api::model::FqdnSelector;
+    let inputs = corpus_files("dns_message");
+    let rules = [
+        FqdnSelector::Name("api.example.com.".into()),
+        FqdnSelector::Pattern("*.example.com.".into()),
+        FqdnSelector::Pattern("**.example.org.".into()),
+    ];
+    bounded_by(
+        "fuzz corpus replay (dns messages)",
+        Duration::from_secs(30),
+        move || {
+            for data in &inputs {
+                netpol::dns::proxy::handle_offline(data, &rules);
+            }
+        },
+    );
+}
+
 // ---------------------------------------------------------------- properties
 
 mod props {

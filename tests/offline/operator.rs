@@ -894,24 +894,10 @@ async fn daemon_serves_prometheus_metrics_when_configured() {
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let config = netpol::config::Config {
-        policy_dir: p.clone(),
-        endpoint_dirs: vec![e.clone()],
-        pin_dir: "/sys/fs/bpf/npn-unused".into(),
-        runtime_dir: tmp.path().join("run"),
-        state_dir: tmp.path().join("state"),
-        node_name: "host-a".into(),
-        resync_interval_s: 0,
-        strict_file_modes: false,
         metrics_listen: addr.to_string(),
-        ..netpol::config::Config::default()
+        ..crate::harness::daemon::in_process_config(tmp.path(), &p, &e)
     };
-    let mut links = netpol::daemon::netlink::LinkTable::default();
-    for (i, n) in ["veth-fe1", "veth-fe2", "veth-be", "veth-db"]
-        .iter()
-        .enumerate()
-    {
-        links.links.insert(n.to_string(), 11 + i as u32);
-    }
+    let links = crate::harness::daemon::seed_links();
     let dp = CountingDp::default();
     {
         let mut g = dp.0.lock().unwrap();

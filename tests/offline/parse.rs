@@ -720,7 +720,8 @@ fn cilium_examples() {
             path: "spec.egress[0]".into(),
             pos: Some((41, 5)),
             peers: Peers::List(vec![]),
-            l4: L4::Any
+            l4: L4::Any,
+            dns: vec![],
         }]
     );
     let range = named(&ps, "l4-port-range-rule");
@@ -1473,4 +1474,84 @@ fn shipped_examples_give_no_warning() {
         assert_eq!(v["warnings"], serde_json::json!([]), "{}", dir.display());
     }
     assert!(n >= 1, "no example under {}", root.display());
+}
+
+// ---------------------------------------------------------------- DNS names
+
+/// The model of valid toFQDNs and DNS rules (what a later version compiles):
+/// normalised selectors, DNS rules with the ports of their own port rule.
+/// `parse_policies` refuses the same file (`invalid/policy/fqdn-unenforced`).
+#[test]
+fn fqdn_model() {
+    let path = fixtures().join("invalid/policy/fqdn-unenforced.yaml");
+    let ps = api::parse_policies_unenforced(&path, &read(&path))
+        .unwrap_or_else(|e| panic!("{}", lines(&e).join("\n")));
+    let p = named(&ps, "to-stripe");
+    let egress = &p.rules[0].egress;
+    assert_eq!(
+        egress[0].dns,
+        vec![DnsRule {
+            path: "spec.egress[0].toPorts[0].rules.dns".into(),
+            ports: vec![port(53, None, Proto::Udp), port(53, None, Proto::Tcp)],
+            selectors: vec![
+                FqdnSelector::Name("api.stripe.com.".into()),
+                FqdnSelector::Pattern("*.stripe.com.".into()),
+            ],
+        }]
+    );
+    assert_eq!(
+        egress[0].l4,
+        L4::Ports(vec![
+            port(53, None, Proto::Udp),
+            port(53, None, Proto::Tcp),
+            port(443, None, Proto::Tcp)
+        ])
+    );
+    assert_eq!(
+        egress[1].peers,
+        Peers::List(vec![
+            Peer::Fqdn(FqdnSelector::Name("api.stripe.com.".into())),
+            Peer::Fqdn(FqdnSelector::Pattern("**.pypi.org.".into())),
+            Peer::Fqdn(FqdnSelector::Pattern("*".into())),
+        ])
+    );
+    assert!(egress[1].dns.is_empty());
+    assert_eq!(egress[1].l4, L4::Ports(vec![port(443, None, Proto::Tcp)]));
+    let host = named(&ps, "host-dns");
+    assert_eq!(
+        host.rules[0].egress[0].peers,
+        Peers::List(vec![Peer::Fqdn(FqdnSelector::Name(
+            "mirror.example.org.".into()
+        ))])
+    );
+    assert_eq!(host.rules[0].egress[0].l4, L4::Any);
+}
+
+/// `netpolctl check` refuses a valid FQDN policy as the daemon's load does
+/// (one load for both): file, line, document, field, and that the field is
+/// understood but not enforced in this version.
+#[test]
+fn check_refuses_fqdn_policies_it_cannot_enforce() {
+    let text = read(&fixtures().join("invalid/policy/fqdn-unenforced.yaml"));
+    let (tmp, pol, reg) = check_dirs(&text, "");
+    let (code, out, err) = netpolctl(&[
+        "check",
+        "--policy-dir",
+        pol.to_str().unwrap(),
+        "--endpoint-dir",
+        reg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    let out = out.replace(&tmp.path().display().to_string(), "DIR");
+    let want: String = read(&fixtures().join("invalid/policy/fqdn-unenforced.expected"))
+        .lines()
+        .map(|l| {
+            format!(
+                "DIR/netpol.d/web.yaml{}\n",
+                &l["fqdn-unenforced.yaml".len()..]
+            )
+        })
+        .collect();
+    assert_eq!(out, want);
+    assert!(out.contains("does not enforce"), "{out}");
 }
