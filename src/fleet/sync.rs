@@ -496,10 +496,13 @@ impl Sync {
 
     /// Wait out the relist rate limit and jitter. `false`: shutdown.
     async fn wait_for_relist(&mut self) -> bool {
+        // No list has completed yet (etcd was away at start): nothing to
+        // rate-limit; the fault backoff already spaced the attempts.
+        let Some(last) = self.last_relist else {
+            return true;
+        };
         let now = Instant::now();
-        let earliest = self
-            .last_relist
-            .map_or(now, |t| t + self.s.relist_min_interval);
+        let earliest = last + self.s.relist_min_interval;
         let jitter = self.jitter.upto(self.s.relist_min_interval / 2);
         self.sleep_serving(earliest.max(now) + jitter).await
     }
