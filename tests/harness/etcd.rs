@@ -16,15 +16,21 @@ use std::time::{Duration, Instant};
 use super::netns::in_ns;
 use super::Needs;
 
-/// A free loopback port (bound and released; etcd binds it right after).
+/// A free loopback port (bound and released; etcd binds it right after),
+/// below the kernel's ephemeral range (32768 and up), so no outgoing
+/// connection of a test running beside can take it between the check and a
+/// restart of etcd on the same port.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
     loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p != 2379 && p != 2380 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = 20000 + ((seed + n * 104_729) % 12_000) as u16;
+        if p != 2379 && p != 2380 && TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
     }
