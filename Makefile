@@ -79,6 +79,7 @@ install:
 	$(INSTALL) -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
 	cd etc/examples && find . -type d -exec $(INSTALL) -d -m 0755 '$(DESTDIR)$(DOCDIR)/examples/{}' \;
 	cd etc/examples && find . -type f -exec $(INSTALL) -m 0644 '{}' '$(DESTDIR)$(DOCDIR)/examples/{}' \;
+	cd etc/examples && find . -type f -name '*.sh' -exec chmod 0755 '$(DESTDIR)$(DOCDIR)/examples/{}' \;
 
 # Removes what `install` put in place, except /etc (the administrator's files).
 uninstall:
@@ -110,8 +111,8 @@ deb:
 	mkdir -p $(DIST)
 	rm -f $(DEB_BASE).deb $(DEB_BASE).buildinfo $(DEB_BASE).changes
 	NETPOL_PROFILE=$(PROFILE) NETPOL_DEB_DESTDIR=$(CURDIR)/$(DIST) dpkg-buildpackage -b -us -uc \
-	    --buildinfo-option=-u$(CURDIR)/$(DIST) --buildinfo-option=-O$(DEB_BASE).buildinfo \
-	    --changes-option=-u$(CURDIR)/$(DIST) --changes-option=-O$(DEB_BASE).changes
+	    --buildinfo-option=-u$(CURDIR)/$(DIST) --buildinfo-file=$(DEB_BASE).buildinfo \
+	    --changes-option=-u$(CURDIR)/$(DIST) --changes-file=$(DEB_BASE).changes
 	@echo "built $(DIST)/netpol_$(VERSION)_$(DEB_ARCH).deb"
 
 # RPM package from the binaries `make build` made, installed by `make install`

@@ -20,3 +20,4 @@ pub mod logging;
 pub mod pipeline;
 pub mod policy;
 pub mod sizes;
+pub mod text;

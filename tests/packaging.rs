@@ -39,6 +39,7 @@ use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,8 +155,22 @@ fn make(target: &str) -> Result<(), String> {
         .arg(src_dir())
         .arg(target)
         .arg(format!("PROFILE={}", profile()))
+        // cargo test's own library path, which no one running `make` has (and
+        // dpkg-shlibdeps warns about)
+        .env_remove("LD_LIBRARY_PATH")
         .output()
         .map_err(|e| format!("cannot run make: {e}"))?;
+    // dpkg-buildpackage and its helpers warn about options `make deb` passes
+    // wrongly (issue 19: --buildinfo-option=-O): none may.
+    let warnings: Vec<&str> = std::str::from_utf8(&out.stderr)
+        .unwrap_or("")
+        .lines()
+        .chain(std::str::from_utf8(&out.stdout).unwrap_or("").lines())
+        .filter(|l| l.starts_with("dpkg-") && l.contains(": warning:"))
+        .collect();
+    if !warnings.is_empty() {
+        return Err(format!("make {target} warns:\n{}", warnings.join("\n")));
+    }
     if out.status.success() {
         Ok(())
     } else {
@@ -1435,5 +1450,632 @@ fn man_pages_match_the_cli() {
         help_options(&help_of(daemon, &[])),
         man_options(&daemon_page),
         "netpold's options vs man/netpold.8"
+    );
+}
+
+// ---------------------------------------------------------------- the install guide, as written
+
+/// One marked fenced block of a guide page (the markers are described at the top
+/// of docs/install.md): where it starts, and what to do with it.
+#[derive(Debug)]
+struct Step {
+    /// `page:line` of the fence, for messages.
+    at: String,
+    kind: StepKind,
+    text: String,
+}
+
+#[derive(Debug, PartialEq)]
+enum StepKind {
+    Run { fails: bool },
+    Background,
+    Output { words: bool, background: bool },
+}
+
+/// The marked blocks of `page` (named `name` in messages), in order. A marker
+/// not followed by a fenced block, or an unknown marker, is an error in the page.
+fn guide_steps(name: &str, page: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut lines = page.lines().enumerate();
+    while let Some((n, line)) = lines.next() {
+        let Some(marker) = line
+            .trim()
+            .strip_prefix("<!-- test:")
+            .and_then(|m| m.strip_suffix("-->"))
+        else {
+            continue;
+        };
+        let kind = match marker.split_whitespace().collect::<Vec<_>>()[..] {
+            ["run"] => StepKind::Run { fails: false },
+            ["run", "fails"] => StepKind::Run { fails: true },
+            ["background"] => StepKind::Background,
+            ["output"] => StepKind::Output {
+                words: false,
+                background: false,
+            },
+            ["output", "words"] => StepKind::Output {
+                words: true,
+                background: false,
+            },
+            ["background", "output"] => StepKind::Output {
+                words: false,
+                background: true,
+            },
+            _ => panic!("{name}:{}: unknown marker {marker:?}", n + 1),
+        };
+        let (fence_at, fence) = loop {
+            match lines.next() {
+                Some((_, l)) if l.trim().is_empty() => continue,
+                Some((m, l)) if l.trim_start().starts_with("```") => break (m, l),
+                other => panic!(
+                    "{name}:{}: marker {marker:?} is not followed by a fenced block but {other:?}",
+                    n + 1
+                ),
+            }
+        };
+        let indent = fence.len() - fence.trim_start().len();
+        let lang = fence.trim().trim_start_matches('`');
+        let is_command = !matches!(kind, StepKind::Output { .. });
+        assert_eq!(
+            lang == "sh",
+            is_command,
+            "{name}:{}: commands are ```sh blocks, outputs plain ``` blocks",
+            fence_at + 1
+        );
+        let mut text = String::new();
+        for (m, l) in lines.by_ref() {
+            if l.trim() == "```" {
+                break;
+            }
+            assert!(
+                l.trim().is_empty() || l.len() - l.trim_start().len() >= indent,
+                "{name}:{}: block line less indented than its fence",
+                m + 1
+            );
+            text.push_str(l.get(indent..).unwrap_or(""));
+            text.push('\n');
+        }
+        steps.push(Step {
+            at: format!("{name}:{}", fence_at + 1),
+            kind,
+            text,
+        });
+    }
+    steps
+}
+
+/// A line of output as the guide shows it and as a run prints it: blanks
+/// collapsed, and the values that differ on every run made equal: times
+/// (`2026-11-26T07:06:21.060Z`), source ports (`10.0.1.31:55942 ->`),
+/// durations (`1.5 ms`) and bpftool's object ids (`2159: ... prog 3491`).
+fn normalize_line(line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut out = Vec::with_capacity(words.len());
+    let number = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_digit());
+    for (i, w) in words.iter().enumerate() {
+        let next = words.get(i + 1).copied();
+        let is_time = w.len() == 24 && w.as_bytes()[10] == b'T' && w.ends_with('Z');
+        let w = if is_time {
+            "<time>".to_string()
+        } else if next == Some("->") {
+            match w.rsplit_once(':') {
+                Some((addr, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
+                    format!("{addr}:<port>")
+                }
+                _ => w.to_string(),
+            }
+        } else if next == Some("ms") && w.parse::<f64>().is_ok() {
+            "<n>".to_string()
+        } else if i == 0 && w.strip_suffix(':').is_some_and(number) {
+            "<id>:".to_string()
+        } else if i > 0 && words[i - 1] == "prog" && number(w) {
+            "<id>".to_string()
+        } else {
+            w.to_string()
+        };
+        out.push(w);
+    }
+    out.join(" ")
+}
+
+/// Does `actual` match `expected`, where `...` in `expected` stands for anything?
+fn line_matches(expected: &str, actual: &str) -> bool {
+    let (expected, actual) = (normalize_line(expected), normalize_line(actual));
+    let pieces: Vec<&str> = expected.split("...").map(str::trim).collect();
+    let mut rest = actual.as_str();
+    for (i, piece) in pieces.iter().enumerate() {
+        if piece.is_empty() {
+            continue;
+        }
+        let found = if i == 0 {
+            rest.starts_with(piece).then_some(0)
+        } else {
+            rest.find(piece)
+        };
+        let Some(at) = found else {
+            return false;
+        };
+        rest = &rest[at + piece.len()..];
+    }
+    pieces.last().is_some_and(|p| p.is_empty()) || rest.trim().is_empty()
+}
+
+/// Every line of `expected` (but `...` lines) matches a line of `actual`, in
+/// order; with `words`, both are taken as one line (columns of `ls`). What does
+/// not match, said in full.
+fn check_output(step: &Step, words: bool, actual: &str) -> Result<(), String> {
+    let join = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let (expected, actual_lines): (Vec<String>, Vec<String>) = if words {
+        (vec![join(&step.text)], vec![join(actual)])
+    } else {
+        (
+            step.text.lines().map(str::to_string).collect(),
+            actual.lines().map(str::to_string).collect(),
+        )
+    };
+    let mut from = 0;
+    for e in expected
+        .iter()
+        .filter(|e| !e.trim().is_empty() && e.trim() != "...")
+    {
+        match actual_lines[from..].iter().position(|a| line_matches(e, a)) {
+            Some(i) => from += i + 1,
+            None => {
+                return Err(format!(
+                    "{}: the guide shows\n  {e}\nbut the command printed (after the lines matched so far):\n{}\n--- the whole block expected:\n{}",
+                    step.at,
+                    actual_lines[from..].join("\n"),
+                    step.text,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A reader's root shell on the host the packaging test boots: the mount, PID
+/// and network namespaces of its systemd, a clean environment, the source tree as
+/// the working directory (`apt install ./dist/...`), and "y" for apt's question.
+fn reader_shell(sd: &Systemd, code: &str, errexit: bool, out: &fs::File) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg("-t")
+        .arg(sd.pid.to_string())
+        .args(["-m", "-p", "-n"])
+        .arg(format!("--wd={}", src_dir().display()))
+        .args(["--", "env", "-i"])
+        .args([
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+            "LANG=C.UTF-8",
+            "TERM=dumb",
+        ]);
+    c.arg("bash");
+    if errexit {
+        c.arg("-e");
+    }
+    c.arg("-c").arg(code);
+    c.stdout(out.try_clone().expect("dup output"));
+    c.stderr(out.try_clone().expect("dup output"));
+    c
+}
+
+/// Follows a guide: runs its steps, keeps the last outputs, stops what it started.
+struct Reader<'a> {
+    sd: &'a Systemd,
+    out_path: PathBuf,
+    last: String,
+    background: Option<(Child, PathBuf, String)>,
+    /// Outputs that differ from the page's (reported together at the end: the
+    /// steps after one still run).
+    wrong: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn new(sd: &Systemd) -> Reader<'_> {
+        Reader {
+            sd,
+            out_path: std::env::temp_dir().join(format!("npk-guide-{}.out", std::process::id())),
+            last: String::new(),
+            background: None,
+            wrong: Vec::new(),
+        }
+    }
+
+    fn follow(&mut self, steps: &[Step]) {
+        for step in steps {
+            let t0 = Instant::now();
+            match step.kind {
+                StepKind::Run { fails } => {
+                    self.run(step, fails);
+                    eprintln!(
+                        "guide: {} ran ({:?}):\n{}",
+                        step.at,
+                        t0.elapsed(),
+                        self.last
+                    );
+                }
+                StepKind::Background => self.start(step),
+                StepKind::Output { words, background } => {
+                    let actual = if background {
+                        self.stop(step)
+                    } else {
+                        self.last.clone()
+                    };
+                    if let Err(e) = check_output(step, words, &actual) {
+                        eprintln!("{e}");
+                        self.wrong.push(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, step: &Step, fails: bool) {
+        let out = fs::File::create(&self.out_path).expect("guide output file");
+        let mut cmd = reader_shell(self.sd, &step.text, !fails, &out);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot run: {e}", step.at));
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"y\n");
+        }
+        let status = child.wait().expect("wait for the guide's block");
+        self.last = fs::read_to_string(&self.out_path).unwrap_or_default();
+        assert_eq!(
+            !status.success(),
+            fails,
+            "{}: the block {} ({status}):\n{}\n--- it printed:\n{}{}",
+            step.at,
+            if fails {
+                "was to fail but succeeded"
+            } else {
+                "failed"
+            },
+            step.text,
+            self.last,
+            self.sd.diagnose()
+        );
+        // A reader's pause before the next command: netpold applies a change
+        // in about 50 ms (debounce) plus the apply.
+        thread::sleep(Duration::from_millis(1000));
+    }
+
+    fn start(&mut self, step: &Step) {
+        assert!(
+            self.background.is_none(),
+            "{}: a second background block",
+            step.at
+        );
+        let path = self.out_path.with_extension("bg");
+        let out = fs::File::create(&path).expect("background output file");
+        // stdbuf: lines come out as on a terminal (grep buffers into a file).
+        let code = format!("exec stdbuf -oL bash -c {}", shell_quote(&step.text));
+        let child = reader_shell(self.sd, &code, true, &out)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot start: {e}", step.at));
+        self.background = Some((child, path, step.text.clone()));
+        // Time to connect before the traffic comes.
+        thread::sleep(Duration::from_millis(1000));
+    }
+
+    /// Stop the background block once monitor has printed its lines (a flow's
+    /// line comes 3 s after its last packet), and return what it printed.
+    fn stop(&mut self, step: &Step) -> String {
+        let Some((mut child, path, _)) = self.background.take() else {
+            panic!(
+                "{}: background output, but nothing runs in the background",
+                step.at
+            );
+        };
+        thread::sleep(netpol::cli::daemonctl::REPEAT_WINDOW + Duration::from_millis(1000));
+        kill_group(&mut child);
+        let out = fs::read_to_string(&path).unwrap_or_default();
+        let _ = fs::remove_file(&path);
+        out
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let Some((mut child, path, _)) = self.background.take() {
+            kill_group(&mut child);
+            let _ = fs::remove_file(path);
+        }
+        let _ = fs::remove_file(&self.out_path);
+    }
+}
+
+/// What the guide has the reader create outside the package's own files; the
+/// guide removes it all at its end, this guard when the test fails first.
+const GUIDE_FILES: [&str; 8] = [
+    "/etc/netpol/endpoints.d/seed.yaml",
+    "/etc/netpol.d/frontend-to-backend.yaml",
+    "/etc/netpol.d/frontend-egress-control.yaml",
+    "/etc/netpol.d/database-lockdown.yaml",
+    "/etc/netpol.d/broken.yaml",
+    "/usr/local/sbin/seed-workloads",
+    "/etc/systemd/system/netpold.service.d/metrics.conf",
+    "/etc/systemd/system/netpold.service.d",
+];
+
+/// docs/install.md from its first step to its last, as a reader types it, under
+/// the real systemd of the packaging tests: `apt install` of the .deb `make deb`
+/// built, the example workloads made with the shipped script, every output the
+/// page shows (what it prints, the probes' verdicts, monitor's lines with their
+/// repeat counts, the journal's reason for a failed reload), and `apt remove` /
+/// `apt purge` leaving nothing attached or pinned. Before the page's section 8
+/// (removal), docs/bare-metal.md's section 5 (metrics, with and without the
+/// drop-in) runs the same way.
+#[test]
+fn guide_under_systemd() {
+    const TEST: &str = "guide_under_systemd";
+    let Some(_host) = host_needs(&["apt", "bpftool", "curl", "stdbuf", "timeout", "bash"])
+        .unless(|| {
+            GUIDE_FILES
+                .iter()
+                .find(|f| Path::new(f).exists())
+                .map(|f| format!("{f} exists on this host; not touching it"))
+        })
+        .check(TEST)
+    else {
+        return;
+    };
+    let install = fs::read_to_string(src_dir().join("docs/install.md")).expect("docs/install.md");
+    let bare =
+        fs::read_to_string(src_dir().join("docs/bare-metal.md")).expect("docs/bare-metal.md");
+    let removal = install.find("\n## 8.").expect("install.md has a section 8");
+    let (before, after) = install.split_at(removal);
+    let first_lines = before.lines().count();
+    let install_steps = guide_steps("docs/install.md", before);
+    let mut removal_steps = guide_steps("docs/install.md", after);
+    renumber(&mut removal_steps, first_lines - 1);
+    let metrics_at = bare.find("\n## 5.").expect("bare-metal.md has a section 5");
+    let metrics_end = bare[metrics_at + 1..]
+        .find("\n## ")
+        .map_or(bare.len(), |e| metrics_at + 1 + e);
+    let mut metrics_steps = guide_steps("docs/bare-metal.md", &bare[metrics_at..metrics_end]);
+    renumber(&mut metrics_steps, bare[..metrics_at].lines().count());
+    let all: Vec<&Step> = install_steps
+        .iter()
+        .chain(&metrics_steps)
+        .chain(&removal_steps)
+        .collect();
+    assert!(
+        all.len() >= 20 && metrics_steps.len() >= 4,
+        "the guides lost their marked steps: {all:#?}"
+    );
+    // Every other marked block of bare-metal.md would be silently skipped.
+    assert_eq!(
+        guide_steps("docs/bare-metal.md", &bare).len(),
+        metrics_steps.len(),
+        "only section 5 of bare-metal.md is followed"
+    );
+
+    // The page installs ./dist/netpol_VERSION_ARCH.deb: the one just built.
+    let deb = deb();
+    let name = deb.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    assert!(
+        install_steps
+            .iter()
+            .any(|s| s.text.contains(&format!("apt install ./dist/{name}"))),
+        "docs/install.md does not install ./dist/{name}"
+    );
+
+    let mut lab = Lab::new();
+    lab.node();
+    lab.systemd = Some(Systemd::boot());
+    lab.installed = true; // the guard purges if the page does not get to it
+    let _files = RemoveOnDrop(GUIDE_FILES.iter().map(PathBuf::from).collect());
+    {
+        let mut reader = Reader::new(lab.sd());
+        reader.follow(&install_steps);
+        reader.follow(&metrics_steps);
+        reader.follow(&removal_steps);
+        assert!(
+            reader.wrong.is_empty(),
+            "{} outputs differ from the guide's:\n\n{}",
+            reader.wrong.len(),
+            reader.wrong.join("\n\n")
+        );
+    }
+    lab.installed = false;
+
+    // The page's last steps purged the package and removed what it made.
+    let sd = lab.sd();
+    let status = text(&sd.exec(&["dpkg-query", "-W", "-f=${Status}", "netpol"]));
+    assert!(
+        !status.contains(" installed"),
+        "netpol is still installed: {status}"
+    );
+    for path in [PIN_DIR, "/etc/netpol", "/etc/netpol.d", "/var/lib/netpol"]
+        .iter()
+        .chain(&GUIDE_FILES[5..])
+    {
+        assert!(!Path::new(path).exists(), "{path} is left after the guide");
+    }
+    let links = run_ok(&mut cmd("ip", &["-n", NODE, "-br", "link"]));
+    assert!(
+        !links.contains("veth-") && !links.contains("seed-br0"),
+        "the example workloads' links are left:\n{links}"
+    );
+    let netns = text(&sd.exec(&["ip", "netns", "list"]));
+    assert!(!netns.contains("seed-"), "namespaces are left: {netns}");
+}
+
+/// Steps of a part of a page that starts `lines` lines into it: line numbers of
+/// the whole page.
+fn renumber(steps: &mut [Step], lines: usize) {
+    for s in steps {
+        let (page, line) = s.at.rsplit_once(':').expect("page:line");
+        s.at = format!("{page}:{}", line.parse::<usize>().expect("line") + lines);
+    }
+}
+
+/// Removes files (and empty directories) when dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+            let _ = fs::remove_dir(p);
+        }
+    }
+}
+
+/// The matcher the guide test holds outputs to: `...` and the values that
+/// change on every run, nothing else.
+#[test]
+fn guide_outputs_match_only_what_they_show() {
+    // (shown in the guide, printed, matches)
+    let cases = [
+        (
+            "2026-11-26T07:06:21.060Z denied   10.0.1.31:55942 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
+            "2026-12-04T19:00:00.001Z denied   10.0.1.31:40000 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
+            true,
+        ),
+        (
+            "... denied 10.0.1.31:55942 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny (2 packets)",
+            "2026-12-04T19:00:00.001Z denied 10.0.1.31:40000 -> 10.0.1.21:80 tcp/80 default/backend (ingress) default deny",
+            false,
+        ),
+        ("tcp/80", "tcp/81", false),
+        (
+            "  4 endpoints (4 attached, 0 pending), 2 policies, last apply 1.5 ms",
+            "4 endpoints (4 attached, 0 pending), 2 policies, last apply 120.0 ms",
+            true,
+        ),
+        (
+            "  4 endpoints (4 attached, 0 pending), 2 policies, last apply 1.5 ms",
+            "4 endpoints (3 attached, 1 pending), 2 policies, last apply 120.0 ms",
+            false,
+        ),
+        ("netpold on ...: ready, generation ...", "netpold on h: ready, generation 3", true),
+        ("netpold on ...: ready, generation ...", "netpold on h: ready, DEGRADED, generation 3", false),
+        ("ok: 2 policies", "ok: 2 policies (2 rules)", false),
+        ("2159: type 11  prog 3491", "7: type 11 prog 12", true),
+        ("2159: type 11  prog 3491", "7: type 11 prog 12 x", false),
+    ];
+    for (shown, printed, matches) in cases {
+        assert_eq!(
+            line_matches(shown, printed),
+            matches,
+            "{shown:?} vs {printed:?}"
+        );
+    }
+    let steps = guide_steps(
+        "t",
+        "x\n<!-- test: run fails -->\n\n  ```sh\n  false\n  ```\n<!-- test: output words -->\n```\na  b\n```\n",
+    );
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0].kind, StepKind::Run { fails: true });
+    assert_eq!(steps[0].text, "false\n");
+    assert_eq!(steps[0].at, "t:4");
+    assert_eq!(
+        steps[1].kind,
+        StepKind::Output {
+            words: true,
+            background: false
+        }
+    );
+}
+
+/// The shipped etc/examples/seed/workloads.sh, in private network and mount
+/// namespaces (a tmpfs /run for its /run/netns): `create` twice makes the four
+/// workloads once, with the registry's interfaces and addresses; they reach each
+/// other (`probe`); `remove` leaves no namespace, link or bridge.
+#[test]
+fn seed_workloads_script_is_idempotent_and_removes_everything() {
+    const TEST: &str = "seed_workloads_script_is_idempotent_and_removes_everything";
+    let Some(_turn) = Needs::root()
+        .tools(&["ip", "unshare", "timeout", "bash", "mount"])
+        .check(TEST)
+    else {
+        return;
+    };
+    let script = src_dir().join("etc/examples/seed/workloads.sh");
+    let registry = fs::read_to_string(src_dir().join("etc/examples/seed/endpoints.d/seed.yaml"))
+        .expect("seed registry");
+    let code = format!(
+        "set -e; mount -t tmpfs npk-run /run; s='{}'; \
+         $s create >/dev/null; $s create; echo ===; \
+         ip -br link; ip -n seed-backend -br addr show dev eth0; echo ===; \
+         $s probe database backend 80; $s probe frontend-1 database 5432; echo ===; \
+         $s remove; ip -br link; ls /run/netns; echo ===",
+        script.display()
+    );
+    let out = run_ok(Command::new("unshare").args([
+        "--net",
+        "--mount",
+        "--propagation",
+        "private",
+        "bash",
+        "-c",
+        &code,
+    ]));
+    let parts: Vec<&str> = out.split("===\n").collect();
+    assert_eq!(parts.len(), 5, "{out}");
+    let (created, links, probes, removed) = (parts[0], parts[1], parts[2], parts[3]);
+    for (name, veth, v4, v6) in [
+        ("frontend-1", "veth-fe1", "10.0.1.11", "fd00:1::11"),
+        ("frontend-2", "veth-fe2", "10.0.1.12", "fd00:1::12"),
+        ("backend", "veth-be", "10.0.1.21", "fd00:1::21"),
+        ("database", "veth-db", "10.0.1.31", "fd00:1::31"),
+    ] {
+        // The script's workloads are the registry's.
+        assert!(
+            registry.contains(&format!("interface: {veth}"))
+                && registry.contains(&format!("[{v4}, \"{v6}\"]"))
+                && registry.contains(&format!("name: {name}")),
+            "{name} {veth} {v4} {v6} not in the registry"
+        );
+        assert!(
+            created.contains(&format!(
+                "{name}: namespace seed-{name}, eth0 {v4} {v6}, host side {veth}"
+            )),
+            "{created}"
+        );
+        assert_eq!(
+            links
+                .lines()
+                .filter(|l| l.starts_with(&format!("{veth}@")))
+                .count(),
+            1,
+            "{veth} once after two creates:\n{links}"
+        );
+    }
+    assert!(links.contains("seed-br0"), "{links}");
+    assert!(
+        links.contains("10.0.1.21/24") && links.contains("fd00:1::21/64"),
+        "{links}"
+    );
+    assert_eq!(
+        probes,
+        "database -> backend:80 reached\nfrontend-1 -> database:5432 reached\n"
+    );
+    // Left: the namespace's own lo, and no namespace in /run/netns.
+    let left: Vec<&str> = removed.lines().collect();
+    assert_eq!(
+        left.first(),
+        Some(&"removed the seed workloads"),
+        "{removed}"
+    );
+    assert!(
+        left.len() == 2 && left[1].starts_with("lo "),
+        "left after remove:\n{removed}"
     );
 }

@@ -33,8 +33,8 @@ enum Command {
     Status(cli::daemonctl::DaemonArgs),
     /// Endpoints known to the running daemon
     Endpoints(cli::daemonctl::DaemonArgs),
-    /// Live verdict events from the running daemon
-    Monitor(cli::daemonctl::DaemonArgs),
+    /// Live verdicts from the running daemon, one line per flow decision
+    Monitor(cli::daemonctl::MonitorArgs),
     /// Registry tools (import from kubectl JSON, push to etcd)
     Registry(cli::registry::RegistryArgs),
     /// Policy sets in etcd (fleet mode)

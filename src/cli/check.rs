@@ -24,6 +24,7 @@ use crate::api::model::EndpointKind;
 use crate::api::{Problem, Warning, WarningCode};
 use crate::config::Config;
 use crate::pipeline;
+use crate::text::count;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -118,10 +119,6 @@ fn json_problem(p: &Problem, text: String) -> JsonProblem<'_> {
     }
 }
 
-fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     // With --from-etcd the remote entries netpold would leave out count as
     // problems here: check is where they are looked for.
@@ -157,19 +154,19 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     if valid {
         println!(
             "ok: {} ({}), {}, {}, {}, {}",
-            plural(summary.policies, "policy", "policies"),
-            plural(summary.rules, "rule", "rules"),
-            plural(summary.endpoints, "endpoint", "endpoints"),
-            plural(summary.host_endpoints, "host endpoint", "host endpoints"),
-            plural(summary.nodes, "node", "nodes"),
-            plural(summary.namespaces, "namespace", "namespaces"),
+            count(summary.policies, "policy", "policies"),
+            count(summary.rules, "rule", "rules"),
+            count(summary.endpoints, "endpoint", "endpoints"),
+            count(summary.host_endpoints, "host endpoint", "host endpoints"),
+            count(summary.nodes, "node", "nodes"),
+            count(summary.namespaces, "namespace", "namespaces"),
         );
     }
-    let n_warnings = plural(warnings.len(), "warning", "warnings");
+    let n_warnings = count(warnings.len(), "warning", "warnings");
     if !problems.is_empty() {
         eprintln!(
             "netpolctl check: {} found; nothing would be applied",
-            plural(problems.len(), "problem", "problems")
+            count(problems.len(), "problem", "problems")
         );
         if !warnings.is_empty() {
             eprintln!("netpolctl check: and {n_warnings}");

@@ -100,8 +100,8 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
     }
     let _ = writeln!(
         err,
-        "netpolctl: {} problem(s) in the policy or registry files",
-        pass.problems.len()
+        "netpolctl: {} in the policy or registry files",
+        crate::text::count(pass.problems.len(), "problem", "problems")
     );
     Ok(None)
 }

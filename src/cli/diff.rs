@@ -26,6 +26,7 @@ use crate::policy::trace::{
     Verdict,
 };
 use crate::policy::types::{proto, Compiled, PolicyEntry};
+use crate::text::count;
 
 const DIFF_EXAMPLES: &str = "\
 Examples:
@@ -407,8 +408,9 @@ pub fn run(args: &DiffArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else if changes.is_empty() {
         println!(
-            "no verdict changes: {checked} flows checked ({} endpoints; {})",
-            after.endpoints.len(),
+            "no verdict changes: {} checked ({}; {})",
+            count(checked, "flow", "flows"),
+            count(after.endpoints.len(), "endpoint", "endpoints"),
             probes.iter().map(probe_text).collect::<Vec<_>>().join(", ")
         );
     } else {

@@ -17,6 +17,7 @@ use crate::config::{Config, DEFAULT_CONFIG};
 use crate::fleet::admin::{self, AdminError};
 use crate::fleet::keys::Keys;
 use crate::fleet::Store;
+use crate::text::count;
 
 /// How to reach etcd.
 #[derive(Debug, Clone, Args)]
@@ -76,8 +77,8 @@ fn invalid(cmd: &str, problems: &[crate::api::Problem]) -> i32 {
         println!("{p}");
     }
     eprintln!(
-        "netpolctl {cmd}: {} problem(s); nothing was written",
-        problems.len()
+        "netpolctl {cmd}: {}; nothing was written",
+        count(problems.len(), "problem", "problems")
     );
     1
 }
@@ -142,13 +143,17 @@ fn policy_push(a: &PolicyPushArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else if p.unchanged {
         println!(
-            "policy set {} ({} documents) is current already; revision {}",
-            p.id, p.documents, p.revision
+            "policy set {} ({}) is current already; revision {}",
+            p.id,
+            count(p.documents, "document", "documents"),
+            p.revision
         );
     } else {
         println!(
-            "policy set {} ({} documents) is current at revision {}",
-            p.id, p.documents, p.revision
+            "policy set {} ({}) is current at revision {}",
+            p.id,
+            count(p.documents, "document", "documents"),
+            p.revision
         );
         if !p.pruned.is_empty() {
             println!("removed old sets: {}", p.pruned.join(", "));
@@ -240,8 +245,10 @@ pub fn node(args: &NodeArgs) -> anyhow::Result<i32> {
             format!("lease {} revoked", r.leases_revoked.join(", "))
         };
         println!(
-            "node {}: {} keys deleted, {leases}; revision {}",
-            r.node, r.keys, r.revision
+            "node {}: {} deleted, {leases}; revision {}",
+            r.node,
+            count(r.keys, "key", "keys"),
+            r.revision
         );
     }
     Ok(0)

@@ -15,6 +15,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use crate::text::count;
+
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
     #[command(subcommand)]
@@ -301,10 +303,10 @@ fn import(args: &ImportArgs) -> anyhow::Result<i32> {
                 std::fs::rename(&tmp, &path).with_context(|| format!("{}", path.display()))?;
             }
             eprintln!(
-                "wrote {} endpoints and {} namespaces into {} file(s) in {}",
-                conv.endpoints,
-                conv.namespaces,
-                conv.files.len(),
+                "wrote {} and {} into {} in {}",
+                count(conv.endpoints, "endpoint", "endpoints"),
+                count(conv.namespaces, "namespace", "namespaces"),
+                count(conv.files.len(), "file", "files"),
                 dir.display()
             );
         }

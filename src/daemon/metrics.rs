@@ -43,6 +43,45 @@ pub enum MetricsError {
     Address(String),
 }
 
+impl MetricsError {
+    /// What to do about it, when the cause says: the shipped netpold.service
+    /// allows no IP sockets (`RestrictAddressFamilies=AF_UNIX AF_NETLINK`), so
+    /// `socket()` fails with EAFNOSUPPORT until a drop-in allows them.
+    pub fn hint(&self) -> Option<&'static str> {
+        let MetricsError::Bind { source, .. } = self else {
+            return None;
+        };
+        match source.raw_os_error() {
+            Some(libc::EAFNOSUPPORT) => Some(
+                "netpold.service allows no IP sockets (RestrictAddressFamilies=AF_UNIX AF_NETLINK, \
+                 IPAddressDeny=any); add the drop-in /etc/systemd/system/netpold.service.d/metrics.conf \
+                 with RestrictAddressFamilies=AF_INET AF_INET6 and IPAddressAllow=localhost \
+                 (/usr/share/doc/netpol/bare-metal.md, \"Metrics\"), then \
+                 systemctl daemon-reload && systemctl restart netpold",
+            ),
+            Some(libc::EADDRINUSE) => Some(
+                "another process listens on that port (ss -ltnp shows which); pick another port for metrics_listen in netpold.toml",
+            ),
+            Some(libc::EACCES) => Some(
+                "a port below 1024 needs CAP_NET_BIND_SERVICE, which netpold.service does not grant; use a port above 1023 (9962)",
+            ),
+            Some(libc::EADDRNOTAVAIL) => Some(
+                "no interface of this host has that address; use one it has (127.0.0.1) for metrics_listen in netpold.toml",
+            ),
+            _ => None,
+        }
+    }
+
+    /// The error, its cause and what to do, on one line.
+    pub fn explain(&self) -> String {
+        let chain = crate::error::chain(self);
+        match self.hint() {
+            Some(h) => format!("{chain}; {h}"),
+            None => chain,
+        }
+    }
+}
+
 /// Capacities of the maps whose fill level is exported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MapLimits {
@@ -939,6 +978,46 @@ mod tests {
         assert!(
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
             "stopped server still listens"
+        );
+    }
+
+    /// The sandbox's refusal names the unit's address families and the drop-in;
+    /// a port in use says so; other causes print as they are.
+    #[test]
+    fn a_listen_error_names_the_cause_and_the_fix() {
+        let bind = |errno| MetricsError::Bind {
+            addr: "127.0.0.1:9962".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let e = bind(libc::EAFNOSUPPORT).explain();
+        assert!(
+            e.starts_with("metrics_listen 127.0.0.1:9962: cannot listen: Address family not supported by protocol (os error 97); netpold.service allows no IP sockets (RestrictAddressFamilies=AF_UNIX AF_NETLINK"),
+            "{e}"
+        );
+        assert!(
+            e.contains("/etc/systemd/system/netpold.service.d/metrics.conf"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("then systemctl daemon-reload && systemctl restart netpold"),
+            "{e}"
+        );
+        assert!(bind(libc::EADDRINUSE)
+            .explain()
+            .contains("; another process listens on that port"));
+        let other = bind(libc::ENOMEM);
+        assert_eq!(other.hint(), None);
+        assert_eq!(other.explain(), crate::error::chain(&other));
+        // A real one: a port already taken.
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let Err(err) = serve(taken.local_addr().unwrap(), Metrics::new()) else {
+            panic!("a second listener on one port");
+        };
+        assert!(
+            err.explain()
+                .contains("(os error 98); another process listens"),
+            "{}",
+            err.explain()
         );
     }
 }

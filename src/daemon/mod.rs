@@ -195,13 +195,25 @@ pub async fn run_with<D: Datapath, L: Links>(
     let _socket_guard = RemoveOnDrop(socket_path.clone(), server_task);
 
     // Prometheus metrics (opt-in): the server thread stops when this is dropped.
-    let (metrics, _metrics_server) = match config.metrics_listen.as_str() {
-        "" => (None, None),
+    // A socket that cannot listen is reported (log, status) and the daemon runs
+    // on without metrics: enforcement and its updates matter more than the
+    // numbers about them, and exiting would leave systemd restarting it in a
+    // loop with no policy change applied meanwhile.
+    let (metrics, _metrics_server, metrics_error) = match config.metrics_listen.as_str() {
+        "" => (None, None, None),
         addr => {
             let m = metrics::Metrics::new();
-            let s = metrics::serve(metrics::parse_listen(addr)?, m.clone())?;
-            slog::info!(log, "serving metrics"; "url" => format!("http://{}/metrics", s.local_addr()));
-            (Some(m), Some(s))
+            match metrics::serve(metrics::parse_listen(addr)?, m.clone()) {
+                Ok(s) => {
+                    slog::info!(log, "serving metrics"; "url" => format!("http://{}/metrics", s.local_addr()));
+                    (Some(m), Some(s), None)
+                }
+                Err(e) => {
+                    let msg = e.explain();
+                    slog::error!(log, "{msg}; running without metrics");
+                    (None, None, Some(msg))
+                }
+            }
         }
     };
 
@@ -235,6 +247,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         status: status_tx,
         events: events_tx,
         metrics,
+        metrics_error,
     };
     let links_now = link_rx.borrow_and_update().clone();
     let mut d = Reconciler::new(

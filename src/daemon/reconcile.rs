@@ -28,6 +28,7 @@ use crate::pipeline::{self, Compile, Held, Hint, Inputs, Kind};
 use crate::policy::compile::CompileOptions;
 use crate::policy::types::Compiled;
 use crate::sizes::MapSizes;
+use crate::text::count;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -77,6 +78,8 @@ pub struct Outputs {
     pub events: broadcast::Sender<Arc<str>>,
     /// Prometheus metrics, when `metrics_listen` is set.
     pub metrics: Option<metrics::Metrics>,
+    /// Why `metrics_listen` is set but nothing serves it (reported in status).
+    pub metrics_error: Option<String>,
 }
 
 pub struct Reconciler<D> {
@@ -211,6 +214,8 @@ impl<D: Datapath> Reconciler<D> {
         let mut problems = pass.problems;
         problems.sort();
         problems.dedup();
+        // STATUS= counts them: told again even when nothing else changes.
+        let problems_changed = self.problems != problems;
         self.problems = problems;
         self.warnings = pass.warnings;
         self.log_warnings();
@@ -246,6 +251,9 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
                 self.publish();
+                if problems_changed {
+                    self.out.notifier.status(&self.status_line());
+                }
                 return;
             }
         }
@@ -278,9 +286,10 @@ impl<D: Datapath> Reconciler<D> {
                     f.installed();
                 }
                 let local = compiled.endpoints.iter().filter(|e| e.local).count();
-                slog::info!(self.out.log, "applied generation {}: {} policies, {} endpoints ({} attached, {} pending), {} entries, {} problems, {:.1} ms",
-                    generation, n_policies, compiled.endpoints.len(), attachments.len(), local - attachments.len(),
-                    compiled.entries.len(), self.problems.len(), ms(t0.elapsed());
+                slog::info!(self.out.log, "applied generation {}: {}, {} ({} attached, {} pending), {}, {}, {:.1} ms",
+                    generation, count(n_policies, "policy", "policies"), count(compiled.endpoints.len(), "endpoint", "endpoints"),
+                    attachments.len(), local - attachments.len(), count(compiled.entries.len(), "entry", "entries"),
+                    count(self.problems.len(), "problem", "problems"), ms(t0.elapsed());
                     "generation" => generation, "cause" => cause.as_str(),
                     "policies" => n_policies, "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
@@ -442,6 +451,7 @@ impl<D: Datapath> Reconciler<D> {
             registry_from_last_good,
             datapath_error: self.datapath_error.clone(),
             state_error: self.saver.error().map(str::to_string),
+            metrics_error: self.out.metrics_error.clone(),
             etcd: self.fleet.as_ref().map(|f| f.status()),
         }
     }
@@ -477,13 +487,13 @@ impl<D: Datapath> Reconciler<D> {
     pub fn status_line(&self) -> String {
         let s = self.status();
         let mut line = format!(
-            "generation {}: {} endpoints ({} attached, {} pending), {} policies, {} problems",
+            "generation {}: {} ({} attached, {} pending), {}, {}",
             s.generation,
-            s.endpoints,
+            count(s.endpoints, "endpoint", "endpoints"),
             s.attached,
             s.pending,
-            s.policies,
-            s.errors.len()
+            count(s.policies, "policy", "policies"),
+            count(s.errors.len(), "problem", "problems")
         );
         if s.degraded {
             line.push_str(" (degraded)");

@@ -241,6 +241,10 @@ pub struct Status {
     pub datapath_error: Option<String>,
     /// state_dir could not be written (the last valid set is not kept for a restart).
     pub state_error: Option<String>,
+    /// metrics_listen is set but cannot listen (and what to do about it): the
+    /// daemon enforces without metrics.
+    #[serde(default)]
+    pub metrics_error: Option<String>,
     /// Fleet mode (`[etcd]` in netpold.toml); absent for a files-only daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdStatus>,

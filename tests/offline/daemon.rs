@@ -862,7 +862,7 @@ async fn systemd_is_told_ready_status_reloading_and_stopping() {
     let notes = d.notes();
     assert!(
         notes.iter().any(|n| n.starts_with(
-            "STATUS=generation 2: 0 endpoints (0 attached, 0 pending), 1 policies, 0 problems"
+            "STATUS=generation 2: 0 endpoints (0 attached, 0 pending), 1 policy, 0 problems"
         )),
         "{notes:?}"
     );

@@ -469,7 +469,7 @@ async fn the_operator_commands_on_a_real_etcd() {
     let (code, out, err) = run(&["policy", "push", pol.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.starts_with("policy set ") && out.contains("(1 documents) is current at revision"),
+        out.starts_with("policy set ") && out.contains("(1 document) is current at revision"),
         "{out}"
     );
     let (code, out, _) = run(&["policy", "push", pol.to_str().unwrap()]).await;
