@@ -41,10 +41,27 @@ CONTENDERS = ("nofilter", "netpol", "iptables", "nftables")
 LABELS = {"nofilter": "no filter", "netpol": "netpol (eBPF tcx)", "iptables": "iptables (linear chain)",
           "nftables": "nftables (set lookup)"}
 COLORS = {"nofilter": "#555555", "netpol": "#1f77b4", "iptables": "#d62728", "nftables": "#2ca02c"}
+# netpol with its programs stopping after one step (netpold.toml `[datapath] stage`; they pass every
+# packet and enforce nothing), measured at STAGE_RULES only: where each nanosecond goes. "tcxnoop" is
+# the entry stage: a tcx program that returns at once, the floor of having a hook at all.
+STAGES = (("tcxnoop", "entry", "tcx no-op (return at entry)"),
+          ("stage-endpoint", "endpoint", "+ generation and endpoint lookup"),
+          ("stage-parse", "parse", "+ parse"),
+          ("stage-ipcache", "ipcache", "+ ipcache (anti-spoofing, remote identity)"),
+          ("stage-conntrack", "conntrack", "+ conntrack"),
+          ("netpol", "full", "netpol as shipped (full pipeline)"))
+STAGE_CONTENDERS = tuple(c for c, _, _ in STAGES if c != "netpol")
+STAGE_RULES = 10000
+for _c, _st, _label in STAGES:
+    if _c != "netpol":
+        LABELS[_c] = f"netpol stage {_st}"
 
 PINGPONG = os.path.join(OUT, "pingpong")
-NETPOLD = os.path.join(REPO, "target", "release", "netpold")
-NETPOLCTL = os.path.join(REPO, "target", "release", "netpolctl")
+# NETPOL_BIN_DIR: another build's binaries (a before/after comparison); default this tree's release build
+BIN_DIR = os.environ.get("NETPOL_BIN_DIR") or os.path.join(REPO, "target", "release")
+NETPOLD = os.path.join(BIN_DIR, "netpold")
+NETPOLCTL = os.path.join(BIN_DIR, "netpolctl")
+BENCH_FILES = os.path.join(REPO, "target", "release", "examples", "bench_files")
 
 _children = []  # Popen objects to stop on exit
 
@@ -288,7 +305,7 @@ def netpol_datapath_files(n):
 # ---------------------------------------------------------------- netpol daemon
 
 class Netpold:
-    def __init__(self, tag, debounce_ms=None, extra_toml=""):
+    def __init__(self, tag, debounce_ms=None, extra_toml="", log_level="warn"):
         self.dir = os.path.join(OUT, f"netpol-{tag}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.policy_dir = os.path.join(self.dir, "netpol.d")
@@ -308,7 +325,7 @@ class Netpold:
                     f'state_dir = "{self.dir}/state"\n'
                     f'node_name = "npb-node"\n'
                     f'strict_file_modes = false\n'
-                    f'log_level = "warn"\n' + extra)
+                    f'log_level = "{log_level}"\n' + extra)
         self.proc = None
         self.pid = None
 
@@ -380,6 +397,24 @@ class Netpold:
         except OSError:
             return ""
 
+    def applies(self):
+        """The daemon's own account of each applied generation (log_level info): total, load,
+        compile and apply (the kernel side: fill, flip, attach) milliseconds."""
+        out = []
+        try:
+            self.logf.flush()
+            with open(os.path.join(self.dir, "netpold.log")) as f:
+                for line in f:
+                    m = re.search(r"applied generation (\d+):.*?([\d.]+) ms, apply_ms: ([\d.]+), "
+                                  r"compile_ms: ([\d.]+), files_parsed: \d+, load_ms: ([\d.]+)", line)
+                    if m:
+                        out.append({"generation": int(m.group(1)), "total_ms": float(m.group(2)),
+                                    "apply_ms": float(m.group(3)), "compile_ms": float(m.group(4)),
+                                    "load_ms": float(m.group(5))})
+        except OSError:
+            pass
+        return out
+
     def stop(self):
         if self.pid:
             try:
@@ -419,11 +454,7 @@ def netpol_unavailable_reason():
     except Exception as e:
         return f"netpold preflight failed: {str(e)[:400]}"
     finally:
-        if servers:
-            servers.close()
-        if d:
-            d.stop()
-        ns_cleanup()
+        close_all(servers, d)
 
 
 # ---------------------------------------------------------------- contenders
@@ -462,17 +493,23 @@ class Nftables(Contender):
 class Netpol(Contender):
     name = "netpol"
 
-    def __init__(self):
+    def __init__(self, name="netpol", stage="full"):
         self.d = None
+        self.name = name
+        self.stage = stage
 
     def install(self, n):
-        self.d = Netpold("datapath")
+        extra = "" if self.stage == "full" else f'[datapath]\nstage = "{self.stage}"\n'
+        self.d = Netpold("datapath", extra_toml=extra)
         eps, pols = netpol_datapath_files(n)
         write_docs(os.path.join(self.d.ep_dir, "bench.yaml"), eps)
         if pols:
             write_docs(os.path.join(self.d.policy_dir, "bench.yaml"), pols)
         self.d.start()
-        self.d.wait_ready(timeout=600)
+        _, st = self.d.wait_ready(timeout=600)
+        if (st.get("datapath_stage") or "full") != self.stage:
+            raise RuntimeError(f"netpold reports datapath stage {st.get('datapath_stage')!r}, "
+                               f"not {self.stage!r}")
 
     def uninstall(self):
         if self.d:
@@ -543,9 +580,9 @@ def run_datapath(args, contenders, unavailable, raw):
     ns_list = args.rules
     secs = args.secs
     results = raw.setdefault("datapath", [])
-    order = list(contenders)
     for rep in range(args.reps):
         for i, n in enumerate(ns_list):
+            order = [c for c in contenders if c.name not in STAGE_CONTENDERS or n == STAGE_RULES]
             # rotate the order so no contender always runs first (or last) after a change of N
             rot = (rep * len(ns_list) + i) % len(order)
             for c in order[rot:] + order[:rot]:
@@ -563,7 +600,7 @@ def run_datapath(args, contenders, unavailable, raw):
                     t0 = time.monotonic()
                     c.install(n)
                     rec["install_s"] = time.monotonic() - t0
-                    check_flow(None if (c.name == "nofilter" or n == 0) else False)
+                    check_flow(None if (c.name in ("nofilter",) + STAGE_CONTENDERS or n == 0) else False)
                     udp = measure_udp(args.run_secs, args.udp_runs)
                     rec["udp_pps"] = udp["rx_pps"]
                     rec["udp_tx_pps"] = udp["tx_pps"]
@@ -587,6 +624,72 @@ def run_datapath(args, contenders, unavailable, raw):
                     ns_cleanup()
                 results.append(rec)
                 save_raw(raw)
+
+
+# ---------------------------------------------------------------- kernel BPF statistics per stage
+
+PROGS = ("netpol_tcx_ingress", "netpol_tcx_egress")
+
+
+def prog_stats(pid):
+    """run_time_ns and run_cnt of netpold's two tcx programs, read through its pins (it runs in a
+    mount namespace of its own with a private bpffs)."""
+    out = {}
+    for name in PROGS:
+        r = sh(["nsenter", "-t", str(pid), "-m", "bpftool", "prog", "show", "pinned",
+                f"/sys/fs/bpf/npb-netpol/progs/{name}", "-j"])
+        d = json.loads(r.stdout)
+        out[name] = (d.get("run_time_ns", 0), d.get("run_cnt", 0))
+    return out
+
+
+def run_bpfstats(args, unavailable, raw):
+    """Per-program run time from the kernel's BPF statistics (kernel.bpf_stats_enabled), for netpol
+    at STAGE_RULES rules with its programs stopping after each stage, under the small-packet load.
+    A block of its own: the statistics cost some ns per run, so they stay out of the ratio blocks."""
+    res = raw.setdefault("bpfstats", {})
+    if "netpol" in unavailable:
+        res["error"] = f"netpol unavailable: {unavailable['netpol']}"
+        return
+    if not shutil.which("bpftool"):
+        res["error"] = "bpftool not installed"
+        return
+    before = open("/proc/sys/kernel/bpf_stats_enabled").read().strip()
+    try:
+        sh(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"])
+        for rep in range(args.reps):
+            for name, stage, _ in STAGES:
+                log(f"bpf stats rep {rep + 1}/{args.reps}: stage {stage}")
+                topo_up()
+                servers = None
+                c = Netpol(name, stage)
+                try:
+                    servers = Servers()
+                    c.install(STAGE_RULES)
+                    a = prog_stats(c.d.pid)
+                    iperf(["-u", "-l", "64", "-b", "0", "-w", "4M"], max(1, args.run_secs))
+                    b = prog_stats(c.d.pid)
+                    per = {}
+                    for p in PROGS:
+                        dt, dc = b[p][0] - a[p][0], b[p][1] - a[p][1]
+                        per[p] = {"ns_per_run": dt / dc if dc else None, "runs": dc}
+                    # each forwarded packet runs the ingress program on the client's veth and the egress
+                    # program on the server's: their sum is the per-packet cost of the filter
+                    total = (per[PROGS[0]]["ns_per_run"] or 0) + (per[PROGS[1]]["ns_per_run"] or 0)
+                    res.setdefault(stage, []).append({"programs": per, "ns_per_packet": total})
+                    log(f"  {stage}: {per[PROGS[0]]['ns_per_run'] or 0:.0f} + {per[PROGS[1]]['ns_per_run'] or 0:.0f}"
+                        f" = {total:.0f} ns per packet")
+                except Exception as e:
+                    res.setdefault("errors", []).append(f"{stage}: {str(e)[:300]}")
+                    log(f"  FAILED: {e}")
+                finally:
+                    if servers:
+                        servers.close()
+                    c.uninstall()
+                    ns_cleanup()
+                save_raw(raw)
+    finally:
+        sh(["sysctl", "-qw", f"kernel.bpf_stats_enabled={before}"], check=False)
 
 
 # ---------------------------------------------------------------- lookup (BPF_PROG_TEST_RUN)
@@ -613,7 +716,13 @@ def run_lookup(args, raw):
         raw["lookup"] = {"available": False,
                          "reason": f"bench_lookup exit {r.returncode}, no parsable figures (see target/bench/lookup.out)"}
         return
-    raw["lookup"] = {"available": True, "ns_per_packet": {str(k): v for k, v in sorted(points.items())}}
+    est = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"^established\s+(\d+) entries:\s+([\d.]+) ns", line.strip())
+        if m:
+            est[m.group(1)] = float(m.group(2))
+    raw["lookup"] = {"available": True, "ns_per_packet": {str(k): v for k, v in sorted(points.items())},
+                     "established_ns_per_packet": est}
 
 
 def parse_lookup(text):
@@ -649,6 +758,8 @@ def parse_lookup(text):
                     continue
                 except json.JSONDecodeError:
                     pass
+            if line.startswith("established"):
+                continue  # the established-flow series (run_lookup reads it)
             m = re.search(r"(?:rules|n|entries)\s*[=:]\s*(\d+).*?(?:ns|ns_per_packet)\s*[=:]\s*([\d.]+)", line)
             if not m:
                 m = re.match(r"^(\d+)\D+?([\d.]+)\s*ns", line)
@@ -695,6 +806,64 @@ def scale_files(n_eps, n_pols):
     return eps, pols, dummies, equiv
 
 
+def remote_addrs(i):
+    """A remote endpoint's v4 and v6 address (100.64.0.0/10 and fd00:64::/64: never routed here)."""
+    return [peer_addr(i), f"fd00:64::{(i + 1) >> 16:x}:{(i + 1) & 0xffff:x}"]
+
+
+def probe_src(k):
+    """The source address of registry-change probe k: a host address of the router namespace
+    (on its lo), which the change turns into a remote endpoint's address or back."""
+    return f"10.206.{k // 200}.{k % 200 + 1}"
+
+
+# registry-change probes: k % 3 says what change k does to endpoint probe-k (address probe_src(k))
+REG_ADD, REG_RELABEL, REG_REMOVE = 0, 1, 2
+
+
+def remote_files(n_remote, n_pols, changes):
+    """A fleet registry: n_remote endpoints on another node (a v4 and a v6 address each; apps of 10
+    endpoints), the bench client and server as the only local ones, and n_pols policies of which the
+    filler ones select remote apps (as scale_files' do). The registry-change probes: the server lets
+    app probe-ok in on every probe port, and host (the router namespace's own addresses) on the ports
+    of removals; endpoint probe-k starts as app probe-no (relabel, removal) or absent (add), and the
+    identity of probe-ok exists from the start (probe-anchor), so an add or relabel changes no
+    identity. Returns (endpoint docs, policy docs, probe registry docs for a step)."""
+    n_apps = max(1, n_remote // 10)
+    eps = list(LOCAL_EPS)
+    eps.append(endpoint_doc("probe-anchor", {"app": "probe-ok"}, [peer_addr(n_remote + 1)], node="npb-remote"))
+    for i in range(n_remote):
+        eps.append(endpoint_doc(f"r-{i}", {"app": f"app-{i % n_apps}"}, remote_addrs(i), node="npb-remote"))
+    ports = [{"port": str(PROBE_BASE + k), "protocol": "TCP"} for k in range(changes)]
+    removal_ports = [p for k, p in enumerate(ports) if k % 3 == REG_REMOVE]
+    ingress = [{"fromEndpoints": [{"matchLabels": {"app": "probe-ok"}}], "toPorts": [{"ports": ports[i:i + 40]}]}
+               for i in range(0, len(ports), 40)]
+    ingress += [{"fromEntities": ["host"], "toPorts": [{"ports": removal_ports[i:i + 40]}]}
+                for i in range(0, len(removal_ports), 40)]
+    pols = [cnp("server-base", {"app": "bench-server"},
+                [{"fromEndpoints": [{"matchLabels": {"app": "bench-client"}}],
+                  "toPorts": [{"ports": [{"port": str(RR_PORT), "protocol": "TCP"}]}]}]),
+            cnp("registry-probe", {"app": "bench-server"}, ingress)]
+    for j in range(n_pols - 2):
+        sel, peer, port = f"app-{j % n_apps}", f"app-{(7 * j + 1) % n_apps}", 1000 + j % 1000
+        pols.append(cnp(f"pol-{j}", {"app": sel},
+                        [{"fromEndpoints": [{"matchLabels": {"app": peer}}],
+                          "toPorts": [{"ports": [{"port": str(port), "protocol": "TCP"}]}]}]))
+
+    def probe_docs(done):
+        """The probe endpoints after the first `done` changes."""
+        out = []
+        for k in range(changes):
+            kind, applied = k % 3, k < done
+            if kind == REG_ADD and not applied or kind == REG_REMOVE and applied:
+                continue
+            app = "probe-ok" if applied else "probe-no"
+            out.append(endpoint_doc(f"probe-{k}", {"app": app}, [probe_src(k)], node="npb-remote"))
+        return out or [endpoint_doc("probe-none", {"app": "probe-no"}, [peer_addr(n_remote + 2)],
+                                    node="npb-remote")]
+    return eps, pols, probe_docs
+
+
 def make_extra_link(ifname):
     """An idle local endpoint's interface: one end of a veth pair kept in the router namespace
     (this kernel has no dummy driver)."""
@@ -710,8 +879,27 @@ def probe_policy(k):
                  "toPorts": [{"ports": [{"port": str(PROBE_BASE + k), "protocol": "TCP"}]}]}])
 
 
-def start_probe(port, timeout=20):
-    p = spawn(nsenter(NS_CLI, *HI, PINGPONG, "probe", SRV_IP, str(port), str(timeout), "500"),
+def probe_policy_apply(d):
+    """A policy change for netpold `d`: policy k renamed into its policy directory."""
+    def apply(k):
+        staged = os.path.join(d.staging, "probe.yaml")
+        write_docs(staged, [probe_policy(k)])
+        os.rename(staged, os.path.join(d.policy_dir, "probe.yaml"))
+    return apply
+
+
+def close_all(servers=None, d=None):
+    """Stop the servers and the daemon of a measurement (those it started), and remove the namespaces."""
+    if servers:
+        servers.close()
+    if d:
+        d.stop()
+    ns_cleanup()
+
+
+def start_probe(port, timeout=20, ns=NS_CLI, src=None):
+    p = spawn(nsenter(ns, *HI, PINGPONG, "probe", SRV_IP, str(port), str(timeout), "500",
+                      *([src] if src else [])),
               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = p.stdout.readline().split()
     if not first or first[0] != "armed":
@@ -732,12 +920,14 @@ def finish_probe(p, t0_ns, timeout=30):
     raise RuntimeError(f"probe did not flip to accepted: {out.strip()}")
 
 
-def run_apply_series(kind, changes, apply_fn, after_fn=None):
+def run_apply_series(kind, changes, apply_fn, after_fn=None, probe=None):
+    """`changes` changes through apply_fn(k), each timed by a probe on port PROBE_BASE + k
+    (probe(k) starts a custom one)."""
     lat = []
     errors = []
     for k in range(changes):
         try:
-            p = start_probe(PROBE_BASE + k)
+            p = probe(k) if probe else start_probe(PROBE_BASE + k)
             t0 = time.monotonic_ns()
             apply_fn(k)
             lat.append(finish_probe(p, t0))
@@ -755,6 +945,24 @@ def run_apply_series(kind, changes, apply_fn, after_fn=None):
 
 
 def run_control(args, unavailable, raw):
+    raw.setdefault("control", {})["changes"] = args.changes
+    parts = set(args.control.split(","))
+    if "1k" in parts:
+        run_control_1k(args, unavailable, raw)
+    if "netpol" in unavailable:
+        raw["control"]["netpol"] = {"error": unavailable["netpol"]}
+        raw["cold_start"] = {"error": unavailable["netpol"]}
+        return
+    if "10k" in parts:
+        run_scale_10k(args, raw)
+    if "sizes" in parts:
+        run_apply_sizes(args, raw)
+    if "remote" in parts:
+        for n, extra in ((100000, ""), (300000, "[maps]\nipcache_max_entries = 1048576\n")):
+            run_remote(args, raw, n, extra)
+
+
+def run_control_1k(args, unavailable, raw):
     ctl = raw.setdefault("control", {})
     changes = args.changes
     n_eps, n_pols = 1000, 1000
@@ -789,9 +997,7 @@ def run_control(args, unavailable, raw):
             ctl[name] = {"error": str(e)[:600]}
             log(f"  {name} FAILED: {e}")
         finally:
-            if servers:
-                servers.close()
-            ns_cleanup()
+            close_all(servers)
 
     if "netpol" in unavailable:
         ctl["netpol"] = {"error": unavailable["netpol"]}
@@ -823,10 +1029,7 @@ def run_control(args, unavailable, raw):
                 ctl["netpol_initial_status"] = st
             daemon_ms = []
 
-            def apply(k, d=d):
-                staged = os.path.join(d.staging, "probe.yaml")
-                write_docs(staged, [probe_policy(k)])
-                os.rename(staged, os.path.join(d.policy_dir, "probe.yaml"))
+            apply = probe_policy_apply(d)
 
             def after(_k, d=d, daemon_ms=daemon_ms):
                 st = d.status() or {}
@@ -840,27 +1043,41 @@ def run_control(args, unavailable, raw):
             ctl[key] = {"error": str(e)[:600]}
             log(f"  netpol FAILED: {e}")
         finally:
-            if servers:
-                servers.close()
-            if d:
-                d.stop()
-            ns_cleanup()
+            close_all(servers, d)
 
-    # cold start at 10k x 10k: with the default config; should the daemon refuse that scale
-    # with its default map sizes, that is recorded and the run repeated with larger maps
+
+
+def run_bench_compile(config):
+    """examples/bench_files on a config's files: parse and compile times, heap bytes."""
+    if not os.path.exists(BENCH_FILES):
+        return {"error": "examples/bench_files was not built (target/bench/build.log)"}
+    r = sh([BENCH_FILES, config, "2"], check=False, timeout=900)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"exit {r.returncode}: {(r.stderr or r.stdout)[-400:]}"}
+
+
+def run_scale_10k(args, raw):
+    """10k endpoints x 10k policies with the default config (should the daemon refuse that
+    scale with its default map sizes, that is recorded and the run repeated with larger maps):
+    cold start, RSS, policy changes to verdict, and the compile alone (examples/bench_files)."""
     cs = raw.setdefault("cold_start", {})
     n_eps, n_pols = 10000, 10000
-    eps, pols, dummies, _ = scale_files(n_eps, n_pols)
+    eps, pols, dummies, equiv = scale_files(n_eps, n_pols)
+    raw["control"]["equiv_10k"] = len(equiv)
     cs["endpoints"], cs["policies"], cs["local_endpoints"] = n_eps, n_pols, 2 + len(dummies)
     for attempt, extra in enumerate(["", "[maps]\nendpoint_max_entries = 32768\nipcache_max_entries = 131072\n"]):
         log(f"cold start: netpol at {n_eps} endpoints x {n_pols} policies"
             + (" (larger maps)" if extra else ""))
         topo_up()
         d = None
+        servers = None
         try:
             for ifname in dummies:
                 make_extra_link(ifname)
-            d = Netpold("coldstart", extra_toml=extra)
+            servers = Servers(probe_ports=args.changes)
+            d = Netpold("coldstart", extra_toml=extra, log_level="info")
             write_docs(os.path.join(d.ep_dir, "bench.yaml"), eps)
             write_docs(os.path.join(d.policy_dir, "bench.yaml"), pols)
             t0 = d.start()
@@ -872,6 +1089,16 @@ def run_control(args, unavailable, raw):
             cs["config_extra"] = extra.strip() or None
             cs.pop("error", None)
             log(f"  ready after {cs['seconds']:.2f} s, RSS {cs['rss_mib']} MiB")
+
+            apply = probe_policy_apply(d)
+
+            raw["control"]["netpol_10k"] = run_apply_series("netpol at 10k x 10k", args.changes, apply)
+            cs["rss_mib_after_changes"] = d.rss_mib()
+            ap = d.applies()
+            cs["first_apply"] = ap[0] if ap else None
+            cs["change_applies"] = ap[1:]
+            cs["compile"] = run_bench_compile(d.config)
+            log(f"  compile alone: {cs['compile']}")
             break
         except Exception as e:
             cs["error"] = str(e)[:600]
@@ -881,9 +1108,136 @@ def run_control(args, unavailable, raw):
             if "max_entries" not in str(e):
                 break
         finally:
-            if d:
-                d.stop()
-            ns_cleanup()
+            close_all(servers, d)
+
+
+APPLY_SIZES = (100, 1000, 10000)
+
+
+def run_apply_sizes(args, raw):
+    """Apply latency against the size of the set: `nft -f` full reloads at each size (1k is
+    the main series'), netpol at 100 x 100 (1k and 10k are measured by the main series)."""
+    ctl = raw["control"]
+    changes = max(10, args.changes // 2)
+    for n in APPLY_SIZES:
+        if n == 1000:
+            continue
+        _, _, _, equiv = scale_files(n, n)
+        log(f"control plane: nftables at {n} rules, {changes} changes")
+        topo_up()
+        servers = None
+        try:
+            servers = Servers(probe_ports=changes)
+            path = os.path.join(OUT, "apply.nft")
+
+            def apply(k, path=path, equiv=equiv):
+                with open(path, "w") as f:
+                    f.write(nft_ruleset(len(equiv) + 1, [PROBE_BASE + k], equiv))
+                sh(nsenter(NS_RTR, "nft", "-f", path))
+
+            sh(nsx(NS_RTR, "nft", "-f", "-"), input=nft_ruleset(len(equiv) + 1, [], equiv))
+            ctl[f"nftables_{n}"] = run_apply_series(f"nftables at {n}", changes, apply)
+        except Exception as e:
+            ctl[f"nftables_{n}"] = {"error": str(e)[:600]}
+            log(f"  nftables FAILED: {e}")
+        finally:
+            close_all(servers)
+    n = 100
+    eps, pols, dummies, _ = scale_files(n, n)
+    log(f"control plane: netpol at {n} x {n}, {changes} changes")
+    topo_up()
+    servers = d = None
+    try:
+        for ifname in dummies:
+            make_extra_link(ifname)
+        servers = Servers(probe_ports=changes)
+        d = Netpold("small")
+        write_docs(os.path.join(d.ep_dir, "bench.yaml"), eps)
+        write_docs(os.path.join(d.policy_dir, "bench.yaml"), pols)
+        d.start()
+        d.wait_ready(timeout=120)
+
+        apply = probe_policy_apply(d)
+
+        ctl[f"netpol_{n}"] = run_apply_series(f"netpol at {n} x {n}", changes, apply)
+    except Exception as e:
+        ctl[f"netpol_{n}"] = {"error": str(e)[:600]}
+        log(f"  netpol FAILED: {e}")
+    finally:
+        close_all(servers, d)
+
+
+def run_remote(args, raw, n, extra):
+    """A fleet registry of n remote endpoints (v4 and v6 each) and 1,000 policies, the bench
+    client and server the only local endpoints: start-up with the shipped config (only paths
+    changed; `extra` added when the size needs it), RSS, and registry changes to verdict in the
+    kernel: endpoint probe-k added, relabelled or removed (in turn) by renaming the small probe
+    registry file into the endpoint directory, timed by a probe from the router namespace with
+    source address probe_src(k) that the change lets in."""
+    rec = raw.setdefault("remote", {}).setdefault(str(n), {})
+    # A registry change at this scale takes seconds: fewer of them keeps the run reasonable
+    # (a third of --changes at 100k, a fifth at 300k).
+    changes = max(5, args.changes // (3 if n <= 100000 else 5))
+    eps, pols, probe_docs = remote_files(n, 1000, changes)
+    rec.update({"remote_endpoints": n, "policies": len(pols), "changes": changes})
+    # Should the daemon refuse the registry with these map sizes, that is recorded and the run
+    # repeated with larger maps (a build whose kernel slots number every registry endpoint).
+    larger = "[maps]\nipcache_max_entries = 1048576\nendpoint_max_entries = 524288\n"
+    for attempt, cfg in enumerate([extra, larger]):
+        if attempt == 1 and ("max_entries" not in rec.get("error", "") or cfg == extra):
+            break
+        rec["config_extra"] = cfg.strip() or None
+        if attempt == 1:
+            rec["default_config_error"] = rec.pop("error")
+        run_remote_once(args, rec, n, cfg, eps, pols, probe_docs)
+
+
+def run_remote_once(args, rec, n, extra, eps, pols, probe_docs):
+    changes = rec["changes"]
+    log(f"fleet registry: netpol with {n} remote endpoints, {changes} registry changes"
+        + (f" ({extra.strip()})" if extra else " (shipped config)"))
+    topo_up()
+    servers = d = None
+    try:
+        for k in range(changes):
+            sh(["ip", "-n", NS_RTR, "addr", "add", f"{probe_src(k)}/32", "dev", "lo"])
+        servers = Servers(probe_ports=changes)
+        d = Netpold(f"remote{n // 1000}k", extra_toml=extra, log_level="info")
+        # files of 10,000 endpoints (about 2 MB each): the loader refuses a file over 4 MiB
+        for i in range(0, len(eps), 10000):
+            write_docs(os.path.join(d.ep_dir, f"bench-{i // 10000:03}.yaml"), eps[i:i + 10000])
+        write_docs(os.path.join(d.ep_dir, "probe.yaml"), probe_docs(0))
+        write_docs(os.path.join(d.policy_dir, "bench.yaml"), pols)
+        t0 = d.start()
+        t_ready, st = d.wait_ready(timeout=900)
+        rec["cold_start_s"] = t_ready - t0
+        rec["ready"] = True
+        rec.pop("error", None)
+        time.sleep(0.5)
+        rec["rss_mib"] = d.rss_mib()
+        rec["status"] = {k: st.get(k) for k in ("endpoints", "attached", "pending", "policies", "generation")}
+        log(f"  ready after {rec['cold_start_s']:.2f} s, RSS {rec['rss_mib']} MiB")
+
+        def apply(k, d=d):
+            staged = os.path.join(d.staging, "probe.yaml")
+            write_docs(staged, probe_docs(k + 1))
+            os.rename(staged, os.path.join(d.ep_dir, "probe.yaml"))
+
+        def probe(k):
+            return start_probe(PROBE_BASE + k, ns=NS_RTR, src=probe_src(k))
+
+        rec["registry_change"] = run_apply_series(f"registry change among {n} remote", changes, apply,
+                                                  probe=probe)
+        rec["rss_mib_after_changes"] = d.rss_mib()
+        ap = d.applies()
+        rec["first_apply"] = ap[0] if ap else None
+        rec["change_applies"] = ap[1:]
+    except Exception as e:
+        rec["error"] = str(e)[:600]
+        rec.setdefault("ready", False)
+        log(f"  FAILED: {e}")
+    finally:
+        close_all(servers, d)
 
 
 # ---------------------------------------------------------------- summary, page, chart
@@ -957,6 +1311,20 @@ def summarize(raw, unavailable):
     # the same ratios for the conventional contenders, for context
     paired("iptables_udp_pps_ratio_vs_nofilter_10k", "iptables", "nofilter")
     paired("nftables_udp_pps_ratio_vs_nofilter_10k", "nftables", "nofilter")
+    paired("udp_pps_ratio_vs_tcxnoop_10k", "netpol", "tcxnoop")
+    ratio("rr_p99_ratio_vs_nofilter_10k", "netpol", "nofilter", "rr_p99_us")
+    # the stage breakdown: each stage's paired small-packet ratio to no filter and to the tcx no-op,
+    # and its kernel run time per packet (both programs) from the BPF statistics block
+    bs = raw.get("bpfstats", {})
+    for name, stage, _ in STAGES:
+        paired(f"stage_{stage}_udp_pps_ratio_vs_nofilter_10k", name, "nofilter")
+        if name != "tcxnoop":
+            paired(f"stage_{stage}_udp_pps_ratio_vs_tcxnoop_10k", name, "tcxnoop")
+        runs = [r["ns_per_packet"] for r in bs.get(stage, []) if r.get("ns_per_packet")]
+        s[f"stage_{stage}_bpf_ns_per_packet_10k"] = median(runs)
+        if not runs:
+            s[f"stage_{stage}_bpf_ns_per_packet_10k_reason"] = (bs.get("error") or "; ".join(
+                e for e in bs.get("errors", []) if e.startswith(stage)) or "not measured")
 
     lk = raw.get("lookup", {})
     pts = lk.get("ns_per_packet") or {}
@@ -985,6 +1353,31 @@ def summarize(raw, unavailable):
     for k in ("cold_start_s_10k", "rss_mib_10k", "rss_mib_1k"):
         if s[k] is None:
             s[k + "_reason"] = cs.get("error") or npc.get("error") or "not measured"
+    n10 = ctl.get("netpol_10k", {})
+    s["apply_p50_ms_10k"], s["apply_p99_ms_10k"] = n10.get("p50_ms"), n10.get("p99_ms")
+    comp = cs.get("compile") or {}
+    s["compile_full_s_10k"] = comp.get("compile_full_s")
+    for k, src in (("apply_p50_ms_10k", n10), ("apply_p99_ms_10k", n10), ("compile_full_s_10k", comp)):
+        if s[k] is None:
+            s[k + "_reason"] = (src.get("error") or "; ".join(src.get("errors", [])) or cs.get("error")
+                                or "not measured")
+    rem = raw.get("remote", {})
+    for n, tag in (("100000", "100k"), ("300000", "300k")):
+        r = rem.get(n, {})
+        rc = r.get("registry_change") or {}
+        keys = {f"registry_change_p99_ms_{tag}": rc.get("p99_ms"),
+                f"rss_mib_{tag}_remote": r.get("rss_mib"),
+                f"cold_start_s_{tag}_remote": r.get("cold_start_s")}
+        for k, v in keys.items():
+            s[k] = v
+            if v is None:
+                s[k + "_reason"] = r.get("error") or "; ".join(rc.get("errors", [])) or "not measured"
+    r100 = rem.get("100000", {})
+    s["default_config_100k_remote_ok"] = (bool(r100.get("ready")) and not r100.get("default_config_error")
+                                          if r100 else None)
+    if not s["default_config_100k_remote_ok"]:
+        s["default_config_100k_remote_ok_reason"] = (r100.get("default_config_error") or r100.get("error")
+                                                     or "not measured")
     s["quick"] = raw["meta"]["quick"]
     s["reps"] = raw["meta"]["reps"]
     s["generated"] = raw["meta"]["finished"]
@@ -992,11 +1385,20 @@ def summarize(raw, unavailable):
 
 
 TARGETS = [
+    ("udp_pps_ratio_vs_tcxnoop_10k", ">=", 0.97, "netpol at 10k rules keeps ≥ 0.97 of a tcx no-op's small-packet rate"),
     ("udp_pps_ratio_vs_nofilter_10k", ">=", 0.95, "netpol at 10k rules keeps ≥ 0.95 of the no-filter small-packet rate"),
     ("udp_pps_ratio_vs_iptables_10k", ">=", 10.0, "netpol at 10k rules ≥ 10× iptables"),
     ("udp_pps_ratio_vs_nftables_10k", ">=", 1.0, "netpol at 10k rules ≥ nftables set lookup"),
+    ("tcp_gbps_ratio_vs_nofilter_10k", ">=", 0.95, "netpol at 10k rules keeps ≥ 0.95 of the no-filter TCP throughput"),
+    ("rr_p99_ratio_vs_nofilter_10k", "<=", 1.1, "netpol at 10k rules: request/response p99 within 1.1× of no filter"),
     ("lookup_ns_ratio_100k_vs_10", "<=", 1.3, "per-packet lookup at 100k rules within 1.3× of 10 rules"),
     ("apply_p99_ms_1k", "<", 50.0, "apply p99 < 50 ms at 1k endpoints × 1k policies"),
+    ("cold_start_s_10k", "<", 1.0, "cold start < 1 s at 10k endpoints × 10k policies"),
+    ("rss_mib_10k", "<", 64.0, "RSS < 64 MiB at 10k endpoints × 10k policies"),
+    ("rss_mib_100k_remote", "<", 256.0, "RSS < 256 MiB with 100k remote endpoints"),
+    ("apply_p99_ms_10k", "<", 10.0, "policy change p99 < 10 ms at 10k endpoints × 10k policies"),
+    ("registry_change_p99_ms_100k", "<", 20.0, "registry change p99 < 20 ms among 100k remote endpoints"),
+    ("default_config_100k_remote_ok", "==", True, "the shipped config starts on 100k remote endpoints"),
 ]
 
 
@@ -1010,9 +1412,14 @@ def fmt(v, digits=2):
     return str(v)
 
 
-def svg_chart(agg, rules, contenders):
-    """Two panels: UDP 64-byte received pps and TCP Gbit/s against rule count (log-log)."""
+def svg_chart(agg, rules, contenders, summary=None):
+    """Two panels: UDP 64-byte received pps and TCP Gbit/s against rule count (log-log); below them
+    the stage breakdown at STAGE_RULES rules (when measured)."""
+    stage_rows = stage_breakdown(summary) if summary else []
     W, H, PW, PH, ML, MT = 980, 420, 380, 280, 80, 50
+    SH = 60 + 26 * len(stage_rows) if any(r["ratio"] is not None or r["ns"] is not None
+                                          for r in stage_rows) else 0
+    H += SH
     xs = {n: i for i, n in enumerate(rules)}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            'font-family="sans-serif" font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>']
@@ -1062,6 +1469,186 @@ def svg_chart(agg, rules, contenders):
         out.append(f'<rect x="{lx}" y="{H - 26}" width="14" height="4" fill="{COLORS[c]}"/>')
         out.append(f'<text x="{lx + 20}" y="{H - 20}">{LABELS[c]}{"" if has else " (not available)"}</text>')
         lx += 220
+    if SH:
+        y0 = 420 - 10
+        bx, bw = ML + 300, 420
+        out.append(f'<text x="{W / 2}" y="{y0}" text-anchor="middle" font-weight="bold">Where the time goes at '
+                   f'{STAGE_RULES:,} rules: small-packet rate vs no filter (paired), and kernel ns per packet '
+                   '(both programs)</text>')
+        for i, r in enumerate(stage_rows):
+            yy = y0 + 16 + 26 * i
+            out.append(f'<text x="{bx - 8}" y="{yy + 13}" text-anchor="end">{r["label"]}</text>')
+            out.append(f'<rect x="{bx}" y="{yy}" width="{bw}" height="18" fill="none" stroke="#ddd"/>')
+            if r["ratio"] is not None:
+                w = bw * max(0.0, min(1.1, r["ratio"])) / 1.1
+                color = COLORS["netpol"] if r["stage"] == "full" else "#9ecae1"
+                out.append(f'<rect x="{bx}" y="{yy}" width="{w:.1f}" height="18" fill="{color}"/>')
+            one = bx + bw / 1.1
+            out.append(f'<line x1="{one:.1f}" y1="{yy - 2}" x2="{one:.1f}" y2="{yy + 20}" stroke="#555" '
+                       'stroke-dasharray="3,2"/>')
+            txt = f'{fmt(r["ratio"], 2)} of no filter' + (f', {r["ns"]:.0f} ns' if r["ns"] is not None else "")
+            out.append(f'<text x="{bx + bw + 8}" y="{yy + 13}">{txt}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def stage_breakdown(summary):
+    """One row per stage at STAGE_RULES: paired UDP ratio to no filter and to the tcx no-op, the kernel's
+    ns per packet (both programs) and what the stage adds to the one before."""
+    rows, prev = [], None
+    for name, stage, label in STAGES:
+        r = {"stage": stage, "contender": name, "label": label,
+             "ratio": summary.get(f"stage_{stage}_udp_pps_ratio_vs_nofilter_10k"),
+             "vs_noop": 1.0 if name == "tcxnoop" and summary.get("stage_entry_udp_pps_ratio_vs_nofilter_10k")
+             else summary.get(f"stage_{stage}_udp_pps_ratio_vs_tcxnoop_10k"),
+             "ns": summary.get(f"stage_{stage}_bpf_ns_per_packet_10k")}
+        r["ns_added"] = (r["ns"] - prev["ns"]) if prev and r["ns"] is not None and prev["ns"] is not None \
+            else None
+        rows.append(r)
+        prev = r
+    return rows
+
+
+NOT_DATAPATH = ("lookup_ns_ratio_100k_vs_10", "apply_p99_ms_1k", "cold_start_s_10k", "rss_mib_10k",
+                "rss_mib_100k_remote", "apply_p99_ms_10k", "registry_change_p99_ms_100k",
+                "default_config_100k_remote_ok")
+# The rate and latency targets a few per cent decide; a run whose no-filter-against-itself pairing error is above
+# NOISE_LIMIT gives them no verdict (a loaded machine moves the baseline by more than the targets' margins).
+NOISY_TARGETS = ("udp_pps_ratio_vs_tcxnoop_10k", "udp_pps_ratio_vs_nofilter_10k", "udp_pps_ratio_vs_nftables_10k",
+                 "tcp_gbps_ratio_vs_nofilter_10k", "rr_p99_ratio_vs_nofilter_10k")
+NOISE_LIMIT = 0.10
+
+
+def missed_explanation(key, summary, targets):
+    """A missed target, from this run's figures: by how much (and, for the two that are not per-packet costs,
+    what is left and what would close it; the per-packet ones share datapath_gap)."""
+    v = summary.get(key)
+    op, thr = targets[key]
+    gap = None if op == "==" else (thr - v) if op == ">=" else (v - thr)
+    head = {
+        "udp_pps_ratio_vs_tcxnoop_10k": "the small-packet rate against a tcx no-op",
+        "udp_pps_ratio_vs_nofilter_10k": "the small-packet rate against no filter",
+        "udp_pps_ratio_vs_nftables_10k": "the small-packet rate against nftables' set lookup",
+        "udp_pps_ratio_vs_iptables_10k": "the small-packet rate against iptables",
+        "tcp_gbps_ratio_vs_nofilter_10k": "TCP throughput against no filter",
+        "rr_p99_ratio_vs_nofilter_10k": "request/response p99 against no filter",
+        "lookup_ns_ratio_100k_vs_10": "the decision at 100,000 entries against 10",
+        "apply_p99_ms_1k": "apply p99",
+    }.get(key, key)
+    if op == "==":
+        out = [f"**Missed: {head}** is {v}, target {thr}."]
+    else:
+        out = [f"**Missed: {head}** is {fmt(v, 3)}, target {op} {thr:g}: short by {fmt(gap, 3)}"
+               + (f" ({gap / thr:.0%} of the target)." if thr else ".")]
+    if key == "lookup_ns_ratio_100k_vs_10":
+        out.append("This is the policy decision of a new flow (both LPM lookups in a trie of N entries); established "
+                   "packets do not look policy up (the established column). What would close it: an exact-match "
+                   "hash for full-port entries, with the trie only for port ranges.")
+    elif key == "apply_p99_ms_1k":
+        out.append("The kernel side of an apply is about 1 ms up to the flip; the daemon compiles the whole set again "
+                   "on every change, so a run whose cores are held by other work pushes single changes past the "
+                   "target. What would close it: compile only the endpoints a changed policy selects.")
+    return " ".join(out)
+
+
+def datapath_gap(summary):
+    """What the stage table shows is left of the per-packet cost, and what would close it (one paragraph for every
+    missed per-packet target)."""
+    out = ["**What is left, by the stage table**:"]
+    rows = stage_breakdown(summary)
+    by = {r["stage"]: r for r in rows}
+    full, noop = by.get("full", {}), by.get("entry", {})
+    if full.get("ns") is not None and noop.get("ns") is not None:
+        steps = sorted(((r["ns_added"], r["label"]) for r in rows
+                        if r["ns_added"] is not None and r["stage"] != "entry"), reverse=True)
+        out.append(f"netpol's two programs take {full['ns']:.0f} ns per forwarded packet in the kernel, a tcx "
+                   f"program that does nothing {noop['ns']:.0f} ns (the hook itself, plus what the statistics cost). "
+                   "The steps that add the most: " + ", ".join(f"{lbl} ({ns:+.0f} ns)" for ns, lbl in steps[:3])
+                   + ".")
+    else:
+        out.append("the kernel statistics block did not run or failed, so the split is not known from this run.")
+    out.append("For an established flow the shipped program runs only entry, the generation and endpoint lookup, "
+               "parse, one conntrack lookup and a per-CPU counter (no ipcache, no policy); the ipcache and conntrack "
+               "stage rows do ipcache lookups it skips (stages are cumulative in the order the issue names them), so "
+               "they can cost more than the full row.")
+    if noop.get("ratio") is not None:
+        out.append(f"The tcx no-op itself keeps {fmt(noop['ratio'], 3)} of the unfiltered rate in this run "
+                   "(pairing noise included).")
+    out.append("What would close the rest (estimates, not measured here): do only one program's work when both "
+               "ends are local — the second hook recognising a flow both sides approved with one test, as Calico's "
+               "bypass mark does (issue 14, item 3; not built): each packet here crosses two enforced veths and pays "
+               "the per-program cost twice. Then the two lookups every established packet still makes: the "
+               "conntrack hit (the full row minus the parse row: a 44-byte key hashed for every packet, where an "
+               "IPv4 flow needs 16 bytes of it — a map of its own with a short key) and the endpoint lookup (a hash "
+               "keyed by ifindex, where an array indexed by the device would do).")
+    return " ".join(out)
+
+
+def cold_start_parts(cs):
+    """`load X ms, compile Y ms, kernel side Z ms (the largest)` from the first apply's log line."""
+    a = cs.get("first_apply")
+    if not a:
+        return "not recorded"
+    parts = {"load": a["load_ms"], "compile": a["compile_ms"], "kernel side (fill, flip, attach)": a["apply_ms"]}
+    top = max(parts, key=parts.get)
+    return (", ".join(f"{k} {fmt(v, 0)} ms" for k, v in parts.items()) + f" of {fmt(a['total_ms'], 0)} ms "
+            f"(the largest: {top.split(' (')[0]})")
+
+
+def apply_points(ctl):
+    """set size -> (netpol series, nft series) of the apply-latency measurements."""
+    pts = {}
+    for n in APPLY_SIZES:
+        a = ctl.get({100: "netpol_100", 1000: "netpol", 10000: "netpol_10k"}[n], {})
+        b = ctl.get("nftables" if n == 1000 else f"nftables_{n}", {})
+        pts[n] = (a, b)
+    return pts
+
+
+def svg_apply(ctl):
+    """Policy change to verdict (p50 and p99, ms, log scale) against set size, netpol and nft -f."""
+    W, H, ML, MT, PW, PH = 560, 360, 70, 40, 440, 250
+    pts = apply_points(ctl)
+    series = [("netpol", 0, "p99_ms", COLORS["netpol"], ""), ("netpol", 0, "p50_ms", COLORS["netpol"], "4,3"),
+              ("nft -f", 1, "p99_ms", COLORS["nftables"], ""), ("nft -f", 1, "p50_ms", COLORS["nftables"], "4,3")]
+    vals = [pts[n][i].get(f) for _, i, f, _, _ in series for n in pts if pts[n][i].get(f)]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           'font-family="sans-serif" font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{ML + PW / 2}" y="20" text-anchor="middle" font-weight="bold">'
+           'Policy change to verdict, ms (solid p99, dashed p50)</text>',
+           f'<rect x="{ML}" y="{MT}" width="{PW}" height="{PH}" fill="none" stroke="#999"/>']
+    if not vals:
+        out.append(f'<text x="{ML + PW / 2}" y="{MT + PH / 2}" text-anchor="middle">no data</text></svg>')
+        return "\n".join(out) + "\n"
+    lo = 10 ** math.floor(math.log10(min(vals)))
+    hi = 10 ** math.ceil(math.log10(max(vals)))
+    hi = hi if hi > lo else lo * 10
+    sizes = list(pts)
+
+    def px(n):
+        return ML + 30 + (PW - 60) * sizes.index(n) / max(1, len(sizes) - 1)
+
+    def py(v):
+        return MT + PH - PH * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+    d = lo
+    while d <= hi * 1.0001:
+        out.append(f'<line x1="{ML}" y1="{py(d):.1f}" x2="{ML + PW}" y2="{py(d):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{ML - 6}" y="{py(d) + 4:.1f}" text-anchor="end">{d:g}</text>')
+        d *= 10
+    for n in sizes:
+        out.append(f'<text x="{px(n):.1f}" y="{MT + PH + 16}" text-anchor="middle">{n:,}</text>')
+    out.append(f'<text x="{ML + PW / 2}" y="{MT + PH + 34}" text-anchor="middle">'
+               'set size (netpol: endpoints × policies; nft: rules)</text>')
+    for name, i, f, color, dash in series:
+        xy = [(px(n), py(pts[n][i][f])) for n in sizes if pts[n][i].get(f)]
+        if xy:
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}" '
+                       'points="' + " ".join(f"{a:.1f},{b:.1f}" for a, b in xy) + '"/>')
+            out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in xy]
+    for j, (name, color) in enumerate((("netpol", COLORS["netpol"]), ("nft -f full reload", COLORS["nftables"]))):
+        out.append(f'<rect x="{ML + j * 200}" y="{H - 22}" width="14" height="4" fill="{color}"/>')
+        out.append(f'<text x="{ML + j * 200 + 20}" y="{H - 16}">{name}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -1071,7 +1658,7 @@ def write_page(raw, summary, agg, unavailable, args):
     rules = args.rules
     present = [c for c in CONTENDERS if any((c, n) in agg for n in rules)]
     with open(os.path.join(DOCS, "benchmarks.svg"), "w") as f:
-        f.write(svg_chart(agg, rules, present))
+        f.write(svg_chart(agg, rules, present, summary))
     L = []
     L.append("# Benchmarks\n")
     L.append(f"_Generated by `bench/run{' --quick' if meta['quick'] else ''}` on {meta['finished']} — "
@@ -1126,8 +1713,11 @@ def write_page(raw, summary, agg, unavailable, args):
              "connection of a probe (`pingpong probe`) that had been trying every 0.5 ms and being dropped. "
              "For iptables and nftables the same probe measures a full atomic reload (`iptables-restore`, "
              "`nft -f`) of the equivalent rule set (one rule per policy, plus the new port), process start "
-             "included. Cold start: `netpold` started on 10,000 endpoints and 10,000 policies until "
-             "`netpolctl status --json` says ready; resident memory is the daemon's VmRSS.\n")
+             "included. The same changes are measured at 100 × 100 and 10,000 × 10,000 (and `nft -f` at 100 and "
+             "10,000 rules). Cold start: `netpold` started with the shipped config (only the instance paths "
+             "changed) on 10,000 endpoints and 10,000 policies (100 local veths), and on registries of 100,000 and "
+             "300,000 remote endpoints, until `netpolctl status --json` says ready; resident memory is the "
+             "daemon's VmRSS.\n")
     if unavailable:
         L.append("## Contenders that could not run\n")
         for c, why in unavailable.items():
@@ -1158,46 +1748,78 @@ def write_page(raw, summary, agg, unavailable, args):
                  f"±{tol_other:.0%} between two filters (two standard errors); a small-packet verdict closer "
                  "to its threshold than that is marked inconclusive.\n")
     L.append("| target | measured | verdict |\n| --- | --- | --- |")
-    missed = []
+    missed, unsettled = [], []
     for key, op, thr, text in TARGETS:
         v = summary.get(key)
         if v is None:
             verdict = f"not measured: {summary.get(key + '_reason', '')}"
         else:
-            ok = {">=": v >= thr, "<=": v <= thr, "<": v < thr}[op]
-            verdict = "met" if ok else f"**MISSED** (target {op} {thr:g})"
+            ok = {">=": v >= thr, "<=": v <= thr, "<": v < thr, "==": v == thr}[op]
+            verdict = "met" if ok else f"**MISSED** (target {op} {thr})"
             tol = tol_nofilter if key == "udp_pps_ratio_vs_nofilter_10k" else tol_other
             if key.startswith("udp_pps_ratio") and tol is not None and abs(v / thr - 1) < tol:
                 verdict = (f"inconclusive: {'met' if ok else 'missed'} by less than this run's "
                            f"uncertainty (±{tol:.0%})")
+            elif key in NOISY_TARGETS and tol_nofilter is not None and tol_nofilter > NOISE_LIMIT:
+                # a run this noisy cannot tell a few per cent: no verdict, whatever the figure
+                unsettled.append(key)
+                verdict = (f"inconclusive: {'met' if ok else 'missed'}, but this run's pairing error "
+                           f"(±{tol_nofilter:.0%}) is above ±{NOISE_LIMIT:.0%}; the kernel's own figures "
+                           "(stage table) are the comparison to read")
         L.append(f"| {text} | {fmt(v)} | {verdict} |")
         if v is not None and not ok:
             missed.append(key)
     L.append("")
-    why = {
-        "udp_pps_ratio_vs_nofilter_10k": (
-            "**Why the small-packet rate falls short of no filter**: netpol's cost is flat in N (see the table: "
-            "about the same quotient at 0 and at 100,000 rules), so it is a fixed per-packet cost, not the lookup. "
-            "Each forwarded packet runs two tcx programs (the client's and the server's veth), and each does a "
-            "conntrack lookup, two or three ipcache LPM lookups (source, destination, anti-spoofing) and, under "
-            "`established = \"recheck\"`, two policy LPM lookups even for established flows. What would close it: "
-            "skip the policy lookups for established flows while the generation is unchanged (store the generation "
-            "in the conntrack entry), answer the anti-spoofing check from the same ipcache lookup, and merge the two "
-            "endpoints' work when both ends are local."),
-        "udp_pps_ratio_vs_nftables_10k": (
-            "**Why nftables' set lookup is ahead**: nftables here runs one hash lookup per packet in one hook and "
-            "keeps no state; netpol runs two programs (both endpoints' hooks) with conntrack and LPM tries, as "
-            "above. The same changes would close it."),
-        "apply_p99_ms_1k": (
-            "**Why apply p99 is above 50 ms**: the kernel side of an apply is about 1 ms up to the flip (changed keys "
-            "only, written into the inactive generation), and a change reads only the files its events named. The "
-            "daemon still compiles the whole set again on every change (5-15 ms at 1k x 1k here), so a run whose "
-            "cores are held by other work can push single changes past 50 ms. What would close it: compile only the "
-            "endpoints a changed policy selects."),
+    targets = dict((k, (op, thr)) for k, op, thr, _ in TARGETS)
+    # The control plane's missed targets: what this run's figures say is left (issue 15).
+    control_why = {
+        "cold_start_s_10k": (
+            "**Why cold start at 10k × 10k is over 1 s**: the daemon's own account of its first apply in this run: "
+            + cold_start_parts(raw.get("cold_start", {})) + ". Loading parses 3 MB of policies and 2 MB of "
+            "registry (both files side by side on the two cores; the policy file alone is one thread's work: the "
+            "YAML scanner and the field paths built for every node are most of it, by callgrind); the kernel "
+            "side fills the maps and attaches two pinned tcx links to each of the 102 local interfaces. What "
+            "would close it: attach the interfaces without the per-device work each attach does now (the "
+            "datapath's part), parse the documents of one file on several threads, and build field paths only "
+            "when a message needs one."),
+        "rss_mib_10k": (
+            "**Why RSS at 10k × 10k is over 64 MiB**: `examples/bench_files` measures the parse at about 5 KB per "
+            "policy rule (each policy keeps its source map — field paths and positions as strings, for warnings — "
+            "and its origin per document) and about 1 KB per registry endpoint; the loader keeps each file's "
+            "parse and the pipeline an assembled copy, and the datapath a shadow of both generations. What would "
+            "close it: one shared copy of each parsed document between the load cache and the set in force, "
+            "positions instead of path strings in source maps, interned origins."),
+        "rss_mib_100k_remote": (
+            "**Why RSS with 100k remote endpoints is over 256 MiB**: about 1 KB per endpoint as parsed, held twice "
+            "(the load cache's parse of each file and the assembled registry), the compiled state's record of "
+            "every endpoint (names, addresses), the ipcache of 200,000 prefixes in the compiled state and in the "
+            "shadow of each of the two kernel generations. (The compiler no longer keeps a third copy of the "
+            "registry: a fingerprint instead.) What would close it: share parsed endpoints (reference-counted) "
+            "between cache and set, keep remote endpoints as ipcache entries and an identity only, no per-endpoint "
+            "record."),
+        "apply_p99_ms_10k": (
+            "**Why a policy change at 10k × 10k is over 10 ms**: the change reads one file, but the compile "
+            "runs again whole — every rule's selector over every identity and the entries of every local "
+            "endpoint — and the new state is compared and diffed whole (10,000 endpoints). Lint warnings no "
+            "longer delay it (found after the apply). What would close it: the incremental compile of issue 15 "
+            "item 2 (only the endpoints a changed policy selects or selected), which is not built."),
+        "registry_change_p99_ms_100k": (
+            "**Why a registry change among 100k remote endpoints takes seconds, not 20 ms**: one changed file is "
+            "parsed, but the registry is assembled again from every kept parse (100,000 endpoint copies), "
+            "checked whole (names, addresses), resolved and numbered whole (identities), its ipcache rebuilt "
+            "(200,000 prefixes) and diffed against the kernel's, and the saved copy of the registry is written "
+            "and read back beside the loop, competing for the two cores. Only the kernel writes are already as "
+            "small as the change. What would close it: the incremental path of issue 15 item 2 — keep the "
+            "resolved registry per file, and treat a remote endpoint replaced under a label set that already has "
+            "an identity as an ipcache update — which is not built."),
+        "default_config_100k_remote_ok": (
+            "**Why the shipped config did not start on 100k remote endpoints**: see the error under Cold start."),
     }
     for key in missed:
-        if key in why:
-            L.append(why[key] + "\n")
+        L.append(missed_explanation(key, summary, targets)
+                 + (" " + control_why[key] if key in control_why else "") + "\n")
+    if any(k not in NOT_DATAPATH for k in missed + unsettled):
+        L.append(datapath_gap(summary) + "\n")
     L.append("## Datapath\n")
     L.append("![UDP small-packet rate and TCP throughput against rule count](benchmarks.svg)\n")
     L.append("| N rules | contender | UDP 64 B rx kpps | UDP vs unfiltered just before | TCP Gbit/s | RR p50 µs | "
@@ -1214,14 +1836,35 @@ def write_page(raw, summary, agg, unavailable, args):
             L.append(f"| {n:,} | {LABELS[c]} | {fmt(a['udp_pps'] / 1e3 if a['udp_pps'] else None, 1)} | "
                      f"{fmt(a.get('udp_rel'), 2)} | {fmt(a['tcp_gbps'])} | {fmt(a['rr_p50_us'], 0)} | {fmt(a['rr_p99_us'], 0)} | {a['reps']} |")
     L.append("")
+    L.append(f"## Where the time goes: stages at {STAGE_RULES:,} rules\n")
+    L.append("The same netpol at the same rules, its programs loaded to stop after one step of the pipeline "
+             "(netpold.toml `[datapath] stage`, a benchmark setting: every packet passes after that step, nothing "
+             "is enforced, and `netpolctl status` says so). `entry` returns at once: a tcx program that does "
+             "nothing, the floor of having a hook at all. Each row adds one step; the last row is netpol as "
+             "shipped. The rate columns are paired like the table above (medians over repetitions); the kernel "
+             "columns come from a block of their own with `kernel.bpf_stats_enabled=1` (the statistics cost "
+             "some ns per run themselves, so they stay out of the rate blocks): the ingress program's "
+             "`run_time_ns / run_cnt` on the client's veth plus the egress program's on the server's, under the "
+             "small-packet load. The conntrack stage gives a new flow its entry, so its packets after the first "
+             "measure an established flow.\n")
+    L.append("| stage | UDP vs no filter | UDP vs tcx no-op | kernel ns per packet | ns added by the step |")
+    L.append("| --- | ---: | ---: | ---: | ---: |")
+    for r in stage_breakdown(summary):
+        L.append(f"| {r['label']} | {fmt(r['ratio'], 3)} | {fmt(r['vs_noop'], 3)} | {fmt(r['ns'], 0)} | "
+                 f"{fmt(r['ns_added'], 0)} |")
+    bs = raw.get("bpfstats", {})
+    if bs.get("error") or bs.get("errors"):
+        L.append(f"\nKernel statistics incomplete: {bs.get('error') or '; '.join(bs.get('errors', []))[:400]}")
+    L.append("")
     L.append("Ratios at N = 10,000 (same run):\n")
     L.append("Small-packet ratios are *paired*: every block first measures the unfiltered rate on its fresh "
              "topology, then installs the contender and measures again; a contender's figure is the median of "
              "its own/unfiltered quotients, and netpol against another contender is the quotient of the two. "
              "`nofilter_paired_udp_ratio_10k` (no filter against itself) shows how far from 1 pairing alone "
              "lands. The `_unpaired` ratios divide plain medians across blocks.\n")
-    for k in ("udp_pps_ratio_vs_nofilter_10k", "udp_pps_ratio_vs_iptables_10k", "udp_pps_ratio_vs_nftables_10k",
-              "tcp_gbps_ratio_vs_nofilter_10k", "iptables_udp_pps_ratio_vs_nofilter_10k",
+    for k in ("udp_pps_ratio_vs_tcxnoop_10k", "udp_pps_ratio_vs_nofilter_10k", "udp_pps_ratio_vs_iptables_10k",
+              "udp_pps_ratio_vs_nftables_10k", "tcp_gbps_ratio_vs_nofilter_10k", "rr_p99_ratio_vs_nofilter_10k",
+              "iptables_udp_pps_ratio_vs_nofilter_10k",
               "nftables_udp_pps_ratio_vs_nofilter_10k", "nofilter_paired_udp_ratio_10k",
               "udp_pps_ratio_vs_nofilter_10k_unpaired", "udp_pps_ratio_vs_iptables_10k_unpaired",
               "udp_pps_ratio_vs_nftables_10k_unpaired"):
@@ -1231,13 +1874,16 @@ def write_page(raw, summary, agg, unavailable, args):
     L.append("## Lookup flatness (BPF_PROG_TEST_RUN)\n")
     lk = raw.get("lookup", {})
     if lk.get("available"):
-        L.append("From `examples/bench_lookup.rs` (the datapath's tool): one packet of an established TCP flow "
-                 "judged by the ingress program through `BPF_PROG_TEST_RUN` with N policy entries installed "
-                 "for the endpoint; the best of 7 batches (the test-run harness's own per-packet overhead is "
-                 "included in every figure alike).\n")
-        L.append("| policy entries | ns per packet |\n| ---: | ---: |")
+        L.append("From `examples/bench_lookup.rs` (the datapath's tool): the ingress program through "
+                 "`BPF_PROG_TEST_RUN` with N policy entries installed for the endpoint, the best of 7 batches (the "
+                 "test-run harness's own per-packet overhead is included in every figure alike). *Decision*: a TCP "
+                 "packet the endpoint's default deny drops, so every run does the whole lookup (conntrack miss, "
+                 "anti-spoofing, remote identity, both policy lookups): the ratio uses it. *Established*: a packet "
+                 "of an allowed flow, answered from its conntrack entry.\n")
+        est = lk.get("established_ns_per_packet") or {}
+        L.append("| policy entries | decision ns per packet | established ns per packet |\n| ---: | ---: | ---: |")
         for k, v in sorted(lk["ns_per_packet"].items(), key=lambda kv: int(kv[0])):
-            L.append(f"| {int(k):,} | {fmt(v, 1)} |")
+            L.append(f"| {int(k):,} | {fmt(v, 1)} | {fmt(est.get(k), 1)} |")
         L.append(f"\n`lookup_ns_ratio_100k_vs_10`: {fmt(summary.get('lookup_ns_ratio_100k_vs_10'), 3)}\n")
     else:
         L.append(f"Not available: {lk.get('reason', 'not run')}.\n")
@@ -1265,16 +1911,86 @@ def write_page(raw, summary, agg, unavailable, args):
                  "the reading, compiling and map update alone. The daemon's own figure is `last_apply_ms` "
                  "from `netpolctl status` (load + compile + apply).")
     cs = raw.get("cold_start", {})
+    rem = raw.get("remote", {})
+    n10 = ctl.get("netpol_10k", {})
     L.append("")
-    L.append("| netpold | 1,000 × 1,000 | 10,000 × 10,000 |\n| --- | ---: | ---: |")
-    L.append(f"| cold start to ready, s | {fmt(ctl.get('netpol_cold_start_s_1k'))} | {fmt(cs.get('seconds'))} |")
-    L.append(f"| resident memory (VmRSS), MiB | {fmt(ctl.get('netpol_rss_mib_1k'), 1)} | {fmt(cs.get('rss_mib'), 1)} |")
-    if cs.get("error"):
-        L.append(f"\nCold start not measured: {cs['error'][:300]}")
-    elif cs.get("default_config_error"):
+    L.append(f"At 10,000 endpoints × 10,000 policies (default config), {n10.get('changes')} policy changes: "
+             f"p50 {fmt(n10.get('p50_ms'), 1)} ms, p99 {fmt(n10.get('p99_ms'), 1)} ms, max "
+             f"{fmt(n10.get('max_ms'), 1)} ms" + (f" (errors: {n10['errors'][:2]})" if n10.get("errors") else "")
+             + (f" — not measured: {n10['error'][:200]}" if n10.get("error") else "") + ".\n")
+    L.append("### Apply latency against the size of the set\n")
+    L.append("![policy change to verdict against set size: netpol and nft -f](benchmarks-apply.svg)\n")
+    L.append("| set size | netpol p50 ms | netpol p99 ms | `nft -f` p50 ms | `nft -f` p99 ms |\n"
+             "| ---: | ---: | ---: | ---: | ---: |")
+    for n, (a, b) in apply_points(ctl).items():
+        L.append(f"| {n:,} | {fmt(a.get('p50_ms'), 1)} | {fmt(a.get('p99_ms'), 1)} | {fmt(b.get('p50_ms'), 1)} | "
+                 f"{fmt(b.get('p99_ms'), 1)} |")
+    L.append("\nnetpol: N endpoints × N policies, one policy file renamed in; `nft -f`: a full reload of the "
+             "N-rule set (the conventional way to change one rule atomically).\n")
+    L.append("### Cold start and memory\n")
+    r100, r300 = rem.get("100000", {}), rem.get("300000", {})
+    L.append("| netpold | 1,000 × 1,000 | 10,000 × 10,000 | 100,000 remote | 300,000 remote |\n"
+             "| --- | ---: | ---: | ---: | ---: |")
+    L.append(f"| cold start to ready, s | {fmt(ctl.get('netpol_cold_start_s_1k'))} | {fmt(cs.get('seconds'))} | "
+             f"{fmt(r100.get('cold_start_s'))} | {fmt(r300.get('cold_start_s'))} |")
+    L.append(f"| resident memory (VmRSS), MiB | {fmt(ctl.get('netpol_rss_mib_1k'), 1)} | {fmt(cs.get('rss_mib'), 1)} | "
+             f"{fmt(r100.get('rss_mib'), 1)} | {fmt(r300.get('rss_mib'), 1)} |")
+    L.append(f"| VmRSS after the changes, MiB | — | {fmt(cs.get('rss_mib_after_changes'), 1)} | "
+             f"{fmt(r100.get('rss_mib_after_changes'), 1)} | {fmt(r300.get('rss_mib_after_changes'), 1)} |")
+    L.append("\nRemote registries: every endpoint on another node with a v4 and a v6 address (apps of 10 "
+             "endpoints), 1,000 policies, the client and server the only local endpoints"
+             + (f"; at 300,000 `{r300['config_extra'].replace(chr(10), '; ')}` is added (600,000 addresses)"
+                if r300.get("config_extra")
+                else "") + ".\n")
+    for n, r in (("10,000 × 10,000", cs), ("100,000 remote", r100), ("300,000 remote", r300)):
+        if r.get("error"):
+            L.append(f"- {n}: not measured: {r['error'][:300]}")
+    for n, r in (("100,000", r100), ("300,000", r300)):
+        if r.get("default_config_error"):
+            L.append(f"- **{n} remote endpoints: netpold did not start with "
+                     f"{'the shipped config' if n == '100,000' else 'the config above'}**: "
+                     f"{r['default_config_error'][:300]}; the figures are with `{(r.get('config_extra') or '').replace(chr(10), '; ')}`.")
+    if cs.get("default_config_error"):
         L.append(f"\n**With the default configuration netpold did not start at 10,000 endpoints**: "
                  f"{cs['default_config_error'][:300]}. The figures above are with "
                  f"`{(cs.get('config_extra') or '').replace(chr(10), '; ')}` added to netpold.toml.")
+    def breakdown(r):
+        a = r.get("first_apply")
+        ch = r.get("change_applies") or []
+        if not a:
+            return "—"
+        med = lambda k: median([c[k] for c in ch]) if ch else None  # noqa: E731
+        return (f"start: load {fmt(a['load_ms'], 0)}, compile {fmt(a['compile_ms'], 0)}, kernel (fill, flip, "
+                f"attach) {fmt(a['apply_ms'], 0)} ms; a change (median of {len(ch)}): load {fmt(med('load_ms'), 1)}, "
+                f"compile {fmt(med('compile_ms'), 1)}, kernel {fmt(med('apply_ms'), 1)} ms")
+    L.append("\nThe daemon's own account (its `applied generation` log lines: load, compile, kernel side):\n")
+    for n, r in (("10,000 × 10,000", cs), ("100,000 remote", r100), ("300,000 remote", r300)):
+        L.append(f"- {n}: {breakdown(r)}")
+    comp = cs.get("compile") or {}
+    if comp and not comp.get("error"):
+        L.append(f"\nThe compile alone (`examples/bench_files`, 10,000 × 10,000, best of 2): parse "
+                 f"{fmt(comp['parse_registry_s'] + comp['parse_policies_s'], 3)} s (registry and policies), full "
+                 f"compile {fmt(comp['compile_full_s'], 3)} s, compile after a policy change "
+                 f"{fmt(comp['compile_policy_change_s'], 3)} s; heap: {comp['bytes_per_endpoint']:,} bytes per "
+                 f"registry endpoint, {comp['bytes_per_rule']:,} bytes per policy rule as parsed, "
+                 f"{comp['bytes_compiled'] / 2**20:.1f} MiB for the compiled state ({comp['entries']:,} entries).")
+    elif comp.get("error"):
+        L.append(f"\nThe compile alone: not measured: {comp['error'][:200]}")
+    L.append("\n### Registry changes among remote endpoints\n")
+    L.append("One endpoint added, relabelled or removed (in turn) by renaming a small registry file into the "
+             "endpoint directory beside the big one; the time is from the rename to the first accepted "
+             "connection of a probe whose source address the change lets in (see `run_remote` in "
+             "bench/bench.py).\n")
+    L.append("| remote endpoints | changes | p50 ms | p99 ms | max ms |\n| ---: | ---: | ---: | ---: | ---: |")
+    for n, r in (("100,000", r100), ("300,000", r300)):
+        rc = r.get("registry_change") or {}
+        if rc:
+            L.append(f"| {n} | {rc.get('changes')} | {fmt(rc.get('p50_ms'), 1)} | {fmt(rc.get('p99_ms'), 1)} | "
+                     f"{fmt(rc.get('max_ms'), 1)} |" + (f" errors: {rc['errors'][:1]}" if rc.get("errors") else ""))
+        else:
+            L.append(f"| {n} | not measured: {(r.get('error') or 'not run')[:200]} | | | |")
+    with open(os.path.join(DOCS, "benchmarks-apply.svg"), "w") as f:
+        f.write(svg_apply(ctl))
     L.append("\n## Reproduce\n")
     L.append("```\nsudo bench/run --quick   # 7-9 minutes on 2 cores once built (the release build adds 2-6)\n"
              "sudo bench/run           # 3 repetitions, 2 s iperf3 runs, 100 changes: about 45 minutes\n```\n")
@@ -1316,8 +2032,11 @@ def main():
     ap.add_argument("--changes", type=int)
     ap.add_argument("--run-secs", type=int, help="seconds per iperf3 run (best of 3 UDP and 2 TCP runs; 2 and 1 with --quick)")
     ap.add_argument("--rules", help="comma-separated rule counts (default 0,100,1000,10000,100000)")
-    ap.add_argument("--only", help="comma-separated contenders (default all)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,lookup,control")
+    ap.add_argument("--only", help="comma-separated contenders (default all; \"stages\" = every netpol stage)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,stages,bpfstats,lookup,"
+                    "control")
+    ap.add_argument("--control", default="1k,10k,sizes,remote",
+                    help="comma-separated control-plane parts (default all): 1k, 10k, sizes, remote")
     ap.add_argument("--debounce-ms", type=int, help="netpold debounce_ms for the control-plane run (default: "
                     "the daemon's default)")
     ap.add_argument("--no-page", action="store_true", help="do not rewrite docs/benchmarks.md")
@@ -1334,7 +2053,9 @@ def main():
     args.tcp_runs = 1 if args.quick else 2
     args.rules = [int(x) for x in args.rules.split(",")] if args.rules else [0, 100, 1000, 10000, 100000]
     skip = set(filter(None, args.skip.split(",")))
-    only = set(args.only.split(",")) if args.only else set(CONTENDERS)
+    only = set(args.only.split(",")) if args.only else set(CONTENDERS) | set(STAGE_CONTENDERS)
+    if "stages" in only:
+        only |= set(STAGE_CONTENDERS)
 
     if args.page_only:
         # rewrite summary.json and the page from target/bench/raw.json (no measurement)
@@ -1364,21 +2085,28 @@ def main():
     unavailable = {}
     if args.netpol_unavailable:
         unavailable["netpol"] = args.netpol_unavailable
-    elif "netpol" in only:
+    elif only & ({"netpol"} | set(STAGE_CONTENDERS)):
         why = netpol_unavailable_reason()
         if why:
             unavailable["netpol"] = why
-    for c in CONTENDERS:
+    for c in CONTENDERS + STAGE_CONTENDERS:
         if c not in only and c not in unavailable:
             unavailable[c] = "left out of this run (--only)"
     if unavailable.get("netpol"):
         log(f"netpol contender unavailable: {unavailable['netpol']}")
     contenders = [k() for k in (NoFilter, Netpol, Iptables, Nftables)]
+    if "stages" not in skip and STAGE_RULES in args.rules:
+        contenders += [Netpol(name, stage) for name, stage, _ in STAGES if name != "netpol"]
+    for c in STAGE_CONTENDERS:
+        if "netpol" in unavailable:
+            unavailable.setdefault(c, unavailable["netpol"])
 
     raw = {"meta": machine_meta(args)}
     try:
         if "datapath" not in skip:
             run_datapath(args, contenders, unavailable, raw)
+        if "bpfstats" not in skip:
+            run_bpfstats(args, unavailable, raw)
         if "lookup" not in skip:
             run_lookup(args, raw)
         if "control" not in skip:

@@ -9,8 +9,9 @@
  *       one TCP connection (TCP_NODELAY), SIZE-byte request, same-size response,
  *       repeated for SECONDS or MAXCOUNT round trips; prints one JSON object with
  *       count, p50_us, p90_us, p99_us, mean_us, min_us, max_us.
- *   pingpong probe HOST PORT TIMEOUT_S INTERVAL_US
- *       tries a fresh TCP connection every INTERVAL_US until one is accepted.
+ *   pingpong probe HOST PORT TIMEOUT_S INTERVAL_US [SRC]
+ *       tries a fresh TCP connection every INTERVAL_US until one is accepted
+ *       (from source address SRC when given: a host address of this namespace).
  *       Prints "armed T" (CLOCK_MONOTONIC ns) after the first refused/dropped
  *       attempt, then "ok T" when a connection is established, "open T" if the
  *       very first attempt already succeeded, "timeout T" after TIMEOUT_S.
@@ -225,9 +226,13 @@ static int cmd_client(int argc, char **argv) {
 /* ---- probe ---- */
 
 /* One attempt: 1 = connected, 0 = dropped/refused within the interval, -1 = error. */
-static int attempt(const struct sockaddr_in *a, long interval_us) {
+static int attempt(const struct sockaddr_in *a, const struct sockaddr_in *src, long interval_us) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
+    if (src && bind(fd, (const struct sockaddr *)src, sizeof *src) != 0) {
+        close(fd);
+        return -1;
+    }
     int r = connect(fd, (const struct sockaddr *)a, sizeof *a);
     int result = 0;
     if (r == 0) {
@@ -256,10 +261,13 @@ static int cmd_probe(int argc, char **argv) {
     if (inet_pton(AF_INET, argv[0], &a.sin_addr) != 1) return 2;
     double timeout = atof(argv[2]);
     long interval_us = atol(argv[3]);
+    struct sockaddr_in src = {.sin_family = AF_INET};
+    int have_src = argc >= 5;
+    if (have_src && inet_pton(AF_INET, argv[4], &src.sin_addr) != 1) return 2;
     uint64_t deadline = now_ns() + (uint64_t)(timeout * 1e9);
     int first = 1;
     for (;;) {
-        int r = attempt(&a, interval_us);
+        int r = attempt(&a, have_src ? &src : NULL, interval_us);
         uint64_t t = now_ns();
         if (r < 0) {
             printf("error %llu %s\n", (unsigned long long)t, strerror(errno));

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::api::LoadOptions;
-use crate::datapath::DatapathSettings;
+use crate::datapath::{DatapathSettings, Stage};
 use crate::policy::compile::{CompileOptions, Limits};
 use crate::policy::types::{proto, Direction};
 use crate::sizes::{MapKind, MapSizes};
@@ -56,6 +56,7 @@ pub struct Config {
     pub maps: MapsConfig,
     pub failsafe: FailsafeConfig,
     pub etcd: EtcdConfig,
+    pub datapath: DatapathConfig,
 }
 
 impl Default for Config {
@@ -82,6 +83,7 @@ impl Default for Config {
             maps: MapsConfig::default(),
             failsafe: FailsafeConfig::default(),
             etcd: EtcdConfig::default(),
+            datapath: DatapathConfig::default(),
         }
     }
 }
@@ -167,6 +169,16 @@ impl Default for ConntrackConfig {
             other_timeout_s: 60,
         }
     }
+}
+
+/// `[datapath]`: settings of the BPF programs that are not policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Benchmarks only: where the programs stop (docs/benchmarks.md). Anything
+    /// but `full` passes every packet and enforces nothing; netpold logs a
+    /// warning and `netpolctl status` says so.
+    pub stage: Stage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -638,6 +650,7 @@ impl Config {
             ct_timeout_established_secs: self.conntrack.tcp_established_timeout_s,
             ct_timeout_close_secs: self.conntrack.tcp_close_timeout_s,
             ct_timeout_other_secs: self.conntrack.other_timeout_s,
+            stage: self.datapath.stage,
         }
     }
 
@@ -842,6 +855,20 @@ mod tests {
             ("n1", true, true)
         );
         assert!(!parse("").unwrap().node_name().is_empty());
+    }
+
+    /// `[datapath] stage` reaches the datapath settings; a stage that does not
+    /// exist is an error naming the key.
+    #[test]
+    fn datapath_stage_is_a_setting_and_full_by_default() {
+        assert_eq!(Config::default().datapath_settings().stage, Stage::Full);
+        let c = parse("[datapath]\nstage = \"entry\"\n").unwrap();
+        assert_eq!(c.datapath_settings().stage, Stage::Entry);
+        let e = parse("[datapath]\nstage = \"half\"\n").unwrap_err();
+        assert!(
+            e.starts_with("/etc/netpol/netpold.toml:2:9: datapath.stage: unknown variant `half`"),
+            "{e}"
+        );
     }
 
     /// Every map size has one key, named as `sizes` names it, and its default

@@ -62,8 +62,12 @@ pub struct MapSizes {
 
 impl MapSizes {
     /// The defaults: what netpold uses when netpold.toml does not say.
+    /// The ipcache holds a fleet registry: 100,000 remote endpoints with a v4
+    /// and a v6 address each, and room for the policies' CIDRs. It is an LPM
+    /// trie, allocated per entry, so the size costs nothing until used. The
+    /// endpoint table (and the counters) number attached endpoints only.
     pub const DEFAULT: MapSizes = MapSizes {
-        ipcache: 65536,
+        ipcache: 262144,
         policy: 262144,
         endpoints: 4096,
         conntrack: 65536,

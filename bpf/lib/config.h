@@ -30,5 +30,8 @@ volatile const __u32 cfg_allow_sample_rate = 0;
 volatile const __u32 cfg_events_per_sec = 0;
 /* Identity of an address the ipcache does not know (world). */
 volatile const __u32 cfg_world_identity = 0;
+/* NP_STAGE_*: where the programs stop (benchmarks only; 0 = the whole
+ * pipeline). The verifier prunes the stops of other stages. */
+volatile const __u32 cfg_stage = 0;
 
 #endif

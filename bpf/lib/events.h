@@ -67,7 +67,8 @@ struct np_verdict_info {
 	__u8 reason;
 };
 
-static __always_inline void np_emit(struct np_pkt *p, struct np_verdict_info *vi)
+/* Out of line: events are the cold path. */
+static __noinline void np_emit(struct np_pkt *p, struct np_verdict_info *vi)
 {
 	__u32 zero = 0;
 	struct np_ratelimit *rl;

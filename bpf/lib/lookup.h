@@ -13,28 +13,39 @@
 #include "config.h"
 #include "parse.h"
 
-/* The three maps of the generation a packet uses, fetched once. */
+/* The maps of the generation a packet uses: the active word is read once;
+ * the endpoint table is fetched at once, the ipcache and policy maps of the
+ * same slot only when the packet needs them (np_gen_rest: not on the fast
+ * path of an established flow). */
 struct np_gen {
 	void *ipcache;
 	void *endpoints;
 	void *policy;
+	__u32 active;
 };
 
 static __always_inline int np_gen_get(struct np_gen *g)
 {
-	__u32 zero = 0, active;
+	__u32 zero = 0;
 	struct np_state *st;
 
 	st = bpf_map_lookup_elem(&netpol_state_v1, &zero);
 	if (!st)
 		return -1;
 	/* Read the active word exactly once. */
-	active = *(volatile __u32 *)&st->active;
-	active &= 1;
-	g->ipcache = bpf_map_lookup_elem(&netpol_ipcache_v1, &active);
-	g->endpoints = bpf_map_lookup_elem(&netpol_endpoints_v1, &active);
-	g->policy = bpf_map_lookup_elem(&netpol_policy_v1, &active);
-	if (!g->ipcache || !g->endpoints || !g->policy)
+	g->active = *(volatile __u32 *)&st->active & 1;
+	g->endpoints = bpf_map_lookup_elem(&netpol_endpoints_v1, &g->active);
+	if (!g->endpoints)
+		return -1;
+	return 0;
+}
+
+/* The ipcache and policy maps of the slot np_gen_get chose. */
+static __always_inline int np_gen_rest(struct np_gen *g)
+{
+	g->ipcache = bpf_map_lookup_elem(&netpol_ipcache_v1, &g->active);
+	g->policy = bpf_map_lookup_elem(&netpol_policy_v1, &g->active);
+	if (!g->ipcache || !g->policy)
 		return -1;
 	return 0;
 }

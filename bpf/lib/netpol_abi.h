@@ -39,9 +39,13 @@
 	_Static_assert(sizeof(((type *)0)->field) == sizeof(enumtype),                             \
 		       #type "." #field " holds " #enumtype)
 
-/* Layout version of every map, stored in netpol_state_v1. */
+/* Layout version of the maps, stored in netpol_state_v1. 2: conntrack is
+ * netpol_ct_v2 (one entry per flow under a normalised key, with the verdict's
+ * generation); an adopting daemon migrates the entries of a version 1
+ * instance's netpol_ct_v1 (src/datapath/kernel.rs). */
 enum np_layout : __u32 {
-	NP_LAYOUT_VERSION = 1,
+	NP_LAYOUT_VERSION = 2,
+	NP_LAYOUT_VERSION_CT_V1 = 1,
 };
 
 /* Address families as carried in keys and events: the IP version, one byte
@@ -82,6 +86,19 @@ enum np_verdict : __u8 {
 enum np_none : __u32 {
 	NP_RULE_NONE = 0xffffffffu,
 	NP_SLOT_NONE = 0xffffffffu,
+};
+
+/* Where the programs stop (load-time setting cfg_stage, config `[datapath]
+ * stage`; benchmarks only): anything but NP_STAGE_FULL passes every packet
+ * after the named step and enforces NOTHING. The floor of the per-packet
+ * cost, step by step (docs/benchmarks.md, "Where the time goes"). */
+enum np_stage : __u32 {
+	NP_STAGE_FULL = 0,      /* the whole pipeline: enforcing */
+	NP_STAGE_ENTRY = 1,     /* return at entry: a no-op tcx program */
+	NP_STAGE_ENDPOINT = 2,  /* after the generation and endpoint lookup */
+	NP_STAGE_PARSE = 3,     /* after parsing */
+	NP_STAGE_IPCACHE = 4,   /* after the ipcache lookups (anti-spoofing, remote) */
+	NP_STAGE_CONNTRACK = 5, /* after conntrack (a new flow gets its entry) */
 };
 
 /* What a program returns. */
@@ -160,13 +177,18 @@ struct np_endpoint_value {
 	__u32 slot;
 	__u32 identity;
 	__u32 flags; /* NP_EP_F_* */
-	__u32 reserved;
+	/* Low 32 bits of the generation number of the maps this value is in
+	 * (layout 1: reserved, 0). A packet reads it from the endpoint table of
+	 * the generation it uses, so the number it caches in a conntrack entry
+	 * always belongs to the maps that decided (np_state is copied as a whole
+	 * and a reader could pair its new `generation` with the old `active`). */
+	__u32 generation;
 };
 NP_ABI_SIZE(struct np_endpoint_value, 16);
 NP_ABI_OFFSET(struct np_endpoint_value, slot, 0);
 NP_ABI_OFFSET(struct np_endpoint_value, identity, 4);
 NP_ABI_OFFSET(struct np_endpoint_value, flags, 8);
-NP_ABI_OFFSET(struct np_endpoint_value, reserved, 12);
+NP_ABI_OFFSET(struct np_endpoint_value, generation, 12);
 NP_ABI_WIDTH(struct np_endpoint_value, flags, enum np_endpoint_flags);
 
 /* ------------------------------------------------------------------------
@@ -240,40 +262,52 @@ NP_ABI_OFFSET(struct np_policy_value, rule, 4);
 NP_ABI_WIDTH(struct np_policy_value, verdict, enum np_verdict);
 
 /* ------------------------------------------------------------------------
- * Conntrack: LRU hash, global (not per generation).
+ * Conntrack: netpol_ct_v2, LRU hash, global (not per generation).
  *
- * A flow is tracked per enforcement point: (ifindex, hook of its first packet)
- * plus its tuple in the direction of its first packet. A flow crossing two
- * enforced endpoints on one host (A's device, then B's) has one entry at each
- * and is judged at both. A packet is:
- *   established  if (ifindex, hook, src, dst, sport, dport, proto) exists;
- *   reply        if (ifindex, other hook, dst, src, dport, sport, proto) exists;
- *   related      if it is an ICMP error whose inner tuple is either of them.
+ * A flow is tracked per enforcement point (ifindex), under ONE key for both
+ * directions: its two ends (address, port) in a fixed order — side a is the
+ * lower (address words, then port), side b the other — so a packet and its
+ * reply find the same entry with one lookup. The value says which side
+ * originated the flow and at which hook its first packet was seen. A flow
+ * crossing two enforced endpoints on one host (A's device, then B's) has one
+ * entry at each and is judged at both. A packet at (ifindex, hook) from side
+ * S whose entry exists is:
+ *   established  if S originated the flow and hook is the first packet's hook;
+ *   reply        if S is the responder and hook is the other one;
+ *   new          otherwise (the same tuple the other way through one device);
+ *   related      if it is an ICMP error addressed to the quoted packet's
+ *                source whose quoted tuple is an established or reply
+ *                packet of a flow at this point, seen from this hook.
  * ICMP echo uses the identifier as both ports. Ports in host order.
+ *
+ * The verdict is cached: `generation` is the generation (low 32 bits, from
+ * the endpoint table, struct np_endpoint_value) whose maps allowed the flow.
+ * While it is the packet's generation, an established packet passes without
+ * anti-spoofing, ipcache or policy lookups. After a flip, under `recheck`
+ * the next packet is judged again (and refreshes it if allowed); under
+ * `keep` it is checked for spoofing only. Entries decided as audit
+ * (NP_CT_F_AUDIT) are judged on every packet under `recheck`, as before.
  */
 struct np_ct_key {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
+	__u8 addr_a[16];
+	__u8 addr_b[16];
+	__u16 port_a;
+	__u16 port_b;
 	__u32 ifindex;
 	__u8 proto;
 	__u8 family; /* NP_FAMILY_* */
-	__u8 hook;   /* NP_HOOK_* */
-	__u8 pad;
+	__u16 pad;
 };
 NP_ABI_SIZE(struct np_ct_key, 44);
-NP_ABI_OFFSET(struct np_ct_key, saddr, 0);
-NP_ABI_OFFSET(struct np_ct_key, daddr, 16);
-NP_ABI_OFFSET(struct np_ct_key, sport, 32);
-NP_ABI_OFFSET(struct np_ct_key, dport, 34);
+NP_ABI_OFFSET(struct np_ct_key, addr_a, 0);
+NP_ABI_OFFSET(struct np_ct_key, addr_b, 16);
+NP_ABI_OFFSET(struct np_ct_key, port_a, 32);
+NP_ABI_OFFSET(struct np_ct_key, port_b, 34);
 NP_ABI_OFFSET(struct np_ct_key, ifindex, 36);
 NP_ABI_OFFSET(struct np_ct_key, proto, 40);
 NP_ABI_OFFSET(struct np_ct_key, family, 41);
-NP_ABI_OFFSET(struct np_ct_key, hook, 42);
-NP_ABI_OFFSET(struct np_ct_key, pad, 43);
+NP_ABI_OFFSET(struct np_ct_key, pad, 42);
 NP_ABI_WIDTH(struct np_ct_key, family, enum np_family);
-NP_ABI_WIDTH(struct np_ct_key, hook, enum np_hook);
 
 enum np_ct_state : __u8 {
 	NP_CT_SEEN_SYN = 0x1,   /* a SYN from the originator */
@@ -281,23 +315,72 @@ enum np_ct_state : __u8 {
 	NP_CT_CLOSING = 0x4,    /* FIN or RST seen */
 };
 
-struct np_ct_value {
-	__u64 expires_ns;
-	__u32 rule;  /* rule that allowed the first packet */
-	__u8 state;  /* NP_CT_SEEN_*, NP_CT_CLOSING */
-	__u8 pad[3];
+enum np_ct_flags : __u8 {
+	NP_CT_F_ORIG_B = 0x1, /* side b originated the flow */
+	NP_CT_F_AUDIT = 0x2,  /* decided as audit: judged again on every packet */
 };
-NP_ABI_SIZE(struct np_ct_value, 16);
+
+struct np_ct_value {
+	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() clock */
+	__u32 rule;       /* rule that allowed the flow (NP_RULE_NONE: none) */
+	__u32 generation; /* the generation whose maps allowed it (low 32 bits) */
+	/* The generation under which the responder's source address passed
+	 * anti-spoofing, when the responder is the workload of this device
+	 * (replies leaving a workload are checked once per generation). */
+	__u32 reply_generation;
+	__u8 state; /* NP_CT_SEEN_*, NP_CT_CLOSING */
+	__u8 flags; /* NP_CT_F_* */
+	__u8 hook;  /* NP_HOOK_* of the originator's packets */
+	__u8 pad;
+};
+NP_ABI_SIZE(struct np_ct_value, 24);
 NP_ABI_OFFSET(struct np_ct_value, expires_ns, 0);
 NP_ABI_OFFSET(struct np_ct_value, rule, 8);
-NP_ABI_OFFSET(struct np_ct_value, state, 12);
-NP_ABI_OFFSET(struct np_ct_value, pad, 13);
+NP_ABI_OFFSET(struct np_ct_value, generation, 12);
+NP_ABI_OFFSET(struct np_ct_value, reply_generation, 16);
+NP_ABI_OFFSET(struct np_ct_value, state, 20);
+NP_ABI_OFFSET(struct np_ct_value, flags, 21);
+NP_ABI_OFFSET(struct np_ct_value, hook, 22);
+NP_ABI_OFFSET(struct np_ct_value, pad, 23);
 NP_ABI_WIDTH(struct np_ct_value, state, enum np_ct_state);
+NP_ABI_WIDTH(struct np_ct_value, flags, enum np_ct_flags);
+NP_ABI_WIDTH(struct np_ct_value, hook, enum np_hook);
+
+/* Layout 1's conntrack (netpol_ct_v1), read only to migrate its entries:
+ * one entry per flow under its first packet's (ifindex, hook, tuple). */
+struct np_ct_v1_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 ifindex;
+	__u8 proto;
+	__u8 family;
+	__u8 hook;
+	__u8 pad;
+};
+NP_ABI_SIZE(struct np_ct_v1_key, 44);
+NP_ABI_OFFSET(struct np_ct_v1_key, sport, 32);
+NP_ABI_OFFSET(struct np_ct_v1_key, ifindex, 36);
+NP_ABI_OFFSET(struct np_ct_v1_key, hook, 42);
+
+struct np_ct_v1_value {
+	__u64 expires_ns; /* bpf_ktime_get_ns() clock */
+	__u32 rule;
+	__u8 state;
+	__u8 pad[3];
+};
+NP_ABI_SIZE(struct np_ct_v1_value, 16);
+NP_ABI_OFFSET(struct np_ct_v1_value, rule, 8);
+NP_ABI_OFFSET(struct np_ct_v1_value, state, 12);
 
 /* ------------------------------------------------------------------------
- * Fragments: LRU hash keyed by the first fragment's (src, dst, id, proto);
- * value its L4 ports, so non-first fragments are judged with the same ports.
- * A non-first fragment with no entry is dropped.
+ * Fragments: LRU hash keyed by the first fragment's (src, dst, id, proto),
+ * where proto is the protocol field every fragment of the datagram carries
+ * (IPv4: the protocol; IPv6: the fragment header's next header, which may be
+ * an extension header); value its L4 protocol and ports, so non-first
+ * fragments are judged as the first one. A non-first fragment with no entry
+ * is dropped.
  */
 struct np_frag_key {
 	__u8 saddr[16];
@@ -320,13 +403,15 @@ struct np_frag_value {
 	__u16 sport;
 	__u16 dport;
 	__u16 policy_port; /* dport, or the ICMP type */
-	__u16 pad;
+	__u8 proto;        /* the L4 protocol (0 = entry of layout 1: the key's) */
+	__u8 pad;
 };
 NP_ABI_SIZE(struct np_frag_value, 8);
 NP_ABI_OFFSET(struct np_frag_value, sport, 0);
 NP_ABI_OFFSET(struct np_frag_value, dport, 2);
 NP_ABI_OFFSET(struct np_frag_value, policy_port, 4);
-NP_ABI_OFFSET(struct np_frag_value, pad, 6);
+NP_ABI_OFFSET(struct np_frag_value, proto, 6);
+NP_ABI_OFFSET(struct np_frag_value, pad, 7);
 
 /* ------------------------------------------------------------------------
  * Failsafe: HASH (direction, proto, port) -> 1, for host endpoints only.

@@ -105,7 +105,7 @@ struct {
 	__type(key, struct np_ct_key);
 	__type(value, struct np_ct_value);
 	__uint(max_entries, 0); /* sized by userspace: ct_max_entries */
-} netpol_ct_v1 SEC(".maps");
+} netpol_ct_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -156,6 +156,8 @@ struct np_abi {
 	struct np_policy_value policy_value;
 	struct np_ct_key ct_key;
 	struct np_ct_value ct_value;
+	struct np_ct_v1_key ct_v1_key;
+	struct np_ct_v1_value ct_v1_value;
 	struct np_frag_key frag_key;
 	struct np_frag_value frag_value;
 	struct np_failsafe_key failsafe_key;
@@ -173,8 +175,10 @@ struct np_abi {
 	enum np_endpoint_flags endpoint_flags;
 	enum np_policy_prefix policy_prefix;
 	enum np_ct_state ct_state;
+	enum np_ct_flags ct_flags;
 	enum np_event_verdict event_verdict;
 	enum np_reason reason;
+	enum np_stage stage;
 };
 
 struct np_abi np_abi_anchor;

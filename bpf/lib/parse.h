@@ -5,8 +5,10 @@
  * tag is malformed), ARP, IPv4 (options), IPv6 with a bounded walk over
  * extension headers (hop-by-hop, routing, destination options, fragment, AH),
  * TCP/UDP/SCTP ports, ICMP/ICMPv6 type, code, echo id, and the inner tuple of
- * ICMP errors. Everything is read with bpf_skb_load_bytes, and nothing past
- * the end of the IP datagram (see np_l3_end).
+ * ICMP errors. The common case (untagged, IPv4 without options or IPv6
+ * without extension headers, unfragmented TCP/UDP) is read with direct packet
+ * access; everything else with bpf_skb_load_bytes. Nothing is read past the
+ * end of the IP datagram (see np_l3_end).
  */
 #ifndef NETPOL_PARSE_H
 #define NETPOL_PARSE_H
@@ -84,6 +86,7 @@ struct np_pkt {
 	__u8 is_icmp_error;  /* inner tuple valid */
 	__u8 frag_first;     /* first fragment of a fragmented datagram */
 	__u8 frag_later;     /* non-first fragment: no L4 header */
+	__u8 frag_proto;     /* fragments: the protocol every fragment carries */
 	__u8 has_l4;
 };
 
@@ -134,7 +137,7 @@ static __always_inline int np_load_ports(struct __sk_buff *skb, __u32 off, __u16
 }
 
 /* Inner tuple of an ICMP error whose inner IP header starts at `off`. */
-static __always_inline void np_parse_inner(struct __sk_buff *skb, struct np_pkt *p, __u32 off,
+static __noinline void np_parse_inner(struct __sk_buff *skb, struct np_pkt *p, __u32 off,
 					   __u32 end)
 {
 	__u32 l4;
@@ -230,7 +233,8 @@ static __always_inline enum np_parse_result np_parse_l4(struct __sk_buff *skb, s
 	return NP_PARSE_OK;
 }
 
-static __always_inline enum np_parse_result np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p,
+/* The general parsers are out of line: the common case never runs them. */
+static __noinline enum np_parse_result np_parse_ipv4(struct __sk_buff *skb, struct np_pkt *p,
 							   __u32 off)
 {
 	__u8 h[20];
@@ -253,6 +257,7 @@ static __always_inline enum np_parse_result np_parse_ipv4(struct __sk_buff *skb,
 	__builtin_memcpy(p->saddr, &h[12], 4);
 	__builtin_memcpy(p->daddr, &h[16], 4);
 	p->frag_id = ((__u32)h[4] << 8) | h[5];
+	p->frag_proto = h[9];
 	frag = ((__u16)h[6] << 8) | h[7];
 	if (frag & 0x1fff)
 		p->frag_later = 1;
@@ -261,7 +266,7 @@ static __always_inline enum np_parse_result np_parse_ipv4(struct __sk_buff *skb,
 	return np_parse_l4(skb, p, off + ihl, end);
 }
 
-static __always_inline enum np_parse_result np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p,
+static __noinline enum np_parse_result np_parse_ipv6(struct __sk_buff *skb, struct np_pkt *p,
 							   __u32 off)
 {
 	__u8 h[40];
@@ -294,6 +299,7 @@ static __always_inline enum np_parse_result np_parse_ipv6(struct __sk_buff *skb,
 			p->frag_id = ((__u32)e[4] << 24) | ((__u32)e[5] << 16) |
 				     ((__u32)e[6] << 8) | e[7];
 			nh = e[0];
+			p->frag_proto = nh;
 			off += 8;
 			if (fo & 0xfff8) {
 				p->frag_later = 1;
@@ -317,12 +323,82 @@ static __always_inline enum np_parse_result np_parse_ipv6(struct __sk_buff *skb,
 	return np_parse_l4(skb, p, off, end);
 }
 
+/*
+ * The common case read with direct packet access: an untagged Ethernet frame
+ * carrying an unfragmented IPv4 packet without options, or an IPv6 packet
+ * without extension headers, with a whole TCP or UDP header inside both the
+ * datagram and the linear data. Returns 1 with `p` filled exactly as the
+ * general parser below fills it; 0 for anything else (VLAN tags, options,
+ * extension headers, fragments, ICMP, other protocols, short or non-linear
+ * data), which the general parser then reads with bpf_skb_load_bytes.
+ */
+static __always_inline int np_parse_direct(struct __sk_buff *skb, struct np_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 *eth = data;
+	__u8 *l4;
+	__u8 proto;
+	__u32 l4len;
+
+	if (data + 14 + 20 > data_end)
+		return 0;
+	if (eth[12] == 0x08 && eth[13] == 0x00) {
+		__u8 *h = eth + 14;
+
+		if (h[0] != 0x45 || (h[6] & 0x3f) || h[7])
+			return 0; /* options, or a fragment (MF or an offset) */
+		l4len = (((__u32)h[2] << 8) | h[3]);
+		if (l4len < 20)
+			return 0;
+		l4len -= 20;
+		proto = h[9];
+		p->family = NP_FAMILY_V4;
+		__builtin_memcpy(p->saddr, &h[12], 4);
+		__builtin_memcpy(p->daddr, &h[16], 4);
+		p->frag_id = ((__u32)h[4] << 8) | h[5];
+		p->frag_proto = proto;
+		l4 = h + 20;
+	} else if (eth[12] == 0x86 && eth[13] == 0xDD) {
+		__u8 *h = eth + 14;
+
+		if ((void *)(h + 40) > data_end || (h[0] >> 4) != NP_IP_VERSION_6)
+			return 0;
+		l4len = ((__u32)h[4] << 8) | h[5];
+		proto = h[6];
+		p->family = NP_FAMILY_V6;
+		__builtin_memcpy(p->saddr, &h[8], 16);
+		__builtin_memcpy(p->daddr, &h[24], 16);
+		l4 = h + 40;
+	} else {
+		return 0;
+	}
+	if (proto == NP_IPPROTO_TCP) {
+		if (l4len < 20 || (void *)(l4 + 20) > data_end)
+			return 0;
+		p->tcp_flags = l4[13];
+	} else if (proto == NP_IPPROTO_UDP) {
+		if (l4len < 8 || (void *)(l4 + 8) > data_end)
+			return 0;
+	} else {
+		return 0;
+	}
+	p->proto = proto;
+	p->sport = ((__u16)l4[0] << 8) | l4[1];
+	p->dport = ((__u16)l4[2] << 8) | l4[3];
+	p->policy_port = p->dport;
+	p->has_l4 = 1;
+	return 1;
+}
+
 static __always_inline enum np_parse_result np_parse(struct __sk_buff *skb, struct np_pkt *p)
 {
 	__u32 off = 12;
 	__be16 etype;
 	int i;
 
+	if (np_parse_direct(skb, p))
+		return NP_PARSE_OK;
 	if (bpf_skb_load_bytes(skb, off, &etype, sizeof(etype)) < 0)
 		return NP_PARSE_MALFORMED;
 	off += 2;

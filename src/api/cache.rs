@@ -164,6 +164,10 @@ pub struct LoadCache {
     /// starts afresh (a parse read without the trust check must not stand for
     /// one read with it).
     opts: Option<LoadOptions>,
+    /// Parses made ahead by [`LoadCache::prefetch`] with the identity each
+    /// file had before it was read: a load uses one for a file whose identity
+    /// it lists the same, as if it had read the file itself.
+    prefetched: HashMap<PathBuf, (Option<FileId>, Read)>,
 }
 
 impl Default for LoadCache {
@@ -186,6 +190,31 @@ impl LoadCache {
             last_parsed: 0,
             settled,
             opts: None,
+            prefetched: HashMap::new(),
+        }
+    }
+
+    /// Parse ahead, side by side, every file of these directories that a load
+    /// of them would parse (both kinds at once at start): the loads that
+    /// follow take the parses instead of reading the files one after another.
+    pub fn prefetch(&mut self, sets: &[(&[PathBuf], FileKind)], opts: &LoadOptions) {
+        self.use_options(opts);
+        let mut todo: Vec<(PathBuf, Option<FileId>, FileKind)> = Vec::new();
+        for (dirs, want) in sets {
+            let listing = load::list_dirs(dirs, *want, opts);
+            for (f, id) in identities(&listing) {
+                if !is_kept(&self.files, &f, id) {
+                    todo.push((f, id, *want));
+                }
+            }
+        }
+        let items: Vec<(&Path, FileKind)> =
+            todo.iter().map(|(f, _, w)| (f.as_path(), *w)).collect();
+        let mut reads = parse_in_parallel(&items, opts);
+        for (f, id, _) in todo {
+            if let Some(read) = reads.remove(&f) {
+                self.prefetched.insert(f, (id, read));
+            }
         }
     }
 
@@ -346,7 +375,8 @@ impl LoadCache {
                 }
             }
             let id = FileId::of(f);
-            read_piece(&mut self.files, self.settled, f, id, want, opts, out);
+            let read = parse_piece(f, want, opts);
+            keep_piece(&mut self.files, self.settled, f, id, read, out);
             parsed += 1;
         });
         self.last_parsed = parsed;
@@ -368,8 +398,26 @@ impl LoadCache {
         opts: &LoadOptions,
     ) -> Parsed {
         let mut parsed = 0;
-        let mut ids = ids.iter();
+        // Parses made ahead stand for files whose identity is the same now.
+        let mut fresh: HashMap<PathBuf, Read> = HashMap::new();
+        for (f, id) in ids {
+            if let Some((before, read)) = self.prefetched.remove(f) {
+                if before.is_some() && before == *id {
+                    fresh.insert(f.clone(), read);
+                }
+            }
+        }
+        // The other files to parse, parsed side by side first when there are
+        // several (a fleet registry comes as many files; each parse is
+        // independent).
         let files = &mut self.files;
+        let todo: Vec<(&Path, FileKind)> = ids
+            .iter()
+            .filter(|(f, id)| !is_kept(files, f, *id) && !fresh.contains_key(f))
+            .map(|(f, _)| (f.as_path(), want))
+            .collect();
+        fresh.extend(parse_in_parallel(&todo, opts));
+        let mut ids = ids.iter();
         let out = load::assemble(listing, want, |f, out| {
             let id = match ids.next() {
                 Some((p, id)) if p == f => *id,
@@ -381,7 +429,10 @@ impl LoadCache {
                     return;
                 }
             }
-            read_piece(files, self.settled, f, id, want, opts, out);
+            let read = fresh
+                .remove(f)
+                .unwrap_or_else(|| parse_piece(f, want, opts));
+            keep_piece(files, self.settled, f, id, read, out);
             parsed += 1;
         });
         // Forget files that are gone (of these directories: the same cache
@@ -410,20 +461,62 @@ fn identities(listing: &[DirListing]) -> Vec<(PathBuf, Option<FileId>)> {
         .collect()
 }
 
-/// Read and parse `f` (whose identity was `id` before) into `out`, and keep its
-/// parse in `files` when the file did not change while it was read.
-fn read_piece(
+/// A file read and parsed, and when its read began.
+type Read = (Piece, SystemTime);
+
+/// Read and parse `f` into a piece of its own.
+fn parse_piece(f: &Path, want: FileKind, opts: &LoadOptions) -> Read {
+    let read_at = SystemTime::now();
+    let mut piece = Piece::default();
+    load::read_into(f, want, opts, &mut piece.parsed);
+    (piece, read_at)
+}
+
+/// A kept parse stands for `f` with identity `id`.
+fn is_kept(files: &HashMap<PathBuf, (FileId, Piece)>, f: &Path, id: Option<FileId>) -> bool {
+    matches!((id, files.get(f)), (Some(id), Some((cached, piece))) if *cached == id && piece.settled)
+}
+
+/// [`parse_piece`] for each of `files`, on as many threads as the machine
+/// has cores (at most 4; none but this one for fewer than two files).
+fn parse_in_parallel(files: &[(&Path, FileKind)], opts: &LoadOptions) -> HashMap<PathBuf, Read> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(files.len());
+    if threads < 2 {
+        return HashMap::new();
+    }
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    files
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|(f, want)| (f.to_path_buf(), parse_piece(f, *want, opts)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a parse thread panicked"))
+            .collect()
+    })
+}
+
+/// Append a file's parse to `out`, and keep it in `files` when the file
+/// (whose identity was `id` before) did not change while it was read.
+fn keep_piece(
     files: &mut HashMap<PathBuf, (FileId, Piece)>,
     settled: Duration,
     f: &Path,
     id: Option<FileId>,
-    want: FileKind,
-    opts: &LoadOptions,
+    (mut piece, read_at): Read,
     out: &mut Parsed,
 ) {
-    let read_at = SystemTime::now();
-    let mut piece = Piece::default();
-    load::read_into(f, want, opts, &mut piece.parsed);
     piece.append_to(out);
     // A full look uses a kept parse again only if the file's timestamps also
     // tell it apart from a later write (loads given the touched files rely on
@@ -497,6 +590,45 @@ mod tests {
         std::fs::write(d.join("b.yaml"), POLICY.replace("NAME", "b")).unwrap();
         assert_eq!(c.policies(d), crate::api::load_policy_dir(d));
         assert_eq!(c.last_parsed(), 1);
+    }
+
+    /// Files parsed ahead (side by side, both kinds) give the loads that
+    /// follow what reading them gives; a file that changed since is read again.
+    #[test]
+    fn prefetched_parses_stand_for_unchanged_files_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (pd, ed) = (tmp.path().join("p"), tmp.path().join("e"));
+        std::fs::create_dir(&pd).unwrap();
+        std::fs::create_dir(&ed).unwrap();
+        for n in ["a", "b", "c"] {
+            std::fs::write(pd.join(format!("{n}.yaml")), POLICY.replace("NAME", n)).unwrap();
+        }
+        let ep = "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: NAME}\nspec: {addresses: [ADDR]}\n";
+        std::fs::write(
+            ed.join("x.yaml"),
+            ep.replace("NAME", "x").replace("ADDR", "10.0.0.1"),
+        )
+        .unwrap();
+        let (pds, eds) = ([pd.clone()], [ed.clone()]);
+        let mut c = LoadCache::with_margin(Duration::ZERO);
+        c.prefetch(
+            &[(&pds, FileKind::Policy), (&eds, FileKind::Registry)],
+            &STRICT,
+        );
+        assert_eq!(c.prefetched.len(), 4);
+        // b.yaml changes after it was parsed ahead: its parse is not used.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(pd.join("b.yaml"), POLICY.replace("NAME", "a")).unwrap();
+        assert_eq!(c.policies(&pd), crate::api::load_policy_dir(&pd));
+        assert!(
+            c.policies(&pd).is_err(),
+            "b.yaml as it is now: a duplicate name"
+        );
+        assert_eq!(c.registry(&eds), crate::api::load_endpoint_dirs(&eds));
+        assert!(
+            c.prefetched.is_empty(),
+            "every parse made ahead was taken or dropped"
+        );
     }
 
     #[test]

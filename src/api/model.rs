@@ -321,7 +321,7 @@ pub enum EndpointKind {
 }
 
 /// An Endpoint or HostEndpoint document.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 pub struct EndpointDef {
     pub origin: Origin,
     pub kind: EndpointKind,
@@ -339,7 +339,7 @@ pub struct EndpointDef {
     pub audit: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 pub struct NodeDef {
     pub origin: Origin,
     pub name: String,
@@ -347,7 +347,7 @@ pub struct NodeDef {
     pub addresses: Vec<IpAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize)]
 pub struct NamespaceDef {
     pub origin: Origin,
     pub name: String,
@@ -361,7 +361,7 @@ pub struct PolicySet {
 }
 
 /// Everything read from the endpoint directories.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Hash, Serialize)]
 pub struct RegistrySet {
     pub endpoints: Vec<EndpointDef>,
     pub nodes: Vec<NodeDef>,

@@ -105,6 +105,14 @@ fn real_main(args: Args, config: Config, log: Logger) -> anyhow::Result<()> {
             daemon::run_with(config, dp, NetlinkLinks, opts, shutdown).await?;
         } else {
             let dp = open_datapath(&config, &args.config)?;
+            if !config.datapath.stage.enforcing() {
+                slog::warn!(
+                    log,
+                    "datapath stage is not full: the programs pass every packet after this step and NOTHING IS ENFORCED (benchmarks only)";
+                    "stage" => config.datapath.stage.name(),
+                    "file" => args.config.display().to_string()
+                );
+            }
             daemon::run_with(config, dp, NetlinkLinks, opts, shutdown).await?;
         }
         Ok(())

@@ -176,6 +176,12 @@ pub fn format_status(s: &Status) -> String {
     if let Some(e) = &s.datapath_error {
         out.push_str(&format!("  datapath: {e} (retrying)\n"));
     }
+    if !s.datapath_stage.enforcing() {
+        out.push_str(&format!(
+            "  datapath stage \"{}\": the programs pass every packet after that step and ENFORCE NOTHING (netpold.toml [datapath] stage, for benchmarks)\n",
+            s.datapath_stage
+        ));
+    }
     if let Some(e) = &s.state_error {
         out.push_str(&format!("  state_dir: {e}\n"));
     }
@@ -709,6 +715,22 @@ mod tests {
              \x20   /etc/netpol.d/a.yaml:3:5: spec: unknown field\n\
              \x20 1 warning in the input files (applied as they are):\n\
              \x20   /etc/netpol.d/b.yaml:7:5: warning: spec.endpointSelector: selects nothing [selects-nothing]\n"
+        );
+    }
+
+    #[test]
+    fn status_text_says_a_stage_enforces_nothing() {
+        let s = Status {
+            ready: true,
+            node: "host-a".into(),
+            datapath_stage: crate::datapath::Stage::Parse,
+            ..Status::default()
+        };
+        assert_eq!(
+            format_status(&s),
+            "netpold on host-a: ready, generation 0\n\
+             \x20 0 endpoints (0 attached, 0 pending), 0 policies\n\
+             \x20 datapath stage \"parse\": the programs pass every packet after that step and ENFORCE NOTHING (netpold.toml [datapath] stage, for benchmarks)\n"
         );
     }
 

@@ -48,7 +48,7 @@ use self::watch::{Debouncer, DirWatcher, FileChange, WatchError, WatchEvent};
 use crate::config::Config;
 use crate::datapath::Datapath;
 use crate::pipeline::{Compile, FileInputs, Hint, Inputs};
-use crate::policy::compile::Compiler;
+use crate::policy::compile::{CompileOptions, Compiler};
 
 pub use reconcile::Cause;
 use reconcile::{Outputs, Reconciler};
@@ -172,7 +172,11 @@ pub async fn run_with<D: Datapath, L: Links>(
         watch_tx: fs_tx,
         watch_rx: mut fs_rx,
     } = opts;
-    let copts = config.compile_options();
+    // The daemon installs the entries of its own endpoints only.
+    let copts = CompileOptions {
+        local_entries_only: true,
+        ..config.compile_options()
+    };
     let node = copts.node_name.clone();
     let socket_path = config.socket_path();
     let listener = server::bind(&socket_path, &config.socket_group)?;

@@ -95,6 +95,8 @@ pub struct Reconciler<D> {
     pub links: LinkTable,
     /// The link table changed since attachments were last checked.
     pub links_changed: bool,
+    /// A generation was applied since the heap was last trimmed.
+    trim_due: bool,
     pub datapath: D,
     installed: Option<Installed>,
     /// When to try the datapath again, and the backoff that got us there.
@@ -132,10 +134,11 @@ impl<D: Datapath> Reconciler<D> {
             map_sizes,
             inputs,
             compiler,
-            held: Held::default(),
+            held: Held::deferring_lint(),
             saver,
             links,
             links_changed: true,
+            trim_due: false,
             datapath,
             installed: None,
             retry: None,
@@ -158,8 +161,14 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Drop the sets replaced by the last reconcile (after it: freeing
     /// thousands of policies is not on the way to enforcement).
+    /// Drop the sets the last reconcile replaced, and after an apply give the
+    /// freed heap back (every apply alike, so the resident size follows what
+    /// is in use rather than which reconciles replaced a set).
     pub fn drop_retired(&mut self) {
         self.held.retired.clear();
+        if std::mem::take(&mut self.trim_due) {
+            trim_heap();
+        }
     }
 
     pub fn start_save(&mut self) {
@@ -211,6 +220,16 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+        for kind in &pass.kept {
+            match kind {
+                Kind::Policies => {
+                    slog::warn!(self.out.log, "the policy set does not fit the maps; enforcing the last policy set that fit")
+                }
+                Kind::Registry => {
+                    slog::warn!(self.out.log, "the registry makes the policies overflow a map; enforcing the last registry that fit")
+                }
+            }
+        }
         let mut problems = pass.problems;
         problems.sort();
         problems.dedup();
@@ -218,7 +237,10 @@ impl<D: Datapath> Reconciler<D> {
         let problems_changed = self.problems != problems;
         self.problems = problems;
         self.warnings = pass.warnings;
-        self.log_warnings();
+        if !pass.lint_due {
+            // Else logged with the lint's, once the state is applied.
+            self.log_warnings();
+        }
         if self.held.policies.is_none() || self.held.registry.is_none() {
             self.log_problems();
             slog::error!(self.out.log, "no valid policy set or registry and none saved; nothing applied";
@@ -250,6 +272,7 @@ impl<D: Datapath> Reconciler<D> {
                     f.installed();
                 }
                 slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
+                self.lint_after(pass.lint_due, &compiled);
                 self.publish();
                 if problems_changed {
                     self.out.notifier.status(&self.status_line());
@@ -274,6 +297,9 @@ impl<D: Datapath> Reconciler<D> {
             Ok(g)
         });
         let apply = t2.elapsed();
+        // The warnings about the state are found once it is enforced (they
+        // never change a verdict, and at scale they cost as much as a compile).
+        self.lint_after(pass.lint_due, &compiled);
         match result {
             Ok(generation) => {
                 if check_links {
@@ -322,6 +348,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.ready = true;
                 self.publish();
                 let line = self.status_line();
+                self.trim_due = true;
                 if first {
                     self.out.notifier.ready(&line);
                 } else {
@@ -369,6 +396,16 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// Log the input warnings once each time the set of warnings changes.
+    /// Add the lint warnings of the sets in force to the inputs' own (when
+    /// `due`: `compiled` is their state) and log what is new.
+    fn lint_after(&mut self, due: bool, compiled: &Compiled) {
+        if due {
+            let found = pipeline::lint_warnings(&mut self.held, compiled, &self.copts.node_name);
+            self.warnings.extend(found);
+            self.log_warnings();
+        }
+    }
+
     fn log_warnings(&mut self) {
         if self.warnings == self.logged_warnings {
             return;
@@ -452,6 +489,7 @@ impl<D: Datapath> Reconciler<D> {
             datapath_error: self.datapath_error.clone(),
             state_error: self.saver.error().map(str::to_string),
             metrics_error: self.out.metrics_error.clone(),
+            datapath_stage: self.datapath.stage(),
             etcd: self.fleet.as_ref().map(|f| f.status()),
         }
     }
@@ -498,6 +536,12 @@ impl<D: Datapath> Reconciler<D> {
         if s.degraded {
             line.push_str(" (degraded)");
         }
+        if !s.datapath_stage.enforcing() {
+            line.push_str(&format!(
+                " (datapath stage {}: NOT ENFORCING)",
+                s.datapath_stage
+            ));
+        }
         line
     }
 
@@ -511,7 +555,12 @@ impl<D: Datapath> Reconciler<D> {
             .endpoints
             .iter()
             .map(|ep| {
-                let att = i.attachments.iter().find(|a| a.slot == ep.slot);
+                // Sorted by slot (`attachments`): a search, not a scan per endpoint.
+                let att = i
+                    .attachments
+                    .binary_search_by_key(&ep.slot, |a| a.slot)
+                    .ok()
+                    .map(|at| &i.attachments[at]);
                 EndpointView::of(ep, att, counters.get(&ep.slot).unwrap_or(&none))
             })
             .collect()
@@ -552,6 +601,18 @@ impl<D: Datapath> Reconciler<D> {
                 return;
             }
         }
+    }
+}
+
+/// Give the heap pages freed by replaced sets back to the system: glibc keeps
+/// them otherwise (and a start that parsed on several threads leaves freed
+/// pages in each thread's arena), so the resident size would stay at its peak.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it
+    // touches no memory in use and takes no pointer.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{model, Problem, Warning};
-use crate::datapath::{Attachment, Counters, EventReason, EventVerdict, VerdictEvent};
+use crate::datapath::{Attachment, Counters, EventReason, EventVerdict, Stage, VerdictEvent};
 use crate::policy::types::{self, Compiled, CompiledEndpoint, RuleRef};
 
 /// A request: one JSON line `{"request": "status"}` (or `endpoints`, `monitor`).
@@ -245,6 +245,10 @@ pub struct Status {
     /// daemon enforces without metrics.
     #[serde(default)]
     pub metrics_error: Option<String>,
+    /// Where the datapath's programs stop (`[datapath] stage`): anything but
+    /// `full` enforces nothing (benchmarks only).
+    #[serde(default)]
+    pub datapath_stage: Stage,
     /// Fleet mode (`[etcd]` in netpold.toml); absent for a files-only daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdStatus>,

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::mem::size_of;
 
-use super::layout::{self, EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue};
+use super::layout::{
+    self, EndpointValue, IpcacheKey, IpcacheValue, KernelSlots, PolicyKey, PolicyValue,
+};
 use super::{Attachment, DatapathError};
 use crate::policy::types::Compiled;
 
@@ -39,31 +41,51 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
 impl Contents {
     /// What a generation must hold for `state` enforced on `attachments`
     /// (the same entries a full fill writes; a later duplicate key wins).
-    pub fn build(state: &Compiled, attachments: &[Attachment]) -> Result<Contents, DatapathError> {
+    pub fn build(
+        state: &Compiled,
+        attachments: &[Attachment],
+        slots: &KernelSlots,
+    ) -> Result<Contents, DatapathError> {
         let mut c = Contents::default();
         c.ipcache.reserve(state.ipcache.len());
         for e in &state.ipcache {
             let k = layout::ipcache_key(&e.net);
-            let v = layout::ipcache_value(e);
+            let v = layout::ipcache_value(e, slots);
             c.ipcache
                 .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
+        let unknown = |a: &Attachment| DatapathError::UnknownSlot {
+            ifindex: a.ifindex,
+            slot: a.slot,
+            endpoints: state.endpoints.len(),
+        };
         for a in attachments {
-            let v = layout::endpoint_value(state, a.slot).ok_or(DatapathError::UnknownSlot {
-                ifindex: a.ifindex,
-                slot: a.slot,
-                endpoints: state.endpoints.len(),
-            })?;
+            let kslot = slots.kernel(a.slot).ok_or_else(|| unknown(a))?;
+            let v = layout::endpoint_value(state, a.slot, kslot).ok_or_else(|| unknown(a))?;
             c.endpoints
                 .insert(a.ifindex.to_ne_bytes(), arr(layout::bytes_of(&v)));
         }
         for e in layout::installed_entries(state, attachments) {
-            let k = layout::policy_key(e);
+            let Some(kslot) = slots.kernel(e.endpoint) else {
+                continue;
+            };
+            let k = layout::policy_key_in(e, kslot);
             let v = layout::policy_value(e);
             c.policy
                 .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
         Ok(c)
+    }
+
+    /// Marks every endpoint value with the generation number these contents
+    /// are installed as (its low 32 bits; `struct np_endpoint_value`): the
+    /// number a packet caches in a conntrack entry comes from the maps it
+    /// used, never from a state word that may be half written.
+    pub fn stamp(&mut self, generation: u64) {
+        let at = std::mem::offset_of!(EndpointValue, generation);
+        for v in self.endpoints.values_mut() {
+            v[at..at + 4].copy_from_slice(&(generation as u32).to_ne_bytes());
+        }
     }
 
     /// Number of writes (deletes + upserts) turning `self` into `want`.
@@ -118,21 +140,30 @@ mod tests {
 
     #[test]
     fn empty_state_builds_empty_contents() {
-        let c = Contents::build(&Compiled::default(), &[]).unwrap();
+        let c = Contents::build(&Compiled::default(), &[], &KernelSlots::default()).unwrap();
         assert_eq!(c, Contents::default());
         assert_eq!(c.changes_to(&c), 0);
     }
 
     #[test]
+    fn stamp_writes_the_generation_into_every_endpoint_value() {
+        let mut c = Contents::default();
+        c.endpoints
+            .insert(1u32.to_ne_bytes(), [0xaa; ENDPOINT_VALUE]);
+        c.stamp(0x1_0000_0007);
+        let v = c.endpoints[&1u32.to_ne_bytes()];
+        assert_eq!(&v[..12], &[0xaa; 12], "slot, identity, flags untouched");
+        assert_eq!(&v[12..], &7u32.to_ne_bytes(), "the low 32 bits");
+    }
+
+    #[test]
     fn attachment_of_a_missing_slot_is_an_error() {
-        let e = Contents::build(
-            &Compiled::default(),
-            &[Attachment {
-                slot: 3,
-                ifindex: 7,
-            }],
-        )
-        .unwrap_err();
+        let att = [Attachment {
+            slot: 3,
+            ifindex: 7,
+        }];
+        let slots = KernelSlots::assign(&KernelSlots::default(), &att);
+        let e = Contents::build(&Compiled::default(), &att, &slots).unwrap_err();
         assert!(e.to_string().contains("slot 3"), "{e}");
     }
 }

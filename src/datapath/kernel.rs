@@ -28,7 +28,7 @@ use libbpf_rs::{
 };
 
 use super::generation::{self, Contents, Table};
-use super::layout::{self, EventRecord, StateValue};
+use super::layout::{self, EventRecord, KernelSlots, StateValue};
 use super::skel::types::{self, np_layout};
 use super::skel::{NetpolSkel, NetpolSkelBuilder};
 use super::{Attachment, Counters, Datapath, DatapathError, DatapathSettings, VerdictEvent};
@@ -37,6 +37,9 @@ use crate::policy::types::Compiled;
 
 /// The layout version this build reads and writes (netpol_state_v1).
 const LAYOUT_VERSION: u32 = np_layout::NP_LAYOUT_VERSION.0;
+/// The older layout this build adopts, migrating its conntrack entries
+/// (netpol_ct_v1 → netpol_ct_v2); every other map is the same.
+const LAYOUT_CT_V1: u32 = np_layout::NP_LAYOUT_VERSION_CT_V1.0;
 
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -144,8 +147,10 @@ pub struct KernelDatapath {
     settings: DatapathSettings,
     /// Attached devices: ifindex → how.
     attached: BTreeMap<u32, AttachMode>,
-    /// Endpoint slots of the last applied state (for `counters`).
-    slots: BTreeSet<u32>,
+    /// Kernel slots of the last applied state's attachments (layout::KernelSlots:
+    /// only attached endpoints have one); `None` before the first apply of this
+    /// process, when they are read back from the active generation.
+    kslots: Option<KernelSlots>,
     generation: u64,
     /// netpol_barrier_v1 and the inner map put into it to wait for running
     /// programs (shared with the thread that waits).
@@ -263,8 +268,8 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
             size_of::<StateValue>(),
         ),
         (
-            &m.netpol_ct_v1,
-            "netpol_ct_v1",
+            &m.netpol_ct_v2,
+            "netpol_ct_v2",
             size_of::<layout::CtKey>(),
             size_of::<layout::CtValue>(),
         ),
@@ -351,11 +356,12 @@ fn open_skel(
             cfg_allow_sample_rate: settings.allow_sample_rate,
             cfg_events_per_sec: settings.events_per_sec,
             cfg_world_identity: identity::WORLD,
+            cfg_stage: settings.stage.code(),
         };
         open.maps
-            .netpol_ct_v1
+            .netpol_ct_v2
             .set_max_entries(settings.ct_max_entries.max(1))
-            .map_err(kerr("size netpol_ct_v1"))?;
+            .map_err(kerr("size netpol_ct_v2"))?;
         open.maps
             .netpol_counters_v1
             .set_max_entries(settings.endpoint_max_entries.max(1))
@@ -369,6 +375,11 @@ fn open_skel(
                     continue;
                 }
                 let path = maps_dir.join(&name);
+                if !path.exists() {
+                    // New in this layout (netpol_ct_v2 over a layout-1
+                    // instance): created at load, pinned by `open`.
+                    continue;
+                }
                 // Keep the pinned map's size: sizes from a changed config apply
                 // after a detach, not by failing to adopt.
                 if let Ok(pinned) = MapHandle::from_pinned_path(&path) {
@@ -428,7 +439,7 @@ impl KernelDatapath {
         let state_map = &loaded.skel.maps.netpol_state_v1;
         let mut state = read_state(state_map)?;
         if adopt {
-            if state.layout_version != LAYOUT_VERSION {
+            if state.layout_version != LAYOUT_VERSION && state.layout_version != LAYOUT_CT_V1 {
                 return Err(DatapathError::LayoutVersion {
                     maps_dir,
                     found: state.layout_version,
@@ -442,15 +453,17 @@ impl KernelDatapath {
                 generation: 0,
             };
             write_state(state_map, &state)?;
-            let names = map_names(&loaded.skel);
-            for mut m in loaded.skel.object_mut().maps_mut() {
-                let Some(name) = m.name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if !names.contains(&name) {
-                    continue;
-                }
-                let path = maps_dir.join(&name);
+        }
+        // Pin every map that has no pin yet: all of them on a fresh load (the
+        // leftovers of a dead one were removed above), those new in this
+        // layout when adopting (netpol_ct_v2 over a layout-1 instance).
+        let names = map_names(&loaded.skel);
+        for mut m in loaded.skel.object_mut().maps_mut() {
+            let Some(name) = m.name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = maps_dir.join(&name);
+            if names.contains(&name) && !path.exists() {
                 m.pin(&path)
                     .map_err(kerr(format!("pin {}", path.display())))?;
             }
@@ -492,7 +505,7 @@ impl KernelDatapath {
             pin_dir: pin_dir.to_path_buf(),
             settings: settings.clone(),
             attached: BTreeMap::new(),
-            slots: BTreeSet::new(),
+            kslots: None,
             generation: state.generation,
             barrier: Arc::new((barrier_outer, barrier_inner)),
             pending_barrier: None,
@@ -504,13 +517,78 @@ impl KernelDatapath {
         };
         dp.write_failsafe()?;
         if adopt {
+            let from_v1 = state.layout_version == LAYOUT_CT_V1;
+            // A layout-1 instance's flows: copied before its links switch to
+            // our programs (so no established flow meets an empty table),
+            // and again after (the flows its programs added meanwhile).
+            if from_v1 {
+                dp.migrate_ct_v1(&state)?;
+            }
             dp.adopt_links()?;
+            if from_v1 {
+                dp.migrate_ct_v1(&state)?;
+                let v1 = maps_dir.join("netpol_ct_v1");
+                match std::fs::remove_file(&v1) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(ioerr(format!("unpin {}", v1.display()))(e));
+                    }
+                    _ => {}
+                }
+                write_state(
+                    &dp.loaded.skel.maps.netpol_state_v1,
+                    &StateValue {
+                        layout_version: LAYOUT_VERSION,
+                        ..read_state(&dp.loaded.skel.maps.netpol_state_v1)?
+                    },
+                )?;
+            }
             dp.adopt_generations()?;
             // The earlier process may have flipped just before it ended: wait a
             // grace period before the first write to the inactive generation.
             dp.start_barrier();
         }
         Ok(dp)
+    }
+
+    /// Copies the conntrack entries of a layout-1 instance (pinned
+    /// `netpol_ct_v1`) into `netpol_ct_v2`, keeping entries already there.
+    /// Their verdicts count as decided by no generation: the next packet of
+    /// each flow is judged again (recheck) or checked for spoofing (keep).
+    fn migrate_ct_v1(&self, state: &StateValue) -> Result<usize, DatapathError> {
+        let path = self.pin_dir.join("maps").join("netpol_ct_v1");
+        if !path.exists() {
+            return Ok(0);
+        }
+        let old =
+            MapHandle::from_pinned_path(&path).map_err(kerr(format!("open {}", path.display())))?;
+        let stale = match state.generation as u32 {
+            0 => u32::MAX,
+            g => g,
+        };
+        let new = &self.loaded.skel.maps.netpol_ct_v2;
+        let mut n = 0;
+        for k in old.keys() {
+            let Ok(Some(v)) = old.lookup(&k, MapFlags::ANY) else {
+                continue; // expired meanwhile
+            };
+            let (Some(k), Some(v)) = (
+                layout::from_bytes::<layout::CtV1Key>(&k),
+                layout::from_bytes::<layout::CtV1Value>(&v),
+            ) else {
+                continue;
+            };
+            let (k2, v2) = layout::ct_from_v1(&k, &v, stale);
+            match new.update(
+                layout::bytes_of(&k2),
+                layout::bytes_of(&v2),
+                MapFlags::NO_EXIST,
+            ) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(kerr("migrate netpol_ct_v1 into netpol_ct_v2")(e)),
+            }
+        }
+        Ok(n)
     }
 
     /// True if this instance took over pins of an earlier process.
@@ -835,7 +913,7 @@ impl KernelDatapath {
     /// Removes every conntrack and fragment entry (tests).
     pub fn clear_conntrack(&mut self) -> Result<(), DatapathError> {
         for map in [
-            &self.loaded.skel.maps.netpol_ct_v1,
+            &self.loaded.skel.maps.netpol_ct_v2,
             &self.loaded.skel.maps.netpol_frag_v1,
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
@@ -848,7 +926,7 @@ impl KernelDatapath {
 
     /// Number of live conntrack entries (diagnostics, tests).
     pub fn conntrack_len(&self) -> usize {
-        self.loaded.skel.maps.netpol_ct_v1.keys().count()
+        self.loaded.skel.maps.netpol_ct_v2.keys().count()
     }
 
     fn create_inner(
@@ -1050,12 +1128,30 @@ impl KernelDatapath {
         state: &Compiled,
         attachments: &[Attachment],
     ) -> Result<u64, DatapathError> {
-        layout::check_capacity(state, attachments, &self.settings)?;
-        let want = Contents::build(state, attachments)?;
+        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
+        let prev = match self.kslots.take() {
+            Some(k) => k,
+            None => self.adopted_slots(cur.active & 1),
+        };
+        let kslots = KernelSlots::assign(&prev, attachments);
+        let built = layout::check_capacity(state, attachments, &kslots, &self.settings)
+            .and_then(|_| Contents::build(state, attachments, &kslots));
+        let mut want = match built {
+            Ok(w) => w,
+            Err(e) => {
+                self.kslots = Some(prev);
+                return Err(e);
+            }
+        };
+        // A slot new to its interface counts from zero (an earlier holder's
+        // counts are not this endpoint's).
+        let fresh: Vec<u32> = kslots.new_since(&prev).collect();
+        self.kslots = Some(prev);
+        self.zero_counters(&fresh)?;
 
         // No program may still use the generation we are about to write.
         self.wait_barrier()?;
-        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
+        want.stamp(cur.generation + 1);
         let inactive = (cur.active & 1) ^ 1;
         let idx = inactive as usize;
         if self.gens[idx].is_none() {
@@ -1116,8 +1212,43 @@ impl KernelDatapath {
         self.start_barrier();
 
         self.generation = next.generation;
-        self.slots = attachments.iter().map(|a| a.slot).collect();
+        self.kslots = Some(kslots);
         Ok(next.generation)
+    }
+
+    /// ifindex → kernel slot as the endpoint table of generation `active`
+    /// holds it (an earlier process's), so slots and counters carry over a
+    /// restart; empty when there is none or it cannot be read.
+    fn adopted_slots(&self, active: u32) -> KernelSlots {
+        let Some(g) = self.gens[active as usize].as_ref() else {
+            return KernelSlots::default();
+        };
+        let table = match &g.shadow {
+            Some(s) => s.endpoints.clone(),
+            None => dump_table(&g.endpoints, "endpoint table").unwrap_or_default(),
+        };
+        KernelSlots::adopted(table.iter().filter_map(|(k, v)| {
+            let e = layout::from_bytes::<layout::EndpointValue>(v)?;
+            Some((u32::from_ne_bytes(*k), e.slot))
+        }))
+    }
+
+    /// Reset the per-CPU counters of kernel slots `slots`.
+    fn zero_counters(&self, slots: &[u32]) -> Result<(), DatapathError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let map = &self.skel().maps.netpol_counters_v1;
+        let cpus = libbpf_rs::num_possible_cpus().map_err(|e| DatapathError::Libbpf {
+            op: "count the possible cpus".into(),
+            source: e,
+        })?;
+        let zero = vec![vec![0u8; size_of::<layout::CountersValue>()]; cpus];
+        for k in slots {
+            map.update_percpu(&k.to_ne_bytes(), &zero, MapFlags::ANY)
+                .map_err(kerr(format!("reset netpol_counters_v1[{k}]")))?;
+        }
+        Ok(())
     }
 }
 
@@ -1252,10 +1383,16 @@ impl Datapath for KernelDatapath {
         if max == 0 {
             return out;
         }
+        let kslots = self.kslots.as_ref();
         let mut builder = RingBufferBuilder::new();
         let added = builder.add(&self.skel().maps.netpol_events_v1, |data: &[u8]| {
             if let Some(r) = layout::from_bytes::<EventRecord>(data) {
-                out.push(layout::verdict_event(&r));
+                let mut ev = layout::verdict_event(&r);
+                // The kernel reports its slot; above the datapath slots are compiled ones.
+                if let Some(slot) = kslots.and_then(|k| k.compiled(ev.slot)) {
+                    ev.slot = slot;
+                }
+                out.push(ev);
             }
             0
         });
@@ -1271,13 +1408,10 @@ impl Datapath for KernelDatapath {
     fn counters(&self) -> BTreeMap<u32, Counters> {
         let map = &self.skel().maps.netpol_counters_v1;
         let mut out = BTreeMap::new();
-        let slots: Vec<u32> = if self.slots.is_empty() {
-            (0..self.settings.endpoint_max_entries).collect()
-        } else {
-            self.slots.iter().copied().collect()
-        };
-        for slot in slots {
-            let Ok(Some(per_cpu)) = map.lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY) else {
+        // Counted by kernel slot, reported by the compiled slot behind it;
+        // nothing before this process's first apply (no state to name them by).
+        for (kslot, slot) in self.kslots.iter().flat_map(KernelSlots::iter) {
+            let Ok(Some(per_cpu)) = map.lookup_percpu(&kslot.to_ne_bytes(), MapFlags::ANY) else {
                 continue;
             };
             let mut c = Counters::default();
@@ -1291,11 +1425,13 @@ impl Datapath for KernelDatapath {
                     c.audit += v.audit;
                 }
             }
-            if self.slots.contains(&slot) || c != Counters::default() {
-                out.insert(slot, c);
-            }
+            out.insert(slot, c);
         }
         out
+    }
+
+    fn stage(&self) -> super::Stage {
+        self.settings.stage
     }
 
     fn detach_all(&mut self) -> Result<(), DatapathError> {

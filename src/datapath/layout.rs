@@ -6,7 +6,7 @@
 //! bpf/lib/netpol_abi.h; none is written down here a second time. Pure: no
 //! syscalls, unit-tested without root.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -27,6 +27,8 @@ pub type PolicyValue = types::np_policy_value;
 pub type StateValue = types::np_state;
 pub type CtKey = types::np_ct_key;
 pub type CtValue = types::np_ct_value;
+pub type CtV1Key = types::np_ct_v1_key;
+pub type CtV1Value = types::np_ct_v1_value;
 pub type FragKey = types::np_frag_key;
 pub type FragValue = types::np_frag_value;
 pub type FailsafeKey = types::np_failsafe_key;
@@ -44,7 +46,9 @@ const _: () = assert!(size_of::<EndpointValue>() == 16);
 const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 44);
-const _: () = assert!(size_of::<CtValue>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<CtV1Key>() == 44);
+const _: () = assert!(size_of::<CtV1Value>() == 16);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<FailsafeKey>() == 4);
@@ -131,10 +135,104 @@ pub fn ipcache_lookup_key(addr: IpAddr) -> IpcacheKey {
     ipcache_key(&IpNet::from(addr))
 }
 
-pub fn ipcache_value(e: &IpcacheEntry) -> IpcacheValue {
+/// The ipcache value of `e`: its identity, and the kernel slot of the
+/// endpoint owning the address when that endpoint is attached here (the
+/// anti-spoofing check compares it with the sending endpoint's slot); none
+/// for remote endpoints and endpoints not attached.
+pub fn ipcache_value(e: &IpcacheEntry, slots: &KernelSlots) -> IpcacheValue {
     IpcacheValue {
         identity: e.identity,
-        endpoint: e.endpoint.unwrap_or(np_none::NP_SLOT_NONE.0),
+        endpoint: e
+            .endpoint
+            .and_then(|s| slots.kernel(s))
+            .unwrap_or(np_none::NP_SLOT_NONE.0),
+    }
+}
+
+/// Kernel slots: the numbers the datapath's endpoint table, policy keys and
+/// per-slot counters use. Only attached endpoints have one, so the endpoint
+/// table and the counters are sized by the endpoints enforced on this host,
+/// not by the registry (remote endpoints live only in the ipcache). A slot
+/// stays with its interface (ifindex) while it stays attached, whatever the
+/// registry does around it, so counters keep following their endpoint; a new
+/// attachment takes the lowest free slot. Compiled slots ([`Compiled::endpoints`]
+/// indexes) are what everything above the datapath sees: events and counters
+/// are mapped back through [`KernelSlots::compiled`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSlots {
+    /// ifindex → kernel slot.
+    by_ifindex: BTreeMap<u32, u32>,
+    /// compiled slot → kernel slot.
+    by_compiled: HashMap<u32, u32>,
+    /// kernel slot → compiled slot.
+    to_compiled: BTreeMap<u32, u32>,
+}
+
+impl KernelSlots {
+    /// Kernel slots for `attachments`: those of `prev` for interfaces that
+    /// stay attached, the lowest free ones for the others (in attachment order).
+    pub fn assign(prev: &KernelSlots, attachments: &[Attachment]) -> KernelSlots {
+        let mut next = KernelSlots::default();
+        let mut fresh = Vec::new();
+        for a in attachments {
+            match prev.by_ifindex.get(&a.ifindex) {
+                Some(k) if !next.to_compiled.contains_key(k) => next.insert(a, *k),
+                _ => fresh.push(a),
+            }
+        }
+        let mut free = (0u32..).filter(|k| !next.to_compiled.contains_key(k));
+        let taken: Vec<(&Attachment, u32)> = fresh
+            .into_iter()
+            .map(|a| (a, free.next().expect("u32 slots outnumber attachments")))
+            .collect();
+        for (a, k) in taken {
+            next.insert(a, k);
+        }
+        next
+    }
+
+    /// Seed from an endpoint table read back from the kernel (ifindex →
+    /// kernel slot), so a restarted daemon keeps the slots it finds.
+    pub fn adopted(table: impl IntoIterator<Item = (u32, u32)>) -> KernelSlots {
+        KernelSlots {
+            by_ifindex: table.into_iter().collect(),
+            ..KernelSlots::default()
+        }
+    }
+
+    fn insert(&mut self, a: &Attachment, k: u32) {
+        self.by_ifindex.insert(a.ifindex, k);
+        self.by_compiled.insert(a.slot, k);
+        self.to_compiled.insert(k, a.slot);
+    }
+
+    /// The kernel slot of the endpoint in compiled slot `slot`, if attached.
+    pub fn kernel(&self, slot: u32) -> Option<u32> {
+        self.by_compiled.get(&slot).copied()
+    }
+
+    /// The compiled slot behind kernel slot `k`.
+    pub fn compiled(&self, k: u32) -> Option<u32> {
+        self.to_compiled.get(&k).copied()
+    }
+
+    /// (kernel slot, compiled slot) of every attached endpoint, by kernel slot.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.to_compiled.iter().map(|(k, c)| (*k, *c))
+    }
+
+    /// The highest kernel slot in use plus one (0 when none).
+    pub fn span(&self) -> u32 {
+        self.to_compiled.keys().next_back().map_or(0, |k| k + 1)
+    }
+
+    /// Kernel slots given to an interface that did not hold them in `prev`
+    /// (their per-slot counters start again from zero).
+    pub fn new_since<'a>(&'a self, prev: &'a KernelSlots) -> impl Iterator<Item = u32> + 'a {
+        self.by_ifindex
+            .iter()
+            .filter(move |(ifx, k)| prev.by_ifindex.get(ifx) != Some(k))
+            .map(|(_, k)| *k)
     }
 }
 
@@ -157,7 +255,14 @@ pub fn policy_prefixlen(proto: u8, port_prefix: u8) -> u32 {
     }
 }
 
+/// The policy key of `e` with its compiled slot as the key's slot (tests,
+/// and a state whose slots are the kernel's).
 pub fn policy_key(e: &PolicyEntry) -> PolicyKey {
+    policy_key_in(e, e.endpoint)
+}
+
+/// The policy key of `e` for the endpoint in kernel slot `kslot`.
+pub fn policy_key_in(e: &PolicyEntry, kslot: u32) -> PolicyKey {
     let (port, prefix) = if e.proto == 0 {
         (0, 0)
     } else {
@@ -165,7 +270,7 @@ pub fn policy_key(e: &PolicyEntry) -> PolicyKey {
     };
     PolicyKey {
         prefixlen: policy_prefixlen(e.proto, prefix),
-        slot: e.endpoint,
+        slot: kslot,
         identity: e.identity,
         direction: direction_code(e.direction),
         proto: e.proto,
@@ -235,8 +340,9 @@ pub fn verdict_event(r: &EventRecord) -> VerdictEvent {
     }
 }
 
-/// Endpoint table value of the endpoint in `slot` of `state`.
-pub fn endpoint_value(state: &Compiled, slot: u32) -> Option<EndpointValue> {
+/// Endpoint table value of the endpoint in `slot` of `state`, attached in
+/// kernel slot `kslot`.
+pub fn endpoint_value(state: &Compiled, slot: u32, kslot: u32) -> Option<EndpointValue> {
     let ep = state.endpoints.get(slot as usize)?;
     let mut flags = 0;
     if ep.kind == EndpointKind::Host {
@@ -252,11 +358,64 @@ pub fn endpoint_value(state: &Compiled, slot: u32) -> Option<EndpointValue> {
         flags |= np_endpoint_flags::NP_EP_F_AUDIT.0;
     }
     Some(EndpointValue {
-        slot,
+        slot: kslot,
         identity: ep.identity,
         flags,
-        reserved: 0,
+        // The generation number is stamped at apply (Contents::stamp).
+        generation: 0,
     })
+}
+
+/// True when (s, sport) is side b of a conntrack key: the greater end, words
+/// of the address in memory order, then the port (bpf/lib/conntrack.h,
+/// np_ct_src_is_b; the kernel compares native-endian words).
+fn ct_src_is_b(s: &[u8; 16], d: &[u8; 16], sport: u16, dport: u16) -> bool {
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    for i in (0..16).step_by(4) {
+        let (x, y) = (word(s, i), word(d, i));
+        if x != y {
+            return x > y;
+        }
+    }
+    sport > dport
+}
+
+/// A layout-1 conntrack entry (netpol_ct_v1: keyed by its first packet's
+/// hook and tuple) as the layout-2 entry of the same flow, its verdict marked
+/// as decided by no generation (`stale`: the next packet is judged again
+/// under `recheck`, checked for spoofing under `keep`).
+pub fn ct_from_v1(k: &CtV1Key, v: &CtV1Value, stale: u32) -> (CtKey, CtValue) {
+    let src_b = ct_src_is_b(&k.saddr, &k.daddr, k.sport, k.dport);
+    let (a, b, pa, pb) = if src_b {
+        (k.daddr, k.saddr, k.dport, k.sport)
+    } else {
+        (k.saddr, k.daddr, k.sport, k.dport)
+    };
+    let key = CtKey {
+        addr_a: a,
+        addr_b: b,
+        port_a: pa,
+        port_b: pb,
+        ifindex: k.ifindex,
+        proto: k.proto,
+        family: k.family,
+        pad: 0,
+    };
+    let value = CtValue {
+        expires_ns: v.expires_ns,
+        rule: v.rule,
+        generation: stale,
+        reply_generation: stale,
+        state: v.state,
+        flags: if src_b {
+            types::np_ct_flags::NP_CT_F_ORIG_B.0
+        } else {
+            0
+        },
+        hook: k.hook,
+        pad: 0,
+    };
+    (key, value)
 }
 
 /// The policy entries a generation installs: those of attached endpoints
@@ -266,10 +425,13 @@ pub fn installed_entries<'a>(
     attachments: &[Attachment],
 ) -> impl Iterator<Item = &'a PolicyEntry> + 'a {
     let slots: BTreeSet<u32> = attachments.iter().map(|a| a.slot).collect();
-    state
-        .entries
-        .iter()
-        .filter(move |e| slots.contains(&e.endpoint))
+    // Entries are sorted by endpoint: each attached endpoint's run, not a scan
+    // of every entry with a set lookup each.
+    slots.into_iter().flat_map(move |slot| {
+        let lo = state.entries.partition_point(|e| e.endpoint < slot);
+        let hi = lo + state.entries[lo..].partition_point(|e| e.endpoint == slot);
+        state.entries[lo..hi].iter()
+    })
 }
 
 /// How many entries one generation needs in each map.
@@ -280,11 +442,12 @@ pub struct Counts {
     pub policy: usize,
 }
 
-/// Checks `state` and `attachments` against the map sizes before anything is
-/// written: a state that does not fit is refused whole.
+/// Checks `state` and `attachments` (in kernel slots `slots`) against the map
+/// sizes before anything is written: a state that does not fit is refused whole.
 pub fn check_capacity(
     state: &Compiled,
     attachments: &[Attachment],
+    slots: &KernelSlots,
     settings: &DatapathSettings,
 ) -> Result<Counts, DatapathError> {
     let ipcache: BTreeSet<(u8, u32, [u8; 16])> = state
@@ -336,13 +499,13 @@ pub fn check_capacity(
                 endpoints: state.endpoints.len(),
             });
         }
-        if a.slot >= settings.endpoint_max_entries {
-            return Err(DatapathError::Capacity {
-                map: "counters (endpoint_max_entries, by slot)",
-                needed: a.slot as usize + 1,
-                max: settings.endpoint_max_entries as usize,
-            });
-        }
+    }
+    if slots.span() > settings.endpoint_max_entries {
+        return Err(DatapathError::Capacity {
+            map: "counters (endpoint_max_entries, by slot)",
+            needed: slots.span() as usize,
+            max: settings.endpoint_max_entries as usize,
+        });
     }
     Ok(counts)
 }
@@ -350,6 +513,45 @@ pub fn check_capacity(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v1(s: [u8; 4], d: [u8; 4], sport: u16, dport: u16, hook: u8) -> CtV1Key {
+        let mut k = CtV1Key {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport,
+            dport,
+            ifindex: 7,
+            proto: 6,
+            family: np_family::NP_FAMILY_V4.0,
+            hook,
+            pad: 0,
+        };
+        k.saddr[..4].copy_from_slice(&s);
+        k.daddr[..4].copy_from_slice(&d);
+        k
+    }
+
+    /// A flow and its reply map to one layout-2 key; the value remembers
+    /// which side and hook originated it, and that no generation decided it.
+    #[test]
+    fn layout_1_conntrack_entries_become_one_normalised_entry() {
+        let val = CtV1Value {
+            expires_ns: 99,
+            rule: 3,
+            state: types::np_ct_state::NP_CT_SEEN_REPLY.0,
+            pad: [0; 3],
+        };
+        let (ka, va) = ct_from_v1(&v1([10, 0, 0, 2], [10, 0, 0, 1], 5, 80, 0), &val, 41);
+        let (kb, vb) = ct_from_v1(&v1([10, 0, 0, 1], [10, 0, 0, 2], 80, 5, 1), &val, 41);
+        assert_eq!(bytes_of(&ka), bytes_of(&kb), "one key for both directions");
+        assert_ne!(va.flags, vb.flags, "the originating side differs");
+        assert_eq!((va.hook, vb.hook), (0, 1));
+        assert_eq!((va.generation, va.reply_generation, va.rule), (41, 41, 3));
+        assert_eq!((va.expires_ns, va.state), (99, val.state));
+        // Same addresses: the port decides the side.
+        let (kc, _) = ct_from_v1(&v1([10, 0, 0, 1], [10, 0, 0, 1], 9, 8, 0), &val, 0);
+        assert_eq!((kc.port_a, kc.port_b), (8, 9));
+    }
     use crate::policy::types::{CompiledEndpoint, IpcacheEntry};
 
     fn entry(proto: u8, port: u16, port_prefix: u8) -> PolicyEntry {
@@ -476,6 +678,63 @@ mod tests {
         c
     }
 
+    /// The capacity check with kernel slots assigned from nothing.
+    fn cap(
+        s: &Compiled,
+        att: &[Attachment],
+        settings: &DatapathSettings,
+    ) -> Result<Counts, DatapathError> {
+        let slots = KernelSlots::assign(&KernelSlots::default(), att);
+        check_capacity(s, att, &slots, settings)
+    }
+
+    fn att(slot: u32, ifindex: u32) -> Attachment {
+        Attachment { slot, ifindex }
+    }
+
+    #[test]
+    fn kernel_slots_number_attached_endpoints_only_and_stay_with_their_interface() {
+        // Compiled slots 4000 and 9000 (a registry of remote endpoints around
+        // them) take kernel slots 0 and 1: two counters, two table entries.
+        let a = [att(4000, 11), att(9000, 12)];
+        let k = KernelSlots::assign(&KernelSlots::default(), &a);
+        assert_eq!(k.iter().collect::<Vec<_>>(), vec![(0, 4000), (1, 9000)]);
+        assert_eq!((k.kernel(9000), k.kernel(5), k.span()), (Some(1), None, 2));
+        // The registry moves both (compiled slots change); 11 goes, 13 comes:
+        // 12 keeps kernel slot 1, 13 takes the free 0.
+        let b = [att(10, 12), att(20, 13)];
+        let k2 = KernelSlots::assign(&k, &b);
+        assert_eq!(k2.iter().collect::<Vec<_>>(), vec![(0, 20), (1, 10)]);
+        assert_eq!(k2.new_since(&k).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(k2.compiled(1), Some(10));
+        // Seeded from a kernel's endpoint table after a restart.
+        let k3 = KernelSlots::assign(&KernelSlots::adopted([(13, 7)]), &b);
+        assert_eq!(k3.kernel(20), Some(7));
+        assert_eq!(k3.kernel(10), Some(0));
+    }
+
+    #[test]
+    fn remote_endpoints_cost_no_endpoint_slot() {
+        // 5000 endpoints compiled, one attached: an endpoint table of 1 fits.
+        let s = state(5000, 0, 0);
+        assert!(cap(&s, &[att(4999, 3)], &settings(1, 1, 1)).is_ok());
+        let e = cap(&s, &[att(1, 3), att(4999, 4)], &settings(1, 1, 1)).unwrap_err();
+        assert!(e.to_string().contains("endpoint_max_entries"), "{e}");
+    }
+
+    #[test]
+    fn ipcache_values_carry_kernel_slots_of_attached_endpoints_only() {
+        let e = IpcacheEntry {
+            net: "10.0.0.1/32".parse().unwrap(),
+            identity: 300,
+            endpoint: Some(4000),
+        };
+        let k = KernelSlots::assign(&KernelSlots::default(), &[att(4000, 11)]);
+        assert_eq!(ipcache_value(&e, &k).endpoint, 0);
+        let none = KernelSlots::default();
+        assert_eq!(ipcache_value(&e, &none).endpoint, np_none::NP_SLOT_NONE.0);
+    }
+
     fn settings(ipc: u32, ep: u32, pol: u32) -> DatapathSettings {
         DatapathSettings {
             ipcache_max_entries: ipc,
@@ -498,7 +757,7 @@ mod tests {
                 ifindex: 12,
             },
         ];
-        let c = check_capacity(&s, &att, &settings(10, 2, 20)).unwrap();
+        let c = cap(&s, &att, &settings(10, 2, 20)).unwrap();
         assert_eq!(
             c,
             Counts {
@@ -507,12 +766,12 @@ mod tests {
                 policy: 20
             }
         );
-        let e = check_capacity(&s, &att, &settings(10, 2, 19)).unwrap_err();
+        let e = cap(&s, &att, &settings(10, 2, 19)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "policy map (policy_max_entries) needs 20 entries but holds at most 19; the running state was kept"
         );
-        let e = check_capacity(&s, &att, &settings(9, 2, 20)).unwrap_err();
+        let e = cap(&s, &att, &settings(9, 2, 20)).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -524,7 +783,7 @@ mod tests {
             ),
             "{e}"
         );
-        let e = check_capacity(&s, &att, &settings(10, 1, 20)).unwrap_err();
+        let e = cap(&s, &att, &settings(10, 1, 20)).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -549,32 +808,26 @@ mod tests {
             slot: 0,
             ifindex: 11,
         }];
-        assert_eq!(
-            check_capacity(&s, &att, &settings(1, 2, 5)).unwrap().policy,
-            5
-        );
+        assert_eq!(cap(&s, &att, &settings(1, 2, 5)).unwrap().policy, 5);
         let att = [Attachment {
             slot: 2,
             ifindex: 12,
         }];
-        assert_eq!(
-            check_capacity(&s, &att, &settings(1, 4, 5)).unwrap().policy,
-            1
-        );
+        assert_eq!(cap(&s, &att, &settings(1, 4, 5)).unwrap().policy, 1);
     }
 
     #[test]
     fn duplicate_ipcache_prefixes_count_once() {
         let mut s = state(1, 1, 0);
         s.ipcache.push(s.ipcache[0].clone());
-        let c = check_capacity(&s, &[], &settings(1, 1, 1)).unwrap();
+        let c = cap(&s, &[], &settings(1, 1, 1)).unwrap();
         assert_eq!(c.ipcache, 1);
     }
 
     #[test]
     fn attachment_to_an_unknown_slot_is_refused() {
         let s = state(2, 0, 0);
-        let e = check_capacity(
+        let e = cap(
             &s,
             &[Attachment {
                 slot: 5,
@@ -596,7 +849,8 @@ mod tests {
         assert_eq!(verdict_code(EntryVerdict::StagedDeny), 3);
         assert_eq!(verdict_code(EntryVerdict::AllowStagedDeny), 4);
         assert_eq!(verdict_code(EntryVerdict::StagedDefaultDeny), 5);
-        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 1);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 2);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION_CT_V1.0, 1);
         assert_eq!(np_none::NP_RULE_NONE.0, u32::MAX);
         assert_eq!(np_none::NP_SLOT_NONE.0, u32::MAX);
         assert_eq!(types::np_action::NP_DROP.0, 2);
@@ -697,10 +951,11 @@ mod tests {
     #[test]
     fn endpoint_flags_follow_the_compiled_endpoint() {
         let s = state(3, 0, 0);
-        assert_eq!(endpoint_value(&s, 0).unwrap().flags, 0x1, "host");
-        assert_eq!(endpoint_value(&s, 1).unwrap().flags, 0x2, "deny ingress");
-        assert_eq!(endpoint_value(&s, 2).unwrap().flags, 0x8, "audit");
-        assert_eq!(endpoint_value(&s, 2).unwrap().identity, 258);
-        assert!(endpoint_value(&s, 3).is_none());
+        assert_eq!(endpoint_value(&s, 0, 0).unwrap().flags, 0x1, "host");
+        assert_eq!(endpoint_value(&s, 1, 1).unwrap().flags, 0x2, "deny ingress");
+        assert_eq!(endpoint_value(&s, 2, 2).unwrap().flags, 0x8, "audit");
+        assert_eq!(endpoint_value(&s, 2, 0).unwrap().identity, 258);
+        assert!(endpoint_value(&s, 3, 3).is_none());
+        assert_eq!(endpoint_value(&s, 2, 9).unwrap().slot, 9, "the kernel slot");
     }
 }

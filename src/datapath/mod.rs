@@ -18,7 +18,7 @@ pub use kernel::{Hook, KernelDatapath};
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::types::{Compiled, Direction};
 use crate::sizes::MapSizes;
@@ -29,6 +29,77 @@ use crate::sizes::MapSizes;
 pub struct Attachment {
     pub slot: u32,
     pub ifindex: u32,
+}
+
+/// Where the programs stop (`[datapath] stage`, bpf/lib/netpol_abi.h `enum
+/// np_stage`): a benchmark setting that measures the per-packet cost step by
+/// step. Anything but [`Stage::Full`] passes every packet after that step and
+/// enforces nothing; the daemon says so in its log and status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The whole pipeline: enforcing.
+    #[default]
+    Full,
+    /// Return at entry: a no-op tcx program (the cost of having a hook at all).
+    Entry,
+    /// Return after the generation and endpoint lookup.
+    Endpoint,
+    /// Return after parsing.
+    Parse,
+    /// Return after the ipcache lookups (anti-spoofing, remote identity).
+    Ipcache,
+    /// Return after conntrack (a new flow gets its entry, so the next packet
+    /// measures an established one).
+    Conntrack,
+}
+
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Stage; 6] = [
+        Stage::Entry,
+        Stage::Endpoint,
+        Stage::Parse,
+        Stage::Ipcache,
+        Stage::Conntrack,
+        Stage::Full,
+    ];
+
+    /// The name netpold.toml and `netpolctl status` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Full => "full",
+            Stage::Entry => "entry",
+            Stage::Endpoint => "endpoint",
+            Stage::Parse => "parse",
+            Stage::Ipcache => "ipcache",
+            Stage::Conntrack => "conntrack",
+        }
+    }
+
+    /// The value of `cfg_stage` (the skeleton's `np_stage`).
+    pub fn code(self) -> u32 {
+        use skel::types::np_stage;
+        match self {
+            Stage::Full => np_stage::NP_STAGE_FULL.0,
+            Stage::Entry => np_stage::NP_STAGE_ENTRY.0,
+            Stage::Endpoint => np_stage::NP_STAGE_ENDPOINT.0,
+            Stage::Parse => np_stage::NP_STAGE_PARSE.0,
+            Stage::Ipcache => np_stage::NP_STAGE_IPCACHE.0,
+            Stage::Conntrack => np_stage::NP_STAGE_CONNTRACK.0,
+        }
+    }
+
+    /// True when the programs enforce policy.
+    pub fn enforcing(self) -> bool {
+        self == Stage::Full
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Load-time and run-time settings the datapath needs from the daemon config.
@@ -55,6 +126,8 @@ pub struct DatapathSettings {
     pub ct_timeout_established_secs: u32,
     pub ct_timeout_close_secs: u32,
     pub ct_timeout_other_secs: u32,
+    /// Where the programs stop ([`Stage::Full`] but in benchmarks).
+    pub stage: Stage,
 }
 
 impl Default for DatapathSettings {
@@ -74,6 +147,7 @@ impl Default for DatapathSettings {
             ct_timeout_established_secs: 21600,
             ct_timeout_close_secs: 10,
             ct_timeout_other_secs: 60,
+            stage: Stage::Full,
         }
     }
 }
@@ -160,4 +234,9 @@ pub trait Datapath {
 
     /// Remove everything: links, programs, maps, pins.
     fn detach_all(&mut self) -> Result<(), DatapathError>;
+
+    /// Where the loaded programs stop ([`Stage::Full`]: they enforce).
+    fn stage(&self) -> Stage {
+        Stage::Full
+    }
 }

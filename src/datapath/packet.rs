@@ -194,7 +194,8 @@ impl PacketSpec {
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 let mut chain: Vec<u8> = self.ext_headers.clone();
-                if self.fragment.is_some() {
+                // The fragment header comes last unless the chain places it.
+                if self.fragment.is_some() && !chain.contains(&44) {
                     chain.push(44);
                 }
                 let first = chain.first().copied().unwrap_or(proto);

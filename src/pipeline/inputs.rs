@@ -94,6 +94,10 @@ pub trait Inputs: Send {
     /// Read the registry.
     fn registry(&mut self, hint: Hint<'_>) -> Read<RegistrySet>;
 
+    /// Both kinds are about to be read whole (a first pass): a source may
+    /// start on both at once (files parsed side by side on the machine's cores).
+    fn prefetch(&mut self) {}
+
     /// Files parsed by the last read of each kind, for the apply log line.
     fn files_parsed(&self) -> usize {
         0
@@ -243,6 +247,18 @@ impl FileInputs {
 }
 
 impl Inputs for FileInputs {
+    fn prefetch(&mut self) {
+        if let Some(cache) = self.cache.as_mut() {
+            cache.prefetch(
+                &[
+                    (&self.policy_dir, FileKind::Policy),
+                    (&self.endpoint_dirs, FileKind::Registry),
+                ],
+                &self.opts,
+            );
+        }
+    }
+
     fn policies(&mut self, hint: Hint<'_>) -> Read<PolicySet> {
         match self.read(FileKind::Policy, hint) {
             None => Read::Unchanged,

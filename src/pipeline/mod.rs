@@ -76,30 +76,87 @@ pub struct Held {
     pub registry: Option<InForce<RegistrySet>>,
     /// The last policy set that compiled within the limits: in force while a
     /// newer one is refused for not fitting.
-    fitting: Option<PolicySet>,
-    /// The policy set in `policies` compiled within the limits.
-    policies_fit: bool,
+    fitting: Fitting<PolicySet>,
+    /// The last registry that compiled within the limits: in force while a
+    /// newer one makes the policies overflow a map.
+    fitting_registry: Fitting<RegistrySet>,
     /// Sets replaced by passes; the caller drops them when it likes (freeing
     /// thousands of policies is not on the way to enforcement).
     pub retired: Vec<Box<dyn Any + Send + Sync>>,
     /// The lint warnings of the sets in force (`policy::lint`) and the node
     /// name they were found for: found again only when a set or the name changes.
     lint: Option<(String, Vec<Warning>)>,
+    /// Leave the lint to the caller ([`lint_warnings`] once the state is
+    /// applied): netpold, so that warnings never delay enforcement.
+    pub defer_lint: bool,
+}
+
+/// The last set of a kind that compiled within the limits, kept while the
+/// one held now does not (or has not yet).
+struct Fitting<T> {
+    /// The last set that fit, when it is not the one held now.
+    last: Option<T>,
+    /// The set held now compiled within the limits.
+    current: bool,
 }
 
 impl Held {
-    /// A policy set replaced by a newer one: kept as the last that fit when it
-    /// did (and nothing older is kept), else retired.
-    fn replace_policies(&mut self, old: Option<PolicySet>) {
+    /// Nothing held yet, and the lint left to the caller ([`Held::defer_lint`]).
+    pub fn deferring_lint() -> Held {
+        Held {
+            defer_lint: true,
+            ..Held::default()
+        }
+    }
+}
+
+impl<T> Default for Fitting<T> {
+    fn default() -> Self {
+        Fitting {
+            last: None,
+            current: false,
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Fitting<T> {
+    /// The set held was replaced by a newer one: kept as the last that fit
+    /// when it did (and nothing older is kept), else retired.
+    fn replaced(&mut self, old: Option<T>, retired: &mut Vec<Box<dyn Any + Send + Sync>>) {
         let Some(old) = old else { return };
-        if self.policies_fit {
-            if let Some(older) = self.fitting.replace(old) {
-                self.retired.push(Box::new(older));
+        if self.current {
+            if let Some(older) = self.last.replace(old) {
+                retired.push(Box::new(older));
             }
         } else {
-            self.retired.push(Box::new(old));
+            retired.push(Box::new(old));
         }
-        self.policies_fit = false;
+        self.current = false;
+    }
+
+    /// The set held now compiled: nothing older is needed.
+    fn fits(&mut self, retired: &mut Vec<Box<dyn Any + Send + Sync>>) {
+        self.current = true;
+        if let Some(old) = self.last.take() {
+            retired.push(Box::new(old));
+        }
+    }
+
+    /// The set to fall back on while the one held does not fit: the last that
+    /// fit, else (nothing fit yet in this process) the saved copy.
+    fn fallback(&mut self, inputs: &dyn Inputs, saved: &dyn SavedCopies) -> Option<&T>
+    where
+        T: InputSet,
+    {
+        if self.current {
+            return None;
+        }
+        if self.last.is_none() {
+            self.last = saved
+                .dirs(T::KIND)
+                .and_then(|dirs| T::read_saved(&*inputs.saved(), &dirs).ok());
+        }
+        self.last.as_ref()
     }
 }
 
@@ -123,8 +180,14 @@ pub struct Pass {
     pub refused: bool,
     /// The kinds for which a saved copy was put in force by this pass.
     pub from_saved: Vec<Kind>,
+    /// The kinds whose last set that fit the maps is what `compiled` was
+    /// compiled from, because the set held now does not fit.
+    pub kept: Vec<Kind>,
     /// Files parsed by this pass's reads.
     pub files_parsed: usize,
+    /// `compiled` was compiled from the sets in force (not a fallback): their
+    /// lint warnings belong with it (in `warnings` unless [`Held::defer_lint`]).
+    pub lint_due: bool,
     /// Time spent reading, and compiling.
     pub load: Duration,
     pub compile: Duration,
@@ -202,20 +265,24 @@ pub fn load_and_compile(
     let t0 = Instant::now();
     let mut pass = Pass::default();
     let mut changed = true;
+    if held.policies.is_none() && held.registry.is_none() {
+        inputs.prefetch();
+    }
     match step(&mut held.policies, inputs, hint, saved, &mut pass) {
         Step::Kept => changed = false,
-        Step::Replaced(old) => held.replace_policies(old),
-        Step::NoneInForce => held.policies_fit = false,
+        Step::Replaced(old) => held.fitting.replaced(old, &mut held.retired),
+        Step::NoneInForce => held.fitting.current = false,
     }
     match step(&mut held.registry, inputs, hint, saved, &mut pass) {
         Step::Kept => {}
         Step::Replaced(old) => {
             changed = true;
-            if let Some(old) = old {
-                held.retired.push(Box::new(old));
-            }
+            held.fitting_registry.replaced(old, &mut held.retired);
         }
-        Step::NoneInForce => changed = true,
+        Step::NoneInForce => {
+            changed = true;
+            held.fitting_registry.current = false;
+        }
     }
     if changed {
         held.lint = None;
@@ -231,41 +298,68 @@ pub fn load_and_compile(
     let t1 = Instant::now();
     let mut compiled = compiler.compile(&pol.set, &reg.set, opts);
     pass.policies = pol.set.policies.len();
-    if let Err(e) = &compiled {
+    if let Some(e) = compiled.as_ref().err().cloned() {
         // A set that would not fit the maps is invalid input, like a parse
-        // error: the last policy set that fit stays in force, with the registry
-        // as it is now when that fits (else nothing is compiled).
-        pass.problems.push((*e.problem).clone());
+        // error: the last set of each kind that fit stays in force. The
+        // policies first (the registry as it is now when that fits), then the
+        // registry (a registry change made the policies overflow: the policies
+        // as they are now, with the last registry that fit), then both.
         pass.refused = true;
-        // The set in force fit before (the registry or host grew): there is
-        // no other set to fall back to but the saved one.
-        if held.fitting.is_none() && !held.policies_fit {
-            held.fitting = read_saved::<PolicySet>(inputs, saved, &mut pass);
+        let old_pol = held.fitting.fallback(inputs, saved);
+        let old_reg = held.fitting_registry.fallback(inputs, saved);
+        let mut tries = Vec::new();
+        if let Some(p) = old_pol {
+            tries.push((p, &reg.set, vec![Kind::Policies]));
         }
-        if let Some(old) = held.fitting.as_ref().filter(|_| !held.policies_fit) {
-            if let Ok(c) = compiler.compile(old, &reg.set, opts) {
-                (compiled, pass.policies) = (Ok(c), old.policies.len());
+        if let Some(r) = old_reg {
+            tries.push((&pol.set, r, vec![Kind::Registry]));
+        }
+        if let (Some(p), Some(r)) = (old_pol, old_reg) {
+            tries.push((p, r, vec![Kind::Policies, Kind::Registry]));
+        }
+        for (p, r, kept) in tries {
+            if let Ok(c) = compiler.compile(p, r, opts) {
+                (compiled, pass.policies, pass.kept) = (Ok(c), p.policies.len(), kept);
+                break;
             }
         }
+        let blame_endpoint = pass.kept == [Kind::Registry];
+        // A registry change to blame: the endpoint that pushed the map over
+        // (its file and field), not the rule that was fine before.
+        let problem = match (&e.endpoint, blame_endpoint) {
+            (Some(ep), true) => ep,
+            _ => &e.problem,
+        };
+        pass.problems.push((**problem).clone());
     } else {
-        held.policies_fit = true;
-        if let Some(old) = held.fitting.take() {
-            held.retired.push(Box::new(old));
-        }
-        if let Ok(c) = &compiled {
-            let name = &opts.node_name;
-            if held.lint.as_ref().is_none_or(|(n, _)| n != name) {
-                let found = lint::lint(&pol.set, &reg.set, c, name);
-                held.lint = Some((name.clone(), found));
-            }
-            if let Some((_, found)) = &held.lint {
-                pass.warnings.extend(found.iter().cloned());
-            }
+        held.fitting.fits(&mut held.retired);
+        held.fitting_registry.fits(&mut held.retired);
+        pass.lint_due = true;
+        if let (Ok(c), false) = (&compiled, held.defer_lint) {
+            pass.warnings
+                .extend(lint_warnings(held, c, &opts.node_name));
         }
     }
     pass.compile = t1.elapsed();
     pass.compiled = compiled.ok();
     pass
+}
+
+/// What `policy::lint` finds in the sets in force, `compiled` being the state
+/// a pass just compiled from them (one whose [`Pass::lint_due`] is set): found
+/// again only when a set or the node name changed since the last time.
+pub fn lint_warnings(held: &mut Held, compiled: &Compiled, node_name: &str) -> Vec<Warning> {
+    let (Some(pol), Some(reg)) = (&held.policies, &held.registry) else {
+        return Vec::new();
+    };
+    if held.lint.as_ref().is_none_or(|(n, _)| n != node_name) {
+        let found = lint::lint(&pol.set, &reg.set, compiled, node_name);
+        held.lint = Some((node_name.to_string(), found));
+    }
+    held.lint
+        .as_ref()
+        .map(|(_, w)| w.clone())
+        .unwrap_or_default()
 }
 
 /// One pass over a config's files from nothing, as every `netpolctl` command

@@ -72,6 +72,12 @@ pub struct CompileOptions {
     /// The map sizes the state must fit; [`try_compile`] refuses a set that would
     /// need more. The default is [`MapSizes::DEFAULT`]'s.
     pub limits: Limits,
+    /// Build policy entries for this host's enforced endpoints only (what
+    /// netpold installs): remote endpoints then cost their identity and
+    /// ipcache entries, and the policy budget counted is this host's map
+    /// alone. Off (the offline commands): every endpoint's entries, every
+    /// node's map counted, so `trace` judges any endpoint as enforced.
+    pub local_entries_only: bool,
 }
 
 /// The map sizes a compiled state must fit ([`MapKind::Policy`],
@@ -129,6 +135,10 @@ pub struct CompileError {
     pub limit: usize,
     /// Boxed: a `Result` carrying it stays small.
     pub problem: Box<Problem>,
+    /// When a policy map overflows: the same refusal named at the registry
+    /// endpoint that pushed it over (its document, `metadata.labels`), for
+    /// when a registry change is to blame rather than a rule.
+    pub endpoint: Option<Box<Problem>>,
 }
 
 impl From<CompileError> for Problem {
@@ -710,13 +720,14 @@ impl Compiler {
         registry: &RegistrySet,
         opts: &CompileOptions,
     ) -> Result<Compiled, CompileError> {
+        let print = fingerprint(registry);
         let fresh = !self
             .kept
             .as_ref()
-            .is_some_and(|p| p.node_name == opts.node_name && p.registry == *registry);
+            .is_some_and(|p| p.node_name == opts.node_name && p.registry == print);
         if fresh {
             let mut part = RegistryPart::of(registry, &opts.node_name);
-            part.registry = registry.clone();
+            part.registry = print;
             self.kept = Some(part);
         }
         let part = self.kept.as_ref().expect("kept above");
@@ -976,14 +987,21 @@ fn compile_with(
     let mut entries: Vec<PolicyEntry> = Vec::new();
     // Entries per node (`None` = this host): each is one host's policy map.
     let mut per_node: HashMap<Option<&str>, usize> = HashMap::new();
+    let no_rules: Vec<u32> = Vec::new();
     for (slot, (r, id)) in resolved.iter().zip(&ep_ids).enumerate() {
         let is_wl = r.def.kind == EndpointKind::Workload;
         let rule_list = if is_wl {
-            rules_by_wl_id.get(id).cloned().unwrap_or_default()
+            rules_by_wl_id.get(id).unwrap_or(&no_rules)
         } else {
-            rules_by_slot[slot].clone()
+            &rules_by_slot[slot]
         };
-        let key: TKey = (rule_list, r.def.ports.clone(), is_wl);
+        if opts.local_entries_only && !r.local {
+            // Not enforced here: its flags (for `endpoints`), no entries.
+            let t = template_flags(&rules, rule_list);
+            endpoints.push(compiled_endpoint(slot as u32, r, *id, &t, opts));
+            continue;
+        }
+        let key: TKey = (rule_list.clone(), r.def.ports.clone(), is_wl);
         let t = match templates.get(&key) {
             Some(t) => t.clone(),
             None => {
@@ -1029,21 +1047,7 @@ fn compile_with(
             verdict: e.verdict,
             rule: e.rule,
         }));
-        endpoints.push(CompiledEndpoint {
-            slot,
-            name: r.def.name.clone(),
-            namespace: r.def.namespace.clone(),
-            kind: r.def.kind,
-            identity: *id,
-            local: r.local,
-            interface: r.def.interface.clone(),
-            addresses: r.def.addresses.clone(),
-            default_deny_ingress: t.default_deny_ingress,
-            default_deny_egress: t.default_deny_egress,
-            enforced_ingress: t.enforced_ingress,
-            enforced_egress: t.enforced_egress,
-            audit: opts.audit || r.def.audit,
-        });
+        endpoints.push(compiled_endpoint(slot, r, *id, &t, opts));
     }
     debug_assert!(entries.windows(2).all(|w| w[0] < w[1]));
 
@@ -1056,13 +1060,87 @@ fn compile_with(
     })
 }
 
+fn compiled_endpoint(
+    slot: u32,
+    r: &ResolvedEndpoint<'_>,
+    id: Identity,
+    t: &Template,
+    opts: &CompileOptions,
+) -> CompiledEndpoint {
+    CompiledEndpoint {
+        slot,
+        name: r.def.name.clone(),
+        namespace: r.def.namespace.clone(),
+        kind: r.def.kind,
+        identity: id,
+        local: r.local,
+        interface: r.def.interface.clone(),
+        addresses: r.def.addresses.clone(),
+        default_deny_ingress: t.default_deny_ingress,
+        default_deny_egress: t.default_deny_egress,
+        enforced_ingress: t.enforced_ingress,
+        enforced_egress: t.enforced_egress,
+        audit: opts.audit || r.def.audit,
+    }
+}
+
+/// The enforcement flags the rules of `rule_list` give an endpoint (no
+/// entries), noting staged rules' default denies in `staged`.
+fn flags_into(
+    rules: &[RuleInfo<'_>],
+    rule_list: &[u32],
+    t: &mut Template,
+    staged: &mut staged::Staged,
+) {
+    for &ri in rule_list {
+        let info = &rules[ri as usize];
+        let r = info.rule;
+        let has_in = !r.ingress.is_empty() || !r.ingress_deny.is_empty() || r.isolate_ingress;
+        let has_eg = !r.egress.is_empty() || !r.egress_deny.is_empty() || r.isolate_egress;
+        if info.staged {
+            // A staged rule enforces nothing: its default deny is noted apart.
+            staged.note(info.default_deny_refs);
+        } else {
+            if has_in {
+                t.enforced_ingress = true;
+                t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
+            }
+            if has_eg {
+                t.enforced_egress = true;
+                t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
+            }
+        }
+    }
+}
+
+/// A template with the flags only (an endpoint whose entries are not built).
+fn template_flags(rules: &[RuleInfo<'_>], rule_list: &[u32]) -> Template {
+    let mut t = Template::default();
+    flags_into(rules, rule_list, &mut t, &mut staged::Staged::default());
+    t
+}
+
+/// 128 bits standing for the whole registry (two independent 64-bit hashes
+/// of everything in it): equal registries give equal prints, and two that
+/// differ collide with a chance of about 2^-128.
+fn fingerprint(registry: &RegistrySet) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let mut a = std::hash::DefaultHasher::new();
+    let mut b = FastHasher(0x9e37_79b9_7f4a_7c15);
+    registry.hash(&mut a);
+    registry.hash(&mut b);
+    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+}
+
 /// The registry's share of a compile: each endpoint resolved for this node, in
 /// slot order, and its identity. It depends only on the registry and the node
 /// name, so a [`Compiler`] keeps it while both are equal.
 #[derive(Debug)]
 struct RegistryPart {
-    /// The registry it was computed from (empty unless a [`Compiler`] keeps it).
-    registry: RegistrySet,
+    /// The [`fingerprint`] of the registry it was computed from (0 unless a
+    /// [`Compiler`] keeps it): not a copy, which would double the memory a
+    /// fleet registry takes.
+    registry: u128,
     node_name: String,
     /// (index in `registry.endpoints`, labels, this node, local) in slot order.
     eps: Vec<(usize, std::sync::Arc<[Label]>, bool, bool)>,
@@ -1100,7 +1178,7 @@ impl RegistryPart {
             })
             .collect();
         RegistryPart {
-            registry: RegistrySet::default(),
+            registry: 0,
             node_name: node_name.to_string(),
             eps: resolved
                 .iter()
@@ -1145,24 +1223,9 @@ fn build_template(
     let mut t = Template::default();
     let mut raw = Vec::new();
     let mut staged = staged::Staged::default();
+    flags_into(rules, rule_list, &mut t, &mut staged);
     for &ri in rule_list {
         let info = &rules[ri as usize];
-        let r = info.rule;
-        let has_in = !r.ingress.is_empty() || !r.ingress_deny.is_empty() || r.isolate_ingress;
-        let has_eg = !r.egress.is_empty() || !r.egress_deny.is_empty() || r.isolate_egress;
-        if info.staged {
-            // A staged rule enforces nothing: its default deny is noted apart.
-            staged.note(info.default_deny_refs);
-        } else {
-            if has_in {
-                t.enforced_ingress = true;
-                t.default_deny_ingress |= r.default_deny_ingress.unwrap_or(true);
-            }
-            if has_eg {
-                t.enforced_egress = true;
-                t.default_deny_egress |= r.default_deny_egress.unwrap_or(true);
-            }
-        }
         for &idx in &info.items {
             ctx.expand(idx as usize, ports, &mut raw, limit)
                 .map_err(|Over| Some(idx))?;
@@ -1285,10 +1348,36 @@ fn over_endpoint(
             format!("endpoint {ep} would need more than {limit} policy entries; {holds}; {raise}"),
         ),
     };
+    let endpoint = endpoint_problem(
+        &r.def.origin,
+        Some(LABELS_FIELD.into()),
+        format!(
+            "with these labels, endpoint {ep} would need more than {limit} policy entries{}; {holds}; {raise} or change the endpoint",
+            given_by(items, item)
+        ),
+    );
     CompileError {
         map: MapKind::Policy,
         limit,
         problem: Box::new(problem),
+        endpoint: Some(Box::new(endpoint)),
+    }
+}
+
+/// The field a refusal blaming a registry endpoint names: its labels decide
+/// which rules select it.
+const LABELS_FIELD: &str = "metadata.labels";
+
+/// ` (rule FILE POLICY FIELD gives the most)` for an item, or nothing.
+fn given_by(items: &[ItemInfo<'_>], item: Option<u32>) -> String {
+    match item.and_then(|i| items.get(i as usize)) {
+        Some(info) => format!(
+            " (the most from {} {}: {})",
+            info.origin.file.display(),
+            object_of(info.origin),
+            info.item.path
+        ),
+        None => String::new(),
     }
 }
 
@@ -1310,7 +1399,8 @@ fn over_node(
         holds("policy map", MapKind::Policy, limit),
         raise(MapKind::Policy),
     );
-    let problem = match top_item(entries, items.len()).and_then(|(i, n)| Some((items.get(i as usize)?, n))) {
+    let top = top_item(entries, items.len());
+    let problem = match top.and_then(|(i, n)| Some((items.get(i as usize)?, n))) {
         Some((info, n)) => item_problem(
             info,
             format!(
@@ -1323,10 +1413,20 @@ fn over_node(
             format!("with this endpoint, the endpoints of {host} would need more than {limit} policy entries; {holds}; {raise}"),
         ),
     };
+    let endpoint = endpoint_problem(
+        &r.def.origin,
+        Some(LABELS_FIELD.into()),
+        format!(
+            "with this endpoint, the endpoints of {host} would need more than {limit} policy entries (it needs {}{}); {holds}; {raise} or change the endpoint",
+            entries.len(),
+            given_by(items, top.map(|(i, _)| i))
+        ),
+    );
     CompileError {
         map: MapKind::Policy,
         limit,
         problem: Box::new(problem),
+        endpoint: Some(Box::new(endpoint)),
     }
 }
 
@@ -1360,6 +1460,7 @@ fn check_ipcache(
             Some(format!("spec.addresses[{i}]")),
             format!("with this address, the registry would need more than {limit} ipcache entries; {holds}; {raise}"),
         )),
+        endpoint: None,
     }
     };
     for node in &registry.nodes {
@@ -1386,6 +1487,7 @@ fn check_ipcache(
                     map: MapKind::Ipcache,
                     limit,
                     problem: Box::new(item_problem(info, msg)),
+                    endpoint: None,
                 });
             }
         }

@@ -85,6 +85,18 @@ impl Drop for Dp {
     }
 }
 
+/// The inner map in `slot` of the pinned outer map `outer` (one generation's
+/// ipcache, endpoint table or policy) of the datapath pinned at `pin`.
+pub fn inner_map(pin: &std::path::Path, outer: &str, slot: u32) -> libbpf_rs::MapHandle {
+    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    let o = MapHandle::from_pinned_path(pin.join("maps").join(outer)).expect("the outer map");
+    let id = o
+        .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
+        .expect("read the outer map")
+        .expect("the slot holds a map");
+    MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).expect("the inner map")
+}
+
 /// Attachments of every local endpoint of `c`, its interface resolved in the
 /// topology's node namespace.
 pub fn attachments(topo: &Topo, c: &Compiled) -> Vec<Attachment> {

@@ -999,6 +999,18 @@ fn shipped_config_file_loads_as_the_defaults() {
 
 // ---------------------------------------------------------------- the real parser and core
 
+/// Fresh directories holding the seed registry and its frontend-to-backend policy.
+fn seed_dirs() -> Dirs {
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    std::fs::copy(
+        seed("netpol.d/frontend-to-backend.yaml"),
+        dirs.pol("frontend-to-backend.yaml"),
+    )
+    .unwrap();
+    dirs
+}
+
 fn seed(path: &str) -> PathBuf {
     crate::harness::cmd::repo()
         .join("etc/examples/seed")
@@ -1169,13 +1181,7 @@ async fn saves_by_rename_or_replacement_are_applied_and_unseen_writes_wait_for_a
 /// apply, and the fixed file is applied.
 #[tokio::test]
 async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
-    let dirs = Dirs::new();
-    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
-    std::fs::copy(
-        seed("netpol.d/frontend-to-backend.yaml"),
-        dirs.pol("frontend-to-backend.yaml"),
-    )
-    .unwrap();
+    let dirs = seed_dirs();
     let mut config = dirs.config.clone();
     config.maps.policy_max_entries = 20;
     // `n` TCP ports to backend from anyone: n entries for backend.
@@ -1263,6 +1269,82 @@ async fn set_over_the_map_budget_keeps_the_last_fitting_set_until_fixed() {
             .wait_for("the fixed set", |s, dp| {
                 s.errors.is_empty()
                     && dp.policies() == ["default/big", "default/frontend-to-backend"]
+            })
+            .await;
+        assert!(!s.degraded, "{s:?}");
+        d.stop();
+    });
+}
+
+/// A registry change that makes the policies overflow the policy map keeps the
+/// last registry that fit (and the policies, which still change), names the
+/// endpoint to blame with its file and field, and recovers once fixed.
+#[tokio::test]
+async fn registry_over_the_map_budget_keeps_the_last_fitting_registry_until_fixed() {
+    let dirs = seed_dirs();
+    // `n` more ports to backend from frontend: n + 1 entries per backend.
+    let wide = |n: u16| {
+        let ports: Vec<String> = (0..n)
+            .map(|i| format!("{{port: \"{}\", protocol: TCP}}", 1000 + i))
+            .collect();
+        write(
+            &dirs.pol("wide.yaml"),
+            &format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: wide}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: frontend}}}}]\n    toPorts: [{{ports: [{}]}}]\n",
+                ports.join(", ")
+            ),
+        )
+    };
+    wide(8);
+    let mut config = dirs.config.clone();
+    config.maps.policy_max_entries = 20;
+    let backends = |n: usize| {
+        (2..2 + n)
+            .map(|i| format!("apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {{name: backend-{i}, labels: {{app: backend}}}}\nspec: {{interface: veth-be{i}, addresses: [10.0.2.{i}]}}\n"))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    // Named to sort after seed.yaml: the endpoint that pushes the map over.
+    let f = dirs.ep("z-backends.yaml");
+    let (mut d, fut) = start(config, Pipeline::default(), SharedDp::default());
+    run_daemon!(fut, async {
+        d.wait_for("ready", |s, _| s.ready && s.policies == 2).await;
+        write(&f, &backends(1));
+        d.wait_for("backend-2", |s, _| s.endpoints == 5 && s.errors.is_empty())
+            .await;
+        let applies = d.dp.applies();
+        // A third backend: 27 entries on this host, over 20.
+        write(&f, &backends(2));
+        let s = d.wait_for("the refusal", |s, _| !s.errors.is_empty()).await;
+        assert!(s.degraded && s.ready, "{s:?}");
+        assert_eq!(s.errors.len(), 1, "{s:?}");
+        assert_eq!(s.errors[0].file, f.display().to_string());
+        assert_eq!(
+            s.errors[0].message,
+            format!(
+                "{}: document 2 (Endpoint default/backend-3): metadata.labels: with this endpoint, the endpoints of \
+                 this host would need more than 20 policy entries (it needs 9 (the most from {} CiliumNetworkPolicy \
+                 default/wide: spec.ingress[0])); the policy map holds 20 (maps.policy_max_entries); raise \
+                 maps.policy_max_entries in netpold.toml or change the endpoint",
+                f.display(),
+                dirs.pol("wide.yaml").display()
+            )
+        );
+        assert_eq!(s.endpoints, 5, "the last registry that fit is in force");
+        assert_eq!(d.dp.applies(), applies, "nothing new to apply");
+        // A policy change applies, against the last registry that fit.
+        std::fs::remove_file(dirs.pol("frontend-to-backend.yaml")).unwrap();
+        let s = d
+            .wait_for("the policy change", |s, dp| {
+                dp.policies() == ["default/wide"] && s.policies == 1
+            })
+            .await;
+        assert_eq!((s.endpoints, s.errors.len()), (5, 1), "{s:?}");
+        // Fixed (6 entries per backend, 18 in all): the new registry applies.
+        wide(6);
+        let s = d
+            .wait_for("the fitting registry", |s, _| {
+                s.errors.is_empty() && s.endpoints == 6
             })
             .await;
         assert!(!s.degraded, "{s:?}");

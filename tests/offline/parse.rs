@@ -119,6 +119,35 @@ fn policies(file: &str) -> Vec<Policy> {
     }
 }
 
+/// The DHCP client policy docs/policy.md shows is valid and says what the
+/// text says: egress to the broadcast and the server on UDP 67, to DHCPv6
+/// servers on UDP 547, ingress from the server on UDP 68.
+#[test]
+fn the_documented_dhcp_client_policy_is_valid() {
+    let path = repo().join("docs/policy.md");
+    let doc = read(&path);
+    let start = doc
+        .find("### DHCP and link-local traffic")
+        .expect("the section");
+    let block = doc[start..]
+        .split("```yaml")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a yaml block");
+    let ps = match api::parse_policies(&path, block) {
+        Ok(p) => p,
+        Err(e) => panic!(
+            "the DHCP example should be valid:\n{}",
+            lines(&e).join("\n")
+        ),
+    };
+    assert_eq!(ps.len(), 1);
+    let text = format!("{:?}", ps[0]);
+    for want in ["255.255.255.255/32", "192.0.2.1/32", "ff02::1:2/128"] {
+        assert!(text.contains(want), "{want} in {text}");
+    }
+}
+
 fn named<'a>(ps: &'a [Policy], name: &str) -> &'a Policy {
     ps.iter()
         .find(|p| p.origin.name == name)

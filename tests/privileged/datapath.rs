@@ -16,7 +16,7 @@ use netpol::datapath::generation::Contents;
 use netpol::datapath::packet::{PacketSpec, L4, TCP_ACK, TCP_SYN};
 use netpol::datapath::{
     Attachment, Datapath, DatapathError, DatapathSettings, EventReason, EventVerdict, Hook,
-    KernelDatapath,
+    KernelDatapath, Stage,
 };
 use netpol::policy::types::{
     Compiled, CompiledEndpoint, Direction, EntryVerdict, IpcacheEntry, PolicyEntry,
@@ -27,7 +27,7 @@ use netpol::policy::types::{
 
 use crate::harness::cmd;
 use crate::harness::dp::{
-    apply_and_attach, attachments, entry, ipcache_of_endpoints, push_world, settings, Dp,
+    apply_and_attach, attachments, entry, inner_map, ipcache_of_endpoints, push_world, settings, Dp,
 };
 use crate::harness::netns::in_ns;
 use crate::harness::privileged;
@@ -450,7 +450,9 @@ fn multicast_listener_reports_to_link_scoped_groups_are_not_spoofing() {
             "MLD type {ty} from ::"
         );
     }
-    // Only to link-scoped groups, and only MLD: the same source elsewhere is spoofing.
+    // Only to link-scoped groups, and only MLD passes before policy: the same
+    // link-local source elsewhere impersonates nobody and meets a's policy
+    // (default deny egress here).
     assert!(
         !dp.run(
             FROM_A,
@@ -469,7 +471,118 @@ fn multicast_listener_reports_to_link_scoped_groups_are_not_spoofing() {
         ),
         "not ICMPv6"
     );
-    assert_eq!(dp.dp().counters()[&0].denied_spoof, 3);
+    let counters = dp.dp().counters();
+    assert_eq!(counters[&0].denied_spoof, 0, "{counters:?}");
+    assert_eq!(counters[&0].denied_default, 3, "{counters:?}");
+}
+
+/// A workload that gets its address by DHCP sends from 0.0.0.0 (DHCPv6, and
+/// other link-local traffic, from fe80::/10): such a source impersonates no
+/// endpoint, so it passes anti-spoofing and policy decides (docs/policy.md,
+/// "DHCP and link-local traffic"); an unspecified or link-local address that
+/// IS an endpoint's stays protected.
+#[test]
+fn dhcp_and_link_local_sources_meet_policy_not_anti_spoofing() {
+    let Some(_turn) = privileged("dhcp_and_link_local_sources_meet_policy_not_anti_spoofing")
+    else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "dhcp", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    // b also has a registered link-local address.
+    c.endpoints[1].addresses.push(ip("fe80::21"));
+    c.ipcache.push(IpcacheEntry {
+        net: ipnet::IpNet::from(ip("fe80::21")),
+        identity: ID_B,
+        endpoint: Some(1),
+    });
+    c.ipcache.sort();
+    // The egress rules a DHCP client needs: the world on UDP 67 (the
+    // broadcast 255.255.255.255 is world), DHCPv6 servers on UDP 547.
+    let world = netpol::policy::identity::WORLD;
+    c.entries.push(allow(Egress, world, 17, 67, 0));
+    c.entries.push(allow(Egress, world, 17, 547, 1));
+    apply(&mut dp, c);
+    let discover = PacketSpec::udp(ip("0.0.0.0"), ip("255.255.255.255"), 68, 67);
+    assert!(dp.run(FROM_A, &discover), "DHCPDISCOVER from 0.0.0.0");
+    let solicit = PacketSpec::udp(ip("fe80::11"), ip("ff02::1:2"), 546, 547);
+    assert!(
+        dp.run(FROM_A, &solicit),
+        "DHCPv6 SOLICIT from a link-local address"
+    );
+    assert!(
+        dp.run(
+            FROM_A,
+            &PacketSpec::udp(ip("169.254.3.4"), ip("255.255.255.255"), 68, 67)
+        ),
+        "IPv4 link-local source"
+    );
+    // Policy still decides: another port is the default deny, not spoofing.
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip("0.0.0.0"), ip("10.202.7.7"), 68, 80)
+    ));
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip("fe80::11"), ip("fe80::1"), 1, 2)
+    ));
+    // b's registered link-local address from a is spoofing, and a routable
+    // unregistered address still is.
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip("fe80::21"), ip("ff02::1:2"), 546, 547)
+    ));
+    assert!(!dp.run(
+        FROM_A,
+        &PacketSpec::udp(ip(WORLD4), ip("255.255.255.255"), 68, 67)
+    ));
+    let counters = dp.dp().counters();
+    assert_eq!(counters[&0].denied_default, 2, "{counters:?}");
+    assert_eq!(counters[&0].denied_spoof, 2, "{counters:?}");
+}
+
+/// An IPv6 first fragment whose fragmentable part starts with an extension
+/// header (fragment header, then destination options, then UDP): its later
+/// fragments carry the extension header's number in their fragment header,
+/// not UDP's, and are still judged with the first fragment's protocol and
+/// ports.
+#[test]
+fn ipv6_fragments_with_an_extension_header_after_the_fragment_header_keep_their_ports() {
+    let Some(_turn) = privileged(
+        "ipv6_fragments_with_an_extension_header_after_the_fragment_header_keep_their_ports",
+    ) else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "v6fragext", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(allow(Egress, ID_B, 17, 53, 0));
+    apply(&mut dp, c);
+    for (port, id, allowed) in [(53u16, 77u32, true), (22, 78, false)] {
+        let mut first = PacketSpec::udp(ip(A6), ip(B6), 40000, port);
+        first.ext_headers = vec![44, 60];
+        first.fragment = Some((0, true));
+        first.frag_id = id;
+        let mut later = first.clone();
+        later.fragment = Some((8, false));
+        assert_eq!(
+            dp.run(FROM_A, &first),
+            allowed,
+            "port {port}: first fragment"
+        );
+        assert_eq!(
+            dp.run(FROM_A, &later),
+            allowed,
+            "port {port}: later fragment"
+        );
+    }
+    // A later fragment of a datagram never seen is still dropped.
+    let mut stray = PacketSpec::udp(ip(A6), ip(B6), 40000, 53);
+    stray.ext_headers = vec![44, 60];
+    stray.fragment = Some((8, false));
+    stray.frag_id = 79;
+    assert!(!dp.run(FROM_A, &stray));
 }
 
 #[test]
@@ -507,6 +620,36 @@ fn spoofed_source_is_dropped() {
         "{ev:?}"
     );
     assert_eq!(ev[0].src, ip(B4));
+}
+
+/// `[datapath] stage`: every stage but full passes what full drops; the
+/// stages from ipcache on include anti-spoofing.
+#[test]
+fn every_stage_but_full_passes_what_full_drops() {
+    let Some(_turn) = privileged("every_stage_but_full_passes_what_full_drops") else {
+        return;
+    };
+    for stage in Stage::ALL {
+        let s = DatapathSettings {
+            stage,
+            ..settings()
+        };
+        let mut dp = Dp::open(PREFIX, &format!("stage-{stage}"), &s);
+        assert_eq!(dp.dp().stage(), stage);
+        let mut c = base();
+        c.endpoints[0].default_deny_egress = true;
+        apply(&mut dp, c);
+        let denied = PacketSpec::tcp(ip(A4), ip(B4), 40000, 80, TCP_SYN);
+        assert_eq!(dp.run(FROM_A, &denied), !stage.enforcing(), "stage {stage}");
+        assert_eq!(
+            dp.run(FROM_A, &denied),
+            !stage.enforcing(),
+            "stage {stage}, again"
+        );
+        let spoofed = PacketSpec::udp(ip(B4), ip(C4), 1, 2);
+        let checks_spoofing = matches!(stage, Stage::Ipcache | Stage::Conntrack | Stage::Full);
+        assert_eq!(dp.run(FROM_A, &spoofed), !checks_spoofing, "stage {stage}");
+    }
 }
 
 #[test]
@@ -744,6 +887,122 @@ fn established_flow_is_rechecked_under_recheck_and_kept_under_keep() {
     }
 }
 
+/// Conntrack caches the verdict with the generation that decided it: while
+/// that generation is active an established packet passes on the entry alone
+/// (a policy entry taken out of the ACTIVE maps behind the datapath's back
+/// changes nothing), the next packet after a flip is judged by the new
+/// generation under recheck (dropped when it denies the flow, passed and
+/// cached again when it allows it), and passes under keep.
+#[test]
+fn cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet() {
+    let Some(_turn) =
+        privileged("cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet")
+    else {
+        return;
+    };
+    use libbpf_rs::MapCore;
+    for recheck in [true, false] {
+        let s = DatapathSettings {
+            recheck_established: recheck,
+            ..settings()
+        };
+        let mut dp = Dp::open(PREFIX, if recheck { "cacher" } else { "cachek" }, &s);
+        let allowing = || {
+            let mut c = base();
+            c.endpoints[0].default_deny_egress = true;
+            c.entries.push(allow(Egress, ID_B, 17, 53, 0));
+            c.entries.push(allow(Egress, ID_C, 17, 53, 1));
+            c
+        };
+        apply(&mut dp, allowing());
+        let to_b = PacketSpec::udp(ip(A4), ip(B4), 40000, 53);
+        let to_c = PacketSpec::udp(ip(A4), ip(C4), 40000, 53);
+        assert!(dp.run(FROM_A, &to_b), "first packet: allowed by policy");
+        assert!(dp.run(FROM_A, &to_c));
+        // Empty the active generation's policy map in place (no flip).
+        let active = dp.dp().active_slot().unwrap();
+        let policy = inner_map(&dp.pin, "netpol_policy_v1", active);
+        for k in policy.keys().collect::<Vec<_>>() {
+            policy.delete(&k).unwrap();
+        }
+        assert!(
+            dp.run(FROM_A, &to_b),
+            "recheck={recheck}: established, same generation: the cached verdict"
+        );
+        assert!(
+            !dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40001, 53)),
+            "a new flow is judged by the (emptied) maps"
+        );
+        // The next generation denies b and still allows c.
+        let mut c = base();
+        c.endpoints[0].default_deny_egress = true;
+        c.entries.push(allow(Egress, ID_C, 17, 53, 1));
+        apply(&mut dp, c);
+        let denied_before = dp.dp().counters()[&0].denied_default;
+        assert_eq!(
+            dp.run(FROM_A, &to_b),
+            !recheck,
+            "recheck={recheck}: the first packet after the flip"
+        );
+        assert_eq!(dp.run(FROM_A, &to_b), !recheck, "and the one after it");
+        let denied = dp.dp().counters()[&0].denied_default - denied_before;
+        assert_eq!(denied, if recheck { 2 } else { 0 });
+        assert!(dp.run(FROM_A, &to_c), "still allowed: passes, cached again");
+        assert!(dp.run(FROM_A, &to_c));
+        // Replies pass either way (one lookup, whatever the generation).
+        assert!(dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)));
+        assert!(dp.run(TO_A, &PacketSpec::udp(ip(C4), ip(A4), 53, 40000)));
+    }
+}
+
+/// Under keep an established flow survives a flip, but not the loss of its
+/// source address: the first packet after the flip is checked for spoofing.
+#[test]
+fn keep_checks_an_established_flow_for_spoofing_after_a_flip() {
+    let Some(_turn) = privileged("keep_checks_an_established_flow_for_spoofing_after_a_flip")
+    else {
+        return;
+    };
+    let s = DatapathSettings {
+        recheck_established: false,
+        ..settings()
+    };
+    let mut dp = Dp::open(PREFIX, "keepspoof", &s);
+    apply(&mut dp, base());
+    let from_a6 = PacketSpec::udp(ip(A6), ip(B6), 40000, 53);
+    assert!(dp.run(FROM_A, &from_a6));
+    assert!(dp.run(FROM_A, &from_a6));
+    // a loses its IPv6 address.
+    let mut c = base();
+    c.endpoints[0].addresses.retain(|a| a.is_ipv4());
+    c.ipcache.retain(|e| e.net != ipnet::IpNet::from(ip(A6)));
+    apply(&mut dp, c);
+    assert!(!dp.run(FROM_A, &from_a6), "spoofed now");
+    assert_eq!(dp.dp().counters()[&0].denied_spoof, 1);
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
+}
+
+/// A reply leaving the workload must come from one of its addresses: a flow
+/// into a addressed to b's address (routed to a's device) gets no replies
+/// from a claiming to be b.
+#[test]
+fn replies_leaving_a_workload_are_checked_for_spoofing() {
+    let Some(_turn) = privileged("replies_leaving_a_workload_are_checked_for_spoofing") else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "replyspoof", &settings());
+    apply(&mut dp, base());
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(C4), ip(B4), 5000, 53)));
+    assert!(
+        !dp.run(FROM_A, &PacketSpec::udp(ip(B4), ip(C4), 53, 5000)),
+        "a reply with b's source"
+    );
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(C4), ip(A4), 5000, 53)));
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 53, 5000)));
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(C4), 53, 5000)));
+    assert_eq!(dp.dp().counters()[&0].denied_spoof, 1);
+}
+
 #[test]
 fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     let Some(_turn) = privileged("conntrack_entries_expire_by_protocol_and_tcp_state") else {
@@ -907,8 +1166,12 @@ fn egress_state(ports: &[u16], drop_c: bool) -> Compiled {
     c
 }
 
-fn expected(c: &Compiled) -> Contents {
-    Contents::build(c, &A_ON_LO).expect("build contents")
+/// What a generation installed as number `generation` holds for `c`.
+fn expected(c: &Compiled, generation: u64) -> Contents {
+    let slots = netpol::datapath::layout::KernelSlots::assign(&Default::default(), &A_ON_LO);
+    let mut want = Contents::build(c, &A_ON_LO, &slots).expect("build contents");
+    want.stamp(generation);
+    want
 }
 
 #[test]
@@ -930,7 +1193,8 @@ fn diff_applies_leave_each_generation_exactly_equal_to_its_state() {
             .dump_generation(active)
             .unwrap()
             .expect("active generation installed");
-        assert_eq!(got, expected(&state), "apply {i}: active generation");
+        let n = i as u64 + 1;
+        assert_eq!(got, expected(&state, n), "apply {i}: active generation");
         if let Some(p) = &prev {
             let other = dp
                 .dp()
@@ -939,7 +1203,7 @@ fn diff_applies_leave_each_generation_exactly_equal_to_its_state() {
                 .expect("inactive generation installed");
             assert_eq!(
                 other,
-                expected(p),
+                expected(p, n - 1),
                 "apply {i}: inactive generation keeps the previous state"
             );
         }
@@ -968,7 +1232,7 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     else {
         return;
     };
-    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    use libbpf_rs::{MapCore, MapFlags};
     let mut dp = Dp::open(PREFIX, "adoptdiff", &settings());
     let a = egress_state(&[80], false);
     let b = egress_state(&[80, 81], true);
@@ -979,14 +1243,7 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     // Tamper with the inactive generation behind the datapath's back: a stray
     // policy key and a missing ipcache entry. The adopting process knows
     // nothing of its content and must converge anyway.
-    let inner = |outer: &str| {
-        let o = MapHandle::from_pinned_path(dp.pin.join("maps").join(outer)).unwrap();
-        let id = o
-            .lookup(&inactive.to_ne_bytes(), MapFlags::ANY)
-            .unwrap()
-            .unwrap();
-        MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into().unwrap())).unwrap()
-    };
+    let inner = |outer: &str| inner_map(&dp.pin, outer, inactive);
     let stray = netpol::datapath::layout::policy_key(&allow(Egress, ID_B, 17, 53, 9));
     let value = netpol::datapath::layout::policy_value(&allow(Egress, ID_B, 17, 53, 9));
     inner("netpol_policy_v1")
@@ -1011,11 +1268,11 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     );
     assert_eq!(
         dp.dp().dump_generation(active).unwrap().unwrap(),
-        expected(&c)
+        expected(&c, 3)
     );
     assert_eq!(
         dp.dp().dump_generation(active ^ 1).unwrap().unwrap(),
-        expected(&b),
+        expected(&b, 2),
         "running state untouched"
     );
     assert!(
@@ -1032,11 +1289,11 @@ fn apply_after_adoption_converges_to_exactly_the_compiled_state() {
     let active = dp.dp().active_slot().unwrap();
     assert_eq!(
         dp.dp().dump_generation(active).unwrap().unwrap(),
-        expected(&d)
+        expected(&d, 4)
     );
     assert_eq!(
         dp.dp().dump_generation(active ^ 1).unwrap().unwrap(),
-        expected(&c)
+        expected(&c, 3)
     );
 }
 
@@ -1055,6 +1312,7 @@ fn adoption_refuses_pins_of_another_layout_version() {
         .lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
         .unwrap()
         .unwrap();
+    let original = v.clone();
     v[4..8].copy_from_slice(&99u32.to_ne_bytes()); // layout_version
     state
         .update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY)
@@ -1062,10 +1320,100 @@ fn adoption_refuses_pins_of_another_layout_version() {
     let err = KernelDatapath::open(&dp.pin, &settings()).unwrap_err();
     assert!(err.to_string().contains("layout version 99"), "{err}");
     // Put it back so the guard can clean up through an adopting open.
+    state
+        .update(&0u32.to_ne_bytes(), &original, libbpf_rs::MapFlags::ANY)
+        .unwrap();
+}
+
+/// An upgrade over a running layout-1 instance (conntrack in netpol_ct_v1,
+/// keyed by the first packet's hook and tuple): the adopting datapath copies
+/// its flows into netpol_ct_v2 before it switches the links, so a reply that
+/// only the old table knew still passes; then the old map is unpinned and
+/// the state says layout 2.
+#[test]
+fn adoption_of_a_layout_1_instance_migrates_its_flows() {
+    let Some(_turn) = privileged("adoption_of_a_layout_1_instance_migrates_its_flows") else {
+        return;
+    };
+    use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+    use netpol::datapath::layout::{bytes_of, CtV1Key, CtV1Value};
+    let mut dp = Dp::open(PREFIX, "fromv1", &settings());
+    let mut c = base();
+    c.endpoints[0].default_deny_ingress = true; // replies need their flow's entry
+    apply(&mut dp, c.clone());
+    dp.forget();
+    // The pins of a layout-1 instance: its state word, its conntrack map with
+    // one flow a:40000 -> b:53 first seen at a's ingress hook, no netpol_ct_v2.
+    let maps = dp.pin.join("maps");
+    let state = MapHandle::from_pinned_path(maps.join("netpol_state_v1")).unwrap();
+    let mut v = state
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .unwrap()
+        .unwrap();
     v[4..8].copy_from_slice(&1u32.to_ne_bytes());
     state
-        .update(&0u32.to_ne_bytes(), &v, libbpf_rs::MapFlags::ANY)
+        .update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
         .unwrap();
+    std::fs::remove_file(maps.join("netpol_ct_v2")).unwrap();
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let mut old =
+        MapHandle::create(MapType::LruHash, Some("netpol_ct_v1"), 44, 16, 64, &opts).unwrap();
+    let mut k = CtV1Key {
+        sport: 40000,
+        dport: 53,
+        ifindex: 1,
+        proto: 17,
+        family: 4,
+        hook: 0,
+        ..CtV1Key::default()
+    };
+    k.saddr[..4].copy_from_slice(&A4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    k.daddr[..4].copy_from_slice(&B4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to write to.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(r, 0);
+    let val = CtV1Value {
+        expires_ns: (now.tv_sec as u64 + 60) * 1_000_000_000,
+        rule: 0,
+        ..CtV1Value::default()
+    };
+    old.update(bytes_of(&k), bytes_of(&val), MapFlags::ANY)
+        .unwrap();
+    old.pin(maps.join("netpol_ct_v1")).unwrap();
+    drop(old);
+
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    assert!(
+        dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)),
+        "the reply of a flow only layout 1 knew"
+    );
+    assert!(
+        !dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40001)),
+        "no flow, no reply"
+    );
+    assert!(
+        !maps.join("netpol_ct_v1").exists(),
+        "the old map is unpinned"
+    );
+    assert!(maps.join("netpol_ct_v2").exists());
+    let v = state
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .unwrap()
+        .unwrap();
+    assert_eq!(&v[4..8], &2u32.to_ne_bytes(), "layout version 2 now");
+    // The forward direction is judged again (its verdict has no generation):
+    // a's egress has no policy, so it passes, and the next apply works.
+    assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
+    apply(&mut dp, c);
+    assert!(dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)));
 }
 
 #[test]
