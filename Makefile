@@ -89,11 +89,16 @@ uninstall:
 	rm -rf $(DESTDIR)$(DOCDIR)
 
 # `systemd-analyze verify` of the unit as installed (into dist/verify, with the
-# paths in the unit pointing there so its binaries exist), and its exposure score.
+# paths in the unit pointing there so its binaries exist), and its exposure score;
+# then the same with fleet mode's drop-in added.
 VERIFY_ROOT := $(CURDIR)/$(DIST)/verify
 check-unit:
 	rm -rf $(VERIFY_ROOT)
 	$(MAKE) --no-print-directory install DESTDIR= PREFIX=$(VERIFY_ROOT)/usr SYSCONFDIR=$(VERIFY_ROOT)/etc >/dev/null
+	systemd-analyze verify --man=no $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service
+	systemd-analyze security --offline=true --threshold=25 $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service | tail -n1
+	@# Fleet mode's drop-in (etc/examples/systemd/netpold-etcd.conf) on top.
+	$(INSTALL) -D -m 0644 etc/examples/systemd/netpold-etcd.conf $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service.d/etcd.conf
 	systemd-analyze verify --man=no $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service
 	systemd-analyze security --offline=true --threshold=25 $(VERIFY_ROOT)/usr/lib/systemd/system/netpold.service | tail -n1
 

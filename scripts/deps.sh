@@ -13,8 +13,9 @@ PKGS=(
   # benchmarks: the contenders
   iperf3 nftables iptables
   # fleet mode (DESIGN §5a): the etcd-client crate compiles etcd's .proto files at
-  # build time (protoc and the google/protobuf includes); tests run a real etcd
-  protobuf-compiler libprotobuf-dev etcd-server etcd-client
+  # build time (protoc and the google/protobuf includes); tests run a real etcd,
+  # with mTLS certificates scripts/etcd-tls-roles makes with openssl
+  protobuf-compiler libprotobuf-dev etcd-server etcd-client openssl
   # the DNS proxy's tests (tests/offline/dns_proxy.rs) run a real DNS server on
   # loopback: dnsmasq's binary alone (dnsmasq-base: no service that takes port 53)
   dnsmasq-base

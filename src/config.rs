@@ -829,6 +829,20 @@ mod tests {
         assert!(d.recheck_established);
     }
 
+    /// Fleet mode: no host policy may cut the host off from its etcd, even
+    /// with the failsafe emptied; each port once.
+    #[test]
+    fn etcd_ports_join_the_outbound_failsafe() {
+        let c = parse("[failsafe]\ninbound = []\noutbound = [\"tcp:2379\"]\n[etcd]\nendpoints = [\"https://10.0.0.5:2379\", \"https://[fd00::6]:2379/\", \"https://etcd3:12379\"]\nca_file = \"/ca.pem\"\n").unwrap();
+        assert_eq!(
+            c.datapath_settings().failsafe,
+            vec![
+                (Direction::Egress, proto::TCP, 2379),
+                (Direction::Egress, proto::TCP, 12379),
+            ]
+        );
+    }
+
     #[test]
     fn settings_follow_the_keys() {
         let c = parse("established = \"keep\"\naudit = true\nallow_localhost = \"always\"\nnode_name = \"n1\"\n[events]\nallow_sample_rate = 7\n").unwrap();

@@ -14,6 +14,7 @@ mod privileged {
     mod datapath;
     mod datapath_diff;
     mod faults;
+    mod fleet;
     mod kindnode;
     mod multinode;
     mod soak;

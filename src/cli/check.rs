@@ -82,6 +82,11 @@ struct JsonReport<'a> {
 /// Returns the summary of what was valid, every problem and every warning.
 pub fn check(cfg: &Config) -> (Summary, Vec<Problem>, Vec<Warning>) {
     let (held, pass) = pipeline::load_files(cfg);
+    summarize(&held, pass)
+}
+
+/// The summary of what `held` has, with the pass's problems and warnings.
+fn summarize(held: &pipeline::Held, pass: pipeline::Pass) -> (Summary, Vec<Problem>, Vec<Warning>) {
     let mut summary = Summary::default();
     if let Some(p) = &held.policies {
         summary.policies = p.set.policies.len();
@@ -115,8 +120,11 @@ fn json_problem(p: &Problem, text: String) -> JsonProblem<'_> {
 }
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
-    let cfg = args.files.resolve()?;
-    let (summary, problems, warnings) = check(&cfg);
+    // With --from-etcd the remote entries netpold would leave out count as
+    // problems here: check is where they are looked for.
+    let (_, held, pass, rejected) = super::common::load(&args.files)?;
+    let (summary, mut problems, warnings) = summarize(&held, pass);
+    problems.extend(rejected);
     let valid = problems.is_empty() && (warnings.is_empty() || !args.strict);
     if args.files.json {
         let report = JsonReport {

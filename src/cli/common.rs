@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::api::Problem;
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::pipeline;
 use crate::policy::types::Compiled;
@@ -24,6 +25,10 @@ pub struct FileArgs {
     /// Machine-readable JSON output
     #[arg(long)]
     pub json: bool,
+    /// Merge the files with the registry and current policy set in etcd (the
+    /// config's [etcd] table), as netpold in fleet mode does for this node
+    #[arg(long)]
+    pub from_etcd: bool,
 }
 
 impl FileArgs {
@@ -40,14 +45,52 @@ impl FileArgs {
     }
 }
 
+/// One pass over the inputs `files` names, as netpold makes it: the files, or
+/// with `--from-etcd` the files merged with etcd's view for this node. The
+/// last value: remote entries netpold would leave out (invalid, not matching
+/// their key, losing a claim, or to a file), each under its `etcd:` origin.
+pub fn load(
+    files: &FileArgs,
+) -> anyhow::Result<(Config, pipeline::Held, pipeline::Pass, Vec<Problem>)> {
+    let cfg = files.resolve()?;
+    if !files.from_etcd {
+        let (held, pass) = pipeline::load_files(&cfg);
+        return Ok((cfg, held, pass, Vec::new()));
+    }
+    if !cfg.etcd.enabled() {
+        anyhow::bail!(
+            "--from-etcd: no etcd endpoints in {} ([etcd] endpoints)",
+            files.config.display()
+        );
+    }
+    let store = super::fleet::connect(&cfg)?;
+    let keys = crate::fleet::keys::Keys::new(&cfg.etcd.prefix);
+    let node = cfg.node_name();
+    let view = super::fleet::runtime()?
+        .block_on(crate::fleet::sync::read_view(store.as_ref(), &keys, &node))
+        .map_err(|e| anyhow::anyhow!("--from-etcd: {}", crate::error::Chain(&e)))?;
+    let mut rejected = view.rejected.clone();
+    rejected.extend(view.policy_problems.iter().cloned());
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(view));
+    let mut inputs = crate::fleet::inputs::FleetInputs::new(pipeline::FileInputs::once(&cfg), rx);
+    let (held, pass) = pipeline::load_once(&cfg, &mut inputs);
+    rejected.extend(
+        inputs
+            .merged()
+            .lock()
+            .map(|m| m.conflicts.clone())
+            .unwrap_or_default(),
+    );
+    Ok((cfg, held, pass, rejected))
+}
+
 /// Read, validate and compile the files named by `files` as netpold does (node
 /// name, audit, allow_localhost, map sizes; only the host's own addresses,
 /// which netpold learns from netlink, are not known here). On invalid files,
 /// or a set that would not fit the maps, every problem is printed to stderr and
 /// `Ok(None)` returned (exit 2 for callers).
 pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
-    let cfg = files.resolve()?;
-    let (_, pass) = pipeline::load_files(&cfg);
+    let (_, _, pass, _) = load(files)?;
     if let (Some(c), true) = (pass.compiled, pass.problems.is_empty()) {
         return Ok(Some(c));
     }

@@ -188,6 +188,9 @@ pub fn format_status(s: &Status) -> String {
     if let Some(e) = &s.metrics_error {
         out.push_str(&format!("  no metrics: {e}\n"));
     }
+    if let Some(e) = &s.etcd {
+        out.push_str(&format_etcd(e));
+    }
     let mut list = |one: &str, many: &str, what: &str, lines: Vec<&str>| {
         if !lines.is_empty() {
             out.push_str(&format!("  {} {what}:\n", count(lines.len(), one, many)));
@@ -208,6 +211,38 @@ pub fn format_status(s: &Status) -> String {
         "in the input files (applied as they are)",
         s.warnings.iter().map(|w| w.message.as_str()).collect(),
     );
+    out
+}
+
+/// The fleet-mode lines of `netpolctl status`.
+fn format_etcd(e: &crate::daemon::status::EtcdStatus) -> String {
+    let link = match (e.connected, e.in_sync) {
+        (true, true) => "connected, in sync".to_string(),
+        (true, false) => "connected, listing".to_string(),
+        (false, _) if e.from_cache => "NOT CONNECTED, enforcing the cached view".to_string(),
+        (false, _) => "NOT CONNECTED, keeping the view".to_string(),
+    };
+    let mut out = format!(
+        "  etcd: {link}; revision {}, applied {}, {} remote endpoints, {} rejected, {} relists, {} reconnects\n",
+        e.revision,
+        e.applied_revision,
+        e.remote_endpoints,
+        e.rejected.len(),
+        e.relists,
+        e.reconnects
+    );
+    if e.held_removals > 0 {
+        out.push_str(&format!(
+            "  etcd: {} endpoint removals held (a mass removal); they apply if etcd still says so when the hold ends\n",
+            e.held_removals
+        ));
+    }
+    if let Some(err) = &e.last_error {
+        out.push_str(&format!("  etcd: {err}\n"));
+    }
+    for r in &e.rejected {
+        out.push_str(&format!("    rejected: {}\n", r.message));
+    }
     out
 }
 

@@ -55,16 +55,16 @@ impl EtcdArgs {
 }
 
 #[cfg(feature = "etcd")]
-fn connect(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub(crate) fn connect(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(crate::fleet::connect(&cfg.etcd)?)
 }
 
 #[cfg(not(feature = "etcd"))]
-fn connect(_cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub(crate) fn connect(_cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     bail!("this netpolctl was built without the `etcd` feature")
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

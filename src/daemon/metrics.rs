@@ -151,6 +151,24 @@ pub struct Snapshot {
     /// Audit events with a deciding rule, by that rule's policy: (kind,
     /// `namespace/name` or `name`, staged).
     pub policy_audits: BTreeMap<(String, String, bool), u64>,
+    /// Fleet mode's figures; `None` for a files-only daemon (no `netpol_etcd_*`).
+    pub etcd: Option<EtcdFigures>,
+}
+
+/// The `netpol_etcd_*` figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EtcdFigures {
+    pub connected: bool,
+    pub in_sync: bool,
+    pub revision: i64,
+    pub applied_revision: i64,
+    pub remote_endpoints: u64,
+    pub rejected: u64,
+    pub held_removals: u64,
+    pub relists: u64,
+    pub reconnects: u64,
+    pub writes: u64,
+    pub status_writes: u64,
 }
 
 impl Default for Snapshot {
@@ -169,6 +187,7 @@ impl Default for Snapshot {
             endpoints: BTreeMap::new(),
             events: BTreeMap::new(),
             policy_audits: BTreeMap::new(),
+            etcd: None,
         }
     }
 }
@@ -289,6 +308,24 @@ impl Metrics {
                     .or_default() += 1;
             }
         });
+    }
+
+    /// Fleet mode's state, as `status` reports it.
+    pub fn record_etcd(&self, e: &crate::daemon::status::EtcdStatus) {
+        let f = EtcdFigures {
+            connected: e.connected,
+            in_sync: e.in_sync,
+            revision: e.revision,
+            applied_revision: e.applied_revision,
+            remote_endpoints: e.remote_endpoints as u64,
+            rejected: e.rejected.len() as u64,
+            held_removals: e.held_removals as u64,
+            relists: e.relists,
+            reconnects: e.reconnects,
+            writes: e.writes,
+            status_writes: e.status_writes,
+        };
+        self.update(|s| s.etcd = Some(f));
     }
 
     /// Verdict events read from the ring buffer; an audit event's rule is
@@ -568,7 +605,86 @@ pub fn render(s: &Snapshot) -> String {
     for (st, n) in &s.endpoints {
         let _ = writeln!(o, "netpol_endpoints{} {n}", labels(&[("state", st)]));
     }
+    if let Some(e) = &s.etcd {
+        render_etcd(&mut o, e);
+    }
     o
+}
+
+/// Fleet mode's families (docs/fleet.md, "Watching it").
+fn render_etcd(o: &mut String, e: &EtcdFigures) {
+    let rows: [(&str, &str, &str, i64); 11] = [
+        (
+            "netpol_etcd_connected",
+            "gauge",
+            "1 while the last call to etcd succeeded and the watch is up",
+            e.connected.into(),
+        ),
+        (
+            "netpol_etcd_in_sync",
+            "gauge",
+            "1 while the remote view is a complete list plus every event since",
+            e.in_sync.into(),
+        ),
+        (
+            "netpol_etcd_revision",
+            "gauge",
+            "Latest etcd revision seen in the watched range",
+            e.revision,
+        ),
+        (
+            "netpol_etcd_applied_revision",
+            "gauge",
+            "This host enforces etcd's watched range as of this revision",
+            e.applied_revision,
+        ),
+        (
+            "netpol_etcd_remote_endpoints",
+            "gauge",
+            "Remote endpoints in the view",
+            e.remote_endpoints as i64,
+        ),
+        (
+            "netpol_etcd_rejected",
+            "gauge",
+            "Remote entries left out (invalid, key mismatch, lost claim, file wins)",
+            e.rejected as i64,
+        ),
+        (
+            "netpol_etcd_held_removals",
+            "gauge",
+            "Removed remote endpoints kept by the mass-removal hold",
+            e.held_removals as i64,
+        ),
+        (
+            "netpol_etcd_relists_total",
+            "counter",
+            "Full lists of the watched range (the first included)",
+            e.relists as i64,
+        ),
+        (
+            "netpol_etcd_reconnects_total",
+            "counter",
+            "Connections to etcd lost",
+            e.reconnects as i64,
+        ),
+        (
+            "netpol_etcd_writes_total",
+            "counter",
+            "Writes of this host's own entries",
+            e.writes as i64,
+        ),
+        (
+            "netpol_etcd_status_writes_total",
+            "counter",
+            "Writes of this host's status key",
+            e.status_writes as i64,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        family(o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
+    }
 }
 
 /// A running metrics server. Dropping it (or [`MetricsServer::stop`]) stops the

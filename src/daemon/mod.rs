@@ -22,6 +22,7 @@
 //! the kernel other than through [`Datapath`] and [`Links`], or tear enforcement
 //! down on exit (pins stay; `netpold --detach` removes them).
 
+pub mod fleet;
 pub mod lastgood;
 pub mod metrics;
 pub mod netlink;
@@ -67,6 +68,8 @@ pub enum DaemonError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
 }
 
 /// Everything [`run_with`] takes besides the config, the kernel sides and shutdown.
@@ -83,6 +86,9 @@ pub struct Options {
     pub compiler: Box<dyn Compile>,
     /// How often verdict events are read from the datapath.
     pub event_poll: Duration,
+    /// Fleet mode's store; `None`: the etcd the `[etcd]` table names (tests
+    /// put an in-memory store here). Unused without `[etcd] endpoints`.
+    pub store: Option<Arc<dyn crate::fleet::Store>>,
     /// The channel the directory watcher reports on.
     watch_tx: mpsc::UnboundedSender<WatchEvent>,
     watch_rx: mpsc::UnboundedReceiver<WatchEvent>,
@@ -98,6 +104,7 @@ impl Options {
             inputs: None,
             compiler: Box::new(Compiler::new()),
             event_poll: Duration::from_millis(100),
+            store: None,
             watch_tx,
             watch_rx,
         }
@@ -161,6 +168,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         inputs,
         compiler,
         event_poll,
+        store,
         watch_tx: fs_tx,
         watch_rx: mut fs_rx,
     } = opts;
@@ -221,7 +229,17 @@ pub async fn run_with<D: Datapath, L: Links>(
     let log = log.new(slog::o!("component" => "reconcile"));
     slog::info!(log, "netpold starting"; "node" => &node, "policy_dir" => %config.policy_dir.display(),
         "pin_dir" => %config.pin_dir.display(), "socket" => %socket_path.display(), "generation" => datapath.generation());
-    let inputs = inputs.unwrap_or_else(|| Box::new(FileInputs::new(&config)));
+    // Fleet mode: the engine starts now (its cached view is there at once);
+    // the inputs merge the files with its view unless a test gave its own.
+    let (fleet, fleet_inputs) = match fleet::start(&config, store, &log)? {
+        Some((link, fi)) => (Some(link), Some(fi)),
+        None => (None, None),
+    };
+    let inputs: Box<dyn Inputs> = match (inputs, fleet_inputs) {
+        (Some(i), _) => i,
+        (None, Some(fi)) => Box::new(fi),
+        (None, None) => Box::new(FileInputs::new(&config)),
+    };
     let saver = save::Saver::new(
         lastgood::LastGood::new(&config.state_dir),
         config.policy_dir.clone(),
@@ -246,6 +264,12 @@ pub async fn run_with<D: Datapath, L: Links>(
         links_now,
         datapath,
     );
+    d.fleet = fleet;
+    if let Some(f) = d.fleet.as_mut() {
+        let limit = Duration::from_millis(config.etcd.request_timeout_ms);
+        f.initial_sync(limit, &d.out.log).await;
+    }
+    let mut fleet_state = d.fleet.as_mut().map(|f| f.state_rx().clone());
     let mut wakeups = d.take_wakeups();
     let mut touched = Touched(None);
     let mut debouncer = Debouncer::new(Duration::from_millis(config.debounce_ms));
@@ -299,7 +323,22 @@ pub async fn run_with<D: Datapath, L: Links>(
                     wakeups = None;
                     continue;
                 }
+                // One reconcile reads the newest view: wakeups queued behind a
+                // slow pass add nothing.
+                if let Some(rx) = wakeups.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
                 Cause::Change
+            }
+            r = changed_opt(&mut fleet_state), if fleet_state.is_some() => {
+                // etcd came or went, the view got in sync: status and the
+                // status key follow; nothing is read or applied for it.
+                if r.is_err() {
+                    fleet_state = None;
+                } else {
+                    d.publish();
+                }
+                continue;
             }
             _ = sleep_until_opt(debounce_at), if debounce_at.is_some() => Cause::Change,
             _ = sleep_until_opt(retry_at), if retry_at.is_some() => Cause::Retry,
@@ -385,6 +424,15 @@ impl Drop for RemoveOnDrop {
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn changed_opt<T>(
+    rx: &mut Option<tokio::sync::watch::Receiver<T>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
         None => std::future::pending().await,
     }
 }

@@ -112,6 +112,8 @@ pub struct Reconciler<D> {
     logged_warnings: Vec<Warning>,
     /// When the datapath counters were last copied into the metrics.
     counters_at: Option<Instant>,
+    /// Fleet mode: the etcd engine this daemon reports to.
+    pub fleet: Option<super::fleet::FleetLink>,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -148,6 +150,7 @@ impl<D: Datapath> Reconciler<D> {
             warnings: Vec::new(),
             logged_warnings: Vec::new(),
             counters_at: None,
+            fleet: None,
         }
     }
 
@@ -180,11 +183,14 @@ impl<D: Datapath> Reconciler<D> {
         self.publish();
     }
 
-    /// Stopping: finish saving.
+    /// Stopping: finish saving, stop the fleet engine (its keys stay).
     pub async fn stop(&mut self) {
         let reader = self.inputs.saved();
         self.saver.stop(&self.held, reader, &self.out.log).await;
         self.publish();
+        if let Some(f) = self.fleet.take() {
+            f.stop().await;
+        }
     }
 
     pub fn reconcile(&mut self, cause: Cause, hint: Hint<'_>) {
@@ -262,6 +268,9 @@ impl<D: Datapath> Reconciler<D> {
                 .filter(|i| i.compiled == compiled && i.attachments == attachments)
             {
                 i.policies = n_policies;
+                if let Some(f) = &mut self.fleet {
+                    f.installed();
+                }
                 slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
                 self.lint_after(pass.lint_due, &compiled);
                 self.publish();
@@ -299,6 +308,9 @@ impl<D: Datapath> Reconciler<D> {
                 self.retry = None;
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));
+                if let Some(f) = &mut self.fleet {
+                    f.installed();
+                }
                 let local = compiled.endpoints.iter().filter(|e| e.local).count();
                 slog::info!(self.out.log, "applied generation {}: {}, {} ({} attached, {} pending), {}, {}, {:.1} ms",
                     generation, count(n_policies, "policy", "policies"), count(compiled.endpoints.len(), "endpoint", "endpoints"),
@@ -358,6 +370,9 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 // What the kernel holds now is unknown after a failed sync: apply again next time.
                 self.installed = None;
+                if let Some(f) = &mut self.fleet {
+                    f.uninstalled();
+                }
                 self.publish();
                 self.out.notifier.status(&self.status_line());
             }
@@ -443,10 +458,12 @@ impl<D: Datapath> Reconciler<D> {
         };
         let policies_from_last_good = self.held.policies.as_ref().is_some_and(|p| p.from_saved);
         let registry_from_last_good = self.held.registry.as_ref().is_some_and(|r| r.from_saved);
+        let fleet_degraded = self.fleet.as_ref().is_some_and(|f| f.degraded());
         Status {
             ready: self.ready,
             generation: self.datapath.generation(),
-            degraded: !self.problems.is_empty()
+            degraded: fleet_degraded
+                || !self.problems.is_empty()
                 || self.datapath_error.is_some()
                 || self.held.policies.is_none()
                 || self.held.registry.is_none()
@@ -473,13 +490,26 @@ impl<D: Datapath> Reconciler<D> {
             state_error: self.saver.error().map(str::to_string),
             metrics_error: self.out.metrics_error.clone(),
             datapath_stage: self.datapath.stage(),
+            etcd: self.fleet.as_ref().map(|f| f.status()),
         }
     }
 
-    pub fn publish(&self) {
+    /// Hand the status out (socket, metrics) and, in fleet mode, to the engine.
+    pub fn publish(&mut self) {
         let s = self.status();
         if let Some(m) = &self.out.metrics {
             m.record_status(s.ready, s.degraded, &self.problems);
+            if let Some(e) = &s.etcd {
+                m.record_etcd(e);
+            }
+        }
+        if let Some(f) = &mut self.fleet {
+            f.report(
+                &self.copts.host_addresses,
+                s.generation,
+                s.ready,
+                s.degraded,
+            );
         }
         self.out.status.send_if_modified(|cur| {
             if *cur != s {

@@ -249,6 +249,48 @@ pub struct Status {
     /// `full` enforces nothing (benchmarks only).
     #[serde(default)]
     pub datapath_stage: Stage,
+    /// Fleet mode (`[etcd]` in netpold.toml); absent for a files-only daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdStatus>,
+}
+
+/// Fleet mode's part of `status` (DESIGN §5a).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdStatus {
+    /// The last call to etcd succeeded and the watch is up.
+    pub connected: bool,
+    /// The remote view is a complete list plus every event since.
+    pub in_sync: bool,
+    /// The latest revision seen in the watched range.
+    pub revision: i64,
+    /// This host enforces etcd's watched range as of this revision.
+    pub applied_revision: i64,
+    /// Remote endpoints in the view (this host's own prefix excluded).
+    pub remote_endpoints: usize,
+    /// Remote entries left out, each with its `etcd:<key>@<revision>`
+    /// origin: invalid, not matching their key, losing an address or a name to
+    /// an earlier claim, or to a local file.
+    pub rejected: Vec<FileError>,
+    /// The view in force was read from state_dir's cache (etcd not heard from
+    /// since start).
+    pub from_cache: bool,
+    /// Removed remote endpoints kept by the mass-removal hold.
+    pub held_removals: usize,
+    /// Unix ms when held removals apply.
+    pub hold_until_ms: Option<u64>,
+    /// Full lists of the watched range since start (the first one included).
+    pub relists: u64,
+    /// Connections lost since start.
+    pub reconnects: u64,
+    /// Unix ms of the last answer from etcd.
+    pub last_contact_ms: Option<u64>,
+    /// Keys published under this host's prefix.
+    pub published: usize,
+    /// Writes of this host's entries, and of its status key, since start.
+    pub writes: u64,
+    pub status_writes: u64,
+    /// The last error talking to etcd, while it lasts.
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod doc;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod inputs;
 pub mod keys;
 pub mod mem;
 pub mod publish;

@@ -61,7 +61,9 @@ impl PublishSettings {
             request_timeout: Duration::from_millis(d.request_timeout_ms),
             state_dir: None,
             backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
+            // Reconnects are jittered up to this: short enough that a
+            // host is back within seconds of etcd (docs/fleet.md, "Outages").
+            backoff_max: Duration::from_secs(4),
         }
     }
 }
@@ -145,6 +147,18 @@ pub fn own_entries(
         out.insert(key, doc::endpoint_json(e, Some(node)));
     }
     out
+}
+
+/// The revision a host enforces that applied the view of revision `applied`,
+/// when the view delivered now is of `view_revision` and etcd's range is
+/// unchanged for the view up to `clean_revision`: having applied the latest
+/// view, it enforces the range as of the newest clean revision.
+pub fn enforced_revision(applied: i64, view_revision: i64, clean_revision: i64) -> i64 {
+    if applied >= view_revision {
+        applied.max(clean_revision)
+    } else {
+        applied
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -579,15 +593,11 @@ impl Publisher {
     /// The status as it should be now, if the daemon has applied anything.
     fn status(&self) -> Option<NodeStatus> {
         let a = self.applied?;
-        let view_rev = self.view.borrow().revision;
-        let st = self.sync_state.borrow();
-        // Applied the latest view, and nothing of the view changed since: the
-        // host enforces etcd's range as of the newest clean revision.
-        let rev = if a.revision >= view_rev {
-            a.revision.max(st.view_revision)
-        } else {
-            a.revision
-        };
+        let rev = enforced_revision(
+            a.revision,
+            self.view.borrow().revision,
+            self.sync_state.borrow().view_revision,
+        );
         Some(NodeStatus {
             node: self.s.node.clone(),
             ready: a.ready,

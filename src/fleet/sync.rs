@@ -83,7 +83,9 @@ impl SyncSettings {
             mass_removal_hold: Duration::from_secs(d.mass_removal_hold_s),
             page_size: 500,
             backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
+            // Reconnects are jittered up to this: short enough that a
+            // host is back within seconds of etcd (docs/fleet.md, "Outages").
+            backoff_max: Duration::from_secs(4),
             cache_dir: None,
             cache_interval: Duration::from_secs(1),
         }
@@ -115,6 +117,12 @@ pub struct RemoteView {
     pub held_removals: usize,
     /// Read from the cache, not (yet) from etcd.
     pub from_cache: bool,
+}
+
+impl Default for RemoteView {
+    fn default() -> Self {
+        RemoteView::empty()
+    }
 }
 
 impl RemoteView {
@@ -488,10 +496,13 @@ impl Sync {
 
     /// Wait out the relist rate limit and jitter. `false`: shutdown.
     async fn wait_for_relist(&mut self) -> bool {
+        // No list has completed yet (etcd was away at start): nothing to
+        // rate-limit; the fault backoff already spaced the attempts.
+        let Some(last) = self.last_relist else {
+            return true;
+        };
         let now = Instant::now();
-        let earliest = self
-            .last_relist
-            .map_or(now, |t| t + self.s.relist_min_interval);
+        let earliest = last + self.s.relist_min_interval;
         let jitter = self.jitter.upto(self.s.relist_min_interval / 2);
         self.sleep_serving(earliest.max(now) + jitter).await
     }
@@ -575,6 +586,11 @@ impl Sync {
         self.last_relist = Some(Instant::now());
         let n = self.view.len();
         slog::info!(self.log, "etcd view listed"; "revision" => rev, "entries" => n);
+        // A list is delivered at once (before the state says in sync: a
+        // reader that waits for that finds the listed view), a snapshot
+        // written for the cache.
+        self.dirty = true;
+        self.flush(Instant::now(), true);
         self.state_tx.send_modify(|st| {
             st.connected = true;
             st.in_sync = true;
@@ -583,9 +599,6 @@ impl Sync {
             st.revision = rev;
             st.cluster_id = page.header.cluster_id;
         });
-        // A list is delivered at once, a snapshot written for the cache.
-        self.dirty = true;
-        self.flush(Instant::now(), true);
         if let Some(c) = &self.cache {
             self.delta_put.clear();
             self.delta_delete.clear();
@@ -918,4 +931,42 @@ impl Sync {
             st.hold_until_ms = hold_until_ms;
         });
     }
+}
+
+/// The remote view as one list of the watched range shows it now, for a
+/// one-shot reader (`netpolctl check --from-etcd`): what a host named `node`
+/// would build from it (its own prefix left out). An invalid current policy
+/// set has no last valid one to keep here: `policies` is `None` and its
+/// problems are in `policy_problems`.
+pub async fn read_view(
+    store: &dyn Store,
+    keys: &Keys,
+    node: &str,
+) -> Result<RemoteView, StoreError> {
+    let (start, end) = keys.watched();
+    let page = get_all(store, &Range::new(start, end), 500).await?;
+    let entries: Vec<(RawEntry, Parsed)> = page
+        .kvs
+        .iter()
+        .map(|kv| {
+            let raw = RawEntry::from_kv(kv);
+            let parsed = view::parse_entry(keys, node, &raw);
+            (raw, parsed)
+        })
+        .collect();
+    let built = view::build(entries.iter().map(|(r, p)| (r, p)));
+    let (policies, policy_problems) = match built.policies {
+        Ok(set) if built.policy_set.is_some() => (Some(Arc::new(set)), Vec::new()),
+        Ok(_) => (None, Vec::new()),
+        Err(p) => (None, p),
+    };
+    Ok(RemoteView {
+        revision: page.header.revision,
+        registry: built.registry,
+        policy_set: built.policy_set,
+        policies,
+        policy_problems,
+        rejected: built.rejected,
+        ..RemoteView::empty()
+    })
 }

@@ -110,6 +110,13 @@ pub trait Inputs: Send {
         Vec::new()
     }
 
+    /// Problems that refuse no set, found by the last reads: a remote part
+    /// kept at its last valid state while its current one is invalid. The
+    /// daemon reports them with the kinds' problems.
+    fn problems(&self) -> Vec<Problem> {
+        Vec::new()
+    }
+
     /// How a saved copy of the local directories is read back (the daemon
     /// keeps copies under `state_dir/last-good`): to check a copy before it is
     /// kept (on a thread beside the loop), and to start from it when the live
@@ -280,7 +287,7 @@ impl Inputs for FileInputs {
 }
 
 /// Saved copies of files, read strictly (netpold writes them, private).
-struct SavedFiles;
+pub(crate) struct SavedFiles;
 
 impl SavedReader for SavedFiles {
     fn policies(&self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {

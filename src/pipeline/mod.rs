@@ -287,6 +287,7 @@ pub fn load_and_compile(
     if changed {
         held.lint = None;
     }
+    pass.problems.extend(inputs.problems());
     pass.files_parsed = inputs.files_parsed();
     pass.warnings = inputs.warnings();
     pass.load = t0.elapsed();
@@ -364,9 +365,15 @@ pub fn lint_warnings(held: &mut Held, compiled: &Compiled, node_name: &str) -> V
 /// One pass over a config's files from nothing, as every `netpolctl` command
 /// that reads them makes it: the sets read (for a summary) and the pass.
 pub fn load_files(config: &Config) -> (Held, Pass) {
+    load_once(config, &mut FileInputs::once(config))
+}
+
+/// One pass from nothing over `inputs` (the files of `config`, or them merged
+/// with a remote view), compiled with `config`'s options.
+pub fn load_once(config: &Config, inputs: &mut dyn Inputs) -> (Held, Pass) {
     let mut held = Held::default();
     let pass = load_and_compile(
-        &mut FileInputs::once(config),
+        inputs,
         Hint::Whole,
         &(),
         &mut held,

@@ -12,15 +12,16 @@
 //! | [`dp`] | a `KernelDatapath` under its own pin directory, and enforcing a compiled state on a [`topo::Topo`] |
 //! | [`events`] | the verdict events a fake datapath hands the daemon |
 //! | [`daemon`] | the real `netpold` in a node's network namespace, its files, its socket, its end |
+//! | [`etcd`] | a real etcd for fleet mode, on loopback or inside a test's namespace, killed also on failure |
 //! | [`lab`] | a topology, listeners and a daemon together (daemon end to end, faults, soak) |
 //! | [`rng`] | the one deterministic generator |
-//! | [`nodegen`] | the generated two-node scenario (offline operator tests, privileged multi-node test) |
+//! | [`nodegen`] | the generated multi-node scenario (offline operator tests, privileged multi-node and fleet tests) |
 //! | [`prom`] | the Prometheus exposition validator and scraper |
 //!
 //! Everything that creates something in the kernel or on disk is a guard whose
 //! `Drop` removes it, also when a test fails. Names start with `np` and a
 //! suite's letter (`npd` datapath, `npy` bypass, `npe` daemon end to end, `npf`
-//! faults and soak, `npn` nodes, `npk` packaging) and carry the process id and a
+//! faults and soak, `npn` nodes, `npg` fleet, `npk` packaging) and carry the process id and a
 //! per-test tag, so tests of one binary can run side by side; the few with fixed
 //! names (the two multi-node tests, the packaging tests) take turns.
 
@@ -30,6 +31,7 @@
 pub mod cmd;
 pub mod daemon;
 pub mod dp;
+pub mod etcd;
 pub mod events;
 pub mod lab;
 pub mod netns;

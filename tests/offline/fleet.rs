@@ -5,10 +5,8 @@
 
 #![cfg(feature = "etcd")]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,169 +16,9 @@ use netpol::fleet::keys::Keys;
 use netpol::fleet::store::{get_all, Op, Range, Store, StoreError, Txn, WatchMsg};
 use netpol::fleet::{Engine, FleetSettings, PublishSettings, SyncSettings};
 
-use crate::harness::Needs;
+use crate::harness::etcd::{put, Etcd};
 
 const P: &str = "/netpol/v1";
-
-/// A free loopback port (bound and released; etcd binds it right after).
-fn free_port() -> u16 {
-    loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p != 2379 && p != 2380 {
-            return p;
-        }
-    }
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    crate::harness::require::first_existing(&["/usr/bin/etcd", "/usr/local/bin/etcd"])
-}
-
-/// One etcd member. `Drop` kills it (SIGKILL) and removes its data.
-struct Etcd {
-    child: Option<Child>,
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-impl Etcd {
-    /// `None` (skipped, said on stderr) without an etcd binary; under CI=true
-    /// that is a failure.
-    fn start(test: &str) -> Option<Etcd> {
-        let bin = etcd_binary();
-        let missing = bin.is_none();
-        Needs::nothing()
-            .unless(move || {
-                missing.then(|| "no etcd binary (scripts/deps.sh installs etcd-server)".into())
-            })
-            .check(test)?;
-        let bin = bin?;
-        let mut e = Etcd {
-            child: None,
-            bin,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        e.spawn();
-        Some(e)
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let client = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .args(["--name", "t", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(body) = http_get(self.client_port, "/health") {
-                if body.contains("true") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("etcd did not become ready: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of a child this guard owns and has not reaped.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn store(&self) -> Arc<dyn Store> {
-        let mut s = ConnectSettings::plain(vec![self.url()]);
-        s.request_timeout = Duration::from_millis(1000);
-        s.connect_timeout = Duration::from_millis(500);
-        Arc::new(EtcdStore::new(s))
-    }
-
-    /// etcd's own gauge of open watchers (Prometheus text on /metrics).
-    fn watchers(&self) -> i64 {
-        let body = http_get(self.client_port, "/metrics").unwrap();
-        body.lines()
-            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
-            .map(|v| v.trim().parse::<f64>().unwrap() as i64)
-            .expect("etcd_debugging_mvcc_watcher_total in /metrics")
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A stopped etcd does not die of SIGKILL until continued? It does;
-            // continue it anyway so nothing is left half-stopped.
-            // SAFETY: as in `signal`.
-            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-        }
-        self.kill();
-    }
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
 
 fn ep(node: &str, name: &str, addr: &str) -> String {
     format!(
@@ -188,20 +26,17 @@ fn ep(node: &str, name: &str, addr: &str) -> String {
     )
 }
 
-async fn put(store: &dyn Store, key: &str, value: &str) -> i64 {
-    store
-        .txn(Txn {
-            success: vec![Op::Put {
-                key: key.into(),
-                value: value.as_bytes().to_vec(),
-                lease: 0,
-            }],
-            ..Txn::default()
-        })
+/// Run `c` on the blocking pool (an engine may run on the test's thread):
+/// exit code, stdout, stderr.
+async fn output(mut c: Command) -> (i32, String, String) {
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
         .await
-        .unwrap()
-        .header
-        .revision
+        .unwrap();
+    (
+        o.status.code().unwrap(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Write `ops` in transactions within etcd's limits.
@@ -629,16 +464,7 @@ async fn the_operator_commands_on_a_real_etcd() {
             .arg(&cfg)
             .arg("--etcd-endpoints")
             .arg(&url);
-        async move {
-            let o = tokio::task::spawn_blocking(move || c.output().unwrap())
-                .await
-                .unwrap();
-            (
-                o.status.code().unwrap(),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-                String::from_utf8_lossy(&o.stderr).into_owned(),
-            )
-        }
+        output(c)
     };
     let (code, out, err) = run(&["policy", "push", pol.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -656,7 +482,49 @@ async fn the_operator_commands_on_a_real_etcd() {
         "{out}"
     );
     let rev: i64 = out.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    // The current set reads back through the library, as check/trace will.
+    // check and trace --from-etcd: this host's files (one endpoint, no
+    // policy) merged with etcd's registry and current policy set.
+    let local = d.path().join("local");
+    std::fs::create_dir_all(local.join("pol")).unwrap();
+    std::fs::create_dir_all(local.join("eps")).unwrap();
+    std::fs::write(
+        local.join("eps/web.yaml"),
+        "apiVersion: netpol/v1\nkind: Endpoint\nmetadata: {name: web, labels: {app: web}}\nspec: {interface: veth-web, addresses: [10.0.1.1]}\n",
+    )
+    .unwrap();
+    let host_cfg = local.join("netpold.toml");
+    std::fs::write(
+        &host_cfg,
+        format!(
+            "strict_file_modes = false\nnode_name = \"host-z\"\npolicy_dir = \"{}\"\nendpoint_dirs = [\"{}\"]\n[etcd]\nendpoints = [\"{url}\"]\n",
+            local.join("pol").display(),
+            local.join("eps").display()
+        ),
+    )
+    .unwrap();
+    let ctl = |args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(args).arg("--config").arg(&host_cfg);
+        let out = output(c);
+        async move {
+            let (code, stdout, _) = out.await;
+            (code, stdout)
+        }
+    };
+    let trace = |from: &'static str, etcd: bool| {
+        let mut args = vec!["trace", "--from", from, "--to", "web", "--port", "80"];
+        if etcd {
+            args.push("--from-etcd");
+        }
+        let f = ctl(&args);
+        async move { f.await.0 }
+    };
+    assert_eq!(trace("10.0.0.9", false).await, 0, "files only: no policy");
+    assert_eq!(trace("10.0.0.9", true).await, 1, "etcd's set: default deny");
+    assert_eq!(trace("vm1", true).await, 0, "etcd's vm1 has app=api");
+    let (code, out) = ctl(&["check", "--from-etcd"]).await;
+    assert_eq!(code, 0, "{out}");
+    // The current set reads back through the library, as check/trace do.
     let s = etcd.store();
     let (_, set, _) = admin::current_policy_set(s.as_ref(), &Keys::new(P))
         .await
@@ -724,6 +592,20 @@ async fn the_operator_commands_on_a_real_etcd() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("bad.yaml"), "{out}");
     assert!(err.ends_with("nothing was written\n"), "{err}");
+    // A bad entry in etcd: check --from-etcd names its key; trace still works.
+    put(
+        s.as_ref(),
+        &format!("{P}/registry/static/endpoints/default/bad"),
+        "{\"apiVersion\":",
+    )
+    .await;
+    let (code, out) = ctl(&["check", "--from-etcd"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with(&format!("etcd:{P}/registry/static/endpoints/default/bad@")),
+        "{out}"
+    );
+    assert_eq!(trace("vm1", true).await, 0);
 }
 
 /// Not a test: figures for the report (release build, `--ignored`).
@@ -832,4 +714,120 @@ async fn measure_put_to_event_and_relist() {
         lat[50], lat[98]
     );
     e.stop().await;
+}
+
+/// mTLS with one etcd user and role per node, set up by
+/// `scripts/etcd-tls-roles` (as docs/fleet.md tells an operator): a node's
+/// certificate cannot write or delete another node's keys, and two engines on
+/// their own certificates publish, see each other and write their status.
+#[tokio::test]
+async fn with_mtls_and_per_node_roles_a_node_writes_only_its_own_prefix() {
+    const TEST: &str = "with_mtls_and_per_node_roles_a_node_writes_only_its_own_prefix";
+    let Some(_turn) = crate::harness::Needs::nothing()
+        .tools(&["openssl", "etcdctl"])
+        .check(TEST)
+    else {
+        return;
+    };
+    let script = crate::harness::cmd::repo().join("scripts/etcd-tls-roles");
+    let pki = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(&script).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "etcd-tls-roles {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let dir = pki.path().to_str().unwrap();
+    run(&["pki", dir, "127.0.0.1", "host-a", "host-b"]);
+    let Some(etcd) = Etcd::start_tls(TEST, pki.path()) else {
+        return;
+    };
+    run(&["roles", dir, &etcd.url(), P, "host-a", "host-b"]);
+    let store = |node: &str| -> Arc<dyn Store> {
+        let cfg = netpol::config::EtcdConfig {
+            endpoints: vec![etcd.url()],
+            ca_file: pki.path().join("ca.pem"),
+            cert_file: pki.path().join(format!("{node}.pem")),
+            key_file: pki.path().join(format!("{node}-key.pem")),
+            request_timeout_ms: 2000,
+            ..Default::default()
+        };
+        Arc::new(EtcdStore::new(ConnectSettings::from_config(&cfg).unwrap()))
+    };
+    let (a, b) = (store("host-a"), store("host-b"));
+    let keys = Keys::new(P);
+    let put_as = |s: Arc<dyn Store>, key: String| async move {
+        s.txn(Txn {
+            success: vec![Op::Put {
+                key,
+                value: ep("x", "x", "10.9.9.9").into_bytes(),
+                lease: 0,
+            }],
+            ..Txn::default()
+        })
+        .await
+    };
+    put_as(b.clone(), keys.endpoint("host-b", "default", "own"))
+        .await
+        .expect("host-b writes its own prefix");
+    for key in [
+        keys.endpoint("host-b", "default", "x"),
+        keys.static_endpoint("default", "x"),
+        keys.status("host-b"),
+    ] {
+        match put_as(a.clone(), key.clone()).await {
+            Err(StoreError::PermissionDenied(_)) => {}
+            r => panic!("host-a writing {key}: {:?}", r.map(|t| t.header.revision)),
+        }
+    }
+    let del = a
+        .txn(Txn {
+            success: vec![Op::Delete {
+                key: keys.endpoint("host-b", "default", "own"),
+            }],
+            ..Txn::default()
+        })
+        .await;
+    assert!(
+        matches!(del, Err(StoreError::PermissionDenied(_))),
+        "host-a deleting host-b's key: {:?}",
+        del.map(|t| t.header.revision)
+    );
+    // With its own certificate each engine publishes, reads the other's and
+    // writes its status.
+    let log = netpol::logging::discard();
+    let ea = Engine::start(fleet("host-a", None), a, log.clone());
+    let eb = Engine::start(fleet("host-b", None), b, log);
+    ea.publish(registry("host-a", 2), vec![]);
+    eb.publish(registry("host-b", 2), vec![]);
+    let mut va = ea.view();
+    let view = until(
+        &mut va,
+        Duration::from_secs(15),
+        "host-a sees host-b's two (the stray key went: host-b publishes only its files)",
+        |v| v.registry.endpoints.len() == 2,
+    )
+    .await;
+    ea.applied(view.revision, 1, true, false);
+    let mut vb = eb.view();
+    until(
+        &mut vb,
+        Duration::from_secs(15),
+        "host-b sees host-a",
+        |v| v.registry.endpoints.len() == 2,
+    )
+    .await;
+    let mut pa = ea.publish_state();
+    until(
+        &mut pa,
+        Duration::from_secs(15),
+        "host-a's status written",
+        |p| p.status_writes >= 1 && p.published == 2 && p.last_error.is_none(),
+    )
+    .await;
+    ea.stop().await;
+    eb.stop().await;
 }

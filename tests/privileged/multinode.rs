@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use crate::harness::cmd::{ip, repo, NETPOLCTL};
 use crate::harness::daemon::Daemon;
 use crate::harness::netns::{sysctl, Netns};
-use crate::harness::nodegen::{self, GenEndpoint, Scenario, LETTER};
+use crate::harness::nodegen::{
+    self, addresses, full_name, offline_matrix, GenEndpoint, Scenario, LETTER,
+};
 use crate::harness::privileged;
 use crate::harness::probe::{self, Listeners, Probe};
 
@@ -349,55 +351,6 @@ impl Cluster {
     }
 }
 
-/// `netpolctl matrix --json` for `port` with node `n`'s config: (from, to) → allowed.
-fn offline_matrix(cfg: &Path, port: u16) -> BTreeMap<(String, String), bool> {
-    let o = std::process::Command::new(NETPOLCTL)
-        .args([
-            "matrix",
-            "--json",
-            "--port",
-            &port.to_string(),
-            "--proto",
-            "tcp",
-            "--config",
-        ])
-        .arg(cfg)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "netpolctl matrix: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                (
-                    f["from"].as_str().unwrap().to_string(),
-                    f["to"].as_str().unwrap().to_string(),
-                ),
-                f["verdict"] == "allowed",
-            )
-        })
-        .collect()
-}
-
-/// Every address of a workload: IPv4, and IPv6 when it has one.
-fn addresses(e: &GenEndpoint) -> Vec<IpAddr> {
-    std::iter::once(&e.address)
-        .chain(e.address6.as_ref())
-        .map(|a| a.parse().unwrap())
-        .collect()
-}
-
-fn full_name(e: &GenEndpoint) -> String {
-    format!("{}/{}", e.namespace, e.name)
-}
-
 /// Real TCP for every ordered pair × probe port against the offline matrix.
 fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
     let mut expected: BTreeMap<u16, BTreeMap<(String, String), bool>> = BTreeMap::new();
@@ -410,30 +363,7 @@ fn check_against_matrix(c: &Cluster, sc: &Scenario) -> usize {
         );
         expected.insert(port, a);
     }
-    let mut jobs = Vec::new();
-    let mut want = Vec::new();
-    let mut labels = Vec::new();
-    for s in &sc.endpoints {
-        for d in &sc.endpoints {
-            if s.name == d.name {
-                continue;
-            }
-            for &port in &nodegen::PROBE_PORTS {
-                let key = (full_name(s), full_name(d));
-                let allowed = *expected[&port]
-                    .get(&key)
-                    .unwrap_or_else(|| panic!("matrix lacks {key:?}"));
-                for a in addresses(d) {
-                    jobs.push((workload_ns(s), a, port));
-                    want.push(allowed);
-                    labels.push(format!(
-                        "{} ({}) → {} ({}) {a} tcp/{port}",
-                        key.0, s.node, key.1, d.node
-                    ));
-                }
-            }
-        }
-    }
+    let (jobs, want, labels) = nodegen::matrix_probes(&sc.endpoints, &expected, &workload_ns);
     let t0 = Instant::now();
     let diffs = probe::mismatches(&jobs, &want, &labels, 96);
     let allowed = want.iter().filter(|w| **w).count();
