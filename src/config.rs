@@ -57,6 +57,7 @@ pub struct Config {
     pub failsafe: FailsafeConfig,
     pub etcd: EtcdConfig,
     pub datapath: DatapathConfig,
+    pub dns: DnsConfig,
 }
 
 impl Default for Config {
@@ -84,6 +85,7 @@ impl Default for Config {
             failsafe: FailsafeConfig::default(),
             etcd: EtcdConfig::default(),
             datapath: DatapathConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -216,6 +218,84 @@ impl Default for FailsafeConfig {
             inbound: vec![pp(proto::TCP, 22), pp(proto::UDP, 68)],
             outbound: vec![pp(proto::UDP, 53), pp(proto::UDP, 67), pp(proto::TCP, 53)],
         }
+    }
+}
+
+/// The DNS proxy (docs/policy.md, "DNS names"): started when some policy
+/// has DNS rules; its learned set's lifetime and caps, and how the datapath
+/// hands it a workload's DNS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// An answer's TTL below this counts as this, in seconds.
+    pub min_ttl_s: u32,
+    /// Addresses one endpoint may have learned at once.
+    pub max_per_endpoint: usize,
+    /// Addresses all endpoints may have learned at once.
+    pub max_total: usize,
+    /// The proxy's port on 127.0.0.1 and ::1, TCP and UDP; 0 = a free one.
+    pub proxy_port: u16,
+    /// How long an upstream server may take to answer, in milliseconds.
+    pub upstream_timeout_ms: u64,
+    /// The packet mark of redirected DNS, and the routing table (with a
+    /// `local` default route) its `ip rule` sends it to, at this priority.
+    pub redirect_mark: u32,
+    pub route_table: u32,
+    pub rule_priority: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        let l = crate::dns::learned::LearnedConfig::default();
+        DnsConfig {
+            min_ttl_s: l.min_ttl_s,
+            max_per_endpoint: l.max_per_endpoint,
+            max_total: l.max_total,
+            proxy_port: 0,
+            upstream_timeout_ms: 2000,
+            redirect_mark: 0x4e53_0000,
+            route_table: 2053,
+            rule_priority: 100,
+        }
+    }
+}
+
+impl DnsConfig {
+    pub fn learned(&self) -> crate::dns::learned::LearnedConfig {
+        crate::dns::learned::LearnedConfig {
+            min_ttl_s: self.min_ttl_s,
+            max_per_endpoint: self.max_per_endpoint,
+            max_total: self.max_total,
+        }
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.max_per_endpoint == 0 {
+            return Err(("dns.max_per_endpoint", "must be at least 1".into()));
+        }
+        if self.max_total == 0 {
+            return Err(("dns.max_total", "must be at least 1".into()));
+        }
+        if self.redirect_mark == 0 {
+            return Err((
+                "dns.redirect_mark",
+                "must not be 0 (unmarked packets would be routed to the proxy)".into(),
+            ));
+        }
+        // 0 and 253-255 are unspec, default, main and local.
+        if matches!(self.route_table, 0 | 253..=255) {
+            return Err((
+                "dns.route_table",
+                format!(
+                    "{} is a reserved table (unspec, default, main or local)",
+                    self.route_table
+                ),
+            ));
+        }
+        if self.upstream_timeout_ms == 0 {
+            return Err(("dns.upstream_timeout_ms", "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 
@@ -596,6 +676,7 @@ impl Config {
             }
         }
         self.etcd.check().map_err(|(key, m)| err(key, m))?;
+        self.dns.check().map_err(|(key, m)| err(key, m))?;
         Ok(())
     }
 
@@ -855,6 +936,46 @@ mod tests {
             ("n1", true, true)
         );
         assert!(!parse("").unwrap().node_name().is_empty());
+    }
+
+    /// `[dns]` reaches the learned set's limits; a bad value names its key.
+    #[test]
+    fn dns_table_sets_the_learned_limits_and_names_bad_keys() {
+        let c = parse(
+            "[dns]
+min_ttl_s = 1
+max_per_endpoint = 3
+max_total = 9
+",
+        )
+        .unwrap();
+        let l = c.dns.learned();
+        assert_eq!((l.min_ttl_s, l.max_per_endpoint, l.max_total), (1, 3, 9));
+        assert_eq!(
+            parse(
+                "[dns]
+max_total = 0
+"
+            )
+            .unwrap_err(),
+            "/etc/netpol/netpold.toml: dns.max_total: must be at least 1"
+        );
+        assert_eq!(
+            parse("[dns]
+route_table = 254
+").unwrap_err(),
+            "/etc/netpol/netpold.toml: dns.route_table: 254 is a reserved table (unspec, default, main or local)"
+        );
+        let e = parse(
+            "[dns]
+min_ttl = 1
+",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("/etc/netpol/netpold.toml:2:1: dns.min_ttl: unknown field `min_ttl`"),
+            "{e}"
+        );
     }
 
     /// `[datapath] stage` reaches the datapath settings; a stage that does not

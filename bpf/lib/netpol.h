@@ -47,6 +47,7 @@
 #include "lookup.h"
 #include "conntrack.h"
 #include "events.h"
+#include "dnsredirect.h"
 
 static __always_inline int np_drop(struct np_pkt *p, struct np_verdict_info *vi,
 				   enum np_counter counter, __u8 reason)
@@ -231,7 +232,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		    (!(hit->flags & NP_CT_F_AUDIT) || !cfg_recheck_established)) {
 			np_ct_touch(hit, &p, 0, now);
 			np_count(slot, NP_CNT_ALLOWED);
-			return NP_PASS;
+			return np_dns_pass(skb, &p, &vi, from_workload);
 		}
 		if (!cfg_recheck_established) {
 			/* keep: a new generation may have taken the address away. */
@@ -245,7 +246,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 			hit->generation = gen;
 			np_ct_touch(hit, &p, 0, now);
 			np_count(slot, NP_CNT_ALLOWED);
-			return NP_PASS;
+			return np_dns_pass(skb, &p, &vi, from_workload);
 		}
 	}
 
@@ -285,7 +286,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 			vi.reason = NP_REASON_POLICY_ALLOW;
 			np_emit(&p, &vi);
 		}
-		return NP_PASS;
+		return np_dns_pass(skb, &p, &vi, from_workload);
 	}
 
 	vi.reason = decision == NP_DECIDE_DENY || decision == NP_DECIDE_STAGED_DENY

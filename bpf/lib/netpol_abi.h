@@ -467,6 +467,9 @@ enum np_reason : __u8 {
 	NP_REASON_SPOOFED = 3,
 	NP_REASON_FRAGMENT = 4,
 	NP_REASON_MALFORMED = 5,
+	/* DNS of an endpoint with DNS rules, and netpold's proxy cannot take it
+	 * (dnsredirect.h): dropped, fail closed */
+	NP_REASON_DNS_PROXY = 6,
 };
 
 struct np_event {
@@ -518,5 +521,67 @@ NP_ABI_SIZE(struct np_ratelimit, 16);
 NP_ABI_OFFSET(struct np_ratelimit, window_start_ns, 0);
 NP_ABI_OFFSET(struct np_ratelimit, count, 8);
 NP_ABI_OFFSET(struct np_ratelimit, sample, 12);
+
+/* ------------------------------------------------------------------------
+ * DNS proxy redirect (dnsredirect.h).
+ *
+ * netpol_dns_proxy_v1: ARRAY of 1, written by netpold when its proxy listens
+ * (and 0 in `port` when it stops): the proxy's port on 127.0.0.1 and ::1, the
+ * mark its `ip rule` routes locally, and how many redirect entries exist (0:
+ * the redirect is skipped without a hash lookup).
+ */
+struct np_dns_proxy {
+	__u32 redirects;
+	__u32 mark;
+	__u16 port; /* host order; 0 = no proxy: redirected DNS is dropped */
+	__u16 pad;
+	__u32 reserved;
+};
+NP_ABI_SIZE(struct np_dns_proxy, 16);
+NP_ABI_OFFSET(struct np_dns_proxy, redirects, 0);
+NP_ABI_OFFSET(struct np_dns_proxy, mark, 4);
+NP_ABI_OFFSET(struct np_dns_proxy, port, 8);
+NP_ABI_OFFSET(struct np_dns_proxy, pad, 10);
+NP_ABI_OFFSET(struct np_dns_proxy, reserved, 12);
+
+/* netpol_dns_redirect_v1: HASH (ifindex of an endpoint's device, protocol,
+ * destination port) -> how to hand its packets to the proxy. */
+struct np_dns_redirect_key {
+	__u32 ifindex;
+	__u16 port; /* host order */
+	__u8 proto; /* TCP or UDP */
+	__u8 pad;
+};
+NP_ABI_SIZE(struct np_dns_redirect_key, 8);
+NP_ABI_OFFSET(struct np_dns_redirect_key, ifindex, 0);
+NP_ABI_OFFSET(struct np_dns_redirect_key, port, 4);
+NP_ABI_OFFSET(struct np_dns_redirect_key, proto, 6);
+NP_ABI_OFFSET(struct np_dns_redirect_key, pad, 7);
+
+enum np_dns_flags : __u16 {
+	/* A bridge port: the frame's destination becomes `mac` (the device's
+	 * own address, a local entry of its bridge) so it is passed up. */
+	NP_DNS_F_REWRITE_MAC = 0x1,
+};
+
+struct np_dns_redirect_value {
+	__u8 mac[6];
+	__u16 flags; /* NP_DNS_F_* */
+};
+NP_ABI_SIZE(struct np_dns_redirect_value, 8);
+NP_ABI_OFFSET(struct np_dns_redirect_value, mac, 0);
+NP_ABI_OFFSET(struct np_dns_redirect_value, flags, 6);
+NP_ABI_WIDTH(struct np_dns_redirect_value, flags, enum np_dns_flags);
+
+/* netpol_dns_stats_v1: PERCPU_ARRAY of 1. */
+struct np_dns_stats {
+	__u64 redirected;       /* packets handed to the proxy */
+	__u64 dropped_no_proxy; /* no proxy socket: fail closed */
+	__u64 dropped_other;    /* assignment refused, fragment */
+};
+NP_ABI_SIZE(struct np_dns_stats, 24);
+NP_ABI_OFFSET(struct np_dns_stats, redirected, 0);
+NP_ABI_OFFSET(struct np_dns_stats, dropped_no_proxy, 8);
+NP_ABI_OFFSET(struct np_dns_stats, dropped_other, 16);
 
 #endif /* NETPOL_ABI_H */

@@ -140,6 +140,29 @@ struct {
 	__uint(max_entries, 1);
 } netpol_ratelimit_v1 SEC(".maps");
 
+/* The DNS proxy redirect (dnsredirect.h); layouts in netpol_abi.h. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct np_dns_proxy);
+	__uint(max_entries, 1);
+} netpol_dns_proxy_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct np_dns_redirect_key);
+	__type(value, struct np_dns_redirect_value);
+	__uint(max_entries, 16384);
+} netpol_dns_redirect_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct np_dns_stats);
+	__uint(max_entries, 1);
+} netpol_dns_stats_v1 SEC(".maps");
+
 /*
  * BTF only carries types reachable from globals; map definitions reference
  * keys by pointer, which leaves bare forward declarations, and enums are
@@ -179,6 +202,11 @@ struct np_abi {
 	enum np_event_verdict event_verdict;
 	enum np_reason reason;
 	enum np_stage stage;
+	struct np_dns_proxy dns_proxy;
+	struct np_dns_redirect_key dns_redirect_key;
+	struct np_dns_redirect_value dns_redirect_value;
+	struct np_dns_stats dns_stats;
+	enum np_dns_flags dns_flags;
 };
 
 struct np_abi np_abi_anchor;

@@ -22,6 +22,7 @@
 //! the kernel other than through [`Datapath`] and [`Links`], or tear enforcement
 //! down on exit (pins stay; `netpold --detach` removes them).
 
+pub mod dnsproxy;
 pub mod fleet;
 pub mod lastgood;
 pub mod metrics;

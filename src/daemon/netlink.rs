@@ -32,6 +32,10 @@ pub struct LinkTable {
     pub addresses: BTreeSet<IpAddr>,
     /// Unicast routes of the main table: destination → output ifindex.
     pub routes: Vec<(IpNet, u32)>,
+    /// Ports of a bridge (devices with a controller): ifindex → their own MAC
+    /// address, a local entry of the bridge (the DNS redirect makes a frame
+    /// addressed to it go up the stack instead of being forwarded).
+    pub bridge_ports: BTreeMap<u32, [u8; 6]>,
 }
 
 impl LinkTable {
@@ -174,10 +178,20 @@ pub async fn list(handle: &rtnetlink::Handle) -> Result<LinkTable, NetlinkError>
             source,
         })?
     {
+        let mut mac = None;
+        let mut controlled = false;
         for attr in &msg.attributes {
-            if let LinkAttribute::IfName(name) = attr {
-                table.links.insert(name.clone(), msg.header.index);
+            match attr {
+                LinkAttribute::IfName(name) => {
+                    table.links.insert(name.clone(), msg.header.index);
+                }
+                LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::Controller(_) => controlled = true,
+                _ => {}
             }
+        }
+        if let (true, Some(mac)) = (controlled, mac) {
+            table.bridge_ports.insert(msg.header.index, mac);
         }
     }
     let mut addrs = handle.address().get().execute();

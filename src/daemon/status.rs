@@ -117,6 +117,8 @@ pub enum Reason {
     Spoofed,
     Fragment,
     Malformed,
+    /// DNS of an endpoint with DNS rules that the proxy could not take.
+    DnsProxy,
 }
 
 wire_names!(Reason {
@@ -126,6 +128,7 @@ wire_names!(Reason {
     Spoofed => "spoofed",
     Fragment => "fragment",
     Malformed => "malformed",
+    DnsProxy => "dns-proxy",
 });
 
 impl From<EventReason> for Reason {
@@ -137,6 +140,7 @@ impl From<EventReason> for Reason {
             EventReason::Spoofed => Reason::Spoofed,
             EventReason::Fragment => Reason::Fragment,
             EventReason::Malformed => Reason::Malformed,
+            EventReason::DnsProxy => Reason::DnsProxy,
         }
     }
 }
@@ -528,6 +532,7 @@ mod tests {
             EventReason::Spoofed,
             EventReason::Fragment,
             EventReason::Malformed,
+            EventReason::DnsProxy,
         ] {
             assert_eq!(name(r), Reason::from(r).as_str());
         }

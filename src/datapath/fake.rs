@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Attachment, Counters, Datapath, DatapathError, VerdictEvent};
+use super::{
+    Attachment, Counters, Datapath, DatapathError, DnsProxyTarget, DnsRedirect, VerdictEvent,
+};
 use crate::policy::types::Compiled;
 
 #[derive(Debug, Default)]
@@ -19,6 +21,10 @@ pub struct FakeDatapath {
     /// this message.
     pub fail_next_apply: Option<String>,
     pub events: Vec<VerdictEvent>,
+    /// The DNS redirect as last set.
+    pub dns_redirect: Option<(DnsProxyTarget, Vec<DnsRedirect>)>,
+    /// What `live_flows` reports: (ifindex, address, address).
+    pub live_flows: Vec<(u32, std::net::IpAddr, std::net::IpAddr)>,
 }
 
 impl FakeDatapath {
@@ -58,6 +64,19 @@ impl Datapath for FakeDatapath {
 
     fn counters(&self) -> BTreeMap<u32, Counters> {
         BTreeMap::new()
+    }
+
+    fn set_dns_redirect(
+        &mut self,
+        proxy: DnsProxyTarget,
+        redirects: &[DnsRedirect],
+    ) -> Result<(), DatapathError> {
+        self.dns_redirect = Some((proxy, redirects.to_vec()));
+        Ok(())
+    }
+
+    fn live_flows(&self) -> Vec<(u32, std::net::IpAddr, std::net::IpAddr)> {
+        self.live_flows.clone()
     }
 
     fn detach_all(&mut self) -> Result<(), DatapathError> {

@@ -31,7 +31,10 @@ use super::generation::{self, Contents, Table};
 use super::layout::{self, EventRecord, KernelSlots, StateValue};
 use super::skel::types::{self, np_layout};
 use super::skel::{NetpolSkel, NetpolSkelBuilder};
-use super::{Attachment, Counters, Datapath, DatapathError, DatapathSettings, VerdictEvent};
+use super::{
+    Attachment, Counters, Datapath, DatapathError, DatapathSettings, DnsProxyTarget, DnsRedirect,
+    DnsRedirectStats, VerdictEvent,
+};
 use crate::policy::identity;
 use crate::policy::types::Compiled;
 
@@ -1432,6 +1435,101 @@ impl Datapath for KernelDatapath {
 
     fn stage(&self) -> super::Stage {
         self.settings.stage
+    }
+
+    /// The redirect entries first (stale ones deleted, then the new written),
+    /// then the proxy word with their count, so a packet never finds a count
+    /// without the entries it covers.
+    fn set_dns_redirect(
+        &mut self,
+        proxy: DnsProxyTarget,
+        redirects: &[DnsRedirect],
+    ) -> Result<(), DatapathError> {
+        let maps = &self.loaded.skel.maps;
+        let table = &maps.netpol_dns_redirect_v1;
+        let want: BTreeMap<Vec<u8>, Vec<u8>> = redirects
+            .iter()
+            .map(|r| {
+                let k = layout::DnsRedirectKey {
+                    ifindex: r.ifindex,
+                    port: r.port,
+                    proto: r.proto,
+                    pad: 0,
+                };
+                let v = layout::DnsRedirectValue {
+                    mac: r.bridge_mac.unwrap_or_default(),
+                    flags: if r.bridge_mac.is_some() {
+                        types::np_dns_flags::NP_DNS_F_REWRITE_MAC.0
+                    } else {
+                        0
+                    },
+                };
+                (layout::bytes_of(&k).to_vec(), layout::bytes_of(&v).to_vec())
+            })
+            .collect();
+        let stale: Vec<Vec<u8>> = table.keys().filter(|k| !want.contains_key(k)).collect();
+        for k in stale {
+            let _ = table.delete(&k);
+        }
+        for (k, v) in &want {
+            table
+                .update(k, v, MapFlags::ANY)
+                .map_err(kerr("write netpol_dns_redirect_v1"))?;
+        }
+        let word = layout::DnsProxyValue {
+            redirects: want.len() as u32,
+            mark: proxy.mark,
+            port: proxy.port,
+            pad: 0,
+            reserved: 0,
+        };
+        maps.netpol_dns_proxy_v1
+            .update(&0u32.to_ne_bytes(), layout::bytes_of(&word), MapFlags::ANY)
+            .map_err(kerr("write netpol_dns_proxy_v1"))
+    }
+
+    fn dns_redirect_stats(&self) -> DnsRedirectStats {
+        let mut out = DnsRedirectStats::default();
+        let map = &self.skel().maps.netpol_dns_stats_v1;
+        if let Ok(Some(per_cpu)) = map.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY) {
+            for raw in per_cpu {
+                if let Some(v) = layout::from_bytes::<layout::DnsStatsValue>(&raw) {
+                    out.redirected += v.redirected;
+                    out.dropped_no_proxy += v.dropped_no_proxy;
+                    out.dropped_other += v.dropped_other;
+                }
+            }
+        }
+        out
+    }
+
+    fn live_flows(&self) -> Vec<(u32, std::net::IpAddr, std::net::IpAddr)> {
+        let map = &self.skel().maps.netpol_ct_v2;
+        let now = layout::coarse_now_ns();
+        let mut out = Vec::new();
+        for k in map.keys() {
+            let Ok(Some(v)) = map.lookup(&k, MapFlags::ANY) else {
+                continue;
+            };
+            let (Some(key), Some(val)) = (
+                layout::from_bytes::<layout::CtKey>(&k),
+                layout::from_bytes::<layout::CtValue>(&v),
+            ) else {
+                continue;
+            };
+            if val.expires_ns <= now {
+                continue;
+            }
+            let ip = |a: &[u8; 16]| -> std::net::IpAddr {
+                if key.family == types::np_family::NP_FAMILY_V4.0 {
+                    std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()
+                } else {
+                    std::net::Ipv6Addr::from(*a).into()
+                }
+            };
+            out.push((key.ifindex, ip(&key.addr_a), ip(&key.addr_b)));
+        }
+        out
     }
 
     fn detach_all(&mut self) -> Result<(), DatapathError> {

@@ -35,6 +35,10 @@ pub type FailsafeKey = types::np_failsafe_key;
 pub type CountersValue = types::np_counters;
 pub type EventRecord = types::np_event;
 pub type RatelimitValue = types::np_ratelimit;
+pub type DnsProxyValue = types::np_dns_proxy;
+pub type DnsRedirectKey = types::np_dns_redirect_key;
+pub type DnsRedirectValue = types::np_dns_redirect_value;
+pub type DnsStatsValue = types::np_dns_stats;
 
 // The sizes below are the C header's (which asserts them, and every offset,
 // beside each struct); a change to a layout must come with a new map version
@@ -46,6 +50,10 @@ const _: () = assert!(size_of::<EndpointValue>() == 16);
 const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 44);
+const _: () = assert!(size_of::<DnsProxyValue>() == 16);
+const _: () = assert!(size_of::<DnsRedirectKey>() == 8);
+const _: () = assert!(size_of::<DnsRedirectValue>() == 8);
+const _: () = assert!(size_of::<DnsStatsValue>() == 24);
 const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<CtV1Key>() == 44);
 const _: () = assert!(size_of::<CtV1Value>() == 16);
@@ -55,6 +63,18 @@ const _: () = assert!(size_of::<FailsafeKey>() == 4);
 const _: () = assert!(size_of::<CountersValue>() == 48);
 const _: () = assert!(size_of::<EventRecord>() == 72);
 const _: () = assert!(size_of::<RatelimitValue>() == 16);
+
+/// The clock conntrack expiries are on (bpf_ktime_get_coarse_ns:
+/// CLOCK_MONOTONIC_COARSE), in nanoseconds.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// The byte a key or event carries for `dir`.
 pub fn direction_code(dir: Direction) -> u8 {
@@ -329,6 +349,7 @@ pub fn verdict_event(r: &EventRecord) -> VerdictEvent {
             np_reason::NP_REASON_DEFAULT_DENY => EventReason::DefaultDeny,
             np_reason::NP_REASON_SPOOFED => EventReason::Spoofed,
             np_reason::NP_REASON_FRAGMENT => EventReason::Fragment,
+            np_reason::NP_REASON_DNS_PROXY => EventReason::DnsProxy,
             _ => EventReason::Malformed,
         },
         src: addr_from_bytes(r.family, &r.saddr),
@@ -942,6 +963,7 @@ mod tests {
             EventReason::Spoofed,
             EventReason::Fragment,
             EventReason::Malformed,
+            EventReason::DnsProxy,
         ];
         for (code, want) in reasons.into_iter().enumerate() {
             assert_eq!(verdict_event(&record(0, 1, code as u8, 0)).reason, want);

@@ -177,6 +177,9 @@ pub enum EventReason {
     Fragment,
     /// Malformed or unparseable headers.
     Malformed,
+    /// DNS of an endpoint with DNS rules that netpold's proxy could not take
+    /// (no proxy socket): dropped, fail closed.
+    DnsProxy,
 }
 
 /// One verdict event read from the ring buffer.
@@ -211,6 +214,41 @@ pub struct Counters {
     pub audit: u64,
 }
 
+/// One redirect of the DNS proxy (bpf/lib/dnsredirect.h): packets leaving
+/// the workload behind `ifindex` with this protocol and destination port go
+/// to netpold's proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DnsRedirect {
+    pub ifindex: u32,
+    /// TCP (6) or UDP (17).
+    pub proto: u8,
+    pub port: u16,
+    /// The device is a bridge port: frames are readdressed to its own MAC so
+    /// the bridge passes them up to the stack.
+    pub bridge_mac: Option<[u8; 6]>,
+}
+
+/// Where the DNS proxy listens, as the datapath needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DnsProxyTarget {
+    /// Port on 127.0.0.1 and ::1 (TCP and UDP); 0 = no proxy (redirected DNS
+    /// is dropped).
+    pub port: u16,
+    /// The mark netpold's `ip rule` routes locally.
+    pub mark: u32,
+}
+
+/// The redirect's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DnsRedirectStats {
+    /// Packets handed to the proxy.
+    pub redirected: u64,
+    /// Dropped: no proxy socket (netpold down or the proxy not listening).
+    pub dropped_no_proxy: u64,
+    /// Dropped: the kernel refused the assignment, or a fragment.
+    pub dropped_other: u64,
+}
+
 /// The kernel side as the daemon sees it.
 pub trait Datapath {
     /// Fill the inactive generation completely with `state` and the given
@@ -238,5 +276,25 @@ pub trait Datapath {
     /// Where the loaded programs stop ([`Stage::Full`]: they enforce).
     fn stage(&self) -> Stage {
         Stage::Full
+    }
+
+    /// Make the DNS redirect exactly `redirects`, to `proxy`.
+    fn set_dns_redirect(
+        &mut self,
+        _proxy: DnsProxyTarget,
+        _redirects: &[DnsRedirect],
+    ) -> Result<(), DatapathError> {
+        Ok(())
+    }
+
+    /// The redirect's counters.
+    fn dns_redirect_stats(&self) -> DnsRedirectStats {
+        DnsRedirectStats::default()
+    }
+
+    /// The (ifindex, address, address) of every conntrack entry not expired
+    /// yet: which learned addresses a connection still uses.
+    fn live_flows(&self) -> Vec<(u32, std::net::IpAddr, std::net::IpAddr)> {
+        Vec::new()
     }
 }

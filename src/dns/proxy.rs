@@ -6,40 +6,51 @@
 //! ([`Endpoints::destination`]); the answer is checked against the query (an
 //! answer with another ID or question is dropped, counted, and the proxy
 //! keeps waiting for the real one until its timeout), and its addresses are
-//! handed to [`Endpoints::learn`] **before** the answer is released, so the
-//! connection that follows the lookup finds them learned. A failed learn (a
-//! cap reached) or a silent upstream gets SERVFAIL: the proxy never releases
-//! an answer it did not learn.
+//! handed to [`Endpoints::learn`], whose future completes once they are
+//! enforced, **before** the answer is released, so the connection that
+//! follows the lookup finds them learned. A failed learn (a cap reached) or a
+//! silent upstream gets SERVFAIL: the proxy never releases an answer it did
+//! not learn.
 //!
-//! Not in this version: the datapath redirect (socket assignment) that would
-//! steer an endpoint's DNS traffic here and make the socket's local address
-//! the workload's original destination; until then `destination` says where
-//! a query goes.
+//! Transparent: the datapath hands a workload's DNS to the proxy's sockets by
+//! socket assignment (bpf/lib/dnsredirect.h), so a packet reaches them with
+//! its original destination. UDP reads it from `IP_RECVORIGDSTADDR` /
+//! `IPV6_RECVORIGDSTADDR` and answers from that address and port (a socket
+//! with `IP_TRANSPARENT` bound to it), so the workload's resolver sees the
+//! server it asked answer; an accepted TCP connection's local address is the
+//! original destination. Queries sent to the proxy's own address are answered
+//! from it.
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::message::{self, Answer, DropCounts, Query, Verdict, MAX_MESSAGE};
 use crate::api::model::FqdnSelector;
+
+/// What [`Endpoints::learn`] returns: done once the addresses are enforced.
+pub type Learning = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// What the proxy asks of the daemon about the endpoint behind a query.
 pub trait Endpoints: Send + Sync + 'static {
     /// The DNS rules of the endpoint with this source address; `None` when the
     /// address is no endpoint with DNS rules (its queries are REFUSED).
     fn dns_rules(&self, client: IpAddr) -> Option<Vec<FqdnSelector>>;
-    /// Where the workload sent the query (`local`: the proxy socket's address).
+    /// Where to forward a query (`local`: its original destination, which is
+    /// the proxy socket's own address when it was sent there directly).
     fn destination(&self, client: SocketAddr, local: SocketAddr) -> SocketAddr;
-    /// Learn an allowed answer's addresses before it is released; an error
-    /// (a cap reached) makes the reply SERVFAIL.
-    fn learn(&self, client: IpAddr, answer: &Answer) -> Result<(), String>;
+    /// Learn an allowed answer's addresses; the answer is released when the
+    /// future completes. An error (a cap reached) makes the reply SERVFAIL.
+    fn learn(&self, client: IpAddr, answer: &Answer) -> Learning;
 }
 
 /// Counters of the proxy.
@@ -58,6 +69,8 @@ pub struct Stats {
     pub learned_addrs: AtomicU64,
     /// Queries and answers dropped, by reason.
     pub drops: DropCounts,
+    /// UDP replies that could not be sent from the original destination.
+    pub reply_failed: AtomicU64,
 }
 
 impl Stats {
@@ -125,7 +138,7 @@ impl Proxy {
             return Some(message::reply(&query, ResponseCode::ServFail));
         };
         if !answer.addrs.is_empty() {
-            if let Err(_why) = self.endpoints.learn(client.ip(), &answer) {
+            if let Err(_why) = self.endpoints.learn(client.ip(), &answer).await {
                 Stats::inc(&self.stats.learn_failed);
                 return Some(message::reply(&query, ResponseCode::ServFail));
             }
@@ -188,7 +201,9 @@ impl Proxy {
         tokio::time::timeout(self.timeout, exchange).await.ok()?
     }
 
-    /// Serve queries on `sock` until `shutdown` completes.
+    /// Serve queries on `sock` until `shutdown` completes. Each query's
+    /// original destination comes with it (`IP_RECVORIGDSTADDR`, turned on
+    /// here); the reply goes out from there.
     pub async fn serve_udp(
         self: Arc<Self>,
         sock: UdpSocket,
@@ -196,18 +211,29 @@ impl Proxy {
     ) -> io::Result<()> {
         let sock = Arc::new(sock);
         let local = sock.local_addr()?;
+        recv_original_destination(&sock, local)?;
         let mut buf = vec![0u8; MAX_MESSAGE];
         tokio::pin!(shutdown);
         loop {
-            let (n, client) = tokio::select! {
-                r = sock.recv_from(&mut buf) => r?,
+            let (n, client, orig) = tokio::select! {
+                r = sock.async_io(Interest::READABLE, || recv_with_destination(&sock, &mut buf)) => match r {
+                    Ok(got) => got,
+                    // A datagram that could not be read whole: skip it.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                    Err(e) => return Err(e),
+                },
                 () = &mut shutdown => return Ok(()),
             };
+            let orig = orig.unwrap_or(local);
             let bytes = buf[..n].to_vec();
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
-                if let Some(reply) = me.handle(&bytes, client, local, Transport::Udp).await {
-                    let _ = sock.send_to(&reply, client).await;
+                if let Some(reply) = me.handle(&bytes, client, orig, Transport::Udp).await {
+                    if orig == local {
+                        let _ = sock.send_to(&reply, client).await;
+                    } else if send_from(orig, client, &reply).is_err() {
+                        Stats::inc(&me.stats.reply_failed);
+                    }
                 }
             });
         }
@@ -221,12 +247,22 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        let local = listener.local_addr()?;
         tokio::pin!(shutdown);
         loop {
             let (mut conn, client) = tokio::select! {
-                r = listener.accept() => r?,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    // Out of fds, a connection reset before accept: go on.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
                 () = &mut shutdown => return Ok(()),
+            };
+            // Its local address is the workload's original destination.
+            let Ok(local) = conn.local_addr() else {
+                continue;
             };
             let me = self.clone();
             tokio::spawn(async move {
@@ -243,6 +279,138 @@ impl Proxy {
             });
         }
     }
+}
+
+/// Turn on the original destination of each datagram (`IP_RECVORIGDSTADDR`
+/// or `IPV6_RECVORIGDSTADDR`).
+fn recv_original_destination(sock: &UdpSocket, local: SocketAddr) -> io::Result<()> {
+    let (level, name) = match local {
+        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_RECVORIGDSTADDR),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR),
+    };
+    set_int(sock.as_raw_fd(), level, name, 1)
+}
+
+fn set_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: setsockopt reads one int we own.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One datagram: its length, its sender and its original destination.
+fn recv_with_destination(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!(libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_TRUNC,
+    )
+    .map_err(io::Error::from)?;
+    let n = msg.bytes;
+    if n > MAX_MESSAGE {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    let client = msg
+        .address
+        .as_ref()
+        .and_then(storage_addr)
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let mut orig = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            match c {
+                ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                    orig = Some(SocketAddr::V4(SocketAddrV4::new(
+                        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                        u16::from_be(a.sin_port),
+                    )));
+                }
+                ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                    orig = Some(SocketAddr::V6(SocketAddrV6::new(
+                        Ipv6Addr::from(a.sin6_addr.s6_addr),
+                        u16::from_be(a.sin6_port),
+                        0,
+                        a.sin6_scope_id,
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((n, client, orig))
+}
+
+fn storage_addr(s: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(a) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())));
+    }
+    s.as_sockaddr_in6().map(|a| {
+        SocketAddr::V6(SocketAddrV6::new(
+            a.ip(),
+            a.port(),
+            a.flowinfo(),
+            a.scope_id(),
+        ))
+    })
+}
+
+/// A socket of `family` (`AF_INET`/`AF_INET6`), `ty` (`SOCK_DGRAM`/`SOCK_STREAM`)
+/// that may use an address that is not this host's (`IP_TRANSPARENT`: the
+/// workload's original destination) and share it (`SO_REUSEADDR`).
+pub fn transparent_socket(v6: bool, ty: i32) -> io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: socket() returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if v6 {
+        set_int(fd.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?;
+        set_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    } else {
+        set_int(fd.as_raw_fd(), libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
+    }
+    Ok(fd)
+}
+
+/// Bind `fd` to `addr`.
+pub fn bind_fd(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    use nix::sys::socket::{bind, SockaddrIn, SockaddrIn6};
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    }
+    .map_err(io::Error::from)
+}
+
+/// Send one datagram to `to` from `from` (an address that need not be this
+/// host's: the original destination of the query it answers).
+fn send_from(from: SocketAddr, to: SocketAddr, data: &[u8]) -> io::Result<()> {
+    let fd = transparent_socket(from.is_ipv6(), libc::SOCK_DGRAM)?;
+    bind_fd(&fd, from)?;
+    std::net::UdpSocket::from(fd).send_to(data, to)?;
+    Ok(())
 }
 
 /// How long a TCP connection may wait for its next query.

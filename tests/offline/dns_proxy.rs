@@ -17,7 +17,7 @@ use netpol::api::model::FqdnSelector;
 use netpol::dns::learned::{LearnedConfig, LearnedSet};
 use netpol::dns::matcher;
 use netpol::dns::message::{self, Answer, DropReason};
-use netpol::dns::proxy::{Endpoints, Proxy, Stats};
+use netpol::dns::proxy::{Endpoints, Learning, Proxy, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -127,7 +127,14 @@ impl Endpoints for Workload {
     fn destination(&self, _client: SocketAddr, _local: SocketAddr) -> SocketAddr {
         self.upstream
     }
-    fn learn(&self, client: IpAddr, answer: &Answer) -> Result<(), String> {
+    fn learn(&self, client: IpAddr, answer: &Answer) -> Learning {
+        let r = self.learn_now(client, answer);
+        Box::pin(async move { r })
+    }
+}
+
+impl Workload {
+    fn learn_now(&self, client: IpAddr, answer: &Answer) -> Result<(), String> {
         if self.fail_learn {
             return Err("cap reached".into());
         }
