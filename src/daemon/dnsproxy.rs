@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,11 +32,16 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute};
 use slog::Logger;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::netlink::LinkTable;
+use super::status::display_name;
 use crate::api::model::FqdnSelector;
 use crate::config::DnsConfig;
+use crate::datapath::{Attachment, DnsProxyTarget, DnsRedirect};
+use crate::dns::learned::{LearnedSet, STATE_FILE};
 use crate::dns::matcher;
 use crate::dns::message::{Addr, Answer};
 use crate::dns::proxy::{bind_fd, transparent_socket, Endpoints, Learning, Proxy, Stats};
+use crate::policy::types::Compiled;
 
 /// What the proxy knows of one endpoint with DNS rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,4 +379,169 @@ async fn install_routes(config: &DnsConfig) -> Result<(), DnsProxyError> {
     .await;
     conn.abort();
     result
+}
+
+/// One local endpoint with DNS rules in a compiled state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsEndpoint {
+    /// Its slot in [`Compiled::endpoints`].
+    pub slot: u32,
+    /// The names its DNS rules allow.
+    pub rules: Vec<FqdnSelector>,
+    /// The (protocol, port) pairs its DNS rules name: what is redirected.
+    pub ports: Vec<(u8, u16)>,
+    /// The toFQDNs selectors of its egress.
+    pub fqdns: Vec<FqdnSelector>,
+}
+
+/// The endpoints of `compiled` that have DNS rules.
+pub fn dns_endpoints(compiled: &Compiled) -> Vec<DnsEndpoint> {
+    // Placeholder until the compile output carries DNS rules (dnsc's API).
+    let _ = compiled;
+    Vec::new()
+}
+
+/// The DNS side of the reconcile loop: the learned set, the proxy, what the
+/// datapath's redirect holds.
+pub struct Dns {
+    pub config: DnsConfig,
+    pub state_dir: PathBuf,
+    pub learned: LearnedSet,
+    pub proxy: Option<DnsProxy>,
+    pub learn_tx: mpsc::UnboundedSender<LearnRequest>,
+    /// The redirect as last written to the datapath.
+    pub redirect: Option<(DnsProxyTarget, Vec<DnsRedirect>)>,
+    /// Why the proxy is not running, or the learned set not saved.
+    pub error: Option<String>,
+    /// The learned set changed since it was saved.
+    pub dirty: bool,
+    /// Learned-set key → the device its endpoint is attached to (for the
+    /// conntrack check before expiry).
+    pub devices: HashMap<String, u32>,
+    /// The installed state has DNS rules: the proxy should run.
+    pub wanted: bool,
+    /// Counts changes of the learned set; `installed_version` is the count
+    /// the installed state was compiled with.
+    pub version: u64,
+    pub installed_version: u64,
+}
+
+impl Dns {
+    /// The learned set saved in `state_dir` (empty, reported, when it cannot
+    /// be read: a damaged file must not stop enforcement).
+    pub fn new(
+        config: DnsConfig,
+        state_dir: PathBuf,
+        learn_tx: mpsc::UnboundedSender<LearnRequest>,
+        log: &Logger,
+    ) -> Dns {
+        let (learned, error) = match LearnedSet::load(&state_dir, config.learned()) {
+            Ok(s) => {
+                if !s.is_empty() {
+                    slog::info!(log, "learned DNS addresses reloaded"; "addresses" => s.len(),
+                        "file" => %state_dir.join(STATE_FILE).display());
+                }
+                (s, None)
+            }
+            Err(e) => {
+                let msg = crate::error::chain(&e);
+                slog::error!(log, "cannot reload the learned DNS addresses; starting with none"; "error" => &msg);
+                (LearnedSet::new(config.learned()), Some(msg))
+            }
+        };
+        Dns {
+            config,
+            state_dir,
+            learned,
+            proxy: None,
+            learn_tx,
+            redirect: None,
+            error,
+            dirty: false,
+            devices: HashMap::new(),
+            wanted: false,
+            version: 0,
+            installed_version: 0,
+        }
+    }
+
+    /// Save the learned set if it changed.
+    pub fn save(&mut self, log: &Logger) {
+        if !self.dirty {
+            return;
+        }
+        match self.learned.save(&self.state_dir) {
+            Ok(()) => {
+                self.dirty = false;
+                if self
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(STATE_FILE))
+                {
+                    self.error = None;
+                }
+            }
+            Err(e) => {
+                let msg = crate::error::chain(&e);
+                slog::error!(log, "cannot save the learned DNS addresses"; "error" => &msg);
+                self.error = Some(msg);
+            }
+        }
+    }
+
+    /// The datapath redirect, the proxy's view and the devices for an
+    /// installed state with these attachments and links.
+    pub fn plan(
+        &self,
+        compiled: &Compiled,
+        attachments: &[Attachment],
+        links: &LinkTable,
+    ) -> (Vec<DnsRedirect>, View, HashMap<String, u32>) {
+        let mut redirects = Vec::new();
+        let mut view = View::default();
+        let mut devices = HashMap::new();
+        for de in dns_endpoints(compiled) {
+            let Some(ep) = compiled.endpoints.get(de.slot as usize) else {
+                continue;
+            };
+            let key = display_name(&ep.namespace, &ep.name);
+            if let Some(a) = attachments.iter().find(|a| a.slot == de.slot) {
+                devices.insert(key.clone(), a.ifindex);
+                for &(proto, port) in &de.ports {
+                    redirects.push(DnsRedirect {
+                        ifindex: a.ifindex,
+                        proto,
+                        port,
+                        bridge_mac: links.bridge_ports.get(&a.ifindex).copied(),
+                    });
+                }
+            }
+            let e = Arc::new(EndpointDns {
+                key,
+                rules: de.rules,
+                fqdns: de.fqdns,
+            });
+            for ip in &ep.addresses {
+                view.by_ip.insert(*ip, e.clone());
+            }
+        }
+        redirects.sort();
+        redirects.dedup();
+        (redirects, view, devices)
+    }
+
+    /// What the datapath's redirect sends to now.
+    pub fn target(&self) -> DnsProxyTarget {
+        DnsProxyTarget {
+            port: self.proxy.as_ref().map_or(0, |p| p.port),
+            mark: self.config.redirect_mark,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (the learned set's clock).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

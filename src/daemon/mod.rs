@@ -266,6 +266,16 @@ pub async fn run_with<D: Datapath, L: Links>(
         datapath,
     );
     d.fleet = fleet;
+    // The DNS proxy's side: its learned set is reloaded before the first
+    // compile, so a restart keeps what was allowed; the proxy starts once a
+    // state with DNS rules is installed.
+    let (learn_tx, mut learn_rx) = mpsc::unbounded_channel::<dnsproxy::LearnRequest>();
+    d.dns = Some(dnsproxy::Dns::new(
+        config.dns.clone(),
+        config.state_dir.clone(),
+        learn_tx,
+        &d.out.log,
+    ));
     if let Some(f) = d.fleet.as_mut() {
         let limit = Duration::from_millis(config.etcd.request_timeout_ms);
         f.initial_sync(limit, &d.out.log).await;
@@ -276,6 +286,9 @@ pub async fn run_with<D: Datapath, L: Links>(
     let mut debouncer = Debouncer::new(Duration::from_millis(config.debounce_ms));
     let resync = Duration::from_secs(config.resync_interval_s);
     reconcile(&mut d, &mut watcher, &mut touched, Cause::Start);
+    dns_after(&mut d).await;
+    let mut dns_tick = tokio::time::interval(Duration::from_secs(1));
+    dns_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut shutdown = std::pin::pin!(shutdown);
     let mut links_open = true;
@@ -356,6 +369,26 @@ pub async fn run_with<D: Datapath, L: Links>(
                 d.poll_events();
                 continue;
             }
+            Some(first) = learn_rx.recv() => {
+                // Everything learned meanwhile in one compile and apply.
+                let mut batch = vec![first];
+                while let Ok(r) = learn_rx.try_recv() {
+                    batch.push(r);
+                }
+                d.learn_batch(batch);
+                d.drop_retired();
+                dns_after(&mut d).await;
+                continue;
+            }
+            _ = dns_tick.tick() => {
+                d.expire_learned();
+                d.drop_retired();
+                dns_after(&mut d).await;
+                if let Some(dns) = d.dns.as_mut() {
+                    dns.save(&d.out.log);
+                }
+                continue;
+            }
             _ = watchdog.tick(), if watchdog_every.is_some() => {
                 d.out.notifier.watchdog();
                 continue;
@@ -378,6 +411,7 @@ pub async fn run_with<D: Datapath, L: Links>(
             next_resync = (resync > Duration::ZERO).then(|| Instant::now() + resync);
         }
         reconcile(&mut d, &mut watcher, &mut touched, cause);
+        dns_after(&mut d).await;
         if cause == Cause::Reload {
             let line = d.status_line();
             if d.ready {
@@ -388,6 +422,9 @@ pub async fn run_with<D: Datapath, L: Links>(
         }
     }
     d.out.notifier.stopping();
+    if let Some(dns) = d.dns.as_mut() {
+        dns.save(&d.out.log);
+    }
     d.stop().await;
     slog::info!(d.out.log, "netpold stopping; enforcement stays in place"; "generation" => d.datapath.generation());
     Ok(())
@@ -410,6 +447,34 @@ fn reconcile<D: Datapath>(
     };
     d.reconcile(cause, hint);
     d.drop_retired();
+}
+
+/// After a reconcile: the DNS redirect and the proxy's view follow the
+/// installed state, and the proxy starts when it first has DNS rules (a
+/// failure is logged and tried again after the next reconcile; meanwhile the
+/// redirect drops those endpoints' DNS: fail closed).
+async fn dns_after<D: Datapath>(d: &mut Reconciler<D>) {
+    if !d.dns_sync() {
+        return;
+    }
+    let Some(dns) = d.dns.as_mut() else {
+        return;
+    };
+    let log = d.out.log.new(slog::o!("component" => "dns"));
+    match dnsproxy::DnsProxy::start(&dns.config, dns.learn_tx.clone(), &log).await {
+        Ok(p) => {
+            dns.proxy = Some(p);
+            dns.error = None;
+            d.dns_sync();
+        }
+        Err(e) => {
+            let msg = crate::error::chain(&e);
+            if dns.error.as_deref() != Some(msg.as_str()) {
+                slog::error!(log, "cannot start the DNS proxy; DNS of endpoints with DNS rules is dropped until it runs"; "error" => &msg);
+            }
+            dns.error = Some(msg);
+        }
+    }
 }
 
 /// Removes the socket file and stops the server when the loop ends, however it ends.

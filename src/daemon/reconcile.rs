@@ -15,6 +15,7 @@ use slog::Logger;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use super::dnsproxy::{unix_now, Dns, LearnRequest};
 use super::metrics;
 use super::netlink::LinkTable;
 use super::save::Saver;
@@ -47,6 +48,9 @@ pub enum Cause {
     Resync,
     /// The datapath failed before; try again.
     Retry,
+    /// The DNS proxy learned addresses (to enforce before it releases the
+    /// answer), or learned addresses expired.
+    Learned,
 }
 
 impl Cause {
@@ -57,6 +61,7 @@ impl Cause {
             Cause::Reload => "reload",
             Cause::Resync => "resync",
             Cause::Retry => "retry",
+            Cause::Learned => "learned",
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct Reconciler<D> {
     counters_at: Option<Instant>,
     /// Fleet mode: the etcd engine this daemon reports to.
     pub fleet: Option<super::fleet::FleetLink>,
+    /// The DNS proxy's side: learned set, proxy, redirect.
+    pub dns: Option<Dns>,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -151,6 +158,7 @@ impl<D: Datapath> Reconciler<D> {
             logged_warnings: Vec::new(),
             counters_at: None,
             fleet: None,
+            dns: None,
         }
     }
 
@@ -197,6 +205,9 @@ impl<D: Datapath> Reconciler<D> {
         let t0 = std::time::Instant::now();
         // This host's addresses are identity host, whatever interface they are on.
         self.copts.host_addresses = self.links.addresses.iter().copied().collect();
+        // The learned DNS addresses this pass compiles with.
+        let learned_version = self.dns.as_ref().map(|d| d.version);
+        self.learned_into_options();
         let pass = pipeline::load_and_compile(
             &mut *self.inputs,
             hint,
@@ -268,6 +279,9 @@ impl<D: Datapath> Reconciler<D> {
                 .filter(|i| i.compiled == compiled && i.attachments == attachments)
             {
                 i.policies = n_policies;
+                if let (Some(d), Some(v)) = (&mut self.dns, learned_version) {
+                    d.installed_version = v;
+                }
                 if let Some(f) = &mut self.fleet {
                     f.installed();
                 }
@@ -284,7 +298,7 @@ impl<D: Datapath> Reconciler<D> {
         // hook) when they or the interfaces changed, and on every trigger other
         // than a file change (reload, resync, retry, start).
         let check_links = self.links_changed
-            || cause != Cause::Change
+            || (cause != Cause::Change && cause != Cause::Learned)
             || self
                 .installed
                 .as_ref()
@@ -308,6 +322,9 @@ impl<D: Datapath> Reconciler<D> {
                 self.retry = None;
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));
+                if let (Some(d), Some(v)) = (&mut self.dns, learned_version) {
+                    d.installed_version = v;
+                }
                 if let Some(f) = &mut self.fleet {
                     f.installed();
                 }
@@ -601,6 +618,140 @@ impl<D: Datapath> Reconciler<D> {
                 return;
             }
         }
+    }
+}
+
+impl<D: Datapath> Reconciler<D> {
+    /// Hand the learned set to the compile.
+    fn learned_into_options(&mut self) {
+        // Placeholder until the compile takes the learned set (dnsc's API).
+    }
+
+    /// Learn a batch of allowed answers and enforce them; each request is
+    /// answered once its addresses are in the installed state (or with why
+    /// not), so the proxy releases an answer only after that.
+    pub fn learn_batch(&mut self, reqs: Vec<LearnRequest>) {
+        let Some(dns) = self.dns.as_mut() else {
+            for r in reqs {
+                let _ = r.reply.send(Err("the DNS proxy is off".into()));
+            }
+            return;
+        };
+        let now = unix_now();
+        let mut added = 0;
+        let mut waiting = Vec::new();
+        for r in reqs {
+            match dns
+                .learned
+                .learn(&r.endpoint, &r.name, &r.selectors, &r.addrs, now)
+            {
+                Ok(n) => {
+                    added += n;
+                    waiting.push(r.reply);
+                }
+                Err(cap) => {
+                    slog::warn!(self.out.log, "{cap}"; "endpoint" => &r.endpoint, "name" => &r.name);
+                    let _ = r.reply.send(Err(cap.to_string()));
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            // A renewed TTL is a change to save, not to enforce.
+            dns.dirty = true;
+        }
+        if added > 0 {
+            dns.version += 1;
+            self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
+        }
+        let enforced = self
+            .dns
+            .as_ref()
+            .is_some_and(|d| d.installed_version == d.version)
+            && self.installed.is_some();
+        for w in waiting {
+            let _ = w.send(if enforced {
+                Ok(())
+            } else {
+                Err("the learned addresses could not be applied".into())
+            });
+        }
+    }
+
+    /// Expire learned addresses whose TTL ended, except those a connection
+    /// still uses (a live conntrack entry at the endpoint's device), and
+    /// enforce the smaller set.
+    pub fn expire_learned(&mut self) {
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
+        let now = unix_now();
+        if dns.learned.next_expiry().is_none_or(|t| t > now) {
+            return;
+        }
+        let live = self.datapath.live_flows();
+        let held: Vec<(String, std::net::IpAddr)> = dns
+            .learned
+            .entries()
+            .flat_map(|e| {
+                let dev = dns.devices.get(&e.endpoint).copied();
+                let live = &live;
+                e.addrs
+                    .iter()
+                    .filter(move |l| {
+                        l.expires <= now
+                            && dev.is_some_and(|d| {
+                                live.iter()
+                                    .any(|(i, a, b)| *i == d && (*a == l.ip || *b == l.ip))
+                            })
+                    })
+                    .map(|l| (e.endpoint.clone(), l.ip))
+            })
+            .collect();
+        for (e, ip) in &held {
+            dns.learned.hold(e, *ip);
+        }
+        let gone = dns.learned.expire(now);
+        for (e, ip) in &held {
+            dns.learned.release(e, *ip);
+        }
+        if gone.is_empty() {
+            return;
+        }
+        dns.dirty = true;
+        dns.version += 1;
+        for (endpoint, name, ip) in &gone {
+            slog::debug!(self.out.log, "learned address expired"; "endpoint" => endpoint, "name" => name, "address" => %ip);
+        }
+        self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
+    }
+
+    /// Bring the datapath's redirect and the proxy's view to the installed
+    /// state. True when the state has DNS rules and no proxy runs yet.
+    pub fn dns_sync(&mut self) -> bool {
+        let (Some(dns), Some(i)) = (self.dns.as_mut(), self.installed.as_ref()) else {
+            return false;
+        };
+        let (redirects, view, devices) = dns.plan(&i.compiled, &i.attachments, &self.links);
+        dns.wanted = !view.by_ip.is_empty() || !redirects.is_empty();
+        dns.devices = devices;
+        if let Some(p) = &dns.proxy {
+            p.set_view(view);
+        }
+        let want = (dns.target(), redirects);
+        if dns.redirect.as_ref() != Some(&want) {
+            match self.datapath.set_dns_redirect(want.0, &want.1) {
+                Ok(()) => {
+                    slog::debug!(self.out.log, "DNS redirect set"; "redirects" => want.1.len(), "proxy_port" => want.0.port);
+                    dns.redirect = Some(want);
+                }
+                Err(e) => {
+                    let msg = chain(&e);
+                    slog::error!(self.out.log, "cannot set the DNS redirect"; "error" => &msg);
+                    dns.error = Some(msg);
+                }
+            }
+        }
+        dns.wanted && dns.proxy.is_none()
     }
 }
 

@@ -257,6 +257,15 @@ impl LearnedSet {
         gone
     }
 
+    /// The earliest end of a TTL among the learned addresses (held ones
+    /// included): nothing expires before it.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.names
+            .values()
+            .flat_map(|n| n.addrs.iter().map(|l| l.expires))
+            .min()
+    }
+
     /// Every name entry, by endpoint and name.
     pub fn entries(&self) -> impl Iterator<Item = &NameEntry> {
         self.names.values()
