@@ -105,3 +105,28 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
     );
     Ok(None)
 }
+
+/// Rows as left-aligned columns two spaces apart, each line without trailing
+/// blanks (the tables of `endpoints` and `fqdn list`).
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -294,20 +294,8 @@ pub fn format_endpoints(eps: &[EndpointView]) -> String {
             (c.denied_policy + c.denied_default + c.denied_spoof + c.denied_other).to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..10)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    super::common::columns(&rows)
 }
 
 #[derive(Debug, Args)]
