@@ -482,6 +482,13 @@ pub fn monitor(a: &MonitorArgs) -> anyhow::Result<i32> {
                         count(v["lost"].as_u64().unwrap_or(0) as usize, "event", "events")
                     )
                 }
+                // A DNS verdict of the proxy: one line per query, as it comes.
+                Ok(v) if v.get("dns").is_some() => {
+                    match serde_json::from_value::<crate::dns::event::DnsEvent>(v["dns"].clone()) {
+                        Ok(ev) => writeln!(out, "{}", crate::dns::event::format_dns_event(&ev)),
+                        Err(_) => writeln!(out, "{line}"),
+                    }
+                }
                 Ok(v) if v.get("error").is_some() => {
                     return fail(ClientError::Daemon {
                         path,
