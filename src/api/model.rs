@@ -100,9 +100,10 @@ pub enum Peer {
     },
     Entity(Entity),
     /// toFQDNs: the addresses the DNS proxy learns for names this selector
-    /// matches. Compile gives it no identity yet (nothing is learned in this
-    /// version), so it allows nothing; `api::load` refuses every policy that
-    /// has one (docs/policy.md, "DNS names").
+    /// matches; compile gives it the identities of those addresses
+    /// (`policy::fqdn`; nothing learned, it allows nothing). `api::load`
+    /// still refuses every policy that has one while the proxy is not wired
+    /// to the datapath (docs/policy.md, "DNS names").
     Fqdn(FqdnSelector),
 }
 
@@ -198,9 +199,9 @@ pub struct RuleItem {
     pub pos: Option<(usize, usize)>,
     pub peers: Peers,
     pub l4: L4,
-    /// DNS rules of its port rules (egress only). Compile does not read them
-    /// yet; `api::load` refuses every policy that has one, so no compiled
-    /// state lacks them.
+    /// DNS rules of its port rules (egress only): compile hands them out per
+    /// endpoint (`Compiled::dns`, `policy::fqdn`). `api::load` still refuses
+    /// every policy that has one while the proxy is not wired to the datapath.
     pub dns: Vec<DnsRule>,
 }
 

@@ -43,6 +43,8 @@ enum Command {
     Node(cli::fleet::NodeArgs),
     /// The fleet's status and revision barrier (fleet mode)
     Fleet(cli::fleet::FleetArgs),
+    /// What the DNS proxy learned for toFQDNs rules
+    Fqdn(cli::fqdn::FqdnArgs),
 }
 
 fn main() {
@@ -66,6 +68,7 @@ fn main() {
         Command::Policy(a) => cli::fleet::policy(a),
         Command::Node(a) => cli::fleet::node(a),
         Command::Fleet(a) => cli::fleet::fleet(a),
+        Command::Fqdn(a) => cli::fqdn::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -9,6 +9,8 @@ use clap::Args;
 use crate::api::Problem;
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::pipeline;
+use crate::policy::compile::{CompileOptions, Compiler};
+use crate::policy::fqdn::FqdnAddrs;
 use crate::policy::types::Compiled;
 
 #[derive(Debug, Clone, Args)]
@@ -90,9 +92,17 @@ pub fn load(
 /// or a set that would not fit the maps, every problem is printed to stderr and
 /// `Ok(None)` returned (exit 2 for callers).
 pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
-    let (_, _, pass, _) = load(files)?;
+    Ok(load_in_force(files)?.map(|(_, _, c)| c))
+}
+
+/// [`load_compiled`], with the config and the sets in force, to compile them
+/// again with what the DNS proxy learned ([`compile_with_learned`]).
+pub fn load_in_force(
+    files: &FileArgs,
+) -> anyhow::Result<Option<(Config, pipeline::Held, Compiled)>> {
+    let (cfg, held, pass, _) = load(files)?;
     if let (Some(c), true) = (pass.compiled, pass.problems.is_empty()) {
-        return Ok(Some(c));
+        return Ok(Some((cfg, held, c)));
     }
     let mut err = std::io::stderr().lock();
     for p in &pass.problems {
@@ -104,4 +114,46 @@ pub fn load_compiled(files: &FileArgs) -> anyhow::Result<Option<Compiled>> {
         crate::text::count(pass.problems.len(), "problem", "problems")
     );
     Ok(None)
+}
+
+/// The sets in force of `held` compiled as netpold compiles them, with
+/// `learned` (the DNS proxy's learned addresses) for the toFQDNs rules.
+pub fn compile_with_learned(
+    cfg: &Config,
+    held: &pipeline::Held,
+    learned: FqdnAddrs,
+) -> anyhow::Result<Compiled> {
+    let (Some(pol), Some(reg)) = (&held.policies, &held.registry) else {
+        anyhow::bail!("no policy or registry set in force");
+    };
+    let opts = CompileOptions {
+        fqdn: std::sync::Arc::new(learned),
+        ..cfg.compile_options()
+    };
+    Ok(Compiler::new().compile(&pol.set, &reg.set, &opts)?)
+}
+
+/// Rows as left-aligned columns two spaces apart, each line without trailing
+/// blanks (the tables of `endpoints` and `fqdn list`).
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

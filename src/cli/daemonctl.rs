@@ -294,20 +294,8 @@ pub fn format_endpoints(eps: &[EndpointView]) -> String {
             (c.denied_policy + c.denied_default + c.denied_spoof + c.denied_other).to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..10)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    super::common::columns(&rows)
 }
 
 #[derive(Debug, Args)]
@@ -493,6 +481,13 @@ pub fn monitor(a: &MonitorArgs) -> anyhow::Result<i32> {
                         "({} lost: the reader was too slow)",
                         count(v["lost"].as_u64().unwrap_or(0) as usize, "event", "events")
                     )
+                }
+                // A DNS verdict of the proxy: one line per query, as it comes.
+                Ok(v) if v.get("dns").is_some() => {
+                    match serde_json::from_value::<crate::dns::event::DnsEvent>(v["dns"].clone()) {
+                        Ok(ev) => writeln!(out, "{}", crate::dns::event::format_dns_event(&ev)),
+                        Err(_) => writeln!(out, "{line}"),
+                    }
                 }
                 Ok(v) if v.get("error").is_some() => {
                     return fail(ClientError::Daemon {

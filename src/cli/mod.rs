@@ -8,6 +8,7 @@ pub mod common;
 pub mod daemonctl;
 pub mod diff;
 pub mod fleet;
+pub mod fqdn;
 pub mod matrix;
 pub mod registry;
 pub mod trace;

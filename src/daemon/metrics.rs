@@ -153,6 +153,78 @@ pub struct Snapshot {
     pub policy_audits: BTreeMap<(String, String, bool), u64>,
     /// Fleet mode's figures; `None` for a files-only daemon (no `netpol_etcd_*`).
     pub etcd: Option<EtcdFigures>,
+    /// The DNS proxy's figures; `None` while no proxy runs (no `netpol_dns_*`).
+    pub dns: Option<DnsFigures>,
+}
+
+/// The `netpol_dns_*` figures: the proxy's counters (`dns::proxy::Stats`),
+/// the learned set's size and the caps reached. The daemon fills them with
+/// [`DnsFigures::of`] and [`Metrics::record_dns`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsFigures {
+    /// Queries received from workloads.
+    pub queries: u64,
+    /// Queries allowed by a DNS rule and forwarded.
+    pub forwarded: u64,
+    /// Queries no DNS rule allows, answered REFUSED.
+    pub refused: u64,
+    /// Answers released to workloads (their addresses learned first).
+    pub answered: u64,
+    /// SERVFAIL sent because the upstream was silent or unreachable.
+    pub servfail_upstream: u64,
+    /// SERVFAIL sent because the answer could not be learned (a cap).
+    pub servfail_learn: u64,
+    /// Addresses handed to the learned set (counting repeats).
+    pub learn_addresses: u64,
+    /// Messages dropped, by `dns::message::DropReason::name`.
+    pub drops: BTreeMap<&'static str, u64>,
+    /// Addresses learned now (the learned set's size).
+    pub learned_addresses: u64,
+    /// (endpoint, name) entries learned now.
+    pub learned_names: u64,
+    /// Answers refused whole because a cap would be passed, by the cap's key
+    /// ([`cap_key`]: `max_per_endpoint`, `max_total`, `ipcache`).
+    pub cap_reached: BTreeMap<&'static str, u64>,
+}
+
+/// The key a cap is counted under in `netpol_dns_cap_reached_total`.
+pub fn cap_key(cap: &crate::dns::learned::CapReached) -> &'static str {
+    match cap {
+        crate::dns::learned::CapReached::Endpoint { .. } => "max_per_endpoint",
+        crate::dns::learned::CapReached::Total { .. } => "max_total",
+    }
+}
+
+/// The cap key of a learn refused because compile would overflow the
+/// ipcache with the learned addresses (`policy::compile`'s budget).
+pub const CAP_IPCACHE: &str = "ipcache";
+
+impl DnsFigures {
+    /// The proxy's counters and the learned set now; `cap_reached` is the
+    /// daemon's own count (it sees why a learn failed), passed through.
+    pub fn of(
+        stats: &crate::dns::proxy::Stats,
+        learned: &crate::dns::learned::LearnedSet,
+        cap_reached: BTreeMap<&'static str, u64>,
+    ) -> DnsFigures {
+        use crate::dns::proxy::Stats as S;
+        DnsFigures {
+            queries: S::get(&stats.queries),
+            forwarded: S::get(&stats.forwarded),
+            refused: S::get(&stats.refused),
+            answered: S::get(&stats.answered),
+            servfail_upstream: S::get(&stats.upstream_failed),
+            servfail_learn: S::get(&stats.learn_failed),
+            learn_addresses: S::get(&stats.learned_addrs),
+            drops: crate::dns::message::DropReason::ALL
+                .iter()
+                .map(|d| (d.name(), stats.drops.get(*d)))
+                .collect(),
+            learned_addresses: learned.len() as u64,
+            learned_names: learned.entries().count() as u64,
+            cap_reached,
+        }
+    }
 }
 
 /// The `netpol_etcd_*` figures.
@@ -188,6 +260,7 @@ impl Default for Snapshot {
             events: BTreeMap::new(),
             policy_audits: BTreeMap::new(),
             etcd: None,
+            dns: None,
         }
     }
 }
@@ -326,6 +399,11 @@ impl Metrics {
             status_writes: e.status_writes,
         };
         self.update(|s| s.etcd = Some(f));
+    }
+
+    /// The DNS proxy's figures (after each proxied query batch, or each poll).
+    pub fn record_dns(&self, f: DnsFigures) {
+        self.update(|s| s.dns = Some(f));
     }
 
     /// Verdict events read from the ring buffer; an audit event's rule is
@@ -608,7 +686,105 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(e) = &s.etcd {
         render_etcd(&mut o, e);
     }
+    if let Some(d) = &s.dns {
+        render_dns(&mut o, d);
+    }
     o
+}
+
+/// The DNS proxy's families (docs/policy.md, "DNS names").
+fn render_dns(o: &mut String, d: &DnsFigures) {
+    let rows: [(&str, &str, &str, u64); 7] = [
+        (
+            "netpol_dns_queries_total",
+            "counter",
+            "DNS queries the proxy received from workloads",
+            d.queries,
+        ),
+        (
+            "netpol_dns_forwarded_total",
+            "counter",
+            "DNS queries a DNS rule allowed, forwarded to the server the workload asked",
+            d.forwarded,
+        ),
+        (
+            "netpol_dns_refused_total",
+            "counter",
+            "DNS queries no DNS rule of the endpoint allows, answered REFUSED",
+            d.refused,
+        ),
+        (
+            "netpol_dns_answers_total",
+            "counter",
+            "DNS answers released to workloads after their addresses were learned",
+            d.answered,
+        ),
+        (
+            "netpol_dns_learn_addresses_total",
+            "counter",
+            "Addresses of allowed answers handed to the learned set (repeats included)",
+            d.learn_addresses,
+        ),
+        (
+            "netpol_dns_learned_addresses",
+            "gauge",
+            "Addresses learned now (each allowed to its endpoint until its TTL ends or its last connection closes)",
+            d.learned_addresses,
+        ),
+        (
+            "netpol_dns_learned_names",
+            "gauge",
+            "Names learned now, per endpoint",
+            d.learned_names,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        family(o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    family(
+        o,
+        "netpol_dns_servfail_total",
+        "counter",
+        "SERVFAIL answers the proxy sent, by reason (upstream: silent or unreachable; learn: the answer could not be learned)",
+    );
+    for (reason, n) in [
+        ("upstream", d.servfail_upstream),
+        ("learn", d.servfail_learn),
+    ] {
+        let _ = writeln!(
+            o,
+            "netpol_dns_servfail_total{} {n}",
+            labels(&[("reason", reason)])
+        );
+    }
+    family(
+        o,
+        "netpol_dns_dropped_total",
+        "counter",
+        "Malformed or hostile DNS messages dropped, by reason",
+    );
+    for (reason, n) in &d.drops {
+        let _ = writeln!(
+            o,
+            "netpol_dns_dropped_total{} {n}",
+            labels(&[("reason", reason)])
+        );
+    }
+    family(
+        o,
+        "netpol_dns_cap_reached_total",
+        "counter",
+        "Answers refused whole (SERVFAIL) because learning them would pass a cap, by cap",
+    );
+    for cap in ["max_per_endpoint", "max_total", CAP_IPCACHE] {
+        let n = d.cap_reached.get(cap).copied().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "netpol_dns_cap_reached_total{} {n}",
+            labels(&[("cap", cap)])
+        );
+    }
 }
 
 /// Fleet mode's families (docs/fleet.md, "Watching it").
@@ -1019,5 +1195,56 @@ mod tests {
             "{}",
             err.explain()
         );
+    }
+
+    /// The DNS families appear once a proxy's figures are recorded: the
+    /// proxy's counters, drops by reason, the learned set and caps by key.
+    #[test]
+    fn dns_figures_render_from_the_proxy_and_the_learned_set() {
+        use crate::dns::learned::{LearnedConfig, LearnedSet};
+        use crate::dns::message::{Addr, DropReason};
+        use crate::dns::proxy::Stats;
+        use std::sync::atomic::Ordering;
+        let m = Metrics::new();
+        assert!(!m.render().contains("netpol_dns_"), "no proxy, no families");
+        let stats = Stats::default();
+        stats.queries.store(5, Ordering::Relaxed);
+        stats.refused.store(2, Ordering::Relaxed);
+        stats.learn_failed.store(1, Ordering::Relaxed);
+        stats.drops.count(DropReason::IdMismatch);
+        stats.drops.count(DropReason::IdMismatch);
+        let mut set = LearnedSet::new(LearnedConfig {
+            max_per_endpoint: 1,
+            ..LearnedConfig::default()
+        });
+        let a = |ip: &str| Addr {
+            ip: ip.parse().unwrap(),
+            ttl: 60,
+        };
+        set.learn("web", "a.example.", &[], &[a("192.0.2.1")], 0)
+            .unwrap();
+        let cap = set
+            .learn("web", "b.example.", &[], &[a("192.0.2.2")], 0)
+            .unwrap_err();
+        let caps = BTreeMap::from([(cap_key(&cap), 1)]);
+        m.record_dns(DnsFigures::of(&stats, &set, caps));
+        let t = m.render();
+        for line in [
+            "netpol_dns_queries_total 5\n",
+            "netpol_dns_refused_total 2\n",
+            "netpol_dns_servfail_total{reason=\"learn\"} 1\n",
+            "netpol_dns_servfail_total{reason=\"upstream\"} 0\n",
+            "netpol_dns_dropped_total{reason=\"id_mismatch\"} 2\n",
+            "netpol_dns_dropped_total{reason=\"malformed\"} 0\n",
+            "netpol_dns_learned_addresses 1\n",
+            "netpol_dns_learned_names 1\n",
+            "netpol_dns_cap_reached_total{cap=\"max_per_endpoint\"} 1\n",
+            "netpol_dns_cap_reached_total{cap=\"max_total\"} 0\n",
+            "netpol_dns_cap_reached_total{cap=\"ipcache\"} 0\n",
+            "# TYPE netpol_dns_learned_addresses gauge\n",
+        ] {
+            assert!(t.contains(line), "{line}{t}");
+        }
+        assert_eq!(t.matches("netpol_dns_dropped_total{").count(), 7, "{t}");
     }
 }

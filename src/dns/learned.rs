@@ -227,6 +227,11 @@ impl LearnedSet {
         *self.open.entry((endpoint.to_string(), ip)).or_default() += 1;
     }
 
+    /// Whether an open connection from `endpoint` holds `ip`.
+    pub fn held(&self, endpoint: &str, ip: IpAddr) -> bool {
+        self.open.contains_key(&(endpoint.to_string(), ip))
+    }
+
     /// A connection from `endpoint` to `ip` closed.
     pub fn release(&mut self, endpoint: &str, ip: IpAddr) {
         let key = (endpoint.to_string(), ip);

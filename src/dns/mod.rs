@@ -8,13 +8,15 @@
 //! ([`message`]); the learned set, name → addresses → selectors with TTLs,
 //! caps, a keep-alive hook and its file in `state_dir` ([`learned`]); the
 //! forwarding loop over UDP and TCP that asks a "learn before release"
-//! callback before an allowed answer goes back ([`proxy`]).
+//! callback before an allowed answer goes back ([`proxy`]); the DNS verdict
+//! events of the monitor stream and their text ([`event`]).
 //!
-//! Must not: touch the kernel or the policy maps (the datapath redirect and the
-//! FQDN identities belong to `datapath` and `policy::compile`, and are not in
-//! this version), resolve names itself, or release an answer whose addresses
-//! were not learned.
+//! Must not: touch the kernel or the policy maps (the datapath redirect belongs
+//! to `datapath`, the identities of learned addresses to `policy::fqdn`),
+//! resolve names itself, or release an answer whose addresses were not
+//! learned.
 
+pub mod event;
 pub mod learned;
 pub mod matcher;
 pub mod message;

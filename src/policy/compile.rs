@@ -42,13 +42,14 @@ use std::rc::Rc;
 
 use ipnet::IpNet;
 
+use super::fqdn::{self, FqdnIds};
 use super::types::{
     proto, Compiled, CompiledEndpoint, Direction, EntryVerdict, Identity, IdentityInfo,
     IpcacheEntry, PolicyEntry, RuleRef,
 };
 use crate::api::model::{
-    EndpointKind, Entity, Family, Label, NamedPort, Op, Origin, Peer, Peers, PolicySet, PortSpec,
-    Proto, RegistrySet, RuleItem, Selector, Subject, L4,
+    EndpointKind, Entity, Family, FqdnSelector, Label, NamedPort, Op, Origin, Peer, Peers,
+    PolicySet, PortSpec, Proto, RegistrySet, RuleItem, Selector, Subject, L4,
 };
 use crate::api::Problem;
 use crate::policy::identity;
@@ -78,6 +79,10 @@ pub struct CompileOptions {
     /// alone. Off (the offline commands): every endpoint's entries, every
     /// node's map counted, so `trace` judges any endpoint as enforced.
     pub local_entries_only: bool,
+    /// What the DNS proxy has learned (name → addresses): `toFQDNs`
+    /// selectors stand for these addresses' identities (`policy::fqdn`);
+    /// empty, they allow nothing. Shared: compile clones its options.
+    pub fqdn: std::sync::Arc<fqdn::FqdnAddrs>,
 }
 
 /// The map sizes a compiled state must fit ([`MapKind::Policy`],
@@ -425,6 +430,7 @@ struct Ctx<'a> {
     items: Vec<ItemInfo<'a>>,
     index: SelectorIndex<'a>,
     cidr_ids: BTreeMap<IpNet, Identity>,
+    fqdn_ids: FqdnIds,
     workload_ids: Vec<Identity>,
     /// (address, identity) of every workload endpoint, for ipBlock; sorted.
     workload_addrs: Vec<(IpAddr, Identity)>,
@@ -444,6 +450,7 @@ impl<'a> Ctx<'a> {
             &item.peers,
             &mut self.index,
             &self.cidr_ids,
+            &self.fqdn_ids,
             &self.workload_ids,
             &self.workload_addrs,
         );
@@ -535,12 +542,14 @@ impl<'a> Ctx<'a> {
 /// identity, when they include it): selectors through the index over every
 /// identity, CIDRs through the sorted CIDR identities (and, for a Kubernetes
 /// ipBlock, the workloads' sorted addresses), entities as their reserved
-/// identities and what `world` / `cluster` also cover. Shared with
+/// identities and what `world` / `cluster` also cover, FQDN selectors as
+/// the identities of their learned addresses (`policy::fqdn`). Shared with
 /// `policy::lint`, which must expand peers as compile does.
 pub(crate) fn peer_identities<'a>(
     peers: &'a Peers,
     index: &mut SelectorIndex<'a>,
     cidr_ids: &BTreeMap<IpNet, Identity>,
+    fqdn_ids: &FqdnIds,
     workload_ids: &[Identity],
     workload_addrs: &[(IpAddr, Identity)],
 ) -> Vec<Identity> {
@@ -585,9 +594,9 @@ pub(crate) fn peer_identities<'a>(
                             }
                         }
                     }
-                    // Nothing is learned for a DNS name in this version: it
-                    // stands for no identity, so it allows nothing.
-                    Peer::Fqdn(_) => {}
+                    // The learned addresses of the names it matches; none
+                    // learned, it allows nothing.
+                    Peer::Fqdn(sel) => ids.extend(fqdn_ids.of(sel).iter().copied()),
                     Peer::Entity(e) => match identity::entity_reserved(*e) {
                         None => ids.push(identity::ANY),
                         Some(r) => {
@@ -777,6 +786,9 @@ fn compile_with(
     let mut rules: Vec<RuleInfo<'_>> = Vec::new();
     // Each CIDR prefix with the item that names it (for the ipcache budget).
     let mut cidr_prefixes: Vec<(IpNet, u32)> = Vec::new();
+    // Each toFQDNs selector with the item that names it (the same budget).
+    let mut fqdn_sels: Vec<(&FqdnSelector, u32)> = Vec::new();
+    let mut any_dns = false;
     for pol in &policies.policies {
         let pname = policy_name(&pol.origin);
         for rule in pol.rules.iter() {
@@ -791,6 +803,9 @@ fn compile_with(
                 for item in list {
                     if let Peers::List(ps) = &item.peers {
                         for p in ps {
+                            if let Peer::Fqdn(sel) = p {
+                                fqdn_sels.push((sel, items.len() as u32));
+                            }
                             if let Peer::Cidr { net, except, .. } = p {
                                 let at = items.len() as u32;
                                 if net.prefix_len() > 0 {
@@ -805,6 +820,7 @@ fn compile_with(
                             }
                         }
                     }
+                    any_dns |= !item.dns.is_empty();
                     idxs.push(items.len() as u32);
                     items.push(ItemInfo {
                         item,
@@ -849,8 +865,10 @@ fn compile_with(
     staged::default_deny_refs(policies, &mut rules, &mut rule_refs);
 
     // --- identities.
-    check_ipcache(&items, &cidr_prefixes, registry, opts)?;
-    let cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
+    let learned = fqdn::learned_prefixes(&opts.fqdn, fqdn_sels.iter().map(|(s, _)| *s));
+    check_ipcache(&items, &cidr_prefixes, &fqdn_sels, &learned, registry, opts)?;
+    let mut cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
+    let fqdn_ids = fqdn::allocate(&mut cidr_ids, &learned);
 
     // Every identity's labels, shared (not copied) into the output.
     let mut id_labels: BTreeMap<Identity, std::sync::Arc<[Label]>> = identity::RESERVED
@@ -950,6 +968,7 @@ fn compile_with(
         items,
         index: SelectorIndex::new(sel_ids.clone()),
         cidr_ids,
+        fqdn_ids,
         workload_ids,
         workload_addrs,
         ports_by_id,
@@ -985,6 +1004,7 @@ fn compile_with(
     let mut templates: FastMap<TKey, Rc<Template>> = FastMap::default();
     let mut endpoints: Vec<CompiledEndpoint> = Vec::with_capacity(resolved.len());
     let mut entries: Vec<PolicyEntry> = Vec::new();
+    let mut dns: Vec<fqdn::EndpointDns> = Vec::new();
     // Entries per node (`None` = this host): each is one host's policy map.
     let mut per_node: HashMap<Option<&str>, usize> = HashMap::new();
     let no_rules: Vec<u32> = Vec::new();
@@ -1048,6 +1068,9 @@ fn compile_with(
             rule: e.rule,
         }));
         endpoints.push(compiled_endpoint(slot, r, *id, &t, opts));
+        if any_dns {
+            dns.extend(endpoint_dns(&mut ctx, &rules, rule_list, slot));
+        }
     }
     debug_assert!(entries.windows(2).all(|w| w[0] < w[1]));
 
@@ -1057,6 +1080,52 @@ fn compile_with(
         endpoints,
         entries,
         rules: rule_refs,
+        dns,
+    })
+}
+
+/// The DNS rules of the endpoint at `slot` from its enforced egress allow
+/// items (staged policies' DNS rules steer nothing), if it has any.
+fn endpoint_dns(
+    ctx: &mut Ctx<'_>,
+    rules: &[RuleInfo<'_>],
+    rule_list: &[u32],
+    slot: u32,
+) -> Option<fqdn::EndpointDns> {
+    let idxs: Vec<usize> = rule_list
+        .iter()
+        .flat_map(|&ri| rules[ri as usize].items.iter().map(|&i| i as usize))
+        .filter(|&i| {
+            let info = &ctx.items[i];
+            info.dir == Direction::Egress
+                && info.verdict == EntryVerdict::Allow
+                && !info.staged
+                && !info.item.dns.is_empty()
+        })
+        .collect();
+    if idxs.is_empty() {
+        return None;
+    }
+    let servers: Vec<Rc<Vec<Identity>>> = idxs.iter().map(|&i| ctx.peer_ids(i)).collect();
+    let items: Vec<fqdn::DnsItem<'_>> = idxs
+        .iter()
+        .zip(&servers)
+        .map(|(&i, s)| fqdn::DnsItem {
+            rule: i as u32,
+            item: ctx.items[i].item,
+            servers: s,
+        })
+        .collect();
+    let ports = fqdn::dns_ports(&items, |id| {
+        if id == identity::ANY {
+            &ctx.all_ports
+        } else {
+            ctx.ports_by_id.get(&id).map(Vec::as_slice).unwrap_or(&[])
+        }
+    });
+    Some(fqdn::EndpointDns {
+        endpoint: slot,
+        ports,
     })
 }
 
@@ -1436,6 +1505,8 @@ fn over_node(
 fn check_ipcache(
     items: &[ItemInfo<'_>],
     cidr_prefixes: &[(IpNet, u32)],
+    fqdn_sels: &[(&FqdnSelector, u32)],
+    learned: &fqdn::LearnedPrefixes,
     registry: &RegistrySet,
     opts: &CompileOptions,
 ) -> Result<(), CompileError> {
@@ -1489,6 +1560,24 @@ fn check_ipcache(
                     problem: Box::new(item_problem(info, msg)),
                     endpoint: None,
                 });
+            }
+        }
+    }
+    // Learned addresses last: what the files need is refused on its own.
+    for (sel, item) in fqdn_sels {
+        for net in learned.get(*sel).into_iter().flatten() {
+            if nets.insert(*net) && nets.len() > limit {
+                if let Some(info) = items.get(*item as usize) {
+                    let msg = format!(
+                        "with the addresses the DNS proxy learned for this toFQDNs selector, the ipcache would need more than {limit} entries; {holds}; lower the proxy's caps or {raise}"
+                    );
+                    return Err(CompileError {
+                        map: MapKind::Ipcache,
+                        limit,
+                        problem: Box::new(item_problem(info, msg)),
+                        endpoint: None,
+                    });
+                }
             }
         }
     }

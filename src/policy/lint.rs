@@ -484,6 +484,7 @@ impl<'a> Lint<'a> {
             &item.peers,
             &mut self.index.borrow_mut(),
             &self.cidr_ids,
+            &crate::policy::fqdn::FqdnIds::default(),
             &self.workload_ids,
             &self.workload_ids_by_addr,
         )

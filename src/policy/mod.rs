@@ -5,6 +5,7 @@
 //! root, no configuration (its options are given), no hidden state.
 
 pub mod compile;
+pub mod fqdn;
 pub mod identity;
 pub mod labels;
 pub mod lint;

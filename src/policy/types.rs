@@ -145,4 +145,7 @@ pub struct Compiled {
     /// Sorted, no duplicate keys.
     pub entries: Vec<PolicyEntry>,
     pub rules: Vec<RuleRef>,
+    /// The DNS rules of each endpoint (with entries) whose egress has
+    /// `toPorts[].rules.dns`, by slot (`policy::fqdn`).
+    pub dns: Vec<super::fqdn::EndpointDns>,
 }
