@@ -27,7 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use netlink_packet_route::route::RouteType;
+use netlink_packet_route::route::{RouteScope, RouteType};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute};
 use slog::Logger;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -50,8 +50,6 @@ pub struct EndpointDns {
     pub key: String,
     /// The names its DNS rules allow it to look up.
     pub rules: Vec<FqdnSelector>,
-    /// The toFQDNs selectors of its egress: what an answer is learned for.
-    pub fqdns: Vec<FqdnSelector>,
 }
 
 /// The endpoints with DNS rules, by address.
@@ -97,16 +95,15 @@ impl Endpoints for ProxyEndpoints {
         let Some(ep) = ep else {
             return Box::pin(async { Err("the client is no endpoint with DNS rules".into()) });
         };
+        // Learned under the DNS-rule selectors that allowed the query; compile
+        // gives the addresses to every toFQDNs selector matching the name
+        // (policy::fqdn, as Cilium's selector cache does).
         let selectors: Vec<FqdnSelector> = ep
-            .fqdns
+            .rules
             .iter()
             .filter(|s| matcher::matches(s, &answer.name))
             .cloned()
             .collect();
-        if selectors.is_empty() {
-            // Allowed to look up, allowed to connect to by no toFQDNs: nothing to learn.
-            return Box::pin(async { Ok(()) });
-        }
         let (reply, done) = oneshot::channel();
         let req = LearnRequest {
             endpoint: ep.key.clone(),
@@ -344,6 +341,7 @@ async fn install_routes(config: &DnsConfig) -> Result<(), DnsProxyError> {
                 .add()
                 .table_id(config.route_table)
                 .kind(RouteType::Local)
+                .scope(RouteScope::Host)
                 .output_interface(lo)
                 .replace();
             let r = if v6 {
@@ -381,26 +379,6 @@ async fn install_routes(config: &DnsConfig) -> Result<(), DnsProxyError> {
     result
 }
 
-/// One local endpoint with DNS rules in a compiled state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsEndpoint {
-    /// Its slot in [`Compiled::endpoints`].
-    pub slot: u32,
-    /// The names its DNS rules allow.
-    pub rules: Vec<FqdnSelector>,
-    /// The (protocol, port) pairs its DNS rules name: what is redirected.
-    pub ports: Vec<(u8, u16)>,
-    /// The toFQDNs selectors of its egress.
-    pub fqdns: Vec<FqdnSelector>,
-}
-
-/// The endpoints of `compiled` that have DNS rules.
-pub fn dns_endpoints(compiled: &Compiled) -> Vec<DnsEndpoint> {
-    // Placeholder until the compile output carries DNS rules (dnsc's API).
-    let _ = compiled;
-    Vec::new()
-}
-
 /// The DNS side of the reconcile loop: the learned set, the proxy, what the
 /// datapath's redirect holds.
 pub struct Dns {
@@ -420,6 +398,11 @@ pub struct Dns {
     pub devices: HashMap<String, u32>,
     /// The installed state has DNS rules: the proxy should run.
     pub wanted: bool,
+    /// (endpoint, address) pairs held in the learned set for a live
+    /// connection (conntrack), as last checked.
+    pub held: std::collections::BTreeSet<(String, IpAddr)>,
+    /// Answers not learned, by cap (`metrics::cap_key`).
+    pub cap_reached: std::collections::BTreeMap<&'static str, u64>,
     /// Counts changes of the learned set; `installed_version` is the count
     /// the installed state was compiled with.
     pub version: u64,
@@ -460,6 +443,8 @@ impl Dns {
             dirty: false,
             devices: HashMap::new(),
             wanted: false,
+            held: Default::default(),
+            cap_reached: Default::default(),
             version: 0,
             installed_version: 0,
         }
@@ -500,26 +485,25 @@ impl Dns {
         let mut redirects = Vec::new();
         let mut view = View::default();
         let mut devices = HashMap::new();
-        for de in dns_endpoints(compiled) {
-            let Some(ep) = compiled.endpoints.get(de.slot as usize) else {
+        for de in &compiled.dns {
+            let Some(ep) = compiled.endpoints.get(de.endpoint as usize) else {
                 continue;
             };
             let key = display_name(&ep.namespace, &ep.name);
-            if let Some(a) = attachments.iter().find(|a| a.slot == de.slot) {
+            if let Some(a) = attachments.iter().find(|a| a.slot == de.endpoint) {
                 devices.insert(key.clone(), a.ifindex);
-                for &(proto, port) in &de.ports {
+                for p in &de.ports {
                     redirects.push(DnsRedirect {
                         ifindex: a.ifindex,
-                        proto,
-                        port,
+                        proto: p.proto,
+                        port: p.port,
                         bridge_mac: links.bridge_ports.get(&a.ifindex).copied(),
                     });
                 }
             }
             let e = Arc::new(EndpointDns {
                 key,
-                rules: de.rules,
-                fqdns: de.fqdns,
+                rules: de.selectors(),
             });
             for ip in &ep.addresses {
                 view.by_ip.insert(*ip, e.clone());

@@ -285,6 +285,8 @@ pub async fn run_with<D: Datapath, L: Links>(
     let mut touched = Touched(None);
     let mut debouncer = Debouncer::new(Duration::from_millis(config.debounce_ms));
     let resync = Duration::from_secs(config.resync_interval_s);
+    // Learned addresses an open connection still uses stay in the first state.
+    d.refresh_dns_holds(dnsproxy::unix_now());
     reconcile(&mut d, &mut watcher, &mut touched, Cause::Start);
     dns_after(&mut d).await;
     let mut dns_tick = tokio::time::interval(Duration::from_secs(1));

@@ -624,7 +624,12 @@ impl<D: Datapath> Reconciler<D> {
 impl<D: Datapath> Reconciler<D> {
     /// Hand the learned set to the compile.
     fn learned_into_options(&mut self) {
-        // Placeholder until the compile takes the learned set (dnsc's API).
+        if let Some(d) = &self.dns {
+            self.copts.fqdn = Arc::new(crate::policy::fqdn::FqdnAddrs::from_learned(
+                &d.learned,
+                unix_now(),
+            ));
+        }
     }
 
     /// Learn a batch of allowed answers and enforce them; each request is
@@ -640,6 +645,7 @@ impl<D: Datapath> Reconciler<D> {
         let now = unix_now();
         let mut added = 0;
         let mut waiting = Vec::new();
+        let before = dns.learned.clone();
         for r in reqs {
             match dns
                 .learned
@@ -651,6 +657,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 Err(cap) => {
                     slog::warn!(self.out.log, "{cap}"; "endpoint" => &r.endpoint, "name" => &r.name);
+                    *dns.cap_reached.entry(metrics::cap_key(&cap)).or_default() += 1;
                     let _ = r.reply.send(Err(cap.to_string()));
                 }
             }
@@ -659,7 +666,12 @@ impl<D: Datapath> Reconciler<D> {
             // A renewed TTL is a change to save, not to enforce.
             dns.dirty = true;
         }
-        if added > 0 {
+        // A renewed address whose TTL had ended (not expired yet) is new to
+        // the compile too.
+        let changed = added > 0
+            || crate::policy::fqdn::FqdnAddrs::from_learned(&before, now)
+                != crate::policy::fqdn::FqdnAddrs::from_learned(&dns.learned, now);
+        if changed {
             dns.version += 1;
             self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
         }
@@ -668,6 +680,20 @@ impl<D: Datapath> Reconciler<D> {
             .as_ref()
             .is_some_and(|d| d.installed_version == d.version)
             && self.installed.is_some();
+        if !enforced && changed {
+            // Not enforceable (the ipcache budget, a datapath error): not
+            // learned either, and the state in force is the one without it.
+            if let Some(d) = self.dns.as_mut() {
+                d.learned = before;
+                d.version += 1;
+                *d.cap_reached.entry(metrics::CAP_IPCACHE).or_default() += 1;
+            }
+            slog::warn!(
+                self.out.log,
+                "learned DNS addresses could not be enforced; the answers get SERVFAIL"
+            );
+            self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
+        }
         for w in waiting {
             let _ = w.send(if enforced {
                 Ok(())
@@ -685,35 +711,14 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let now = unix_now();
-        if dns.learned.next_expiry().is_none_or(|t| t > now) {
+        if dns.learned.next_expiry().is_none_or(|t| t > now + 2) {
             return;
         }
-        let live = self.datapath.live_flows();
-        let held: Vec<(String, std::net::IpAddr)> = dns
-            .learned
-            .entries()
-            .flat_map(|e| {
-                let dev = dns.devices.get(&e.endpoint).copied();
-                let live = &live;
-                e.addrs
-                    .iter()
-                    .filter(move |l| {
-                        l.expires <= now
-                            && dev.is_some_and(|d| {
-                                live.iter()
-                                    .any(|(i, a, b)| *i == d && (*a == l.ip || *b == l.ip))
-                            })
-                    })
-                    .map(|l| (e.endpoint.clone(), l.ip))
-            })
-            .collect();
-        for (e, ip) in &held {
-            dns.learned.hold(e, *ip);
-        }
+        self.refresh_dns_holds(now);
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
         let gone = dns.learned.expire(now);
-        for (e, ip) in &held {
-            dns.learned.release(e, *ip);
-        }
         if gone.is_empty() {
             return;
         }
@@ -723,6 +728,41 @@ impl<D: Datapath> Reconciler<D> {
             slog::debug!(self.out.log, "learned address expired"; "endpoint" => endpoint, "name" => name, "address" => %ip);
         }
         self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
+    }
+
+    /// Hold the learned addresses (expiring within the next seconds) that a
+    /// live conntrack entry at their endpoint's device uses; release those
+    /// no longer used.
+    pub fn refresh_dns_holds(&mut self, now: u64) {
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
+        // Addresses a connection uses, among those expiring within the next
+        // seconds (held before their TTL ends, so no compile in between
+        // drops them), stay held while the connection lives.
+        let live = self.datapath.live_flows();
+        let soon = now + 2;
+        let mut held = std::collections::BTreeSet::new();
+        for e in dns.learned.entries() {
+            // Before the first apply (a restart) no device is known yet:
+            // a connection at any device holds the address.
+            let dev = dns.devices.get(&e.endpoint).copied();
+            for l in e.addrs.iter().filter(|l| l.expires <= soon) {
+                if live
+                    .iter()
+                    .any(|(i, a, b)| dev.is_none_or(|d| *i == d) && (*a == l.ip || *b == l.ip))
+                {
+                    held.insert((e.endpoint.clone(), l.ip));
+                }
+            }
+        }
+        for (e, ip) in held.difference(&dns.held) {
+            dns.learned.hold(e, *ip);
+        }
+        for (e, ip) in dns.held.difference(&held) {
+            dns.learned.release(e, *ip);
+        }
+        dns.held = held;
     }
 
     /// Bring the datapath's redirect and the proxy's view to the installed
