@@ -35,6 +35,7 @@ pub type FailsafeKey = types::np_failsafe_key;
 pub type CountersValue = types::np_counters;
 pub type EventRecord = types::np_event;
 pub type RatelimitValue = types::np_ratelimit;
+pub type BypassEntry = types::np_bypass_entry;
 
 // The sizes below are the C header's (which asserts them, and every offset,
 // beside each struct); a change to a layout must come with a new map version
@@ -55,6 +56,7 @@ const _: () = assert!(size_of::<FailsafeKey>() == 4);
 const _: () = assert!(size_of::<CountersValue>() == 48);
 const _: () = assert!(size_of::<EventRecord>() == 72);
 const _: () = assert!(size_of::<RatelimitValue>() == 16);
+const _: () = assert!(size_of::<BypassEntry>() == 64);
 
 /// The byte a key or event carries for `dir`.
 pub fn direction_code(dir: Direction) -> u8 {
