@@ -24,37 +24,35 @@ use crate::harness::dp::settings;
 use crate::harness::netns::in_ns;
 use crate::harness::require::Needs;
 
-/// b admits UDP and TCP 80 from a and c; c admits only b; a has no policy.
-const POLICY: &str = r#"
+/// b admits `ports` (YAML port entries) from a and c; c admits only b; a has
+/// no policy.
+fn policy(ports: &str) -> String {
+    format!(
+        r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: b, namespace: default}
+metadata: {{name: b, namespace: default}}
 spec:
-  endpointSelector: {matchLabels: {app: b}}
+  endpointSelector: {{matchLabels: {{app: b}}}}
   ingress:
-  - fromEndpoints: [{matchLabels: {app: a}}, {matchLabels: {app: c}}]
-    toPorts: [{ports: [{port: "80", protocol: UDP}, {port: "80", protocol: TCP}]}]
+  - fromEndpoints: [{{matchLabels: {{app: a}}}}, {{matchLabels: {{app: c}}}}]
+    toPorts: [{{ports: [{ports}]}}]
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: c, namespace: default}
+metadata: {{name: c, namespace: default}}
 spec:
-  endpointSelector: {matchLabels: {app: c}}
+  endpointSelector: {{matchLabels: {{app: c}}}}
   ingress:
-  - fromEndpoints: [{matchLabels: {app: b}}]
-"#;
+  - fromEndpoints: [{{matchLabels: {{app: b}}}}]
+"#
+    )
+}
 
-/// The same, except that b now admits only TCP 80.
-const POLICY_TCP_ONLY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: b, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: b}}
-  ingress:
-  - fromEndpoints: [{matchLabels: {app: a}}, {matchLabels: {app: c}}]
-    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-"#;
+/// b admits UDP and TCP 80.
+fn udp_and_tcp_80() -> String {
+    policy(r#"{port: "80", protocol: UDP}, {port: "80", protocol: TCP}"#)
+}
 
 /// Pins the calling thread to its current first CPU until dropped.
 struct OneCpu(nix::sched::CpuSet);
@@ -253,7 +251,7 @@ fn both_ends_local_the_second_hook_passes_an_approved_flow_on_one_lookup() {
         return;
     };
     let _cpu = OneCpu::pin();
-    let mut lab = Lab::new("local", POLICY);
+    let mut lab = Lab::new("local", &udp_and_tcp_80());
     let (ia, ib) = (lab.topo.ifindex("a"), lab.topo.ifindex("b"));
     let sb = slot(&lab.compiled, "b");
 
@@ -331,7 +329,7 @@ fn both_ends_local_the_second_hook_passes_an_approved_flow_on_one_lookup() {
 
     // A flip to a generation that denies the flow: the next packet is dropped
     // at b (recheck), the cache of the old generation is stale.
-    lab.set_policy(POLICY_TCP_ONLY);
+    lab.set_policy(&policy(r#"{port: "80", protocol: TCP}"#));
     let drops = lab.drops("b");
     let m = udp(&lab, "a", "b", ip(A4), ip(B4), sp, 80);
     assert!(
@@ -353,7 +351,7 @@ fn local_bypass_off_the_second_hook_judges_every_packet() {
         local_bypass: false,
         ..settings()
     };
-    let lab = Lab::with_settings("localoff", POLICY, &off);
+    let lab = Lab::with_settings("localoff", &udp_and_tcp_80(), &off);
     let ib = lab.topo.ifindex("b");
     let sp = sport();
     for _ in 0..3 {
@@ -464,7 +462,7 @@ fn marks_set_by_a_workload_or_the_host_grant_nothing_at_the_second_hook() {
         return;
     };
     let _cpu = OneCpu::pin();
-    let lab = Lab::new("localmark", POLICY);
+    let lab = Lab::new("localmark", &udp_and_tcp_80());
     let (na, node) = (lab.topo.ns("a"), lab.topo.node.clone());
     // Flows b's hook passes on its cache: a's and c's to b:80.
     let sp_a = cached_flow(&lab, ip(A4), "a");
@@ -550,7 +548,7 @@ fn a_rewritten_port_or_destination_does_not_inherit_the_flows_approval() {
         return;
     };
     let _cpu = OneCpu::pin();
-    let mut lab = Lab::new("localnat", POLICY);
+    let mut lab = Lab::new("localnat", &udp_and_tcp_80());
     let node = lab.topo.node.clone();
     let sp = cached_flow(&lab, ip(A4), "a");
     let mac_c = lab
