@@ -174,13 +174,26 @@ impl Default for ConntrackConfig {
 }
 
 /// `[datapath]`: settings of the BPF programs that are not policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatapathConfig {
     /// Benchmarks only: where the programs stop (docs/benchmarks.md). Anything
     /// but `full` passes every packet and enforces nothing; netpold logs a
     /// warning and `netpolctl status` says so.
     pub stage: Stage,
+    /// A flow between two local endpoints that the receiver's hook passed
+    /// within the last second passes there with one lookup (bpf/README.md,
+    /// "Both ends local"); false: that hook judges every packet in full.
+    pub local_bypass: bool,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            stage: Stage::Full,
+            local_bypass: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -732,6 +745,7 @@ impl Config {
             ct_timeout_close_secs: self.conntrack.tcp_close_timeout_s,
             ct_timeout_other_secs: self.conntrack.other_timeout_s,
             stage: self.datapath.stage,
+            local_bypass: self.datapath.local_bypass,
         }
     }
 
@@ -990,6 +1004,14 @@ min_ttl = 1
             e.starts_with("/etc/netpol/netpold.toml:2:9: datapath.stage: unknown variant `half`"),
             "{e}"
         );
+    }
+
+    /// `[datapath] local_bypass` is on by default and reaches the settings.
+    #[test]
+    fn local_bypass_is_on_by_default_and_can_be_turned_off() {
+        assert!(Config::default().datapath_settings().local_bypass);
+        let c = parse("[datapath]\nlocal_bypass = false\n").unwrap();
+        assert!(!c.datapath_settings().local_bypass);
     }
 
     /// Every map size has one key, named as `sizes` names it, and its default

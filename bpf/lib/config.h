@@ -30,6 +30,10 @@ volatile const __u32 cfg_allow_sample_rate = 0;
 volatile const __u32 cfg_events_per_sec = 0;
 /* Identity of an address the ipcache does not know (world). */
 volatile const __u32 cfg_world_identity = 0;
+/* 1: the egress hook passes a packet of a flow it passed within the last
+ * second, that came through an enforced endpoint's device, with one lookup
+ * in netpol_bypass_v1 (bpf/lib/bypass.h); 0: it judges every packet. */
+volatile const __u32 cfg_local_bypass = 0;
 /* NP_STAGE_*: where the programs stop (benchmarks only; 0 = the whole
  * pipeline). The verifier prunes the stops of other stages. */
 volatile const __u32 cfg_stage = 0;

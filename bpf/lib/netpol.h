@@ -2,6 +2,8 @@
 /*
  * netpol.h — the per-packet pipeline shared by all four entry points:
  *
+ *   0. egress hook: a flow this hook passed within the last second, arriving
+ *      through another enforced endpoint, passes on one lookup (bypass.h)
  *   1. generation: read the active word once, fetch that generation's maps
  *   2. endpoint: ifindex -> (slot, identity, flags, generation number);
  *      unknown devices pass
@@ -48,6 +50,7 @@
 #include "conntrack.h"
 #include "events.h"
 #include "dnsredirect.h"
+#include "bypass.h"
 
 static __always_inline int np_drop(struct np_pkt *p, struct np_verdict_info *vi,
 				   enum np_counter counter, __u8 reason)
@@ -112,7 +115,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	struct np_ident remote;
 	__u32 ifindex = skb->ifindex;
 	__u32 slot, flags, identity, gen, rule = NP_RULE_NONE;
-	__u8 dir, is_host, from_workload, spoof_checked = 0;
+	__u8 dir, is_host, from_workload, spoof_checked = 0, direct = 0;
 	__u64 now;
 	enum np_parse_result r;
 	enum np_ct_class ct;
@@ -120,6 +123,13 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 
 	if (cfg_stage == NP_STAGE_ENTRY)
 		return NP_PASS;
+	/* Both ends local: a flow this egress hook passed recently, arriving
+	 * through another enforced endpoint, passes on one lookup (bypass.h). */
+	if (np_bypass_on(hook)) {
+		direct = np_parse_direct(skb, &p);
+		if (direct && np_bypass_hit(skb, &p))
+			return NP_PASS;
+	}
 	if (np_gen_get(&g) < 0)
 		return NP_PASS; /* nothing installed yet */
 	ep = bpf_map_lookup_elem(g.endpoints, &ifindex);
@@ -145,7 +155,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 	vi.src_identity = identity;
 	vi.dst_identity = identity;
 
-	r = np_parse(skb, &p);
+	r = direct ? NP_PARSE_OK : np_parse(skb, &p);
 	if (r == NP_PARSE_PASS)
 		return NP_PASS;
 	if (r != NP_PARSE_OK)
@@ -224,6 +234,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		}
 		np_ct_touch(hit, &p, 1, now);
 		np_count(slot, NP_CNT_ALLOWED);
+		if (direct)
+			np_bypass_record(skb, &p, g.endpoints, hit, slot, gen, now);
 		return NP_PASS;
 	}
 	if (ct == NP_CT_ESTABLISHED) {
@@ -232,6 +244,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		    (!(hit->flags & NP_CT_F_AUDIT) || !cfg_recheck_established)) {
 			np_ct_touch(hit, &p, 0, now);
 			np_count(slot, NP_CNT_ALLOWED);
+			if (direct)
+				np_bypass_record(skb, &p, g.endpoints, hit, slot, gen, now);
 			return np_dns_pass(skb, &p, &vi, from_workload);
 		}
 		if (!cfg_recheck_established) {
@@ -246,6 +260,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 			hit->generation = gen;
 			np_ct_touch(hit, &p, 0, now);
 			np_count(slot, NP_CNT_ALLOWED);
+			if (direct)
+				np_bypass_record(skb, &p, g.endpoints, hit, slot, gen, now);
 			return np_dns_pass(skb, &p, &vi, from_workload);
 		}
 	}

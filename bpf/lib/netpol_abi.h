@@ -350,6 +350,54 @@ NP_ABI_WIDTH(struct np_ct_value, state, enum np_ct_state);
 NP_ABI_WIDTH(struct np_ct_value, flags, enum np_ct_flags);
 NP_ABI_WIDTH(struct np_ct_value, hook, enum np_hook);
 
+/* ------------------------------------------------------------------------
+ * Local bypass: netpol_bypass_v1, PERCPU_ARRAY of NP_BYPASS_SLOTS entries,
+ * direct-mapped by a hash of the tuple (bpf/lib/bypass.h). An entry says: a
+ * packet of exactly this tuple, received on the enforced endpoint device
+ * `in_ifindex` and sent through `out_ifindex`, passed the egress hook's whole
+ * program under `generation` (its conntrack entry established or a reply,
+ * not audited, not closing), and the same packet there passes again without
+ * a lookup until `until_ns` (coarse clock). Written only by the egress
+ * program after that full judgement; nothing a workload or another user of
+ * the host sets is read: the "carrier" is the packet's own tuple and the
+ * kernel's record of the device it arrived on (skb->ingress_ifindex, set on
+ * receive), checked against this entry (bpf/README.md, "Both ends local").
+ * A collision only overwrites: that flow is judged in full again. Not
+ * migrated: a cache; a new load or an empty entry means the full program.
+ */
+enum np_bypass_size : __u32 {
+	NP_BYPASS_SLOTS = 4096, /* per CPU; a power of two */
+};
+
+struct np_bypass_entry {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* host order; as struct np_pkt */
+	__u16 dport;
+	__u8 proto;
+	__u8 family; /* NP_FAMILY_*; 0: empty */
+	__u16 pad;
+	__u32 in_ifindex;  /* skb->ingress_ifindex: an enforced endpoint's device */
+	__u32 out_ifindex; /* the device whose egress hook passed it */
+	__u32 generation;  /* the generation that judged it (low 32 bits) */
+	__u32 slot;        /* the egress device's endpoint slot (its counters) */
+	__u64 until_ns;    /* bpf_ktime_get_coarse_ns() clock */
+};
+NP_ABI_SIZE(struct np_bypass_entry, 64);
+NP_ABI_OFFSET(struct np_bypass_entry, saddr, 0);
+NP_ABI_OFFSET(struct np_bypass_entry, daddr, 16);
+NP_ABI_OFFSET(struct np_bypass_entry, sport, 32);
+NP_ABI_OFFSET(struct np_bypass_entry, dport, 34);
+NP_ABI_OFFSET(struct np_bypass_entry, proto, 36);
+NP_ABI_OFFSET(struct np_bypass_entry, family, 37);
+NP_ABI_OFFSET(struct np_bypass_entry, pad, 38);
+NP_ABI_OFFSET(struct np_bypass_entry, in_ifindex, 40);
+NP_ABI_OFFSET(struct np_bypass_entry, out_ifindex, 44);
+NP_ABI_OFFSET(struct np_bypass_entry, generation, 48);
+NP_ABI_OFFSET(struct np_bypass_entry, slot, 52);
+NP_ABI_OFFSET(struct np_bypass_entry, until_ns, 56);
+_Static_assert((NP_BYPASS_SLOTS & (NP_BYPASS_SLOTS - 1)) == 0, "bypass slots: a power of two");
+
 /* Layout 1's conntrack (netpol_ct_v1), read only to migrate its entries:
  * one entry per flow under its first packet's (ifindex, hook, tuple). */
 struct np_ct_v1_key {

@@ -107,6 +107,15 @@ struct {
 	__uint(max_entries, 0); /* sized by userspace: ct_max_entries */
 } netpol_ct_v2 SEC(".maps");
 
+/* The second hook's cache of flows it passed (netpol_abi.h, struct
+ * np_bypass_entry): per CPU, so an entry is never read half written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct np_bypass_entry);
+	__uint(max_entries, NP_BYPASS_SLOTS);
+} netpol_bypass_v1 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct np_frag_key);
@@ -181,6 +190,7 @@ struct np_abi {
 	struct np_ct_value ct_value;
 	struct np_ct_v1_key ct_v1_key;
 	struct np_ct_v1_value ct_v1_value;
+	struct np_bypass_entry bypass_entry;
 	struct np_frag_key frag_key;
 	struct np_frag_value frag_value;
 	struct np_failsafe_key failsafe_key;
@@ -207,6 +217,7 @@ struct np_abi {
 	struct np_dns_redirect_value dns_redirect_value;
 	struct np_dns_stats dns_stats;
 	enum np_dns_flags dns_flags;
+	enum np_bypass_size bypass_size;
 };
 
 struct np_abi np_abi_anchor;

@@ -263,7 +263,7 @@ fn kernel_has_tcx() -> bool {
 fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
     use std::mem::size_of;
     let m = &skel.maps;
-    let checks: [(&dyn MapCore, &'static str, usize, usize); 7] = [
+    let checks: [(&dyn MapCore, &'static str, usize, usize); 8] = [
         (
             &m.netpol_state_v1,
             "netpol_state_v1",
@@ -301,6 +301,12 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
             size_of::<layout::RatelimitValue>(),
         ),
         (&m.netpol_policy_v1, "netpol_policy_v1", 4, 4),
+        (
+            &m.netpol_bypass_v1,
+            "netpol_bypass_v1",
+            4,
+            size_of::<layout::BypassEntry>(),
+        ),
     ];
     for (map, name, key, value) in checks {
         if map.key_size() as usize != key || map.value_size() as usize != value {
@@ -360,6 +366,7 @@ fn open_skel(
             cfg_events_per_sec: settings.events_per_sec,
             cfg_world_identity: identity::WORLD,
             cfg_stage: settings.stage.code(),
+            cfg_local_bypass: u32::from(settings.local_bypass),
         };
         open.maps
             .netpol_ct_v2

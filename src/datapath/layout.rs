@@ -39,6 +39,7 @@ pub type DnsProxyValue = types::np_dns_proxy;
 pub type DnsRedirectKey = types::np_dns_redirect_key;
 pub type DnsRedirectValue = types::np_dns_redirect_value;
 pub type DnsStatsValue = types::np_dns_stats;
+pub type BypassEntry = types::np_bypass_entry;
 
 // The sizes below are the C header's (which asserts them, and every offset,
 // beside each struct); a change to a layout must come with a new map version
@@ -63,6 +64,7 @@ const _: () = assert!(size_of::<FailsafeKey>() == 4);
 const _: () = assert!(size_of::<CountersValue>() == 48);
 const _: () = assert!(size_of::<EventRecord>() == 72);
 const _: () = assert!(size_of::<RatelimitValue>() == 16);
+const _: () = assert!(size_of::<BypassEntry>() == 64);
 
 /// The clock conntrack expiries are on (bpf_ktime_get_coarse_ns:
 /// CLOCK_MONOTONIC_COARSE), in nanoseconds.

@@ -128,6 +128,10 @@ pub struct DatapathSettings {
     pub ct_timeout_other_secs: u32,
     /// Where the programs stop ([`Stage::Full`] but in benchmarks).
     pub stage: Stage,
+    /// The egress hook passes a flow it passed within the last second, that
+    /// arrives through another enforced endpoint, with one lookup
+    /// (bpf/lib/bypass.h); off: it judges every packet in full.
+    pub local_bypass: bool,
 }
 
 impl Default for DatapathSettings {
@@ -148,6 +152,7 @@ impl Default for DatapathSettings {
             ct_timeout_close_secs: 10,
             ct_timeout_other_secs: 60,
             stage: Stage::Full,
+            local_bypass: true,
         }
     }
 }

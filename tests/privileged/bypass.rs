@@ -15,6 +15,7 @@
 //! 10.207.0.0/16 and fd01:207::/64, pins /sys/fs/bpf/npy-test-*.
 
 mod frames;
+mod local;
 mod wire;
 
 use std::net::IpAddr;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use frames::{marker, Injector, Sniffer};
 use netpol::api::model::PolicySet;
-use netpol::datapath::{Datapath, EventReason, EventVerdict};
+use netpol::datapath::{Datapath, DatapathSettings, EventReason, EventVerdict};
 use netpol::policy::compile::{compile, CompileOptions};
 use netpol::policy::types::{Compiled, Direction};
 use wire::{Ext, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TPID_8021AD, TPID_8021Q};
@@ -212,8 +213,12 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, policies: &str) -> Lab {
+        Lab::with_settings(tag, policies, &settings())
+    }
+
+    fn with_settings(tag: &str, policies: &str, settings: &DatapathSettings) -> Lab {
         let topo = Topo::new(PREFIX, tag, &[], &WORKLOADS);
-        let mut dp = Dp::open(PREFIX, tag, &settings());
+        let mut dp = Dp::open(PREFIX, tag, settings);
         let compiled = compile_yaml(policies, REGISTRY);
         enforce(&mut dp, &topo, &compiled);
         let (na, nb, nc) = (topo.ns("a"), topo.ns("b"), topo.ns("c"));
@@ -1211,7 +1216,7 @@ fn failsafe_dp(tag: &str, failsafe: Vec<(Direction, u8, u16)>) -> Dp {
     Dp::open(
         PREFIX,
         tag,
-        &netpol::datapath::DatapathSettings {
+        &DatapathSettings {
             failsafe,
             ..settings()
         },
