@@ -126,9 +126,9 @@ def median(values):
 
 # ---------------------------------------------------------------- topology
 
-def ns_cleanup():
+def ns_cleanup(names=ALL_NS):
     """Remove our namespaces; killing whatever still runs inside them first."""
-    for ns in ALL_NS:
+    for ns in names:
         if not os.path.exists(f"/run/netns/{ns}"):
             continue
         r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
@@ -2132,7 +2132,7 @@ def main():
         for p in _children:
             stop(p, wait=3)
         ns_cleanup()
-        fleet.ns_cleanup()
+        ns_cleanup(fleet.FLEET_NS)
         raw["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         raw["meta"]["load_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
         raw["unavailable"] = unavailable

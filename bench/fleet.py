@@ -71,26 +71,13 @@ def unavailable_reason(b):
     return None
 
 
-def ns_cleanup():
-    for ns in FLEET_NS:
-        if not os.path.exists(f"/run/netns/{ns}"):
-            continue
-        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-        for pid in r.stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 def batch(b, ns, lines):
     """Many `ip` commands in one process."""
     b.sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
 
 
 def topo_up(b, n_src):
-    ns_cleanup()
+    b.ns_cleanup(FLEET_NS)
     for ns in FLEET_NS:
         b.sh(["ip", "netns", "add", ns])
         b.sh(["ip", "-n", ns, "link", "set", "lo", "up"])
@@ -370,7 +357,7 @@ def run(b, args, raw):
     try:
         run_fanout(b, fl, fan_secs)
     finally:
-        ns_cleanup()
+        b.ns_cleanup(FLEET_NS)
 
 
 def run_fanout(b, fl, secs):
