@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+import fleet
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "target", "bench")
 DOCS = os.path.join(REPO, "docs")
@@ -127,9 +129,9 @@ def median(values):
 
 # ---------------------------------------------------------------- topology
 
-def ns_cleanup():
+def ns_cleanup(names=ALL_NS):
     """Remove our namespaces; killing whatever still runs inside them first."""
-    for ns in ALL_NS:
+    for ns in names:
         if not os.path.exists(f"/run/netns/{ns}"):
             continue
         r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
@@ -308,7 +310,8 @@ def netpol_datapath_files(n):
 # ---------------------------------------------------------------- netpol daemon
 
 class Netpold:
-    def __init__(self, tag, debounce_ms=None, extra_toml="", log_level="warn"):
+    def __init__(self, tag, debounce_ms=None, extra_toml="", log_level="warn", ns=NS_RTR, node="npb-node"):
+        self.ns = ns
         self.dir = os.path.join(OUT, f"netpol-{tag}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.policy_dir = os.path.join(self.dir, "netpol.d")
@@ -326,20 +329,20 @@ class Netpold:
                     f'pin_dir = "/sys/fs/bpf/npb-netpol"\n'
                     f'runtime_dir = "{self.dir}/run"\n'
                     f'state_dir = "{self.dir}/state"\n'
-                    f'node_name = "npb-node"\n'
+                    f'node_name = "{node}"\n'
                     f'strict_file_modes = false\n'
                     f'log_level = "{log_level}"\n' + extra)
         self.proc = None
         self.pid = None
 
     def start(self):
-        """Start netpold in the router namespace. `ip netns exec` gives it a private mount
+        """Start netpold in its namespace (the router's by default). `ip netns exec` gives it a private mount
         namespace with a fresh /sys: we mount a private bpffs there, so its pins (and so its
         links) vanish with it and nothing leaks into the host's /sys/fs/bpf."""
         pidfile = os.path.join(self.dir, "netpold.pid")
         self.logf = open(os.path.join(self.dir, "netpold.log"), "w")
         t0 = time.monotonic()
-        self.proc = spawn(nsx(NS_RTR, "sh", "-c",
+        self.proc = spawn(nsx(self.ns, "sh", "-c",
                               f"mount -t bpf bpf /sys/fs/bpf && echo $$ > {pidfile} && "
                               f"exec {NETPOLD} --config {self.config}"),
                           stdout=self.logf, stderr=self.logf)
@@ -1385,6 +1388,7 @@ def summarize(raw, unavailable):
     if not s["default_config_100k_remote_ok"]:
         s["default_config_100k_remote_ok_reason"] = (r100.get("default_config_error") or r100.get("error")
                                                      or "not measured")
+    fleet.summarize(raw, s)
     s["quick"] = raw["meta"]["quick"]
     s["reps"] = raw["meta"]["reps"]
     s["generated"] = raw["meta"]["finished"]
@@ -1406,7 +1410,7 @@ TARGETS = [
     ("apply_p99_ms_10k", "<", 10.0, "policy change p99 < 10 ms at 10k endpoints × 10k policies"),
     ("registry_change_p99_ms_100k", "<", 20.0, "registry change p99 < 20 ms among 100k remote endpoints"),
     ("default_config_100k_remote_ok", "==", True, "the shipped config starts on 100k remote endpoints"),
-]
+] + fleet.TARGETS
 
 
 def fmt(v, digits=2):
@@ -2022,6 +2026,7 @@ def write_page(raw, summary, agg, unavailable, args):
             L.append(f"| {n} | not measured: {(r.get('error') or 'not run')[:200]} | | | |")
     with open(os.path.join(DOCS, "benchmarks-apply.svg"), "w") as f:
         f.write(svg_apply(ctl))
+    L += fleet.page(raw, summary, fmt)
     L.append("\n## Reproduce\n")
     L.append("```\nsudo bench/run --quick   # 7-9 minutes on 2 cores once built (the release build adds 2-6)\n"
              "sudo bench/run           # 3 repetitions, 2 s iperf3 runs, 100 changes: about 45 minutes\n```\n")
@@ -2065,7 +2070,11 @@ def main():
     ap.add_argument("--rules", help="comma-separated rule counts (default 0,100,1000,10000,100000)")
     ap.add_argument("--only", help="comma-separated contenders (default all; \"stages\" = every netpol stage)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,stages,bpfstats,lookup,"
-                    "control")
+                    "control,fleet")
+    ap.add_argument("--sections", help="comma-separated parts to run, the others skipped (e.g. fleet): "
+                    "datapath,bpfstats,lookup,control,fleet")
+    ap.add_argument("--fleet-changes", type=int, help="endpoint files dropped per fleet propagation series "
+                    "(default 100, also with --quick; the 10k-remote series does a fifth)")
     ap.add_argument("--control", default="1k,10k,sizes,remote",
                     help="comma-separated control-plane parts (default all): 1k, 10k, sizes, remote")
     ap.add_argument("--debounce-ms", type=int, help="netpold debounce_ms for the control-plane run (default: "
@@ -2084,6 +2093,9 @@ def main():
     args.tcp_runs = 1 if args.quick else 2
     args.rules = [int(x) for x in args.rules.split(",")] if args.rules else [0, 100, 1000, 10000, 100000]
     skip = set(filter(None, args.skip.split(",")))
+    if args.sections:
+        keep = set(filter(None, args.sections.split(",")))
+        skip |= {"datapath", "stages", "bpfstats", "lookup", "control", "fleet"} - keep
     only = set(args.only.split(",")) if args.only else set(CONTENDERS) | set(STAGE_CONTENDERS)
     if "stages" in only:
         only |= set(STAGE_CONTENDERS)
@@ -2142,10 +2154,16 @@ def main():
             run_lookup(args, raw)
         if "control" not in skip:
             run_control(args, unavailable, raw)
+        if "fleet" not in skip:
+            if "netpol" in unavailable:
+                raw["fleet"] = {"error": unavailable["netpol"]}
+            else:
+                fleet.run(sys.modules[__name__], args, raw)
     finally:
         for p in _children:
             stop(p, wait=3)
         ns_cleanup()
+        ns_cleanup(fleet.FLEET_NS)
         raw["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         raw["meta"]["load_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
         raw["unavailable"] = unavailable

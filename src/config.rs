@@ -326,7 +326,8 @@ pub struct EtcdConfig {
     pub lease_ttl_s: u64,
     /// Publish this host's Node, endpoints and host endpoints.
     pub publish: bool,
-    /// Remote changes reach the reconcile loop on this fixed tick.
+    /// Remote changes reach the reconcile loop at most once per this tick (a
+    /// change after a quiet tick at once).
     pub batch_ms: u64,
     /// This host's `status/<node>` key is written at most this often.
     pub status_interval_s: u64,

@@ -278,7 +278,8 @@ pub struct FleetStatusArgs {
 
 #[derive(Debug, Args)]
 pub struct FleetWaitArgs {
-    /// The etcd revision every node must have applied
+    /// The etcd revision every node must have applied (etcd's head will do:
+    /// nodes enforcing the registry and policies as of R pass)
     #[arg(long, value_name = "R")]
     pub revision: i64,
     /// Give up after this many seconds

@@ -538,7 +538,58 @@ pub async fn fleet_status(store: &dyn Store, keys: &Keys) -> Result<FleetStatus,
     })
 }
 
-/// `netpolctl fleet wait --revision R`: until every node reports R applied.
+/// The newest revision at or below `r` at which the watched range changed,
+/// given that nothing before `from` matters (every node is at `from` or past
+/// it): read from a watch of the range from `from + 1`, ended by an event past
+/// `r` or a progress answer (etcd sends one only once the history is out).
+/// `from` itself when nothing changed in between; `None` when that history is
+/// compacted or etcd says nothing in time (the caller then asks for `r`).
+async fn last_change_at_or_below(
+    store: &dyn Store,
+    keys: &Keys,
+    from: i64,
+    r: i64,
+    within: Duration,
+) -> Option<i64> {
+    use super::store::WatchMsg;
+    if from >= r {
+        return Some(r);
+    }
+    let (start, end) = keys.watched();
+    let deadline = tokio::time::Instant::now() + within;
+    let work = async {
+        let mut w = store.watch(&Range::new(start, end), from + 1).await.ok()?;
+        let mut last = from;
+        loop {
+            let ask = tokio::time::sleep(Duration::from_millis(100));
+            tokio::select! {
+                m = w.next() => match m.ok()? {
+                    WatchMsg::Created { .. } => { w.request_progress().await.ok()?; }
+                    WatchMsg::Events { events, .. } => {
+                        for e in events {
+                            if e.kv.mod_revision > r {
+                                return Some(last);
+                            }
+                            last = last.max(e.kv.mod_revision);
+                        }
+                    }
+                    // A progress answer comes once every older event is out.
+                    WatchMsg::Progress { header } => {
+                        return (header.revision >= r).then_some(last);
+                    }
+                    WatchMsg::Compacted { .. } | WatchMsg::Canceled { .. } => return None,
+                },
+                _ = ask => { w.request_progress().await.ok()?; }
+            }
+        }
+    };
+    tokio::time::timeout_at(deadline, work).await.ok().flatten()
+}
+
+/// `netpolctl fleet wait --revision R`: until every node enforces the watched
+/// range (registry and policies) as of R. R may be any revision, etcd's head
+/// included: the nodes' status writes move the head but not the range, so a
+/// node at the range's last change at or below R has applied R.
 /// `Err` with the nodes still behind when `timeout` passes.
 pub async fn fleet_wait(
     store: &dyn Store,
@@ -551,9 +602,25 @@ pub async fn fleet_wait(
         revision: 0,
         nodes: Vec::new(),
     };
+    // (from, the range's last change at or below R as seen from there)
+    let mut target: Option<(i64, i64)> = None;
     loop {
         match fleet_status(store, keys).await {
             Ok(s) => {
+                let lowest = s.nodes.iter().filter_map(|n| n.applied_revision).min();
+                let behind_r = s
+                    .nodes
+                    .iter()
+                    .any(|n| n.applied_revision.is_none_or(|a| a < revision));
+                if let (true, Some(from)) = (behind_r, lowest) {
+                    if target.is_none_or(|(f, _)| from < f) {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        target = last_change_at_or_below(store, keys, from, revision, left)
+                            .await
+                            .map(|t| (from, t));
+                    }
+                }
+                let need = target.map_or(revision, |(_, t)| t.min(revision));
                 // No node at all is not "every node": a wrong prefix or
                 // endpoint must not pass the barrier.
                 let none = s
@@ -565,7 +632,7 @@ pub async fn fleet_wait(
                     .chain(
                         s.nodes
                             .iter()
-                            .filter(|n| n.applied_revision.is_none_or(|r| r < revision))
+                            .filter(|n| n.applied_revision.is_none_or(|r| r < need))
                             .map(|n| match n.applied_revision {
                                 Some(r) => format!("{} at revision {r}", n.node),
                                 None => format!("{} has no status", n.node),
@@ -768,5 +835,65 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.1, vec!["host-a at revision 10".to_string()]);
+    }
+
+    /// `fleet wait` for etcd's head: the nodes' status writes move it but not
+    /// the watched range, so nodes at the range's last change have applied
+    /// it; a put or a delete in the range past them, or a compacted history
+    /// (nothing to tell), still holds them back.
+    #[tokio::test]
+    async fn fleet_wait_for_the_head_counts_changes_of_the_watched_range_only() {
+        let m = MemStore::new();
+        let k = Keys::new("/netpol/v1");
+        let at = |rev: i64| {
+            for n in ["host-a", "host-b"] {
+                let s = NodeStatus {
+                    node: n.into(),
+                    ready: true,
+                    degraded: false,
+                    applied_revision: rev,
+                    generation: 1,
+                    written_ms: unix_ms(),
+                };
+                m.put(&k.status(n), &serde_json::to_string(&s).unwrap());
+            }
+        };
+        let web = m.put(&k.static_endpoint("default", "web"), "{}");
+        for _ in 0..3 {
+            at(web);
+        }
+        let wait = |ms: u64| fleet_wait(&m, &k, m.revision(), Duration::from_millis(ms));
+        assert!(m.revision() > web + 5);
+        wait(5000)
+            .await
+            .expect("the head moved by status writes only");
+        let db = m.put(&k.static_endpoint("default", "db"), "{}");
+        at(web);
+        let e = wait(300).await.unwrap_err();
+        assert_eq!(
+            e.1,
+            vec![
+                format!("host-a at revision {web}"),
+                format!("host-b at revision {web}")
+            ]
+        );
+        at(db);
+        wait(5000).await.expect("the nodes applied the put");
+        let gone = m.delete(&k.static_endpoint("default", "db"));
+        at(db);
+        assert_eq!(
+            wait(300).await.unwrap_err().1.len(),
+            2,
+            "a deletion is a change"
+        );
+        at(gone);
+        wait(5000).await.expect("the nodes applied the deletion");
+        m.compact(m.revision());
+        at(gone);
+        assert_eq!(
+            wait(300).await.unwrap_err().1.len(),
+            2,
+            "a compacted history tells nothing: the head itself is needed"
+        );
     }
 }

@@ -14,7 +14,8 @@
 //!   new one after a jittered exponential backoff: never more than one watch,
 //!   never a tight loop. An error never becomes an empty view, and nothing is
 //!   removed while etcd is away: the view only changes by what etcd said.
-//! - **Tick.** Changes are delivered `batch` after the first one of a batch,
+//! - **Tick.** A change after a quiet tick is delivered at once; what arrives
+//!   within `batch` of a delivery waits for the next tick, `batch` after it,
 //!   whatever arrives meanwhile: at most one delivery per tick under any churn,
 //!   never a wait for a quiet moment.
 //! - **Mass removal.** Removing more than a fifth of the remote endpoints
@@ -284,6 +285,8 @@ struct Sync {
     /// The view's content changed since it was last delivered.
     changed: bool,
     flush_at: Option<Instant>,
+    /// When the last tick ran: the next one is not before `batch` after it.
+    last_flush: Option<Instant>,
     last_good_policies: Option<Arc<PolicySet>>,
     delta_put: BTreeMap<String, RawEntry>,
     delta_delete: BTreeSet<String>,
@@ -361,6 +364,7 @@ pub fn spawn(
         dirty: false,
         changed: false,
         flush_at: None,
+        last_flush: None,
         last_good_policies: None,
         delta_put: BTreeMap::new(),
         delta_delete: BTreeSet::new(),
@@ -512,7 +516,7 @@ impl Sync {
     async fn sleep_serving(&mut self, until: Instant) -> bool {
         loop {
             if self.dirty && self.flush_at.is_none() {
-                self.flush_at = Some(Instant::now() + self.s.batch);
+                self.flush_at = Some(self.next_tick());
             }
             let tick = self.flush_at;
             tokio::select! {
@@ -686,7 +690,7 @@ impl Sync {
         let mut healthy = false;
         loop {
             if self.dirty && self.flush_at.is_none() {
-                self.flush_at = Some(Instant::now() + self.s.batch);
+                self.flush_at = Some(self.next_tick());
             }
             let tick = self.flush_at.into_iter().chain(self.hold_until).min();
             let next_progress = last_msg + self.s.progress_interval;
@@ -787,10 +791,19 @@ impl Sync {
         });
     }
 
+    /// When the tick for a change seen now runs: at once after a quiet tick,
+    /// else `batch` after the last one — at most one delivery per `batch`
+    /// however steady the churn, and no wait for a quiet moment.
+    fn next_tick(&self) -> Instant {
+        let now = Instant::now();
+        self.last_flush.map_or(now, |t| (t + self.s.batch).max(now))
+    }
+
     /// Decide removals, release an expired hold, deliver the view if it changed.
     /// `release`: an expired hold may end (only while connected).
     fn flush(&mut self, now: Instant, release: bool) {
         self.flush_at = None;
+        self.last_flush = Some(now);
         // Removals not held yet.
         let new: Vec<String> = self.removed.difference(&self.held).cloned().collect();
         let (eps, others): (Vec<String>, Vec<String>) = new

@@ -371,6 +371,32 @@ async fn bad_entries_are_rejected_one_by_one() {
     h.stop().await;
 }
 
+/// A change after a quiet tick is delivered at once (no `batch` wait on the
+/// path of an isolated change); one right behind it waits for the next tick.
+#[tokio::test(start_paused = true)]
+async fn a_change_after_a_quiet_tick_is_delivered_at_once() {
+    let m = MemStore::new();
+    let (mut h, _own) = start(&m, settings());
+    synced(&mut h).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = tokio::time::Instant::now();
+    put_ep(&m, "host-b", "web", "10.0.0.2");
+    until(&mut h.view, "web", |v| names(v) == ["web"]).await;
+    let first = t0.elapsed();
+    assert!(
+        first < Duration::from_millis(5),
+        "delivered after {first:?}"
+    );
+    put_ep(&m, "host-b", "db", "10.0.0.3");
+    until(&mut h.view, "db", |v| names(v) == ["db", "web"]).await;
+    let second = t0.elapsed();
+    assert!(
+        second >= Duration::from_millis(50) && second < Duration::from_millis(60),
+        "the second change was delivered after {second:?}"
+    );
+    h.stop().await;
+}
+
 /// Steady churn: deliveries follow the tick (at most one per batch), and keep
 /// coming during the churn rather than waiting for a quiet moment.
 #[tokio::test(start_paused = true)]

@@ -74,6 +74,16 @@ impl Etcd {
         Etcd::start_with(test, "127.0.0.1", None, Some(pki.to_path_buf()))
     }
 
+    /// With mTLS (as [`Etcd::start_tls`]) on `host` inside network namespace `netns`.
+    pub fn start_tls_at(
+        test: &str,
+        host: &str,
+        netns: &str,
+        pki: &std::path::Path,
+    ) -> Option<Etcd> {
+        Etcd::start_with(test, host, Some(netns), Some(pki.to_path_buf()))
+    }
+
     fn start_with(
         test: &str,
         host: &str,

@@ -353,9 +353,24 @@ impl Cluster {
         })
     }
 
+    /// etcd's head revision (the nodes' status writes move it).
+    fn etcd_head(&self) -> i64 {
+        self.on_etcd(|s| {
+            Box::pin(async move {
+                let r = netpol::fleet::store::Range::prefix(&format!("{P}/status/"));
+                s.get_range(&r, 0, 1).await.unwrap().header.revision
+            })
+        })
+    }
+
     /// `netpolctl fleet wait` for the newest revision of the registry.
     fn fleet_wait(&self) -> i64 {
         let r = self.head();
+        self.fleet_wait_for(r);
+        r
+    }
+
+    fn fleet_wait_for(&self, r: i64) {
         let (code, out, err) = self.ctl_in(
             0,
             &[
@@ -368,7 +383,6 @@ impl Cluster {
             ],
         );
         assert_eq!(code, 0, "fleet wait {r}: {out}{err}\n{}", self.logs());
-        r
     }
 
     /// Every node's generation (one more per apply).
@@ -533,6 +547,11 @@ fn three_nodes_share_one_registry_through_etcd() {
         assert_eq!(e["rejected"].as_array().unwrap().len(), 0, "{e}");
     }
     c.check_matrix("after fleet wait");
+    // etcd's head, ahead of the registry by the nodes' status writes, is a
+    // barrier too: every node enforces the registry as of it.
+    let head = c.etcd_head();
+    assert!(head > r, "status writes moved the head: {head} vs {r}");
+    c.fleet_wait_for(head);
 
     // 3. A relabel on node-c changes the verdict on node-a, and back.
     write_atomic(
@@ -777,4 +796,256 @@ fn three_nodes_share_one_registry_through_etcd() {
         "a status write after the churn stopped"
     );
     eprintln!("{TEST}: {:?} in all", t_start.elapsed());
+}
+
+/// mTLS and per-node roles through netpold itself: etcd with
+/// `--client-cert-auth` and the users and roles `scripts/etcd-tls-roles` sets up
+/// (the script docs/fleet.md gives operators), two netpold each on its own
+/// node's certificate. Node-b learns node-a's client over TLS and lets it in by
+/// label; node-a's certificate — the files its netpold uses — cannot write or
+/// delete under node-b's prefix, and node-b keeps enforcing.
+#[test]
+fn over_mtls_each_netpold_uses_its_own_certificate_and_cannot_write_another_nodes_prefix() {
+    const TEST: &str =
+        "over_mtls_each_netpold_uses_its_own_certificate_and_cannot_write_another_nodes_prefix";
+    let Some(_turn) = Needs::privileged()
+        .tools(&["openssl", "etcdctl"])
+        .alone()
+        .check(TEST)
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    let scope = format!("npt-{}", std::process::id());
+    let hub = format!("{scope}-hub");
+    let mut hub_ns = Netns::default();
+    hub_ns.add(&hub);
+    ip(&["-n", &hub, "link", "add", "npt-hub", "type", "bridge"]);
+    ip(&["-n", &hub, "addr", "add", "10.217.0.1/24", "dev", "npt-hub"]);
+    ip(&["-n", &hub, "link", "set", "npt-hub", "up"]);
+    let pki = tempfile::Builder::new()
+        .prefix("npt-pki-")
+        .tempdir()
+        .unwrap();
+    let dir = pki.path().to_str().unwrap().to_string();
+    let script = repo().join("scripts/etcd-tls-roles");
+    let run = |args: &[&str]| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &hub])
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "etcd-tls-roles {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&["pki", &dir, "10.217.0.1", "node-a", "node-b"]);
+    let Some(etcd) = Etcd::start_tls_at(TEST, "10.217.0.1", &hub, pki.path()) else {
+        return;
+    };
+    run(&["roles", &dir, &etcd.url(), P, "node-a", "node-b"]);
+
+    // Two nodes, one workload each: node-a's client, node-b's server.
+    let nodes = [
+        ("node-a", "10.217.0.10", "a00"),
+        ("node-b", "10.217.0.11", "b00"),
+    ];
+    let mut topos = Vec::new();
+    let mut listeners = Vec::new();
+    for (n, (_, link, w)) in nodes.iter().enumerate() {
+        let node_ns = format!("{scope}-n{n}");
+        let topo = Topo::build(
+            Names {
+                node: node_ns.clone(),
+                bridge: "nptbr".into(),
+                ns_prefix: format!("{scope}-"),
+                dev_prefix: "npt".into(),
+            },
+            &[&format!("10.217.{}.1/24", n + 1)],
+            vec![(w.to_string(), vec![format!("10.217.{}.10/24", n + 1)])],
+        );
+        sysctl(&node_ns, "net/ipv4/ip_forward", "1");
+        let gw = format!("10.217.{}.1", n + 1);
+        ip(&["-n", &topo.ns(w), "route", "add", "default", "via", &gw]);
+        listeners.push(Listeners::accepting(&topo.ns(w), &[80]));
+        let (l, h) = (format!("nptl{n}"), format!("npth{n}"));
+        ip(&[
+            "-n", &hub, "link", "add", &h, "type", "veth", "peer", "name", &l, "netns", &node_ns,
+        ]);
+        ip(&["-n", &hub, "link", "set", &h, "master", "npt-hub", "up"]);
+        ip(&[
+            "-n",
+            &node_ns,
+            "addr",
+            "add",
+            &format!("{link}/24"),
+            "dev",
+            &l,
+        ]);
+        ip(&["-n", &node_ns, "link", "set", &l, "up"]);
+        let (other, peer) = (1 - n, nodes[1 - n].1);
+        ip(&[
+            "-n",
+            &node_ns,
+            "route",
+            "add",
+            &format!("10.217.{}.0/24", other + 1),
+            "via",
+            peer,
+        ]);
+        topos.push(topo);
+    }
+    let tmp = tempfile::Builder::new().prefix("npt-").tempdir().unwrap();
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server-in\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n    - fromEndpoints:\n        - matchLabels:\n            app: client\n      toPorts:\n        - ports:\n            - {port: \"80\", protocol: TCP}\n";
+    let mut daemons = Vec::new();
+    for (n, (node, _, w)) in nodes.iter().enumerate() {
+        let root = tmp.path().join(node);
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{scope}-{node}"));
+        let d = Daemon::new(node, &format!("{scope}-n{n}"), &root, &pin);
+        d.write_config(
+            node,
+            &format!(
+                "log_level = \"info\"\nstrict_file_modes = false\nresync_interval_s = 0\n\
+                 [etcd]\nendpoints = [\"{}\"]\nca_file = \"{dir}/ca.pem\"\ncert_file = \"{dir}/{node}.pem\"\n\
+                 key_file = \"{dir}/{node}-key.pem\"\nlease_ttl_s = {LEASE_TTL_S}\nstatus_interval_s = 1\n\
+                 connect_timeout_ms = 500\nrequest_timeout_ms = 1000\nprogress_interval_ms = 1000\n",
+                etcd.url()
+            ),
+        );
+        std::fs::write(d.path("netpol.d/server-in.yaml"), policy).unwrap();
+        let app = if n == 0 { "client" } else { "server" };
+        std::fs::write(
+            d.path("endpoints.d/own.yaml"),
+            format!(
+                "apiVersion: netpol/v1\nkind: Endpoint\nmetadata:\n  name: {app}\n  labels:\n    app: {app}\nspec:\n  interface: {}\n  addresses: [10.217.{}.10]\n",
+                topos[n].dev(w),
+                n + 1
+            ),
+        )
+        .unwrap();
+        daemons.push(d);
+    }
+    for d in &mut daemons {
+        d.spawn(&[]);
+    }
+    for d in &mut daemons {
+        d.wait_ready(1, Duration::from_secs(30));
+    }
+    let logs = |daemons: &[Daemon]| -> String {
+        let mut s: String = daemons
+            .iter()
+            .map(|d| format!("--- {} log (tail):\n{}\n", d.name, d.log_tail(15)))
+            .collect();
+        s.push_str(&format!("--- etcd log:\n{}", etcd.log()));
+        s
+    };
+    let server: IpAddr = "10.217.2.10".parse().unwrap();
+    let client_ns = topos[0].ns("a00");
+    let t = Instant::now();
+    while !probe::connects(&client_ns, server, 80, Duration::from_millis(200)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "node-b never let node-a's client in by label over mTLS\n{}",
+            logs(&daemons)
+        );
+    }
+    // By label only: node-a itself (its own address, no such label) is refused.
+    assert!(
+        !probe::connects(
+            &format!("{scope}-n0"),
+            server,
+            80,
+            Duration::from_millis(300)
+        ),
+        "node-b lets node-a's host address in: the policy is not enforced"
+    );
+    // Both nodes connected over TLS with their own certificates: each sees the
+    // other's endpoint and wrote its own status key (its role allows it).
+    for d in &daemons {
+        let s = d.wait_status_for(
+            "connected, a remote endpoint, a status write",
+            Duration::from_secs(15),
+            |s| {
+                s.etcd.as_ref().is_some_and(|e| {
+                    e.connected
+                        && e.in_sync
+                        && e.remote_endpoints == 1
+                        && e.status_writes >= 1
+                        && e.last_error.is_none()
+                })
+            },
+        );
+        assert!(s.ready && !s.degraded, "{}: {s:?}", d.name);
+    }
+
+    // node-a's certificate, the very files its netpold uses: no write or delete
+    // under node-b's prefix or on node-b's status (its own it wrote above).
+    let url = etcd.url();
+    let results = in_ns(&hub, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use netpol::fleet::store::{Op, Store, StoreError, Txn};
+            let cfg = netpol::config::EtcdConfig {
+                endpoints: vec![url],
+                ca_file: pki.path().join("ca.pem"),
+                cert_file: pki.path().join("node-a.pem"),
+                key_file: pki.path().join("node-a-key.pem"),
+                request_timeout_ms: 2000,
+                ..Default::default()
+            };
+            let s = netpol::fleet::etcd::EtcdStore::new(
+                netpol::fleet::etcd::ConnectSettings::from_config(&cfg).unwrap(),
+            );
+            let put = |key: String| Txn {
+                success: vec![Op::Put {
+                    key,
+                    value: b"{}".to_vec(),
+                    lease: 0,
+                }],
+                ..Txn::default()
+            };
+            let denied = |r: Result<netpol::fleet::store::TxnResult, StoreError>| {
+                matches!(r, Err(StoreError::PermissionDenied(_)))
+            };
+            let other = denied(
+                s.txn(put(format!(
+                    "{P}/registry/nodes/node-b/endpoints/default/evil"
+                )))
+                .await,
+            );
+            let delete = denied(
+                s.txn(Txn {
+                    success: vec![Op::Delete {
+                        key: format!("{P}/registry/nodes/node-b/endpoints/default/server"),
+                    }],
+                    ..Txn::default()
+                })
+                .await,
+            );
+            let status = denied(s.txn(put(format!("{P}/status/node-b"))).await);
+            (other, delete, status)
+        })
+    });
+    assert_eq!(
+        results,
+        (true, true, true),
+        "node-a's certificate: (write node-b's prefix denied, delete there denied, write node-b's status denied)"
+    );
+    assert!(
+        probe::connects(&client_ns, server, 80, Duration::from_millis(500)),
+        "node-b stopped letting node-a's client in"
+    );
+    assert_eq!(
+        daemons[1].status().unwrap().etcd.unwrap().remote_endpoints,
+        1,
+        "node-b's view changed"
+    );
+    eprintln!("{TEST}: {:?} in all", t0.elapsed());
 }
