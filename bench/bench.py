@@ -405,12 +405,23 @@ class Netpold:
             self.logf.flush()
             with open(os.path.join(self.dir, "netpold.log")) as f:
                 for line in f:
-                    m = re.search(r"applied generation (\d+):.*?([\d.]+) ms, apply_ms: ([\d.]+), "
-                                  r"compile_ms: ([\d.]+), files_parsed: \d+, load_ms: ([\d.]+)", line)
-                    if m:
-                        out.append({"generation": int(m.group(1)), "total_ms": float(m.group(2)),
-                                    "apply_ms": float(m.group(3)), "compile_ms": float(m.group(4)),
-                                    "load_ms": float(m.group(5))})
+                    m = re.search(r"applied generation (\d+):.*? ([\d.]+) ms(,|$)", line)
+                    if not m:
+                        continue
+                    rec = {"generation": int(m.group(1)), "total_ms": float(m.group(2))}
+                    # the key-value pairs, in whatever order the log writes them
+                    for k in ("apply_ms", "compile_ms", "load_ms"):
+                        v = re.search(rf"\b{k}: ([\d.]+)", line)
+                        rec[k] = float(v.group(1)) if v else None
+                    # what the compile did again (incremental compile: issue 15 item 2)
+                    for k in ("subjects_selected", "templates_built", "templates_kept"):
+                        v = re.search(rf"\b{k}: (\d+)", line)
+                        if v:
+                            rec[k] = int(v.group(1))
+                    v = re.search(r"\bidentities_changed: (true|false)", line)
+                    if v:
+                        rec["identities_changed"] = v.group(1) == "true"
+                    out.append(rec)
         except OSError:
             pass
         return out
@@ -957,8 +968,9 @@ def run_control(args, unavailable, raw):
         run_scale_10k(args, raw)
     if "sizes" in parts:
         run_apply_sizes(args, raw)
-    if "remote" in parts:
-        for n, extra in ((100000, ""), (300000, "[maps]\nipcache_max_entries = 1048576\n")):
+    for tag, n, extra in (("remote100k", 100000, ""),
+                          ("remote300k", 300000, "[maps]\nipcache_max_entries = 1048576\n")):
+        if "remote" in parts or tag in parts:
             run_remote(args, raw, n, extra)
 
 
@@ -2036,7 +2048,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,stages,bpfstats,lookup,"
                     "control")
     ap.add_argument("--control", default="1k,10k,sizes,remote",
-                    help="comma-separated control-plane parts (default all): 1k, 10k, sizes, remote")
+                    help="comma-separated control-plane parts (default all): 1k, 10k, sizes, remote "
+                         "(remote100k or remote300k for one size)")
     ap.add_argument("--debounce-ms", type=int, help="netpold debounce_ms for the control-plane run (default: "
                     "the daemon's default)")
     ap.add_argument("--no-page", action="store_true", help="do not rewrite docs/benchmarks.md")

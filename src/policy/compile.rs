@@ -797,11 +797,39 @@ impl Compiler {
         opts: &CompileOptions,
     ) -> Result<Compiled, CompileError> {
         let print = fingerprint(registry);
+        self.compile_as(policies, registry, print, opts)
+    }
+
+    /// [`Compiler::compile`] of a registry its caller numbers: the same
+    /// `revision` stands for the same registry (the pipeline's count of the
+    /// registries it held), so it is not looked at again to be recognised.
+    /// Revisions and the contents [`Compiler::compile`] recognises never
+    /// stand for each other.
+    pub fn compile_revision(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        revision: u64,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        // A fingerprint is this number with a chance of 2^-128.
+        let id = (1u128 << 127) | u128::from(revision);
+        self.compile_as(policies, registry, id, opts)
+    }
+
+    fn compile_as(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        print: u128,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
         let fresh = !self
             .kept
             .as_ref()
             .is_some_and(|p| p.node_name == opts.node_name && p.registry == print);
         if fresh {
+            self.kept = None;
             let mut part = RegistryPart::of(registry, &opts.node_name);
             part.registry = print;
             self.kept = Some(part);
@@ -1502,40 +1530,41 @@ struct RegistryPart {
 impl RegistryPart {
     fn of(registry: &RegistrySet, node_name: &str) -> RegistryPart {
         let resolved = registry::resolve(registry, node_name);
-        // Each workload's canonical label text, computed once.
-        let texts: Vec<String> = resolved
+        // Each workload label set's canonical text, computed once per set
+        // (`resolve` gives endpoints with one label set one shared copy).
+        let mut set_of_copy: FastMap<usize, usize> = FastMap::default();
+        let mut texts: Vec<String> = Vec::new();
+        let sets: Vec<usize> = resolved
             .iter()
-            .map(|r| {
-                if r.def.kind == EndpointKind::Workload {
-                    labels::canonical(&r.labels)
-                } else {
-                    String::new()
-                }
+            .map(|r| match r.def.kind {
+                EndpointKind::Workload => *set_of_copy
+                    .entry(Arc::as_ptr(&r.labels).cast::<Label>() as usize)
+                    .or_insert_with(|| {
+                        texts.push(labels::canonical(&r.labels));
+                        texts.len() - 1
+                    }),
+                EndpointKind::Host => usize::MAX,
             })
             .collect();
-        let wl_map = identity::allocate_workload_texts(
-            resolved
-                .iter()
-                .zip(&texts)
-                .filter(|(r, _)| r.def.kind == EndpointKind::Workload)
-                .map(|(_, t)| t.as_str()),
-        );
+        let wl_map = identity::allocate_workload_texts(texts.iter().map(String::as_str));
+        let set_ids: Vec<Identity> = texts.iter().map(|t| wl_map[t]).collect();
         let ids = resolved
             .iter()
-            .zip(&texts)
-            .map(|(r, text)| match r.def.kind {
-                EndpointKind::Workload => wl_map[text],
+            .zip(&sets)
+            .map(|(r, set)| match r.def.kind {
+                EndpointKind::Workload => set_ids[*set],
                 EndpointKind::Host if r.this_node => identity::HOST,
                 EndpointKind::Host => identity::REMOTE_NODE,
             })
             .collect();
+        let eps = resolved
+            .iter()
+            .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
+            .collect();
         RegistryPart {
             registry: 0,
             node_name: node_name.to_string(),
-            eps: resolved
-                .iter()
-                .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
-                .collect(),
+            eps,
             ids,
         }
     }
