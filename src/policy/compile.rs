@@ -2356,6 +2356,31 @@ spec:
         assert_eq!(c.stats().subjects_selected, 2);
     }
 
+    /// A registry named by the caller's revision is not looked at while the
+    /// revision stays; a new revision is compiled as a fresh compile would.
+    #[test]
+    fn a_compiler_given_registry_revisions_answers_as_a_fresh_compile() {
+        let (both, r) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        let mut fewer = r.clone();
+        fewer.endpoints.pop();
+        let opts = with_limits(100, 100);
+        let mut c = Compiler::new();
+        for (rev, reg) in [(1, &r), (1, &r), (2, &fewer), (3, &r)] {
+            assert_eq!(
+                c.compile_revision(&both, reg, rev, &opts),
+                try_compile(&both, reg, &opts)
+            );
+        }
+        c.compile_revision(&both, &r, 3, &opts).expect("fits");
+        assert!(!c.stats().world_built, "an unchanged revision is kept");
+        // The fingerprint path and the revision path never stand for each other.
+        assert_eq!(
+            c.compile(&both, &fewer, &opts),
+            try_compile(&both, &fewer, &opts)
+        );
+        assert!(c.stats().world_built);
+    }
+
     #[test]
     fn duplicate_rules_alone_never_refuse_a_set() {
         // The same item three times: 18 raw entries per web endpoint, 6 distinct.
