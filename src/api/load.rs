@@ -777,7 +777,8 @@ pub fn check_policies(parsed: &mut Parsed) {
 pub fn check_registry(parsed: &mut Parsed) {
     let mut problems = Vec::new();
     // Names.
-    let mut names: HashMap<(String, Option<String>, String), &Site> = HashMap::new();
+    let mut names: HashMap<(&str, Option<&str>, &str), &Site> =
+        HashMap::with_capacity(parsed.endpoints.len() + parsed.nodes.len());
     let all_sites = parsed
         .endpoints
         .iter()
@@ -785,7 +786,7 @@ pub fn check_registry(parsed: &mut Parsed) {
         .chain(parsed.nodes.iter().map(|(n, s)| (&n.origin, s)))
         .chain(parsed.namespaces.iter().map(|(n, s)| (&n.origin, s)));
     for (o, site) in all_sites {
-        let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
+        let key = (o.kind.as_str(), o.namespace.as_deref(), o.name.as_str());
         if let Some(first) = names.get(&key) {
             problems.push(site.problem(
                 site.name_pos,
@@ -808,8 +809,8 @@ pub fn check_registry(parsed: &mut Parsed) {
         host_of: Option<Option<&'a str>>, // Some(node) for HostEndpoints
         node_name: Option<&'a str>,       // Some(name) for Nodes
     }
-    let mut claims: HashMap<IpAddr, Claim<'_>> = HashMap::new();
-    let mut entries: Vec<(IpAddr, Claim<'_>, usize)> = Vec::new();
+    let mut claims: HashMap<IpAddr, Claim<'_>> = HashMap::with_capacity(parsed.endpoints.len());
+    let mut entries: Vec<(IpAddr, Claim<'_>, usize)> = Vec::with_capacity(parsed.endpoints.len());
     for (e, site) in &parsed.endpoints {
         let host_of = (e.kind == EndpointKind::Host).then_some(e.node.as_deref());
         for (i, a) in e.addresses.iter().enumerate() {

@@ -329,6 +329,7 @@ impl<D: Datapath> Reconciler<D> {
                     f.installed();
                 }
                 let local = compiled.endpoints.iter().filter(|e| e.local).count();
+                let kept = self.compiler.stats().unwrap_or_default();
                 slog::info!(self.out.log, "applied generation {}: {}, {} ({} attached, {} pending), {}, {}, {:.1} ms",
                     generation, count(n_policies, "policy", "policies"), count(compiled.endpoints.len(), "endpoint", "endpoints"),
                     attachments.len(), local - attachments.len(), count(compiled.entries.len(), "entry", "entries"),
@@ -337,7 +338,9 @@ impl<D: Datapath> Reconciler<D> {
                     "policies" => n_policies, "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
                     "entries" => compiled.entries.len(), "problems" => self.problems.len(),
-                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply));
+                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply),
+                    "identities_changed" => kept.identities_changed, "subjects_selected" => kept.subjects_selected,
+                    "templates_built" => kept.templates_built, "templates_kept" => kept.templates_kept);
                 for a in &attachments {
                     if let Some(ep) = compiled.endpoints.get(a.slot as usize) {
                         slog::debug!(self.out.log, "attached"; "endpoint" => display_name(&ep.namespace, &ep.name),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::api::model::{PolicySet, RegistrySet};
 use crate::api::{Problem, Warning};
 use crate::config::Config;
-use crate::policy::compile::{CompileError, CompileOptions, Compiler};
+use crate::policy::compile::{CompileError, CompileOptions, CompileStats, Compiler};
 use crate::policy::lint;
 use crate::policy::types::Compiled;
 
@@ -34,6 +34,24 @@ pub trait Compile: Send {
         registry: &RegistrySet,
         opts: &CompileOptions,
     ) -> Result<Compiled, CompileError>;
+
+    /// [`Compile::compile`] of the registry in force, whose revision (see
+    /// [`Held`]) names its content: a compiler may take an unchanged revision
+    /// for an unchanged registry without looking at it.
+    fn compile_revision(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        _revision: u64,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        self.compile(policies, registry, opts)
+    }
+
+    /// What the last compile computed again and what it kept, for the log.
+    fn stats(&self) -> Option<CompileStats> {
+        None
+    }
 }
 
 impl Compile for Compiler {
@@ -44,6 +62,20 @@ impl Compile for Compiler {
         opts: &CompileOptions,
     ) -> Result<Compiled, CompileError> {
         Compiler::compile(self, policies, registry, opts)
+    }
+
+    fn compile_revision(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        revision: u64,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        Compiler::compile_revision(self, policies, registry, revision, opts)
+    }
+
+    fn stats(&self) -> Option<CompileStats> {
+        Some(Compiler::stats(self))
     }
 }
 
@@ -74,6 +106,9 @@ pub struct InForce<T> {
 pub struct Held {
     pub policies: Option<InForce<PolicySet>>,
     pub registry: Option<InForce<RegistrySet>>,
+    /// Names the content of `registry`: a new number each time it is
+    /// replaced, so a compiler need not look at an unchanged registry.
+    registry_revision: u64,
     /// The last policy set that compiled within the limits: in force while a
     /// newer one is refused for not fitting.
     fitting: Fitting<PolicySet>,
@@ -277,10 +312,12 @@ pub fn load_and_compile(
         Step::Kept => {}
         Step::Replaced(old) => {
             changed = true;
+            held.registry_revision += 1;
             held.fitting_registry.replaced(old, &mut held.retired);
         }
         Step::NoneInForce => {
             changed = true;
+            held.registry_revision += 1;
             held.fitting_registry.current = false;
         }
     }
@@ -296,7 +333,7 @@ pub fn load_and_compile(
         return pass;
     };
     let t1 = Instant::now();
-    let mut compiled = compiler.compile(&pol.set, &reg.set, opts);
+    let mut compiled = compiler.compile_revision(&pol.set, &reg.set, held.registry_revision, opts);
     pass.policies = pol.set.policies.len();
     if let Some(e) = compiled.as_ref().err().cloned() {
         // A set that would not fit the maps is invalid input, like a parse

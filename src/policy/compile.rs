@@ -17,9 +17,11 @@
 //! Performance: endpoints are grouped by the list of rules selecting them (and
 //! their named ports), and the entries of a group are computed once and stamped
 //! per endpoint; selectors are evaluated once each over the identities, through an
-//! index of `(key, value)` → identities. The registry's share (resolution and
-//! identity numbering) is kept by a [`Compiler`] between calls while the
-//! registry and node name stay equal (see `RegistryPart`).
+//! index of `(key, value)` → identities. A [`Compiler`] compiles
+//! incrementally: it keeps each part of a compile (the registry's share,
+//! the identities and ipcache, each rule's subject selection, each group's
+//! entries) keyed by everything it is computed from, so a change computes
+//! again only what it touches, and the result is a fresh compile's.
 //!
 //! Decisions (documented for users in the policy reference, docs/policy.md):
 //! - Workload identities come from the label set only (`crate::policy::identity`).
@@ -39,6 +41,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -49,7 +52,7 @@ use super::types::{
 };
 use crate::api::model::{
     EndpointKind, Entity, Family, FqdnSelector, Label, NamedPort, Op, Origin, Peer, Peers,
-    PolicySet, PortSpec, Proto, RegistrySet, RuleItem, Selector, Subject, L4,
+    PolicySet, PortSpec, Proto, RegistrySet, Rule, RuleItem, Selector, Subject, L4,
 };
 use crate::api::Problem;
 use crate::policy::identity;
@@ -82,7 +85,7 @@ pub struct CompileOptions {
     /// What the DNS proxy has learned (name → addresses): `toFQDNs`
     /// selectors stand for these addresses' identities (`policy::fqdn`);
     /// empty, they allow nothing. Shared: compile clones its options.
-    pub fqdn: std::sync::Arc<fqdn::FqdnAddrs>,
+    pub fqdn: Arc<fqdn::FqdnAddrs>,
 }
 
 /// The map sizes a compiled state must fit ([`MapKind::Policy`],
@@ -201,12 +204,33 @@ struct ItemInfo<'a> {
 
 /// One rule, flattened, with the indexes of its items (= their rule refs).
 struct RuleInfo<'a> {
-    rule: &'a crate::api::model::Rule,
+    rule: &'a Rule,
+    /// The rules of its policy (shared between sets) and its index in them.
+    shared: &'a Arc<[Rule]>,
+    index: u32,
+    /// The rule ref of its first item (its items' are consecutive).
+    first_item: u32,
+    /// Some item has a Kubernetes ipBlock peer (which matches workload
+    /// addresses too).
+    uses_addrs: bool,
     items: Vec<u32>,
     /// Its policy is staged; then the rule refs of the default deny it brings
     /// (ingress, egress), if it does.
     staged: bool,
     default_deny_refs: [Option<u32>; 2],
+}
+
+impl RuleInfo<'_> {
+    /// What a template depends on of this rule.
+    fn key(&self) -> RuleKey {
+        RuleKey {
+            rules: self.shared.as_ptr() as usize,
+            index: self.index,
+            staged: self.staged,
+            first_item: self.first_item,
+            default_deny_refs: self.default_deny_refs,
+        }
+    }
 }
 
 /// Protocols of a `Proto` when a port is given.
@@ -356,32 +380,98 @@ impl FastHasher {
 
 type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
-/// Selector evaluation over every identity, with an index and a memo.
-pub(crate) struct SelectorIndex<'a> {
+/// Selector evaluation over every identity, through an index of `(key,
+/// value)` → identities. Owns what it indexes, so a [`Compiler`] keeps it
+/// between compiles while the identities stay the same.
+#[derive(Debug)]
+pub(crate) struct SelectorIndex {
     /// (identity, labels), sorted by identity.
-    ids: Vec<(Identity, &'a [Label])>,
-    /// (key, value) → positions in `ids`, source ignored (checked afterwards).
-    by_kv: FastMap<(&'a str, &'a str), Vec<u32>>,
-    /// By the selector's address: selectors live in the policy set for the
-    /// whole compile, and hashing one by content costs more than selecting.
-    memo: FastMap<*const Selector, Rc<Vec<Identity>>>,
+    ids: Vec<(Identity, Arc<[Label]>)>,
+    /// hash of (key, value) → positions in `ids`, source ignored (every
+    /// candidate is matched against the selector afterwards, so a collision
+    /// only costs a candidate).
+    by_kv: FastMap<u64, Vec<u32>>,
 }
 
-impl<'a> SelectorIndex<'a> {
-    pub(crate) fn new(ids: Vec<(Identity, &'a [Label])>) -> Self {
-        let mut by_kv: FastMap<(&'a str, &'a str), Vec<u32>> = FastMap::default();
+fn kv_hash(key: &str, value: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = FastHasher::default();
+    h.write(key.as_bytes());
+    h.write_u8(0xff);
+    h.write(value.as_bytes());
+    h.finish()
+}
+
+impl SelectorIndex {
+    pub(crate) fn new(ids: Vec<(Identity, Arc<[Label]>)>) -> Self {
+        let mut by_kv: FastMap<u64, Vec<u32>> = FastMap::default();
         for (pos, (_, ls)) in ids.iter().enumerate() {
             for l in ls.iter() {
-                let v = by_kv.entry((l.key.as_str(), l.value.as_str())).or_default();
+                let v = by_kv.entry(kv_hash(&l.key, &l.value)).or_default();
                 if v.last() != Some(&(pos as u32)) {
                     v.push(pos as u32);
                 }
             }
         }
-        SelectorIndex {
-            ids,
-            by_kv,
+        SelectorIndex { ids, by_kv }
+    }
+
+    /// The identities `sel` selects, sorted.
+    pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
+        // The smallest candidate set among the `In` requirements (sized before
+        // any is gathered: a namespace requirement names nearly every identity).
+        let postings = |req: &crate::api::model::Requirement| {
+            let key = req.key.key.as_str();
+            req.values
+                .iter()
+                .filter_map(move |v| self.by_kv.get(&kv_hash(key, v)))
+                .collect::<Vec<_>>()
+        };
+        let best: Option<Vec<u32>> = sel
+            .requirements
+            .iter()
+            .filter(|r| r.op == Op::In)
+            .map(postings)
+            .min_by_key(|p| p.iter().map(|v| v.len()).sum::<usize>())
+            .map(|p| p.into_iter().flatten().copied().collect());
+        let matches = |ls: &[Label]| labels::selector_matches(sel, ls);
+        let mut out: Vec<Identity> = match best {
+            Some(mut cand) => {
+                cand.sort_unstable();
+                cand.dedup();
+                cand.into_iter()
+                    .map(|p| &self.ids[p as usize])
+                    .filter(|(_, ls)| matches(ls))
+                    .map(|(id, _)| *id)
+                    .collect()
+            }
+            None => self
+                .ids
+                .iter()
+                .filter(|(_, ls)| matches(ls))
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        out.sort_unstable();
+        out
+    }
+}
+
+/// A [`SelectorIndex`] with a memo by the selector's address, for one pass
+/// over one policy set (selectors live in it for the whole pass, and hashing
+/// one by content costs more than selecting).
+pub(crate) struct Selections<'a> {
+    index: Arc<SelectorIndex>,
+    memo: FastMap<*const Selector, Rc<Vec<Identity>>>,
+    _set: std::marker::PhantomData<&'a Selector>,
+}
+
+impl<'a> Selections<'a> {
+    pub(crate) fn new(index: Arc<SelectorIndex>) -> Self {
+        Selections {
+            index,
             memo: FastMap::default(),
+            _set: std::marker::PhantomData,
         }
     }
 
@@ -389,58 +479,20 @@ impl<'a> SelectorIndex<'a> {
         if let Some(r) = self.memo.get(&(sel as *const Selector)) {
             return r.clone();
         }
-        // The smallest candidate set among the `In` requirements (sized before
-        // any is gathered: a namespace requirement names nearly every identity).
-        let postings = |req: &'a crate::api::model::Requirement| {
-            req.values
-                .iter()
-                .filter_map(|v| self.by_kv.get(&(req.key.key.as_str(), v.as_str())))
-        };
-        let smallest = sel
-            .requirements
-            .iter()
-            .filter(|r| r.op == Op::In)
-            .min_by_key(|r| postings(r).map(Vec::len).sum::<usize>());
-        let best: Option<Vec<u32>> = smallest.map(|req| postings(req).flatten().copied().collect());
-        let mut out: Vec<Identity> = match best {
-            Some(mut cand) => {
-                cand.sort_unstable();
-                cand.dedup();
-                cand.into_iter()
-                    .map(|p| self.ids[p as usize])
-                    .filter(|(_, ls)| labels::selector_matches(sel, ls))
-                    .map(|(id, _)| id)
-                    .collect()
-            }
-            None => self
-                .ids
-                .iter()
-                .filter(|(_, ls)| labels::selector_matches(sel, ls))
-                .map(|(id, _)| *id)
-                .collect(),
-        };
-        out.sort_unstable();
-        let rc = Rc::new(out);
+        let rc = Rc::new(self.index.select(sel));
         self.memo.insert(sel as *const Selector, rc.clone());
         rc
     }
 }
 
-struct Ctx<'a> {
+struct Ctx<'a, 'w> {
     items: Vec<ItemInfo<'a>>,
-    index: SelectorIndex<'a>,
-    cidr_ids: BTreeMap<IpNet, Identity>,
-    fqdn_ids: FqdnIds,
-    workload_ids: Vec<Identity>,
-    /// (address, identity) of every workload endpoint, for ipBlock; sorted.
-    workload_addrs: Vec<(IpAddr, Identity)>,
-    /// Named ports declared by endpoints with each identity.
-    ports_by_id: FastMap<Identity, Vec<NamedPort>>,
-    all_ports: Vec<NamedPort>,
+    sel: Selections<'a>,
+    world: &'w World,
     peer_memo: Vec<Option<Rc<Vec<Identity>>>>,
 }
 
-impl<'a> Ctx<'a> {
+impl<'a> Ctx<'a, '_> {
     fn peer_ids(&mut self, idx: usize) -> Rc<Vec<Identity>> {
         if let Some(r) = &self.peer_memo[idx] {
             return r.clone();
@@ -448,11 +500,11 @@ impl<'a> Ctx<'a> {
         let item = self.items[idx].item;
         let ids = peer_identities(
             &item.peers,
-            &mut self.index,
-            &self.cidr_ids,
-            &self.fqdn_ids,
-            &self.workload_ids,
-            &self.workload_addrs,
+            &mut self.sel,
+            &self.world.cidr_ids,
+            &self.world.fqdn_ids,
+            &self.world.workload_ids,
+            &self.world.workload_addrs,
         );
         let rc = Rc::new(ids);
         self.peer_memo[idx] = Some(rc.clone());
@@ -518,9 +570,13 @@ impl<'a> Ctx<'a> {
                                 for &id in ids.iter() {
                                     let mut k = Vec::new();
                                     let declared: &[NamedPort] = if id == identity::ANY {
-                                        &self.all_ports
+                                        &self.world.all_ports
                                     } else {
-                                        self.ports_by_id.get(&id).map(Vec::as_slice).unwrap_or(&[])
+                                        self.world
+                                            .ports_by_id
+                                            .get(&id)
+                                            .map(Vec::as_slice)
+                                            .unwrap_or(&[])
                                     };
                                     named_keys(name, pp.proto, declared, &mut k);
                                     push(id, &k, out)?;
@@ -547,7 +603,7 @@ impl<'a> Ctx<'a> {
 /// `policy::lint`, which must expand peers as compile does.
 pub(crate) fn peer_identities<'a>(
     peers: &'a Peers,
-    index: &mut SelectorIndex<'a>,
+    index: &mut Selections<'a>,
     cidr_ids: &BTreeMap<IpNet, Identity>,
     fqdn_ids: &FqdnIds,
     workload_ids: &[Identity],
@@ -704,15 +760,34 @@ fn key_covers(outer: &PortKey, inner: &PortKey) -> bool {
     super::lookup::prefix_covers(outer.port, outer.prefix, inner.port)
 }
 
-/// Compiles policy sets against registries, keeping the registry's share of
-/// the work (resolution and identity numbering) between calls while the
-/// registry and the node name stay equal: the daemon compiles again on every
-/// policy change, while the registry rarely changes. The result is the same as
-/// a fresh compile's. The daemon owns one; each `netpolctl` command makes its
-/// own (or calls [`try_compile`]).
+/// Compiles policy sets against registries incrementally (Cilium's selector
+/// cache is the model): a `Compiler` keeps what one compile computed from
+/// each part of its inputs, and the next one computes again only what its
+/// change touches:
+/// - the registry's share (resolution and identity numbering, `RegistryPart`)
+///   while the registry and the node name stay equal;
+/// - the identities, the ipcache and the selector index over the identities
+///   (`World`) while those, the policies' CIDR prefixes and this host's
+///   addresses stay equal;
+/// - each rule's subject selection while its policy's rules stay the same
+///   (`Policy::rules`, shared between the sets a loader builds) and the
+///   identities do;
+/// - the entries of each group of endpoints (a template: the endpoints one
+///   list of rules selects, with the same named ports) while those rules,
+///   their rule references and the identities stay the same.
+///
+/// So a policy change expands again only the endpoints the changed policy
+/// selects or selected, and a registry change that keeps every identity
+/// (an endpoint replaced under a label set that already has one) costs its
+/// ipcache and endpoint table, not a selection or an expansion. Whatever it
+/// kept, the result is the one a fresh compile ([`try_compile`]) gives (the
+/// property test `incremental_compile_equals_full_compile` holds it). The
+/// daemon owns one; each `netpolctl` command makes its own (or calls
+/// [`try_compile`]).
 #[derive(Debug, Default)]
 pub struct Compiler {
     kept: Option<RegistryPart>,
+    cache: Cache,
 }
 
 impl Compiler {
@@ -730,17 +805,50 @@ impl Compiler {
         opts: &CompileOptions,
     ) -> Result<Compiled, CompileError> {
         let print = fingerprint(registry);
+        self.compile_as(policies, registry, print, opts)
+    }
+
+    /// [`Compiler::compile`] of a registry its caller numbers: the same
+    /// `revision` stands for the same registry (the pipeline's count of the
+    /// registries it held), so it is not looked at again to be recognised.
+    /// Revisions and the contents [`Compiler::compile`] recognises never
+    /// stand for each other.
+    pub fn compile_revision(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        revision: u64,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
+        // A fingerprint is this number with a chance of 2^-128.
+        let id = (1u128 << 127) | u128::from(revision);
+        self.compile_as(policies, registry, id, opts)
+    }
+
+    fn compile_as(
+        &mut self,
+        policies: &PolicySet,
+        registry: &RegistrySet,
+        print: u128,
+        opts: &CompileOptions,
+    ) -> Result<Compiled, CompileError> {
         let fresh = !self
             .kept
             .as_ref()
             .is_some_and(|p| p.node_name == opts.node_name && p.registry == print);
         if fresh {
+            self.kept = None;
             let mut part = RegistryPart::of(registry, &opts.node_name);
             part.registry = print;
             self.kept = Some(part);
         }
         let part = self.kept.as_ref().expect("kept above");
-        compile_with(policies, registry, part, opts)
+        compile_with(policies, registry, part, opts, &mut self.cache)
+    }
+
+    /// What the last compile computed again and what it kept.
+    pub fn stats(&self) -> CompileStats {
+        self.cache.stats
     }
 }
 
@@ -761,14 +869,284 @@ pub fn compile(policies: &PolicySet, registry: &RegistrySet, opts: &CompileOptio
 }
 
 /// One compile within `opts.limits`, with nothing kept ([`Compiler::compile`]
-/// without reuse).
+/// from nothing).
 pub fn try_compile(
     policies: &PolicySet,
     registry: &RegistrySet,
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
     let part = RegistryPart::of(registry, &opts.node_name);
-    compile_with(policies, registry, &part, opts)
+    compile_with(policies, registry, &part, opts, &mut Cache::default())
+}
+
+/// What a [`Compiler`] keeps between compiles besides the registry's share.
+/// Everything in it is keyed by all it was computed from, so a hit is what a
+/// fresh compile would compute.
+#[derive(Debug, Default)]
+struct Cache {
+    world: Option<World>,
+    /// Worlds built so far: a world's number, in what was computed over it.
+    worlds: u64,
+    /// Compiles so far: what the last successful one did not use is dropped.
+    passes: u64,
+    /// Per policy, by the address of its shared rules (kept alive here, so
+    /// the address names these rules while the entry lives).
+    subjects: FastMap<usize, SubjectMemo>,
+    /// Group templates, with the pass that last used each.
+    templates: FastMap<TemplateKey, (Arc<Template>, u64)>,
+    stats: CompileStats,
+}
+
+/// What the last compile of a [`Compiler`] computed again and what it kept
+/// (for the daemon's log and the tests that hold the kept parts to be used).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CompileStats {
+    /// The identities and ipcache were built again (the registry, this
+    /// host's addresses or the policies' CIDR prefixes changed).
+    pub world_built: bool,
+    /// ... and their identities, named ports and CIDR identities were not
+    /// those of the last world (so every selection was made again).
+    pub identities_changed: bool,
+    /// Rule subjects selected (the others were kept).
+    pub subjects_selected: usize,
+    /// Group templates expanded, and those kept from an earlier compile.
+    pub templates_built: usize,
+    pub templates_kept: usize,
+}
+
+/// The subject selections of one policy's rules.
+#[derive(Debug)]
+struct SubjectMemo {
+    /// Held so that the address it is found by names these rules.
+    _rules: Arc<[Rule]>,
+    /// The world they were selected in.
+    world: u64,
+    /// Per rule: the workload identities its endpointSelector selects
+    /// (`None` for a nodeSelector or one not selected yet).
+    selected: Vec<Option<Arc<[u32]>>>,
+    used: u64,
+}
+
+/// What a group template is a function of (with the world's number standing
+/// for the identities, named ports and prefixes the peers expand over).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TemplateKey {
+    rules: Vec<RuleKey>,
+    ports: Vec<NamedPort>,
+    workload: bool,
+    localhost: Option<u32>,
+    world: u64,
+    /// The world's `addrs_version` when a rule has an ipBlock peer (else 0).
+    addrs: u64,
+    limit: usize,
+}
+
+/// One rule as a template depends on it: its content (the address of its
+/// policy's shared rules, alive while a template refers to it, and its index
+/// there), its policy's staging and the rule references its items and
+/// default deny get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct RuleKey {
+    rules: usize,
+    index: u32,
+    staged: bool,
+    first_item: u32,
+    default_deny_refs: [Option<u32>; 2],
+}
+
+/// What a world is computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WorldKey {
+    /// The registry's fingerprint (0: not kept, never reused).
+    registry: u128,
+    node_name: String,
+    host_addresses: Vec<IpAddr>,
+    /// The policies' CIDR prefixes (and excepts), sorted, distinct.
+    cidrs: Vec<IpNet>,
+    /// The DNS proxy's learned addresses of the policies' FQDN selectors.
+    learned: fqdn::LearnedPrefixes,
+    ipcache_limit: usize,
+}
+
+/// The identities and the ipcache of one registry, node and set of CIDR
+/// prefixes, with what peers are expanded through.
+#[derive(Debug)]
+struct World {
+    key: WorldKey,
+    /// The number of its identities, named ports and CIDR identities
+    /// ([`Cache::worlds`]): a world computed from another registry that
+    /// gives the same has the same number, so what was selected and
+    /// expanded over the one holds for the other.
+    version: u64,
+    /// The same for its workload addresses (what a Kubernetes ipBlock peer
+    /// also matches).
+    addrs_version: u64,
+    cidr_ids: BTreeMap<IpNet, Identity>,
+    /// The identities each FQDN selector stands for (among `cidr_ids`).
+    fqdn_ids: FqdnIds,
+    identities: Vec<IdentityInfo>,
+    ipcache: Vec<IpcacheEntry>,
+    workload_ids: Vec<Identity>,
+    /// (address, identity) of every workload endpoint, for ipBlock; sorted.
+    workload_addrs: Vec<(IpAddr, Identity)>,
+    /// Named ports declared by endpoints with each identity.
+    ports_by_id: FastMap<Identity, Vec<NamedPort>>,
+    all_ports: Vec<NamedPort>,
+    index: Arc<SelectorIndex>,
+}
+
+impl World {
+    /// The same identities (labels included), named ports and CIDR
+    /// identities as `other`.
+    fn same_identities(&self, other: &World) -> bool {
+        self.cidr_ids == other.cidr_ids
+            && self.fqdn_ids == other.fqdn_ids
+            && self.workload_ids == other.workload_ids
+            && self.all_ports == other.all_ports
+            && self.ports_by_id == other.ports_by_id
+            && self.identities.len() == other.identities.len()
+            && self.identities.iter().zip(&other.identities).all(|(a, b)| {
+                a.id == b.id && (Arc::ptr_eq(&a.labels, &b.labels) || a.labels == b.labels)
+            })
+    }
+
+    /// Build the world of `key`, numbered as `prev` where it gives the same
+    /// (and from `worlds` where not).
+    fn build(
+        key: WorldKey,
+        prev: Option<&World>,
+        worlds: &mut u64,
+        resolved: &[ResolvedEndpoint<'_>],
+        ep_ids: &[Identity],
+        registry: &RegistrySet,
+        opts: &CompileOptions,
+    ) -> World {
+        let mut cidr_ids = identity::allocate_cidrs(key.cidrs.iter().copied());
+        let fqdn_ids = fqdn::allocate(&mut cidr_ids, &key.learned);
+        // Every identity's labels, shared (not copied) into the output.
+        let mut id_labels: BTreeMap<Identity, Arc<[Label]>> = identity::RESERVED
+            .iter()
+            .map(|(id, n)| (*id, labels::reserved_labels(n).into()))
+            .collect();
+        let mut workload_ids: Vec<Identity> = Vec::new();
+        for (r, id) in resolved.iter().zip(ep_ids) {
+            if r.def.kind == EndpointKind::Workload && !id_labels.contains_key(id) {
+                id_labels.insert(*id, r.labels.clone());
+                workload_ids.push(*id);
+            }
+        }
+        workload_ids.sort_unstable();
+        for (n, id) in &cidr_ids {
+            id_labels.insert(*id, identity::cidr_labels(n).into());
+        }
+        let identities: Vec<IdentityInfo> = id_labels
+            .iter()
+            .map(|(id, ls)| IdentityInfo {
+                id: *id,
+                labels: ls.clone(),
+            })
+            .collect();
+        let index = Arc::new(SelectorIndex::new(id_labels.into_iter().collect()));
+
+        // --- ipcache: priority endpoint > host address > node > CIDR > /0.
+        let mut ipc: BTreeMap<IpNet, (u8, Identity, Option<u32>)> = BTreeMap::new();
+        let mut put = |net: IpNet, prio: u8, id: Identity, slot: Option<u32>| {
+            let e = ipc.entry(net).or_insert((prio, id, slot));
+            if prio > e.0 {
+                *e = (prio, id, slot);
+            }
+        };
+        put(
+            "0.0.0.0/0".parse().expect("static prefix"),
+            0,
+            identity::WORLD_IPV4,
+            None,
+        );
+        put(
+            "::/0".parse().expect("static prefix"),
+            0,
+            identity::WORLD_IPV6,
+            None,
+        );
+        for (n, id) in &cidr_ids {
+            put(*n, 1, *id, None);
+        }
+        for node in &registry.nodes {
+            let id = if !opts.node_name.is_empty() && node.name == opts.node_name {
+                identity::HOST
+            } else {
+                identity::REMOTE_NODE
+            };
+            for a in &node.addresses {
+                put(host_net(*a), 2, id, None);
+            }
+        }
+        for a in &key.host_addresses {
+            put(host_net(*a), 3, identity::HOST, None);
+        }
+        for (slot, (r, id)) in resolved.iter().zip(ep_ids).enumerate() {
+            for a in &r.def.addresses {
+                put(host_net(*a), 4, *id, Some(slot as u32));
+            }
+        }
+        let ipcache: Vec<IpcacheEntry> = ipc
+            .into_iter()
+            .map(|(net, (_, identity, endpoint))| IpcacheEntry {
+                net,
+                identity,
+                endpoint,
+            })
+            .collect();
+
+        // --- peer lookup structures.
+        let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
+        let mut all_ports: Vec<NamedPort> = Vec::new();
+        let mut workload_addrs = Vec::new();
+        for (r, id) in resolved.iter().zip(ep_ids) {
+            if !r.def.ports.is_empty() {
+                ports_by_id
+                    .entry(*id)
+                    .or_default()
+                    .extend(r.def.ports.iter().cloned());
+                all_ports.extend(r.def.ports.iter().cloned());
+            }
+            if r.def.kind == EndpointKind::Workload {
+                workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
+            }
+        }
+        workload_addrs.sort_unstable();
+        let mut w = World {
+            key,
+            version: 0,
+            addrs_version: 0,
+            cidr_ids,
+            fqdn_ids,
+            identities,
+            ipcache,
+            workload_ids,
+            workload_addrs,
+            ports_by_id,
+            all_ports,
+            index,
+        };
+        let mut next = || {
+            *worlds += 1;
+            *worlds
+        };
+        match prev {
+            Some(p) if w.same_identities(p) => {
+                w.version = p.version;
+                // The old index selects as a new one would, and is shared.
+                w.index = p.index.clone();
+            }
+            _ => w.version = next(),
+        }
+        w.addrs_version = match prev {
+            Some(p) if p.workload_addrs == w.workload_addrs => p.addrs_version,
+            _ => next(),
+        };
+        w
+    }
 }
 
 fn compile_with(
@@ -776,9 +1154,13 @@ fn compile_with(
     registry: &RegistrySet,
     part: &RegistryPart,
     opts: &CompileOptions,
+    cache: &mut Cache,
 ) -> Result<Compiled, CompileError> {
     let limits = opts.limits;
     let (resolved, ep_ids) = part.resolved(registry);
+    cache.passes += 1;
+    let pass = cache.passes;
+    cache.stats = CompileStats::default();
 
     // --- rules and items, in policy order: an item's index is its rule ref.
     let mut rule_refs: Vec<RuleRef> = Vec::new();
@@ -791,7 +1173,7 @@ fn compile_with(
     let mut any_dns = false;
     for pol in &policies.policies {
         let pname = policy_name(&pol.origin);
-        for rule in pol.rules.iter() {
+        for (index, rule) in pol.rules.iter().enumerate() {
             let mut idxs = Vec::new();
             let dirs: [(&Vec<RuleItem>, Direction, EntryVerdict); 4] = [
                 (&rule.ingress, Direction::Ingress, EntryVerdict::Allow),
@@ -799,6 +1181,8 @@ fn compile_with(
                 (&rule.egress, Direction::Egress, EntryVerdict::Allow),
                 (&rule.egress_deny, Direction::Egress, EntryVerdict::Deny),
             ];
+            let first_item = items.len() as u32;
+            let mut uses_addrs = false;
             for (list, dir, verdict) in dirs {
                 for item in list {
                     if let Peers::List(ps) = &item.peers {
@@ -806,7 +1190,13 @@ fn compile_with(
                             if let Peer::Fqdn(sel) = p {
                                 fqdn_sels.push((sel, items.len() as u32));
                             }
-                            if let Peer::Cidr { net, except, .. } = p {
+                            if let Peer::Cidr {
+                                net,
+                                except,
+                                match_endpoints,
+                            } = p
+                            {
+                                uses_addrs |= *match_endpoints;
                                 let at = items.len() as u32;
                                 if net.prefix_len() > 0 {
                                     cidr_prefixes.push((net.trunc(), at));
@@ -841,6 +1231,10 @@ fn compile_with(
             }
             rules.push(RuleInfo {
                 rule,
+                shared: &pol.rules,
+                index: index as u32,
+                first_item,
+                uses_addrs,
                 items: idxs,
                 staged: pol.staged,
                 default_deny_refs: [None; 2],
@@ -864,144 +1258,112 @@ fn compile_with(
     // config's): what a would-be drop by it is reported with.
     staged::default_deny_refs(policies, &mut rules, &mut rule_refs);
 
-    // --- identities.
+    // --- identities, ipcache and the selector index: kept while what they
+    // are computed from stays equal (the DNS proxy's learned addresses too).
     let learned = fqdn::learned_prefixes(&opts.fqdn, fqdn_sels.iter().map(|(s, _)| *s));
-    check_ipcache(&items, &cidr_prefixes, &fqdn_sels, &learned, registry, opts)?;
-    let mut cidr_ids = identity::allocate_cidrs(cidr_prefixes.into_iter().map(|(n, _)| n));
-    let fqdn_ids = fqdn::allocate(&mut cidr_ids, &learned);
-
-    // Every identity's labels, shared (not copied) into the output.
-    let mut id_labels: BTreeMap<Identity, std::sync::Arc<[Label]>> = identity::RESERVED
-        .iter()
-        .map(|(id, n)| (*id, labels::reserved_labels(n).into()))
-        .collect();
-    let mut workload_ids: Vec<Identity> = Vec::new();
-    for (r, id) in resolved.iter().zip(&ep_ids) {
-        if r.def.kind == EndpointKind::Workload && !id_labels.contains_key(id) {
-            id_labels.insert(*id, r.labels.clone());
-            workload_ids.push(*id);
-        }
-    }
-    workload_ids.sort_unstable();
-    for (n, id) in &cidr_ids {
-        id_labels.insert(*id, identity::cidr_labels(n).into());
-    }
-    let sel_ids: Vec<(Identity, &[Label])> =
-        id_labels.iter().map(|(id, ls)| (*id, &ls[..])).collect();
-    let identities: Vec<IdentityInfo> = id_labels
-        .iter()
-        .map(|(id, ls)| IdentityInfo {
-            id: *id,
-            labels: ls.clone(),
-        })
-        .collect();
-
-    // --- ipcache: priority endpoint > host address > node > CIDR > /0.
-    let mut ipc: BTreeMap<IpNet, (u8, Identity, Option<u32>)> = BTreeMap::new();
-    let mut put = |net: IpNet, prio: u8, id: Identity, slot: Option<u32>| {
-        let e = ipc.entry(net).or_insert((prio, id, slot));
-        if prio > e.0 {
-            *e = (prio, id, slot);
-        }
+    let mut cidrs: Vec<IpNet> = cidr_prefixes.iter().map(|(n, _)| *n).collect();
+    cidrs.sort_unstable();
+    cidrs.dedup();
+    let key = WorldKey {
+        registry: part.registry,
+        node_name: opts.node_name.clone(),
+        host_addresses: opts.host_addresses.clone(),
+        cidrs,
+        learned,
+        ipcache_limit: limits.ipcache_entries,
     };
-    put(
-        "0.0.0.0/0".parse().expect("static prefix"),
-        0,
-        identity::WORLD_IPV4,
-        None,
-    );
-    put(
-        "::/0".parse().expect("static prefix"),
-        0,
-        identity::WORLD_IPV6,
-        None,
-    );
-    for (n, id) in &cidr_ids {
-        put(*n, 1, *id, None);
+    let Cache {
+        world,
+        worlds,
+        subjects,
+        templates,
+        stats,
+        ..
+    } = cache;
+    if world
+        .as_ref()
+        .is_none_or(|w| w.key != key || w.key.registry == 0)
+    {
+        check_ipcache(
+            &items,
+            &cidr_prefixes,
+            &fqdn_sels,
+            &key.learned,
+            registry,
+            opts,
+        )?;
+        let next = World::build(
+            key,
+            world.as_ref(),
+            worlds,
+            &resolved,
+            &ep_ids,
+            registry,
+            opts,
+        );
+        stats.world_built = true;
+        stats.identities_changed = world.as_ref().is_none_or(|w| w.version != next.version);
+        *world = Some(next);
     }
-    for node in &registry.nodes {
-        let id = if !opts.node_name.is_empty() && node.name == opts.node_name {
-            identity::HOST
-        } else {
-            identity::REMOTE_NODE
-        };
-        for a in &node.addresses {
-            put(host_net(*a), 2, id, None);
-        }
-    }
-    for a in &opts.host_addresses {
-        put(host_net(*a), 3, identity::HOST, None);
-    }
-    for (slot, (r, id)) in resolved.iter().zip(&ep_ids).enumerate() {
-        for a in &r.def.addresses {
-            put(host_net(*a), 4, *id, Some(slot as u32));
-        }
-    }
-    let ipcache: Vec<IpcacheEntry> = ipc
-        .into_iter()
-        .map(|(net, (_, identity, endpoint))| IpcacheEntry {
-            net,
-            identity,
-            endpoint,
-        })
-        .collect();
-
-    // --- peer lookup structures.
-    let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
-    let mut all_ports: Vec<NamedPort> = Vec::new();
-    let mut workload_addrs = Vec::new();
-    for (r, id) in resolved.iter().zip(&ep_ids) {
-        if !r.def.ports.is_empty() {
-            ports_by_id
-                .entry(*id)
-                .or_default()
-                .extend(r.def.ports.iter().cloned());
-            all_ports.extend(r.def.ports.iter().cloned());
-        }
-        if r.def.kind == EndpointKind::Workload {
-            workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
-        }
-    }
-    workload_addrs.sort_unstable();
+    let world = world.as_ref().expect("built above");
     let n_items = items.len();
     let mut ctx = Ctx {
         items,
-        index: SelectorIndex::new(sel_ids.clone()),
-        cidr_ids,
-        fqdn_ids,
-        workload_ids,
-        workload_addrs,
-        ports_by_id,
-        all_ports,
+        sel: Selections::new(world.index.clone()),
+        world,
         peer_memo: vec![None; n_items],
     };
 
     // --- which rules select which endpoint.
     let mut rules_by_wl_id: FastMap<Identity, Vec<u32>> = FastMap::default();
     let mut rules_by_slot: Vec<Vec<u32>> = vec![Vec::new(); resolved.len()];
+    // Host endpoints come last in slot order.
+    let first_host = resolved.partition_point(|r| r.def.kind != EndpointKind::Host);
     for (ri, info) in rules.iter().enumerate() {
-        match &info.rule.subject {
-            Subject::Endpoints(sel) => {
-                for id in ctx.index.select(sel).iter() {
-                    if (identity::WORKLOAD_MIN..identity::WORKLOAD_END).contains(id) {
-                        rules_by_wl_id.entry(*id).or_default().push(ri as u32);
-                    }
-                }
-            }
+        let sel = match &info.rule.subject {
+            Subject::Endpoints(sel) => sel,
             Subject::Nodes(sel) => {
-                for (slot, r) in resolved.iter().enumerate() {
-                    if r.def.kind == EndpointKind::Host && labels::selector_matches(sel, &r.labels)
-                    {
+                // Few, and numbered by slot (which a registry change moves):
+                // matched every time.
+                for (slot, r) in resolved.iter().enumerate().skip(first_host) {
+                    if labels::selector_matches(sel, &r.labels) {
                         rules_by_slot[slot].push(ri as u32);
                     }
                 }
+                continue;
             }
+        };
+        let memo = subjects
+            .entry(info.shared.as_ptr() as usize)
+            .or_insert_with(|| SubjectMemo {
+                _rules: info.shared.clone(),
+                world: world.version,
+                selected: vec![None; info.shared.len()],
+                used: pass,
+            });
+        if memo.world != world.version {
+            memo.world = world.version;
+            memo.selected.iter_mut().for_each(|s| *s = None);
+        }
+        memo.used = pass;
+        let selected = memo.selected[info.index as usize].get_or_insert_with(|| {
+            stats.subjects_selected += 1;
+            ctx.sel
+                .select(sel)
+                .iter()
+                .copied()
+                .filter(|id| (identity::WORKLOAD_MIN..identity::WORKLOAD_END).contains(id))
+                .collect()
+        });
+        for id in selected.iter() {
+            rules_by_wl_id.entry(*id).or_default().push(ri as u32);
         }
     }
 
-    // --- templates, one per (rules, declared ports, kind).
+    // --- templates, one per (rules, declared ports, kind); kept between
+    // compiles by what they are computed from.
     type TKey = (Vec<u32>, Vec<NamedPort>, bool);
-    let mut templates: FastMap<TKey, Rc<Template>> = FastMap::default();
+    let mut group_templates: FastMap<TKey, Arc<Template>> = FastMap::default();
     let mut endpoints: Vec<CompiledEndpoint> = Vec::with_capacity(resolved.len());
     let mut entries: Vec<PolicyEntry> = Vec::new();
     let mut dns: Vec<fqdn::EndpointDns> = Vec::new();
@@ -1022,21 +1384,48 @@ fn compile_with(
             continue;
         }
         let key: TKey = (rule_list.clone(), r.def.ports.clone(), is_wl);
-        let t = match templates.get(&key) {
+        let t = match group_templates.get(&key) {
             Some(t) => t.clone(),
             None => {
-                let t = build_template(
-                    &mut ctx,
-                    &rules,
-                    &key.0,
-                    &r.def.ports,
-                    is_wl,
-                    localhost_rule,
-                    limits.policy_entries,
-                )
-                .map_err(|item| over_endpoint(&ctx.items, item, r, limits.policy_entries))?;
-                let t = Rc::new(t);
-                templates.insert(key, t.clone());
+                let tkey = TemplateKey {
+                    rules: key.0.iter().map(|ri| rules[*ri as usize].key()).collect(),
+                    ports: key.1.clone(),
+                    workload: is_wl,
+                    localhost: localhost_rule,
+                    world: world.version,
+                    addrs: if key.0.iter().any(|ri| rules[*ri as usize].uses_addrs) {
+                        world.addrs_version
+                    } else {
+                        0
+                    },
+                    limit: limits.policy_entries,
+                };
+                let t = match templates.get_mut(&tkey) {
+                    Some((t, used)) => {
+                        *used = pass;
+                        stats.templates_kept += 1;
+                        t.clone()
+                    }
+                    None => {
+                        stats.templates_built += 1;
+                        let t = build_template(
+                            &mut ctx,
+                            &rules,
+                            &key.0,
+                            &r.def.ports,
+                            is_wl,
+                            localhost_rule,
+                            limits.policy_entries,
+                        )
+                        .map_err(|item| {
+                            over_endpoint(&ctx.items, item, r, limits.policy_entries)
+                        })?;
+                        let t = Arc::new(t);
+                        templates.insert(tkey, (t.clone(), pass));
+                        t
+                    }
+                };
+                group_templates.insert(key, t.clone());
                 t
             }
         };
@@ -1073,10 +1462,13 @@ fn compile_with(
         }
     }
     debug_assert!(entries.windows(2).all(|w| w[0] < w[1]));
+    // What this compile did not use is of no use to the next.
+    subjects.retain(|_, m| m.used == pass);
+    templates.retain(|_, (_, used)| *used == pass);
 
     Ok(Compiled {
-        identities,
-        ipcache,
+        identities: world.identities.clone(),
+        ipcache: world.ipcache.clone(),
         endpoints,
         entries,
         rules: rule_refs,
@@ -1087,7 +1479,7 @@ fn compile_with(
 /// The DNS rules of the endpoint at `slot` from its enforced egress allow
 /// items (staged policies' DNS rules steer nothing), if it has any.
 fn endpoint_dns(
-    ctx: &mut Ctx<'_>,
+    ctx: &mut Ctx<'_, '_>,
     rules: &[RuleInfo<'_>],
     rule_list: &[u32],
     slot: u32,
@@ -1118,9 +1510,13 @@ fn endpoint_dns(
         .collect();
     let ports = fqdn::dns_ports(&items, |id| {
         if id == identity::ANY {
-            &ctx.all_ports
+            &ctx.world.all_ports
         } else {
-            ctx.ports_by_id.get(&id).map(Vec::as_slice).unwrap_or(&[])
+            ctx.world
+                .ports_by_id
+                .get(&id)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
         }
     });
     Some(fqdn::EndpointDns {
@@ -1212,47 +1608,48 @@ struct RegistryPart {
     registry: u128,
     node_name: String,
     /// (index in `registry.endpoints`, labels, this node, local) in slot order.
-    eps: Vec<(usize, std::sync::Arc<[Label]>, bool, bool)>,
+    eps: Vec<(usize, Arc<[Label]>, bool, bool)>,
     ids: Vec<Identity>,
 }
 
 impl RegistryPart {
     fn of(registry: &RegistrySet, node_name: &str) -> RegistryPart {
         let resolved = registry::resolve(registry, node_name);
-        // Each workload's canonical label text, computed once.
-        let texts: Vec<String> = resolved
+        // Each workload label set's canonical text, computed once per set
+        // (`resolve` gives endpoints with one label set one shared copy).
+        let mut set_of_copy: FastMap<usize, usize> = FastMap::default();
+        let mut texts: Vec<String> = Vec::new();
+        let sets: Vec<usize> = resolved
             .iter()
-            .map(|r| {
-                if r.def.kind == EndpointKind::Workload {
-                    labels::canonical(&r.labels)
-                } else {
-                    String::new()
-                }
+            .map(|r| match r.def.kind {
+                EndpointKind::Workload => *set_of_copy
+                    .entry(Arc::as_ptr(&r.labels).cast::<Label>() as usize)
+                    .or_insert_with(|| {
+                        texts.push(labels::canonical(&r.labels));
+                        texts.len() - 1
+                    }),
+                EndpointKind::Host => usize::MAX,
             })
             .collect();
-        let wl_map = identity::allocate_workload_texts(
-            resolved
-                .iter()
-                .zip(&texts)
-                .filter(|(r, _)| r.def.kind == EndpointKind::Workload)
-                .map(|(_, t)| t.as_str()),
-        );
+        let wl_map = identity::allocate_workload_texts(texts.iter().map(String::as_str));
+        let set_ids: Vec<Identity> = texts.iter().map(|t| wl_map[t]).collect();
         let ids = resolved
             .iter()
-            .zip(&texts)
-            .map(|(r, text)| match r.def.kind {
-                EndpointKind::Workload => wl_map[text],
+            .zip(&sets)
+            .map(|(r, set)| match r.def.kind {
+                EndpointKind::Workload => set_ids[*set],
                 EndpointKind::Host if r.this_node => identity::HOST,
                 EndpointKind::Host => identity::REMOTE_NODE,
             })
             .collect();
+        let eps = resolved
+            .iter()
+            .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
+            .collect();
         RegistryPart {
             registry: 0,
             node_name: node_name.to_string(),
-            eps: resolved
-                .iter()
-                .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
-                .collect(),
+            eps,
             ids,
         }
     }
@@ -1281,7 +1678,7 @@ impl RegistryPart {
 /// `limit`: the item being expanded then, or the one with the most entries.
 #[allow(clippy::too_many_arguments)]
 fn build_template(
-    ctx: &mut Ctx<'_>,
+    ctx: &mut Ctx<'_, '_>,
     rules: &[RuleInfo<'_>],
     rule_list: &[u32],
     ports: &[NamedPort],
@@ -2001,6 +2398,92 @@ spec:
         let tight = with_limits(5, 100);
         assert_eq!(c.compile(&web, &r, &tight), try_compile(&web, &r, &tight));
         assert!(c.compile(&web, &r, &tight).is_err());
+    }
+
+    /// A policy change selects and expands again only what the changed
+    /// policy touches; a registry change that keeps every identity selects
+    /// and expands nothing again.
+    #[test]
+    fn a_compiler_computes_again_only_what_a_change_touches() {
+        let (both, r) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        let opts = with_limits(100, 100);
+        let mut c = Compiler::new();
+        c.compile(&both, &r, &opts).expect("fits");
+        let first = c.stats();
+        assert!(first.world_built && first.identities_changed);
+        assert_eq!((first.subjects_selected, first.templates_built), (2, 2));
+
+        // api.yaml edited (another port): its rule is selected again and the
+        // api endpoints' template expanded again; web's is kept (web-1's and
+        // web-2's, one template).
+        let edited = API.replace("port: \"82\"", "port: \"83\"");
+        let (api, _) = inputs(&[("api.yaml", &edited)]);
+        // web.yaml as a loader keeps it: the same shared rules.
+        let mut changed = both.clone();
+        changed.policies[1] = api.policies[0].clone();
+        let got = c.compile(&changed, &r, &opts);
+        assert_eq!(got, try_compile(&changed, &r, &opts));
+        let s = c.stats();
+        assert!(!s.world_built);
+        assert_eq!(
+            (s.subjects_selected, s.templates_built, s.templates_kept),
+            (1, 1, 1)
+        );
+
+        // web-2 (on node-b) moves to another address under the same labels:
+        // the ipcache changes, no selection or expansion is made again.
+        let mut moved = r.clone();
+        let w2 = moved
+            .endpoints
+            .iter_mut()
+            .find(|e| e.name == "web-2")
+            .expect("web-2");
+        w2.addresses = vec!["10.0.0.9".parse().unwrap()];
+        let got = c.compile(&changed, &moved, &opts);
+        assert_eq!(got, try_compile(&changed, &moved, &opts));
+        let s = c.stats();
+        assert!(s.world_built && !s.identities_changed);
+        assert_eq!((s.subjects_selected, s.templates_built), (0, 0));
+        assert!(got
+            .unwrap()
+            .ipcache
+            .iter()
+            .any(|e| e.net.to_string() == "10.0.0.9/32"));
+
+        // A new label set is a new identity: everything is selected again.
+        let mut relabelled = moved.clone();
+        relabelled.endpoints[0]
+            .labels
+            .push(labels::label("k8s", "tier", "x"));
+        let got = c.compile(&changed, &relabelled, &opts);
+        assert_eq!(got, try_compile(&changed, &relabelled, &opts));
+        assert!(c.stats().identities_changed);
+        assert_eq!(c.stats().subjects_selected, 2);
+    }
+
+    /// A registry named by the caller's revision is not looked at while the
+    /// revision stays; a new revision is compiled as a fresh compile would.
+    #[test]
+    fn a_compiler_given_registry_revisions_answers_as_a_fresh_compile() {
+        let (both, r) = inputs(&[("web.yaml", WEB), ("api.yaml", API)]);
+        let mut fewer = r.clone();
+        fewer.endpoints.pop();
+        let opts = with_limits(100, 100);
+        let mut c = Compiler::new();
+        for (rev, reg) in [(1, &r), (1, &r), (2, &fewer), (3, &r)] {
+            assert_eq!(
+                c.compile_revision(&both, reg, rev, &opts),
+                try_compile(&both, reg, &opts)
+            );
+        }
+        c.compile_revision(&both, &r, 3, &opts).expect("fits");
+        assert!(!c.stats().world_built, "an unchanged revision is kept");
+        // The fingerprint path and the revision path never stand for each other.
+        assert_eq!(
+            c.compile(&both, &fewer, &opts),
+            try_compile(&both, &fewer, &opts)
+        );
+        assert!(c.stats().world_built);
     }
 
     #[test]

@@ -172,7 +172,7 @@ fn preferred_id(net: &IpNet) -> Identity {
 }
 
 /// Which identities each FQDN selector of the policies stands for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct FqdnIds {
     by_selector: BTreeMap<FqdnSelector, Vec<Identity>>,
 }

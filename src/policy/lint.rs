@@ -31,7 +31,9 @@ use crate::api::model::{
 };
 use crate::api::validate::POD_NAMESPACE_LABEL;
 use crate::api::{Problem, Warning, WarningCode};
-use crate::policy::compile::{named_keys, number_keys, peer_identities, PortKey, SelectorIndex};
+use crate::policy::compile::{
+    named_keys, number_keys, peer_identities, PortKey, Selections, SelectorIndex,
+};
 use crate::policy::identity;
 use crate::policy::labels;
 use crate::policy::lookup;
@@ -80,7 +82,7 @@ struct Lint<'a> {
     resolved: Vec<ResolvedEndpoint<'a>>,
     compiled: &'a Compiled,
     /// Every identity's labels, selected from as compile selects.
-    index: RefCell<SelectorIndex<'a>>,
+    index: RefCell<Selections<'a>>,
     /// Workload slots by identity.
     slots_by_id: HashMap<Identity, Vec<u32>>,
     /// Ports declared by the endpoints of each identity, and by all.
@@ -169,7 +171,7 @@ impl<'a> Lint<'a> {
         let ids = compiled
             .identities
             .iter()
-            .map(|i| (i.id, &i.labels[..]))
+            .map(|i| (i.id, i.labels.clone()))
             .collect();
         let mut slots_by_id: HashMap<Identity, Vec<u32>> = HashMap::new();
         let mut ports_by_id: HashMap<Identity, Vec<NamedPort>> = HashMap::new();
@@ -204,7 +206,9 @@ impl<'a> Lint<'a> {
         Lint {
             resolved,
             compiled,
-            index: RefCell::new(SelectorIndex::new(ids)),
+            index: RefCell::new(Selections::new(std::sync::Arc::new(SelectorIndex::new(
+                ids,
+            )))),
             slots_by_id,
             ports_by_id,
             all_ports,

@@ -7,6 +7,7 @@
 //! identities (that is `identity`). Pure.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::api::model::{EndpointDef, EndpointKind, Label, NamespaceDef, RegistrySet};
 use crate::policy::labels;
@@ -19,7 +20,7 @@ pub struct ResolvedEndpoint<'a> {
     pub index: usize,
     /// Workloads: the identity labels (own + namespace + cluster labels, sorted).
     /// HostEndpoints: their own labels, matched by `nodeSelector`.
-    pub labels: std::sync::Arc<[Label]>,
+    pub labels: Arc<[Label]>,
     /// The endpoint lives on this host (`node` absent or equal to the node name).
     pub this_node: bool,
     /// Enforced here: on this host and it names an interface.
@@ -77,25 +78,34 @@ pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoin
         );
         ka.cmp(&kb)
     });
+    // Workloads with the same labels in one namespace share one copy of
+    // their identity labels (a fleet registry has many per label set).
+    let mut shared: HashMap<(&[Label], &str), Arc<[Label]>> = HashMap::new();
     defs.into_iter()
         .map(|(index, def)| {
             let this_node = is_this_node(&def.node, node_name);
-            let labels = match def.kind {
+            let labels: Arc<[Label]> = match def.kind {
                 EndpointKind::Workload => {
                     let ns = namespace_of(def);
-                    labels::workload_labels(&def.labels, ns, namespaces.get(ns).copied())
+                    shared
+                        .entry((def.labels.as_slice(), ns))
+                        .or_insert_with(|| {
+                            labels::workload_labels(&def.labels, ns, namespaces.get(ns).copied())
+                                .into()
+                        })
+                        .clone()
                 }
                 EndpointKind::Host => {
                     let mut l = def.labels.clone();
                     l.sort();
                     l.dedup();
-                    l
+                    l.into()
                 }
             };
             ResolvedEndpoint {
                 def,
                 index,
-                labels: labels.into(),
+                labels,
                 this_node,
                 local: this_node && def.interface.is_some(),
             }

@@ -2159,3 +2159,270 @@ mod staged_oracle {
         }
     }
 }
+
+mod incremental {
+    //! A [`Compiler`] that keeps what it computed between compiles answers
+    //! every compile as a fresh compile does, over random sequences of
+    //! changes: policies added, edited, replaced by an equal copy and removed;
+    //! registry endpoints added, relabelled, moved between hosts, given other
+    //! addresses or ports and removed; the options and map budget changed, so
+    //! refusals (a policy or ipcache map that would overflow) come and go;
+    //! addresses the DNS proxy learned for toFQDNs selectors come and go.
+    use super::*;
+    use netpol::policy::compile::{try_compile, Compiler, Limits};
+    use netpol::policy::fqdn::FqdnAddrs;
+    use proptest::prelude::*;
+
+    const APPS: [&str; 3] = ["a", "b", "c"];
+
+    #[derive(Debug, Clone)]
+    enum PeerKind {
+        App(usize),
+        Cidr(usize),
+        IpBlock,
+        World,
+        All,
+        Fqdn(usize),
+    }
+
+    #[derive(Debug, Clone)]
+    struct ItemSpec {
+        peer: PeerKind,
+        /// None: any port; Some(None): the named port `http`.
+        port: Option<Option<u16>>,
+        deny: bool,
+        egress: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    struct PolSpec {
+        /// None: a clusterwide nodeSelector rule for the host endpoints.
+        subject: Option<usize>,
+        items: Vec<ItemSpec>,
+        staged: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    struct EpSpec {
+        app: usize,
+        remote: bool,
+        addr: u8,
+        ports: bool,
+        host: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Policy(usize, Option<PolSpec>),
+        /// The policy replaced by an equal one (new shared rules).
+        Touch(usize),
+        Endpoint(usize, Option<EpSpec>),
+        /// The DNS proxy learned (true) or forgot name `.0`'s address `.1`.
+        Learn(usize, usize, bool),
+        Options {
+            tight: bool,
+            local_only: bool,
+            localhost: bool,
+            host_addr: bool,
+        },
+    }
+
+    const CIDRS: [&str; 3] = ["192.0.2.0/24", "10.0.0.0/8", "198.51.100.0/25"];
+    const NAMES: [&str; 3] = ["a.example.com.", "b.example.com.", "b.other.org."];
+    /// Learned addresses: world ones, one inside a policy CIDR, one that is
+    /// also a registry endpoint's.
+    const LEARNED: [&str; 4] = ["203.0.113.1", "203.0.113.2", "192.0.2.5", "10.0.0.1"];
+
+    fn fqdn_selector(i: usize) -> FqdnSelector {
+        match i {
+            0 => FqdnSelector::Name(NAMES[0].into()),
+            1 => FqdnSelector::Pattern("*.example.com.".into()),
+            _ => FqdnSelector::Pattern("*".into()),
+        }
+    }
+
+    fn arb_item() -> impl Strategy<Value = ItemSpec> {
+        let peer = prop_oneof![
+            4 => (0..APPS.len()).prop_map(PeerKind::App),
+            2 => (0..CIDRS.len()).prop_map(PeerKind::Cidr),
+            1 => Just(PeerKind::IpBlock),
+            1 => Just(PeerKind::World),
+            1 => Just(PeerKind::All),
+            2 => (0..3usize).prop_map(PeerKind::Fqdn),
+        ];
+        let port = prop_oneof![
+            Just(None),
+            Just(Some(Some(80u16))),
+            Just(Some(Some(443u16))),
+            Just(Some(None))
+        ];
+        (peer, port, prop::bool::weighted(0.25), any::<bool>()).prop_map(
+            |(peer, port, deny, egress)| ItemSpec {
+                peer,
+                port,
+                deny,
+                egress,
+            },
+        )
+    }
+
+    fn arb_policy() -> impl Strategy<Value = PolSpec> {
+        (
+            prop::option::weighted(0.85, 0..APPS.len()),
+            prop::collection::vec(arb_item(), 0..4),
+            prop::bool::weighted(0.2),
+        )
+            .prop_map(|(subject, items, staged)| PolSpec {
+                subject,
+                items,
+                staged,
+            })
+    }
+
+    fn arb_endpoint() -> impl Strategy<Value = EpSpec> {
+        (
+            0..APPS.len(),
+            prop::bool::weighted(0.4),
+            0u8..3,
+            prop::bool::weighted(0.3),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(app, remote, addr, ports, host)| EpSpec {
+                app,
+                remote,
+                addr,
+                ports,
+                host,
+            })
+    }
+
+    fn arb_change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            4 => (0..5usize, prop::option::weighted(0.75, arb_policy())).prop_map(|(k, p)| Change::Policy(k, p)),
+            1 => (0..5usize).prop_map(Change::Touch),
+            3 => (0..NAMES.len(), 0..LEARNED.len(), prop::bool::weighted(0.7)).prop_map(|(n, a, on)| Change::Learn(n, a, on)),
+            4 => (0..7usize, prop::option::weighted(0.75, arb_endpoint())).prop_map(|(k, e)| Change::Endpoint(k, e)),
+            1 => (prop::bool::weighted(0.3), any::<bool>(), any::<bool>(), any::<bool>())
+                .prop_map(|(tight, local_only, localhost, host_addr)| Change::Options { tight, local_only, localhost, host_addr }),
+        ]
+    }
+
+    fn policy(k: usize, spec: &PolSpec) -> Policy {
+        let app = |i: usize| nsel("default", &[("app", APPS[i])]);
+        let mut r = match spec.subject {
+            Some(i) => R::eps(app(i)),
+            None => R::nodes(sel(&[])),
+        };
+        for it in &spec.items {
+            let peers = match &it.peer {
+                PeerKind::App(i) => from_eps(vec![app(*i)]),
+                PeerKind::Cidr(i) => Peers::List(vec![cidr(CIDRS[*i], &[])]),
+                PeerKind::IpBlock => Peers::List(vec![ipblock("10.0.0.0/16", &["10.0.1.0/24"])]),
+                PeerKind::World => entities(&[Entity::World]),
+                PeerKind::All => Peers::All,
+                PeerKind::Fqdn(i) => Peers::List(vec![Peer::Fqdn(fqdn_selector(*i))]),
+            };
+            let l4 = match it.port {
+                None => L4::Any,
+                Some(Some(p)) => tcp(p),
+                Some(None) => L4::Ports(vec![named("http", Proto::Tcp)]),
+            };
+            let it_ = item(peers, l4);
+            r = match (it.egress, it.deny) {
+                (false, false) => r.ingress(it_),
+                (false, true) => r.ingress_deny(it_),
+                (true, false) => r.egress(it_),
+                (true, true) => r.egress_deny(it_),
+            };
+        }
+        let mut p = match spec.subject {
+            Some(_) => cnp("default", &format!("p{k}"), vec![r]),
+            None => ccnp(&format!("p{k}"), vec![r]),
+        };
+        p.origin.file = format!("{k}.yaml").into();
+        p.staged = spec.staged;
+        p
+    }
+
+    fn endpoint(k: usize, spec: &EpSpec) -> EndpointDef {
+        let addr = format!("10.0.{}.{}", spec.addr, k + 1);
+        let mut e = if spec.host {
+            hep(&format!("h{k}"), &[("app", APPS[spec.app])], &[&addr])
+        } else {
+            ep(
+                "default",
+                &format!("e{k}"),
+                &[("app", APPS[spec.app])],
+                &[&addr],
+            )
+        };
+        if spec.remote {
+            e.node = Some("host-b".into());
+        }
+        if spec.ports {
+            e = with_ports(e, &[("http", 8080, Proto::Tcp)]);
+        }
+        e
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #[test]
+        fn incremental_compile_equals_full_compile(
+            start_pols in prop::collection::vec(prop::option::of(arb_policy()), 5),
+            start_eps in prop::collection::vec(prop::option::of(arb_endpoint()), 7),
+            changes in prop::collection::vec(arb_change(), 1..12),
+        ) {
+            let mut pols: Vec<Option<Policy>> = start_pols.iter().enumerate().map(|(k, p)| p.as_ref().map(|p| policy(k, p))).collect();
+            let mut eps: Vec<Option<EndpointDef>> = start_eps.iter().enumerate().map(|(k, e)| e.as_ref().map(|e| endpoint(k, e))).collect();
+            let mut opts = CompileOptions { node_name: "host-a".into(), ..Default::default() };
+            let mut compiler = Compiler::new();
+            let mut learned: std::collections::BTreeSet<(usize, usize)> = Default::default();
+            for (step, change) in std::iter::once(None).chain(changes.iter().map(Some)).enumerate() {
+                match change {
+                    None => {}
+                    Some(Change::Policy(k, p)) => pols[*k] = p.as_ref().map(|p| policy(*k, p)),
+                    Some(Change::Touch(k)) => {
+                        if let Some(p) = &mut pols[*k] {
+                            p.rules = p.rules.iter().cloned().collect();
+                        }
+                    }
+                    Some(Change::Endpoint(k, e)) => eps[*k] = e.as_ref().map(|e| endpoint(*k, e)),
+                    Some(Change::Learn(n, a, on)) => {
+                        if *on {
+                            learned.insert((*n, *a));
+                        } else {
+                            learned.remove(&(*n, *a));
+                        }
+                        let mut f = FqdnAddrs::new();
+                        for (n, a) in &learned {
+                            f.insert(NAMES[*n], LEARNED[*a].parse().unwrap());
+                        }
+                        opts.fqdn = std::sync::Arc::new(f);
+                    }
+                    Some(Change::Options { tight, local_only, localhost, host_addr }) => {
+                        opts.limits = if *tight {
+                            Limits { policy_entries: 6, ipcache_entries: 9 }
+                        } else {
+                            Limits::default()
+                        };
+                        opts.local_entries_only = *local_only;
+                        opts.allow_localhost = *localhost;
+                        opts.host_addresses = if *host_addr { vec!["10.0.9.9".parse().unwrap()] } else { vec![] };
+                    }
+                }
+                let set = PolicySet { policies: pols.iter().flatten().cloned().collect() };
+                let reg = RegistrySet { endpoints: eps.iter().flatten().cloned().collect(), ..Default::default() };
+                let incremental = compiler.compile(&set, &reg, &opts);
+                let full = try_compile(&set, &reg, &opts);
+                prop_assert_eq!(
+                    &incremental, &full,
+                    "step {} ({:?})\nincremental:\n{}\nfull:\n{}",
+                    step, change,
+                    incremental.as_ref().map(|c| c.dump()).unwrap_or_else(|e| e.to_string()),
+                    full.as_ref().map(|c| c.dump()).unwrap_or_else(|e| e.to_string()),
+                );
+            }
+        }
+    }
+}
