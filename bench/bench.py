@@ -32,7 +32,8 @@ OUT = os.path.join(REPO, "target", "bench")
 DOCS = os.path.join(REPO, "docs")
 
 NS_CLI, NS_RTR, NS_SRV = "npb-cli", "npb-rtr", "npb-srv"
-ALL_NS = (NS_CLI, NS_RTR, NS_SRV)
+NS_DNS = "npb-dns"  # the DNS section: dnsmasq, the proxy and the clients on its loopback
+ALL_NS = (NS_CLI, NS_RTR, NS_SRV, NS_DNS)
 CLI_IP, RTR_CLI_IP, SRV_IP, RTR_SRV_IP = "10.204.1.2", "10.204.1.1", "10.204.2.2", "10.204.2.1"
 IF_RC, IF_RS = "npb-rc", "npb-rs"  # router-side (host-side) veths: where filters enforce
 IPERF_PORT, RR_PORT, CLOSED_PORT = 5201, 5300, 5999
@@ -789,6 +790,113 @@ def parse_lookup(text):
     return points
 
 
+# ---------------------------------------------------------------- DNS proxy
+
+DNS_SERVER, DNS_PROXY = "127.0.0.2:53", "127.0.0.1:5300"
+DNS_NAMES = 16  # n0..n15.bench.test, as examples/bench_dns.rs asks them
+
+
+def proc_cpu_s(pid):
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_dns(args, raw):
+    """The DNS proxy's added lookup latency against a direct query to the same dnsmasq, in the same
+    run, and the queries per second the proxy sustains per core of CPU it uses. One namespace
+    (npb-dns) with a real dnsmasq (hosts file, no upstream) on 127.0.0.2:53 and the proxy of
+    examples/bench_dns.rs (netpol::dns::proxy with a learned set) on 127.0.0.1:5300 forwarding to
+    it. The proxy is pinned to CPU 0; dnsmasq and the clients to CPU 1 (taskset)."""
+    exe = os.path.join(REPO, "target", "release", "examples", "bench_dns")
+    dnsmasq = shutil.which("dnsmasq") or next((p for p in ("/usr/sbin/dnsmasq",) if os.path.exists(p)), None)
+    if not os.path.exists(os.path.join(REPO, "examples", "bench_dns.rs")):
+        raw["dns"] = {"available": False, "reason": "examples/bench_dns.rs not present on this branch"}
+        return
+    if not os.access(exe, os.X_OK):
+        raw["dns"] = {"available": False, "reason": "examples/bench_dns.rs did not build"}
+        return
+    if not dnsmasq:
+        raw["dns"] = {"available": False, "reason": "no dnsmasq (scripts/deps.sh installs dnsmasq-base)"}
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    proxy_cpu, client_cpu = str(cpus[0]), str(cpus[-1])
+    d = {"available": True, "cpus": len(cpus), "proxy_cpu": proxy_cpu, "client_cpu": client_cpu}
+    raw["dns"] = d
+    work = os.path.join(OUT, "dns")
+    os.makedirs(work, exist_ok=True)
+    os.chmod(work, 0o755)  # dnsmasq may read its hosts file as nobody
+    hosts = os.path.join(work, "hosts")
+    with open(hosts, "w") as f:
+        for i in range(DNS_NAMES):
+            f.write(f"10.204.9.{i + 1} n{i}.bench.test\n")
+    os.chmod(hosts, 0o644)
+    if os.path.exists(f"/run/netns/{NS_DNS}"):
+        ns_cleanup()
+    sh(["ip", "netns", "add", NS_DNS])
+    sh(nsx(NS_DNS, "ip", "link", "set", "lo", "up"))
+    host, port = DNS_SERVER.split(":")
+    srv = spawn(["taskset", "-c", client_cpu, *nsenter(NS_DNS, dnsmasq, "--keep-in-foreground",
+                 "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces", "--pid-file=",
+                 "--log-facility=/dev/null", f"--listen-address={host}", f"--port={port}",
+                 f"--addn-hosts={hosts}", "--local-ttl=60", "--cache-size=1000", "--user=root")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proxy = spawn(["taskset", "-c", proxy_cpu, *nsenter(NS_DNS, exe, "proxy", DNS_PROXY, DNS_SERVER)],
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if proxy.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"bench_dns proxy did not start: {proxy.stderr.read()[:300]}")
+
+        def client(*a, timeout=600):
+            r = sh(["taskset", "-c", client_cpu, *HI, *nsenter(NS_DNS, exe, *a)], timeout=timeout)
+            return json.loads(r.stdout.strip().splitlines()[-1])
+
+        # Warm both paths (dnsmasq's cache, the proxy's learned set), then alternate direct and proxied
+        # rounds so that both see the same machine.
+        client("latency", DNS_SERVER, "200")
+        client("latency", DNS_PROXY, "200")
+        n = 1000 if args.quick else 5000
+        rounds = max(3, args.reps * 2)
+        lat = {"direct": [], "proxy": []}
+        for _ in range(rounds):
+            for which, addr in (("direct", DNS_SERVER), ("proxy", DNS_PROXY)):
+                r = client("latency", addr, str(n))
+                if r.get("errors"):
+                    d.setdefault("errors", []).append(f"{which}: {r['errors']} of {n} queries failed")
+                lat[which].append(r)
+        d["latency_rounds"] = lat
+        d["queries_per_round"] = n
+        for which in ("direct", "proxy"):
+            d[f"{which}_p50_us"] = median([r.get("p50_us") for r in lat[which]])
+            d[f"{which}_p99_us"] = median([r.get("p99_us") for r in lat[which]])
+        # Load: WINDOW queries in flight through the proxy for SECS; the proxy's CPU time over the same
+        # span gives queries per second per core it used (it is single-threaded: one core at most).
+        secs = 2 if args.quick else 5
+        window = 32
+        loads = []
+        for _ in range(2 if args.quick else 3):
+            c0, t0 = proc_cpu_s(proxy.pid), time.monotonic()
+            r = client("load", DNS_PROXY, str(secs), str(window))
+            c1, t1 = proc_cpu_s(proxy.pid), time.monotonic()
+            r["proxy_cpu_s"] = c1 - c0
+            r["proxy_busy"] = (c1 - c0) / (t1 - t0)
+            r["qps_per_core"] = r["answered"] / (c1 - c0) if c1 > c0 else None
+            loads.append(r)
+        d["proxy_load"] = loads
+        d["direct_load"] = [client("load", DNS_SERVER, str(secs), str(window)) for _ in range(2 if args.quick else 3)]
+        d["window"] = window
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, OSError) as e:
+        d["error"] = str(e)[:500]
+    finally:
+        if proxy.stdin:
+            proxy.stdin.close()
+        stop(proxy)
+        stop(srv)
+        d["proxy_stderr"] = (proxy.stderr.read() if proxy.stderr else "")[-500:]
+        subprocess.run(["ip", "netns", "del", NS_DNS], capture_output=True)
+
+
 # ---------------------------------------------------------------- control plane
 
 def scale_files(n_eps, n_pols):
@@ -1355,6 +1463,30 @@ def summarize(raw, unavailable):
     else:
         s["lookup_ns_ratio_100k_vs_10"] = None
         s["lookup_ns_ratio_100k_vs_10_reason"] = lk.get("reason") or "bench_lookup gave no figure for 10 and 100000"
+
+    dns = raw.get("dns", {})
+    dkeys = ("dns_proxy_p50_us", "dns_proxy_p99_us", "dns_direct_p50_us", "dns_direct_p99_us",
+             "dns_added_p50_us", "dns_added_p99_us", "dns_proxy_p50_ratio", "dns_proxy_p99_ratio",
+             "dns_proxy_qps", "dns_proxy_busy", "dns_proxy_qps_per_core", "dns_direct_qps")
+    if dns.get("available") and not dns.get("error") and dns.get("proxy_p50_us") is not None:
+        pp50, pp99, dp50, dp99 = (dns.get(k) for k in ("proxy_p50_us", "proxy_p99_us", "direct_p50_us",
+                                                         "direct_p99_us"))
+        s["dns_proxy_p50_us"], s["dns_proxy_p99_us"] = pp50, pp99
+        s["dns_direct_p50_us"], s["dns_direct_p99_us"] = dp50, dp99
+        s["dns_added_p50_us"] = pp50 - dp50 if None not in (pp50, dp50) else None
+        s["dns_added_p99_us"] = pp99 - dp99 if None not in (pp99, dp99) else None
+        s["dns_proxy_p50_ratio"] = pp50 / dp50 if pp50 and dp50 else None
+        s["dns_proxy_p99_ratio"] = pp99 / dp99 if pp99 and dp99 else None
+        s["dns_proxy_qps"] = median([r.get("qps") for r in dns.get("proxy_load", [])])
+        s["dns_proxy_busy"] = median([r.get("proxy_busy") for r in dns.get("proxy_load", [])])
+        s["dns_proxy_qps_per_core"] = median([r.get("qps_per_core") for r in dns.get("proxy_load", [])])
+        s["dns_direct_qps"] = median([r.get("qps") for r in dns.get("direct_load", [])])
+        if dns.get("errors"):
+            s["dns_errors"] = dns["errors"]
+    else:
+        for k in dkeys:
+            s[k] = None
+            s[k + "_reason"] = dns.get("error") or dns.get("reason") or "not measured"
 
     ctl = raw.get("control", {})
     npc = ctl.get("netpol", {})
@@ -1958,6 +2090,33 @@ def write_page(raw, summary, agg, unavailable, args):
         L.append(f"\n`lookup_ns_ratio_100k_vs_10`: {fmt(summary.get('lookup_ns_ratio_100k_vs_10'), 3)}\n")
     else:
         L.append(f"Not available: {lk.get('reason', 'not run')}.\n")
+    L.append("## DNS proxy\n")
+    dns = raw.get("dns", {})
+    if dns.get("available") and summary.get("dns_proxy_p50_us") is not None:
+        L.append("From `examples/bench_dns.rs`: netpold's DNS proxy loop (`netpol::dns::proxy`: parse, decide by the "
+                 "endpoint's DNS rules, forward, check the answer against the query, learn its addresses into the "
+                 "learned set before release) in front of a real dnsmasq answering from a hosts file, both in one "
+                 "namespace on its loopback, against queries to the same dnsmasq directly, in the same run. Not "
+                 "included: netpold's recompile and apply after a learn, the datapath's redirect and the save of "
+                 "the learned set file. The proxy is pinned to one CPU, dnsmasq and the clients to the other "
+                 f"(taskset). Latency: one query at a time, {dns.get('queries_per_round')} per round, rounds "
+                 "alternating direct and proxied, medians of the rounds' percentiles. Throughput: "
+                 f"{dns.get('window')} queries in flight; queries per second per core = answers / the proxy's "
+                 "CPU seconds over the same span.\n")
+        L.append("| path | p50 µs | p99 µs | queries/s |\n| --- | ---: | ---: | ---: |")
+        L.append(f"| direct to dnsmasq | {fmt(summary.get('dns_direct_p50_us'), 1)} | "
+                 f"{fmt(summary.get('dns_direct_p99_us'), 1)} | {fmt(summary.get('dns_direct_qps'), 0)} |")
+        L.append(f"| through the proxy | {fmt(summary.get('dns_proxy_p50_us'), 1)} | "
+                 f"{fmt(summary.get('dns_proxy_p99_us'), 1)} | {fmt(summary.get('dns_proxy_qps'), 0)} |")
+        L.append(f"\nAdded by the proxy: p50 {fmt(summary.get('dns_added_p50_us'), 1)} µs "
+                 f"(×{fmt(summary.get('dns_proxy_p50_ratio'), 2)}), p99 {fmt(summary.get('dns_added_p99_us'), 1)} µs "
+                 f"(×{fmt(summary.get('dns_proxy_p99_ratio'), 2)}). Under load the proxy's CPU was "
+                 f"{fmt(100 * (summary.get('dns_proxy_busy') or 0), 0)} % busy: "
+                 f"`dns_proxy_qps_per_core` {fmt(summary.get('dns_proxy_qps_per_core'), 0)}.\n")
+        if summary.get("dns_errors"):
+            L.append("Failed queries: " + "; ".join(summary["dns_errors"]) + "\n")
+    else:
+        L.append(f"Not available: {dns.get('error') or dns.get('reason', 'not run')}.\n")
     L.append("## Control plane\n")
     ctl = raw.get("control", {})
     L.append(f"Policy change to verdict in the kernel, at 1,000 endpoints × 1,000 policies "
@@ -2106,9 +2265,9 @@ def main():
     ap.add_argument("--rules", help="comma-separated rule counts (default 0,100,1000,10000,100000)")
     ap.add_argument("--only", help="comma-separated contenders (default all; \"stages\" = every netpol stage)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: datapath,stages,bpfstats,lookup,"
-                    "control,fleet")
-    ap.add_argument("--sections", help="comma-separated parts to run, the others skipped (e.g. fleet): "
-                    "datapath,bpfstats,lookup,control,fleet")
+                    "dns,control,fleet")
+    ap.add_argument("--sections", help="comma-separated parts to run, the others skipped (e.g. dns alone: "
+                    "--sections dns): datapath,stages,bpfstats,lookup,dns,control,fleet")
     ap.add_argument("--fleet-changes", type=int, help="endpoint files dropped per fleet propagation series "
                     "(default 100, also with --quick; the 10k-remote series does a fifth)")
     ap.add_argument("--control", default="1k,10k,sizes,remote",
@@ -2131,8 +2290,11 @@ def main():
     args.rules = [int(x) for x in args.rules.split(",")] if args.rules else [0, 100, 1000, 10000, 100000]
     skip = set(filter(None, args.skip.split(",")))
     if args.sections:
-        keep = set(filter(None, args.sections.split(",")))
-        skip |= {"datapath", "stages", "bpfstats", "lookup", "control", "fleet"} - keep
+        parts = {"datapath", "stages", "bpfstats", "lookup", "dns", "control", "fleet"}
+        wanted = set(filter(None, args.sections.split(",")))
+        if wanted - parts:
+            sys.exit(f"bench: unknown --sections {','.join(sorted(wanted - parts))} (parts: {','.join(sorted(parts))})")
+        skip |= parts - wanted
     only = set(args.only.split(",")) if args.only else set(CONTENDERS) | set(STAGE_CONTENDERS)
     if "stages" in only:
         only |= set(STAGE_CONTENDERS)
@@ -2165,7 +2327,8 @@ def main():
     unavailable = {}
     if args.netpol_unavailable:
         unavailable["netpol"] = args.netpol_unavailable
-    elif only & ({"netpol"} | set(STAGE_CONTENDERS)):
+    elif only & ({"netpol"} | set(STAGE_CONTENDERS)) and not {"datapath", "bpfstats", "control"} <= skip:
+        # (the lookup and dns sections run their own tools, not netpold)
         why = netpol_unavailable_reason()
         if why:
             unavailable["netpol"] = why
@@ -2189,6 +2352,8 @@ def main():
             run_bpfstats(args, unavailable, raw)
         if "lookup" not in skip:
             run_lookup(args, raw)
+        if "dns" not in skip:
+            run_dns(args, raw)
         if "control" not in skip:
             run_control(args, unavailable, raw)
         if "fleet" not in skip:
