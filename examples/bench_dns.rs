@@ -27,7 +27,7 @@ use hickory_proto::rr::RecordType;
 use netpol::api::model::FqdnSelector;
 use netpol::dns::learned::{LearnedConfig, LearnedSet};
 use netpol::dns::message::{self, Answer, Query};
-use netpol::dns::proxy::{Endpoints, Proxy};
+use netpol::dns::proxy::{Endpoints, Learning, Proxy};
 
 const NAMES: usize = 16;
 
@@ -48,7 +48,14 @@ impl Endpoints for Bench {
     fn destination(&self, _client: SocketAddr, _local: SocketAddr) -> SocketAddr {
         self.upstream
     }
-    fn learn(&self, _client: IpAddr, answer: &Answer) -> Result<(), String> {
+    fn learn(&self, client: IpAddr, answer: &Answer) -> Learning {
+        let r = self.learn_now(client, answer);
+        Box::pin(async move { r })
+    }
+}
+
+impl Bench {
+    fn learn_now(&self, _client: IpAddr, answer: &Answer) -> Result<(), String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
