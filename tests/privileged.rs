@@ -13,6 +13,7 @@ mod privileged {
     mod daemon_e2e;
     mod datapath;
     mod datapath_diff;
+    mod dns;
     mod faults;
     mod fleet;
     mod kindnode;

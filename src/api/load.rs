@@ -125,10 +125,6 @@ pub struct Parsed {
     pub warnings: Vec<Warning>,
     /// Files in the order they were read; problems are reported in this order.
     pub files: Vec<PathBuf>,
-    /// Keep policies with parts this version validates but does not enforce
-    /// (`toFQDNs`, `rules.dns`) instead of refusing them: only for tests of
-    /// the model (`api::parse_policies_unenforced`, feature `test-support`).
-    pub admit_unenforced: bool,
 }
 
 fn is_json(file: &Path) -> bool {
@@ -398,12 +394,6 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     spec,
                     ns.as_deref(),
                 ));
-            }
-            if !out.admit_unenforced {
-                // Never accept a policy this version cannot enforce: each
-                // valid unenforced part is a problem at its field.
-                let parts = std::mem::take(&mut ctx.unenforced);
-                ctx.errors.extend(parts);
             }
             let staged = staged(&mut ctx, raw.metadata.as_ref());
             if ctx.errors.is_empty() {

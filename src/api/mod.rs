@@ -161,20 +161,6 @@ pub fn parse_policies_warned(file: &Path, text: &str) -> Loaded<Vec<Policy>> {
     }
 }
 
-/// [`parse_policies`], keeping what this version validates but does not
-/// enforce (`toFQDNs`, `rules.dns`) in the model instead of refusing it: for
-/// tests of the model only; nothing that enforces may call it.
-#[cfg(any(test, feature = "test-support"))]
-pub fn parse_policies_unenforced(file: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
-    let mut out = Parsed {
-        admit_unenforced: true,
-        ..Parsed::default()
-    };
-    load::parse_text(file, text, FileKind::Policy, &mut out);
-    load::check_policies(&mut out);
-    out.into_policy_set().map(|s| s.policies)
-}
-
 /// Parse one registry file's text.
 pub fn parse_registry(file: &Path, text: &str) -> Result<RegistrySet, Vec<Problem>> {
     let mut out = Parsed::default();

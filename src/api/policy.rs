@@ -38,10 +38,6 @@ pub struct Ctx {
     pub warnings: Vec<(WarningCode, String, String)>,
     /// Where the parts of each valid rule item were written, by item path.
     pub sources: Vec<(String, ItemSource)>,
-    /// (field path, message) of each valid part this version understands but
-    /// does not enforce (`toFQDNs`, `rules.dns`): `api::load` refuses the
-    /// policy with these, beside its errors.
-    pub unenforced: Vec<(String, String)>,
 }
 
 impl Ctx {
@@ -86,16 +82,6 @@ pub fn rejected_message(field: &str) -> String {
         "cidrGroupRef" | "cidrGroupSelector" => format!("{field} needs CiliumCIDRGroup objects, which netpol does not read; write the prefixes in cidr instead"),
         "log" => "log needs Hubble, which netpol does not have; remove it".into(),
         other => format!("{other} is not supported by netpol"),
-    }
-}
-
-/// Why a valid field is still refused: this version parses and validates it,
-/// and has the DNS proxy's parts, but does not enforce it (docs/policy.md,
-/// "DNS names").
-pub fn unenforced_message(field: &str) -> String {
-    match field {
-        "toFQDNs" => "toFQDNs is valid, but this version of netpol does not enforce it yet (its DNS proxy is not wired to the datapath), so the policy is refused; list the addresses with toCIDR or toCIDRSet instead".into(),
-        _ => format!("DNS rules ({field}) are valid, but this version of netpol does not enforce them yet (its DNS proxy is not wired to the datapath), so the policy is refused; remove `rules` to allow the whole port"),
     }
 }
 
@@ -636,16 +622,12 @@ fn rule_item(
                 "toFQDNs is not allowed in a deny rule (Cilium's egressDeny has no toFQDNs); deny the addresses with toCIDR or toCIDRSet",
             );
         } else {
-            let before_fqdns = ctx.errors.len();
             for (i, f) in list.iter().enumerate() {
                 let p = join_index(&base, i);
                 if let Some(sel) = fqdn_selector(ctx, &p, f) {
                     peers.push(Peer::Fqdn(sel));
                     source.peers.push(p);
                 }
-            }
-            if ctx.errors.len() == before_fqdns {
-                ctx.unenforced.push((base, unenforced_message("toFQDNs")));
             }
         }
     }
@@ -828,8 +810,6 @@ fn l7_rules(
     if ctx.errors.len() != before {
         return None;
     }
-    ctx.unenforced
-        .push((dpath, unenforced_message("rules.dns")));
     Some(out)
 }
 

@@ -41,6 +41,7 @@ use crate::dns::learned::{LearnedSet, STATE_FILE};
 use crate::dns::matcher;
 use crate::dns::message::{Addr, Answer};
 use crate::dns::proxy::{bind_fd, transparent_socket, Endpoints, Learning, Proxy, Stats};
+use crate::policy::fqdn::FqdnAddrs;
 use crate::policy::types::Compiled;
 
 /// What the proxy knows of one endpoint with DNS rules.
@@ -403,10 +404,12 @@ pub struct Dns {
     pub held: std::collections::BTreeSet<(String, IpAddr)>,
     /// Answers not learned, by cap (`metrics::cap_key`).
     pub cap_reached: std::collections::BTreeMap<&'static str, u64>,
-    /// Counts changes of the learned set; `installed_version` is the count
-    /// the installed state was compiled with.
-    pub version: u64,
-    pub installed_version: u64,
+    /// The learned addresses the installed state was compiled with: what
+    /// the datapath enforces. Whether a learn or an expiry needs a compile,
+    /// and whether an answer may be released, is decided against this, never
+    /// against an earlier copy of the learned set (an address held, renewed
+    /// or ended since the last compile may differ from what is in force).
+    pub installed: Arc<FqdnAddrs>,
 }
 
 impl Dns {
@@ -445,8 +448,7 @@ impl Dns {
             wanted: false,
             held: Default::default(),
             cap_reached: Default::default(),
-            version: 0,
-            installed_version: 0,
+            installed: Arc::default(),
         }
     }
 
@@ -523,9 +525,20 @@ impl Dns {
     }
 }
 
-/// Seconds since the Unix epoch (the learned set's clock).
+/// Seconds since the Unix epoch (the learned set's clock), rounded down:
+/// an address is alive while its expiry is later than this.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The clock an answer is learned at, rounded up: an answer with TTL 1
+/// learned at 99.9 s lives until 101, not until 100 (0.1 s, too short for
+/// the connection that follows the lookup). Every address lives at least
+/// its TTL, at most one second more.
+pub fn unix_now_ceil() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }

@@ -206,8 +206,8 @@ impl<D: Datapath> Reconciler<D> {
         // This host's addresses are identity host, whatever interface they are on.
         self.copts.host_addresses = self.links.addresses.iter().copied().collect();
         // The learned DNS addresses this pass compiles with.
-        let learned_version = self.dns.as_ref().map(|d| d.version);
         self.learned_into_options();
+        let learned = self.dns.is_some().then(|| self.copts.fqdn.clone());
         let pass = pipeline::load_and_compile(
             &mut *self.inputs,
             hint,
@@ -279,8 +279,8 @@ impl<D: Datapath> Reconciler<D> {
                 .filter(|i| i.compiled == compiled && i.attachments == attachments)
             {
                 i.policies = n_policies;
-                if let (Some(d), Some(v)) = (&mut self.dns, learned_version) {
-                    d.installed_version = v;
+                if let (Some(d), Some(l)) = (&mut self.dns, &learned) {
+                    d.installed = l.clone();
                 }
                 if let Some(f) = &mut self.fleet {
                     f.installed();
@@ -322,8 +322,8 @@ impl<D: Datapath> Reconciler<D> {
                 self.retry = None;
                 self.datapath_error = None;
                 self.last_apply_ms = Some(ms(t0.elapsed()));
-                if let (Some(d), Some(v)) = (&mut self.dns, learned_version) {
-                    d.installed_version = v;
+                if let (Some(d), Some(l)) = (&mut self.dns, &learned) {
+                    d.installed = l.clone();
                 }
                 if let Some(f) = &mut self.fleet {
                     f.installed();
@@ -645,19 +645,15 @@ impl<D: Datapath> Reconciler<D> {
             }
             return;
         };
-        let now = unix_now();
-        let mut added = 0;
+        let (now, learned_at) = (unix_now(), super::dnsproxy::unix_now_ceil());
         let mut waiting = Vec::new();
         let before = dns.learned.clone();
         for r in reqs {
             match dns
                 .learned
-                .learn(&r.endpoint, &r.name, &r.selectors, &r.addrs, now)
+                .learn(&r.endpoint, &r.name, &r.selectors, &r.addrs, learned_at)
             {
-                Ok(n) => {
-                    added += n;
-                    waiting.push(r.reply);
-                }
+                Ok(_) => waiting.push(r),
                 Err(cap) => {
                     slog::warn!(self.out.log, "{cap}"; "endpoint" => &r.endpoint, "name" => &r.name);
                     *dns.cap_reached.entry(metrics::cap_key(&cap)).or_default() += 1;
@@ -665,30 +661,29 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
-        if !waiting.is_empty() {
-            // A renewed TTL is a change to save, not to enforce.
-            dns.dirty = true;
+        if waiting.is_empty() {
+            return;
         }
-        // A renewed address whose TTL had ended (not expired yet) is new to
-        // the compile too.
-        let changed = added > 0
-            || crate::policy::fqdn::FqdnAddrs::from_learned(&before, now)
-                != crate::policy::fqdn::FqdnAddrs::from_learned(&dns.learned, now);
+        // A renewed TTL is a change to save, not always one to enforce.
+        dns.dirty = true;
+        // Compiled when what is in force lacks an answer's address: new,
+        // renewed after its TTL ended, or left out by a compile since.
+        let in_force = |d: &Dns| {
+            waiting
+                .iter()
+                .all(|r| r.addrs.iter().all(|a| d.installed.contains(&r.name, a.ip)))
+        };
+        let changed = !in_force(dns)
+            || crate::policy::fqdn::FqdnAddrs::from_learned(&dns.learned, now) != *dns.installed;
         if changed {
-            dns.version += 1;
             self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
         }
-        let enforced = self
-            .dns
-            .as_ref()
-            .is_some_and(|d| d.installed_version == d.version)
-            && self.installed.is_some();
-        if !enforced && changed {
+        let enforced = self.installed.is_some() && self.dns.as_ref().is_some_and(in_force);
+        if !enforced {
             // Not enforceable (the ipcache budget, a datapath error): not
             // learned either, and the state in force is the one without it.
             if let Some(d) = self.dns.as_mut() {
                 d.learned = before;
-                d.version += 1;
                 *d.cap_reached.entry(metrics::CAP_IPCACHE).or_default() += 1;
             }
             slog::warn!(
@@ -697,8 +692,8 @@ impl<D: Datapath> Reconciler<D> {
             );
             self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
         }
-        for w in waiting {
-            let _ = w.send(if enforced {
+        for r in waiting {
+            let _ = r.reply.send(if enforced {
                 Ok(())
             } else {
                 Err("the learned addresses could not be applied".into())
@@ -722,15 +717,16 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let gone = dns.learned.expire(now);
-        if gone.is_empty() {
-            return;
-        }
-        dns.dirty = true;
-        dns.version += 1;
         for (endpoint, name, ip) in &gone {
             slog::debug!(self.out.log, "learned address expired"; "endpoint" => endpoint, "name" => name, "address" => %ip);
         }
-        self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
+        dns.dirty |= !gone.is_empty();
+        // Compiled when what is in force differs from what is alive now: an
+        // address expired, ended under a connection that closed, or held by
+        // one after a compile left it out.
+        if crate::policy::fqdn::FqdnAddrs::from_learned(&dns.learned, now) != *dns.installed {
+            self.reconcile(Cause::Learned, Hint::Files(&Default::default()));
+        }
     }
 
     /// Hold the learned addresses (expiring within the next seconds) that a

@@ -68,6 +68,13 @@ impl FqdnAddrs {
             .insert(ip);
     }
 
+    /// Whether `ip` is one of `name`'s addresses (any spelling of the name).
+    pub fn contains(&self, name: &str, ip: IpAddr) -> bool {
+        self.names
+            .get(&matcher::normalize(name))
+            .is_some_and(|a| a.contains(&ip))
+    }
+
     /// The addresses of `set` alive at `now` (seconds since the epoch): those
     /// whose TTL has not ended, and those an open connection holds.
     pub fn from_learned(set: &LearnedSet, now: u64) -> FqdnAddrs {
@@ -726,7 +733,7 @@ spec: {interface: veth-o, addresses: [10.0.1.2]}
 "#;
 
     fn state(learned: &FqdnAddrs) -> Compiled {
-        let policies = crate::api::parse_policies_unenforced("p.yaml".as_ref(), POLICY).unwrap();
+        let policies = crate::api::parse_policies("p.yaml".as_ref(), POLICY).unwrap();
         let registry = crate::api::parse_registry("r.yaml".as_ref(), REGISTRY).unwrap();
         super::super::compile::compile(
             &PolicySet { policies },
@@ -828,13 +835,13 @@ spec: {interface: veth-o, addresses: [10.0.1.2]}
             "metadata: {name: to-stripe, namespace: shop}",
             "metadata: {name: to-stripe, namespace: shop, annotations: {netpol.io/audit: \"true\"}}",
         );
-        let policies = crate::api::parse_policies_unenforced("p.yaml".as_ref(), &staged).unwrap();
+        let policies = crate::api::parse_policies("p.yaml".as_ref(), &staged).unwrap();
         let registry = crate::api::parse_registry("r.yaml".as_ref(), REGISTRY).unwrap();
         let set = PolicySet { policies };
         let c = super::super::compile::compile(&set, &registry, &Default::default());
         assert!(c.dns.is_empty());
         // The ipcache budget counts learned addresses, and names the rule.
-        let policies = crate::api::parse_policies_unenforced("p.yaml".as_ref(), POLICY).unwrap();
+        let policies = crate::api::parse_policies("p.yaml".as_ref(), POLICY).unwrap();
         let set = PolicySet { policies };
         let mut l = FqdnAddrs::new();
         for i in 0..10u8 {
@@ -866,7 +873,7 @@ spec: {interface: veth-o, addresses: [10.0.1.2]}
         l.insert("evil.example", ip("198.51.100.9"));
         let c = state(&l);
         let policies = PolicySet {
-            policies: crate::api::parse_policies_unenforced("p.yaml".as_ref(), POLICY).unwrap(),
+            policies: crate::api::parse_policies("p.yaml".as_ref(), POLICY).unwrap(),
         };
         let src = trace::resolve_side(&c, "shop/checkout-1").unwrap();
         let t = trace_name(&c, &policies, &l, &src, "Files.PyPI.org", proto::TCP, 443);

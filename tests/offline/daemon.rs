@@ -985,6 +985,45 @@ fn shipped_config_file_loads_as_the_defaults() {
     let path = crate::harness::cmd::repo().join("etc/netpol/netpold.toml");
     assert_eq!(Config::load(&path).unwrap(), Config::default());
     let dirs = Dirs::new();
+    // Every key of the defaults is in the file, commented out with its
+    // default value: uncommented, the file still loads as the defaults.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let defaults = toml::Value::try_from(Config::default()).unwrap();
+    for (table, keys) in defaults.as_table().unwrap() {
+        let Some(keys) = keys.as_table() else {
+            continue;
+        };
+        let section = text
+            .split(&format!("#[{table}]\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no #[{table}] in {}", path.display()));
+        let section = section.split("\n#[").next().unwrap();
+        for key in keys.keys() {
+            assert!(
+                section
+                    .lines()
+                    .any(|l| l.starts_with(&format!("#{key} = "))),
+                "{}: [{table}] {key} is not in the file",
+                path.display()
+            );
+        }
+    }
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(k)
+                if k.starts_with('[')
+                    || k.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) =>
+            {
+                k
+            }
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let all = dirs.root.join("uncommented.toml");
+    write(&all, &uncommented);
+    assert_eq!(Config::load(&all).unwrap(), Config::default());
     let bad = dirs.root.join("bad.toml");
     write(&bad, "[conntrack]\nmax_entries = -1\n");
     let e = Config::load(&bad).unwrap_err().to_string();

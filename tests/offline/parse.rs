@@ -1507,14 +1507,11 @@ fn shipped_examples_give_no_warning() {
 
 // ---------------------------------------------------------------- DNS names
 
-/// The model of valid toFQDNs and DNS rules (what a later version compiles):
+/// The model of valid toFQDNs and DNS rules (what the compile reads):
 /// normalised selectors, DNS rules with the ports of their own port rule.
-/// `parse_policies` refuses the same file (`invalid/policy/fqdn-unenforced`).
 #[test]
 fn fqdn_model() {
-    let path = fixtures().join("invalid/policy/fqdn-unenforced.yaml");
-    let ps = api::parse_policies_unenforced(&path, &read(&path))
-        .unwrap_or_else(|e| panic!("{}", lines(&e).join("\n")));
+    let ps = policies("fqdn.yaml");
     let p = named(&ps, "to-stripe");
     let egress = &p.rules[0].egress;
     assert_eq!(
@@ -1556,13 +1553,13 @@ fn fqdn_model() {
     assert_eq!(host.rules[0].egress[0].l4, L4::Any);
 }
 
-/// `netpolctl check` refuses a valid FQDN policy as the daemon's load does
-/// (one load for both): file, line, document, field, and that the field is
-/// understood but not enforced in this version.
+/// `netpolctl check` accepts valid toFQDNs and DNS rules (one load for
+/// the daemon and check): both policies, no problem (the warnings say the
+/// empty registry gives them nothing to select).
 #[test]
-fn check_refuses_fqdn_policies_it_cannot_enforce() {
-    let text = read(&fixtures().join("invalid/policy/fqdn-unenforced.yaml"));
-    let (tmp, pol, reg) = check_dirs(&text, "");
+fn check_accepts_fqdn_policies() {
+    let text = read(&fixtures().join("valid/policies/fqdn.yaml"));
+    let (_tmp, pol, reg) = check_dirs(&text, "");
     let (code, out, err) = netpolctl(&[
         "check",
         "--policy-dir",
@@ -1570,17 +1567,7 @@ fn check_refuses_fqdn_policies_it_cannot_enforce() {
         "--endpoint-dir",
         reg.to_str().unwrap(),
     ]);
-    assert_eq!(code, 1, "{out}{err}");
-    let out = out.replace(&tmp.path().display().to_string(), "DIR");
-    let want: String = read(&fixtures().join("invalid/policy/fqdn-unenforced.expected"))
-        .lines()
-        .map(|l| {
-            format!(
-                "DIR/netpol.d/web.yaml{}\n",
-                &l["fqdn-unenforced.yaml".len()..]
-            )
-        })
-        .collect();
-    assert_eq!(out, want);
-    assert!(out.contains("does not enforce"), "{out}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 2 policies (2 rules)"), "{out}{err}");
+    assert!(!out.contains("error"), "{out}{err}");
 }

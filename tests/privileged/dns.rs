@@ -120,7 +120,10 @@ fn query(name: &str, tcp: bool) -> Option<(ResponseCode, Vec<Ipv4Addr>)> {
         let mut buf = [0u8; 1500];
         let (n, from) = s.recv_from(&mut buf).ok()?;
         // The workload's resolver sees the server it asked answer.
-        assert_eq!(from, server, "answer from {from}, not from the server asked");
+        assert_eq!(
+            from, server,
+            "answer from {from}, not from the server asked"
+        );
         buf[..n].to_vec()
     };
     let m = Message::from_vec(&raw).ok()?;
@@ -233,7 +236,15 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
     );
     let srv = lab.w("srv").ns.clone();
     for last in 100..=156u8 {
-        ip(&["-n", &srv, "addr", "add", &format!("{}/24", addr(last)), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &srv,
+            "addr",
+            "add",
+            &format!("{}/24", addr(last)),
+            "dev",
+            "eth0",
+        ]);
     }
     let _echo = echo_server(&srv);
     let _dnsmasq = start_dnsmasq(&lab.w("dns").ns);
@@ -255,7 +266,11 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
     // The server answers (the redirect is in place once a query is answered at all).
     let deadline = Instant::now() + Duration::from_secs(10);
     while in_ns(&cl, || query("n0.example.com", false)).is_none() {
-        assert!(Instant::now() < deadline, "no DNS answer through the proxy\n{}", log(&lab));
+        assert!(
+            Instant::now() < deadline,
+            "no DNS answer through the proxy\n{}",
+            log(&lab)
+        );
     }
 
     // 1. Lookup, then at once a connect to the answer: the first SYN passes,
@@ -302,15 +317,31 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
             assert_eq!(got, Some(ResponseCode::Refused), "{name}");
         }
         let got = query("evil.example.org", true).map(|a| a.0);
-        assert_eq!(got, Some(ResponseCode::Refused), "evil.example.org over TCP");
+        assert_eq!(
+            got,
+            Some(ResponseCode::Refused),
+            "evil.example.org over TCP"
+        );
         // Addresses of names not allowed, or never looked up: denied.
-        for (last, what) in [(150, "example.com"), (151, "a.b.example.com"), (152, "evil.example.org"), (153, "late.example.com")] {
-            assert!(!first_syn(addr(last), 80), "{what} ({}) connected", addr(last));
+        for (last, what) in [
+            (150, "example.com"),
+            (151, "a.b.example.com"),
+            (152, "evil.example.org"),
+            (153, "late.example.com"),
+        ] {
+            assert!(
+                !first_syn(addr(last), 80),
+                "{what} ({}) connected",
+                addr(last)
+            );
         }
     });
     in_ns(&cl2, || {
         let (rcode, addrs) = query("evil.example.org", false).expect("an answer");
-        assert_eq!((rcode, addrs.clone()), (ResponseCode::NoError, vec![addr(152)]));
+        assert_eq!(
+            (rcode, addrs.clone()),
+            (ResponseCode::NoError, vec![addr(152)])
+        );
         assert!(first_syn(addr(152), 80), "client2 -> evil.example.org");
         // `*` lets it look up n1.example.com, but no toFQDNs of client2 names it.
         let (rcode, addrs) = query("n1.example.com", false).expect("an answer");
@@ -325,14 +356,23 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
         assert_eq!(a, vec![addr(154)]);
         let (_, a) = query("keep.example.com", false).expect("an answer");
         assert_eq!(a, vec![addr(155)]);
-        TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(addr(155)), 9000), Duration::from_secs(1))
-            .expect("keep.example.com:9000 connects")
+        TcpStream::connect_timeout(
+            &SocketAddr::new(IpAddr::V4(addr(155)), 9000),
+            Duration::from_secs(1),
+        )
+        .expect("keep.example.com:9000 connects")
     });
     assert!(echoes(&mut kept));
     std::thread::sleep(Duration::from_secs(5));
     in_ns(&cl, || {
-        assert!(!first_syn(addr(154), 80), "ttl.example.com still allowed after its TTL");
-        assert!(first_syn(addr(155), 80), "keep.example.com expired under an open connection");
+        assert!(
+            !first_syn(addr(154), 80),
+            "ttl.example.com still allowed after its TTL"
+        );
+        assert!(
+            first_syn(addr(155), 80),
+            "keep.example.com expired under an open connection"
+        );
     });
     assert!(echoes(&mut kept), "the open connection was cut");
 
@@ -344,10 +384,19 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
     lab.daemon.stop();
     lab.daemon.start();
     in_ns(&cl, || {
-        assert!(first_syn(addr(156), 80), "restart.example.com denied after a restart");
-        assert!(!first_syn(addr(154), 80), "ttl.example.com allowed after a restart");
+        assert!(
+            first_syn(addr(156), 80),
+            "restart.example.com denied after a restart"
+        );
+        assert!(
+            !first_syn(addr(154), 80),
+            "ttl.example.com allowed after a restart"
+        );
     });
-    assert!(echoes(&mut kept), "the open connection was cut by the restart");
+    assert!(
+        echoes(&mut kept),
+        "the open connection was cut by the restart"
+    );
     // And the proxy of the new process answers.
     in_ns(&cl, || {
         let (rcode, a) = query("n3.example.com", false).expect("an answer after the restart");
@@ -360,7 +409,11 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
     // addresses never learned stay denied.
     lab.daemon.stop();
     in_ns(&cl, || {
-        assert_eq!(query("n4.example.com", false), None, "DNS answered without the proxy");
+        assert_eq!(
+            query("n4.example.com", false),
+            None,
+            "DNS answered without the proxy"
+        );
         assert!(!first_syn(addr(153), 80), "an unlearned address connected");
     });
     eprintln!("dns: test took {:?}", t0.elapsed());
