@@ -30,13 +30,14 @@ use futures::TryStreamExt;
 use netlink_packet_route::route::{RouteScope, RouteType};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute};
 use slog::Logger;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::netlink::LinkTable;
 use super::status::display_name;
 use crate::api::model::FqdnSelector;
 use crate::config::DnsConfig;
 use crate::datapath::{Attachment, DnsProxyTarget, DnsRedirect};
+use crate::dns::event::{wire, DnsEvent, DnsVerdict};
 use crate::dns::learned::{LearnedSet, STATE_FILE};
 use crate::dns::matcher;
 use crate::dns::message::{Addr, Answer};
@@ -73,6 +74,8 @@ pub struct LearnRequest {
 pub struct ProxyEndpoints {
     view: Arc<RwLock<View>>,
     learn: mpsc::UnboundedSender<LearnRequest>,
+    /// The monitor stream (`netpolctl monitor`).
+    events: broadcast::Sender<Arc<str>>,
 }
 
 impl Endpoints for ProxyEndpoints {
@@ -120,6 +123,34 @@ impl Endpoints for ProxyEndpoints {
             done.await
                 .unwrap_or_else(|_| Err("netpold is stopping".into()))
         })
+    }
+
+    /// A DNS verdict on the monitor stream, with its time, the endpoint and
+    /// the endpoint's selectors that allowed the name.
+    fn verdict(&self, mut ev: DnsEvent) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        ev.time = super::status::rfc3339(std::time::SystemTime::now());
+        let ep = self
+            .view
+            .read()
+            .ok()
+            .and_then(|v| v.by_ip.get(&ev.client.ip()).cloned());
+        if let Some(ep) = ep {
+            ev.endpoint = Some(ep.key.clone());
+            if ev.verdict == DnsVerdict::Allowed {
+                if let Some(name) = &ev.name {
+                    ev.selectors = ep
+                        .rules
+                        .iter()
+                        .filter(|s| matcher::matches(s, name))
+                        .map(crate::policy::fqdn::selector_text)
+                        .collect();
+                }
+            }
+        }
+        let _ = self.events.send(wire(&ev).into());
     }
 }
 
@@ -213,10 +244,11 @@ fn bind_all(
 
 impl DnsProxy {
     /// Bind the sockets, route marked packets locally and serve. Answers
-    /// are learned through `learn`.
+    /// are learned through `learn`; each verdict goes to `events`.
     pub async fn start(
         config: &DnsConfig,
         learn: mpsc::UnboundedSender<LearnRequest>,
+        events: broadcast::Sender<Arc<str>>,
         log: &Logger,
     ) -> Result<DnsProxy, DnsProxyError> {
         install_routes(config).await?;
@@ -226,6 +258,7 @@ impl DnsProxy {
             Arc::new(ProxyEndpoints {
                 view: view.clone(),
                 learn,
+                events,
             }),
             Duration::from_millis(config.upstream_timeout_ms),
         ));

@@ -185,6 +185,8 @@ pub struct DnsFigures {
     /// Answers refused whole because a cap would be passed, by the cap's key
     /// ([`cap_key`]: `max_per_endpoint`, `max_total`, `ipcache`).
     pub cap_reached: BTreeMap<&'static str, u64>,
+    /// The datapath's redirect counters (`netpol_dns_stats_v1`).
+    pub redirect: crate::datapath::DnsRedirectStats,
 }
 
 /// The key a cap is counted under in `netpol_dns_cap_reached_total`.
@@ -206,6 +208,7 @@ impl DnsFigures {
         stats: &crate::dns::proxy::Stats,
         learned: &crate::dns::learned::LearnedSet,
         cap_reached: BTreeMap<&'static str, u64>,
+        redirect: crate::datapath::DnsRedirectStats,
     ) -> DnsFigures {
         use crate::dns::proxy::Stats as S;
         DnsFigures {
@@ -223,6 +226,7 @@ impl DnsFigures {
             learned_addresses: learned.len() as u64,
             learned_names: learned.entries().count() as u64,
             cap_reached,
+            redirect,
         }
     }
 }
@@ -472,6 +476,20 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// One family with one label: its HELP and TYPE, then a sample per (label
+/// value, count).
+fn labelled<'a, V: std::fmt::Display>(
+    out: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    label: &str,
+    rows: impl IntoIterator<Item = (&'a str, V)>,
+) {
+    family(out, name, kind, help);
+    for (value, n) in rows {
+        let _ = writeln!(out, "{name}{} {n}", labels(&[(label, value)]));
+    }
+}
+
 fn labels(pairs: &[(&str, &str)]) -> String {
     if pairs.is_empty() {
         return String::new();
@@ -591,15 +609,16 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
 
-    family(
+    labelled(
         &mut o,
-        "netpol_events_total",
-        "counter",
-        "Verdict events read from the ring buffer, by verdict",
+        (
+            "netpol_events_total",
+            "counter",
+            "Verdict events read from the ring buffer, by verdict",
+        ),
+        "verdict",
+        s.events.iter().map(|(v, n)| (v.as_str(), n)),
     );
-    for (v, n) in &s.events {
-        let _ = writeln!(o, "netpol_events_total{} {n}", labels(&[("verdict", v)]));
-    }
 
     family(
         &mut o,
@@ -694,7 +713,13 @@ pub fn render(s: &Snapshot) -> String {
 
 /// The DNS proxy's families (docs/policy.md, "DNS names").
 fn render_dns(o: &mut String, d: &DnsFigures) {
-    let rows: [(&str, &str, &str, u64); 7] = [
+    let rows: [(&str, &str, &str, u64); 8] = [
+        (
+            "netpol_dns_redirected_packets_total",
+            "counter",
+            "DNS packets of endpoints with DNS rules the datapath handed to the proxy",
+            d.redirect.redirected,
+        ),
         (
             "netpol_dns_queries_total",
             "counter",
@@ -742,49 +767,50 @@ fn render_dns(o: &mut String, d: &DnsFigures) {
         family(o, name, kind, help);
         let _ = writeln!(o, "{name} {v}");
     }
-    family(
+    labelled(
         o,
-        "netpol_dns_servfail_total",
-        "counter",
-        "SERVFAIL answers the proxy sent, by reason (upstream: silent or unreachable; learn: the answer could not be learned)",
+        (
+            "netpol_dns_servfail_total",
+            "counter",
+            "SERVFAIL answers the proxy sent, by reason (upstream: silent or unreachable; learn: the answer could not be learned)",
+        ),
+        "reason",
+        [("upstream", d.servfail_upstream), ("learn", d.servfail_learn)],
     );
-    for (reason, n) in [
-        ("upstream", d.servfail_upstream),
-        ("learn", d.servfail_learn),
-    ] {
-        let _ = writeln!(
-            o,
-            "netpol_dns_servfail_total{} {n}",
-            labels(&[("reason", reason)])
-        );
-    }
-    family(
+    labelled(
         o,
-        "netpol_dns_dropped_total",
-        "counter",
-        "Malformed or hostile DNS messages dropped, by reason",
+        (
+            "netpol_dns_dropped_total",
+            "counter",
+            "Malformed or hostile DNS messages dropped, by reason",
+        ),
+        "reason",
+        d.drops.iter().map(|(r, n)| (*r, n)),
     );
-    for (reason, n) in &d.drops {
-        let _ = writeln!(
-            o,
-            "netpol_dns_dropped_total{} {n}",
-            labels(&[("reason", reason)])
-        );
-    }
-    family(
+    labelled(
         o,
-        "netpol_dns_cap_reached_total",
-        "counter",
-        "Answers refused whole (SERVFAIL) because learning them would pass a cap, by cap",
+        (
+            "netpol_dns_cap_reached_total",
+            "counter",
+            "Answers refused whole (SERVFAIL) because learning them would pass a cap, by cap",
+        ),
+        "cap",
+        ["max_per_endpoint", "max_total", CAP_IPCACHE]
+            .map(|cap| (cap, d.cap_reached.get(cap).copied().unwrap_or(0))),
     );
-    for cap in ["max_per_endpoint", "max_total", CAP_IPCACHE] {
-        let n = d.cap_reached.get(cap).copied().unwrap_or(0);
-        let _ = writeln!(
-            o,
-            "netpol_dns_cap_reached_total{} {n}",
-            labels(&[("cap", cap)])
-        );
-    }
+    labelled(
+        o,
+        (
+            "netpol_dns_redirect_dropped_total",
+            "counter",
+            "DNS packets of endpoints with DNS rules the datapath dropped instead of redirecting (no_proxy: no proxy socket, netpold or its proxy down; other: the assignment refused, or a fragment)",
+        ),
+        "reason",
+        [
+            ("no_proxy", d.redirect.dropped_no_proxy),
+            ("other", d.redirect.dropped_other),
+        ],
+    );
 }
 
 /// Fleet mode's families (docs/fleet.md, "Watching it").
@@ -1227,7 +1253,12 @@ mod tests {
             .learn("web", "b.example.", &[], &[a("192.0.2.2")], 0)
             .unwrap_err();
         let caps = BTreeMap::from([(cap_key(&cap), 1)]);
-        m.record_dns(DnsFigures::of(&stats, &set, caps));
+        let redirect = crate::datapath::DnsRedirectStats {
+            redirected: 7,
+            dropped_no_proxy: 3,
+            dropped_other: 0,
+        };
+        m.record_dns(DnsFigures::of(&stats, &set, caps, redirect));
         let t = m.render();
         for line in [
             "netpol_dns_queries_total 5\n",
@@ -1242,6 +1273,9 @@ mod tests {
             "netpol_dns_cap_reached_total{cap=\"max_total\"} 0\n",
             "netpol_dns_cap_reached_total{cap=\"ipcache\"} 0\n",
             "# TYPE netpol_dns_learned_addresses gauge\n",
+            "netpol_dns_redirected_packets_total 7\n",
+            "netpol_dns_redirect_dropped_total{reason=\"no_proxy\"} 3\n",
+            "netpol_dns_redirect_dropped_total{reason=\"other\"} 0\n",
         ] {
             assert!(t.contains(line), "{line}{t}");
         }

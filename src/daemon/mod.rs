@@ -380,12 +380,14 @@ pub async fn run_with<D: Datapath, L: Links>(
                 d.learn_batch(batch);
                 d.drop_retired();
                 dns_after(&mut d).await;
+                d.record_dns_metrics();
                 continue;
             }
             _ = dns_tick.tick() => {
                 d.expire_learned();
                 d.drop_retired();
                 dns_after(&mut d).await;
+                d.record_dns_metrics();
                 if let Some(dns) = d.dns.as_mut() {
                     dns.save(&d.out.log);
                 }
@@ -463,7 +465,14 @@ async fn dns_after<D: Datapath>(d: &mut Reconciler<D>) {
         return;
     };
     let log = d.out.log.new(slog::o!("component" => "dns"));
-    match dnsproxy::DnsProxy::start(&dns.config, dns.learn_tx.clone(), &log).await {
+    match dnsproxy::DnsProxy::start(
+        &dns.config,
+        dns.learn_tx.clone(),
+        d.out.events.clone(),
+        &log,
+    )
+    .await
+    {
         Ok(p) => {
             dns.proxy = Some(p);
             dns.error = None;

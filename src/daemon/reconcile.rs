@@ -701,6 +701,22 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
+    /// The DNS proxy's figures, the learned set and the datapath's redirect
+    /// counters into the metrics (each second, and after each learn).
+    pub fn record_dns_metrics(&self) {
+        let (Some(m), Some(dns)) = (&self.out.metrics, &self.dns) else {
+            return;
+        };
+        if let Some(p) = &dns.proxy {
+            m.record_dns(metrics::DnsFigures::of(
+                &p.stats,
+                &dns.learned,
+                dns.cap_reached.clone(),
+                self.datapath.dns_redirect_stats(),
+            ));
+        }
+    }
+
     /// Expire learned addresses whose TTL ended, except those a connection
     /// still uses (a live conntrack entry at the endpoint's device), and
     /// enforce the smaller set.

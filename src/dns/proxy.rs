@@ -34,6 +34,7 @@ use hickory_proto::op::ResponseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::event::{DnsEvent, DnsVerdict};
 use super::message::{self, Answer, DropCounts, Query, Verdict, MAX_MESSAGE};
 use crate::api::model::FqdnSelector;
 
@@ -51,6 +52,9 @@ pub trait Endpoints: Send + Sync + 'static {
     /// Learn an allowed answer's addresses; the answer is released when the
     /// future completes. An error (a cap reached) makes the reply SERVFAIL.
     fn learn(&self, client: IpAddr, answer: &Answer) -> Learning;
+    /// What the proxy decided about one query, for `netpolctl monitor`
+    /// (`time`, `endpoint` and `selectors` are left for the daemon to fill).
+    fn verdict(&self, _ev: DnsEvent) {}
 }
 
 /// Counters of the proxy.
@@ -96,6 +100,15 @@ enum Transport {
     Tcp,
 }
 
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
 impl Proxy {
     pub fn new(endpoints: Arc<dyn Endpoints>, timeout: Duration) -> Proxy {
         Proxy {
@@ -115,31 +128,59 @@ impl Proxy {
         transport: Transport,
     ) -> Option<Vec<u8>> {
         Stats::inc(&self.stats.queries);
+        let dest = self.endpoints.destination(client, local);
+        let report =
+            |verdict, query: Option<&Query>, answer: Option<&Answer>, reason: Option<String>| {
+                self.endpoints.verdict(DnsEvent {
+                    time: String::new(),
+                    verdict,
+                    endpoint: None,
+                    client,
+                    server: dest,
+                    transport: transport.name().into(),
+                    name: query.map(|q| q.name.clone()),
+                    qtype: query.map(|q| q.qtype.to_string()),
+                    answers: answer
+                        .map_or_else(Vec::new, |a| a.addrs.iter().map(|a| a.ip).collect()),
+                    ttl: answer.and_then(|a| a.addrs.iter().map(|a| a.ttl).min()),
+                    selectors: Vec::new(),
+                    reason,
+                })
+            };
         let query = match message::parse_query(bytes) {
             Ok(q) => q,
             Err(d) => {
                 self.stats.drops.count(d);
+                report(DnsVerdict::Dropped, None, None, Some(d.name().into()));
                 return None;
             }
         };
         let rules = self.endpoints.dns_rules(client.ip()).unwrap_or_default();
         if message::decide(&query, &rules) == Verdict::Refuse {
             Stats::inc(&self.stats.refused);
+            let why = if rules.is_empty() {
+                "the client is no endpoint with DNS rules"
+            } else {
+                "no DNS rule of the endpoint allows this name"
+            };
+            report(DnsVerdict::Refused, Some(&query), None, Some(why.into()));
             return Some(message::refused(&query));
         }
         Stats::inc(&self.stats.forwarded);
-        let dest = self.endpoints.destination(client, local);
         let upstream = match transport {
             Transport::Udp => self.forward_udp(bytes, &query, dest).await,
             Transport::Tcp => self.forward_tcp(bytes, &query, dest).await,
         };
         let Some((raw, answer)) = upstream else {
             Stats::inc(&self.stats.upstream_failed);
+            let why = "the server was silent, unreachable or its answer was dropped";
+            report(DnsVerdict::Servfail, Some(&query), None, Some(why.into()));
             return Some(message::reply(&query, ResponseCode::ServFail));
         };
         if !answer.addrs.is_empty() {
-            if let Err(_why) = self.endpoints.learn(client.ip(), &answer).await {
+            if let Err(why) = self.endpoints.learn(client.ip(), &answer).await {
                 Stats::inc(&self.stats.learn_failed);
+                report(DnsVerdict::Servfail, Some(&query), Some(&answer), Some(why));
                 return Some(message::reply(&query, ResponseCode::ServFail));
             }
             self.stats
@@ -147,6 +188,7 @@ impl Proxy {
                 .fetch_add(answer.addrs.len() as u64, Ordering::Relaxed);
         }
         Stats::inc(&self.stats.answered);
+        report(DnsVerdict::Allowed, Some(&query), Some(&answer), None);
         Some(raw)
     }
 

@@ -14,6 +14,7 @@
 //! | [`daemon`] | the real `netpold` in a node's network namespace, its files, its socket, its end |
 //! | [`etcd`] | a real etcd for fleet mode, on loopback or inside a test's namespace, killed also on failure |
 //! | [`lab`] | a topology, listeners and a daemon together (daemon end to end, faults, soak) |
+//! | [`monitor`] | `netpolctl monitor --json` of a lab's daemon, as parsed lines |
 //! | [`rng`] | the one deterministic generator |
 //! | [`nodegen`] | the generated multi-node scenario (offline operator tests, privileged multi-node and fleet tests) |
 //! | [`prom`] | the Prometheus exposition validator and scraper |
@@ -21,7 +22,7 @@
 //! Everything that creates something in the kernel or on disk is a guard whose
 //! `Drop` removes it, also when a test fails. Names start with `np` and a
 //! suite's letter (`npd` datapath, `npy` bypass, `npe` daemon end to end, `npf`
-//! faults and soak, `npn` nodes, `npg` fleet, `npk` packaging) and carry the process id and a
+//! faults and soak, `npn` nodes, `npg` fleet, `npq` DNS, `npk` packaging) and carry the process id and a
 //! per-test tag, so tests of one binary can run side by side; the few with fixed
 //! names (the two multi-node tests, the packaging tests) take turns.
 
@@ -34,6 +35,7 @@ pub mod dp;
 pub mod etcd;
 pub mod events;
 pub mod lab;
+pub mod monitor;
 pub mod netns;
 pub mod nodegen;
 pub mod probe;

@@ -22,8 +22,10 @@ use netpol::dns::message;
 
 use crate::harness::cmd::ip;
 use crate::harness::lab::{Lab, Net};
+use crate::harness::monitor::Monitor;
 use crate::harness::netns::in_ns;
 use crate::harness::probe::{connect_here, Probe};
+use crate::harness::prom;
 use crate::harness::Needs;
 
 const NET: Net = Net {
@@ -31,6 +33,8 @@ const NET: Net = Net {
     subnet: [10, 209, 7],
 };
 const NAMES: usize = 50;
+/// netpold's metrics, in the lab's node namespace.
+const METRICS: &str = "127.0.0.1:9953";
 
 fn addr(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 209, 7, last)
@@ -174,6 +178,33 @@ fn echoes(s: &mut TcpStream) -> bool {
     s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
 }
 
+/// Wait (5 s at most) until each of netpold's metrics is at least its value.
+fn metrics_reach(node: &str, want: &[(&str, f64)]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = in_ns(node, || prom::scrape(METRICS.parse().unwrap()));
+        let fams = text.as_deref().map(prom::parse_exposition);
+        let got: Vec<(&str, f64, f64)> = want
+            .iter()
+            .map(|(name, min)| {
+                let v = match &fams {
+                    Ok(Ok(f)) => prom::value(f, name, &[]).unwrap_or(0.0),
+                    _ => 0.0,
+                };
+                (*name, v, *min)
+            })
+            .collect();
+        if got.iter().all(|(_, v, min)| v >= min) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics (name, got, want at least): {got:?}\n{text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 const POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
@@ -256,7 +287,9 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
         .map(|d| format!("{d}---\n"))
         .collect();
     crate::harness::daemon::write_atomic(&lab.path("endpoints.d/lab.yaml"), &reg);
-    lab.write_config("[dns]\nmin_ttl_s = 1\n[conntrack]\ntcp_close_timeout_s = 1\n");
+    lab.write_config(&format!(
+        "metrics_listen = \"{METRICS}\"\n[dns]\nmin_ttl_s = 1\n[conntrack]\ntcp_close_timeout_s = 1\n"
+    ));
     lab.write_policy("fqdn.yaml", POLICY);
     lab.daemon.start();
     lab.daemon.wait_ready(3, Duration::from_secs(20));
@@ -307,6 +340,8 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
     );
     assert!(failures.is_empty(), "{failures:?}\n{}", log(&lab));
 
+    let monitor = Monitor::start(&lab);
+
     // 2. and 3. matchPattern as Cilium documents it: `*.example.com` is one
     // label before example.com, never example.com itself nor two labels; a
     // query no DNS rule allows is REFUSED and teaches nothing; `*` allows
@@ -348,6 +383,57 @@ fn fqdn_policy_learns_before_release_refuses_expires_and_survives_a_restart() {
         assert_eq!(rcode, ResponseCode::NoError);
         assert!(!first_syn(addrs[0], 9000), "client2 -> n1.example.com:9000");
     });
+
+    // `monitor` shows the proxy's verdicts: a refusal with its reason, an
+    // allowed answer with its addresses, TTL, endpoint and selectors.
+    let dns_event = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        monitor.wait(&lab, what, |v| !v["dns"].is_null() && f(&v["dns"]))["dns"].clone()
+    };
+    let refused = dns_event("refused evil.example.org.", &|d| {
+        d["verdict"] == "refused" && d["name"] == "evil.example.org."
+    });
+    assert_eq!(
+        refused["reason"], "no DNS rule of the endpoint allows this name",
+        "{refused}"
+    );
+    assert!(
+        refused["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("client")),
+        "{refused}"
+    );
+    let allowed = dns_event("allowed evil.example.org.", &|d| {
+        d["verdict"] == "allowed" && d["name"] == "evil.example.org."
+    });
+    assert_eq!(
+        allowed["answers"],
+        serde_json::json!([addr(152).to_string()]),
+        "{allowed}"
+    );
+    assert_eq!(
+        allowed["selectors"],
+        serde_json::json!(["matchPattern: *"]),
+        "{allowed}"
+    );
+    assert_eq!(allowed["server"], format!("{}:53", addr(53)), "{allowed}");
+    assert!(allowed["ttl"].as_u64().is_some(), "{allowed}");
+    drop(monitor);
+
+    // Metrics count proxied queries, refusals and the datapath's redirects
+    // (recorded each second): at least the probe, the 200 lookups, 4
+    // refused and client2's 2 queries.
+    let node = lab.node.clone();
+    metrics_reach(
+        &node,
+        &[
+            ("netpol_dns_queries_total", 207.0),
+            ("netpol_dns_forwarded_total", 203.0),
+            ("netpol_dns_refused_total", 4.0),
+            ("netpol_dns_learn_addresses_total", 203.0),
+            ("netpol_dns_answers_total", 203.0),
+            ("netpol_dns_redirected_packets_total", 207.0),
+        ],
+    );
 
     // 4. TTL expiry: without a connection the address is denied again; an
     // open connection keeps it.
