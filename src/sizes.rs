@@ -65,7 +65,11 @@ impl MapSizes {
     /// The ipcache holds a fleet registry: 100,000 remote endpoints with a v4
     /// and a v6 address each, and room for the policies' CIDRs. It is an LPM
     /// trie, allocated per entry, so the size costs nothing until used. The
-    /// endpoint table (and the counters) number attached endpoints only.
+    /// policy size bounds both policy maps of a generation: the trie (ranges)
+    /// and the hash of one-port entries, whose entries are allocated per entry
+    /// too but whose bucket array (about 16 bytes a slot, 4 MiB at the
+    /// default) exists from creation, once per generation. The endpoint table
+    /// (and the counters) number attached endpoints only.
     pub const DEFAULT: MapSizes = MapSizes {
         ipcache: 262144,
         policy: 262144,

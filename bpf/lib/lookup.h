@@ -21,6 +21,7 @@ struct np_gen {
 	void *ipcache;
 	void *endpoints;
 	void *policy;
+	void *policy_exact; /* NULL: none (a layout-2 generation), the trie has all */
 	__u32 active;
 };
 
@@ -47,6 +48,7 @@ static __always_inline int np_gen_rest(struct np_gen *g)
 	g->policy = bpf_map_lookup_elem(&netpol_policy_v1, &g->active);
 	if (!g->ipcache || !g->policy)
 		return -1;
+	g->policy_exact = bpf_map_lookup_elem(&netpol_policy_exact_v1, &g->active);
 	return 0;
 }
 
@@ -94,10 +96,13 @@ static __always_inline int np_is(struct np_policy_value *v, __u8 verdict)
 	return v && v->verdict == verdict;
 }
 
+/* The longest match of the key: an exact entry (hash) if there is one, else
+ * the trie's longest prefix. */
 static __always_inline struct np_policy_value *
-np_policy_lookup(void *policy, __u32 slot, __u8 dir, __u32 identity, __u8 proto, __u16 port)
+np_policy_lookup(struct np_gen *g, __u32 slot, __u8 dir, __u32 identity, __u8 proto, __u16 port)
 {
 	struct np_policy_key k = {};
+	struct np_policy_value *v;
 
 	k.prefixlen = NP_POLICY_FULL_PREFIX;
 	k.slot = slot;
@@ -105,18 +110,23 @@ np_policy_lookup(void *policy, __u32 slot, __u8 dir, __u32 identity, __u8 proto,
 	k.direction = dir;
 	k.proto = proto;
 	k.port = bpf_htons(port);
-	return bpf_map_lookup_elem(policy, &k);
+	if (g->policy_exact) {
+		v = bpf_map_lookup_elem(g->policy_exact, &k);
+		if (v)
+			return v;
+	}
+	return bpf_map_lookup_elem(g->policy, &k);
 }
 
-static __always_inline enum np_decision np_policy_decide(void *policy, __u32 slot, __u32 ep_flags,
-							 __u8 dir, __u32 remote, __u8 proto,
-							 __u16 port, __u32 *rule)
+static __always_inline enum np_decision np_policy_decide(struct np_gen *g, __u32 slot,
+							 __u32 ep_flags, __u8 dir, __u32 remote,
+							 __u8 proto, __u16 port, __u32 *rule)
 {
 	struct np_policy_value *l1, *l2, *staged;
 	__u32 deny_flag;
 
-	l1 = np_policy_lookup(policy, slot, dir, remote, proto, port);
-	l2 = np_policy_lookup(policy, slot, dir, 0, proto, port);
+	l1 = np_policy_lookup(g, slot, dir, remote, proto, port);
+	l2 = np_policy_lookup(g, slot, dir, 0, proto, port);
 	*rule = NP_RULE_NONE;
 	if (l1 && l1->verdict == NP_VERDICT_DENY) {
 		*rule = l1->rule;

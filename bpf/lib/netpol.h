@@ -291,7 +291,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, __u8 hook)
 		}
 	}
 
-	decision = np_policy_decide(g.policy, slot, flags, dir, remote.identity, p.proto,
+	decision = np_policy_decide(&g, slot, flags, dir, remote.identity, p.proto,
 				    p.policy_port, &rule);
 	vi.rule = rule;
 	if (decision == NP_DECIDE_ALLOW || decision == NP_DECIDE_NO_POLICY) {

@@ -42,9 +42,13 @@
 /* Layout version of the maps, stored in netpol_state_v1. 2: conntrack is
  * netpol_ct_v2 (one entry per flow under a normalised key, with the verdict's
  * generation); an adopting daemon migrates the entries of a version 1
- * instance's netpol_ct_v1 (src/datapath/kernel.rs). */
+ * instance's netpol_ct_v1 (src/datapath/kernel.rs). 3: the full-prefix
+ * policy entries move to netpol_policy_exact_v1. */
 enum np_layout : __u32 {
-	NP_LAYOUT_VERSION = 2,
+	NP_LAYOUT_VERSION = 3,
+	/* Layout 2: every policy entry in the trie, no netpol_policy_exact_v1
+	 * (adopted as it is: an empty exact slot means the trie has them all). */
+	NP_LAYOUT_VERSION_POLICY_TRIE = 2,
 	NP_LAYOUT_VERSION_CT_V1 = 1,
 };
 
@@ -196,7 +200,11 @@ NP_ABI_OFFSET(struct np_endpoint_value, generation, 12);
 NP_ABI_WIDTH(struct np_endpoint_value, flags, enum np_endpoint_flags);
 
 /* ------------------------------------------------------------------------
- * Policy: LPM trie, one per generation, all endpoints.
+ * Policy: one per generation, all endpoints, in two maps: the entries whose
+ * prefixlen is 96 (every bit significant: one port, or ICMP type) in an
+ * exact-match hash (netpol_policy_exact_v1), the others in an LPM trie
+ * (netpol_policy_v1). A lookup tries the hash first: a hit there is the
+ * longest match; else the trie gives it. Same key layout in both.
  *
  *   | prefixlen (u32) | slot u32 | identity u32 | direction u8 | proto u8 | port be16 |
  *

@@ -6,9 +6,10 @@
  *
  * Generations
  * -----------
- * A policy state is three maps: ipcache, endpoint table, policy. Each exists in
- * two generations, held by ARRAY_OF_MAPS outer maps with two slots
- * (netpol_ipcache_v1, netpol_endpoints_v1, netpol_policy_v1). Each slot keeps
+ * A policy state is four maps: ipcache, endpoint table, policy (trie) and
+ * exact policy (hash). Each exists in two generations, held by ARRAY_OF_MAPS
+ * outer maps with two slots (netpol_ipcache_v1, netpol_endpoints_v1,
+ * netpol_policy_v1, netpol_policy_exact_v1). Each slot keeps
  * its inner maps; userspace brings the inactive slot's maps to exactly the new
  * state (writing only the keys that differ) and then flips
  * `netpol_state_v1[0].active`, which each packet reads exactly ONCE. An update
@@ -58,6 +59,18 @@ struct np_policy_inner {
 	__uint(max_entries, 1);
 };
 
+/* Policy entries with every key bit significant (one port, or a protocol
+ * without ports): an exact-match hash beside the trie, which then holds only
+ * the prefixes (port ranges, any port, any protocol). A hash hit is the
+ * longest match there can be, so a lookup tries the hash, then the trie. */
+struct np_policy_exact_inner {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct np_policy_key);
+	__type(value, struct np_policy_value);
+	__uint(max_entries, 1);
+};
+
 struct np_barrier_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -92,6 +105,15 @@ struct {
 	__uint(max_entries, 2);
 	__array(values, struct np_policy_inner);
 } netpol_policy_v1 SEC(".maps");
+
+/* Layout 3: the full-prefix policy entries of each generation (an empty
+ * slot, as a layout-2 instance left it, means the trie holds them all). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__type(key, __u32);
+	__uint(max_entries, 2);
+	__array(values, struct np_policy_exact_inner);
+} netpol_policy_exact_v1 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);

@@ -1,4 +1,5 @@
-//! The content of one generation (ipcache, endpoint table, policy) as the raw
+//! The content of one generation (ipcache, endpoint table, policy trie and
+//! exact policy hash) as the raw
 //! key/value bytes the kernel maps hold, and the difference between two such
 //! contents. The kernel datapath keeps one [`Contents`] per generation as a
 //! shadow of its inner maps, so an apply writes only the keys that changed.
@@ -29,7 +30,13 @@ pub type Table<const K: usize, const V: usize> = HashMap<[u8; K], [u8; V]>;
 pub struct Contents {
     pub ipcache: Table<IPCACHE_KEY, IPCACHE_VALUE>,
     pub endpoints: Table<ENDPOINT_KEY, ENDPOINT_VALUE>,
+    /// The policy entries with a prefix (port ranges, any port, any
+    /// protocol): the LPM trie netpol_policy_v1.
     pub policy: Table<POLICY_KEY, POLICY_VALUE>,
+    /// The policy entries with every key bit significant (one port, or one
+    /// ICMP type): the hash netpol_policy_exact_v1, looked up first (a hit
+    /// there is the longest match; netpol_abi.h, struct np_policy_key).
+    pub policy_exact: Table<POLICY_KEY, POLICY_VALUE>,
 }
 
 fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
@@ -71,8 +78,12 @@ impl Contents {
             };
             let k = layout::policy_key_in(e, kslot);
             let v = layout::policy_value(e);
-            c.policy
-                .insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
+            let table = if k.prefixlen == layout::POLICY_FULL_PREFIX {
+                &mut c.policy_exact
+            } else {
+                &mut c.policy
+            };
+            table.insert(arr(layout::bytes_of(&k)), arr(layout::bytes_of(&v)));
         }
         Ok(c)
     }
@@ -100,6 +111,7 @@ impl Contents {
         n(&self.ipcache, &want.ipcache)
             + n(&self.endpoints, &want.endpoints)
             + n(&self.policy, &want.policy)
+            + n(&self.policy_exact, &want.policy_exact)
     }
 }
 
@@ -154,6 +166,65 @@ mod tests {
         let v = c.endpoints[&1u32.to_ne_bytes()];
         assert_eq!(&v[..12], &[0xaa; 12], "slot, identity, flags untouched");
         assert_eq!(&v[12..], &7u32.to_ne_bytes(), "the low 32 bits");
+    }
+
+    #[test]
+    fn full_prefix_entries_go_to_the_exact_table_and_prefixes_to_the_trie() {
+        use crate::api::model::EndpointKind;
+        use crate::policy::types::{CompiledEndpoint, Direction, EntryVerdict, PolicyEntry};
+        let mut c = Compiled::default();
+        c.endpoints.push(CompiledEndpoint {
+            slot: 0,
+            name: "a".into(),
+            namespace: None,
+            kind: EndpointKind::Workload,
+            identity: 1000,
+            local: true,
+            interface: None,
+            addresses: vec![],
+            default_deny_ingress: false,
+            default_deny_egress: true,
+            enforced_ingress: true,
+            enforced_egress: true,
+            audit: false,
+        });
+        let entry = |proto, port, port_prefix, verdict, rule| PolicyEntry {
+            endpoint: 0,
+            direction: Direction::Egress,
+            identity: 1001,
+            proto,
+            port,
+            port_prefix,
+            verdict,
+            rule,
+        };
+        // One port inside a range, the range, any TCP port, any protocol.
+        c.entries = vec![
+            entry(6, 1001, 16, EntryVerdict::Deny, 0),
+            entry(6, 1000, 8, EntryVerdict::Allow, 1),
+            entry(6, 0, 0, EntryVerdict::Allow, 2),
+            entry(0, 0, 0, EntryVerdict::Allow, 3),
+        ];
+        let att = [Attachment {
+            slot: 0,
+            ifindex: 7,
+        }];
+        let slots = KernelSlots::assign(&KernelSlots::default(), &att);
+        let got = Contents::build(&c, &att, &slots).unwrap();
+        let key = |e: &PolicyEntry| arr(layout::bytes_of(&layout::policy_key_in(e, 0)));
+        assert_eq!(got.policy_exact.len(), 1);
+        assert!(got.policy_exact.contains_key(&key(&c.entries[0])));
+        assert_eq!(got.policy.len(), 3);
+        for e in &c.entries[1..] {
+            assert!(got.policy.contains_key(&key(e)), "{e:?} in the trie");
+        }
+        let mut moved = got.clone();
+        moved.policy_exact.clear();
+        assert_eq!(
+            moved.changes_to(&got),
+            1,
+            "the exact table counts in the diff"
+        );
     }
 
     #[test]

@@ -40,6 +40,10 @@ use crate::policy::types::Compiled;
 
 /// The layout version this build reads and writes (netpol_state_v1).
 const LAYOUT_VERSION: u32 = np_layout::NP_LAYOUT_VERSION.0;
+/// The older layout with every policy entry in the trie and no
+/// netpol_policy_exact_v1: adopted as it is (an empty exact map in a slot
+/// leaves the trie's verdicts), rewritten into the split at the next apply.
+const LAYOUT_POLICY_TRIE: u32 = np_layout::NP_LAYOUT_VERSION_POLICY_TRIE.0;
 /// The older layout this build adopts, migrating its conntrack entries
 /// (netpol_ct_v1 → netpol_ct_v2); every other map is the same.
 const LAYOUT_CT_V1: u32 = np_layout::NP_LAYOUT_VERSION_CT_V1.0;
@@ -135,6 +139,7 @@ struct Generation {
     ipcache: MapHandle,
     endpoints: MapHandle,
     policy: MapHandle,
+    policy_exact: MapHandle,
     /// The maps sit in the outer maps' slot (fresh ones are put there on
     /// their first fill).
     installed: bool,
@@ -263,7 +268,7 @@ fn kernel_has_tcx() -> bool {
 fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
     use std::mem::size_of;
     let m = &skel.maps;
-    let checks: [(&dyn MapCore, &'static str, usize, usize); 8] = [
+    let checks: [(&dyn MapCore, &'static str, usize, usize); 9] = [
         (
             &m.netpol_state_v1,
             "netpol_state_v1",
@@ -301,6 +306,7 @@ fn verify_layouts(skel: &NetpolSkel<'_>) -> Result<(), DatapathError> {
             size_of::<layout::RatelimitValue>(),
         ),
         (&m.netpol_policy_v1, "netpol_policy_v1", 4, 4),
+        (&m.netpol_policy_exact_v1, "netpol_policy_exact_v1", 4, 4),
         (
             &m.netpol_bypass_v1,
             "netpol_bypass_v1",
@@ -449,7 +455,7 @@ impl KernelDatapath {
         let state_map = &loaded.skel.maps.netpol_state_v1;
         let mut state = read_state(state_map)?;
         if adopt {
-            if state.layout_version != LAYOUT_VERSION && state.layout_version != LAYOUT_CT_V1 {
+            if ![LAYOUT_VERSION, LAYOUT_POLICY_TRIE, LAYOUT_CT_V1].contains(&state.layout_version) {
                 return Err(DatapathError::LayoutVersion {
                     maps_dir,
                     found: state.layout_version,
@@ -985,14 +991,30 @@ impl KernelDatapath {
                 self.settings.policy_max_entries,
                 NO_PREALLOC,
             )?,
+            policy_exact: self.create_policy_exact()?,
             installed: false,
             shadow: Some(Contents::default()),
         })
     }
 
+    /// An empty exact-match policy map, sized by the settings (preallocation
+    /// off: most states hold far fewer entries than the budget).
+    fn create_policy_exact(&self) -> Result<MapHandle, DatapathError> {
+        self.create_inner(
+            MapType::Hash,
+            "np_policy_exact",
+            generation::POLICY_KEY,
+            generation::POLICY_VALUE,
+            self.settings.policy_max_entries,
+            libbpf_sys::BPF_F_NO_PREALLOC,
+        )
+    }
+
     /// The inner maps an earlier process left in the outer maps' slots. A slot
     /// whose maps are missing or sized otherwise than the settings gets fresh
-    /// maps when it is next written. Their content is read back lazily.
+    /// maps when it is next written. Their content is read back lazily. A
+    /// slot of a layout-2 instance (no exact policy map) gets an empty one
+    /// at once: its trie holds every entry, so its verdicts stay the same.
     fn adopt_generations(&mut self) -> Result<(), DatapathError> {
         let maps = &self.loaded.skel.maps;
         let want = [
@@ -1014,6 +1036,12 @@ impl KernelDatapath {
                 generation::POLICY_VALUE,
                 self.settings.policy_max_entries,
             ),
+            (
+                MapType::Hash,
+                generation::POLICY_KEY,
+                generation::POLICY_VALUE,
+                self.settings.policy_max_entries,
+            ),
         ];
         for slot in 0..2u32 {
             let mut inner = Vec::new();
@@ -1021,6 +1049,7 @@ impl KernelDatapath {
                 (&maps.netpol_ipcache_v1, "netpol_ipcache_v1"),
                 (&maps.netpol_endpoints_v1, "netpol_endpoints_v1"),
                 (&maps.netpol_policy_v1, "netpol_policy_v1"),
+                (&maps.netpol_policy_exact_v1, "netpol_policy_exact_v1"),
             ]
             .into_iter()
             .enumerate()
@@ -1032,7 +1061,18 @@ impl KernelDatapath {
                         v.get(..4)
                             .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                     });
-                let Some(id) = id else { break };
+                let Some(id) = id else {
+                    if i == 3 && inner.len() == 3 {
+                        // Layout 2: all three others there, no exact map.
+                        let m = self.create_policy_exact()?;
+                        let fd = m.as_fd().as_raw_fd() as u32;
+                        maps.netpol_policy_exact_v1
+                            .update(&slot.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                            .map_err(kerr(format!("install netpol_policy_exact_v1[{slot}]")))?;
+                        inner.push(m);
+                    }
+                    break;
+                };
                 let Ok(m) = MapHandle::from_map_id(id) else {
                     break;
                 };
@@ -1046,14 +1086,16 @@ impl KernelDatapath {
                 }
                 inner.push(m);
             }
-            if inner.len() == 3 {
-                let policy = inner.pop().expect("three maps");
-                let endpoints = inner.pop().expect("three maps");
-                let ipcache = inner.pop().expect("three maps");
+            if inner.len() == 4 {
+                let policy_exact = inner.pop().expect("four maps");
+                let policy = inner.pop().expect("four maps");
+                let endpoints = inner.pop().expect("four maps");
+                let ipcache = inner.pop().expect("four maps");
                 self.gens[slot as usize] = Some(Generation {
                     ipcache,
                     endpoints,
                     policy,
+                    policy_exact,
                     installed: true,
                     shadow: None,
                 });
@@ -1104,6 +1146,7 @@ impl KernelDatapath {
             (&maps.netpol_ipcache_v1, "netpol_ipcache_v1"),
             (&maps.netpol_endpoints_v1, "netpol_endpoints_v1"),
             (&maps.netpol_policy_v1, "netpol_policy_v1"),
+            (&maps.netpol_policy_exact_v1, "netpol_policy_exact_v1"),
         ] {
             let id = outer
                 .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
@@ -1112,7 +1155,13 @@ impl KernelDatapath {
                     v.get(..4)
                         .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                 });
-            let Some(id) = id else { return Ok(None) };
+            let Some(id) = id else {
+                if name == "netpol_policy_exact_v1" {
+                    // A layout-2 generation: nothing but the trie.
+                    break;
+                }
+                return Ok(None);
+            };
             handles.push(
                 MapHandle::from_map_id(id)
                     .map_err(kerr(format!("open the inner map of {name}[{slot}]")))?,
@@ -1122,6 +1171,10 @@ impl KernelDatapath {
             ipcache: dump_table(&handles[0], "ipcache")?,
             endpoints: dump_table(&handles[1], "endpoint table")?,
             policy: dump_table(&handles[2], "policy map")?,
+            policy_exact: match handles.get(3) {
+                Some(h) => dump_table(h, "exact policy map")?,
+                None => Default::default(),
+            },
         }))
     }
 
@@ -1174,6 +1227,7 @@ impl KernelDatapath {
                 ipcache: dump_table(&g.ipcache, "ipcache")?,
                 endpoints: dump_table(&g.endpoints, "endpoint table")?,
                 policy: dump_table(&g.policy, "policy map")?,
+                policy_exact: dump_table(&g.policy_exact, "exact policy map")?,
             },
         };
         // Deletes before writes in each map, so a full map never overflows
@@ -1187,6 +1241,12 @@ impl KernelDatapath {
             "endpoint table",
         )?;
         sync_table(&g.policy, &mut shadow.policy, &want.policy, "policy map")?;
+        sync_table(
+            &g.policy_exact,
+            &mut shadow.policy_exact,
+            &want.policy_exact,
+            "exact policy map",
+        )?;
         g.shadow = Some(shadow);
 
         if !g.installed {
@@ -1201,6 +1261,11 @@ impl KernelDatapath {
                     "netpol_endpoints_v1",
                 ),
                 (&maps.netpol_policy_v1, &g.policy, "netpol_policy_v1"),
+                (
+                    &maps.netpol_policy_exact_v1,
+                    &g.policy_exact,
+                    "netpol_policy_exact_v1",
+                ),
             ] {
                 let fd = inner.as_fd().as_raw_fd() as u32;
                 outer

@@ -268,6 +268,10 @@ pub fn masked_port(port: u16, prefix: u8) -> u16 {
     }
 }
 
+/// Prefix length of a policy key with every bit significant: such an entry
+/// goes to the exact-match hash, not the trie.
+pub const POLICY_FULL_PREFIX: u32 = np_policy_prefix::NP_POLICY_FULL_PREFIX.0;
+
 /// LPM prefix length of a policy entry: the static part, then 8 bits of
 /// protocol unless it is the any-protocol entry, then `port_prefix` port bits.
 pub fn policy_prefixlen(proto: u8, port_prefix: u8) -> u32 {
@@ -882,7 +886,8 @@ mod tests {
         assert_eq!(verdict_code(EntryVerdict::StagedDeny), 3);
         assert_eq!(verdict_code(EntryVerdict::AllowStagedDeny), 4);
         assert_eq!(verdict_code(EntryVerdict::StagedDefaultDeny), 5);
-        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 2);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION.0, 3);
+        assert_eq!(types::np_layout::NP_LAYOUT_VERSION_POLICY_TRIE.0, 2);
         assert_eq!(types::np_layout::NP_LAYOUT_VERSION_CT_V1.0, 1);
         assert_eq!(np_none::NP_RULE_NONE.0, u32::MAX);
         assert_eq!(np_none::NP_SLOT_NONE.0, u32::MAX);

@@ -919,11 +919,13 @@ fn cached_verdict_holds_until_a_flip_and_recheck_judges_the_next_packet() {
         let to_c = PacketSpec::udp(ip(A4), ip(C4), 40000, 53);
         assert!(dp.run(FROM_A, &to_b), "first packet: allowed by policy");
         assert!(dp.run(FROM_A, &to_c));
-        // Empty the active generation's policy map in place (no flip).
+        // Empty the active generation's policy maps in place (no flip).
         let active = dp.dp().active_slot().unwrap();
-        let policy = inner_map(&dp.pin, "netpol_policy_v1", active);
-        for k in policy.keys().collect::<Vec<_>>() {
-            policy.delete(&k).unwrap();
+        for outer in ["netpol_policy_v1", "netpol_policy_exact_v1"] {
+            let policy = inner_map(&dp.pin, outer, active);
+            for k in policy.keys().collect::<Vec<_>>() {
+                policy.delete(&k).unwrap();
+            }
         }
         assert!(
             dp.run(FROM_A, &to_b),
@@ -1325,6 +1327,29 @@ fn adoption_refuses_pins_of_another_layout_version() {
         .unwrap();
 }
 
+/// The layout version in a pinned state word (`struct np_state`).
+fn pinned_layout_version(state: &libbpf_rs::MapHandle) -> u32 {
+    use libbpf_rs::{MapCore, MapFlags};
+    let v = state
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .unwrap()
+        .unwrap();
+    u32::from_ne_bytes(v[4..8].try_into().unwrap())
+}
+
+/// Rewrites the layout version of a pinned state word (an older instance's pins).
+fn set_pinned_layout_version(state: &libbpf_rs::MapHandle, version: u32) {
+    use libbpf_rs::{MapCore, MapFlags};
+    let mut v = state
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .unwrap()
+        .unwrap();
+    v[4..8].copy_from_slice(&version.to_ne_bytes());
+    state
+        .update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
+        .unwrap();
+}
+
 /// An upgrade over a running layout-1 instance (conntrack in netpol_ct_v1,
 /// keyed by the first packet's hook and tuple): the adopting datapath copies
 /// its flows into netpol_ct_v2 before it switches the links, so a reply that
@@ -1346,14 +1371,7 @@ fn adoption_of_a_layout_1_instance_migrates_its_flows() {
     // one flow a:40000 -> b:53 first seen at a's ingress hook, no netpol_ct_v2.
     let maps = dp.pin.join("maps");
     let state = MapHandle::from_pinned_path(maps.join("netpol_state_v1")).unwrap();
-    let mut v = state
-        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-        .unwrap()
-        .unwrap();
-    v[4..8].copy_from_slice(&1u32.to_ne_bytes());
-    state
-        .update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
-        .unwrap();
+    set_pinned_layout_version(&state, 1);
     std::fs::remove_file(maps.join("netpol_ct_v2")).unwrap();
     let opts = libbpf_sys::bpf_map_create_opts {
         sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
@@ -1404,16 +1422,121 @@ fn adoption_of_a_layout_1_instance_migrates_its_flows() {
         "the old map is unpinned"
     );
     assert!(maps.join("netpol_ct_v2").exists());
-    let v = state
-        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-        .unwrap()
-        .unwrap();
-    assert_eq!(&v[4..8], &2u32.to_ne_bytes(), "layout version 2 now");
+    assert_eq!(pinned_layout_version(&state), 3, "layout version 3 now");
     // The forward direction is judged again (its verdict has no generation):
     // a's egress has no policy, so it passes, and the next apply works.
     assert!(dp.run(FROM_A, &PacketSpec::udp(ip(A4), ip(B4), 40000, 53)));
     apply(&mut dp, c);
     assert!(dp.run(TO_A, &PacketSpec::udp(ip(B4), ip(A4), 53, 40000)));
+}
+
+/// One port inside a range with another verdict, for two identities: the
+/// one-port entries sit in the exact-match hash (looked up first), the range
+/// and the any-port entries in the trie; each packet gets the longest match.
+#[test]
+fn a_one_port_entry_in_the_exact_map_beats_the_range_around_it() {
+    let Some(_turn) = privileged("a_one_port_entry_in_the_exact_map_beats_the_range_around_it")
+    else {
+        return;
+    };
+    let mut dp = Dp::open(PREFIX, "exactport", &settings());
+    let c = exact_and_ranges();
+    apply(&mut dp, c.clone());
+    let active = dp.dp().active_slot().unwrap();
+    let got = dp.dp().dump_generation(active).unwrap().unwrap();
+    assert_eq!(got.policy_exact.len(), 3, "the one-port entries are hashed");
+    assert_eq!(got.policy.len(), 3, "the ranges stay in the trie");
+    check_exact_and_ranges(&mut dp, "fresh");
+}
+
+/// b: TCP 1024-2047 allowed, 1500 denied; c: UDP 53 allowed, any other UDP
+/// denied; any identity: TCP 8080 allowed inside a denied 7680-8191.
+fn exact_and_ranges() -> Compiled {
+    let mut c = base();
+    c.endpoints[0].default_deny_egress = true;
+    c.entries.push(entry(Egress, ID_B, 6, 1024, 6, Allow, 0));
+    c.entries.push(entry(Egress, ID_B, 6, 1500, 16, Deny, 1));
+    c.entries.push(entry(Egress, ID_C, 17, 0, 0, Deny, 2));
+    c.entries.push(allow(Egress, ID_C, 17, 53, 3));
+    c.entries.push(entry(Egress, 0, 6, 7680, 7, Deny, 4));
+    c.entries.push(allow(Egress, 0, 6, 8080, 5));
+    c
+}
+
+fn check_exact_and_ranges(dp: &mut Dp, when: &str) {
+    let tcp = |dst: &str, port| PacketSpec::tcp(ip(A4), ip(dst), 40100, port, TCP_SYN);
+    let udp = |dst: &str, port| PacketSpec::udp(ip(A4), ip(dst), 40100, port);
+    for (spec, want, what) in [
+        (tcp(B4, 1500), false, "the one port denied inside b's range"),
+        (tcp(B4, 1501), true, "the rest of b's range"),
+        (tcp(B4, 2048), false, "past b's range: default deny"),
+        (udp(C4, 53), true, "the one port c may use"),
+        (udp(C4, 54), false, "c's other UDP ports"),
+        (tcp(C4, 8080), true, "any identity: the one port allowed"),
+        (tcp(C4, 8081), false, "any identity: the range around it"),
+    ] {
+        assert_eq!(dp.run(FROM_A, &spec), want, "{when}: {what}");
+        dp.dp().clear_conntrack().unwrap();
+    }
+}
+
+/// An upgrade over a running layout-2 instance (every policy entry in the
+/// trie, no netpol_policy_exact_v1): its generations keep their verdicts
+/// while adopted, and the next apply splits them.
+#[test]
+fn adoption_of_a_layout_2_instance_keeps_its_verdicts_and_splits_at_the_next_apply() {
+    let Some(_turn) = privileged(
+        "adoption_of_a_layout_2_instance_keeps_its_verdicts_and_splits_at_the_next_apply",
+    ) else {
+        return;
+    };
+    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    let mut dp = Dp::open(PREFIX, "fromv2", &settings());
+    let c = exact_and_ranges();
+    apply(&mut dp, c.clone());
+    apply(&mut dp, c.clone());
+    dp.forget();
+    // What a layout-2 instance leaves: version 2 in the state word, each
+    // slot's one-port entries in its trie, no exact map at all.
+    let maps = dp.pin.join("maps");
+    let state = MapHandle::from_pinned_path(maps.join("netpol_state_v1")).unwrap();
+    set_pinned_layout_version(&state, 2);
+    let exact_outer = MapHandle::from_pinned_path(maps.join("netpol_policy_exact_v1")).unwrap();
+    for slot in 0..2u32 {
+        let exact = inner_map(&dp.pin, "netpol_policy_exact_v1", slot);
+        let trie = inner_map(&dp.pin, "netpol_policy_v1", slot);
+        for k in exact.keys().collect::<Vec<_>>() {
+            let val = exact.lookup(&k, MapFlags::ANY).unwrap().unwrap();
+            trie.update(&k, &val, MapFlags::ANY).unwrap();
+        }
+        exact_outer.delete(&slot.to_ne_bytes()).unwrap();
+    }
+    drop(exact_outer);
+    std::fs::remove_file(maps.join("netpol_policy_exact_v1")).unwrap();
+
+    dp.reopen(&settings());
+    assert!(dp.dp().adopted());
+    let active = dp.dp().active_slot().unwrap();
+    let adopted = dp.dp().dump_generation(active).unwrap().unwrap();
+    assert_eq!(
+        adopted.policy.len(),
+        6,
+        "the adopted trie holds every entry"
+    );
+    assert!(adopted.policy_exact.is_empty());
+    check_exact_and_ranges(&mut dp, "adopted layout 2");
+    // Both slots are written into the split, and keep the verdicts.
+    for n in [3u64, 4] {
+        assert_eq!(apply(&mut dp, c.clone()), n);
+        let active = dp.dp().active_slot().unwrap();
+        assert_eq!(
+            dp.dp().dump_generation(active).unwrap().unwrap(),
+            expected(&c, n),
+            "apply {n}: split"
+        );
+        check_exact_and_ranges(&mut dp, &format!("apply {n}"));
+    }
+    assert_eq!(pinned_layout_version(&state), 3, "layout version 3 now");
 }
 
 #[test]
