@@ -2078,9 +2078,14 @@ def write_page(raw, summary, agg, unavailable, args):
             + ". What is left is linear in the set, not in the change: the loader assembles the policy set "
             "again from every kept parse (10,000 policy copies and their cross-file name checks), the "
             "compile still numbers every rule item and writes every endpoint's record, and the new state "
-            "is compared whole with the installed one. What would close it: hand the pipeline per-file "
-            "pieces (shared, not copied) and the compile the changed files, and keep the state's records "
-            "shared between generations."),
+            "is compared whole with the installed one. A perf profile of netpold over these changes "
+            "(2026-12-07, a loaded 2-core machine) put the loader at 16% of its CPU per change (copying the "
+            "kept parses 9%, the cross-file name checks 6%), the compile at 23% (most of it allocations: "
+            "every rule item's reference with its file and policy names, every endpoint's record), the "
+            "datapath at 3%; the lint of the new set (35%, more than the compile) ran right after each "
+            "apply, delaying a change that came meanwhile, and now waits for a quiet second. What would "
+            "close it: hand the pipeline per-file pieces (shared, not copied) and the compile the changed "
+            "files, and keep the state's records shared between generations."),
         "registry_change_p99_ms_100k": (
             "**Why a registry change among 100k remote endpoints is over 20 ms**: the compile keeps every "
             "selection and expansion when the identities stay (an endpoint added or replaced under a label "
@@ -2089,7 +2094,11 @@ def write_page(raw, summary, agg, unavailable, args):
             "in the registry: the loader assembles and checks the registry again from every kept parse "
             "(100,000 endpoint copies, names, addresses), the compile resolves and numbers every endpoint "
             "again and rebuilds the ipcache (200,000 prefixes) and endpoint records, and the datapath "
-            "builds and diffs a whole generation's contents. What would close it: per-file registry pieces "
+            "builds and diffs a whole generation's contents. A perf profile of netpold over these changes "
+            "(2026-12-07, loaded machine): loader 20% of its CPU (the cross-file checks 11%, copying kept "
+            "parses 7%), compile 31% (resolving and sorting every endpoint 12%, the world's ipcache and "
+            "selector index rebuilt), datapath 14% (contents built and diffed whole 8%, map writes 4%), and "
+            "the lint 11% (now after a quiet second). What would close it: per-file registry pieces "
             "through the pipeline, resolution kept per endpoint, and an ipcache diff from the changed "
             "endpoints instead of whole contents."),
         "default_config_100k_remote_ok": (

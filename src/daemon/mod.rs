@@ -305,6 +305,7 @@ pub async fn run_with<D: Datapath, L: Links>(
         let debounce_at = debouncer.deadline().map(Instant::from_std);
         let retry_at = d.retry.map(|(at, _)| at);
         let save_at = d.saver.due();
+        let lint_at = d.lint_at;
         let cause = tokio::select! {
             _ = &mut shutdown => break,
             ev = fs_rx.recv() => {
@@ -359,6 +360,10 @@ pub async fn run_with<D: Datapath, L: Links>(
             _ = sleep_until_opt(debounce_at), if debounce_at.is_some() => Cause::Change,
             _ = sleep_until_opt(retry_at), if retry_at.is_some() => Cause::Retry,
             _ = sleep_until_opt(next_resync), if next_resync.is_some() => Cause::Resync,
+            _ = sleep_until_opt(lint_at), if lint_at.is_some() => {
+                d.lint_due();
+                continue;
+            }
             _ = sleep_until_opt(save_at), if save_at.is_some() => {
                 d.start_save();
                 continue;

@@ -32,6 +32,11 @@ use crate::sizes::MapSizes;
 use crate::text::count;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// How long the inputs must be quiet after an apply before the warnings
+/// about the new sets are looked for (`policy::lint`): at 10,000 policies
+/// the lint costs more than the change itself, so a burst of changes pays
+/// for one lint at its end, and no change waits behind one.
+pub const LINT_DELAY: Duration = Duration::from_millis(1000);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Why a reconcile runs.
@@ -102,6 +107,9 @@ pub struct Reconciler<D> {
     pub links_changed: bool,
     /// A generation was applied since the heap was last trimmed.
     trim_due: bool,
+    /// When the lint of the sets in force is due (they applied, and their
+    /// warnings are not found yet): [`LINT_DELAY`] after the last apply.
+    pub lint_at: Option<Instant>,
     pub datapath: D,
     installed: Option<Installed>,
     /// When to try the datapath again, and the backoff that got us there.
@@ -146,6 +154,7 @@ impl<D: Datapath> Reconciler<D> {
             links,
             links_changed: true,
             trim_due: false,
+            lint_at: None,
             datapath,
             installed: None,
             retry: None,
@@ -249,6 +258,8 @@ impl<D: Datapath> Reconciler<D> {
         self.problems = problems;
         self.warnings = pass.warnings;
         if !pass.lint_due {
+            // The sets in force did not compile: nothing to lint.
+            self.lint_at = None;
             // Else logged with the lint's, once the state is applied.
             self.log_warnings();
         }
@@ -286,7 +297,7 @@ impl<D: Datapath> Reconciler<D> {
                     f.installed();
                 }
                 slog::debug!(self.out.log, "nothing changed"; "cause" => cause.as_str(), "load_ms" => ms(load), "files_parsed" => parsed);
-                self.lint_after(pass.lint_due, &compiled);
+                self.lint_later(pass.lint_due);
                 self.publish();
                 if problems_changed {
                     self.out.notifier.status(&self.status_line());
@@ -311,9 +322,6 @@ impl<D: Datapath> Reconciler<D> {
             Ok(g)
         });
         let apply = t2.elapsed();
-        // The warnings about the state are found once it is enforced (they
-        // never change a verdict, and at scale they cost as much as a compile).
-        self.lint_after(pass.lint_due, &compiled);
         match result {
             Ok(generation) => {
                 if check_links {
@@ -361,6 +369,10 @@ impl<D: Datapath> Reconciler<D> {
                     attachments,
                     policies: n_policies,
                 });
+                // The warnings about the state are found once it is enforced
+                // and the inputs are quiet (they never change a verdict, and
+                // at scale they cost more than a compile).
+                self.lint_later(pass.lint_due);
                 // Saved once things have been quiet for a while: copying every file
                 // must not delay the next change.
                 self.saver.applied(!pass.refused);
@@ -376,6 +388,9 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
             Err(e) => {
+                // Nothing is installed to find them in later: now.
+                self.lint_at = None;
+                self.lint_after(pass.lint_due, &compiled);
                 let backoff = self
                     .retry
                     .map(|(_, b)| (b * 2).min(BACKOFF_MAX))
@@ -413,6 +428,37 @@ impl<D: Datapath> Reconciler<D> {
             slog::warn!(self.out.log, "invalid input; the last valid set stays in force"; "problems" => self.problems.len());
         }
         self.logged_problems = self.problems.clone();
+    }
+
+    /// The lint of the sets in force, due: found now when it is at hand
+    /// (the sets did not change since it was last found), else once the
+    /// inputs have been quiet for [`LINT_DELAY`] ([`Reconciler::lint_due`]).
+    fn lint_later(&mut self, due: bool) {
+        if !due {
+            return;
+        }
+        if pipeline::lint_known(&self.held, &self.copts.node_name) {
+            if let Some(i) = self.installed.take() {
+                self.lint_after(true, &i.compiled);
+                self.installed = Some(i);
+            }
+            self.lint_at = None;
+        } else {
+            self.lint_at = Some(Instant::now() + LINT_DELAY);
+        }
+    }
+
+    /// The inputs have been quiet since the last apply: find the warnings
+    /// about the state in force, and report them.
+    pub fn lint_due(&mut self) {
+        self.lint_at = None;
+        let Some(i) = self.installed.take() else {
+            return;
+        };
+        self.lint_after(true, &i.compiled);
+        self.installed = Some(i);
+        self.publish();
+        self.out.notifier.status(&self.status_line());
     }
 
     /// Log the input warnings once each time the set of warnings changes.

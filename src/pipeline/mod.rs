@@ -399,6 +399,12 @@ pub fn lint_warnings(held: &mut Held, compiled: &Compiled, node_name: &str) -> V
         .unwrap_or_default()
 }
 
+/// The lint warnings of the sets in force are at hand (found since a set or
+/// the node name last changed): [`lint_warnings`] costs a copy.
+pub fn lint_known(held: &Held, node_name: &str) -> bool {
+    held.lint.as_ref().is_some_and(|(n, _)| n == node_name)
+}
+
 /// One pass over a config's files from nothing, as every `netpolctl` command
 /// that reads them makes it: the sets read (for a summary) and the pass.
 pub fn load_files(config: &Config) -> (Held, Pass) {

@@ -1931,50 +1931,41 @@ fn check_ipcache(
         endpoint: None,
     }
     };
-    for node in &registry.nodes {
-        for (i, a) in node.addresses.iter().enumerate() {
+    let addresses = (registry.nodes.iter().map(|n| (&n.origin, &n.addresses)))
+        .chain(registry.endpoints.iter().map(|e| (&e.origin, &e.addresses)));
+    for (origin, addrs) in addresses {
+        for (i, a) in addrs.iter().enumerate() {
             if nets.insert(host_net(*a)) && nets.len() > limit {
-                return Err(registry_over(&node.origin, i));
+                return Err(registry_over(origin, i));
             }
         }
     }
-    for ep in &registry.endpoints {
-        for (i, a) in ep.addresses.iter().enumerate() {
-            if nets.insert(host_net(*a)) && nets.len() > limit {
-                return Err(registry_over(&ep.origin, i));
-            }
-        }
-    }
-    for (net, item) in cidr_prefixes {
+    // The policies' CIDR prefixes, then the addresses the DNS proxy learned
+    // (last: what the files need is refused on its own), each with the item
+    // it is counted for and whether it was learned.
+    let learned_nets = fqdn_sels.iter().flat_map(|(sel, item)| {
+        (learned.get(*sel).into_iter().flatten()).map(move |net| (net, *item, true))
+    });
+    let policy_nets =
+        (cidr_prefixes.iter().map(|(net, item)| (net, *item, false))).chain(learned_nets);
+    for (net, item, was_learned) in policy_nets {
         if nets.insert(*net) && nets.len() > limit {
-            if let Some(info) = items.get(*item as usize) {
-                let msg = format!(
-                    "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or {raise}"
-                );
+            if let Some(info) = items.get(item as usize) {
+                let msg = if was_learned {
+                    format!(
+                        "with the addresses the DNS proxy learned for this toFQDNs selector, the ipcache would need more than {limit} entries; {holds}; lower the proxy's caps or {raise}"
+                    )
+                } else {
+                    format!(
+                        "with this rule, the policies' CIDR prefixes and the registry's addresses would need more than {limit} ipcache entries; {holds}; narrow the rule or {raise}"
+                    )
+                };
                 return Err(CompileError {
                     map: MapKind::Ipcache,
                     limit,
                     problem: Box::new(item_problem(info, msg)),
                     endpoint: None,
                 });
-            }
-        }
-    }
-    // Learned addresses last: what the files need is refused on its own.
-    for (sel, item) in fqdn_sels {
-        for net in learned.get(*sel).into_iter().flatten() {
-            if nets.insert(*net) && nets.len() > limit {
-                if let Some(info) = items.get(*item as usize) {
-                    let msg = format!(
-                        "with the addresses the DNS proxy learned for this toFQDNs selector, the ipcache would need more than {limit} entries; {holds}; lower the proxy's caps or {raise}"
-                    );
-                    return Err(CompileError {
-                        map: MapKind::Ipcache,
-                        limit,
-                        problem: Box::new(item_problem(info, msg)),
-                        endpoint: None,
-                    });
-                }
             }
         }
     }

@@ -1538,6 +1538,54 @@ async fn socket_group_makes_the_socket_group_readable() {
     assert!(!dirs.config.socket_path().exists());
 }
 
+/// The lint (the warnings about the sets in force) waits until the inputs
+/// have been quiet for `LINT_DELAY` after an apply, so a burst of changes is
+/// enforced change by change without any waiting behind a lint: each change
+/// of the burst is applied before its warnings are found, and they are found
+/// once the burst is over.
+#[tokio::test]
+async fn warnings_are_found_once_a_burst_of_changes_is_over() {
+    use netpol::daemon::reconcile::LINT_DELAY;
+    let dirs = Dirs::new();
+    std::fs::copy(seed("endpoints.d/seed.yaml"), dirs.ep("seed.yaml")).unwrap();
+    write(&dirs.pol("nobody.yaml"), "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: nobody}\nspec:\n  endpointSelector: {matchLabels: {app: nobody}}\n  ingress: [{}]\n");
+    let db = |port: u16| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: db}}\nspec:\n  endpointSelector: {{matchLabels: {{app: database}}}}\n  ingress:\n    - fromEndpoints: [{{matchLabels: {{app: backend}}}}]\n      toPorts: [{{ports: [{{port: \"{port}\"}}]}}]\n")
+    };
+    write(&dirs.pol("db.yaml"), &db(5432));
+    let dp = SharedDp::default();
+    let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), dp.clone());
+    run_daemon!(fut, async {
+        let s = d
+            .wait_for("the first warning", |s, _| {
+                s.ready && !s.warnings.is_empty()
+            })
+            .await;
+        assert_eq!(s.warnings.len(), 1, "{s:?}");
+        for port in 5433..5436 {
+            let g = d.status().await.generation;
+            let t = std::time::Instant::now();
+            write(&dirs.pol("db.yaml"), &db(port));
+            let s = d
+                .wait_for("the change applied", |s, _| s.generation > g)
+                .await;
+            if t.elapsed() < LINT_DELAY {
+                assert!(
+                    s.warnings.is_empty(),
+                    "linted before the inputs were quiet: {s:?}"
+                );
+            }
+        }
+        let s = d
+            .wait_for("the warning found after the burst", |s, _| {
+                !s.warnings.is_empty()
+            })
+            .await;
+        assert_eq!(s.warnings[0].code, "selects-nothing", "{s:?}");
+        d.stop();
+    });
+}
+
 /// Through the real parser and core: a staged policy is applied without
 /// changing any default deny (its would-be denials are entries of their own),
 /// its audit events name it on the monitor, and the files' warnings are in
@@ -1558,8 +1606,11 @@ async fn staged_policy_reports_and_warnings_are_in_status_through_the_real_pipel
     let dp = SharedDp::default();
     let (mut d, fut) = start(dirs.config.clone(), Pipeline::default(), dp.clone());
     run_daemon!(fut, async {
+        // The lint's warnings come once the inputs have been quiet a while.
         let s = d
-            .wait_for("both policies", |s, _| s.ready && s.policies == 2)
+            .wait_for("both policies and their warnings", |s, _| {
+                s.ready && s.policies == 2 && !s.warnings.is_empty()
+            })
             .await;
         assert!(!s.degraded && s.errors.is_empty(), "{s:?}");
         let nobody = dirs.pol("nobody.yaml").display().to_string();
@@ -1648,7 +1699,10 @@ async fn staged_policy_reports_and_warnings_are_in_status_through_the_real_pipel
                 .all(|e| matches!(e.verdict, EntryVerdict::Allow | EntryVerdict::Deny)));
             assert!(c.rules.iter().all(|r| !r.staged));
         }
-        assert_eq!(d.status().await.warnings.len(), 1);
+        let s = d
+            .wait_for("the warning found again", |s, _| !s.warnings.is_empty())
+            .await;
+        assert_eq!(s.warnings.len(), 1);
         d.stop();
     });
 }
