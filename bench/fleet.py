@@ -15,7 +15,7 @@ etcd listens only inside them, on ports of namespaces nobody else uses (never 23
 Measured, in one run:
 - propagation: an endpoint file (label app=probe-ok, a fresh address) renamed into node A's
   endpoint directory → the first connection from that address accepted by node B, whose only
-  policy lets app=probe-ok in: A's reconcile and publish, etcd, B's tick, compile and apply, the
+  policy lets app=probe-ok in: A's read and publish, etcd, B's tick, compile and apply, the
   kernel. With no other writes, then under 20 background registry writes/s, then with 10,000
   remote endpoints in B's view;
 - the floor: a raw put → watch event on the same etcd (examples/fleet_load.rs floor);
@@ -188,8 +188,19 @@ def wait_for(what, f, timeout):
 
 def series(b, tag, a, changes, k0):
     """`changes` endpoint files dropped on node A (change k: probe-k, address probe_src(k0 + k)),
-    each timed from the rename to B's first accepted connection from that address."""
+    each timed from the rename to B's first accepted connection from that address. Beside it, a
+    watch on A's prefix in the hub (examples/fleet_load.rs watch) sees each put arrive: the split
+    of every sample into node A's part (file event, reconcile, publish, etcd) and node B's (watch
+    event, tick, merge, compile, apply, the probe's step)."""
+    started = {}
+    watch_out = os.path.join(b.OUT, f"fleet-watch-{k0}.txt")
+    watcher = b.spawn(b.nsenter(HUB, *b.HI, fleet_load(b), "watch", "--endpoint", ETCD_URL, "--prefix",
+                                f"{PREFIX}registry/nodes/{NODE_A}/endpoints/"),
+                      stdout=open(watch_out, "w"), stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+
     def apply(k):
+        started[k] = time.time_ns()
         staged = os.path.join(a.staging, f"probe-{k0 + k}.yaml")
         b.write_docs(staged, [endpoint(b, f"probe-{k0 + k}", "probe-ok", probe_src(k0 + k), f"npbq{k0 + k}")])
         os.rename(staged, os.path.join(a.ep_dir, f"probe-{k0 + k}.yaml"))
@@ -204,7 +215,47 @@ def series(b, tag, a, changes, k0):
             raise RuntimeError(f"probe from {probe_src(k0 + k)} did not start refused: {' '.join(first)}")
         return p
 
-    return b.run_apply_series(tag, changes, apply, probe=probe)
+    try:
+        r = b.run_apply_series(tag, changes, apply, probe=probe)
+    finally:
+        time.sleep(0.2)
+        b.stop(watcher)
+    r["split"] = split(b, r, started, watch_out, k0)
+    b.log(f"  split: node A → etcd p50 {r['split'].get('a_p50_ms')} / p99 {r['split'].get('a_p99_ms')} ms, "
+          f"etcd → node B accepts p50 {r['split'].get('b_p50_ms')} / p99 {r['split'].get('b_p99_ms')} ms; "
+          f"slowest {r['split'].get('slowest')}")
+    return r
+
+
+def split(b, r, started, watch_out, k0):
+    """Each sample's node A part (start of the change → its put seen by the hub's watch) and node B
+    part (the rest), from the watch's lines `<unix ns> <key>`."""
+    seen = {}
+    try:
+        with open(watch_out) as f:
+            for line in f:
+                p = line.split()
+                if len(p) == 2 and p[0].isdigit():
+                    seen.setdefault(p[1].rsplit("/", 1)[-1], int(p[0]))
+    except OSError:
+        return {}
+    a_ms, b_ms, rows = [], [], []
+    lats = r.get("samples_ms") or []
+    if len(lats) != len(started):
+        return {"matched": 0, "why": "a change failed: samples and changes do not pair up"}
+    for k, lat in zip(sorted(started), lats):
+        t = seen.get(f"probe-{k0 + k}")
+        if t is None:
+            continue
+        a = (t - started[k]) / 1e6
+        a_ms.append(a)
+        b_ms.append(lat - a)
+        rows.append((round(lat, 1), round(a, 1), round(lat - a, 1)))
+    rows.sort(reverse=True)
+    out = {"matched": len(a_ms), "slowest": rows[:5],
+           "a_p50_ms": b.pct(a_ms, .5), "a_p99_ms": b.pct(a_ms, .99),
+           "b_p50_ms": b.pct(b_ms, .5), "b_p99_ms": b.pct(b_ms, .99)}
+    return out
 
 
 def applies_since(d, n0):
@@ -438,6 +489,32 @@ def summarize(raw, s):
         s["fleet_propagation_p99_ratio_vs_etcd_floor"] = s["fleet_propagation_p99_ms"] / s["fleet_etcd_floor_p99_ms"]
 
 
+def where_targets_stand(fl, summary, fmt):
+    """The propagation targets, each with its figure and what it is made of (a list of lines)."""
+    def verdict(key):
+        v = summary.get(key)
+        if v is None:
+            return "not measured"
+        return f"{fmt(v, 1)} ms, {'met' if v < 100 else 'missed'}"
+
+    c = fl.get("churn20") or {}
+    sp = c.get("split") or {}
+    cb = fl.get("churn20_node_b") or {}
+    batch = fl.get("batch_ms", 50)
+    return [
+        f"\n**Where the targets stand.** Propagation p99 < 100 ms with no other writes: "
+        f"{verdict('fleet_propagation_p99_ms')}; under 20 background writes/s: "
+        f"{verdict('fleet_propagation_p99_ms_churn20')}. Under that churn node B applied "
+        f"{fmt(cb.get('applies_per_s'), 1)} generations/s (at most one per {batch} ms tick, {1000 // batch}/s): a "
+        f"change that lands within a tick of the last delivery waits up to one tick for the next — the tick "
+        f"bounds applies to one per `batch_ms` by design, and no quiet moment is waited for — and node B then "
+        f"compiles and applies it, after the background change's compile if one is running; on node A it may "
+        f"wait for the reconcile of a background change already running before its file is read. In this run node A's part (to etcd) had p99 {fmt(sp.get('a_p99_ms'), 1)} ms and "
+        f"node B's {fmt(sp.get('b_p99_ms'), 1)} ms. The 10,000-remote figure has no target: there node B "
+        "rebuilds its whole remote view, merges and compiles 10,000 remote endpoints on a tick that changed "
+        "one (not incremental yet)."]
+
+
 def page(raw, summary, fmt):
     """The fleet section of docs/benchmarks.md (a list of lines)."""
     fl = raw.get("fleet") or {}
@@ -450,24 +527,34 @@ def page(raw, summary, fmt):
              "behind node B, whose only policy lets `app=probe-ok` in. Each change renames an Endpoint file "
              "(`app=probe-ok`, a fresh address) into node A's endpoint directory; the time is from the rename to "
              "the first connection from that address that node B accepts (a probe trying every 0.5 ms): A's "
-             "reconcile and publish, etcd, B's tick (`batch_ms` = 50), merge, compile and apply. Both nodes run "
+             "file event, read and publish (A publishes what a valid read found while it compiles it), etcd, "
+             "B's tick (`batch_ms` = 50), merge, compile and apply. Both nodes run "
              "with their defaults but for the instance paths, a 10 s lease and 1 s timeouts. The floor is a raw "
              "put → watch event on the same etcd from `examples/fleet_load.rs`.\n")
     if fl.get("error"):
         L.append(f"**Not measured**: {fl['error'][:400]}\n")
     q, c, r10 = fl.get("quiet") or {}, fl.get("churn20") or {}, fl.get("remote10k") or {}
     floor = fl.get("floor") or {}
-    L.append("| propagation | changes | p50 ms | p99 ms | max ms | node B compile / kernel, median ms |\n"
-             "| --- | ---: | ---: | ---: | ---: | ---: |")
+    L.append("| propagation | changes | p50 ms | p99 ms | max ms | node A → etcd p50 / p99 ms | "
+             "etcd → node B accepts p50 / p99 ms | node B compile / kernel, median ms |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r, nb in (("no other writes", q, fl.get("quiet_node_b")),
                         ("20 background registry writes/s", c, fl.get("churn20_node_b")),
                         (f"{REMOTE_FILL:,} more remote endpoints", r10, fl.get("remote10k_node_b"))):
-        nb = nb or {}
+        nb, sp = nb or {}, r.get("split") or {}
         L.append(f"| {name} | {r.get('changes')} | {fmt(r.get('p50_ms'), 1)} | {fmt(r.get('p99_ms'), 1)} | "
-                 f"{fmt(r.get('max_ms'), 1)} | {fmt(nb.get('compile_ms_p50'), 1)} / {fmt(nb.get('apply_ms_p50'), 1)} |"
+                 f"{fmt(r.get('max_ms'), 1)} | {fmt(sp.get('a_p50_ms'), 1)} / {fmt(sp.get('a_p99_ms'), 1)} | "
+                 f"{fmt(sp.get('b_p50_ms'), 1)} / {fmt(sp.get('b_p99_ms'), 1)} | "
+                 f"{fmt(nb.get('compile_ms_p50'), 1)} / {fmt(nb.get('apply_ms_p50'), 1)} |"
                  + (f" errors: {r['errors'][:1]}" if r.get("errors") else ""))
     L.append(f"| etcd floor: put → watch event | {floor.get('n')} | {fmt(floor.get('p50_ms'), 2)} | "
-             f"{fmt(floor.get('p99_ms'), 2)} | {fmt(floor.get('max_ms'), 2)} | |")
+             f"{fmt(floor.get('p99_ms'), 2)} | {fmt(floor.get('max_ms'), 2)} | | | |")
+    L.append("\nThe split comes from a third watch on node A's prefix in etcd's namespace "
+             "(`fleet_load watch`): node A's part is from the start of the change to its put arriving there "
+             "(file event, A's read of the file and publish, etcd's commit), node B's part the rest (B's "
+             "watch, its tick, merge, compile and apply, the probe's 0.5 ms step). Each column's p99 is of "
+             "its own; they need not add up to the total's.")
+    L.extend(where_targets_stand(fl, summary, fmt))
     ratio = summary.get("fleet_propagation_p99_ratio_vs_etcd_floor")
     if ratio:
         L.append(f"\nPropagation p99 is {ratio:.0f}× etcd's own put → watch p99 in this run: the rest is the two "
@@ -476,7 +563,9 @@ def page(raw, summary, fmt):
     cb = fl.get("churn20_node_b") or {}
     if cw:
         L.append(f"\nThe background writer put {cw.get('writes')} static endpoints in {fmt(cw.get('secs'), 1)} s "
-                 f"({fmt(cw.get('rate'), 1)}/s, labels cycling among five); node B applied "
+                 f"({fmt(cw.get('rate'), 1)}/s, 20 keys in turn, labels cycling among five; after the first second each "
+                 "write puts a key's value again: a new revision, so a new view and a reconcile on both nodes, but "
+                 "no new generation); node B applied "
                  f"{cb.get('applies')} generations meanwhile ({fmt(cb.get('applies_per_s'), 1)}/s — at most one per "
                  "50 ms tick).")
     conv = fl.get("converge_s") or []

@@ -19,6 +19,10 @@
 //!     N static endpoints (txns of 100 puts): the revision of the last.
 //! fleet_load put    --endpoint URL --key K --value V
 //!     one put: its revision.
+//! fleet_load watch  --endpoint URL --prefix P
+//!     one watch on P until SIGTERM: a line `<unix ns> <key>` per put as it
+//!     arrives (the bench's split of a propagation into the publishing node's
+//!     part, up to etcd, and the receiving node's), then the JSON line.
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +91,12 @@ enum Mode {
         key: String,
         #[arg(long)]
         value: String,
+    },
+    Watch {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        prefix: String,
     },
 }
 
@@ -305,6 +315,41 @@ async fn fill(endpoint: &str, prefix: &str, n: usize) -> serde_json::Value {
     json!({"n": n, "revision": rev, "static_keys": count, "secs": t0.elapsed().as_secs_f64()})
 }
 
+async fn watch(endpoint: &str, prefix: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut c = connect(endpoint).await;
+    let mut stream = c
+        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+        .await
+        .expect("watch");
+    stream.message().await.expect("watch created");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    let mut out = std::io::stdout().lock();
+    let mut puts = 0u64;
+    loop {
+        let m = tokio::select! {
+            m = stream.message() => m,
+            _ = term.recv() => break,
+        };
+        let Ok(Some(m)) = m else { break };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for e in m.events() {
+            if !matches!(e.event_type(), etcd_client::EventType::Put) {
+                continue;
+            }
+            if let Some(kv) = e.kv() {
+                puts += 1;
+                let _ = writeln!(out, "{now} {}", kv.key_str().unwrap_or(""));
+            }
+        }
+        let _ = out.flush();
+    }
+    json!({"puts": puts})
+}
+
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -358,6 +403,7 @@ fn main() {
                 let r = c.put(key, value, None).await.expect("put");
                 json!({"revision": r.header().map_or(0, |h| h.revision())})
             }
+            Mode::Watch { endpoint, prefix } => watch(&endpoint, &prefix).await,
         }
     });
     println!("{out}");

@@ -19,11 +19,12 @@ use slog::Logger;
 use tokio::sync::watch;
 
 use super::status::{EtcdStatus, FileError};
-use crate::api::model::RegistrySet;
 use crate::config::Config;
 use crate::fleet::inputs::{FleetInputs, Merged};
 use crate::fleet::publish::enforced_revision;
-use crate::fleet::{Engine, FleetSettings, PublishState, RemoteView, Store, SyncState};
+use crate::fleet::{
+    Engine, FleetSettings, Publication, PublishState, RemoteView, Store, SyncState,
+};
 use crate::pipeline::FileInputs;
 
 /// Why fleet mode could not start (a file the `[etcd]` table names cannot be read,
@@ -35,6 +36,8 @@ pub enum FleetError {
     Settings(#[from] crate::fleet::etcd::SettingsError),
     #[error("etcd.endpoints: this netpold was built without fleet mode (Cargo feature `etcd`)")]
     NotBuilt,
+    #[error("cannot start the etcd thread")]
+    Thread(#[from] std::io::Error),
 }
 
 /// The engine and what the daemon last told it.
@@ -44,12 +47,14 @@ pub struct FleetLink {
     view: watch::Receiver<Arc<RemoteView>>,
     state: watch::Receiver<SyncState>,
     publish_state: watch::Receiver<PublishState>,
-    /// The local registry and host addresses last handed to the publisher.
-    published: Option<(Arc<RegistrySet>, Vec<IpAddr>)>,
-    /// The view revision the installed state was built from.
-    installed_revision: Option<i64>,
+    /// Where the local registry (from the inputs) and the host's addresses
+    /// (from here) go to the publisher.
+    publication: Publication,
+    /// The view revision the installed state was built from, and the number
+    /// of the local registry it includes ([`Publication::local`]).
+    installed_revision: Option<(i64, u64)>,
     /// What was last reported with `applied`.
-    reported: Option<(i64, u64, bool, bool)>,
+    reported: Option<(i64, u64, bool, bool, u64)>,
 }
 
 /// Start fleet mode when the config asks for it: the engine on `store` (or on
@@ -69,15 +74,17 @@ pub fn start(
     slog::info!(log, "fleet mode: registry and policies from etcd";
         "endpoints" => config.etcd.endpoints.join(","), "prefix" => &config.etcd.prefix,
         "node" => &settings.publish.node);
-    let engine = Engine::start(settings, store, log.new(slog::o!("component" => "etcd")));
-    let inputs = FleetInputs::new(FileInputs::new(config), engine.view());
+    let engine =
+        Engine::start_on_thread(settings, store, log.new(slog::o!("component" => "etcd")))?;
+    let inputs =
+        FleetInputs::new(FileInputs::new(config), engine.view()).publishing(engine.publication());
     let link = FleetLink {
         merged: inputs.merged(),
         view: engine.view(),
         state: engine.state(),
         publish_state: engine.publish_state(),
+        publication: engine.publication(),
         engine,
-        published: None,
         installed_revision: None,
         reported: None,
     };
@@ -140,7 +147,7 @@ impl FleetLink {
     /// The reconcile installed (or kept) the state of the sets held now.
     pub fn installed(&mut self) {
         let m = self.merged.lock().unwrap_or_else(|e| e.into_inner());
-        self.installed_revision = Some(m.revision);
+        self.installed_revision = Some((m.revision, self.publication.local()));
     }
 
     /// Nothing installed stands for a revision (a datapath error).
@@ -162,9 +169,9 @@ impl FleetLink {
         let p = self.publish_state.borrow().clone();
         let m = self.merged.lock().unwrap_or_else(|e| e.into_inner());
         let view = self.view.borrow().clone();
-        let applied = self
-            .installed_revision
-            .map_or(0, |r| enforced_revision(r, view.revision, st.view_revision));
+        let applied = self.installed_revision.map_or(0, |(r, _)| {
+            enforced_revision(r, view.revision, st.view_revision)
+        });
         let mut rejected: Vec<FileError> = view.rejected.iter().map(FileError::from).collect();
         rejected.extend(m.conflicts.iter().map(FileError::from));
         EtcdStatus {
@@ -187,30 +194,16 @@ impl FleetLink {
         }
     }
 
-    /// After a reconcile (or a status change): publish the local registry if
-    /// it or the host's addresses changed, and report what is enforced.
+    /// After a reconcile (or a status change): the host's addresses to the
+    /// publisher (the inputs handed it the local registry at the read), and
+    /// report what is enforced.
     pub fn report(&mut self, host: &[IpAddr], generation: u64, ready: bool, degraded: bool) {
-        let local = self
-            .merged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .local_registry
-            .clone();
-        if let Some(reg) = local {
-            let addrs = node_addresses(host);
-            let same = self
-                .published
-                .as_ref()
-                .is_some_and(|(r, a)| Arc::ptr_eq(r, &reg) && *a == addrs);
-            if !same {
-                self.engine.publish(reg.clone(), addrs.clone());
-                self.published = Some((reg, addrs));
-            }
-        }
-        if let Some(rev) = self.installed_revision {
-            let now = (rev, generation, ready, degraded);
+        self.publication.addresses(node_addresses(host));
+        if let Some((rev, local)) = self.installed_revision {
+            let now = (rev, generation, ready, degraded, local);
             if self.reported != Some(now) {
-                self.engine.applied(rev, generation, ready, degraded);
+                self.engine
+                    .applied_local(rev, generation, ready, degraded, local);
                 self.reported = Some(now);
             }
         }
@@ -227,7 +220,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::api::model::PolicySet;
+    use crate::api::model::{PolicySet, RegistrySet};
     use crate::daemon::netlink::{fake_links, LinkTable};
     use crate::daemon::sdnotify::Notifier;
     use crate::daemon::status::Status;

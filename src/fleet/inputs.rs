@@ -13,6 +13,9 @@
 //!   reconcile and at most one generation flip.
 //! - [`Inputs::saved`] merges saved copies of the files with the view as it is
 //!   (the cached one while etcd is away).
+//! - A valid read of the local registry is handed to the publisher at once
+//!   ([`FleetInputs::publishing`]): this host's own change goes out while the
+//!   daemon compiles it.
 //! - What the daemon reports comes through [`Merged`]: the revision the sets
 //!   in force stand for, the last valid local registry (to publish), the
 //!   remote entries left out because a file has the object or the address.
@@ -22,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 
+use super::publish::Publication;
 use super::sync::RemoteView;
 use super::view::{merge_policies, merge_registry};
 use crate::api::model::{PolicySet, RegistrySet};
@@ -62,6 +66,7 @@ pub struct FleetInputs {
     kinds: [KindState; 2],
     merged: Arc<Mutex<Merged>>,
     wake: Option<watch::Receiver<Arc<RemoteView>>>,
+    publication: Option<Publication>,
 }
 
 const POLICIES: usize = 0;
@@ -78,7 +83,14 @@ impl FleetInputs {
             local_registry: None,
             kinds: Default::default(),
             merged: Arc::new(Mutex::new(Merged::default())),
+            publication: None,
         }
+    }
+
+    /// Hand every valid read of the local registry to `p` (the publisher).
+    pub fn publishing(mut self, p: Publication) -> FleetInputs {
+        self.publication = Some(p);
+        self
     }
 
     /// What the reads merged, shared with the daemon.
@@ -129,65 +141,86 @@ fn same_remote(kind: usize, a: &RemoteView, b: &RemoteView) -> bool {
     }
 }
 
-impl Inputs for FleetInputs {
-    fn policies(&mut self, hint: Hint<'_>) -> Read<PolicySet> {
-        let view = self.view_now(POLICIES);
-        let local = match self.files.policies(hint) {
+/// The local policies with the view's current set (the file wins).
+fn with_remote_policies(local: &PolicySet, view: &RemoteView) -> (PolicySet, Vec<Problem>) {
+    match view.policies.as_deref() {
+        Some(remote) => merge_policies(local, remote),
+        None => (local.clone(), Vec::new()),
+    }
+}
+
+/// The local registry with the view's entries (the file wins).
+fn with_remote_registry(local: &RegistrySet, view: &RemoteView) -> (RegistrySet, Vec<Problem>) {
+    merge_registry(local, &view.registry)
+}
+
+impl FleetInputs {
+    /// One kind's read, the same for both: the files' read `files` (kept by
+    /// `keep` when valid), merged by `merge` with `view` unless the files and
+    /// the remote part are as they were (only the revision moved).
+    fn merge_kind<T>(
+        &mut self,
+        kind: usize,
+        view: Arc<RemoteView>,
+        files: Read<T>,
+        keep: impl FnOnce(&mut Self, T),
+        merge: impl FnOnce(&Self, &RemoteView) -> Option<(T, Vec<Problem>)>,
+    ) -> Read<T> {
+        let prev = match files {
             Read::Invalid(p) => return Read::Invalid(p),
             Read::Valid(set) => {
-                self.local_policies = Some(set);
+                keep(self, set);
                 None
             }
-            Read::Unchanged => self.kinds[POLICIES].view.clone(),
+            Read::Unchanged => self.kinds[kind].view.clone(),
         };
-        let st = &mut self.kinds[POLICIES];
-        // The files and the remote set as before: only the revision moved.
-        if let Some(prev) = local {
-            if same_remote(POLICIES, &prev, &view) {
-                st.view = Some(view);
+        if let Some(prev) = prev {
+            if same_remote(kind, &prev, &view) {
+                self.kinds[kind].view = Some(view);
                 self.report();
                 return Read::Unchanged;
             }
         }
-        let Some(local) = self.local_policies.as_ref() else {
+        let Some((set, conflicts)) = merge(self, &view) else {
             return Read::Invalid(Vec::new());
         };
-        let (set, conflicts) = match view.policies.as_deref() {
-            Some(remote) => merge_policies(local, remote),
-            None => (local.clone(), Vec::new()),
-        };
+        let st = &mut self.kinds[kind];
         st.view = Some(view);
         st.conflicts = conflicts;
         self.report();
         Read::Valid(set)
     }
+}
+
+impl Inputs for FleetInputs {
+    fn policies(&mut self, hint: Hint<'_>) -> Read<PolicySet> {
+        let view = self.view_now(POLICIES);
+        let files = self.files.policies(hint);
+        self.merge_kind(
+            POLICIES,
+            view,
+            files,
+            |me, set| me.local_policies = Some(set),
+            |me, view| Some(with_remote_policies(me.local_policies.as_ref()?, view)),
+        )
+    }
 
     fn registry(&mut self, hint: Hint<'_>) -> Read<RegistrySet> {
         let view = self.view_now(REGISTRY);
-        let local = match self.files.registry(hint) {
-            Read::Invalid(p) => return Read::Invalid(p),
-            Read::Valid(set) => {
-                self.local_registry = Some(Arc::new(set));
-                None
-            }
-            Read::Unchanged => self.kinds[REGISTRY].view.clone(),
-        };
-        let st = &mut self.kinds[REGISTRY];
-        if let Some(prev) = local {
-            if same_remote(REGISTRY, &prev, &view) {
-                st.view = Some(view);
-                self.report();
-                return Read::Unchanged;
-            }
-        }
-        let Some(local) = self.local_registry.as_ref() else {
-            return Read::Invalid(Vec::new());
-        };
-        let (set, conflicts) = merge_registry(local, &view.registry);
-        st.view = Some(view);
-        st.conflicts = conflicts;
-        self.report();
-        Read::Valid(set)
+        let files = self.files.registry(hint);
+        self.merge_kind(
+            REGISTRY,
+            view,
+            files,
+            |me, set| {
+                let set = Arc::new(set);
+                if let Some(p) = &me.publication {
+                    p.registry(set.clone());
+                }
+                me.local_registry = Some(set);
+            },
+            |me, view| Some(with_remote_registry(me.local_registry.as_deref()?, view)),
+        )
     }
 
     fn files_parsed(&self) -> usize {
@@ -236,15 +269,12 @@ impl SavedReader for SavedMerged {
     fn policies(&self, dir: &Path) -> Result<PolicySet, Vec<Problem>> {
         let local = SavedFiles.policies(dir)?;
         let view = self.view.borrow().clone();
-        Ok(match view.policies.as_deref() {
-            Some(remote) => merge_policies(&local, remote).0,
-            None => local,
-        })
+        Ok(with_remote_policies(&local, &view).0)
     }
 
     fn registry(&self, dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
         let local = SavedFiles.registry(dirs)?;
         let view = self.view.borrow().clone();
-        Ok(merge_registry(&local, &view.registry).0)
+        Ok(with_remote_registry(&local, &view).0)
     }
 }

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use crate::api::model::RegistrySet;
 use crate::config::Config;
 
-pub use publish::{Applied, NodeStatus, PublishSettings, PublishState};
+pub use publish::{Applied, NodeStatus, Publication, PublishSettings, PublishState};
 pub use store::Store;
 pub use sync::{RemoteView, SyncSettings, SyncState};
 pub use view::{merge_policies, merge_registry};
@@ -90,6 +90,11 @@ pub fn connect(cfg: &crate::config::EtcdConfig) -> Result<Arc<dyn Store>, etcd::
 pub struct Engine {
     sync: sync::SyncHandle,
     pub(crate) publisher: publish::PublisherHandle,
+    /// The thread of [`Engine::start_on_thread`]: told to end, then joined.
+    thread: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Engine {
@@ -122,7 +127,54 @@ impl Engine {
             sync.view.clone(),
             sync.state.clone(),
         );
-        Engine { sync, publisher }
+        Engine {
+            sync,
+            publisher,
+            thread: None,
+        }
+    }
+
+    /// [`Engine::start`] on a thread and runtime of its own, for the daemon,
+    /// whose loop compiles and applies without yielding: the engine hears
+    /// etcd, runs its ticks and publishes meanwhile, so this host's own change
+    /// goes out while the host compiles it, and a remote change is taken in
+    /// (and its tick kept) while a compile of the last one runs.
+    pub fn start_on_thread(
+        s: FleetSettings,
+        store: Arc<dyn Store>,
+        log: Logger,
+    ) -> std::io::Result<Engine> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("netpol-etcd".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let _ = tx.send(Ok(Engine::start(s, store, log)));
+                    // Until stopped (or the engine dropped).
+                    let _ = end_rx.await;
+                });
+            })?;
+        let mut engine = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the etcd thread ended before it started"))??;
+        engine.thread = Some((end_tx, thread));
+        Ok(engine)
+    }
+
+    /// Where the inputs hand over the local registry of a valid read.
+    pub fn publication(&self) -> Publication {
+        self.publisher.publication.clone()
     }
 
     /// The remote view; `changed()` fires on a tick that changed it.
@@ -157,12 +209,29 @@ impl Engine {
     }
 
     /// The daemon applied a generation built from the view of `revision`.
+    /// Every local registry handed over so far counts as applied; the daemon
+    /// says which one with [`Engine::applied_local`].
     pub fn applied(&self, revision: i64, generation: u64, ready: bool, degraded: bool) {
+        let local = self.publisher.publication.local();
+        self.applied_local(revision, generation, ready, degraded, local);
+    }
+
+    /// [`Engine::applied`], with the [`Publication::local`] number of the
+    /// local registry the applied generation includes.
+    pub fn applied_local(
+        &self,
+        revision: i64,
+        generation: u64,
+        ready: bool,
+        degraded: bool,
+        local: u64,
+    ) {
         self.publisher.applied(Applied {
             revision,
             generation,
             ready,
             degraded,
+            local,
         });
     }
 
@@ -171,6 +240,10 @@ impl Engine {
     pub async fn stop(self) {
         self.publisher.stop().await;
         self.sync.stop().await;
+        if let Some((end, thread)) = self.thread {
+            let _ = end.send(());
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }
 

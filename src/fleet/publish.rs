@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,10 @@ pub struct Applied {
     pub generation: u64,
     pub ready: bool,
     pub degraded: bool,
+    /// The [`Publication`] number of the local registry the applied
+    /// generation includes: until then, this host's own writes of a later
+    /// one are not claimed as enforced.
+    pub local: u64,
 }
 
 /// The publisher's state, for status and metrics.
@@ -171,13 +175,90 @@ pub(crate) enum Control {
     Publish {
         registry: Arc<RegistrySet>,
         host_addresses: Vec<IpAddr>,
+        /// Its [`Publication`] number.
+        local: u64,
     },
     Applied(Applied),
+}
+
+/// What this host publishes, handed over from two places: the local registry
+/// by the input read that found the files valid (so it goes out while the
+/// daemon still compiles it, not after), and the host's addresses (a Node made
+/// of them) by the daemon after a reconcile. Sent once both are known, and
+/// again whenever either changes. Each new registry gets the next number;
+/// [`Applied::local`] says which one the enforced state includes.
+#[derive(Clone)]
+pub struct Publication(Arc<Mutex<Handover>>);
+
+struct Handover {
+    tx: mpsc::UnboundedSender<Control>,
+    registry: Option<(Arc<RegistrySet>, u64)>,
+    addresses: Option<Vec<IpAddr>>,
+    sent: Option<(u64, Vec<IpAddr>)>,
+}
+
+impl Publication {
+    fn new(tx: mpsc::UnboundedSender<Control>) -> Publication {
+        Publication(Arc::new(Mutex::new(Handover {
+            tx,
+            registry: None,
+            addresses: None,
+            sent: None,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handover> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The local registry of a valid read (the same `Arc` again is no change).
+    pub fn registry(&self, registry: Arc<RegistrySet>) {
+        let mut h = self.lock();
+        let n = match &h.registry {
+            Some((r, n)) if Arc::ptr_eq(r, &registry) => return,
+            Some((_, n)) => n + 1,
+            None => 1,
+        };
+        h.registry = Some((registry, n));
+        h.send();
+    }
+
+    /// The host's addresses worth naming in its Node.
+    pub fn addresses(&self, addresses: Vec<IpAddr>) {
+        let mut h = self.lock();
+        if h.addresses.as_ref() != Some(&addresses) {
+            h.addresses = Some(addresses);
+            h.send();
+        }
+    }
+
+    /// The number of the last local registry handed over (0: none yet).
+    pub fn local(&self) -> u64 {
+        self.lock().registry.as_ref().map_or(0, |(_, n)| *n)
+    }
+}
+
+impl Handover {
+    fn send(&mut self) {
+        let (Some((registry, n)), Some(addresses)) = (&self.registry, &self.addresses) else {
+            return;
+        };
+        if self.sent.as_ref() == Some(&(*n, addresses.clone())) {
+            return;
+        }
+        let _ = self.tx.send(Control::Publish {
+            registry: registry.clone(),
+            host_addresses: addresses.clone(),
+            local: *n,
+        });
+        self.sent = Some((*n, addresses.clone()));
+    }
 }
 
 /// The running publisher.
 pub struct PublisherHandle {
     pub(crate) tx: mpsc::UnboundedSender<Control>,
+    pub publication: Publication,
     pub state: watch::Receiver<PublishState>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -186,10 +267,8 @@ pub struct PublisherHandle {
 impl PublisherHandle {
     /// This host's files changed: publish what they say now.
     pub fn publish(&self, registry: Arc<RegistrySet>, host_addresses: Vec<IpAddr>) {
-        let _ = self.tx.send(Control::Publish {
-            registry,
-            host_addresses,
-        });
+        self.publication.registry(registry);
+        self.publication.addresses(host_addresses);
     }
 
     pub fn applied(&self, a: Applied) {
@@ -225,6 +304,11 @@ struct Publisher {
     published_known: bool,
     desired: Option<BTreeMap<String, String>>,
     need_sync: bool,
+    /// The publication number of `desired`.
+    desired_local: u64,
+    /// Own writes (publication number, revision) of local registries the
+    /// daemon has not reported applied yet.
+    unapplied: Vec<(u64, i64)>,
     applied: Option<Applied>,
     status_written: Option<NodeStatus>,
     last_status_write: Option<Instant>,
@@ -260,6 +344,8 @@ pub fn spawn(
         published_known: false,
         desired: None,
         need_sync: false,
+        desired_local: 0,
+        unapplied: Vec::new(),
         applied: None,
         status_written: None,
         last_status_write: None,
@@ -271,6 +357,7 @@ pub fn spawn(
     };
     let task = tokio::spawn(p.run(rx, own, shutdown_rx));
     PublisherHandle {
+        publication: Publication::new(tx.clone()),
         tx,
         state: state_rx,
         shutdown: shutdown_tx,
@@ -303,7 +390,8 @@ impl Publisher {
             };
             tokio::select! {
                 c = rx.recv() => match c {
-                    Some(Control::Publish { registry, host_addresses }) => {
+                    Some(Control::Publish { registry, host_addresses, local }) => {
+                        self.desired_local = local;
                         let d = if self.s.publish {
                             own_entries(&self.s.keys, &self.s.node, &registry, &host_addresses)
                         } else {
@@ -314,7 +402,10 @@ impl Publisher {
                             self.need_sync = true;
                         }
                     }
-                    Some(Control::Applied(a)) => self.applied = Some(a),
+                    Some(Control::Applied(a)) => {
+                        self.unapplied.retain(|(n, _)| *n > a.local);
+                        self.applied = Some(a);
+                    }
                     None => return,
                 },
                 e = own.recv(), if own_open => match e {
@@ -558,6 +649,7 @@ impl Publisher {
         }
         let n = ops.len();
         let txns = batches(ops).map_err(StoreError::Other)?;
+        let mut first_rev = None;
         for txn in txns {
             let applied = txn.clone();
             let r = bounded(
@@ -569,6 +661,7 @@ impl Publisher {
             )
             .await?;
             let rev = r.header.revision;
+            first_rev.get_or_insert(rev);
             for op in applied {
                 match op {
                     Op::Put { key, value, lease } => {
@@ -580,6 +673,10 @@ impl Publisher {
                     Op::DeletePrefix { .. } => {}
                 }
             }
+        }
+        let local = self.desired_local;
+        if let Some(rev) = first_rev.filter(|_| self.applied.is_none_or(|a| a.local < local)) {
+            self.unapplied.push((local, rev));
         }
         let count = self.published().count();
         slog::info!(self.log, "published to etcd"; "changed_keys" => n, "keys" => count);
@@ -598,6 +695,14 @@ impl Publisher {
             self.view.borrow().revision,
             self.sync_state.borrow().view_revision,
         );
+        // This host's own write of a registry it has not applied yet (it is
+        // published as soon as it is read): not enforced before that write.
+        let rev = self
+            .unapplied
+            .iter()
+            .filter(|(n, _)| *n > a.local)
+            .map(|(_, r)| r - 1)
+            .fold(rev, i64::min);
         Some(NodeStatus {
             node: self.s.node.clone(),
             ready: a.ready,

@@ -603,6 +603,67 @@ async fn a_host_publishes_its_own_entries_under_one_lease_and_only_changes() {
     a.stop().await;
 }
 
+/// The `applied_revision` of `node`'s status key, if written.
+fn applied_revision(m: &MemStore, node: &str) -> Option<i64> {
+    m.value(&keys().status(node)).map(|kv| {
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        v["applied_revision"].as_i64().unwrap()
+    })
+}
+
+/// Wait (simulated time, at most 30 s) for `node`'s status to claim `rev`.
+async fn status_reaches(m: &MemStore, node: &str, rev: i64) {
+    let t0 = tokio::time::Instant::now();
+    while applied_revision(m, node).is_none_or(|r| r < rev) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{node}'s status never reached {rev}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A host's own registry goes out as soon as the daemon's read hands it over,
+/// before the daemon has applied it; until the daemon reports an apply that
+/// includes it, the host's status does not claim the revision of that write
+/// (so `fleet wait` for it waits for the host's own apply too).
+#[tokio::test(start_paused = true)]
+async fn an_own_write_goes_out_at_once_and_is_claimed_only_once_applied() {
+    let m = MemStore::new();
+    let a = engine(&m, "host-a", None);
+    let p = a.publication();
+    p.addresses(vec![]);
+    p.registry(files("host-a", 1, "web"));
+    let mut ps = a.publish_state();
+    until(&mut ps, "published", |s| s.writes == 1).await;
+    let mut st = a.state();
+    until(&mut st, "in sync", |s| s.in_sync).await;
+    let first = m
+        .value(&keys().endpoint("host-a", "default", "host-a-w0"))
+        .unwrap()
+        .mod_revision;
+    a.applied_local(a.view().borrow().revision, 1, true, false, p.local());
+    status_reaches(&m, "host-a", first).await;
+    // A new local registry: written with no apply reported, no wait.
+    p.registry(files("host-a", 2, "web"));
+    until(&mut ps, "second write", |s| s.writes == 2).await;
+    let w = m
+        .value(&keys().endpoint("host-a", "default", "host-a-w1"))
+        .unwrap()
+        .mod_revision;
+    // Its own event moves the view's clean revision past it, status writes
+    // are due meanwhile: still not claimed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        applied_revision(&m, "host-a").unwrap() < w,
+        "claimed before applied"
+    );
+    // The daemon applied it.
+    a.applied_local(a.view().borrow().revision, 2, true, false, p.local());
+    status_reaches(&m, "host-a", w).await;
+    a.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn lost_keys_and_a_lost_lease_are_published_again() {
     let m = MemStore::new();
@@ -742,6 +803,7 @@ async fn status_is_written_rarely_and_a_quiet_fleet_stays_quiet() {
                         generation,
                         ready: true,
                         degraded: false,
+                        local: u64::MAX,
                     }));
                     if v.changed().await.is_err() {
                         return;

@@ -59,13 +59,118 @@ fn scope() -> String {
     format!("npg-{}", std::process::id())
 }
 
+/// The namespaces both tests build, named by `tag` (`<tag>-<pid>-…`, devices
+/// `<tag>…`) in 10.`net`.0.0/16: a hub namespace with a bridge
+/// (10.`net`.0.1/24, where etcd listens) and, per node, a node namespace on it
+/// (its link address given) with its workloads (10.`net`.`N+1`.0/24 behind the
+/// node, each accepting on the ports given) and routes to the other nodes'
+/// workload subnets over the hub. Field order is drop order: listeners, the
+/// nodes' namespaces, the hub.
+struct Fabric {
+    listeners: Vec<Listeners>,
+    topos: Vec<Topo>,
+    _hub: Netns,
+    hub_name: String,
+    scope: String,
+    tag: &'static str,
+    net: u8,
+}
+
+impl Fabric {
+    /// The hub alone (etcd can start in it).
+    fn hub(tag: &'static str, net: u8) -> Fabric {
+        let scope = format!("{tag}-{}", std::process::id());
+        let hub_name = format!("{scope}-hub");
+        let mut hub = Netns::default();
+        hub.add(&hub_name);
+        let bridge = format!("{tag}-hub");
+        ip(&["-n", &hub_name, "link", "add", &bridge, "type", "bridge"]);
+        ip(&[
+            "-n",
+            &hub_name,
+            "addr",
+            "add",
+            &format!("10.{net}.0.1/24"),
+            "dev",
+            &bridge,
+        ]);
+        ip(&["-n", &hub_name, "link", "set", &bridge, "up"]);
+        Fabric {
+            listeners: Vec::new(),
+            topos: Vec::new(),
+            _hub: hub,
+            hub_name,
+            scope,
+            tag,
+            net,
+        }
+    }
+
+    /// The nodes: `links[n]` is node n's address on the hub, `workloads[n]`
+    /// its workloads (name, addresses with prefix length).
+    fn nodes(&mut self, links: &[&str], workloads: Vec<Vec<(String, Vec<String>)>>, ports: &[u16]) {
+        let (tag, net, hub) = (self.tag, self.net, self.hub_name.clone());
+        for (n, (link, mine)) in links.iter().zip(workloads).enumerate() {
+            let node_ns = format!("{}-n{n}", self.scope);
+            let gw = format!("10.{net}.{}.1", n + 1);
+            let topo = Topo::build(
+                Names {
+                    node: node_ns.clone(),
+                    bridge: format!("{tag}br"),
+                    ns_prefix: format!("{}-", self.scope),
+                    dev_prefix: tag.into(),
+                },
+                &[&format!("{gw}/24")],
+                mine.clone(),
+            );
+            sysctl(&node_ns, "net/ipv4/ip_forward", "1");
+            for (w, _) in &mine {
+                ip(&["-n", &topo.ns(w), "route", "add", "default", "via", &gw]);
+                self.listeners
+                    .push(Listeners::accepting(&topo.ns(w), ports));
+            }
+            // The node's leg on the hub.
+            let (l, h) = (format!("{tag}l{n}"), format!("{tag}h{n}"));
+            ip(&[
+                "-n", &hub, "link", "add", &h, "type", "veth", "peer", "name", &l, "netns",
+                &node_ns,
+            ]);
+            ip(&[
+                "-n",
+                &hub,
+                "link",
+                "set",
+                &h,
+                "master",
+                &format!("{tag}-hub"),
+                "up",
+            ]);
+            ip(&[
+                "-n",
+                &node_ns,
+                "addr",
+                "add",
+                &format!("{link}/24"),
+                "dev",
+                &l,
+            ]);
+            ip(&["-n", &node_ns, "link", "set", &l, "up"]);
+            for (m, other) in links.iter().enumerate() {
+                if m != n {
+                    let subnet = format!("10.{net}.{}.0/24", m + 1);
+                    ip(&["-n", &node_ns, "route", "add", &subnet, "via", other]);
+                }
+            }
+            self.topos.push(topo);
+        }
+    }
+}
+
 /// Field order is drop order: the daemons stop (their pins go) before the
 /// namespaces, etcd and its data after them, the files last.
 struct Cluster {
     daemons: Vec<Daemon>,
-    _listeners: Vec<Listeners>,
-    topos: Vec<Topo>,
-    _hub: Netns,
+    fabric: Fabric,
     etcd: Etcd,
     eps: Vec<GenEndpoint>,
     union: PathBuf,
@@ -92,13 +197,8 @@ const GUARD: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetada
 
 impl Cluster {
     fn build(test: &str) -> Option<Cluster> {
-        let hub = format!("{}-hub", scope());
-        let mut hub_ns = Netns::default();
-        hub_ns.add(&hub);
-        ip(&["-n", &hub, "link", "add", "npg-hub", "type", "bridge"]);
-        ip(&["-n", &hub, "addr", "add", "10.207.0.1/24", "dev", "npg-hub"]);
-        ip(&["-n", &hub, "link", "set", "npg-hub", "up"]);
-        let etcd = Etcd::start_at(test, "10.207.0.1", Some(&hub))?;
+        let mut fabric = Fabric::hub("npg", 207);
+        let etcd = Etcd::start_at(test, "10.207.0.1", Some(&fabric.hub_name))?;
 
         // The scenario: generated endpoints over three nodes, the seed's four,
         // and the guard and the latecomer (whose file comes later).
@@ -134,75 +234,21 @@ impl Cluster {
         policies.push(("fleet-guard.yaml".into(), GUARD.into()));
         assert!(eps.len() >= 30 && policies.len() >= 30);
 
-        let mut topos = Vec::new();
-        let mut listeners = Vec::new();
-        for (n, (_, link)) in NODES.iter().enumerate() {
-            let node_ns = format!("{}-n{n}", scope());
-            let mine: Vec<(String, Vec<String>)> = eps
-                .iter()
-                .filter(|e| e.node_index == n)
-                .map(|e| {
-                    (
-                        format!("{}{:02}", LETTER[n], e.index),
-                        vec![format!("{}/24", e.address)],
-                    )
-                })
-                .collect();
-            let topo = Topo::build(
-                Names {
-                    node: node_ns.clone(),
-                    bridge: "npgbr".into(),
-                    ns_prefix: format!("{}-", scope()),
-                    dev_prefix: "npg".into(),
-                },
-                &[&format!("10.207.{}.1/24", n + 1)],
-                mine.clone(),
-            );
-            sysctl(&node_ns, "net/ipv4/ip_forward", "1");
-            for (w, _) in &mine {
-                ip(&[
-                    "-n",
-                    &topo.ns(w),
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.207.{}.1", n + 1),
-                ]);
-                listeners.push(Listeners::accepting(&topo.ns(w), &PORTS));
-            }
-            // The node's leg on the hub.
-            let (l, h) = (format!("npgl{n}"), format!("npgh{n}"));
-            ip(&[
-                "-n", &hub, "link", "add", &h, "type", "veth", "peer", "name", &l, "netns",
-                &node_ns,
-            ]);
-            ip(&["-n", &hub, "link", "set", &h, "master", "npg-hub", "up"]);
-            ip(&[
-                "-n",
-                &node_ns,
-                "addr",
-                "add",
-                &format!("{link}/24"),
-                "dev",
-                &l,
-            ]);
-            ip(&["-n", &node_ns, "link", "set", &l, "up"]);
-            for (m, (_, other)) in NODES.iter().enumerate() {
-                if m != n {
-                    ip(&[
-                        "-n",
-                        &node_ns,
-                        "route",
-                        "add",
-                        &format!("10.207.{}.0/24", m + 1),
-                        "via",
-                        other,
-                    ]);
-                }
-            }
-            topos.push(topo);
-        }
+        let workloads = (0..NODES.len())
+            .map(|n| {
+                eps.iter()
+                    .filter(|e| e.node_index == n)
+                    .map(|e| {
+                        (
+                            format!("{}{:02}", LETTER[n], e.index),
+                            vec![format!("{}/24", e.address)],
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let links: Vec<&str> = NODES.iter().map(|(_, l)| *l).collect();
+        fabric.nodes(&links, workloads, &PORTS);
 
         // The files: each node its own endpoints and Node, the namespaces and
         // the policies everywhere; the union for the offline matrix.
@@ -263,9 +309,7 @@ impl Cluster {
         .unwrap();
         let mut c = Cluster {
             daemons,
-            _listeners: listeners,
-            topos,
-            _hub: hub_ns,
+            fabric,
             etcd,
             eps,
             union,
@@ -286,7 +330,7 @@ impl Cluster {
     }
 
     fn ns_of(&self, e: &GenEndpoint) -> String {
-        self.topos[e.node_index].ns(&format!("{}{:02}", LETTER[e.node_index], e.index))
+        self.fabric.topos[e.node_index].ns(&format!("{}{:02}", LETTER[e.node_index], e.index))
     }
 
     fn ep(&self, name: &str) -> &GenEndpoint {
@@ -816,13 +860,8 @@ fn over_mtls_each_netpold_uses_its_own_certificate_and_cannot_write_another_node
         return;
     };
     let t0 = Instant::now();
-    let scope = format!("npt-{}", std::process::id());
-    let hub = format!("{scope}-hub");
-    let mut hub_ns = Netns::default();
-    hub_ns.add(&hub);
-    ip(&["-n", &hub, "link", "add", "npt-hub", "type", "bridge"]);
-    ip(&["-n", &hub, "addr", "add", "10.217.0.1/24", "dev", "npt-hub"]);
-    ip(&["-n", &hub, "link", "set", "npt-hub", "up"]);
+    let mut fabric = Fabric::hub("npt", 217);
+    let (scope, hub) = (fabric.scope.clone(), fabric.hub_name.clone());
     let pki = tempfile::Builder::new()
         .prefix("npt-pki-")
         .tempdir()
@@ -854,51 +893,16 @@ fn over_mtls_each_netpold_uses_its_own_certificate_and_cannot_write_another_node
         ("node-a", "10.217.0.10", "a00"),
         ("node-b", "10.217.0.11", "b00"),
     ];
-    let mut topos = Vec::new();
-    let mut listeners = Vec::new();
-    for (n, (_, link, w)) in nodes.iter().enumerate() {
-        let node_ns = format!("{scope}-n{n}");
-        let topo = Topo::build(
-            Names {
-                node: node_ns.clone(),
-                bridge: "nptbr".into(),
-                ns_prefix: format!("{scope}-"),
-                dev_prefix: "npt".into(),
-            },
-            &[&format!("10.217.{}.1/24", n + 1)],
-            vec![(w.to_string(), vec![format!("10.217.{}.10/24", n + 1)])],
-        );
-        sysctl(&node_ns, "net/ipv4/ip_forward", "1");
-        let gw = format!("10.217.{}.1", n + 1);
-        ip(&["-n", &topo.ns(w), "route", "add", "default", "via", &gw]);
-        listeners.push(Listeners::accepting(&topo.ns(w), &[80]));
-        let (l, h) = (format!("nptl{n}"), format!("npth{n}"));
-        ip(&[
-            "-n", &hub, "link", "add", &h, "type", "veth", "peer", "name", &l, "netns", &node_ns,
-        ]);
-        ip(&["-n", &hub, "link", "set", &h, "master", "npt-hub", "up"]);
-        ip(&[
-            "-n",
-            &node_ns,
-            "addr",
-            "add",
-            &format!("{link}/24"),
-            "dev",
-            &l,
-        ]);
-        ip(&["-n", &node_ns, "link", "set", &l, "up"]);
-        let (other, peer) = (1 - n, nodes[1 - n].1);
-        ip(&[
-            "-n",
-            &node_ns,
-            "route",
-            "add",
-            &format!("10.217.{}.0/24", other + 1),
-            "via",
-            peer,
-        ]);
-        topos.push(topo);
-    }
+    let workloads = (0..nodes.len())
+        .map(|n| {
+            vec![(
+                nodes[n].2.to_string(),
+                vec![format!("10.217.{}.10/24", n + 1)],
+            )]
+        })
+        .collect();
+    fabric.nodes(&[nodes[0].1, nodes[1].1], workloads, &[80]);
+    let topos = &fabric.topos;
     let tmp = tempfile::Builder::new().prefix("npt-").tempdir().unwrap();
     let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server-in\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n    - fromEndpoints:\n        - matchLabels:\n            app: client\n      toPorts:\n        - ports:\n            - {port: \"80\", protocol: TCP}\n";
     let mut daemons = Vec::new();
