@@ -563,9 +563,9 @@ def page(raw, summary, fmt):
     cb = fl.get("churn20_node_b") or {}
     if cw:
         L.append(f"\nThe background writer put {cw.get('writes')} static endpoints in {fmt(cw.get('secs'), 1)} s "
-                 f"({fmt(cw.get('rate'), 1)}/s, 20 keys in turn, labels cycling among five; after the first second each "
-                 "write puts a key's value again: a new revision, so a new view and a reconcile on both nodes, but "
-                 "no new generation); node B applied "
+                 f"({fmt(cw.get('rate'), 1)}/s, 20 keys in turn, each write a relabel: a key's label moves on by one of "
+                 "five every round, so every write is a real registry change: the address's identity moves, and both "
+                 "nodes merge, compile and apply it); node B applied "
                  f"{cb.get('applies')} generations meanwhile ({fmt(cb.get('applies_per_s'), 1)}/s — at most one per "
                  "50 ms tick).")
     conv = fl.get("converge_s") or []

@@ -267,11 +267,15 @@ async fn churn(endpoint: &str, prefix: &str, rate: f64, secs: f64) -> serde_json
             _ = tokio::time::sleep_until(at.into()) => {}
             _ = term.recv() => break,
         }
+        // Twenty keys in turn, each write a real change: the key's label
+        // moves on by one of five at every round, so no write repeats the
+        // value it replaces (an identical put would be a new revision but no
+        // new registry, and churn that cheap would flatter the figure).
         let i = n % 20;
         let name = format!("churn-{i}");
         let v = static_endpoint(
             &name,
-            &format!("churn-{}", n % 5),
+            &format!("churn-{}", (i + n / 20) % 5),
             &format!("10.204.120.{}", i + 1),
         );
         let key = format!("{prefix}registry/static/endpoints/default/{name}");

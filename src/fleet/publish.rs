@@ -420,10 +420,13 @@ impl Publisher {
                 _ = sleep_opt(work_at) => {
                     if self.need_sync {
                         match self.sync().await {
+                            // No push of `next_keepalive` here: a put under
+                            // the lease does not renew it in etcd, only a
+                            // keep-alive does (a host publishing more often
+                            // than the interval would lose its lease).
                             Ok(()) => {
                                 self.need_sync = false;
                                 self.ok();
-                                next_keepalive = Instant::now() + keepalive_every;
                             }
                             Err(e) => self.failed("publish", e),
                         }

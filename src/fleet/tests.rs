@@ -664,6 +664,40 @@ async fn an_own_write_goes_out_at_once_and_is_claimed_only_once_applied() {
     a.stop().await;
 }
 
+/// A put under a lease does not renew it (only a keep-alive does): a host
+/// whose endpoints change more often than its keep-alive interval keeps
+/// its one lease, and its keys never lapse, however long that goes on.
+#[tokio::test(start_paused = true)]
+async fn a_host_that_publishes_often_still_keeps_its_lease_alive() {
+    let m = MemStore::new();
+    let a = engine(&m, "host-a", None);
+    a.publish(files("host-a", 2, "web"), vec![]);
+    let mut ps = a.publish_state();
+    let lease = until(&mut ps, "published", |s| s.published == 4)
+        .await
+        .lease
+        .unwrap();
+    // A change every 0.5 s for four lease TTLs (the TTL is 6 s, the
+    // keep-alive interval 2 s).
+    for i in 0..48 {
+        let label = if i % 2 == 0 { "api" } else { "web" };
+        a.publish(files("host-a", 2, label), vec![]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        m.expire_leases();
+        assert_eq!(
+            m.keys_with_prefix(&keys().node_prefix("host-a")).len(),
+            4,
+            "keys lapsed after {} s",
+            (i + 1) as f64 / 2.0
+        );
+    }
+    let st = a.publish_state().borrow().clone();
+    assert_eq!(st.lease, Some(lease));
+    assert_eq!(st.leases_granted, 1);
+    assert!(st.writes > 40, "{} writes", st.writes);
+    a.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn lost_keys_and_a_lost_lease_are_published_again() {
     let m = MemStore::new();
