@@ -315,9 +315,13 @@ impl<D: Datapath> Reconciler<D> {
                 .as_ref()
                 .is_none_or(|i| i.attachments != attachments);
         let t2 = std::time::Instant::now();
+        let mut attach = std::time::Duration::ZERO;
         let result = self.datapath.apply(&compiled, &attachments).and_then(|g| {
             if check_links {
-                self.datapath.sync_attachments(&attachments)?;
+                let t3 = std::time::Instant::now();
+                let r = self.datapath.sync_attachments(&attachments);
+                attach = t3.elapsed();
+                r?;
             }
             Ok(g)
         });
@@ -346,7 +350,7 @@ impl<D: Datapath> Reconciler<D> {
                     "policies" => n_policies, "endpoints" => compiled.endpoints.len(),
                     "local" => local, "attached" => attachments.len(), "pending" => local - attachments.len(),
                     "entries" => compiled.entries.len(), "problems" => self.problems.len(),
-                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply),
+                    "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply), "attach_ms" => ms(attach),
                     "identities_changed" => kept.identities_changed, "subjects_selected" => kept.subjects_selected,
                     "templates_built" => kept.templates_built, "templates_kept" => kept.templates_kept);
                 for a in &attachments {
