@@ -315,7 +315,7 @@ impl<D: Datapath> Reconciler<D> {
                 .as_ref()
                 .is_none_or(|i| i.attachments != attachments);
         let t2 = std::time::Instant::now();
-        let mut attach = std::time::Duration::ZERO;
+        let mut attach = Duration::ZERO;
         let result = self.datapath.apply(&compiled, &attachments).and_then(|g| {
             if check_links {
                 let t3 = std::time::Instant::now();
