@@ -1919,9 +1919,12 @@ def write_page(raw, summary, agg, unavailable, args):
     L.append(f"- netpol built from: {meta.get('commit')} (release profile)")
     L.append(f"- kernel: {meta['kernel']}; iptables: {meta['iptables_version']}; nft: {meta['nft_version']}; "
              f"iperf3: {meta['iperf3_version']}")
-    L.append(f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')} — the machine is shared "
-             "(other builds run beside the benchmark), so absolute figures are noisy; compare contenders "
-             "within this run only.\n")
+    busy = max(float(x) for x in (meta["load_start"].split()[:1] + (meta.get("load_end") or "0").split()[:1]))
+    L.append(f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')} — "
+             + ("the machine was busy beside the benchmark (load above one per core), so absolute figures are "
+                "noisier than usual; " if busy > int(meta["nproc"]) else
+                "a virtual machine whose host may be shared, so absolute figures move from run to run; ")
+             + "compare contenders within this run only.\n")
     L.append("## Method\n")
     L.append(
         "Three network namespaces created by the script: a client and a server, each behind a veth pair "
