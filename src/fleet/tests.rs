@@ -520,7 +520,7 @@ async fn the_current_policy_set_follows_the_flip_and_keeps_the_last_valid_one() 
 
 // ---------------------------------------------------------------- publisher and engine
 
-use super::{Engine, FleetSettings, PublishSettings};
+use super::{Engine, FleetSettings, PublishSettings, PublishState};
 use crate::api::model::RegistrySet;
 
 fn fleet(node: &str, state_dir: Option<&std::path::Path>) -> FleetSettings {
@@ -664,19 +664,26 @@ async fn an_own_write_goes_out_at_once_and_is_claimed_only_once_applied() {
     a.stop().await;
 }
 
-/// A put under a lease does not renew it (only a keep-alive does): a host
-/// whose endpoints change more often than its keep-alive interval keeps
-/// its one lease, and its keys never lapse, however long that goes on.
-#[tokio::test(start_paused = true)]
-async fn a_host_that_publishes_often_still_keeps_its_lease_alive() {
-    let m = MemStore::new();
-    let a = engine(&m, "host-a", None);
+/// host-a with two endpoints of its own (four keys), published: its engine,
+/// its publish state and its lease.
+async fn published_host(m: &MemStore) -> (Engine, watch::Receiver<PublishState>, i64) {
+    let a = engine(m, "host-a", None);
     a.publish(files("host-a", 2, "web"), vec![]);
     let mut ps = a.publish_state();
     let lease = until(&mut ps, "published", |s| s.published == 4)
         .await
         .lease
         .unwrap();
+    (a, ps, lease)
+}
+
+/// A put under a lease does not renew it (only a keep-alive does): a host
+/// whose endpoints change more often than its keep-alive interval keeps
+/// its one lease, and its keys never lapse, however long that goes on.
+#[tokio::test(start_paused = true)]
+async fn a_host_that_publishes_often_still_keeps_its_lease_alive() {
+    let m = MemStore::new();
+    let (a, mut ps, lease) = published_host(&m).await;
     // A change every 0.5 s for four lease TTLs (the TTL is 6 s, the
     // keep-alive interval 2 s).
     for i in 0..48 {
@@ -701,13 +708,7 @@ async fn a_host_that_publishes_often_still_keeps_its_lease_alive() {
 #[tokio::test(start_paused = true)]
 async fn lost_keys_and_a_lost_lease_are_published_again() {
     let m = MemStore::new();
-    let a = engine(&m, "host-a", None);
-    a.publish(files("host-a", 2, "web"), vec![]);
-    let mut ps = a.publish_state();
-    let lease = until(&mut ps, "published", |s| s.published == 4)
-        .await
-        .lease
-        .unwrap();
+    let (a, mut ps, lease) = published_host(&m).await;
     let k = keys().endpoint("host-a", "default", "host-a-w1");
     m.delete(&k);
     until(&mut ps, "restored", |_| m.value(&k).is_some()).await;
