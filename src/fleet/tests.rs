@@ -683,7 +683,7 @@ async fn published_host(m: &MemStore) -> (Engine, watch::Receiver<PublishState>,
 #[tokio::test(start_paused = true)]
 async fn a_host_that_publishes_often_still_keeps_its_lease_alive() {
     let m = MemStore::new();
-    let (a, mut ps, lease) = published_host(&m).await;
+    let (a, _, lease) = published_host(&m).await;
     // A change every 0.5 s for four lease TTLs (the TTL is 6 s, the
     // keep-alive interval 2 s).
     for i in 0..48 {
