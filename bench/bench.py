@@ -2067,8 +2067,9 @@ def write_page(raw, summary, agg, unavailable, args):
             "same machine a cls_bpf filter on a clsact qdisc attached in about 1.3 ms (`tc` process included). "
             "A restart does not pay this: started again over its pinned links on the same files, netpold was "
             "ready in 0.97 s, attaching in 1 ms (by hand, 2026-12-07; 4.06 s from nothing in the same session) — "
-            "only a start on a host with nothing attached pays it. What would close it: attach with cls_bpf at a cold start and move each device to tcx "
-            "in the background, or have the kernel batch the grace periods of many attaches; on netpol's own "
+            "only a start on a host with nothing attached pays it. What would close it: attach with cls_bpf at "
+            "a cold start and move each device to tcx in the background, or have the kernel batch the grace "
+            "periods of many attaches; on netpol's own "
             "side, parse the documents of one file on several threads and build field paths only when a "
             "message needs one."),
         "rss_mib_10k": (
