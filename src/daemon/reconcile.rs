@@ -636,9 +636,13 @@ impl<D: Datapath> Reconciler<D> {
             .collect()
     }
 
-    /// Drain the datapath's events (a bounded amount per tick, so a flood cannot
-    /// hold the loop) and hand them to monitor clients.
+    /// Finish the datapath's background work, drain its events (a bounded
+    /// amount per tick, so a flood cannot hold the loop) and hand them to
+    /// monitor clients.
     pub fn poll_events(&mut self) {
+        if let Some(msg) = self.datapath.maintain() {
+            slog::info!(self.out.log, "{}", msg);
+        }
         if let (Some(m), Some(i)) = (&self.out.metrics, &self.installed) {
             // The counters are per-CPU map reads: at most once a second.
             if self

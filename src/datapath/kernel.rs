@@ -31,6 +31,7 @@ use super::generation::{self, Contents, Table};
 use super::layout::{self, EventRecord, KernelSlots, StateValue};
 use super::skel::types::{self, np_layout};
 use super::skel::{NetpolSkel, NetpolSkelBuilder};
+use super::upgrade::{self, Upgrader};
 use super::{
     Attachment, Counters, Datapath, DatapathError, DatapathSettings, DnsProxyTarget, DnsRedirect,
     DnsRedirectStats, VerdictEvent,
@@ -176,7 +177,22 @@ pub struct KernelDatapath {
     /// Network namespace each clsact attachment was made in (tc filters are
     /// addressed by ifindex, which is per namespace; tcx links are not).
     clsact_netns: BTreeMap<u32, std::os::fd::OwnedFd>,
+    /// A sync with more devices to attach than this attaches them with
+    /// cls_bpf and moves them to tcx in the background (see [`upgrade`]).
+    direct_tcx_max: usize,
+    /// The worker moving cls_bpf devices to tcx (started on first use).
+    upgrader: Option<Upgrader>,
+    /// Devices handed to it and not reported back yet.
+    upgrading: BTreeSet<u32>,
+    /// Devices whose move failed, with why: they stay on cls_bpf.
+    upgrade_failed: BTreeMap<u32, String>,
+    /// When the moves in hand were queued, and how many are done.
+    upgrade_run: Option<(std::time::Instant, usize)>,
 }
+
+/// How many devices one sync attaches with tcx directly (each costs a grace
+/// period under `rtnl_lock`); above that, cls_bpf first.
+pub const DIRECT_TCX_MAX: usize = 4;
 
 impl std::fmt::Debug for KernelDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,6 +212,9 @@ impl Drop for KernelDatapath {
         if let Some(h) = self.pending_barrier.take() {
             let _ = h.join();
         }
+        // What stays pinned for the next process is one attachment a device:
+        // the moves in hand are finished, the rest stay on cls_bpf.
+        self.stop_upgrades();
     }
 }
 
@@ -530,6 +549,11 @@ impl KernelDatapath {
             tcx,
             adopted: adopt,
             clsact_netns: BTreeMap::new(),
+            direct_tcx_max: DIRECT_TCX_MAX,
+            upgrader: None,
+            upgrading: BTreeSet::new(),
+            upgrade_failed: BTreeMap::new(),
+            upgrade_run: None,
         };
         dp.write_failsafe()?;
         if adopt {
@@ -626,6 +650,136 @@ impl KernelDatapath {
         self.force_clsact = yes || !self.tcx;
     }
 
+    /// Attach up to `n` new devices per sync with tcx directly; more go
+    /// through cls_bpf first (default [`DIRECT_TCX_MAX`]; tests set 0).
+    pub fn set_direct_tcx_max(&mut self, n: usize) {
+        self.direct_tcx_max = n;
+    }
+
+    /// Devices on cls_bpf waiting for their tcx links.
+    pub fn upgrading(&self) -> usize {
+        self.upgrading.len()
+    }
+
+    /// Devices left on cls_bpf because their tcx attach failed, with why.
+    pub fn upgrade_failures(&self) -> &BTreeMap<u32, String> {
+        &self.upgrade_failed
+    }
+
+    /// Hand every device on cls_bpf that tcx could serve to the worker.
+    fn queue_upgrades(&mut self) {
+        if self.force_clsact {
+            return;
+        }
+        let todo: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(i, m)| {
+                **m == AttachMode::Clsact
+                    && !self.upgrading.contains(i)
+                    && !self.upgrade_failed.contains_key(i)
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        if self.upgrader.is_none() {
+            let progs = [
+                self.loaded.skel.progs.netpol_tcx_ingress.as_fd(),
+                self.loaded.skel.progs.netpol_tcx_egress.as_fd(),
+            ];
+            let started = progs[0]
+                .try_clone_to_owned()
+                .and_then(|i| Ok([i, progs[1].try_clone_to_owned()?]))
+                .and_then(Upgrader::start);
+            match started {
+                Ok(u) => self.upgrader = Some(u),
+                Err(e) => {
+                    for i in todo {
+                        self.upgrade_failed
+                            .insert(i, format!("start the tcx worker: {e}"));
+                    }
+                    return;
+                }
+            }
+        }
+        for ifindex in todo {
+            let netns = match self.clsact_netns.get(&ifindex) {
+                Some(f) => f.try_clone(),
+                None => std::fs::File::open("/proc/thread-self/ns/net").map(Into::into),
+            };
+            let job = netns.map(|netns| upgrade::Job {
+                ifindex,
+                netns,
+                pins: [
+                    self.link_path(AttachMode::Tcx, ifindex, Hook::Ingress),
+                    self.link_path(AttachMode::Tcx, ifindex, Hook::Egress),
+                ],
+            });
+            match job {
+                Ok(job) => {
+                    if self.upgrader.as_ref().is_some_and(|u| u.send(job)) {
+                        self.upgrading.insert(ifindex);
+                        self.upgrade_run
+                            .get_or_insert_with(|| (std::time::Instant::now(), 0));
+                    } else {
+                        self.upgrade_failed
+                            .insert(ifindex, "the tcx worker is gone".into());
+                    }
+                }
+                Err(e) => {
+                    self.upgrade_failed
+                        .insert(ifindex, format!("open its network namespace: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Finish the moves the worker reported: a device still on cls_bpf loses
+    /// its filters (its tcx links enforce now); links made for a device
+    /// detached meanwhile are taken away. Returns (moved, failed).
+    fn finish_upgrades(&mut self) -> (usize, usize) {
+        let Some(u) = &self.upgrader else {
+            return (0, 0);
+        };
+        let (mut moved, mut failed) = (0, 0);
+        for done in u.finished() {
+            self.upgrading.remove(&done.ifindex);
+            match done.result {
+                Ok(()) => match self.attached.get(&done.ifindex) {
+                    Some(AttachMode::Clsact) => {
+                        // A filter left behind would only run the same
+                        // program again after tcx passed the packet.
+                        let _ = self.detach_device(done.ifindex, AttachMode::Clsact);
+                        self.clsact_netns.remove(&done.ifindex);
+                        self.attached.insert(done.ifindex, AttachMode::Tcx);
+                        moved += 1;
+                    }
+                    Some(AttachMode::Tcx) => {}
+                    None => {
+                        let _ = self.detach_device(done.ifindex, AttachMode::Tcx);
+                    }
+                },
+                Err(e) => {
+                    self.upgrade_failed.insert(done.ifindex, e.to_string());
+                    failed += 1;
+                }
+            }
+        }
+        (moved, failed)
+    }
+
+    /// End the worker (the device in hand is finished) and finish what it did.
+    fn stop_upgrades(&mut self) {
+        if let Some(u) = &mut self.upgrader {
+            u.stop();
+        }
+        self.finish_upgrades();
+        self.upgrader = None;
+        self.upgrading.clear();
+    }
+
     fn skel(&self) -> &NetpolSkel<'static> {
         &self.loaded.skel
     }
@@ -667,6 +821,7 @@ impl KernelDatapath {
         let dir = self.links_dir();
         let entries = std::fs::read_dir(&dir).map_err(ioerr(format!("read {}", dir.display())))?;
         let mut found: BTreeMap<u32, AttachMode> = BTreeMap::new();
+        let mut both = BTreeSet::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let mut parts = name.splitn(3, '-');
@@ -707,7 +862,16 @@ impl KernelDatapath {
                     let _ = self.attach_clsact(ifindex, hook);
                 }
             }
-            found.insert(ifindex, mode);
+            if found.insert(ifindex, mode).is_some_and(|m| m != mode) {
+                both.insert(ifindex);
+            }
+        }
+        // A device with tcx links and a cls_bpf filter (a move to tcx
+        // finished by a process that died before it took the filter away):
+        // the links enforce; the filter goes.
+        for ifindex in both {
+            let _ = self.detach_device(ifindex, AttachMode::Clsact);
+            found.insert(ifindex, AttachMode::Tcx);
         }
         self.attached = found;
         Ok(())
@@ -865,8 +1029,8 @@ impl KernelDatapath {
         }
     }
 
-    fn attach_device(&mut self, ifindex: u32) -> Result<AttachMode, DatapathError> {
-        if !self.force_clsact {
+    fn attach_device(&mut self, ifindex: u32, fast: bool) -> Result<AttachMode, DatapathError> {
+        if !self.force_clsact && !fast {
             match self
                 .attach_tcx(ifindex, Hook::Ingress)
                 .and_then(|_| self.attach_tcx(ifindex, Hook::Egress))
@@ -880,6 +1044,8 @@ impl KernelDatapath {
                             return Err(e);
                         }
                     }
+                    // Not moved to tcx later either: it was just refused.
+                    self.upgrade_failed.insert(ifindex, e.to_string());
                 }
             }
         }
@@ -1327,7 +1493,7 @@ impl KernelDatapath {
     }
 }
 
-fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
+pub(super) fn pin_fd(fd: i32, path: &Path) -> Result<(), DatapathError> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
         DatapathError::NulInPath {
             path: path.to_path_buf(),
@@ -1421,6 +1587,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn sync_attachments(&mut self, attachments: &[Attachment]) -> Result<(), DatapathError> {
+        self.finish_upgrades();
         let desired: BTreeSet<u32> = attachments.iter().map(|a| a.ifindex).collect();
         let current: Vec<(u32, AttachMode)> = self.attached.iter().map(|(k, v)| (*k, *v)).collect();
         let mut first_err = None;
@@ -1431,13 +1598,18 @@ impl Datapath for KernelDatapath {
                 }
                 self.attached.remove(&ifindex);
                 self.clsact_netns.remove(&ifindex);
+                self.upgrade_failed.remove(&ifindex);
             }
         }
-        for ifindex in desired {
-            if self.attached.contains_key(&ifindex) {
-                continue;
-            }
-            match self.attach_device(ifindex) {
+        let new: Vec<u32> = desired
+            .into_iter()
+            .filter(|i| !self.attached.contains_key(i))
+            .collect();
+        // Many devices at once (a cold start): enforced through cls_bpf in
+        // about a millisecond each, moved to tcx in the background.
+        let fast = new.len() > self.direct_tcx_max;
+        for ifindex in new {
+            match self.attach_device(ifindex, fast) {
                 Ok(mode) => {
                     self.attached.insert(ifindex, mode);
                 }
@@ -1446,7 +1618,41 @@ impl Datapath for KernelDatapath {
                 }
             }
         }
+        self.queue_upgrades();
         first_err.map_or(Ok(()), Err)
+    }
+
+    fn maintain(&mut self) -> Option<String> {
+        let (moved, failed) = self.finish_upgrades();
+        if let Some(run) = &mut self.upgrade_run {
+            run.1 += moved;
+        }
+        let mut msg = None;
+        if failed > 0 {
+            let why = self
+                .upgrade_failed
+                .values()
+                .next_back()
+                .cloned()
+                .unwrap_or_default();
+            msg = Some(format!(
+                "{failed} device(s) stay on cls_bpf: their tcx attach failed ({why})"
+            ));
+        }
+        if let (true, Some((since, total))) = (self.upgrading.is_empty(), self.upgrade_run) {
+            self.upgrade_run = None;
+            if total > 0 {
+                let done = format!(
+                    "moved {total} device(s) from cls_bpf to tcx in {:.1} s",
+                    since.elapsed().as_secs_f64()
+                );
+                msg = Some(match msg {
+                    Some(m) => format!("{done}; {m}"),
+                    None => done,
+                });
+            }
+        }
+        msg
     }
 
     fn generation(&self) -> u64 {
@@ -1605,6 +1811,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn detach_all(&mut self) -> Result<(), DatapathError> {
+        self.stop_upgrades();
         let mut first_err = None;
         let current: Vec<(u32, AttachMode)> = self.attached.iter().map(|(k, v)| (*k, *v)).collect();
         for (ifindex, mode) in current {

@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod layout;
 pub mod packet;
 pub mod skel;
+mod upgrade;
 
 pub use error::DatapathError;
 pub use kernel::{Hook, KernelDatapath};
@@ -265,6 +266,13 @@ pub trait Datapath {
     /// Make the attached programs match `attachments` exactly: attach where missing
     /// (ingress and egress hook), detach interfaces no longer listed.
     fn sync_attachments(&mut self, attachments: &[Attachment]) -> Result<(), DatapathError>;
+
+    /// Work left over from a sync that finishes in the background (devices
+    /// moving from cls_bpf to tcx): called from the daemon's loop between
+    /// passes. Returns what is worth a log line.
+    fn maintain(&mut self) -> Option<String> {
+        None
+    }
 
     /// The active generation number (0 before the first apply).
     fn generation(&self) -> u64;

@@ -2158,6 +2158,112 @@ fn clsact_fallback_enforces_the_same_policy() {
     assert!(tcp_ok(&s.ns("db"), ip(BE), 80));
 }
 
+/// The tc filters on `dev`'s `hook` in namespace `ns` (`tc filter show`).
+fn tc_filters(ns: &str, dev: &str, hook: &str) -> String {
+    cmd::ip(&[
+        "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
+    ])
+}
+
+#[test]
+fn many_devices_are_enforced_through_cls_bpf_at_once_and_moved_to_tcx() {
+    let Some(_turn) =
+        privileged("many_devices_are_enforced_through_cls_bpf_at_once_and_moved_to_tcx")
+    else {
+        return;
+    };
+    use netpol::datapath::kernel::AttachMode;
+    let s = seed_topo("mv");
+    let mut dp = Dp::open(PREFIX, "move", &settings());
+    // Four devices are more than none: cls_bpf first, as a cold start among
+    // hundreds does with the default.
+    dp.dp().set_direct_tcx_max(0);
+    s.apply(&mut dp, &seed());
+    s.sync(&mut dp);
+    let modes = |dp: &mut Dp| dp.dp().attached().values().copied().collect::<Vec<_>>();
+    assert_eq!(modes(&mut dp), vec![AttachMode::Clsact; 4]);
+    assert!(
+        tcp_ok(&s.ns("fe1"), ip(BE), 80),
+        "allowed flow refused on cls_bpf"
+    );
+    assert!(
+        !tcp_ok(&s.ns("db"), ip(BE), 80),
+        "denied flow admitted on cls_bpf"
+    );
+
+    // The worker moves them; the datapath's owner finishes each move.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut said = Vec::new();
+    while dp
+        .dp()
+        .attached()
+        .values()
+        .any(|m| *m == AttachMode::Clsact)
+    {
+        let k = dp.dp();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still on cls_bpf after 20 s: {:?}, failures {:?}",
+            k.attached(),
+            k.upgrade_failures()
+        );
+        said.extend(dp.dp().maintain());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(modes(&mut dp), vec![AttachMode::Tcx; 4]);
+    assert_eq!(dp.dp().upgrading(), 0);
+    assert!(
+        said.iter().any(|m| m.contains("from cls_bpf to tcx")),
+        "no report of the move: {said:?}"
+    );
+    let links: Vec<String> = std::fs::read_dir(dp.pin.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        links.len(),
+        8,
+        "one tcx link per device and hook: {links:?}"
+    );
+    assert!(links.iter().all(|l| l.starts_with("tcx-")), "{links:?}");
+    for w in ["fe1", "fe2", "be", "db"] {
+        let dev = s.topo.dev(w);
+        for hook in ["ingress", "egress"] {
+            let f = tc_filters(&s.topo.node, &dev, hook);
+            assert!(
+                !f.contains("bpf"),
+                "{dev} {hook} keeps a cls_bpf filter:\n{f}"
+            );
+        }
+    }
+    assert!(
+        tcp_ok(&s.ns("fe1"), ip(BE), 80),
+        "allowed flow refused on tcx"
+    );
+    assert!(
+        !tcp_ok(&s.ns("fe1"), ip(BE), 81),
+        "denied port admitted on tcx"
+    );
+    assert!(
+        !tcp_ok(&s.ns("db"), ip(BE), 80),
+        "denied flow admitted on tcx"
+    );
+
+    // A later process adopts them as tcx, and a sync changes nothing.
+    dp.forget();
+    dp.reopen(&settings());
+    assert_eq!(modes(&mut dp), vec![AttachMode::Tcx; 4]);
+    s.sync(&mut dp);
+    assert_eq!(modes(&mut dp), vec![AttachMode::Tcx; 4]);
+    assert!(!tcp_ok(&s.ns("db"), ip(BE), 80));
+    dp.dp().detach_all().unwrap();
+    assert!(
+        tcp_ok(&s.ns("db"), ip(BE), 80),
+        "enforcement left after detach_all"
+    );
+}
+
 #[test]
 fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     let Some(_turn) = privileged("generation_swaps_under_load_never_drop_allowed_or_admit_denied")
