@@ -433,6 +433,21 @@ class Netpold:
             pass
         return out
 
+    def tcx_moves(self):
+        """The daemon's account of moving devices from cls_bpf to tcx after a start that attached
+        many at once: [{"devices": N, "seconds": S}], one per run of moves."""
+        out = []
+        try:
+            self.logf.flush()
+            with open(os.path.join(self.dir, "netpold.log")) as f:
+                for line in f:
+                    m = re.search(r"moved (\d+) device\(s\) from cls_bpf to tcx in ([\d.]+) s", line)
+                    if m:
+                        out.append({"devices": int(m.group(1)), "seconds": float(m.group(2))})
+        except OSError:
+            pass
+        return out
+
     def stop(self):
         if self.pid:
             try:
@@ -1227,6 +1242,7 @@ def run_scale_10k(args, raw):
             ap = d.applies()
             cs["first_apply"] = ap[0] if ap else None
             cs["change_applies"] = ap[1:]
+            cs["tcx_moves"] = d.tcx_moves()
             cs["compile"] = run_bench_compile(d.config)
             log(f"  compile alone: {cs['compile']}")
             break
@@ -1818,10 +1834,14 @@ def cold_start_parts(cs):
     top = max(parts, key=parts.get)
     text = (", ".join(f"{k} {fmt(v, 0)} ms" for k, v in parts.items()) + f" of {fmt(a['total_ms'], 0)} ms "
             f"(the largest: {top.split(' (')[0]})")
-    links = 2 * (cs.get("local_endpoints") or 0)
-    if a.get("attach_ms") is not None and links:
-        text += (f"; of the kernel side, attaching the {links} tcx links took {fmt(a['attach_ms'], 0)} ms "
-                 f"({fmt(a['attach_ms'] / links, 1)} ms per link)")
+    devices = cs.get("local_endpoints") or 0
+    if a.get("attach_ms") is not None and devices:
+        text += (f"; of the kernel side, attaching the {devices} local interfaces took {fmt(a['attach_ms'], 0)} ms "
+                 f"({fmt(a['attach_ms'] / devices, 2)} ms per interface)")
+    moves = cs.get("tcx_moves") or []
+    if moves:
+        text += (f"; their move from cls_bpf to tcx links, in the background after ready, took "
+                 f"{fmt(moves[0]['seconds'], 1)} s for {moves[0]['devices']} interfaces")
     return text
 
 
@@ -2059,19 +2079,12 @@ def write_page(raw, summary, agg, unavailable, args):
             + cold_start_parts(raw.get("cold_start", {})) + ". Loading parses 3 MB of policies and 2 MB of "
             "registry (both files side by side on the two cores; the policy file alone is one thread's work: the "
             "YAML scanner and the field paths built for every node are most of it, by callgrind); the kernel "
-            "side fills the maps and attaches two pinned tcx links to each of the 102 local interfaces. The "
-            "attaches are most of it, and they are the kernel's: `strace -T` of a cold start (2026-12-07) shows "
-            "each `BPF_LINK_CREATE` of a tcx link taking 6-24 ms — the kernel waits for an RCU grace period "
-            "while it swaps the device's program list (kernel/bpf/tcx.c, under `rtnl_lock`, so attaching from "
-            "several threads cannot overlap them) — while filling ~21,000 map entries took 0.3 s in all. On the "
-            "same machine a cls_bpf filter on a clsact qdisc attached in about 1.3 ms (`tc` process included). "
-            "A restart does not pay this: started again over its pinned links on the same files, netpold was "
-            "ready in 0.97 s, attaching in 1 ms (by hand, 2026-12-07; 4.06 s from nothing in the same session) — "
-            "only a start on a host with nothing attached pays it. What would close it: attach with cls_bpf at "
-            "a cold start and move each device to tcx in the background, or have the kernel batch the grace "
-            "periods of many attaches; on netpol's own "
-            "side, parse the documents of one file on several threads and build field paths only when a "
-            "message needs one."),
+            "side loads and verifies the programs, fills the maps and attaches the 102 local interfaces. A start "
+            "with more than four interfaces to attach puts a cls_bpf filter on each (about a millisecond) and "
+            "moves them to pinned tcx links in the background, because a tcx attach waits for an RCU grace "
+            "period under `rtnl_lock` (6-24 ms a link by `strace -T`, 2026-12-07; before that change the 204 tcx "
+            "links were 3.0 s of a 3.6 s cold start). What would close the rest: parse the documents of one "
+            "file on several threads and build field paths only when a message needs one."),
         "rss_mib_10k": (
             "**Why RSS at 10k × 10k is over 64 MiB**: `examples/bench_files` measures the parse at about 5 KB per "
             "policy rule (each policy keeps its source map — field paths and positions as strings, for warnings — "
