@@ -178,9 +178,9 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Drop the sets replaced by the last reconcile (after it: freeing
     /// thousands of policies is not on the way to enforcement).
-    /// Drop the sets the last reconcile replaced, and after an apply give the
-    /// freed heap back (every apply alike, so the resident size follows what
-    /// is in use rather than which reconciles replaced a set).
+    /// Drop the sets the last reconcile replaced, and after an apply, a lint
+    /// or a save give the freed heap back (every one alike, so the resident
+    /// size follows what is in use rather than which step ran last).
     pub fn drop_retired(&mut self) {
         self.held.retired.clear();
         if std::mem::take(&mut self.trim_due) {
@@ -197,6 +197,8 @@ impl<D: Datapath> Reconciler<D> {
         r: Result<super::save::Saves, tokio::sync::oneshot::error::RecvError>,
     ) {
         self.saver.finished(r, &self.out.log);
+        // Copying every file leaves freed buffers: given back too.
+        self.trim_due = true;
         self.publish();
     }
 
@@ -461,6 +463,9 @@ impl<D: Datapath> Reconciler<D> {
         };
         self.lint_after(true, &i.compiled);
         self.installed = Some(i);
+        // At scale the lint's scratch is more than the state in force: given
+        // back like a replaced set's.
+        self.trim_due = true;
         self.publish();
         self.out.notifier.status(&self.status_line());
     }

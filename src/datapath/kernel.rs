@@ -755,6 +755,9 @@ impl KernelDatapath {
                         self.clsact_netns.remove(&done.ifindex);
                         self.attached.insert(done.ifindex, AttachMode::Tcx);
                         moved += 1;
+                        if let Some(run) = &mut self.upgrade_run {
+                            run.1 += 1;
+                        }
                     }
                     Some(AttachMode::Tcx) => {}
                     None => {
@@ -1623,10 +1626,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn maintain(&mut self) -> Option<String> {
-        let (moved, failed) = self.finish_upgrades();
-        if let Some(run) = &mut self.upgrade_run {
-            run.1 += moved;
-        }
+        let (_, failed) = self.finish_upgrades();
         let mut msg = None;
         if failed > 0 {
             let why = self
