@@ -340,7 +340,7 @@ fn main() {
 
     let policies = PolicySet { policies };
     let registry = RegistrySet {
-        endpoints,
+        endpoints: endpoints.into_iter().map(std::sync::Arc::new).collect(),
         nodes,
         namespaces,
     };

@@ -117,7 +117,7 @@ impl Site {
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub policies: Vec<(Policy, Site)>,
-    pub endpoints: Vec<(EndpointDef, Site)>,
+    pub endpoints: Vec<(std::sync::Arc<EndpointDef>, std::sync::Arc<Site>)>,
     pub nodes: Vec<(NodeDef, Site)>,
     pub namespaces: Vec<(NamespaceDef, Site)>,
     pub problems: Vec<Problem>,
@@ -493,7 +493,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     ports: spec.ports,
                     audit: spec.audit,
                 };
-                out.endpoints.push((def, site(root)));
+                out.endpoints.push((def.into(), site(root).into()));
             }
         }
         "Node" => {
@@ -772,7 +772,7 @@ pub fn check_registry(parsed: &mut Parsed) {
     let all_sites = parsed
         .endpoints
         .iter()
-        .map(|(e, s)| (&e.origin, s))
+        .map(|(e, s)| (&e.origin, &**s))
         .chain(parsed.nodes.iter().map(|(n, s)| (&n.origin, s)))
         .chain(parsed.namespaces.iter().map(|(n, s)| (&n.origin, s)));
     for (o, site) in all_sites {

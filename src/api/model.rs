@@ -364,7 +364,10 @@ pub struct PolicySet {
 /// Everything read from the endpoint directories.
 #[derive(Debug, Clone, Default, PartialEq, Hash, Serialize)]
 pub struct RegistrySet {
-    pub endpoints: Vec<EndpointDef>,
+    /// Shared: a registry is rebuilt from kept parses on every change, and
+    /// one file's change must not copy the endpoints of the others (a
+    /// compiler also tells the endpoints a change replaced by their address).
+    pub endpoints: Vec<std::sync::Arc<EndpointDef>>,
     pub nodes: Vec<NodeDef>,
     pub namespaces: Vec<NamespaceDef>,
 }

@@ -624,7 +624,7 @@ mod tests {
         }
         fn registry(&mut self, _: Hint<'_>) -> Read<RegistrySet> {
             Read::Valid(RegistrySet {
-                endpoints: vec![EndpointDef {
+                endpoints: vec![Arc::new(EndpointDef {
                     origin: origin("Endpoint", "web"),
                     kind: EndpointKind::Workload,
                     name: "web".into(),
@@ -635,7 +635,7 @@ mod tests {
                     addresses: vec![],
                     ports: vec![],
                     audit: false,
-                }],
+                })],
                 ..RegistrySet::default()
             })
         }

@@ -126,7 +126,7 @@ pub fn namespace_json(def: &NamespaceDef) -> String {
 /// Point every origin of `set` at `file` (they were parsed under a stand-in name).
 fn set_origin(reg: &mut RegistrySet, file: &Path) {
     for e in &mut reg.endpoints {
-        e.origin.file = file.to_path_buf();
+        Arc::make_mut(e).origin.file = file.to_path_buf();
     }
     for n in &mut reg.nodes {
         n.origin.file = file.to_path_buf();
@@ -369,7 +369,7 @@ metadata: {name: prod, labels: {team: payments}}
         let norm = |mut r: RegistrySet| {
             set_origin(&mut r, Path::new("x"));
             for e in &mut r.endpoints {
-                e.origin.doc = 0;
+                Arc::make_mut(e).origin.doc = 0;
             }
             for e in &mut r.nodes {
                 e.origin.doc = 0;

@@ -587,7 +587,7 @@ async fn a_host_publishes_its_own_entries_under_one_lease_and_only_changes() {
     // One label changes: one key is written, nothing else.
     let rev = m.revision();
     let mut changed = files("host-a", 3, "web").as_ref().clone();
-    changed.endpoints[3].labels[0].value = "api".into();
+    Arc::make_mut(&mut changed.endpoints[3]).labels[0].value = "api".into();
     a.publish(Arc::new(changed), vec![]);
     until(&mut ps, "second write", |s| s.writes == 2).await;
     assert_eq!(m.revision(), rev + 1);

@@ -65,7 +65,7 @@ impl RawEntry {
 /// A registry document read from one entry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegistryDoc {
-    Endpoint(EndpointDef),
+    Endpoint(std::sync::Arc<EndpointDef>),
     Node(NodeDef),
     Namespace(NamespaceDef),
 }

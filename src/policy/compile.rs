@@ -2429,7 +2429,7 @@ spec:
             .iter_mut()
             .find(|e| e.name == "web-2")
             .expect("web-2");
-        w2.addresses = vec!["10.0.0.9".parse().unwrap()];
+        Arc::make_mut(w2).addresses = vec!["10.0.0.9".parse().unwrap()];
         let got = c.compile(&changed, &moved, &opts);
         assert_eq!(got, try_compile(&changed, &moved, &opts));
         let s = c.stats();
@@ -2443,7 +2443,7 @@ spec:
 
         // A new label set is a new identity: everything is selected again.
         let mut relabelled = moved.clone();
-        relabelled.endpoints[0]
+        Arc::make_mut(&mut relabelled.endpoints[0])
             .labels
             .push(labels::label("k8s", "tier", "x"));
         let got = c.compile(&changed, &relabelled, &opts);

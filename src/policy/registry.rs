@@ -62,7 +62,7 @@ pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoin
         .iter()
         .map(|n| (n.name.as_str(), n))
         .collect();
-    let mut defs: Vec<(usize, &EndpointDef)> = reg.endpoints.iter().enumerate().collect();
+    let mut defs: Vec<(usize, &EndpointDef)> = reg.endpoints.iter().map(|e| &**e).enumerate().collect();
     defs.sort_by(|(_, a), (_, b)| {
         let ka = (
             a.kind == EndpointKind::Host,
@@ -265,8 +265,8 @@ mod tests {
     fn local_and_remote() {
         let reg = RegistrySet {
             endpoints: vec![
-                ep("a", "default", "10.0.0.1", None),
-                ep("b", "default", "10.0.0.2", Some("host-b")),
+                ep("a", "default", "10.0.0.1", None).into(),
+                ep("b", "default", "10.0.0.2", Some("host-b")).into(),
             ],
             ..Default::default()
         };
@@ -281,8 +281,8 @@ mod tests {
     fn duplicate_address_and_name() {
         let reg = RegistrySet {
             endpoints: vec![
-                ep("a", "default", "10.0.0.1", None),
-                ep("a", "default", "10.0.0.1", None),
+                ep("a", "default", "10.0.0.1", None).into(),
+                ep("a", "default", "10.0.0.1", None).into(),
             ],
             ..Default::default()
         };

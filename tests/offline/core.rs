@@ -4,6 +4,7 @@
 //! `policy::trace`, i.e. through the compiled entries and the lookup contract.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use netpol::api::build::{k8s, origin, req};
 use netpol::api::model::*;
@@ -259,7 +260,7 @@ fn build_opts(
     let c = compile(
         &PolicySet { policies },
         &RegistrySet {
-            endpoints,
+            endpoints: endpoints.into_iter().map(Arc::new).collect(),
             nodes,
             namespaces,
         },
@@ -2398,7 +2399,7 @@ mod incremental {
                         for (n, a) in &learned {
                             f.insert(NAMES[*n], LEARNED[*a].parse().unwrap());
                         }
-                        opts.fqdn = std::sync::Arc::new(f);
+                        opts.fqdn = Arc::new(f);
                     }
                     Some(Change::Options { tight, local_only, localhost, host_addr }) => {
                         opts.limits = if *tight {
@@ -2412,7 +2413,7 @@ mod incremental {
                     }
                 }
                 let set = PolicySet { policies: pols.iter().flatten().cloned().collect() };
-                let reg = RegistrySet { endpoints: eps.iter().flatten().cloned().collect(), ..Default::default() };
+                let reg = RegistrySet { endpoints: eps.iter().flatten().cloned().map(Arc::new).collect(), ..Default::default() };
                 let incremental = compiler.compile(&set, &reg, &opts);
                 let full = try_compile(&set, &reg, &opts);
                 prop_assert_eq!(
