@@ -62,7 +62,8 @@ pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoin
         .iter()
         .map(|n| (n.name.as_str(), n))
         .collect();
-    let mut defs: Vec<(usize, &EndpointDef)> = reg.endpoints.iter().map(|e| &**e).enumerate().collect();
+    let mut defs: Vec<(usize, &EndpointDef)> =
+        reg.endpoints.iter().map(|e| &**e).enumerate().collect();
     defs.sort_by(|(_, a), (_, b)| {
         let ka = (
             a.kind == EndpointKind::Host,

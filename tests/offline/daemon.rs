@@ -99,18 +99,20 @@ fn fake_load_registry(dirs: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let mut w = line.split_whitespace();
             match (w.next(), w.next()) {
-                (Some(name), Some(iface)) if name != "INVALID" => set.endpoints.push(Arc::new(EndpointDef {
-                    origin: origin(&f, "Endpoint", name),
-                    kind: EndpointKind::Workload,
-                    name: name.into(),
-                    namespace: Some("default".into()),
-                    labels: vec![],
-                    node: None,
-                    interface: Some(Interface::Name(iface.into())),
-                    addresses: vec![],
-                    ports: vec![],
-                    audit: false,
-                })),
+                (Some(name), Some(iface)) if name != "INVALID" => {
+                    set.endpoints.push(Arc::new(EndpointDef {
+                        origin: origin(&f, "Endpoint", name),
+                        kind: EndpointKind::Workload,
+                        name: name.into(),
+                        namespace: Some("default".into()),
+                        labels: vec![],
+                        node: None,
+                        interface: Some(Interface::Name(iface.into())),
+                        addresses: vec![],
+                        ports: vec![],
+                        audit: false,
+                    }))
+                }
                 _ => problems.push(problem(&f, "not an endpoint line")),
             }
         }
