@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,8 +22,8 @@ use std::time::Duration;
 use libbpf_rs::query::LinkTypeInfo;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{
-    AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, MapType, OpenObject, RingBufferBuilder,
-    TcHookBuilder, TC_EGRESS, TC_INGRESS,
+    Link, MapCore, MapFlags, MapHandle, MapType, OpenObject, RingBufferBuilder, TcHookBuilder,
+    TC_EGRESS, TC_INGRESS,
 };
 
 use super::generation::{self, Contents, Table};
@@ -63,7 +62,7 @@ pub enum Hook {
 }
 
 impl Hook {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Hook::Ingress => "ingress",
             Hook::Egress => "egress",
@@ -738,12 +737,13 @@ impl KernelDatapath {
 
     /// Finish the moves the worker reported: a device still on cls_bpf loses
     /// its filters (its tcx links enforce now); links made for a device
-    /// detached meanwhile are taken away. Returns (moved, failed).
-    fn finish_upgrades(&mut self) -> (usize, usize) {
+    /// detached meanwhile are taken away. Returns the moves that failed (each
+    /// also in `upgrade_failed`) and the last one's reason.
+    fn finish_upgrades(&mut self) -> (usize, Option<String>) {
         let Some(u) = &self.upgrader else {
-            return (0, 0);
+            return (0, None);
         };
-        let (mut moved, mut failed) = (0, 0);
+        let (mut failed, mut why) = (0, None);
         for done in u.finished() {
             self.upgrading.remove(&done.ifindex);
             match done.result {
@@ -754,7 +754,6 @@ impl KernelDatapath {
                         let _ = self.detach_device(done.ifindex, AttachMode::Clsact);
                         self.clsact_netns.remove(&done.ifindex);
                         self.attached.insert(done.ifindex, AttachMode::Tcx);
-                        moved += 1;
                         if let Some(run) = &mut self.upgrade_run {
                             run.1 += 1;
                         }
@@ -765,12 +764,14 @@ impl KernelDatapath {
                     }
                 },
                 Err(e) => {
-                    self.upgrade_failed.insert(done.ifindex, e.to_string());
+                    let e = e.to_string();
+                    self.upgrade_failed.insert(done.ifindex, e.clone());
                     failed += 1;
+                    why = Some(e);
                 }
             }
         }
-        (moved, failed)
+        (failed, why)
     }
 
     /// End the worker (the device in hand is finished) and finish what it did.
@@ -886,35 +887,7 @@ impl KernelDatapath {
             Hook::Egress => &self.loaded.skel.progs.netpol_tcx_egress,
         };
         let path = self.link_path(AttachMode::Tcx, ifindex, hook);
-        if path.exists() {
-            let _ = std::fs::remove_file(&path);
-        }
-        // SAFETY: the program pointer is valid while the skeleton lives; a
-        // NULL opts pointer is allowed by libbpf.
-        let raw = unsafe {
-            libbpf_sys::bpf_program__attach_tcx(
-                prog.as_libbpf_object().as_ptr(),
-                ifindex as i32,
-                std::ptr::null(),
-            )
-        };
-        let Some(raw) = NonNull::new(raw) else {
-            return Err(DatapathError::Kernel {
-                op: format!("tcx attach {} on ifindex {ifindex}", hook.name()),
-                source: std::io::Error::last_os_error(),
-            });
-        };
-        // SAFETY: `raw` is a fresh link owned by nobody else.
-        let mut link = unsafe { Link::from_ptr(raw) };
-        let pinned = link.pin(&path);
-        if let Err(e) = pinned {
-            let _ = link.detach();
-            return Err(kerr(format!("pin {}", path.display()))(e));
-        }
-        // The pin keeps the link (and enforcement) alive after we exit and
-        // after this drop, which closes only our fd (see adopt_links).
-        drop(link);
-        Ok(())
+        upgrade::attach_tcx_link(prog.as_fd(), ifindex, hook, &path)
     }
 
     fn attach_clsact(&self, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
@@ -1626,19 +1599,10 @@ impl Datapath for KernelDatapath {
     }
 
     fn maintain(&mut self) -> Option<String> {
-        let (_, failed) = self.finish_upgrades();
-        let mut msg = None;
-        if failed > 0 {
-            let why = self
-                .upgrade_failed
-                .values()
-                .next_back()
-                .cloned()
-                .unwrap_or_default();
-            msg = Some(format!(
-                "{failed} device(s) stay on cls_bpf: their tcx attach failed ({why})"
-            ));
-        }
+        let (failed, why) = self.finish_upgrades();
+        let mut msg = why.map(|why| {
+            format!("{failed} device(s) stay on cls_bpf: their tcx attach failed ({why})")
+        });
         if let (true, Some((since, total))) = (self.upgrading.is_empty(), self.upgrade_run) {
             self.upgrade_run = None;
             if total > 0 {

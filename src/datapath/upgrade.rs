@@ -16,13 +16,13 @@
 //! link pins it is told; it never calls into the skeleton.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::DatapathError;
+use super::{DatapathError, Hook};
 
 /// One device to move: its index in `netns`, and where its two links go
 /// (ingress, egress).
@@ -115,31 +115,31 @@ fn move_device(progs: &[OwnedFd; 2], job: &Job) -> Result<(), DatapathError> {
             source: std::io::Error::from_raw_os_error(e as i32),
         }
     })?;
-    let types = [libbpf_sys::BPF_TCX_INGRESS, libbpf_sys::BPF_TCX_EGRESS];
-    for (i, hook) in ["ingress", "egress"].iter().enumerate() {
-        if let Err(e) = attach_and_pin(progs[i].as_fd(), job.ifindex, types[i], &job.pins[i]) {
+    for (i, hook) in [Hook::Ingress, Hook::Egress].into_iter().enumerate() {
+        if let Err(e) = attach_tcx_link(progs[i].as_fd(), job.ifindex, hook, &job.pins[i]) {
             // Both or neither: an unpinned link (fd closed) is detached.
             for p in &job.pins[..i] {
                 let _ = std::fs::remove_file(p);
             }
-            return Err(match e {
-                DatapathError::Kernel { source, .. } => DatapathError::Kernel {
-                    op: format!("tcx attach {hook} on ifindex {}", job.ifindex),
-                    source,
-                },
-                other => other,
-            });
+            return Err(e);
         }
     }
     Ok(())
 }
 
-fn attach_and_pin(
+/// Attach `prog` to `ifindex`'s `hook` as a tcx link and pin it at `pin`
+/// (replacing what is pinned there). A link whose pin fails is detached: its
+/// only fd closes on return. Touches no skeleton: callable from any thread.
+pub(super) fn attach_tcx_link(
     prog: BorrowedFd<'_>,
     ifindex: u32,
-    attach_type: libbpf_sys::bpf_attach_type,
-    pin: &std::path::Path,
+    hook: Hook,
+    pin: &Path,
 ) -> Result<(), DatapathError> {
+    let attach_type = match hook {
+        Hook::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+        Hook::Egress => libbpf_sys::BPF_TCX_EGRESS,
+    };
     let opts = libbpf_sys::bpf_link_create_opts {
         sz: size_of::<libbpf_sys::bpf_link_create_opts>() as _,
         ..Default::default()
@@ -150,7 +150,7 @@ fn attach_and_pin(
     };
     if fd < 0 {
         return Err(DatapathError::Kernel {
-            op: "tcx attach".into(),
+            op: format!("tcx attach {} on ifindex {ifindex}", hook.name()),
             source: std::io::Error::from_raw_os_error(-fd),
         });
     }
@@ -159,7 +159,7 @@ fn attach_and_pin(
     if pin.exists() {
         let _ = std::fs::remove_file(pin);
     }
-    // The pin keeps the link attached once our fd closes below; without it
-    // the close detaches it.
+    // The pin keeps the link (and enforcement) attached once our fd closes
+    // below, also after this process exits.
     super::kernel::pin_fd(link.as_raw_fd(), pin)
 }
