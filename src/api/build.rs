@@ -2,8 +2,6 @@
 //! benchmarks that build policies and endpoints in code rather than YAML
 //! (feature `test-support`).
 
-use std::collections::BTreeSet;
-
 use super::model::{Label, LabelKey, Op, Origin, Requirement};
 
 /// Where a hand-built value says it came from: `NAME.yaml`, document 0.
@@ -34,6 +32,6 @@ pub fn req(source: Option<&str>, key: &str, op: Op, vals: &[&str]) -> Requiremen
             key: key.into(),
         },
         op,
-        values: vals.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+        values: vals.iter().map(|s| s.to_string()).collect(),
     }
 }

@@ -629,18 +629,15 @@ fn source_map(
     kind: PolicyKind,
     root: &Node,
 ) -> SourceMap {
-    let mut map = SourceMap::default();
     let subjects = rules.iter().map(|r| r.subject_path(kind));
     let parts = sources
         .iter()
         .flat_map(|(_, s)| s.peers.iter().chain(&s.ports).cloned());
-    for path in subjects.chain(parts) {
-        if let Some(pos) = root.pos_of(&path).known() {
-            map.positions.insert(path, pos);
-        }
-    }
-    map.items = sources.into_iter().collect();
-    map
+    let positions: Vec<(String, (usize, usize))> = subjects
+        .chain(parts)
+        .filter_map(|path| root.pos_of(&path).known().map(|pos| (path, pos)))
+        .collect();
+    SourceMap::new(sources, positions)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

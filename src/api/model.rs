@@ -7,7 +7,6 @@
 //!
 //! Owns the types only: no I/O, no parsing, no validation logic.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -57,7 +56,56 @@ pub enum Op {
 pub struct Requirement {
     pub key: LabelKey,
     pub op: Op,
-    pub values: BTreeSet<String>,
+    pub values: Values,
+}
+
+/// The values of a requirement: distinct and sorted, as a `BTreeSet` would
+/// hold them (and ordered, hashed and printed the same), in one allocation
+/// the size of its values (a `BTreeSet` node holds room for eleven; nearly
+/// every requirement has one value).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Values(Box<[String]>);
+
+impl Values {
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, value: &str) -> bool {
+        self.0.binary_search_by(|v| v.as_str().cmp(value)).is_ok()
+    }
+}
+
+impl FromIterator<String> for Values {
+    fn from_iter<I: IntoIterator<Item = String>>(iter: I) -> Values {
+        let mut v: Vec<String> = iter.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        Values(v.into_boxed_slice())
+    }
+}
+
+impl<const N: usize> From<[String; N]> for Values {
+    fn from(values: [String; N]) -> Values {
+        values.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Values {
+    type Item = &'a String;
+    type IntoIter = std::slice::Iter<'a, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 /// A label selector: all requirements ANDed; no requirement matches every label set.
@@ -272,14 +320,16 @@ pub struct Policy {
 
 /// Where the parts of a valid policy were written: field paths and positions
 /// for messages that only a later step can give (`policy::lint`'s warnings).
-/// Not part of what the policy means: compile never reads it.
+/// Not part of what the policy means: compile never reads it. Kept for every
+/// policy in force, so held compact: sorted slices searched by path (a
+/// `BTreeMap` node holds room for eleven entries, most policies have two).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceMap {
-    /// By rule item path (`spec.ingress[0]`).
-    pub items: BTreeMap<String, ItemSource>,
-    /// 1-based line and column of field paths: the items' peers and ports,
-    /// and each rule's subject selector.
-    pub positions: BTreeMap<String, (usize, usize)>,
+    /// By rule item path (`spec.ingress[0]`), sorted by path.
+    items: Box<[(Box<str>, ItemSource)]>,
+    /// 1-based line and column of field paths (the items' peers and ports,
+    /// and each rule's subject selector), sorted by path.
+    positions: Box<[(Box<str>, (u32, u32))]>,
 }
 
 /// The field paths of one rule item's parts, in model order.
@@ -293,9 +343,47 @@ pub struct ItemSource {
 }
 
 impl SourceMap {
+    /// The map of these items' parts and these positions (a later entry for
+    /// the same path wins).
+    pub fn new(
+        items: impl IntoIterator<Item = (String, ItemSource)>,
+        positions: impl IntoIterator<Item = (String, (usize, usize))>,
+    ) -> SourceMap {
+        fn sorted<T>(mut v: Vec<(Box<str>, T)>) -> Box<[(Box<str>, T)]> {
+            // Stable, so the last of equal paths ends last; keep that one.
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut out: Vec<(Box<str>, T)> = Vec::with_capacity(v.len());
+            for e in v {
+                match out.last_mut() {
+                    Some(last) if last.0 == e.0 => *last = e,
+                    _ => out.push(e),
+                }
+            }
+            out.into_boxed_slice()
+        }
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        SourceMap {
+            items: sorted(items.into_iter().map(|(k, v)| (k.into(), v)).collect()),
+            positions: sorted(
+                positions
+                    .into_iter()
+                    .map(|(k, (l, c))| (k.into(), (clamp(l), clamp(c))))
+                    .collect(),
+            ),
+        }
+    }
+
     /// The position of a field path, when known.
     pub fn pos(&self, path: &str) -> Option<(usize, usize)> {
-        self.positions.get(path).copied()
+        let i = self.positions.binary_search_by(|e| (*e.0).cmp(path)).ok()?;
+        let (l, c) = self.positions[i].1;
+        Some((l as usize, c as usize))
+    }
+
+    /// The field paths of the parts of the rule item at `path`.
+    pub fn item(&self, path: &str) -> Option<&ItemSource> {
+        let i = self.items.binary_search_by(|e| (*e.0).cmp(path)).ok()?;
+        Some(&self.items[i].1)
     }
 }
 

@@ -15,12 +15,10 @@
 //! pkg/apis/networking/validation/validation.go). Each rule names its source;
 //! docs/policy.md lists where netpol deliberately differs.
 
-use std::collections::BTreeSet;
-
 use super::de::{IntOrString, Present};
 use super::model::{
     DnsRule, FqdnSelector, IcmpType, ItemSource, LabelKey, Op, Peer, Peers, PortProto, PortSpec,
-    Proto, Requirement, Rule, RuleItem, Selector, Subject, L4,
+    Proto, Requirement, Rule, RuleItem, Selector, Subject, Values, L4,
 };
 use super::raw::{
     RawCidrRule, RawFqdnSelector, RawIcmpRule, RawL7Rules, RawNpPeer, RawNpPort, RawNpSpec,
@@ -148,7 +146,7 @@ fn selector(ctx: &mut Ctx, path: &str, raw: &RawSelector, mode: KeyMode) -> Sele
                 reqs.push(Requirement {
                     key,
                     op: Op::In,
-                    values: BTreeSet::from([val.clone()]),
+                    values: Values::from([val.clone()]),
                 });
             }
         }
@@ -231,7 +229,7 @@ fn ns_in(ns: &str) -> Requirement {
             key: POD_NAMESPACE_LABEL.into(),
         },
         op: Op::In,
-        values: BTreeSet::from([ns.to_string()]),
+        values: Values::from([ns.to_string()]),
     }
 }
 
@@ -242,7 +240,7 @@ fn ns_exists() -> Requirement {
             key: POD_NAMESPACE_LABEL.into(),
         },
         op: Op::Exists,
-        values: BTreeSet::new(),
+        values: Values::default(),
     }
 }
 

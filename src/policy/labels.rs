@@ -151,7 +151,6 @@ pub fn canonical(labels: &[Label]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     fn req(source: Option<&str>, key: &str, op: Op, values: &[&str]) -> Requirement {
         Requirement {
@@ -160,10 +159,7 @@ mod tests {
                 key: key.to_string(),
             },
             op,
-            values: values
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<BTreeSet<_>>(),
+            values: values.iter().map(|s| s.to_string()).collect(),
         }
     }
 

@@ -317,7 +317,7 @@ impl<'a> Lint<'a> {
         slots: &[u32],
         out: &mut Vec<Warning>,
     ) {
-        let source = p.source.items.get(&item.path);
+        let source = p.source.item(&item.path);
         let path_of = |paths: Option<&Vec<String>>, i: usize| {
             paths
                 .and_then(|ps| ps.get(i))

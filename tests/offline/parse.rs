@@ -80,10 +80,7 @@ fn req(key: LabelKey, op: Op, values: &[&str]) -> Requirement {
     Requirement {
         key,
         op,
-        values: values
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<BTreeSet<_>>(),
+        values: values.iter().map(|v| v.to_string()).collect(),
     }
 }
 
