@@ -329,8 +329,11 @@ pub struct SourceMap {
     items: Box<[(Box<str>, ItemSource)]>,
     /// 1-based line and column of field paths (the items' peers and ports,
     /// and each rule's subject selector), sorted by path.
-    positions: Box<[(Box<str>, (u32, u32))]>,
+    positions: Box<[(Box<str>, LineCol)]>,
 }
+
+/// A 1-based line and column.
+type LineCol = (u32, u32);
 
 /// The field paths of one rule item's parts, in model order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
