@@ -27,15 +27,18 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         BYTES.fetch_add(l.size() as isize, Ordering::Relaxed);
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's layout, passed on.
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         BYTES.fetch_sub(l.size() as isize, Ordering::Relaxed);
         ALLOCS.fetch_sub(1, Ordering::Relaxed);
+        // SAFETY: `p` came from this allocator with layout `l`.
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         BYTES.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        // SAFETY: `p` came from this allocator with layout `l`.
         unsafe { System.realloc(p, l, new) }
     }
 }
