@@ -338,7 +338,9 @@ fn main() {
         source: Default::default(),
     });
 
-    let policies = PolicySet { policies };
+    let policies = PolicySet {
+        policies: policies.into_iter().map(std::sync::Arc::new).collect(),
+    };
     let registry = RegistrySet {
         endpoints: endpoints.into_iter().map(std::sync::Arc::new).collect(),
         nodes,

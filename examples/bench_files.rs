@@ -90,6 +90,7 @@ fn main() {
         // again (new shared rules), every other policy as it was.
         let mut changed = policies.clone();
         if let Some(p) = changed.policies.last_mut() {
+            let p = std::sync::Arc::make_mut(p);
             p.rules = p.rules.iter().cloned().collect();
         }
         let t = Instant::now();

@@ -26,6 +26,8 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::hash::FastMap;
+
 use super::de::{from_node, from_node_noted, suggest, DeError, Notes};
 use super::model::{
     EndpointDef, EndpointKind, Interface, ItemSource, NamespaceDef, NodeDef, Origin, Policy,
@@ -80,33 +82,49 @@ const REGISTRY_KINDS: &[(&str, &str)] = &[
     ("Namespace", "netpol/v1"),
 ];
 
-/// Where an object was defined, for cross-document messages.
+/// Where the parts of an object that cross-document checks name were
+/// written; its file, document and name are its [`Origin`]'s. Kept for every
+/// object of every kept parse, so it holds positions only.
 #[derive(Debug, Clone)]
 pub struct Site {
-    pub file: PathBuf,
-    pub doc: usize,
-    pub object: String,
     pub name_pos: Pos,
     /// Positions of `spec.addresses[i]`.
-    pub addr_pos: Vec<Pos>,
+    pub addr_pos: Box<[Pos]>,
     pub iface_pos: Pos,
 }
 
-impl Site {
+/// An object's origin and site: what a cross-document message names.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    origin: &'a Origin,
+    site: &'a Site,
+}
+
+impl At<'_> {
+    /// `Kind namespace/name` or `Kind name`, as [`object_label`] names the
+    /// document.
+    fn object(&self) -> String {
+        let o = self.origin;
+        match (&o.namespace, namespaced(&o.kind)) {
+            (Some(ns), true) => format!("{} {ns}/{}", o.kind, o.name),
+            _ => format!("{} {}", o.kind, o.name),
+        }
+    }
     fn at(&self, pos: Pos) -> String {
+        let file = self.origin.file.display();
         match pos.known() {
-            Some((l, c)) => format!("{}:{l}:{c}", self.file.display()),
-            None => format!("{} (document {})", self.file.display(), self.doc),
+            Some((l, c)) => format!("{file}:{l}:{c}"),
+            None => format!("{file} (document {})", self.origin.doc + 1),
         }
     }
     fn problem(&self, pos: Pos, field: &str, message: String) -> Problem {
         let k = pos.known();
         Problem {
-            file: self.file.clone(),
+            file: self.origin.file.clone(),
             line: k.map(|x| x.0),
             column: k.map(|x| x.1),
-            document: Some(self.doc),
-            object: Some(self.object.clone()),
+            document: Some(self.origin.doc + 1),
+            object: Some(self.object()),
             field: Some(field.to_string()),
             message,
         }
@@ -116,7 +134,9 @@ impl Site {
 /// Everything parsed so far, with sites, before cross-document checks.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    pub policies: Vec<(Policy, Site)>,
+    /// Shared, as the endpoints are: a set is assembled from kept parses on
+    /// every change, and that must not copy thousands of policies.
+    pub policies: Vec<(std::sync::Arc<Policy>, std::sync::Arc<Site>)>,
     pub endpoints: Vec<(std::sync::Arc<EndpointDef>, std::sync::Arc<Site>)>,
     pub nodes: Vec<(NodeDef, Site)>,
     pub namespaces: Vec<(NamespaceDef, Site)>,
@@ -345,9 +365,6 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
         name: name.to_string(),
     };
     let site = |root: &Node| Site {
-        file: file.to_path_buf(),
-        doc: n,
-        object: object.clone().unwrap_or_else(|| kind.to_string()),
         name_pos: root.pos_of("metadata.name"),
         addr_pos: match root
             .get("spec")
@@ -355,7 +372,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
             .map(|a| &a.value)
         {
             Some(yaml::Value::Seq(items)) => items.iter().map(|i| i.pos).collect(),
-            _ => Vec::new(),
+            _ => Box::default(),
         },
         iface_pos: root.pos_of("spec.interface"),
     };
@@ -411,7 +428,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     staged,
                     source: source.into(),
                 };
-                out.policies.push((policy, site(root)));
+                out.policies.push((policy.into(), site(root).into()));
             }
         }
         "NetworkPolicy" => {
@@ -442,7 +459,7 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                     staged,
                     source: source.into(),
                 };
-                out.policies.push((policy, site(root)));
+                out.policies.push((policy.into(), site(root).into()));
             }
         }
         "Endpoint" | "HostEndpoint" => {
@@ -707,24 +724,32 @@ fn meta(ctx: &mut Ctx, m: Option<&RawMeta>, scope: Scope) -> (String, Option<Str
 /// policies of different kinds with one namespace and name (a warning: both
 /// are enforced, and most output names a policy by namespace and name).
 pub fn check_policies(parsed: &mut Parsed) {
-    let mut seen: HashMap<(&str, Option<&str>, &str), usize> =
-        HashMap::with_capacity(parsed.policies.len());
-    let mut names: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut seen: FastMap<(&str, Option<&str>, &str), usize> = FastMap::default();
+    seen.reserve(parsed.policies.len());
+    let mut names: FastMap<(&str, &str), usize> = FastMap::default();
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    for (i, (p, site)) in parsed.policies.iter().enumerate() {
+    let at = |i: usize| {
+        let (p, site) = &parsed.policies[i];
+        At {
+            origin: &p.origin,
+            site,
+        }
+    };
+    for (i, (p, _)) in parsed.policies.iter().enumerate() {
+        let here = at(i);
         if let Some(ns) = p.origin.namespace.as_deref() {
             match names.get(&(ns, p.origin.name.as_str())) {
                 Some(&first) if parsed.policies[first].0.origin.kind != p.origin.kind => {
-                    let fsite = &parsed.policies[first].1;
+                    let there = at(first);
                     warnings.push(Warning {
-                        at: site.problem(
-                            site.name_pos,
+                        at: here.problem(
+                            here.site.name_pos,
                             "metadata.name",
                             format!(
                                 "has the same namespace and name as {} at {}; both are enforced, as two policies that status, trace and monitor tell apart only by their kind: give each its own name",
-                                fsite.object,
-                                fsite.at(fsite.name_pos)
+                                there.object(),
+                                there.at(there.site.name_pos)
                             ),
                         ),
                         code: WarningCode::DuplicateName,
@@ -742,14 +767,14 @@ pub fn check_policies(parsed: &mut Parsed) {
             p.origin.name.as_str(),
         );
         if let Some(&first) = seen.get(&key) {
-            let fsite = &parsed.policies[first].1;
-            problems.push(site.problem(
-                site.name_pos,
+            let there = at(first);
+            problems.push(here.problem(
+                here.site.name_pos,
                 "metadata.name",
                 format!(
                     "{} is already defined at {}; a policy name must be unique per kind and namespace",
-                    site.object,
-                    fsite.at(fsite.name_pos)
+                    here.object(),
+                    there.at(there.site.name_pos)
                 ),
             ));
         } else {
@@ -764,39 +789,42 @@ pub fn check_policies(parsed: &mut Parsed) {
 pub fn check_registry(parsed: &mut Parsed) {
     let mut problems = Vec::new();
     // Names.
-    let mut names: HashMap<(&str, Option<&str>, &str), &Site> =
-        HashMap::with_capacity(parsed.endpoints.len() + parsed.nodes.len());
+    let mut names: FastMap<(&str, Option<&str>, &str), At<'_>> = FastMap::default();
+    names.reserve(parsed.endpoints.len() + parsed.nodes.len());
     let all_sites = parsed
         .endpoints
         .iter()
         .map(|(e, s)| (&e.origin, &**s))
         .chain(parsed.nodes.iter().map(|(n, s)| (&n.origin, s)))
         .chain(parsed.namespaces.iter().map(|(n, s)| (&n.origin, s)));
-    for (o, site) in all_sites {
+    for (origin, site) in all_sites {
+        let here = At { origin, site };
+        let o = origin;
         let key = (o.kind.as_str(), o.namespace.as_deref(), o.name.as_str());
         if let Some(first) = names.get(&key) {
-            problems.push(site.problem(
+            problems.push(here.problem(
                 site.name_pos,
                 "metadata.name",
                 format!(
                     "{} is already defined at {}; names must be unique per kind and namespace",
-                    site.object,
-                    first.at(first.name_pos)
+                    here.object(),
+                    first.at(first.site.name_pos)
                 ),
             ));
         } else {
-            names.insert(key, site);
+            names.insert(key, here);
         }
     }
     // Addresses: an address identifies one endpoint. A HostEndpoint may share
     // its address with the Node entry of its own host.
     struct Claim<'a> {
-        site: &'a Site,
+        site: At<'a>,
         pos: Pos,
         host_of: Option<Option<&'a str>>, // Some(node) for HostEndpoints
         node_name: Option<&'a str>,       // Some(name) for Nodes
     }
-    let mut claims: HashMap<IpAddr, Claim<'_>> = HashMap::with_capacity(parsed.endpoints.len());
+    let mut claims: FastMap<IpAddr, Claim<'_>> = FastMap::default();
+    claims.reserve(parsed.endpoints.len());
     let mut entries: Vec<(IpAddr, Claim<'_>, usize)> = Vec::with_capacity(parsed.endpoints.len());
     for (e, site) in &parsed.endpoints {
         let host_of = (e.kind == EndpointKind::Host).then_some(e.node.as_deref());
@@ -805,7 +833,10 @@ pub fn check_registry(parsed: &mut Parsed) {
             entries.push((
                 *a,
                 Claim {
-                    site,
+                    site: At {
+                        origin: &e.origin,
+                        site,
+                    },
                     pos,
                     host_of,
                     node_name: None,
@@ -820,7 +851,10 @@ pub fn check_registry(parsed: &mut Parsed) {
             entries.push((
                 *a,
                 Claim {
-                    site,
+                    site: At {
+                        origin: &n.origin,
+                        site,
+                    },
                     pos,
                     host_of: None,
                     node_name: Some(&n.name),
@@ -844,7 +878,7 @@ pub fn check_registry(parsed: &mut Parsed) {
                 &format!("spec.addresses[{i}]"),
                 format!(
                     "address {addr} is already claimed by {} at {}; an address belongs to one endpoint",
-                    first.site.object,
+                    first.site.object(),
                     first.site.at(first.pos)
                 ),
             ));
@@ -853,22 +887,26 @@ pub fn check_registry(parsed: &mut Parsed) {
         }
     }
     // Interfaces: one enforcement point per (node, interface).
-    let mut ifaces: HashMap<(Option<&str>, &str), &Site> = HashMap::new();
+    let mut ifaces: HashMap<(Option<&str>, &str), At<'_>> = HashMap::new();
     for (e, site) in &parsed.endpoints {
         if let Some(Interface::Name(name)) = &e.interface {
+            let here = At {
+                origin: &e.origin,
+                site,
+            };
             let key = (e.node.as_deref(), name.as_str());
             if let Some(first) = ifaces.get(&key) {
-                problems.push(site.problem(
+                problems.push(here.problem(
                     site.iface_pos,
                     "spec.interface",
                     format!(
                         "interface {name} is already used by {} at {}; one interface enforces one endpoint",
-                        first.object,
-                        first.at(first.iface_pos)
+                        first.object(),
+                        first.at(first.site.iface_pos)
                     ),
                 ));
             } else {
-                ifaces.insert(key, site);
+                ifaces.insert(key, here);
             }
         }
     }

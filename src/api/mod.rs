@@ -83,6 +83,7 @@ impl fmt::Display for Problem {
 }
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub use load::{FileKind, Parsed};
 use model::{Policy, PolicySet, RegistrySet};
@@ -142,7 +143,7 @@ pub fn load_dirs(
 
 /// Parse one policy file's text (`file` is only used in messages, and its
 /// extension picks JSON or YAML).
-pub fn parse_policies(file: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
+pub fn parse_policies(file: &Path, text: &str) -> Result<Vec<Arc<Policy>>, Vec<Problem>> {
     let mut out = Parsed::default();
     load::parse_text(file, text, FileKind::Policy, &mut out);
     load::check_policies(&mut out);
@@ -150,7 +151,7 @@ pub fn parse_policies(file: &Path, text: &str) -> Result<Vec<Policy>, Vec<Proble
 }
 
 /// [`parse_policies`], with the file's warnings.
-pub fn parse_policies_warned(file: &Path, text: &str) -> Loaded<Vec<Policy>> {
+pub fn parse_policies_warned(file: &Path, text: &str) -> Loaded<Vec<Arc<Policy>>> {
     let mut out = Parsed::default();
     load::parse_text(file, text, FileKind::Policy, &mut out);
     load::check_policies(&mut out);

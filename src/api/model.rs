@@ -449,7 +449,8 @@ pub struct NamespaceDef {
 /// Everything read from the policy directory.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PolicySet {
-    pub policies: Vec<Policy>,
+    /// Shared with the parses a daemon keeps (and the sets it held before).
+    pub policies: Vec<std::sync::Arc<Policy>>,
 }
 
 /// Everything read from the endpoint directories.

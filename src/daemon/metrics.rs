@@ -426,7 +426,7 @@ impl Metrics {
                 *s.events.entry(v.to_string()).or_default() += 1;
                 let rule = e.rule.and_then(|r| installed?.rules.get(r as usize));
                 if let (EventVerdict::Audit, Some(r)) = (e.verdict, rule) {
-                    let key = (r.kind.clone(), r.policy.clone(), r.staged);
+                    let key = (r.kind.to_string(), r.policy.to_string(), r.staged);
                     *s.policy_audits.entry(key).or_default() += 1;
                 }
             }
@@ -1060,7 +1060,7 @@ mod tests {
         use crate::datapath::EventReason;
         use crate::policy::types::{Direction, RuleRef};
         let rule = |policy: &str, staged: bool| RuleRef {
-            file: "p.yaml".into(),
+            file: std::path::Path::new("p.yaml").into(),
             kind: "CiliumNetworkPolicy".into(),
             policy: policy.into(),
             path: "spec".into(),

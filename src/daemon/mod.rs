@@ -612,12 +612,14 @@ mod tests {
             Read::Valid(PolicySet {
                 policies: names
                     .iter()
-                    .map(|n| Policy {
-                        origin: origin("CiliumNetworkPolicy", n),
-                        kind: PolicyKind::CiliumNetworkPolicy,
-                        rules: vec![].into(),
-                        staged: false,
-                        source: Default::default(),
+                    .map(|n| {
+                        Arc::new(Policy {
+                            origin: origin("CiliumNetworkPolicy", n),
+                            kind: PolicyKind::CiliumNetworkPolicy,
+                            rules: vec![].into(),
+                            staged: false,
+                            source: Default::default(),
+                        })
                     })
                     .collect(),
             })

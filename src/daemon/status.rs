@@ -389,9 +389,9 @@ impl From<&RuleRef> for RuleView {
     fn from(r: &RuleRef) -> Self {
         RuleView {
             file: r.file.display().to_string(),
-            kind: r.kind.clone(),
-            policy: r.policy.clone(),
-            path: r.path.clone(),
+            kind: r.kind.to_string(),
+            policy: r.policy.to_string(),
+            path: r.path.to_string(),
             staged: r.staged,
             default_deny: r.default_deny,
         }

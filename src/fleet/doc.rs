@@ -160,11 +160,11 @@ pub fn parse_registry_value(origin: &Path, text: &str) -> Result<RegistrySet, Ve
 }
 
 /// Parse one policy value (one document, JSON).
-pub fn parse_policy_value(origin: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
+pub fn parse_policy_value(origin: &Path, text: &str) -> Result<Vec<Arc<Policy>>, Vec<Problem>> {
     match api::parse_policies(Path::new(JSON_NAME), text) {
         Ok(mut ps) => {
             for p in &mut ps {
-                p.origin.file = origin.to_path_buf();
+                Arc::make_mut(p).origin.file = origin.to_path_buf();
             }
             Ok(ps)
         }
@@ -292,8 +292,8 @@ pub fn policy_file_docs(file: &Path, text: &str) -> Result<Vec<(String, String)>
             }
         }
     }
-    let a: Vec<Policy> = original.iter().map(comparable).collect();
-    let b: Vec<Policy> = back.iter().map(comparable).collect();
+    let a: Vec<Policy> = original.iter().map(|p| comparable(p)).collect();
+    let b: Vec<Policy> = back.iter().map(|p| comparable(p)).collect();
     if a != b {
         let at = a
             .iter()

@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +66,7 @@ impl RawEntry {
 /// A registry document read from one entry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegistryDoc {
-    Endpoint(std::sync::Arc<EndpointDef>),
+    Endpoint(Arc<EndpointDef>),
     Node(NodeDef),
     Namespace(NamespaceDef),
 }
@@ -78,7 +79,7 @@ pub enum Parsed {
     /// only when all of its documents are valid.
     Policy {
         id: String,
-        policies: Result<Vec<Policy>, Vec<Problem>>,
+        policies: Result<Vec<Arc<Policy>>, Vec<Problem>>,
     },
     /// The value of `policyset-current`.
     Current(String),
@@ -241,7 +242,7 @@ pub fn parse_entry(keys: &Keys, node: &str, e: &RawEntry) -> Parsed {
 }
 
 /// One policy document as parsed: its policies, or why not.
-type PolicyDoc = Result<Vec<Policy>, Vec<Problem>>;
+type PolicyDoc = Result<Vec<Arc<Policy>>, Vec<Problem>>;
 
 /// The view built from the parsed entries.
 #[derive(Debug, Clone, PartialEq)]

@@ -490,7 +490,7 @@ mod tests {
     impl SavedReader for Copies {
         fn policies(&self, _: &Path) -> Result<PolicySet, Vec<Problem>> {
             Ok(PolicySet {
-                policies: vec![policy("saved")],
+                policies: vec![policy("saved").into()],
             })
         }
         fn registry(&self, _: &[PathBuf]) -> Result<RegistrySet, Vec<Problem>> {
@@ -520,7 +520,7 @@ mod tests {
     #[test]
     fn a_kind_in_force_stays_while_its_inputs_are_invalid_and_a_saved_copy_is_asked_for_whole() {
         let set = |names: &[&str]| PolicySet {
-            policies: names.iter().map(|n| policy(n)).collect(),
+            policies: names.iter().map(|n| policy(n).into()).collect(),
         };
         let mut inputs = Script {
             policies: vec![

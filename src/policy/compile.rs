@@ -40,6 +40,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -51,10 +52,11 @@ use super::types::{
     IpcacheEntry, PolicyEntry, RuleRef,
 };
 use crate::api::model::{
-    EndpointKind, Entity, Family, FqdnSelector, Label, NamedPort, Op, Origin, Peer, Peers,
+    EndpointKind, Entity, Family, FqdnSelector, Label, NamedPort, Op, Origin, Peer, Peers, Policy,
     PolicySet, PortSpec, Proto, RegistrySet, Rule, RuleItem, Selector, Subject, L4,
 };
 use crate::api::Problem;
+use crate::hash::{FastHasher, FastMap};
 use crate::policy::identity;
 use crate::policy::labels;
 use crate::policy::registry::{self, ResolvedEndpoint};
@@ -335,50 +337,6 @@ fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
         }
     }
 }
-
-/// A small, fast hasher for compile's internal maps (keys are label strings,
-/// identities and rule lists from the local files; none is iterated for output).
-/// The multiply-rotate scheme of rustc's FxHasher.
-#[derive(Default, Clone, Copy)]
-struct FastHasher(u64);
-
-impl std::hash::Hasher for FastHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes([
-                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-            ]));
-        }
-        for b in chunks.remainder() {
-            self.add(u64::from(*b));
-        }
-    }
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-    fn write_u32(&mut self, i: u32) {
-        self.add(u64::from(i));
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl FastHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 /// Selector evaluation over every identity, through an index of `(key,
 /// value)` → identities. Owns what it indexes, so a [`Compiler`] keeps it
@@ -894,6 +852,11 @@ struct Cache {
     subjects: FastMap<usize, SubjectMemo>,
     /// Group templates, with the pass that last used each.
     templates: FastMap<TemplateKey, (Arc<Template>, u64)>,
+    /// Per policy, by its address (kept alive here): the rule refs of its
+    /// items, in item order, and the pass that last used them.
+    refs: FastMap<usize, PolicyRefs>,
+    /// The files, kinds and item paths those refs share.
+    names: Names,
     stats: CompileStats,
 }
 
@@ -1172,7 +1135,8 @@ fn compile_with(
     let mut fqdn_sels: Vec<(&FqdnSelector, u32)> = Vec::new();
     let mut any_dns = false;
     for pol in &policies.policies {
-        let pname = policy_name(&pol.origin);
+        let refs = policy_refs(&mut cache.refs, &mut cache.names, pol, pass);
+        let mut refs = refs.iter();
         for (index, rule) in pol.rules.iter().enumerate() {
             let mut idxs = Vec::new();
             let dirs: [(&Vec<RuleItem>, Direction, EntryVerdict); 4] = [
@@ -1219,14 +1183,7 @@ fn compile_with(
                         verdict,
                         staged: pol.staged,
                     });
-                    rule_refs.push(RuleRef {
-                        file: pol.origin.file.clone(),
-                        kind: pol.origin.kind.clone(),
-                        policy: pname.clone(),
-                        path: item.path.clone(),
-                        staged: pol.staged,
-                        default_deny: false,
-                    });
+                    rule_refs.push(refs.next().expect("one ref per item").clone());
                 }
             }
             rules.push(RuleInfo {
@@ -1243,7 +1200,7 @@ fn compile_with(
     }
     let localhost_rule = if opts.allow_localhost {
         rule_refs.push(RuleRef {
-            file: Default::default(),
+            file: Path::new("").into(),
             kind: "config".into(),
             policy: "allow_localhost".into(),
             path: "allow_localhost".into(),
@@ -1277,6 +1234,7 @@ fn compile_with(
         worlds,
         subjects,
         templates,
+        refs,
         stats,
         ..
     } = cache;
@@ -1465,6 +1423,8 @@ fn compile_with(
     // What this compile did not use is of no use to the next.
     subjects.retain(|_, m| m.used == pass);
     templates.retain(|_, (_, used)| *used == pass);
+    refs.retain(|_, (_, _, used)| *used == pass);
+    cache.names.unused_dropped();
 
     Ok(Compiled {
         identities: world.identities.clone(),
@@ -1735,6 +1695,83 @@ fn top_item(entries: &[TEntry], n_items: usize) -> Option<(u32, usize)> {
         }
     }
     best
+}
+
+/// The rule refs of `pol`'s items, in the order compile numbers them (its
+/// rules in order, each rule's ingress, ingressDeny, egress, egressDeny
+/// items): kept in `memo` while the policy is, so an unchanged policy costs
+/// no string copies.
+fn policy_refs(
+    memo: &mut FastMap<usize, PolicyRefs>,
+    names: &mut Names,
+    pol: &Arc<Policy>,
+    pass: u64,
+) -> Arc<[RuleRef]> {
+    let e = memo.entry(Arc::as_ptr(pol) as usize).or_insert_with(|| {
+        let file = names.file(&pol.origin.file);
+        let kind = names.str(&pol.origin.kind);
+        let policy: Arc<str> = policy_name(&pol.origin).into();
+        let refs = pol
+            .rules
+            .iter()
+            .flat_map(|r| {
+                r.ingress
+                    .iter()
+                    .chain(&r.ingress_deny)
+                    .chain(&r.egress)
+                    .chain(&r.egress_deny)
+            })
+            .map(|item| RuleRef {
+                file: file.clone(),
+                kind: kind.clone(),
+                policy: policy.clone(),
+                path: names.str(&item.path),
+                staged: pol.staged,
+                default_deny: false,
+            })
+            .collect();
+        (pol.clone(), refs, pass)
+    });
+    e.2 = pass;
+    e.1.clone()
+}
+
+/// A policy (kept alive, so its address names it), the rule refs of its
+/// items, and the pass that last used them.
+type PolicyRefs = (Arc<Policy>, Arc<[RuleRef]>, u64);
+
+/// The strings rule refs share: one copy of each file, kind and item path
+/// however many policies name it.
+#[derive(Debug, Default)]
+struct Names {
+    strs: std::collections::HashSet<Arc<str>, std::hash::BuildHasherDefault<FastHasher>>,
+    files: std::collections::HashSet<Arc<Path>, std::hash::BuildHasherDefault<FastHasher>>,
+}
+
+impl Names {
+    fn str(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strs.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.strs.insert(a.clone());
+        a
+    }
+
+    fn file(&mut self, f: &Path) -> Arc<Path> {
+        if let Some(a) = self.files.get(f) {
+            return a.clone();
+        }
+        let a: Arc<Path> = f.into();
+        self.files.insert(a.clone());
+        a
+    }
+
+    /// Forget the strings no kept ref names any more.
+    fn unused_dropped(&mut self) {
+        self.strs.retain(|a| Arc::strong_count(a) > 1);
+        self.files.retain(|a| Arc::strong_count(a) > 1);
+    }
 }
 
 /// `namespace/name` or `name`, as rule refs name a policy.
@@ -2272,14 +2309,12 @@ spec:
     fn inputs(policies: &[(&str, &str)]) -> (PolicySet, RegistrySet) {
         let mut set = PolicySet::default();
         for (file, text) in policies {
-            set.policies.extend(
-                crate::api::parse_policies(std::path::Path::new(file), text).expect("valid policy"),
-            );
+            set.policies
+                .extend(crate::api::parse_policies(Path::new(file), text).expect("valid policy"));
         }
         (
             set,
-            crate::api::parse_registry(std::path::Path::new("reg.yaml"), REG)
-                .expect("valid registry"),
+            crate::api::parse_registry(Path::new("reg.yaml"), REG).expect("valid registry"),
         )
     }
 

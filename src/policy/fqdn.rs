@@ -414,7 +414,7 @@ pub fn item_of<'a>(policies: &'a PolicySet, r: &RuleRef) -> Option<&'a RuleItem>
                 Some(ns) => format!("{ns}/{}", p.origin.name),
                 None => p.origin.name.clone(),
             };
-            p.origin.file == r.file && p.origin.kind == r.kind && name == r.policy
+            *p.origin.file == *r.file && *p.origin.kind == *r.kind && *name == *r.policy
         })
         .flat_map(|p| p.rules.iter())
         .flat_map(|rule| {
@@ -424,7 +424,7 @@ pub fn item_of<'a>(policies: &'a PolicySet, r: &RuleRef) -> Option<&'a RuleItem>
                 .chain(&rule.egress)
                 .chain(&rule.egress_deny)
         })
-        .find(|item| item.path == r.path)
+        .find(|item| *item.path == *r.path)
 }
 
 /// Why a toFQDNs rule decided a flow to a learned address.
@@ -812,7 +812,10 @@ spec: {interface: veth-o, addresses: [10.0.1.2]}
         let p53 = d.port(proto::UDP, 53).unwrap();
         assert_eq!(p53.allows.len(), 1);
         assert_eq!(p53.allows[0].servers, vec![dns_id]);
-        assert_eq!(c.rules[p53.allows[0].rule as usize].path, "spec.egress[0]");
+        assert_eq!(
+            &*c.rules[p53.allows[0].rule as usize].path,
+            "spec.egress[0]"
+        );
         assert_eq!(
             p53.selectors_for(dns_id),
             vec![name("api.stripe.com"), pat("*.pypi.org")]

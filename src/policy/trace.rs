@@ -216,7 +216,7 @@ pub fn endpoint_side(c: &Compiled, input: &str, slot: u32) -> Side {
 }
 
 fn rule_text(r: &RuleRef) -> String {
-    if r.kind == "config" {
+    if &*r.kind == "config" {
         return format!("the daemon config ({})", r.path);
     }
     format!(

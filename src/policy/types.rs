@@ -11,7 +11,8 @@
 //! Owns the types only: plain data, no I/O, no logic beyond accessors.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -65,7 +66,7 @@ pub mod proto {
 pub struct IdentityInfo {
     pub id: Identity,
     /// Shared with the registry's resolution (see `compile`).
-    pub labels: std::sync::Arc<[Label]>,
+    pub labels: Arc<[Label]>,
 }
 
 /// Address → identity, longest prefix wins; an address matching nothing is world.
@@ -121,14 +122,17 @@ pub struct PolicyEntry {
 
 /// A reference to the rule item behind an entry, for explanations.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+///
+/// Its strings are shared: a compile gives every rule item of every policy
+/// one, and keeps those of an unchanged policy from the last compile.
 pub struct RuleRef {
-    pub file: PathBuf,
-    pub kind: String,
+    pub file: Arc<Path>,
+    pub kind: Arc<str>,
     /// `namespace/name` for namespaced policies, `name` otherwise.
-    pub policy: String,
+    pub policy: Arc<str>,
     /// Field path of the item, e.g. `spec.ingress[0]` (of the rule, `spec`,
     /// for a staged rule's default deny).
-    pub path: String,
+    pub path: Arc<str>,
     /// The policy is staged: what this rule denies is reported, not enforced.
     pub staged: bool,
     /// Not an item: the default deny the (staged) rule brings to the endpoints

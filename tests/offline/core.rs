@@ -258,7 +258,9 @@ fn build_opts(
     opts: CompileOptions,
 ) -> Compiled {
     let c = compile(
-        &PolicySet { policies },
+        &PolicySet {
+            policies: policies.into_iter().map(Arc::new).collect(),
+        },
         &RegistrySet {
             endpoints: endpoints.into_iter().map(Arc::new).collect(),
             nodes,
@@ -389,8 +391,8 @@ fn seed_frontend_to_backend_only() {
     let r = trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap();
     assert_eq!(r.egress.reason, Reason::NoPolicy);
     let rule = r.ingress.rule.unwrap();
-    assert_eq!(rule.policy, "default/frontend-to-backend");
-    assert_eq!(rule.path, "spec.ingress[0]");
+    assert_eq!(&*rule.policy, "default/frontend-to-backend");
+    assert_eq!(&*rule.path, "spec.ingress[0]");
     let text = format!(
         "{}",
         trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap()
@@ -504,7 +506,7 @@ fn l3_allow_with_l4_deny_and_l3_deny() {
     );
     let r = trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap();
     assert_eq!(r.ingress.reason, Reason::DenyRule);
-    assert_eq!(r.ingress.rule.unwrap().path, "spec.ingressDeny[0]");
+    assert_eq!(&*r.ingress.rule.unwrap().path, "spec.ingressDeny[0]");
     // L3 deny: nothing, ICMP included.
     let c = build_cnp(
         vec![R::eps(be())
@@ -546,7 +548,7 @@ fn broad_deny_over_narrow_allow_same_identity() {
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 80));
     assert!(!allowed(&c, "frontend-1", "backend", TCP, 8085));
     let r = trace_str(&c, "frontend-1", "backend", TCP, 80).unwrap();
-    assert_eq!(r.ingress.rule.unwrap().policy, "default/deny");
+    assert_eq!(&*r.ingress.rule.unwrap().policy, "default/deny");
     // No allow entry survives inside the deny for that identity.
     let fe_id = c
         .endpoints
@@ -1482,7 +1484,7 @@ fn allow_localhost_option() {
     );
     assert!(allowed(&c, "me", "backend", TCP, 9999));
     let r = trace_str(&c, "me", "backend", TCP, 9999).unwrap();
-    assert_eq!(r.ingress.rule.unwrap().policy, "allow_localhost");
+    assert_eq!(&*r.ingress.rule.unwrap().policy, "allow_localhost");
     // A deny of host still wins.
     let deny = cnp(
         "default",
@@ -1952,7 +1954,7 @@ fn staged_deny_all_passes_and_reports_what_it_would_deny() {
     assert_eq!(r.ingress.reason, Reason::StagedDefaultDeny);
     let rule = r.ingress.rule.as_ref().expect("attributed");
     assert_eq!(
-        (rule.policy.as_str(), rule.staged, rule.default_deny),
+        (&*rule.policy, rule.staged, rule.default_deny),
         ("default/lockdown", true, true)
     );
     assert_eq!(
@@ -1994,7 +1996,10 @@ fn staged_rules_change_no_enforced_verdict() {
         (r.verdict, r.audit, r.ingress.reason),
         (Verdict::Allowed, true, Reason::StagedDenyRule)
     );
-    assert_eq!(r.ingress.rule.as_ref().unwrap().path, "spec.ingressDeny[0]");
+    assert_eq!(
+        &*r.ingress.rule.as_ref().unwrap().path,
+        "spec.ingressDeny[0]"
+    );
     assert!(
         r.ingress.message.starts_with(
             "audit (passes): would deny once enforced — staged CiliumNetworkPolicy default/tighten"
@@ -2412,7 +2417,7 @@ mod incremental {
                         opts.host_addresses = if *host_addr { vec!["10.0.9.9".parse().unwrap()] } else { vec![] };
                     }
                 }
-                let set = PolicySet { policies: pols.iter().flatten().cloned().collect() };
+                let set = PolicySet { policies: pols.iter().flatten().cloned().map(Arc::new).collect() };
                 let reg = RegistrySet { endpoints: eps.iter().flatten().cloned().map(Arc::new).collect(), ..Default::default() };
                 let incremental = compiler.compile(&set, &reg, &opts);
                 let full = try_compile(&set, &reg, &opts);

@@ -77,13 +77,16 @@ fn fake_load_policies(dir: &Path) -> Result<PolicySet, Vec<Problem>> {
             continue;
         }
         let name = text.lines().next().unwrap_or("").trim().to_string();
-        set.policies.push(Policy {
-            origin: origin(&f, "CiliumNetworkPolicy", &name),
-            kind: PolicyKind::CiliumNetworkPolicy,
-            rules: vec![].into(),
-            staged: false,
-            source: Default::default(),
-        });
+        set.policies.push(
+            Policy {
+                origin: origin(&f, "CiliumNetworkPolicy", &name),
+                kind: PolicyKind::CiliumNetworkPolicy,
+                rules: vec![].into(),
+                staged: false,
+                source: Default::default(),
+            }
+            .into(),
+        );
     }
     if problems.is_empty() {
         Ok(set)
@@ -154,9 +157,9 @@ fn fake_compile(
             .policies
             .iter()
             .map(|p| RuleRef {
-                file: p.origin.file.clone(),
-                kind: p.origin.kind.clone(),
-                policy: format!("default/{}", p.origin.name),
+                file: p.origin.file.as_path().into(),
+                kind: p.origin.kind.as_str().into(),
+                policy: format!("default/{}", p.origin.name).into(),
                 path: "spec.ingress[0]".into(),
                 staged: false,
                 default_deny: false,
@@ -251,7 +254,7 @@ impl SharedDp {
         let mut v: Vec<String> = dp
             .active
             .as_ref()
-            .map(|c| c.rules.iter().map(|r| r.policy.clone()).collect())
+            .map(|c| c.rules.iter().map(|r| r.policy.to_string()).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -1106,8 +1109,11 @@ async fn seed_scenario_through_the_real_parser_and_core() {
             let dp = dp.0.lock().unwrap();
             let c = dp.active.as_ref().unwrap();
             assert_eq!(c.rules.len(), 1);
-            assert_eq!(c.rules[0].policy, "default/frontend-to-backend");
-            assert_eq!(c.rules[0].file, dirs.pol("frontend-to-backend.yaml"));
+            assert_eq!(&*c.rules[0].policy, "default/frontend-to-backend");
+            assert_eq!(
+                &*c.rules[0].file,
+                dirs.pol("frontend-to-backend.yaml").as_path()
+            );
             let backend = c
                 .endpoints
                 .iter()
@@ -1644,7 +1650,7 @@ async fn staged_policy_reports_and_warnings_are_in_status_through_the_real_pipel
                 .expect("the staged default deny");
             let r = &c.rules[e.rule as usize];
             assert_eq!(
-                (r.policy.as_str(), r.staged, r.default_deny),
+                (&*r.policy, r.staged, r.default_deny),
                 ("default/database-lockdown", true, true)
             );
             e.rule

@@ -111,7 +111,7 @@ fn net(s: &str) -> ipnet::IpNet {
 fn policies(file: &str) -> Vec<Policy> {
     let path = fixtures().join("valid/policies").join(file);
     match api::parse_policies(&path, &read(&path)) {
-        Ok(p) => p,
+        Ok(p) => p.into_iter().map(std::sync::Arc::unwrap_or_clone).collect(),
         Err(e) => panic!("{file} should be valid:\n{}", lines(&e).join("\n")),
     }
 }
