@@ -34,7 +34,17 @@ impl std::hash::Hasher for FastHasher {
         self.add(i as u64);
     }
     fn finish(&self) -> u64 {
-        self.0
+        // A multiply carries a difference only upwards: keys that differ in
+        // the high bytes of their last word (the host part of an IPv6
+        // address) would differ only in the high bits, and a table indexes
+        // by the low ones and tags by the top seven. The finalizer of
+        // MurmurHash3 (fmix64) spreads every bit over all of them.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
     }
 }
 
