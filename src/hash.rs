@@ -56,3 +56,27 @@ impl FastHasher {
 }
 
 pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+    use std::net::{IpAddr, Ipv6Addr};
+
+    /// Keys that differ only in their last bytes (IPv6 host parts, as a fleet
+    /// registry's addresses do) spread over the low bits a table indexes by
+    /// and the top seven it tags by, as a random hash would.
+    #[test]
+    fn addresses_differing_in_their_last_bytes_spread_over_every_bit() {
+        let b = std::hash::BuildHasherDefault::<FastHasher>::default();
+        let hashes: Vec<u64> = (0..4096u128)
+            .map(|i| b.hash_one(IpAddr::V6(Ipv6Addr::from(0xfd00_u128 << 112 | i))))
+            .collect();
+        let low: HashSet<u64> = hashes.iter().map(|h| h & 0xfff).collect();
+        let top: HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        // 4096 random draws from 4096 values give about 2589 distinct ones.
+        assert!(low.len() > 2400, "{} distinct low 12-bit values", low.len());
+        assert_eq!(top.len(), 128, "every top 7-bit tag is used");
+    }
+}
