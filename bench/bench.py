@@ -171,6 +171,17 @@ def topo_up():
         sh(c)
 
 
+def wait_addresses_settled(ns, timeout=15.0):
+    """Until no address in namespace `ns` is tentative (IPv6 duplicate address detection)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["ip", "-n", ns, "-6", "addr", "show", "tentative"], capture_output=True, text=True)
+        if r.returncode == 0 and not r.stdout.strip():
+            return
+        time.sleep(0.05)
+    log(f"  addresses in {ns} still tentative after {timeout:.0f} s; starting anyway")
+
+
 class Servers:
     """iperf3 and pingpong servers in the server namespace."""
 
@@ -339,7 +350,11 @@ class Netpold:
     def start(self):
         """Start netpold in its namespace (the router's by default). `ip netns exec` gives it a private mount
         namespace with a fresh /sys: we mount a private bpffs there, so its pins (and so its
-        links) vanish with it and nothing leaks into the host's /sys/fs/bpf."""
+        links) vanish with it and nothing leaks into the host's /sys/fs/bpf. The namespace's
+        addresses settle first: the IPv6 link-local addresses of links just made are tentative
+        for a second or two, and each one that settles later is a new host address (a new
+        ipcache entry), so a second full pass a moment after ready that no real host sees."""
+        wait_addresses_settled(self.ns)
         pidfile = os.path.join(self.dir, "netpold.pid")
         self.logf = open(os.path.join(self.dir, "netpold.log"), "w")
         t0 = time.monotonic()
