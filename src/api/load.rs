@@ -26,12 +26,12 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::hash::FastMap;
+use crate::hash::{FastHasher, FastMap};
 
 use super::de::{from_node, from_node_noted, suggest, DeError, Notes};
 use super::model::{
-    EndpointDef, EndpointKind, Interface, ItemSource, NamespaceDef, NodeDef, Origin, Policy,
-    PolicyKind, PolicySet, RegistrySet, Rule, SourceMap,
+    EndpointDef, EndpointKind, Interface, ItemSource, Label, Name, NamespaceDef, NodeDef, Origin,
+    Peer, Peers, Policy, PolicyKind, PolicySet, RegistrySet, Rule, Selector, SourceMap, Subject,
 };
 use super::policy::{self, Ctx};
 use super::raw::{RawCnp, RawEndpoint, RawMeta, RawNamespace, RawNetworkPolicy, RawNode};
@@ -240,8 +240,103 @@ pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
             tp.message,
         ));
     }
+    let from = Counts::of(out);
     for doc in &docs {
         parse_doc(file, doc, want, out);
+    }
+    share_names(out, &from);
+}
+
+/// How many objects of each kind a [`Parsed`] held.
+struct Counts {
+    policies: usize,
+    endpoints: usize,
+    nodes: usize,
+    namespaces: usize,
+}
+
+impl Counts {
+    fn of(p: &Parsed) -> Counts {
+        Counts {
+            policies: p.policies.len(),
+            endpoints: p.endpoints.len(),
+            nodes: p.nodes.len(),
+            namespaces: p.namespaces.len(),
+        }
+    }
+}
+
+/// One copy of each label source, key and value among the objects parsed
+/// since `from`: a file's thousands of selectors and labels name a few keys
+/// and repeat their values, and a kept parse holds them for as long as the
+/// file is unchanged.
+fn share_names(out: &mut Parsed, from: &Counts) {
+    #[derive(Default)]
+    struct Names(std::collections::HashSet<Name, std::hash::BuildHasherDefault<FastHasher>>);
+    impl Names {
+        fn share(&mut self, n: &mut Name) {
+            match self.0.get(n.as_str()) {
+                Some(kept) => *n = kept.clone(),
+                None => {
+                    self.0.insert(n.clone());
+                }
+            }
+        }
+        fn label(&mut self, l: &mut Label) {
+            self.share(&mut l.source);
+            self.share(&mut l.key);
+            self.share(&mut l.value);
+        }
+        fn selector(&mut self, sel: &mut Selector) {
+            for r in &mut sel.requirements {
+                if let Some(s) = &mut r.key.source {
+                    self.share(s);
+                }
+                self.share(&mut r.key.key);
+                r.values.each_mut(|v| self.share(v));
+            }
+        }
+    }
+    let mut names = Names::default();
+    // Just parsed, so not shared yet: `get_mut` finds each one alone.
+    for (p, _) in &mut out.policies[from.policies..] {
+        let Some(p) = std::sync::Arc::get_mut(p) else {
+            continue;
+        };
+        let Some(rules) = std::sync::Arc::get_mut(&mut p.rules) else {
+            continue;
+        };
+        for rule in rules.iter_mut() {
+            match &mut rule.subject {
+                Subject::Endpoints(sel) | Subject::Nodes(sel) => names.selector(sel),
+            }
+            let items = rule
+                .ingress
+                .iter_mut()
+                .chain(&mut rule.ingress_deny)
+                .chain(&mut rule.egress)
+                .chain(&mut rule.egress_deny);
+            for item in items {
+                if let Peers::List(peers) = &mut item.peers {
+                    for peer in peers {
+                        if let Peer::Endpoints(sel) = peer {
+                            names.selector(sel);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (e, _) in &mut out.endpoints[from.endpoints..] {
+        if let Some(e) = std::sync::Arc::get_mut(e) {
+            e.labels.iter_mut().for_each(|l| names.label(l));
+        }
+    }
+    for (n, _) in &mut out.nodes[from.nodes..] {
+        n.labels.iter_mut().for_each(|l| names.label(l));
+    }
+    for (n, _) in &mut out.namespaces[from.namespaces..] {
+        n.labels.iter_mut().for_each(|l| names.label(l));
     }
 }
 
@@ -1345,4 +1440,82 @@ pub fn load_dirs_with(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) -> P
     assemble(&list_dirs(dirs, want, opts), want, |f, out| {
         read_into(f, want, opts, out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::model::Subject;
+
+    const POLICIES: &str = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress: [{fromEndpoints: [{matchLabels: {app: db}}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress: [{}]
+";
+
+    const ENDPOINTS: &str = "\
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: one, labels: {app: web}}
+spec: {addresses: [10.0.0.1]}
+---
+apiVersion: netpol/v1
+kind: Endpoint
+metadata: {name: two, labels: {app: web}}
+spec: {addresses: [10.0.0.2]}
+";
+
+    fn subject(p: &Policy) -> &Selector {
+        match &p.rules[0].subject {
+            Subject::Endpoints(s) | Subject::Nodes(s) => s,
+        }
+    }
+
+    /// Equal label text in one file is one copy: in selectors of different
+    /// policies, and in different endpoints' labels.
+    #[test]
+    fn one_file_holds_one_copy_of_each_label_text() {
+        let mut out = Parsed::default();
+        parse_text(Path::new("p.yaml"), POLICIES, FileKind::Policy, &mut out);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let (a, b) = (&out.policies[0].0, &out.policies[1].0);
+        let (ka, kb) = (
+            &subject(a).requirements[0].key,
+            &subject(b).requirements[0].key,
+        );
+        assert_eq!(ka.key, "app");
+        assert!(ka.key.shares(&kb.key), "the key of both subjects");
+        let Peers::List(peers) = &a.rules[0].ingress[0].peers else {
+            panic!("a peer list")
+        };
+        let Peer::Endpoints(peer) = &peers[0] else {
+            panic!("an endpoint peer")
+        };
+        let db_peer = peer.requirements[0].values.iter().next().unwrap();
+        let db_subject = subject(b).requirements[0].values.iter().next().unwrap();
+        assert_eq!(db_peer, "db");
+        assert!(
+            db_peer.shares(db_subject),
+            "value db of a's peer and b's subject"
+        );
+
+        let mut out = Parsed::default();
+        parse_text(Path::new("e.yaml"), ENDPOINTS, FileKind::Registry, &mut out);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let (one, two) = (&out.endpoints[0].0.labels, &out.endpoints[1].0.labels);
+        let web = |ls: &[Label]| ls.iter().find(|l| l.key == "app").unwrap().clone();
+        assert_eq!(web(one).value, "web");
+        assert!(web(one).value.shares(&web(two).value));
+        assert!(web(one).key.shares(&web(two).key));
+    }
 }

@@ -25,22 +25,143 @@ pub struct Origin {
     pub name: String,
 }
 
+/// A label source, key or value: shared text. A file's thousands of labels
+/// and selectors name a few sources and keys and repeat their values (the
+/// parser gives equal text one copy per file, see `api::policy::Ctx`), so
+/// each is a reference, compared, ordered, hashed and printed as its text.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Name(std::sync::Arc<str>);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The same copy of the text (not only equal text).
+    pub fn shares(&self, other: &Name) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name(s.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name(s.into())
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Name {
+        Name(s.as_str().into())
+    }
+}
+
+impl From<std::sync::Arc<str>> for Name {
+    fn from(s: std::sync::Arc<str>) -> Name {
+        Name(s)
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0.to_string()
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        &*self.0 == other.as_str()
+    }
+}
+
+impl PartialEq<Name> for str {
+    fn eq(&self, other: &Name) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<Name> for &str {
+    fn eq(&self, other: &Name) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<Name> for String {
+    fn eq(&self, other: &Name) -> bool {
+        self.as_str() == &*other.0
+    }
+}
+
 /// Label source as written before the first `:` (`k8s`, `reserved`, `container`, ...).
-pub type Source = String;
+pub type Source = Name;
 
 /// A concrete label on an endpoint or identity: `source:key=value`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Label {
     pub source: Source,
-    pub key: String,
-    pub value: String,
+    pub key: Name,
+    pub value: Name,
 }
 
 /// A key in a selector: with `source: None` it matches the key from any source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct LabelKey {
     pub source: Option<Source>,
-    pub key: String,
+    pub key: Name,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -65,10 +186,10 @@ pub struct Requirement {
 /// every requirement has one value).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
-pub struct Values(Box<[String]>);
+pub struct Values(Box<[Name]>);
 
 impl Values {
-    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+    pub fn iter(&self) -> std::slice::Iter<'_, Name> {
         self.0.iter()
     }
 
@@ -80,29 +201,35 @@ impl Values {
         self.0.is_empty()
     }
 
+    /// Each value, to be replaced by an equal one (the parser shares equal
+    /// text); the order and so the set stay as they are.
+    pub(crate) fn each_mut(&mut self, mut f: impl FnMut(&mut Name)) {
+        self.0.iter_mut().for_each(&mut f);
+    }
+
     pub fn contains(&self, value: &str) -> bool {
         self.0.binary_search_by(|v| v.as_str().cmp(value)).is_ok()
     }
 }
 
-impl FromIterator<String> for Values {
-    fn from_iter<I: IntoIterator<Item = String>>(iter: I) -> Values {
-        let mut v: Vec<String> = iter.into_iter().collect();
+impl<T: Into<Name>> FromIterator<T> for Values {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Values {
+        let mut v: Vec<Name> = iter.into_iter().map(Into::into).collect();
         v.sort_unstable();
         v.dedup();
         Values(v.into_boxed_slice())
     }
 }
 
-impl<const N: usize> From<[String; N]> for Values {
-    fn from(values: [String; N]) -> Values {
+impl<T: Into<Name>, const N: usize> From<[T; N]> for Values {
+    fn from(values: [T; N]) -> Values {
         values.into_iter().collect()
     }
 }
 
 impl<'a> IntoIterator for &'a Values {
-    type Item = &'a String;
-    type IntoIter = std::slice::Iter<'a, String>;
+    type Item = &'a Name;
+    type IntoIter = std::slice::Iter<'a, Name>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter()
     }

@@ -118,12 +118,12 @@ fn selector(ctx: &mut Ctx, path: &str, raw: &RawSelector, mode: KeyMode) -> Sele
                 Ok(()) => Some(if mode == KeyMode::K8sPod {
                     LabelKey {
                         source: Some("k8s".into()),
-                        key: raw_key.to_string(),
+                        key: raw_key.into(),
                     }
                 } else {
                     LabelKey {
                         source: Some("k8s".into()),
-                        key: format!("{NAMESPACE_LABELS_PREFIX}{raw_key}"),
+                        key: format!("{NAMESPACE_LABELS_PREFIX}{raw_key}").into(),
                     }
                 }),
                 Err(e) => {

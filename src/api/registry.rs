@@ -82,9 +82,9 @@ pub fn labels(
         }
         seen.insert((source.to_string(), key.to_string()), k.clone());
         out.push(Label {
-            source: source.to_string(),
-            key: key.to_string(),
-            value: val.clone(),
+            source: source.into(),
+            key: key.into(),
+            value: val.into(),
         });
     }
     out

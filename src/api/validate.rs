@@ -141,21 +141,21 @@ pub fn selector_key(raw: &str) -> LabelKey {
     if let Some(rest) = raw.strip_prefix('$') {
         return LabelKey {
             source: Some("reserved".into()),
-            key: rest.to_string(),
+            key: rest.into(),
         };
     }
     match raw.split_once(':') {
         Some((src, key)) if !src.is_empty() && src != "any" => LabelKey {
-            source: Some(src.to_string()),
-            key: key.to_string(),
+            source: Some(src.into()),
+            key: key.into(),
         },
         Some((_, key)) => LabelKey {
             source: None,
-            key: key.to_string(),
+            key: key.into(),
         },
         None => LabelKey {
             source: None,
-            key: raw.to_string(),
+            key: raw.into(),
         },
     }
 }

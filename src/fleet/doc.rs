@@ -32,11 +32,11 @@ fn labels_json(labels: &[Label]) -> Value {
     let mut m = Map::new();
     for l in labels {
         let k = if l.source == "k8s" {
-            l.key.clone()
+            l.key.to_string()
         } else {
             format!("{}:{}", l.source, l.key)
         };
-        m.insert(k, Value::String(l.value.clone()));
+        m.insert(k, Value::String(l.value.to_string()));
     }
     Value::Object(m)
 }

@@ -15,8 +15,9 @@
 //!   identities, so the label only matters to selectors that name it explicitly.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
-use crate::api::model::{Label, LabelKey, NamespaceDef, Op, Requirement, Selector};
+use crate::api::model::{Label, LabelKey, Name, NamespaceDef, Op, Requirement, Selector};
 
 /// `k8s:io.kubernetes.pod.namespace`: the namespace of a workload.
 pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
@@ -38,9 +39,9 @@ pub const SOURCE_ANY: &str = "any";
 /// Build a label.
 pub fn label(source: &str, key: &str, value: &str) -> Label {
     Label {
-        source: source.to_string(),
-        key: key.to_string(),
-        value: value.to_string(),
+        source: source.into(),
+        key: key.into(),
+        value: value.into(),
     }
 }
 
@@ -94,34 +95,31 @@ pub fn workload_labels(
     namespace: &str,
     ns_def: Option<&NamespaceDef>,
 ) -> Vec<Label> {
-    let mut map: BTreeMap<(String, String), String> = BTreeMap::new();
+    // The names every endpoint's set holds, one copy each.
+    static K8S: LazyLock<Name> = LazyLock::new(|| SOURCE_K8S.into());
+    static POD_NS: LazyLock<Name> = LazyLock::new(|| POD_NAMESPACE.into());
+    static CLUSTER_KEY: LazyLock<Name> = LazyLock::new(|| POLICY_CLUSTER.into());
+    static CLUSTER: LazyLock<Name> = LazyLock::new(|| CLUSTER_NAME.into());
+    static NS_NAME_KEY: LazyLock<Name> =
+        LazyLock::new(|| format!("{NAMESPACE_LABELS_PREFIX}{METADATA_NAME}").into());
+    let mut map: BTreeMap<(Name, Name), Name> = BTreeMap::new();
     for l in own {
         map.insert((l.source.clone(), l.key.clone()), l.value.clone());
     }
-    let mut ns_labels: BTreeMap<String, String> = BTreeMap::new();
+    let namespace: Name = namespace.into();
+    let mut ns_labels: BTreeMap<Name, Name> = BTreeMap::new();
     if let Some(def) = ns_def {
         for l in &def.labels {
-            ns_labels.insert(l.key.clone(), l.value.clone());
+            let key = format!("{NAMESPACE_LABELS_PREFIX}{}", l.key);
+            ns_labels.insert(key.into(), l.value.clone());
         }
     }
-    ns_labels.insert(METADATA_NAME.to_string(), namespace.to_string());
+    ns_labels.insert(NS_NAME_KEY.clone(), namespace.clone());
     for (k, v) in ns_labels {
-        map.insert(
-            (
-                SOURCE_K8S.to_string(),
-                format!("{NAMESPACE_LABELS_PREFIX}{k}"),
-            ),
-            v,
-        );
+        map.insert((K8S.clone(), k), v);
     }
-    map.insert(
-        (SOURCE_K8S.to_string(), POD_NAMESPACE.to_string()),
-        namespace.to_string(),
-    );
-    map.insert(
-        (SOURCE_K8S.to_string(), POLICY_CLUSTER.to_string()),
-        CLUSTER_NAME.to_string(),
-    );
+    map.insert((K8S.clone(), POD_NS.clone()), namespace);
+    map.insert((K8S.clone(), CLUSTER_KEY.clone()), CLUSTER.clone());
     map.into_iter()
         .map(|((source, key), value)| Label { source, key, value })
         .collect()
@@ -155,8 +153,8 @@ mod tests {
     fn req(source: Option<&str>, key: &str, op: Op, values: &[&str]) -> Requirement {
         Requirement {
             key: LabelKey {
-                source: source.map(str::to_string),
-                key: key.to_string(),
+                source: source.map(Into::into),
+                key: key.into(),
             },
             op,
             values: values.iter().map(|s| s.to_string()).collect(),
