@@ -185,6 +185,8 @@ pub struct KernelDatapath {
     upgrading: BTreeSet<u32>,
     /// Devices whose move failed, with why: they stay on cls_bpf.
     upgrade_failed: BTreeMap<u32, String>,
+    /// `prepare_spare` ran (it runs once per process).
+    spare_tried: bool,
     /// When the moves in hand were queued, and how many are done.
     upgrade_run: Option<(std::time::Instant, usize)>,
 }
@@ -552,6 +554,7 @@ impl KernelDatapath {
             upgrader: None,
             upgrading: BTreeSet::new(),
             upgrade_failed: BTreeMap::new(),
+            spare_tried: false,
             upgrade_run: None,
         };
         dp.write_failsafe()?;
@@ -1362,7 +1365,31 @@ impl KernelDatapath {
         if self.gens[idx].is_none() {
             self.gens[idx] = Some(self.create_generation()?);
         }
-        let g = self.gens[idx].as_mut().expect("created above");
+        self.fill_generation(idx, &want)?;
+
+        // The flip: one word every packet reads once.
+        let next = StateValue {
+            active: inactive,
+            layout_version: LAYOUT_VERSION,
+            generation: cur.generation + 1,
+        };
+        write_state(&self.loaded.skel.maps.netpol_state_v1, &next)?;
+        // The generation that was active is written next time; the grace
+        // period that protects it runs meanwhile, off this path.
+        self.start_barrier();
+
+        self.generation = next.generation;
+        self.kslots = Some(kslots);
+        Ok(next.generation)
+    }
+
+    /// Make generation `idx`'s maps hold exactly `want` (through its
+    /// shadow), and put them into the outer maps' slot `idx` if they are not
+    /// there yet. No program may be reading generation `idx`.
+    fn fill_generation(&mut self, idx: usize, want: &Contents) -> Result<(), DatapathError> {
+        let slot = idx as u32;
+        let maps = &self.loaded.skel.maps;
+        let g = self.gens[idx].as_mut().expect("a generation to fill");
         let mut shadow = match g.shadow.take() {
             Some(s) => s,
             None => Contents {
@@ -1394,7 +1421,6 @@ impl KernelDatapath {
         if !g.installed {
             // Fresh maps go into the inactive slot (each update waits a grace
             // period; this happens once per slot and process at most).
-            let maps = &self.loaded.skel.maps;
             for (outer, inner, name) in [
                 (&maps.netpol_ipcache_v1, &g.ipcache, "netpol_ipcache_v1"),
                 (
@@ -1411,26 +1437,52 @@ impl KernelDatapath {
             ] {
                 let fd = inner.as_fd().as_raw_fd() as u32;
                 outer
-                    .update(&inactive.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-                    .map_err(kerr(format!("install generation into {name}[{inactive}]")))?;
+                    .update(&slot.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(kerr(format!("install generation into {name}[{slot}]")))?;
             }
             g.installed = true;
         }
+        Ok(())
+    }
 
-        // The flip: one word every packet reads once.
-        let next = StateValue {
-            active: inactive,
-            layout_version: LAYOUT_VERSION,
-            generation: cur.generation + 1,
+    /// Between changes (netpold's idle loop): the spare generation made and
+    /// filled as the active one is, so the first change after a start writes
+    /// what changed, not every entry of new maps and four grace periods to
+    /// put them in place. Once per process; `Ok(false)` when there is nothing
+    /// to do.
+    fn prepare_spare(&mut self) -> Result<bool, DatapathError> {
+        if self.spare_tried {
+            return Ok(false);
+        }
+        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1)?;
+        let active = (cur.active & 1) as usize;
+        let spare = active ^ 1;
+        // Nothing applied by this process yet, or the spare exists already.
+        let Some(want) = self.gens[active].as_ref().and_then(|g| g.shadow.clone()) else {
+            return Ok(false);
         };
-        write_state(&self.loaded.skel.maps.netpol_state_v1, &next)?;
-        // The generation that was active is written next time; the grace
-        // period that protects it runs meanwhile, off this path.
-        self.start_barrier();
+        self.spare_tried = true;
+        if self.gens[spare].is_some() {
+            return Ok(false);
+        }
+        // Never installed: no program reads it, no barrier to wait for.
+        self.gens[spare] = Some(self.create_generation()?);
+        if let Err(e) = self.fill_generation(spare, &want) {
+            // Made again, whole, by the next apply.
+            self.gens[spare] = None;
+            return Err(e);
+        }
+        Ok(true)
+    }
 
-        self.generation = next.generation;
-        self.kslots = Some(kslots);
-        Ok(next.generation)
+    /// The spare generation is in place and filled (see `prepare_spare`).
+    pub fn spare_ready(&self) -> bool {
+        let cur = read_state(&self.loaded.skel.maps.netpol_state_v1);
+        cur.is_ok_and(|c| {
+            let g = &self.gens[((c.active & 1) ^ 1) as usize];
+            g.as_ref()
+                .is_some_and(|g| g.installed && g.shadow.is_some())
+        })
     }
 
     /// ifindex → kernel slot as the endpoint table of generation `active`
@@ -1603,6 +1655,13 @@ impl Datapath for KernelDatapath {
         let mut msg = why.map(|why| {
             format!("{failed} device(s) stay on cls_bpf: their tcx attach failed ({why})")
         });
+        if let Err(e) = self.prepare_spare() {
+            let m = format!("the spare generation is made at the next change instead ({e})");
+            msg = Some(match msg {
+                Some(prev) => format!("{prev}; {m}"),
+                None => m,
+            });
+        }
         if let (true, Some((since, total))) = (self.upgrading.is_empty(), self.upgrade_run) {
             self.upgrade_run = None;
             if total > 0 {

@@ -2264,6 +2264,65 @@ fn many_devices_are_enforced_through_cls_bpf_at_once_and_moved_to_tcx() {
     );
 }
 
+/// Between changes the datapath fills the spare generation as the active
+/// one is (netpold calls `maintain` on its idle tick), so the first change
+/// after a start writes what changed instead of a whole new generation; the
+/// change then enforces exactly the new state, and so does a change back.
+#[test]
+fn the_spare_generation_is_filled_between_changes_and_the_next_change_enforces_exactly() {
+    let Some(_turn) = privileged(
+        "the_spare_generation_is_filled_between_changes_and_the_next_change_enforces_exactly",
+    ) else {
+        return;
+    };
+    let s = seed_topo("spare");
+    let mut dp = Dp::open(PREFIX, "spare", &settings());
+    s.apply(&mut dp, &seed());
+    s.sync(&mut dp);
+    assert!(!dp.dp().spare_ready(), "a spare before the idle step");
+    let said = dp.dp().maintain();
+    assert!(said.is_none(), "{said:?}");
+    assert!(dp.dp().spare_ready(), "no spare after the idle step");
+    assert!(tcp_ok(&s.ns("fe1"), ip(BE), 80), "allowed flow refused");
+    assert!(!tcp_ok(&s.ns("db"), ip(BE), 80), "denied flow admitted");
+    assert!(
+        tcp_ok(&s.ns("be"), ip(DB), 5432),
+        "database closed before its policy"
+    );
+
+    // The change goes into the spare: database gets a policy (backend only).
+    let db_policy = |allowed: &[u32]| {
+        let mut c = seed();
+        c.endpoints[3].default_deny_ingress = true;
+        c.endpoints[3].enforced_ingress = true;
+        for id in allowed {
+            c.entries.push(PolicyEntry {
+                endpoint: 3,
+                ..allow(Ingress, *id, 6, 5432, 2)
+            });
+        }
+        c.entries.sort();
+        c
+    };
+    s.apply(&mut dp, &db_policy(&[ID_BE]));
+    assert!(tcp_ok(&s.ns("be"), ip(DB), 5432), "the new allow refused");
+    assert!(tcp_ok(&s.ns("fe1"), ip(BE), 80), "an unchanged allow lost");
+    assert!(!tcp_ok(&s.ns("db"), ip(BE), 80), "an unchanged deny lost");
+    // Then into the generation that was active at first, and back.
+    s.apply(&mut dp, &db_policy(&[]));
+    assert!(
+        !tcp_ok(&s.ns("be"), ip(DB), 5432),
+        "the new default deny not enforced"
+    );
+    s.apply(&mut dp, &seed());
+    assert!(
+        tcp_ok(&s.ns("be"), ip(DB), 5432),
+        "the removed policy still enforced"
+    );
+    assert!(!tcp_ok(&s.ns("db"), ip(BE), 80), "an unchanged deny lost");
+    dp.dp().detach_all().unwrap();
+}
+
 #[test]
 fn generation_swaps_under_load_never_drop_allowed_or_admit_denied() {
     let Some(_turn) = privileged("generation_swaps_under_load_never_drop_allowed_or_admit_denied")
