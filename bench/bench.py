@@ -411,16 +411,23 @@ class Netpold:
             pass
         return None
 
-    def settled_rss_mib(self, secs=3.0):
+    def settled_rss_mib(self, secs=3.0, limit=30.0):
         """(RSS once the work after an apply is done, the peak meanwhile), in MiB: the save of the
-        last valid copy (0.5 s after), the lint (1 s after) and the heap trim after them (the next
-        1 s tick) all run within `secs` of the apply."""
-        peak, end = 0.0, time.monotonic() + secs
-        while time.monotonic() < end:
-            peak = max(peak, self.rss_mib() or 0.0)
+        last valid copy (0.5 s after), the lint (a quiet second after; at 100k remote endpoints it
+        runs for seconds) and the heap trim after them (the next 1 s tick). Read at least `secs`
+        after the apply, then once it has held within 1 MiB for 2 s (at most `limit` s)."""
+        t0 = time.monotonic()
+        peak, samples = 0.0, []
+        while True:
+            now = self.rss_mib() or 0.0
+            peak = max(peak, now)
+            samples.append((time.monotonic(), now))
+            t = samples[-1][0]
+            recent = [v for (ts, v) in samples if ts >= t - 2.0]
+            held = samples[0][0] <= t - 2.0 and max(recent) - min(recent) <= 1.0
+            if (t - t0 >= secs and held) or t - t0 >= limit:
+                return now, peak
             time.sleep(0.1)
-        now = self.rss_mib()
-        return now, max(peak, now or 0.0)
 
     def log_tail(self):
         try:
