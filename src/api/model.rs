@@ -410,6 +410,16 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Its items in the order compile numbers them (an item's rule
+    /// reference): ingress, ingressDeny, egress, egressDeny.
+    pub fn items(&self) -> impl Iterator<Item = &RuleItem> {
+        self.ingress
+            .iter()
+            .chain(&self.ingress_deny)
+            .chain(&self.egress)
+            .chain(&self.egress_deny)
+    }
+
     /// The field path of the rule's subject selector as written in a policy of
     /// `kind` (`spec.endpointSelector`, `specs[1].nodeSelector`, `spec.podSelector`).
     pub fn subject_path(&self, kind: PolicyKind) -> String {

@@ -1714,13 +1714,7 @@ fn policy_refs(
         let refs = pol
             .rules
             .iter()
-            .flat_map(|r| {
-                r.ingress
-                    .iter()
-                    .chain(&r.ingress_deny)
-                    .chain(&r.egress)
-                    .chain(&r.egress_deny)
-            })
+            .flat_map(Rule::items)
             .map(|item| RuleRef {
                 file: file.clone(),
                 kind: kind.clone(),

@@ -417,13 +417,7 @@ pub fn item_of<'a>(policies: &'a PolicySet, r: &RuleRef) -> Option<&'a RuleItem>
             *p.origin.file == *r.file && *p.origin.kind == *r.kind && *name == *r.policy
         })
         .flat_map(|p| p.rules.iter())
-        .flat_map(|rule| {
-            rule.ingress
-                .iter()
-                .chain(&rule.ingress_deny)
-                .chain(&rule.egress)
-                .chain(&rule.egress_deny)
-        })
+        .flat_map(crate::api::model::Rule::items)
         .find(|item| *item.path == *r.path)
 }
 
