@@ -221,29 +221,55 @@ pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
         return;
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let (docs, tree_problems) = if is_json(file) {
-        yaml::parse_json(text)
-    } else {
-        yaml::parse_yaml(text)
-    };
-    for tp in tree_problems {
-        let object = tp
-            .document
-            .and_then(|n| docs.iter().find(|d| d.number == n))
-            .and_then(|d| object_label(&d.root));
-        out.problems.push(problem(
-            file,
-            Some(tp.pos),
-            tp.document,
-            object.as_deref(),
-            None,
-            tp.message,
-        ));
-    }
     let from = Counts::of(out);
-    for doc in &docs {
-        parse_doc(file, doc, want, out);
-    }
+    let tree_problems = if is_json(file) {
+        let (docs, tree_problems) = yaml::parse_json(text);
+        let labelled = label_tree_problems(tree_problems, |n| {
+            docs.iter()
+                .find(|d| d.number == n)
+                .and_then(|d| object_label(&d.root))
+        });
+        for doc in &docs {
+            parse_doc(file, doc, want, out);
+        }
+        labelled
+    } else {
+        // Each document becomes objects as soon as it ends, and its tree is
+        // dropped: the parse's scratch stays one document's, rather than a
+        // whole file's trees under the objects that are kept.
+        let mut labels: Vec<(usize, Option<String>)> = Vec::new();
+        let (whole, tree_problems) = yaml::parse_yaml_each(text, &mut |doc, problems| {
+            if problems.iter().any(|p| p.document == Some(doc.number)) {
+                labels.push((doc.number, object_label(&doc.root)));
+            }
+            parse_doc(file, &doc, want, out);
+        });
+        if !whole {
+            // Refused whole: what its documents gave is dropped.
+            from.truncate(out);
+        }
+        label_tree_problems(tree_problems, |n| {
+            labels
+                .iter()
+                .find(|(d, _)| *d == n)
+                .and_then(|(_, l)| l.clone())
+        })
+    };
+    // The tree's problems come before the objects', as a reader meets them.
+    let at = from.problems;
+    out.problems.splice(
+        at..at,
+        tree_problems.into_iter().map(|(tp, object)| {
+            problem(
+                file,
+                Some(tp.pos),
+                tp.document,
+                object.as_deref(),
+                None,
+                tp.message,
+            )
+        }),
+    );
     share_names(out, &from);
 }
 
@@ -253,6 +279,8 @@ struct Counts {
     endpoints: usize,
     nodes: usize,
     namespaces: usize,
+    problems: usize,
+    warnings: usize,
 }
 
 impl Counts {
@@ -262,8 +290,35 @@ impl Counts {
             endpoints: p.endpoints.len(),
             nodes: p.nodes.len(),
             namespaces: p.namespaces.len(),
+            problems: p.problems.len(),
+            warnings: p.warnings.len(),
         }
     }
+
+    /// Drop what was added to `p` since these counts were taken.
+    fn truncate(&self, p: &mut Parsed) {
+        p.policies.truncate(self.policies);
+        p.endpoints.truncate(self.endpoints);
+        p.nodes.truncate(self.nodes);
+        p.namespaces.truncate(self.namespaces);
+        p.problems.truncate(self.problems);
+        p.warnings.truncate(self.warnings);
+    }
+}
+
+/// Each tree problem with the object its document names (`label` of the
+/// document's number), for the message.
+fn label_tree_problems(
+    tree_problems: Vec<yaml::TreeProblem>,
+    label: impl Fn(usize) -> Option<String>,
+) -> Vec<(yaml::TreeProblem, Option<String>)> {
+    tree_problems
+        .into_iter()
+        .map(|tp| {
+            let object = tp.document.and_then(&label);
+            (tp, object)
+        })
+        .collect()
 }
 
 /// One copy of each label source, key and value among the objects parsed
@@ -1517,5 +1572,57 @@ spec: {addresses: [10.0.0.2]}
         assert_eq!(web(one).value, "web");
         assert!(web(one).value.shares(&web(two).value));
         assert!(web(one).key.shares(&web(two).key));
+    }
+
+    /// Documents become objects one by one, yet a syntax error in a later
+    /// document still refuses the whole file, earlier documents included.
+    #[test]
+    fn a_syntax_error_after_valid_documents_refuses_the_whole_file() {
+        let text = format!("{POLICIES}---\nkind: [unclosed\n");
+        let mut out = Parsed::default();
+        parse_text(Path::new("p.yaml"), &text, FileKind::Policy, &mut out);
+        assert!(
+            out.policies.is_empty(),
+            "kept {} policies",
+            out.policies.len()
+        );
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert!(out.problems[0].message.starts_with("YAML syntax error"));
+        assert_eq!(out.problems[0].document, Some(3));
+    }
+
+    /// A document's tree problem (a duplicate key) names its object, and comes
+    /// before the problems found in the objects of the same file, as before
+    /// documents were turned into objects one by one.
+    #[test]
+    fn tree_problems_name_their_object_and_come_first() {
+        let text = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: first}
+spec: {endpointSelector: {matchLabels: {app: a}}, ingress: [{fromCIDR: [bogus]}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: second}
+spec: {endpointSelector: {}}
+spec: {endpointSelector: {}}
+";
+        let mut out = Parsed::default();
+        parse_text(Path::new("p.yaml"), text, FileKind::Policy, &mut out);
+        assert!(out.problems.len() >= 2, "{:?}", out.problems);
+        let first = &out.problems[0];
+        assert_eq!(first.document, Some(2), "{first:?}");
+        assert!(first.message.contains("duplicate"), "{first:?}");
+        assert_eq!(
+            first.object.as_deref(),
+            Some("CiliumNetworkPolicy default/second"),
+            "{first:?}"
+        );
+        assert!(
+            out.problems[1..].iter().any(|p| p.document == Some(1)),
+            "{:?}",
+            out.problems
+        );
     }
 }

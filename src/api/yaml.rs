@@ -473,6 +473,24 @@ impl MarkedEventReceiver for Builder {
 /// skipped but still counted, so document numbers match what a reader counts.
 /// A syntax error ends parsing and is returned alone with the documents' problems.
 pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
+    let mut docs = Vec::new();
+    let (whole, problems) = parse_yaml_each(text, &mut |doc, _| docs.push(doc));
+    if !whole {
+        docs.clear();
+    }
+    (docs, problems)
+}
+
+/// [`parse_yaml`], handing each document to `on_doc` as soon as it ends, with
+/// the problems found so far (so a caller can turn it into objects and drop
+/// its tree before the next is built: a file of 10,000 documents never holds
+/// 10,000 trees). Returns whether the file was read to its end, and the
+/// problems. `false` (a syntax error, or a limit broken) refuses the file
+/// whole, as [`parse_yaml`] does: what `on_doc` was given must be discarded.
+pub fn parse_yaml_each(
+    text: &str,
+    on_doc: &mut dyn FnMut(Doc, &[TreeProblem]),
+) -> (bool, Vec<TreeProblem>) {
     let mut b = Builder::default();
     let mut parser = Parser::new_from_str(text);
     // Events are pulled one by one rather than through `Parser::load`, which
@@ -492,14 +510,19 @@ pub fn parse_yaml(text: &str) -> (Vec<Doc>, Vec<TreeProblem>) {
                     document: (b.doc_count > 0).then_some(b.doc_count),
                     message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
                 });
-                return (Vec::new(), b.problems);
+                return (false, b.problems);
             }
         }
         if let Some(p) = b.fatal.take() {
-            return (Vec::new(), vec![p]);
+            return (false, vec![p]);
+        }
+        if !b.docs.is_empty() {
+            for doc in b.docs.drain(..) {
+                on_doc(doc, &b.problems);
+            }
         }
     }
-    (b.docs, b.problems)
+    (true, b.problems)
 }
 
 /// A hint for the YAML errors people hit most, all of them indentation.
