@@ -112,8 +112,8 @@ fn main() {
                 endpoints.push(EndpointDef {
                     origin: origin("Endpoint", Some(&ns), &name),
                     kind: EndpointKind::Workload,
-                    name,
-                    namespace: Some(ns.clone()),
+                    name: name.into(),
+                    namespace: Some(ns.clone().into()),
                     labels: vec![
                         k8s("app", &format!("app-{a}")),
                         k8s("tier", TIERS[a % 3]),
@@ -122,7 +122,7 @@ fn main() {
                     node: if i % 4 == 0 {
                         None
                     } else {
-                        Some(format!("host-{}", i % 4))
+                        Some(format!("host-{}", i % 4).into())
                     },
                     interface: Some(Interface::Name(format!("veth{i}"))),
                     addresses: vec![addr4, addr6],

@@ -25,7 +25,7 @@ fn state(n: usize) -> Compiled {
         let a: IpAddr = addr.parse().unwrap();
         c.endpoints.push(CompiledEndpoint {
             slot,
-            name: format!("ep{slot}"),
+            name: format!("ep{slot}").into(),
             namespace: None,
             kind: EndpointKind::Workload,
             identity: 1000 + slot,

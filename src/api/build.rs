@@ -7,7 +7,7 @@ use super::model::{Label, LabelKey, Op, Origin, Requirement};
 /// Where a hand-built value says it came from: `NAME.yaml`, document 0.
 pub fn origin(kind: &str, ns: Option<&str>, name: &str) -> Origin {
     Origin {
-        file: format!("{name}.yaml").into(),
+        file: std::path::PathBuf::from(format!("{name}.yaml")).into(),
         doc: 0,
         kind: kind.into(),
         namespace: ns.map(Into::into),

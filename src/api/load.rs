@@ -25,6 +25,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::hash::{FastHasher, FastMap};
 
@@ -120,7 +121,7 @@ impl At<'_> {
     fn problem(&self, pos: Pos, field: &str, message: String) -> Problem {
         let k = pos.known();
         Problem {
-            file: self.origin.file.clone(),
+            file: self.origin.file.to_path_buf(),
             line: k.map(|x| x.0),
             column: k.map(|x| x.1),
             document: Some(self.origin.doc + 1),
@@ -136,8 +137,8 @@ impl At<'_> {
 pub struct Parsed {
     /// Shared, as the endpoints are: a set is assembled from kept parses on
     /// every change, and that must not copy thousands of policies.
-    pub policies: Vec<(std::sync::Arc<Policy>, std::sync::Arc<Site>)>,
-    pub endpoints: Vec<(std::sync::Arc<EndpointDef>, std::sync::Arc<Site>)>,
+    pub policies: Vec<(Arc<Policy>, Arc<Site>)>,
+    pub endpoints: Vec<(Arc<EndpointDef>, Arc<Site>)>,
     pub nodes: Vec<(NodeDef, Site)>,
     pub namespaces: Vec<(NamespaceDef, Site)>,
     pub problems: Vec<Problem>,
@@ -222,6 +223,8 @@ pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let from = Counts::of(out);
+    // One copy of the path for every object of the file.
+    let file: &Arc<Path> = &Arc::from(file);
     let tree_problems = if is_json(file) {
         let (docs, tree_problems) = yaml::parse_json(text);
         let labelled = label_tree_problems(tree_problems, |n| {
@@ -342,6 +345,13 @@ fn share_names(out: &mut Parsed, from: &Counts) {
             self.share(&mut l.key);
             self.share(&mut l.value);
         }
+        /// Its kind and namespace (its file's path is shared already).
+        fn origin(&mut self, o: &mut Origin) {
+            self.share(&mut o.kind);
+            if let Some(ns) = &mut o.namespace {
+                self.share(ns);
+            }
+        }
         fn selector(&mut self, sel: &mut Selector) {
             for r in &mut sel.requirements {
                 if let Some(s) = &mut r.key.source {
@@ -355,10 +365,11 @@ fn share_names(out: &mut Parsed, from: &Counts) {
     let mut names = Names::default();
     // Just parsed, so not shared yet: `get_mut` finds each one alone.
     for (p, _) in &mut out.policies[from.policies..] {
-        let Some(p) = std::sync::Arc::get_mut(p) else {
+        let Some(p) = Arc::get_mut(p) else {
             continue;
         };
-        let Some(rules) = std::sync::Arc::get_mut(&mut p.rules) else {
+        names.origin(&mut p.origin);
+        let Some(rules) = Arc::get_mut(&mut p.rules) else {
             continue;
         };
         for rule in rules.iter_mut() {
@@ -383,19 +394,26 @@ fn share_names(out: &mut Parsed, from: &Counts) {
         }
     }
     for (e, _) in &mut out.endpoints[from.endpoints..] {
-        if let Some(e) = std::sync::Arc::get_mut(e) {
+        if let Some(e) = Arc::get_mut(e) {
             e.labels.iter_mut().for_each(|l| names.label(l));
+            names.origin(&mut e.origin);
+            e.namespace.clone_from(&e.origin.namespace);
+            if let Some(n) = &mut e.node {
+                names.share(n);
+            }
         }
     }
     for (n, _) in &mut out.nodes[from.nodes..] {
         n.labels.iter_mut().for_each(|l| names.label(l));
+        names.origin(&mut n.origin);
     }
     for (n, _) in &mut out.namespaces[from.namespaces..] {
         n.labels.iter_mut().for_each(|l| names.label(l));
+        names.origin(&mut n.origin);
     }
 }
 
-fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
+fn parse_doc(file: &Arc<Path>, doc: &Doc, want: FileKind, out: &mut Parsed) {
     let root = &doc.root;
     let n = doc.number;
     let object = object_label(root);
@@ -508,11 +526,11 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
     let mut ctx = Ctx::default();
     let notes = Notes::default();
     let origin_of = |ns: Option<&str>, name: &str| Origin {
-        file: file.to_path_buf(),
+        file: file.clone(),
         doc: n - 1,
-        kind: kind.to_string(),
-        namespace: ns.map(str::to_string),
-        name: name.to_string(),
+        kind: kind.into(),
+        namespace: ns.map(Name::from),
+        name: name.into(),
     };
     let site = |root: &Node| Site {
         name_pos: root.pos_of("metadata.name"),
@@ -644,17 +662,18 @@ fn parse_doc(file: &Path, doc: &Doc, want: FileKind, out: &mut Parsed) {
                 }
             };
             if let (true, Some(spec)) = (ctx.errors.is_empty(), spec) {
+                let origin = origin_of(ns.as_deref(), &name);
                 let def = EndpointDef {
-                    origin: origin_of(ns.as_deref(), &name),
                     kind: if host {
                         EndpointKind::Host
                     } else {
                         EndpointKind::Workload
                     },
-                    name: name.clone(),
-                    namespace: ns,
+                    name: origin.name.clone(),
+                    namespace: origin.namespace.clone(),
+                    origin,
                     labels,
-                    node: spec.node,
+                    node: spec.node.map(Name::from),
                     interface: spec.interface,
                     addresses: spec.addresses,
                     ports: spec.ports,
@@ -1572,6 +1591,17 @@ spec: {addresses: [10.0.0.2]}
         assert_eq!(web(one).value, "web");
         assert!(web(one).value.shares(&web(two).value));
         assert!(web(one).key.shares(&web(two).key));
+
+        // The origins' text: one path, kind and namespace for the file, and
+        // each endpoint's name and namespace are its origin's.
+        let (one, two) = (&out.endpoints[0].0, &out.endpoints[1].0);
+        assert!(Arc::ptr_eq(&one.origin.file, &two.origin.file));
+        assert!(one.origin.kind.shares(&two.origin.kind));
+        let (ns1, ns2) = (one.namespace.as_ref(), two.namespace.as_ref());
+        assert_eq!(ns1.map(Name::as_str), Some("default"));
+        assert!(ns1.unwrap().shares(ns2.unwrap()));
+        assert!(ns1.unwrap().shares(one.origin.namespace.as_ref().unwrap()));
+        assert!(one.name.shares(&one.origin.name));
     }
 
     /// Documents become objects one by one, yet a syntax error in a later

@@ -8,21 +8,23 @@
 //! Owns the types only: no I/O, no parsing, no validation logic.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 /// Where a document came from: file, document index (0-based) and its identity.
+/// Its text is shared: the objects of one file hold one copy of its path, of
+/// each kind and of each namespace (`api::load::share_names`), and an
+/// endpoint's own name and namespace are its origin's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Origin {
-    pub file: PathBuf,
+    pub file: std::sync::Arc<std::path::Path>,
     /// 0-based index of the document within a multi-document file.
     pub doc: usize,
-    pub kind: String,
+    pub kind: Name,
     /// `None` for clusterwide kinds and for Node.
-    pub namespace: Option<String>,
-    pub name: String,
+    pub namespace: Option<Name>,
+    pub name: Name,
 }
 
 /// A label source, key or value: shared text. A file's thousands of labels
@@ -554,13 +556,15 @@ pub enum EndpointKind {
 pub struct EndpointDef {
     pub origin: Origin,
     pub kind: EndpointKind,
-    pub name: String,
+    /// Its origin's name (shared).
+    pub name: Name,
     /// Always set for workloads (default `default`); HostEndpoints have none.
-    pub namespace: Option<String>,
+    /// Its origin's namespace (shared).
+    pub namespace: Option<Name>,
     /// The endpoint's own labels as written (source `k8s` for a plain key).
     pub labels: Vec<Label>,
     /// `None` = this host.
-    pub node: Option<String>,
+    pub node: Option<Name>,
     pub interface: Option<Interface>,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<NamedPort>,

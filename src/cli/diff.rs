@@ -231,7 +231,7 @@ fn display_name(c: &Compiled, slot: u32) -> String {
     let e = &c.endpoints[slot as usize];
     match &e.namespace {
         Some(ns) if e.kind == EndpointKind::Workload => format!("{ns}/{}", e.name),
-        _ => e.name.clone(),
+        _ => e.name.to_string(),
     }
 }
 

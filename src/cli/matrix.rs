@@ -96,7 +96,7 @@ fn sides(c: &Compiled) -> Vec<Side> {
                 Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => {
                     format!("{ns}/{}", e.name)
                 }
-                _ => e.name.clone(),
+                _ => e.name.to_string(),
             };
             endpoint_side(c, &name, e.slot)
         })

@@ -524,7 +524,7 @@ impl Dns {
             let Some(ep) = compiled.endpoints.get(de.endpoint as usize) else {
                 continue;
             };
-            let key = display_name(&ep.namespace, &ep.name);
+            let key = display_name(ep.namespace.as_deref(), &ep.name);
             if let Some(a) = attachments.iter().find(|a| a.slot == de.endpoint) {
                 devices.insert(key.clone(), a.ifindex);
                 for p in &de.ports {

@@ -275,7 +275,8 @@ mod tests {
                   r: &RegistrySet,
                   _: &CompileOptions|
                   -> Result<Compiled, CompileError> {
-                let mut names: Vec<String> = r.endpoints.iter().map(|e| e.name.clone()).collect();
+                let mut names: Vec<String> =
+                    r.endpoints.iter().map(|e| e.name.to_string()).collect();
                 names.sort();
                 seen.lock().unwrap().push(names);
                 // A state per registry, so a change is an apply.

@@ -362,7 +362,7 @@ impl Metrics {
                     Some(ns) if e.kind == crate::api::model::EndpointKind::Workload => {
                         format!("{ns}/{}", e.name)
                     }
-                    _ => e.name.clone(),
+                    _ => e.name.to_string(),
                 };
                 Some((name, n.clone()))
             })

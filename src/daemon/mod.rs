@@ -598,7 +598,7 @@ mod tests {
 
     fn origin(kind: &str, name: &str) -> Origin {
         Origin {
-            file: format!("etcd:/netpol/v1/{name}").into(),
+            file: PathBuf::from(format!("etcd:/netpol/v1/{name}")).into(),
             doc: 0,
             kind: kind.into(),
             namespace: Some("default".into()),
@@ -681,7 +681,11 @@ mod tests {
                   _: &RegistrySet,
                   _: &CompileOptions|
                   -> Result<Compiled, CompileError> {
-                let names = p.policies.iter().map(|p| p.origin.name.clone()).collect();
+                let names = p
+                    .policies
+                    .iter()
+                    .map(|p| p.origin.name.to_string())
+                    .collect();
                 seen.lock().unwrap().push(names);
                 Ok(Compiled::default())
             },

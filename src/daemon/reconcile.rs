@@ -357,7 +357,7 @@ impl<D: Datapath> Reconciler<D> {
                     "templates_built" => kept.templates_built, "templates_kept" => kept.templates_kept);
                 for a in &attachments {
                     if let Some(ep) = compiled.endpoints.get(a.slot as usize) {
-                        slog::debug!(self.out.log, "attached"; "endpoint" => display_name(&ep.namespace, &ep.name),
+                        slog::debug!(self.out.log, "attached"; "endpoint" => display_name(ep.namespace.as_deref(), &ep.name),
                             "ifindex" => a.ifindex, "identity" => ep.identity, "generation" => generation);
                     }
                 }
@@ -501,7 +501,7 @@ impl<D: Datapath> Reconciler<D> {
             };
             if out.iter().any(|a| a.ifindex == ifindex) {
                 slog::warn!(self.out.log, "interface already enforced for another endpoint; skipped";
-                    "endpoint" => display_name(&ep.namespace, &ep.name), "ifindex" => ifindex);
+                    "endpoint" => display_name(ep.namespace.as_deref(), &ep.name), "ifindex" => ifindex);
                 continue;
             }
             out.push(Attachment {

@@ -346,8 +346,8 @@ impl EndpointView {
     pub fn of(ep: &CompiledEndpoint, att: Option<&Attachment>, counters: &Counters) -> Self {
         EndpointView {
             slot: ep.slot,
-            name: ep.name.clone(),
-            namespace: ep.namespace.clone(),
+            name: ep.name.to_string(),
+            namespace: ep.namespace.as_deref().map(str::to_string),
             kind: ep.kind.into(),
             identity: ep.identity,
             interface: ep.interface.as_ref().map(|i| match i {
@@ -436,7 +436,7 @@ impl MonitorEvent {
             dport: ev.dport,
             endpoint: installed
                 .and_then(|c| c.endpoints.get(ev.slot as usize))
-                .map(|e| display_name(&e.namespace, &e.name)),
+                .map(|e| display_name(e.namespace.as_deref(), &e.name)),
             ifindex: ev.ifindex,
             src_identity: ev.src_identity,
             dst_identity: ev.dst_identity,
@@ -449,7 +449,7 @@ impl MonitorEvent {
 }
 
 /// `namespace/name`, or `name` without a namespace.
-pub fn display_name(namespace: &Option<String>, name: &str) -> String {
+pub fn display_name(namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(ns) => format!("{ns}/{name}"),
         None => name.to_string(),

@@ -672,7 +672,7 @@ mod tests {
         for i in 0..endpoints {
             c.endpoints.push(CompiledEndpoint {
                 slot: i as u32,
-                name: format!("ep{i}"),
+                name: format!("ep{i}").into(),
                 namespace: None,
                 kind: if i == 0 {
                     EndpointKind::Host

@@ -686,7 +686,7 @@ mod tests {
         assert_eq!(id, p1.id);
         assert_eq!(set.policies[0].origin.name, "a");
         assert_eq!(
-            set.policies[0].origin.file,
+            &*set.policies[0].origin.file,
             Path::new(&format!(
                 "etcd:/netpol/v1/policysets/{id}/a.yaml@{}",
                 p1.revision

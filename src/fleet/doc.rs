@@ -126,13 +126,13 @@ pub fn namespace_json(def: &NamespaceDef) -> String {
 /// Point every origin of `set` at `file` (they were parsed under a stand-in name).
 fn set_origin(reg: &mut RegistrySet, file: &Path) {
     for e in &mut reg.endpoints {
-        Arc::make_mut(e).origin.file = file.to_path_buf();
+        Arc::make_mut(e).origin.file = file.into();
     }
     for n in &mut reg.nodes {
-        n.origin.file = file.to_path_buf();
+        n.origin.file = file.into();
     }
     for n in &mut reg.namespaces {
-        n.origin.file = file.to_path_buf();
+        n.origin.file = file.into();
     }
 }
 
@@ -164,7 +164,7 @@ pub fn parse_policy_value(origin: &Path, text: &str) -> Result<Vec<Arc<Policy>>,
     match api::parse_policies(Path::new(JSON_NAME), text) {
         Ok(mut ps) => {
             for p in &mut ps {
-                Arc::make_mut(p).origin.file = origin.to_path_buf();
+                Arc::make_mut(p).origin.file = origin.into();
             }
             Ok(ps)
         }
@@ -211,7 +211,7 @@ fn tree_json(n: &yaml::Node) -> Result<Value, String> {
 /// The policy without what JSON cannot keep the same: origin and positions.
 fn comparable(p: &Policy) -> Policy {
     let mut p = p.clone();
-    p.origin.file = PathBuf::new();
+    p.origin.file = Path::new("").into();
     p.origin.doc = 0;
     // Where the parts were written is not what they mean.
     p.source = Default::default();
@@ -437,7 +437,7 @@ spec:
         );
         assert!(docs[0].1.contains(r#""version":"0x1F""#), "{}", docs[0].1);
         let p = parse_policy_value(&origin("/k", 3), &docs[0].1).unwrap();
-        assert_eq!(p[0].origin.file, PathBuf::from("etcd:/k@3"));
+        assert_eq!(&*p[0].origin.file, Path::new("etcd:/k@3"));
         let one = policy_file_docs(
             Path::new("np.json"),
             r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"np"},"spec":{"podSelector":{}}}"#,

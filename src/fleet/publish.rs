@@ -124,7 +124,7 @@ pub fn own_entries(
         None if !host_addresses.is_empty() => {
             let n = NodeDef {
                 origin: Origin {
-                    file: PathBuf::new(),
+                    file: std::path::Path::new("").into(),
                     doc: 0,
                     kind: "Node".into(),
                     namespace: None,

@@ -74,7 +74,7 @@ fn names(v: &RemoteView) -> Vec<String> {
         .registry
         .endpoints
         .iter()
-        .map(|e| e.name.clone())
+        .map(|e| e.name.to_string())
         .collect();
     n.sort();
     n

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::doc;
 use super::keys::{KeyKind, Keys};
 use crate::api::model::{
-    EndpointDef, EndpointKind, NamespaceDef, NodeDef, Policy, PolicySet, RegistrySet,
+    EndpointDef, EndpointKind, Name, NamespaceDef, NodeDef, Policy, PolicySet, RegistrySet,
 };
 use crate::api::Problem;
 
@@ -389,7 +389,7 @@ pub fn build<'a>(entries: impl IntoIterator<Item = (&'a RawEntry, &'a Parsed)>) 
     if let Some(id) = current {
         let mut set = PolicySet::default();
         let mut problems = Vec::new();
-        let mut seen: BTreeMap<(String, Option<String>, String), String> = BTreeMap::new();
+        let mut seen: BTreeMap<(Name, Option<Name>, Name), String> = BTreeMap::new();
         policy_docs.sort_by(|a, b| a.0.key.cmp(&b.0.key));
         for (e, pid, r) in policy_docs {
             if *pid != id {
@@ -440,13 +440,13 @@ pub fn build<'a>(entries: impl IntoIterator<Item = (&'a RawEntry, &'a Parsed)>) 
 fn local_objects(local: &RegistrySet) -> HashMap<(u8, &str, &str), &Path> {
     let mut m = HashMap::new();
     for e in &local.endpoints {
-        m.insert(endpoint_identity(e), e.origin.file.as_path());
+        m.insert(endpoint_identity(e), &*e.origin.file);
     }
     for n in &local.nodes {
-        m.insert((2, "", n.name.as_str()), n.origin.file.as_path());
+        m.insert((2, "", n.name.as_str()), &*n.origin.file);
     }
     for n in &local.namespaces {
-        m.insert((3, "", n.name.as_str()), n.origin.file.as_path());
+        m.insert((3, "", n.name.as_str()), &*n.origin.file);
     }
     m
 }
@@ -544,7 +544,7 @@ pub fn merge_policies(local: &PolicySet, remote: &PolicySet) -> (PolicySet, Vec<
                     p.origin.namespace.as_deref(),
                     p.origin.name.as_str(),
                 ),
-                p.origin.file.as_path(),
+                &*p.origin.file,
             )
         })
         .collect();
@@ -562,7 +562,7 @@ pub fn merge_policies(local: &PolicySet, remote: &PolicySet) -> (PolicySet, Vec<
                 None => format!("{} {}", p.origin.kind, p.origin.name),
             };
             problems.push(Problem {
-                file: p.origin.file.clone(),
+                file: p.origin.file.to_path_buf(),
                 line: None,
                 column: None,
                 document: Some(1),
@@ -655,7 +655,7 @@ mod tests {
         assert_eq!(b.registry.endpoints.len(), 1);
         assert_eq!(b.registry.endpoints[0].name, "web");
         assert_eq!(
-            b.registry.endpoints[0].origin.file,
+            &*b.registry.endpoints[0].origin.file,
             Path::new("etcd:/netpol/v1/registry/nodes/host-b/endpoints/default/web@5")
         );
         assert_eq!(
@@ -896,7 +896,10 @@ mod tests {
         let (m, problems) =
             merge_policies(&PolicySet { policies: local }, b.policies.as_ref().unwrap());
         assert_eq!(m.policies.len(), 2);
-        assert_eq!(m.policies[0].origin.file, Path::new("/etc/netpol.d/a.yaml"));
+        assert_eq!(
+            &*m.policies[0].origin.file,
+            Path::new("/etc/netpol.d/a.yaml")
+        );
         assert_eq!(
             problems[0].to_string(),
             "etcd:/netpol/v1/policysets/s1/a.yaml@3: document 1 (CiliumNetworkPolicy default/a): CiliumNetworkPolicy default/a is also defined in /etc/netpol.d/a.yaml; the file wins"

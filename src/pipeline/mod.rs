@@ -437,7 +437,7 @@ mod tests {
     fn policy(name: &str) -> Policy {
         Policy {
             origin: Origin {
-                file: format!("{name}.yaml").into(),
+                file: PathBuf::from(format!("{name}.yaml")).into(),
                 doc: 0,
                 kind: "CiliumNetworkPolicy".into(),
                 namespace: Some("default".into()),

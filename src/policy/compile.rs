@@ -1772,7 +1772,7 @@ impl Names {
 fn policy_name(o: &Origin) -> String {
     match &o.namespace {
         Some(ns) => format!("{ns}/{}", o.name),
-        None => o.name.clone(),
+        None => o.name.to_string(),
     }
 }
 
@@ -1787,7 +1787,7 @@ fn object_of(o: &Origin) -> String {
 /// A problem at one rule item.
 fn item_problem(info: &ItemInfo<'_>, message: String) -> Problem {
     Problem {
-        file: info.origin.file.clone(),
+        file: info.origin.file.to_path_buf(),
         line: info.item.pos.map(|p| p.0),
         column: info.item.pos.map(|p| p.1),
         document: Some(info.origin.doc + 1),
@@ -1800,7 +1800,7 @@ fn item_problem(info: &ItemInfo<'_>, message: String) -> Problem {
 /// A problem at a registry document (when no rule item is to blame).
 fn endpoint_problem(origin: &Origin, field: Option<String>, message: String) -> Problem {
     Problem {
-        file: origin.file.clone(),
+        file: origin.file.to_path_buf(),
         line: None,
         column: None,
         document: Some(origin.doc + 1),
@@ -2064,7 +2064,7 @@ impl Compiled {
         for ep in &self.endpoints {
             let name = match &ep.namespace {
                 Some(ns) if ep.kind == EndpointKind::Workload => format!("{ns}/{}", ep.name),
-                _ => ep.name.clone(),
+                _ => ep.name.to_string(),
             };
             let dir = |enf: bool, dd: bool| match (enf, dd) {
                 (false, _) => "open",

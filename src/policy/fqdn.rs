@@ -412,7 +412,7 @@ pub fn item_of<'a>(policies: &'a PolicySet, r: &RuleRef) -> Option<&'a RuleItem>
         .filter(|p| {
             let name = match &p.origin.namespace {
                 Some(ns) => format!("{ns}/{}", p.origin.name),
-                None => p.origin.name.clone(),
+                None => p.origin.name.to_string(),
             };
             *p.origin.file == *r.file && *p.origin.kind == *r.kind && *name == *r.policy
         })

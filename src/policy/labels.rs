@@ -227,7 +227,7 @@ mod tests {
     fn workload_labels_include_namespace_and_namespace_labels() {
         let ns = NamespaceDef {
             origin: crate::api::model::Origin {
-                file: "x".into(),
+                file: std::path::Path::new("x").into(),
                 doc: 0,
                 kind: "Namespace".into(),
                 namespace: None,

@@ -123,7 +123,7 @@ fn warning_at(
 ) -> Warning {
     Warning {
         at: Problem {
-            file: p.origin.file.clone(),
+            file: p.origin.file.to_path_buf(),
             line: pos.map(|p| p.0),
             column: pos.map(|p| p.1),
             document: Some(p.origin.doc + 1),

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::api::model::{EndpointDef, EndpointKind, Label, NamespaceDef, RegistrySet};
+use crate::api::model::{EndpointDef, EndpointKind, Label, Name, NamespaceDef, RegistrySet};
 use crate::policy::labels;
 
 /// A registry endpoint resolved for one host.
@@ -38,11 +38,11 @@ impl ResolvedEndpoint<'_> {
 pub fn display_name(def: &EndpointDef) -> String {
     match (&def.kind, &def.namespace) {
         (EndpointKind::Workload, Some(ns)) => format!("{ns}/{}", def.name),
-        _ => def.name.clone(),
+        _ => def.name.to_string(),
     }
 }
 
-fn is_this_node(node: &Option<String>, node_name: &str) -> bool {
+fn is_this_node(node: &Option<Name>, node_name: &str) -> bool {
     match node {
         None => true,
         Some(n) => n == node_name,
@@ -160,11 +160,11 @@ mod checks {
             let key = (
                 ep.kind == EndpointKind::Host,
                 ns.unwrap_or("").to_string(),
-                ep.name.clone(),
+                ep.name.to_string(),
             );
             if let Some(prev) = names.get(&key) {
                 problems.push(Problem {
-                    file: ep.origin.file.clone(),
+                    file: ep.origin.file.to_path_buf(),
                     line: None,
                     column: None,
                     document: Some(ep.origin.doc + 1),
@@ -182,7 +182,7 @@ mod checks {
             for (i, a) in ep.addresses.iter().enumerate() {
                 if let Some((other, file)) = addrs.get(a) {
                     problems.push(Problem {
-                        file: ep.origin.file.clone(),
+                        file: ep.origin.file.to_path_buf(),
                         line: None,
                         column: None,
                         document: Some(ep.origin.doc + 1),
@@ -200,7 +200,7 @@ mod checks {
             let obj = object("Node", None, &n.name);
             if let Some(prev) = node_names.get(n.name.as_str()) {
                 problems.push(Problem {
-                    file: n.origin.file.clone(),
+                    file: n.origin.file.to_path_buf(),
                     line: None,
                     column: None,
                     document: Some(n.origin.doc + 1),
@@ -218,7 +218,7 @@ mod checks {
             for (i, a) in n.addresses.iter().enumerate() {
                 if let Some((other, file)) = addrs.get(a) {
                     problems.push(Problem {
-                        file: n.origin.file.clone(),
+                        file: n.origin.file.to_path_buf(),
                         line: None,
                         column: None,
                         document: Some(n.origin.doc + 1),
@@ -244,7 +244,7 @@ mod tests {
     fn ep(name: &str, ns: &str, addr: &str, node: Option<&str>) -> EndpointDef {
         EndpointDef {
             origin: Origin {
-                file: "reg.yaml".into(),
+                file: std::path::Path::new("reg.yaml").into(),
                 doc: 0,
                 kind: "Endpoint".into(),
                 namespace: Some(ns.into()),
@@ -254,7 +254,7 @@ mod tests {
             name: name.into(),
             namespace: Some(ns.into()),
             labels: vec![],
-            node: node.map(str::to_string),
+            node: node.map(Name::from),
             interface: Some(Interface::Name(format!("veth-{name}"))),
             addresses: vec![addr.parse().unwrap()],
             ports: vec![],

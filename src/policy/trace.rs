@@ -148,7 +148,7 @@ fn endpoint_display(c: &Compiled, slot: u32) -> String {
     let ep = &c.endpoints[slot as usize];
     match (&ep.kind, &ep.namespace) {
         (EndpointKind::Workload, Some(ns)) => format!("{ns}/{}", ep.name),
-        _ => ep.name.clone(),
+        _ => ep.name.to_string(),
     }
 }
 
@@ -207,7 +207,7 @@ pub fn endpoint_side(c: &Compiled, input: &str, slot: u32) -> Side {
         input: input.to_string(),
         slot: Some(slot),
         endpoint: Some(endpoint_display(c, slot)),
-        namespace: ep.namespace.clone(),
+        namespace: ep.namespace.as_deref().map(str::to_string),
         kind: Some(ep.kind),
         address: None,
         identity: ep.identity,

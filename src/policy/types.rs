@@ -83,8 +83,9 @@ pub struct IpcacheEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CompiledEndpoint {
     pub slot: u32,
-    pub name: String,
-    pub namespace: Option<String>,
+    /// The registry endpoint's (shared).
+    pub name: crate::api::model::Name,
+    pub namespace: Option<crate::api::model::Name>,
     pub kind: EndpointKind,
     pub identity: Identity,
     /// Enforced on this host (its node is this host and it names an interface).

@@ -2345,7 +2345,7 @@ mod incremental {
             Some(_) => cnp("default", &format!("p{k}"), vec![r]),
             None => ccnp(&format!("p{k}"), vec![r]),
         };
-        p.origin.file = format!("{k}.yaml").into();
+        p.origin.file = std::path::PathBuf::from(format!("{k}.yaml")).into();
         p.staged = spec.staged;
         p
     }

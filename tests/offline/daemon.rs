@@ -60,7 +60,7 @@ fn problem(file: &Path, message: &str) -> Problem {
 
 fn origin(file: &Path, kind: &str, name: &str) -> Origin {
     Origin {
-        file: file.to_path_buf(),
+        file: file.into(),
         doc: 0,
         kind: kind.into(),
         namespace: Some("default".into()),
@@ -157,7 +157,7 @@ fn fake_compile(
             .policies
             .iter()
             .map(|p| RuleRef {
-                file: p.origin.file.as_path().into(),
+                file: p.origin.file.clone(),
                 kind: p.origin.kind.as_str().into(),
                 policy: format!("default/{}", p.origin.name).into(),
                 path: "spec.ingress[0]".into(),

@@ -82,7 +82,7 @@ fn gen_state(rng: &mut Rng) -> Compiled {
         };
         c.endpoints.push(CompiledEndpoint {
             slot,
-            name: format!("ep{slot}"),
+            name: format!("ep{slot}").into(),
             namespace: Some("default".into()),
             kind,
             identity: IDS[slot as usize],

@@ -52,7 +52,7 @@ pub(super) fn default_deny_refs(
             if dd {
                 info.default_deny_refs[dir] = Some(refs.len() as u32);
                 refs.push(RuleRef {
-                    file: pol.origin.file.as_path().into(),
+                    file: pol.origin.file.clone(),
                     kind: pol.origin.kind.as_str().into(),
                     policy: super::policy_name(&pol.origin).into(),
                     path: rule.path.as_str().into(),
