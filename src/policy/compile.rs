@@ -59,10 +59,13 @@ use crate::api::Problem;
 use crate::hash::{FastHasher, FastMap};
 use crate::policy::identity;
 use crate::policy::labels;
-use crate::policy::registry::{self, ResolvedEndpoint};
+use crate::policy::registry::ResolvedEndpoint;
 use crate::sizes::{MapKind, MapSizes, SETTINGS_FILE};
 
+mod part;
 mod staged;
+
+use part::RegistryPart;
 
 /// Inputs to compile that come from the daemon config rather than the files.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -795,8 +798,12 @@ impl Compiler {
             .as_ref()
             .is_some_and(|p| p.node_name == opts.node_name && p.registry == print);
         if fresh {
-            self.kept = None;
-            let mut part = RegistryPart::of(registry, &opts.node_name);
+            // From the last registry's share where the node and namespaces
+            // are the same: only the endpoints the change added are resolved.
+            let mut part = match self.kept.take() {
+                Some(prev) => prev.update(registry, &opts.node_name),
+                None => RegistryPart::of(registry, &opts.node_name),
+            };
             part.registry = print;
             self.kept = Some(part);
         }
@@ -1012,12 +1019,15 @@ impl World {
         let index = Arc::new(SelectorIndex::new(id_labels.into_iter().collect()));
 
         // --- ipcache: priority endpoint > host address > node > CIDR > /0.
-        let mut ipc: BTreeMap<IpNet, (u8, Identity, Option<u32>)> = BTreeMap::new();
+        // Every claim, then per prefix the one of highest priority (the first
+        // of those): a sort of one vector, not a tree of 200,000 nodes.
+        let n_claims = 2 + cidr_ids.len() + key.host_addresses.len() + resolved.len() * 2;
+        // (prefix, priority, claim number, identity, endpoint slot)
+        type Claim = (IpNet, std::cmp::Reverse<u8>, u32, Identity, Option<u32>);
+        let mut ipc: Vec<Claim> = Vec::with_capacity(n_claims);
         let mut put = |net: IpNet, prio: u8, id: Identity, slot: Option<u32>| {
-            let e = ipc.entry(net).or_insert((prio, id, slot));
-            if prio > e.0 {
-                *e = (prio, id, slot);
-            }
+            let seq = ipc.len() as u32;
+            ipc.push((net, std::cmp::Reverse(prio), seq, id, slot));
         };
         put(
             "0.0.0.0/0".parse().expect("static prefix"),
@@ -1052,9 +1062,11 @@ impl World {
                 put(host_net(*a), 4, *id, Some(slot as u32));
             }
         }
+        ipc.sort_unstable_by_key(|c| (c.0, c.1, c.2));
+        ipc.dedup_by_key(|c| c.0);
         let ipcache: Vec<IpcacheEntry> = ipc
             .into_iter()
-            .map(|(net, (_, identity, endpoint))| IpcacheEntry {
+            .map(|(net, _, _, identity, endpoint)| IpcacheEntry {
                 net,
                 identity,
                 endpoint,
@@ -1242,14 +1254,6 @@ fn compile_with(
         .as_ref()
         .is_none_or(|w| w.key != key || w.key.registry == 0)
     {
-        check_ipcache(
-            &items,
-            &cidr_prefixes,
-            &fqdn_sels,
-            &key.learned,
-            registry,
-            opts,
-        )?;
         let next = World::build(
             key,
             world.as_ref(),
@@ -1259,6 +1263,18 @@ fn compile_with(
             registry,
             opts,
         );
+        // Its ipcache holds each distinct prefix `check_ipcache` counts:
+        // over the budget, that names what to blame.
+        if next.ipcache.len() > limits.ipcache_entries {
+            check_ipcache(
+                &items,
+                &cidr_prefixes,
+                &fqdn_sels,
+                &next.key.learned,
+                registry,
+                opts,
+            )?;
+        }
         stats.world_built = true;
         stats.identities_changed = world.as_ref().is_none_or(|w| w.version != next.version);
         *world = Some(next);
@@ -1555,83 +1571,6 @@ fn fingerprint(registry: &RegistrySet) -> u128 {
     registry.hash(&mut a);
     registry.hash(&mut b);
     (u128::from(a.finish()) << 64) | u128::from(b.finish())
-}
-
-/// The registry's share of a compile: each endpoint resolved for this node, in
-/// slot order, and its identity. It depends only on the registry and the node
-/// name, so a [`Compiler`] keeps it while both are equal.
-#[derive(Debug)]
-struct RegistryPart {
-    /// The [`fingerprint`] of the registry it was computed from (0 unless a
-    /// [`Compiler`] keeps it): not a copy, which would double the memory a
-    /// fleet registry takes.
-    registry: u128,
-    node_name: String,
-    /// (index in `registry.endpoints`, labels, this node, local) in slot order.
-    eps: Vec<(usize, Arc<[Label]>, bool, bool)>,
-    ids: Vec<Identity>,
-}
-
-impl RegistryPart {
-    fn of(registry: &RegistrySet, node_name: &str) -> RegistryPart {
-        let resolved = registry::resolve(registry, node_name);
-        // Each workload label set's canonical text, computed once per set
-        // (`resolve` gives endpoints with one label set one shared copy).
-        let mut set_of_copy: FastMap<usize, usize> = FastMap::default();
-        let mut texts: Vec<String> = Vec::new();
-        let sets: Vec<usize> = resolved
-            .iter()
-            .map(|r| match r.def.kind {
-                EndpointKind::Workload => *set_of_copy
-                    .entry(Arc::as_ptr(&r.labels).cast::<Label>() as usize)
-                    .or_insert_with(|| {
-                        texts.push(labels::canonical(&r.labels));
-                        texts.len() - 1
-                    }),
-                EndpointKind::Host => usize::MAX,
-            })
-            .collect();
-        let wl_map = identity::allocate_workload_texts(texts.iter().map(String::as_str));
-        let set_ids: Vec<Identity> = texts.iter().map(|t| wl_map[t]).collect();
-        let ids = resolved
-            .iter()
-            .zip(&sets)
-            .map(|(r, set)| match r.def.kind {
-                EndpointKind::Workload => set_ids[*set],
-                EndpointKind::Host if r.this_node => identity::HOST,
-                EndpointKind::Host => identity::REMOTE_NODE,
-            })
-            .collect();
-        let eps = resolved
-            .iter()
-            .map(|r| (r.index, r.labels.clone(), r.this_node, r.local))
-            .collect();
-        RegistryPart {
-            registry: 0,
-            node_name: node_name.to_string(),
-            eps,
-            ids,
-        }
-    }
-
-    /// The endpoints of `registry` (the one this part was computed from) resolved.
-    fn resolved<'a>(
-        &self,
-        registry: &'a RegistrySet,
-    ) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
-        let resolved = self
-            .eps
-            .iter()
-            .map(|(index, labels, this_node, local)| ResolvedEndpoint {
-                def: &registry.endpoints[*index],
-                index: *index,
-                labels: labels.clone(),
-                this_node: *this_node,
-                local: *local,
-            })
-            .collect();
-        (resolved, self.ids.clone())
-    }
 }
 
 /// The entries of one group of endpoints. `Err(item)` when they would exceed

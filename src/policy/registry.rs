@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::api::model::{EndpointDef, EndpointKind, Label, Name, NamespaceDef, RegistrySet};
+use crate::api::model::{
+    EndpointDef, EndpointKind, Label, Name, NamespaceDef, Origin, RegistrySet,
+};
 use crate::policy::labels;
 
 /// A registry endpoint resolved for one host.
@@ -54,61 +56,72 @@ pub fn namespace_of(def: &EndpointDef) -> &str {
     def.namespace.as_deref().unwrap_or("default")
 }
 
-/// Resolve every endpoint of the registry, in slot order: workloads first, then
-/// host endpoints, each sorted by namespace, name and origin.
-pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoint<'a>> {
-    let namespaces: HashMap<&str, &NamespaceDef> = reg
-        .namespaces
+/// What slots are ordered by: workloads first, then host endpoints, each by
+/// namespace, name and origin (and, between equal keys, registry order).
+pub fn slot_key(def: &EndpointDef) -> (bool, &str, &str, &Origin) {
+    (
+        def.kind == EndpointKind::Host,
+        namespace_of(def),
+        &def.name,
+        &def.origin,
+    )
+}
+
+/// The registry's Namespace documents by name.
+pub fn namespaces_of(reg: &RegistrySet) -> HashMap<&str, &NamespaceDef> {
+    reg.namespaces
         .iter()
         .map(|n| (n.name.as_str(), n))
-        .collect();
+        .collect()
+}
+
+/// The labels policy matches an endpoint by ([`ResolvedEndpoint::labels`]).
+pub fn endpoint_labels(def: &EndpointDef, namespaces: &HashMap<&str, &NamespaceDef>) -> Vec<Label> {
+    match def.kind {
+        EndpointKind::Workload => {
+            let ns = namespace_of(def);
+            labels::workload_labels(&def.labels, ns, namespaces.get(ns).copied())
+        }
+        EndpointKind::Host => {
+            let mut l = def.labels.clone();
+            l.sort();
+            l.dedup();
+            l
+        }
+    }
+}
+
+/// (on this host, enforced here) of an endpoint for host `node_name`.
+pub fn placement(def: &EndpointDef, node_name: &str) -> (bool, bool) {
+    let this_node = is_this_node(&def.node, node_name);
+    (this_node, this_node && def.interface.is_some())
+}
+
+/// Resolve every endpoint of the registry, in slot order ([`slot_key`]).
+pub fn resolve<'a>(reg: &'a RegistrySet, node_name: &str) -> Vec<ResolvedEndpoint<'a>> {
+    let namespaces = namespaces_of(reg);
     let mut defs: Vec<(usize, &EndpointDef)> =
         reg.endpoints.iter().map(|e| &**e).enumerate().collect();
-    defs.sort_by(|(_, a), (_, b)| {
-        let ka = (
-            a.kind == EndpointKind::Host,
-            namespace_of(a),
-            &a.name,
-            &a.origin,
-        );
-        let kb = (
-            b.kind == EndpointKind::Host,
-            namespace_of(b),
-            &b.name,
-            &b.origin,
-        );
-        ka.cmp(&kb)
-    });
+    defs.sort_by(|(_, a), (_, b)| slot_key(a).cmp(&slot_key(b)));
     // Workloads with the same labels in one namespace share one copy of
     // their identity labels (a fleet registry has many per label set).
     let mut shared: HashMap<(&[Label], &str), Arc<[Label]>> = HashMap::new();
     defs.into_iter()
         .map(|(index, def)| {
-            let this_node = is_this_node(&def.node, node_name);
+            let (this_node, local) = placement(def, node_name);
             let labels: Arc<[Label]> = match def.kind {
-                EndpointKind::Workload => {
-                    let ns = namespace_of(def);
-                    shared
-                        .entry((def.labels.as_slice(), ns))
-                        .or_insert_with(|| {
-                            labels::workload_labels(&def.labels, ns, namespaces.get(ns).copied())
-                                .into()
-                        })
-                        .clone()
-                }
-                EndpointKind::Host => {
-                    let mut l = def.labels.clone();
-                    l.sort();
-                    l.dedup();
-                    l.into()
-                }
+                EndpointKind::Workload => shared
+                    .entry((def.labels.as_slice(), namespace_of(def)))
+                    .or_insert_with(|| endpoint_labels(def, &namespaces).into())
+                    .clone(),
+                EndpointKind::Host => endpoint_labels(def, &namespaces).into(),
             };
             ResolvedEndpoint {
                 def,
                 index,
                 labels,
                 this_node,
-                local: this_node && def.interface.is_some(),
+                local,
             }
         })
         .collect()

@@ -2380,7 +2380,9 @@ mod incremental {
             changes in prop::collection::vec(arb_change(), 1..12),
         ) {
             let mut pols: Vec<Option<Policy>> = start_pols.iter().enumerate().map(|(k, p)| p.as_ref().map(|p| policy(k, p))).collect();
-            let mut eps: Vec<Option<EndpointDef>> = start_eps.iter().enumerate().map(|(k, e)| e.as_ref().map(|e| endpoint(k, e))).collect();
+            // Shared, as the loader shares an unchanged file's endpoints: the
+            // compiler tells the ones a change replaced by their address.
+            let mut eps: Vec<Option<Arc<EndpointDef>>> = start_eps.iter().enumerate().map(|(k, e)| e.as_ref().map(|e| Arc::new(endpoint(k, e)))).collect();
             let mut opts = CompileOptions { node_name: "host-a".into(), ..Default::default() };
             let mut compiler = Compiler::new();
             let mut learned: std::collections::BTreeSet<(usize, usize)> = Default::default();
@@ -2393,7 +2395,7 @@ mod incremental {
                             p.rules = p.rules.iter().cloned().collect();
                         }
                     }
-                    Some(Change::Endpoint(k, e)) => eps[*k] = e.as_ref().map(|e| endpoint(*k, e)),
+                    Some(Change::Endpoint(k, e)) => eps[*k] = e.as_ref().map(|e| Arc::new(endpoint(*k, e))),
                     Some(Change::Learn(n, a, on)) => {
                         if *on {
                             learned.insert((*n, *a));
@@ -2418,7 +2420,7 @@ mod incremental {
                     }
                 }
                 let set = PolicySet { policies: pols.iter().flatten().cloned().map(Arc::new).collect() };
-                let reg = RegistrySet { endpoints: eps.iter().flatten().cloned().map(Arc::new).collect(), ..Default::default() };
+                let reg = RegistrySet { endpoints: eps.iter().flatten().cloned().collect(), ..Default::default() };
                 let incremental = compiler.compile(&set, &reg, &opts);
                 let full = try_compile(&set, &reg, &opts);
                 prop_assert_eq!(

@@ -1,0 +1,399 @@
+//! The registry's share of a compile: every endpoint resolved for this node,
+//! in slot order, and its identity. It depends only on the registry and the
+//! node name, so a [`Compiler`](super::Compiler) keeps it while both are
+//! equal, and computes the next one from it ([`RegistryPart::update`]): a
+//! registry change resolves only the endpoints it added (known by address,
+//! as the loader shares an unchanged file's endpoints), and numbers the
+//! identities again only when a label set appears or goes. The result is the
+//! one [`RegistryPart::of`] computes from nothing (a property test holds
+//! them equal).
+
+use std::sync::Arc;
+
+use crate::api::model::{EndpointDef, EndpointKind, Label, NamespaceDef, RegistrySet};
+use crate::hash::FastMap;
+use crate::policy::identity;
+use crate::policy::labels;
+use crate::policy::registry::{self, ResolvedEndpoint};
+use crate::policy::types::Identity;
+
+/// `text_of` for a host endpoint (its identity is host or remote-node).
+const NO_TEXT: u32 = u32::MAX;
+
+/// One identity label set of the workloads: its canonical text, its labels
+/// (one copy for every endpoint with the set), how many slots have it, and
+/// its identity while it has any.
+#[derive(Debug)]
+struct LabelSet {
+    text: Arc<str>,
+    labels: Arc<[Label]>,
+    uses: u32,
+    id: Identity,
+}
+
+#[derive(Debug)]
+pub(super) struct RegistryPart {
+    /// What the [`Compiler`](super::Compiler) knows the registry by (0 when
+    /// it is not kept): a fingerprint or a revision, not a copy, which
+    /// would double the memory a fleet registry takes.
+    pub(super) registry: u128,
+    pub(super) node_name: String,
+    /// (index in `registry.endpoints`, labels, this node, local) in slot order.
+    eps: Vec<(usize, Arc<[Label]>, bool, bool)>,
+    ids: Vec<Identity>,
+    /// The endpoints in slot order: held, so that their addresses name them.
+    defs: Vec<Arc<EndpointDef>>,
+    /// Per slot: its workload label set (index in `sets`), or [`NO_TEXT`].
+    text_of: Vec<u32>,
+    sets: Vec<LabelSet>,
+    by_text: FastMap<Arc<str>, u32>,
+    /// The Namespace documents the labels were resolved with.
+    namespaces: Vec<NamespaceDef>,
+    /// Every two neighbouring slots have different [`registry::slot_key`]s,
+    /// so the order does not depend on registry order (which an update does
+    /// not follow).
+    strict: bool,
+}
+
+impl RegistryPart {
+    /// From nothing.
+    pub(super) fn of(registry: &RegistrySet, node_name: &str) -> RegistryPart {
+        let resolved = registry::resolve(registry, node_name);
+        let mut part = RegistryPart {
+            registry: 0,
+            node_name: node_name.to_string(),
+            eps: Vec::with_capacity(resolved.len()),
+            ids: Vec::new(),
+            defs: Vec::with_capacity(resolved.len()),
+            text_of: Vec::with_capacity(resolved.len()),
+            sets: Vec::new(),
+            by_text: FastMap::default(),
+            namespaces: registry.namespaces.clone(),
+            strict: true,
+        };
+        // Each workload label set's canonical text, computed once per shared
+        // copy (`resolve` gives endpoints with one label set one copy).
+        let mut set_of_copy: FastMap<usize, u32> = FastMap::default();
+        for r in &resolved {
+            let set = match r.def.kind {
+                EndpointKind::Workload => {
+                    let copy = Arc::as_ptr(&r.labels).cast::<Label>() as usize;
+                    match set_of_copy.get(&copy) {
+                        Some(set) => {
+                            part.sets[*set as usize].uses += 1;
+                            *set
+                        }
+                        None => {
+                            let set = part.add_use(&r.labels, labels::canonical(&r.labels));
+                            set_of_copy.insert(copy, set);
+                            set
+                        }
+                    }
+                }
+                EndpointKind::Host => NO_TEXT,
+            };
+            part.text_of.push(set);
+            part.eps
+                .push((r.index, r.labels.clone(), r.this_node, r.local));
+            part.defs.push(registry.endpoints[r.index].clone());
+        }
+        part.strict = part
+            .defs
+            .windows(2)
+            .all(|w| registry::slot_key(&w[0]) < registry::slot_key(&w[1]));
+        part.number();
+        part
+    }
+
+    /// The share of `registry`, computed from this one (the last registry's).
+    pub(super) fn update(self, registry: &RegistrySet, node_name: &str) -> RegistryPart {
+        if !self.strict
+            || node_name != self.node_name
+            || registry.namespaces != self.namespaces
+            // Most label sets gone: from nothing, which drops them.
+            || self.sets.len() > 64 && self.live_sets() * 2 < self.sets.len()
+        {
+            return RegistryPart::of(registry, node_name);
+        }
+        let mut old = self;
+        // Which endpoints are still there (by address), and where.
+        let slot_of: FastMap<usize, u32> = old
+            .defs
+            .iter()
+            .enumerate()
+            .map(|(slot, d)| (Arc::as_ptr(d) as usize, slot as u32))
+            .collect();
+        let mut index_now = vec![usize::MAX; old.defs.len()];
+        let mut added: Vec<usize> = Vec::new();
+        for (i, e) in registry.endpoints.iter().enumerate() {
+            match slot_of.get(&(Arc::as_ptr(e) as usize)) {
+                Some(&slot) if index_now[slot as usize] == usize::MAX => {
+                    index_now[slot as usize] = i;
+                }
+                _ => added.push(i),
+            }
+        }
+        drop(slot_of);
+        let mut sets_changed = false;
+        for (slot, i) in index_now.iter().enumerate() {
+            if *i == usize::MAX && old.text_of[slot] != NO_TEXT {
+                let set = &mut old.sets[old.text_of[slot] as usize];
+                set.uses -= 1;
+                sets_changed |= set.uses == 0;
+            }
+        }
+        // The added endpoints resolved, in slot order.
+        let namespaces = registry::namespaces_of(registry);
+        let mut new: Vec<(usize, &EndpointDef)> = added
+            .iter()
+            .map(|i| (*i, &*registry.endpoints[*i]))
+            .collect();
+        new.sort_by(|(ia, a), (ib, b)| {
+            registry::slot_key(a)
+                .cmp(&registry::slot_key(b))
+                .then(ia.cmp(ib))
+        });
+        if new
+            .windows(2)
+            .any(|w| registry::slot_key(w[0].1) == registry::slot_key(w[1].1))
+        {
+            return RegistryPart::of(registry, node_name);
+        }
+        let mut eps = Vec::with_capacity(registry.endpoints.len());
+        let mut defs = Vec::with_capacity(registry.endpoints.len());
+        let mut text_of = Vec::with_capacity(registry.endpoints.len());
+        let kept: Vec<u32> = (0..old.defs.len() as u32)
+            .filter(|s| index_now[*s as usize] != usize::MAX)
+            .collect();
+        let mut next = 0;
+        let keep = |from: usize,
+                    to: usize,
+                    eps: &mut Vec<(usize, Arc<[Label]>, bool, bool)>,
+                    defs: &mut Vec<Arc<EndpointDef>>,
+                    text_of: &mut Vec<u32>,
+                    old: &RegistryPart| {
+            for &slot in &kept[from..to] {
+                let s = slot as usize;
+                let (_, labels, this_node, local) = &old.eps[s];
+                eps.push((index_now[s], labels.clone(), *this_node, *local));
+                defs.push(old.defs[s].clone());
+                text_of.push(old.text_of[s]);
+            }
+        };
+        for (index, def) in new {
+            let key = registry::slot_key(def);
+            let at = next
+                + kept[next..]
+                    .partition_point(|s| registry::slot_key(&old.defs[*s as usize]) < key);
+            if kept
+                .get(at)
+                .is_some_and(|s| registry::slot_key(&old.defs[*s as usize]) == key)
+            {
+                // Equal keys are ordered by registry order: from nothing.
+                return RegistryPart::of(registry, node_name);
+            }
+            keep(next, at, &mut eps, &mut defs, &mut text_of, &old);
+            next = at;
+            let (this_node, local) = registry::placement(def, node_name);
+            let resolved = registry::endpoint_labels(def, &namespaces);
+            let (labels, set) = match def.kind {
+                EndpointKind::Workload => {
+                    let text = labels::canonical(&resolved);
+                    match old.by_text.get(text.as_str()).copied() {
+                        Some(set) => {
+                            let s = &mut old.sets[set as usize];
+                            sets_changed |= s.uses == 0;
+                            s.uses += 1;
+                            (s.labels.clone(), set)
+                        }
+                        None => {
+                            sets_changed = true;
+                            let labels: Arc<[Label]> = resolved.into();
+                            let set = old.add_use(&labels, text);
+                            (labels, set)
+                        }
+                    }
+                }
+                EndpointKind::Host => (resolved.into(), NO_TEXT),
+            };
+            eps.push((index, labels, this_node, local));
+            defs.push(registry.endpoints[index].clone());
+            text_of.push(set);
+        }
+        keep(next, kept.len(), &mut eps, &mut defs, &mut text_of, &old);
+        old.eps = eps;
+        old.defs = defs;
+        old.text_of = text_of;
+        if sets_changed {
+            old.number();
+        } else {
+            old.ids = old.slot_ids();
+        }
+        old
+    }
+
+    /// The endpoints of `registry` (the one this part was computed from) resolved.
+    pub(super) fn resolved<'a>(
+        &self,
+        registry: &'a RegistrySet,
+    ) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
+        let resolved = self
+            .eps
+            .iter()
+            .map(|(index, labels, this_node, local)| ResolvedEndpoint {
+                def: &registry.endpoints[*index],
+                index: *index,
+                labels: labels.clone(),
+                this_node: *this_node,
+                local: *local,
+            })
+            .collect();
+        (resolved, self.ids.clone())
+    }
+
+    /// One more slot with the label set `labels` of canonical `text`.
+    fn add_use(&mut self, labels: &Arc<[Label]>, text: String) -> u32 {
+        if let Some(set) = self.by_text.get(text.as_str()) {
+            self.sets[*set as usize].uses += 1;
+            return *set;
+        }
+        let text: Arc<str> = text.into();
+        let set = self.sets.len() as u32;
+        self.sets.push(LabelSet {
+            text: text.clone(),
+            labels: labels.clone(),
+            uses: 1,
+            id: 0,
+        });
+        self.by_text.insert(text, set);
+        set
+    }
+
+    fn live_sets(&self) -> usize {
+        self.sets.iter().filter(|s| s.uses > 0).count()
+    }
+
+    /// Number the label sets in use (`identity`'s numbering depends on all
+    /// of them), and every slot's identity.
+    fn number(&mut self) {
+        let ids = identity::allocate_workload_texts(
+            self.sets.iter().filter(|s| s.uses > 0).map(|s| &*s.text),
+        );
+        for s in &mut self.sets {
+            s.id = if s.uses > 0 { ids[&*s.text] } else { 0 };
+        }
+        self.ids = self.slot_ids();
+    }
+
+    fn slot_ids(&self) -> Vec<Identity> {
+        self.text_of
+            .iter()
+            .zip(&self.eps)
+            .map(|(set, (_, _, this_node, _))| match *set {
+                NO_TEXT if *this_node => identity::HOST,
+                NO_TEXT => identity::REMOTE_NODE,
+                set => self.sets[set as usize].id,
+            })
+            .collect()
+    }
+
+    /// What a fresh [`RegistryPart::of`] would hold, compared (for tests).
+    #[cfg(test)]
+    fn same_as(&self, other: &RegistryPart) -> bool {
+        self.node_name == other.node_name
+            && self.ids == other.ids
+            && self.eps.len() == other.eps.len()
+            && self
+                .eps
+                .iter()
+                .zip(&other.eps)
+                .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::build;
+    use crate::api::model::Interface;
+
+    fn endpoint(k: u64, app: u64, ns: u64, host: bool, node: u64) -> EndpointDef {
+        let ns = ["default", "prod"][ns as usize % 2];
+        let name = format!("e{k}");
+        let kind = if host { "HostEndpoint" } else { "Endpoint" };
+        let origin = build::origin(kind, (!host).then_some(ns), &name);
+        EndpointDef {
+            kind: if host {
+                EndpointKind::Host
+            } else {
+                EndpointKind::Workload
+            },
+            name: origin.name.clone(),
+            namespace: origin.namespace.clone(),
+            origin,
+            labels: vec![build::k8s("app", &format!("a{app}"))],
+            // This host (no node, or its name), or another.
+            node: [None, Some("host-a"), Some("host-b")][node as usize % 3].map(Into::into),
+            interface: node
+                .is_multiple_of(2)
+                .then(|| Interface::Name(format!("veth{k}"))),
+            addresses: vec![format!("10.0.0.{}", k + 1).parse().unwrap()],
+            ports: Vec::new(),
+            audit: false,
+        }
+    }
+
+    /// Over random sequences of registry changes (endpoints added, relabelled
+    /// to new and to existing label sets, moved, removed, reordered, and a
+    /// Namespace document's labels changed), the share computed from the last
+    /// one is the share computed from nothing.
+    #[test]
+    fn an_updated_share_is_the_share_from_nothing() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..60 {
+            let mut eps: Vec<Option<Arc<EndpointDef>>> = vec![None; 24];
+            let mut reg = RegistrySet::default();
+            let mut part: Option<RegistryPart> = None;
+            for step in 0..40 {
+                let k = rand(24);
+                match rand(10) {
+                    0..=5 => {
+                        let e = endpoint(k, rand(6), rand(2), rand(8) == 0, rand(3));
+                        eps[k as usize] = Some(Arc::new(e));
+                    }
+                    6 | 7 => eps[k as usize] = None,
+                    8 => eps.rotate_left(rand(24) as usize),
+                    _ => {
+                        reg.namespaces = match rand(2) {
+                            0 => Vec::new(),
+                            _ => vec![NamespaceDef {
+                                origin: build::origin("Namespace", None, "prod"),
+                                name: "prod".into(),
+                                labels: vec![build::k8s("team", &format!("t{}", rand(2)))],
+                            }],
+                        }
+                    }
+                }
+                reg.endpoints = eps.iter().flatten().cloned().collect();
+                let next = match part.take() {
+                    Some(p) => p.update(&reg, "host-a"),
+                    None => RegistryPart::of(&reg, "host-a"),
+                };
+                let fresh = RegistryPart::of(&reg, "host-a");
+                assert!(
+                    next.same_as(&fresh),
+                    "step {step}:\nupdated {:?}\nfresh {:?}",
+                    (&next.eps, &next.ids),
+                    (&fresh.eps, &fresh.ids)
+                );
+                part = Some(next);
+            }
+        }
+    }
+}
