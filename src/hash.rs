@@ -7,7 +7,7 @@ use std::collections::HashMap;
 /// addresses, identities and rule lists from the inputs; none is iterated for
 /// output). The multiply-rotate scheme of rustc's FxHasher.
 #[derive(Default, Clone, Copy)]
-pub(crate) struct FastHasher(pub(crate) u64);
+pub struct FastHasher(pub(crate) u64);
 
 impl std::hash::Hasher for FastHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -50,12 +50,12 @@ impl std::hash::Hasher for FastHasher {
 
 impl FastHasher {
     #[inline]
-    pub(crate) fn add(&mut self, w: u64) {
+    pub fn add(&mut self, w: u64) {
         self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
 
-pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ pub mod datapath;
 pub mod dns;
 pub mod error;
 pub mod fleet;
-pub(crate) mod hash;
+pub mod hash;
 pub mod logging;
 pub mod pipeline;
 pub mod policy;

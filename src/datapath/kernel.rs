@@ -1543,7 +1543,7 @@ fn dump_table<const K: usize, const V: usize>(
     map: &MapHandle,
     what: &'static str,
 ) -> Result<Table<K, V>, DatapathError> {
-    let mut out = Table::<K, V>::new();
+    let mut out = Table::<K, V>::default();
     for k in map.keys() {
         let (Ok(key), Some(v)) = (
             <[u8; K]>::try_from(k.as_slice()),
