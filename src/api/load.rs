@@ -985,61 +985,58 @@ pub fn check_registry(parsed: &mut Parsed) {
         }
     }
     // Addresses: an address identifies one endpoint. A HostEndpoint may share
-    // its address with the Node entry of its own host.
+    // its address with the Node entry of its own host. Endpoints first, then
+    // Nodes; a claim is kept as where to find it (a fleet registry has
+    // 200,000 addresses, so the map stays small).
+    #[derive(Clone, Copy)]
+    enum Claimant {
+        Endpoint(u32),
+        Node(u32),
+    }
     struct Claim<'a> {
         site: At<'a>,
         pos: Pos,
         host_of: Option<Option<&'a str>>, // Some(node) for HostEndpoints
         node_name: Option<&'a str>,       // Some(name) for Nodes
     }
-    let mut claims: FastMap<IpAddr, Claim<'_>> = FastMap::default();
+    let claim_of = |c: Claimant, i: usize| -> Claim<'_> {
+        let (origin, site, host_of, node_name) = match c {
+            Claimant::Endpoint(k) => {
+                let (e, site) = &parsed.endpoints[k as usize];
+                let host_of = (e.kind == EndpointKind::Host).then_some(e.node.as_deref());
+                (&e.origin, &**site, host_of, None)
+            }
+            Claimant::Node(k) => {
+                let (n, site) = &parsed.nodes[k as usize];
+                (&n.origin, site, None, Some(n.name.as_str()))
+            }
+        };
+        Claim {
+            site: At { origin, site },
+            pos: site.addr_pos.get(i).copied().unwrap_or(site.name_pos),
+            host_of,
+            node_name,
+        }
+    };
+    let mut claims: FastMap<IpAddr, (Claimant, u32)> = FastMap::default();
     claims.reserve(parsed.endpoints.len());
-    let mut entries: Vec<(IpAddr, Claim<'_>, usize)> = Vec::with_capacity(parsed.endpoints.len());
-    for (e, site) in &parsed.endpoints {
-        let host_of = (e.kind == EndpointKind::Host).then_some(e.node.as_deref());
-        for (i, a) in e.addresses.iter().enumerate() {
-            let pos = site.addr_pos.get(i).copied().unwrap_or(site.name_pos);
-            entries.push((
-                *a,
-                Claim {
-                    site: At {
-                        origin: &e.origin,
-                        site,
-                    },
-                    pos,
-                    host_of,
-                    node_name: None,
-                },
-                i,
-            ));
-        }
-    }
-    for (n, site) in &parsed.nodes {
-        for (i, a) in n.addresses.iter().enumerate() {
-            let pos = site.addr_pos.get(i).copied().unwrap_or(site.name_pos);
-            entries.push((
-                *a,
-                Claim {
-                    site: At {
-                        origin: &n.origin,
-                        site,
-                    },
-                    pos,
-                    host_of: None,
-                    node_name: Some(&n.name),
-                },
-                i,
-            ));
-        }
-    }
-    for (addr, claim, i) in entries {
-        if let Some(first) = claims.get(&addr) {
+    let endpoint_addrs = (parsed.endpoints.iter().enumerate())
+        .map(|(k, (e, _))| (Claimant::Endpoint(k as u32), &e.addresses));
+    let node_addrs = (parsed.nodes.iter().enumerate())
+        .map(|(k, (n, _))| (Claimant::Node(k as u32), &n.addresses));
+    for (who, addrs) in endpoint_addrs.chain(node_addrs) {
+        for (i, addr) in addrs.iter().enumerate() {
+            let Some(&(first_who, first_i)) = claims.get(addr) else {
+                claims.insert(*addr, (who, i as u32));
+                continue;
+            };
+            let (first, claim) = (claim_of(first_who, first_i as usize), claim_of(who, i));
             let shared_ok = |h: &Claim<'_>, n: &Claim<'_>| match (h.host_of, n.node_name) {
                 (Some(None), Some(_)) => true,
                 (Some(Some(hn)), Some(nn)) => hn == nn,
                 _ => false,
             };
-            if shared_ok(first, &claim) || shared_ok(&claim, first) {
+            if shared_ok(&first, &claim) || shared_ok(&claim, &first) {
                 continue;
             }
             problems.push(claim.site.problem(
@@ -1051,8 +1048,6 @@ pub fn check_registry(parsed: &mut Parsed) {
                     first.site.at(first.pos)
                 ),
             ));
-        } else {
-            claims.insert(addr, claim);
         }
     }
     // Interfaces: one enforcement point per (node, interface).
