@@ -40,6 +40,7 @@ struct Args {
 }
 
 fn main() {
+    daemon::fix_allocator_thresholds();
     let args = Args::parse();
     // Everything netpold creates (socket, saved copies) starts private; the socket is
     // opened to socket_group explicitly.

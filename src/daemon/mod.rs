@@ -154,6 +154,23 @@ impl Touched {
     }
 }
 
+/// Fix glibc's allocation thresholds at their defaults (128 KiB) before the
+/// first allocation of note. Left dynamic, freeing the first large buffer
+/// (a file's text) raises the mmap threshold to its size and the trim
+/// threshold to twice that, so later scratch of a few MiB is carved from a
+/// thread's arena, and an arena's free top is given back only above that
+/// threshold: measured at 10k x 10k, 35 MiB of free memory stayed resident
+/// in one arena (93 MiB RSS instead of 61) whenever a reconcile ran beside
+/// the first save. Fixed, large buffers are mapped and unmapped whole.
+pub fn fix_allocator_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it takes no pointer.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Run the daemon until `shutdown` resolves. Enforcement stays in place afterwards.
 pub async fn run_with<D: Datapath, L: Links>(
     config: Config,
