@@ -159,9 +159,11 @@ impl Touched {
 /// (a file's text) raises the mmap threshold to its size and the trim
 /// threshold to twice that, so later scratch of a few MiB is carved from a
 /// thread's arena, and an arena's free top is given back only above that
-/// threshold: measured at 10k x 10k, 35 MiB of free memory stayed resident
-/// in one arena (93 MiB RSS instead of 61) whenever a reconcile ran beside
-/// the first save. Fixed, large buffers are mapped and unmapped whole.
+/// threshold. By hand at 10k x 10k with the probe servers beside it, one run
+/// without this kept 35 MiB of free memory resident in one arena (93 MiB
+/// RSS, 47 MiB in use) and the runs with it settled at 61-62 MiB; the
+/// bench's own read of the same case still gave 92 MiB, so this is not the
+/// whole story (docs/benchmarks.md).
 pub fn fix_allocator_thresholds() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it takes no pointer.
