@@ -17,7 +17,7 @@ use crate::policy::labels;
 use crate::policy::registry::{self, ResolvedEndpoint};
 use crate::policy::types::Identity;
 
-/// `text_of` for a host endpoint (its identity is host or remote-node).
+/// `Slot::set` of a host endpoint (its identity is host or remote-node).
 const NO_TEXT: u32 = u32::MAX;
 
 /// One identity label set of the workloads: its canonical text, its labels
@@ -31,6 +31,20 @@ struct LabelSet {
     id: Identity,
 }
 
+/// One slot: a registry endpoint resolved for this node.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// Where it is in `registry.endpoints`.
+    index: usize,
+    /// Held, so that its address names it.
+    def: Arc<EndpointDef>,
+    labels: Arc<[Label]>,
+    this_node: bool,
+    local: bool,
+    /// Its workload label set (index in `sets`), or [`NO_TEXT`].
+    set: u32,
+}
+
 #[derive(Debug)]
 pub(super) struct RegistryPart {
     /// What the [`Compiler`](super::Compiler) knows the registry by (0 when
@@ -38,13 +52,9 @@ pub(super) struct RegistryPart {
     /// would double the memory a fleet registry takes.
     pub(super) registry: u128,
     pub(super) node_name: String,
-    /// (index in `registry.endpoints`, labels, this node, local) in slot order.
-    eps: Vec<(usize, Arc<[Label]>, bool, bool)>,
+    /// In slot order.
+    slots: Vec<Slot>,
     ids: Vec<Identity>,
-    /// The endpoints in slot order: held, so that their addresses name them.
-    defs: Vec<Arc<EndpointDef>>,
-    /// Per slot: its workload label set (index in `sets`), or [`NO_TEXT`].
-    text_of: Vec<u32>,
     sets: Vec<LabelSet>,
     by_text: FastMap<Arc<str>, u32>,
     /// The Namespace documents the labels were resolved with.
@@ -62,10 +72,8 @@ impl RegistryPart {
         let mut part = RegistryPart {
             registry: 0,
             node_name: node_name.to_string(),
-            eps: Vec::with_capacity(resolved.len()),
+            slots: Vec::with_capacity(resolved.len()),
             ids: Vec::new(),
-            defs: Vec::with_capacity(resolved.len()),
-            text_of: Vec::with_capacity(resolved.len()),
             sets: Vec::new(),
             by_text: FastMap::default(),
             namespaces: registry.namespaces.clone(),
@@ -92,15 +100,19 @@ impl RegistryPart {
                 }
                 EndpointKind::Host => NO_TEXT,
             };
-            part.text_of.push(set);
-            part.eps
-                .push((r.index, r.labels.clone(), r.this_node, r.local));
-            part.defs.push(registry.endpoints[r.index].clone());
+            part.slots.push(Slot {
+                index: r.index,
+                def: registry.endpoints[r.index].clone(),
+                labels: r.labels.clone(),
+                this_node: r.this_node,
+                local: r.local,
+                set,
+            });
         }
         part.strict = part
-            .defs
+            .slots
             .windows(2)
-            .all(|w| registry::slot_key(&w[0]) < registry::slot_key(&w[1]));
+            .all(|w| registry::slot_key(&w[0].def) < registry::slot_key(&w[1].def));
         part.number();
         part
     }
@@ -116,14 +128,15 @@ impl RegistryPart {
             return RegistryPart::of(registry, node_name);
         }
         let mut old = self;
+        // The last slots, apart: the label sets are updated beside them.
+        let old_slots = std::mem::take(&mut old.slots);
         // Which endpoints are still there (by address), and where.
-        let slot_of: FastMap<usize, u32> = old
-            .defs
+        let slot_of: FastMap<usize, u32> = old_slots
             .iter()
             .enumerate()
-            .map(|(slot, d)| (Arc::as_ptr(d) as usize, slot as u32))
+            .map(|(slot, s)| (Arc::as_ptr(&s.def) as usize, slot as u32))
             .collect();
-        let mut index_now = vec![usize::MAX; old.defs.len()];
+        let mut index_now = vec![usize::MAX; old_slots.len()];
         let mut added: Vec<usize> = Vec::new();
         for (i, e) in registry.endpoints.iter().enumerate() {
             match slot_of.get(&(Arc::as_ptr(e) as usize)) {
@@ -136,8 +149,8 @@ impl RegistryPart {
         drop(slot_of);
         let mut sets_changed = false;
         for (slot, i) in index_now.iter().enumerate() {
-            if *i == usize::MAX && old.text_of[slot] != NO_TEXT {
-                let set = &mut old.sets[old.text_of[slot] as usize];
+            if *i == usize::MAX && old_slots[slot].set != NO_TEXT {
+                let set = &mut old.sets[old_slots[slot].set as usize];
                 set.uses -= 1;
                 sets_changed |= set.uses == 0;
             }
@@ -159,40 +172,27 @@ impl RegistryPart {
         {
             return RegistryPart::of(registry, node_name);
         }
-        let mut eps = Vec::with_capacity(registry.endpoints.len());
-        let mut defs = Vec::with_capacity(registry.endpoints.len());
-        let mut text_of = Vec::with_capacity(registry.endpoints.len());
-        let kept: Vec<u32> = (0..old.defs.len() as u32)
+        let mut slots: Vec<Slot> = Vec::with_capacity(registry.endpoints.len());
+        let kept: Vec<u32> = (0..old_slots.len() as u32)
             .filter(|s| index_now[*s as usize] != usize::MAX)
             .collect();
-        let mut next = 0;
-        let keep = |from: usize,
-                    to: usize,
-                    eps: &mut Vec<(usize, Arc<[Label]>, bool, bool)>,
-                    defs: &mut Vec<Arc<EndpointDef>>,
-                    text_of: &mut Vec<u32>,
-                    old: &RegistryPart| {
-            for &slot in &kept[from..to] {
-                let s = slot as usize;
-                let (_, labels, this_node, local) = &old.eps[s];
-                eps.push((index_now[s], labels.clone(), *this_node, *local));
-                defs.push(old.defs[s].clone());
-                text_of.push(old.text_of[s]);
-            }
+        // The kept slots `kept[from..to]`, at their index in `registry`.
+        let keep = |from: usize, to: usize, slots: &mut Vec<Slot>| {
+            slots.extend(kept[from..to].iter().map(|&s| Slot {
+                index: index_now[s as usize],
+                ..old_slots[s as usize].clone()
+            }));
         };
+        let key_of = |s: &u32| registry::slot_key(&old_slots[*s as usize].def);
+        let mut next = 0;
         for (index, def) in new {
             let key = registry::slot_key(def);
-            let at = next
-                + kept[next..]
-                    .partition_point(|s| registry::slot_key(&old.defs[*s as usize]) < key);
-            if kept
-                .get(at)
-                .is_some_and(|s| registry::slot_key(&old.defs[*s as usize]) == key)
-            {
+            let at = next + kept[next..].partition_point(|s| key_of(s) < key);
+            if kept.get(at).is_some_and(|s| key_of(s) == key) {
                 // Equal keys are ordered by registry order: from nothing.
                 return RegistryPart::of(registry, node_name);
             }
-            keep(next, at, &mut eps, &mut defs, &mut text_of, &old);
+            keep(next, at, &mut slots);
             next = at;
             let (this_node, local) = registry::placement(def, node_name);
             let resolved = registry::endpoint_labels(def, &namespaces);
@@ -216,14 +216,17 @@ impl RegistryPart {
                 }
                 EndpointKind::Host => (resolved.into(), NO_TEXT),
             };
-            eps.push((index, labels, this_node, local));
-            defs.push(registry.endpoints[index].clone());
-            text_of.push(set);
+            slots.push(Slot {
+                index,
+                def: registry.endpoints[index].clone(),
+                labels,
+                this_node,
+                local,
+                set,
+            });
         }
-        keep(next, kept.len(), &mut eps, &mut defs, &mut text_of, &old);
-        old.eps = eps;
-        old.defs = defs;
-        old.text_of = text_of;
+        keep(next, kept.len(), &mut slots);
+        old.slots = slots;
         if sets_changed {
             old.number();
         } else {
@@ -238,14 +241,14 @@ impl RegistryPart {
         registry: &'a RegistrySet,
     ) -> (Vec<ResolvedEndpoint<'a>>, Vec<Identity>) {
         let resolved = self
-            .eps
+            .slots
             .iter()
-            .map(|(index, labels, this_node, local)| ResolvedEndpoint {
-                def: &registry.endpoints[*index],
-                index: *index,
-                labels: labels.clone(),
-                this_node: *this_node,
-                local: *local,
+            .map(|s| ResolvedEndpoint {
+                def: &registry.endpoints[s.index],
+                index: s.index,
+                labels: s.labels.clone(),
+                this_node: s.this_node,
+                local: s.local,
             })
             .collect();
         (resolved, self.ids.clone())
@@ -286,11 +289,10 @@ impl RegistryPart {
     }
 
     fn slot_ids(&self) -> Vec<Identity> {
-        self.text_of
+        self.slots
             .iter()
-            .zip(&self.eps)
-            .map(|(set, (_, _, this_node, _))| match *set {
-                NO_TEXT if *this_node => identity::HOST,
+            .map(|s| match s.set {
+                NO_TEXT if s.this_node => identity::HOST,
                 NO_TEXT => identity::REMOTE_NODE,
                 set => self.sets[set as usize].id,
             })
@@ -302,12 +304,13 @@ impl RegistryPart {
     fn same_as(&self, other: &RegistryPart) -> bool {
         self.node_name == other.node_name
             && self.ids == other.ids
-            && self.eps.len() == other.eps.len()
-            && self
-                .eps
-                .iter()
-                .zip(&other.eps)
-                .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3)
+            && self.slots.len() == other.slots.len()
+            && self.slots.iter().zip(&other.slots).all(|(a, b)| {
+                a.index == b.index
+                    && a.labels == b.labels
+                    && a.this_node == b.this_node
+                    && a.local == b.local
+            })
     }
 }
 
@@ -389,8 +392,8 @@ mod tests {
                 assert!(
                     next.same_as(&fresh),
                     "step {step}:\nupdated {:?}\nfresh {:?}",
-                    (&next.eps, &next.ids),
-                    (&fresh.eps, &fresh.ids)
+                    (&next.slots, &next.ids),
+                    (&fresh.slots, &fresh.ids)
                 );
                 part = Some(next);
             }
