@@ -168,6 +168,13 @@ pub struct LoadCache {
     /// file had before it was read: a load uses one for a file whose identity
     /// it lists the same, as if it had read the file itself.
     prefetched: HashMap<PathBuf, (Option<FileId>, Read)>,
+    /// The keys of the last registry load when it was valid and looked only
+    /// at the touched files (built by the first such load): the next one
+    /// checks its files against it, not the whole registry again.
+    registry_index: Option<load::RegistryIndex>,
+    /// The last load given the touched files checked the whole set (no
+    /// index, or a key it added was held): for the tests.
+    checked_whole: bool,
 }
 
 impl Default for LoadCache {
@@ -191,6 +198,8 @@ impl LoadCache {
             settled,
             opts: None,
             prefetched: HashMap::new(),
+            registry_index: None,
+            checked_whole: false,
         }
     }
 
@@ -342,12 +351,28 @@ impl LoadCache {
             return Some(None);
         }
         let mut listed = self.listed[kind].take().expect("checked above");
+        // The registry's keys less those of the files read again or gone:
+        // each such file's kept parse is what the keys hold of it (one
+        // without is a file whose keys cannot be taken out: no index).
+        let mut index = match want {
+            FileKind::Registry => self.registry_index.take(),
+            FileKind::Policy => None,
+        };
+        let unkeyed = |index: &mut Option<load::RegistryIndex>, piece: Option<&Piece>| match (
+            index.as_mut(),
+            piece,
+        ) {
+            (Some(ix), Some(piece)) => ix.remove(&piece.parsed),
+            _ => *index = None,
+        };
+        let mut new_files: HashSet<PathBuf> = HashSet::new();
         for (di, p) in mine {
             let list = &mut listed.files[di];
             match std::fs::symlink_metadata(p) {
                 Ok(m) => {
                     if let Err(i) = list.binary_search(p) {
                         list.insert(i, p.clone());
+                        new_files.insert(p.clone());
                     }
                     if m.file_type().is_symlink() {
                         listed.links.insert(p.clone());
@@ -358,17 +383,31 @@ impl LoadCache {
                 Err(_) => {
                     if let Ok(i) = list.binary_search(p) {
                         list.remove(i);
+                        let gone = self.files.remove(p);
+                        unkeyed(&mut index, gone.as_ref().map(|(_, piece)| piece));
                     }
                     listed.links.remove(p);
                     self.files.remove(p);
                 }
             }
         }
+        let reread = |f: &Path, files: &HashMap<PathBuf, (FileId, Piece)>| {
+            touched.contains(f) || listed.links.contains(f) || !files.contains_key(f)
+        };
+        if index.is_some() {
+            for f in listed.files.iter().flatten() {
+                if reread(f, &self.files) && !new_files.contains(f) {
+                    unkeyed(&mut index, self.files.get(f).map(|(_, piece)| piece));
+                }
+            }
+        }
         // Every listed file from its kept parse, except the touched ones and
-        // symlinks (read again) and any without one.
+        // symlinks (read again) and any without one; the keys of those read
+        // again added to the index (all of them new: nothing to check).
         let mut parsed = 0;
-        let out = load::assemble(&listed.listing(), want, |f, out| {
-            if !touched.contains(f) && !listed.links.contains(f) {
+        let mut fresh = true;
+        let mut out = load::assemble_files(&listed.listing(), |f, out| {
+            if !reread(f, &self.files) {
                 if let Some((_, piece)) = self.files.get(f) {
                     piece.append_to(out);
                     return;
@@ -376,9 +415,22 @@ impl LoadCache {
             }
             let id = FileId::of(f);
             let read = parse_piece(f, want, opts);
+            if let Some(ix) = index.as_mut() {
+                fresh &= ix.add(&read.0.parsed);
+            }
             keep_piece(&mut self.files, self.settled, f, id, read, out);
             parsed += 1;
         });
+        self.checked_whole = !(index.is_some() && fresh && out.problems.is_empty());
+        match index {
+            Some(ix) if fresh && out.problems.is_empty() => self.registry_index = Some(ix),
+            _ => {
+                load::check_set(want, &mut out);
+                if want == FileKind::Registry && out.problems.is_empty() {
+                    self.registry_index = Some(load::RegistryIndex::of(&out));
+                }
+            }
+        }
         self.last_parsed = parsed;
         // Symlinks are read again every time: without a change there is nothing to report.
         self.seen[kind] = None;
@@ -397,6 +449,9 @@ impl LoadCache {
         want: FileKind,
         opts: &LoadOptions,
     ) -> Parsed {
+        if want == FileKind::Registry {
+            self.registry_index = None;
+        }
         let mut parsed = 0;
         // Parses made ahead stand for files whose identity is the same now.
         let mut fresh: HashMap<PathBuf, Read> = HashMap::new();
@@ -710,6 +765,99 @@ mod tests {
         let r = c.policies_if_touched(d, None).unwrap();
         assert_eq!(r, crate::api::load_policy_dir(d));
         assert!(r.unwrap().policies.iter().any(|p| p.origin.name == "b2"));
+    }
+
+    /// Over random sequences of registry files written and removed (names,
+    /// addresses and interfaces that clash across files and within one,
+    /// HostEndpoints sharing their Node's address), a load given the touched
+    /// file answers as a full load from nothing, problems included, and most
+    /// valid ones check the touched file against the index of the others
+    /// instead of the whole set.
+    #[test]
+    fn a_registry_change_checked_against_the_index_answers_as_a_full_load() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut indexed, mut valid_changes) = (0, 0);
+        for _ in 0..40 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dirs = vec![tmp.path().join("a"), tmp.path().join("b")];
+            for d in &dirs {
+                std::fs::create_dir(d).unwrap();
+            }
+            let mut c = LoadCache::default();
+            let opts = LoadOptions {
+                strict_modes: false,
+            };
+            let full = |dirs: &[PathBuf]| crate::api::load_endpoint_dirs_with(dirs, &opts);
+            assert_eq!(
+                c.load_if_changed(&dirs, FileKind::Registry, &opts, None)
+                    .map(Parsed::into_registry_set),
+                Some(full(&dirs))
+            );
+            for step in 0..30 {
+                let f = dirs[rand(2) as usize].join(format!("f{}.yaml", rand(3)));
+                if rand(6) == 0 {
+                    let _ = std::fs::remove_file(&f);
+                } else {
+                    let mut docs = Vec::new();
+                    for _ in 0..rand(4) {
+                        let (n, a) = (rand(40), rand(60));
+                        docs.push(match rand(8) {
+                            0 => format!("kind: Node\nmetadata: {{name: node{}}}\nspec: {{addresses: [10.0.0.{a}]}}", n % 3),
+                            1 => format!("kind: HostEndpoint\nmetadata: {{name: h{n}}}\nspec: {{node: node{}, addresses: [10.0.0.{a}]}}", n % 3),
+                            _ => {
+                                let iface = match rand(3) {
+                                    0 => format!(", interface: veth{}", rand(6)),
+                                    _ => String::new(),
+                                };
+                                format!("kind: Endpoint\nmetadata: {{name: e{n}, labels: {{app: a{}}}}}\nspec: {{addresses: [10.0.0.{a}, 10.0.1.{}]{iface}}}", n % 3, rand(64))
+                            }
+                        });
+                    }
+                    let text: Vec<String> = docs
+                        .iter()
+                        .map(|d| format!("apiVersion: netpol/v1\n{d}\n"))
+                        .collect();
+                    std::fs::write(&f, text.join("---\n")).unwrap();
+                }
+                let had_index = c.registry_index.is_some();
+                let touched = BTreeSet::from([f.clone()]);
+                let got = c
+                    .load_if_changed(&dirs, FileKind::Registry, &opts, Some(&touched))
+                    .map(Parsed::into_registry_set);
+                let want = full(&dirs);
+                if let Some(got) = &got {
+                    assert_eq!(got, &want, "step {step}: {}", f.display());
+                    if got.is_ok() && had_index {
+                        valid_changes += 1;
+                        indexed += usize::from(!c.checked_whole);
+                    }
+                }
+                // An index is kept only for a valid registry, and a valid
+                // change over one keeps one.
+                if want.is_err() {
+                    assert!(
+                        c.registry_index.is_none(),
+                        "step {step}: an index of an invalid set"
+                    );
+                } else if had_index {
+                    assert!(c.registry_index.is_some(), "step {step}: the index dropped");
+                }
+            }
+        }
+        assert!(
+            valid_changes > 100,
+            "{valid_changes} valid changes over an index"
+        );
+        assert!(
+            indexed * 10 > valid_changes * 7,
+            "{indexed} of {valid_changes} checked against the index"
+        );
     }
 
     #[test]

@@ -1077,6 +1077,95 @@ pub fn check_registry(parsed: &mut Parsed) {
     parsed.problems.extend(problems);
 }
 
+/// The keys [`check_registry`] holds unique across a registry's files (names
+/// per kind and namespace, addresses, interfaces per node), kept between loads
+/// so that a change to a few files is checked against the others without
+/// looking at them: a load through the cache removes the changed files' old
+/// keys and adds their new ones. A key added that is already held (an address
+/// a HostEndpoint shares with its Node included) is not judged here: the load
+/// checks the whole set then, so what it reports is what a full check reports.
+#[derive(Debug, Default)]
+pub(crate) struct RegistryIndex {
+    names: FastMap<(Name, Option<Name>, Name), ()>,
+    /// How many claims each address has (two for a shared one).
+    addrs: FastMap<IpAddr, u32>,
+    ifaces: FastMap<(Option<Name>, String), ()>,
+}
+
+impl RegistryIndex {
+    /// The keys of a valid registry.
+    pub(crate) fn of(parsed: &Parsed) -> RegistryIndex {
+        let mut index = RegistryIndex::default();
+        index
+            .names
+            .reserve(parsed.endpoints.len() + parsed.nodes.len());
+        index.addrs.reserve(parsed.endpoints.len() * 2);
+        index.add(parsed);
+        index
+    }
+
+    fn origins(p: &Parsed) -> impl Iterator<Item = &Origin> {
+        let endpoints = p.endpoints.iter().map(|(e, _)| &e.origin);
+        let nodes = p.nodes.iter().map(|(n, _)| &n.origin);
+        endpoints
+            .chain(nodes)
+            .chain(p.namespaces.iter().map(|(n, _)| &n.origin))
+    }
+
+    fn addresses(p: &Parsed) -> impl Iterator<Item = &IpAddr> {
+        let endpoints = p.endpoints.iter().flat_map(|(e, _)| &e.addresses);
+        endpoints.chain(p.nodes.iter().flat_map(|(n, _)| &n.addresses))
+    }
+
+    fn interfaces(p: &Parsed) -> impl Iterator<Item = (&Option<Name>, &String)> {
+        p.endpoints.iter().filter_map(|(e, _)| match &e.interface {
+            Some(Interface::Name(name)) => Some((&e.node, name)),
+            _ => None,
+        })
+    }
+
+    /// Hold the keys of `p` (a file's parse) as well: `false` when one of
+    /// them was held already.
+    pub(crate) fn add(&mut self, p: &Parsed) -> bool {
+        let mut fresh = true;
+        for o in Self::origins(p) {
+            let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
+            fresh &= self.names.insert(key, ()).is_none();
+        }
+        for a in Self::addresses(p) {
+            let n = self.addrs.entry(*a).or_insert(0);
+            fresh &= *n == 0;
+            *n += 1;
+        }
+        for (node, name) in Self::interfaces(p) {
+            fresh &= self
+                .ifaces
+                .insert((node.clone(), name.clone()), ())
+                .is_none();
+        }
+        fresh
+    }
+
+    /// No longer hold the keys of `p` (a file's parse that was added).
+    pub(crate) fn remove(&mut self, p: &Parsed) {
+        for o in Self::origins(p) {
+            let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
+            self.names.remove(&key);
+        }
+        for a in Self::addresses(p) {
+            if let Some(n) = self.addrs.get_mut(a) {
+                *n -= 1;
+                if *n == 0 {
+                    self.addrs.remove(a);
+                }
+            }
+        }
+        for (node, name) in Self::interfaces(p) {
+            self.ifaces.remove(&(node.clone(), name.clone()));
+        }
+    }
+}
+
 /// 1-based line and column (in characters) of byte offset `at`, which must lie
 /// on a character boundary of valid UTF-8 up to it.
 fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
@@ -1467,6 +1556,24 @@ pub(crate) fn list_dirs(dirs: &[PathBuf], want: FileKind, opts: &LoadOptions) ->
 pub(crate) fn assemble(
     listing: &[DirListing],
     want: FileKind,
+    file: impl FnMut(&Path, &mut Parsed),
+) -> Parsed {
+    let mut out = assemble_files(listing, file);
+    check_set(want, &mut out);
+    out
+}
+
+/// The cross-file checks of a kind over an assembled set.
+pub(crate) fn check_set(want: FileKind, out: &mut Parsed) {
+    match want {
+        FileKind::Policy => check_policies(out),
+        FileKind::Registry => check_registry(out),
+    }
+}
+
+/// [`assemble`] without the cross-file checks (the caller makes them).
+pub(crate) fn assemble_files(
+    listing: &[DirListing],
     mut file: impl FnMut(&Path, &mut Parsed),
 ) -> Parsed {
     let mut out = Parsed::default();
@@ -1483,10 +1590,6 @@ pub(crate) fn assemble(
                 }
             }
         }
-    }
-    match want {
-        FileKind::Policy => check_policies(&mut out),
-        FileKind::Registry => check_registry(&mut out),
     }
     out
 }

@@ -354,7 +354,8 @@ impl<D: Datapath> Reconciler<D> {
                     "entries" => compiled.entries.len(), "problems" => self.problems.len(),
                     "load_ms" => ms(load), "files_parsed" => parsed, "compile_ms" => ms(compile), "apply_ms" => ms(apply), "attach_ms" => ms(attach),
                     "identities_changed" => kept.identities_changed, "subjects_selected" => kept.subjects_selected,
-                    "templates_built" => kept.templates_built, "templates_kept" => kept.templates_kept);
+                    "templates_built" => kept.templates_built, "templates_kept" => kept.templates_kept,
+                    "endpoints_resolved" => kept.endpoints_resolved);
                 for a in &attachments {
                     if let Some(ep) = compiled.endpoints.get(a.slot as usize) {
                         slog::debug!(self.out.log, "attached"; "endpoint" => display_name(ep.namespace.as_deref(), &ep.name),

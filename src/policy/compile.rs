@@ -344,7 +344,7 @@ fn within(net: &IpNet) -> std::ops::RangeInclusive<IpNet> {
 /// Selector evaluation over every identity, through an index of `(key,
 /// value)` → identities. Owns what it indexes, so a [`Compiler`] keeps it
 /// between compiles while the identities stay the same.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct SelectorIndex {
     /// (identity, labels), sorted by identity.
     ids: Vec<(Identity, Arc<[Label]>)>,
@@ -808,7 +808,9 @@ impl Compiler {
             self.kept = Some(part);
         }
         let part = self.kept.as_ref().expect("kept above");
-        compile_with(policies, registry, part, opts, &mut self.cache)
+        let result = compile_with(policies, registry, part, opts, &mut self.cache);
+        self.cache.stats.endpoints_resolved = if fresh { part.resolved_now } else { 0 };
+        result
     }
 
     /// What the last compile computed again and what it kept.
@@ -882,6 +884,10 @@ pub struct CompileStats {
     /// Group templates expanded, and those kept from an earlier compile.
     pub templates_built: usize,
     pub templates_kept: usize,
+    /// Registry endpoints resolved (labels, placement) for this compile: all
+    /// of them from nothing, the added ones when the last registry's share
+    /// was updated, none for the same registry.
+    pub endpoints_resolved: usize,
 }
 
 /// The subject selections of one policy's rules.
@@ -938,6 +944,14 @@ struct WorldKey {
     ipcache_limit: usize,
 }
 
+/// One claim on an ipcache prefix: (prefix, priority (highest first), order
+/// among equal claims, identity, endpoint slot). An endpoint's claims are
+/// ordered by (slot, address index): `(slot << 32) | index`.
+type Claim = (IpNet, std::cmp::Reverse<u8>, u64, Identity, Option<u32>);
+
+/// The priority of an endpoint's claim (the highest: see [`World::build`]).
+const ENDPOINT_CLAIM: u8 = 4;
+
 /// The identities and the ipcache of one registry, node and set of CIDR
 /// prefixes, with what peers are expanded through.
 #[derive(Debug)]
@@ -955,6 +969,11 @@ struct World {
     /// The identities each FQDN selector stands for (among `cidr_ids`).
     fqdn_ids: FqdnIds,
     identities: Vec<IdentityInfo>,
+    /// Every claim on a prefix, sorted: the first of each prefix is its
+    /// ipcache entry. Kept so that a registry change patches it.
+    claims: Vec<Claim>,
+    /// The Node entries' claims (priority 2), in registry order.
+    node_claims: Vec<(IpNet, Identity)>,
     ipcache: Vec<IpcacheEntry>,
     workload_ids: Vec<Identity>,
     /// (address, identity) of every workload endpoint, for ipBlock; sorted.
@@ -981,115 +1000,243 @@ impl World {
     }
 
     /// Build the world of `key`, numbered as `prev` where it gives the same
-    /// (and from `worlds` where not).
+    /// (and from `worlds` where not). Where `prev` was built over the share
+    /// `part` was updated from, with the same node, host addresses, CIDR
+    /// prefixes and Node entries, its ipcache claims and workload addresses
+    /// are patched with the endpoints the update removed and added (and its
+    /// identities kept when no label set appeared or went): what a build
+    /// from nothing gives, at the cost of the change.
+    #[allow(clippy::too_many_arguments)]
     fn build(
         key: WorldKey,
         prev: Option<&World>,
         worlds: &mut u64,
+        part: &RegistryPart,
         resolved: &[ResolvedEndpoint<'_>],
         ep_ids: &[Identity],
         registry: &RegistrySet,
         opts: &CompileOptions,
     ) -> World {
-        let mut cidr_ids = identity::allocate_cidrs(key.cidrs.iter().copied());
-        let fqdn_ids = fqdn::allocate(&mut cidr_ids, &key.learned);
-        // Every identity's labels, shared (not copied) into the output.
-        let mut id_labels: BTreeMap<Identity, Arc<[Label]>> = identity::RESERVED
-            .iter()
-            .map(|(id, n)| (*id, labels::reserved_labels(n).into()))
-            .collect();
-        let mut workload_ids: Vec<Identity> = Vec::new();
-        for (r, id) in resolved.iter().zip(ep_ids) {
-            if r.def.kind == EndpointKind::Workload && !id_labels.contains_key(id) {
-                id_labels.insert(*id, r.labels.clone());
-                workload_ids.push(*id);
-            }
-        }
-        workload_ids.sort_unstable();
-        for (n, id) in &cidr_ids {
-            id_labels.insert(*id, identity::cidr_labels(n).into());
-        }
-        let identities: Vec<IdentityInfo> = id_labels
-            .iter()
-            .map(|(id, ls)| IdentityInfo {
-                id: *id,
-                labels: ls.clone(),
-            })
-            .collect();
-        let index = Arc::new(SelectorIndex::new(id_labels.into_iter().collect()));
-
-        // --- ipcache: priority endpoint > host address > node > CIDR > /0.
-        // Every claim, then per prefix the one of highest priority (the first
-        // of those): a sort of one vector, not a tree of 200,000 nodes.
-        let n_claims = 2 + cidr_ids.len() + key.host_addresses.len() + resolved.len() * 2;
-        // (prefix, priority, claim number, identity, endpoint slot)
-        type Claim = (IpNet, std::cmp::Reverse<u8>, u32, Identity, Option<u32>);
-        let mut ipc: Vec<Claim> = Vec::with_capacity(n_claims);
-        let mut put = |net: IpNet, prio: u8, id: Identity, slot: Option<u32>| {
-            let seq = ipc.len() as u32;
-            ipc.push((net, std::cmp::Reverse(prio), seq, id, slot));
-        };
-        put(
-            "0.0.0.0/0".parse().expect("static prefix"),
-            0,
-            identity::WORLD_IPV4,
-            None,
-        );
-        put(
-            "::/0".parse().expect("static prefix"),
-            0,
-            identity::WORLD_IPV6,
-            None,
-        );
-        for (n, id) in &cidr_ids {
-            put(*n, 1, *id, None);
-        }
+        let mut node_claims = Vec::new();
         for node in &registry.nodes {
             let id = if !opts.node_name.is_empty() && node.name == opts.node_name {
                 identity::HOST
             } else {
                 identity::REMOTE_NODE
             };
-            for a in &node.addresses {
-                put(host_net(*a), 2, id, None);
-            }
+            node_claims.extend(node.addresses.iter().map(|a| (host_net(*a), id)));
         }
-        for a in &key.host_addresses {
-            put(host_net(*a), 3, identity::HOST, None);
-        }
-        for (slot, (r, id)) in resolved.iter().zip(ep_ids).enumerate() {
-            for a in &r.def.addresses {
-                put(host_net(*a), 4, *id, Some(slot as u32));
-            }
-        }
-        ipc.sort_unstable_by_key(|c| (c.0, c.1, c.2));
-        ipc.dedup_by_key(|c| c.0);
-        let ipcache: Vec<IpcacheEntry> = ipc
-            .into_iter()
-            .map(|(net, _, _, identity, endpoint)| IpcacheEntry {
-                net,
-                identity,
-                endpoint,
-            })
-            .collect();
+        let patch = part.delta.as_ref().and_then(|d| {
+            let p = prev?;
+            (p.key.registry != 0
+                && p.key.registry == d.from
+                && p.key.node_name == key.node_name
+                && p.key.host_addresses == key.host_addresses
+                && p.key.cidrs == key.cidrs
+                && p.key.learned == key.learned
+                && p.node_claims == node_claims
+                && p.claims.len() >= p.ipcache.len())
+            .then_some((p, d))
+        });
 
-        // --- peer lookup structures.
-        let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
-        let mut all_ports: Vec<NamedPort> = Vec::new();
-        let mut workload_addrs = Vec::new();
-        for (r, id) in resolved.iter().zip(ep_ids) {
-            if !r.def.ports.is_empty() {
-                ports_by_id
-                    .entry(*id)
-                    .or_default()
-                    .extend(r.def.ports.iter().cloned());
-                all_ports.extend(r.def.ports.iter().cloned());
+        // --- identities: the workloads' label sets, the reserved ones and
+        // the CIDR prefixes'.
+        let kept_ids = patch.filter(|(_, d)| d.same_sets).map(|(p, _)| p);
+        let (cidr_ids, fqdn_ids, identities, workload_ids) = match kept_ids {
+            Some(p) => (
+                p.cidr_ids.clone(),
+                p.fqdn_ids.clone(),
+                p.identities.clone(),
+                p.workload_ids.clone(),
+            ),
+            None => {
+                let mut cidr_ids = identity::allocate_cidrs(key.cidrs.iter().copied());
+                let fqdn_ids = fqdn::allocate(&mut cidr_ids, &key.learned);
+                // Every identity's labels, shared (not copied) into the output.
+                let mut id_labels: BTreeMap<Identity, Arc<[Label]>> = identity::RESERVED
+                    .iter()
+                    .map(|(id, n)| (*id, labels::reserved_labels(n).into()))
+                    .collect();
+                let mut workload_ids: Vec<Identity> = Vec::new();
+                for (id, ls) in part.workload_identities() {
+                    id_labels.insert(id, ls.clone());
+                    workload_ids.push(id);
+                }
+                workload_ids.sort_unstable();
+                for (n, id) in &cidr_ids {
+                    id_labels.insert(*id, identity::cidr_labels(n).into());
+                }
+                let identities: Vec<IdentityInfo> = id_labels
+                    .into_iter()
+                    .map(|(id, labels)| IdentityInfo { id, labels })
+                    .collect();
+                (cidr_ids, fqdn_ids, identities, workload_ids)
             }
-            if r.def.kind == EndpointKind::Workload {
-                workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
+        };
+
+        // --- ipcache: priority endpoint > host address > node > CIDR > /0.
+        // Every claim, then per prefix the one of highest priority (the first
+        // of those): a sort of one vector, not a tree of 200,000 nodes.
+        let endpoint_claims = |slot: u32, out: &mut Vec<Claim>| {
+            let r = &resolved[slot as usize];
+            for (i, a) in r.def.addresses.iter().enumerate() {
+                let order = (u64::from(slot) << 32) | i as u64;
+                let prio = std::cmp::Reverse(ENDPOINT_CLAIM);
+                out.push((host_net(*a), prio, order, ep_ids[slot as usize], Some(slot)));
+            }
+        };
+        let claims: Vec<Claim> = match patch {
+            Some((p, d)) => {
+                // The last claims less the removed endpoints', the kept ones
+                // at their slot now (in the same order: kept slots keep
+                // theirs), merged with the added endpoints' claims.
+                let mut added: Vec<Claim> = Vec::new();
+                for slot in &d.added {
+                    endpoint_claims(*slot, &mut added);
+                }
+                added.sort_unstable_by_key(|c| (c.0, c.1, c.2));
+                let kept = p.claims.iter().filter_map(|c| match c.4 {
+                    None => Some(*c),
+                    Some(old) => {
+                        let now = d.slot_now[old as usize];
+                        (now != part::Delta::GONE).then(|| {
+                            let order = (u64::from(now) << 32) | (c.2 & 0xffff_ffff);
+                            (c.0, c.1, order, ep_ids[now as usize], Some(now))
+                        })
+                    }
+                });
+                let mut out = Vec::with_capacity(p.claims.len() + added.len());
+                let mut added = added.into_iter().peekable();
+                for c in kept {
+                    while let Some(a) = added.next_if(|a| (a.0, a.1, a.2) < (c.0, c.1, c.2)) {
+                        out.push(a);
+                    }
+                    out.push(c);
+                }
+                out.extend(added);
+                out
+            }
+            None => {
+                let n_claims = 2
+                    + cidr_ids.len()
+                    + key.host_addresses.len()
+                    + node_claims.len()
+                    + resolved.len() * 2;
+                let mut ipc: Vec<Claim> = Vec::with_capacity(n_claims);
+                let mut put = |net: IpNet, prio: u8, id: Identity| {
+                    let seq = ipc.len() as u64;
+                    ipc.push((net, std::cmp::Reverse(prio), seq, id, None));
+                };
+                put(
+                    "0.0.0.0/0".parse().expect("static prefix"),
+                    0,
+                    identity::WORLD_IPV4,
+                );
+                put(
+                    "::/0".parse().expect("static prefix"),
+                    0,
+                    identity::WORLD_IPV6,
+                );
+                for (n, id) in &cidr_ids {
+                    put(*n, 1, *id);
+                }
+                for (net, id) in &node_claims {
+                    put(*net, 2, *id);
+                }
+                for a in &key.host_addresses {
+                    put(host_net(*a), 3, identity::HOST);
+                }
+                for slot in 0..resolved.len() as u32 {
+                    endpoint_claims(slot, &mut ipc);
+                }
+                ipc.sort_unstable_by_key(|c| (c.0, c.1, c.2));
+                ipc
+            }
+        };
+        let mut ipcache: Vec<IpcacheEntry> = Vec::with_capacity(claims.len());
+        for &(net, _, _, identity, endpoint) in &claims {
+            if ipcache.last().is_none_or(|e| e.net != net) {
+                ipcache.push(IpcacheEntry {
+                    net,
+                    identity,
+                    endpoint,
+                });
             }
         }
-        workload_addrs.sort_unstable();
+
+        // --- peer lookup structures: the named ports are the last world's
+        // when the identities are and no endpoint with ports came or went
+        // (the kept ones keep their order).
+        let (ports_by_id, all_ports) = match kept_ids.zip(patch) {
+            Some((p, (_, d))) if d.same_ports => (p.ports_by_id.clone(), p.all_ports.clone()),
+            _ => {
+                let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
+                let mut all_ports: Vec<NamedPort> = Vec::new();
+                for (r, id) in resolved.iter().zip(ep_ids) {
+                    if !r.def.ports.is_empty() {
+                        ports_by_id
+                            .entry(*id)
+                            .or_default()
+                            .extend(r.def.ports.iter().cloned());
+                        all_ports.extend(r.def.ports.iter().cloned());
+                    }
+                }
+                (ports_by_id, all_ports)
+            }
+        };
+        let workload_addrs = match kept_ids.zip(patch) {
+            // The identities are the last world's, so are the kept
+            // endpoints': the removed endpoints' addresses out (their claims
+            // name them), the added ones' in.
+            Some((p, (_, d))) => {
+                let is_wl =
+                    |id: &Identity| (identity::WORKLOAD_MIN..identity::WORKLOAD_END).contains(id);
+                let mut gone: Vec<(IpAddr, Identity)> = p
+                    .claims
+                    .iter()
+                    .filter(|c| {
+                        c.4.is_some_and(|s| d.slot_now[s as usize] == part::Delta::GONE)
+                    })
+                    .filter(|c| is_wl(&c.3))
+                    .map(|c| (c.0.addr(), c.3))
+                    .collect();
+                gone.sort_unstable();
+                let mut new: Vec<(IpAddr, Identity)> = Vec::new();
+                for slot in &d.added {
+                    let r = &resolved[*slot as usize];
+                    if r.def.kind == EndpointKind::Workload {
+                        let id = ep_ids[*slot as usize];
+                        new.extend(r.def.addresses.iter().map(|a| (*a, id)));
+                    }
+                }
+                new.sort_unstable();
+                let mut gone = gone.into_iter().peekable();
+                let mut new = new.into_iter().peekable();
+                let mut out = Vec::with_capacity(p.workload_addrs.len() + new.len());
+                for w in &p.workload_addrs {
+                    while gone.next_if(|g| g < w).is_some() {}
+                    if gone.next_if_eq(w).is_some() {
+                        continue;
+                    }
+                    while let Some(n) = new.next_if(|n| n < w) {
+                        out.push(n);
+                    }
+                    out.push(*w);
+                }
+                out.extend(new);
+                out
+            }
+            None => {
+                let mut workload_addrs = Vec::new();
+                for (r, id) in resolved.iter().zip(ep_ids) {
+                    if r.def.kind == EndpointKind::Workload {
+                        workload_addrs.extend(r.def.addresses.iter().map(|a| (*a, *id)));
+                    }
+                }
+                workload_addrs.sort_unstable();
+                workload_addrs
+            }
+        };
         let mut w = World {
             key,
             version: 0,
@@ -1097,12 +1244,14 @@ impl World {
             cidr_ids,
             fqdn_ids,
             identities,
+            claims,
+            node_claims,
             ipcache,
             workload_ids,
             workload_addrs,
             ports_by_id,
             all_ports,
-            index,
+            index: Arc::new(SelectorIndex::default()),
         };
         let mut next = || {
             *worlds += 1;
@@ -1114,7 +1263,11 @@ impl World {
                 // The old index selects as a new one would, and is shared.
                 w.index = p.index.clone();
             }
-            _ => w.version = next(),
+            _ => {
+                w.version = next();
+                let ids = w.identities.iter().map(|i| (i.id, i.labels.clone()));
+                w.index = Arc::new(SelectorIndex::new(ids.collect()));
+            }
         }
         w.addrs_version = match prev {
             Some(p) if p.workload_addrs == w.workload_addrs => p.addrs_version,
@@ -1258,6 +1411,7 @@ fn compile_with(
             key,
             world.as_ref(),
             worlds,
+            part,
             &resolved,
             &ep_ids,
             registry,
@@ -2371,6 +2525,7 @@ spec:
         let first = c.stats();
         assert!(first.world_built && first.identities_changed);
         assert_eq!((first.subjects_selected, first.templates_built), (2, 2));
+        assert_eq!(first.endpoints_resolved, r.endpoints.len());
 
         // api.yaml edited (another port): its rule is selected again and the
         // api endpoints' template expanded again; web's is kept (web-1's and
@@ -2384,6 +2539,7 @@ spec:
         assert_eq!(got, try_compile(&changed, &r, &opts));
         let s = c.stats();
         assert!(!s.world_built);
+        assert_eq!(s.endpoints_resolved, 0, "the same registry");
         assert_eq!(
             (s.subjects_selected, s.templates_built, s.templates_kept),
             (1, 1, 1)
@@ -2403,6 +2559,8 @@ spec:
         let s = c.stats();
         assert!(s.world_built && !s.identities_changed);
         assert_eq!((s.subjects_selected, s.templates_built), (0, 0));
+        // Only the replaced endpoint is resolved again; the others are kept.
+        assert_eq!(s.endpoints_resolved, 1);
         assert!(got
             .unwrap()
             .ipcache

@@ -2386,6 +2386,7 @@ mod incremental {
             let mut opts = CompileOptions { node_name: "host-a".into(), ..Default::default() };
             let mut compiler = Compiler::new();
             let mut learned: std::collections::BTreeSet<(usize, usize)> = Default::default();
+            let mut last_registry: Option<RegistrySet> = None;
             for (step, change) in std::iter::once(None).chain(changes.iter().map(Some)).enumerate() {
                 match change {
                     None => {}
@@ -2430,6 +2431,23 @@ mod incremental {
                     incremental.as_ref().map(|c| c.dump()).unwrap_or_else(|e| e.to_string()),
                     full.as_ref().map(|c| c.dump()).unwrap_or_else(|e| e.to_string()),
                 );
+                // Only the endpoints new since the registry last changed are
+                // resolved (the others are known by their address and
+                // reused); an equal registry resolves none.
+                let resolved = compiler.stats().endpoints_resolved;
+                let expected = match &last_registry {
+                    Some(last) if *last == reg => 0,
+                    Some(last) => reg
+                        .endpoints
+                        .iter()
+                        .filter(|e| !last.endpoints.iter().any(|l| Arc::ptr_eq(e, l)))
+                        .count(),
+                    None => reg.endpoints.len(),
+                };
+                prop_assert_eq!(resolved, expected, "step {} ({:?}): endpoints resolved", step, change);
+                if last_registry.as_ref() != Some(&reg) {
+                    last_registry = Some(reg.clone());
+                }
             }
         }
     }

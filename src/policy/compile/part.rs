@@ -63,6 +63,36 @@ pub(super) struct RegistryPart {
     /// so the order does not depend on registry order (which an update does
     /// not follow).
     strict: bool,
+    /// How many endpoints computing this share resolved (every one from
+    /// nothing, the added ones in an update).
+    pub(super) resolved_now: usize,
+    /// How this share differs from the one it was updated from (`None`:
+    /// computed from nothing).
+    pub(super) delta: Option<Delta>,
+}
+
+/// What an update changed: which slots of the last share are still there
+/// and where, which are new, and whether the identities stayed. What is
+/// built over the last share (the ipcache, the addresses ipBlock peers
+/// match) is patched from it instead of built again.
+#[derive(Debug)]
+pub(super) struct Delta {
+    /// [`RegistryPart::registry`] of the share this one was updated from.
+    pub(super) from: u128,
+    /// Per slot of that share: its slot in this one, or [`Delta::GONE`].
+    pub(super) slot_now: Vec<u32>,
+    /// The slots of this share whose endpoints are new (resolved by the
+    /// update), ascending.
+    pub(super) added: Vec<u32>,
+    /// No workload label set appeared or went: every identity, its number
+    /// and its labels, is that of the last share.
+    pub(super) same_sets: bool,
+    /// No endpoint removed or added declares a named port.
+    pub(super) same_ports: bool,
+}
+
+impl Delta {
+    pub(super) const GONE: u32 = u32::MAX;
 }
 
 impl RegistryPart {
@@ -78,6 +108,8 @@ impl RegistryPart {
             by_text: FastMap::default(),
             namespaces: registry.namespaces.clone(),
             strict: true,
+            resolved_now: resolved.len(),
+            delta: None,
         };
         // Each workload label set's canonical text, computed once per shared
         // copy (`resolve` gives endpoints with one label set one copy).
@@ -147,12 +179,17 @@ impl RegistryPart {
             }
         }
         drop(slot_of);
+        // A label set appears or goes when it is in use after the update
+        // and was not before, or the other way round (a set emptied by the
+        // removals and used again by the additions is the same set): each
+        // set the update touches, and whether it was in use.
         let mut sets_changed = false;
+        let mut was_live: FastMap<u32, bool> = FastMap::default();
         for (slot, i) in index_now.iter().enumerate() {
             if *i == usize::MAX && old_slots[slot].set != NO_TEXT {
-                let set = &mut old.sets[old_slots[slot].set as usize];
-                set.uses -= 1;
-                sets_changed |= set.uses == 0;
+                let set = old_slots[slot].set;
+                was_live.entry(set).or_insert(true);
+                old.sets[set as usize].uses -= 1;
             }
         }
         // The added endpoints resolved, in slot order.
@@ -172,18 +209,14 @@ impl RegistryPart {
         {
             return RegistryPart::of(registry, node_name);
         }
-        let mut slots: Vec<Slot> = Vec::with_capacity(registry.endpoints.len());
+        old.resolved_now = new.len();
         let kept: Vec<u32> = (0..old_slots.len() as u32)
             .filter(|s| index_now[*s as usize] != usize::MAX)
             .collect();
-        // The kept slots `kept[from..to]`, at their index in `registry`.
-        let keep = |from: usize, to: usize, slots: &mut Vec<Slot>| {
-            slots.extend(kept[from..to].iter().map(|&s| Slot {
-                index: index_now[s as usize],
-                ..old_slots[s as usize].clone()
-            }));
-        };
+        // Where each added endpoint goes among the kept slots (before
+        // `kept[at]`), found before the kept slots are moved.
         let key_of = |s: &u32| registry::slot_key(&old_slots[*s as usize].def);
+        let mut places: Vec<(usize, usize, &EndpointDef)> = Vec::with_capacity(new.len());
         let mut next = 0;
         for (index, def) in new {
             let key = registry::slot_key(def);
@@ -192,8 +225,35 @@ impl RegistryPart {
                 // Equal keys are ordered by registry order: from nothing.
                 return RegistryPart::of(registry, node_name);
             }
-            keep(next, at, &mut slots);
+            places.push((at, index, def));
             next = at;
+        }
+        // A named port appears or goes only with an endpoint that declares it.
+        let mut ports_changed = places.iter().any(|(_, _, def)| !def.ports.is_empty());
+        let mut slots: Vec<Slot> = Vec::with_capacity(registry.endpoints.len());
+        let mut slot_now = vec![Delta::GONE; old_slots.len()];
+        let mut added_slots: Vec<u32> = Vec::with_capacity(places.len());
+        // The last slots in order, moved (not cloned) into place: the kept
+        // ones at their index in `registry`.
+        let mut old_slots = old_slots.into_iter().enumerate().filter_map(|(s, slot)| {
+            let index = index_now[s];
+            if index == usize::MAX {
+                ports_changed |= !slot.def.ports.is_empty();
+                return None;
+            }
+            Some((s, Slot { index, ..slot }))
+        });
+        let mut taken = 0;
+        let mut keep = |to: usize, slots: &mut Vec<Slot>, slot_now: &mut [u32]| {
+            while taken < to {
+                let (s, slot) = old_slots.next().expect("one per kept slot");
+                slot_now[s] = slots.len() as u32;
+                slots.push(slot);
+                taken += 1;
+            }
+        };
+        for (at, index, def) in places {
+            keep(at, &mut slots, &mut slot_now);
             let (this_node, local) = registry::placement(def, node_name);
             let resolved = registry::endpoint_labels(def, &namespaces);
             let (labels, set) = match def.kind {
@@ -202,7 +262,7 @@ impl RegistryPart {
                     match old.by_text.get(text.as_str()).copied() {
                         Some(set) => {
                             let s = &mut old.sets[set as usize];
-                            sets_changed |= s.uses == 0;
+                            was_live.entry(set).or_insert(s.uses > 0);
                             s.uses += 1;
                             (s.labels.clone(), set)
                         }
@@ -216,6 +276,7 @@ impl RegistryPart {
                 }
                 EndpointKind::Host => (resolved.into(), NO_TEXT),
             };
+            added_slots.push(slots.len() as u32);
             slots.push(Slot {
                 index,
                 def: registry.endpoints[index].clone(),
@@ -225,8 +286,20 @@ impl RegistryPart {
                 set,
             });
         }
-        keep(next, kept.len(), &mut slots);
+        keep(kept.len(), &mut slots, &mut slot_now);
+        // The removed slots' ports are looked at as the iterator ends.
+        old_slots.for_each(drop);
+        sets_changed |= was_live
+            .iter()
+            .any(|(set, was)| *was != (old.sets[*set as usize].uses > 0));
         old.slots = slots;
+        old.delta = Some(Delta {
+            from: old.registry,
+            slot_now,
+            added: added_slots,
+            same_sets: !sets_changed,
+            same_ports: !ports_changed,
+        });
         if sets_changed {
             old.number();
         } else {
@@ -252,6 +325,14 @@ impl RegistryPart {
             })
             .collect();
         (resolved, self.ids.clone())
+    }
+
+    /// Each workload identity in use and its labels (one shared copy).
+    pub(super) fn workload_identities(&self) -> impl Iterator<Item = (Identity, &Arc<[Label]>)> {
+        self.sets
+            .iter()
+            .filter(|s| s.uses > 0)
+            .map(|s| (s.id, &s.labels))
     }
 
     /// One more slot with the label set `labels` of canonical `text`.
