@@ -195,6 +195,12 @@ fn object_label(root: &Node) -> Option<String> {
 
 /// Parse one file's text into `out`.
 pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
+    parse_text_with(file, text, want, out, PARALLEL_PARSE_MIN);
+}
+
+/// [`parse_text`], in parts side by side when the text is at least
+/// `parallel_min` bytes long.
+fn parse_text_with(file: &Path, text: &str, want: FileKind, out: &mut Parsed, parallel_min: usize) {
     out.files.push(file.to_path_buf());
     if text.len() as u64 > MAX_FILE_SIZE {
         out.problems.push(file_problem(
@@ -236,6 +242,16 @@ pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
             parse_doc(file, doc, want, out);
         }
         labelled
+    } else if let Some(parts) = parse_in_parts(file, text, want, parallel_min) {
+        for part in parts {
+            out.policies.extend(part.policies);
+            out.endpoints.extend(part.endpoints);
+            out.nodes.extend(part.nodes);
+            out.namespaces.extend(part.namespaces);
+            out.problems.extend(part.problems);
+            out.warnings.extend(part.warnings);
+        }
+        Vec::new()
     } else {
         // Each document becomes objects as soon as it ends, and its tree is
         // dropped: the parse's scratch stays one document's, rather than a
@@ -311,6 +327,94 @@ impl Counts {
 
 /// Each tree problem with the object its document names (`label` of the
 /// document's number), for the message.
+/// A file at least this long is parsed in parts side by side, where the
+/// machine has the cores (a start reads 10,000 policies from one file).
+const PARALLEL_PARSE_MIN: usize = 512 * 1024;
+
+/// A long YAML file's documents parsed in parts on several threads, split at
+/// lines that are `---` alone: what one parse of the whole file gives, or
+/// `None` where a part could give anything else (a syntax error or any tree
+/// problem, an alias, which counts against one limit for the whole file, or
+/// documents that start other than at the lines counted), and the file is
+/// parsed as one.
+fn parse_in_parts(
+    file: &Arc<Path>,
+    text: &str,
+    want: FileKind,
+    parallel_min: usize,
+) -> Option<Vec<Parsed>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+    if threads < 2 || text.len() < parallel_min {
+        return None;
+    }
+    let is_marker = |line: &str| line.strip_suffix('\r').unwrap_or(line) == "---";
+    // Where each part starts: 0, then the start of a marker line near each
+    // equal share of the text.
+    let mut starts = vec![0];
+    for k in 1..threads {
+        let target = (text.len() * k / threads).max(starts[starts.len() - 1] + 1);
+        if let Some(i) = text.get(target..).and_then(|t| t.find("\n---\n")) {
+            starts.push(target + i + 1);
+        }
+    }
+    if starts.len() < 2 {
+        return None;
+    }
+    // The documents each part starts, by its marker lines (and the first
+    // part's implicit document, when content comes before its first marker).
+    let mut parts: Vec<(&str, usize, usize, usize)> = Vec::new(); // (text, lines before, doc base, documents)
+    let mut lines_before = 0;
+    let mut doc_base = 0;
+    for (k, &start) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(text.len());
+        let part = &text[start..end];
+        let mut docs = part.split('\n').filter(|l| is_marker(l)).count();
+        if k == 0 {
+            let implicit = part.split('\n').take_while(|l| !is_marker(l)).any(|l| {
+                let t = l.trim();
+                !(t.is_empty() || t.starts_with('#') || t.starts_with('%'))
+            });
+            docs += usize::from(implicit);
+        }
+        parts.push((part, lines_before, doc_base, docs));
+        lines_before += part.bytes().filter(|b| *b == b'\n').count();
+        doc_base += docs;
+    }
+    let parse = |&(part, lines_before, doc_base, docs): &(&str, usize, usize, usize)| {
+        // Line numbers as in the whole file: the lines before, as empty ones.
+        let padded;
+        let part = if lines_before > 0 {
+            padded = "\n".repeat(lines_before) + part;
+            padded.as_str()
+        } else {
+            part
+        };
+        let mut out = Parsed::default();
+        let each = yaml::parse_yaml_each_from(part, doc_base, &mut |doc, _| {
+            parse_doc(file, &doc, want, &mut out)
+        });
+        (each.whole && each.problems.is_empty() && each.alias_nodes == 0 && each.documents == docs)
+            .then_some(out)
+    };
+    let results: Vec<Option<Parsed>> = std::thread::scope(|s| {
+        let others: Vec<_> = parts[1..]
+            .iter()
+            .map(|p| s.spawn(move || parse(p)))
+            .collect();
+        let first = parse(&parts[0]);
+        std::iter::once(first)
+            .chain(
+                others
+                    .into_iter()
+                    .map(|h| h.join().expect("a parse thread panicked")),
+            )
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
 fn label_tree_problems(
     tree_problems: Vec<yaml::TreeProblem>,
     label: impl Fn(usize) -> Option<String>,
@@ -1717,6 +1821,90 @@ spec: {addresses: [10.0.0.2]}
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
         assert!(out.problems[0].message.starts_with("YAML syntax error"));
         assert_eq!(out.problems[0].document, Some(3));
+    }
+
+    /// A file parsed in parts side by side gives what one parse gives: the
+    /// same objects, problems and warnings with the same lines, columns and
+    /// document numbers, whether the parts can be used (markers alone on
+    /// their lines, an implicit first document or not) or the file is parsed
+    /// as one after all (a syntax error or a duplicate key in a later part,
+    /// an alias, markers with content after them).
+    #[test]
+    fn a_file_parsed_in_parts_gives_what_one_parse_gives() {
+        let pol = |n: usize, extra: &str| {
+            format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{n}}}\n\
+                 spec: {{endpointSelector: {{matchLabels: {{app: a{n}}}}}, ingress: [{{fromCIDR: [{}]}}]}}\n{extra}",
+                if n % 7 == 3 { "bogus" } else { "10.0.0.0/8" }
+            )
+        };
+        let docs = |n: usize, sep: &str, extra: &dyn Fn(usize) -> String| {
+            (0..n)
+                .map(|k| pol(k, &extra(k)))
+                .collect::<Vec<_>>()
+                .join(sep)
+        };
+        let plain = docs(40, "---\n", &|_| String::new());
+        let cases: Vec<(&str, String, bool)> = vec![
+            ("implicit first document", plain.clone(), true),
+            (
+                "comments, then a marker first",
+                format!("# head\n\n---\n{plain}"),
+                true,
+            ),
+            (
+                "a directive first",
+                format!("%YAML 1.2\n---\n{plain}"),
+                true,
+            ),
+            (
+                "empty documents",
+                docs(40, "---\n---\n", &|_| String::new()),
+                true,
+            ),
+            (
+                "unknown fields warned",
+                docs(40, "---\n", &|k| format!("bogusField{k}: 1\n")),
+                true,
+            ),
+            (
+                "a syntax error late",
+                format!("{plain}---\nkind: [unclosed\n"),
+                false,
+            ),
+            (
+                "a duplicate key late",
+                format!("{plain}---\n{}spec: {{}}\n", pol(99, "")),
+                false,
+            ),
+            (
+                "an alias",
+                format!("{plain}---\n{}", pol(98, "x: &a [1]\ny: *a\n")),
+                false,
+            ),
+            (
+                "markers with content",
+                docs(40, "--- # next\n", &|_| String::new()),
+                false,
+            ),
+        ];
+        for (what, text, in_parts) in cases {
+            let file = Path::new("p.yaml");
+            let mut one = Parsed::default();
+            parse_text_with(file, &text, FileKind::Policy, &mut one, usize::MAX);
+            let mut parts = Parsed::default();
+            parse_text_with(file, &text, FileKind::Policy, &mut parts, 0);
+            assert_eq!(format!("{parts:?}"), format!("{one:?}"), "{what}");
+            let arc: Arc<Path> = Arc::from(file);
+            let used = parse_in_parts(&arc, &text, FileKind::Policy, 0).is_some();
+            if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+                assert_eq!(used, in_parts, "{what}: parsed in parts");
+            }
+            assert!(
+                !one.policies.is_empty() || !one.problems.is_empty(),
+                "{what}"
+            );
+        }
     }
 
     /// A document's tree problem (a duplicate key) names its object, and comes

@@ -491,7 +491,46 @@ pub fn parse_yaml_each(
     text: &str,
     on_doc: &mut dyn FnMut(Doc, &[TreeProblem]),
 ) -> (bool, Vec<TreeProblem>) {
-    let mut b = Builder::default();
+    let each = parse_yaml_each_from(text, 0, on_doc);
+    (each.whole, each.problems)
+}
+
+/// What [`parse_yaml_each_from`] found besides the documents.
+pub struct Each {
+    /// No syntax error or broken limit (the file is not refused whole).
+    pub whole: bool,
+    pub problems: Vec<TreeProblem>,
+    /// Documents started (empty ones included): the number of the last.
+    pub documents: usize,
+    /// Nodes that aliases added (what [`MAX_ALIAS_NODES`] bounds per file).
+    pub alias_nodes: usize,
+}
+
+/// [`parse_yaml_each`] of a part of a file whose documents before it number
+/// `doc_base` (its documents are numbered on from there).
+pub fn parse_yaml_each_from(
+    text: &str,
+    doc_base: usize,
+    on_doc: &mut dyn FnMut(Doc, &[TreeProblem]),
+) -> Each {
+    let mut b = Builder {
+        doc_count: doc_base,
+        ..Builder::default()
+    };
+    let (whole, problems) = build_each(&mut b, text, on_doc);
+    Each {
+        whole,
+        problems,
+        documents: b.doc_count - doc_base,
+        alias_nodes: b.alias_nodes,
+    }
+}
+
+fn build_each(
+    b: &mut Builder,
+    text: &str,
+    on_doc: &mut dyn FnMut(Doc, &[TreeProblem]),
+) -> (bool, Vec<TreeProblem>) {
     let mut parser = Parser::new_from_str(text);
     // Events are pulled one by one rather than through `Parser::load`, which
     // recurses once per nesting level and so overflows the stack on deeply
@@ -510,7 +549,7 @@ pub fn parse_yaml_each(
                     document: (b.doc_count > 0).then_some(b.doc_count),
                     message: format!("YAML syntax error: {}{}", e.info(), syntax_hint(e.info())),
                 });
-                return (false, b.problems);
+                return (false, std::mem::take(&mut b.problems));
             }
         }
         if let Some(p) = b.fatal.take() {
@@ -522,7 +561,7 @@ pub fn parse_yaml_each(
             }
         }
     }
-    (true, b.problems)
+    (true, std::mem::take(&mut b.problems))
 }
 
 /// A hint for the YAML errors people hit most, all of them indentation.
