@@ -168,10 +168,10 @@ pub struct LoadCache {
     /// file had before it was read: a load uses one for a file whose identity
     /// it lists the same, as if it had read the file itself.
     prefetched: HashMap<PathBuf, (Option<FileId>, Read)>,
-    /// The keys of the last registry load when it was valid and looked only
-    /// at the touched files (built by the first such load): the next one
-    /// checks its files against it, not the whole registry again.
-    registry_index: Option<load::RegistryIndex>,
+    /// Per kind, the cross-file keys of the last load when it was valid and
+    /// looked only at the touched files (built by the first such load): the
+    /// next one checks its files against them, not the whole set again.
+    set_index: [Option<load::SetIndex>; 2],
     /// The last load given the touched files checked the whole set (no
     /// index, or a key it added was held): for the tests.
     checked_whole: bool,
@@ -198,7 +198,7 @@ impl LoadCache {
             settled,
             opts: None,
             prefetched: HashMap::new(),
-            registry_index: None,
+            set_index: [None, None],
             checked_whole: false,
         }
     }
@@ -351,14 +351,11 @@ impl LoadCache {
             return Some(None);
         }
         let mut listed = self.listed[kind].take().expect("checked above");
-        // The registry's keys less those of the files read again or gone:
+        // The set's keys less those of the files read again or gone:
         // each such file's kept parse is what the keys hold of it (one
         // without is a file whose keys cannot be taken out: no index).
-        let mut index = match want {
-            FileKind::Registry => self.registry_index.take(),
-            FileKind::Policy => None,
-        };
-        let unkeyed = |index: &mut Option<load::RegistryIndex>, piece: Option<&Piece>| match (
+        let mut index = self.set_index[kind].take();
+        let unkeyed = |index: &mut Option<load::SetIndex>, piece: Option<&Piece>| match (
             index.as_mut(),
             piece,
         ) {
@@ -423,11 +420,11 @@ impl LoadCache {
         });
         self.checked_whole = !(index.is_some() && fresh && out.problems.is_empty());
         match index {
-            Some(ix) if fresh && out.problems.is_empty() => self.registry_index = Some(ix),
+            Some(ix) if fresh && out.problems.is_empty() => self.set_index[kind] = Some(ix),
             _ => {
                 load::check_set(want, &mut out);
-                if want == FileKind::Registry && out.problems.is_empty() {
-                    self.registry_index = Some(load::RegistryIndex::of(&out));
+                if out.problems.is_empty() {
+                    self.set_index[kind] = load::SetIndex::of(want, &out);
                 }
             }
         }
@@ -449,9 +446,7 @@ impl LoadCache {
         want: FileKind,
         opts: &LoadOptions,
     ) -> Parsed {
-        if want == FileKind::Registry {
-            self.registry_index = None;
-        }
+        self.set_index[slot(want)] = None;
         let mut parsed = 0;
         // Parses made ahead stand for files whose identity is the same now.
         let mut fresh: HashMap<PathBuf, Read> = HashMap::new();
@@ -825,7 +820,7 @@ mod tests {
                         .collect();
                     std::fs::write(&f, text.join("---\n")).unwrap();
                 }
-                let had_index = c.registry_index.is_some();
+                let had_index = c.set_index[1].is_some();
                 let touched = BTreeSet::from([f.clone()]);
                 let got = c
                     .load_if_changed(&dirs, FileKind::Registry, &opts, Some(&touched))
@@ -842,11 +837,89 @@ mod tests {
                 // change over one keeps one.
                 if want.is_err() {
                     assert!(
-                        c.registry_index.is_none(),
+                        c.set_index[1].is_none(),
                         "step {step}: an index of an invalid set"
                     );
                 } else if had_index {
-                    assert!(c.registry_index.is_some(), "step {step}: the index dropped");
+                    assert!(c.set_index[1].is_some(), "step {step}: the index dropped");
+                }
+            }
+        }
+        assert!(
+            valid_changes > 100,
+            "{valid_changes} valid changes over an index"
+        );
+        assert!(
+            indexed * 10 > valid_changes * 7,
+            "{indexed} of {valid_changes} checked against the index"
+        );
+    }
+
+    /// The same for policy files: names that clash within a kind (a
+    /// problem) and across kinds (a warning, which a set with one keeps no
+    /// index for), problems and warnings as a full load gives them.
+    #[test]
+    fn a_policy_change_checked_against_the_index_answers_as_a_full_load() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let summary = |p: Parsed| (p.warnings.clone(), p.into_policy_set());
+        let (mut indexed, mut valid_changes) = (0, 0);
+        for _ in 0..40 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dirs = vec![tmp.path().to_path_buf()];
+            let mut c = LoadCache::default();
+            let opts = LoadOptions {
+                strict_modes: false,
+            };
+            let full = |dirs: &[PathBuf]| {
+                summary(crate::api::load_dirs(dirs, FileKind::Policy, &opts, None))
+            };
+            let first = c
+                .load_if_changed(&dirs, FileKind::Policy, &opts, None)
+                .map(summary);
+            assert_eq!(first, Some(full(&dirs)));
+            for step in 0..30 {
+                let f = dirs[0].join(format!("f{}.yaml", rand(4)));
+                if rand(6) == 0 {
+                    let _ = std::fs::remove_file(&f);
+                } else {
+                    let docs: Vec<String> = (0..rand(4))
+                        .map(|_| {
+                            let n = rand(30);
+                            match rand(6) {
+                                0 => format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{podSelector: {{}}}}\n"),
+                                1 => format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{endpointSelector: {{}}}}\n"),
+                                _ => format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{endpointSelector: {{}}, ingress: [{{}}]}}\n"),
+                            }
+                        })
+                        .collect();
+                    std::fs::write(&f, docs.join("---\n")).unwrap();
+                }
+                let had_index = c.set_index[0].is_some();
+                let touched = BTreeSet::from([f.clone()]);
+                let got = c
+                    .load_if_changed(&dirs, FileKind::Policy, &opts, Some(&touched))
+                    .map(summary);
+                let want = full(&dirs);
+                if let Some(got) = &got {
+                    assert_eq!(got, &want, "step {step}: {}", f.display());
+                    if got.1.is_ok() && had_index {
+                        valid_changes += 1;
+                        indexed += usize::from(!c.checked_whole);
+                    }
+                }
+                let duplicate =
+                    |w: &crate::api::Warning| w.code == crate::api::WarningCode::DuplicateName;
+                if want.1.is_err() || want.0.iter().any(duplicate) {
+                    assert!(
+                        c.set_index[0].is_none(),
+                        "step {step}: an index of a set with problems or warnings"
+                    );
                 }
             }
         }

@@ -1181,6 +1181,95 @@ pub fn check_registry(parsed: &mut Parsed) {
     parsed.problems.extend(problems);
 }
 
+/// The keys [`check_policies`] holds unique across the policy files (names
+/// per kind and namespace), and each namespaced name's holders (two of other
+/// kinds are a warning), kept between loads as [`RegistryIndex`] is. Kept only
+/// for a set without such a warning, so that a change whose names are all new
+/// needs no check at all.
+#[derive(Debug, Default)]
+pub(crate) struct PolicyIndex {
+    keys: FastMap<(Name, Option<Name>, Name), ()>,
+    names: FastMap<(Name, Name), u32>,
+}
+
+impl PolicyIndex {
+    fn of(parsed: &Parsed) -> Option<PolicyIndex> {
+        let mut index = PolicyIndex::default();
+        index.keys.reserve(parsed.policies.len());
+        index.names.reserve(parsed.policies.len());
+        index.add(parsed).then_some(index)
+    }
+
+    fn add(&mut self, p: &Parsed) -> bool {
+        let mut fresh = true;
+        for (pol, _) in &p.policies {
+            let o = &pol.origin;
+            let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
+            fresh &= self.keys.insert(key, ()).is_none();
+            if let Some(ns) = &o.namespace {
+                let n = self.names.entry((ns.clone(), o.name.clone())).or_insert(0);
+                fresh &= *n == 0;
+                *n += 1;
+            }
+        }
+        fresh
+    }
+
+    fn remove(&mut self, p: &Parsed) {
+        for (pol, _) in &p.policies {
+            let o = &pol.origin;
+            self.keys
+                .remove(&(o.kind.clone(), o.namespace.clone(), o.name.clone()));
+            if let Some(ns) = &o.namespace {
+                let key = (ns.clone(), o.name.clone());
+                if let Some(n) = self.names.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.names.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The cross-file keys of a kind's last valid set ([`PolicyIndex`],
+/// [`RegistryIndex`]): a load given the touched files takes their old keys
+/// out and adds their new ones, and when every one is new the set needs no
+/// cross-file check (it would find nothing); else the whole set is checked.
+#[derive(Debug)]
+pub(crate) enum SetIndex {
+    Policies(PolicyIndex),
+    Registry(RegistryIndex),
+}
+
+impl SetIndex {
+    /// The index of a valid set (`None` for a policy set with a duplicate
+    /// name warning).
+    pub(crate) fn of(want: FileKind, parsed: &Parsed) -> Option<SetIndex> {
+        match want {
+            FileKind::Policy => PolicyIndex::of(parsed).map(SetIndex::Policies),
+            FileKind::Registry => Some(SetIndex::Registry(RegistryIndex::of(parsed))),
+        }
+    }
+
+    /// Hold the keys of a file's parse as well: `false` when one was held.
+    pub(crate) fn add(&mut self, p: &Parsed) -> bool {
+        match self {
+            SetIndex::Policies(i) => i.add(p),
+            SetIndex::Registry(i) => i.add(p),
+        }
+    }
+
+    /// No longer hold the keys of a file's parse that was added.
+    pub(crate) fn remove(&mut self, p: &Parsed) {
+        match self {
+            SetIndex::Policies(i) => i.remove(p),
+            SetIndex::Registry(i) => i.remove(p),
+        }
+    }
+}
+
 /// The keys [`check_registry`] holds unique across a registry's files (names
 /// per kind and namespace, addresses, interfaces per node), kept between loads
 /// so that a change to a few files is checked against the others without
@@ -1198,7 +1287,7 @@ pub(crate) struct RegistryIndex {
 
 impl RegistryIndex {
     /// The keys of a valid registry.
-    pub(crate) fn of(parsed: &Parsed) -> RegistryIndex {
+    fn of(parsed: &Parsed) -> RegistryIndex {
         let mut index = RegistryIndex::default();
         index
             .names
@@ -1230,7 +1319,7 @@ impl RegistryIndex {
 
     /// Hold the keys of `p` (a file's parse) as well: `false` when one of
     /// them was held already.
-    pub(crate) fn add(&mut self, p: &Parsed) -> bool {
+    fn add(&mut self, p: &Parsed) -> bool {
         let mut fresh = true;
         for o in Self::origins(p) {
             let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
@@ -1251,7 +1340,7 @@ impl RegistryIndex {
     }
 
     /// No longer hold the keys of `p` (a file's parse that was added).
-    pub(crate) fn remove(&mut self, p: &Parsed) {
+    fn remove(&mut self, p: &Parsed) {
         for o in Self::origins(p) {
             let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
             self.names.remove(&key);
