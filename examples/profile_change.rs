@@ -89,9 +89,19 @@ fn main() {
         let same = compiled == installed;
         let t2 = Instant::now();
         let att = attachments(&compiled);
+        let last_slots = slots.clone();
         slots = KernelSlots::assign(&slots, &att);
         let t3 = Instant::now();
-        let want = Contents::build(&compiled, &att, &slots).expect("contents");
+        // As the kernel datapath builds it: over the last state's ipcache.
+        let want = Contents::build_from(
+            &shadow,
+            &installed.ipcache,
+            &last_slots,
+            &compiled,
+            &att,
+            &slots,
+        )
+        .expect("contents");
         let t4 = Instant::now();
         let (d1, u1) = diff(&shadow.ipcache, &want.ipcache);
         let (d2, u2) = diff(&shadow.policy, &want.policy);

@@ -36,7 +36,7 @@ use super::{
     DnsRedirectStats, VerdictEvent,
 };
 use crate::policy::identity;
-use crate::policy::types::Compiled;
+use crate::policy::types::{Compiled, IpcacheEntry};
 
 /// The layout version this build reads and writes (netpol_state_v1).
 const LAYOUT_VERSION: u32 = np_layout::NP_LAYOUT_VERSION.0;
@@ -187,6 +187,11 @@ pub struct KernelDatapath {
     upgrade_failed: BTreeMap<u32, String>,
     /// `prepare_spare` ran (it runs once per process).
     spare_tried: bool,
+    /// The ipcache of the last applied state and its kernel slots: what the
+    /// active generation's shadow holds as ipcache, so the next apply writes
+    /// the difference over it (`Contents::build_from`); `None` until an
+    /// apply of this process succeeds, and after one fails.
+    last_ipcache: Option<(Vec<IpcacheEntry>, KernelSlots)>,
     /// When the moves in hand were queued, and how many are done.
     upgrade_run: Option<(std::time::Instant, usize)>,
 }
@@ -555,6 +560,7 @@ impl KernelDatapath {
             upgrading: BTreeSet::new(),
             upgrade_failed: BTreeMap::new(),
             spare_tried: false,
+            last_ipcache: None,
             upgrade_run: None,
         };
         dp.write_failsafe()?;
@@ -1342,8 +1348,21 @@ impl KernelDatapath {
             None => self.adopted_slots(cur.active & 1),
         };
         let kslots = KernelSlots::assign(&prev, attachments);
-        let built = layout::check_capacity(state, attachments, &kslots, &self.settings)
-            .and_then(|_| Contents::build(state, attachments, &kslots));
+        // From the active generation's ipcache when the last apply of this
+        // process made it (a registry change among 100,000 endpoints writes
+        // what changed over 200,000 entries rather than inserting them all).
+        let last = self.last_ipcache.take();
+        let active_shadow = self.gens[(cur.active & 1) as usize]
+            .as_ref()
+            .and_then(|g| g.shadow.as_ref());
+        let built = layout::check_capacity(state, attachments, &kslots, &self.settings).and_then(
+            |_| match (&last, active_shadow) {
+                (Some((ipcache, slots)), Some(shadow)) => {
+                    Contents::build_from(shadow, ipcache, slots, state, attachments, &kslots)
+                }
+                _ => Contents::build(state, attachments, &kslots),
+            },
+        );
         let mut want = match built {
             Ok(w) => w,
             Err(e) => {
@@ -1379,6 +1398,7 @@ impl KernelDatapath {
         self.start_barrier();
 
         self.generation = next.generation;
+        self.last_ipcache = Some((state.ipcache.clone(), kslots.clone()));
         self.kslots = Some(kslots);
         Ok(next.generation)
     }

@@ -6,7 +6,7 @@
 //! bpf/lib/netpol_abi.h; none is written down here a second time. Pure: no
 //! syscalls, unit-tested without root.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -187,7 +187,7 @@ pub struct KernelSlots {
     /// ifindex → kernel slot.
     by_ifindex: BTreeMap<u32, u32>,
     /// compiled slot → kernel slot.
-    by_compiled: HashMap<u32, u32>,
+    by_compiled: crate::hash::FastMap<u32, u32>,
     /// kernel slot → compiled slot.
     to_compiled: BTreeMap<u32, u32>,
 }
