@@ -762,86 +762,70 @@ mod tests {
         assert!(r.unwrap().policies.iter().any(|p| p.origin.name == "b2"));
     }
 
-    /// Over random sequences of registry files written and removed (names,
-    /// addresses and interfaces that clash across files and within one,
-    /// HostEndpoints sharing their Node's address), a load given the touched
-    /// file answers as a full load from nothing, problems included, and most
-    /// valid ones check the touched file against the index of the others
-    /// instead of the whole set.
-    #[test]
-    fn a_registry_change_checked_against_the_index_answers_as_a_full_load() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+    /// Random changes to the files of `subdirs` (one of `files` files per
+    /// step, rewritten with what `write` gives or removed), each loaded given
+    /// the touched file: every load answers as a full load (`summary` of
+    /// each), an index is kept only for a set `keeps` allows one, and one
+    /// kept stays over such a change; most `valid` changes over an index are
+    /// checked against it rather than the whole set.
+    #[allow(clippy::too_many_arguments)]
+    fn touched_loads_answer_as_full_loads<S: PartialEq + std::fmt::Debug>(
+        want: FileKind,
+        subdirs: &[&str],
+        files: u64,
+        seed: u64,
+        write: impl Fn(&mut dyn FnMut(u64) -> u64) -> String,
+        summary: impl Fn(Parsed) -> S,
+        valid: impl Fn(&S) -> bool,
+        keeps: impl Fn(&S) -> bool,
+    ) {
+        let mut rand = crate::hash::xorshift(seed);
+        let kind = slot(want);
         let (mut indexed, mut valid_changes) = (0, 0);
         for _ in 0..40 {
             let tmp = tempfile::tempdir().unwrap();
-            let dirs = vec![tmp.path().join("a"), tmp.path().join("b")];
+            let dirs: Vec<PathBuf> = subdirs.iter().map(|d| tmp.path().join(d)).collect();
             for d in &dirs {
-                std::fs::create_dir(d).unwrap();
+                std::fs::create_dir_all(d).unwrap();
             }
             let mut c = LoadCache::default();
             let opts = LoadOptions {
                 strict_modes: false,
             };
-            let full = |dirs: &[PathBuf]| crate::api::load_endpoint_dirs_with(dirs, &opts);
-            assert_eq!(
-                c.load_if_changed(&dirs, FileKind::Registry, &opts, None)
-                    .map(Parsed::into_registry_set),
-                Some(full(&dirs))
-            );
+            let full = |dirs: &[PathBuf]| summary(crate::api::load_dirs(dirs, want, &opts, None));
+            let first = c.load_if_changed(&dirs, want, &opts, None).map(&summary);
+            assert_eq!(first, Some(full(&dirs)));
             for step in 0..30 {
-                let f = dirs[rand(2) as usize].join(format!("f{}.yaml", rand(3)));
+                let dir = &dirs[rand(dirs.len() as u64) as usize];
+                let f = dir.join(format!("f{}.yaml", rand(files)));
                 if rand(6) == 0 {
                     let _ = std::fs::remove_file(&f);
                 } else {
-                    let mut docs = Vec::new();
-                    for _ in 0..rand(4) {
-                        let (n, a) = (rand(40), rand(60));
-                        docs.push(match rand(8) {
-                            0 => format!("kind: Node\nmetadata: {{name: node{}}}\nspec: {{addresses: [10.0.0.{a}]}}", n % 3),
-                            1 => format!("kind: HostEndpoint\nmetadata: {{name: h{n}}}\nspec: {{node: node{}, addresses: [10.0.0.{a}]}}", n % 3),
-                            _ => {
-                                let iface = match rand(3) {
-                                    0 => format!(", interface: veth{}", rand(6)),
-                                    _ => String::new(),
-                                };
-                                format!("kind: Endpoint\nmetadata: {{name: e{n}, labels: {{app: a{}}}}}\nspec: {{addresses: [10.0.0.{a}, 10.0.1.{}]{iface}}}", n % 3, rand(64))
-                            }
-                        });
-                    }
-                    let text: Vec<String> = docs
-                        .iter()
-                        .map(|d| format!("apiVersion: netpol/v1\n{d}\n"))
-                        .collect();
-                    std::fs::write(&f, text.join("---\n")).unwrap();
+                    std::fs::write(&f, write(&mut rand)).unwrap();
                 }
-                let had_index = c.set_index[1].is_some();
+                let had_index = c.set_index[kind].is_some();
                 let touched = BTreeSet::from([f.clone()]);
                 let got = c
-                    .load_if_changed(&dirs, FileKind::Registry, &opts, Some(&touched))
-                    .map(Parsed::into_registry_set);
-                let want = full(&dirs);
+                    .load_if_changed(&dirs, want, &opts, Some(&touched))
+                    .map(&summary);
+                let now = full(&dirs);
                 if let Some(got) = &got {
-                    assert_eq!(got, &want, "step {step}: {}", f.display());
-                    if got.is_ok() && had_index {
+                    assert_eq!(got, &now, "step {step}: {}", f.display());
+                    if valid(got) && had_index {
                         valid_changes += 1;
                         indexed += usize::from(!c.checked_whole);
                     }
                 }
-                // An index is kept only for a valid registry, and a valid
-                // change over one keeps one.
-                if want.is_err() {
+                if !keeps(&now) {
                     assert!(
-                        c.set_index[1].is_none(),
-                        "step {step}: an index of an invalid set"
+                        c.set_index[kind].is_none(),
+                        "step {step}: an index of a set that may not have one"
                     );
                 } else if had_index {
-                    assert!(c.set_index[1].is_some(), "step {step}: the index dropped");
+                    assert!(
+                        c.set_index[kind].is_some(),
+                        "step {step}: the index dropped"
+                    );
                 }
             }
         }
@@ -855,81 +839,70 @@ mod tests {
         );
     }
 
+    /// Over random registry files in two directories (names, addresses and
+    /// interfaces that clash across files and within one, HostEndpoints
+    /// sharing their Node's address), a load given the touched file answers
+    /// as a full load, problems included, and an invalid registry keeps no
+    /// index.
+    #[test]
+    fn a_registry_change_checked_against_the_index_answers_as_a_full_load() {
+        touched_loads_answer_as_full_loads(
+            FileKind::Registry,
+            &["a", "b"],
+            3,
+            0x9e37_79b9_7f4a_7c15,
+            |rand| {
+                let mut docs = Vec::new();
+                for _ in 0..rand(4) {
+                    let (n, a) = (rand(40), rand(60));
+                    let doc = match rand(8) {
+                        0 => format!("kind: Node\nmetadata: {{name: node{}}}\nspec: {{addresses: [10.0.0.{a}]}}", n % 3),
+                        1 => format!("kind: HostEndpoint\nmetadata: {{name: h{n}}}\nspec: {{node: node{}, addresses: [10.0.0.{a}]}}", n % 3),
+                        _ => {
+                            let iface = match rand(3) {
+                                0 => format!(", interface: veth{}", rand(6)),
+                                _ => String::new(),
+                            };
+                            format!("kind: Endpoint\nmetadata: {{name: e{n}, labels: {{app: a{}}}}}\nspec: {{addresses: [10.0.0.{a}, 10.0.1.{}]{iface}}}", n % 3, rand(64))
+                        }
+                    };
+                    docs.push(format!("apiVersion: netpol/v1\n{doc}\n"));
+                }
+                docs.join("---\n")
+            },
+            Parsed::into_registry_set,
+            Result::is_ok,
+            Result::is_ok,
+        );
+    }
+
     /// The same for policy files: names that clash within a kind (a
     /// problem) and across kinds (a warning, which a set with one keeps no
     /// index for), problems and warnings as a full load gives them.
     #[test]
     fn a_policy_change_checked_against_the_index_answers_as_a_full_load() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
-        let summary = |p: Parsed| (p.warnings.clone(), p.into_policy_set());
-        let (mut indexed, mut valid_changes) = (0, 0);
-        for _ in 0..40 {
-            let tmp = tempfile::tempdir().unwrap();
-            let dirs = vec![tmp.path().to_path_buf()];
-            let mut c = LoadCache::default();
-            let opts = LoadOptions {
-                strict_modes: false,
-            };
-            let full = |dirs: &[PathBuf]| {
-                summary(crate::api::load_dirs(dirs, FileKind::Policy, &opts, None))
-            };
-            let first = c
-                .load_if_changed(&dirs, FileKind::Policy, &opts, None)
-                .map(summary);
-            assert_eq!(first, Some(full(&dirs)));
-            for step in 0..30 {
-                let f = dirs[0].join(format!("f{}.yaml", rand(4)));
-                if rand(6) == 0 {
-                    let _ = std::fs::remove_file(&f);
-                } else {
-                    let docs: Vec<String> = (0..rand(4))
-                        .map(|_| {
-                            let n = rand(30);
-                            match rand(6) {
-                                0 => format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{podSelector: {{}}}}\n"),
-                                1 => format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{endpointSelector: {{}}}}\n"),
-                                _ => format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{endpointSelector: {{}}, ingress: [{{}}]}}\n"),
-                            }
-                        })
-                        .collect();
-                    std::fs::write(&f, docs.join("---\n")).unwrap();
-                }
-                let had_index = c.set_index[0].is_some();
-                let touched = BTreeSet::from([f.clone()]);
-                let got = c
-                    .load_if_changed(&dirs, FileKind::Policy, &opts, Some(&touched))
-                    .map(summary);
-                let want = full(&dirs);
-                if let Some(got) = &got {
-                    assert_eq!(got, &want, "step {step}: {}", f.display());
-                    if got.1.is_ok() && had_index {
-                        valid_changes += 1;
-                        indexed += usize::from(!c.checked_whole);
-                    }
-                }
-                let duplicate =
-                    |w: &crate::api::Warning| w.code == crate::api::WarningCode::DuplicateName;
-                if want.1.is_err() || want.0.iter().any(duplicate) {
-                    assert!(
-                        c.set_index[0].is_none(),
-                        "step {step}: an index of a set with problems or warnings"
-                    );
-                }
-            }
-        }
-        assert!(
-            valid_changes > 100,
-            "{valid_changes} valid changes over an index"
-        );
-        assert!(
-            indexed * 10 > valid_changes * 7,
-            "{indexed} of {valid_changes} checked against the index"
+        let duplicate = |w: &crate::api::Warning| w.code == crate::api::WarningCode::DuplicateName;
+        touched_loads_answer_as_full_loads(
+            FileKind::Policy,
+            &["p"],
+            4,
+            0x2545_f491_4f6c_dd1d,
+            |rand| {
+                let docs: Vec<String> = (0..rand(4))
+                    .map(|_| {
+                        let n = rand(30);
+                        match rand(6) {
+                            0 => format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{podSelector: {{}}}}\n"),
+                            1 => format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{endpointSelector: {{}}}}\n"),
+                            _ => format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{n}}}\nspec: {{endpointSelector: {{}}, ingress: [{{}}]}}\n"),
+                        }
+                    })
+                    .collect();
+                docs.join("---\n")
+            },
+            |p| (p.warnings.clone(), p.into_policy_set()),
+            |s| s.1.is_ok(),
+            |s| s.1.is_ok() && !s.0.iter().any(duplicate),
         );
     }
 

@@ -325,8 +325,6 @@ impl Counts {
     }
 }
 
-/// Each tree problem with the object its document names (`label` of the
-/// document's number), for the message.
 /// A file at least this long is parsed in parts side by side, where the
 /// machine has the cores (a start reads 10,000 policies from one file).
 const PARALLEL_PARSE_MIN: usize = 512 * 1024;
@@ -415,6 +413,8 @@ fn parse_in_parts(
     results.into_iter().collect()
 }
 
+/// Each tree problem with the object its document names (`label` of the
+/// document's number), for the message.
 fn label_tree_problems(
     tree_problems: Vec<yaml::TreeProblem>,
     label: impl Fn(usize) -> Option<String>,
@@ -1181,55 +1181,70 @@ pub fn check_registry(parsed: &mut Parsed) {
     parsed.problems.extend(problems);
 }
 
+/// Keys and how many objects hold each: the maps of [`PolicyIndex`] and
+/// [`RegistryIndex`].
+#[derive(Debug)]
+struct Holders<K>(FastMap<K, u32>);
+
+impl<K: std::hash::Hash + Eq> Holders<K> {
+    fn with_capacity(n: usize) -> Holders<K> {
+        let mut map = FastMap::default();
+        map.reserve(n);
+        Holders(map)
+    }
+
+    /// One more holder of `key` (`hold`), or one fewer: `false` when a
+    /// holder is added to a key that had one.
+    fn count(&mut self, key: K, hold: bool) -> bool {
+        if hold {
+            let n = self.0.entry(key).or_insert(0);
+            *n += 1;
+            return *n == 1;
+        }
+        if let Some(n) = self.0.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&key);
+            }
+        }
+        true
+    }
+}
+
 /// The keys [`check_policies`] holds unique across the policy files (names
 /// per kind and namespace), and each namespaced name's holders (two of other
 /// kinds are a warning), kept between loads as [`RegistryIndex`] is. Kept only
 /// for a set without such a warning, so that a change whose names are all new
 /// needs no check at all.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PolicyIndex {
-    keys: FastMap<(Name, Option<Name>, Name), ()>,
-    names: FastMap<(Name, Name), u32>,
+    keys: Holders<(Name, Option<Name>, Name)>,
+    names: Holders<(Name, Name)>,
 }
 
 impl PolicyIndex {
     fn of(parsed: &Parsed) -> Option<PolicyIndex> {
-        let mut index = PolicyIndex::default();
-        index.keys.reserve(parsed.policies.len());
-        index.names.reserve(parsed.policies.len());
-        index.add(parsed).then_some(index)
+        let n = parsed.policies.len();
+        let mut index = PolicyIndex {
+            keys: Holders::with_capacity(n),
+            names: Holders::with_capacity(n),
+        };
+        index.count(parsed, true).then_some(index)
     }
 
-    fn add(&mut self, p: &Parsed) -> bool {
+    /// Hold the keys of `p` (a file's parse) as well, or no longer (`hold`
+    /// false): `false` when one held was held already.
+    fn count(&mut self, p: &Parsed, hold: bool) -> bool {
         let mut fresh = true;
         for (pol, _) in &p.policies {
             let o = &pol.origin;
             let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
-            fresh &= self.keys.insert(key, ()).is_none();
+            fresh &= self.keys.count(key, hold);
             if let Some(ns) = &o.namespace {
-                let n = self.names.entry((ns.clone(), o.name.clone())).or_insert(0);
-                fresh &= *n == 0;
-                *n += 1;
+                fresh &= self.names.count((ns.clone(), o.name.clone()), hold);
             }
         }
         fresh
-    }
-
-    fn remove(&mut self, p: &Parsed) {
-        for (pol, _) in &p.policies {
-            let o = &pol.origin;
-            self.keys
-                .remove(&(o.kind.clone(), o.namespace.clone(), o.name.clone()));
-            if let Some(ns) = &o.namespace {
-                let key = (ns.clone(), o.name.clone());
-                if let Some(n) = self.names.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.names.remove(&key);
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -1255,17 +1270,18 @@ impl SetIndex {
 
     /// Hold the keys of a file's parse as well: `false` when one was held.
     pub(crate) fn add(&mut self, p: &Parsed) -> bool {
-        match self {
-            SetIndex::Policies(i) => i.add(p),
-            SetIndex::Registry(i) => i.add(p),
-        }
+        self.count(p, true)
     }
 
     /// No longer hold the keys of a file's parse that was added.
     pub(crate) fn remove(&mut self, p: &Parsed) {
+        self.count(p, false);
+    }
+
+    fn count(&mut self, p: &Parsed, hold: bool) -> bool {
         match self {
-            SetIndex::Policies(i) => i.remove(p),
-            SetIndex::Registry(i) => i.remove(p),
+            SetIndex::Policies(i) => i.count(p, hold),
+            SetIndex::Registry(i) => i.count(p, hold),
         }
     }
 }
@@ -1277,23 +1293,24 @@ impl SetIndex {
 /// keys and adds their new ones. A key added that is already held (an address
 /// a HostEndpoint shares with its Node included) is not judged here: the load
 /// checks the whole set then, so what it reports is what a full check reports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct RegistryIndex {
-    names: FastMap<(Name, Option<Name>, Name), ()>,
-    /// How many claims each address has (two for a shared one).
-    addrs: FastMap<IpAddr, u32>,
-    ifaces: FastMap<(Option<Name>, String), ()>,
+    names: Holders<(Name, Option<Name>, Name)>,
+    /// Two claims for an address a HostEndpoint shares with its Node.
+    addrs: Holders<IpAddr>,
+    ifaces: Holders<(Option<Name>, String)>,
 }
 
 impl RegistryIndex {
     /// The keys of a valid registry.
     fn of(parsed: &Parsed) -> RegistryIndex {
-        let mut index = RegistryIndex::default();
-        index
-            .names
-            .reserve(parsed.endpoints.len() + parsed.nodes.len());
-        index.addrs.reserve(parsed.endpoints.len() * 2);
-        index.add(parsed);
+        let n = parsed.endpoints.len();
+        let mut index = RegistryIndex {
+            names: Holders::with_capacity(n + parsed.nodes.len()),
+            addrs: Holders::with_capacity(n * 2),
+            ifaces: Holders::with_capacity(0),
+        };
+        index.count(parsed, true);
         index
     }
 
@@ -1317,45 +1334,21 @@ impl RegistryIndex {
         })
     }
 
-    /// Hold the keys of `p` (a file's parse) as well: `false` when one of
-    /// them was held already.
-    fn add(&mut self, p: &Parsed) -> bool {
+    /// Hold the keys of `p` (a file's parse) as well, or no longer (`hold`
+    /// false): `false` when one held was held already.
+    fn count(&mut self, p: &Parsed, hold: bool) -> bool {
         let mut fresh = true;
         for o in Self::origins(p) {
             let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
-            fresh &= self.names.insert(key, ()).is_none();
+            fresh &= self.names.count(key, hold);
         }
         for a in Self::addresses(p) {
-            let n = self.addrs.entry(*a).or_insert(0);
-            fresh &= *n == 0;
-            *n += 1;
+            fresh &= self.addrs.count(*a, hold);
         }
         for (node, name) in Self::interfaces(p) {
-            fresh &= self
-                .ifaces
-                .insert((node.clone(), name.clone()), ())
-                .is_none();
+            fresh &= self.ifaces.count((node.clone(), name.clone()), hold);
         }
         fresh
-    }
-
-    /// No longer hold the keys of `p` (a file's parse that was added).
-    fn remove(&mut self, p: &Parsed) {
-        for o in Self::origins(p) {
-            let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
-            self.names.remove(&key);
-        }
-        for a in Self::addresses(p) {
-            if let Some(n) = self.addrs.get_mut(a) {
-                *n -= 1;
-                if *n == 0 {
-                    self.addrs.remove(a);
-                }
-            }
-        }
-        for (node, name) in Self::interfaces(p) {
-            self.ifaces.remove(&(node.clone(), name.clone()));
-        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! shadow of its inner maps, so an apply writes only the keys that changed.
 //! Pure: no syscalls, unit-tested without root.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::mem::size_of;
@@ -106,26 +107,31 @@ impl Contents {
             state.ipcache.iter().peekable(),
         );
         loop {
-            match (old.peek(), new.peek()) {
+            let order = match (old.peek(), new.peek()) {
                 (None, None) => break,
-                (Some(o), n) if n.is_none_or(|n| o.net < n.net) => {
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(o), Some(n)) => o.net.cmp(&n.net),
+            };
+            match order {
+                // Gone from the ipcache.
+                Ordering::Less => {
+                    let o = old.next().expect("peeked");
                     c.ipcache.remove(&ipcache_entry(o, prev_slots).0);
-                    old.next();
                 }
-                (o, Some(n)) if o.is_none_or(|o| n.net < o.net) => {
-                    let (k, v) = ipcache_entry(n, slots);
+                // New in it.
+                Ordering::Greater => {
+                    let (k, v) = ipcache_entry(new.next().expect("peeked"), slots);
                     c.ipcache.insert(k, v);
-                    new.next();
                 }
-                (Some(o), Some(n)) => {
+                // In both: written when its value changed.
+                Ordering::Equal => {
+                    let (o, n) = (old.next().expect("peeked"), new.next().expect("peeked"));
                     let (k, v) = ipcache_entry(n, slots);
                     if ipcache_entry(o, prev_slots).1 != v {
                         c.ipcache.insert(k, v);
                     }
-                    old.next();
-                    new.next();
                 }
-                _ => unreachable!("every case of two peeks is above"),
             }
         }
         c.build_local(state, attachments, slots)?;
@@ -237,13 +243,7 @@ mod tests {
     fn contents_built_from_the_last_are_the_contents_built_whole() {
         use crate::datapath::Attachment;
         use crate::policy::types::IpcacheEntry;
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = crate::hash::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..50 {
             let mut prev: Option<(Contents, Vec<IpcacheEntry>, KernelSlots)> = None;
             let mut slots = KernelSlots::default();

@@ -1034,16 +1034,17 @@ impl World {
                 && p.key.host_addresses == key.host_addresses
                 && p.key.cidrs == key.cidrs
                 && p.key.learned == key.learned
-                && p.node_claims == node_claims
-                && p.claims.len() >= p.ipcache.len())
-            .then_some((p, d))
+                && p.node_claims == node_claims)
+                .then_some((p, d))
         });
 
         // --- identities: the workloads' label sets, the reserved ones and
         // the CIDR prefixes'.
-        let kept_ids = patch.filter(|(_, d)| d.same_sets).map(|(p, _)| p);
-        let (cidr_ids, fqdn_ids, identities, workload_ids) = match kept_ids {
-            Some(p) => (
+        // A patch that keeps the last world's identities (no label set came
+        // or went).
+        let same_ids = patch.filter(|(_, d)| d.same_sets);
+        let (cidr_ids, fqdn_ids, identities, workload_ids) = match same_ids {
+            Some((p, _)) => (
                 p.cidr_ids.clone(),
                 p.fqdn_ids.clone(),
                 p.identities.clone(),
@@ -1105,16 +1106,7 @@ impl World {
                         })
                     }
                 });
-                let mut out = Vec::with_capacity(p.claims.len() + added.len());
-                let mut added = added.into_iter().peekable();
-                for c in kept {
-                    while let Some(a) = added.next_if(|a| (a.0, a.1, a.2) < (c.0, c.1, c.2)) {
-                        out.push(a);
-                    }
-                    out.push(c);
-                }
-                out.extend(added);
-                out
+                merge_sorted(kept, added, p.claims.len(), |c| (c.0, c.1, c.2))
             }
             None => {
                 let n_claims = 2
@@ -1167,8 +1159,8 @@ impl World {
         // --- peer lookup structures: the named ports are the last world's
         // when the identities are and no endpoint with ports came or went
         // (the kept ones keep their order).
-        let (ports_by_id, all_ports) = match kept_ids.zip(patch) {
-            Some((p, (_, d))) if d.same_ports => (p.ports_by_id.clone(), p.all_ports.clone()),
+        let (ports_by_id, all_ports) = match same_ids {
+            Some((p, d)) if d.same_ports => (p.ports_by_id.clone(), p.all_ports.clone()),
             _ => {
                 let mut ports_by_id: FastMap<Identity, Vec<NamedPort>> = FastMap::default();
                 let mut all_ports: Vec<NamedPort> = Vec::new();
@@ -1184,11 +1176,11 @@ impl World {
                 (ports_by_id, all_ports)
             }
         };
-        let workload_addrs = match kept_ids.zip(patch) {
+        let workload_addrs = match same_ids {
             // The identities are the last world's, so are the kept
             // endpoints': the removed endpoints' addresses out (their claims
             // name them), the added ones' in.
-            Some((p, (_, d))) => {
+            Some((p, d)) => {
                 let is_wl =
                     |id: &Identity| (identity::WORKLOAD_MIN..identity::WORKLOAD_END).contains(id);
                 let mut gone: Vec<(IpAddr, Identity)> = p
@@ -1211,20 +1203,11 @@ impl World {
                 }
                 new.sort_unstable();
                 let mut gone = gone.into_iter().peekable();
-                let mut new = new.into_iter().peekable();
-                let mut out = Vec::with_capacity(p.workload_addrs.len() + new.len());
-                for w in &p.workload_addrs {
+                let kept = p.workload_addrs.iter().copied().filter(|w| {
                     while gone.next_if(|g| g < w).is_some() {}
-                    if gone.next_if_eq(w).is_some() {
-                        continue;
-                    }
-                    while let Some(n) = new.next_if(|n| n < w) {
-                        out.push(n);
-                    }
-                    out.push(*w);
-                }
-                out.extend(new);
-                out
+                    gone.next_if_eq(w).is_none()
+                });
+                merge_sorted(kept, new, p.workload_addrs.len(), |w| *w)
             }
             None => {
                 let mut workload_addrs = Vec::new();
@@ -1275,6 +1258,26 @@ impl World {
         };
         w
     }
+}
+
+/// `kept` and `added`, both sorted by `key`, in one sorted vector (on equal
+/// keys `kept`'s first).
+fn merge_sorted<T, K: Ord>(
+    kept: impl Iterator<Item = T>,
+    added: Vec<T>,
+    capacity: usize,
+    key: impl Fn(&T) -> K,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(capacity + added.len());
+    let mut added = added.into_iter().peekable();
+    for k in kept {
+        while let Some(a) = added.next_if(|a| key(a) < key(&k)) {
+            out.push(a);
+        }
+        out.push(k);
+    }
+    out.extend(added);
+    out
 }
 
 fn compile_with(

@@ -185,11 +185,17 @@ impl RegistryPart {
         // set the update touches, and whether it was in use.
         let mut sets_changed = false;
         let mut was_live: FastMap<u32, bool> = FastMap::default();
+        // A named port appears or goes only with an endpoint that declares it.
+        let mut ports_changed = false;
         for (slot, i) in index_now.iter().enumerate() {
-            if *i == usize::MAX && old_slots[slot].set != NO_TEXT {
-                let set = old_slots[slot].set;
-                was_live.entry(set).or_insert(true);
-                old.sets[set as usize].uses -= 1;
+            if *i != usize::MAX {
+                continue;
+            }
+            let gone = &old_slots[slot];
+            ports_changed |= !gone.def.ports.is_empty();
+            if gone.set != NO_TEXT {
+                was_live.entry(gone.set).or_insert(true);
+                old.sets[gone.set as usize].uses -= 1;
             }
         }
         // The added endpoints resolved, in slot order.
@@ -228,8 +234,7 @@ impl RegistryPart {
             places.push((at, index, def));
             next = at;
         }
-        // A named port appears or goes only with an endpoint that declares it.
-        let mut ports_changed = places.iter().any(|(_, _, def)| !def.ports.is_empty());
+        ports_changed |= places.iter().any(|(_, _, def)| !def.ports.is_empty());
         let mut slots: Vec<Slot> = Vec::with_capacity(registry.endpoints.len());
         let mut slot_now = vec![Delta::GONE; old_slots.len()];
         let mut added_slots: Vec<u32> = Vec::with_capacity(places.len());
@@ -237,11 +242,7 @@ impl RegistryPart {
         // ones at their index in `registry`.
         let mut old_slots = old_slots.into_iter().enumerate().filter_map(|(s, slot)| {
             let index = index_now[s];
-            if index == usize::MAX {
-                ports_changed |= !slot.def.ports.is_empty();
-                return None;
-            }
-            Some((s, Slot { index, ..slot }))
+            (index != usize::MAX).then_some((s, Slot { index, ..slot }))
         });
         let mut taken = 0;
         let mut keep = |to: usize, slots: &mut Vec<Slot>, slot_now: &mut [u32]| {
@@ -287,8 +288,6 @@ impl RegistryPart {
             });
         }
         keep(kept.len(), &mut slots, &mut slot_now);
-        // The removed slots' ports are looked at as the iterator ends.
-        old_slots.for_each(drop);
         sets_changed |= was_live
             .iter()
             .any(|(set, was)| *was != (old.sets[*set as usize].uses > 0));
@@ -433,13 +432,7 @@ mod tests {
     /// one is the share computed from nothing.
     #[test]
     fn an_updated_share_is_the_share_from_nothing() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = crate::hash::xorshift(0x2545_f491_4f6c_dd1du64);
         for _ in 0..60 {
             let mut eps: Vec<Option<Arc<EndpointDef>>> = vec![None; 24];
             let mut reg = RegistrySet::default();
