@@ -248,14 +248,23 @@ fn map_creation_refused_keeps_the_running_state() {
     lab.expect("applies once the maps can be created", &DB_ONLY);
 }
 
+/// Sends SIGCONT when dropped, so a failed step never leaves the daemon stopped.
+struct Resume<'a>(&'a Daemon);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGCONT);
+    }
+}
+
 #[test]
 fn netlink_flood_resyncs_to_the_right_attachments() {
     let Some(_turn) = alone("netlink_flood_resyncs_to_the_right_attachments") else {
         return;
     };
     let mut lab = Lab::new("nl", &THREE);
-    // A large state, so the daemon is busy applying (not reading netlink) while
-    // the flood arrives.
+    // A large state, so the resync after the flood lands while the daemon
+    // also applies a policy change.
     lab.write_policy("filler.yaml", &filler(3000));
     lab.write_policy("sw.yaml", &allow("sw", "database", "backend", 80));
     lab.daemon.start();
@@ -274,10 +283,15 @@ fn netlink_flood_resyncs_to_the_right_attachments() {
 
     // 800 link events in a burst (400 bridges created by one `ip -batch`,
     // then deleted as one group), backend's device deleted and recreated in the
-    // middle of it; twice, to tell a high-water mark from a leak.
+    // middle of it; twice, to tell a high-water mark from a leak. The daemon
+    // is held stopped (SIGSTOP) while the burst arrives, so its event socket
+    // overruns for certain: a daemon that reads fast enough would otherwise
+    // keep up on a quick machine, and the test would prove nothing.
     let mut rss_after = Vec::new();
     for round in 0..2 {
         let t0 = Instant::now();
+        lab.daemon.signal(libc::SIGSTOP);
+        let resume = Resume(&lab.daemon);
         let mut add = String::new();
         for i in 0..400 {
             add.push_str(&format!("link add npfd{i} group 77 type bridge\n"));
@@ -290,6 +304,7 @@ fn netlink_flood_resyncs_to_the_right_attachments() {
         ip(&["-n", &lab.node, "link", "del", "veth-be"]);
         lab.plug("be");
         t.join().unwrap();
+        drop(resume);
         if round == 0 {
             lab.write_policy("sw.yaml", &allow("sw", "database", "backend", 80));
         }
