@@ -2107,10 +2107,11 @@ def write_page(raw, summary, agg, unavailable, args):
         "cold_start_s_10k": (
             "**Why cold start at 10k × 10k is over 1 s**: the daemon's own account of its first apply in this run: "
             + cold_start_parts(raw.get("cold_start", {})) + ". Loading parses 3 MB of policies and 2 MB of "
-            "registry: since 2026-12-07 (night) a file of 512 KiB or more is parsed in parts, one per core, split "
-            "at its `---` lines, so the policy file is no longer one thread's work beside the registry's "
-            "(`netpolctl check` at 10k × 10k: 0.48 → 0.33 s; the daemon's first-apply load by hand 400 → "
-            "255-350 ms); what is left of it is the YAML scanner and the allocator (a third of the samples: "
+            "registry on one thread: since 2026-12-08 netpold serves all its threads from one glibc arena "
+            "(19 MiB less resident at 10k × 10k), where the parse in parts that `netpolctl` still does "
+            "(`netpolctl check` at 10k × 10k: 0.48 → 0.33 s) only waits on the arena's lock, so the daemon parses "
+            "each file whole (its start went from 0.52-0.56 s to 0.82-0.96 s by hand); what the load spends is "
+            "the YAML scanner and the allocator (a third of the samples: "
             "a string per scalar, a vector per mapping, a field path per node); the kernel "
             "side loads and verifies the programs, fills the maps and attaches the 102 local interfaces. A start "
             "with more than four interfaces to attach puts a cls_bpf filter on each (about a millisecond) and "
@@ -2131,11 +2132,12 @@ def write_page(raw, summary, agg, unavailable, args):
             "daemon started alone) the settled figure was 61-62 MiB, while the run of that evening's daemon, "
             "started after the datapath runs, settled at 92 MiB with the same code: the memory in use was "
             "the same 47 MiB, so the difference is freed memory glibc keeps, and why it keeps it there and "
-            "not by hand is not found yet. Since 2026-12-07 (night) a long file is parsed in parts on "
-            "several threads (each with its own glibc arena) and the compile's world keeps its sorted "
-            "ipcache claims; this run's figure is the one above. What would close it: the lint's and the save's scratch held apart "
-            "(or in one arena that is dropped whole), source-map paths built only for a message, and the "
-            "lint run over the compiled state instead of a second resolution of the registry."),
+            "not by hand is not found yet. Since 2026-12-08 netpold serves every thread from glibc's main "
+            "arena (`M_ARENA_MAX` 1): thread arenas kept the free pages between kept objects resident (three "
+            "settled reads of this section at 75.7-79.0 MiB without, seven at 56.4-56.7 MiB with); a run "
+            "over 64 MiB after it means memory in use, not kept. What would close it: the lint's and the save's "
+            "scratch held apart, source-map paths built only for a message, and the lint run over the compiled "
+            "state instead of a second resolution of the registry."),
         "rss_mib_100k_remote": (
             "**Why RSS with 100k remote endpoints is over 256 MiB**: the heap after the first pass is 121 MiB "
             "(`examples/profile_memory`): the load cache's parses 77 MiB (0.8 KB and 13 allocations per "

@@ -195,7 +195,12 @@ fn object_label(root: &Node) -> Option<String> {
 
 /// Parse one file's text into `out`.
 pub fn parse_text(file: &Path, text: &str, want: FileKind, out: &mut Parsed) {
-    parse_text_with(file, text, want, out, PARALLEL_PARSE_MIN);
+    let min = if PARSE_IN_PARTS.load(std::sync::atomic::Ordering::Relaxed) {
+        PARALLEL_PARSE_MIN
+    } else {
+        usize::MAX
+    };
+    parse_text_with(file, text, want, out, min);
 }
 
 /// [`parse_text`], in parts side by side when the text is at least
@@ -328,6 +333,17 @@ impl Counts {
 /// A file at least this long is parsed in parts side by side, where the
 /// machine has the cores (a start reads 10,000 policies from one file).
 const PARALLEL_PARSE_MIN: usize = 512 * 1024;
+
+/// Whether [`parse_text`] parses long files in parts (on by default).
+static PARSE_IN_PARTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the parse in parts off (or on again) for this process. A process
+/// whose allocator serves every thread from one arena (netpold, see
+/// `daemon::fix_allocator_thresholds`) turns it off: there the parts' threads
+/// wait on one lock and a start at 10k x 10k read no faster with them.
+pub fn set_parse_in_parts(on: bool) {
+    PARSE_IN_PARTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// A long YAML file's documents parsed in parts on several threads, split at
 /// lines that are `---` alone: what one parse of the whole file gives, or

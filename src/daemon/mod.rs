@@ -164,12 +164,29 @@ impl Touched {
 /// RSS, 47 MiB in use) and the runs with it settled at 61-62 MiB; the
 /// bench's own read of the same case still gave 92 MiB, so this is not the
 /// whole story (docs/benchmarks.md).
+///
+/// The rest of it was the thread arenas: glibc gives each new thread an arena
+/// of its own (up to eight per core), and the free pages left between kept
+/// objects in them stayed resident: the bench's settled read at 10k x 10k was
+/// 75.7-79.0 MiB in three runs with 47 MiB in use, and with every thread on
+/// the main arena 56.4-56.7 in seven (two arenas: 57-58 or 81-84 by which
+/// arena the workers drew). With one arena the threads of a parse in parts
+/// wait on its lock (its load took 565 ms instead of 510 without parts), so
+/// the daemon parses each file whole (`api::load::set_parse_in_parts`); its
+/// start at 10k x 10k went from 0.52-0.56 s to 0.82-0.96 s, under the 1 s
+/// target, for 19 MiB less resident; with 100k remote endpoints (11 files,
+/// parsed side by side before) from 2.4 s to 3.2 s, for 200 -> 161 MiB
+/// (2026-12-08).
 pub fn fix_allocator_thresholds() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it takes no pointer.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    {
+        // SAFETY: mallopt only sets allocator parameters; it takes no pointer.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+        crate::api::load::set_parse_in_parts(false);
     }
 }
 
