@@ -39,7 +39,11 @@ fn main() {
     let b = PathBuf::from(args.next().expect("B"));
     let changes: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
     let config = Config::load(&config).expect("config");
-    let copts = config.compile_options();
+    // As the daemon compiles: entries for its own endpoints only.
+    let copts = netpol::policy::compile::CompileOptions {
+        local_entries_only: true,
+        ..config.compile_options()
+    };
     let mut inputs = FileInputs::new(&config);
     let mut held = Held::deferring_lint();
     let mut compiler = Compiler::new();

@@ -78,7 +78,11 @@ fn step(what: &str, from: (isize, isize), per: &[(&str, usize)]) -> (isize, isiz
 fn main() {
     let config = PathBuf::from(std::env::args().nth(1).expect("CONFIG"));
     let config = Config::load(&config).expect("config");
-    let copts = config.compile_options();
+    // As the daemon compiles: entries for its own endpoints only.
+    let copts = netpol::policy::compile::CompileOptions {
+        local_entries_only: true,
+        ..config.compile_options()
+    };
     let start = live();
     let mut inputs = FileInputs::new(&config);
     let mut held = Held::deferring_lint();
