@@ -7,6 +7,15 @@ use std::process::{Command, Output, Stdio};
 pub const NETPOLD: &str = env!("CARGO_BIN_EXE_netpold");
 pub const NETPOLCTL: &str = env!("CARGO_BIN_EXE_netpolctl");
 
+/// Send `sig` to a child the caller owns and has not reaped (SIGSTOP and
+/// SIGCONT hold a daemon or etcd still).
+pub fn signal(child: &std::process::Child, sig: i32) {
+    let pid = i32::try_from(child.id()).expect("pid fits in pid_t");
+    // SAFETY: kill(2) on the pid of a child that has not been reaped, so the
+    // pid names that process.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
 /// The source tree.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -134,9 +134,7 @@ impl Daemon {
 
     /// Send `sig` to the running daemon (SIGSTOP/SIGCONT to hold it still).
     pub fn signal(&self, sig: i32) {
-        let pid = i32::try_from(self.pid()).expect("pid fits in pid_t");
-        // SAFETY: kill(2) on the pid of a child this guard owns and has not reaped.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        super::cmd::signal(self.child.as_ref().expect("daemon running"), sig);
     }
 
     /// The exit status, once it has exited (then it is no longer running).

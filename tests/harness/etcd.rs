@@ -206,8 +206,7 @@ impl Etcd {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of a child this guard owns and has not reaped.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+        super::cmd::signal(self.child.as_ref().unwrap(), sig);
     }
 
     pub fn kill(&mut self) {
